@@ -1,0 +1,125 @@
+/*
+ * server.h - kpld's gRPC server: grpc core's completion queue drained on its
+ * own thread and handed to the libuv loop, so every handler, and every byte
+ * of engine state, is touched on the loop thread only.
+ *
+ * Methods are data: a table of struct api_method, each with its full path,
+ * request type and handler. The server decodes requests with protobuf-c
+ * (refusing ones over KPL_MAX_GRPC_MESSAGE_BYTES), calls the handler on the
+ * loop, and encodes what the handler sends. It also serves
+ * grpc.health.v1.Health and grpc.reflection.v1alpha/v1.ServerReflection from
+ * the descriptor set embedded at build time.
+ *
+ * Threads: every function here is loop-thread only.
+ */
+#ifndef KPL_API_SERVER_H
+#define KPL_API_SERVER_H
+
+#include <protobuf-c/protobuf-c.h>
+#include <stdbool.h>
+#include <uv.h>
+
+#include "engine/kpl.h"
+
+struct api_server; /* opaque */
+struct api_call;   /* one RPC in flight; owned by the server */
+
+enum api_method_type {
+	API_UNARY,         /* one request, one response */
+	API_SERVER_STREAM, /* one request, a stream of responses */
+};
+
+/*
+ * A handler receives the decoded request (owned by the call, valid until the
+ * call ends) and must end the call exactly once, now or later, with
+ * api_call_reply (unary), api_call_finish (stream) or api_call_fail (both).
+ */
+typedef void (*api_handler_fn)(struct api_call *call,
+			       const ProtobufCMessage *req, void *data);
+
+struct api_method {
+	const char *path; /* "/kpl.v1.Pipelines/SubmitRun" */
+	enum api_method_type type;
+	const ProtobufCMessageDescriptor *request;
+	api_handler_fn handler;
+	void *data;
+};
+
+struct api_server_options {
+	const char *listen;  /* "127.0.0.1:7070"; port 0 picks a free port */
+	const struct api_method *methods;
+	size_t n_methods;
+};
+
+/*
+ * Creates the server, binds the address and starts the completion-queue
+ * thread. Health reports NOT_SERVING until api_server_set_serving.
+ * On success *out is the caller's; it ends with api_server_shutdown.
+ * Errors name the address ("listen 127.0.0.1:7070: address in use ...").
+ */
+int api_server_start(uv_loop_t *loop, const struct api_server_options *opt,
+		     struct api_server **out, struct kpl_err *err);
+
+/* The port actually bound (useful with port 0). */
+int api_server_port(struct api_server *s);
+
+/* Sets the health status of "" and every served service. */
+void api_server_set_serving(struct api_server *s, bool serving);
+
+/*
+ * Stops accepting calls, cancels the ones in flight (their handlers see
+ * api_call_cancelled and must still end them), waits for grpc to hand back
+ * every tag, joins the thread and frees the server; then calls done(data) on
+ * the loop. The loop must keep running until then.
+ */
+void api_server_shutdown(struct api_server *s, void (*done)(void *data),
+			 void *data);
+
+/* --- Ending and streaming a call. --- */
+
+/* Sends resp (serialized at once; caller keeps ownership) and status OK. */
+void api_call_reply(struct api_call *call, const ProtobufCMessage *resp);
+
+/*
+ * Ends the call with a non-OK status. code is a grpc_status_code; msg is a
+ * message a person can act on (copied).
+ */
+void api_call_fail(struct api_call *call, int code, const char *msg);
+
+/* Ends the call with the status a KPL_E* code maps to and err's message. */
+void api_call_fail_err(struct api_call *call, const struct kpl_err *err);
+
+/*
+ * Server streaming: sends one message (serialized at once). At most one send
+ * may be outstanding: sent(call, ok, data) is called on the loop when grpc has
+ * taken it (ok false: the client is gone; stop sending and finish).
+ */
+void api_call_send(struct api_call *call, const ProtobufCMessage *msg,
+		   void (*sent)(struct api_call *call, bool ok, void *data),
+		   void *data);
+
+/* Ends a streaming call with OK (code 0) or another status. */
+void api_call_finish(struct api_call *call, int code, const char *msg);
+
+/* True once the client has gone away or the server is shutting down. */
+bool api_call_cancelled(struct api_call *call);
+
+/*
+ * Registers fn to be called (once, on the loop) when the client goes away or
+ * the server shuts down before the handler ended the call. The handler must
+ * still end the call (api_call_finish/fail) afterwards, which frees it.
+ */
+void api_call_on_cancel(struct api_call *call,
+			void (*fn)(struct api_call *call, void *data),
+			void *data);
+
+/*
+ * Metadata value sent by the client for key (lowercase), or NULL. Borrowed,
+ * valid until the call ends; not NUL-safe for binary ("-bin") keys.
+ */
+const char *api_call_metadata(struct api_call *call, const char *key);
+
+/* The method path of the call ("/kpl.v1.Pipelines/WatchRun"). */
+const char *api_call_method(struct api_call *call);
+
+#endif

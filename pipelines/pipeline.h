@@ -1,0 +1,146 @@
+/*
+ * pipeline.h - the pipeline file: parse YAML or JSON text into one model,
+ * and validate it before anything runs.
+ *
+ * A parsed pipeline owns all its memory (one pipeline_free releases it).
+ * Nothing here does I/O or touches the loop; any thread may call it.
+ */
+#ifndef KPL_PIPELINE_H
+#define KPL_PIPELINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/kpl.h"
+
+/* Where a node starts in the source text, 1-based. */
+struct pl_pos {
+	int line;
+	int col;
+};
+
+/*
+ * The document tree, as written: mappings keep key order, scalars keep their
+ * text (JSON numbers and booleans arrive as scalars too, with plain=true).
+ */
+enum pl_node_type { PL_SCALAR, PL_SEQ, PL_MAP };
+
+struct pl_node {
+	enum pl_node_type type;
+	struct pl_pos pos;
+	/* PL_SCALAR: NUL-terminated text; plain is false if it was quoted. */
+	char *scalar;
+	bool plain;
+	/* PL_SEQ: items[0..n). PL_MAP: keys[i] (scalars) map to items[i]. */
+	struct pl_node **items;
+	struct pl_node **keys;
+	size_t n;
+};
+
+/* Returns the value of key in a PL_MAP node, or NULL (borrowed). */
+const struct pl_node *pl_map_get(const struct pl_node *map, const char *key);
+
+enum pl_param_type { PL_TYPE_STRING, PL_TYPE_INT, PL_TYPE_BOOL };
+
+struct pl_param {
+	char *name;
+	enum pl_param_type type;
+	char *def; /* default as text, NULL if none */
+	bool required;
+	char **enum_values; /* NULL-free array of n_enum strings */
+	size_t n_enum;
+	struct pl_pos pos;
+};
+
+/* One KEY: value pair of an `env` mapping. */
+struct pl_env {
+	char *name;
+	char *value; /* may hold ${{ ... }} templates, expanded at run time */
+	struct pl_pos pos;
+};
+
+struct pl_retries {
+	uint32_t count;          /* extra attempts after the first; 0 = none */
+	int64_t backoff_ms;      /* first delay */
+	int64_t max_backoff_ms;  /* cap on the exponential delay */
+};
+
+struct pl_stage {
+	char *name;
+	char *kind;
+	char **needs; /* names of stages in the same graph */
+	size_t n_needs;
+	char *when;   /* expression text, NULL if none */
+	int64_t timeout_ms; /* 0 = none */
+	struct pl_retries retries;
+	bool continue_on_error;
+	struct pl_env *env;
+	size_t n_env;
+	/* The kind-specific `with` mapping (borrowed from the tree; NULL if
+	 * absent). Stage kinds read it through their own validate/start. */
+	const struct pl_node *with;
+	bool is_finally; /* listed under `finally:` */
+	struct pl_pos pos;
+};
+
+struct pl_concurrency {
+	char *group; /* template text, NULL if none */
+	bool cancel_in_progress;
+};
+
+struct pipeline {
+	char *name;
+	char *description;
+	struct pl_param *params;
+	size_t n_params;
+	struct pl_env *env;
+	size_t n_env;
+	struct pl_concurrency concurrency;
+	/* stages, then the finally stages (is_finally), in file order. */
+	struct pl_stage *stages;
+	size_t n_stages;
+	size_t n_finally;
+	struct pl_node *root; /* owns every node */
+};
+
+/*
+ * How the parser checks a stage kind's `with`. kind names a kind; check_with
+ * (may be NULL) reports the first problem in with (which may be NULL) into
+ * err, naming "file:line:col: path: message" with the path it is given
+ * (e.g. "stages[2].with"). Returns 0 or a negative KPL_E* code.
+ */
+struct pl_kind {
+	const char *kind;
+	int (*check_with)(const struct pl_node *with, const char *file,
+			  const char *path, struct kpl_err *err);
+};
+
+/*
+ * Parses and validates text (YAML, or JSON when it starts with '{') of len
+ * bytes. file names the source in messages ("pipeline" if NULL). kinds lists
+ * the known stage kinds. On success *out owns a new pipeline (free it with
+ * pipeline_free). On error returns KPL_EINVAL (or KPL_ETOOBIG over a limit)
+ * and err says "file:line:col: key.path: what is wrong".
+ */
+int pipeline_parse(const char *text, size_t len, const char *file,
+		   const struct pl_kind *kinds, size_t n_kinds,
+		   struct pipeline **out, struct kpl_err *err);
+
+void pipeline_free(struct pipeline *p);
+
+/*
+ * Resolves run parameters against the declared params: given values must be
+ * declared and well-typed, missing ones take their default, required ones
+ * must be present. names/values (n of them) are the caller's input; on
+ * success *out_names/*out_values (*out_n of them) are new malloc'd arrays of
+ * malloc'd strings in declaration order (caller frees each and the arrays).
+ */
+int pipeline_resolve_params(const struct pipeline *p, const char *const *names,
+			    const char *const *values, size_t n, char ***out_names,
+			    char ***out_values, size_t *out_n, struct kpl_err *err);
+
+/* Parses "90s", "5m", "1h", "250ms", "1h30m" into milliseconds; -1 if bad. */
+int64_t pl_parse_duration(const char *s);
+
+#endif

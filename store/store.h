@@ -1,0 +1,142 @@
+/*
+ * store.h - kpl's durable state in one LMDB environment.
+ *
+ * Named databases (keys are bytes; "be" = big-endian so keys sort by number):
+ *   meta       "schema_version" -> be32
+ *   runs       run id -> RunRecord (protobuf, store/store.proto)
+ *   stages     run id, 0x00, be32 index -> StageRecord
+ *   events     run id, 0x00, be64 seq -> kpl.v1.RunEvent
+ *   pipelines  run id -> the pipeline file's text
+ *   idem       idempotency key -> run id
+ *   active     run id -> "" for every run not yet in a final state
+ *
+ * Writes are staged, then committed in groups: many state changes share one
+ * LMDB write transaction, run on libuv's thread pool so the loop never waits
+ * for fsync. Nothing staged is visible to any reader until its commit
+ * callback has run: the engine tells clients about a change only from there,
+ * so no client ever sees a state that is not durable.
+ *
+ * Threads: every function is loop-thread only, except where it says so.
+ */
+#ifndef KPL_STORE_H
+#define KPL_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "api/kpl.pb-c.h"
+#include "api/store/store.pb-c.h"
+#include "engine/kpl.h"
+
+#define STORE_SCHEMA_VERSION 1
+
+struct store; /* opaque */
+
+struct store_options {
+	/* LMDB map size in bytes (address space, not disk); 0 = 8 GiB. */
+	size_t map_size;
+	/* For tests of crash safety: MDB_NOSYNC when true. Never in kpld. */
+	int no_sync;
+};
+
+/*
+ * Opens (creating dir and the environment if needed) the store in dir.
+ * loop is where commit callbacks run (NULL: only store_commit_sync may be
+ * used). Records the schema version in a new store; refuses a store whose
+ * version is newer (KPL_ESCHEMA, err names both versions). On success *out
+ * is the caller's; release it with store_close.
+ */
+int store_open(uv_loop_t *loop, const char *dir, const struct store_options *opt,
+	       struct store **out, struct kpl_err *err);
+
+/*
+ * Commits what is staged (synchronously), waits for no commit in flight
+ * (the caller must have let the loop finish any store_commit first), and
+ * closes the environment. s is freed.
+ */
+void store_close(struct store *s);
+
+/* The schema version recorded in the store. */
+uint32_t store_schema_version(struct store *s);
+
+/* --- Staging writes. Each copies what it is given (serialized at once). --- */
+
+void store_stage_run(struct store *s, const Kpl__Store__V1__RunRecord *rec);
+void store_stage_stage(struct store *s, const char *run_id,
+		       const Kpl__Store__V1__StageRecord *rec);
+/* Keyed by ev->run_id and ev->seq. */
+void store_stage_event(struct store *s, const Kpl__V1__RunEvent *ev);
+void store_stage_pipeline(struct store *s, const char *run_id, const char *text,
+			  size_t len);
+void store_stage_idem(struct store *s, const char *key, const char *run_id);
+/* Marks a run active (on) or not (off) in the active index. */
+void store_stage_active(struct store *s, const char *run_id, int on);
+/* Number of writes staged and not yet handed to a commit. */
+size_t store_staged(struct store *s);
+
+/*
+ * Makes everything staged so far durable, then calls cb(data, status) on the
+ * loop: status 0, or a negative KPL_E* code if the commit failed (nothing of
+ * that group was written). Callbacks run in the order store_commit was
+ * called. While one commit is in flight, later writes and callbacks gather
+ * into the next group (group commit). cb may stage and commit again.
+ */
+typedef void (*store_commit_cb)(void *data, int status);
+void store_commit(struct store *s, store_commit_cb cb, void *data);
+
+/* Commits what is staged on the calling thread; for tests and shutdown.
+ * Must not be called while a store_commit is in flight. */
+int store_commit_sync(struct store *s);
+
+/* Number of commits in flight or waiting (0 when the store is idle). */
+size_t store_pending_commits(struct store *s);
+
+/* --- Reads: committed data only. Any thread (MDB_NOTLS). --- */
+
+/*
+ * Reads a run. *out is new (free with kpl__store__v1__run_record__free_unpacked
+ * (*out, NULL)). KPL_ENOTFOUND if there is no such run, KPL_ECORRUPT if the
+ * record does not decode.
+ */
+int store_get_run(struct store *s, const char *run_id,
+		  Kpl__Store__V1__RunRecord **out);
+
+/*
+ * Reads the stage records of a run in index order. *out is a new array of
+ * *n new records (free with store_free_stages).
+ */
+int store_get_stages(struct store *s, const char *run_id,
+		     Kpl__Store__V1__StageRecord ***out, size_t *n);
+void store_free_stages(Kpl__Store__V1__StageRecord **stages, size_t n);
+
+/* Reads a run's pipeline text; *text is malloc'd and NUL-terminated. */
+int store_get_pipeline(struct store *s, const char *run_id, char **text,
+		       size_t *len);
+
+/* Looks up an idempotency key; *run_id is malloc'd. KPL_ENOTFOUND if none. */
+int store_find_idem(struct store *s, const char *key, char **run_id);
+
+/*
+ * Calls fn for each event of run_id with seq >= from_seq, in order, at most
+ * max of them (0 = no limit). ev is borrowed for the call only. fn returns 0
+ * to go on, non-zero to stop (that value is then returned). Returns 0 when
+ * done, or a negative KPL_E* code.
+ */
+typedef int (*store_event_fn)(void *data, const Kpl__V1__RunEvent *ev);
+int store_read_events(struct store *s, const char *run_id, uint64_t from_seq,
+		      size_t max, store_event_fn fn, void *data);
+
+/*
+ * Calls fn for runs newest first (run ids sort by creation time), starting
+ * after the run id `after` (exclusive; NULL or "" = the newest). rec is
+ * borrowed for the call only. fn returns 0 to go on, non-zero to stop.
+ */
+typedef int (*store_run_fn)(void *data, const Kpl__Store__V1__RunRecord *rec);
+int store_list_runs(struct store *s, const char *after, store_run_fn fn,
+		    void *data);
+
+/* Calls fn for every run in the active index (oldest first). */
+int store_list_active(struct store *s, store_run_fn fn, void *data);
+
+#endif
