@@ -1,0 +1,638 @@
+/* kplclient.c - blocking kpl.v1.Pipelines client on grpc core. */
+#include "clients/kplclient.h"
+
+#include <errno.h>
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/slice.h>
+#include <grpc/support/time.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+struct kplc {
+	grpc_channel *channel;
+	char *token_header; /* "Bearer <token>", or NULL */
+	int64_t deadline_ms;
+};
+
+struct kplc_stream {
+	struct kplc *c;
+	grpc_completion_queue *cq;
+	grpc_call *call;
+	const ProtobufCMessageDescriptor *desc;
+	int md_received; /* initial metadata asked for */
+	/* 1 once the status is known; then result/st are replayed. */
+	int done;
+	int result;
+	struct kplc_status st;
+};
+
+const char *kplc_status_name(int code)
+{
+	switch (code) {
+#define KPLC_STATUS_CASE(name, n) case n: return #name;
+		KPLC_STATUS_MAP(KPLC_STATUS_CASE)
+#undef KPLC_STATUS_CASE
+	}
+	return "UNKNOWN_STATUS";
+}
+
+int kplc_status_to_err(int code)
+{
+	switch (code) {
+	case KPLC_OK: return 0;
+	case KPLC_CANCELLED: return KPL_ECANCELLED;
+	case KPLC_INVALID_ARGUMENT: return KPL_EINVAL;
+	case KPLC_OUT_OF_RANGE: return KPL_EINVAL;
+	case KPLC_DEADLINE_EXCEEDED: return KPL_ETIMEOUT;
+	case KPLC_NOT_FOUND: return KPL_ENOTFOUND;
+	case KPLC_ALREADY_EXISTS: return KPL_EEXISTS;
+	case KPLC_FAILED_PRECONDITION: return KPL_ESTATE;
+	case KPLC_RESOURCE_EXHAUSTED: return KPL_ETOOBIG;
+	case KPLC_UNAVAILABLE: return KPL_EUNAVAILABLE;
+	}
+	return KPL_EINTERNAL;
+}
+
+static void status_set(struct kplc_status *st, int code, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static void status_set(struct kplc_status *st, int code, const char *fmt, ...)
+{
+	va_list ap;
+
+	st->code = code;
+	va_start(ap, fmt);
+	vsnprintf(st->message, sizeof st->message, fmt, ap);
+	va_end(ap);
+}
+
+/* grpc_init is reference counted: one per live channel. */
+int kplc_connect_opts(const char *target, const struct kplc_options *opt,
+		      struct kplc **out, struct kpl_err *err)
+{
+	static const struct kplc_options no_opts;
+	grpc_channel_credentials *creds = NULL;
+	struct kplc *c = NULL;
+	char *pem = NULL;
+	int rc;
+
+	*out = NULL;
+	if (!opt)
+		opt = &no_opts;
+	if (!target || !*target)
+		return kpl_errf(err, KPL_EINVAL, "empty server address");
+
+	grpc_init();
+	c = kpl_calloc(1, sizeof *c);
+	c->deadline_ms = opt->deadline_ms > 0 ? opt->deadline_ms
+					      : KPLC_DEFAULT_DEADLINE_MS;
+	if (opt->token && *opt->token)
+		c->token_header = kpl_asprintf("Bearer %s", opt->token);
+
+	if (opt->tls_ca_file) {
+		FILE *f = fopen(opt->tls_ca_file, "rb");
+		size_t len = 0, cap = 0, n;
+
+		if (!f) {
+			rc = kpl_errf(err, KPL_EIO, "tls ca %s: %s",
+				      opt->tls_ca_file, strerror(errno));
+			goto fail;
+		}
+		do {
+			if (cap - len < 4096)
+				pem = kpl_realloc(pem, cap = cap * 2 + 4096);
+			n = fread(pem + len, 1, cap - len - 1, f);
+			len += n;
+		} while (n > 0);
+		pem[len] = '\0';
+		fclose(f);
+		creds = grpc_ssl_credentials_create(pem, NULL, NULL, NULL);
+	} else {
+		creds = grpc_insecure_credentials_create();
+	}
+
+	/* Keepalive so that a watch on a dead connection fails (UNAVAILABLE,
+	 * and is resumed) instead of blocking forever; replies up to the
+	 * server's own limit. */
+	grpc_arg args[] = {
+		{ .type = GRPC_ARG_INTEGER,
+		  .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
+		  .value.integer = KPL_MAX_GRPC_MESSAGE_BYTES },
+		{ .type = GRPC_ARG_INTEGER,
+		  .key = GRPC_ARG_KEEPALIVE_TIME_MS,
+		  .value.integer = 30000 },
+		{ .type = GRPC_ARG_INTEGER,
+		  .key = GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+		  .value.integer = 10000 },
+	};
+	grpc_channel_args chargs = { KPL_ARRAY_SIZE(args), args };
+
+	c->channel = grpc_channel_create(target, creds, &chargs);
+	if (!c->channel) {
+		rc = kpl_errf(err, KPL_EINTERNAL, "cannot create a channel to %s",
+			      target);
+		goto fail;
+	}
+	grpc_channel_credentials_release(creds);
+	free(pem);
+	*out = c;
+	return 0;
+
+fail:
+	if (creds)
+		grpc_channel_credentials_release(creds);
+	free(pem);
+	free(c->token_header);
+	free(c);
+	grpc_shutdown();
+	return rc;
+}
+
+int kplc_connect(const char *target, struct kplc **out, struct kpl_err *err)
+{
+	return kplc_connect_opts(target, NULL, out, err);
+}
+
+void kplc_free(struct kplc *c)
+{
+	if (!c)
+		return;
+	grpc_channel_destroy(c->channel);
+	free(c->token_header);
+	free(c);
+	grpc_shutdown();
+}
+
+void kplc_msg_free(void *msg)
+{
+	if (msg)
+		protobuf_c_message_free_unpacked(msg, NULL);
+}
+
+static gpr_timespec deadline_after(int64_t ms)
+{
+	if (ms <= 0)
+		return gpr_inf_future(GPR_CLOCK_REALTIME);
+	return gpr_time_add(gpr_now(GPR_CLOCK_REALTIME),
+			    gpr_time_from_millis(ms, GPR_TIMESPAN));
+}
+
+static grpc_byte_buffer *pack(const ProtobufCMessage *m)
+{
+	size_t len = protobuf_c_message_get_packed_size(m);
+	grpc_slice s = grpc_slice_malloc(len);
+	grpc_byte_buffer *bb;
+
+	protobuf_c_message_pack(m, GRPC_SLICE_START_PTR(s));
+	bb = grpc_raw_byte_buffer_create(&s, 1);
+	grpc_slice_unref(s);
+	return bb;
+}
+
+/* Decodes bb as desc; NULL (and st set to INTERNAL) if it does not parse. */
+static ProtobufCMessage *unpack(grpc_byte_buffer *bb,
+				const ProtobufCMessageDescriptor *desc,
+				struct kplc_status *st)
+{
+	grpc_byte_buffer_reader r;
+	ProtobufCMessage *m;
+	grpc_slice s;
+
+	if (!grpc_byte_buffer_reader_init(&r, bb)) {
+		status_set(st, KPLC_INTERNAL, "cannot read the %s reply",
+			   desc->name);
+		return NULL;
+	}
+	s = grpc_byte_buffer_reader_readall(&r);
+	grpc_byte_buffer_reader_destroy(&r);
+	m = protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(s),
+				      GRPC_SLICE_START_PTR(s));
+	grpc_slice_unref(s);
+	if (!m)
+		status_set(st, KPLC_INTERNAL, "cannot decode the reply as %s",
+			   desc->name);
+	return m;
+}
+
+/* Copies grpc's status details into st. */
+static void status_take(struct kplc_status *st, grpc_status_code code,
+			grpc_slice details)
+{
+	size_t n = GRPC_SLICE_LENGTH(details);
+
+	if (n >= sizeof st->message)
+		n = sizeof st->message - 1;
+	st->code = code;
+	memcpy(st->message, GRPC_SLICE_START_PTR(details), n);
+	st->message[n] = '\0';
+}
+
+/*
+ * Waits for tag on a pluck queue. The queue is ours alone and every batch
+ * we start is waited for at once, so the only other outcome is a bug.
+ */
+static int pluck(grpc_completion_queue *cq, void *tag)
+{
+	grpc_event ev = grpc_completion_queue_pluck(
+		cq, tag, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+
+	if (ev.type != GRPC_OP_COMPLETE || ev.tag != tag)
+		BUG("pluck: unexpected completion-queue event %d", ev.type);
+	return ev.success;
+}
+
+/* A pluck queue must be drained of its shutdown event before destroy. */
+static void cq_destroy(grpc_completion_queue *cq)
+{
+	grpc_event ev;
+
+	grpc_completion_queue_shutdown(cq);
+	do
+		ev = grpc_completion_queue_pluck(
+			cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+	while (ev.type != GRPC_QUEUE_SHUTDOWN);
+	grpc_completion_queue_destroy(cq);
+}
+
+static grpc_call *call_create(struct kplc *c, grpc_completion_queue *cq,
+			      const char *method_path, int64_t deadline_ms)
+{
+	return grpc_channel_create_call(
+		c->channel, NULL, GRPC_PROPAGATE_DEFAULTS, cq,
+		grpc_slice_from_static_string(method_path), NULL,
+		deadline_after(deadline_ms), NULL);
+}
+
+/* Fills the initial-metadata op; md must outlive the batch. */
+static void op_send_md(struct kplc *c, grpc_op *op, grpc_metadata *md)
+{
+	memset(op, 0, sizeof *op);
+	op->op = GRPC_OP_SEND_INITIAL_METADATA;
+	if (c->token_header) {
+		md->key = grpc_slice_from_static_string("authorization");
+		md->value = grpc_slice_from_static_string(c->token_header);
+		op->data.send_initial_metadata.count = 1;
+		op->data.send_initial_metadata.metadata = md;
+	}
+}
+
+int kplc_call_unary(struct kplc *c, const char *method_path,
+		    const ProtobufCMessage *req,
+		    const ProtobufCMessageDescriptor *resp_desc,
+		    ProtobufCMessage **resp, struct kplc_status *st)
+{
+	grpc_metadata_array md_in, trailers;
+	grpc_byte_buffer *out_bb, *in_bb = NULL;
+	grpc_status_code code = GRPC_STATUS_UNKNOWN;
+	grpc_slice details = grpc_empty_slice();
+	grpc_completion_queue *cq;
+	grpc_metadata auth;
+	grpc_call *call;
+	grpc_op ops[6], *op = ops;
+	grpc_call_error ce;
+	int rc;
+
+	*resp = NULL;
+	cq = grpc_completion_queue_create_for_pluck(NULL);
+	call = call_create(c, cq, method_path, c->deadline_ms);
+	grpc_metadata_array_init(&md_in);
+	grpc_metadata_array_init(&trailers);
+	out_bb = pack(req);
+
+	op_send_md(c, op++, &auth);
+	memset(op, 0, sizeof *op);
+	op->op = GRPC_OP_SEND_MESSAGE;
+	op->data.send_message.send_message = out_bb;
+	op++;
+	memset(op, 0, sizeof *op);
+	op->op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+	op++;
+	memset(op, 0, sizeof *op);
+	op->op = GRPC_OP_RECV_INITIAL_METADATA;
+	op->data.recv_initial_metadata.recv_initial_metadata = &md_in;
+	op++;
+	memset(op, 0, sizeof *op);
+	op->op = GRPC_OP_RECV_MESSAGE;
+	op->data.recv_message.recv_message = &in_bb;
+	op++;
+	memset(op, 0, sizeof *op);
+	op->op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+	op->data.recv_status_on_client.trailing_metadata = &trailers;
+	op->data.recv_status_on_client.status = &code;
+	op->data.recv_status_on_client.status_details = &details;
+	op++;
+
+	ce = grpc_call_start_batch(call, ops, (size_t)(op - ops), ops, NULL);
+	if (ce != GRPC_CALL_OK) {
+		/* The tag never comes back; nothing to wait for. */
+		status_set(st, KPLC_INTERNAL, "%s: grpc_call_start_batch: %d",
+			   method_path, ce);
+		goto out;
+	}
+	pluck(cq, ops);
+	status_take(st, code, details);
+	if (code == GRPC_STATUS_OK) {
+		if (!in_bb)
+			status_set(st, KPLC_INTERNAL, "%s: no reply message",
+				   method_path);
+		else
+			*resp = unpack(in_bb, resp_desc, st);
+	}
+
+out:
+	rc = *resp ? 0 : kplc_status_to_err(st->code);
+	if (!*resp && rc == 0)
+		rc = KPL_EINTERNAL;
+	grpc_slice_unref(details);
+	grpc_byte_buffer_destroy(out_bb);
+	if (in_bb)
+		grpc_byte_buffer_destroy(in_bb);
+	grpc_metadata_array_destroy(&md_in);
+	grpc_metadata_array_destroy(&trailers);
+	grpc_call_unref(call);
+	cq_destroy(cq);
+	return rc;
+}
+
+int kplc_stream_open(struct kplc *c, const char *method_path,
+		     const ProtobufCMessage *req,
+		     const ProtobufCMessageDescriptor *msg_desc,
+		     int64_t deadline_ms, struct kplc_stream **out,
+		     struct kplc_status *st)
+{
+	struct kplc_stream *s = kpl_calloc(1, sizeof *s);
+	grpc_metadata_array md_in;
+	grpc_byte_buffer *out_bb;
+	grpc_metadata auth;
+	grpc_op ops[4], *op = ops;
+	grpc_call_error ce;
+
+	*out = NULL;
+	s->c = c;
+	s->desc = msg_desc;
+	s->cq = grpc_completion_queue_create_for_pluck(NULL);
+	s->call = call_create(c, s->cq, method_path, deadline_ms);
+	grpc_metadata_array_init(&md_in);
+	out_bb = pack(req);
+
+	/* Initial metadata is not waited for here: with a stream it only
+	 * comes once the server sends its first message or its status, and
+	 * an open must not block until then. */
+	op_send_md(c, op++, &auth);
+	memset(op, 0, sizeof *op);
+	op->op = GRPC_OP_SEND_MESSAGE;
+	op->data.send_message.send_message = out_bb;
+	op++;
+	memset(op, 0, sizeof *op);
+	op->op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+	op++;
+	ce = grpc_call_start_batch(s->call, ops, (size_t)(op - ops), ops, NULL);
+	if (ce != GRPC_CALL_OK) {
+		status_set(st, KPLC_INTERNAL, "%s: grpc_call_start_batch: %d",
+			   method_path, ce);
+		goto fail;
+	}
+	/* A failed send means the call is already over; the status, read by
+	 * the first kplc_stream_next, says why. */
+	pluck(s->cq, ops);
+	grpc_byte_buffer_destroy(out_bb);
+	grpc_metadata_array_destroy(&md_in);
+	status_set(st, KPLC_OK, "%s", "");
+	*out = s;
+	return 0;
+
+fail:
+	grpc_byte_buffer_destroy(out_bb);
+	grpc_metadata_array_destroy(&md_in);
+	kplc_stream_close(s);
+	return kplc_status_to_err(st->code);
+}
+
+/* Receives the call's status, ending the stream. */
+static void stream_finish(struct kplc_stream *s)
+{
+	grpc_metadata_array trailers;
+	grpc_status_code code = GRPC_STATUS_UNKNOWN;
+	grpc_slice details = grpc_empty_slice();
+	grpc_op op;
+	grpc_call_error ce;
+
+	grpc_metadata_array_init(&trailers);
+	memset(&op, 0, sizeof op);
+	op.op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+	op.data.recv_status_on_client.trailing_metadata = &trailers;
+	op.data.recv_status_on_client.status = &code;
+	op.data.recv_status_on_client.status_details = &details;
+	ce = grpc_call_start_batch(s->call, &op, 1, &op, NULL);
+	if (ce != GRPC_CALL_OK) {
+		status_set(&s->st, KPLC_INTERNAL,
+			   "grpc_call_start_batch (status): %d", ce);
+	} else {
+		pluck(s->cq, &op);
+		status_take(&s->st, code, details);
+	}
+	grpc_slice_unref(details);
+	grpc_metadata_array_destroy(&trailers);
+	s->done = 1;
+	s->result = s->st.code == KPLC_OK ? 0 : kplc_status_to_err(s->st.code);
+}
+
+int kplc_stream_next(struct kplc_stream *s, ProtobufCMessage **msg,
+		     struct kplc_status *st)
+{
+	grpc_metadata_array md_in;
+	grpc_byte_buffer *bb = NULL;
+	grpc_op ops[2], *op = ops;
+	grpc_call_error ce;
+
+	*msg = NULL;
+	if (s->done)
+		goto done;
+
+	grpc_metadata_array_init(&md_in);
+	/* The first receive also takes the initial metadata (grpc wants it
+	 * received before or with the first message). */
+	if (!s->md_received) {
+		memset(op, 0, sizeof *op);
+		op->op = GRPC_OP_RECV_INITIAL_METADATA;
+		op->data.recv_initial_metadata.recv_initial_metadata = &md_in;
+		op++;
+		s->md_received = 1;
+	}
+	memset(op, 0, sizeof *op);
+	op->op = GRPC_OP_RECV_MESSAGE;
+	op->data.recv_message.recv_message = &bb;
+	op++;
+	ce = grpc_call_start_batch(s->call, ops, (size_t)(op - ops), ops, NULL);
+	if (ce != GRPC_CALL_OK) {
+		grpc_metadata_array_destroy(&md_in);
+		status_set(&s->st, KPLC_INTERNAL,
+			   "grpc_call_start_batch (message): %d", ce);
+		s->done = 1;
+		s->result = KPL_EINTERNAL;
+		grpc_call_cancel(s->call, NULL);
+		goto done;
+	}
+	pluck(s->cq, ops);
+	grpc_metadata_array_destroy(&md_in);
+
+	if (!bb) {
+		/* End of stream, by the server or by a failure. */
+		stream_finish(s);
+		goto done;
+	}
+	*msg = unpack(bb, s->desc, &s->st);
+	grpc_byte_buffer_destroy(bb);
+	if (!*msg) {
+		/* A message we cannot read ends the stream for us. */
+		grpc_call_cancel(s->call, NULL);
+		s->done = 1;
+		s->result = KPL_EINTERNAL;
+		goto done;
+	}
+	status_set(st, KPLC_OK, "%s", "");
+	return 1;
+
+done:
+	*st = s->st;
+	return s->result;
+}
+
+void kplc_stream_close(struct kplc_stream *s)
+{
+	if (!s)
+		return;
+	/* No batch is ever in flight between our calls, so after the cancel
+	 * nothing can complete on the queue any more. */
+	if (!s->done)
+		grpc_call_cancel(s->call, NULL);
+	grpc_call_unref(s->call);
+	cq_destroy(s->cq);
+	free(s);
+}
+
+/* --- Typed wrappers. --- */
+
+/* The methods of kpl.v1.Pipelines, listed once. */
+#define M_SUBMIT "/kpl.v1.Pipelines/SubmitRun"
+#define M_GET "/kpl.v1.Pipelines/GetRun"
+#define M_LIST "/kpl.v1.Pipelines/ListRuns"
+#define M_WATCH "/kpl.v1.Pipelines/WatchRun"
+#define M_CANCEL "/kpl.v1.Pipelines/CancelRun"
+
+int kplc_submit_run(struct kplc *c, const Kpl__V1__SubmitRunRequest *req,
+		    Kpl__V1__Run **out, struct kplc_status *st)
+{
+	return kplc_call_unary(c, M_SUBMIT, &req->base, &kpl__v1__run__descriptor,
+			       (ProtobufCMessage **)out, st);
+}
+
+int kplc_get_run(struct kplc *c, const char *id, Kpl__V1__Run **out,
+		 struct kplc_status *st)
+{
+	Kpl__V1__GetRunRequest req = KPL__V1__GET_RUN_REQUEST__INIT;
+
+	req.id = (char *)id;
+	return kplc_call_unary(c, M_GET, &req.base, &kpl__v1__run__descriptor,
+			       (ProtobufCMessage **)out, st);
+}
+
+int kplc_list_runs(struct kplc *c, const Kpl__V1__ListRunsRequest *req,
+		   Kpl__V1__ListRunsResponse **out, struct kplc_status *st)
+{
+	return kplc_call_unary(c, M_LIST, &req->base,
+			       &kpl__v1__list_runs_response__descriptor,
+			       (ProtobufCMessage **)out, st);
+}
+
+int kplc_cancel_run(struct kplc *c, const char *id, Kpl__V1__Run **out,
+		    struct kplc_status *st)
+{
+	Kpl__V1__CancelRunRequest req = KPL__V1__CANCEL_RUN_REQUEST__INIT;
+
+	req.id = (char *)id;
+	return kplc_call_unary(c, M_CANCEL, &req.base, &kpl__v1__run__descriptor,
+			       (ProtobufCMessage **)out, st);
+}
+
+int kplc_watch_run(struct kplc *c, const char *id, uint64_t from_seq,
+		   struct kplc_stream **out, struct kplc_status *st)
+{
+	Kpl__V1__WatchRunRequest req = KPL__V1__WATCH_RUN_REQUEST__INIT;
+
+	req.id = (char *)id;
+	req.from_seq = from_seq;
+	return kplc_stream_open(c, M_WATCH, &req.base,
+				&kpl__v1__run_event__descriptor, 0, out, st);
+}
+
+int kplc_watch_next(struct kplc_stream *s, Kpl__V1__RunEvent **ev,
+		    struct kplc_status *st)
+{
+	return kplc_stream_next(s, (ProtobufCMessage **)ev, st);
+}
+
+static void sleep_ms(int ms)
+{
+	struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
+
+	while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+		;
+}
+
+int kplc_follow_run(struct kplc *c, const char *id, uint64_t from_seq,
+		    const struct kplc_follow_options *opt, kplc_event_fn fn,
+		    void *data, uint64_t *last_seq, struct kplc_status *st)
+{
+	int max_retries = opt && opt->max_retries > 0 ? opt->max_retries : 5;
+	int backoff = opt && opt->initial_backoff_ms > 0
+			      ? opt->initial_backoff_ms : 200;
+	int initial_backoff = backoff, retries = 0, rc;
+	/* seq of the last event handed to fn; from_seq 0 and 1 both mean
+	 * "from the start". */
+	uint64_t last = from_seq > 0 ? from_seq - 1 : 0;
+
+	for (;;) {
+		struct kplc_stream *s = NULL;
+		Kpl__V1__RunEvent *ev;
+		int stop = 0;
+
+		rc = kplc_watch_run(c, id, last + 1, &s, st);
+		while (rc == 0 && (rc = kplc_watch_next(s, &ev, st)) == 1) {
+			rc = 0;
+			retries = 0;
+			backoff = initial_backoff;
+			/* A server that resends what we asked it to skip
+			 * must not make us show a line twice. */
+			if (ev->seq <= last) {
+				kplc_msg_free(ev);
+				continue;
+			}
+			last = ev->seq;
+			stop = fn(ev, data);
+			kplc_msg_free(ev);
+			if (stop)
+				break;
+		}
+		kplc_stream_close(s);
+		if (stop) {
+			rc = stop;
+			break;
+		}
+		if (rc == 0 || st->code != KPLC_UNAVAILABLE ||
+		    retries >= max_retries)
+			break;
+		retries++;
+		kpl_debug("kplclient", "watch %s: %s, retry %d in %d ms", id,
+			  st->message, retries, backoff);
+		sleep_ms(backoff);
+		backoff = backoff * 2 > 5000 ? 5000 : backoff * 2;
+	}
+	if (last_seq)
+		*last_seq = last;
+	return rc;
+}
