@@ -12,9 +12,12 @@
  *
  * Writes are staged, then committed in groups: many state changes share one
  * LMDB write transaction, run on libuv's thread pool so the loop never waits
- * for fsync. Nothing staged is visible to any reader until its commit
- * callback has run: the engine tells clients about a change only from there,
- * so no client ever sees a state that is not durable.
+ * for fsync. Nothing staged is visible to any reader until its group's
+ * transaction has committed durably, and commit callbacks run only after
+ * that: the engine tells clients about a change only from there, so no
+ * client ever sees a state that is not durable. (Readers may see a group's
+ * writes a moment before its callbacks run: the transaction commits on a
+ * pool thread, the callbacks run when the loop gets to them.)
  *
  * Threads: every function is loop-thread only, except where it says so.
  */
@@ -30,6 +33,15 @@
 #include "engine/kpl.h"
 
 #define STORE_SCHEMA_VERSION 1
+
+/*
+ * Run ids are 1..STORE_MAX_RUN_ID_LEN bytes of printable ASCII without
+ * spaces (0x21..0x7e). Idempotency keys are 1..STORE_MAX_IDEM_KEY_LEN bytes
+ * (no NUL). Reads return KPL_EINVAL for anything else; staging one is a
+ * BUG(), so check what comes from outside before staging it.
+ */
+#define STORE_MAX_RUN_ID_LEN 64
+#define STORE_MAX_IDEM_KEY_LEN 256
 
 struct store; /* opaque */
 
@@ -60,7 +72,8 @@ void store_close(struct store *s);
 /* The schema version recorded in the store. */
 uint32_t store_schema_version(struct store *s);
 
-/* --- Staging writes. Each copies what it is given (serialized at once). --- */
+/* --- Staging writes. Each copies what it is given (serialized at once). ---
+ * A later write of the same key in the same or a later group wins. */
 
 void store_stage_run(struct store *s, const Kpl__Store__V1__RunRecord *rec);
 void store_stage_stage(struct store *s, const char *run_id,
@@ -72,7 +85,8 @@ void store_stage_pipeline(struct store *s, const char *run_id, const char *text,
 void store_stage_idem(struct store *s, const char *key, const char *run_id);
 /* Marks a run active (on) or not (off) in the active index. */
 void store_stage_active(struct store *s, const char *run_id, int on);
-/* Number of writes staged and not yet handed to a commit. */
+/* Number of writes staged since the last store_commit/store_commit_sync
+ * (ones that no commit call covers yet). */
 size_t store_staged(struct store *s);
 
 /*
@@ -86,7 +100,8 @@ typedef void (*store_commit_cb)(void *data, int status);
 void store_commit(struct store *s, store_commit_cb cb, void *data);
 
 /* Commits what is staged on the calling thread; for tests and shutdown.
- * Must not be called while a store_commit is in flight. */
+ * Must not be called while a store_commit is in flight (BUG()). Returns 0
+ * or a negative KPL_E* code; on failure the staged writes are dropped. */
 int store_commit_sync(struct store *s);
 
 /* Number of commits in flight or waiting (0 when the store is idle). */
@@ -104,7 +119,8 @@ int store_get_run(struct store *s, const char *run_id,
 
 /*
  * Reads the stage records of a run in index order. *out is a new array of
- * *n new records (free with store_free_stages).
+ * *n new records (free with store_free_stages); a run without stage records
+ * (or no such run) gives *out NULL, *n 0 and returns 0.
  */
 int store_get_stages(struct store *s, const char *run_id,
 		     Kpl__Store__V1__StageRecord ***out, size_t *n);
@@ -136,7 +152,8 @@ typedef int (*store_run_fn)(void *data, const Kpl__Store__V1__RunRecord *rec);
 int store_list_runs(struct store *s, const char *after, store_run_fn fn,
 		    void *data);
 
-/* Calls fn for every run in the active index (oldest first). */
+/* Calls fn for every run in the active index (oldest first). An active
+ * entry whose run record is missing is logged and skipped. */
 int store_list_active(struct store *s, store_run_fn fn, void *data);
 
 #endif
