@@ -1,0 +1,982 @@
+/*
+ * kplctl.c - the command-line client of kpld: submit, get, list, watch and
+ * cancel runs over kpl.v1.Pipelines (see docs/kplctl.md).
+ *
+ * Commands and options are data (the two tables below); parsing, --help and
+ * the per-command checks all read them. Exit codes are part of the
+ * interface, since scripts and CI jobs branch on them.
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "api/kpl.pb-c.h"
+#include "clients/kplclient.h"
+#include "engine/kpl.h"
+#include "google/protobuf/timestamp.pb-c.h"
+
+enum exit_code {
+	EXIT_OK = 0,         /* done; for watch: the run SUCCEEDED */
+	EXIT_RUN_FAILED = 1, /* the watched run ended FAILED or CANCELLED */
+	EXIT_USAGE = 2,      /* bad command line, or FILE unreadable */
+	EXIT_RPC = 3,        /* cannot reach kpld, or it returned an error */
+};
+
+enum opt_bit {
+	O_SERVER = 1 << 0,
+	O_OUTPUT = 1 << 1,
+	O_PARAM = 1 << 2,
+	O_IDEM = 1 << 3,
+	O_WATCH = 1 << 4,
+	O_STATE = 1 << 5,
+	O_PIPELINE = 1 << 6,
+	O_LIMIT = 1 << 7,
+	O_FROM_SEQ = 1 << 8,
+	O_HELP = 1 << 9,
+};
+#define O_GLOBAL (O_SERVER | O_HELP)
+
+struct opt_def {
+	const char *long_name;
+	char short_name;
+	const char *arg; /* NULL for a flag */
+	enum opt_bit bit;
+	const char *help;
+};
+
+static const struct opt_def opt_defs[] = {
+	{ "server", 0, "HOST:PORT", O_SERVER,
+	  "kpld address (else $KPL_SERVER, else " KPLC_DEFAULT_TARGET ")" },
+	{ "output", 'o', "FORMAT", O_OUTPUT,
+	  "text (default) or json; for submit, get, list, cancel" },
+	{ "param", 'p', "KEY=VALUE", O_PARAM, "a run parameter (repeatable)" },
+	{ "idempotency-key", 0, "K", O_IDEM,
+	  "submitting the same key again returns the same run" },
+	{ "watch", 0, NULL, O_WATCH, "after submit, follow the run like watch" },
+	{ "state", 0, "S", O_STATE,
+	  "only runs in state S (queued, running, succeeded, failed, "
+	  "cancelled)" },
+	{ "pipeline", 0, "NAME", O_PIPELINE, "only runs of pipeline NAME" },
+	{ "limit", 0, "N", O_LIMIT, "at most N runs (default 50)" },
+	{ "from-seq", 0, "N", O_FROM_SEQ, "start at event N (default 1)" },
+	{ "help", 'h', NULL, O_HELP, "show this help" },
+};
+
+#define MAX_PARAMS KPL_MAX_PARAMS
+#define MAX_POS 2
+
+struct ctl {
+	const char *server;
+	int json;
+	const char *params[MAX_PARAMS];
+	size_t n_params;
+	const char *idem;
+	int watch;
+	const char *state;
+	const char *pipeline;
+	const char *limit;
+	const char *from_seq;
+	const char *pos[MAX_POS];
+	int n_pos;
+	unsigned seen; /* enum opt_bit of the options given */
+	const struct command *cmd;
+	struct kplc *c;
+};
+
+struct command {
+	const char *name;
+	const char *args; /* positional arguments, for usage */
+	int n_args;
+	unsigned opts;
+	int (*run)(struct ctl *ctl);
+	const char *help;
+};
+
+static int cmd_submit(struct ctl *ctl);
+static int cmd_get(struct ctl *ctl);
+static int cmd_list(struct ctl *ctl);
+static int cmd_watch(struct ctl *ctl);
+static int cmd_cancel(struct ctl *ctl);
+
+static const struct command commands[] = {
+	{ "submit", "FILE", 1, O_OUTPUT | O_PARAM | O_IDEM | O_WATCH,
+	  cmd_submit,
+	  "submit the pipeline in FILE (- for stdin), print the run id" },
+	{ "get", "ID", 1, O_OUTPUT, cmd_get,
+	  "show a run: state, times, params, stages and outputs" },
+	{ "list", "", 0, O_OUTPUT | O_STATE | O_PIPELINE | O_LIMIT, cmd_list,
+	  "list runs, newest first" },
+	{ "watch", "ID", 1, O_FROM_SEQ, cmd_watch,
+	  "print a run's events as they happen, then a summary" },
+	{ "cancel", "ID", 1, O_OUTPUT, cmd_cancel, "cancel a run" },
+};
+
+static const char *prog = "kplctl";
+
+static void usage(FILE *f)
+{
+	fprintf(f, "usage: %s [--server HOST:PORT] COMMAND [ARGS] [OPTIONS]\n\n"
+		   "commands:\n", prog);
+	for (size_t i = 0; i < KPL_ARRAY_SIZE(commands); i++) {
+		const struct command *cmd = &commands[i];
+		char head[64];
+
+		snprintf(head, sizeof head, "%s %s", cmd->name, cmd->args);
+		fprintf(f, "  %-14s %s\n", head, cmd->help);
+		for (size_t j = 0; j < KPL_ARRAY_SIZE(opt_defs); j++) {
+			const struct opt_def *o = &opt_defs[j];
+			if (!(cmd->opts & o->bit))
+				continue;
+			fprintf(f, "  %14s   --%s%s%s\n", "", o->long_name,
+				o->arg ? " " : "", o->arg ? o->arg : "");
+		}
+	}
+	fprintf(f, "\noptions:\n");
+	for (size_t j = 0; j < KPL_ARRAY_SIZE(opt_defs); j++) {
+		const struct opt_def *o = &opt_defs[j];
+		char head[64];
+
+		snprintf(head, sizeof head, "%s%c%s--%s%s%s",
+			 o->short_name ? "-" : "", o->short_name ? o->short_name : ' ',
+			 o->short_name ? ", " : "  ", o->long_name,
+			 o->arg ? " " : "", o->arg ? o->arg : "");
+		fprintf(f, "  %-28s %s\n", o->short_name ? head : head + 2,
+			o->help);
+	}
+	fprintf(f,
+		"\nwatch output: \"[HH:MM:SS] STAGE STATE\" for a stage's state, "
+		"\"[HH:MM:SS] STAGE | LINE\"\n"
+		"for its stdout (\"!\" for stderr, \"*\" for kpl's own notes), "
+		"\"[HH:MM:SS] == run STATE\"\n"
+		"for the run; then a table of stages and the run's final state.\n"
+		"\nexit status:\n"
+		"  0  success; for watch and submit --watch: the run SUCCEEDED\n"
+		"  1  the watched run ended FAILED or CANCELLED\n"
+		"  2  usage error (bad arguments, unreadable FILE)\n"
+		"  3  cannot reach kpld, or it returned an error (printed as\n"
+		"     \"kplctl: COMMAND: STATUS_NAME: message\")\n");
+}
+
+static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int usage_error(const char *fmt, ...)
+{
+	va_list ap;
+
+	fprintf(stderr, "%s: ", prog);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "\ntry '%s --help'\n", prog);
+	return EXIT_USAGE;
+}
+
+static int rpc_error(struct ctl *ctl, const struct kplc_status *st)
+{
+	fprintf(stderr, "%s: %s: %s: %s\n", prog, ctl->cmd->name,
+		kplc_status_name(st->code), st->message);
+	return EXIT_RPC;
+}
+
+/* --- Command line. --- */
+
+static const struct opt_def *opt_find(const char *name, size_t len, char c)
+{
+	for (size_t i = 0; i < KPL_ARRAY_SIZE(opt_defs); i++) {
+		const struct opt_def *o = &opt_defs[i];
+		if (c ? o->short_name == c
+		      : strlen(o->long_name) == len &&
+				!strncmp(o->long_name, name, len))
+			return o;
+	}
+	return NULL;
+}
+
+static int opt_set(struct ctl *ctl, const struct opt_def *o, const char *v)
+{
+	ctl->seen |= o->bit;
+	switch (o->bit) {
+	case O_SERVER: ctl->server = v; break;
+	case O_OUTPUT:
+		if (!strcmp(v, "json"))
+			ctl->json = 1;
+		else if (!strcmp(v, "text"))
+			ctl->json = 0;
+		else
+			return usage_error("-o: unknown format \"%s\" (text or json)", v);
+		break;
+	case O_PARAM:
+		if (!strchr(v, '=') || v[0] == '=')
+			return usage_error("-p: \"%s\" is not KEY=VALUE", v);
+		if (ctl->n_params == MAX_PARAMS)
+			return usage_error("-p: more than %d params", MAX_PARAMS);
+		ctl->params[ctl->n_params++] = v;
+		break;
+	case O_IDEM: ctl->idem = v; break;
+	case O_WATCH: ctl->watch = 1; break;
+	case O_STATE: ctl->state = v; break;
+	case O_PIPELINE: ctl->pipeline = v; break;
+	case O_LIMIT: ctl->limit = v; break;
+	case O_FROM_SEQ: ctl->from_seq = v; break;
+	case O_HELP: break;
+	}
+	return 0;
+}
+
+/* Options may come before or after the command; "--" ends them. */
+static int parse_args(struct ctl *ctl, int argc, char **argv)
+{
+	int only_pos = 0, rc;
+
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i], *v = NULL;
+		const struct opt_def *o;
+
+		if (only_pos || a[0] != '-' || !strcmp(a, "-")) {
+			if (!ctl->cmd) {
+				for (size_t k = 0; k < KPL_ARRAY_SIZE(commands); k++)
+					if (!strcmp(commands[k].name, a))
+						ctl->cmd = &commands[k];
+				if (!ctl->cmd)
+					return usage_error("unknown command \"%s\"", a);
+			} else if (ctl->n_pos == MAX_POS) {
+				return usage_error("unexpected argument \"%s\"", a);
+			} else {
+				ctl->pos[ctl->n_pos++] = a;
+			}
+			continue;
+		}
+		if (!strcmp(a, "--")) {
+			only_pos = 1;
+			continue;
+		}
+		if (a[1] == '-') {
+			const char *eq = strchr(a + 2, '=');
+			size_t len = eq ? (size_t)(eq - a - 2) : strlen(a + 2);
+
+			o = opt_find(a + 2, len, 0);
+			if (!o)
+				return usage_error("unknown option \"%s\"", a);
+			if (eq && !o->arg)
+				return usage_error("--%s takes no value", o->long_name);
+			if (eq)
+				v = eq + 1;
+		} else {
+			o = opt_find(NULL, 0, a[1]);
+			if (!o)
+				return usage_error("unknown option \"%s\"", a);
+			if (a[2] && !o->arg)
+				return usage_error("-%c takes no value", a[1]);
+			if (a[2])
+				v = a + 2;
+		}
+		if (o->arg && !v) {
+			if (i + 1 >= argc)
+				return usage_error("--%s needs %s", o->long_name, o->arg);
+			v = argv[++i];
+		}
+		rc = opt_set(ctl, o, v);
+		if (rc)
+			return rc;
+	}
+	return 0;
+}
+
+static int parse_u64(const char *s, uint64_t *out)
+{
+	char *end;
+
+	if (!s || !isdigit((unsigned char)*s))
+		return -1;
+	errno = 0;
+	*out = strtoull(s, &end, 10);
+	return errno || *end ? -1 : 0;
+}
+
+/* Accepts "failed", "FAILED" and "RUN_STATE_FAILED". */
+static int parse_run_state(const char *s)
+{
+	char name[64] = "RUN_STATE_";
+	size_t off = strncasecmp(s, name, 10) ? 10 : 0;
+	const ProtobufCEnumValue *v;
+
+	if (strlen(s) + off >= sizeof name)
+		return -1;
+	for (size_t i = 0; s[i]; i++)
+		name[off + i] = (char)toupper((unsigned char)s[i]);
+	name[off + strlen(s)] = '\0';
+	v = protobuf_c_enum_descriptor_get_value_by_name(
+		&kpl__v1__run_state__descriptor, name);
+	return v && v->value != 0 ? v->value : -1;
+}
+
+/* --- Formatting. --- */
+
+/* "SUCCEEDED" for RUN_STATE_SUCCEEDED: the enum name after its prefix. */
+static const char *enum_short(const ProtobufCEnumDescriptor *d, int value)
+{
+	const ProtobufCEnumValue *v = protobuf_c_enum_descriptor_get_value(d, value);
+	const char *u;
+
+	if (!v)
+		return "?";
+	u = strstr(v->name, "_STATE_");
+	return u ? u + 7 : v->name;
+}
+
+static const char *run_state(int v)
+{
+	return enum_short(&kpl__v1__run_state__descriptor, v);
+}
+
+static const char *stage_state(int v)
+{
+	return enum_short(&kpl__v1__stage_state__descriptor, v);
+}
+
+static int ts_set(const Google__Protobuf__Timestamp *t)
+{
+	return t && (t->seconds || t->nanos);
+}
+
+static int64_t ts_ms(const Google__Protobuf__Timestamp *t)
+{
+	return t->seconds * 1000 + t->nanos / 1000000;
+}
+
+/* Local time with fmt (strftime), or "-" if t is unset. */
+static const char *ts_local(const Google__Protobuf__Timestamp *t,
+			    const char *fmt, char *buf, size_t size)
+{
+	time_t s;
+	struct tm tm;
+
+	if (!ts_set(t))
+		return "-";
+	s = (time_t)t->seconds;
+	localtime_r(&s, &tm);
+	strftime(buf, size, fmt, &tm);
+	return buf;
+}
+
+/* "850ms", "12.3s", "2m05s", "1h02m"; "-" if it never started. */
+static const char *duration(const Google__Protobuf__Timestamp *start,
+			    const Google__Protobuf__Timestamp *end, char *buf,
+			    size_t size)
+{
+	int64_t ms;
+
+	if (!ts_set(start))
+		return "-";
+	ms = (ts_set(end) ? ts_ms(end) : kpl_now_ms()) - ts_ms(start);
+	if (ms < 0)
+		ms = 0;
+	if (ms < 1000)
+		snprintf(buf, size, "%dms", (int)ms);
+	else if (ms < 60000)
+		snprintf(buf, size, "%.1fs", ms / 1000.0);
+	else if (ms < 3600000)
+		snprintf(buf, size, "%dm%02ds", (int)(ms / 60000),
+			 (int)(ms / 1000 % 60));
+	else
+		snprintf(buf, size, "%dh%02dm", (int)(ms / 3600000),
+			 (int)(ms / 60000 % 60));
+	return buf;
+}
+
+/* Map entries sorted by key, for stable output. */
+struct kv {
+	const char *key, *value;
+};
+
+static int kv_cmp(const void *a, const void *b)
+{
+	return strcmp(((const struct kv *)a)->key, ((const struct kv *)b)->key);
+}
+
+/* entries: a protobuf-c map field (array of key/value entry messages,
+ * which all share the layout { base; char *key; char *value; }). */
+static struct kv *kv_sorted(size_t n, void **entries)
+{
+	struct kv *kv = kpl_calloc(n ? n : 1, sizeof *kv);
+
+	for (size_t i = 0; i < n; i++) {
+		const Kpl__V1__Run__ParamsEntry *e = entries[i];
+		kv[i].key = e->key;
+		kv[i].value = e->value;
+	}
+	qsort(kv, n, sizeof *kv, kv_cmp);
+	return kv;
+}
+
+/* --- JSON: the proto3 mapping, read off the protobuf-c descriptors. ---
+ * Field names as in api/kpl.proto, enums as names, Timestamps as RFC 3339
+ * UTC strings, maps as objects; every field is present, even at its default,
+ * so scripts need no defaults of their own. */
+
+static json_t *msg_to_json(const ProtobufCMessage *m);
+
+static json_t *ts_to_json(const Google__Protobuf__Timestamp *t)
+{
+	char buf[64], frac[16] = "";
+	time_t s;
+	struct tm tm;
+
+	if (!ts_set(t))
+		return json_null();
+	s = (time_t)t->seconds;
+	gmtime_r(&s, &tm);
+	if (t->nanos)
+		snprintf(frac, sizeof frac, ".%03d", t->nanos / 1000000);
+	strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
+	return json_sprintf("%s%sZ", buf, frac);
+}
+
+static int is_map_entry(const ProtobufCMessageDescriptor *d)
+{
+	size_t n = strlen(d->name);
+
+	return n > 5 && !strcmp(d->name + n - 5, "Entry") && d->n_fields == 2 &&
+	       !strcmp(d->fields[0].name, "key") &&
+	       !strcmp(d->fields[1].name, "value");
+}
+
+static size_t field_size(const ProtobufCFieldDescriptor *f)
+{
+	switch (f->type) {
+	case PROTOBUF_C_TYPE_INT32: case PROTOBUF_C_TYPE_SINT32:
+	case PROTOBUF_C_TYPE_SFIXED32: case PROTOBUF_C_TYPE_UINT32:
+	case PROTOBUF_C_TYPE_FIXED32: return 4;
+	case PROTOBUF_C_TYPE_INT64: case PROTOBUF_C_TYPE_SINT64:
+	case PROTOBUF_C_TYPE_SFIXED64: case PROTOBUF_C_TYPE_UINT64:
+	case PROTOBUF_C_TYPE_FIXED64: return 8;
+	case PROTOBUF_C_TYPE_FLOAT: return sizeof(float);
+	case PROTOBUF_C_TYPE_DOUBLE: return sizeof(double);
+	case PROTOBUF_C_TYPE_BOOL: return sizeof(protobuf_c_boolean);
+	case PROTOBUF_C_TYPE_ENUM: return sizeof(int);
+	case PROTOBUF_C_TYPE_STRING: return sizeof(char *);
+	case PROTOBUF_C_TYPE_BYTES: return sizeof(ProtobufCBinaryData);
+	case PROTOBUF_C_TYPE_MESSAGE: return sizeof(ProtobufCMessage *);
+	}
+	BUG("field %s: unknown type %d", f->name, f->type);
+}
+
+static json_t *value_to_json(const ProtobufCFieldDescriptor *f, const void *p)
+{
+	switch (f->type) {
+	case PROTOBUF_C_TYPE_INT32: case PROTOBUF_C_TYPE_SINT32:
+	case PROTOBUF_C_TYPE_SFIXED32:
+		return json_integer(*(const int32_t *)p);
+	case PROTOBUF_C_TYPE_UINT32: case PROTOBUF_C_TYPE_FIXED32:
+		return json_integer(*(const uint32_t *)p);
+	case PROTOBUF_C_TYPE_INT64: case PROTOBUF_C_TYPE_SINT64:
+	case PROTOBUF_C_TYPE_SFIXED64:
+		return json_integer(*(const int64_t *)p);
+	case PROTOBUF_C_TYPE_UINT64: case PROTOBUF_C_TYPE_FIXED64:
+		/* Sequence numbers and the like stay far below 2^63. */
+		return json_integer((json_int_t)*(const uint64_t *)p);
+	case PROTOBUF_C_TYPE_FLOAT: return json_real(*(const float *)p);
+	case PROTOBUF_C_TYPE_DOUBLE: return json_real(*(const double *)p);
+	case PROTOBUF_C_TYPE_BOOL:
+		return json_boolean(*(const protobuf_c_boolean *)p);
+	case PROTOBUF_C_TYPE_ENUM: {
+		const ProtobufCEnumValue *v = protobuf_c_enum_descriptor_get_value(
+			f->descriptor, *(const int *)p);
+		return v ? json_string(v->name) : json_integer(*(const int *)p);
+	}
+	case PROTOBUF_C_TYPE_STRING: {
+		const char *s = *(char *const *)p;
+		return json_string(s ? s : "");
+	}
+	case PROTOBUF_C_TYPE_BYTES: {
+		/* kpl.proto has none; hex keeps this total. */
+		const ProtobufCBinaryData *b = p;
+		char *hex = kpl_malloc(b->len * 2 + 1);
+		json_t *j;
+		for (size_t i = 0; i < b->len; i++)
+			sprintf(hex + 2 * i, "%02x", b->data[i]);
+		hex[b->len * 2] = '\0';
+		j = json_string(hex);
+		free(hex);
+		return j;
+	}
+	case PROTOBUF_C_TYPE_MESSAGE: {
+		const ProtobufCMessage *m = *(ProtobufCMessage *const *)p;
+		if (!m)
+			return json_null();
+		if (m->descriptor == &google__protobuf__timestamp__descriptor)
+			return ts_to_json((const Google__Protobuf__Timestamp *)m);
+		return msg_to_json(m);
+	}
+	}
+	BUG("field %s: unknown type %d", f->name, f->type);
+}
+
+static json_t *msg_to_json(const ProtobufCMessage *m)
+{
+	const ProtobufCMessageDescriptor *d = m->descriptor;
+	json_t *obj = json_object();
+
+	for (unsigned i = 0; i < d->n_fields; i++) {
+		const ProtobufCFieldDescriptor *f = &d->fields[i];
+		const char *base = (const char *)m;
+		const void *p = base + f->offset;
+		json_t *j;
+
+		if (f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF &&
+		    *(const uint32_t *)(base + f->quantifier_offset) != f->id)
+			continue;
+		if (f->label != PROTOBUF_C_LABEL_REPEATED) {
+			j = value_to_json(f, p);
+		} else if (f->type == PROTOBUF_C_TYPE_MESSAGE &&
+			   is_map_entry(f->descriptor)) {
+			size_t n = *(const size_t *)(base + f->quantifier_offset);
+			ProtobufCMessage *const *e = *(ProtobufCMessage *const *const *)p;
+			const ProtobufCMessageDescriptor *ed = f->descriptor;
+			j = json_object();
+			for (size_t k = 0; k < n; k++) {
+				const char *eb = (const char *)e[k];
+				json_t *key = value_to_json(&ed->fields[0],
+							    eb + ed->fields[0].offset);
+				json_t *val = value_to_json(&ed->fields[1],
+							    eb + ed->fields[1].offset);
+				const char *ks = json_is_string(key)
+						       ? json_string_value(key) : "";
+				json_object_set_new(j, ks, val);
+				json_decref(key);
+			}
+		} else {
+			size_t n = *(const size_t *)(base + f->quantifier_offset);
+			const char *arr = *(const char *const *)p;
+			j = json_array();
+			for (size_t k = 0; k < n; k++)
+				json_array_append_new(
+					j, value_to_json(f, arr + k * field_size(f)));
+		}
+		json_object_set_new(obj, f->name, j);
+	}
+	return obj;
+}
+
+static void print_json(json_t *j)
+{
+	json_dumpf(j, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+	fputc('\n', stdout);
+	json_decref(j);
+}
+
+/* --- Text output. --- */
+
+static void print_stages_table(const Kpl__V1__Run *r, int with_kind)
+{
+	int w = 5;
+	char b[32];
+
+	for (size_t i = 0; i < r->n_stages; i++)
+		if ((int)strlen(r->stages[i]->name) > w)
+			w = (int)strlen(r->stages[i]->name);
+	if (with_kind)
+		printf("  %-*s  %-10s %-10s %-7s  %-8s  %s\n", w, "STAGE", "KIND",
+		       "STATE", "ATTEMPT", "DURATION", "MESSAGE");
+	else
+		printf("%-*s  %-10s %-7s  %-8s  %s\n", w, "STAGE", "STATE",
+		       "ATTEMPT", "DURATION", "MESSAGE");
+	for (size_t i = 0; i < r->n_stages; i++) {
+		const Kpl__V1__StageStatus *s = r->stages[i];
+		const char *d = duration(s->started_at, s->finished_at, b, sizeof b);
+
+		if (with_kind)
+			printf("  %-*s  %-10s %-10s %-7u  %-8s  %s\n", w, s->name,
+			       s->kind, stage_state(s->state), s->attempt, d,
+			       s->message);
+		else
+			printf("%-*s  %-10s %-7u  %-8s  %s\n", w, s->name,
+			       stage_state(s->state), s->attempt, d, s->message);
+	}
+}
+
+static void print_run(const Kpl__V1__Run *r)
+{
+	char b[64];
+	struct kv *kv;
+
+	printf("id:        %s\n", r->id);
+	printf("pipeline:  %s\n", r->pipeline_name);
+	printf("state:     %s\n", run_state(r->state));
+	if (*r->message)
+		printf("message:   %s\n", r->message);
+	printf("created:   %s\n", ts_local(r->created_at, "%Y-%m-%d %H:%M:%S", b, sizeof b));
+	printf("started:   %s\n", ts_local(r->started_at, "%Y-%m-%d %H:%M:%S", b, sizeof b));
+	printf("finished:  %s\n", ts_local(r->finished_at, "%Y-%m-%d %H:%M:%S", b, sizeof b));
+	printf("duration:  %s\n", duration(r->started_at, r->finished_at, b, sizeof b));
+	if (*r->idempotency_key)
+		printf("idempotency key: %s\n", r->idempotency_key);
+	printf("last seq:  %llu\n", (unsigned long long)r->last_seq);
+	if (r->n_params) {
+		printf("params:\n");
+		kv = kv_sorted(r->n_params, (void **)r->params);
+		for (size_t i = 0; i < r->n_params; i++)
+			printf("  %s=%s\n", kv[i].key, kv[i].value);
+		free(kv);
+	}
+	if (r->n_stages) {
+		printf("stages:\n");
+		print_stages_table(r, 1);
+	}
+	for (size_t i = 0, first = 1; i < r->n_stages; i++) {
+		const Kpl__V1__StageStatus *s = r->stages[i];
+		if (!s->n_outputs)
+			continue;
+		if (first)
+			printf("outputs:\n");
+		first = 0;
+		kv = kv_sorted(s->n_outputs, (void **)s->outputs);
+		for (size_t k = 0; k < s->n_outputs; k++)
+			printf("  %s.%s=%s\n", s->name, kv[k].key, kv[k].value);
+		free(kv);
+	}
+}
+
+/* --- Commands. --- */
+
+static int connect_server(struct ctl *ctl)
+{
+	struct kpl_err err = { 0 };
+
+	if (kplc_connect(ctl->server, &ctl->c, &err) < 0) {
+		fprintf(stderr, "%s: %s: %s\n", prog, ctl->server, err.msg);
+		return EXIT_RPC;
+	}
+	return 0;
+}
+
+/* Reads all of path ("-" is stdin), at most KPL_MAX_PIPELINE_BYTES. */
+static char *read_file(const char *path)
+{
+	FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
+	size_t len = 0, cap = 0, n;
+	char *buf = NULL;
+
+	if (!f) {
+		fprintf(stderr, "%s: %s: %s\n", prog, path, strerror(errno));
+		return NULL;
+	}
+	do {
+		if (cap - len < 4096)
+			buf = kpl_realloc(buf, cap = cap * 2 + 4096);
+		n = fread(buf + len, 1, cap - len - 1, f);
+		len += n;
+	} while (n > 0 && len <= KPL_MAX_PIPELINE_BYTES);
+	if (ferror(f) || len > KPL_MAX_PIPELINE_BYTES) {
+		fprintf(stderr, "%s: %s: %s\n", prog, path,
+			ferror(f) ? strerror(errno) : "over 1 MiB");
+		free(buf);
+		buf = NULL;
+	} else {
+		buf[len] = '\0';
+	}
+	if (f != stdin)
+		fclose(f);
+	return buf;
+}
+
+struct watch_state {
+	int width;
+};
+
+static void print_event(const Kpl__V1__RunEvent *ev, int width)
+{
+	char t[16];
+	const char *tm = ts_local(ev->time, "%H:%M:%S", t, sizeof t);
+	const char *mark;
+
+	switch (ev->kind) {
+	case KPL__V1__EVENT_KIND__EVENT_KIND_STAGE_STATE:
+		printf("[%s] %-*s %s", tm, width, ev->stage,
+		       stage_state(ev->stage_state));
+		if (ev->attempt > 1)
+			printf(" (attempt %u)", ev->attempt);
+		if (*ev->message)
+			printf("  %s", ev->message);
+		putchar('\n');
+		break;
+	case KPL__V1__EVENT_KIND__EVENT_KIND_LOG:
+		mark = ev->stream == KPL__V1__LOG_STREAM__LOG_STREAM_STDERR ? "!"
+		       : ev->stream == KPL__V1__LOG_STREAM__LOG_STREAM_SYSTEM ? "*"
+		       : "|";
+		printf("[%s] %-*s %s %s\n", tm, width, ev->stage, mark,
+		       ev->message);
+		break;
+	case KPL__V1__EVENT_KIND__EVENT_KIND_RUN_STATE:
+		printf("[%s] == run %s%s%s\n", tm, run_state(ev->run_state),
+		       *ev->message ? ": " : "", ev->message);
+		break;
+	default:
+		/* A kind newer than this kplctl: show it rather than drop it. */
+		printf("[%s] %-*s ? %s\n", tm, width, ev->stage, ev->message);
+		break;
+	}
+	fflush(stdout);
+}
+
+static int on_event(const Kpl__V1__RunEvent *ev, void *data)
+{
+	struct watch_state *ws = data;
+
+	print_event(ev, ws->width);
+	return 0;
+}
+
+/* Follows run id to its end; the exit code says how it ended. */
+static int follow(struct ctl *ctl, const char *id, uint64_t from_seq)
+{
+	struct watch_state ws = { .width = 10 };
+	struct kplc_status st;
+	Kpl__V1__Run *r = NULL;
+	int rc;
+
+	/* The run's stages first, to align the stage column. */
+	if (kplc_get_run(ctl->c, id, &r, &st) < 0)
+		return rpc_error(ctl, &st);
+	for (size_t i = 0; i < r->n_stages; i++)
+		if ((int)strlen(r->stages[i]->name) > ws.width)
+			ws.width = (int)strlen(r->stages[i]->name);
+	kplc_msg_free(r);
+	r = NULL;
+
+	rc = kplc_follow_run(ctl->c, id, from_seq, NULL, on_event, &ws, NULL, &st);
+	if (rc < 0)
+		return rpc_error(ctl, &st);
+
+	if (kplc_get_run(ctl->c, id, &r, &st) < 0)
+		return rpc_error(ctl, &st);
+	printf("\n");
+	print_stages_table(r, 0);
+	printf("\nrun %s %s%s%s\n", r->id, run_state(r->state),
+	       *r->message ? ": " : "", r->message);
+	switch (r->state) {
+	case KPL__V1__RUN_STATE__RUN_STATE_SUCCEEDED:
+		rc = EXIT_OK;
+		break;
+	case KPL__V1__RUN_STATE__RUN_STATE_FAILED:
+	case KPL__V1__RUN_STATE__RUN_STATE_CANCELLED:
+		rc = EXIT_RUN_FAILED;
+		break;
+	default:
+		fprintf(stderr, "%s: %s: the event stream ended while run %s is %s\n",
+			prog, ctl->cmd->name, id, run_state(r->state));
+		rc = EXIT_RPC;
+		break;
+	}
+	kplc_msg_free(r);
+	return rc;
+}
+
+static int cmd_submit(struct ctl *ctl)
+{
+	Kpl__V1__SubmitRunRequest req = KPL__V1__SUBMIT_RUN_REQUEST__INIT;
+	Kpl__V1__SubmitRunRequest__ParamsEntry *entries = NULL, **ptrs = NULL;
+	struct kplc_status st;
+	Kpl__V1__Run *r = NULL;
+	char *text, *kv = NULL;
+	int rc;
+
+	text = read_file(ctl->pos[0]);
+	if (!text)
+		return EXIT_USAGE;
+	req.pipeline = text;
+	req.idempotency_key = ctl->idem ? (char *)ctl->idem : "";
+	if (ctl->n_params) {
+		size_t total = 0, off = 0;
+		for (size_t i = 0; i < ctl->n_params; i++)
+			total += strlen(ctl->params[i]) + 1;
+		kv = kpl_malloc(total);
+		entries = kpl_calloc(ctl->n_params, sizeof *entries);
+		ptrs = kpl_calloc(ctl->n_params, sizeof *ptrs);
+		for (size_t i = 0; i < ctl->n_params; i++) {
+			char *k = kv + off, *eq;
+			strcpy(k, ctl->params[i]);
+			off += strlen(k) + 1;
+			eq = strchr(k, '=');
+			*eq = '\0';
+			kpl__v1__submit_run_request__params_entry__init(&entries[i]);
+			entries[i].key = k;
+			entries[i].value = eq + 1;
+			ptrs[i] = &entries[i];
+		}
+		req.n_params = ctl->n_params;
+		req.params = ptrs;
+	}
+
+	rc = kplc_submit_run(ctl->c, &req, &r, &st);
+	if (rc < 0) {
+		rc = rpc_error(ctl, &st);
+		goto out;
+	}
+	if (ctl->json)
+		print_json(msg_to_json(&r->base));
+	else
+		printf("%s\n", r->id);
+	fflush(stdout);
+	rc = ctl->watch ? follow(ctl, r->id, 1) : EXIT_OK;
+
+out:
+	kplc_msg_free(r);
+	free(text);
+	free(kv);
+	free(entries);
+	free(ptrs);
+	return rc;
+}
+
+static int cmd_get(struct ctl *ctl)
+{
+	struct kplc_status st;
+	Kpl__V1__Run *r;
+
+	if (kplc_get_run(ctl->c, ctl->pos[0], &r, &st) < 0)
+		return rpc_error(ctl, &st);
+	if (ctl->json)
+		print_json(msg_to_json(&r->base));
+	else
+		print_run(r);
+	kplc_msg_free(r);
+	return EXIT_OK;
+}
+
+static int cmd_cancel(struct ctl *ctl)
+{
+	struct kplc_status st;
+	Kpl__V1__Run *r;
+
+	if (kplc_cancel_run(ctl->c, ctl->pos[0], &r, &st) < 0)
+		return rpc_error(ctl, &st);
+	if (ctl->json)
+		print_json(msg_to_json(&r->base));
+	else
+		printf("%s %s\n", r->id, run_state(r->state));
+	kplc_msg_free(r);
+	return EXIT_OK;
+}
+
+static int cmd_list(struct ctl *ctl)
+{
+	Kpl__V1__ListRunsRequest req = KPL__V1__LIST_RUNS_REQUEST__INIT;
+	Kpl__V1__ListRunsResponse *resp = NULL;
+	uint64_t limit = 50;
+	struct kplc_status st;
+	json_t *runs = ctl->json ? json_array() : NULL;
+	char *token = NULL;
+	int rc = EXIT_OK, header = 0;
+
+	if (ctl->limit && (parse_u64(ctl->limit, &limit) || limit == 0 ||
+			   limit > 100000)) {
+		json_decref(runs);
+		return usage_error("--limit: \"%s\" is not a number from 1 to 100000",
+				   ctl->limit);
+	}
+	if (ctl->state) {
+		int s = parse_run_state(ctl->state);
+		if (s < 0) {
+			json_decref(runs);
+			return usage_error("--state: unknown run state \"%s\"",
+					   ctl->state);
+		}
+		req.state = s;
+	}
+	req.pipeline_name = ctl->pipeline ? (char *)ctl->pipeline : "";
+
+	/* The server caps a page at 500: page until limit runs are shown. */
+	while (limit > 0) {
+		req.page_size = limit > 500 ? 500 : (int32_t)limit;
+		req.page_token = token ? token : "";
+		if (kplc_list_runs(ctl->c, &req, &resp, &st) < 0) {
+			rc = rpc_error(ctl, &st);
+			break;
+		}
+		for (size_t i = 0; i < resp->n_runs && limit > 0; i++, limit--) {
+			const Kpl__V1__Run *r = resp->runs[i];
+			char c[32], d[32];
+
+			if (runs) {
+				json_array_append_new(runs, msg_to_json(&r->base));
+				continue;
+			}
+			if (!header++)
+				printf("%-24s %-20s %-10s %-19s  %s\n", "ID",
+				       "PIPELINE", "STATE", "CREATED", "DURATION");
+			printf("%-24s %-20s %-10s %-19s  %s\n", r->id,
+			       r->pipeline_name, run_state(r->state),
+			       ts_local(r->created_at, "%Y-%m-%d %H:%M:%S", c, sizeof c),
+			       duration(r->started_at, r->finished_at, d, sizeof d));
+		}
+		free(token);
+		token = *resp->next_page_token && resp->n_runs
+				? kpl_strdup(resp->next_page_token) : NULL;
+		kplc_msg_free(resp);
+		resp = NULL;
+		if (!token)
+			break;
+	}
+	if (runs && rc == EXIT_OK) {
+		json_t *o = json_object();
+		json_object_set_new(o, "runs", runs);
+		print_json(o);
+	} else {
+		json_decref(runs);
+		if (rc == EXIT_OK && !header)
+			fprintf(stderr, "no runs\n");
+	}
+	free(token);
+	return rc;
+}
+
+static int cmd_watch(struct ctl *ctl)
+{
+	uint64_t from = 1;
+
+	if (ctl->from_seq && parse_u64(ctl->from_seq, &from))
+		return usage_error("--from-seq: \"%s\" is not a number",
+				   ctl->from_seq);
+	return follow(ctl, ctl->pos[0], from);
+}
+
+int main(int argc, char **argv)
+{
+	struct ctl ctl = { 0 };
+	int rc;
+
+	rc = parse_args(&ctl, argc, argv);
+	if (rc)
+		return rc;
+	if (ctl.seen & O_HELP) {
+		usage(stdout);
+		return EXIT_OK;
+	}
+	if (!ctl.cmd)
+		return usage_error("no command");
+	for (size_t j = 0; j < KPL_ARRAY_SIZE(opt_defs); j++) {
+		const struct opt_def *o = &opt_defs[j];
+		if ((ctl.seen & o->bit) && !((ctl.cmd->opts | O_GLOBAL) & o->bit))
+			return usage_error("%s: --%s does not apply", ctl.cmd->name,
+					   o->long_name);
+	}
+	if (ctl.n_pos != ctl.cmd->n_args)
+		return usage_error("%s: expected %s%s", ctl.cmd->name,
+				   ctl.cmd->n_args ? ctl.cmd->args : "no arguments",
+				   ctl.n_pos > ctl.cmd->n_args ? " only" : "");
+	if (!ctl.server || !*ctl.server)
+		ctl.server = getenv("KPL_SERVER");
+	if (!ctl.server || !*ctl.server)
+		ctl.server = KPLC_DEFAULT_TARGET;
+
+	rc = connect_server(&ctl);
+	if (rc)
+		return rc;
+	rc = ctl.cmd->run(&ctl);
+	kplc_free(ctl.c);
+	return rc;
+}
