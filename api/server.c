@@ -1,0 +1,1044 @@
+/*
+ * server.c - kpld's gRPC server core: grpc core's completion queue drained on
+ * its own thread and handed to the libuv loop.
+ *
+ * The pattern (style.md, "grpc core from a libuv loop"): one thread loops on
+ * grpc_completion_queue_next and appends each completed tag to a
+ * mutex-protected list, calling uv_async_send only when the list goes from
+ * empty to non-empty; the async callback drains the whole list on the loop,
+ * since libuv coalesces wake-ups. Every tag is a struct tag whose first member
+ * is its run function, so the loop just calls tag->run(tag, success).
+ * Batches are started only on the loop thread.
+ *
+ * A call is reference counted: one reference for the handler (dropped when it
+ * ends the call) plus one per batch in flight (dropped when its tag comes
+ * back). RECV_CLOSE_ON_SERVER is started as soon as a call arrives, for every
+ * call, so a client that goes away is seen at once; it holds its reference
+ * until grpc is done with the call. The call is freed at zero.
+ *
+ * Shutdown: grpc_server_shutdown_and_notify, grpc_server_cancel_all_calls,
+ * then (once the notify tag, every request_call tag and every call are back)
+ * grpc_server_destroy and grpc_completion_queue_shutdown. The thread sees
+ * GRPC_QUEUE_SHUTDOWN, queues one last tag and exits; that tag joins it,
+ * destroys the queue and closes the async handle, whose close callback frees
+ * the server and calls done. The queue is shut down only when no call is left
+ * because starting a batch on a shut-down queue is a grpc assertion failure.
+ */
+#include "api/server.h"
+
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/slice.h>
+#include <grpc/support/time.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api/health.pb-c.h"
+#include "api/reflection.pb-c.h"
+#include "api/server_internal.h"
+
+#define SUB "api"
+
+/* request_call tags kept outstanding: how many new calls grpc can hand us
+ * between two turns of the loop. */
+#define API_REQUESTS 16
+
+/* Status messages are cut to this many bytes. */
+#define API_MAX_STATUS_MSG 1024
+
+/* Built-in method paths. */
+#define HEALTH_CHECK "/grpc.health.v1.Health/Check"
+#define HEALTH_WATCH "/grpc.health.v1.Health/Watch"
+#define REFLECTION_V1ALPHA \
+	"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+#define REFLECTION_V1 "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+
+struct tag {
+	void (*run)(struct tag *t, int success);
+	struct tag *next; /* in the ready list; guarded by api_server.mu */
+	int success;      /* the event's success, set when queued */
+};
+
+/* A tag inside an api_call. */
+struct call_tag {
+	struct tag tag;
+	struct api_call *call;
+};
+
+/* One outstanding grpc_server_request_call. */
+struct request {
+	struct tag tag;
+	struct api_server *s;
+	grpc_call *gc;
+	grpc_call_details details;
+	grpc_metadata_array md;
+};
+
+struct api_call {
+	struct api_server *s;
+	struct api_call *prev, *next; /* s->calls */
+	grpc_call *gc;
+	grpc_call_details details;
+	grpc_metadata_array md;
+	char **md_values; /* NUL-terminated copies, lazily, by md index */
+	char *method;     /* NUL-terminated copy of details.method */
+	const struct api_method *m; /* NULL: unknown method */
+	ProtobufCMessage *req;      /* the decoded request (unary, stream) */
+
+	int refs;          /* 1 for the handler until it ends the call + batches */
+	bool ended;        /* the handler (or the server) ended the call */
+	bool cancelled;    /* client gone or server shutting down */
+	bool cancel_queued; /* on_cancel queued (it runs at most once) */
+	bool md_sent;      /* SEND_INITIAL_METADATA started */
+	int close_cancelled; /* out-argument of RECV_CLOSE_ON_SERVER */
+
+	struct call_tag close_tag, recv_tag, send_tag, status_tag, cancel_tag;
+
+	grpc_byte_buffer *recv_buf;
+	bool recv_busy;
+	const ProtobufCMessageDescriptor *recv_desc;
+	void (*recv_fn)(struct api_call *, ProtobufCMessage *,
+			enum api_recv_status, void *);
+	void *recv_data;
+
+	grpc_byte_buffer *send_buf;
+	bool send_busy;
+	void (*sent)(struct api_call *, bool, void *);
+	void *sent_data;
+
+	/* api_call_finish while a send was in flight: started when it is back */
+	bool status_pending;
+	int pending_code;
+	char *pending_msg;
+	grpc_byte_buffer *status_buf; /* unary reply */
+	grpc_slice status_details;
+	bool has_status_details;
+
+	void (*on_cancel)(struct api_call *, void *);
+	void *cancel_data;
+};
+
+enum server_state { SRV_RUNNING, SRV_STOPPING };
+
+struct api_server {
+	uv_loop_t *loop;
+	grpc_server *server;
+	grpc_completion_queue *cq;
+	uv_thread_t thread;
+	bool thread_started;
+	uv_async_t async;
+	uv_mutex_t mu;
+	struct tag *ready_head, *ready_tail; /* guarded by mu */
+
+	struct api_method *methods; /* user's, then built-in ones */
+	size_t n_methods;
+	char **services; /* distinct service names, in order */
+	size_t n_services;
+	int port;
+	bool serving;
+
+	struct request requests[API_REQUESTS];
+	int requests_out; /* request_call tags in flight */
+	struct api_call *calls; /* every call not yet freed */
+	size_t n_calls;
+
+	enum server_state state;
+	struct tag shutdown_tag; /* grpc_server_shutdown_and_notify */
+	bool shutdown_notified;
+	bool cq_shut;
+	struct tag exit_tag; /* queued by the thread as it exits */
+	void (*done)(void *);
+	void *done_data;
+
+	struct api_health *health;
+	struct api_reflection *refl;
+};
+
+/* --- The ready list: completion-queue thread (and loop) to loop. --- */
+
+/* Any thread. Appends t and wakes the loop if the list was empty. */
+static void ready_push(struct api_server *s, struct tag *t, int success)
+{
+	bool was_empty;
+
+	t->success = success;
+	t->next = NULL;
+	uv_mutex_lock(&s->mu);
+	was_empty = s->ready_head == NULL;
+	if (s->ready_tail)
+		s->ready_tail->next = t;
+	else
+		s->ready_head = t;
+	s->ready_tail = t;
+	uv_mutex_unlock(&s->mu);
+	if (was_empty)
+		uv_async_send(&s->async);
+}
+
+static void on_async(uv_async_t *h)
+{
+	struct api_server *s = h->data;
+	struct tag *t, *next;
+
+	uv_mutex_lock(&s->mu);
+	t = s->ready_head;
+	s->ready_head = s->ready_tail = NULL;
+	uv_mutex_unlock(&s->mu);
+	/* Tags run in completion order; a run may free its tag. */
+	for (; t; t = next) {
+		next = t->next;
+		t->run(t, t->success);
+	}
+}
+
+static void cq_thread(void *arg)
+{
+	struct api_server *s = arg;
+
+	for (;;) {
+		grpc_event ev = grpc_completion_queue_next(
+			s->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+		if (ev.type == GRPC_QUEUE_SHUTDOWN)
+			break;
+		if (ev.type != GRPC_OP_COMPLETE)
+			continue;
+		ready_push(s, ev.tag, ev.success);
+	}
+	ready_push(s, &s->exit_tag, 1);
+}
+
+/* --- Calls. --- */
+
+static void call_unref(struct api_call *c);
+static void maybe_finish_shutdown(struct api_server *s);
+static void request_arm(struct request *r);
+
+static struct api_call *tag_call(struct tag *t)
+{
+	return ((struct call_tag *)t)->call;
+}
+
+/*
+ * Starts a batch holding a call reference. If grpc refuses it the tag will
+ * never come back: the reference is dropped at once (never the last one,
+ * since the caller holds one) and false returned.
+ */
+static bool call_batch(struct api_call *c, struct call_tag *ct,
+		       const grpc_op *ops, size_t n)
+{
+	grpc_call_error e;
+
+	c->refs++;
+	e = grpc_call_start_batch(c->gc, ops, n, &ct->tag, NULL);
+	if (e != GRPC_CALL_OK) {
+		kpl_warn(SUB, "%s: grpc_call_start_batch: error %d", c->method,
+			 (int)e);
+		c->refs--;
+		return false;
+	}
+	return true;
+}
+
+/* Runs ct's tag on a later turn of the loop, as if grpc returned it. */
+static void call_defer(struct api_call *c, struct call_tag *ct, int success)
+{
+	c->refs++;
+	ready_push(c->s, &ct->tag, success);
+}
+
+static grpc_byte_buffer *pack_message(const ProtobufCMessage *m)
+{
+	size_t n = protobuf_c_message_get_packed_size(m);
+	grpc_slice sl = grpc_slice_malloc(n);
+	grpc_byte_buffer *bb;
+
+	protobuf_c_message_pack(m, GRPC_SLICE_START_PTR(sl));
+	bb = grpc_raw_byte_buffer_create(&sl, 1);
+	grpc_slice_unref(sl);
+	return bb;
+}
+
+/* Takes bb; NULL if it does not decode as desc. */
+static ProtobufCMessage *unpack_message(const ProtobufCMessageDescriptor *desc,
+					grpc_byte_buffer *bb)
+{
+	grpc_byte_buffer_reader rd;
+	ProtobufCMessage *m = NULL;
+	grpc_slice sl;
+
+	if (grpc_byte_buffer_reader_init(&rd, bb)) {
+		sl = grpc_byte_buffer_reader_readall(&rd);
+		grpc_byte_buffer_reader_destroy(&rd);
+		m = protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(sl),
+					      GRPC_SLICE_START_PTR(sl));
+		grpc_slice_unref(sl);
+	}
+	grpc_byte_buffer_destroy(bb);
+	return m;
+}
+
+static void call_free(struct api_call *c)
+{
+	struct api_server *s = c->s;
+
+	if (c->md_values) {
+		for (size_t i = 0; i < c->md.count; i++)
+			free(c->md_values[i]);
+		free(c->md_values);
+	}
+	grpc_metadata_array_destroy(&c->md);
+	grpc_call_details_destroy(&c->details);
+	grpc_call_unref(c->gc);
+	if (c->req)
+		protobuf_c_message_free_unpacked(c->req, NULL);
+	if (c->recv_buf)
+		grpc_byte_buffer_destroy(c->recv_buf);
+	if (c->send_buf)
+		grpc_byte_buffer_destroy(c->send_buf);
+	if (c->status_buf)
+		grpc_byte_buffer_destroy(c->status_buf);
+	if (c->has_status_details)
+		grpc_slice_unref(c->status_details);
+	free(c->pending_msg);
+	free(c->method);
+	if (c->prev)
+		c->prev->next = c->next;
+	else
+		s->calls = c->next;
+	if (c->next)
+		c->next->prev = c->prev;
+	s->n_calls--;
+	free(c);
+	maybe_finish_shutdown(s);
+}
+
+static void call_unref(struct api_call *c)
+{
+	if (c->refs <= 0)
+		BUG("call %s: reference count %d", c->method, c->refs);
+	if (--c->refs == 0)
+		call_free(c);
+}
+
+/* The call is cancelled: queue on_cancel if the handler wants it. */
+static void call_maybe_fire_cancel(struct api_call *c)
+{
+	if (!c->cancelled || c->ended || !c->on_cancel || c->cancel_queued)
+		return;
+	c->cancel_queued = true;
+	call_defer(c, &c->cancel_tag, 1);
+}
+
+static void call_set_cancelled(struct api_call *c)
+{
+	if (c->cancelled)
+		return;
+	c->cancelled = true;
+	kpl_debug(SUB, "%s: cancelled", c->method);
+	call_maybe_fire_cancel(c);
+}
+
+static void on_cancel_tag(struct tag *t, int success)
+{
+	struct api_call *c = tag_call(t);
+
+	if (!c->ended && c->on_cancel)
+		c->on_cancel(c, c->cancel_data);
+	call_unref(c);
+}
+
+static void on_close(struct tag *t, int success)
+{
+	struct api_call *c = tag_call(t);
+
+	/* After the status went out this is the normal end; before, or with
+	 * cancelled set, the client is gone. */
+	if (!success || c->close_cancelled)
+		call_set_cancelled(c);
+	call_unref(c);
+}
+
+static void on_status(struct tag *t, int success)
+{
+	struct api_call *c = tag_call(t);
+
+	if (!success)
+		kpl_debug(SUB, "%s: status not sent (client gone)", c->method);
+	call_unref(c);
+}
+
+/* Copies msg into c->status_details, cut to API_MAX_STATUS_MSG bytes
+ * without splitting a UTF-8 sequence. */
+static void set_status_details(struct api_call *c, const char *msg)
+{
+	char buf[API_MAX_STATUS_MSG + 1];
+	size_t n;
+
+	if (!msg || !*msg)
+		return;
+	n = strlen(msg);
+	if (n > API_MAX_STATUS_MSG) {
+		n = API_MAX_STATUS_MSG;
+		while (n > 0 && ((unsigned char)msg[n] & 0xC0) == 0x80)
+			n--;
+	}
+	memcpy(buf, msg, n);
+	buf[n] = '\0';
+	c->status_details = grpc_slice_from_copied_string(buf);
+	c->has_status_details = true;
+}
+
+/* Starts the final batch: initial metadata if not yet sent, the reply
+ * (unary, may be NULL) and the status. Takes reply. */
+static void call_send_status(struct api_call *c, grpc_byte_buffer *reply,
+			     int code, const char *msg)
+{
+	grpc_op ops[3];
+	size_t n = 0;
+
+	memset(ops, 0, sizeof ops);
+	if (!c->md_sent) {
+		ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+		n++;
+		c->md_sent = true;
+	}
+	if (reply) {
+		c->status_buf = reply;
+		ops[n].op = GRPC_OP_SEND_MESSAGE;
+		ops[n].data.send_message.send_message = reply;
+		n++;
+	}
+	set_status_details(c, msg);
+	ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+	ops[n].data.send_status_from_server.status = (grpc_status_code)code;
+	ops[n].data.send_status_from_server.status_details =
+		c->has_status_details ? &c->status_details : NULL;
+	n++;
+	c->status_tag.tag.run = on_status;
+	if (!call_batch(c, &c->status_tag, ops, n))
+		kpl_warn(SUB, "%s: could not send status %d", c->method, code);
+}
+
+/* Ends the call (exactly once) and drops the handler's reference. */
+static void call_end(struct api_call *c, grpc_byte_buffer *reply, int code,
+		     const char *msg)
+{
+	if (c->ended)
+		BUG("call %s ended twice", c->method);
+	c->ended = true;
+	kpl_debug(SUB, "%s: end status %d%s%s", c->method, code,
+		  msg && *msg ? ": " : "", msg ? msg : "");
+	if (c->send_busy) {
+		/* One send in flight: the status follows it (on_sent). */
+		c->status_pending = true;
+		c->pending_code = code;
+		c->pending_msg = msg ? kpl_strdup(msg) : NULL;
+		if (reply)
+			grpc_byte_buffer_destroy(reply);
+	} else {
+		call_send_status(c, reply, code, msg);
+	}
+	call_unref(c);
+}
+
+/* Ends a call the handler never saw (it is gone, or refused early). */
+static void call_end_quiet(struct api_call *c)
+{
+	c->ended = true;
+	call_unref(c);
+}
+
+static void on_sent(struct tag *t, int success)
+{
+	struct api_call *c = tag_call(t);
+	void (*sent)(struct api_call *, bool, void *) = c->sent;
+
+	c->send_busy = false;
+	c->sent = NULL;
+	if (c->send_buf) {
+		grpc_byte_buffer_destroy(c->send_buf);
+		c->send_buf = NULL;
+	}
+	if (c->status_pending) {
+		c->status_pending = false;
+		call_send_status(c, NULL, c->pending_code, c->pending_msg);
+	} else if (!c->ended && sent) {
+		sent(c, success != 0, c->sent_data);
+	}
+	call_unref(c);
+}
+
+static void on_recv(struct tag *t, int success)
+{
+	struct api_call *c = tag_call(t);
+	grpc_byte_buffer *bb = c->recv_buf;
+	ProtobufCMessage *msg = NULL;
+	enum api_recv_status st;
+
+	c->recv_buf = NULL;
+	c->recv_busy = false;
+	if (!success || c->cancelled) {
+		st = API_RECV_FAILED;
+		if (bb)
+			grpc_byte_buffer_destroy(bb);
+	} else if (!bb) {
+		st = API_RECV_END;
+	} else {
+		msg = unpack_message(c->recv_desc, bb);
+		st = msg ? API_RECV_MSG : API_RECV_BADMSG;
+	}
+	if (!c->ended && c->recv_fn)
+		c->recv_fn(c, msg, st, c->recv_data);
+	else if (msg)
+		protobuf_c_message_free_unpacked(msg, NULL);
+	call_unref(c);
+}
+
+/* The request of a unary or server-streaming call arrived. */
+static void on_request_msg(struct tag *t, int success)
+{
+	struct api_call *c = tag_call(t);
+	grpc_byte_buffer *bb = c->recv_buf;
+	char msg[256];
+
+	c->recv_buf = NULL;
+	c->recv_busy = false;
+	if (!success) {
+		/* Cancelled, or refused by grpc (over the size limit: grpc
+		 * already sent RESOURCE_EXHAUSTED). */
+		if (bb)
+			grpc_byte_buffer_destroy(bb);
+		call_end_quiet(c);
+	} else if (!bb) {
+		call_end(c, NULL, GRPC_STATUS_INVALID_ARGUMENT,
+			 "the request has no message");
+	} else if (!(c->req = unpack_message(c->m->request, bb))) {
+		snprintf(msg, sizeof msg, "request does not decode as %s",
+			 c->m->request->name);
+		call_end(c, NULL, GRPC_STATUS_INVALID_ARGUMENT, msg);
+	} else {
+		c->m->handler(c, c->req, c->m->data);
+	}
+	call_unref(c);
+}
+
+static const struct api_method *method_find(struct api_server *s,
+					    grpc_slice path)
+{
+	size_t n = GRPC_SLICE_LENGTH(path);
+
+	for (size_t i = 0; i < s->n_methods; i++)
+		if (strlen(s->methods[i].path) == n &&
+		    memcmp(s->methods[i].path, GRPC_SLICE_START_PTR(path), n) ==
+			    0)
+			return &s->methods[i];
+	return NULL;
+}
+
+/* A call arrived: takes r's call, details and metadata. */
+static void call_new(struct request *r)
+{
+	struct api_server *s = r->s;
+	struct api_call *c = kpl_calloc(1, sizeof *c);
+	grpc_op op;
+	char msg[API_MAX_STATUS_MSG];
+
+	c->s = s;
+	c->gc = r->gc;
+	c->details = r->details;
+	c->md = r->md;
+	c->refs = 1;
+	c->method = kpl_strndup((const char *)GRPC_SLICE_START_PTR(c->details.method),
+				GRPC_SLICE_LENGTH(c->details.method));
+	c->m = method_find(s, c->details.method);
+	c->close_tag = (struct call_tag){ { on_close, NULL, 0 }, c };
+	c->recv_tag = (struct call_tag){ { on_request_msg, NULL, 0 }, c };
+	c->send_tag = (struct call_tag){ { on_sent, NULL, 0 }, c };
+	c->status_tag = (struct call_tag){ { on_status, NULL, 0 }, c };
+	c->cancel_tag = (struct call_tag){ { on_cancel_tag, NULL, 0 }, c };
+	c->next = s->calls;
+	if (s->calls)
+		s->calls->prev = c;
+	s->calls = c;
+	s->n_calls++;
+	r->gc = NULL;
+	grpc_call_details_init(&r->details);
+	grpc_metadata_array_init(&r->md);
+	kpl_debug(SUB, "%s: new call", c->method);
+
+	memset(&op, 0, sizeof op);
+	op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+	op.data.recv_close_on_server.cancelled = &c->close_cancelled;
+	if (!call_batch(c, &c->close_tag, &op, 1)) {
+		call_end_quiet(c);
+		return;
+	}
+	if (s->state != SRV_RUNNING) {
+		call_end(c, NULL, GRPC_STATUS_UNAVAILABLE,
+			 "the server is shutting down");
+		return;
+	}
+	if (!c->m) {
+		snprintf(msg, sizeof msg, "unknown method %.900s", c->method);
+		call_end(c, NULL, GRPC_STATUS_UNIMPLEMENTED, msg);
+		return;
+	}
+	if (c->m->type == API_BIDI_STREAM_) {
+		c->m->handler(c, NULL, c->m->data);
+		return;
+	}
+	memset(&op, 0, sizeof op);
+	op.op = GRPC_OP_RECV_MESSAGE;
+	op.data.recv_message.recv_message = &c->recv_buf;
+	c->recv_busy = true;
+	if (!call_batch(c, &c->recv_tag, &op, 1)) {
+		c->recv_busy = false;
+		call_end_quiet(c);
+	}
+}
+
+/* --- Requests for new calls. --- */
+
+static void on_request(struct tag *t, int success)
+{
+	struct request *r = (struct request *)t;
+	struct api_server *s = r->s;
+
+	s->requests_out--;
+	if (success && r->gc)
+		call_new(r);
+	if (s->state == SRV_RUNNING)
+		request_arm(r);
+	else
+		maybe_finish_shutdown(s);
+}
+
+static void request_arm(struct request *r)
+{
+	struct api_server *s = r->s;
+	grpc_call_error e;
+
+	r->gc = NULL;
+	grpc_call_details_destroy(&r->details);
+	grpc_metadata_array_destroy(&r->md);
+	grpc_call_details_init(&r->details);
+	grpc_metadata_array_init(&r->md);
+	s->requests_out++;
+	e = grpc_server_request_call(s->server, &r->gc, &r->details, &r->md,
+				     s->cq, s->cq, &r->tag);
+	if (e != GRPC_CALL_OK) {
+		s->requests_out--;
+		kpl_error(SUB, "grpc_server_request_call: error %d", (int)e);
+	}
+}
+
+/* --- Start and shutdown. --- */
+
+static void server_free(struct api_server *s)
+{
+	for (size_t i = 0; i < API_REQUESTS; i++) {
+		grpc_call_details_destroy(&s->requests[i].details);
+		grpc_metadata_array_destroy(&s->requests[i].md);
+	}
+	for (size_t i = 0; i < s->n_services; i++)
+		free(s->services[i]);
+	free(s->services);
+	free(s->methods);
+	if (s->health)
+		api_health_free(s->health);
+	if (s->refl)
+		api_reflection_free(s->refl);
+	free(s);
+}
+
+static void on_async_closed(uv_handle_t *h)
+{
+	struct api_server *s = h->data;
+	void (*done)(void *) = s->done;
+	void *data = s->done_data;
+
+	uv_mutex_destroy(&s->mu);
+	server_free(s);
+	grpc_shutdown();
+	kpl_info(SUB, "server stopped");
+	if (done)
+		done(data);
+}
+
+static void on_exit_tag(struct tag *t, int success)
+{
+	struct api_server *s =
+		(struct api_server *)((char *)t - offsetof(struct api_server, exit_tag));
+
+	/* The thread queued this as its last act: joining waits only for it to
+	 * return. */
+	uv_thread_join(&s->thread);
+	grpc_completion_queue_destroy(s->cq);
+	s->cq = NULL;
+	uv_close((uv_handle_t *)&s->async, on_async_closed);
+}
+
+static void maybe_finish_shutdown(struct api_server *s)
+{
+	if (s->state != SRV_STOPPING || !s->shutdown_notified || s->cq_shut ||
+	    s->n_calls > 0 || s->requests_out > 0)
+		return;
+	s->cq_shut = true;
+	grpc_server_destroy(s->server);
+	s->server = NULL;
+	grpc_completion_queue_shutdown(s->cq);
+}
+
+static void on_shutdown_notified(struct tag *t, int success)
+{
+	struct api_server *s = (struct api_server *)((char *)t -
+		offsetof(struct api_server, shutdown_tag));
+
+	s->shutdown_notified = true;
+	maybe_finish_shutdown(s);
+}
+
+void api_server_shutdown(struct api_server *s, void (*done)(void *data),
+			 void *data)
+{
+	if (s->state != SRV_RUNNING)
+		BUG("api_server_shutdown called twice");
+	kpl_info(SUB, "server shutting down (%zu calls in flight)", s->n_calls);
+	s->state = SRV_STOPPING;
+	s->done = done;
+	s->done_data = data;
+	grpc_server_shutdown_and_notify(s->server, s->cq, &s->shutdown_tag);
+	grpc_server_cancel_all_calls(s->server);
+	/* grpc cancels too, but not necessarily before a handler that is
+	 * between batches would notice: tell them all now. */
+	for (struct api_call *c = s->calls; c; c = c->next)
+		call_set_cancelled(c);
+}
+
+/* "/pkg.Svc/Method" -> "pkg.Svc" (malloc'd), or NULL if malformed. */
+static char *path_service(const char *path)
+{
+	const char *slash;
+
+	if (!path || path[0] != '/')
+		return NULL;
+	slash = strchr(path + 1, '/');
+	if (!slash || slash == path + 1 || !slash[1] || strchr(slash + 1, '/'))
+		return NULL;
+	return kpl_strndup(path + 1, (size_t)(slash - path - 1));
+}
+
+static int add_method(struct api_server *s, const struct api_method *m,
+		      struct kpl_err *err)
+{
+	char *svc = path_service(m->path);
+	size_t i;
+
+	if (!svc)
+		return kpl_errf(err, KPL_EINVAL,
+				"method path \"%s\": want \"/package.Service/Method\"",
+				m->path ? m->path : "(null)");
+	if (!m->handler ||
+	    (m->type != API_BIDI_STREAM_ && !m->request)) {
+		free(svc);
+		return kpl_errf(err, KPL_EINVAL,
+				"method %s: handler and request type are required",
+				m->path);
+	}
+	for (i = 0; i < s->n_methods; i++)
+		if (strcmp(s->methods[i].path, m->path) == 0) {
+			free(svc);
+			return kpl_errf(err, KPL_EEXISTS,
+					"method %s registered twice", m->path);
+		}
+	s->methods[s->n_methods++] = *m;
+	for (i = 0; i < s->n_services; i++)
+		if (strcmp(s->services[i], svc) == 0)
+			break;
+	if (i < s->n_services)
+		free(svc);
+	else
+		s->services[s->n_services++] = svc;
+	return 0;
+}
+
+int api_server_start(uv_loop_t *loop, const struct api_server_options *opt,
+		     struct api_server **out, struct kpl_err *err)
+{
+	struct api_server *s;
+	grpc_server_credentials *creds;
+	int rc;
+	grpc_arg args[6];
+	grpc_channel_args chargs = { KPL_ARRAY_SIZE(args), args };
+	size_t n_builtin = 4;
+
+	*out = NULL;
+	if (!opt->listen || !*opt->listen)
+		return kpl_errf(err, KPL_EINVAL, "listen: no address");
+	grpc_init();
+	s = kpl_calloc(1, sizeof *s);
+	s->loop = loop;
+	s->shutdown_tag.run = on_shutdown_notified;
+	s->exit_tag.run = on_exit_tag;
+	for (size_t i = 0; i < API_REQUESTS; i++) {
+		s->requests[i].tag.run = on_request;
+		s->requests[i].s = s;
+		grpc_call_details_init(&s->requests[i].details);
+		grpc_metadata_array_init(&s->requests[i].md);
+	}
+
+	s->methods = kpl_calloc(opt->n_methods + n_builtin, sizeof *s->methods);
+	s->services = kpl_calloc(opt->n_methods + n_builtin, sizeof *s->services);
+	for (size_t i = 0; i < opt->n_methods; i++)
+		if ((rc = add_method(s, &opt->methods[i], err)) < 0)
+			goto fail;
+	s->health = api_health_new(s);
+	if ((rc = api_reflection_new(s, &s->refl, err)) < 0)
+		goto fail;
+	{
+		const struct api_method builtin[] = {
+			{ HEALTH_CHECK, API_UNARY,
+			  &grpc__health__v1__health_check_request__descriptor,
+			  api_health_check, s->health },
+			{ HEALTH_WATCH, API_SERVER_STREAM,
+			  &grpc__health__v1__health_check_request__descriptor,
+			  api_health_watch, s->health },
+			{ REFLECTION_V1ALPHA, API_BIDI_STREAM_, NULL,
+			  api_reflection_info, s->refl },
+			{ REFLECTION_V1, API_BIDI_STREAM_, NULL,
+			  api_reflection_info, s->refl },
+		};
+		for (size_t i = 0; i < KPL_ARRAY_SIZE(builtin); i++)
+			if ((rc = add_method(s, &builtin[i], err)) < 0)
+				goto fail;
+	}
+
+	args[0].type = GRPC_ARG_INTEGER;
+	args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
+	args[0].value.integer = KPL_MAX_GRPC_MESSAGE_BYTES;
+	/* Keepalive: find dead watchers within ~1.5 min, and let clients ping
+	 * every 10 s, even without calls, without being sent away. */
+	args[1].type = GRPC_ARG_INTEGER;
+	args[1].key = GRPC_ARG_KEEPALIVE_TIME_MS;
+	args[1].value.integer = 60 * 1000;
+	args[2].type = GRPC_ARG_INTEGER;
+	args[2].key = GRPC_ARG_KEEPALIVE_TIMEOUT_MS;
+	args[2].value.integer = 20 * 1000;
+	args[3].type = GRPC_ARG_INTEGER;
+	args[3].key = GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS;
+	args[3].value.integer = 1;
+	args[4].type = GRPC_ARG_INTEGER;
+	args[4].key = GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS;
+	args[4].value.integer = 10 * 1000;
+	args[5].type = GRPC_ARG_INTEGER;
+	args[5].key = GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA;
+	args[5].value.integer = 0;
+
+	s->cq = grpc_completion_queue_create_for_next(NULL);
+	s->server = grpc_server_create(&chargs, NULL);
+	grpc_server_register_completion_queue(s->server, s->cq, NULL);
+	creds = grpc_insecure_server_credentials_create();
+	s->port = grpc_server_add_http2_port(s->server, opt->listen, creds);
+	grpc_server_credentials_release(creds);
+	if (s->port <= 0) {
+		rc = kpl_errf(err, KPL_EIO,
+			      "listen %s: cannot bind (address in use, or not host:port)",
+			      opt->listen);
+		goto fail;
+	}
+	grpc_server_start(s->server);
+
+	if (uv_mutex_init(&s->mu) != 0)
+		BUG("uv_mutex_init failed");
+	if ((rc = uv_async_init(loop, &s->async, on_async)) < 0)
+		BUG("uv_async_init: %s", uv_strerror(rc));
+	s->async.data = s;
+	for (size_t i = 0; i < API_REQUESTS; i++)
+		request_arm(&s->requests[i]);
+	if ((rc = uv_thread_create(&s->thread, cq_thread, s)) < 0)
+		BUG("uv_thread_create: %s", uv_strerror(rc));
+	s->thread_started = true;
+	kpl_info(SUB, "listening on %s (port %d)", opt->listen, s->port);
+	*out = s;
+	return 0;
+
+fail:
+	if (s->server) {
+		/* Never started and no call: shutdown completes at once, and
+		 * nothing else is on the queue (no loop runs yet). */
+		grpc_server_shutdown_and_notify(s->server, s->cq, &s->shutdown_tag);
+		grpc_completion_queue_shutdown(s->cq);
+		while (grpc_completion_queue_next(s->cq,
+						  gpr_inf_future(GPR_CLOCK_REALTIME),
+						  NULL).type != GRPC_QUEUE_SHUTDOWN)
+			;
+		grpc_server_destroy(s->server);
+		grpc_completion_queue_destroy(s->cq);
+	}
+	server_free(s);
+	grpc_shutdown();
+	return rc;
+}
+
+int api_server_port(struct api_server *s)
+{
+	return s->port;
+}
+
+void api_server_set_serving(struct api_server *s, bool serving)
+{
+	if (s->serving == serving)
+		return;
+	s->serving = serving;
+	api_health_changed(s->health);
+}
+
+size_t api_server_services(struct api_server *s, const char *const **names)
+{
+	*names = (const char *const *)s->services;
+	return s->n_services;
+}
+
+bool api_server_has_service(struct api_server *s, const char *name)
+{
+	for (size_t i = 0; i < s->n_services; i++)
+		if (strcmp(s->services[i], name) == 0)
+			return true;
+	return false;
+}
+
+bool api_server_serving(struct api_server *s)
+{
+	return s->serving;
+}
+
+/* --- Ending and streaming a call. --- */
+
+void api_call_reply(struct api_call *call, const ProtobufCMessage *resp)
+{
+	call_end(call, pack_message(resp), GRPC_STATUS_OK, NULL);
+}
+
+void api_call_fail(struct api_call *call, int code, const char *msg)
+{
+	if (code == GRPC_STATUS_OK) {
+		kpl_warn(SUB, "%s: api_call_fail with status OK; sending UNKNOWN",
+			 call->method);
+		code = GRPC_STATUS_UNKNOWN;
+	}
+	call_end(call, NULL, code, msg);
+}
+
+void api_call_fail_err(struct api_call *call, const struct kpl_err *err)
+{
+	int code = err->code ? kpl_err_grpc_status(err->code) : GRPC_STATUS_UNKNOWN;
+
+	api_call_fail(call, code, err->msg[0] ? err->msg : kpl_strerror(err->code));
+}
+
+void api_call_send(struct api_call *call, const ProtobufCMessage *msg,
+		   void (*sent)(struct api_call *call, bool ok, void *data),
+		   void *data)
+{
+	grpc_op ops[2];
+	size_t n = 0;
+
+	if (call->ended)
+		BUG("%s: api_call_send after the call ended", call->method);
+	if (call->send_busy)
+		BUG("%s: api_call_send with a send in flight", call->method);
+	call->send_busy = true;
+	call->sent = sent;
+	call->sent_data = data;
+	if (call->cancelled) {
+		call_defer(call, &call->send_tag, 0);
+		return;
+	}
+	call->send_buf = pack_message(msg);
+	memset(ops, 0, sizeof ops);
+	if (!call->md_sent) {
+		ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+		n++;
+		call->md_sent = true;
+	}
+	ops[n].op = GRPC_OP_SEND_MESSAGE;
+	ops[n].data.send_message.send_message = call->send_buf;
+	n++;
+	if (!call_batch(call, &call->send_tag, ops, n))
+		call_defer(call, &call->send_tag, 0);
+}
+
+void api_call_finish(struct api_call *call, int code, const char *msg)
+{
+	call_end(call, NULL, code, msg);
+}
+
+bool api_call_cancelled(struct api_call *call)
+{
+	return call->cancelled;
+}
+
+void api_call_on_cancel(struct api_call *call,
+			void (*fn)(struct api_call *call, void *data),
+			void *data)
+{
+	call->on_cancel = fn;
+	call->cancel_data = data;
+	call_maybe_fire_cancel(call);
+}
+
+const char *api_call_metadata(struct api_call *call, const char *key)
+{
+	size_t klen = strlen(key);
+
+	for (size_t i = 0; i < call->md.count; i++) {
+		const grpc_metadata *md = &call->md.metadata[i];
+		if (GRPC_SLICE_LENGTH(md->key) != klen ||
+		    memcmp(GRPC_SLICE_START_PTR(md->key), key, klen) != 0)
+			continue;
+		if (!call->md_values)
+			call->md_values = kpl_calloc(call->md.count,
+						     sizeof *call->md_values);
+		if (!call->md_values[i])
+			call->md_values[i] = kpl_strndup(
+				(const char *)GRPC_SLICE_START_PTR(md->value),
+				GRPC_SLICE_LENGTH(md->value));
+		return call->md_values[i];
+	}
+	return NULL;
+}
+
+const char *api_call_method(struct api_call *call)
+{
+	return call->method;
+}
+
+void api_call_recv(struct api_call *call,
+		   const ProtobufCMessageDescriptor *desc,
+		   void (*fn)(struct api_call *call, ProtobufCMessage *msg,
+			      enum api_recv_status st, void *data),
+		   void *data)
+{
+	grpc_op op;
+
+	if (call->ended)
+		BUG("%s: api_call_recv after the call ended", call->method);
+	if (call->recv_busy)
+		BUG("%s: api_call_recv with a read in flight", call->method);
+	call->recv_busy = true;
+	call->recv_desc = desc;
+	call->recv_fn = fn;
+	call->recv_data = data;
+	call->recv_tag.tag.run = on_recv;
+	if (call->cancelled) {
+		call_defer(call, &call->recv_tag, 0);
+		return;
+	}
+	memset(&op, 0, sizeof op);
+	op.op = GRPC_OP_RECV_MESSAGE;
+	op.data.recv_message.recv_message = &call->recv_buf;
+	if (!call_batch(call, &call->recv_tag, &op, 1))
+		call_defer(call, &call->recv_tag, 0);
+}
