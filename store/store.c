@@ -396,10 +396,17 @@ static int mkdir_p(const char *dir, struct kpl_err *err)
 			continue;
 		char saved = *c;
 		*c = '\0';
-		if (mkdir(p, 0700) != 0 && errno != EEXIST) {
-			code = kpl_errf(err, KPL_EIO, "store directory %s: cannot create %s: %s",
-					dir, p, strerror(errno));
-			goto out;
+		/* An existing component is fine (some systems say EACCES for
+		 * one we may not write to, hence the stat). */
+		if (mkdir(p, 0700) != 0) {
+			int e = errno;
+
+			if (e != EEXIST && (stat(p, &st) != 0 || !S_ISDIR(st.st_mode))) {
+				code = kpl_errf(err, KPL_EIO,
+						"store directory %s: cannot create %s: %s", dir, p,
+						strerror(e));
+				goto out;
+			}
 		}
 		*c = saved;
 		if (saved == '\0')
