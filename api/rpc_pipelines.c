@@ -1,0 +1,535 @@
+/*
+ * rpc_pipelines.c - kpl.v1.Pipelines. Handlers check the request, call the
+ * engine, and answer from the store, so a client only ever sees durable
+ * state.
+ */
+#include "api/rpc_pipelines.h"
+
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api/kpl.pb-c.h"
+
+#define LOG "rpc"
+#define LIST_DEFAULT_PAGE 50
+#define LIST_MAX_PAGE 500
+/* Runs a filtered ListRuns may look at for one page before it answers with
+ * what it has (and a token to go on), so one call stays cheap. */
+#define LIST_MAX_SCAN 20000
+
+/* grpc_status_code values used here. */
+enum {
+	ST_OK = 0,
+	ST_CANCELLED = 1,
+	ST_INVALID_ARGUMENT = 3,
+	ST_NOT_FOUND = 5,
+	ST_INTERNAL = 13,
+	ST_UNAVAILABLE = 14,
+};
+
+struct watch;
+
+struct rpc {
+	struct engine *eng;
+	struct store *store;
+	struct watch *watches; /* open WatchRun streams */
+	struct api_method methods[5];
+};
+
+/* ---------------------------------------------------------------------- */
+/* Building responses from the store */
+
+static int last_event_seq(void *data, const Kpl__V1__RunEvent *ev)
+{
+	*(uint64_t *)data = ev->seq;
+	return 0;
+}
+
+/*
+ * A whole Run from the store. On success *rec and *stages are the caller's
+ * to release with run_release; (*rec)->run is the response.
+ */
+static int run_load(struct store *s, const char *id, Kpl__Store__V1__RunRecord **rec,
+		    Kpl__Store__V1__StageRecord ***stages, size_t *n_stages,
+		    Kpl__V1__StageStatus ***statuses)
+{
+	Kpl__V1__Run *run;
+	uint64_t last;
+	int rc;
+
+	*stages = NULL;
+	*n_stages = 0;
+	*statuses = NULL;
+	if ((rc = store_get_run(s, id, rec)) != 0)
+		return rc;
+	if (!(*rec)->run) {
+		kpl__store__v1__run_record__free_unpacked(*rec, NULL);
+		return KPL_ECORRUPT;
+	}
+	if ((rc = store_get_stages(s, id, stages, n_stages)) != 0) {
+		kpl__store__v1__run_record__free_unpacked(*rec, NULL);
+		return rc;
+	}
+	run = (*rec)->run;
+	*statuses = kpl_calloc(*n_stages, sizeof **statuses);
+	for (size_t i = 0; i < *n_stages; i++)
+		(*statuses)[i] = (*stages)[i]->status;
+	run->n_stages = *n_stages;
+	run->stages = *statuses;
+	/* Log events do not rewrite the run record: count past its copy. */
+	last = (*rec)->next_seq ? (*rec)->next_seq - 1 : 0;
+	store_read_events(s, id, last + 1, 0, last_event_seq, &last);
+	run->last_seq = last;
+	return 0;
+}
+
+static void run_release(Kpl__Store__V1__RunRecord *rec, Kpl__Store__V1__StageRecord **stages,
+			size_t n_stages, Kpl__V1__StageStatus **statuses)
+{
+	if (rec) {
+		/* The stage statuses belong to their records, not to rec. */
+		rec->run->n_stages = 0;
+		rec->run->stages = NULL;
+		kpl__store__v1__run_record__free_unpacked(rec, NULL);
+	}
+	store_free_stages(stages, n_stages);
+	free(statuses);
+}
+
+static void reply_run(struct api_call *call, struct store *s, const char *id)
+{
+	Kpl__Store__V1__RunRecord *rec;
+	Kpl__Store__V1__StageRecord **stages;
+	Kpl__V1__StageStatus **statuses;
+	size_t n;
+	int rc = run_load(s, id, &rec, &stages, &n, &statuses);
+	char msg[200];
+
+	if (rc == KPL_ENOTFOUND) {
+		snprintf(msg, sizeof msg, "run %s not found", id);
+		api_call_fail(call, ST_NOT_FOUND, msg);
+		return;
+	}
+	if (rc) {
+		snprintf(msg, sizeof msg, "run %s: cannot read it: %s", id, kpl_strerror(rc));
+		api_call_fail(call, ST_INTERNAL, msg);
+		return;
+	}
+	api_call_reply(call, &rec->run->base);
+	run_release(rec, stages, n, statuses);
+}
+
+/* Run ids are what engine_new_run_id makes; anything else cannot exist. */
+static int check_run_id(const char *field, const char *id, struct kpl_err *err)
+{
+	size_t n = id ? strlen(id) : 0;
+
+	if (n == 0)
+		return kpl_errf(err, KPL_EINVAL, "%s: required", field);
+	if (n > 64)
+		return kpl_errf(err, KPL_EINVAL, "%s: longer than 64 characters", field);
+	for (size_t i = 0; i < n; i++)
+		if (!isalnum((unsigned char)id[i]) && id[i] != '-' && id[i] != '_')
+			return kpl_errf(err, KPL_EINVAL,
+					"%s: only letters, digits, '-' and '_' are allowed", field);
+	return 0;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Calls that wait for the engine */
+
+/* One call waiting for an engine callback. call is NULL once the client
+ * went away (the op lives on until the engine answers). */
+struct op {
+	struct rpc *rpc;
+	struct api_call *call;
+};
+
+static void op_cancelled(struct api_call *call, void *data)
+{
+	struct op *op = data;
+
+	op->call = NULL;
+	api_call_fail(call, ST_CANCELLED, "cancelled before the run was stored");
+}
+
+static struct op *op_new(struct rpc *rpc, struct api_call *call)
+{
+	struct op *op = kpl_calloc(1, sizeof *op);
+
+	op->rpc = rpc;
+	op->call = call;
+	api_call_on_cancel(call, op_cancelled, op);
+	return op;
+}
+
+static void op_answer(void *data, int status, const char *run_id)
+{
+	struct op *op = data;
+
+	if (op->call) {
+		if (status) {
+			char msg[200];
+			snprintf(msg, sizeof msg, "run %s: %s", run_id, kpl_strerror(status));
+			api_call_fail(op->call, kpl_err_grpc_status(status), msg);
+		} else {
+			reply_run(op->call, op->rpc->store, run_id);
+		}
+	}
+	free(op);
+}
+
+static void h_submit(struct api_call *call, const ProtobufCMessage *m, void *data)
+{
+	const Kpl__V1__SubmitRunRequest *req = (const void *)m;
+	struct rpc *rpc = data;
+	struct kpl_err err = { 0 };
+	const char **names = NULL, **values = NULL;
+	struct op *op;
+	int rc;
+
+	if (!req->pipeline || !*req->pipeline) {
+		api_call_fail(call, ST_INVALID_ARGUMENT,
+			      "pipeline: required (the text of a pipeline file)");
+		return;
+	}
+	if (req->n_params > KPL_MAX_PARAMS) {
+		char msg[100];
+		snprintf(msg, sizeof msg, "params: %zu given, at most %d", req->n_params,
+			 KPL_MAX_PARAMS);
+		api_call_fail(call, ST_INVALID_ARGUMENT, msg);
+		return;
+	}
+	names = kpl_calloc(req->n_params, sizeof *names);
+	values = kpl_calloc(req->n_params, sizeof *values);
+	for (size_t i = 0; i < req->n_params; i++) {
+		names[i] = req->params[i]->key;
+		values[i] = req->params[i]->value;
+	}
+	op = op_new(rpc, call);
+	rc = engine_submit(rpc->eng, req->pipeline, strlen(req->pipeline), names, values,
+			   req->n_params, req->idempotency_key, op_answer, op, &err);
+	free(names);
+	free(values);
+	if (rc) {
+		if (op->call)
+			api_call_fail_err(call, &err);
+		free(op);
+	}
+}
+
+static void h_cancel(struct api_call *call, const ProtobufCMessage *m, void *data)
+{
+	const Kpl__V1__CancelRunRequest *req = (const void *)m;
+	struct rpc *rpc = data;
+	struct kpl_err err = { 0 };
+	struct op *op;
+
+	if (check_run_id("id", req->id, &err)) {
+		api_call_fail_err(call, &err);
+		return;
+	}
+	op = op_new(rpc, call);
+	if (engine_cancel(rpc->eng, req->id, op_answer, op, &err)) {
+		api_call_fail_err(call, &err);
+		free(op);
+	}
+}
+
+static void h_get(struct api_call *call, const ProtobufCMessage *m, void *data)
+{
+	const Kpl__V1__GetRunRequest *req = (const void *)m;
+	struct rpc *rpc = data;
+	struct kpl_err err = { 0 };
+
+	if (check_run_id("id", req->id, &err)) {
+		api_call_fail_err(call, &err);
+		return;
+	}
+	reply_run(call, rpc->store, req->id);
+}
+
+/* ---------------------------------------------------------------------- */
+/* ListRuns */
+
+struct list_ctx {
+	const Kpl__V1__ListRunsRequest *req;
+	size_t page;
+	size_t scanned;
+	Kpl__V1__Run **runs; /* packed-and-unpacked copies we own */
+	size_t n;
+	char last_id[65];    /* last run looked at */
+	bool more;
+};
+
+static int list_one(void *data, const Kpl__Store__V1__RunRecord *rec)
+{
+	struct list_ctx *c = data;
+	const Kpl__V1__Run *run = rec->run;
+	uint8_t *buf;
+	size_t len;
+
+	if (!run)
+		return 0;
+	if (c->n == c->page || c->scanned == LIST_MAX_SCAN) {
+		c->more = true;
+		return 1;
+	}
+	c->scanned++;
+	snprintf(c->last_id, sizeof c->last_id, "%s", run->id);
+	if (c->req->pipeline_name && *c->req->pipeline_name &&
+	    strcmp(c->req->pipeline_name, run->pipeline_name))
+		return 0;
+	if (c->req->state && c->req->state != run->state)
+		return 0;
+	/* rec is borrowed for this call only: keep a copy. */
+	len = protobuf_c_message_get_packed_size(&run->base);
+	buf = kpl_malloc(len);
+	protobuf_c_message_pack(&run->base, buf);
+	c->runs = kpl_realloc(c->runs, (c->n + 1) * sizeof *c->runs);
+	c->runs[c->n++] = kpl__v1__run__unpack(NULL, len, buf);
+	free(buf);
+	return 0;
+}
+
+static void h_list(struct api_call *call, const ProtobufCMessage *m, void *data)
+{
+	const Kpl__V1__ListRunsRequest *req = (const void *)m;
+	struct rpc *rpc = data;
+	Kpl__V1__ListRunsResponse resp = KPL__V1__LIST_RUNS_RESPONSE__INIT;
+	struct list_ctx c = { .req = req };
+	struct kpl_err err = { 0 };
+	int rc;
+
+	if (req->page_size < 0) {
+		api_call_fail(call, ST_INVALID_ARGUMENT, "page_size: must not be negative");
+		return;
+	}
+	c.page = req->page_size ? (size_t)req->page_size : LIST_DEFAULT_PAGE;
+	if (c.page > LIST_MAX_PAGE)
+		c.page = LIST_MAX_PAGE;
+	if (req->page_token && *req->page_token &&
+	    check_run_id("page_token", req->page_token, &err)) {
+		api_call_fail_err(call, &err);
+		return;
+	}
+	rc = store_list_runs(rpc->store, req->page_token, list_one, &c);
+	if (rc < 0) {
+		char msg[200];
+		snprintf(msg, sizeof msg, "cannot list runs: %s", kpl_strerror(rc));
+		api_call_fail(call, ST_INTERNAL, msg);
+		goto out;
+	}
+	resp.runs = c.runs;
+	resp.n_runs = c.n;
+	resp.next_page_token = c.more ? c.last_id : "";
+	api_call_reply(call, &resp.base);
+out:
+	for (size_t i = 0; i < c.n; i++)
+		if (c.runs[i])
+			kpl__v1__run__free_unpacked(c.runs[i], NULL);
+	free(c.runs);
+}
+
+/* ---------------------------------------------------------------------- */
+/* WatchRun: stored events from from_seq, then live ones, one send at a time,
+ * read back from the store (so a slow client costs no memory). */
+
+struct watch {
+	struct rpc *rpc;
+	struct api_call *call;      /* NULL once ended */
+	struct engine_sub sub;
+	uint64_t next_seq;
+	bool sending;
+	bool last_sent_final;       /* the send in flight is the run's last event */
+	bool ended;
+	struct watch *prev, *next;  /* rpc->watches */
+};
+
+static bool event_is_final(const Kpl__V1__RunEvent *ev)
+{
+	return ev->kind == KPL__V1__EVENT_KIND__EVENT_KIND_RUN_STATE &&
+	       (ev->run_state == KPL__V1__RUN_STATE__RUN_STATE_SUCCEEDED ||
+		ev->run_state == KPL__V1__RUN_STATE__RUN_STATE_FAILED ||
+		ev->run_state == KPL__V1__RUN_STATE__RUN_STATE_CANCELLED);
+}
+
+static void watch_unlink(struct watch *w)
+{
+	if (w->prev)
+		w->prev->next = w->next;
+	else if (w->rpc->watches == w)
+		w->rpc->watches = w->next;
+	if (w->next)
+		w->next->prev = w->prev;
+	w->prev = w->next = NULL;
+}
+
+/* Ends the stream (once) and frees w when no send is in flight. */
+static void watch_end(struct watch *w, int code, const char *msg)
+{
+	if (!w->ended) {
+		w->ended = true;
+		engine_unsubscribe(w->rpc->eng, &w->sub);
+		watch_unlink(w);
+		if (w->call)
+			api_call_finish(w->call, code, msg);
+		w->call = NULL;
+	}
+	if (!w->sending)
+		free(w);
+}
+
+static void watch_pump(struct watch *w);
+
+static void watch_sent(struct api_call *call, bool ok, void *data)
+{
+	struct watch *w = data;
+
+	w->sending = false;
+	if (w->ended) {
+		free(w);
+		return;
+	}
+	if (!ok) {
+		watch_end(w, ST_CANCELLED, "client went away");
+		return;
+	}
+	w->next_seq++;
+	if (w->last_sent_final) {
+		watch_end(w, ST_OK, NULL);
+		return;
+	}
+	watch_pump(w);
+}
+
+static int watch_got(void *data, const Kpl__V1__RunEvent *ev)
+{
+	struct watch *w = data;
+
+	w->sending = true;
+	w->last_sent_final = event_is_final(ev);
+	api_call_send(w->call, &ev->base, watch_sent, w);
+	return 1;
+}
+
+static void watch_pump(struct watch *w)
+{
+	int rc;
+
+	if (w->sending || w->ended)
+		return;
+	rc = store_read_events(w->rpc->store, w->sub.run_id, w->next_seq, 1, watch_got, w);
+	if (rc < 0) {
+		char msg[200];
+		snprintf(msg, sizeof msg, "cannot read events of run %s: %s", w->sub.run_id,
+			 kpl_strerror(rc));
+		watch_end(w, ST_INTERNAL, msg);
+		return;
+	}
+	if (rc == 1)
+		return; /* a send is in flight */
+	/* Caught up. A run that is no longer active has no more events. */
+	if (!engine_run_active(w->rpc->eng, w->sub.run_id))
+		watch_end(w, ST_OK, NULL);
+}
+
+static void watch_notified(struct engine_sub *sub)
+{
+	watch_pump(sub->data);
+}
+
+static void watch_cancelled(struct api_call *call, void *data)
+{
+	struct watch *w = data;
+	watch_end(w, ST_CANCELLED, "cancelled");
+}
+
+static void h_watch(struct api_call *call, const ProtobufCMessage *m, void *data)
+{
+	const Kpl__V1__WatchRunRequest *req = (const void *)m;
+	struct rpc *rpc = data;
+	Kpl__Store__V1__RunRecord *rec = NULL;
+	struct kpl_err err = { 0 };
+	struct watch *w;
+	int rc;
+
+	if (check_run_id("id", req->id, &err)) {
+		api_call_fail_err(call, &err);
+		return;
+	}
+	rc = store_get_run(rpc->store, req->id, &rec);
+	if (rc) {
+		char msg[200];
+		snprintf(msg, sizeof msg, "run %s %s", req->id,
+			 rc == KPL_ENOTFOUND ? "not found" : kpl_strerror(rc));
+		api_call_finish(call, rc == KPL_ENOTFOUND ? ST_NOT_FOUND : ST_INTERNAL, msg);
+		return;
+	}
+	kpl__store__v1__run_record__free_unpacked(rec, NULL);
+	w = kpl_calloc(1, sizeof *w);
+	w->rpc = rpc;
+	w->call = call;
+	w->next_seq = req->from_seq ? req->from_seq : 1;
+	snprintf(w->sub.run_id, sizeof w->sub.run_id, "%s", req->id);
+	w->sub.notify = watch_notified;
+	w->sub.data = w;
+	engine_subscribe(rpc->eng, &w->sub);
+	w->next = rpc->watches;
+	if (rpc->watches)
+		rpc->watches->prev = w;
+	rpc->watches = w;
+	api_call_on_cancel(call, watch_cancelled, w);
+	watch_pump(w);
+}
+
+void rpc_close_streams(struct rpc *rpc)
+{
+	while (rpc->watches) {
+		struct watch *w = rpc->watches;
+		char msg[200];
+		snprintf(msg, sizeof msg,
+			 "kpld is shutting down; watch again with from_seq=%llu",
+			 (unsigned long long)w->next_seq);
+		watch_end(w, ST_UNAVAILABLE, msg);
+	}
+}
+
+/* ---------------------------------------------------------------------- */
+
+struct rpc *rpc_new(struct engine *e)
+{
+	struct rpc *rpc = kpl_calloc(1, sizeof *rpc);
+	const struct api_method methods[] = {
+		{ "/kpl.v1.Pipelines/SubmitRun", API_UNARY,
+		  &kpl__v1__submit_run_request__descriptor, h_submit, rpc },
+		{ "/kpl.v1.Pipelines/GetRun", API_UNARY,
+		  &kpl__v1__get_run_request__descriptor, h_get, rpc },
+		{ "/kpl.v1.Pipelines/ListRuns", API_UNARY,
+		  &kpl__v1__list_runs_request__descriptor, h_list, rpc },
+		{ "/kpl.v1.Pipelines/WatchRun", API_SERVER_STREAM,
+		  &kpl__v1__watch_run_request__descriptor, h_watch, rpc },
+		{ "/kpl.v1.Pipelines/CancelRun", API_UNARY,
+		  &kpl__v1__cancel_run_request__descriptor, h_cancel, rpc },
+	};
+
+	rpc->eng = e;
+	rpc->store = engine_store(e);
+	memcpy(rpc->methods, methods, sizeof methods);
+	return rpc;
+}
+
+const struct api_method *rpc_methods(struct rpc *rpc, size_t *n)
+{
+	*n = KPL_ARRAY_SIZE(rpc->methods);
+	return rpc->methods;
+}
+
+void rpc_free(struct rpc *rpc)
+{
+	if (rpc->watches)
+		BUG("rpc_free with open watches");
+	free(rpc);
+}

@@ -1,0 +1,1302 @@
+/*
+ * engine.c - runs, stages, their state machines and the scheduler.
+ *
+ * Every change of a run or stage goes through run_set_state() or
+ * stage_set_state(): they check the transition against one table, stage the
+ * records and one event in the store, and ask for a commit. Work that must
+ * not happen before its state is durable (starting a stage's process) waits
+ * for that commit's callback.
+ */
+#include "engine/engine.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "google/protobuf/timestamp.pb-c.h"
+#include "pipelines/pipeline.h"
+#include "stages/stage.h"
+
+#define LOG "engine"
+
+struct run;
+
+/* A CancelRun caller waiting for the run to end. */
+struct waiter {
+	engine_submit_cb cb;
+	void *data;
+	struct waiter *next;
+};
+
+struct stage {
+	struct run *run;                 /* owner */
+	uint32_t index;
+	const struct pl_stage *spec;     /* borrowed from run->pl */
+	const struct stage_kind *kind;   /* static */
+	Kpl__V1__StageState state;
+	uint32_t attempt;
+	char *message;                   /* owned */
+	int64_t started_ms, finished_ms;
+	char **out_keys, **out_values;   /* owned outputs */
+	size_t n_out;
+	int64_t pid;                     /* resume data, see stage_record_resume */
+	uint64_t pid_start;
+	char *resume;                    /* owned */
+	int64_t deadline_ms;
+	void *impl;                      /* the kind's */
+	bool live;        /* start returned 0 and stage_done not yet called */
+	bool cancel_sent; /* kind->cancel called for this attempt */
+	bool timed_out;   /* the engine's timer fired for this attempt */
+	uv_timer_t *timer;               /* deadline timer; freed in close cb */
+};
+
+struct run {
+	struct engine *eng;
+	struct run *next;                /* engine->runs */
+	char id[KPL_RUN_ID_LEN + 1];
+	struct pipeline *pl;             /* owned */
+	char **param_names, **param_values; /* owned, n_params */
+	size_t n_params;
+	char *idem_key;                  /* owned, NULL if none */
+	Kpl__V1__RunState state;
+	int64_t created_ms, started_ms, finished_ms;
+	char *message;                   /* owned */
+	uint64_t next_seq;
+	bool cancel_requested;
+	bool finally_started;
+	bool stored;                     /* first commit done */
+	bool final_durable;
+	struct stage *stages;            /* owned, n_stages */
+	size_t n_stages;
+	char *workspace;                 /* owned */
+	int refs;                        /* pending commit callbacks */
+	struct waiter *waiters;          /* owned list */
+	engine_submit_cb submit_cb;      /* until the first commit */
+	void *submit_data;
+};
+
+struct engine {
+	uv_loop_t *loop;
+	struct store *store;
+	char *work_dir;
+	struct run *runs;
+	struct engine_sub *subs;
+	bool stopping;
+	void (*stop_done)(void *);
+	void *stop_data;
+};
+
+static void run_advance(struct run *r);
+static void run_maybe_free(struct run *r);
+
+/* ---------------------------------------------------------------------- */
+/* Run ids */
+
+void engine_new_run_id(char out[KPL_RUN_ID_LEN + 1])
+{
+	static const char b32[] = "0123456789abcdefghjkmnpqrstvwxyz";
+	static uint64_t last_ms, last_rand;
+	uint64_t ms = (uint64_t)kpl_now_ms(), rnd;
+
+	/* 10 chars of time (50 bits, ms) then 6 of randomness (30 bits). Ids
+	 * made in the same millisecond count up, so ids always sort in the
+	 * order they were made. */
+	if (ms <= last_ms) {
+		ms = last_ms;
+		rnd = last_rand + 1;
+	} else {
+		rnd = ((uint64_t)random() ^ ((uint64_t)random() << 15)) & 0x1fffffff;
+	}
+	last_ms = ms;
+	last_rand = rnd;
+	for (int i = 9; i >= 0; i--, ms >>= 5)
+		out[i] = b32[ms & 31];
+	for (int i = 15; i >= 10; i--, rnd >>= 5)
+		out[i] = b32[rnd & 31];
+	out[16] = '\0';
+}
+
+/* ---------------------------------------------------------------------- */
+/* Transition tables: the only legal moves. */
+
+static bool run_state_final(Kpl__V1__RunState s)
+{
+	return s == KPL__V1__RUN_STATE__RUN_STATE_SUCCEEDED ||
+	       s == KPL__V1__RUN_STATE__RUN_STATE_FAILED ||
+	       s == KPL__V1__RUN_STATE__RUN_STATE_CANCELLED;
+}
+
+static bool stage_state_final(Kpl__V1__StageState s)
+{
+	return s == KPL__V1__STAGE_STATE__STAGE_STATE_SUCCEEDED ||
+	       s == KPL__V1__STAGE_STATE__STAGE_STATE_FAILED ||
+	       s == KPL__V1__STAGE_STATE__STAGE_STATE_SKIPPED ||
+	       s == KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED;
+}
+
+static bool run_transition_ok(Kpl__V1__RunState from, Kpl__V1__RunState to)
+{
+	switch (from) {
+	case KPL__V1__RUN_STATE__RUN_STATE_UNSPECIFIED:
+		return to == KPL__V1__RUN_STATE__RUN_STATE_QUEUED;
+	case KPL__V1__RUN_STATE__RUN_STATE_QUEUED:
+		return to == KPL__V1__RUN_STATE__RUN_STATE_RUNNING ||
+		       to == KPL__V1__RUN_STATE__RUN_STATE_CANCELLED ||
+		       to == KPL__V1__RUN_STATE__RUN_STATE_FAILED;
+	case KPL__V1__RUN_STATE__RUN_STATE_RUNNING:
+		return run_state_final(to);
+	default:
+		return false;
+	}
+}
+
+static bool stage_transition_ok(Kpl__V1__StageState from, Kpl__V1__StageState to)
+{
+	switch (from) {
+	case KPL__V1__STAGE_STATE__STAGE_STATE_PENDING:
+		return to == KPL__V1__STAGE_STATE__STAGE_STATE_RUNNING ||
+		       to == KPL__V1__STAGE_STATE__STAGE_STATE_SKIPPED ||
+		       to == KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED ||
+		       to == KPL__V1__STAGE_STATE__STAGE_STATE_FAILED;
+	case KPL__V1__STAGE_STATE__STAGE_STATE_RUNNING:
+		return to == KPL__V1__STAGE_STATE__STAGE_STATE_SUCCEEDED ||
+		       to == KPL__V1__STAGE_STATE__STAGE_STATE_FAILED ||
+		       to == KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED ||
+		       to == KPL__V1__STAGE_STATE__STAGE_STATE_WAITING ||
+		       to == KPL__V1__STAGE_STATE__STAGE_STATE_PENDING;
+	case KPL__V1__STAGE_STATE__STAGE_STATE_WAITING:
+		return to == KPL__V1__STAGE_STATE__STAGE_STATE_RUNNING ||
+		       stage_state_final(to);
+	default:
+		return false;
+	}
+}
+
+static const char *run_state_name(Kpl__V1__RunState s)
+{
+	const ProtobufCEnumValue *v =
+		protobuf_c_enum_descriptor_get_value(&kpl__v1__run_state__descriptor, s);
+	return v ? v->name + strlen("RUN_STATE_") : "?";
+}
+
+static const char *stage_state_name(Kpl__V1__StageState s)
+{
+	const ProtobufCEnumValue *v =
+		protobuf_c_enum_descriptor_get_value(&kpl__v1__stage_state__descriptor, s);
+	return v ? v->name + strlen("STAGE_STATE_") : "?";
+}
+
+/* ---------------------------------------------------------------------- */
+/* Records and events */
+
+static Google__Protobuf__Timestamp *ts_set(Google__Protobuf__Timestamp *ts, int64_t ms)
+{
+	if (!ms)
+		return NULL;
+	google__protobuf__timestamp__init(ts);
+	ts->seconds = ms / 1000;
+	ts->nanos = (int32_t)(ms % 1000) * 1000000;
+	return ts;
+}
+
+static void run_stage_record(struct run *r)
+{
+	Kpl__Store__V1__RunRecord rec = KPL__STORE__V1__RUN_RECORD__INIT;
+	Kpl__V1__Run run = KPL__V1__RUN__INIT;
+	Google__Protobuf__Timestamp tc, ts, tf;
+	Kpl__V1__Run__ParamsEntry *entries = NULL, **eptrs = NULL;
+
+	run.id = r->id;
+	run.pipeline_name = r->pl->name;
+	run.state = r->state;
+	run.created_at = ts_set(&tc, r->created_ms);
+	run.started_at = ts_set(&ts, r->started_ms);
+	run.finished_at = ts_set(&tf, r->finished_ms);
+	run.message = r->message ? r->message : "";
+	run.idempotency_key = r->idem_key ? r->idem_key : "";
+	run.last_seq = r->next_seq - 1;
+	if (r->n_params) {
+		entries = kpl_calloc(r->n_params, sizeof *entries);
+		eptrs = kpl_calloc(r->n_params, sizeof *eptrs);
+		for (size_t i = 0; i < r->n_params; i++) {
+			kpl__v1__run__params_entry__init(&entries[i]);
+			entries[i].key = r->param_names[i];
+			entries[i].value = r->param_values[i];
+			eptrs[i] = &entries[i];
+		}
+	}
+	run.n_params = r->n_params;
+	run.params = eptrs;
+	rec.run = &run;
+	rec.next_seq = r->next_seq;
+	rec.stage_count = (uint32_t)r->n_stages;
+	rec.cancel_requested = r->cancel_requested;
+	store_stage_run(r->eng->store, &rec);
+	free(entries);
+	free(eptrs);
+}
+
+static void stage_stage_record(struct stage *st)
+{
+	Kpl__Store__V1__StageRecord rec = KPL__STORE__V1__STAGE_RECORD__INIT;
+	Kpl__V1__StageStatus s = KPL__V1__STAGE_STATUS__INIT;
+	Google__Protobuf__Timestamp ts, tf;
+	Kpl__V1__StageStatus__OutputsEntry *entries = NULL, **eptrs = NULL;
+
+	s.name = st->spec->name;
+	s.state = st->state;
+	s.message = st->message ? st->message : "";
+	s.attempt = st->attempt;
+	s.started_at = ts_set(&ts, st->started_ms);
+	s.finished_at = ts_set(&tf, st->finished_ms);
+	s.kind = st->spec->kind;
+	s.n_needs = st->spec->n_needs;
+	s.needs = st->spec->needs;
+	if (st->n_out) {
+		entries = kpl_calloc(st->n_out, sizeof *entries);
+		eptrs = kpl_calloc(st->n_out, sizeof *eptrs);
+		for (size_t i = 0; i < st->n_out; i++) {
+			kpl__v1__stage_status__outputs_entry__init(&entries[i]);
+			entries[i].key = st->out_keys[i];
+			entries[i].value = st->out_values[i];
+			eptrs[i] = &entries[i];
+		}
+	}
+	s.n_outputs = st->n_out;
+	s.outputs = eptrs;
+	rec.status = &s;
+	rec.index = st->index;
+	rec.pid = st->pid;
+	rec.pid_start_time = st->pid_start;
+	rec.deadline_ms = st->deadline_ms;
+	rec.resume = st->resume ? st->resume : "";
+	store_stage_stage(st->run->eng->store, st->run->id, &rec);
+	free(entries);
+	free(eptrs);
+}
+
+/* Stages one event of the run; seq numbers have no gaps. */
+static void run_event(struct run *r, Kpl__V1__EventKind kind, struct stage *st,
+		      Kpl__V1__LogStream stream, const char *msg, size_t msg_len)
+{
+	Kpl__V1__RunEvent ev = KPL__V1__RUN_EVENT__INIT;
+	Google__Protobuf__Timestamp t;
+	char *copy = NULL;
+
+	ev.run_id = r->id;
+	ev.seq = r->next_seq++;
+	ev.time = ts_set(&t, kpl_now_ms());
+	ev.kind = kind;
+	ev.run_state = r->state;
+	if (st) {
+		ev.stage = st->spec->name;
+		ev.stage_state = st->state;
+		ev.attempt = st->attempt;
+	} else {
+		ev.stage = "";
+	}
+	ev.stream = stream;
+	if (msg) {
+		copy = kpl_strndup(msg, msg_len);
+		ev.message = copy;
+	} else {
+		ev.message = "";
+	}
+	store_stage_event(r->eng->store, &ev);
+	free(copy);
+}
+
+static void notify_subs(struct engine *e, const char *run_id)
+{
+	struct engine_sub *s = e->subs, *next;
+
+	for (; s; s = next) {
+		next = s->next; /* notify may unsubscribe itself */
+		if (strcmp(s->run_id, run_id) == 0)
+			s->notify(s);
+	}
+}
+
+static void run_committed(void *data, int status)
+{
+	struct run *r = data;
+	struct engine *e = r->eng;
+
+	r->refs--;
+	if (status) {
+		/* NEEDSWORK: a failed commit (disk full) leaves memory ahead of
+		 * the store; stop the daemon rather than run on diverged state. */
+		kpl_error(LOG, "run %s: commit failed: %s; stopping", r->id,
+			  kpl_strerror(status));
+		abort();
+	}
+	if (!r->stored) {
+		r->stored = true;
+		if (r->submit_cb) {
+			engine_submit_cb cb = r->submit_cb;
+			r->submit_cb = NULL;
+			cb(r->submit_data, 0, r->id);
+		}
+	}
+	if (run_state_final(r->state) && !r->final_durable && r->refs == 0) {
+		struct waiter *w = r->waiters, *next;
+		r->final_durable = true;
+		r->waiters = NULL;
+		for (; w; w = next) {
+			next = w->next;
+			w->cb(w->data, 0, r->id);
+			free(w);
+		}
+	}
+	if (!e->stopping)
+		notify_subs(e, r->id);
+	run_maybe_free(r);
+}
+
+/* Asks for everything staged so far to be made durable, for this run. */
+static void run_commit(struct run *r)
+{
+	r->refs++;
+	store_commit(r->eng->store, run_committed, r);
+}
+
+static void set_str(char **dst, const char *s)
+{
+	free(*dst);
+	*dst = s ? kpl_strdup(s) : NULL;
+}
+
+/* The one way a run changes state. */
+static void run_set_state(struct run *r, Kpl__V1__RunState to, const char *msg)
+{
+	if (!run_transition_ok(r->state, to))
+		BUG("run %s: illegal transition %s -> %s", r->id,
+		    run_state_name(r->state), run_state_name(to));
+	kpl_debug(LOG, "run %s: %s -> %s", r->id, run_state_name(r->state),
+		  run_state_name(to));
+	r->state = to;
+	if (to == KPL__V1__RUN_STATE__RUN_STATE_RUNNING)
+		r->started_ms = kpl_now_ms();
+	if (run_state_final(to))
+		r->finished_ms = kpl_now_ms();
+	if (msg)
+		set_str(&r->message, msg);
+	run_event(r, KPL__V1__EVENT_KIND__EVENT_KIND_RUN_STATE, NULL,
+		  KPL__V1__LOG_STREAM__LOG_STREAM_UNSPECIFIED, msg, msg ? strlen(msg) : 0);
+	run_stage_record(r);
+	if (run_state_final(to)) {
+		store_stage_active(r->eng->store, r->id, 0);
+		kpl_info(LOG, "run %s (%s) %s%s%s", r->id, r->pl->name,
+			 run_state_name(to), msg && *msg ? ": " : "", msg ? msg : "");
+	}
+	run_commit(r);
+}
+
+/* The one way a stage changes state. */
+static void stage_set_state(struct stage *st, Kpl__V1__StageState to, const char *msg)
+{
+	struct run *r = st->run;
+
+	if (!stage_transition_ok(st->state, to))
+		BUG("run %s stage %s: illegal transition %s -> %s", r->id,
+		    st->spec->name, stage_state_name(st->state), stage_state_name(to));
+	kpl_debug(LOG, "run %s stage %s: %s -> %s", r->id, st->spec->name,
+		  stage_state_name(st->state), stage_state_name(to));
+	st->state = to;
+	if (to == KPL__V1__STAGE_STATE__STAGE_STATE_RUNNING) {
+		st->attempt++;
+		st->started_ms = kpl_now_ms();
+		st->finished_ms = 0;
+		st->deadline_ms = st->spec->timeout_ms ? st->started_ms + st->spec->timeout_ms : 0;
+		st->pid = 0;
+		st->pid_start = 0;
+	}
+	if (stage_state_final(to))
+		st->finished_ms = kpl_now_ms();
+	set_str(&st->message, msg);
+	run_event(r, KPL__V1__EVENT_KIND__EVENT_KIND_STAGE_STATE, st,
+		  KPL__V1__LOG_STREAM__LOG_STREAM_UNSPECIFIED, msg, msg ? strlen(msg) : 0);
+	stage_stage_record(st);
+	/* next_seq moved: keep the run record's copy current. */
+	run_stage_record(r);
+	run_commit(r);
+}
+
+/* ---------------------------------------------------------------------- */
+/* What kinds may call (stages/stage.h) */
+
+uv_loop_t *stage_loop(struct stage *st) { return st->run->eng->loop; }
+const char *stage_name(struct stage *st) { return st->spec->name; }
+const char *stage_run_id(struct stage *st) { return st->run->id; }
+uint32_t stage_attempt(struct stage *st) { return st->attempt; }
+const struct pl_stage *stage_spec(struct stage *st) { return st->spec; }
+const char *stage_workspace(struct stage *st) { return st->run->workspace; }
+int64_t stage_deadline_ms(struct stage *st) { return st->deadline_ms; }
+void *stage_impl(struct stage *st) { return st->impl; }
+void stage_set_impl(struct stage *st, void *impl) { st->impl = impl; }
+
+void stage_params(struct stage *st, const char *const **names,
+		  const char *const **values, size_t *n)
+{
+	*names = (const char *const *)st->run->param_names;
+	*values = (const char *const *)st->run->param_values;
+	*n = st->run->n_params;
+}
+
+void stage_env(struct stage *st, const struct pl_env **penv, size_t *np,
+	       const struct pl_env **senv, size_t *ns)
+{
+	*penv = st->run->pl->env;
+	*np = st->run->pl->n_env;
+	*senv = st->spec->env;
+	*ns = st->spec->n_env;
+}
+
+void stage_log(struct stage *st, Kpl__V1__LogStream stream, const char *line, size_t len)
+{
+	struct run *r = st->run;
+
+	if (r->eng->stopping)
+		return;
+	if (len > KPL_MAX_LOG_LINE)
+		len = KPL_MAX_LOG_LINE;
+	run_event(r, KPL__V1__EVENT_KIND__EVENT_KIND_LOG, st, stream, line, len);
+	run_commit(r);
+}
+
+void stage_logf(struct stage *st, const char *fmt, ...)
+{
+	char buf[1024];
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(buf, sizeof buf, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	stage_log(st, KPL__V1__LOG_STREAM__LOG_STREAM_SYSTEM, buf,
+		  (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
+}
+
+int stage_set_output(struct stage *st, const char *key, const char *value)
+{
+	size_t i;
+
+	if (strlen(key) > KPL_MAX_NAME_LEN || strlen(value) > KPL_MAX_VALUE_LEN)
+		return KPL_ETOOBIG;
+	for (i = 0; i < st->n_out; i++)
+		if (strcmp(st->out_keys[i], key) == 0)
+			break;
+	if (i == st->n_out) {
+		if (st->n_out >= KPL_MAX_PARAMS)
+			return KPL_ETOOBIG;
+		st->out_keys = kpl_realloc(st->out_keys, (i + 1) * sizeof *st->out_keys);
+		st->out_values = kpl_realloc(st->out_values, (i + 1) * sizeof *st->out_values);
+		st->out_keys[i] = kpl_strdup(key);
+		st->out_values[i] = NULL;
+		st->n_out++;
+	}
+	set_str(&st->out_values[i], value);
+	return 0;
+}
+
+struct resume_wait {
+	struct stage *st;
+	void (*done)(struct stage *, int, void *);
+	void *data;
+};
+
+static void resume_committed(void *data, int status)
+{
+	struct resume_wait *w = data;
+	struct run *r = w->st->run;
+
+	w->done(w->st, status, w->data);
+	free(w);
+	r->refs--;
+	run_maybe_free(r);
+}
+
+void stage_record_resume(struct stage *st, int64_t pid, uint64_t pid_start,
+			 const char *resume, void (*done)(struct stage *, int, void *),
+			 void *data)
+{
+	struct resume_wait *w = kpl_malloc(sizeof *w);
+
+	st->pid = pid;
+	st->pid_start = pid_start;
+	set_str(&st->resume, resume);
+	stage_stage_record(st);
+	w->st = st;
+	w->done = done;
+	w->data = data;
+	st->run->refs++;
+	store_commit(st->run->eng->store, resume_committed, w);
+}
+
+void stage_resume_info(struct stage *st, int64_t *pid, uint64_t *pid_start,
+		       const char **resume)
+{
+	*pid = st->pid;
+	*pid_start = st->pid_start;
+	*resume = st->resume ? st->resume : "";
+}
+
+static void timer_closed(uv_handle_t *h)
+{
+	free(h);
+}
+
+static void stage_stop_timer(struct stage *st)
+{
+	if (st->timer) {
+		uv_close((uv_handle_t *)st->timer, timer_closed);
+		st->timer = NULL;
+	}
+}
+
+static void format_duration(char *buf, size_t n, int64_t ms)
+{
+	if (ms % 1000)
+		snprintf(buf, n, "%lldms", (long long)ms);
+	else if (ms % 60000)
+		snprintf(buf, n, "%llds", (long long)(ms / 1000));
+	else
+		snprintf(buf, n, "%lldm", (long long)(ms / 60000));
+}
+
+void stage_done(struct stage *st, Kpl__V1__StageState state, const char *msg)
+{
+	struct run *r = st->run;
+	char buf[256];
+
+	if (r->eng->stopping)
+		return; /* abandoned: the restart decides */
+	if (!st->live)
+		BUG("run %s stage %s: stage_done without a live attempt", r->id,
+		    st->spec->name);
+	st->live = false;
+	st->impl = NULL;
+	stage_stop_timer(st);
+	if (st->timed_out && state == KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED) {
+		char d[32];
+		format_duration(d, sizeof d, st->spec->timeout_ms);
+		snprintf(buf, sizeof buf, "timed out after %s", d);
+		state = KPL__V1__STAGE_STATE__STAGE_STATE_FAILED;
+		msg = buf;
+	}
+	stage_set_state(st, state, msg);
+	run_advance(r);
+}
+
+/* ---------------------------------------------------------------------- */
+/* Scheduling */
+
+static void stage_timer_fired(uv_timer_t *t)
+{
+	struct stage *st = t->data;
+
+	if (st->live && !st->cancel_sent) {
+		kpl_info(LOG, "run %s stage %s: timed out", st->run->id, st->spec->name);
+		st->timed_out = true;
+		st->cancel_sent = true;
+		st->kind->cancel(st);
+	}
+}
+
+static void stage_arm_timer(struct stage *st)
+{
+	int64_t left;
+
+	if (!st->deadline_ms)
+		return;
+	left = st->deadline_ms - kpl_now_ms();
+	st->timer = kpl_malloc(sizeof *st->timer);
+	uv_timer_init(st->run->eng->loop, st->timer);
+	st->timer->data = st;
+	uv_timer_start(st->timer, stage_timer_fired, left > 0 ? (uint64_t)left : 0, 0);
+}
+
+/* The stage's RUNNING state is durable: now the kind may act. */
+static void stage_start_committed(void *data, int status)
+{
+	struct stage *st = data;
+	struct run *r = st->run;
+	struct kpl_err err = { 0 };
+
+	r->refs--;
+	if (r->eng->stopping || st->state != KPL__V1__STAGE_STATE__STAGE_STATE_RUNNING ||
+	    st->live) {
+		run_maybe_free(r);
+		return;
+	}
+	if (r->cancel_requested) {
+		st->live = true;
+		stage_done(st, KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED, "run cancelled");
+		return;
+	}
+	st->cancel_sent = false;
+	st->timed_out = false;
+	st->live = true;
+	if (st->kind->start(st, &err) != 0) {
+		st->live = false;
+		stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED,
+				err.msg[0] ? err.msg : kpl_strerror(err.code));
+		run_advance(r);
+		return;
+	}
+	if (st->live)
+		stage_arm_timer(st);
+}
+
+static void stage_begin(struct stage *st)
+{
+	stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_RUNNING, NULL);
+	st->run->refs++;
+	store_commit(st->run->eng->store, stage_start_committed, st);
+}
+
+static struct stage *run_find_stage(struct run *r, const char *name, bool is_finally)
+{
+	for (size_t i = 0; i < r->n_stages; i++)
+		if (r->stages[i].spec->is_finally == is_finally &&
+		    strcmp(r->stages[i].spec->name, name) == 0)
+			return &r->stages[i];
+	return NULL;
+}
+
+static bool stage_ok_for_dependents(const struct stage *d)
+{
+	return d->state == KPL__V1__STAGE_STATE__STAGE_STATE_SUCCEEDED ||
+	       d->state == KPL__V1__STAGE_STATE__STAGE_STATE_SKIPPED ||
+	       (d->state == KPL__V1__STAGE_STATE__STAGE_STATE_FAILED &&
+		d->spec->continue_on_error);
+}
+
+static bool stage_failed_run(const struct stage *d)
+{
+	return d->state == KPL__V1__STAGE_STATE__STAGE_STATE_FAILED &&
+	       !d->spec->continue_on_error;
+}
+
+/*
+ * Moves the run forward: starts every stage whose needs are met, skips what
+ * can no longer run, starts `finally` when the graph is done, and ends the
+ * run when nothing is left. Called after every change that could matter.
+ */
+static void run_advance(struct run *r)
+{
+	struct stage *failed = NULL;
+	size_t running = 0, open = 0;
+	bool in_finally;
+
+	if (r->eng->stopping || run_state_final(r->state))
+		return;
+	if (r->state == KPL__V1__RUN_STATE__RUN_STATE_QUEUED)
+		run_set_state(r, KPL__V1__RUN_STATE__RUN_STATE_RUNNING, NULL);
+
+	if (r->cancel_requested) {
+		for (size_t i = 0; i < r->n_stages; i++) {
+			struct stage *st = &r->stages[i];
+			if (st->state == KPL__V1__STAGE_STATE__STAGE_STATE_PENDING)
+				stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED,
+						"run cancelled");
+			else if (st->live && !st->cancel_sent) {
+				st->cancel_sent = true;
+				st->kind->cancel(st);
+			}
+			if (st->state == KPL__V1__STAGE_STATE__STAGE_STATE_RUNNING ||
+			    st->state == KPL__V1__STAGE_STATE__STAGE_STATE_WAITING)
+				running++;
+		}
+		if (!running)
+			run_set_state(r, KPL__V1__RUN_STATE__RUN_STATE_CANCELLED,
+				      "cancelled");
+		return;
+	}
+
+	for (size_t i = 0; i < r->n_stages; i++) {
+		struct stage *st = &r->stages[i];
+		if (!st->spec->is_finally && stage_failed_run(st) && !failed)
+			failed = st;
+	}
+	in_finally = r->finally_started;
+again:
+	running = open = 0;
+	for (size_t i = 0; i < r->n_stages; i++) {
+		struct stage *st = &r->stages[i];
+		bool ready = true, doomed = false;
+		const char *blocker = NULL;
+
+		if (st->spec->is_finally != in_finally)
+			continue;
+		if (st->state == KPL__V1__STAGE_STATE__STAGE_STATE_RUNNING ||
+		    st->state == KPL__V1__STAGE_STATE__STAGE_STATE_WAITING) {
+			running++;
+			continue;
+		}
+		if (st->state != KPL__V1__STAGE_STATE__STAGE_STATE_PENDING)
+			continue;
+		if (failed && !in_finally) {
+			char msg[300];
+			snprintf(msg, sizeof msg, "not run: stage %s failed",
+				 failed->spec->name);
+			stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_SKIPPED, msg);
+			continue;
+		}
+		for (size_t j = 0; j < st->spec->n_needs; j++) {
+			struct stage *d = run_find_stage(r, st->spec->needs[j], in_finally);
+			if (!d)
+				BUG("run %s: stage %s needs unknown %s", r->id,
+				    st->spec->name, st->spec->needs[j]);
+			if (stage_ok_for_dependents(d))
+				continue;
+			ready = false;
+			if (stage_state_final(d->state)) {
+				doomed = true;
+				blocker = d->spec->name;
+			}
+		}
+		if (doomed) {
+			char msg[300];
+			snprintf(msg, sizeof msg, "not run: needs %s, which did not succeed",
+				 blocker);
+			stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_SKIPPED, msg);
+			continue;
+		}
+		open++;
+		if (ready) {
+			stage_begin(st);
+			running++;
+		}
+	}
+	if (running || open)
+		return;
+	if (!in_finally && r->pl->n_finally) {
+		in_finally = true;
+		if (!r->finally_started) {
+			r->finally_started = true;
+			goto again;
+		}
+	}
+	/* Everything is final: the run ends. */
+	if (failed) {
+		char msg[600];
+		snprintf(msg, sizeof msg, "stage %s failed: %s", failed->spec->name,
+			 failed->message ? failed->message : "");
+		run_set_state(r, KPL__V1__RUN_STATE__RUN_STATE_FAILED, msg);
+		return;
+	}
+	for (size_t i = 0; i < r->n_stages; i++) {
+		struct stage *st = &r->stages[i];
+		if (st->spec->is_finally && stage_failed_run(st)) {
+			char msg[600];
+			snprintf(msg, sizeof msg, "finally stage %s failed: %s",
+				 st->spec->name, st->message ? st->message : "");
+			run_set_state(r, KPL__V1__RUN_STATE__RUN_STATE_FAILED, msg);
+			return;
+		}
+	}
+	run_set_state(r, KPL__V1__RUN_STATE__RUN_STATE_SUCCEEDED, "all stages succeeded");
+}
+
+/* ---------------------------------------------------------------------- */
+/* Run lifetime */
+
+static void run_free(struct run *r)
+{
+	for (size_t i = 0; i < r->n_stages; i++) {
+		struct stage *st = &r->stages[i];
+		free(st->message);
+		free(st->resume);
+		for (size_t j = 0; j < st->n_out; j++) {
+			free(st->out_keys[j]);
+			free(st->out_values[j]);
+		}
+		free(st->out_keys);
+		free(st->out_values);
+	}
+	free(r->stages);
+	for (size_t i = 0; i < r->n_params; i++) {
+		free(r->param_names[i]);
+		free(r->param_values[i]);
+	}
+	free(r->param_names);
+	free(r->param_values);
+	free(r->idem_key);
+	free(r->message);
+	free(r->workspace);
+	pipeline_free(r->pl);
+	free(r);
+}
+
+static void run_unlink(struct run *r)
+{
+	struct run **pp = &r->eng->runs;
+
+	for (; *pp; pp = &(*pp)->next)
+		if (*pp == r) {
+			*pp = r->next;
+			return;
+		}
+}
+
+/* Frees a run once it is final and durable and nothing refers to it. */
+static void run_maybe_free(struct run *r)
+{
+	if (r->refs || !r->final_durable)
+		return;
+	for (size_t i = 0; i < r->n_stages; i++)
+		if (r->stages[i].live || r->stages[i].timer)
+			return;
+	run_unlink(r);
+	run_free(r);
+}
+
+static struct run *engine_find(struct engine *e, const char *id)
+{
+	for (struct run *r = e->runs; r; r = r->next)
+		if (strcmp(r->id, id) == 0)
+			return r;
+	return NULL;
+}
+
+static struct run *engine_find_idem(struct engine *e, const char *key)
+{
+	for (struct run *r = e->runs; r; r = r->next)
+		if (r->idem_key && strcmp(r->idem_key, key) == 0)
+			return r;
+	return NULL;
+}
+
+static int mkdir_p(const char *path, mode_t mode)
+{
+	char *p = kpl_strdup(path);
+	int rc = 0;
+
+	for (char *s = p + 1; *s; s++) {
+		if (*s != '/')
+			continue;
+		*s = '\0';
+		if (mkdir(p, mode) && errno != EEXIST)
+			rc = -errno;
+		*s = '/';
+	}
+	if (!rc && mkdir(p, mode) && errno != EEXIST)
+		rc = -errno;
+	free(p);
+	return rc;
+}
+
+static struct run *run_new(struct engine *e, struct pipeline *pl, const char *id)
+{
+	struct run *r = kpl_calloc(1, sizeof *r);
+
+	r->eng = e;
+	r->pl = pl;
+	snprintf(r->id, sizeof r->id, "%s", id);
+	r->next_seq = 1;
+	r->n_stages = pl->n_stages;
+	r->stages = kpl_calloc(pl->n_stages, sizeof *r->stages);
+	for (size_t i = 0; i < pl->n_stages; i++) {
+		struct stage *st = &r->stages[i];
+		st->run = r;
+		st->index = (uint32_t)i;
+		st->spec = &pl->stages[i];
+		st->kind = stage_kind_find(st->spec->kind);
+		if (!st->kind)
+			BUG("stage kind %s passed validation but is unknown", st->spec->kind);
+		st->state = KPL__V1__STAGE_STATE__STAGE_STATE_PENDING;
+	}
+	r->workspace = kpl_asprintf("%s/%s", e->work_dir, r->id);
+	r->next = e->runs;
+	e->runs = r;
+	return r;
+}
+
+int engine_submit(struct engine *e, const char *text, size_t len,
+		  const char *const *param_names, const char *const *param_values,
+		  size_t n_params, const char *idem_key, engine_submit_cb cb,
+		  void *data, struct kpl_err *err)
+{
+	const struct pl_kind *kinds;
+	size_t n_kinds;
+	struct pipeline *pl = NULL;
+	struct run *r;
+	char id[KPL_RUN_ID_LEN + 1];
+	char *found = NULL;
+	int rc;
+
+	if (e->stopping)
+		return kpl_errf(err, KPL_EUNAVAILABLE, "kpld is shutting down");
+	if (idem_key && *idem_key) {
+		if (strlen(idem_key) > KPL_MAX_NAME_LEN)
+			return kpl_errf(err, KPL_EINVAL,
+					"idempotency_key: longer than %d bytes",
+					KPL_MAX_NAME_LEN);
+		r = engine_find_idem(e, idem_key);
+		if (r && r->stored) {
+			cb(data, 0, r->id);
+			return 0;
+		}
+		if (r) {
+			/* NEEDSWORK: a second submit with the same key while the
+			 * first is committing is told to retry; rare and safe. */
+			return kpl_errf(err, KPL_EUNAVAILABLE,
+					"a run with idempotency_key %s is being created; retry",
+					idem_key);
+		}
+		if (store_find_idem(e->store, idem_key, &found) == 0) {
+			cb(data, 0, found);
+			free(found);
+			return 0;
+		}
+	}
+	if (len > KPL_MAX_PIPELINE_BYTES)
+		return kpl_errf(err, KPL_ETOOBIG, "pipeline: %zu bytes, over the limit of %d",
+				len, KPL_MAX_PIPELINE_BYTES);
+	kinds = stage_kinds_for_parser(&n_kinds);
+	rc = pipeline_parse(text, len, "pipeline", kinds, n_kinds, &pl, err);
+	if (rc)
+		return rc;
+	engine_new_run_id(id);
+	r = run_new(e, pl, id);
+	rc = pipeline_resolve_params(pl, param_names, param_values, n_params,
+				     &r->param_names, &r->param_values, &r->n_params, err);
+	if (rc) {
+		run_unlink(r);
+		run_free(r);
+		return rc;
+	}
+	if (idem_key && *idem_key)
+		r->idem_key = kpl_strdup(idem_key);
+	r->created_ms = kpl_now_ms();
+	r->submit_cb = cb;
+	r->submit_data = data;
+
+	store_stage_pipeline(e->store, r->id, text, len);
+	if (r->idem_key)
+		store_stage_idem(e->store, r->idem_key, r->id);
+	store_stage_active(e->store, r->id, 1);
+	for (size_t i = 0; i < r->n_stages; i++)
+		stage_stage_record(&r->stages[i]);
+	run_set_state(r, KPL__V1__RUN_STATE__RUN_STATE_QUEUED, NULL);
+	kpl_info(LOG, "run %s (%s) submitted with %zu stages", r->id, pl->name, r->n_stages);
+	if (mkdir_p(r->workspace, 0700))
+		kpl_warn(LOG, "run %s: cannot create workspace %s", r->id, r->workspace);
+	run_advance(r);
+	return 0;
+}
+
+int engine_cancel(struct engine *e, const char *run_id, engine_submit_cb cb,
+		  void *data, struct kpl_err *err)
+{
+	struct run *r = engine_find(e, run_id);
+	struct waiter *w;
+
+	if (!r || r->final_durable) {
+		Kpl__Store__V1__RunRecord *rec = NULL;
+		int rc = store_get_run(e->store, run_id, &rec);
+		if (rc == KPL_ENOTFOUND)
+			return kpl_errf(err, KPL_ENOTFOUND, "run %s not found", run_id);
+		if (rc)
+			return kpl_errf(err, rc, "run %s: %s", run_id, kpl_strerror(rc));
+		rc = kpl_errf(err, KPL_ESTATE, "run %s already ended %s", run_id,
+			      run_state_name(rec->run ? rec->run->state : 0));
+		kpl__store__v1__run_record__free_unpacked(rec, NULL);
+		return rc;
+	}
+	w = kpl_calloc(1, sizeof *w);
+	w->cb = cb;
+	w->data = data;
+	w->next = r->waiters;
+	r->waiters = w;
+	if (run_state_final(r->state))
+		return 0; /* ends when its final commit lands */
+	if (!r->cancel_requested) {
+		kpl_info(LOG, "run %s: cancel requested", r->id);
+		r->cancel_requested = true;
+		run_stage_record(r);
+		run_commit(r);
+		run_advance(r);
+	}
+	return 0;
+}
+
+void engine_subscribe(struct engine *e, struct engine_sub *sub)
+{
+	sub->prev = NULL;
+	sub->next = e->subs;
+	if (e->subs)
+		e->subs->prev = sub;
+	e->subs = sub;
+}
+
+void engine_unsubscribe(struct engine *e, struct engine_sub *sub)
+{
+	if (sub->prev)
+		sub->prev->next = sub->next;
+	else if (e->subs == sub)
+		e->subs = sub->next;
+	if (sub->next)
+		sub->next->prev = sub->prev;
+	sub->prev = sub->next = NULL;
+}
+
+bool engine_run_active(struct engine *e, const char *run_id)
+{
+	struct run *r = engine_find(e, run_id);
+	return r && !r->final_durable;
+}
+
+size_t engine_active_runs(struct engine *e)
+{
+	size_t n = 0;
+	for (struct run *r = e->runs; r; r = r->next)
+		n++;
+	return n;
+}
+
+struct store *engine_store(struct engine *e)
+{
+	return e->store;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Recovery */
+
+struct active_list {
+	char **ids;
+	size_t n;
+};
+
+static int collect_active(void *data, const Kpl__Store__V1__RunRecord *rec)
+{
+	struct active_list *l = data;
+
+	if (!rec->run || !rec->run->id)
+		return 0;
+	l->ids = kpl_realloc(l->ids, (l->n + 1) * sizeof *l->ids);
+	l->ids[l->n++] = kpl_strdup(rec->run->id);
+	return 0;
+}
+
+static int64_t ts_ms(const Google__Protobuf__Timestamp *t)
+{
+	return t ? t->seconds * 1000 + t->nanos / 1000000 : 0;
+}
+
+/* Highest event seq stored for a run at or after from. */
+static int count_events(void *data, const Kpl__V1__RunEvent *ev)
+{
+	uint64_t *last = data;
+	*last = ev->seq;
+	return 0;
+}
+
+/* Rebuilds one unfinished run from the store and carries it on. */
+static void recover_run(struct engine *e, const char *id)
+{
+	Kpl__Store__V1__RunRecord *rec = NULL;
+	Kpl__Store__V1__StageRecord **srecs = NULL;
+	size_t n_srecs = 0, text_len = 0;
+	char *text = NULL;
+	struct pipeline *pl = NULL;
+	struct kpl_err err = { 0 };
+	const struct pl_kind *kinds;
+	size_t n_kinds;
+	struct run *r;
+	uint64_t last = 0;
+
+	if (store_get_run(e->store, id, &rec) || !rec->run ||
+	    store_get_pipeline(e->store, id, &text, &text_len) ||
+	    store_get_stages(e->store, id, &srecs, &n_srecs)) {
+		kpl_error(LOG, "run %s: cannot read it back from the store; left as is", id);
+		goto out;
+	}
+	kinds = stage_kinds_for_parser(&n_kinds);
+	if (pipeline_parse(text, text_len, "pipeline", kinds, n_kinds, &pl, &err)) {
+		/* NEEDSWORK: a pipeline that no longer parses (kpld upgraded with
+		 * stricter rules) should end FAILED; for now it stays stored. */
+		kpl_error(LOG, "run %s: stored pipeline no longer parses: %s", id, err.msg);
+		goto out;
+	}
+	if (pl->n_stages != n_srecs) {
+		kpl_error(LOG, "run %s: %zu stage records for %zu stages; left as is", id,
+			  n_srecs, pl->n_stages);
+		pipeline_free(pl);
+		goto out;
+	}
+	r = run_new(e, pl, id);
+	r->stored = true;
+	r->state = rec->run->state;
+	r->created_ms = ts_ms(rec->run->created_at);
+	r->started_ms = ts_ms(rec->run->started_at);
+	r->finished_ms = ts_ms(rec->run->finished_at);
+	if (rec->run->message && *rec->run->message)
+		r->message = kpl_strdup(rec->run->message);
+	if (rec->run->idempotency_key && *rec->run->idempotency_key)
+		r->idem_key = kpl_strdup(rec->run->idempotency_key);
+	r->cancel_requested = rec->cancel_requested;
+	r->n_params = rec->run->n_params;
+	r->param_names = kpl_calloc(r->n_params, sizeof(char *));
+	r->param_values = kpl_calloc(r->n_params, sizeof(char *));
+	for (size_t i = 0; i < r->n_params; i++) {
+		r->param_names[i] = kpl_strdup(rec->run->params[i]->key);
+		r->param_values[i] = kpl_strdup(rec->run->params[i]->value);
+	}
+	/* Log events are not mirrored in the run record: find the last one. */
+	last = rec->next_seq ? rec->next_seq - 1 : 0;
+	store_read_events(e->store, id, rec->next_seq, 0, count_events, &last);
+	r->next_seq = last + 1;
+	for (size_t i = 0; i < n_srecs; i++) {
+		struct stage *st = &r->stages[srecs[i]->index < r->n_stages ? srecs[i]->index : i];
+		Kpl__V1__StageStatus *s = srecs[i]->status;
+		if (!s)
+			continue;
+		st->state = s->state;
+		st->attempt = s->attempt;
+		st->started_ms = ts_ms(s->started_at);
+		st->finished_ms = ts_ms(s->finished_at);
+		if (s->message && *s->message)
+			st->message = kpl_strdup(s->message);
+		for (size_t j = 0; j < s->n_outputs; j++)
+			stage_set_output(st, s->outputs[j]->key, s->outputs[j]->value);
+		st->pid = srecs[i]->pid;
+		st->pid_start = srecs[i]->pid_start_time;
+		st->deadline_ms = srecs[i]->deadline_ms;
+		if (srecs[i]->resume && *srecs[i]->resume)
+			st->resume = kpl_strdup(srecs[i]->resume);
+		if (st->state == KPL__V1__STAGE_STATE__STAGE_STATE_RUNNING &&
+		    st->started_ms == 0)
+			st->started_ms = kpl_now_ms();
+	}
+	if (r->finally_started == false)
+		for (size_t i = 0; i < r->n_stages; i++)
+			if (r->stages[i].spec->is_finally &&
+			    r->stages[i].state != KPL__V1__STAGE_STATE__STAGE_STATE_PENDING)
+				r->finally_started = true;
+	kpl_info(LOG, "run %s (%s): recovered in state %s", r->id, pl->name,
+		 run_state_name(r->state));
+	mkdir_p(r->workspace, 0700);
+	if (run_state_final(r->state)) {
+		/* The final state was durable, the active mark was not cleared. */
+		store_stage_active(e->store, r->id, 0);
+		run_commit(r);
+		goto out;
+	}
+	for (size_t i = 0; i < r->n_stages; i++) {
+		struct stage *st = &r->stages[i];
+		if (st->state != KPL__V1__STAGE_STATE__STAGE_STATE_RUNNING &&
+		    st->state != KPL__V1__STAGE_STATE__STAGE_STATE_WAITING)
+			continue;
+		kpl_err_clear(&err);
+		st->live = true;
+		if (st->kind->resume && st->kind->resume(st, &err) == 0) {
+			kpl_info(LOG, "run %s stage %s: re-attached", r->id, st->spec->name);
+			stage_arm_timer(st);
+			continue;
+		}
+		st->live = false;
+		{
+			char msg[700];
+			snprintf(msg, sizeof msg, "interrupted by restart%s%s",
+				 err.msg[0] ? ": " : "", err.msg);
+			stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
+		}
+	}
+	run_advance(r);
+out:
+	if (rec)
+		kpl__store__v1__run_record__free_unpacked(rec, NULL);
+	store_free_stages(srecs, n_srecs);
+	free(text);
+}
+
+int engine_start(const struct engine_options *opt, struct engine **out,
+		 struct kpl_err *err)
+{
+	struct engine *e = kpl_calloc(1, sizeof *e);
+	struct active_list active = { 0 };
+	int rc;
+
+	e->loop = opt->loop;
+	e->store = opt->store;
+	e->work_dir = kpl_asprintf("%s/work", opt->data_dir);
+	if ((rc = mkdir_p(e->work_dir, 0700)) != 0) {
+		kpl_errf(err, KPL_EIO, "cannot create %s: %s", e->work_dir, strerror(-rc));
+		free(e->work_dir);
+		free(e);
+		return KPL_EIO;
+	}
+	srandom((unsigned)kpl_now_ms() ^ (unsigned)getpid());
+	rc = store_list_active(e->store, collect_active, &active);
+	if (rc) {
+		kpl_errf(err, rc, "cannot list unfinished runs: %s", kpl_strerror(rc));
+		free(e->work_dir);
+		free(e);
+		return rc;
+	}
+	if (active.n)
+		kpl_info(LOG, "recovering %zu unfinished run%s", active.n,
+			 active.n == 1 ? "" : "s");
+	for (size_t i = 0; i < active.n; i++) {
+		recover_run(e, active.ids[i]);
+		free(active.ids[i]);
+	}
+	free(active.ids);
+	*out = e;
+	return 0;
+}
+
+static void stop_committed(void *data, int status)
+{
+	struct engine *e = data;
+	struct run *r, *next;
+
+	/* Every commit ahead of this one has landed: nothing refers to the
+	 * runs any more except their (closing) timers and attempts. */
+	for (r = e->runs; r; r = next) {
+		next = r->next;
+		run_free(r);
+	}
+	e->runs = NULL;
+	if (e->stop_done)
+		e->stop_done(e->stop_data);
+	free(e->work_dir);
+	free(e);
+}
+
+void engine_stop(struct engine *e, void (*done)(void *data), void *data)
+{
+	e->stopping = true;
+	e->stop_done = done;
+	e->stop_data = data;
+	for (struct run *r = e->runs; r; r = r->next) {
+		for (size_t i = 0; i < r->n_stages; i++) {
+			struct stage *st = &r->stages[i];
+			stage_stop_timer(st);
+			if (!st->live)
+				continue;
+			if (st->kind->abandon)
+				st->kind->abandon(st);
+			else
+				st->kind->cancel(st);
+			st->live = false;
+		}
+		for (struct waiter *w = r->waiters, *n; w; w = n) {
+			n = w->next;
+			w->cb(w->data, KPL_EUNAVAILABLE, r->id);
+			free(w);
+		}
+		r->waiters = NULL;
+		/* A pending submit_cb is answered by the commit in flight, which
+		 * lands before stop_committed. */
+	}
+	store_commit(e->store, stop_committed, e);
+}

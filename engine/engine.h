@@ -1,0 +1,108 @@
+/*
+ * engine.h - runs and their stages: the state machines, the scheduler, the
+ * durable event log and recovery after a restart.
+ *
+ * The engine lives on one libuv loop. Every state change goes through
+ * run_set_state()/stage_set_state() (engine.c), which check the transition,
+ * stage the new records and an event in the store, and ask for a commit;
+ * subscribers hear of a change only once its commit is durable.
+ *
+ * Failure policy: when a stage fails (and has no continue_on_error), no new
+ * stage starts; stages already running are left to finish (cancelling a
+ * half-done deploy is worse than letting it end); stages that did not start
+ * become SKIPPED; then the `finally` stages run; the run ends FAILED.
+ *
+ * Threads: loop thread only, all of it.
+ */
+#ifndef KPL_ENGINE_H
+#define KPL_ENGINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <uv.h>
+
+#include "engine/kpl.h"
+#include "store/store.h"
+
+/* Run ids: 16 lowercase Crockford base32 characters, time-sortable. */
+#define KPL_RUN_ID_LEN 16
+
+/* Writes a new run id (NUL-terminated) into out; monotonic in-process. */
+void engine_new_run_id(char out[KPL_RUN_ID_LEN + 1]);
+
+struct engine; /* opaque */
+
+struct engine_options {
+	uv_loop_t *loop;
+	struct store *store; /* borrowed; outlives the engine */
+	const char *data_dir; /* run workspaces go under DATA_DIR/work */
+};
+
+/*
+ * Creates the engine and recovers every run the store lists as active: a
+ * stage that was RUNNING is re-attached if its kind can, else failed with
+ * "interrupted by restart"; then each run carries on. *out is the caller's.
+ */
+int engine_start(const struct engine_options *opt, struct engine **out,
+		 struct kpl_err *err);
+
+/*
+ * Stops the engine for a daemon shutdown: running attempts are abandoned
+ * (their processes stopped, nothing recorded, so a restart treats them as
+ * interrupted), pending commits are waited for, then done(data) runs and
+ * the engine is freed.
+ */
+void engine_stop(struct engine *e, void (*done)(void *data), void *data);
+
+struct store *engine_store(struct engine *e);
+
+/*
+ * Submits a run of the pipeline text (len bytes) with the given params.
+ * Bad input returns KPL_EINVAL/KPL_ETOOBIG at once with err naming the line
+ * and field. Otherwise returns 0 and later calls cb(data, status, run_id)
+ * once the run is durable (status 0) or could not be stored. A non-empty
+ * idem_key seen before gives the earlier run's id (even while that run's
+ * first commit is in flight).
+ */
+typedef void (*engine_submit_cb)(void *data, int status, const char *run_id);
+int engine_submit(struct engine *e, const char *text, size_t len,
+		  const char *const *param_names, const char *const *param_values,
+		  size_t n_params, const char *idem_key, engine_submit_cb cb,
+		  void *data, struct kpl_err *err);
+
+/*
+ * Cancels a run: stages not started become CANCELLED, running ones are
+ * stopped (a script's whole process group is killed). cb(data, status,
+ * run_id) runs once the run has reached its final state durably.
+ * KPL_ENOTFOUND for an unknown run, KPL_ESTATE for one already final (err
+ * says which state).
+ */
+int engine_cancel(struct engine *e, const char *run_id, engine_submit_cb cb,
+		  void *data, struct kpl_err *err);
+
+/*
+ * Subscription to a run's committed events: notify(sub) runs on the loop
+ * after each commit that added events to run_id. The subscriber reads the
+ * events from the store. The caller owns sub and must unsubscribe before
+ * freeing it; notify may unsubscribe (only) itself.
+ */
+struct engine_sub {
+	char run_id[KPL_RUN_ID_LEN + 1];
+	void (*notify)(struct engine_sub *sub);
+	void *data;
+	struct engine_sub *prev, *next; /* engine's list */
+};
+void engine_subscribe(struct engine *e, struct engine_sub *sub);
+void engine_unsubscribe(struct engine *e, struct engine_sub *sub);
+
+/*
+ * True while the run may still produce events (it is in memory and its
+ * final event is not yet durable). A run that is not active has every event
+ * it will ever have in the store.
+ */
+bool engine_run_active(struct engine *e, const char *run_id);
+
+/* Number of runs in memory (not yet final and durable). */
+size_t engine_active_runs(struct engine *e);
+
+#endif

@@ -1,0 +1,195 @@
+/*
+ * kpld.c - the daemon: one libuv loop that owns the store, the engine and
+ * the gRPC server, and a clean stop on SIGINT/SIGTERM.
+ *
+ * Stop order: end watch streams with a status saying where to resume, stop
+ * the gRPC server (in-flight calls are answered or cancelled), stop the
+ * engine (running attempts are abandoned for the next start to resume,
+ * pending commits land), close LMDB, close the loop.
+ */
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "api/rpc_pipelines.h"
+#include "api/server.h"
+#include "engine/engine.h"
+#include "engine/kpl.h"
+#include "store/store.h"
+
+#define LOG "kpld"
+
+struct kpld {
+	uv_loop_t *loop;
+	struct store *store;
+	struct engine *eng;
+	struct rpc *rpc;
+	struct api_server *server;
+	uv_signal_t sigint, sigterm;
+	bool stopping;
+	int exit_code;
+};
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+		"usage: kpld [--listen HOST:PORT] [--data-dir DIR] [--log-level LEVEL]\n"
+		"            [--ready-file PATH]\n"
+		"\n"
+		"  --listen HOST:PORT   gRPC address (default 127.0.0.1:7070; port 0 picks one)\n"
+		"  --data-dir DIR       store and run workspaces (default ./var/kpl)\n"
+		"  --log-level LEVEL    debug, info, warn or error (default info)\n"
+		"  --ready-file PATH    write the bound HOST:PORT there once serving\n");
+}
+
+static void signal_closed(uv_handle_t *h)
+{
+	(void)h;
+}
+
+static void engine_stopped(void *data)
+{
+	struct kpld *d = data;
+
+	d->eng = NULL;
+	rpc_free(d->rpc);
+	d->rpc = NULL;
+	store_close(d->store);
+	d->store = NULL;
+	uv_close((uv_handle_t *)&d->sigint, signal_closed);
+	uv_close((uv_handle_t *)&d->sigterm, signal_closed);
+	kpl_info(LOG, "stopped");
+}
+
+static void server_stopped(void *data)
+{
+	struct kpld *d = data;
+
+	d->server = NULL;
+	engine_stop(d->eng, engine_stopped, d);
+}
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+	struct kpld *d = h->data;
+
+	if (d->stopping) {
+		kpl_warn(LOG, "second signal: exiting at once");
+		exit(1);
+	}
+	d->stopping = true;
+	kpl_info(LOG, "%s: stopping", strsignal(signum));
+	api_server_set_serving(d->server, false);
+	rpc_close_streams(d->rpc);
+	api_server_shutdown(d->server, server_stopped, d);
+}
+
+static int write_ready_file(const char *path, const char *host, int port)
+{
+	char tmp[4096];
+	FILE *f;
+
+	/* Written whole, then renamed, so a reader never sees half of it. */
+	snprintf(tmp, sizeof tmp, "%s.tmp", path);
+	if (!(f = fopen(tmp, "w")))
+		return -1;
+	fprintf(f, "%s:%d\n", host, port);
+	if (fclose(f) || rename(tmp, path))
+		return -1;
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "listen", required_argument, NULL, 'l' },
+		{ "data-dir", required_argument, NULL, 'd' },
+		{ "log-level", required_argument, NULL, 'v' },
+		{ "ready-file", required_argument, NULL, 'r' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *listen = "127.0.0.1:7070", *data_dir = "./var/kpl", *ready = NULL;
+	struct kpld d = { 0 };
+	struct kpl_err err = { 0 };
+	struct engine_options eo = { 0 };
+	struct api_server_options so = { 0 };
+	char host[256];
+	const char *colon;
+	int c, rc;
+
+	while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+		switch (c) {
+		case 'l': listen = optarg; break;
+		case 'd': data_dir = optarg; break;
+		case 'r': ready = optarg; break;
+		case 'v':
+			if ((rc = kpl_log_level_parse(optarg)) < 0) {
+				fprintf(stderr, "kpld: --log-level: unknown level %s "
+					"(debug, info, warn, error)\n", optarg);
+				return 2;
+			}
+			kpl_log_threshold = rc;
+			break;
+		case 'h': usage(stdout); return 0;
+		default: usage(stderr); return 2;
+		}
+	}
+	if (optind != argc) {
+		fprintf(stderr, "kpld: unexpected argument %s\n", argv[optind]);
+		usage(stderr);
+		return 2;
+	}
+	colon = strrchr(listen, ':');
+	if (!colon || colon == listen || (size_t)(colon - listen) >= sizeof host) {
+		fprintf(stderr, "kpld: --listen %s: want HOST:PORT\n", listen);
+		return 2;
+	}
+	snprintf(host, sizeof host, "%.*s", (int)(colon - listen), listen);
+
+	signal(SIGPIPE, SIG_IGN);
+	d.loop = uv_default_loop();
+
+	if ((rc = store_open(d.loop, data_dir, NULL, &d.store, &err)) != 0) {
+		fprintf(stderr, "kpld: store %s: %s\n", data_dir, err.msg);
+		return 1;
+	}
+	eo.loop = d.loop;
+	eo.store = d.store;
+	eo.data_dir = data_dir;
+	if ((rc = engine_start(&eo, &d.eng, &err)) != 0) {
+		fprintf(stderr, "kpld: %s\n", err.msg);
+		store_close(d.store);
+		return 1;
+	}
+	d.rpc = rpc_new(d.eng);
+	so.listen = listen;
+	so.methods = rpc_methods(d.rpc, &so.n_methods);
+	if ((rc = api_server_start(d.loop, &so, &d.server, &err)) != 0) {
+		fprintf(stderr, "kpld: %s\n", err.msg);
+		/* NEEDSWORK: stop the engine cleanly here too. */
+		return 1;
+	}
+	api_server_set_serving(d.server, true);
+	uv_signal_init(d.loop, &d.sigint);
+	uv_signal_init(d.loop, &d.sigterm);
+	d.sigint.data = d.sigterm.data = &d;
+	uv_signal_start(&d.sigint, on_signal, SIGINT);
+	uv_signal_start(&d.sigterm, on_signal, SIGTERM);
+
+	kpl_info(LOG, "serving kpl.v1.Pipelines on %s:%d, data in %s", host,
+		 api_server_port(d.server), data_dir);
+	if (ready && write_ready_file(ready, host, api_server_port(d.server)))
+		kpl_error(LOG, "cannot write --ready-file %s", ready);
+
+	uv_run(d.loop, UV_RUN_DEFAULT);
+	rc = uv_loop_close(d.loop);
+	if (rc) {
+		kpl_error(LOG, "loop did not close clean: %s", uv_strerror(rc));
+		return 1;
+	}
+	return d.exit_code;
+}

@@ -1,0 +1,13 @@
+/* kinds.h - the stage kinds kpl ships, for the registry (stages/registry.c). */
+#ifndef KPL_STAGES_KINDS_H
+#define KPL_STAGES_KINDS_H
+
+#include "stages/stage.h"
+
+extern const struct stage_kind script_kind;
+extern const struct stage_kind noop_kind;
+
+/* Start time of pid in clock ticks since boot, 0 if it is not running. */
+uint64_t script_pid_start_time(int64_t pid);
+
+#endif

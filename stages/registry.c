@@ -1,0 +1,33 @@
+/*
+ * registry.c - the stage kinds, listed once. Dispatch (the engine), the
+ * pipeline validator and the docs all read this table.
+ */
+#include <string.h>
+
+#include "stages/kinds.h"
+
+static const struct stage_kind *const kinds[] = {
+	&script_kind,
+	&noop_kind,
+};
+
+const struct stage_kind *stage_kind_find(const char *name)
+{
+	for (size_t i = 0; i < KPL_ARRAY_SIZE(kinds); i++)
+		if (strcmp(kinds[i]->name, name) == 0)
+			return kinds[i];
+	return NULL;
+}
+
+const struct pl_kind *stage_kinds_for_parser(size_t *n)
+{
+	static struct pl_kind table[KPL_ARRAY_SIZE(kinds)];
+
+	if (!table[0].kind)
+		for (size_t i = 0; i < KPL_ARRAY_SIZE(kinds); i++) {
+			table[i].kind = kinds[i]->name;
+			table[i].check_with = kinds[i]->check_with;
+		}
+	*n = KPL_ARRAY_SIZE(kinds);
+	return table;
+}

@@ -1,0 +1,106 @@
+/*
+ * stage.h - the interface between the engine and a stage kind.
+ *
+ * A stage kind is a small vtable (registered once in stages/registry.c):
+ * check_with validates the pipeline's `with` before anything runs; start
+ * begins an attempt; cancel asks it to stop; resume re-attaches after a
+ * restart. A kind reports back only through the stage_* functions below,
+ * and always ends an attempt with exactly one stage_done.
+ *
+ * Durability contract: before a kind acts on the outside world it records,
+ * with stage_record_resume, what it needs to find that work again; the engine
+ * has already made the stage's RUNNING state durable before start is called.
+ *
+ * Threads: loop thread only, all of it.
+ */
+#ifndef KPL_STAGE_H
+#define KPL_STAGE_H
+
+#include <stdint.h>
+#include <uv.h>
+
+#include "api/kpl.pb-c.h"
+#include "engine/kpl.h"
+#include "pipelines/pipeline.h"
+
+struct stage; /* engine-owned; see engine/engine.h */
+
+struct stage_kind {
+	const char *name;
+	/* Reports the first problem in with (may be NULL) as
+	 * "file:line:col: path.key: message". */
+	int (*check_with)(const struct pl_node *with, const char *file,
+			  const char *path, struct kpl_err *err);
+	/* Starts an attempt. A non-zero return fails the attempt with err's
+	 * message (stage_done need not be called then). */
+	int (*start)(struct stage *st, struct kpl_err *err);
+	/* Asks the attempt to stop; the kind later calls stage_done with
+	 * CANCELLED (or the result it reached first). */
+	void (*cancel)(struct stage *st);
+	/* After a restart, for a stage that was RUNNING: re-attach (return 0
+	 * and carry on as after start) or return KPL_ESTATE with err saying
+	 * why it cannot; the engine then applies the retry policy. NULL means
+	 * the kind can never re-attach. */
+	int (*resume)(struct stage *st, struct kpl_err *err);
+	/* Called when the kpld is stopping: release what the attempt holds
+	 * without reporting (the next start resumes it). NULL: cancel. */
+	void (*abandon)(struct stage *st);
+};
+
+/* Looks a kind up by name; NULL if unknown. */
+const struct stage_kind *stage_kind_find(const char *name);
+/* The kinds, as the pipeline parser wants them (static storage). */
+const struct pl_kind *stage_kinds_for_parser(size_t *n);
+
+/* --- What a kind may ask of its stage. --- */
+
+uv_loop_t *stage_loop(struct stage *st);
+const char *stage_name(struct stage *st);
+const char *stage_run_id(struct stage *st);
+uint32_t stage_attempt(struct stage *st);
+/* The stage's spec (borrowed, valid for the run's life). */
+const struct pl_stage *stage_spec(struct stage *st);
+/* The run's workspace directory, created before start (borrowed). */
+const char *stage_workspace(struct stage *st);
+/* Resolved run parameters (borrowed arrays of n). */
+void stage_params(struct stage *st, const char *const **names,
+		  const char *const **values, size_t *n);
+/* Pipeline env then stage env, in order (borrowed). */
+void stage_env(struct stage *st, const struct pl_env **penv, size_t *np,
+	       const struct pl_env **senv, size_t *ns);
+/* Absolute deadline of this attempt (unix ms) or 0; kinds enforce it. */
+int64_t stage_deadline_ms(struct stage *st);
+
+/* Kind-private state for the attempt (the engine never looks inside). */
+void *stage_impl(struct stage *st);
+void stage_set_impl(struct stage *st, void *impl);
+
+/* A line of output (len bytes, no newline) becomes a log event. */
+void stage_log(struct stage *st, Kpl__V1__LogStream stream, const char *line,
+	       size_t len);
+void stage_logf(struct stage *st, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+/* Publishes an output KEY=VALUE (copied); stored with the stage. */
+int stage_set_output(struct stage *st, const char *key, const char *value);
+
+/*
+ * Records what the kind needs to find its work again (pid and its start
+ * time for a process; free-form JSON for others), durably, then calls
+ * done(st, status, data) on the loop.
+ */
+void stage_record_resume(struct stage *st, int64_t pid, uint64_t pid_start,
+			 const char *resume, void (*done)(struct stage *, int, void *),
+			 void *data);
+/* What stage_record_resume last recorded (borrowed). */
+void stage_resume_info(struct stage *st, int64_t *pid, uint64_t *pid_start,
+		       const char **resume);
+
+/*
+ * Ends the attempt: state is SUCCEEDED, FAILED or CANCELLED; msg (copied)
+ * says why for a person. The kind must have released its resources or be
+ * about to (its impl is the kind's to free).
+ */
+void stage_done(struct stage *st, Kpl__V1__StageState state, const char *msg);
+
+#endif
