@@ -13,6 +13,11 @@
 #include <stdint.h>
 
 #include "engine/kpl.h"
+#include "pipelines/expr.h"
+
+/* Cap on the nodes of one document, so a small file of tiny items cannot
+ * make a huge tree. */
+#define PL_MAX_NODES 100000
 
 /* Where a node starts in the source text, 1-based. */
 struct pl_pos {
@@ -32,6 +37,12 @@ struct pl_node {
 	/* PL_SCALAR: NUL-terminated text; plain is false if it was quoted. */
 	char *scalar;
 	bool plain;
+	/* PL_SCALAR: how it was written: 0 plain, '\'' or '"' quoted, '|' or
+	 * '>' block. Lets messages point inside one-line scalars. */
+	char style;
+	/* PL_SCALAR: scalar holds the source characters exactly, on one line
+	 * (no escapes, no folding), so an offset in it maps to a column. */
+	bool verbatim;
 	/* PL_SEQ: items[0..n). PL_MAP: keys[i] (scalars) map to items[i]. */
 	struct pl_node **items;
 	struct pl_node **keys;
@@ -72,13 +83,15 @@ struct pl_stage {
 	char **needs; /* names of stages in the same graph */
 	size_t n_needs;
 	char *when;   /* expression text, NULL if none */
+	struct expr *when_expr; /* when, parsed (owned); NULL if none */
 	int64_t timeout_ms; /* 0 = none */
 	struct pl_retries retries;
 	bool continue_on_error;
 	struct pl_env *env;
 	size_t n_env;
 	/* The kind-specific `with` mapping (borrowed from the tree; NULL if
-	 * absent). Stage kinds read it through their own validate/start. */
+	 * absent or written as an empty `with:`). Stage kinds read it
+	 * through their own validate/start. */
 	const struct pl_node *with;
 	bool is_finally; /* listed under `finally:` */
 	struct pl_pos pos;
@@ -97,7 +110,9 @@ struct pipeline {
 	struct pl_env *env;
 	size_t n_env;
 	struct pl_concurrency concurrency;
-	/* stages, then the finally stages (is_finally), in file order. */
+	/* stages, then the finally stages (is_finally), in file order.
+	 * n_stages counts every entry, finally ones included; the last
+	 * n_finally of them are the finally stages. */
 	struct pl_stage *stages;
 	size_t n_stages;
 	size_t n_finally;
@@ -133,7 +148,7 @@ void pipeline_free(struct pipeline *p);
  * Resolves run parameters against the declared params: given values must be
  * declared and well-typed, missing ones take their default, required ones
  * must be present. names/values (n of them) are the caller's input; on
- * success *out_names/*out_values (*out_n of them) are new malloc'd arrays of
+ * success *out_names and *out_values (*out_n of them) are new malloc'd arrays of
  * malloc'd strings in declaration order (caller frees each and the arrays).
  */
 int pipeline_resolve_params(const struct pipeline *p, const char *const *names,
@@ -142,5 +157,50 @@ int pipeline_resolve_params(const struct pipeline *p, const char *const *names,
 
 /* Parses "90s", "5m", "1h", "250ms", "1h30m" into milliseconds; -1 if bad. */
 int64_t pl_parse_duration(const char *s);
+
+/* Longest duration anywhere in a pipeline. */
+#define PL_MAX_DURATION_MS (30LL * 24 * 3600 * 1000)
+
+/*
+ * pl_parse_duration that says why: returns 0 and sets *ms, or returns
+ * KPL_EINVAL and sets *why to static text ("unknown unit \"d\": use ms, s,
+ * m or h"). Sequences of <whole number><unit> with units ms, s, m, h, each
+ * unit once and from largest to smallest; at most PL_MAX_DURATION_MS.
+ */
+int pl_duration_parse(const char *s, int64_t *ms, const char **why);
+
+/*
+ * One problem found in a pipeline. path is the key path ("stages[1].needs[0]",
+ * "" for the document itself); message says what is wrong, without file,
+ * position or path. code is KPL_EINVAL, or KPL_ETOOBIG over a limit.
+ */
+struct pl_diag {
+	int line, col;
+	char *path;
+	char *message;
+	int code;
+};
+
+/* At most this many diagnostics come back from one validation. */
+#define PL_MAX_DIAGS 100
+
+/*
+ * Checks text like pipeline_parse but reports every problem it finds, in
+ * file order (by line, then column), for editors and a ValidatePipeline
+ * RPC. A syntax error ends the scan (the rest cannot be read); semantic
+ * errors do not (three bad stages give three diagnostics). Returns 0 if the
+ * pipeline is valid (then *n_diags is 0), else the first diagnostic's code.
+ * *diags is malloc'd (pl_diags_free it; NULL when there are none).
+ */
+int pipeline_validate_all(const char *text, size_t len, const char *file,
+			  const struct pl_kind *kinds, size_t n_kinds,
+			  struct pl_diag **diags, size_t *n_diags);
+
+void pl_diags_free(struct pl_diag *diags, size_t n);
+
+/* Formats d as "file:line:col: path: message" (no "path: " if path is
+ * empty) into buf, like the messages of pipeline_parse. */
+void pl_diag_format(const struct pl_diag *d, const char *file, char *buf,
+		    size_t size);
 
 #endif
