@@ -199,16 +199,24 @@ static int lmdb_code(int rc)
 	}
 }
 
+/* What went wrong, for a log line; buf is used for MDB_MAP_FULL. */
+static const char *lmdb_reason(struct store *s, int rc, char *buf, size_t size)
+{
+	if (rc != MDB_MAP_FULL)
+		return mdb_strerror(rc);
+	snprintf(buf, size,
+		 "the LMDB map is full (map_size %zu bytes); raise store_options.map_size "
+		 "(kpld's store map size setting) and restart",
+		 s->map_size);
+	return buf;
+}
+
 /* Logs a failed LMDB call and returns the KPL_E* code for it. */
 static int lmdb_fail(struct store *s, const char *step, int rc)
 {
-	if (rc == MDB_MAP_FULL)
-		kpl_error(SUB,
-			  "%s: the LMDB map is full (map_size %zu bytes); raise "
-			  "store_options.map_size (kpld's store map size option) and restart",
-			  s->dir, s->map_size);
-	else
-		kpl_error(SUB, "%s: %s: %s", s->dir, step, mdb_strerror(rc));
+	char buf[256];
+
+	kpl_error(SUB, "%s: %s: %s", s->dir, step, lmdb_reason(s, rc, buf, sizeof buf));
 	return lmdb_code(rc);
 }
 
@@ -319,17 +327,16 @@ fail:
 /* Logs why g's transaction failed and returns the KPL_E* code. */
 static int group_fail(struct store *s, struct store_group *g, int rc)
 {
-	char step[128];
+	char where[96] = "", buf[256];
 
-	if (g->failed_step && strcmp(g->failed_step, "mdb_txn_begin") != 0 &&
-	    strcmp(g->failed_step, "mdb_txn_commit") != 0)
-		snprintf(step, sizeof step, "%s (write %zu of %zu, db %s)", g->failed_step,
-			 g->failed_op + 1, g->nops, db_names[g->ops[g->failed_op].db]);
-	else
-		snprintf(step, sizeof step, "%s", g->failed_step ? g->failed_step : "commit");
-	kpl_error(SUB, "%s: a commit of %zu writes failed; none of them was written",
-		  s->dir, g->nops);
-	return lmdb_fail(s, step, rc);
+	if (g->failed_step && (strcmp(g->failed_step, "mdb_put") == 0 ||
+			       strcmp(g->failed_step, "mdb_del") == 0))
+		snprintf(where, sizeof where, " at write %zu (db %s)", g->failed_op + 1,
+			 db_names[g->ops[g->failed_op].db]);
+	kpl_error(SUB, "%s: a commit of %zu staged writes failed in %s%s, so none was written: %s",
+		  s->dir, g->nops, g->failed_step ? g->failed_step : "commit", where,
+		  lmdb_reason(s, rc, buf, sizeof buf));
+	return lmdb_code(rc);
 }
 
 static void group_work(uv_work_t *w)

@@ -805,6 +805,12 @@ static void then_stage_4(struct step *st)
 	store_commit(st->fx->s, on_commit, st->next);
 }
 
+/* Staged while s4's group is in flight, but never committed. */
+static void then_stage_5(struct step *st)
+{
+	stage_event(st->fx->s, "r1", 5);
+}
+
 static void test_group_commit_async(void **state)
 {
 	struct fx *fx = *state;
@@ -829,6 +835,7 @@ static void test_group_commit_async(void **state)
 	stage_event(fx->s, "r1", 2);
 	assert_int_equal(store_staged(fx->s), 1);
 	store_commit(fx->s, on_commit, &s2);
+	assert_int_equal(store_staged(fx->s), 0);
 	assert_int_equal(store_pending_commits(fx->s), 2);
 	stage_event(fx->s, "r1", 3);
 	store_commit(fx->s, on_commit, &s3);
@@ -837,6 +844,7 @@ static void test_group_commit_async(void **state)
 	s2.probe[1] = 3;
 	s2.probe[2] = 4; /* staged by s1's callback: rides in s2's group */
 	s4.probe[0] = 4;
+	s4.then = then_stage_5;
 
 	/* Nothing is visible while the pool is parked, and no callback ran. */
 	assert_int_equal(event_visible(fx->s, "r1", 1), 0);
@@ -868,6 +876,12 @@ static void test_group_commit_async(void **state)
 	assert_int_equal(store_pending_commits(fx->s), 0);
 	assert_int_equal(store_get_run(fx->s, "r1", &got), 0);
 	kpl__store__v1__run_record__free_unpacked(got, NULL);
+
+	/* Staged without a commit: still waiting for one, not written. */
+	assert_int_equal(store_staged(fx->s), 1);
+	assert_int_equal(event_visible(fx->s, "r1", 5), 0);
+	assert_int_equal(store_commit_sync(fx->s), 0);
+	assert_int_equal(event_visible(fx->s, "r1", 5), 1);
 }
 
 #define MANY 100
