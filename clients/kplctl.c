@@ -570,6 +570,28 @@ static void print_json(json_t *j)
 
 /* --- Text output. --- */
 
+/* printf for table rows, without the trailing blanks an empty last
+ * column would leave. */
+static void row(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void row(const char *fmt, ...)
+{
+	va_list ap;
+	char *buf;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(NULL, 0, fmt, ap);
+	va_end(ap);
+	buf = kpl_malloc((size_t)n + 1);
+	va_start(ap, fmt);
+	vsnprintf(buf, (size_t)n + 1, fmt, ap);
+	va_end(ap);
+	while (n > 0 && buf[n - 1] == ' ')
+		n--;
+	printf("%.*s\n", n, buf);
+	free(buf);
+}
+
 static void print_stages_table(const Kpl__V1__Run *r, int with_kind)
 {
 	int w = 5;
@@ -579,21 +601,21 @@ static void print_stages_table(const Kpl__V1__Run *r, int with_kind)
 		if ((int)strlen(r->stages[i]->name) > w)
 			w = (int)strlen(r->stages[i]->name);
 	if (with_kind)
-		printf("  %-*s  %-10s %-10s %-7s  %-8s  %s\n", w, "STAGE", "KIND",
+		row("  %-*s  %-10s %-10s %-7s  %-8s  %s", w, "STAGE", "KIND",
 		       "STATE", "ATTEMPT", "DURATION", "MESSAGE");
 	else
-		printf("%-*s  %-10s %-7s  %-8s  %s\n", w, "STAGE", "STATE",
+		row("%-*s  %-10s %-7s  %-8s  %s", w, "STAGE", "STATE",
 		       "ATTEMPT", "DURATION", "MESSAGE");
 	for (size_t i = 0; i < r->n_stages; i++) {
 		const Kpl__V1__StageStatus *s = r->stages[i];
 		const char *d = duration(s->started_at, s->finished_at, b, sizeof b);
 
 		if (with_kind)
-			printf("  %-*s  %-10s %-10s %-7u  %-8s  %s\n", w, s->name,
+			row("  %-*s  %-10s %-10s %-7u  %-8s  %s", w, s->name,
 			       s->kind, stage_state(s->state), s->attempt, d,
 			       s->message);
 		else
-			printf("%-*s  %-10s %-7u  %-8s  %s\n", w, s->name,
+			row("%-*s  %-10s %-7u  %-8s  %s", w, s->name,
 			       stage_state(s->state), s->attempt, d, s->message);
 	}
 }
@@ -906,9 +928,9 @@ static int cmd_list(struct ctl *ctl)
 				continue;
 			}
 			if (!header++)
-				printf("%-24s %-20s %-10s %-19s  %s\n", "ID",
+				row("%-24s %-20s %-10s %-19s  %s", "ID",
 				       "PIPELINE", "STATE", "CREATED", "DURATION");
-			printf("%-24s %-20s %-10s %-19s  %s\n", r->id,
+			row("%-24s %-20s %-10s %-19s  %s", r->id,
 			       r->pipeline_name, run_state(r->state),
 			       ts_local(r->created_at, "%Y-%m-%d %H:%M:%S", c, sizeof c),
 			       duration(r->started_at, r->finished_at, d, sizeof d));

@@ -14,6 +14,8 @@ run SUCCEEDED. The pipeline text steers it (it is not really parsed):
                                UNAVAILABLE after N events
   # fake: resend               WatchRun ignores from_seq (sends from 1)
 
+GetRun of "sleep-..." sleeps 2 s before NOT_FOUND (for deadlines); GetRun of
+"whoami" returns a run whose message is the call's authorization metadata.
 Every WatchRun request is appended to --log as "watch ID FROM_SEQ".
 Prints PORT=N once serving; stops on SIGTERM or after --lifetime seconds.
 Stubs are generated from --proto with grpc_tools.protoc into a temp dir.
@@ -192,6 +194,12 @@ def main():
                 return snapshot(run)
 
         def GetRun(self, req, ctx):
+            if req.id.startswith("sleep-"):
+                time.sleep(2)
+            if req.id == "whoami":
+                md = dict(ctx.invocation_metadata())
+                return pb.Run(id="whoami",
+                              message=md.get("authorization", ""))
             with lock:
                 run = runs.get(req.id)
                 if not run:

@@ -1,0 +1,294 @@
+/*
+ * kplclient_test.c - the client library against tests/clients/fake_pipelines.py
+ * (started by with_fake.sh, which sets KPL_SERVER): unary success and error
+ * statuses, deadlines, the token, streams read to the end or closed early,
+ * and kplc_follow_run over a broken stream.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "clients/kplclient.h"
+
+static const char *server(void)
+{
+	const char *s = getenv("KPL_SERVER");
+
+	if (!s || !*s)
+		fail_msg("KPL_SERVER is not set; run under with_fake.sh");
+	return s;
+}
+
+static struct kplc *client(const struct kplc_options *opt)
+{
+	struct kpl_err err = { 0 };
+	struct kplc *c = NULL;
+
+	assert_int_equal(kplc_connect_opts(server(), opt, &c, &err), 0);
+	assert_non_null(c);
+	return c;
+}
+
+/* Submits a pipeline with stages build and test and the given markers. */
+static char *submit(struct kplc *c, const char *markers)
+{
+	Kpl__V1__SubmitRunRequest req = KPL__V1__SUBMIT_RUN_REQUEST__INIT;
+	struct kplc_status st;
+	Kpl__V1__Run *r = NULL;
+	char *id;
+
+	req.pipeline = kpl_asprintf("name: lib\n%s\nstages:\n  - name: build\n"
+				    "  - name: test\n", markers);
+	assert_int_equal(kplc_submit_run(c, &req, &r, &st), 0);
+	assert_int_equal(st.code, KPLC_OK);
+	assert_string_equal(r->pipeline_name, "lib");
+	assert_int_equal(r->n_stages, 2);
+	id = kpl_strdup(r->id);
+	kplc_msg_free(r);
+	free(req.pipeline);
+	return id;
+}
+
+static void test_status_names(void **state)
+{
+	assert_string_equal(kplc_status_name(0), "OK");
+	assert_string_equal(kplc_status_name(5), "NOT_FOUND");
+	assert_string_equal(kplc_status_name(14), "UNAVAILABLE");
+	assert_string_equal(kplc_status_name(16), "UNAUTHENTICATED");
+	assert_string_equal(kplc_status_name(17), "UNKNOWN_STATUS");
+	assert_string_equal(kplc_status_name(-1), "UNKNOWN_STATUS");
+	assert_int_equal(kplc_status_to_err(KPLC_OK), 0);
+	assert_int_equal(kplc_status_to_err(KPLC_NOT_FOUND), KPL_ENOTFOUND);
+	assert_int_equal(kplc_status_to_err(KPLC_INVALID_ARGUMENT), KPL_EINVAL);
+	assert_int_equal(kplc_status_to_err(KPLC_UNAVAILABLE), KPL_EUNAVAILABLE);
+	assert_int_equal(kplc_status_to_err(KPLC_DEADLINE_EXCEEDED), KPL_ETIMEOUT);
+	assert_int_equal(kplc_status_to_err(KPLC_DATA_LOSS), KPL_EINTERNAL);
+}
+
+static void test_connect_errors(void **state)
+{
+	struct kplc_options opt = { .tls_ca_file = "/nonexistent/ca.pem" };
+	struct kpl_err err = { 0 };
+	struct kplc *c = (struct kplc *)&err;
+
+	assert_int_equal(kplc_connect("", &c, &err), KPL_EINVAL);
+	assert_null(c);
+	assert_string_equal(err.msg, "empty server address");
+	assert_int_equal(kplc_connect_opts("127.0.0.1:1", &opt, &c, &err), KPL_EIO);
+	assert_null(c);
+	assert_non_null(strstr(err.msg, "/nonexistent/ca.pem"));
+}
+
+static void test_unary(void **state)
+{
+	struct kplc *c = client(NULL);
+	struct kplc_status st;
+	Kpl__V1__Run *r = (Kpl__V1__Run *)&st;
+	char *id = submit(c, "");
+
+	assert_int_equal(kplc_get_run(c, id, &r, &st), 0);
+	assert_string_equal(r->id, id);
+	kplc_msg_free(r);
+
+	assert_int_equal(kplc_get_run(c, "nope", &r, &st), KPL_ENOTFOUND);
+	assert_null(r);
+	assert_int_equal(st.code, KPLC_NOT_FOUND);
+	assert_string_equal(st.message, "run \"nope\" not found");
+
+	/* The generic call, with a method the server does not have. */
+	Kpl__V1__GetRunRequest req = KPL__V1__GET_RUN_REQUEST__INIT;
+	ProtobufCMessage *m = (ProtobufCMessage *)&st;
+	req.id = id;
+	assert_int_equal(kplc_call_unary(c, "/kpl.v1.Pipelines/Nope", &req.base,
+					 &kpl__v1__run__descriptor, &m, &st),
+			 KPL_EINTERNAL);
+	assert_null(m);
+	assert_int_equal(st.code, KPLC_UNIMPLEMENTED);
+
+	free(id);
+	kplc_free(c);
+}
+
+static void test_unreachable(void **state)
+{
+	struct kpl_err err = { 0 };
+	struct kplc_status st;
+	struct kplc *c = NULL;
+	Kpl__V1__Run *r;
+
+	assert_int_equal(kplc_connect("127.0.0.1:1", &c, &err), 0);
+	assert_int_equal(kplc_get_run(c, "x", &r, &st), KPL_EUNAVAILABLE);
+	assert_int_equal(st.code, KPLC_UNAVAILABLE);
+	assert_true(st.message[0] != '\0');
+	kplc_free(c);
+}
+
+static void test_deadline(void **state)
+{
+	struct kplc_options opt = { .deadline_ms = 300 };
+	struct kplc *c = client(&opt);
+	struct kplc_status st;
+	Kpl__V1__Run *r;
+	int64_t t0 = kpl_now_ms();
+
+	assert_int_equal(kplc_get_run(c, "sleep-1", &r, &st), KPL_ETIMEOUT);
+	assert_int_equal(st.code, KPLC_DEADLINE_EXCEEDED);
+	assert_true(kpl_now_ms() - t0 < 1500);
+	kplc_free(c);
+}
+
+static void test_token(void **state)
+{
+	struct kplc_options opt = { .token = "s3cret" };
+	struct kplc *c = client(&opt);
+	struct kplc_status st;
+	Kpl__V1__Run *r;
+
+	assert_int_equal(kplc_get_run(c, "whoami", &r, &st), 0);
+	assert_string_equal(r->message, "Bearer s3cret");
+	kplc_msg_free(r);
+	kplc_free(c);
+
+	c = client(NULL);
+	assert_int_equal(kplc_get_run(c, "whoami", &r, &st), 0);
+	assert_string_equal(r->message, "");
+	kplc_msg_free(r);
+	kplc_free(c);
+}
+
+static void test_stream_to_end(void **state)
+{
+	struct kplc *c = client(NULL);
+	struct kplc_stream *s = NULL;
+	struct kplc_status st;
+	Kpl__V1__RunEvent *ev;
+	char *id = submit(c, "");
+	uint64_t want = 1;
+	int rc;
+
+	assert_int_equal(kplc_watch_run(c, id, 0, &s, &st), 0);
+	while ((rc = kplc_watch_next(s, &ev, &st)) == 1) {
+		assert_int_equal(ev->seq, want);
+		assert_string_equal(ev->run_id, id);
+		want++;
+		kplc_msg_free(ev);
+	}
+	assert_int_equal(rc, 0);
+	assert_int_equal(st.code, KPLC_OK);
+	assert_int_equal(want, 11); /* 2 run + 2 x 4 stage events */
+	/* The end is sticky. */
+	assert_int_equal(kplc_watch_next(s, &ev, &st), 0);
+	assert_null(ev);
+	kplc_stream_close(s);
+	free(id);
+	kplc_free(c);
+}
+
+static void test_stream_errors_and_early_close(void **state)
+{
+	struct kplc *c = client(NULL);
+	struct kplc_stream *s = NULL;
+	struct kplc_status st;
+	Kpl__V1__RunEvent *ev;
+	char *id = submit(c, "");
+
+	/* The server's error arrives through next, and stays. */
+	assert_int_equal(kplc_watch_run(c, "nope", 1, &s, &st), 0);
+	assert_int_equal(kplc_watch_next(s, &ev, &st), KPL_ENOTFOUND);
+	assert_int_equal(st.code, KPLC_NOT_FOUND);
+	assert_int_equal(kplc_watch_next(s, &ev, &st), KPL_ENOTFOUND);
+	kplc_stream_close(s);
+
+	/* A stream closed in the middle is cancelled without blocking. */
+	assert_int_equal(kplc_watch_run(c, id, 1, &s, &st), 0);
+	assert_int_equal(kplc_watch_next(s, &ev, &st), 1);
+	kplc_msg_free(ev);
+	kplc_stream_close(s);
+
+	/* A broken stream reports UNAVAILABLE. */
+	free(id);
+	id = submit(c, "# fake: break-after 2");
+	assert_int_equal(kplc_watch_run(c, id, 1, &s, &st), 0);
+	for (int i = 0; i < 2; i++) {
+		assert_int_equal(kplc_watch_next(s, &ev, &st), 1);
+		kplc_msg_free(ev);
+	}
+	assert_int_equal(kplc_watch_next(s, &ev, &st), KPL_EUNAVAILABLE);
+	assert_int_equal(st.code, KPLC_UNAVAILABLE);
+	assert_string_equal(st.message, "fake: stream broken");
+	kplc_stream_close(s);
+	free(id);
+	kplc_free(c);
+}
+
+struct seen {
+	uint64_t seqs[64];
+	int n;
+	int stop_at; /* return 7 after this many events; 0 never */
+};
+
+static int on_event(const Kpl__V1__RunEvent *ev, void *data)
+{
+	struct seen *sn = data;
+
+	assert_true(sn->n < 64);
+	sn->seqs[sn->n++] = ev->seq;
+	return sn->stop_at && sn->n == sn->stop_at ? 7 : 0;
+}
+
+static void test_follow(void **state)
+{
+	struct kplc_follow_options fo = { .initial_backoff_ms = 10 };
+	struct kplc *c = client(NULL);
+	struct kplc_status st;
+	struct seen sn = { .n = 0 };
+	uint64_t last = 0;
+	char *id;
+
+	/* Broken after 3 events, and the server resends from 1 on resume:
+	 * still 1..10, once each. */
+	id = submit(c, "# fake: break-after 3\n# fake: resend");
+	assert_int_equal(kplc_follow_run(c, id, 0, &fo, on_event, &sn, &last, &st), 0);
+	assert_int_equal(sn.n, 10);
+	for (int i = 0; i < sn.n; i++)
+		assert_int_equal(sn.seqs[i], (uint64_t)i + 1);
+	assert_int_equal(last, 10);
+	free(id);
+
+	/* The callback stops it; its value comes back. */
+	id = submit(c, "");
+	memset(&sn, 0, sizeof sn);
+	sn.stop_at = 2;
+	assert_int_equal(kplc_follow_run(c, id, 4, &fo, on_event, &sn, &last, &st), 7);
+	assert_int_equal(sn.n, 2);
+	assert_int_equal(sn.seqs[0], 4);
+	assert_int_equal(last, 5);
+	free(id);
+
+	/* Errors other than UNAVAILABLE are not retried. */
+	memset(&sn, 0, sizeof sn);
+	assert_int_equal(kplc_follow_run(c, "nope", 1, &fo, on_event, &sn, &last, &st),
+			 KPL_ENOTFOUND);
+	assert_int_equal(sn.n, 0);
+	kplc_free(c);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_status_names),
+		cmocka_unit_test(test_connect_errors),
+		cmocka_unit_test(test_unary),
+		cmocka_unit_test(test_unreachable),
+		cmocka_unit_test(test_deadline),
+		cmocka_unit_test(test_token),
+		cmocka_unit_test(test_stream_to_end),
+		cmocka_unit_test(test_stream_errors_and_early_close),
+		cmocka_unit_test(test_follow),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
