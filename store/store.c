@@ -519,6 +519,12 @@ int store_open(uv_loop_t *loop, const char *dir, const struct store_options *opt
 		goto fail;
 	}
 
+	/* A kpld that crashed with read txns open left their reader slots
+	 * taken; free them now rather than running out later. */
+	int dead = 0;
+	if (mdb_reader_check(s->env, &dead) == 0 && dead > 0)
+		kpl_info(SUB, "%s: cleared %d reader slots left by a process that died", dir, dead);
+
 	rc = mdb_txn_begin(s->env, NULL, 0, &txn);
 	if (rc) {
 		code = kpl_errf(err, lmdb_code(rc), "store %s: mdb_txn_begin: %s", dir,
