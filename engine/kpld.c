@@ -29,6 +29,7 @@ struct kpld {
 	struct rpc *rpc;
 	struct api_server *server;
 	uv_signal_t sigint, sigterm;
+	uv_idle_t closer; /* closes the store once no commit is in flight */
 	bool stopping;
 	int exit_code;
 };
@@ -50,6 +51,23 @@ static void signal_closed(uv_handle_t *h)
 	(void)h;
 }
 
+/* engine_stopped runs inside a commit callback: the store can only close
+ * once that commit has fully unwound, on a later loop turn. */
+static void close_store(uv_idle_t *h)
+{
+	struct kpld *d = h->data;
+
+	if (store_pending_commits(d->store))
+		return;
+	uv_idle_stop(h);
+	uv_close((uv_handle_t *)h, signal_closed);
+	store_close(d->store);
+	d->store = NULL;
+	uv_close((uv_handle_t *)&d->sigint, signal_closed);
+	uv_close((uv_handle_t *)&d->sigterm, signal_closed);
+	kpl_info(LOG, "stopped");
+}
+
 static void engine_stopped(void *data)
 {
 	struct kpld *d = data;
@@ -57,11 +75,9 @@ static void engine_stopped(void *data)
 	d->eng = NULL;
 	rpc_free(d->rpc);
 	d->rpc = NULL;
-	store_close(d->store);
-	d->store = NULL;
-	uv_close((uv_handle_t *)&d->sigint, signal_closed);
-	uv_close((uv_handle_t *)&d->sigterm, signal_closed);
-	kpl_info(LOG, "stopped");
+	uv_idle_init(d->loop, &d->closer);
+	d->closer.data = d;
+	uv_idle_start(&d->closer, close_store);
 }
 
 static void server_stopped(void *data)
