@@ -770,7 +770,7 @@ int api_server_start(uv_loop_t *loop, const struct api_server_options *opt,
 	struct api_server *s;
 	grpc_server_credentials *creds;
 	int rc;
-	grpc_arg args[6];
+	grpc_arg args[7];
 	grpc_channel_args chargs = { KPL_ARRAY_SIZE(args), args };
 	size_t n_builtin = 4;
 
@@ -835,6 +835,11 @@ int api_server_start(uv_loop_t *loop, const struct api_server_options *opt,
 	args[5].type = GRPC_ARG_INTEGER;
 	args[5].key = GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA;
 	args[5].value.integer = 0;
+	/* grpc sets SO_REUSEPORT by default: a second kpld on the same port
+	 * would then start and share the traffic instead of failing. */
+	args[6].type = GRPC_ARG_INTEGER;
+	args[6].key = GRPC_ARG_ALLOW_REUSEPORT;
+	args[6].value.integer = 0;
 
 	s->cq = grpc_completion_queue_create_for_next(NULL);
 	s->server = grpc_server_create(&chargs, NULL);

@@ -88,6 +88,19 @@ class ServerTest(unittest.TestCase):
         if details_has is not None:
             self.assertIn(details_has, e.details())
 
+    # --- Start-up errors. ---
+
+    def test_00_listen_errors(self):
+        """A port in use (even by another kpld) or a bad address fails
+        start-up with a message naming the address."""
+        for addr in [self.addr, "not an address"]:
+            p = subprocess.run([SERVER, addr], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, timeout=TIMEOUT)
+            self.assertEqual(p.returncode, 1, p.stdout)
+            self.assertIn(("listen %s: cannot bind" % addr).encode(), p.stderr)
+            self.assertNotIn(b"PORT=", p.stdout)
+        self.assertEqual(self.c.health_check(), "SERVING")
+
     # --- Health. ---
 
     def test_01_health_check(self):
