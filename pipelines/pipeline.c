@@ -644,6 +644,50 @@ static int want_duration(struct vctx *c, const struct pl_node *n,
 	return 0;
 }
 
+/* Edit distance of two short strings (0 for long ones' prefixes is fine:
+ * this only picks a suggestion for a typo). */
+static size_t edit_distance(const char *a, const char *b)
+{
+	size_t la = strlen(a), lb = strlen(b);
+	size_t row[65];
+
+	if (la > 64 || lb > 64)
+		return 99;
+	for (size_t j = 0; j <= lb; j++)
+		row[j] = j;
+	for (size_t i = 1; i <= la; i++) {
+		size_t diag_prev = row[0];
+		row[0] = i;
+		for (size_t j = 1; j <= lb; j++) {
+			size_t up = row[j];
+			size_t best = diag_prev + (a[i - 1] != b[j - 1]);
+			if (up + 1 < best)
+				best = up + 1;
+			if (row[j - 1] + 1 < best)
+				best = row[j - 1] + 1;
+			row[j] = best;
+			diag_prev = up;
+		}
+	}
+	return row[lb];
+}
+
+/* The allowed word closest to k, if close enough to be a typo. */
+static const char *suggest(const char *k, const char *const *allowed)
+{
+	const char *best = NULL;
+	size_t best_d = 3;
+
+	for (size_t j = 0; allowed[j]; j++) {
+		size_t d = edit_distance(k, allowed[j]);
+		if (d < best_d) {
+			best_d = d;
+			best = allowed[j];
+		}
+	}
+	return best;
+}
+
 /* Reports keys of map not in allowed (a NULL-ended list). */
 static void check_keys(struct vctx *c, const struct pl_node *map,
 		       const char *path, const char *const *allowed)
@@ -665,8 +709,14 @@ static void check_keys(struct vctx *c, const struct pl_node *map,
 				strcat(list, allowed[j]);
 			}
 		path_key(kpath, path, k);
-		diag(c, map->keys[i]->pos, kpath, "unknown key \"%.60s\" (allowed: %s)",
-		     k, list);
+		const char *near = suggest(k, allowed);
+		if (near)
+			diag(c, map->keys[i]->pos, kpath,
+			     "unknown key \"%.60s\": did you mean \"%s\"? (allowed: %s)",
+			     k, near, list);
+		else
+			diag(c, map->keys[i]->pos, kpath,
+			     "unknown key \"%.60s\" (allowed: %s)", k, list);
 	}
 }
 
@@ -679,8 +729,17 @@ static const struct pl_node *require(struct vctx *c, const struct pl_node *map,
 	char kpath[PATH_LEN];
 
 	if (!n) {
+		const char *want[] = { key, NULL };
+		const char *typo = NULL;
+		for (size_t i = 0; i < map->n && !typo; i++)
+			if (suggest(map->keys[i]->scalar, want))
+				typo = map->keys[i]->scalar;
 		path_key(kpath, path, key);
-		diag(c, map->pos, kpath, "missing required key \"%s\"", key);
+		if (typo)
+			diag(c, map->pos, kpath, "missing required key \"%s\" (is \"%.60s\" a typo?)",
+			     key, typo);
+		else
+			diag(c, map->pos, kpath, "missing required key \"%s\"", key);
 	}
 	return n;
 }
@@ -1045,12 +1104,15 @@ static void diag_from_kind(struct vctx *c, const struct pl_node *at,
 		pos.line = line;
 		pos.col = col;
 		m += flen + (size_t)used;
-		const char *sep = strstr(m, ": ");
-		if (sep && !strncmp(m, path, strlen(path)) &&
-		    (size_t)(sep - m) < sizeof p) {
-			snprintf(p, sizeof p, "%.*s", (int)(sep - m), m);
-			m = sep + 2;
-		}
+	} else if (!strncmp(m, c->file, flen) && !strncmp(m + flen, ": ", 2)) {
+		/* No position (a missing `with` has none): keep at's. */
+		m += flen + 2;
+	}
+	/* The path may have grown ("stages[0].with.command"). */
+	const char *sep = strstr(m, ": ");
+	if (sep && !strncmp(m, path, strlen(path)) && (size_t)(sep - m) < sizeof p) {
+		snprintf(p, sizeof p, "%.*s", (int)(sep - m), m);
+		m = sep + 2;
 	}
 	diag(c, pos, p, "%s", m[0] ? m : kpl_strerror(err->code));
 	if (err->code == KPL_ETOOBIG && c->n_diags)
