@@ -112,6 +112,7 @@ struct api_call {
 	bool status_pending;
 	int pending_code;
 	char *pending_msg;
+	grpc_byte_buffer *pending_reply;
 	grpc_byte_buffer *status_buf; /* unary reply */
 	grpc_slice status_details;
 	bool has_status_details;
@@ -299,6 +300,8 @@ static void call_free(struct api_call *c)
 		grpc_byte_buffer_destroy(c->send_buf);
 	if (c->status_buf)
 		grpc_byte_buffer_destroy(c->status_buf);
+	if (c->pending_reply)
+		grpc_byte_buffer_destroy(c->pending_reply);
 	if (c->has_status_details)
 		grpc_slice_unref(c->status_details);
 	free(c->pending_msg);
@@ -435,8 +438,7 @@ static void call_end(struct api_call *c, grpc_byte_buffer *reply, int code,
 		c->status_pending = true;
 		c->pending_code = code;
 		c->pending_msg = msg ? kpl_strdup(msg) : NULL;
-		if (reply)
-			grpc_byte_buffer_destroy(reply);
+		c->pending_reply = reply;
 	} else {
 		call_send_status(c, reply, code, msg);
 	}
@@ -463,7 +465,9 @@ static void on_sent(struct tag *t, int success)
 	}
 	if (c->status_pending) {
 		c->status_pending = false;
-		call_send_status(c, NULL, c->pending_code, c->pending_msg);
+		call_send_status(c, c->pending_reply, c->pending_code,
+				 c->pending_msg);
+		c->pending_reply = NULL;
 	} else if (!c->ended && sent) {
 		sent(c, success != 0, c->sent_data);
 	}

@@ -4,13 +4,18 @@
  *
  *   GetRun    id "missing"  -> NOT_FOUND
  *             id "slow..."  -> replies after 20 ms (from a uv_timer)
+ *             id "err"      -> api_call_fail_err(KPL_ESTATE)
+ *             id "long"     -> FAILED_PRECONDITION, 5000-byte message
  *             id "stats"    -> message "live=N cancels=N" (handler contexts
  *                              alive, stream cancels seen)
  *             otherwise     -> Run{id, pipeline_name "echo", message = the
  *                              "x-echo" metadata value or ""}
  *   WatchRun  id "forever"  -> one RunEvent every 2 ms until the client
- *                              cancels; otherwise from_seq events, seq 1..N,
- *                              then OK
+ *                              cancels; "reply-last": event 1, then
+ *                              api_call_reply(event 2) while the send is in
+ *                              flight; "finish-early": event 1 and OK
+ *                              without waiting for it; otherwise from_seq
+ *                              events, seq 1..N, then OK
  *   CancelRun id "serving" / "not-serving" -> api_server_set_serving
  *
  * Prints "PORT=n" once listening; on SIGTERM shuts the server down and exits
@@ -75,6 +80,16 @@ static void get_run(struct api_call *call, const ProtobufCMessage *req,
 
 	if (strcmp(r->id, "missing") == 0) {
 		api_call_fail(call, 5, "run \"missing\" not found");
+	} else if (strcmp(r->id, "err") == 0) {
+		struct kpl_err err;
+		kpl_errf(&err, KPL_ESTATE, "run \"err\" is finished");
+		api_call_fail_err(call, &err);
+	} else if (strcmp(r->id, "long") == 0) {
+		char *big = kpl_malloc(5001);
+		memset(big, 'm', 5000);
+		big[5000] = '\0';
+		api_call_fail(call, 9, big);
+		free(big);
 	} else if (strcmp(r->id, "stats") == 0) {
 		snprintf(msg, sizeof msg, "live=%d cancels=%d", live, cancels);
 		reply_run(call, r->id, msg);
@@ -170,7 +185,20 @@ static void watch_run(struct api_call *call, const ProtobufCMessage *req,
 	uv_timer_init(data, &w->timer);
 	w->timer.data = w;
 	api_call_on_cancel(call, watch_cancelled, w);
-	if (!strcmp(r->id, "forever") || r->from_seq > 0)
+	if (strcmp(r->id, "reply-last") == 0) {
+		/* Ends while a send is in flight: the final message and the
+		 * status follow it. */
+		Kpl__V1__RunEvent last = KPL__V1__RUN_EVENT__INIT;
+		watch_send(w);
+		last.run_id = w->id;
+		last.seq = 2;
+		w->ended = true;
+		api_call_reply(call, &last.base);
+		uv_close((uv_handle_t *)&w->timer, watch_closed);
+	} else if (strcmp(r->id, "finish-early") == 0) {
+		watch_send(w);
+		watch_end(w, 0, NULL);
+	} else if (!strcmp(r->id, "forever") || r->from_seq > 0)
 		watch_send(w);
 	else
 		watch_end(w, 0, NULL);

@@ -242,6 +242,24 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(len(list(call)), 3)
         self.assertEqual(call.code(), grpc.StatusCode.OK)
 
+    def test_23b_end_with_send_in_flight(self):
+        call = self.c.stream(PIPELINES + "/WatchRun", {"id": "reply-last"})
+        self.assertEqual([e.seq for e in call], [1, 2])
+        self.assertEqual(call.code(), grpc.StatusCode.OK)
+        call = self.c.stream(PIPELINES + "/WatchRun", {"id": "finish-early"})
+        self.assertEqual([e.seq for e in call], [1])
+        self.assertEqual(call.code(), grpc.StatusCode.OK)
+        wait_until(lambda: self.stats()["live"] == "0", what="stream handlers to end")
+
+    def test_20b_fail_err_and_long_message(self):
+        with self.assertRaises(grpc.RpcError) as ctx:
+            self.c.call(PIPELINES + "/GetRun", {"id": "err"})
+        self.assertCode(ctx, grpc.StatusCode.FAILED_PRECONDITION, 'run "err" is finished')
+        with self.assertRaises(grpc.RpcError) as ctx:
+            self.c.call(PIPELINES + "/GetRun", {"id": "long"})
+        self.assertCode(ctx, grpc.StatusCode.FAILED_PRECONDITION)
+        self.assertEqual(ctx.exception.details(), "m" * 1024)
+
     def test_24_unknown_method(self):
         for path in ["/kpl.v1.Pipelines/Nope", "/kpl.v9.Other/Thing"]:
             with self.assertRaises(grpc.RpcError) as ctx:
