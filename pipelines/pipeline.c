@@ -1590,15 +1590,20 @@ static bool looks_like_json(const char *text, size_t len)
 	return false;
 }
 
-static int cmp_diag(const void *a, const void *b)
+/* File order, stable (equal positions keep the order found); insertion
+ * sort, as there are at most PL_MAX_DIAGS. */
+static void sort_diags(struct pl_diag *d, size_t n)
 {
-	const struct pl_diag *x = a, *y = b;
-	if (x->line != y->line)
-		return x->line < y->line ? -1 : 1;
-	if (x->col != y->col)
-		return x->col < y->col ? -1 : 1;
-	/* Stable: equal positions keep the order they were found in. */
-	return x < y ? -1 : x > y;
+	for (size_t i = 1; i < n; i++) {
+		struct pl_diag x = d[i];
+		size_t j = i;
+		while (j > 0 && (d[j - 1].line > x.line ||
+				 (d[j - 1].line == x.line && d[j - 1].col > x.col))) {
+			d[j] = d[j - 1];
+			j--;
+		}
+		d[j] = x;
+	}
 }
 
 /* Runs everything; the pipeline in *out is valid only if c->n_diags is 0. */
@@ -1642,7 +1647,7 @@ static void run(struct vctx *c, const char *text, size_t len, struct pipeline **
 	if (c->n_diags)
 		return;
 	validate(c, p->root);
-	qsort(c->diags, c->n_diags, sizeof *c->diags, cmp_diag);
+	sort_diags(c->diags, c->n_diags);
 }
 
 static void vctx_release(struct vctx *c)
