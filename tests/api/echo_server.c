@@ -260,7 +260,7 @@ int main(int argc, char **argv)
 
 	if (api_server_start(&loop, &opt, &server, &err) < 0) {
 		fprintf(stderr, "echo_server: %s\n", err.msg);
-		return 1;
+		return uv_loop_close(&loop) == 0 ? 1 : 2;
 	}
 	api_server_set_serving(server, true);
 	uv_signal_init(&loop, &sig);
