@@ -440,7 +440,7 @@ static int script_start(struct stage *st, struct kpl_err *err)
 		argv[1] = kpl_strdup("-c");
 		argv[2] = kpl_strdup(sh->scalar);
 	}
-	s->argv0 = kpl_strdup(argv[0]);
+	s->argv0 = kpl_strdup(cmd ? argv[0] : "shell script");
 	if (wd && wd->scalar[0] == '/')
 		cwd = kpl_strdup(wd->scalar);
 	else if (wd)

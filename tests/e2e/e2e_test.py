@@ -1,0 +1,370 @@
+"""End-to-end test of kpld through its gRPC API, with a client that learns
+every type by server reflection (tests/lib/kplgrpc.py over Debian's grpcio).
+
+    /usr/bin/python3 tests/e2e/e2e_test.py PATH/TO/kpld
+
+Each test starts from the daemon the suite started (a fresh data directory
+on an ephemeral loopback port); the restart tests stop and start it. Waiting
+is done on the WatchRun stream, never with sleeps.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import grpc
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from kplgrpc import Client  # noqa: E402
+
+P = "kpl.v1.Pipelines/"
+
+TWO_STAGES = """
+name: two-stage
+params:
+  greeting: { default: "hi" }
+stages:
+  - name: build
+    kind: script
+    with: { command: ["sh", "-c", "echo greeting=$KPL_PARAM_GREETING"] }
+  - name: test
+    kind: script
+    needs: [build]
+    with: { command: ["true"] }
+"""
+
+LONG = """
+name: long
+stages:
+  - name: sleepy
+    kind: script
+    with:
+      shell: |
+        sleep 300 &
+        echo $! > "$KPL_WORKSPACE/child.pid"
+        echo started
+        wait
+  - name: after
+    kind: script
+    needs: [sleepy]
+    with: { command: ["true"] }
+"""
+
+
+class Daemon:
+    """kpld on 127.0.0.1:0 with a data directory that outlives restarts."""
+
+    def __init__(self, binary, data_dir):
+        self.binary = binary
+        self.data_dir = data_dir
+        self.proc = None
+        self.addr = None
+        self.log = os.path.join(os.path.dirname(data_dir), "kpld.log")
+
+    def start(self):
+        ready = os.path.join(self.data_dir + ".ready")
+        if os.path.exists(ready):
+            os.unlink(ready)
+        logf = open(self.log, "a")
+        self.proc = subprocess.Popen(
+            [self.binary, "--listen", "127.0.0.1:0", "--data-dir", self.data_dir,
+             "--ready-file", ready],
+            stdout=logf, stderr=logf)
+        logf.close()
+        # kpld writes the ready file (atomically) once it serves.
+        deadline = time.monotonic() + 30
+        while not os.path.exists(ready):
+            if self.proc.poll() is not None:
+                raise AssertionError("kpld exited with %s before serving; log:\n%s"
+                                     % (self.proc.returncode, open(self.log).read()))
+            if time.monotonic() > deadline:
+                raise AssertionError("kpld did not serve within 30 s")
+            time.sleep(0.02)
+        self.addr = open(ready).read().strip()
+        return Client.connect(self.addr)
+
+    def stop(self, sig=signal.SIGTERM):
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=30)
+        self.proc = None
+        return rc
+
+
+def submit(c, text, params=None, key=""):
+    return c.call(P + "SubmitRun", {"pipeline": text, "params": params or {},
+                                    "idempotency_key": key})
+
+
+def watch(c, run_id, from_seq=0, limit=None):
+    """Events of a run as dicts, until the stream ends (or limit events)."""
+    out = []
+    stream = c.stream(P + "WatchRun", {"id": run_id, "from_seq": from_seq}, timeout=60)
+    for ev in stream:
+        out.append(Client.to_dict(ev))
+        if limit is not None and len(out) >= limit:
+            stream.cancel()
+            break
+    return out
+
+
+def wait_for_log(c, run_id):
+    """Follows the run's events as they come and returns at its first log
+    line (the stage is running then)."""
+    stream = c.stream(P + "WatchRun", {"id": run_id}, timeout=60)
+    for ev in stream:
+        ev = Client.to_dict(ev)
+        if ev.get("kind") == "EVENT_KIND_LOG":
+            stream.cancel()
+            return ev
+    raise AssertionError("run %s ended without a log line" % run_id)
+
+
+def seqs(events):
+    return [int(e["seq"]) for e in events]
+
+
+def assert_eq(got, want, what):
+    if got != want:
+        raise AssertionError("%s: got %r, want %r" % (what, got, want))
+
+
+def expect_rpc_error(fn, code, contains=""):
+    try:
+        fn()
+    except grpc.RpcError as e:
+        assert_eq(e.code(), code, "status code")
+        if contains and contains not in (e.details() or ""):
+            raise AssertionError("status message %r lacks %r" % (e.details(), contains))
+        return e
+    raise AssertionError("expected %s, the call succeeded" % code)
+
+
+class Suite:
+    def __init__(self, binary, tmp):
+        self.tmp = tmp
+        self.daemon = Daemon(binary, os.path.join(tmp, "data"))
+        self.c = self.daemon.start()
+        self.runs = {}
+
+    # -- tests ----------------------------------------------------------
+
+    def test_reflection_and_health(self):
+        services = self.c.list_services()
+        for s in ("kpl.v1.Pipelines", "grpc.health.v1.Health",
+                  "grpc.reflection.v1alpha.ServerReflection"):
+            if s not in services:
+                raise AssertionError("%s not listed: %r" % (s, services))
+        assert_eq(self.c.health_check(""), "SERVING", "health of the server")
+        assert_eq(self.c.health_check("kpl.v1.Pipelines"), "SERVING", "health of Pipelines")
+
+    def test_submit_and_watch_to_success(self):
+        run = Client.to_dict(submit(self.c, TWO_STAGES, {"greeting": "hello e2e"}))
+        assert_eq(run["state"], "RUN_STATE_QUEUED", "state right after submit")
+        assert_eq([s["name"] for s in run["stages"]], ["build", "test"], "stages")
+        events = watch(self.c, run["id"])
+        assert_eq(seqs(events), list(range(1, len(events) + 1)), "event seqs")
+        logs = [e["message"] for e in events if e.get("kind") == "EVENT_KIND_LOG"]
+        assert_eq(logs, ["greeting=hello e2e"], "log lines")
+        last = events[-1]
+        assert_eq((last["kind"], last["run_state"]),
+                  ("EVENT_KIND_RUN_STATE", "RUN_STATE_SUCCEEDED"), "last event")
+        order = [(e.get("stage"), e.get("stage_state")) for e in events
+                 if e.get("kind") == "EVENT_KIND_STAGE_STATE"]
+        assert_eq(order, [("build", "STAGE_STATE_RUNNING"), ("build", "STAGE_STATE_SUCCEEDED"),
+                          ("test", "STAGE_STATE_RUNNING"), ("test", "STAGE_STATE_SUCCEEDED")],
+                  "stage order (test needs build)")
+        got = Client.to_dict(self.c.call(P + "GetRun", {"id": run["id"]}))
+        assert_eq(got["state"], "RUN_STATE_SUCCEEDED", "GetRun state")
+        assert_eq([s["state"] for s in got["stages"]],
+                  ["STAGE_STATE_SUCCEEDED"] * 2, "GetRun stage states")
+        assert_eq(int(got["last_seq"]), len(events), "last_seq")
+        self.runs["ok"] = (run["id"], events)
+
+    def test_params_are_not_shell_text(self):
+        evil = "$(echo INJECTED); `echo INJECTED`"
+        run = Client.to_dict(submit(self.c, TWO_STAGES, {"greeting": evil}))
+        logs = [e["message"] for e in watch(self.c, run["id"])
+                if e.get("kind") == "EVENT_KIND_LOG"]
+        assert_eq(logs, ["greeting=" + evil], "param reached the command verbatim")
+
+    def test_idempotency_key(self):
+        a = Client.to_dict(submit(self.c, TWO_STAGES, key="deploy-42"))
+        b = Client.to_dict(submit(self.c, TWO_STAGES, key="deploy-42"))
+        assert_eq(b["id"], a["id"], "same key, same run")
+        c = Client.to_dict(submit(self.c, TWO_STAGES, key="deploy-43"))
+        if c["id"] == a["id"]:
+            raise AssertionError("another key gave the same run")
+        watch(self.c, a["id"])
+        watch(self.c, c["id"])
+
+    def test_bad_pipeline_names_line_and_field(self):
+        bad = "name: bad\nstages:\n  - name: a\n    kind: scirpt\n"
+        expect_rpc_error(lambda: submit(self.c, bad), grpc.StatusCode.INVALID_ARGUMENT,
+                         "pipeline:4:")
+        e = expect_rpc_error(lambda: submit(self.c, bad), grpc.StatusCode.INVALID_ARGUMENT)
+        if "kind" not in e.details():
+            raise AssertionError("message does not name the field: %r" % e.details())
+        expect_rpc_error(lambda: submit(self.c, ""), grpc.StatusCode.INVALID_ARGUMENT,
+                         "pipeline")
+        expect_rpc_error(lambda: submit(self.c, TWO_STAGES, {"nope": "1"}),
+                         grpc.StatusCode.INVALID_ARGUMENT, "nope")
+
+    def test_not_found_and_bad_ids(self):
+        expect_rpc_error(lambda: self.c.call(P + "GetRun", {"id": "00000000000000zz"}),
+                         grpc.StatusCode.NOT_FOUND, "00000000000000zz")
+        expect_rpc_error(lambda: self.c.call(P + "GetRun", {"id": ""}),
+                         grpc.StatusCode.INVALID_ARGUMENT, "id")
+        expect_rpc_error(lambda: list(self.c.stream(P + "WatchRun", {"id": "nosuchrun"})),
+                         grpc.StatusCode.NOT_FOUND)
+        expect_rpc_error(lambda: self.c.call(P + "CancelRun", {"id": "nosuchrun"}),
+                         grpc.StatusCode.NOT_FOUND)
+
+    def test_oversize_request_refused(self):
+        big = "name: big\n# " + "x" * (5 * 1024 * 1024) + "\nstages: []\n"
+        expect_rpc_error(lambda: submit(self.c, big), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert_eq(self.c.health_check(""), "SERVING", "still serving after a big request")
+
+    def test_cancel_kills_process_group(self):
+        run = Client.to_dict(submit(self.c, LONG))
+        wait_for_log(self.c, run["id"])
+        child = int(open(os.path.join(self.tmp, "data", "work", run["id"],
+                                      "child.pid")).read())
+        got = Client.to_dict(self.c.call(P + "CancelRun", {"id": run["id"]}))
+        assert_eq(got["state"], "RUN_STATE_CANCELLED", "state after CancelRun")
+        assert_eq([s["state"] for s in got["stages"]],
+                  ["STAGE_STATE_CANCELLED", "STAGE_STATE_CANCELLED"], "stage states")
+        if _alive(child):
+            raise AssertionError("background child %d of the cancelled stage survived" % child)
+        expect_rpc_error(lambda: self.c.call(P + "CancelRun", {"id": run["id"]}),
+                         grpc.StatusCode.FAILED_PRECONDITION, "CANCELLED")
+        self.runs["cancelled"] = run["id"]
+
+    def test_timeout_fails_stage(self):
+        text = ("name: slow\nstages:\n  - name: s\n    kind: script\n    timeout: 1s\n"
+                "    with: { command: [\"sleep\", \"30\"] }\n")
+        run = Client.to_dict(submit(self.c, text))
+        events = watch(self.c, run["id"])
+        assert_eq(events[-1]["run_state"], "RUN_STATE_FAILED", "run state")
+        got = Client.to_dict(self.c.call(P + "GetRun", {"id": run["id"]}))
+        assert_eq(got["stages"][0]["message"], "timed out after 1s", "stage message")
+
+    def test_failure_skips_dependents(self):
+        text = ("name: failing\nstages:\n"
+                "  - { name: a, kind: script, with: { shell: 'echo oops >&2; exit 3' } }\n"
+                "  - { name: b, kind: script, needs: [a], with: { command: ['true'] } }\n")
+        run = Client.to_dict(submit(self.c, text))
+        events = watch(self.c, run["id"])
+        errs = [e for e in events if e.get("stream") == "LOG_STREAM_STDERR"]
+        assert_eq([e["message"] for e in errs], ["oops"], "stderr line")
+        got = Client.to_dict(self.c.call(P + "GetRun", {"id": run["id"]}))
+        assert_eq(got["state"], "RUN_STATE_FAILED", "run state")
+        assert_eq(got["stages"][0]["message"], "shell script exited with status 3", "a's message")
+        assert_eq(got["stages"][1]["state"], "STAGE_STATE_SKIPPED", "b skipped")
+        if "stage a failed" not in got["message"]:
+            raise AssertionError("run message %r" % got["message"])
+
+    def test_watch_resumes_by_seq(self):
+        run_id, full = self.runs["ok"]
+        first = watch(self.c, run_id, limit=3)
+        rest = watch(self.c, run_id, from_seq=int(first[-1]["seq"]) + 1)
+        assert_eq(seqs(first + rest), seqs(full), "seqs across a reconnect")
+        assert_eq(first + rest, full, "events across a reconnect")
+        assert_eq(watch(self.c, run_id, from_seq=len(full) + 1), [],
+                  "watch past the end of a finished run")
+
+    def test_list_runs(self):
+        page = Client.to_dict(self.c.call(P + "ListRuns", {"page_size": 2}))
+        assert_eq(len(page["runs"]), 2, "page size")
+        ids = [r["id"] for r in page["runs"]]
+        if ids != sorted(ids, reverse=True):
+            raise AssertionError("not newest first: %r" % ids)
+        nxt = Client.to_dict(self.c.call(P + "ListRuns", {"page_size": 2,
+                                                           "page_token": page["next_page_token"]}))
+        if set(ids) & {r["id"] for r in nxt["runs"]}:
+            raise AssertionError("pages overlap")
+        cancelled = Client.to_dict(self.c.call(P + "ListRuns",
+                                               {"state": "RUN_STATE_CANCELLED"}))
+        assert_eq([r["id"] for r in cancelled["runs"]], [self.runs["cancelled"]],
+                  "filter by state")
+        named = Client.to_dict(self.c.call(P + "ListRuns", {"pipeline_name": "failing"}))
+        assert_eq(len(named["runs"]), 1, "filter by pipeline name")
+
+    def test_runs_survive_restart(self):
+        before = {rid: Client.to_dict(self.c.call(P + "GetRun", {"id": rid}))
+                  for rid in (self.runs["ok"][0], self.runs["cancelled"])}
+        self.c.close()
+        assert_eq(self.daemon.stop(signal.SIGTERM), 0, "kpld exit status on SIGTERM")
+        self.c = self.daemon.start()
+        for rid, run in before.items():
+            after = Client.to_dict(self.c.call(P + "GetRun", {"id": rid}))
+            assert_eq(after, run, "run %s after restart" % rid)
+        assert_eq(watch(self.c, self.runs["ok"][0]), self.runs["ok"][1],
+                  "events after restart")
+
+    def test_kill9_mid_stage_is_not_left_running(self):
+        run = Client.to_dict(submit(self.c, LONG))
+        wait_for_log(self.c, run["id"])
+        child = int(open(os.path.join(self.tmp, "data", "work", run["id"],
+                                      "child.pid")).read())
+        self.c.close()
+        self.daemon.stop(signal.SIGKILL)
+        self.c = self.daemon.start()
+        events = watch(self.c, run["id"])
+        assert_eq(seqs(events), list(range(1, len(events) + 1)), "no gap, no duplicate")
+        got = Client.to_dict(self.c.call(P + "GetRun", {"id": run["id"]}))
+        assert_eq(got["state"], "RUN_STATE_FAILED", "run state after kill -9")
+        if not got["stages"][0]["message"].startswith("interrupted by restart"):
+            raise AssertionError("stage message %r" % got["stages"][0]["message"])
+        if _alive(child):
+            raise AssertionError("the interrupted stage's child %d still runs" % child)
+
+    def close(self):
+        self.c.close()
+        if self.daemon.proc:
+            assert_eq(self.daemon.stop(signal.SIGTERM), 0, "kpld exit status on SIGTERM")
+
+
+def _alive(pid):
+    """True if pid runs (a zombie counts as gone)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def main():
+    binary = os.path.abspath(sys.argv[1])
+    tmp = tempfile.mkdtemp(prefix="kpl-e2e-", dir=os.environ.get("TEST_TMPDIR"))
+    suite = Suite(binary, tmp)
+    names = [n for n in Suite.__dict__ if n.startswith("test_")]
+    passed = failed = 0
+    for name in names:
+        t0 = time.monotonic()
+        try:
+            getattr(suite, name)()
+            passed += 1
+            print("PASS %s (%.2fs)" % (name, time.monotonic() - t0), flush=True)
+        except Exception:
+            failed += 1
+            print("FAIL %s" % name, flush=True)
+            traceback.print_exc()
+    try:
+        suite.close()
+    except Exception:
+        failed += 1
+        print("FAIL clean stop", flush=True)
+        traceback.print_exc()
+    if failed:
+        print("kpld log (%s):" % suite.daemon.log)
+        print(open(suite.daemon.log).read()[-8000:])
+    print("%d passed, %d failed" % (passed, failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
