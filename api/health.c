@@ -20,6 +20,7 @@ struct watcher {
 	const char *service; /* borrowed from the call's request */
 	int last_sent;       /* status last sent, or STATUS_NONE */
 	bool sending;        /* one api_call_send in flight */
+	bool ended;          /* call ended; freed once no send is in flight */
 };
 
 struct api_health {
@@ -75,18 +76,23 @@ void api_health_check(struct api_call *call, const ProtobufCMessage *req,
 	api_call_reply(call, &resp.base);
 }
 
+/* Ends the call (once) and frees w when no send is in flight. */
 static void watcher_end(struct watcher *w)
 {
 	struct api_health *h = w->h;
 
-	if (w->prev)
-		w->prev->next = w->next;
-	else
-		h->watchers = w->next;
-	if (w->next)
-		w->next->prev = w->prev;
-	api_call_finish(w->call, 1 /* CANCELLED */, "health watch ended");
-	free(w);
+	if (!w->ended) {
+		w->ended = true;
+		if (w->prev)
+			w->prev->next = w->next;
+		else
+			h->watchers = w->next;
+		if (w->next)
+			w->next->prev = w->prev;
+		api_call_finish(w->call, 1 /* CANCELLED */, "health watch ended");
+	}
+	if (!w->sending)
+		free(w);
 }
 
 static void watcher_sent(struct api_call *call, bool ok, void *data);
@@ -114,15 +120,13 @@ static void watcher_sent(struct api_call *call, bool ok, void *data)
 	struct watcher *w = data;
 
 	w->sending = false;
-	if (!ok) {
+	if (w->ended || !ok) {
 		watcher_end(w);
 		return;
 	}
 	watcher_pump(w);
 }
 
-/* A pending send is never reported after the call ends, so ending here
- * while one is in flight is safe. */
 static void watcher_cancelled(struct api_call *call, void *data)
 {
 	watcher_end(data);

@@ -468,9 +468,12 @@ static void on_sent(struct tag *t, int success)
 		call_send_status(c, c->pending_reply, c->pending_code,
 				 c->pending_msg);
 		c->pending_reply = NULL;
-	} else if (!c->ended && sent) {
-		sent(c, success != 0, c->sent_data);
 	}
+	/* Every send gets its callback, even after the handler ended the
+	 * call (libuv's rule: no free while a callback may still fire). The
+	 * send's reference keeps the call valid until it returns. */
+	if (sent)
+		sent(c, success != 0, c->sent_data);
 	call_unref(c);
 }
 
@@ -493,10 +496,8 @@ static void on_recv(struct tag *t, int success)
 		msg = unpack_message(c->recv_desc, bb);
 		st = msg ? API_RECV_MSG : API_RECV_BADMSG;
 	}
-	if (!c->ended && c->recv_fn)
-		c->recv_fn(c, msg, st, c->recv_data);
-	else if (msg)
-		protobuf_c_message_free_unpacked(msg, NULL);
+	/* Like sends, every read gets its callback. */
+	c->recv_fn(c, msg, st, c->recv_data);
 	call_unref(c);
 }
 

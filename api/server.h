@@ -92,7 +92,10 @@ void api_call_fail_err(struct api_call *call, const struct kpl_err *err);
 /*
  * Server streaming: sends one message (serialized at once). At most one send
  * may be outstanding: sent(call, ok, data) is called on the loop when grpc has
- * taken it (ok false: the client is gone; stop sending and finish).
+ * taken it (ok false: the client is gone; stop sending and finish). It is
+ * called once for every send, also when the call ended (finish, fail) while
+ * the send was in flight: then call is still valid during the callback but
+ * must not be ended again, and the handler frees its state there.
  */
 void api_call_send(struct api_call *call, const ProtobufCMessage *msg,
 		   void (*sent)(struct api_call *call, bool ok, void *data),

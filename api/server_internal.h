@@ -44,8 +44,9 @@ enum api_recv_status {
 /*
  * Bidi streams: reads the next request message. At most one read may be
  * outstanding. fn runs on the loop; on API_RECV_MSG it owns msg (free with
- * protobuf_c_message_free_unpacked(msg, NULL)), otherwise msg is NULL. fn is
- * not called if the handler ended the call meanwhile.
+ * protobuf_c_message_free_unpacked(msg, NULL)), otherwise msg is NULL. Like
+ * api_call_send's sent, fn is called exactly once, even if the handler ended
+ * the call meanwhile (then it must not end it again).
  */
 void api_call_recv(struct api_call *call,
 		   const ProtobufCMessageDescriptor *desc,

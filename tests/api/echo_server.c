@@ -113,7 +113,9 @@ struct watch {
 	struct api_call *call;
 	char *id;
 	uint64_t seq, last; /* last == 0: forever */
-	bool ended;
+	bool ended;   /* the call is ended */
+	bool sending; /* a send is in flight: its callback is still due */
+	bool closing;
 };
 
 static void watch_closed(uv_handle_t *h)
@@ -125,13 +127,22 @@ static void watch_closed(uv_handle_t *h)
 	live--;
 }
 
+/* Frees w once the call is ended and no send callback is due. */
+static void watch_release(struct watch *w)
+{
+	if (w->ended && !w->sending && !w->closing) {
+		w->closing = true;
+		uv_close((uv_handle_t *)&w->timer, watch_closed);
+	}
+}
+
 static void watch_end(struct watch *w, int code, const char *msg)
 {
-	if (w->ended)
-		return;
-	w->ended = true;
-	api_call_finish(w->call, code, msg);
-	uv_close((uv_handle_t *)&w->timer, watch_closed);
+	if (!w->ended) {
+		w->ended = true;
+		api_call_finish(w->call, code, msg);
+	}
+	watch_release(w);
 }
 
 static void watch_sent(struct api_call *call, bool ok, void *data);
@@ -144,6 +155,7 @@ static void watch_send(struct watch *w)
 	ev.seq = ++w->seq;
 	ev.kind = KPL__V1__EVENT_KIND__EVENT_KIND_LOG;
 	ev.message = "line";
+	w->sending = true;
 	api_call_send(w->call, &ev.base, watch_sent, w);
 }
 
@@ -156,7 +168,10 @@ static void watch_sent(struct api_call *call, bool ok, void *data)
 {
 	struct watch *w = data;
 
-	if (!ok)
+	w->sending = false;
+	if (w->ended)
+		watch_release(w);
+	else if (!ok)
 		watch_end(w, 1, "client went away");
 	else if (w->last && w->seq >= w->last)
 		watch_end(w, 0, NULL);
@@ -194,7 +209,7 @@ static void watch_run(struct api_call *call, const ProtobufCMessage *req,
 		last.seq = 2;
 		w->ended = true;
 		api_call_reply(call, &last.base);
-		uv_close((uv_handle_t *)&w->timer, watch_closed);
+		watch_release(w); /* waits for watch_sent */
 	} else if (strcmp(r->id, "finish-early") == 0) {
 		watch_send(w);
 		watch_end(w, 0, NULL);
