@@ -128,7 +128,6 @@ struct api_server {
 	grpc_server *server;
 	grpc_completion_queue *cq;
 	uv_thread_t thread;
-	bool thread_started;
 	uv_async_t async;
 	uv_mutex_t mu;
 	struct tag *ready_head, *ready_tail; /* guarded by mu */
@@ -823,8 +822,10 @@ int api_server_start(uv_loop_t *loop, const struct api_server_options *opt,
 	args[0].type = GRPC_ARG_INTEGER;
 	args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
 	args[0].value.integer = KPL_MAX_GRPC_MESSAGE_BYTES;
-	/* Keepalive: find dead watchers within ~1.5 min, and let clients ping
-	 * every 10 s, even without calls, without being sent away. */
+	/* Keepalive: ping idle connections every minute, without limit on
+	 * pings between data frames, so a vanished watcher is found within
+	 * ~1.5 min; let clients ping every 10 s, even without calls, without
+	 * being sent away. */
 	args[1].type = GRPC_ARG_INTEGER;
 	args[1].key = GRPC_ARG_KEEPALIVE_TIME_MS;
 	args[1].value.integer = 60 * 1000;
@@ -869,7 +870,6 @@ int api_server_start(uv_loop_t *loop, const struct api_server_options *opt,
 		request_arm(&s->requests[i]);
 	if ((rc = uv_thread_create(&s->thread, cq_thread, s)) < 0)
 		BUG("uv_thread_create: %s", uv_strerror(rc));
-	s->thread_started = true;
 	kpl_info(SUB, "listening on %s (port %d)", opt->listen, s->port);
 	*out = s;
 	return 0;
