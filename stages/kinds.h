@@ -1,4 +1,4 @@
-/* kinds.h - the stage kinds kpl ships, for the registry (stages/registry.c). */
+/* kinds.h - the stage kinds kpl ships, for the registry (stages/kinds.c). */
 #ifndef KPL_STAGES_KINDS_H
 #define KPL_STAGES_KINDS_H
 

@@ -1,5 +1,5 @@
 /*
- * registry.c - the stage kinds, listed once. Dispatch (the engine), the
+ * kinds.c - the stage kinds, listed once. Dispatch (the engine), the
  * pipeline validator and the docs all read this table.
  */
 #include <string.h>
