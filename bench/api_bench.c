@@ -1,0 +1,689 @@
+/*
+ * api_bench.c - what a running kpld sustains through its gRPC API, measured
+ * from the outside with the blocking client (clients/kplclient.h):
+ *
+ *   submit_per_sec        SubmitRun replies with OK per second, for a
+ *                         one-stage script pipeline, from --callers threads
+ *                         over --duration seconds; once per entry of --conns
+ *                         (how many channels the callers share: "64,1" is
+ *                         one channel per caller, then one for all).
+ *   watch_events_per_sec  events per second through one WatchRun of a run
+ *                         whose script prints --lines lines: following it
+ *                         live from its submit, then replaying the stored
+ *                         run from seq 1.
+ *   noop_runs_per_sec     --noop-runs runs of ten chained noop stages,
+ *                         submitted by --callers threads and each followed
+ *                         to its end with WatchRun; the figure is durable
+ *                         stage transitions (STAGE_STATE events) per second
+ *                         of wall time, the runs/s is in the details.
+ *
+ * Between phases it waits until kpld has no QUEUED or RUNNING run (ListRuns,
+ * twice a second), so one phase's backlog does not slow the next.
+ *
+ * Every figure is one line "name=value (details)" on stdout; progress goes
+ * to stderr. Exit status 0 when every phase ran, 1 otherwise (errors counted
+ * in a phase are reported, not fatal).
+ *
+ * grpc shares one TCP connection between channels with equal arguments to
+ * the same address (its global subchannel pool), so "one channel per
+ * caller" need not mean one connection per caller: the details give the
+ * number of established client connections to kpld, read from
+ * /proc/net/tcp in the middle of the phase.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "clients/kplclient.h"
+
+#define N_CODES 17 /* grpc status codes 0..16; one more slot for others */
+
+static const char submit_pipeline[] =
+	"name: b\n"
+	"stages:\n"
+	"  - {name: t, kind: script, with: {command: [\"true\"]}}\n";
+
+struct opts {
+	const char *target;
+	double duration;
+	int callers;
+	int conns[8];
+	int n_conns;
+	long lines;
+	int noop_runs;
+	int noop_stages;
+	double idle_timeout;
+	bool do_submit, do_watch, do_noop;
+};
+
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void die(const char *fmt, const char *a, const struct kplc_status *st)
+{
+	fprintf(stderr, "api_bench: ");
+	fprintf(stderr, fmt, a);
+	if (st)
+		fprintf(stderr, ": %s: %s", kplc_status_name(st->code), st->message);
+	fputc('\n', stderr);
+	exit(1);
+}
+
+static struct kplc *connect_or_die(const char *target)
+{
+	struct kplc *c;
+	struct kpl_err err = { 0 };
+
+	if (kplc_connect(target, &c, &err))
+		die("connect %s", target, NULL);
+	return c;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* Established TCP connections whose remote port is port: the client ends of
+ * connections to kpld (only we connect to it during a bench). */
+static int count_conns(int port)
+{
+	static const char *files[] = { "/proc/net/tcp", "/proc/net/tcp6" };
+	char line[512];
+	int n = 0;
+
+	for (size_t i = 0; i < 2; i++) {
+		FILE *f = fopen(files[i], "r");
+
+		if (!f)
+			continue;
+		while (fgets(line, sizeof line, f)) {
+			char local[128], remote[128];
+			unsigned st;
+			char *colon;
+
+			if (sscanf(line, " %*d: %127s %127s %x", local, remote, &st) != 3)
+				continue;
+			colon = strrchr(remote, ':');
+			if (st == 1 && colon && strtol(colon + 1, NULL, 16) == port)
+				n++;
+		}
+		fclose(f);
+	}
+	return n;
+}
+
+static int target_port(const char *target)
+{
+	const char *colon = strrchr(target, ':');
+
+	return colon ? atoi(colon + 1) : -1;
+}
+
+/* ---------------------------------------------------------------------- */
+/* waiting for kpld to be idle */
+
+/* 1 if some run is in state, 0 if none, <0 on error. Pages on, because
+ * kpld scans at most 20000 runs per ListRuns. */
+static int any_run_in(struct kplc *c, Kpl__V1__RunState state, struct kplc_status *st)
+{
+	Kpl__V1__ListRunsRequest req = KPL__V1__LIST_RUNS_REQUEST__INIT;
+	Kpl__V1__ListRunsResponse *resp;
+	char token[128] = "";
+	int rc;
+
+	req.state = state;
+	req.page_size = 1;
+	for (;;) {
+		req.page_token = token;
+		if ((rc = kplc_list_runs(c, &req, &resp, st)))
+			return rc;
+		rc = resp->n_runs > 0;
+		if (!rc && resp->next_page_token && *resp->next_page_token)
+			snprintf(token, sizeof token, "%s", resp->next_page_token);
+		else
+			token[0] = 0;
+		kplc_msg_free(resp);
+		if (rc || !token[0])
+			return rc;
+	}
+}
+
+/* Waits until no run is QUEUED or RUNNING; returns the seconds it took. */
+static double wait_idle(struct kplc *c, double timeout)
+{
+	struct kplc_status st;
+	double t0 = now_s();
+	int rc;
+
+	for (;;) {
+		rc = any_run_in(c, KPL__V1__RUN_STATE__RUN_STATE_RUNNING, &st);
+		if (rc == 0)
+			rc = any_run_in(c, KPL__V1__RUN_STATE__RUN_STATE_QUEUED, &st);
+		if (rc < 0)
+			die("%s", "ListRuns", &st);
+		if (rc == 0)
+			return now_s() - t0;
+		if (now_s() - t0 > timeout)
+			die("kpld still busy after %s s", "the idle timeout", NULL);
+		usleep(500 * 1000);
+	}
+}
+
+/* ---------------------------------------------------------------------- */
+/* submit_per_sec */
+
+struct submit_shared {
+	struct kplc **conns;
+	int n_conns;
+	pthread_barrier_t start;
+	double t_end;
+};
+
+struct submit_worker {
+	struct submit_shared *sh;
+	int i;
+	pthread_t th;
+	long ok;
+	long errs[N_CODES + 1];
+	char first_err[N_CODES + 1][160];
+	double *lat; /* seconds, of the OK calls */
+	size_t n_lat, cap_lat;
+};
+
+static int submit_one(struct kplc *c, struct kplc_status *st)
+{
+	Kpl__V1__SubmitRunRequest req = KPL__V1__SUBMIT_RUN_REQUEST__INIT;
+	Kpl__V1__Run *run = NULL;
+	int rc;
+
+	req.pipeline = (char *)submit_pipeline;
+	rc = kplc_submit_run(c, &req, &run, st);
+	kplc_msg_free(run);
+	return rc;
+}
+
+static void *submit_thread(void *arg)
+{
+	struct submit_worker *w = arg;
+	struct kplc *c = w->sh->conns[w->i % w->sh->n_conns];
+	struct kplc_status st;
+
+	/* Not timed: connects the channel. */
+	submit_one(c, &st);
+	pthread_barrier_wait(&w->sh->start);
+	pthread_barrier_wait(&w->sh->start);
+	for (;;) {
+		double t0 = now_s(), t1;
+		int rc = submit_one(c, &st);
+
+		t1 = now_s();
+		if (t1 > w->sh->t_end)
+			break;
+		if (rc == 0) {
+			w->ok++;
+			if (w->n_lat == w->cap_lat) {
+				w->cap_lat = w->cap_lat * 2 + 1024;
+				w->lat = realloc(w->lat, w->cap_lat * sizeof *w->lat);
+				if (!w->lat)
+					abort();
+			}
+			w->lat[w->n_lat++] = t1 - t0;
+		} else {
+			int code = st.code >= 0 && st.code < N_CODES ? st.code : N_CODES;
+
+			if (!w->errs[code]++)
+				snprintf(w->first_err[code], sizeof w->first_err[code],
+					 "%.150s", st.message);
+		}
+	}
+	return NULL;
+}
+
+static void bench_submit(const struct opts *o, int n_conns, struct kplc *ctl)
+{
+	struct submit_shared sh = { .n_conns = n_conns };
+	struct submit_worker *ws = calloc((size_t)o->callers, sizeof *ws);
+	long ok = 0, errs[N_CODES + 1] = { 0 };
+	double *lat, t0, drain;
+	size_t n_lat = 0;
+	char errbuf[1024] = "";
+	size_t errlen = 0;
+	int tcp;
+
+	fprintf(stderr, "api_bench: submit: %d callers on %d channel(s), %.0f s\n",
+		o->callers, n_conns, o->duration);
+	sh.conns = calloc((size_t)n_conns, sizeof *sh.conns);
+	for (int i = 0; i < n_conns; i++)
+		sh.conns[i] = connect_or_die(o->target);
+	pthread_barrier_init(&sh.start, NULL, (unsigned)o->callers + 1);
+	for (int i = 0; i < o->callers; i++) {
+		ws[i].sh = &sh;
+		ws[i].i = i;
+		if (pthread_create(&ws[i].th, NULL, submit_thread, &ws[i]))
+			die("%s", "pthread_create", NULL);
+	}
+	/* Twice: once all callers are connected, then to publish t_end. */
+	pthread_barrier_wait(&sh.start);
+	t0 = now_s();
+	sh.t_end = t0 + o->duration;
+	pthread_barrier_wait(&sh.start);
+	usleep((useconds_t)(o->duration * 1e6 / 2));
+	tcp = count_conns(target_port(o->target));
+	for (int i = 0; i < o->callers; i++)
+		pthread_join(ws[i].th, NULL);
+
+	for (int i = 0; i < o->callers; i++) {
+		ok += ws[i].ok;
+		n_lat += ws[i].n_lat;
+		for (int k = 0; k <= N_CODES; k++)
+			errs[k] += ws[i].errs[k];
+	}
+	lat = malloc((n_lat + 1) * sizeof *lat);
+	n_lat = 0;
+	for (int i = 0; i < o->callers; i++) {
+		memcpy(lat + n_lat, ws[i].lat, ws[i].n_lat * sizeof *lat);
+		n_lat += ws[i].n_lat;
+	}
+	qsort(lat, n_lat, sizeof *lat, cmp_double);
+	for (int k = 0; k <= N_CODES; k++) {
+		const char *msg = "";
+
+		if (!errs[k])
+			continue;
+		for (int i = 0; i < o->callers && !*msg; i++)
+			msg = ws[i].first_err[k];
+		errlen += (size_t)snprintf(errbuf + errlen, sizeof errbuf - errlen,
+					   "%s%s=%ld [%.60s]", errlen ? " " : "",
+					   k < N_CODES ? kplc_status_name(k) : "OTHER",
+					   errs[k], msg);
+		if (errlen >= sizeof errbuf)
+			errlen = sizeof errbuf - 1;
+	}
+	/* The runs themselves execute after their submit: how long the
+	 * backlog takes is a figure too (script runs/s end to end). */
+	drain = wait_idle(ctl, o->idle_timeout);
+	printf("submit_per_sec=%.0f (%ld OK in %.1f s, %d callers, %d channel(s), "
+	       "%d tcp conn(s); latency p50 %.1f ms p99 %.1f ms max %.1f ms; "
+	       "errors: %s; backlog drained %.1f s after the end, so %.0f script "
+	       "runs/s end to end)\n",
+	       (double)ok / o->duration, ok, o->duration, o->callers, n_conns, tcp,
+	       n_lat ? lat[n_lat / 2] * 1e3 : 0, n_lat ? lat[n_lat * 99 / 100] * 1e3 : 0,
+	       n_lat ? lat[n_lat - 1] * 1e3 : 0, errlen ? errbuf : "none", drain,
+	       (double)(ok + o->callers) / (o->duration + drain));
+	fflush(stdout);
+
+	for (int i = 0; i < o->callers; i++)
+		free(ws[i].lat);
+	free(ws);
+	free(lat);
+	for (int i = 0; i < n_conns; i++)
+		kplc_free(sh.conns[i]);
+	free(sh.conns);
+	pthread_barrier_destroy(&sh.start);
+}
+
+/* ---------------------------------------------------------------------- */
+/* following runs */
+
+struct count {
+	long events, stage_events, log_events;
+	int final_state;     /* RunState of the last RUN_STATE event */
+	int64_t first_ns, last_ns; /* server times of the first and last event */
+};
+
+static int count_event(const Kpl__V1__RunEvent *ev, void *data)
+{
+	struct count *n = data;
+	int64_t t = ev->time ? ev->time->seconds * 1000000000 + ev->time->nanos : 0;
+
+	n->events++;
+	if (ev->kind == KPL__V1__EVENT_KIND__EVENT_KIND_STAGE_STATE)
+		n->stage_events++;
+	else if (ev->kind == KPL__V1__EVENT_KIND__EVENT_KIND_LOG)
+		n->log_events++;
+	else if (ev->kind == KPL__V1__EVENT_KIND__EVENT_KIND_RUN_STATE)
+		n->final_state = ev->run_state;
+	if (t && (!n->first_ns || t < n->first_ns))
+		n->first_ns = t;
+	if (t > n->last_ns)
+		n->last_ns = t;
+	return 0;
+}
+
+static const char *run_state_name(int s)
+{
+	const ProtobufCEnumValue *v =
+		protobuf_c_enum_descriptor_get_value(&kpl__v1__run_state__descriptor, s);
+
+	return v ? v->name : "?";
+}
+
+/* ---------------------------------------------------------------------- */
+/* watch_events_per_sec */
+
+static void bench_watch(const struct opts *o, struct kplc *c)
+{
+	Kpl__V1__SubmitRunRequest req = KPL__V1__SUBMIT_RUN_REQUEST__INIT;
+	Kpl__V1__Run *run = NULL;
+	struct kplc_status st;
+	struct count live = { 0 }, replay = { 0 };
+	char pipeline[256], id[128];
+	double t0, t_live, t_replay;
+
+	fprintf(stderr, "api_bench: watch: a run printing %ld lines\n", o->lines);
+	snprintf(pipeline, sizeof pipeline,
+		 "name: bw\n"
+		 "stages:\n"
+		 "  - {name: t, kind: script, with: {command: [\"seq\", \"1\", \"%ld\"]}}\n",
+		 o->lines);
+	req.pipeline = pipeline;
+	t0 = now_s();
+	if (kplc_submit_run(c, &req, &run, &st))
+		die("%s", "SubmitRun", &st);
+	snprintf(id, sizeof id, "%s", run->id);
+	kplc_msg_free(run);
+	if (kplc_follow_run(c, id, 1, NULL, count_event, &live, NULL, &st))
+		die("follow %s", id, &st);
+	t_live = now_s() - t0;
+
+	t0 = now_s();
+	if (kplc_follow_run(c, id, 1, NULL, count_event, &replay, NULL, &st))
+		die("replay %s", id, &st);
+	t_replay = now_s() - t0;
+
+	printf("watch_events_per_sec=%.0f (stored replay: %ld events of run %s "
+	       "in %.2f s from a fresh WatchRun at seq 1)\n",
+	       (double)replay.events / t_replay, replay.events, id, t_replay);
+	printf("watch_live_events_per_sec=%.0f (live: %ld events, %ld of them log "
+	       "lines, followed from the submit to the final event in %.2f s; "
+	       "run %s; server-side first to last event %.2f s)\n",
+	       (double)live.events / t_live, live.events, live.log_events, t_live,
+	       run_state_name(live.final_state),
+	       (double)(live.last_ns - live.first_ns) / 1e9);
+	fflush(stdout);
+	if (live.events != replay.events)
+		fprintf(stderr, "api_bench: warning: live saw %ld events, replay %ld\n",
+			live.events, replay.events);
+}
+
+/* ---------------------------------------------------------------------- */
+/* noop_runs_per_sec */
+
+struct noop_shared {
+	struct kplc **conns;
+	int n_conns;
+	const char *pipeline;
+	int runs;
+	atomic_int next;
+	pthread_barrier_t start;
+};
+
+struct noop_worker {
+	struct noop_shared *sh;
+	int i;
+	pthread_t th;
+	char (*ids)[128];
+	int n_ids;
+	struct count n;
+	long submit_errs, follow_errs, not_succeeded;
+	char first_err[200];
+};
+
+static void *noop_thread(void *arg)
+{
+	struct noop_worker *w = arg;
+	struct kplc *c = w->sh->conns[w->i % w->sh->n_conns];
+	Kpl__V1__SubmitRunRequest req = KPL__V1__SUBMIT_RUN_REQUEST__INIT;
+	struct kplc_status st;
+	int k;
+
+	req.pipeline = (char *)w->sh->pipeline;
+	w->ids = calloc((size_t)w->sh->runs, sizeof *w->ids);
+	pthread_barrier_wait(&w->sh->start);
+	while ((k = atomic_fetch_add(&w->sh->next, 1)) < w->sh->runs) {
+		Kpl__V1__Run *run = NULL;
+
+		if (kplc_submit_run(c, &req, &run, &st)) {
+			if (!w->submit_errs++)
+				snprintf(w->first_err, sizeof w->first_err, "submit: %s: %.150s",
+					 kplc_status_name(st.code), st.message);
+			continue;
+		}
+		snprintf(w->ids[w->n_ids++], sizeof w->ids[0], "%s", run->id);
+		kplc_msg_free(run);
+	}
+	for (int i = 0; i < w->n_ids; i++) {
+		struct count one = { 0 };
+
+		if (kplc_follow_run(c, w->ids[i], 1, NULL, count_event, &one, NULL, &st)) {
+			if (!w->follow_errs++)
+				snprintf(w->first_err, sizeof w->first_err, "follow: %s: %.150s",
+					 kplc_status_name(st.code), st.message);
+		}
+		if (one.final_state != KPL__V1__RUN_STATE__RUN_STATE_SUCCEEDED)
+			w->not_succeeded++;
+		w->n.events += one.events;
+		w->n.stage_events += one.stage_events;
+		if (one.first_ns && (!w->n.first_ns || one.first_ns < w->n.first_ns))
+			w->n.first_ns = one.first_ns;
+		if (one.last_ns > w->n.last_ns)
+			w->n.last_ns = one.last_ns;
+	}
+	return NULL;
+}
+
+static void bench_noop(const struct opts *o)
+{
+	struct noop_shared sh = { .n_conns = o->conns[0], .runs = o->noop_runs };
+	struct noop_worker *ws = calloc((size_t)o->callers, sizeof *ws);
+	struct count n = { 0 };
+	long submitted = 0, submit_errs = 0, follow_errs = 0, not_succeeded = 0;
+	const char *first_err = "";
+	char *pl;
+	size_t len = 0, cap = 64 + (size_t)o->noop_stages * 64;
+	double t0, wall, span;
+
+	fprintf(stderr, "api_bench: noop: %d runs of %d chained noop stages, "
+		"%d callers\n", o->noop_runs, o->noop_stages, o->callers);
+	pl = malloc(cap);
+	len += (size_t)snprintf(pl + len, cap - len, "name: bn\nstages:\n");
+	for (int i = 0; i < o->noop_stages; i++) {
+		if (i)
+			len += (size_t)snprintf(pl + len, cap - len,
+						"  - {name: s%d, kind: noop, needs: [s%d]}\n",
+						i, i - 1);
+		else
+			len += (size_t)snprintf(pl + len, cap - len,
+						"  - {name: s0, kind: noop}\n");
+	}
+	sh.pipeline = pl;
+	sh.conns = calloc((size_t)sh.n_conns, sizeof *sh.conns);
+	for (int i = 0; i < sh.n_conns; i++)
+		sh.conns[i] = connect_or_die(o->target);
+	atomic_init(&sh.next, 0);
+	pthread_barrier_init(&sh.start, NULL, (unsigned)o->callers + 1);
+	for (int i = 0; i < o->callers; i++) {
+		ws[i].sh = &sh;
+		ws[i].i = i;
+		if (pthread_create(&ws[i].th, NULL, noop_thread, &ws[i]))
+			die("%s", "pthread_create", NULL);
+	}
+	pthread_barrier_wait(&sh.start);
+	t0 = now_s();
+	for (int i = 0; i < o->callers; i++)
+		pthread_join(ws[i].th, NULL);
+	wall = now_s() - t0;
+
+	for (int i = 0; i < o->callers; i++) {
+		struct noop_worker *w = &ws[i];
+
+		submitted += w->n_ids;
+		submit_errs += w->submit_errs;
+		follow_errs += w->follow_errs;
+		not_succeeded += w->not_succeeded;
+		if (!*first_err)
+			first_err = w->first_err;
+		n.events += w->n.events;
+		n.stage_events += w->n.stage_events;
+		if (w->n.first_ns && (!n.first_ns || w->n.first_ns < n.first_ns))
+			n.first_ns = w->n.first_ns;
+		if (w->n.last_ns > n.last_ns)
+			n.last_ns = w->n.last_ns;
+	}
+	span = (double)(n.last_ns - n.first_ns) / 1e9;
+	printf("noop_runs_per_sec=%.0f (stage transitions/s over wall time; "
+	       "%ld runs x %d noop stages, %ld STAGE_STATE events of %ld in %.2f s "
+	       "from the first submit to the last watch's end, %d callers; "
+	       "%.0f runs/s; server first-to-last event %.2f s = %.0f transitions/s; "
+	       "submit errors %ld, follow errors %ld, not SUCCEEDED %ld%s%s)\n",
+	       (double)n.stage_events / wall, submitted, o->noop_stages,
+	       n.stage_events, n.events, wall, o->callers, (double)submitted / wall,
+	       span, span > 0 ? (double)n.stage_events / span : 0, submit_errs,
+	       follow_errs, not_succeeded, *first_err ? "; first: " : "", first_err);
+	fflush(stdout);
+
+	for (int i = 0; i < o->callers; i++)
+		free(ws[i].ids);
+	free(ws);
+	for (int i = 0; i < sh.n_conns; i++)
+		kplc_free(sh.conns[i]);
+	free(sh.conns);
+	free(pl);
+	pthread_barrier_destroy(&sh.start);
+}
+
+/* ---------------------------------------------------------------------- */
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+		"usage: api_bench [--target HOST:PORT | --ready-file PATH] [--duration S]\n"
+		"                 [--callers N] [--conns N[,N...]] [--lines N]\n"
+		"                 [--noop-runs M] [--noop-stages K] [--only submit,watch,noop]\n"
+		"\n"
+		"  --target HOST:PORT  kpld to measure (default " KPLC_DEFAULT_TARGET ")\n"
+		"  --ready-file PATH   read HOST:PORT from kpld's --ready-file instead\n"
+		"  --duration S        seconds of SubmitRun per run of the phase (default 10)\n"
+		"  --callers N         concurrent callers, one thread each (default 64)\n"
+		"  --conns LIST        channels the callers share, one submit phase per\n"
+		"                      entry (default N,1: one per caller, then one)\n"
+		"  --lines N           lines the watched run prints (default 50000)\n"
+		"  --noop-runs M       runs in the noop phase (default 1000)\n"
+		"  --noop-stages K     chained noop stages per run (default 10)\n"
+		"  --idle-timeout S    longest wait for kpld to finish a backlog (default 600)\n"
+		"  --only LIST         phases to run (default submit,watch,noop)\n");
+}
+
+static void read_ready(const char *path, char *buf, size_t size)
+{
+	FILE *f = fopen(path, "r");
+
+	if (!f || !fgets(buf, (int)size, f))
+		die("cannot read %s", path, NULL);
+	fclose(f);
+	buf[strcspn(buf, "\r\n")] = 0;
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option lopts[] = {
+		{ "target", required_argument, NULL, 't' },
+		{ "ready-file", required_argument, NULL, 'r' },
+		{ "duration", required_argument, NULL, 'd' },
+		{ "callers", required_argument, NULL, 'c' },
+		{ "conns", required_argument, NULL, 'n' },
+		{ "lines", required_argument, NULL, 'l' },
+		{ "noop-runs", required_argument, NULL, 'm' },
+		{ "noop-stages", required_argument, NULL, 'k' },
+		{ "idle-timeout", required_argument, NULL, 'i' },
+		{ "only", required_argument, NULL, 'o' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct opts o = {
+		.target = KPLC_DEFAULT_TARGET,
+		.duration = 10,
+		.callers = 64,
+		.lines = 50000,
+		.noop_runs = 1000,
+		.noop_stages = 10,
+		.idle_timeout = 600,
+		.do_submit = true, .do_watch = true, .do_noop = true,
+	};
+	const char *conns = NULL;
+	char target[256];
+	struct kplc *ctl;
+	int c;
+
+	while ((c = getopt_long(argc, argv, "h", lopts, NULL)) != -1) {
+		switch (c) {
+		case 't': o.target = optarg; break;
+		case 'r':
+			read_ready(optarg, target, sizeof target);
+			o.target = target;
+			break;
+		case 'd': o.duration = atof(optarg); break;
+		case 'c': o.callers = atoi(optarg); break;
+		case 'n': conns = optarg; break;
+		case 'l': o.lines = atol(optarg); break;
+		case 'm': o.noop_runs = atoi(optarg); break;
+		case 'k': o.noop_stages = atoi(optarg); break;
+		case 'i': o.idle_timeout = atof(optarg); break;
+		case 'o':
+			o.do_submit = strstr(optarg, "submit") != NULL;
+			o.do_watch = strstr(optarg, "watch") != NULL;
+			o.do_noop = strstr(optarg, "noop") != NULL;
+			break;
+		case 'h': usage(stdout); return 0;
+		default: usage(stderr); return 2;
+		}
+	}
+	if (optind != argc || o.duration <= 0 || o.callers < 1 || o.lines < 1 ||
+	    o.noop_runs < 1 || o.noop_stages < 1 || o.noop_stages > 256) {
+		usage(stderr);
+		return 2;
+	}
+	if (conns) {
+		for (char *p = (char *)conns; *p && o.n_conns < 8; p++) {
+			int n = (int)strtol(p, &p, 10);
+
+			o.conns[o.n_conns++] = n < 1 ? 1 : n > o.callers ? o.callers : n;
+			if (!*p)
+				break;
+		}
+	} else {
+		o.conns[o.n_conns++] = o.callers;
+		if (o.callers > 1)
+			o.conns[o.n_conns++] = 1;
+	}
+
+	ctl = connect_or_die(o.target);
+	wait_idle(ctl, o.idle_timeout);
+	if (o.do_submit)
+		for (int i = 0; i < o.n_conns; i++)
+			bench_submit(&o, o.conns[i], ctl);
+	if (o.do_watch) {
+		bench_watch(&o, ctl);
+		wait_idle(ctl, o.idle_timeout);
+	}
+	if (o.do_noop)
+		bench_noop(&o);
+	kplc_free(ctl);
+	return 0;
+}
