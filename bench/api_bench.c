@@ -51,6 +51,13 @@ static const char submit_pipeline[] =
 	"stages:\n"
 	"  - {name: t, kind: script, with: {command: [\"true\"]}}\n";
 
+/* The same without a child process: what SubmitRun costs when the run
+ * behind it is cheap (a script stage forks and execs). */
+static const char submit_noop_pipeline[] =
+	"name: bn1\n"
+	"stages:\n"
+	"  - {name: t, kind: noop}\n";
+
 struct opts {
 	const char *target;
 	double duration;
@@ -61,7 +68,7 @@ struct opts {
 	int noop_runs;
 	int noop_stages;
 	double idle_timeout;
-	bool do_submit, do_watch, do_noop;
+	bool do_submit, do_submit_noop, do_watch, do_noop;
 };
 
 static double now_s(void)
@@ -189,6 +196,7 @@ static double wait_idle(struct kplc *c, double timeout)
 /* submit_per_sec */
 
 struct submit_shared {
+	const char *pipeline;
 	struct kplc **conns;
 	int n_conns;
 	pthread_barrier_t start;
@@ -206,13 +214,13 @@ struct submit_worker {
 	size_t n_lat, cap_lat;
 };
 
-static int submit_one(struct kplc *c, struct kplc_status *st)
+static int submit_one(struct kplc *c, const char *pipeline, struct kplc_status *st)
 {
 	Kpl__V1__SubmitRunRequest req = KPL__V1__SUBMIT_RUN_REQUEST__INIT;
 	Kpl__V1__Run *run = NULL;
 	int rc;
 
-	req.pipeline = (char *)submit_pipeline;
+	req.pipeline = (char *)pipeline;
 	rc = kplc_submit_run(c, &req, &run, st);
 	kplc_msg_free(run);
 	return rc;
@@ -225,12 +233,12 @@ static void *submit_thread(void *arg)
 	struct kplc_status st;
 
 	/* Not timed: connects the channel. */
-	submit_one(c, &st);
+	submit_one(c, w->sh->pipeline, &st);
 	pthread_barrier_wait(&w->sh->start);
 	pthread_barrier_wait(&w->sh->start);
 	for (;;) {
 		double t0 = now_s(), t1;
-		int rc = submit_one(c, &st);
+		int rc = submit_one(c, w->sh->pipeline, &st);
 
 		t1 = now_s();
 		if (t1 > w->sh->t_end)
@@ -255,9 +263,10 @@ static void *submit_thread(void *arg)
 	return NULL;
 }
 
-static void bench_submit(const struct opts *o, int n_conns, struct kplc *ctl)
+static void bench_submit(const struct opts *o, const char *name, const char *pipeline,
+			 int n_conns, struct kplc *ctl)
 {
-	struct submit_shared sh = { .n_conns = n_conns };
+	struct submit_shared sh = { .pipeline = pipeline, .n_conns = n_conns };
 	struct submit_worker *ws = calloc((size_t)o->callers, sizeof *ws);
 	long ok = 0, errs[N_CODES + 1] = { 0 };
 	double *lat, t0, drain;
@@ -266,8 +275,8 @@ static void bench_submit(const struct opts *o, int n_conns, struct kplc *ctl)
 	size_t errlen = 0;
 	int tcp;
 
-	fprintf(stderr, "api_bench: submit: %d callers on %d channel(s), %.0f s\n",
-		o->callers, n_conns, o->duration);
+	fprintf(stderr, "api_bench: %s: %d callers on %d channel(s), %.0f s\n",
+		name, o->callers, n_conns, o->duration);
 	sh.conns = calloc((size_t)n_conns, sizeof *sh.conns);
 	for (int i = 0; i < n_conns; i++)
 		sh.conns[i] = connect_or_die(o->target);
@@ -318,11 +327,11 @@ static void bench_submit(const struct opts *o, int n_conns, struct kplc *ctl)
 	/* The runs themselves execute after their submit: how long the
 	 * backlog takes is a figure too (script runs/s end to end). */
 	drain = wait_idle(ctl, o->idle_timeout);
-	printf("submit_per_sec=%.0f (%ld OK in %.1f s, %d callers, %d channel(s), "
+	printf("%s=%.0f (%ld OK in %.1f s, %d callers, %d channel(s), "
 	       "%d tcp conn(s); latency p50 %.1f ms p99 %.1f ms max %.1f ms; "
-	       "errors: %s; backlog drained %.1f s after the end, so %.0f script "
+	       "errors: %s; backlog drained %.1f s after the end, so %.0f "
 	       "runs/s end to end)\n",
-	       (double)ok / o->duration, ok, o->duration, o->callers, n_conns, tcp,
+	       name, (double)ok / o->duration, ok, o->duration, o->callers, n_conns, tcp,
 	       n_lat ? lat[n_lat / 2] * 1e3 : 0, n_lat ? lat[n_lat * 99 / 100] * 1e3 : 0,
 	       n_lat ? lat[n_lat - 1] * 1e3 : 0, errlen ? errbuf : "none", drain,
 	       (double)(ok + o->callers) / (o->duration + drain));
@@ -587,7 +596,9 @@ static void usage(FILE *f)
 		"  --noop-runs M       runs in the noop phase (default 1000)\n"
 		"  --noop-stages K     chained noop stages per run (default 10)\n"
 		"  --idle-timeout S    longest wait for kpld to finish a backlog (default 600)\n"
-		"  --only LIST         phases to run (default submit,watch,noop)\n");
+		"  --only LIST         phases to run (default submit,submit_noop,watch,noop;\n"
+		"                      submit: a script stage running true, once per\n"
+		"                      --conns entry; submit_noop: a noop stage instead)\n");
 }
 
 static void read_ready(const char *path, char *buf, size_t size)
@@ -624,7 +635,8 @@ int main(int argc, char **argv)
 		.noop_runs = 1000,
 		.noop_stages = 10,
 		.idle_timeout = 600,
-		.do_submit = true, .do_watch = true, .do_noop = true,
+		.do_submit = true, .do_submit_noop = true, .do_watch = true,
+		.do_noop = true,
 	};
 	const char *conns = NULL;
 	char target[256];
@@ -645,11 +657,17 @@ int main(int argc, char **argv)
 		case 'm': o.noop_runs = atoi(optarg); break;
 		case 'k': o.noop_stages = atoi(optarg); break;
 		case 'i': o.idle_timeout = atof(optarg); break;
-		case 'o':
-			o.do_submit = strstr(optarg, "submit") != NULL;
-			o.do_watch = strstr(optarg, "watch") != NULL;
-			o.do_noop = strstr(optarg, "noop") != NULL;
+		case 'o': {
+			/* Comma-separated names; ",LIST," makes matching exact. */
+			char buf[256];
+
+			snprintf(buf, sizeof buf, ",%s,", optarg);
+			o.do_submit = strstr(buf, ",submit,") != NULL;
+			o.do_submit_noop = strstr(buf, ",submit_noop,") != NULL;
+			o.do_watch = strstr(buf, ",watch,") != NULL;
+			o.do_noop = strstr(buf, ",noop,") != NULL;
 			break;
+		}
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
@@ -677,7 +695,9 @@ int main(int argc, char **argv)
 	wait_idle(ctl, o.idle_timeout);
 	if (o.do_submit)
 		for (int i = 0; i < o.n_conns; i++)
-			bench_submit(&o, o.conns[i], ctl);
+			bench_submit(&o, "submit_per_sec", submit_pipeline, o.conns[i], ctl);
+	if (o.do_submit_noop)
+		bench_submit(&o, "submit_noop_per_sec", submit_noop_pipeline, o.conns[0], ctl);
 	if (o.do_watch) {
 		bench_watch(&o, ctl);
 		wait_idle(ctl, o.idle_timeout);

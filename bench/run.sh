@@ -58,7 +58,8 @@ trap 'exit 130' INT TERM
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
 fs=$(df -PT "$dir" 2>/dev/null | awk 'NR == 2 { print $2 " (" $1 ")" }')
 echo "machine: nproc=$(nproc), cpu=${cpu:-unknown}, kernel=$(uname -sr)," \
-	"fs of $dir=${fs:-unknown}, date=$(date -u +%Y-%m-%dT%H:%MZ)"
+	"fs of $dir=${fs:-unknown}, loadavg=$(cut -d' ' -f1-3 /proc/loadavg)," \
+	"date=$(date -u +%Y-%m-%dT%H:%MZ)"
 
 if [ -x "$store_bench" ]; then
 	"$store_bench" "$dir/lmdb" || status=1
