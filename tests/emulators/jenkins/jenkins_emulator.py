@@ -1406,6 +1406,15 @@ class Handler(BaseHTTPRequestHandler):
         return "<?xml version='1.1' encoding='UTF-8'?>\n" + ET.tostring(root, encoding="unicode") + "\n"
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return  # the client went away (e.g. gave up on a slow log)
+        super().handle_error(request, client_address)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Jenkins remote-API emulator (tests only)")
     ap.add_argument("--port", type=int, default=0)
@@ -1435,8 +1444,7 @@ def main(argv=None):
 
     emu = Emulator(args)
     Handler.emu = emu
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
-    server.daemon_threads = True
+    server = Server(("127.0.0.1", args.port), Handler)
     port = server.server_address[1]
     if args.port_file:
         tmp = args.port_file + ".tmp"
