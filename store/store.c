@@ -31,6 +31,7 @@ enum store_db {
 	DB_PIPELINES,
 	DB_IDEM,
 	DB_ACTIVE,
+	DB_GEVENTS,
 	DB__LAST
 };
 
@@ -42,6 +43,7 @@ static const char *const db_names[DB__LAST] = {
 	[DB_PIPELINES] = "pipelines",
 	[DB_IDEM] = "idem",
 	[DB_ACTIVE] = "active",
+	[DB_GEVENTS] = "gevents",
 };
 
 /* Room for future databases without a change of maxdbs (which would need
@@ -53,10 +55,18 @@ static const char *const db_names[DB__LAST] = {
 /* run id, 0x00, be64: the longest key built from a run id. */
 #define RUN_KEY_MAX (STORE_MAX_RUN_ID_LEN + 1 + 8)
 
+enum store_op_kind {
+	OP_PUT,
+	OP_DEL,
+	/* Deletes every record of the run whose id is the key (db is
+	 * DB_RUNS): see run_delete. */
+	OP_DEL_RUN,
+};
+
 /* One staged write. key and val share one allocation (key first). */
 struct store_op {
 	enum store_db db;
-	int del;
+	enum store_op_kind kind;
 	unsigned char *key;
 	size_t klen;
 	unsigned char *val;
@@ -88,6 +98,7 @@ struct store_group {
 	int mdb_rc;
 	const char *failed_step; /* static string: "mdb_put", ... */
 	size_t failed_op;
+	enum store_db failed_db; /* the db failed_step was working on */
 };
 
 struct store {
@@ -252,7 +263,7 @@ static void group_free(struct store_group *g)
 /* Appends an op to the open group with room for vlen bytes of value, which
  * the caller fills in through op->val. */
 static struct store_op *stage_op(struct store *s, enum store_db db, const void *key,
-				 size_t klen, size_t vlen, int del)
+				 size_t klen, size_t vlen, enum store_op_kind kind)
 {
 	struct store_group *g = s->open;
 	struct store_op *op;
@@ -263,13 +274,164 @@ static struct store_op *stage_op(struct store *s, enum store_db db, const void *
 	}
 	op = &g->ops[g->nops++];
 	op->db = db;
-	op->del = del;
+	op->kind = kind;
 	op->key = kpl_malloc(klen + vlen);
 	memcpy(op->key, key, klen);
 	op->klen = klen;
 	op->val = op->key + klen;
 	op->vlen = vlen;
 	return op;
+}
+
+/* Records where a write transaction failed, for group_fail. */
+static int group_step_failed(struct store_group *g, const char *step, enum store_db db,
+			     int rc)
+{
+	g->failed_step = step;
+	g->failed_db = db;
+	return rc;
+}
+
+/*
+ * Deletes the global index entry of the event at (k, v) if the entry still
+ * names this event (its value is the event's key). An event that does not
+ * decode has no global_seq to find: its index entry, if any, stays, and
+ * store_read_global skips it once the event is gone.
+ */
+static int delete_gevent(struct store *s, struct store_group *g, MDB_txn *txn,
+			 const MDB_val *k, const MDB_val *v)
+{
+	Kpl__V1__RunEvent *ev = kpl__v1__run_event__unpack(NULL, v->mv_size, v->mv_data);
+	unsigned char gkey[8];
+	MDB_val gk = { .mv_size = sizeof gkey, .mv_data = gkey }, gv;
+	uint64_t gseq;
+	int rc;
+
+	if (!ev) {
+		kpl_warn(SUB, "%s: deleting a run: an event (%zu bytes) does not decode; its "
+			      "global index entry, if any, stays",
+			 s->dir, v->mv_size);
+		return 0;
+	}
+	gseq = ev->global_seq;
+	kpl__v1__run_event__free_unpacked(ev, NULL);
+	if (gseq == 0)
+		return 0;
+	put_be64(gkey, gseq);
+	rc = mdb_get(txn, s->dbi[DB_GEVENTS], &gk, &gv);
+	if (rc == 0 && gv.mv_size == k->mv_size && memcmp(gv.mv_data, k->mv_data, k->mv_size) == 0)
+		rc = mdb_del(txn, s->dbi[DB_GEVENTS], &gk, NULL);
+	if (rc == MDB_NOTFOUND)
+		rc = 0;
+	if (rc)
+		group_step_failed(g, "gevents (delete run)", DB_GEVENTS, rc);
+	return rc;
+}
+
+/*
+ * Deletes every key of db that starts with prefix (run id + 0x00), inside
+ * txn. The cursor seeks the prefix again after each delete rather than
+ * stepping on from a deleted entry: plain, and each seek starts from the
+ * cursor's current page. For events (gdbi set), each event's global index
+ * entry goes too, if it still points at that event.
+ */
+static int delete_prefix(struct store *s, struct store_group *g, MDB_txn *txn,
+			 enum store_db db, const unsigned char *prefix, size_t plen)
+{
+	MDB_cursor *cur = NULL;
+	MDB_val k, v;
+	int rc;
+
+	rc = mdb_cursor_open(txn, s->dbi[db], &cur);
+	if (rc)
+		return group_step_failed(g, "mdb_cursor_open (delete run)", db, rc);
+	for (;;) {
+		k.mv_size = plen;
+		k.mv_data = (void *)prefix;
+		rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+		if (rc == MDB_NOTFOUND || (rc == 0 && !(k.mv_size >= plen &&
+							memcmp(k.mv_data, prefix, plen) == 0))) {
+			rc = 0;
+			break;
+		}
+		if (rc) {
+			group_step_failed(g, "mdb_cursor_get (delete run)", db, rc);
+			break;
+		}
+		if (db == DB_EVENTS) {
+			rc = delete_gevent(s, g, txn, &k, &v);
+			if (rc)
+				break;
+		}
+		rc = mdb_cursor_del(cur, 0);
+		if (rc) {
+			group_step_failed(g, "mdb_cursor_del (delete run)", db, rc);
+			break;
+		}
+	}
+	mdb_cursor_close(cur);
+	return rc;
+}
+
+/*
+ * OP_DEL_RUN: every record of run id (idlen bytes) inside txn. Missing
+ * records are fine. The idem entry goes only if it maps to this run, since
+ * a later run may have taken the key over.
+ */
+static int run_delete(struct store *s, struct store_group *g, MDB_txn *txn, const char *id,
+		      size_t idlen)
+{
+	unsigned char prefix[RUN_KEY_MAX];
+	MDB_val k = { .mv_size = idlen, .mv_data = (void *)id };
+	MDB_val v;
+	int rc;
+
+	rc = mdb_get(txn, s->dbi[DB_RUNS], &k, &v);
+	if (rc == 0) {
+		Kpl__Store__V1__RunRecord *rec =
+			kpl__store__v1__run_record__unpack(NULL, v.mv_size, v.mv_data);
+		const char *ikey = rec && rec->run ? rec->run->idempotency_key : NULL;
+
+		if (!rec)
+			kpl_warn(SUB, "%s: deleting run %.*s: its record does not decode, so its "
+				      "idempotency key (if any) stays",
+				 s->dir, (int)idlen, id);
+		if (ikey && *ikey && strlen(ikey) <= STORE_MAX_IDEM_KEY_LEN) {
+			MDB_val ik = { .mv_size = strlen(ikey), .mv_data = (void *)ikey };
+			MDB_val iv;
+
+			rc = mdb_get(txn, s->dbi[DB_IDEM], &ik, &iv);
+			if (rc == 0 && iv.mv_size == idlen && memcmp(iv.mv_data, id, idlen) == 0)
+				rc = mdb_del(txn, s->dbi[DB_IDEM], &ik, NULL);
+			if (rc == MDB_NOTFOUND)
+				rc = 0;
+			if (rc)
+				group_step_failed(g, "idem (delete run)", DB_IDEM, rc);
+		} else {
+			rc = 0;
+		}
+		kpl__store__v1__run_record__free_unpacked(rec, NULL);
+		if (rc)
+			return rc;
+		rc = mdb_del(txn, s->dbi[DB_RUNS], &k, NULL);
+	}
+	if (rc && rc != MDB_NOTFOUND)
+		return group_step_failed(g, "runs (delete run)", DB_RUNS, rc);
+
+	memcpy(prefix, id, idlen);
+	prefix[idlen] = 0;
+	rc = delete_prefix(s, g, txn, DB_STAGES, prefix, idlen + 1);
+	if (!rc)
+		rc = delete_prefix(s, g, txn, DB_EVENTS, prefix, idlen + 1);
+	if (rc)
+		return rc;
+	static const enum store_db by_id[] = { DB_PIPELINES, DB_ACTIVE };
+	for (size_t i = 0; i < KPL_ARRAY_SIZE(by_id); i++) {
+		rc = mdb_del(txn, s->dbi[by_id[i]], &k, NULL);
+		if (rc && rc != MDB_NOTFOUND)
+			return group_step_failed(g, "mdb_del (delete run)", by_id[i], rc);
+	}
+	return 0;
 }
 
 /*
@@ -294,21 +456,31 @@ static int group_write(struct store *s, struct store_group *g)
 	for (size_t i = 0; i < g->nops; i++) {
 		struct store_op *op = &g->ops[i];
 		MDB_val k = { .mv_size = op->klen, .mv_data = op->key };
+		MDB_val v = { .mv_size = op->vlen, .mv_data = op->val };
 
-		if (op->del) {
+		g->failed_op = i;
+		switch (op->kind) {
+		case OP_PUT:
+			rc = mdb_put(txn, s->dbi[op->db], &k, &v, 0);
+			if (rc)
+				group_step_failed(g, "mdb_put", op->db, rc);
+			break;
+		case OP_DEL:
 			rc = mdb_del(txn, s->dbi[op->db], &k, NULL);
 			/* Deleting what is not there is what the caller wants. */
 			if (rc == MDB_NOTFOUND)
 				rc = 0;
-		} else {
-			MDB_val v = { .mv_size = op->vlen, .mv_data = op->val };
-			rc = mdb_put(txn, s->dbi[op->db], &k, &v, 0);
+			if (rc)
+				group_step_failed(g, "mdb_del", op->db, rc);
+			break;
+		case OP_DEL_RUN:
+			rc = run_delete(s, g, txn, (const char *)op->key, op->klen);
+			break;
+		default:
+			BUG("store: op %zu has kind %d", i, (int)op->kind);
 		}
-		if (rc) {
-			g->failed_step = op->del ? "mdb_del" : "mdb_put";
-			g->failed_op = i;
+		if (rc)
 			goto fail;
-		}
 	}
 	/* mdb_txn_commit frees the txn whether or not it succeeds. */
 	rc = mdb_txn_commit(txn);
@@ -329,10 +501,10 @@ static int group_fail(struct store *s, struct store_group *g, int rc)
 {
 	char where[96] = "", buf[256];
 
-	if (g->failed_step && (strcmp(g->failed_step, "mdb_put") == 0 ||
-			       strcmp(g->failed_step, "mdb_del") == 0))
+	if (g->failed_step && strcmp(g->failed_step, "mdb_txn_begin") != 0 &&
+	    strcmp(g->failed_step, "mdb_txn_commit") != 0)
 		snprintf(where, sizeof where, " at write %zu (db %s)", g->failed_op + 1,
-			 db_names[g->ops[g->failed_op].db]);
+			 db_names[g->failed_db]);
 	kpl_error(SUB, "%s: a commit of %zu staged writes failed in %s%s, so none was written: %s",
 		  s->dir, g->nops, g->failed_step ? g->failed_step : "commit", where,
 		  lmdb_reason(s, rc, buf, sizeof buf));
@@ -604,7 +776,7 @@ void store_stage_run(struct store *s, const Kpl__Store__V1__RunRecord *rec)
 		BUG("store_stage_run: record without a run");
 	len = need_run_id(rec->run->id, "run");
 	op = stage_op(s, DB_RUNS, rec->run->id, len,
-		      kpl__store__v1__run_record__get_packed_size(rec), 0);
+		      kpl__store__v1__run_record__get_packed_size(rec), OP_PUT);
 	kpl__store__v1__run_record__pack(rec, op->val);
 }
 
@@ -614,7 +786,7 @@ void store_stage_stage(struct store *s, const char *run_id,
 	unsigned char key[RUN_KEY_MAX];
 	size_t klen = run_key(key, run_id, need_run_id(run_id, "stage"), rec->index, 4);
 	struct store_op *op = stage_op(s, DB_STAGES, key, klen,
-				       kpl__store__v1__stage_record__get_packed_size(rec), 0);
+				       kpl__store__v1__stage_record__get_packed_size(rec), OP_PUT);
 
 	kpl__store__v1__stage_record__pack(rec, op->val);
 }
@@ -624,16 +796,24 @@ void store_stage_event(struct store *s, const Kpl__V1__RunEvent *ev)
 	unsigned char key[RUN_KEY_MAX];
 	size_t klen = run_key(key, ev->run_id, need_run_id(ev->run_id, "event"), ev->seq, 8);
 	struct store_op *op = stage_op(s, DB_EVENTS, key, klen,
-				       kpl__v1__run_event__get_packed_size(ev), 0);
+				       kpl__v1__run_event__get_packed_size(ev), OP_PUT);
 
 	kpl__v1__run_event__pack(ev, op->val);
+	if (ev->global_seq > 0) {
+		unsigned char gkey[8];
+
+		/* The index entry's value is the event's key. */
+		put_be64(gkey, ev->global_seq);
+		op = stage_op(s, DB_GEVENTS, gkey, sizeof gkey, klen, OP_PUT);
+		memcpy(op->val, key, klen);
+	}
 }
 
 void store_stage_pipeline(struct store *s, const char *run_id, const char *text,
 			  size_t len)
 {
 	size_t idlen = need_run_id(run_id, "pipeline");
-	struct store_op *op = stage_op(s, DB_PIPELINES, run_id, idlen, len, 0);
+	struct store_op *op = stage_op(s, DB_PIPELINES, run_id, idlen, len, OP_PUT);
 
 	memcpy(op->val, text, len);
 }
@@ -646,7 +826,7 @@ void store_stage_idem(struct store *s, const char *key, const char *run_id)
 	if (!idem_key_ok(key, &klen))
 		BUG("store_stage_idem: idempotency key is empty or over %d bytes",
 		    STORE_MAX_IDEM_KEY_LEN);
-	op = stage_op(s, DB_IDEM, key, klen, idlen, 0);
+	op = stage_op(s, DB_IDEM, key, klen, idlen, OP_PUT);
 	memcpy(op->val, run_id, idlen);
 }
 
@@ -654,7 +834,14 @@ void store_stage_active(struct store *s, const char *run_id, int on)
 {
 	size_t len = need_run_id(run_id, "active");
 
-	stage_op(s, DB_ACTIVE, run_id, len, 0, !on);
+	stage_op(s, DB_ACTIVE, run_id, len, 0, on ? OP_PUT : OP_DEL);
+}
+
+void store_stage_delete_run(struct store *s, const char *run_id)
+{
+	size_t len = need_run_id(run_id, "delete_run");
+
+	stage_op(s, DB_RUNS, run_id, len, 0, OP_DEL_RUN);
 }
 
 size_t store_staged(struct store *s)
@@ -978,6 +1165,173 @@ out:
 	return code;
 }
 
+uint64_t store_last_event_seq(struct store *s, const char *run_id)
+{
+	unsigned char key[RUN_KEY_MAX];
+	MDB_txn *txn = NULL;
+	MDB_cursor *cur = NULL;
+	MDB_val k, v;
+	size_t idlen;
+	uint64_t seq = 0;
+	int rc;
+
+	if (!run_id_ok(run_id, &idlen) || read_begin(s, &txn))
+		return 0;
+	rc = mdb_cursor_open(txn, s->dbi[DB_EVENTS], &cur);
+	if (rc) {
+		lmdb_fail(s, "mdb_cursor_open (events)", rc);
+		goto out;
+	}
+	/* The first key past the run's last possible event, then one back. */
+	rc = cursor_at_run(cur, key, run_id, idlen, UINT64_MAX, 8, &k, &v);
+	if (rc == 0 && !(k.mv_size == idlen + 9 && memcmp(k.mv_data, key, idlen + 9) == 0))
+		rc = mdb_cursor_get(cur, &k, &v, MDB_PREV);
+	else if (rc == MDB_NOTFOUND)
+		rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
+	if (rc == 0 && in_run(&k, key, idlen + 1) && k.mv_size == idlen + 9)
+		seq = get_be64((const unsigned char *)k.mv_data + idlen + 1);
+	else if (rc != 0 && rc != MDB_NOTFOUND)
+		lmdb_fail(s, "mdb_cursor_get (events)", rc);
+out:
+	if (cur)
+		mdb_cursor_close(cur);
+	mdb_txn_abort(txn);
+	return seq;
+}
+
+uint64_t store_last_global_seq(struct store *s)
+{
+	MDB_txn *txn = NULL;
+	MDB_cursor *cur = NULL;
+	MDB_val k, v;
+	uint64_t gseq = 0;
+	int rc;
+
+	if (read_begin(s, &txn))
+		return 0;
+	rc = mdb_cursor_open(txn, s->dbi[DB_GEVENTS], &cur);
+	if (rc) {
+		lmdb_fail(s, "mdb_cursor_open (gevents)", rc);
+		goto out;
+	}
+	rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
+	if (rc == 0 && k.mv_size == 8)
+		gseq = get_be64(k.mv_data);
+	else if (rc == 0)
+		kpl_error(SUB, "%s: the last gevents key is %zu bytes, not 8", s->dir, k.mv_size);
+	else if (rc != MDB_NOTFOUND)
+		lmdb_fail(s, "mdb_cursor_get (gevents)", rc);
+out:
+	if (cur)
+		mdb_cursor_close(cur);
+	mdb_txn_abort(txn);
+	return gseq;
+}
+
+/* 1 if a gevents value is an events key: a valid run id, 0x00, be64. */
+static int gevent_val_ok(const MDB_val *v)
+{
+	char id[STORE_MAX_RUN_ID_LEN + 1];
+	size_t idlen;
+
+	if (v->mv_size < 10 || v->mv_size > RUN_KEY_MAX)
+		return 0;
+	idlen = v->mv_size - 9;
+	memcpy(id, v->mv_data, idlen);
+	id[idlen] = '\0';
+	return ((const unsigned char *)v->mv_data)[idlen] == 0 && run_id_ok(id, &idlen) &&
+	       idlen == v->mv_size - 9;
+}
+
+int store_read_global(struct store *s, uint64_t from_gseq, size_t max, store_event_fn fn,
+		      void *data)
+{
+	unsigned char gkey[8];
+	MDB_txn *txn = NULL;
+	MDB_cursor *cur = NULL;
+	MDB_val k = { .mv_size = sizeof gkey, .mv_data = gkey }, v, ek, ev_val;
+	size_t count = 0;
+	int rc, code;
+
+	code = read_begin(s, &txn);
+	if (code)
+		return code;
+	rc = mdb_cursor_open(txn, s->dbi[DB_GEVENTS], &cur);
+	if (rc) {
+		code = lmdb_fail(s, "mdb_cursor_open (gevents)", rc);
+		goto out;
+	}
+	put_be64(gkey, from_gseq);
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		Kpl__V1__RunEvent *ev;
+		uint64_t gseq;
+		int stop;
+
+		if (max && count >= max)
+			break;
+		if (k.mv_size != 8 || !gevent_val_ok(&v)) {
+			kpl_error(SUB, "%s: a gevents record (key %zu bytes, value %zu bytes) is not "
+				       "global seq -> event key",
+				  s->dir, k.mv_size, v.mv_size);
+			code = KPL_ECORRUPT;
+			goto out;
+		}
+		gseq = get_be64(k.mv_data);
+		ek = v;
+		rc = mdb_get(txn, s->dbi[DB_EVENTS], &ek, &ev_val);
+		if (rc == MDB_NOTFOUND)
+			continue; /* its run was deleted */
+		if (rc) {
+			code = lmdb_fail(s, "mdb_get (events)", rc);
+			goto out;
+		}
+		ev = kpl__v1__run_event__unpack(NULL, ev_val.mv_size, ev_val.mv_data);
+		if (!ev) {
+			code = corrupt(s, "events", ek.mv_data, ek.mv_size, "kpl.v1.RunEvent",
+				       ev_val.mv_size);
+			goto out;
+		}
+		/* An event written again under a new global seq leaves its old
+		 * entry behind: only the entry the event names counts. */
+		if (ev->global_seq != gseq) {
+			kpl__v1__run_event__free_unpacked(ev, NULL);
+			continue;
+		}
+		stop = fn(data, ev);
+		kpl__v1__run_event__free_unpacked(ev, NULL);
+		count++;
+		if (stop) {
+			code = stop;
+			goto out;
+		}
+	}
+	if (rc != MDB_NOTFOUND && rc != 0)
+		code = lmdb_fail(s, "mdb_cursor_get (gevents)", rc);
+out:
+	if (cur)
+		mdb_cursor_close(cur);
+	mdb_txn_abort(txn);
+	return code;
+}
+
+/* Decodes the run record at (k, v) and calls fn with it: fn's value, or
+ * KPL_ECORRUPT if it does not decode. */
+static int call_run(struct store *s, const MDB_val *k, const MDB_val *v, store_run_fn fn,
+		    void *data)
+{
+	Kpl__Store__V1__RunRecord *rec =
+		kpl__store__v1__run_record__unpack(NULL, v->mv_size, v->mv_data);
+	int stop;
+
+	if (!rec)
+		return corrupt(s, "runs", k->mv_data, k->mv_size, "kpl.store.v1.RunRecord",
+			       v->mv_size);
+	stop = fn(data, rec);
+	kpl__store__v1__run_record__free_unpacked(rec, NULL);
+	return stop;
+}
+
 int store_list_runs(struct store *s, const char *after, store_run_fn fn, void *data)
 {
 	MDB_txn *txn = NULL;
@@ -1011,21 +1365,39 @@ int store_list_runs(struct store *s, const char *after, store_run_fn fn, void *d
 		rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
 	}
 	for (; rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_PREV)) {
-		Kpl__Store__V1__RunRecord *rec =
-			kpl__store__v1__run_record__unpack(NULL, v.mv_size, v.mv_data);
-		int stop;
+		code = call_run(s, &k, &v, fn, data);
+		if (code)
+			goto out;
+	}
+	if (rc != MDB_NOTFOUND)
+		code = lmdb_fail(s, "mdb_cursor_get (runs)", rc);
+out:
+	if (cur)
+		mdb_cursor_close(cur);
+	mdb_txn_abort(txn);
+	return code;
+}
 
-		if (!rec) {
-			code = corrupt(s, "runs", k.mv_data, k.mv_size, "kpl.store.v1.RunRecord",
-				       v.mv_size);
+int store_list_runs_oldest(struct store *s, store_run_fn fn, void *data)
+{
+	MDB_txn *txn = NULL;
+	MDB_cursor *cur = NULL;
+	MDB_val k, v;
+	int rc, code;
+
+	code = read_begin(s, &txn);
+	if (code)
+		return code;
+	rc = mdb_cursor_open(txn, s->dbi[DB_RUNS], &cur);
+	if (rc) {
+		code = lmdb_fail(s, "mdb_cursor_open (runs)", rc);
+		goto out;
+	}
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		code = call_run(s, &k, &v, fn, data);
+		if (code)
 			goto out;
-		}
-		stop = fn(data, rec);
-		kpl__store__v1__run_record__free_unpacked(rec, NULL);
-		if (stop) {
-			code = stop;
-			goto out;
-		}
 	}
 	if (rc != MDB_NOTFOUND)
 		code = lmdb_fail(s, "mdb_cursor_get (runs)", rc);

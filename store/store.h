@@ -9,6 +9,8 @@
  *   pipelines  run id -> the pipeline file's text
  *   idem       idempotency key -> run id
  *   active     run id -> "" for every run not yet in a final state
+ *   gevents    be64 global_seq -> the event's events key (run id, 0x00,
+ *              be64 seq): every event of every run in global order
  *
  * Writes are staged, then committed in groups: many state changes share one
  * LMDB write transaction, run on libuv's thread pool so the loop never waits
@@ -78,13 +80,26 @@ uint32_t store_schema_version(struct store *s);
 void store_stage_run(struct store *s, const Kpl__Store__V1__RunRecord *rec);
 void store_stage_stage(struct store *s, const char *run_id,
 		       const Kpl__Store__V1__StageRecord *rec);
-/* Keyed by ev->run_id and ev->seq. */
+/* Keyed by ev->run_id and ev->seq. When ev->global_seq > 0 it also stages
+ * the gevents entry (a second write, in the same group). */
 void store_stage_event(struct store *s, const Kpl__V1__RunEvent *ev);
 void store_stage_pipeline(struct store *s, const char *run_id, const char *text,
 			  size_t len);
 void store_stage_idem(struct store *s, const char *key, const char *run_id);
 /* Marks a run active (on) or not (off) in the active index. */
 void store_stage_active(struct store *s, const char *run_id, int on);
+/*
+ * Deletes a run and everything kept for it: its run record, stage records,
+ * events and their gevents entries, pipeline text and active entry, and the
+ * idem entry of the run record's idempotency_key if that maps to this run
+ * (a key another run holds stays). It runs when its group commits, inside
+ * that group's transaction, in order with the other staged writes: a write
+ * of the run staged before it is deleted too, one staged after it is kept.
+ * Missing records are fine. Any size of run (100k events and more) goes in
+ * one transaction. For retention: the engine deletes only runs in a final
+ * state, never one it still writes.
+ */
+void store_stage_delete_run(struct store *s, const char *run_id);
 /* Number of writes staged since the last store_commit/store_commit_sync
  * (ones that no commit call covers yet). */
 size_t store_staged(struct store *s);
@@ -144,6 +159,30 @@ int store_read_events(struct store *s, const char *run_id, uint64_t from_seq,
 		      size_t max, store_event_fn fn, void *data);
 
 /*
+ * The highest seq of run_id's events, 0 if it has none (or run_id is not
+ * valid, or the read fails: that is logged). One cursor seek, any number of
+ * events.
+ */
+uint64_t store_last_event_seq(struct store *s, const char *run_id);
+
+/* The highest global_seq in the gevents index, 0 if none (or the read
+ * fails: that is logged). Deleting the runs of the newest events lowers
+ * it: keep the engine's next global seq in a record of its own, not here. */
+uint64_t store_last_global_seq(struct store *s);
+
+/*
+ * Calls fn for each event of every run with global_seq >= from_gseq, in
+ * global_seq order, at most max of them (0 = no limit), all from one read
+ * transaction. Index entries whose event is gone (a deleted run) or now
+ * carries another global_seq are skipped and do not count towards max.
+ * ev is borrowed for the call only. fn returns 0 to go on, non-zero to stop
+ * (that value is then returned). Returns 0 when done, or a negative KPL_E*
+ * code (KPL_ECORRUPT for an index entry or event that does not decode).
+ */
+int store_read_global(struct store *s, uint64_t from_gseq, size_t max,
+		      store_event_fn fn, void *data);
+
+/*
  * Calls fn for runs newest first (run ids sort by creation time), starting
  * after the run id `after` (exclusive; NULL or "" = the newest). rec is
  * borrowed for the call only. fn returns 0 to go on, non-zero to stop.
@@ -151,6 +190,11 @@ int store_read_events(struct store *s, const char *run_id, uint64_t from_seq,
 typedef int (*store_run_fn)(void *data, const Kpl__Store__V1__RunRecord *rec);
 int store_list_runs(struct store *s, const char *after, store_run_fn fn,
 		    void *data);
+
+/* Calls fn for every run oldest first (the retention sweep). rec is
+ * borrowed for the call only. fn returns 0 to go on, non-zero to stop (that
+ * value is then returned). Returns 0 when done, or a negative KPL_E* code. */
+int store_list_runs_oldest(struct store *s, store_run_fn fn, void *data);
 
 /* Calls fn for every run in the active index (oldest first). An active
  * entry whose run record is missing is logged and skipped. */
