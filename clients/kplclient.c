@@ -25,6 +25,9 @@ struct kplc_stream {
 	grpc_call *call;
 	const ProtobufCMessageDescriptor *desc;
 	int md_received; /* initial metadata asked for */
+	/* Polled while waiting, if set; cancelled: we cancelled for it. */
+	const volatile sig_atomic_t *stop;
+	int cancelled;
 	/* 1 once the status is known; then result/st are replayed. */
 	int done;
 	int result;
@@ -243,6 +246,37 @@ static int pluck(grpc_completion_queue *cq, void *tag)
 	if (ev.type != GRPC_OP_COMPLETE || ev.tag != tag)
 		BUG("pluck: unexpected completion-queue event %d", ev.type);
 	return ev.success;
+}
+
+/*
+ * pluck for a stream's receive: the same, but with a stop flag it wakes
+ * every 100 ms to look at it, and once it is set cancels the call; the
+ * batch then completes at once (without a message) and the status is
+ * CANCELLED.
+ */
+static int stream_pluck(struct kplc_stream *s, void *tag)
+{
+	grpc_event ev;
+
+	if (!s->stop)
+		return pluck(s->cq, tag);
+	for (;;) {
+		if (*s->stop && !s->cancelled) {
+			grpc_call_cancel(s->call, NULL);
+			s->cancelled = 1;
+		}
+		ev = grpc_completion_queue_pluck(
+			s->cq, tag,
+			gpr_time_add(gpr_now(GPR_CLOCK_REALTIME),
+				     gpr_time_from_millis(100, GPR_TIMESPAN)),
+			NULL);
+		if (ev.type == GRPC_QUEUE_TIMEOUT)
+			continue;
+		if (ev.type != GRPC_OP_COMPLETE || ev.tag != tag)
+			BUG("pluck: unexpected completion-queue event %d",
+			    ev.type);
+		return ev.success;
+	}
 }
 
 /* A pluck queue must be drained of its shutdown event before destroy. */
@@ -477,7 +511,7 @@ int kplc_stream_next(struct kplc_stream *s, ProtobufCMessage **msg,
 		grpc_call_cancel(s->call, NULL);
 		goto done;
 	}
-	pluck(s->cq, ops);
+	stream_pluck(s, ops);
 	grpc_metadata_array_destroy(&md_in);
 
 	if (!bb) {
@@ -523,6 +557,10 @@ void kplc_stream_close(struct kplc_stream *s)
 #define M_LIST "/kpl.v1.Pipelines/ListRuns"
 #define M_WATCH "/kpl.v1.Pipelines/WatchRun"
 #define M_CANCEL "/kpl.v1.Pipelines/CancelRun"
+#define M_VALIDATE "/kpl.v1.Pipelines/ValidatePipeline"
+#define M_APPROVE "/kpl.v1.Pipelines/ApproveStage"
+#define M_RETRY "/kpl.v1.Pipelines/RetryRun"
+#define M_WATCH_ALL "/kpl.v1.Pipelines/WatchRuns"
 
 int kplc_submit_run(struct kplc *c, const Kpl__V1__SubmitRunRequest *req,
 		    Kpl__V1__Run **out, struct kplc_status *st)
@@ -570,49 +608,115 @@ int kplc_watch_run(struct kplc *c, const char *id, uint64_t from_seq,
 				&kpl__v1__run_event__descriptor, 0, out, st);
 }
 
+int kplc_validate_pipeline(struct kplc *c, const char *pipeline,
+			   Kpl__V1__ValidatePipelineResponse **out,
+			   struct kplc_status *st)
+{
+	Kpl__V1__ValidatePipelineRequest req =
+		KPL__V1__VALIDATE_PIPELINE_REQUEST__INIT;
+
+	req.pipeline = (char *)pipeline;
+	return kplc_call_unary(c, M_VALIDATE, &req.base,
+			       &kpl__v1__validate_pipeline_response__descriptor,
+			       (ProtobufCMessage **)out, st);
+}
+
+int kplc_approve_stage(struct kplc *c, const Kpl__V1__ApproveStageRequest *req,
+		       Kpl__V1__Run **out, struct kplc_status *st)
+{
+	return kplc_call_unary(c, M_APPROVE, &req->base,
+			       &kpl__v1__run__descriptor,
+			       (ProtobufCMessage **)out, st);
+}
+
+int kplc_retry_run(struct kplc *c, const char *id, Kpl__V1__Run **out,
+		   struct kplc_status *st)
+{
+	Kpl__V1__RetryRunRequest req = KPL__V1__RETRY_RUN_REQUEST__INIT;
+
+	req.id = (char *)id;
+	return kplc_call_unary(c, M_RETRY, &req.base, &kpl__v1__run__descriptor,
+			       (ProtobufCMessage **)out, st);
+}
+
+int kplc_watch_runs(struct kplc *c, const Kpl__V1__WatchRunsRequest *req,
+		    struct kplc_stream **out, struct kplc_status *st)
+{
+	return kplc_stream_open(c, M_WATCH_ALL, &req->base,
+				&kpl__v1__run_event__descriptor, 0, out, st);
+}
+
 int kplc_watch_next(struct kplc_stream *s, Kpl__V1__RunEvent **ev,
 		    struct kplc_status *st)
 {
 	return kplc_stream_next(s, (ProtobufCMessage **)ev, st);
 }
 
-static void sleep_ms(int ms)
+/* Sleeps ms, in 100 ms slices if there is a stop flag to look at. */
+static void sleep_ms(int ms, const volatile sig_atomic_t *stop)
 {
-	struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
+	while (ms > 0 && !(stop && *stop)) {
+		int n = stop && ms > 100 ? 100 : ms;
+		struct timespec ts = { n / 1000, (long)(n % 1000) * 1000000L };
 
-	while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-		;
+		while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+			;
+		ms -= n;
+	}
 }
 
-int kplc_follow_run(struct kplc *c, const char *id, uint64_t from_seq,
-		    const struct kplc_follow_options *opt, kplc_event_fn fn,
-		    void *data, uint64_t *last_seq, struct kplc_status *st)
+/*
+ * What kplc_follow_run and kplc_follow_runs share: the stream to (re)open
+ * and which sequence number orders its events.
+ */
+struct follow_src {
+	const char *what; /* for the debug log */
+	int (*open)(struct kplc *c, const struct follow_src *src, uint64_t from,
+		    struct kplc_stream **out, struct kplc_status *st);
+	uint64_t (*seq)(const Kpl__V1__RunEvent *ev);
+	const char *id;                       /* WatchRun */
+	const Kpl__V1__WatchRunsRequest *req; /* WatchRuns */
+};
+
+/*
+ * Opens src from first, then from the last delivered seq + 1 after each
+ * UNAVAILABLE; *last is the last seq handed to fn (in: the one before
+ * first, or 0).
+ */
+static int follow(struct kplc *c, const struct follow_src *src, uint64_t first,
+		  const struct kplc_follow_options *opt, kplc_event_fn fn,
+		  void *data, uint64_t *last, struct kplc_status *st)
 {
-	int max_retries = opt && opt->max_retries > 0 ? opt->max_retries : 5;
-	int backoff = opt && opt->initial_backoff_ms > 0
-			      ? opt->initial_backoff_ms : 200;
-	int initial_backoff = backoff, retries = 0, rc;
-	/* seq of the last event handed to fn; from_seq 0 and 1 both mean
-	 * "from the start". */
-	uint64_t last = from_seq > 0 ? from_seq - 1 : 0;
+	static const struct kplc_follow_options no_opts;
+	int max_retries, backoff, initial_backoff, retries = 0, rc;
+
+	if (!opt)
+		opt = &no_opts;
+	max_retries = opt->max_retries > 0 ? opt->max_retries : 5;
+	backoff = opt->initial_backoff_ms > 0 ? opt->initial_backoff_ms : 200;
+	initial_backoff = backoff;
 
 	for (;;) {
 		struct kplc_stream *s = NULL;
 		Kpl__V1__RunEvent *ev;
 		int stop = 0;
 
-		rc = kplc_watch_run(c, id, last + 1, &s, st);
+		rc = src->open(c, src, *last ? *last + 1 : first, &s, st);
+		if (rc == 0)
+			s->stop = opt->stop;
 		while (rc == 0 && (rc = kplc_watch_next(s, &ev, st)) == 1) {
+			uint64_t seq = src->seq(ev);
+
 			rc = 0;
 			retries = 0;
 			backoff = initial_backoff;
 			/* A server that resends what we asked it to skip
 			 * must not make us show a line twice. */
-			if (ev->seq <= last) {
+			if (seq <= *last) {
 				kplc_msg_free(ev);
 				continue;
 			}
-			last = ev->seq;
+			*last = seq;
 			stop = fn(ev, data);
 			kplc_msg_free(ev);
 			if (stop)
@@ -623,16 +727,77 @@ int kplc_follow_run(struct kplc *c, const char *id, uint64_t from_seq,
 			rc = stop;
 			break;
 		}
+		if (opt->stop && *opt->stop) {
+			status_set(st, KPLC_CANCELLED, "%s", "stopped");
+			rc = KPL_ECANCELLED;
+			break;
+		}
 		if (rc == 0 || st->code != KPLC_UNAVAILABLE ||
 		    retries >= max_retries)
 			break;
 		retries++;
-		kpl_debug("kplclient", "watch %s: %s, retry %d in %d ms", id,
+		kpl_debug("kplclient", "%s: %s, retry %d in %d ms", src->what,
 			  st->message, retries, backoff);
-		sleep_ms(backoff);
+		sleep_ms(backoff, opt->stop);
 		backoff = backoff * 2 > 5000 ? 5000 : backoff * 2;
 	}
+	return rc;
+}
+
+static int open_run(struct kplc *c, const struct follow_src *src,
+		    uint64_t from, struct kplc_stream **out,
+		    struct kplc_status *st)
+{
+	return kplc_watch_run(c, src->id, from, out, st);
+}
+
+static uint64_t seq_run(const Kpl__V1__RunEvent *ev)
+{
+	return ev->seq;
+}
+
+int kplc_follow_run(struct kplc *c, const char *id, uint64_t from_seq,
+		    const struct kplc_follow_options *opt, kplc_event_fn fn,
+		    void *data, uint64_t *last_seq, struct kplc_status *st)
+{
+	struct follow_src src = { .what = "watch", .open = open_run,
+				  .seq = seq_run, .id = id };
+	/* from_seq 0 and 1 both mean "from the start". */
+	uint64_t last = from_seq > 0 ? from_seq - 1 : 0;
+	int rc = follow(c, &src, last + 1, opt, fn, data, &last, st);
+
 	if (last_seq)
 		*last_seq = last;
+	return rc;
+}
+
+static int open_runs(struct kplc *c, const struct follow_src *src,
+		     uint64_t from, struct kplc_stream **out,
+		     struct kplc_status *st)
+{
+	Kpl__V1__WatchRunsRequest req = *src->req;
+
+	req.from_global_seq = from;
+	return kplc_watch_runs(c, &req, out, st);
+}
+
+static uint64_t seq_global(const Kpl__V1__RunEvent *ev)
+{
+	return ev->global_seq;
+}
+
+int kplc_follow_runs(struct kplc *c, const Kpl__V1__WatchRunsRequest *req,
+		     const struct kplc_follow_options *opt, kplc_event_fn fn,
+		     void *data, uint64_t *last_global_seq,
+		     struct kplc_status *st)
+{
+	struct follow_src src = { .what = "watch runs", .open = open_runs,
+				  .seq = seq_global, .req = req };
+	uint64_t first = req->from_global_seq;
+	uint64_t last = first > 0 ? first - 1 : 0;
+	int rc = follow(c, &src, first, opt, fn, data, &last, st);
+
+	if (last_global_seq)
+		*last_global_seq = last;
 	return rc;
 }

@@ -22,6 +22,7 @@
 #define KPL_CLIENTS_KPLCLIENT_H
 
 #include <protobuf-c/protobuf-c.h>
+#include <signal.h>
 #include <stdint.h>
 
 #include "api/kpl.pb-c.h"
@@ -160,6 +161,23 @@ int kplc_watch_run(struct kplc *c, const char *id, uint64_t from_seq,
 int kplc_watch_next(struct kplc_stream *s, Kpl__V1__RunEvent **ev,
 		    struct kplc_status *st);
 
+/* ValidatePipeline: every problem of the pipeline text, nothing run.
+ * Diagnostics carry line, column and key path, but no file name. */
+int kplc_validate_pipeline(struct kplc *c, const char *pipeline,
+			   Kpl__V1__ValidatePipelineResponse **out,
+			   struct kplc_status *st);
+/* ApproveStage: approves (req->approve) or rejects a WAITING stage; *out is
+ * the run afterwards. FAILED_PRECONDITION if the stage is not waiting. */
+int kplc_approve_stage(struct kplc *c, const Kpl__V1__ApproveStageRequest *req,
+		       Kpl__V1__Run **out, struct kplc_status *st);
+/* RetryRun: a new attempt of a FAILED or CANCELLED run (*out->attempt). */
+int kplc_retry_run(struct kplc *c, const char *id, Kpl__V1__Run **out,
+		   struct kplc_status *st);
+/* Opens WatchRuns (no deadline; it streams until closed); read it with
+ * kplc_watch_next. */
+int kplc_watch_runs(struct kplc *c, const Kpl__V1__WatchRunsRequest *req,
+		    struct kplc_stream **out, struct kplc_status *st);
+
 /*
  * Follows a run's events to the end, surviving broken streams: when WatchRun
  * ends with UNAVAILABLE it reopens it with from_seq = last seen seq + 1,
@@ -176,10 +194,31 @@ int kplc_watch_next(struct kplc_stream *s, Kpl__V1__RunEvent **ev,
 struct kplc_follow_options {
 	int max_retries;       /* 0 means 5 */
 	int initial_backoff_ms; /* 0 means 200; doubles, at most 5000 */
+	/* If not NULL, looked at every 100 ms while waiting: once it is
+	 * non-zero (a signal handler may set it) the stream is cancelled and
+	 * the follow returns KPL_ECANCELLED with st->code CANCELLED. */
+	const volatile sig_atomic_t *stop;
 };
 typedef int (*kplc_event_fn)(const Kpl__V1__RunEvent *ev, void *data);
 int kplc_follow_run(struct kplc *c, const char *id, uint64_t from_seq,
 		    const struct kplc_follow_options *opt, kplc_event_fn fn,
 		    void *data, uint64_t *last_seq, struct kplc_status *st);
+
+/*
+ * Follows WatchRuns like kplc_follow_run follows WatchRun, by global_seq:
+ * starts at req->from_global_seq (0: only new events), and on UNAVAILABLE
+ * reopens the stream with from_global_seq = last delivered global_seq + 1
+ * (or req's own from_global_seq if nothing came yet), dropping events at or
+ * below the last delivered one. req is borrowed; its filters are kept on
+ * every reopen. WatchRuns does not end by itself: this returns when fn
+ * returns non-zero (that value), when opt->stop is set (KPL_ECANCELLED),
+ * when the server ends the stream with OK (0), or on an error that is not
+ * retried (negative, st filled). *last_global_seq (if not NULL) is the last
+ * global_seq delivered (from_global_seq - 1, or 0, if none came).
+ */
+int kplc_follow_runs(struct kplc *c, const Kpl__V1__WatchRunsRequest *req,
+		     const struct kplc_follow_options *opt, kplc_event_fn fn,
+		     void *data, uint64_t *last_global_seq,
+		     struct kplc_status *st);
 
 #endif

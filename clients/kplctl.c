@@ -1,6 +1,7 @@
 /*
- * kplctl.c - the command-line client of kpld: submit, get, list, watch and
- * cancel runs over kpl.v1.Pipelines (see docs/kplctl.md).
+ * kplctl.c - the command-line client of kpld: submit, get, list, watch,
+ * cancel, retry and approve runs, lint pipeline files and follow the events
+ * of every run, over kpl.v1.Pipelines (see docs/kplctl.md).
  *
  * Commands and options are data (the two tables below); parsing, --help and
  * the per-command checks all read them. Exit codes are part of the
@@ -9,10 +10,13 @@
 #include <ctype.h>
 #include <errno.h>
 #include <jansson.h>
+#include <pwd.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "api/kpl.pb-c.h"
 #include "clients/kplclient.h"
@@ -21,7 +25,8 @@
 
 enum exit_code {
 	EXIT_OK = 0,         /* done; for watch: the run SUCCEEDED */
-	EXIT_RUN_FAILED = 1, /* the watched run ended FAILED or CANCELLED */
+	EXIT_RUN_FAILED = 1, /* the watched run ended FAILED or CANCELLED;
+				for lint: a file has an error */
 	EXIT_USAGE = 2,      /* bad command line, or FILE unreadable */
 	EXIT_RPC = 3,        /* cannot reach kpld, or it returned an error */
 };
@@ -37,6 +42,11 @@ enum opt_bit {
 	O_LIMIT = 1 << 7,
 	O_FROM_SEQ = 1 << 8,
 	O_HELP = 1 << 9,
+	O_REJECT = 1 << 10,
+	O_COMMENT = 1 << 11,
+	O_BY = 1 << 12,
+	O_FROM = 1 << 13,
+	O_KIND = 1 << 14,
 };
 #define O_GLOBAL (O_SERVER | O_HELP)
 
@@ -52,7 +62,7 @@ static const struct opt_def opt_defs[] = {
 	{ "server", 0, "HOST:PORT", O_SERVER,
 	  "kpld address (else $KPL_SERVER, else " KPLC_DEFAULT_TARGET ")" },
 	{ "output", 'o', "FORMAT", O_OUTPUT,
-	  "text (default) or json; for submit, get, list, cancel" },
+	  "text (default) or json; for events: one object a line" },
 	{ "param", 'p', "KEY=VALUE", O_PARAM, "a run parameter (repeatable)" },
 	{ "idempotency-key", 0, "K", O_IDEM,
 	  "submitting the same key again returns the same run" },
@@ -60,14 +70,22 @@ static const struct opt_def opt_defs[] = {
 	{ "state", 0, "S", O_STATE,
 	  "only runs in state S (queued, running, succeeded, failed, "
 	  "cancelled)" },
-	{ "pipeline", 0, "NAME", O_PIPELINE, "only runs of pipeline NAME" },
+	{ "pipeline", 0, "NAME", O_PIPELINE,
+	  "only runs (events) of pipeline NAME" },
 	{ "limit", 0, "N", O_LIMIT, "at most N runs (default 50)" },
 	{ "from-seq", 0, "N", O_FROM_SEQ, "start at event N (default 1)" },
+	{ "reject", 0, NULL, O_REJECT, "reject the stage instead of approving" },
+	{ "comment", 'm', "COMMENT", O_COMMENT, "why, for the record" },
+	{ "by", 0, "NAME", O_BY, "who answers (default $USER@HOSTNAME)" },
+	{ "from", 0, "N", O_FROM,
+	  "start at global event N (default: only new events)" },
+	{ "kind", 0, "K", O_KIND,
+	  "only events of kind K: run, stage or log (repeatable)" },
 	{ "help", 'h', NULL, O_HELP, "show this help" },
 };
 
 #define MAX_PARAMS KPL_MAX_PARAMS
-#define MAX_POS 2
+#define MAX_KINDS 3
 
 struct ctl {
 	const char *server;
@@ -80,7 +98,13 @@ struct ctl {
 	const char *pipeline;
 	const char *limit;
 	const char *from_seq;
-	const char *pos[MAX_POS];
+	int reject;
+	const char *comment;
+	const char *by;
+	const char *from;
+	Kpl__V1__EventKind kinds[MAX_KINDS]; /* no repeats */
+	size_t n_kinds;
+	const char **pos; /* argc entries */
 	int n_pos;
 	unsigned seen; /* enum opt_bit of the options given */
 	const struct command *cmd;
@@ -90,7 +114,7 @@ struct ctl {
 struct command {
 	const char *name;
 	const char *args; /* positional arguments, for usage */
-	int n_args;
+	int min_args, max_args; /* max_args -1: no limit */
 	unsigned opts;
 	int (*run)(struct ctl *ctl);
 	const char *help;
@@ -101,18 +125,30 @@ static int cmd_get(struct ctl *ctl);
 static int cmd_list(struct ctl *ctl);
 static int cmd_watch(struct ctl *ctl);
 static int cmd_cancel(struct ctl *ctl);
+static int cmd_retry(struct ctl *ctl);
+static int cmd_approve(struct ctl *ctl);
+static int cmd_lint(struct ctl *ctl);
+static int cmd_events(struct ctl *ctl);
 
 static const struct command commands[] = {
-	{ "submit", "FILE", 1, O_OUTPUT | O_PARAM | O_IDEM | O_WATCH,
+	{ "submit", "FILE", 1, 1, O_OUTPUT | O_PARAM | O_IDEM | O_WATCH,
 	  cmd_submit,
 	  "submit the pipeline in FILE (- for stdin), print the run id" },
-	{ "get", "ID", 1, O_OUTPUT, cmd_get,
+	{ "get", "ID", 1, 1, O_OUTPUT, cmd_get,
 	  "show a run: state, times, params, stages and outputs" },
-	{ "list", "", 0, O_OUTPUT | O_STATE | O_PIPELINE | O_LIMIT, cmd_list,
+	{ "list", "", 0, 0, O_OUTPUT | O_STATE | O_PIPELINE | O_LIMIT, cmd_list,
 	  "list runs, newest first" },
-	{ "watch", "ID", 1, O_FROM_SEQ, cmd_watch,
+	{ "watch", "ID", 1, 1, O_FROM_SEQ, cmd_watch,
 	  "print a run's events as they happen, then a summary" },
-	{ "cancel", "ID", 1, O_OUTPUT, cmd_cancel, "cancel a run" },
+	{ "cancel", "ID", 1, 1, O_OUTPUT, cmd_cancel, "cancel a run" },
+	{ "retry", "ID", 1, 1, O_OUTPUT | O_WATCH, cmd_retry,
+	  "start a new attempt of a failed or cancelled run" },
+	{ "approve", "ID STAGE", 2, 2, O_OUTPUT | O_REJECT | O_COMMENT | O_BY,
+	  cmd_approve, "approve (or --reject) a stage waiting for approval" },
+	{ "lint", "FILE...", 1, -1, O_OUTPUT, cmd_lint,
+	  "check pipeline files on the server; print every problem" },
+	{ "events", "", 0, 0, O_OUTPUT | O_FROM | O_PIPELINE | O_KIND,
+	  cmd_events, "print the events of every run until interrupted" },
 };
 
 static const char *prog = "kplctl";
@@ -126,12 +162,12 @@ static void usage(FILE *f)
 		char head[64];
 
 		snprintf(head, sizeof head, "%s %s", cmd->name, cmd->args);
-		fprintf(f, "  %-14s %s\n", head, cmd->help);
+		fprintf(f, "  %-16s %s\n", head, cmd->help);
 		for (size_t j = 0; j < KPL_ARRAY_SIZE(opt_defs); j++) {
 			const struct opt_def *o = &opt_defs[j];
 			if (!(cmd->opts & o->bit))
 				continue;
-			fprintf(f, "  %14s   --%s%s%s\n", "", o->long_name,
+			fprintf(f, "  %16s   --%s%s%s\n", "", o->long_name,
 				o->arg ? " " : "", o->arg ? o->arg : "");
 		}
 	}
@@ -154,8 +190,10 @@ static void usage(FILE *f)
 		"\"[HH:MM:SS] == run STATE\"\n"
 		"for the run; then a table of stages and the run's final state.\n"
 		"\nexit status:\n"
-		"  0  success; for watch and submit --watch: the run SUCCEEDED\n"
-		"  1  the watched run ended FAILED or CANCELLED\n"
+		"  0  success; for watch and --watch: the run SUCCEEDED; for\n"
+		"     lint: every file is valid; for events: interrupted\n"
+		"  1  the watched run ended FAILED or CANCELLED; for lint: a file\n"
+		"     has an error\n"
 		"  2  usage error (bad arguments, unreadable FILE)\n"
 		"  3  cannot reach kpld, or it returned an error (printed as\n"
 		"     \"kplctl: COMMAND: STATUS_NAME: message\")\n");
@@ -221,6 +259,31 @@ static int opt_set(struct ctl *ctl, const struct opt_def *o, const char *v)
 	case O_PIPELINE: ctl->pipeline = v; break;
 	case O_LIMIT: ctl->limit = v; break;
 	case O_FROM_SEQ: ctl->from_seq = v; break;
+	case O_REJECT: ctl->reject = 1; break;
+	case O_COMMENT: ctl->comment = v; break;
+	case O_BY: ctl->by = v; break;
+	case O_FROM: ctl->from = v; break;
+	case O_KIND: {
+		static const struct {
+			const char *name;
+			Kpl__V1__EventKind kind;
+		} kinds[] = {
+			{ "run", KPL__V1__EVENT_KIND__EVENT_KIND_RUN_STATE },
+			{ "stage", KPL__V1__EVENT_KIND__EVENT_KIND_STAGE_STATE },
+			{ "log", KPL__V1__EVENT_KIND__EVENT_KIND_LOG },
+		};
+		size_t k = 0;
+
+		while (k < KPL_ARRAY_SIZE(kinds) && strcmp(kinds[k].name, v))
+			k++;
+		if (k == KPL_ARRAY_SIZE(kinds))
+			return usage_error("--kind: unknown kind \"%s\" (run, stage or log)", v);
+		for (size_t i = 0; i < ctl->n_kinds; i++)
+			if (ctl->kinds[i] == kinds[k].kind)
+				return 0;
+		ctl->kinds[ctl->n_kinds++] = kinds[k].kind;
+		break;
+	}
 	case O_HELP: break;
 	}
 	return 0;
@@ -242,8 +305,6 @@ static int parse_args(struct ctl *ctl, int argc, char **argv)
 						ctl->cmd = &commands[k];
 				if (!ctl->cmd)
 					return usage_error("unknown command \"%s\"", a);
-			} else if (ctl->n_pos == MAX_POS) {
-				return usage_error("unexpected argument \"%s\"", a);
 			} else {
 				ctl->pos[ctl->n_pos++] = a;
 			}
@@ -628,6 +689,10 @@ static void print_run(const Kpl__V1__Run *r)
 	printf("id:        %s\n", r->id);
 	printf("pipeline:  %s\n", r->pipeline_name);
 	printf("state:     %s\n", run_state(r->state));
+	if (r->attempt > 1)
+		printf("attempt:   %u\n", r->attempt);
+	if (*r->concurrency_group)
+		printf("group:     %s\n", r->concurrency_group);
 	if (*r->message)
 		printf("message:   %s\n", r->message);
 	printf("created:   %s\n", ts_local(r->created_at, "%Y-%m-%d %H:%M:%S", b, sizeof b));
@@ -709,15 +774,21 @@ struct watch_state {
 	int width;
 };
 
-static void print_event(const Kpl__V1__RunEvent *ev, int width)
+/* A watch line; with global, the global seq, run id and pipeline name
+ * come after the time (the events command). */
+static void print_event(const Kpl__V1__RunEvent *ev, int width, int global)
 {
 	char t[16];
 	const char *tm = ts_local(ev->time, "%H:%M:%S", t, sizeof t);
 	const char *mark;
 
+	printf("[%s] ", tm);
+	if (global)
+		printf("%llu %s %s ", (unsigned long long)ev->global_seq,
+		       ev->run_id, *ev->pipeline_name ? ev->pipeline_name : "-");
 	switch (ev->kind) {
 	case KPL__V1__EVENT_KIND__EVENT_KIND_STAGE_STATE:
-		printf("[%s] %-*s %s", tm, width, ev->stage,
+		printf("%-*s %s", width, ev->stage,
 		       stage_state(ev->stage_state));
 		if (ev->attempt > 1)
 			printf(" (attempt %u)", ev->attempt);
@@ -729,16 +800,15 @@ static void print_event(const Kpl__V1__RunEvent *ev, int width)
 		mark = ev->stream == KPL__V1__LOG_STREAM__LOG_STREAM_STDERR ? "!"
 		       : ev->stream == KPL__V1__LOG_STREAM__LOG_STREAM_SYSTEM ? "*"
 		       : "|";
-		printf("[%s] %-*s %s %s\n", tm, width, ev->stage, mark,
-		       ev->message);
+		printf("%-*s %s %s\n", width, ev->stage, mark, ev->message);
 		break;
 	case KPL__V1__EVENT_KIND__EVENT_KIND_RUN_STATE:
-		printf("[%s] == run %s%s%s\n", tm, run_state(ev->run_state),
+		printf("== run %s%s%s\n", run_state(ev->run_state),
 		       *ev->message ? ": " : "", ev->message);
 		break;
 	default:
 		/* A kind newer than this kplctl: show it rather than drop it. */
-		printf("[%s] %-*s ? %s\n", tm, width, ev->stage, ev->message);
+		printf("%-*s ? %s\n", width, ev->stage, ev->message);
 		break;
 	}
 	fflush(stdout);
@@ -748,7 +818,7 @@ static int on_event(const Kpl__V1__RunEvent *ev, void *data)
 {
 	struct watch_state *ws = data;
 
-	print_event(ev, ws->width);
+	print_event(ev, ws->width, 0);
 	return 0;
 }
 
@@ -777,8 +847,10 @@ static int follow(struct ctl *ctl, const char *id, uint64_t from_seq)
 		return rpc_error(ctl, &st);
 	printf("\n");
 	print_stages_table(r, 0);
-	printf("\nrun %s %s%s%s\n", r->id, run_state(r->state),
-	       *r->message ? ": " : "", r->message);
+	printf("\nrun %s %s", r->id, run_state(r->state));
+	if (r->attempt > 1)
+		printf(" (attempt %u)", r->attempt);
+	printf("%s%s\n", *r->message ? ": " : "", r->message);
 	switch (r->state) {
 	case KPL__V1__RUN_STATE__RUN_STATE_SUCCEEDED:
 		rc = EXIT_OK;
@@ -966,11 +1038,200 @@ static int cmd_watch(struct ctl *ctl)
 	return follow(ctl, ctl->pos[0], from);
 }
 
+static int cmd_retry(struct ctl *ctl)
+{
+	struct kplc_status st;
+	Kpl__V1__Run *r = NULL;
+	uint64_t before = 0;
+	int rc;
+
+	/* The old attempt's events end at its last_seq and the run gets none
+	 * until the retry: following from the next one shows all of the new
+	 * attempt, whatever the RetryRun reply already counts. */
+	if (ctl->watch) {
+		if (kplc_get_run(ctl->c, ctl->pos[0], &r, &st) < 0)
+			return rpc_error(ctl, &st);
+		before = r->last_seq;
+		kplc_msg_free(r);
+	}
+	if (kplc_retry_run(ctl->c, ctl->pos[0], &r, &st) < 0)
+		return rpc_error(ctl, &st);
+	if (ctl->json)
+		print_json(msg_to_json(&r->base));
+	else
+		printf("%s attempt %u\n", r->id, r->attempt);
+	fflush(stdout);
+	rc = ctl->watch ? follow(ctl, r->id, before + 1) : EXIT_OK;
+	kplc_msg_free(r);
+	return rc;
+}
+
+/* $USER@host, for the record of who approved. */
+static char *default_by(void)
+{
+	const char *user = getenv("USER");
+	char host[256];
+
+	if (!user || !*user) {
+		struct passwd *pw = getpwuid(getuid());
+		user = pw ? pw->pw_name : "unknown";
+	}
+	if (gethostname(host, sizeof host) != 0)
+		strcpy(host, "unknown");
+	host[sizeof host - 1] = '\0';
+	return kpl_asprintf("%s@%s", user, host);
+}
+
+static int cmd_approve(struct ctl *ctl)
+{
+	Kpl__V1__ApproveStageRequest req = KPL__V1__APPROVE_STAGE_REQUEST__INIT;
+	struct kplc_status st;
+	Kpl__V1__Run *r;
+	char *by = ctl->by ? NULL : default_by();
+	int rc;
+
+	req.run_id = (char *)ctl->pos[0];
+	req.stage = (char *)ctl->pos[1];
+	req.approve = !ctl->reject;
+	req.comment = ctl->comment ? (char *)ctl->comment : "";
+	req.by = by ? by : (char *)ctl->by;
+	rc = kplc_approve_stage(ctl->c, &req, &r, &st);
+	free(by);
+	if (rc < 0)
+		return rpc_error(ctl, &st);
+	if (ctl->json)
+		print_json(msg_to_json(&r->base));
+	else
+		printf("%s %s\n", r->id, run_state(r->state));
+	kplc_msg_free(r);
+	return EXIT_OK;
+}
+
+/* Lints one file: prints its diagnostics (or appends its response to
+ * files), returns the exit code it deserves. */
+static int lint_one(struct ctl *ctl, const char *path, json_t *files)
+{
+	Kpl__V1__ValidatePipelineResponse *resp;
+	struct kplc_status st;
+	const char *name = strcmp(path, "-") ? path : "<stdin>";
+	char *text = read_file(path);
+	int rc;
+
+	if (!text)
+		return EXIT_USAGE;
+	rc = kplc_validate_pipeline(ctl->c, text, &resp, &st);
+	free(text);
+	if (rc < 0)
+		return rpc_error(ctl, &st);
+	if (files) {
+		json_t *j = msg_to_json(&resp->base);
+		json_object_set_new(j, "file", json_string(name));
+		json_array_append_new(files, j);
+	}
+	/* The server calls every file "pipeline"; the user knows it by the
+	 * name they gave, so diagnostics are rebuilt from their fields. */
+	for (size_t i = 0; !files && i < resp->n_diagnostics; i++) {
+		const Kpl__V1__Diagnostic *d = resp->diagnostics[i];
+
+		printf("%s:%d:%d: %s%s%s%s\n", name, d->line, d->column,
+		       d->severity == KPL__V1__SEVERITY__SEVERITY_WARNING
+			       ? "warning: " : "",
+		       d->path, *d->path ? ": " : "", d->message);
+	}
+	if (!files && resp->valid)
+		printf("%s: ok\n", name);
+	else if (!files && !resp->n_diagnostics)
+		printf("%s: invalid\n", name);
+	rc = resp->valid ? EXIT_OK : EXIT_RUN_FAILED;
+	kplc_msg_free(resp);
+	return rc;
+}
+
+static int cmd_lint(struct ctl *ctl)
+{
+	json_t *files = ctl->json ? json_array() : NULL;
+	int rc = EXIT_OK;
+
+	/* Worst outcome wins: RPC error, then unreadable file, then invalid.
+	 * An RPC error stops the lint (the next file would fail alike). */
+	for (int i = 0; i < ctl->n_pos; i++) {
+		int one = lint_one(ctl, ctl->pos[i], files);
+
+		fflush(stdout);
+		if (one > rc)
+			rc = one;
+		if (one == EXIT_RPC)
+			break;
+	}
+	if (files && rc != EXIT_RPC) {
+		json_t *o = json_object();
+		json_object_set_new(o, "files", files);
+		print_json(o);
+	} else {
+		json_decref(files);
+	}
+	return rc;
+}
+
+static volatile sig_atomic_t interrupted;
+
+static void on_sigint(int sig)
+{
+	(void)sig;
+	interrupted = 1;
+}
+
+static int on_any_event(const Kpl__V1__RunEvent *ev, void *data)
+{
+	struct ctl *ctl = data;
+
+	if (ctl->json) {
+		json_dumpf(msg_to_json(&ev->base), stdout,
+			   JSON_COMPACT | JSON_PRESERVE_ORDER);
+		fputc('\n', stdout);
+		fflush(stdout);
+	} else {
+		print_event(ev, 10, 1);
+	}
+	return 0;
+}
+
+static int cmd_events(struct ctl *ctl)
+{
+	Kpl__V1__WatchRunsRequest req = KPL__V1__WATCH_RUNS_REQUEST__INIT;
+	struct kplc_follow_options fo = { .stop = &interrupted };
+	struct sigaction sa;
+	struct kplc_status st;
+	int rc;
+
+	if (ctl->from && parse_u64(ctl->from, &req.from_global_seq))
+		return usage_error("--from: \"%s\" is not a number", ctl->from);
+	req.pipeline_name = ctl->pipeline ? (char *)ctl->pipeline : "";
+	req.n_kinds = ctl->n_kinds;
+	req.kinds = ctl->kinds;
+
+	/* Ctrl-C is how this command ends: the follow sees the flag within
+	 * 100 ms and returns. A second Ctrl-C kills as usual. */
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = on_sigint;
+	sa.sa_flags = SA_RESETHAND | SA_RESTART;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGINT, &sa, NULL);
+
+	rc = kplc_follow_runs(ctl->c, &req, &fo, on_any_event, ctl, NULL, &st);
+	if (rc == KPL_ECANCELLED && interrupted)
+		return EXIT_OK;
+	if (rc < 0)
+		return rpc_error(ctl, &st);
+	return EXIT_OK;
+}
+
 int main(int argc, char **argv)
 {
 	struct ctl ctl = { 0 };
 	int rc;
 
+	ctl.pos = kpl_calloc((size_t)argc, sizeof *ctl.pos);
 	rc = parse_args(&ctl, argc, argv);
 	if (rc)
 		return rc;
@@ -986,10 +1247,11 @@ int main(int argc, char **argv)
 			return usage_error("%s: --%s does not apply", ctl.cmd->name,
 					   o->long_name);
 	}
-	if (ctl.n_pos != ctl.cmd->n_args)
+	if (ctl.n_pos < ctl.cmd->min_args ||
+	    (ctl.cmd->max_args >= 0 && ctl.n_pos > ctl.cmd->max_args))
 		return usage_error("%s: expected %s%s", ctl.cmd->name,
-				   ctl.cmd->n_args ? ctl.cmd->args : "no arguments",
-				   ctl.n_pos > ctl.cmd->n_args ? " only" : "");
+				   ctl.cmd->max_args ? ctl.cmd->args : "no arguments",
+				   ctl.n_pos > ctl.cmd->min_args ? " only" : "");
 	if (!ctl.server || !*ctl.server)
 		ctl.server = getenv("KPL_SERVER");
 	if (!ctl.server || !*ctl.server)
@@ -1000,5 +1262,6 @@ int main(int argc, char **argv)
 		return rc;
 	rc = ctl.cmd->run(&ctl);
 	kplc_free(ctl.c);
+	free(ctl.pos);
 	return rc;
 }
