@@ -43,6 +43,7 @@ JOBS = {
          "script": [{"line": "log line %d" % i, "delay": 0.1} for i in range(12)]},
         {"name": "unstable", "parameters": ["X"], "script": ["tests flaky"], "result": "UNSTABLE"},
         {"name": "broken", "parameters": ["X"], "script": ["compile error"], "result": "FAILURE"},
+        {"name": "big", "script": ["%04d " % i + "x" * 60 for i in range(200)], "line_delay": 0},
         {"name": "disabled", "parameters": ["X"], "script": ["never"], "disabled": True},
     ]
 }
@@ -487,6 +488,57 @@ def main():
         else:
             raise AssertionError("duplicate create should fail")
     check("create_job / job_exists / get_job_config", t_create_job)
+
+    def t_job_admin():
+        server.copy_job("created", "copied")
+        assert server.job_exists("copied")
+        server.disable_job("copied")
+        assert server.get_job_info("copied")["buildable"] is False
+        assert server.get_job_info("copied")["color"] == "disabled"
+        server.enable_job("copied")
+        assert server.get_job_info("copied")["buildable"] is True
+        server.delete_job("copied")
+        assert not server.job_exists("copied")
+    check("copy_job / disable_job / enable_job / delete_job", t_job_admin)
+
+    def t_gzip_big_log():
+        n, info = run_build(server, "big")
+        console = server.get_build_console_output("big", n)
+        assert len(console) > 4096
+        st, h, b = raw(url + "/job/big/%d/logText/progressiveText?start=0" % n,
+                       headers={"Authorization": basic("alice", TOKEN), "Accept-Encoding": "gzip"})
+        assert st == 200 and h["Content-Encoding"] == "gzip", dict(h)
+        import gzip
+        assert gzip.decompress(b).replace(b"\r\n", b"\n").decode() == console
+        assert int(h["X-Text-Size"]) == len(console.encode())
+        st, h, b = raw(url + "/job/big/%d/logText/progressiveText?start=0" % n,
+                       headers={"Authorization": basic("alice", TOKEN)})
+        assert "Content-Encoding" not in h and b.replace(b"\r\n", b"\n").decode() == console
+    check("progressiveText over 4096 bytes is gzipped only if accepted", t_gzip_big_log)
+
+    def t_post_production():
+        control(url, "config", {"post_production": 1.0})
+        try:
+            qid = server.build_job("unstable", {"X": "post"})
+            n = wait_executable(server, qid)["executable"]["number"]
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                info = server.get_build_info("unstable", n)
+                if info["result"] is not None:
+                    break
+                time.sleep(0.05)
+            assert info["result"] == "UNSTABLE" and info["building"] is False, info
+            assert info["inProgress"] is True, info
+            st, h, b = raw(url + "/job/unstable/%d/logText/progressiveText?start=0" % n,
+                           headers={"Authorization": basic("alice", TOKEN)})
+            assert h["X-More-Data"] == "true" and b"Finished:" not in b
+            info = wait_result(server, "unstable", n)
+            assert info["inProgress"] is False
+            assert server.get_build_console_output("unstable", n).endswith("Finished: UNSTABLE\n")
+        finally:
+            control(url, "config", {"post_production": 0})
+    check("post-production: building=false, inProgress=true, result set, log still growing",
+          t_post_production)
 
     def t_builds_record():
         builds = control(url, "builds")
