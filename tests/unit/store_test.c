@@ -154,7 +154,8 @@ static void stage_run(struct store *s, const char *id, const char *pipeline, uin
 	store_stage_run(s, &rec);
 }
 
-static void stage_event(struct store *s, const char *run_id, uint64_t seq)
+/* An event with a global seq (0: none, not in the global index). */
+static void stage_gevent(struct store *s, const char *run_id, uint64_t seq, uint64_t gseq)
 {
 	Kpl__V1__RunEvent ev = KPL__V1__RUN_EVENT__INIT;
 	Google__Protobuf__Timestamp t = GOOGLE__PROTOBUF__TIMESTAMP__INIT;
@@ -171,7 +172,13 @@ static void stage_event(struct store *s, const char *run_id, uint64_t seq)
 	ev.stream = KPL__V1__LOG_STREAM__LOG_STREAM_STDOUT;
 	ev.message = msg;
 	ev.attempt = 2;
+	ev.global_seq = gseq;
 	store_stage_event(s, &ev);
+}
+
+static void stage_event(struct store *s, const char *run_id, uint64_t seq)
+{
+	stage_gevent(s, run_id, seq, 0);
 }
 
 /* Events seen by store_read_events, checked field by field. */
@@ -1023,6 +1030,527 @@ static void test_commit_failure(void **state)
 	free(big);
 }
 
+/* --- Global event index, deleting runs, oldest first --- */
+
+/* Events seen by store_read_global: run id, seq and global seq of each. */
+struct glog {
+	char runs[256][STORE_MAX_RUN_ID_LEN + 1];
+	uint64_t seqs[256];
+	uint64_t gseqs[256];
+	size_t n;
+	size_t stop_at; /* return 5 after this many, 0 = never */
+	int bad;        /* a field did not round-trip */
+};
+
+static int collect_global(void *data, const Kpl__V1__RunEvent *ev)
+{
+	struct glog *l = data;
+	char msg[96];
+
+	snprintf(msg, sizeof msg, "%s line %llu", ev->run_id, (unsigned long long)ev->seq);
+	if (strcmp(ev->message, msg) != 0 || strcmp(ev->stage, "build") != 0 || ev->attempt != 2 ||
+	    !ev->time || ev->time->seconds != 1700000000 + (int64_t)ev->seq)
+		l->bad = 1;
+	if (l->n < KPL_ARRAY_SIZE(l->seqs)) {
+		snprintf(l->runs[l->n], sizeof l->runs[0], "%s", ev->run_id);
+		l->seqs[l->n] = ev->seq;
+		l->gseqs[l->n] = ev->global_seq;
+	}
+	l->n++;
+	return l->stop_at && l->n >= l->stop_at ? 5 : 0;
+}
+
+/* Where each global seq of test_global_index lives. */
+struct gwant {
+	const char *run;
+	uint64_t seq;
+};
+
+static void test_global_index(void **state)
+{
+	struct fx *fx = *state;
+	struct gwant want[16];
+	struct glog l;
+	struct step s1 = { fx, 1 };
+	size_t nwant = 0;
+
+	open_store(fx, &fx->loop, 0);
+	assert_int_equal(store_last_global_seq(fx->s), 0);
+	memset(&l, 0, sizeof l);
+	assert_int_equal(store_read_global(fx->s, 0, 0, collect_global, &l), 0);
+	assert_int_equal(l.n, 0);
+
+	/* Group 1: "ab" and "abc" (a run id that is a prefix of another)
+	 * interleaved; staged out of global order. */
+	stage_gevent(fx->s, "ab", 1, 1);
+	stage_gevent(fx->s, "abc", 1, 3);
+	stage_gevent(fx->s, "ab", 2, 2);
+	stage_gevent(fx->s, "ab", 3, 4);
+	/* Not in the global index. */
+	stage_gevent(fx->s, "nog", 1, 0);
+	stage_gevent(fx->s, "nog", 2, 0);
+	/* Each event with a global seq is two writes. */
+	assert_int_equal(store_staged(fx->s), 10);
+	assert_int_equal(store_commit_sync(fx->s), 0);
+	want[nwant++] = (struct gwant){ "ab", 1 };
+	want[nwant++] = (struct gwant){ "ab", 2 };
+	want[nwant++] = (struct gwant){ "abc", 1 };
+	want[nwant++] = (struct gwant){ "ab", 3 };
+	assert_int_equal(store_last_global_seq(fx->s), 4);
+
+	/* Group 2, on the loop: invisible until its commit. 255 -> 256 is
+	 * where a little-endian key would sort wrong. */
+	block_pool(fx);
+	stage_gevent(fx->s, "abc", 2, 5);
+	stage_gevent(fx->s, "x", 1, 255);
+	stage_gevent(fx->s, "ab", 4, 256);
+	stage_gevent(fx->s, "x", 2, (uint64_t)1 << 40);
+	store_commit(fx->s, on_commit, &s1);
+	assert_int_equal(store_last_global_seq(fx->s), 4);
+	assert_int_equal(store_last_event_seq(fx->s, "x"), 0);
+	release_pool(fx);
+	assert_int_equal(uv_run(&fx->loop, UV_RUN_DEFAULT), 0);
+	assert_int_equal(s1.status, 0);
+	want[nwant++] = (struct gwant){ "abc", 2 };
+	want[nwant++] = (struct gwant){ "x", 1 };
+	want[nwant++] = (struct gwant){ "ab", 4 };
+	want[nwant++] = (struct gwant){ "x", 2 };
+
+	/* Group 3: the highest possible seq, and a run with no events. */
+	stage_gevent(fx->s, "z", UINT64_MAX, ((uint64_t)1 << 40) + 1);
+	stage_run(fx->s, "empty", "web", 1);
+	assert_int_equal(store_commit_sync(fx->s), 0);
+	want[nwant++] = (struct gwant){ "z", UINT64_MAX };
+
+	static const uint64_t gseqs[] = { 1, 2, 3, 4, 5, 255, 256, (uint64_t)1 << 40,
+					  ((uint64_t)1 << 40) + 1 };
+	assert_int_equal(nwant, KPL_ARRAY_SIZE(gseqs));
+	assert_int_equal(store_last_global_seq(fx->s), ((uint64_t)1 << 40) + 1);
+
+	/* Everything, in global order, from 0 and from 1. */
+	for (uint64_t from = 0; from <= 1; from++) {
+		memset(&l, 0, sizeof l);
+		assert_int_equal(store_read_global(fx->s, from, 0, collect_global, &l), 0);
+		assert_int_equal(l.n, nwant);
+		assert_false(l.bad);
+		for (size_t i = 0; i < nwant; i++) {
+			assert_string_equal(l.runs[i], want[i].run);
+			assert_int_equal(l.seqs[i], want[i].seq);
+			assert_int_equal(l.gseqs[i], gseqs[i]);
+		}
+	}
+
+	/* From the middle: an exact global seq, and one between two. */
+	memset(&l, 0, sizeof l);
+	assert_int_equal(store_read_global(fx->s, 4, 0, collect_global, &l), 0);
+	assert_int_equal(l.n, nwant - 3);
+	assert_int_equal(l.gseqs[0], 4);
+	memset(&l, 0, sizeof l);
+	assert_int_equal(store_read_global(fx->s, 6, 0, collect_global, &l), 0);
+	assert_int_equal(l.n, 4);
+	assert_int_equal(l.gseqs[0], 255);
+	assert_string_equal(l.runs[0], "x");
+
+	/* At most max. */
+	memset(&l, 0, sizeof l);
+	assert_int_equal(store_read_global(fx->s, 2, 3, collect_global, &l), 0);
+	assert_int_equal(l.n, 3);
+	assert_int_equal(l.gseqs[0], 2);
+	assert_int_equal(l.gseqs[2], 4);
+
+	/* fn stops the walk and its value comes back. */
+	memset(&l, 0, sizeof l);
+	l.stop_at = 2;
+	assert_int_equal(store_read_global(fx->s, 0, 0, collect_global, &l), 5);
+	assert_int_equal(l.n, 2);
+
+	/* Past the end. */
+	memset(&l, 0, sizeof l);
+	assert_int_equal(store_read_global(fx->s, ((uint64_t)1 << 40) + 2, 0, collect_global, &l),
+			 0);
+	assert_int_equal(l.n, 0);
+	assert_int_equal(store_read_global(fx->s, UINT64_MAX, 0, collect_global, &l), 0);
+	assert_int_equal(l.n, 0);
+
+	/* Last seq of a run: prefixes of other runs' ids on both sides, the
+	 * first and the last run in the db, no events, UINT64_MAX. */
+	assert_int_equal(store_last_event_seq(fx->s, "ab"), 4);
+	assert_int_equal(store_last_event_seq(fx->s, "abc"), 2);
+	assert_int_equal(store_last_event_seq(fx->s, "a"), 0);
+	assert_int_equal(store_last_event_seq(fx->s, "abcd"), 0);
+	assert_int_equal(store_last_event_seq(fx->s, "empty"), 0);
+	assert_int_equal(store_last_event_seq(fx->s, "nog"), 2);
+	assert_int_equal(store_last_event_seq(fx->s, "x"), 2);
+	assert_int_equal(store_last_event_seq(fx->s, "z"), UINT64_MAX);
+	assert_int_equal(store_last_event_seq(fx->s, "zz"), 0);
+	assert_int_equal(store_last_event_seq(fx->s, "bad id"), 0);
+
+	/* An event written again under a new global seq is read once, at the
+	 * new one. */
+	stage_gevent(fx->s, "abc", 2, ((uint64_t)1 << 40) + 2);
+	assert_int_equal(store_commit_sync(fx->s), 0);
+	memset(&l, 0, sizeof l);
+	assert_int_equal(store_read_global(fx->s, 0, 0, collect_global, &l), 0);
+	assert_int_equal(l.n, nwant);
+	assert_int_equal(l.gseqs[4], 255);
+	assert_string_equal(l.runs[nwant - 1], "abc");
+	assert_int_equal(l.seqs[nwant - 1], 2);
+	/* The stale entry does not count towards max either. */
+	memset(&l, 0, sizeof l);
+	assert_int_equal(store_read_global(fx->s, 4, 2, collect_global, &l), 0);
+	assert_int_equal(l.n, 2);
+	assert_int_equal(l.gseqs[1], 255);
+
+	/* Durable across a reopen. */
+	reopen_store(fx);
+	assert_int_equal(store_last_global_seq(fx->s), ((uint64_t)1 << 40) + 2);
+	assert_int_equal(store_last_event_seq(fx->s, "ab"), 4);
+}
+
+/* Keys of db (raw, what is on disk) that start with prefix (plen bytes;
+ * all keys if plen is 0), or that are prefix if exact; the same for
+ * gevents values if db is "gevents:val". */
+static size_t raw_count_keys(const char *dir, const char *db, const void *prefix, size_t plen,
+			     int exact)
+{
+	int by_val = strcmp(db, "gevents:val") == 0;
+	MDB_env *env = raw_open(dir);
+	MDB_txn *txn;
+	MDB_dbi dbi;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	size_t n = 0;
+	int rc;
+
+	assert_int_equal(mdb_txn_begin(env, NULL, MDB_RDONLY, &txn), 0);
+	assert_int_equal(mdb_dbi_open(txn, by_val ? "gevents" : db, 0, &dbi), 0);
+	assert_int_equal(mdb_cursor_open(txn, dbi, &cur), 0);
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		MDB_val *x = by_val ? &v : &k;
+
+		if ((exact ? x->mv_size == plen : x->mv_size >= plen) &&
+		    memcmp(x->mv_data, prefix, plen) == 0)
+			n++;
+	}
+	assert_int_equal(rc, MDB_NOTFOUND);
+	mdb_cursor_close(cur);
+	mdb_txn_abort(txn);
+	mdb_env_close(env);
+	return n;
+}
+
+static size_t raw_count(const char *dir, const char *db, const void *prefix, size_t plen)
+{
+	return raw_count_keys(dir, db, prefix, plen, 0);
+}
+
+static const char *const all_dbs[] = { "runs",	"stages", "events",	 "pipelines",
+				       "idem",	"active", "gevents", "gevents:val" };
+
+/* Per db: keys (values for gevents:val) of a run (the id, or id + 0x00 +
+ * a number), and all keys, counted on disk with the store closed. idem and
+ * gevents keys are not run ids: own is 0 for them. */
+struct census {
+	size_t own[KPL_ARRAY_SIZE(all_dbs)];
+	size_t total[KPL_ARRAY_SIZE(all_dbs)];
+};
+
+static void take_census(struct fx *fx, const char *id, struct census *c)
+{
+	char prefix[STORE_MAX_RUN_ID_LEN + 2];
+	size_t len = strlen(id);
+
+	memcpy(prefix, id, len + 1); /* with the 0x00 */
+	store_close(fx->s);
+	fx->s = NULL;
+	for (size_t i = 0; i < KPL_ARRAY_SIZE(all_dbs); i++) {
+		int by_id = strcmp(all_dbs[i], "runs") == 0 || strcmp(all_dbs[i], "pipelines") == 0 ||
+			    strcmp(all_dbs[i], "active") == 0;
+
+		c->total[i] = raw_count(fx->dir, all_dbs[i], "", 0);
+		if (strcmp(all_dbs[i], "idem") == 0 || strcmp(all_dbs[i], "gevents") == 0)
+			c->own[i] = 0;
+		else if (by_id)
+			c->own[i] = raw_count_keys(fx->dir, all_dbs[i], id, len, 1);
+		else
+			c->own[i] = raw_count(fx->dir, all_dbs[i], prefix, len + 1);
+	}
+	open_store(fx, &fx->loop, 0);
+}
+
+static void stage_full_run(struct store *s, const char *id, const char *idem_key,
+			   uint64_t nevents, uint64_t *gseq)
+{
+	Kpl__V1__Run run = KPL__V1__RUN__INIT;
+	Kpl__Store__V1__RunRecord rec = KPL__STORE__V1__RUN_RECORD__INIT;
+
+	run.id = (char *)id;
+	run.pipeline_name = "web";
+	run.idempotency_key = (char *)(idem_key ? idem_key : "");
+	rec.run = &run;
+	rec.next_seq = nevents + 1;
+	rec.stage_count = 3;
+	store_stage_run(s, &rec);
+	for (uint32_t i = 0; i < 3; i++)
+		stage_stage(s, id, i);
+	for (uint64_t seq = 1; seq <= nevents; seq++)
+		stage_gevent(s, id, seq, ++*gseq);
+	store_stage_pipeline(s, id, "name: web\n", 10);
+	store_stage_active(s, id, 1);
+	if (idem_key)
+		store_stage_idem(s, idem_key, id);
+}
+
+static int run_exists(struct store *s, const char *id)
+{
+	Kpl__Store__V1__RunRecord *got = NULL;
+	int rc = store_get_run(s, id, &got);
+
+	kpl__store__v1__run_record__free_unpacked(got, NULL);
+	return rc == 0;
+}
+
+static void test_delete_run(void **state)
+{
+	struct fx *fx = *state;
+	struct census before, after;
+	struct glog l;
+	struct step s1 = { fx, 1 };
+	Kpl__Store__V1__StageRecord **st = NULL;
+	char *text = NULL, *rid = NULL;
+	size_t n = 0, len = 0;
+	uint64_t gseq = 0;
+
+	open_store(fx, &fx->loop, 0);
+	/* Run ids that are prefixes of each other, on both sides of "ab". */
+	stage_full_run(fx->s, "a", "key-a", 3, &gseq);      /* gseq 1..3 */
+	stage_full_run(fx->s, "ab", "key-ab", 5, &gseq);    /* 4..8 */
+	stage_full_run(fx->s, "abc", "key-abc", 4, &gseq);  /* 9..12 */
+	stage_full_run(fx->s, "ab!", NULL, 2, &gseq);       /* 13..14; sorts between */
+	assert_int_equal(store_commit_sync(fx->s), 0);
+	/* "ab" also has an event without a global seq. */
+	stage_gevent(fx->s, "ab", 6, 0);
+	assert_int_equal(store_commit_sync(fx->s), 0);
+
+	take_census(fx, "ab", &before);
+	/* runs, stages, events, pipelines, idem, active, gevents, gevents:val */
+	assert_int_equal(before.own[0], 1);
+	assert_int_equal(before.own[3], 1);
+	assert_int_equal(before.own[5], 1);
+	assert_int_equal(before.own[1], 3);
+	assert_int_equal(before.own[2], 6);
+	assert_int_equal(before.own[7], 5);
+	assert_int_equal(before.total[0], 4);
+	assert_int_equal(before.total[4], 3);
+	assert_int_equal(before.total[6], 14);
+
+	/* In one group on the loop, in order: an event staged before the
+	 * delete goes with the run, writes staged after it stay. */
+	block_pool(fx);
+	stage_gevent(fx->s, "ab", 7, ++gseq);          /* 15: deleted */
+	stage_gevent(fx->s, "abc", 5, ++gseq);         /* 16: kept */
+	store_stage_delete_run(fx->s, "ab");
+	store_stage_delete_run(fx->s, "never-was");    /* missing is fine */
+	stage_gevent(fx->s, "ab", 100, ++gseq);         /* 17: kept */
+	store_commit(fx->s, on_commit, &s1);
+	assert_true(run_exists(fx->s, "ab"));
+	release_pool(fx);
+	assert_int_equal(uv_run(&fx->loop, UV_RUN_DEFAULT), 0);
+	assert_int_equal(s1.status, 0);
+
+	assert_false(run_exists(fx->s, "ab"));
+	assert_int_equal(store_last_event_seq(fx->s, "ab"), 100);
+	assert_int_equal(store_get_stages(fx->s, "ab", &st, &n), 0);
+	assert_int_equal(n, 0);
+	assert_int_equal(store_get_pipeline(fx->s, "ab", &text, &len), KPL_ENOTFOUND);
+	assert_int_equal(store_find_idem(fx->s, "key-ab", &rid), KPL_ENOTFOUND);
+
+	/* The global index: "ab"'s old events are gone, everyone else's and
+	 * the one written after the delete are there, in order. */
+	memset(&l, 0, sizeof l);
+	assert_int_equal(store_read_global(fx->s, 0, 0, collect_global, &l), 0);
+	assert_false(l.bad);
+	assert_int_equal(l.n, 3 + 4 + 2 + 2);
+	for (size_t i = 0; i < l.n; i++) {
+		assert_true(strcmp(l.runs[i], "ab") != 0 || l.seqs[i] == 100);
+		assert_true(i == 0 || l.gseqs[i] > l.gseqs[i - 1]);
+	}
+	assert_int_equal(l.gseqs[3], 9);
+	assert_int_equal(l.gseqs[l.n - 1], 17);
+
+	/* On disk: no key of "ab" but the event written after the delete, and
+	 * every key of the others. */
+	take_census(fx, "ab", &after);
+	assert_int_equal(after.own[0], 0);
+	assert_int_equal(after.own[1], 0);
+	assert_int_equal(after.own[2], 1);
+	assert_int_equal(after.own[3], 0);
+	assert_int_equal(after.own[5], 0);
+	assert_int_equal(after.own[7], 1);
+	assert_int_equal(after.total[0], before.total[0] - 1);
+	assert_int_equal(after.total[1], before.total[1] - 3);
+	assert_int_equal(after.total[2], before.total[2] - 6 + 2);
+	assert_int_equal(after.total[3], before.total[3] - 1);
+	assert_int_equal(after.total[4], before.total[4] - 1);
+	assert_int_equal(after.total[5], before.total[5] - 1);
+	assert_int_equal(after.total[6], before.total[6] - 5 + 2);
+	assert_int_equal(raw_count(fx->dir, "runs", "ab", 2), 2); /* "ab!", "abc" */
+
+	/* The others read as before. */
+	static const char *const others[] = { "a", "abc", "ab!" };
+	static const size_t nev[] = { 3, 5, 2 };
+	for (size_t i = 0; i < KPL_ARRAY_SIZE(others); i++) {
+		assert_true(run_exists(fx->s, others[i]));
+		assert_int_equal(store_last_event_seq(fx->s, others[i]), nev[i]);
+		assert_int_equal(store_get_stages(fx->s, others[i], &st, &n), 0);
+		assert_int_equal(n, 3);
+		store_free_stages(st, n);
+		assert_int_equal(store_get_pipeline(fx->s, others[i], &text, &len), 0);
+		free(text);
+	}
+	assert_int_equal(store_find_idem(fx->s, "key-abc", &rid), 0);
+	assert_string_equal(rid, "abc");
+	free(rid);
+
+	/* The idem entry goes only if it maps to the deleted run: "abc"'s
+	 * key now belongs to "a". */
+	store_stage_idem(fx->s, "key-abc", "a");
+	store_stage_delete_run(fx->s, "abc");
+	assert_int_equal(store_commit_sync(fx->s), 0);
+	assert_int_equal(store_find_idem(fx->s, "key-abc", &rid), 0);
+	assert_string_equal(rid, "a");
+	free(rid);
+	assert_int_equal(store_find_idem(fx->s, "key-a", &rid), 0);
+	free(rid);
+	assert_int_equal(store_last_event_seq(fx->s, "abc"), 0);
+	assert_int_equal(store_last_event_seq(fx->s, "ab"), 100);
+
+	/* A run without a run record: the rest still goes. */
+	store_stage_delete_run(fx->s, "ab");
+	assert_int_equal(store_commit_sync(fx->s), 0);
+	assert_int_equal(store_last_event_seq(fx->s, "ab"), 0);
+
+	/* Deleting the newest events' run lowers the last global seq. */
+	assert_int_equal(store_last_global_seq(fx->s), 14);
+	memset(&l, 0, sizeof l);
+	assert_int_equal(store_read_global(fx->s, 0, 0, collect_global, &l), 0);
+	assert_int_equal(l.n, 3 + 2);
+	take_census(fx, "ab", &after);
+	assert_int_equal(after.total[6], 5);
+	assert_int_equal(after.total[7], 5);
+}
+
+/* An index entry whose event is gone is skipped, and not counted in max. */
+static void test_global_dangling(void **state)
+{
+	struct fx *fx = *state;
+	unsigned char gkey[8] = { 0, 0, 0, 0, 0, 0, 0, 2 };
+	unsigned char gval[3 + 8] = { 'r', '9', 0, 0, 0, 0, 0, 0, 0, 0, 1 };
+	unsigned char bkey[8] = { 0, 0, 0, 0, 0, 0, 0, 9 };
+	struct glog l;
+
+	open_store(fx, NULL, 0);
+	stage_gevent(fx->s, "r1", 1, 1);
+	stage_gevent(fx->s, "r1", 2, 3);
+	stage_gevent(fx->s, "r1", 3, 4);
+	store_close(fx->s);
+	fx->s = NULL;
+	raw_put(fx->dir, "gevents", gkey, sizeof gkey, gval, sizeof gval);
+	open_store(fx, NULL, 0);
+
+	memset(&l, 0, sizeof l);
+	assert_int_equal(store_read_global(fx->s, 0, 2, collect_global, &l), 0);
+	assert_int_equal(l.n, 2);
+	assert_int_equal(l.gseqs[0], 1);
+	assert_int_equal(l.gseqs[1], 3);
+
+	/* An entry that is not an event key is corruption. */
+	store_close(fx->s);
+	fx->s = NULL;
+	raw_put(fx->dir, "gevents", bkey, sizeof bkey, "r1", 2);
+	open_store(fx, NULL, 0);
+	memset(&l, 0, sizeof l);
+	assert_int_equal(store_read_global(fx->s, 0, 0, collect_global, &l), KPL_ECORRUPT);
+	assert_int_equal(l.n, 3);
+	assert_int_equal(store_last_global_seq(fx->s), 9);
+}
+
+#define BIG_RUN 100000
+
+/* A run with many events goes in one transaction. */
+static void test_delete_big_run(void **state)
+{
+	struct fx *fx = *state;
+	struct glog l;
+	uint64_t gseq = 0;
+
+	open_store(fx, NULL, 0);
+	stage_full_run(fx->s, "big", "key-big", BIG_RUN, &gseq);
+	stage_full_run(fx->s, "bi", NULL, 2, &gseq);
+	assert_int_equal(store_commit_sync(fx->s), 0);
+	assert_int_equal(store_last_event_seq(fx->s, "big"), BIG_RUN);
+	assert_int_equal(store_last_global_seq(fx->s), BIG_RUN + 2);
+
+	store_stage_delete_run(fx->s, "big");
+	assert_int_equal(store_staged(fx->s), 1);
+	assert_int_equal(store_commit_sync(fx->s), 0);
+	assert_int_equal(store_last_event_seq(fx->s, "big"), 0);
+	assert_false(run_exists(fx->s, "big"));
+	memset(&l, 0, sizeof l);
+	assert_int_equal(store_read_global(fx->s, 0, 0, collect_global, &l), 0);
+	assert_int_equal(l.n, 2);
+	assert_string_equal(l.runs[0], "bi");
+	assert_int_equal(l.gseqs[0], BIG_RUN + 1);
+	store_close(fx->s);
+	fx->s = NULL;
+	assert_int_equal(raw_count(fx->dir, "events", "", 0), 2);
+	assert_int_equal(raw_count(fx->dir, "gevents", "", 0), 2);
+	assert_int_equal(raw_count(fx->dir, "stages", "", 0), 3);
+	assert_int_equal(raw_count(fx->dir, "idem", "", 0), 0);
+}
+
+static void test_list_runs_oldest(void **state)
+{
+	struct fx *fx = *state;
+	static const char *ids[] = {
+		"20260101T000000Z-0003", "20260101T000000Z-0001", "20260101T000000Z-0005",
+		"20260101T000000Z-0002", "20260101T000000Z-0004",
+	};
+	struct runlog l = { 0 };
+
+	open_store(fx, NULL, 0);
+	assert_int_equal(store_list_runs_oldest(fx->s, collect_run, &l), 0);
+	assert_int_equal(l.n, 0);
+	for (size_t i = 0; i < KPL_ARRAY_SIZE(ids); i++)
+		stage_run(fx->s, ids[i], "web", 1);
+	assert_int_equal(store_commit_sync(fx->s), 0);
+
+	assert_int_equal(store_list_runs_oldest(fx->s, collect_run, &l), 0);
+	assert_int_equal(l.n, 5);
+	for (size_t i = 0; i < 5; i++) {
+		char want[32];
+
+		snprintf(want, sizeof want, "20260101T000000Z-%04zu", i + 1);
+		assert_string_equal(l.ids[i], want);
+	}
+
+	/* fn stops the walk and its value comes back. */
+	memset(&l, 0, sizeof l);
+	l.stop_at = 2;
+	assert_int_equal(store_list_runs_oldest(fx->s, collect_run, &l), 9);
+	assert_int_equal(l.n, 2);
+	assert_string_equal(l.ids[1], "20260101T000000Z-0002");
+
+	/* Deleted runs are not listed. */
+	store_stage_delete_run(fx->s, "20260101T000000Z-0001");
+	assert_int_equal(store_commit_sync(fx->s), 0);
+	memset(&l, 0, sizeof l);
+	assert_int_equal(store_list_runs_oldest(fx->s, collect_run, &l), 0);
+	assert_int_equal(l.n, 4);
+	assert_string_equal(l.ids[0], "20260101T000000Z-0002");
+}
+
 /* --- Corruption --- */
 
 static void test_corrupt_records(void **state)
@@ -1095,6 +1623,11 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_many_groups_in_flight, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_commit_failure, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_corrupt_records, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_global_index, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_global_dangling, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_delete_run, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_delete_big_run, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_list_runs_oldest, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
