@@ -381,6 +381,7 @@ static int delete_prefix(struct store *s, struct store_group *g, MDB_txn *txn,
 static int run_delete(struct store *s, struct store_group *g, MDB_txn *txn, const char *id,
 		      size_t idlen)
 {
+	static const enum store_db by_id[] = { DB_PIPELINES, DB_ACTIVE };
 	unsigned char prefix[RUN_KEY_MAX];
 	MDB_val k = { .mv_size = idlen, .mv_data = (void *)id };
 	MDB_val v;
@@ -425,7 +426,6 @@ static int run_delete(struct store *s, struct store_group *g, MDB_txn *txn, cons
 		rc = delete_prefix(s, g, txn, DB_EVENTS, prefix, idlen + 1);
 	if (rc)
 		return rc;
-	static const enum store_db by_id[] = { DB_PIPELINES, DB_ACTIVE };
 	for (size_t i = 0; i < KPL_ARRAY_SIZE(by_id); i++) {
 		rc = mdb_del(txn, s->dbi[by_id[i]], &k, NULL);
 		if (rc && rc != MDB_NOTFOUND)
