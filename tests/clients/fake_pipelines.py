@@ -13,14 +13,26 @@ run SUCCEEDED. The pipeline text steers it (it is not really parsed):
   # fake: break-after N        the first WatchRun of the run ends with
                                UNAVAILABLE after N events
   # fake: resend               WatchRun ignores from_seq (sends from 1)
+  # fake: approval STAGE       STAGE waits (WAITING) until ApproveStage
+  # fake: break-events         the first WatchRuns stream to send an event
+                               of this run ends with UNAVAILABLE right after
+
+RetryRun of a FAILED or CANCELLED run runs its unfinished stages again
+(attempt + 1), and they succeed. WatchRuns numbers events globally in the
+order they become visible. ValidatePipeline has canned diagnostics: an error
+per "kind: K" with K not a known kind, an error when there is no top-level
+"name:", a warning per "# fake: lint-warning" line.
 
 GetRun of "sleep-..." sleeps 2 s before NOT_FOUND (for deadlines); GetRun of
 "whoami" returns a run whose message is the call's authorization metadata.
-Every WatchRun request is appended to --log as "watch ID FROM_SEQ".
+Appended to --log: "watch ID FROM_SEQ" per WatchRun, "watchruns FROM
+PIPELINE KINDS" per WatchRuns, "approve ID STAGE yes|no BY|COMMENT" per
+ApproveStage.
 Prints PORT=N once serving; stops on SIGTERM or after --lifetime seconds.
 Stubs are generated from --proto with grpc_tools.protoc into a temp dir.
 """
 import argparse
+import difflib
 import os
 import re
 import signal
@@ -73,55 +85,87 @@ def main():
         m.FromNanoseconds(int(t * 1e9))
         return m
 
-    def make_events(run):
-        evs = []
+    KINDS = ["approval", "noop", "script", "shell", "http"]
+    glog = []      # (run, event) in global_seq order
+    TERMINAL = (pb.RUN_STATE_SUCCEEDED, pb.RUN_STATE_FAILED,
+                pb.RUN_STATE_CANCELLED)
 
-        def ev(at, **kw):
-            evs.append(dict(at=at, **kw))
+    def add(run, at, **kw):
+        e = dict(at=at, seq=len(run["events"]) + 1, **kw)
+        run["events"].append(e)
+        return e
 
-        t = run["created"]
+    def schedule(run, t, names):
+        """Appends the events of stages names from time t on: each runs,
+        logs two lines and ends; then the run ends. Stops at a stage waiting
+        for approval. Returns the time of the last event."""
         step = args.step
-        t += step
-        ev(t, kind=pb.EVENT_KIND_RUN_STATE, run_state=pb.RUN_STATE_RUNNING)
         failed = False
-        for i, name in enumerate(run["stage_names"]):
-            last = i == len(run["stage_names"]) - 1
+        for i, name in enumerate(names):
+            last = name == run["stage_names"][-1]
             t += step
-            ev(t, kind=pb.EVENT_KIND_STAGE_STATE, stage=name,
-               stage_state=pb.STAGE_STATE_RUNNING, attempt=1)
+            if name == run["approval"] and not run["answered"]:
+                att = run["stage_attempt"][name] = \
+                    run["stage_attempt"].get(name, 0) + 1
+                add(run, t, kind=pb.EVENT_KIND_STAGE_STATE, stage=name,
+                    stage_state=pb.STAGE_STATE_WAITING, attempt=att,
+                    message="waiting for approval: release %s" % run["name"])
+                return t
+            att = run["stage_attempt"][name] = \
+                run["stage_attempt"].get(name, 0) + 1
+            add(run, t, kind=pb.EVENT_KIND_STAGE_STATE, stage=name,
+                stage_state=pb.STAGE_STATE_RUNNING, attempt=att)
             t += step
-            ev(t, kind=pb.EVENT_KIND_LOG, stage=name,
-               stream=pb.LOG_STREAM_STDOUT, message="hello from " + name)
+            add(run, t, kind=pb.EVENT_KIND_LOG, stage=name, attempt=att,
+                stream=pb.LOG_STREAM_STDOUT, message="hello from " + name)
             t += step
-            ev(t, kind=pb.EVENT_KIND_LOG, stage=name,
-               stream=pb.LOG_STREAM_STDERR, message="warning from " + name)
+            add(run, t, kind=pb.EVENT_KIND_LOG, stage=name, attempt=att,
+                stream=pb.LOG_STREAM_STDERR, message="warning from " + name)
             t += step
-            if last and run["fail"]:
+            if last and run["fail"] and run["attempt"] == 1:
                 failed = True
-                ev(t, kind=pb.EVENT_KIND_STAGE_STATE, stage=name,
-                   stage_state=pb.STAGE_STATE_FAILED, attempt=1,
-                   message="exit status 1")
+                add(run, t, kind=pb.EVENT_KIND_STAGE_STATE, stage=name,
+                    stage_state=pb.STAGE_STATE_FAILED, attempt=att,
+                    message="exit status 1")
             else:
-                ev(t, kind=pb.EVENT_KIND_STAGE_STATE, stage=name,
-                   stage_state=pb.STAGE_STATE_SUCCEEDED, attempt=1)
+                add(run, t, kind=pb.EVENT_KIND_STAGE_STATE, stage=name,
+                    stage_state=pb.STAGE_STATE_SUCCEEDED, attempt=att)
         t += step
         if failed:
-            ev(t, kind=pb.EVENT_KIND_RUN_STATE, run_state=pb.RUN_STATE_FAILED,
-               message="stage %s failed" % run["stage_names"][-1])
+            add(run, t, kind=pb.EVENT_KIND_RUN_STATE,
+                run_state=pb.RUN_STATE_FAILED,
+                message="stage %s failed" % run["stage_names"][-1])
         else:
-            ev(t, kind=pb.EVENT_KIND_RUN_STATE,
-               run_state=pb.RUN_STATE_SUCCEEDED, message="all stages succeeded")
-        for seq, e in enumerate(evs, 1):
-            e["seq"] = seq
-        return evs
+            add(run, t, kind=pb.EVENT_KIND_RUN_STATE,
+                run_state=pb.RUN_STATE_SUCCEEDED,
+                message="all stages succeeded")
+        return t
+
+    def make_events(run):
+        t = run["created"] + args.step
+        add(run, t, kind=pb.EVENT_KIND_RUN_STATE,
+            run_state=pb.RUN_STATE_RUNNING)
+        schedule(run, t, run["stage_names"])
 
     def visible(run, now):
         return [e for e in run["events"] if e["at"] <= now]
 
+    def publish():
+        """Gives every newly visible event its global_seq (lock held)."""
+        now = time.time()
+        new = [(e["at"], run["order"], e["seq"], run, e)
+               for run in runs.values() for e in run["events"]
+               if "g" not in e and e["at"] <= now]
+        new.sort(key=lambda x: x[:3])
+        for _, _, _, run, e in new:
+            glog.append((run, e))
+            e["g"] = len(glog)
+
     def event_msg(run, e):
         m = pb.RunEvent(run_id=run["id"], seq=e["seq"], time=ts(e["at"]),
                         stage=e.get("stage", ""), kind=e["kind"],
-                        message=e.get("message", ""))
+                        message=e.get("message", ""),
+                        global_seq=e.get("g", 0), pipeline_name=run["name"])
         for f in ("run_state", "stage_state", "stream", "attempt"):
             if f in e:
                 setattr(m, f, e[f])
@@ -132,7 +176,7 @@ def main():
         evs = visible(run, now)
         r = pb.Run(id=run["id"], pipeline_name=run["name"],
                    state=pb.RUN_STATE_QUEUED, created_at=ts(run["created"]),
-                   idempotency_key=run["key"],
+                   idempotency_key=run["key"], attempt=run["attempt"],
                    last_seq=evs[-1]["seq"] if evs else 0)
         for k, v in run["params"].items():
             r.params[k] = v
@@ -147,6 +191,7 @@ def main():
                 r.message = e.get("message", "")
                 if e["run_state"] == pb.RUN_STATE_RUNNING:
                     r.started_at.CopyFrom(ts(e["at"]))
+                    r.ClearField("finished_at")
                 elif e["run_state"] != pb.RUN_STATE_QUEUED:
                     r.finished_at.CopyFrom(ts(e["at"]))
             elif e["kind"] == pb.EVENT_KIND_STAGE_STATE:
@@ -154,17 +199,28 @@ def main():
                 s.state = e["stage_state"]
                 s.attempt = e.get("attempt", 0)
                 s.message = e.get("message", "")
-                if e["stage_state"] == pb.STAGE_STATE_RUNNING:
+                if e["stage_state"] in (pb.STAGE_STATE_RUNNING,
+                                        pb.STAGE_STATE_WAITING):
                     s.started_at.CopyFrom(ts(e["at"]))
+                    s.ClearField("finished_at")
                 else:
                     s.finished_at.CopyFrom(ts(e["at"]))
                 if e["stage_state"] == pb.STAGE_STATE_SUCCEEDED:
                     s.outputs["result"] = "ok-" + e["stage"]
         return r
 
-    def terminal(run):
+    def done(run):
+        """All events sent out and the last one ends the run."""
         evs = run["events"]
-        return visible(run, time.time()) == evs
+        return (visible(run, time.time()) == evs and
+                evs[-1]["kind"] == pb.EVENT_KIND_RUN_STATE and
+                evs[-1]["run_state"] in TERMINAL)
+
+    def get_run(rid, ctx):
+        run = runs.get(rid)
+        if not run:
+            ctx.abort(grpc.StatusCode.NOT_FOUND, 'run "%s" not found' % rid)
+        return run
 
     class Pipelines:
         def SubmitRun(self, req, ctx):
@@ -178,15 +234,21 @@ def main():
                 m = re.search(r"^name:\s*(\S+)", text, re.M)
                 names = re.findall(r"^\s*-\s*name:\s*(\S+)", text, re.M)
                 brk = re.search(r"# fake: break-after (\d+)", text)
+                appr = re.search(r"# fake: approval (\S+)", text)
                 rid = "run-%04d" % (len(order) + 1)
                 run = dict(id=rid, name=m.group(1) if m else "unnamed",
+                           order=len(order),
                            stage_names=names or ["build"],
                            fail="# fake: fail" in text,
                            resend="# fake: resend" in text,
                            break_after=int(brk.group(1)) if brk else None,
+                           break_events="# fake: break-events" in text,
+                           approval=appr.group(1) if appr else None,
+                           answered=False, attempt=1, stage_attempt={},
+                           events=[],
                            created=time.time(), key=req.idempotency_key,
                            params=dict(req.params))
-                run["events"] = make_events(run)
+                make_events(run)
                 runs[rid] = run
                 order.append(rid)
                 if req.idempotency_key:
@@ -225,37 +287,29 @@ def main():
 
         def CancelRun(self, req, ctx):
             with lock:
-                run = runs.get(req.id)
-                if not run:
-                    ctx.abort(grpc.StatusCode.NOT_FOUND,
-                              'run "%s" not found' % req.id)
-                if not terminal(run):
+                run = get_run(req.id, ctx)
+                if not done(run):
                     now = time.time()
-                    evs = visible(run, now)
-                    evs.append(dict(at=now, kind=pb.EVENT_KIND_RUN_STATE,
-                                    run_state=pb.RUN_STATE_CANCELLED,
-                                    message="cancelled by request"))
-                    for seq, e in enumerate(evs, 1):
-                        e["seq"] = seq
-                    run["events"] = evs
+                    run["events"] = visible(run, now)
+                    add(run, now, kind=pb.EVENT_KIND_RUN_STATE,
+                        run_state=pb.RUN_STATE_CANCELLED,
+                        message="cancelled by request")
                 return snapshot(run)
 
         def WatchRun(self, req, ctx):
             log("watch %s %d" % (req.id, req.from_seq))
             with lock:
-                run = runs.get(req.id)
-                if not run:
-                    ctx.abort(grpc.StatusCode.NOT_FOUND,
-                              'run "%s" not found' % req.id)
+                run = get_run(req.id, ctx)
                 brk = run["break_after"]
                 run["break_after"] = None
             nxt = 1 if run["resend"] else max(req.from_seq, 1)
             sent = 0
             while ctx.is_active():
                 with lock:
-                    evs = run["events"]
+                    publish()
                     ready = [e for e in visible(run, time.time())
                              if e["seq"] >= nxt]
+                    over = done(run)
                 for e in ready:
                     if brk is not None and sent >= brk:
                         ctx.abort(grpc.StatusCode.UNAVAILABLE,
@@ -263,8 +317,123 @@ def main():
                     yield event_msg(run, e)
                     sent += 1
                     nxt = e["seq"] + 1
-                if evs and nxt > evs[-1]["seq"]:
+                if over and nxt > run["events"][-1]["seq"]:
                     return
+                time.sleep(args.step / 2)
+
+        def ValidatePipeline(self, req, ctx):
+            diags = []
+            lines = req.pipeline.split("\n")
+            name = ""
+            stage = -1
+            for n, line in enumerate(lines, 1):
+                m = re.match(r"name:\s*(\S+)", line)
+                if m and not name:
+                    name = m.group(1)
+                if re.match(r"\s*-\s*name:", line):
+                    stage += 1
+                m = re.search(r"\bkind:\s*(\S+)", line)
+                if m and m.group(1) not in KINDS:
+                    msg = 'unknown kind "%s"' % m.group(1)
+                    near = difflib.get_close_matches(m.group(1), KINDS, 1)
+                    if near:
+                        msg += ' (did you mean "%s"?)' % near[0]
+                    diags.append(pb.Diagnostic(
+                        line=n, column=m.start(1) + 1,
+                        path="stages[%d].kind" % max(stage, 0), message=msg,
+                        severity=pb.SEVERITY_ERROR))
+                if "# fake: lint-warning" in line:
+                    diags.append(pb.Diagnostic(
+                        line=n, column=line.index("#") + 1, path="",
+                        message="a canned warning",
+                        severity=pb.SEVERITY_WARNING))
+            if not name:
+                diags.insert(0, pb.Diagnostic(
+                    line=1, column=1, path="",
+                    message='missing required key "name"',
+                    severity=pb.SEVERITY_ERROR))
+            return pb.ValidatePipelineResponse(
+                valid=not any(d.severity == pb.SEVERITY_ERROR
+                              for d in diags),
+                diagnostics=diags, pipeline_name=name)
+
+        def ApproveStage(self, req, ctx):
+            log("approve %s %s %s %s|%s" % (req.run_id, req.stage,
+                                            "yes" if req.approve else "no",
+                                            req.by, req.comment))
+            with lock:
+                run = get_run(req.run_id, ctx)
+                if req.stage not in run["stage_names"]:
+                    ctx.abort(grpc.StatusCode.NOT_FOUND,
+                              'run %s has no stage "%s"' % (run["id"],
+                                                            req.stage))
+                now = time.time()
+                st = {s.name: s.state for s in snapshot(run).stages}
+                if st[req.stage] != pb.STAGE_STATE_WAITING:
+                    ctx.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              'stage "%s" is not waiting for approval'
+                              % req.stage)
+                run["answered"] = True
+                how = "approved" if req.approve else "rejected"
+                msg = "%s by %s" % (how, req.by)
+                if req.comment:
+                    msg += ": " + req.comment
+                att = run["stage_attempt"].get(req.stage, 1)
+                run["stage_attempt"][req.stage] = att
+                add(run, now, kind=pb.EVENT_KIND_STAGE_STATE,
+                    stage=req.stage, attempt=att, message=msg,
+                    stage_state=(pb.STAGE_STATE_SUCCEEDED if req.approve
+                                 else pb.STAGE_STATE_FAILED))
+                if req.approve:
+                    names = run["stage_names"]
+                    schedule(run, now, names[names.index(req.stage) + 1:])
+                else:
+                    add(run, now, kind=pb.EVENT_KIND_RUN_STATE,
+                        run_state=pb.RUN_STATE_FAILED,
+                        message="stage %s was rejected" % req.stage)
+                return snapshot(run)
+
+        def RetryRun(self, req, ctx):
+            with lock:
+                run = get_run(req.id, ctx)
+                r = snapshot(run)
+                if not done(run) or r.state == pb.RUN_STATE_SUCCEEDED:
+                    ctx.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              "run %s is %s, not FAILED or CANCELLED"
+                              % (run["id"], pb.RunState.Name(r.state)))
+                run["attempt"] += 1
+                run["answered"] = False
+                now = time.time()
+                add(run, now, kind=pb.EVENT_KIND_RUN_STATE,
+                    run_state=pb.RUN_STATE_RUNNING,
+                    message="attempt %d" % run["attempt"])
+                schedule(run, now, [s.name for s in r.stages
+                                    if s.state != pb.STAGE_STATE_SUCCEEDED])
+                return snapshot(run)
+
+        def WatchRuns(self, req, ctx):
+            log("watchruns %d %s %s" % (
+                req.from_global_seq, req.pipeline_name or "-",
+                ",".join(pb.EventKind.Name(k) for k in req.kinds) or "-"))
+            with lock:
+                publish()
+                nxt = req.from_global_seq or len(glog) + 1
+            while ctx.is_active():
+                with lock:
+                    publish()
+                    ready = glog[nxt - 1:]
+                for run, e in ready:
+                    nxt = e["g"] + 1
+                    if (req.pipeline_name and
+                            run["name"] != req.pipeline_name):
+                        continue
+                    if req.kinds and e["kind"] not in req.kinds:
+                        continue
+                    yield event_msg(run, e)
+                    if run["break_events"]:
+                        run["break_events"] = False
+                        ctx.abort(grpc.StatusCode.UNAVAILABLE,
+                                  "fake: stream broken")
                 time.sleep(args.step / 2)
 
     svc = Pipelines()
@@ -282,6 +451,15 @@ def main():
         "CancelRun": unary(svc.CancelRun, pb.CancelRunRequest, pb.Run),
         "WatchRun": grpc.unary_stream_rpc_method_handler(
             svc.WatchRun, request_deserializer=pb.WatchRunRequest.FromString,
+            response_serializer=pb.RunEvent.SerializeToString),
+        "ValidatePipeline": unary(svc.ValidatePipeline,
+                                  pb.ValidatePipelineRequest,
+                                  pb.ValidatePipelineResponse),
+        "ApproveStage": unary(svc.ApproveStage, pb.ApproveStageRequest,
+                              pb.Run),
+        "RetryRun": unary(svc.RetryRun, pb.RetryRunRequest, pb.Run),
+        "WatchRuns": grpc.unary_stream_rpc_method_handler(
+            svc.WatchRuns, request_deserializer=pb.WatchRunsRequest.FromString,
             response_serializer=pb.RunEvent.SerializeToString),
     })
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
