@@ -201,10 +201,14 @@ def main():
     state = {}
 
     def t_build_with_params():
-        qid = server.build_job("app", {"GIT_SHA": "abc123", "UNKNOWN": "ignored"})
-        assert isinstance(qid, int) and qid > 0
-        seen = []
-        item = wait_executable(server, qid, seen)
+        control(url, "config", {"queue_delay": 1.0})  # long enough to see it waiting
+        try:
+            qid = server.build_job("app", {"GIT_SHA": "abc123", "UNKNOWN": "ignored"})
+            assert isinstance(qid, int) and qid > 0
+            seen = []
+            item = wait_executable(server, qid, seen)
+        finally:
+            control(url, "config", {"queue_delay": 0.3})
         assert seen[0]["why"] is not None and seen[0].get("executable") is None, seen[0]
         assert seen[0]["_class"].startswith("hudson.model.Queue$"), seen[0]
         assert item["_class"] == "hudson.model.Queue$LeftItem" and item["cancelled"] is False, item
@@ -297,8 +301,12 @@ def main():
 
     def t_queue_cancel_fault():
         control(url, "fault", {"fault": "queue_cancel", "count": 1})
-        qid = server.build_job("app", {"GIT_SHA": "cancel-me"})
-        first = server.get_queue_item(qid)
+        control(url, "config", {"queue_delay": 1.0})
+        try:
+            qid = server.build_job("app", {"GIT_SHA": "cancel-me"})
+            first = server.get_queue_item(qid)
+        finally:
+            control(url, "config", {"queue_delay": 0.3})
         assert first.get("cancelled") is None and first["why"], first
         item = wait_executable(server, qid)
         assert item["cancelled"] is True and item["executable"] is None, item
