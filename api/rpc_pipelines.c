@@ -11,6 +11,8 @@
 #include <string.h>
 
 #include "api/kpl.pb-c.h"
+#include "pipelines/pipeline.h"
+#include "stages/stage.h"
 
 #define LOG "rpc"
 #define LIST_DEFAULT_PAGE 50
@@ -35,7 +37,7 @@ struct rpc {
 	struct engine *eng;
 	struct store *store;
 	struct watch *watches; /* open WatchRun streams */
-	struct api_method methods[5];
+	struct api_method methods[9];
 };
 
 /* ---------------------------------------------------------------------- */
@@ -152,7 +154,7 @@ static void op_cancelled(struct api_call *call, void *data)
 	struct op *op = data;
 
 	op->call = NULL;
-	api_call_fail(call, ST_CANCELLED, "cancelled before the run was stored");
+	api_call_fail(call, ST_CANCELLED, "the call was cancelled; the request may still take effect");
 }
 
 static struct op *op_new(struct rpc *rpc, struct api_call *call)
@@ -342,19 +344,12 @@ struct watch {
 	struct api_call *call;      /* NULL once ended */
 	struct engine_sub sub;
 	uint64_t next_seq;
+	bool global;                /* WatchRuns: next_seq is a global seq */
+	const Kpl__V1__WatchRunsRequest *filter; /* WatchRuns: owned by the call */
 	bool sending;
-	bool last_sent_final;       /* the send in flight is the run's last event */
 	bool ended;
 	struct watch *prev, *next;  /* rpc->watches */
 };
-
-static bool event_is_final(const Kpl__V1__RunEvent *ev)
-{
-	return ev->kind == KPL__V1__EVENT_KIND__EVENT_KIND_RUN_STATE &&
-	       (ev->run_state == KPL__V1__RUN_STATE__RUN_STATE_SUCCEEDED ||
-		ev->run_state == KPL__V1__RUN_STATE__RUN_STATE_FAILED ||
-		ev->run_state == KPL__V1__RUN_STATE__RUN_STATE_CANCELLED);
-}
 
 static void watch_unlink(struct watch *w)
 {
@@ -397,20 +392,31 @@ static void watch_sent(struct api_call *call, bool ok, void *data)
 		watch_end(w, ST_CANCELLED, "client went away");
 		return;
 	}
-	w->next_seq++;
-	if (w->last_sent_final) {
-		watch_end(w, ST_OK, NULL);
-		return;
-	}
 	watch_pump(w);
+}
+
+static bool watch_wants(const struct watch *w, const Kpl__V1__RunEvent *ev)
+{
+	const Kpl__V1__WatchRunsRequest *f = w->filter;
+	bool kind_ok = f->n_kinds == 0;
+
+	if (f->pipeline_name && *f->pipeline_name &&
+	    (!ev->pipeline_name || strcmp(f->pipeline_name, ev->pipeline_name)))
+		return false;
+	for (size_t i = 0; i < f->n_kinds; i++)
+		if (f->kinds[i] == ev->kind)
+			kind_ok = true;
+	return kind_ok;
 }
 
 static int watch_got(void *data, const Kpl__V1__RunEvent *ev)
 {
 	struct watch *w = data;
 
+	w->next_seq = (w->global ? ev->global_seq : ev->seq) + 1;
+	if (w->global && !watch_wants(w, ev))
+		return 0; /* skipped: read on */
 	w->sending = true;
-	w->last_sent_final = event_is_final(ev);
 	api_call_send(w->call, &ev->base, watch_sent, w);
 	return 1;
 }
@@ -421,6 +427,20 @@ static void watch_pump(struct watch *w)
 
 	if (w->sending || w->ended)
 		return;
+	if (w->global) {
+		/* A filtered stream may skip many events per send: read in
+		 * batches until one is sent or the log is read to its end. */
+		do
+			rc = store_read_global(w->rpc->store, w->next_seq, 512, watch_got, w);
+		while (rc == 0 && !w->sending &&
+		       w->next_seq <= store_last_global_seq(w->rpc->store));
+		if (rc < 0) {
+			char msg[200];
+			snprintf(msg, sizeof msg, "cannot read events: %s", kpl_strerror(rc));
+			watch_end(w, ST_INTERNAL, msg);
+		}
+		return; /* WatchRuns never ends by itself */
+	}
 	rc = store_read_events(w->rpc->store, w->sub.run_id, w->next_seq, 1, watch_got, w);
 	if (rc < 0) {
 		char msg[200];
@@ -447,6 +467,8 @@ static void watch_cancelled(struct api_call *call, void *data)
 	watch_end(w, ST_CANCELLED, "cancelled");
 }
 
+static struct watch *watch_new(struct rpc *rpc, struct api_call *call, const char *run_id);
+
 static void h_watch(struct api_call *call, const ProtobufCMessage *m, void *data)
 {
 	const Kpl__V1__WatchRunRequest *req = (const void *)m;
@@ -469,11 +491,18 @@ static void h_watch(struct api_call *call, const ProtobufCMessage *m, void *data
 		return;
 	}
 	kpl__store__v1__run_record__free_unpacked(rec, NULL);
-	w = kpl_calloc(1, sizeof *w);
+	w = watch_new(rpc, call, req->id);
+	w->next_seq = req->from_seq ? req->from_seq : 1;
+	watch_pump(w);
+}
+
+static struct watch *watch_new(struct rpc *rpc, struct api_call *call, const char *run_id)
+{
+	struct watch *w = kpl_calloc(1, sizeof *w);
+
 	w->rpc = rpc;
 	w->call = call;
-	w->next_seq = req->from_seq ? req->from_seq : 1;
-	snprintf(w->sub.run_id, sizeof w->sub.run_id, "%s", req->id);
+	snprintf(w->sub.run_id, sizeof w->sub.run_id, "%s", run_id);
 	w->sub.notify = watch_notified;
 	w->sub.data = w;
 	engine_subscribe(rpc->eng, &w->sub);
@@ -482,7 +511,113 @@ static void h_watch(struct api_call *call, const ProtobufCMessage *m, void *data
 		rpc->watches->prev = w;
 	rpc->watches = w;
 	api_call_on_cancel(call, watch_cancelled, w);
+	return w;
+}
+
+static void h_watch_all(struct api_call *call, const ProtobufCMessage *m, void *data)
+{
+	const Kpl__V1__WatchRunsRequest *req = (const void *)m;
+	struct rpc *rpc = data;
+	struct watch *w;
+
+	if (req->n_kinds > 8) {
+		api_call_finish(call, ST_INVALID_ARGUMENT, "kinds: at most 8");
+		return;
+	}
+	w = watch_new(rpc, call, "");
+	w->global = true;
+	w->filter = req;
+	w->next_seq = req->from_global_seq ? req->from_global_seq
+					   : store_last_global_seq(rpc->store) + 1;
 	watch_pump(w);
+}
+
+static void h_validate(struct api_call *call, const ProtobufCMessage *m, void *data)
+{
+	const Kpl__V1__ValidatePipelineRequest *req = (const void *)m;
+	Kpl__V1__ValidatePipelineResponse resp = KPL__V1__VALIDATE_PIPELINE_RESPONSE__INIT;
+	Kpl__V1__Diagnostic *diags = NULL, **dptrs = NULL;
+	struct pl_diag *pd = NULL;
+	struct pipeline *pl = NULL;
+	struct kpl_err err = { 0 };
+	const struct pl_kind *kinds;
+	size_t n = 0, n_kinds;
+	size_t len = req->pipeline ? strlen(req->pipeline) : 0;
+
+	(void)data;
+	kinds = stage_kinds_for_parser(&n_kinds);
+	pipeline_validate_all(req->pipeline ? req->pipeline : "", len, "pipeline", kinds,
+			      n_kinds, &pd, &n);
+	if (n) {
+		diags = kpl_calloc(n, sizeof *diags);
+		dptrs = kpl_calloc(n, sizeof *dptrs);
+		for (size_t i = 0; i < n; i++) {
+			kpl__v1__diagnostic__init(&diags[i]);
+			diags[i].line = pd[i].line;
+			diags[i].column = pd[i].col;
+			diags[i].path = pd[i].path ? pd[i].path : "";
+			diags[i].message = pd[i].message ? pd[i].message : "";
+			diags[i].severity = KPL__V1__SEVERITY__SEVERITY_ERROR;
+			dptrs[i] = &diags[i];
+		}
+	} else if (pipeline_parse(req->pipeline, len, "pipeline", kinds, n_kinds, &pl, &err) == 0) {
+		resp.pipeline_name = pl->name;
+	}
+	resp.valid = n == 0;
+	resp.n_diagnostics = n;
+	resp.diagnostics = dptrs;
+	api_call_reply(call, &resp.base);
+	if (pl)
+		pipeline_free(pl);
+	pl_diags_free(pd, n);
+	free(diags);
+	free(dptrs);
+}
+
+static void h_approve(struct api_call *call, const ProtobufCMessage *m, void *data)
+{
+	const Kpl__V1__ApproveStageRequest *req = (const void *)m;
+	struct rpc *rpc = data;
+	struct kpl_err err = { 0 };
+	struct op *op;
+
+	if (check_run_id("run_id", req->run_id, &err)) {
+		api_call_fail_err(call, &err);
+		return;
+	}
+	if (!req->stage || !*req->stage || strlen(req->stage) > KPL_MAX_NAME_LEN) {
+		api_call_fail(call, ST_INVALID_ARGUMENT, "stage: required, at most 128 characters");
+		return;
+	}
+	if ((req->comment && strlen(req->comment) > 2000) || (req->by && strlen(req->by) > 200)) {
+		api_call_fail(call, ST_INVALID_ARGUMENT,
+			      "comment (2000) or by (200 characters) is too long");
+		return;
+	}
+	op = op_new(rpc, call);
+	if (engine_approve(rpc->eng, req->run_id, req->stage, req->approve, req->comment,
+			   req->by, op_answer, op, &err)) {
+		api_call_fail_err(call, &err);
+		free(op);
+	}
+}
+
+static void h_retry(struct api_call *call, const ProtobufCMessage *m, void *data)
+{
+	const Kpl__V1__RetryRunRequest *req = (const void *)m;
+	struct rpc *rpc = data;
+	struct kpl_err err = { 0 };
+	struct op *op;
+
+	if (check_run_id("id", req->id, &err)) {
+		api_call_fail_err(call, &err);
+		return;
+	}
+	op = op_new(rpc, call);
+	if (engine_retry(rpc->eng, req->id, op_answer, op, &err)) {
+		api_call_fail_err(call, &err);
+		free(op);
+	}
 }
 
 void rpc_close_streams(struct rpc *rpc)
@@ -513,6 +648,14 @@ struct rpc *rpc_new(struct engine *e)
 		  &kpl__v1__watch_run_request__descriptor, h_watch, rpc },
 		{ "/kpl.v1.Pipelines/CancelRun", API_UNARY,
 		  &kpl__v1__cancel_run_request__descriptor, h_cancel, rpc },
+		{ "/kpl.v1.Pipelines/ValidatePipeline", API_UNARY,
+		  &kpl__v1__validate_pipeline_request__descriptor, h_validate, rpc },
+		{ "/kpl.v1.Pipelines/ApproveStage", API_UNARY,
+		  &kpl__v1__approve_stage_request__descriptor, h_approve, rpc },
+		{ "/kpl.v1.Pipelines/RetryRun", API_UNARY,
+		  &kpl__v1__retry_run_request__descriptor, h_retry, rpc },
+		{ "/kpl.v1.Pipelines/WatchRuns", API_SERVER_STREAM,
+		  &kpl__v1__watch_runs_request__descriptor, h_watch_all, rpc },
 	};
 
 	rpc->eng = e;

@@ -18,10 +18,15 @@
 #include <unistd.h>
 
 #include "google/protobuf/timestamp.pb-c.h"
+#include "pipelines/expr.h"
 #include "pipelines/pipeline.h"
+#include "pipelines/template.h"
 #include "stages/stage.h"
 
 #define LOG "engine"
+#define ENGINE_DEFAULT_LOG_CAP ((uint64_t)16 * 1024 * 1024)
+#define ENGINE_DEFAULT_BACKOFF_MS 1000
+#define ENGINE_DEFAULT_MAX_BACKOFF_MS (5 * 60 * 1000)
 
 struct run;
 
@@ -51,7 +56,19 @@ struct stage {
 	bool live;        /* start returned 0 and stage_done not yet called */
 	bool cancel_sent; /* kind->cancel called for this attempt */
 	bool timed_out;   /* the engine's timer fired for this attempt */
+	bool no_retry;    /* this attempt's failure is final (a rejection) */
 	uv_timer_t *timer;               /* deadline timer; freed in close cb */
+	uint32_t tries;                  /* attempts in the run's current attempt */
+	int64_t retry_at_ms;             /* PENDING until then after a failure */
+	uv_timer_t *retry_timer;         /* freed in close cb */
+	uint64_t log_bytes;              /* log kept for this attempt */
+	bool log_cut;
+	/* Templates of `with` expanded for this attempt, and the env. */
+	const struct pl_node **tpl_nodes;
+	char **tpl_values;
+	size_t n_tpl;
+	char **env_names, **env_values;
+	size_t n_env;
 };
 
 struct run {
@@ -68,6 +85,8 @@ struct run {
 	uint64_t next_seq;
 	bool cancel_requested;
 	bool finally_started;
+	uint32_t attempt;                /* 1, then +1 per RetryRun */
+	char *group;                     /* concurrency group key, or NULL */
 	bool stored;                     /* first commit done */
 	bool final_durable;
 	struct stage *stages;            /* owned, n_stages */
@@ -85,6 +104,8 @@ struct engine {
 	char *work_dir;
 	struct run *runs;
 	struct engine_sub *subs;
+	uint64_t next_gseq;              /* global event sequence */
+	uint64_t log_cap;
 	bool stopping;
 	void (*stop_done)(void *);
 	void *stop_data;
@@ -92,6 +113,8 @@ struct engine {
 
 static void run_advance(struct run *r);
 static void run_maybe_free(struct run *r);
+static void group_kick(struct engine *e, const char *group);
+static void stage_attempt_failed(struct stage *st, const char *msg);
 
 /* ---------------------------------------------------------------------- */
 /* Run ids */
@@ -149,6 +172,10 @@ static bool run_transition_ok(Kpl__V1__RunState from, Kpl__V1__RunState to)
 		       to == KPL__V1__RUN_STATE__RUN_STATE_FAILED;
 	case KPL__V1__RUN_STATE__RUN_STATE_RUNNING:
 		return run_state_final(to);
+	case KPL__V1__RUN_STATE__RUN_STATE_FAILED:
+	case KPL__V1__RUN_STATE__RUN_STATE_CANCELLED:
+		/* RetryRun only. */
+		return to == KPL__V1__RUN_STATE__RUN_STATE_QUEUED;
 	default:
 		return false;
 	}
@@ -172,7 +199,8 @@ static bool stage_transition_ok(Kpl__V1__StageState from, Kpl__V1__StageState to
 		return to == KPL__V1__STAGE_STATE__STAGE_STATE_RUNNING ||
 		       stage_state_final(to);
 	default:
-		return false;
+		/* From a final state only back to PENDING, by RetryRun. */
+		return to == KPL__V1__STAGE_STATE__STAGE_STATE_PENDING;
 	}
 }
 
@@ -219,6 +247,8 @@ static void run_stage_record(struct run *r)
 	run.message = r->message ? r->message : "";
 	run.idempotency_key = r->idem_key ? r->idem_key : "";
 	run.last_seq = r->next_seq - 1;
+	run.attempt = r->attempt;
+	run.concurrency_group = r->group ? r->group : "";
 	if (r->n_params) {
 		entries = kpl_calloc(r->n_params, sizeof *entries);
 		eptrs = kpl_calloc(r->n_params, sizeof *eptrs);
@@ -274,6 +304,10 @@ static void stage_stage_record(struct stage *st)
 	rec.pid_start_time = st->pid_start;
 	rec.deadline_ms = st->deadline_ms;
 	rec.resume = st->resume ? st->resume : "";
+	rec.retry_at_ms = st->retry_at_ms;
+	rec.log_bytes = st->log_bytes;
+	rec.log_cut = st->log_cut;
+	rec.tries = st->tries;
 	store_stage_stage(st->run->eng->store, st->run->id, &rec);
 	free(entries);
 	free(eptrs);
@@ -289,6 +323,8 @@ static void run_event(struct run *r, Kpl__V1__EventKind kind, struct stage *st,
 
 	ev.run_id = r->id;
 	ev.seq = r->next_seq++;
+	ev.global_seq = r->eng->next_gseq++;
+	ev.pipeline_name = r->pl->name;
 	ev.time = ts_set(&t, kpl_now_ms());
 	ev.kind = kind;
 	ev.run_state = r->state;
@@ -316,7 +352,7 @@ static void notify_subs(struct engine *e, const char *run_id)
 
 	for (; s; s = next) {
 		next = s->next; /* notify may unsubscribe itself */
-		if (strcmp(s->run_id, run_id) == 0)
+		if (!s->run_id[0] || strcmp(s->run_id, run_id) == 0)
 			s->notify(s);
 	}
 }
@@ -394,12 +430,15 @@ static void run_set_state(struct run *r, Kpl__V1__RunState to, const char *msg)
 			 run_state_name(to), msg && *msg ? ": " : "", msg ? msg : "");
 	}
 	run_commit(r);
+	if (run_state_final(to) && r->group)
+		group_kick(r->eng, r->group);
 }
 
 /* The one way a stage changes state. */
 static void stage_set_state(struct stage *st, Kpl__V1__StageState to, const char *msg)
 {
 	struct run *r = st->run;
+	Kpl__V1__StageState from = st->state;
 
 	if (!stage_transition_ok(st->state, to))
 		BUG("run %s stage %s: illegal transition %s -> %s", r->id,
@@ -407,13 +446,20 @@ static void stage_set_state(struct stage *st, Kpl__V1__StageState to, const char
 	kpl_debug(LOG, "run %s stage %s: %s -> %s", r->id, st->spec->name,
 		  stage_state_name(st->state), stage_state_name(to));
 	st->state = to;
-	if (to == KPL__V1__STAGE_STATE__STAGE_STATE_RUNNING) {
+	if (to == KPL__V1__STAGE_STATE__STAGE_STATE_RUNNING &&
+	    from != KPL__V1__STAGE_STATE__STAGE_STATE_WAITING) {
 		st->attempt++;
+		st->tries++;
 		st->started_ms = kpl_now_ms();
 		st->finished_ms = 0;
 		st->deadline_ms = st->spec->timeout_ms ? st->started_ms + st->spec->timeout_ms : 0;
 		st->pid = 0;
 		st->pid_start = 0;
+		st->retry_at_ms = 0;
+		st->log_bytes = 0;
+		st->log_cut = false;
+		st->no_retry = false;
+		set_str(&st->resume, NULL);
 	}
 	if (stage_state_final(to))
 		st->finished_ms = kpl_now_ms();
@@ -456,16 +502,75 @@ void stage_env(struct stage *st, const struct pl_env **penv, size_t *np,
 	*ns = st->spec->n_env;
 }
 
-void stage_log(struct stage *st, Kpl__V1__LogStream stream, const char *line, size_t len)
+void stage_env_expanded(struct stage *st, const char *const **names,
+			const char *const **values, size_t *n)
+{
+	*names = (const char *const *)st->env_names;
+	*values = (const char *const *)st->env_values;
+	*n = st->n_env;
+}
+
+const struct pl_node *stage_with_get(struct stage *st, const char *key)
+{
+	return st->spec->with ? pl_map_get(st->spec->with, key) : NULL;
+}
+
+char *stage_expand(struct stage *st, const struct pl_node *scalar)
+{
+	if (!scalar)
+		return NULL;
+	for (size_t i = 0; i < st->n_tpl; i++)
+		if (st->tpl_nodes[i] == scalar)
+			return kpl_strdup(st->tpl_values[i]);
+	return kpl_strdup(scalar->scalar ? scalar->scalar : "");
+}
+
+/* Stages one log event, within the stage's cap; false if nothing staged. */
+static bool stage_log_event(struct stage *st, Kpl__V1__LogStream stream,
+			    const char *line, size_t len)
 {
 	struct run *r = st->run;
+	struct engine *e = r->eng;
 
-	if (r->eng->stopping)
-		return;
+	if (e->stopping || st->log_cut)
+		return false;
 	if (len > KPL_MAX_LOG_LINE)
 		len = KPL_MAX_LOG_LINE;
+	if (st->log_bytes + len + 1 > e->log_cap) {
+		char note[200];
+		int n = snprintf(note, sizeof note,
+				 "log cut here: this attempt's log reached the cap of %llu bytes; "
+				 "later lines were not kept", (unsigned long long)e->log_cap);
+		st->log_cut = true;
+		run_event(r, KPL__V1__EVENT_KIND__EVENT_KIND_LOG, st,
+			  KPL__V1__LOG_STREAM__LOG_STREAM_SYSTEM, note, (size_t)n);
+		stage_stage_record(st);
+		return true;
+	}
+	st->log_bytes += len + 1;
 	run_event(r, KPL__V1__EVENT_KIND__EVENT_KIND_LOG, st, stream, line, len);
-	run_commit(r);
+	return true;
+}
+
+void stage_log(struct stage *st, Kpl__V1__LogStream stream, const char *line, size_t len)
+{
+	if (stage_log_event(st, stream, line, len))
+		run_commit(st->run);
+}
+
+void stage_log_staged(struct stage *st, Kpl__V1__LogStream stream, const char *line,
+		      size_t len)
+{
+	stage_log_event(st, stream, line, len);
+}
+
+void stage_save_resume(struct stage *st, const char *resume)
+{
+	if (st->run->eng->stopping)
+		return;
+	set_str(&st->resume, resume);
+	stage_stage_record(st);
+	run_commit(st->run);
 }
 
 void stage_logf(struct stage *st, const char *fmt, ...)
@@ -570,6 +675,13 @@ static void format_duration(char *buf, size_t n, int64_t ms)
 		snprintf(buf, n, "%lldm", (long long)(ms / 60000));
 }
 
+void stage_wait(struct stage *st, const char *msg)
+{
+	if (st->run->eng->stopping)
+		return;
+	stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_WAITING, msg);
+}
+
 void stage_done(struct stage *st, Kpl__V1__StageState state, const char *msg)
 {
 	struct run *r = st->run;
@@ -590,8 +702,268 @@ void stage_done(struct stage *st, Kpl__V1__StageState state, const char *msg)
 		state = KPL__V1__STAGE_STATE__STAGE_STATE_FAILED;
 		msg = buf;
 	}
-	stage_set_state(st, state, msg);
+	if (state == KPL__V1__STAGE_STATE__STAGE_STATE_FAILED)
+		stage_attempt_failed(st, msg);
+	else
+		stage_set_state(st, state, msg);
 	run_advance(r);
+}
+
+static void retry_timer_fired(uv_timer_t *t)
+{
+	struct stage *st = t->data;
+
+	uv_close((uv_handle_t *)t, timer_closed);
+	st->retry_timer = NULL;
+	st->retry_at_ms = 0;
+	run_advance(st->run);
+}
+
+static void stage_arm_retry(struct stage *st)
+{
+	int64_t left = st->retry_at_ms - kpl_now_ms();
+
+	if (st->retry_timer)
+		return;
+	st->retry_timer = kpl_malloc(sizeof *st->retry_timer);
+	uv_timer_init(st->run->eng->loop, st->retry_timer);
+	st->retry_timer->data = st;
+	uv_timer_start(st->retry_timer, retry_timer_fired, left > 0 ? (uint64_t)left : 0, 0);
+}
+
+static void stage_stop_retry(struct stage *st)
+{
+	if (st->retry_timer) {
+		uv_close((uv_handle_t *)st->retry_timer, timer_closed);
+		st->retry_timer = NULL;
+	}
+}
+
+/* Exponential backoff with equal jitter: half the delay fixed, half random. */
+static int64_t retry_delay_ms(const struct pl_retries *p, uint32_t tries)
+{
+	int64_t base = p->backoff_ms > 0 ? p->backoff_ms : ENGINE_DEFAULT_BACKOFF_MS;
+	int64_t cap = p->max_backoff_ms > 0 ? p->max_backoff_ms : ENGINE_DEFAULT_MAX_BACKOFF_MS;
+	int64_t d = base;
+
+	for (uint32_t i = 1; i < tries && d < cap; i++)
+		d *= 2;
+	if (d > cap)
+		d = cap;
+	return d / 2 + (int64_t)(random() % (d / 2 + 1));
+}
+
+/*
+ * An attempt ended badly: back to PENDING for another attempt after the
+ * backoff if the retry policy allows it, else FAILED. The retry's time is
+ * stored, so a restart keeps it.
+ */
+static void stage_attempt_failed(struct stage *st, const char *msg)
+{
+	struct run *r = st->run;
+	char buf[700], d[32];
+	int64_t delay;
+
+	if (r->cancel_requested || st->no_retry || st->tries > st->spec->retries.count) {
+		stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
+		return;
+	}
+	delay = retry_delay_ms(&st->spec->retries, st->tries);
+	format_duration(d, sizeof d, delay);
+	snprintf(buf, sizeof buf, "attempt %u failed: %s; retrying in %s (%u of %u retries)",
+		 st->attempt, msg ? msg : "", d, st->tries, st->spec->retries.count);
+	stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_PENDING, buf);
+	st->retry_at_ms = kpl_now_ms() + delay;
+	stage_stage_record(st);
+	stage_arm_retry(st);
+}
+
+/* ---------------------------------------------------------------------- */
+/* Expressions and templates */
+
+static const char *stage_state_word(Kpl__V1__StageState s)
+{
+	switch (s) {
+	case KPL__V1__STAGE_STATE__STAGE_STATE_PENDING: return "pending";
+	case KPL__V1__STAGE_STATE__STAGE_STATE_RUNNING: return "running";
+	case KPL__V1__STAGE_STATE__STAGE_STATE_SUCCEEDED: return "succeeded";
+	case KPL__V1__STAGE_STATE__STAGE_STATE_FAILED: return "failed";
+	case KPL__V1__STAGE_STATE__STAGE_STATE_SKIPPED: return "skipped";
+	case KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED: return "cancelled";
+	case KPL__V1__STAGE_STATE__STAGE_STATE_WAITING: return "waiting";
+	default: return "unknown";
+	}
+}
+
+static struct stage *run_find_stage(struct run *r, const char *name, bool is_finally);
+
+/*
+ * What a reference means for stage st of run r: params.X, run.id, env.X
+ * (the stage's env, then the pipeline's, as written), stages.N.state (a
+ * lowercase word: succeeded, failed, skipped, ...), stages.N.outputs.K.
+ */
+struct lookup_ctx {
+	struct run *r;
+	struct stage *st;
+};
+
+static int engine_lookup(void *data, const struct expr *ref, const char **value)
+{
+	struct lookup_ctx *c = data;
+	struct run *r = c->r;
+	const char *root = ref->part[0];
+
+	if (strcmp(root, "params") == 0 && ref->n_part == 2) {
+		for (size_t i = 0; i < r->n_params; i++)
+			if (strcmp(r->param_names[i], ref->part[1]) == 0) {
+				*value = r->param_values[i];
+				return 0;
+			}
+	} else if (strcmp(root, "run") == 0 && ref->n_part == 2 &&
+		   strcmp(ref->part[1], "id") == 0) {
+		*value = r->id;
+		return 0;
+	} else if (strcmp(root, "env") == 0 && ref->n_part == 2) {
+		if (c->st)
+			for (size_t i = c->st->spec->n_env; i-- > 0;)
+				if (strcmp(c->st->spec->env[i].name, ref->part[1]) == 0) {
+					*value = c->st->spec->env[i].value;
+					return 0;
+				}
+		for (size_t i = r->pl->n_env; i-- > 0;)
+			if (strcmp(r->pl->env[i].name, ref->part[1]) == 0) {
+				*value = r->pl->env[i].value;
+				return 0;
+			}
+	} else if (strcmp(root, "stages") == 0 && ref->n_part >= 3) {
+		struct stage *d = run_find_stage(r, ref->part[1], false);
+		if (!d)
+			d = run_find_stage(r, ref->part[1], true);
+		if (d && strcmp(ref->part[2], "state") == 0 && ref->n_part == 3) {
+			*value = stage_state_word(d->state);
+			return 0;
+		}
+		if (d && strcmp(ref->part[2], "outputs") == 0 && ref->n_part == 4) {
+			for (size_t i = 0; i < d->n_out; i++)
+				if (strcmp(d->out_keys[i], ref->part[3]) == 0) {
+					*value = d->out_values[i];
+					return 0;
+				}
+		}
+	}
+	/* NEEDSWORK: secrets.NAME resolves once the secret store lands. */
+	return KPL_ENOTFOUND;
+}
+
+static void stage_release_prepared(struct stage *st)
+{
+	for (size_t i = 0; i < st->n_tpl; i++)
+		free(st->tpl_values[i]);
+	free(st->tpl_nodes);
+	free(st->tpl_values);
+	st->tpl_nodes = NULL;
+	st->tpl_values = NULL;
+	st->n_tpl = 0;
+	for (size_t i = 0; i < st->n_env; i++) {
+		free(st->env_names[i]);
+		free(st->env_values[i]);
+	}
+	free(st->env_names);
+	free(st->env_values);
+	st->env_names = st->env_values = NULL;
+	st->n_env = 0;
+}
+
+static int expand_one(struct lookup_ctx *c, const char *text, const char *path,
+		      char **out, struct kpl_err *err)
+{
+	struct kpl_err e = { 0 };
+
+	if (!tpl_has_template(text)) {
+		*out = kpl_strdup(text);
+		return 0;
+	}
+	if (tpl_expand_str(text, EXPR_ROOTS_TEMPLATE, engine_lookup, c, out, &e))
+		return kpl_errf(err, KPL_EINVAL, "%s: %s", path, e.msg);
+	return 0;
+}
+
+static int expand_with(struct stage *st, struct lookup_ctx *c, const struct pl_node *n,
+		       const char *path, struct kpl_err *err)
+{
+	char sub[300];
+	char *v;
+	int rc;
+
+	if (!n)
+		return 0;
+	switch (n->type) {
+	case PL_SCALAR:
+		if (!n->scalar || !tpl_has_template(n->scalar))
+			return 0;
+		if ((rc = expand_one(c, n->scalar, path, &v, err)) != 0)
+			return rc;
+		st->tpl_nodes = kpl_realloc(st->tpl_nodes, (st->n_tpl + 1) * sizeof *st->tpl_nodes);
+		st->tpl_values = kpl_realloc(st->tpl_values, (st->n_tpl + 1) * sizeof *st->tpl_values);
+		st->tpl_nodes[st->n_tpl] = n;
+		st->tpl_values[st->n_tpl++] = v;
+		return 0;
+	case PL_SEQ:
+		for (size_t i = 0; i < n->n; i++) {
+			snprintf(sub, sizeof sub, "%s[%zu]", path, i);
+			if ((rc = expand_with(st, c, n->items[i], sub, err)) != 0)
+				return rc;
+		}
+		return 0;
+	case PL_MAP:
+		for (size_t i = 0; i < n->n; i++) {
+			snprintf(sub, sizeof sub, "%s.%s", path, n->keys[i]->scalar);
+			if ((rc = expand_with(st, c, n->items[i], sub, err)) != 0)
+				return rc;
+		}
+		return 0;
+	}
+	return 0;
+}
+
+static void env_put(struct stage *st, const char *name, char *value)
+{
+	for (size_t i = 0; i < st->n_env; i++)
+		if (strcmp(st->env_names[i], name) == 0) {
+			free(st->env_values[i]);
+			st->env_values[i] = value;
+			return;
+		}
+	st->env_names = kpl_realloc(st->env_names, (st->n_env + 1) * sizeof *st->env_names);
+	st->env_values = kpl_realloc(st->env_values, (st->n_env + 1) * sizeof *st->env_values);
+	st->env_names[st->n_env] = kpl_strdup(name);
+	st->env_values[st->n_env++] = value;
+}
+
+/* Expands every template the attempt will read, before it starts, so a
+ * value that cannot be had fails the attempt with the key's name. */
+static int stage_prepare(struct stage *st, struct kpl_err *err)
+{
+	struct lookup_ctx c = { st->run, st };
+	char path[300], *v;
+	int rc;
+
+	stage_release_prepared(st);
+	for (size_t i = 0; i < st->run->pl->n_env; i++) {
+		snprintf(path, sizeof path, "env.%s", st->run->pl->env[i].name);
+		if ((rc = expand_one(&c, st->run->pl->env[i].value, path, &v, err)) != 0)
+			return rc;
+		env_put(st, st->run->pl->env[i].name, v);
+	}
+	for (size_t i = 0; i < st->spec->n_env; i++) {
+		snprintf(path, sizeof path, "stages.%s.env.%s", st->spec->name,
+			 st->spec->env[i].name);
+		if ((rc = expand_one(&c, st->spec->env[i].value, path, &v, err)) != 0)
+			return rc;
+		env_put(st, st->spec->env[i].name, v);
+	}
+	snprintf(path, sizeof path, "stages.%s.with", st->spec->name);
+	return expand_with(st, &c, st->spec->with, path, err);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -642,11 +1014,17 @@ static void stage_start_committed(void *data, int status)
 	}
 	st->cancel_sent = false;
 	st->timed_out = false;
+	if (stage_prepare(st, &err) != 0) {
+		/* The same templates would fail again: no retry. */
+		st->no_retry = true;
+		stage_attempt_failed(st, err.msg);
+		run_advance(r);
+		return;
+	}
 	st->live = true;
 	if (st->kind->start(st, &err) != 0) {
 		st->live = false;
-		stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED,
-				err.msg[0] ? err.msg : kpl_strerror(err.code));
+		stage_attempt_failed(st, err.msg[0] ? err.msg : kpl_strerror(err.code));
 		run_advance(r);
 		return;
 	}
@@ -689,6 +1067,52 @@ static bool stage_failed_run(const struct stage *d)
  * can no longer run, starts `finally` when the graph is done, and ends the
  * run when nothing is left. Called after every change that could matter.
  */
+/* A QUEUED run of a concurrency group waits for every older unfinished
+ * run of its group (runs in memory are exactly the unfinished ones). */
+static bool run_admitted(struct run *r)
+{
+	if (!r->group)
+		return true;
+	for (struct run *o = r->eng->runs; o; o = o->next)
+		if (o != r && o->group && !run_state_final(o->state) &&
+		    strcmp(o->group, r->group) == 0 && strcmp(o->id, r->id) < 0)
+			return false;
+	return true;
+}
+
+/* A run of the group ended: the next one in line may start. */
+static void group_kick(struct engine *e, const char *group)
+{
+	struct run *first = NULL;
+
+	for (struct run *o = e->runs; o; o = o->next)
+		if (o->group && o->state == KPL__V1__RUN_STATE__RUN_STATE_QUEUED &&
+		    strcmp(o->group, group) == 0 && (!first || strcmp(o->id, first->id) < 0))
+			first = o;
+	if (first)
+		run_advance(first);
+}
+
+/* Evaluates a stage's `when`; 1 true, 0 false, <0 error in err. */
+static int stage_when(struct stage *st, struct kpl_err *err)
+{
+	struct lookup_ctx c = { st->run, st };
+	struct kpl_err e = { 0 };
+	bool b;
+
+	if (!st->spec->when_expr)
+		return 1;
+	if (expr_eval_bool(st->spec->when_expr, engine_lookup, &c, &b, &e))
+		return kpl_errf(err, KPL_EINVAL, "when: %s", e.msg);
+	return b;
+}
+
+/*
+ * Moves the run forward: starts every stage whose needs are met (and whose
+ * `when` holds), skips what can no longer run, starts `finally` when the
+ * graph is done, and ends the run when nothing is left. Called after every
+ * change that could matter.
+ */
 static void run_advance(struct run *r)
 {
 	struct stage *failed = NULL;
@@ -697,16 +1121,21 @@ static void run_advance(struct run *r)
 
 	if (r->eng->stopping || run_state_final(r->state))
 		return;
-	if (r->state == KPL__V1__RUN_STATE__RUN_STATE_QUEUED)
+	if (r->state == KPL__V1__RUN_STATE__RUN_STATE_QUEUED) {
+		if (!r->cancel_requested && !run_admitted(r))
+			return; /* group_kick brings it back */
 		run_set_state(r, KPL__V1__RUN_STATE__RUN_STATE_RUNNING, NULL);
+	}
 
 	if (r->cancel_requested) {
 		for (size_t i = 0; i < r->n_stages; i++) {
 			struct stage *st = &r->stages[i];
-			if (st->state == KPL__V1__STAGE_STATE__STAGE_STATE_PENDING)
+			if (st->state == KPL__V1__STAGE_STATE__STAGE_STATE_PENDING) {
+				stage_stop_retry(st);
+				st->retry_at_ms = 0;
 				stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED,
 						"run cancelled");
-			else if (st->live && !st->cancel_sent) {
+			} else if (st->live && !st->cancel_sent) {
 				st->cancel_sent = true;
 				st->kind->cancel(st);
 			}
@@ -732,6 +1161,8 @@ again:
 		struct stage *st = &r->stages[i];
 		bool ready = true, doomed = false;
 		const char *blocker = NULL;
+		struct kpl_err err = { 0 };
+		int w;
 
 		if (st->spec->is_finally != in_finally)
 			continue;
@@ -742,6 +1173,12 @@ again:
 		}
 		if (st->state != KPL__V1__STAGE_STATE__STAGE_STATE_PENDING)
 			continue;
+		if (st->retry_at_ms) {
+			/* Waiting out its backoff; its timer calls back. */
+			stage_arm_retry(st);
+			open++;
+			continue;
+		}
 		if (failed && !in_finally) {
 			char msg[300];
 			snprintf(msg, sizeof msg, "not run: stage %s failed",
@@ -769,11 +1206,26 @@ again:
 			stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_SKIPPED, msg);
 			continue;
 		}
-		open++;
-		if (ready) {
-			stage_begin(st);
-			running++;
+		if (!ready) {
+			open++;
+			continue;
 		}
+		w = stage_when(st, &err);
+		if (w == 0) {
+			stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_SKIPPED,
+					"skipped: `when` is false");
+			continue;
+		}
+		if (w < 0) {
+			stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, err.msg);
+			if (!in_finally && !failed && !st->spec->continue_on_error) {
+				failed = st;
+				goto again; /* the rest of the graph is skipped now */
+			}
+			continue;
+		}
+		stage_begin(st);
+		running++;
 	}
 	if (running || open)
 		return;
@@ -812,6 +1264,8 @@ static void run_free(struct run *r)
 {
 	for (size_t i = 0; i < r->n_stages; i++) {
 		struct stage *st = &r->stages[i];
+		stage_stop_retry(st);
+		stage_release_prepared(st);
 		free(st->message);
 		free(st->resume);
 		for (size_t j = 0; j < st->n_out; j++) {
@@ -831,6 +1285,7 @@ static void run_free(struct run *r)
 	free(r->idem_key);
 	free(r->message);
 	free(r->workspace);
+	free(r->group);
 	pipeline_free(r->pl);
 	free(r);
 }
@@ -852,7 +1307,7 @@ static void run_maybe_free(struct run *r)
 	if (r->refs || !r->final_durable)
 		return;
 	for (size_t i = 0; i < r->n_stages; i++)
-		if (r->stages[i].live || r->stages[i].timer)
+		if (r->stages[i].live || r->stages[i].timer || r->stages[i].retry_timer)
 			return;
 	run_unlink(r);
 	run_free(r);
@@ -975,6 +1430,16 @@ int engine_submit(struct engine *e, const char *text, size_t len,
 	}
 	if (idem_key && *idem_key)
 		r->idem_key = kpl_strdup(idem_key);
+	r->attempt = 1;
+	if (pl->concurrency.group) {
+		struct lookup_ctx c = { r, NULL };
+		rc = expand_one(&c, pl->concurrency.group, "concurrency.group", &r->group, err);
+		if (rc) {
+			run_unlink(r);
+			run_free(r);
+			return rc;
+		}
+	}
 	r->created_ms = kpl_now_ms();
 	r->submit_cb = cb;
 	r->submit_data = data;
@@ -986,7 +1451,21 @@ int engine_submit(struct engine *e, const char *text, size_t len,
 	for (size_t i = 0; i < r->n_stages; i++)
 		stage_stage_record(&r->stages[i]);
 	run_set_state(r, KPL__V1__RUN_STATE__RUN_STATE_QUEUED, NULL);
-	kpl_info(LOG, "run %s (%s) submitted with %zu stages", r->id, pl->name, r->n_stages);
+	kpl_info(LOG, "run %s (%s) submitted with %zu stages%s%s", r->id, pl->name,
+		 r->n_stages, r->group ? " in concurrency group " : "", r->group ? r->group : "");
+	if (r->group && pl->concurrency.cancel_in_progress) {
+		for (struct run *o = e->runs; o; o = o->next) {
+			if (o == r || !o->group || strcmp(o->group, r->group) ||
+			    run_state_final(o->state) || o->cancel_requested)
+				continue;
+			kpl_info(LOG, "run %s: cancelled by newer run %s of group %s", o->id,
+				 r->id, r->group);
+			o->cancel_requested = true;
+			run_stage_record(o);
+			run_commit(o);
+			run_advance(o);
+		}
+	}
 	if (mkdir_p(r->workspace, 0700))
 		kpl_warn(LOG, "run %s: cannot create workspace %s", r->id, r->workspace);
 	run_advance(r);
@@ -1091,50 +1570,52 @@ static int64_t ts_ms(const Google__Protobuf__Timestamp *t)
 	return t ? t->seconds * 1000 + t->nanos / 1000000 : 0;
 }
 
-/* Highest event seq stored for a run at or after from. */
-static int count_events(void *data, const Kpl__V1__RunEvent *ev)
-{
-	uint64_t *last = data;
-	*last = ev->seq;
-	return 0;
-}
-
-/* Rebuilds one unfinished run from the store and carries it on. */
-static void recover_run(struct engine *e, const char *id)
+/*
+ * Rebuilds a run in memory from the store (records, stages, pipeline text).
+ * On success *out is linked into the engine, marked stored.
+ */
+static int run_load(struct engine *e, const char *id, struct run **out, struct kpl_err *err)
 {
 	Kpl__Store__V1__RunRecord *rec = NULL;
 	Kpl__Store__V1__StageRecord **srecs = NULL;
 	size_t n_srecs = 0, text_len = 0;
 	char *text = NULL;
 	struct pipeline *pl = NULL;
-	struct kpl_err err = { 0 };
+	struct kpl_err perr = { 0 };
 	const struct pl_kind *kinds;
 	size_t n_kinds;
 	struct run *r;
-	uint64_t last = 0;
+	int rc;
 
-	if (store_get_run(e->store, id, &rec) || !rec->run ||
-	    store_get_pipeline(e->store, id, &text, &text_len) ||
+	*out = NULL;
+	if ((rc = store_get_run(e->store, id, &rec)) != 0) {
+		kpl_errf(err, rc, rc == KPL_ENOTFOUND ? "run %s not found"
+			 : "run %s: cannot read it: %s", id, kpl_strerror(rc));
+		goto out;
+	}
+	if (!rec->run || store_get_pipeline(e->store, id, &text, &text_len) ||
 	    store_get_stages(e->store, id, &srecs, &n_srecs)) {
-		kpl_error(LOG, "run %s: cannot read it back from the store; left as is", id);
+		rc = kpl_errf(err, KPL_ECORRUPT, "run %s: its records cannot be read back", id);
 		goto out;
 	}
 	kinds = stage_kinds_for_parser(&n_kinds);
-	if (pipeline_parse(text, text_len, "pipeline", kinds, n_kinds, &pl, &err)) {
+	if (pipeline_parse(text, text_len, "pipeline", kinds, n_kinds, &pl, &perr)) {
 		/* NEEDSWORK: a pipeline that no longer parses (kpld upgraded with
 		 * stricter rules) should end FAILED; for now it stays stored. */
-		kpl_error(LOG, "run %s: stored pipeline no longer parses: %s", id, err.msg);
+		rc = kpl_errf(err, KPL_ECORRUPT, "run %s: its pipeline no longer parses: %s",
+			      id, perr.msg);
 		goto out;
 	}
 	if (pl->n_stages != n_srecs) {
-		kpl_error(LOG, "run %s: %zu stage records for %zu stages; left as is", id,
-			  n_srecs, pl->n_stages);
+		rc = kpl_errf(err, KPL_ECORRUPT, "run %s: %zu stage records for %zu stages",
+			      id, n_srecs, pl->n_stages);
 		pipeline_free(pl);
 		goto out;
 	}
 	r = run_new(e, pl, id);
 	r->stored = true;
 	r->state = rec->run->state;
+	r->attempt = rec->run->attempt ? rec->run->attempt : 1;
 	r->created_ms = ts_ms(rec->run->created_at);
 	r->started_ms = ts_ms(rec->run->started_at);
 	r->finished_ms = ts_ms(rec->run->finished_at);
@@ -1142,6 +1623,8 @@ static void recover_run(struct engine *e, const char *id)
 		r->message = kpl_strdup(rec->run->message);
 	if (rec->run->idempotency_key && *rec->run->idempotency_key)
 		r->idem_key = kpl_strdup(rec->run->idempotency_key);
+	if (rec->run->concurrency_group && *rec->run->concurrency_group)
+		r->group = kpl_strdup(rec->run->concurrency_group);
 	r->cancel_requested = rec->cancel_requested;
 	r->n_params = rec->run->n_params;
 	r->param_names = kpl_calloc(r->n_params, sizeof(char *));
@@ -1150,56 +1633,76 @@ static void recover_run(struct engine *e, const char *id)
 		r->param_names[i] = kpl_strdup(rec->run->params[i]->key);
 		r->param_values[i] = kpl_strdup(rec->run->params[i]->value);
 	}
-	/* Log events are not mirrored in the run record: find the last one. */
-	last = rec->next_seq ? rec->next_seq - 1 : 0;
-	store_read_events(e->store, id, rec->next_seq, 0, count_events, &last);
-	r->next_seq = last + 1;
+	/* Log events do not rewrite the run record: ask the event log. */
+	r->next_seq = store_last_event_seq(e->store, id) + 1;
 	for (size_t i = 0; i < n_srecs; i++) {
 		struct stage *st = &r->stages[srecs[i]->index < r->n_stages ? srecs[i]->index : i];
-		Kpl__V1__StageStatus *s = srecs[i]->status;
-		if (!s)
+		Kpl__V1__StageStatus *ss = srecs[i]->status;
+		if (!ss)
 			continue;
-		st->state = s->state;
-		st->attempt = s->attempt;
-		st->started_ms = ts_ms(s->started_at);
-		st->finished_ms = ts_ms(s->finished_at);
-		if (s->message && *s->message)
-			st->message = kpl_strdup(s->message);
-		for (size_t j = 0; j < s->n_outputs; j++)
-			stage_set_output(st, s->outputs[j]->key, s->outputs[j]->value);
+		st->state = ss->state;
+		st->attempt = ss->attempt;
+		st->started_ms = ts_ms(ss->started_at);
+		st->finished_ms = ts_ms(ss->finished_at);
+		if (ss->message && *ss->message)
+			st->message = kpl_strdup(ss->message);
+		for (size_t j = 0; j < ss->n_outputs; j++)
+			stage_set_output(st, ss->outputs[j]->key, ss->outputs[j]->value);
 		st->pid = srecs[i]->pid;
 		st->pid_start = srecs[i]->pid_start_time;
 		st->deadline_ms = srecs[i]->deadline_ms;
+		st->retry_at_ms = srecs[i]->retry_at_ms;
+		st->log_bytes = srecs[i]->log_bytes;
+		st->log_cut = srecs[i]->log_cut;
+		st->tries = srecs[i]->tries;
 		if (srecs[i]->resume && *srecs[i]->resume)
 			st->resume = kpl_strdup(srecs[i]->resume);
-		if (st->state == KPL__V1__STAGE_STATE__STAGE_STATE_RUNNING &&
-		    st->started_ms == 0)
-			st->started_ms = kpl_now_ms();
+		if (st->spec->is_finally && st->state != KPL__V1__STAGE_STATE__STAGE_STATE_PENDING)
+			r->finally_started = true;
 	}
-	if (r->finally_started == false)
-		for (size_t i = 0; i < r->n_stages; i++)
-			if (r->stages[i].spec->is_finally &&
-			    r->stages[i].state != KPL__V1__STAGE_STATE__STAGE_STATE_PENDING)
-				r->finally_started = true;
-	kpl_info(LOG, "run %s (%s): recovered in state %s", r->id, pl->name,
-		 run_state_name(r->state));
 	mkdir_p(r->workspace, 0700);
+	*out = r;
+	rc = 0;
+out:
+	if (rec)
+		kpl__store__v1__run_record__free_unpacked(rec, NULL);
+	store_free_stages(srecs, n_srecs);
+	free(text);
+	return rc;
+}
+
+/* Carries on one unfinished run after a restart. */
+static void recover_run(struct engine *e, const char *id)
+{
+	struct kpl_err err = { 0 };
+	struct run *r;
+
+	if (run_load(e, id, &r, &err)) {
+		kpl_error(LOG, "cannot recover: %s; left as stored", err.msg);
+		return;
+	}
+	kpl_info(LOG, "run %s (%s): recovered in state %s", r->id, r->pl->name,
+		 run_state_name(r->state));
 	if (run_state_final(r->state)) {
 		/* The final state was durable, the active mark was not cleared. */
 		store_stage_active(e->store, r->id, 0);
 		run_commit(r);
-		goto out;
+		return;
 	}
 	for (size_t i = 0; i < r->n_stages; i++) {
 		struct stage *st = &r->stages[i];
+		struct kpl_err perr = { 0 };
 		if (st->state != KPL__V1__STAGE_STATE__STAGE_STATE_RUNNING &&
 		    st->state != KPL__V1__STAGE_STATE__STAGE_STATE_WAITING)
 			continue;
 		kpl_err_clear(&err);
+		/* The kind may read expanded templates and env while re-attaching. */
+		stage_prepare(st, &perr);
 		st->live = true;
 		if (st->kind->resume && st->kind->resume(st, &err) == 0) {
 			kpl_info(LOG, "run %s stage %s: re-attached", r->id, st->spec->name);
-			stage_arm_timer(st);
+			if (st->live)
+				stage_arm_timer(st);
 			continue;
 		}
 		st->live = false;
@@ -1207,15 +1710,132 @@ static void recover_run(struct engine *e, const char *id)
 			char msg[700];
 			snprintf(msg, sizeof msg, "interrupted by restart%s%s",
 				 err.msg[0] ? ": " : "", err.msg);
-			stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
+			stage_attempt_failed(st, msg);
 		}
 	}
 	run_advance(r);
-out:
-	if (rec)
-		kpl__store__v1__run_record__free_unpacked(rec, NULL);
-	store_free_stages(srecs, n_srecs);
-	free(text);
+}
+
+struct approve_wait {
+	engine_submit_cb cb;
+	void *data;
+	struct run *r;
+};
+
+static void approve_committed(void *data, int status)
+{
+	struct approve_wait *w = data;
+	struct run *r = w->r;
+
+	w->cb(w->data, status, r->id);
+	free(w);
+	r->refs--;
+	run_maybe_free(r);
+}
+
+int engine_approve(struct engine *e, const char *run_id, const char *stage,
+		   bool approve, const char *comment, const char *by,
+		   engine_submit_cb cb, void *data, struct kpl_err *err)
+{
+	struct run *r = engine_find(e, run_id);
+	struct stage *st;
+	struct approve_wait *w;
+	char msg[700];
+
+	if (!r || r->final_durable) {
+		Kpl__Store__V1__RunRecord *rec = NULL;
+		int rc = store_get_run(e->store, run_id, &rec);
+		if (rc == KPL_ENOTFOUND)
+			return kpl_errf(err, KPL_ENOTFOUND, "run %s not found", run_id);
+		if (rec)
+			kpl__store__v1__run_record__free_unpacked(rec, NULL);
+		return kpl_errf(err, KPL_ESTATE, "run %s has ended; nothing waits for approval",
+				run_id);
+	}
+	st = run_find_stage(r, stage, false);
+	if (!st)
+		st = run_find_stage(r, stage, true);
+	if (!st)
+		return kpl_errf(err, KPL_ENOTFOUND, "run %s has no stage %s", run_id, stage);
+	if (st->state != KPL__V1__STAGE_STATE__STAGE_STATE_WAITING || !st->live ||
+	    strcmp(st->kind->name, "approval") != 0)
+		return kpl_errf(err, KPL_ESTATE, "stage %s is %s, not waiting for approval",
+				stage, stage_state_name(st->state));
+	snprintf(msg, sizeof msg, "%s by %s%s%s", approve ? "approved" : "rejected",
+		 by && *by ? by : "an unnamed user", comment && *comment ? ": " : "",
+		 comment && *comment ? comment : "");
+	kpl_info(LOG, "run %s stage %s: %s", r->id, st->spec->name, msg);
+	if (!approve)
+		st->no_retry = true;
+	stage_done(st, approve ? KPL__V1__STAGE_STATE__STAGE_STATE_SUCCEEDED
+			       : KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
+	w = kpl_malloc(sizeof *w);
+	w->cb = cb;
+	w->data = data;
+	w->r = r;
+	r->refs++;
+	store_commit(e->store, approve_committed, w);
+	return 0;
+}
+
+int engine_retry(struct engine *e, const char *run_id, engine_submit_cb cb,
+		 void *data, struct kpl_err *err)
+{
+	struct run *r = engine_find(e, run_id);
+	char msg[100];
+	int rc;
+
+	if (e->stopping)
+		return kpl_errf(err, KPL_EUNAVAILABLE, "kpld is shutting down");
+	if (r && !r->final_durable)
+		return kpl_errf(err, KPL_ESTATE, "run %s is %s; only a FAILED or CANCELLED run "
+				"can be retried", run_id, run_state_name(r->state));
+	if (r) {
+		/* Final and durable but not yet freed: start from the store. */
+		run_unlink(r);
+		if (r->refs == 0)
+			run_free(r);
+		/* else its last commit callback frees it (run_maybe_free). */
+	}
+	if ((rc = run_load(e, run_id, &r, err)) != 0)
+		return rc;
+	if (r->state != KPL__V1__RUN_STATE__RUN_STATE_FAILED &&
+	    r->state != KPL__V1__RUN_STATE__RUN_STATE_CANCELLED) {
+		rc = kpl_errf(err, KPL_ESTATE, "run %s %s; only a FAILED or CANCELLED run can "
+			      "be retried", run_id, run_state_name(r->state));
+		run_unlink(r);
+		run_free(r);
+		return rc;
+	}
+	r->attempt++;
+	r->cancel_requested = false;
+	r->finally_started = false;
+	r->finished_ms = 0;
+	r->submit_cb = cb;
+	r->submit_data = data;
+	r->stored = false; /* answers cb at the next commit */
+	snprintf(msg, sizeof msg, "retry: attempt %u", r->attempt);
+	store_stage_active(e->store, r->id, 1);
+	run_set_state(r, KPL__V1__RUN_STATE__RUN_STATE_QUEUED, msg);
+	for (size_t i = 0; i < r->n_stages; i++) {
+		struct stage *st = &r->stages[i];
+		if (st->state == KPL__V1__STAGE_STATE__STAGE_STATE_SUCCEEDED &&
+		    !st->spec->is_finally)
+			continue;
+		if (st->state == KPL__V1__STAGE_STATE__STAGE_STATE_PENDING)
+			continue;
+		for (size_t j = 0; j < st->n_out; j++) {
+			free(st->out_keys[j]);
+			free(st->out_values[j]);
+		}
+		st->n_out = 0;
+		st->tries = 0;
+		st->retry_at_ms = 0;
+		stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_PENDING, msg);
+	}
+	kpl_info(LOG, "run %s (%s): %s", r->id, r->pl->name, msg);
+	run_advance(r);
+	return 0;
 }
 
 int engine_start(const struct engine_options *opt, struct engine **out,
@@ -1227,6 +1847,8 @@ int engine_start(const struct engine_options *opt, struct engine **out,
 
 	e->loop = opt->loop;
 	e->store = opt->store;
+	e->log_cap = opt->log_cap_bytes ? opt->log_cap_bytes : ENGINE_DEFAULT_LOG_CAP;
+	e->next_gseq = store_last_global_seq(opt->store) + 1;
 	e->work_dir = kpl_asprintf("%s/work", opt->data_dir);
 	if ((rc = mkdir_p(e->work_dir, 0700)) != 0) {
 		kpl_errf(err, KPL_EIO, "cannot create %s: %s", e->work_dir, strerror(-rc));
@@ -1281,6 +1903,7 @@ void engine_stop(struct engine *e, void (*done)(void *data), void *data)
 		for (size_t i = 0; i < r->n_stages; i++) {
 			struct stage *st = &r->stages[i];
 			stage_stop_timer(st);
+			stage_stop_retry(st);
 			if (!st->live)
 				continue;
 			if (st->kind->abandon)

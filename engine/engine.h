@@ -19,6 +19,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <uv.h>
 
 #include "engine/kpl.h"
@@ -36,6 +37,8 @@ struct engine_options {
 	uv_loop_t *loop;
 	struct store *store; /* borrowed; outlives the engine */
 	const char *data_dir; /* run workspaces go under DATA_DIR/work */
+	/* Log bytes kept per stage attempt; 0 = 16 MiB. */
+	uint64_t log_cap_bytes;
 };
 
 /*
@@ -81,12 +84,33 @@ int engine_cancel(struct engine *e, const char *run_id, engine_submit_cb cb,
 		  void *data, struct kpl_err *err);
 
 /*
+ * Answers an `approval` stage that is WAITING: approve makes it SUCCEED,
+ * otherwise it FAILS (never retried); the stage message records by and
+ * comment. cb runs once that is durable. KPL_ENOTFOUND for an unknown run or
+ * stage, KPL_ESTATE if the stage is not waiting for approval.
+ */
+int engine_approve(struct engine *e, const char *run_id, const char *stage,
+		   bool approve, const char *comment, const char *by,
+		   engine_submit_cb cb, void *data, struct kpl_err *err);
+
+/*
+ * Starts a new attempt of a FAILED or CANCELLED run: its stages that
+ * SUCCEEDED keep their result and outputs, every other stage (and every
+ * `finally` stage) goes back to PENDING, the run to QUEUED, attempt + 1.
+ * cb runs once that is durable. KPL_ENOTFOUND, or KPL_ESTATE for a run that
+ * is not FAILED or CANCELLED.
+ */
+int engine_retry(struct engine *e, const char *run_id, engine_submit_cb cb,
+		 void *data, struct kpl_err *err);
+
+/*
  * Subscription to a run's committed events: notify(sub) runs on the loop
  * after each commit that added events to run_id. The subscriber reads the
  * events from the store. The caller owns sub and must unsubscribe before
  * freeing it; notify may unsubscribe (only) itself.
  */
 struct engine_sub {
+	/* The run to hear about; "" for every run. */
 	char run_id[KPL_RUN_ID_LEN + 1];
 	void (*notify)(struct engine_sub *sub);
 	void *data;

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "api/rpc_pipelines.h"
+#include "stages/shim.h"
 #include "api/server.h"
 #include "engine/engine.h"
 #include "engine/kpl.h"
@@ -136,6 +137,10 @@ int main(int argc, char **argv)
 	char host[256];
 	const char *colon;
 	int c, rc;
+
+	/* kpld runs each script command through itself as the shim. */
+	if (argc > 1 && strcmp(argv[1], SHIM_ARGV1) == 0)
+		return shim_main(argc, argv);
 
 	while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
 		switch (c) {

@@ -9,6 +9,7 @@
 static const struct stage_kind *const kinds[] = {
 	&script_kind,
 	&noop_kind,
+	&approval_kind,
 };
 
 const struct stage_kind *stage_kind_find(const char *name)

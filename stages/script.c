@@ -1,56 +1,69 @@
 /*
- * script.c - the `script` stage kind: one child process through libuv.
+ * script.c - the `script` stage kind: one command, run through the shim.
  *
  *   with: { command: [argv...] }   or   with: { shell: "..." }  (/bin/sh -c)
  *         workdir: path (relative to the run's workspace; default the
  *                  workspace itself)
  *
  * Parameters reach the command as KPL_PARAM_<NAME> environment variables,
- * never spliced into a shell line. stdout and stderr become log events line
- * by line; the exit status decides the result. The child leads its own
- * process group (UV_PROCESS_DETACHED makes it a session leader), so cancel
- * and timeout stop everything it started: SIGTERM to the group, SIGKILL
- * after a grace period. A stage publishes outputs by writing KEY=VALUE lines
- * to the file named by $KPL_OUTPUTS.
+ * never spliced into a shell line. The command runs under `kpld __shim`
+ * (stages/shim.c), detached from kpld: its output lines go to a file in the
+ * attempt's directory, which this kind follows (inotify through uv_fs_event)
+ * and turns into log events, storing the read offset in the same commit as
+ * the events. So a kpld that stops or crashes and starts again re-attaches
+ * to the same process, loses no line, repeats none, and never runs the
+ * command a second time.
+ *
+ * A stage publishes outputs by writing KEY=VALUE lines to $KPL_OUTPUTS.
  */
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "stages/kinds.h"
+#include "stages/shim.h"
 
 #define LOG "script"
 #define SCRIPT_KILL_GRACE_MS 5000
+/* kpld's own SIGKILL of the shim, if the shim has not ended by then. */
+#define SCRIPT_SHIM_KILL_MS (SCRIPT_KILL_GRACE_MS + 5000)
 #define SCRIPT_MAX_OUTPUTS_BYTES (256 * 1024)
 
 extern char **environ;
 
-struct linebuf {
-	char buf[KPL_MAX_LOG_LINE];
-	size_t len;
-};
-
 /* One attempt. Freed when its last handle has closed. */
 struct script {
-	struct stage *st;     /* NULL once the result was reported or abandoned */
-	uv_process_t proc;
-	uv_pipe_t out, err;
+	struct stage *st;       /* NULL once reported or abandoned */
+	uv_loop_t *loop;
+	char *dir;              /* the attempt's directory (owned) */
+	char *what;             /* the program, for messages (owned) */
+	int64_t shim_pid;
+	uint64_t offset;        /* bytes of DIR/output turned into events */
+	uv_process_t proc;      /* the shim, when this kpld started it */
+	bool have_proc;
+	uv_poll_t pidpoll;      /* the shim, when re-attached (pidfd) */
+	int pidfd;
+	bool have_pidpoll;
+	uv_fs_event_t watch;    /* changes in dir */
 	uv_timer_t kill_timer;
-	struct linebuf lout, lerr;
-	char readbuf[65536];
-	int open_handles;
-	int eofs;
-	bool exited;
-	int64_t exit_status;
-	int term_signal;
+	uv_fs_t req;
+	int out_fd;
+	bool reading;
+	bool reread;            /* a change came while reading */
+	bool shim_gone;
 	bool cancelled;
-	char *outputs_path;   /* owned */
-	char *argv0;          /* owned, for messages */
+	bool finished;
+	bool closed;            /* script_close_all ran */
+	int open_handles;
+	char buf[65536];
 };
 
 /* ---------------------------------------------------------------------- */
@@ -112,10 +125,9 @@ static int script_check_with(const struct pl_node *with, const char *file,
 }
 
 /* ---------------------------------------------------------------------- */
-/* Process bookkeeping */
+/* Files of an attempt */
 
-/* Start time of pid in clock ticks since boot (/proc/PID/stat field 22),
- * so a recorded pid is not mistaken for a new process that reused it. */
+/* Start time of pid in clock ticks since boot (/proc/PID/stat field 22). */
 uint64_t script_pid_start_time(int64_t pid)
 {
 	char path[64], buf[1024];
@@ -141,85 +153,101 @@ uint64_t script_pid_start_time(int64_t pid)
 	return start;
 }
 
-static void group_kill(int64_t pid, int sig)
+static char *attempt_dir(struct stage *st)
 {
-	if (pid > 0 && kill(-(pid_t)pid, sig) && errno != ESRCH)
-		kpl_warn(LOG, "kill(-%lld, %d): %s", (long long)pid, sig, strerror(errno));
+	return kpl_asprintf("%s/.kpl/%s.%u", stage_workspace(st), stage_name(st),
+			    stage_attempt(st));
 }
+
+static char *dir_file(const struct script *s, const char *name)
+{
+	return kpl_asprintf("%s/%s", s->dir, name);
+}
+
+/* Reads a small file whole; NULL if it is not there. */
+static char *slurp(const char *path, size_t max)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	char *buf;
+	ssize_t n;
+
+	if (fd < 0)
+		return NULL;
+	buf = kpl_malloc(max + 1);
+	n = read(fd, buf, max);
+	close(fd);
+	if (n < 0)
+		n = 0;
+	buf[n] = '\0';
+	return buf;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Lifetime */
 
 static void script_closed(uv_handle_t *h)
 {
 	struct script *s = h->data;
 
 	if (--s->open_handles == 0) {
-		free(s->outputs_path);
-		free(s->argv0);
+		if (s->out_fd >= 0)
+			close(s->out_fd);
+		if (s->pidfd >= 0)
+			close(s->pidfd);
+		free(s->dir);
+		free(s->what);
 		free(s);
 	}
 }
 
 static void script_close_all(struct script *s)
 {
-	uv_close((uv_handle_t *)&s->proc, script_closed);
-	uv_close((uv_handle_t *)&s->out, script_closed);
-	uv_close((uv_handle_t *)&s->err, script_closed);
+	if (s->closed)
+		return;
+	s->closed = true;
+	if (s->have_proc)
+		uv_close((uv_handle_t *)&s->proc, script_closed);
+	if (s->have_pidpoll)
+		uv_close((uv_handle_t *)&s->pidpoll, script_closed);
+	uv_close((uv_handle_t *)&s->watch, script_closed);
 	uv_close((uv_handle_t *)&s->kill_timer, script_closed);
+	s->have_proc = s->have_pidpoll = false;
 }
 
-static void emit_line(struct script *s, Kpl__V1__LogStream stream, const char *p,
-		      size_t n)
+static struct script *script_new(struct stage *st, char *dir)
 {
-	if (n && p[n - 1] == '\r')
-		n--;
-	if (s->st)
-		stage_log(s->st, stream, p, n);
+	struct script *s = kpl_calloc(1, sizeof *s);
+
+	s->st = st;
+	s->loop = stage_loop(st);
+	s->dir = dir;
+	s->out_fd = -1;
+	s->pidfd = -1;
+	uv_fs_event_init(s->loop, &s->watch);
+	uv_timer_init(s->loop, &s->kill_timer);
+	s->watch.data = s->kill_timer.data = s->proc.data = s->pidpoll.data = s;
+	s->open_handles = 2;
+	return s;
 }
 
-static void linebuf_feed(struct script *s, struct linebuf *lb,
-			 Kpl__V1__LogStream stream, const char *p, size_t n)
-{
-	while (n) {
-		const char *nl = memchr(p, '\n', n);
-		size_t take = nl ? (size_t)(nl - p) : n;
-		size_t room = sizeof lb->buf - lb->len;
+/* ---------------------------------------------------------------------- */
+/* Following the output file */
 
-		if (take > room)
-			take = room;
-		memcpy(lb->buf + lb->len, p, take);
-		lb->len += take;
-		p += take;
-		n -= take;
-		if (n && *p == '\n') {
-			emit_line(s, stream, lb->buf, lb->len);
-			lb->len = 0;
-			p++;
-			n--;
-		} else if (lb->len == sizeof lb->buf) {
-			/* An over-long line is cut into pieces of the cap. */
-			emit_line(s, stream, lb->buf, lb->len);
-			lb->len = 0;
-		}
-	}
-}
-
-static void linebuf_flush(struct script *s, struct linebuf *lb, Kpl__V1__LogStream stream)
-{
-	if (lb->len)
-		emit_line(s, stream, lb->buf, lb->len);
-	lb->len = 0;
-}
+static void script_read(struct script *s);
 
 /* Reads KEY=VALUE lines the command wrote to $KPL_OUTPUTS. */
 static void read_outputs(struct script *s)
 {
-	FILE *f = fopen(s->outputs_path, "r");
+	char *path = dir_file(s, "outputs");
+	FILE *f = fopen(path, "r");
 	char *line = NULL;
 	size_t cap = 0, total = 0;
 	ssize_t n;
 
+	free(path);
 	if (!f)
 		return;
-	while ((n = getline(&line, &cap, f)) > 0 && s->st) {
+	while ((n = getline(&line, &cap, f)) > 0) {
 		char *eq;
 		total += (size_t)n;
 		if (total > SCRIPT_MAX_OUTPUTS_BYTES) {
@@ -244,83 +272,200 @@ static void read_outputs(struct script *s)
 	fclose(f);
 }
 
-/* The process has exited and both pipes are at EOF: report once. */
-static void script_maybe_finish(struct script *s)
+/* The shim has ended and its output is read: report once. */
+static void script_finish(struct script *s)
 {
-	char msg[256];
 	struct stage *st = s->st;
+	char msg[512], *path, *exit_text;
+	int code;
 
-	if (!s->exited || s->eofs < 2)
+	if (s->finished)
 		return;
+	s->finished = true;
 	if (st) {
-		linebuf_flush(s, &s->lout, KPL__V1__LOG_STREAM__LOG_STREAM_STDOUT);
-		linebuf_flush(s, &s->lerr, KPL__V1__LOG_STREAM__LOG_STREAM_STDERR);
+		path = dir_file(s, "exit");
+		exit_text = slurp(path, 400);
+		free(path);
 		read_outputs(s);
 		s->st = NULL;
-		if (s->cancelled) {
+		if (exit_text && sscanf(exit_text, "exit %d", &code) == 1) {
+			if (code == 0)
+				stage_done(st, KPL__V1__STAGE_STATE__STAGE_STATE_SUCCEEDED, NULL);
+			else if (s->cancelled)
+				stage_done(st, KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED, "cancelled");
+			else {
+				snprintf(msg, sizeof msg, "%s exited with status %d", s->what, code);
+				stage_done(st, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
+			}
+		} else if (exit_text && sscanf(exit_text, "signal %d", &code) == 1) {
+			if (s->cancelled) {
+				stage_done(st, KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED, "cancelled");
+			} else {
+				snprintf(msg, sizeof msg, "%s killed by signal %d (%s)", s->what,
+					 code, strsignal(code));
+				stage_done(st, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
+			}
+		} else if (exit_text && strncmp(exit_text, "error ", 6) == 0) {
+			exit_text[strcspn(exit_text, "\n")] = '\0';
+			snprintf(msg, sizeof msg, "%s", exit_text + 6);
+			stage_done(st, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
+		} else if (s->cancelled) {
 			stage_done(st, KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED, "cancelled");
-		} else if (s->term_signal) {
-			snprintf(msg, sizeof msg, "%s killed by signal %d (%s)", s->argv0,
-				 s->term_signal, strsignal(s->term_signal));
-			stage_done(st, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
-		} else if (s->exit_status) {
-			snprintf(msg, sizeof msg, "%s exited with status %lld", s->argv0,
-				 (long long)s->exit_status);
-			stage_done(st, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
 		} else {
-			stage_done(st, KPL__V1__STAGE_STATE__STAGE_STATE_SUCCEEDED, NULL);
+			stage_done(st, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED,
+				   "its process ended without reporting an exit status (killed?)");
 		}
+		free(exit_text);
 	}
 	script_close_all(s);
 }
 
-static void on_exit_cb(uv_process_t *p, int64_t exit_status, int term_signal)
+/* Turns the complete records in buf[0..n) into log events; returns the
+ * bytes consumed (up to the last newline). */
+static size_t emit_records(struct script *s, const char *p, size_t n)
+{
+	size_t used = 0;
+
+	while (used < n) {
+		const char *nl = memchr(p + used, '\n', n - used);
+		const char *rec = p + used;
+		size_t len;
+		Kpl__V1__LogStream stream;
+
+		if (!nl)
+			break;
+		len = (size_t)(nl - rec);
+		used += len + 1;
+		if (len == 0)
+			continue;
+		stream = rec[0] == '1' ? KPL__V1__LOG_STREAM__LOG_STREAM_STDOUT
+		       : rec[0] == '2' ? KPL__V1__LOG_STREAM__LOG_STREAM_STDERR
+				       : KPL__V1__LOG_STREAM__LOG_STREAM_SYSTEM;
+		rec++;
+		len--;
+		if (len && rec[len - 1] == '\r')
+			len--;
+		stage_log_staged(s->st, stream, rec, len);
+	}
+	return used;
+}
+
+static void on_read(uv_fs_t *req)
+{
+	struct script *s = req->data;
+	ssize_t n = req->result;
+	size_t used = 0;
+	char off[32];
+
+	uv_fs_req_cleanup(req);
+	s->reading = false;
+	if (!s->st) {
+		if (s->finished)
+			script_close_all(s); /* abandoned while reading */
+		else if (s->shim_gone)
+			script_finish(s);
+		return;
+	}
+	if (n < 0) {
+		kpl_warn(LOG, "run %s stage %s: reading %s/output: %s", stage_run_id(s->st),
+			 stage_name(s->st), s->dir, uv_strerror((int)n));
+	} else if (n > 0) {
+		used = emit_records(s, s->buf, (size_t)n);
+		s->offset += used;
+		/* The offset rides in the same commit as the events it covers. */
+		snprintf(off, sizeof off, "%llu", (unsigned long long)s->offset);
+		stage_save_resume(s->st, off);
+	}
+	if (n == (ssize_t)sizeof s->buf || s->reread) {
+		s->reread = false;
+		script_read(s);
+		return;
+	}
+	if (s->shim_gone)
+		script_finish(s);
+}
+
+static void script_read(struct script *s)
+{
+	uv_buf_t b = uv_buf_init(s->buf, sizeof s->buf);
+
+	if (s->reading) {
+		s->reread = true;
+		return;
+	}
+	if (s->out_fd < 0) {
+		char *path = dir_file(s, "output");
+		s->out_fd = open(path, O_RDONLY | O_CLOEXEC);
+		free(path);
+		if (s->out_fd < 0) {
+			/* No output yet (or ever): nothing to read. */
+			if (s->shim_gone)
+				script_finish(s);
+			return;
+		}
+	}
+	s->reading = true;
+	s->req.data = s;
+	uv_fs_read(s->loop, &s->req, s->out_fd, &b, 1, (int64_t)s->offset, on_read);
+}
+
+static void on_dir_change(uv_fs_event_t *h, const char *name, int events, int status)
+{
+	struct script *s = h->data;
+
+	(void)name;
+	(void)events;
+	if (status == 0 && !s->finished)
+		script_read(s);
+}
+
+/* The shim is gone: read what is left, then report. */
+static void shim_ended(struct script *s)
+{
+	if (s->shim_gone)
+		return;
+	s->shim_gone = true;
+	uv_timer_stop(&s->kill_timer);
+	script_read(s);
+}
+
+static void on_shim_exit(uv_process_t *p, int64_t exit_status, int term_signal)
 {
 	struct script *s = p->data;
 
-	s->exited = true;
-	s->exit_status = exit_status;
-	s->term_signal = term_signal;
-	uv_timer_stop(&s->kill_timer);
-	/* Whatever the command left running in its group goes with it, or
-	 * its open pipes would keep the stage RUNNING forever. */
-	group_kill(p->pid, SIGKILL);
-	script_maybe_finish(s);
+	if (exit_status == SHIM_EXIT_CLAIMED)
+		kpl_warn(LOG, "shim for %s found its attempt already claimed", s->dir);
+	(void)term_signal;
+	shim_ended(s);
 }
 
-static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+static void on_pidfd(uv_poll_t *h, int status, int events)
 {
 	struct script *s = h->data;
-	(void)suggested;
-	*buf = uv_buf_init(s->readbuf, sizeof s->readbuf);
-}
 
-static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
-{
-	struct script *s = stream->data;
-	bool is_out = stream == (uv_stream_t *)&s->out;
-
-	if (nread > 0) {
-		linebuf_feed(s, is_out ? &s->lout : &s->lerr,
-			     is_out ? KPL__V1__LOG_STREAM__LOG_STREAM_STDOUT
-				    : KPL__V1__LOG_STREAM__LOG_STREAM_STDERR,
-			     buf->base, (size_t)nread);
-		return;
-	}
-	if (nread == 0)
-		return;
-	/* EOF or an error: either way this pipe is done. */
-	uv_read_stop(stream);
-	s->eofs++;
-	script_maybe_finish(s);
+	(void)status;
+	(void)events;
+	uv_poll_stop(h);
+	shim_ended(s);
 }
 
 static void on_kill_timer(uv_timer_t *t)
 {
 	struct script *s = t->data;
 
-	if (!s->exited)
-		group_kill(s->proc.pid, SIGKILL);
+	/* The shim forwards SIGTERM and escalates itself; this is for a shim
+	 * that does not answer. */
+	if (!s->shim_gone && s->shim_pid > 0)
+		kill((pid_t)s->shim_pid, SIGKILL);
+}
+
+static int start_watching(struct script *s, struct kpl_err *err)
+{
+	int rc = uv_fs_event_start(&s->watch, on_dir_change, s->dir, 0);
+
+	if (rc)
+		return kpl_errf(err, KPL_EIO, "cannot watch %s: %s", s->dir, uv_strerror(rc));
+	return 0;
 }
 
 /* ---------------------------------------------------------------------- */
@@ -364,14 +509,15 @@ static char *param_env_name(const char *name)
 
 /*
  * kpld's environment without its own KPL_* variables, then what kpl tells
- * every stage, the params, the pipeline's env and the stage's env.
+ * every stage, the params, the pipeline's env and the stage's env (both
+ * with their templates expanded by the engine).
  */
 static char **build_env(struct stage *st, const char *outputs_path)
 {
 	char **env = NULL;
-	size_t n = 0, cap = 0, np, ns, nparams;
-	const struct pl_env *penv, *senv;
+	size_t n = 0, cap = 0, nenv, nparams;
 	const char *const *names, *const *values;
+	const char *const *env_names, *const *env_values;
 	char attempt[16];
 
 	for (char **e = environ; e && *e; e++)
@@ -389,11 +535,11 @@ static char **build_env(struct stage *st, const char *outputs_path)
 		env_set(&env, &n, &cap, k, values[i]);
 		free(k);
 	}
-	stage_env(st, &penv, &np, &senv, &ns);
-	for (size_t i = 0; i < np; i++)
-		env_set(&env, &n, &cap, penv[i].name, penv[i].value);
-	for (size_t i = 0; i < ns; i++)
-		env_set(&env, &n, &cap, senv[i].name, senv[i].value);
+	stage_env_expanded(st, &env_names, &env_values, &nenv);
+	for (size_t i = 0; i < nenv; i++)
+		env_set(&env, &n, &cap, env_names[i], env_values[i]);
+	if (!env)
+		env_push(&env, &n, &cap, kpl_strdup("KPL_EMPTY=1"));
 	return env;
 }
 
@@ -404,144 +550,243 @@ static void free_strv(char **v)
 	free(v);
 }
 
+static int mkdir_p(const char *path)
+{
+	char *p = kpl_strdup(path);
+	int rc = 0;
+
+	for (char *c = p + 1; *c && !rc; c++) {
+		if (*c != '/')
+			continue;
+		*c = '\0';
+		if (mkdir(p, 0700) && errno != EEXIST)
+			rc = -errno;
+		*c = '/';
+	}
+	if (!rc && mkdir(p, 0700) && errno != EEXIST)
+		rc = -errno;
+	free(p);
+	return rc;
+}
+
 /* ---------------------------------------------------------------------- */
 /* The kind */
 
-static void resume_recorded(struct stage *st, int status, void *data)
+static void pid_recorded(struct stage *st, int status, void *data)
 {
 	(void)st;
 	(void)data;
 	if (status)
-		kpl_warn(LOG, "could not record the child's pid: %s", kpl_strerror(status));
+		kpl_warn(LOG, "could not record the shim's pid: %s", kpl_strerror(status));
 }
 
 static int script_start(struct stage *st, struct kpl_err *err)
 {
-	const struct pl_node *with = stage_spec(st)->with;
-	const struct pl_node *cmd = pl_map_get(with, "command");
-	const struct pl_node *sh = pl_map_get(with, "shell");
-	const struct pl_node *wd = pl_map_get(with, "workdir");
+	const struct pl_node *cmd = stage_with_get(st, "command");
+	const struct pl_node *sh = stage_with_get(st, "shell");
+	char *wd = stage_expand(st, stage_with_get(st, "workdir"));
 	uv_process_options_t o = { 0 };
 	uv_stdio_container_t stdio[3];
 	struct script *s;
-	char **argv, **env = NULL, *cwd = NULL, *kdir;
-	size_t argc;
+	char exe[4096], grace[32], **argv, **env = NULL, *cwd = NULL, *outputs;
+	size_t exe_len = sizeof exe, argc = 0;
 	int rc;
 
-	s = kpl_calloc(1, sizeof *s);
-	if (cmd) {
-		argc = cmd->n;
-		argv = kpl_calloc(argc + 1, sizeof *argv);
-		for (size_t i = 0; i < argc; i++)
-			argv[i] = kpl_strdup(cmd->items[i]->scalar);
-	} else {
-		argv = kpl_calloc(4, sizeof *argv);
-		argv[0] = kpl_strdup("/bin/sh");
-		argv[1] = kpl_strdup("-c");
-		argv[2] = kpl_strdup(sh->scalar);
+	if ((rc = uv_exepath(exe, &exe_len)) != 0) {
+		free(wd);
+		return kpl_errf(err, KPL_EIO, "cannot find kpld's own executable: %s",
+				uv_strerror(rc));
 	}
-	s->argv0 = kpl_strdup(cmd ? argv[0] : "shell script");
-	if (wd && wd->scalar[0] == '/')
-		cwd = kpl_strdup(wd->scalar);
+	s = script_new(st, attempt_dir(st));
+	if ((rc = mkdir_p(s->dir)) != 0) {
+		kpl_errf(err, KPL_EIO, "cannot create %s: %s", s->dir, strerror(-rc));
+		s->st = NULL;
+		script_close_all(s);
+		free(wd);
+		return KPL_EIO;
+	}
+	/* kpld __shim DIR GRACE -- argv... */
+	argv = kpl_calloc((cmd ? cmd->n : 3) + 6, sizeof *argv);
+	argv[argc++] = kpl_strdup(exe);
+	argv[argc++] = kpl_strdup(SHIM_ARGV1);
+	argv[argc++] = kpl_strdup(s->dir);
+	snprintf(grace, sizeof grace, "%d", SCRIPT_KILL_GRACE_MS);
+	argv[argc++] = kpl_strdup(grace);
+	argv[argc++] = kpl_strdup("--");
+	if (cmd) {
+		for (size_t i = 0; i < cmd->n; i++)
+			argv[argc++] = stage_expand(st, cmd->items[i]);
+		s->what = kpl_strdup(argv[5]);
+	} else {
+		argv[argc++] = kpl_strdup("/bin/sh");
+		argv[argc++] = kpl_strdup("-c");
+		argv[argc++] = stage_expand(st, sh);
+		s->what = kpl_strdup("shell script");
+	}
+	if (wd && wd[0] == '/')
+		cwd = kpl_strdup(wd);
 	else if (wd)
-		cwd = kpl_asprintf("%s/%s", stage_workspace(st), wd->scalar);
+		cwd = kpl_asprintf("%s/%s", stage_workspace(st), wd);
 	else
 		cwd = kpl_strdup(stage_workspace(st));
-	kdir = kpl_asprintf("%s/.kpl", stage_workspace(st));
-	mkdir(kdir, 0700);
-	s->outputs_path = kpl_asprintf("%s/outputs-%s-%u", kdir, stage_name(st),
-				       stage_attempt(st));
-	free(kdir);
-	unlink(s->outputs_path);
-	env = build_env(st, s->outputs_path);
+	outputs = dir_file(s, "outputs");
+	env = build_env(st, outputs);
+	free(outputs);
 
-	uv_pipe_init(stage_loop(st), &s->out, 0);
-	uv_pipe_init(stage_loop(st), &s->err, 0);
-	uv_timer_init(stage_loop(st), &s->kill_timer);
-	s->out.data = s->err.data = s->kill_timer.data = s->proc.data = s;
-	s->open_handles = 4;
-
+	if ((rc = start_watching(s, err)) != 0)
+		goto fail;
 	stdio[0].flags = UV_IGNORE;
-	stdio[1].flags = UV_CREATE_PIPE | UV_WRITABLE_PIPE;
-	stdio[1].data.stream = (uv_stream_t *)&s->out;
-	stdio[2].flags = UV_CREATE_PIPE | UV_WRITABLE_PIPE;
-	stdio[2].data.stream = (uv_stream_t *)&s->err;
-	o.exit_cb = on_exit_cb;
+	stdio[1].flags = UV_IGNORE;
+	stdio[2].flags = UV_INHERIT_FD; /* the shim's own complaints, to kpld's log */
+	stdio[2].data.fd = 2;
+	o.exit_cb = on_shim_exit;
 	o.file = argv[0];
 	o.args = argv;
 	o.env = env;
 	o.cwd = cwd;
 	o.stdio = stdio;
 	o.stdio_count = 3;
+	/* Its own session: it outlives kpld, and kpld's signals do not reach it. */
 	o.flags = UV_PROCESS_DETACHED;
-
-	rc = uv_spawn(stage_loop(st), &s->proc, &o);
+	rc = uv_spawn(s->loop, &s->proc, &o);
+	s->have_proc = true;
+	s->open_handles++;
 	if (rc) {
 		if (rc == UV_ENOENT)
-			kpl_errf(err, KPL_EINVAL, "cannot run %s: %s (working directory %s)",
-				 argv[0], "no such file or directory", cwd);
+			kpl_errf(err, KPL_EINVAL, "cannot run in %s: no such directory", cwd);
 		else
-			kpl_errf(err, KPL_EINVAL, "cannot run %s: %s", argv[0], uv_strerror(rc));
-		/* uv_spawn initialised proc even on failure: close it too. */
-		script_close_all(s);
-		goto out;
+			kpl_errf(err, KPL_EIO, "cannot start the shim: %s", uv_strerror(rc));
+		rc = KPL_EINVAL;
+		goto fail;
 	}
-	s->st = st;
+	s->shim_pid = s->proc.pid;
 	stage_set_impl(st, s);
-	uv_read_start((uv_stream_t *)&s->out, on_alloc, on_read);
-	uv_read_start((uv_stream_t *)&s->err, on_alloc, on_read);
-	stage_record_resume(st, s->proc.pid, script_pid_start_time(s->proc.pid), NULL,
-			    resume_recorded, NULL);
-	kpl_debug(LOG, "run %s stage %s: started %s as pid %d", stage_run_id(st),
-		  stage_name(st), argv[0], s->proc.pid);
+	stage_record_resume(st, s->shim_pid, script_pid_start_time(s->shim_pid), "0",
+			    pid_recorded, NULL);
+	kpl_debug(LOG, "run %s stage %s: shim pid %d runs %s", stage_run_id(st),
+		  stage_name(st), s->proc.pid, s->what);
+	rc = 0;
+	goto out;
+fail:
+	s->st = NULL;
+	script_close_all(s);
 out:
 	free_strv(argv);
 	free_strv(env);
 	free(cwd);
-	return rc ? KPL_EINVAL : 0;
+	free(wd);
+	return rc;
 }
 
 static void script_cancel(struct stage *st)
 {
 	struct script *s = stage_impl(st);
 
-	if (!s || s->exited)
+	if (!s || s->shim_gone)
 		return;
 	s->cancelled = true;
-	group_kill(s->proc.pid, SIGTERM);
-	uv_timer_start(&s->kill_timer, on_kill_timer, SCRIPT_KILL_GRACE_MS, 0);
+	if (s->shim_pid > 0)
+		kill((pid_t)s->shim_pid, SIGTERM);
+	uv_timer_start(&s->kill_timer, on_kill_timer, SCRIPT_SHIM_KILL_MS, 0);
 }
 
+/* kpld is stopping: leave the shim running for the next kpld to re-attach. */
 static void script_abandon(struct stage *st)
 {
 	struct script *s = stage_impl(st);
 
 	if (!s)
 		return;
-	s->st = NULL; /* report nothing; the handles close when it is gone */
-	if (!s->exited)
-		group_kill(s->proc.pid, SIGKILL);
+	s->st = NULL;
+	s->finished = true;
+	if (!s->reading)
+		script_close_all(s); /* else on_read closes it */
+}
+
+/* Tries to take the lock without waiting: 1 if the shim holds it (alive),
+ * 0 if free, -1 if there is no lock file. */
+static int lock_held(const char *path, int64_t *pid)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC), held;
+	char buf[32] = { 0 };
+
+	if (fd < 0)
+		return -1;
+	if (read(fd, buf, sizeof buf - 1) > 0)
+		*pid = atoll(buf);
+	held = flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+	close(fd);
+	return held;
 }
 
 /*
- * A child's output pipes die with the daemon, so an attempt cannot be
- * re-attached. If the process is still there (same pid, same start time),
- * stop its group so it cannot act twice, and say so.
+ * After a restart: find the attempt's shim again. If it never got to start
+ * the command, claim the attempt so it never will, and let the engine
+ * retry. If it finished, read the rest and report. If it runs, follow it.
  */
 static int script_resume(struct stage *st, struct kpl_err *err)
 {
-	int64_t pid;
+	struct script *s;
+	char *lock, *exit_path;
+	int64_t pid = 0;
 	uint64_t start;
 	const char *resume;
+	int fd, held;
 
+	s = script_new(st, attempt_dir(st));
 	stage_resume_info(st, &pid, &start, &resume);
-	if (pid > 0 && start && script_pid_start_time(pid) == start) {
-		group_kill(pid, SIGKILL);
-		return kpl_errf(err, KPL_ESTATE,
-				"its process (pid %lld) was still running and has been stopped",
-				(long long)pid);
+	s->offset = strtoull(resume, NULL, 10);
+	s->what = kpl_strdup("the command");
+	lock = dir_file(s, "lock");
+	exit_path = dir_file(s, "exit");
+	mkdir_p(s->dir);
+	fd = open(lock, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+	if (fd >= 0) {
+		/* Claimed: a shim that was forked but not yet this far exits. */
+		close(fd);
+		kpl_errf(err, KPL_ESTATE, "its process had not started");
+		goto fail;
 	}
-	return kpl_errf(err, KPL_ESTATE, "its process did not survive");
+	held = lock_held(lock, &pid);
+	if (held == 1) {
+		s->shim_pid = pid;
+		s->pidfd = (int)syscall(SYS_pidfd_open, (pid_t)pid, 0);
+		/* The pid came from a lock still held, so it is the shim's. */
+		if (s->pidfd < 0 || lock_held(lock, &pid) != 1) {
+			if (s->pidfd < 0 && errno != ESRCH) {
+				kpl_errf(err, KPL_EIO, "cannot follow process %lld: %s",
+					 (long long)pid, strerror(errno));
+				goto fail;
+			}
+			s->shim_gone = true; /* it ended just now */
+		} else {
+			uv_poll_init(s->loop, &s->pidpoll, s->pidfd);
+			s->have_pidpoll = true;
+			s->open_handles++;
+			uv_poll_start(&s->pidpoll, UV_READABLE, on_pidfd);
+		}
+	} else if (access(exit_path, F_OK) == 0) {
+		s->shim_gone = true; /* finished while kpld was away */
+	} else {
+		kpl_errf(err, KPL_ESTATE, "its process ended without reporting (killed?)");
+		goto fail;
+	}
+	if (start_watching(s, err))
+		goto fail;
+	stage_set_impl(st, s);
+	kpl_info(LOG, "run %s stage %s: re-attached to %s at output offset %llu%s",
+		 stage_run_id(st), stage_name(st), s->dir, (unsigned long long)s->offset,
+		 s->shim_gone ? " (it has finished)" : "");
+	script_read(s);
+	free(lock);
+	free(exit_path);
+	return 0;
+fail:
+	s->st = NULL;
+	script_close_all(s);
+	free(lock);
+	free(exit_path);
+	return err->code ? err->code : KPL_ESTATE;
 }
 
 const struct stage_kind script_kind = {

@@ -1,7 +1,7 @@
 /*
  * stage.h - the interface between the engine and a stage kind.
  *
- * A stage kind is a small vtable (registered once in stages/registry.c):
+ * A stage kind is a small vtable (registered once in stages/kinds.c):
  * check_with validates the pipeline's `with` before anything runs; start
  * begins an attempt; cancel asks it to stop; resume re-attaches after a
  * restart. A kind reports back only through the stage_* functions below,
@@ -65,9 +65,24 @@ const char *stage_workspace(struct stage *st);
 /* Resolved run parameters (borrowed arrays of n). */
 void stage_params(struct stage *st, const char *const **names,
 		  const char *const **values, size_t *n);
-/* Pipeline env then stage env, in order (borrowed). */
+/* Pipeline env then stage env, in order (borrowed, templates as written). */
 void stage_env(struct stage *st, const struct pl_env **penv, size_t *np,
 	       const struct pl_env **senv, size_t *ns);
+/* The same env with its templates expanded for this attempt: pipeline env
+ * first, then the stage's, later names winning (borrowed until the attempt
+ * ends). */
+void stage_env_expanded(struct stage *st, const char *const **names,
+			const char *const **values, size_t *n);
+
+/* The value of key in the stage's `with` mapping, or NULL (borrowed). */
+const struct pl_node *stage_with_get(struct stage *st, const char *key);
+/*
+ * The text of a scalar from `with` (or NULL for NULL) with its ${{ }}
+ * templates expanded for this attempt: the engine expands every template
+ * of `with` before start and fails the attempt, naming the key, if one
+ * cannot be. Returns a malloc'd string; caller frees.
+ */
+char *stage_expand(struct stage *st, const struct pl_node *scalar);
 /* Absolute deadline of this attempt (unix ms) or 0; kinds enforce it. */
 int64_t stage_deadline_ms(struct stage *st);
 
@@ -75,9 +90,20 @@ int64_t stage_deadline_ms(struct stage *st);
 void *stage_impl(struct stage *st);
 void stage_set_impl(struct stage *st, void *impl);
 
-/* A line of output (len bytes, no newline) becomes a log event. */
+/*
+ * A line of output (len bytes, no newline) becomes a log event, durable
+ * soon after. Past the stage's log cap (16 MiB by default) lines are dropped
+ * and one note says where the log was cut.
+ */
 void stage_log(struct stage *st, Kpl__V1__LogStream stream, const char *line,
 	       size_t len);
+/* The same, but only staged: it becomes durable with the next commit of the
+ * run (use with stage_save_resume to keep lines and a read offset in one
+ * commit). */
+void stage_log_staged(struct stage *st, Kpl__V1__LogStream stream,
+		      const char *line, size_t len);
+/* Records new resume data (copied) and commits it with everything staged. */
+void stage_save_resume(struct stage *st, const char *resume);
 void stage_logf(struct stage *st, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
 
@@ -96,10 +122,15 @@ void stage_record_resume(struct stage *st, int64_t pid, uint64_t pid_start,
 void stage_resume_info(struct stage *st, int64_t *pid, uint64_t *pid_start,
 		       const char **resume);
 
+/* The attempt now waits for someone (an approval): RUNNING -> WAITING with
+ * msg saying for what. It stays live; it still ends with stage_done. */
+void stage_wait(struct stage *st, const char *msg);
+
 /*
  * Ends the attempt: state is SUCCEEDED, FAILED or CANCELLED; msg (copied)
  * says why for a person. The kind must have released its resources or be
- * about to (its impl is the kind's to free).
+ * about to (its impl is the kind's to free). A FAILED attempt is retried if
+ * the stage's retry policy allows it.
  */
 void stage_done(struct stage *st, Kpl__V1__StageState state, const char *msg);
 

@@ -1,0 +1,277 @@
+#define _GNU_SOURCE
+/*
+ * shim.c - the process between kpld and a script's command, so that the
+ * command outlives a kpld restart and is never run twice.
+ *
+ * kpld starts `kpld __shim DIR GRACE_MS -- ARGV...` detached (its own
+ * session). The shim:
+ *   1. claims DIR/lock with O_CREAT|O_EXCL and holds an flock on it for its
+ *      whole life, its pid written inside. A kpld that restarts and finds no
+ *      lock file claims it itself, so a shim that was forked but had not got
+ *      this far can never start the command afterwards: exactly once.
+ *   2. runs ARGV in a process group of its own, stdin from /dev/null, and
+ *      appends each line of its stdout/stderr to DIR/output as a record:
+ *      '1' or '2' (or 'S' for the shim's own notes), the line, '\n'.
+ *   3. on SIGTERM forwards SIGTERM to the command's group and SIGKILLs the
+ *      group GRACE_MS later; when the command exits, SIGKILLs whatever it
+ *      left in its group so the pipes reach EOF.
+ *   4. writes DIR/exit ("exit N" or "signal N" or "error TEXT") through a
+ *      rename, after every output record, and exits.
+ * kpld follows DIR/output and waits for DIR/exit, with the read offset kept
+ * in LMDB in the same commit as the log events, so a restarted kpld carries
+ * on exactly where it was.
+ *
+ * Plain POSIX; no loop, no allocation beyond buffers. Runs in the child only.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "engine/kpl.h"
+#include "stages/shim.h"
+
+/* The output file stops growing here (the pipes are still drained); kpld
+ * caps what it stores per stage well below this. */
+#define SHIM_MAX_OUTPUT_BYTES ((off_t)64 * 1024 * 1024)
+
+static volatile sig_atomic_t got_term;
+static volatile sig_atomic_t got_chld;
+
+static void on_term(int sig) { (void)sig; got_term = 1; }
+static void on_chld(int sig) { (void)sig; got_chld = 1; }
+
+struct shim_line {
+	char buf[KPL_MAX_LOG_LINE + 2];
+	size_t len;
+};
+
+static int out_fd = -1;
+static off_t out_size;
+static int out_capped;
+
+static void write_all(int fd, const char *p, size_t n)
+{
+	while (n) {
+		ssize_t w = write(fd, p, n);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return;
+		p += w;
+		n -= (size_t)w;
+	}
+}
+
+/* One record: stream tag, text, newline. */
+static void record(char tag, const char *p, size_t n)
+{
+	char head = tag;
+
+	if (out_capped)
+		return;
+	if (out_size + (off_t)n + 2 > SHIM_MAX_OUTPUT_BYTES) {
+		static const char msg[] = "Soutput over 64 MiB: the rest was not kept\n";
+		write_all(out_fd, msg, sizeof msg - 1);
+		out_capped = 1;
+		return;
+	}
+	/* One write per record keeps records whole for a concurrent reader
+	 * up to PIPE_BUF; kpld only consumes complete lines anyway. */
+	{
+		char stackbuf[KPL_MAX_LOG_LINE + 2];
+		stackbuf[0] = head;
+		memcpy(stackbuf + 1, p, n);
+		stackbuf[n + 1] = '\n';
+		write_all(out_fd, stackbuf, n + 2);
+	}
+	out_size += (off_t)n + 2;
+}
+
+static void feed(char tag, struct shim_line *l, const char *p, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		if (p[i] == '\n' || l->len == KPL_MAX_LOG_LINE) {
+			record(tag, l->buf, l->len);
+			l->len = 0;
+			if (p[i] == '\n')
+				continue;
+		}
+		l->buf[l->len++] = p[i];
+	}
+}
+
+static void write_exit(const char *dir, const char *text)
+{
+	char tmp[4096], final[4096];
+	int fd;
+
+	snprintf(tmp, sizeof tmp, "%s/exit.tmp", dir);
+	snprintf(final, sizeof final, "%s/exit", dir);
+	fd = open(tmp, O_CREAT | O_TRUNC | O_WRONLY, 0600);
+	if (fd < 0)
+		return;
+	write_all(fd, text, strlen(text));
+	close(fd);
+	rename(tmp, final);
+}
+
+static int64_t mono_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int shim_main(int argc, char **argv)
+{
+	const char *dir;
+	char path[4096], text[512];
+	int lock_fd, po[2], pe[2], status = 0;
+	int64_t grace_ms, kill_at = 0;
+	struct shim_line lo = { 0 }, le = { 0 };
+	struct sigaction sa;
+	pid_t child;
+	int open_pipes = 2, exited = 0;
+	char buf[65536];
+
+	/* argv: kpld __shim DIR GRACE_MS -- ARGV... */
+	if (argc < 6 || strcmp(argv[4], "--") != 0) {
+		fprintf(stderr, "usage: kpld __shim DIR GRACE_MS -- ARGV...\n");
+		return 2;
+	}
+	dir = argv[2];
+	grace_ms = atoll(argv[3]);
+
+	snprintf(path, sizeof path, "%s/lock", dir);
+	lock_fd = open(path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+	if (lock_fd < 0)
+		return SHIM_EXIT_CLAIMED; /* kpld gave this attempt up already */
+	if (flock(lock_fd, LOCK_EX) != 0)
+		return SHIM_EXIT_CLAIMED;
+	snprintf(text, sizeof text, "%ld\n", (long)getpid());
+	write_all(lock_fd, text, strlen(text));
+
+	snprintf(path, sizeof path, "%s/output", dir);
+	out_fd = open(path, O_CREAT | O_APPEND | O_WRONLY | O_CLOEXEC, 0600);
+	if (out_fd < 0 || pipe2(po, O_CLOEXEC) || pipe2(pe, O_CLOEXEC)) {
+		snprintf(text, sizeof text, "error cannot set up the command's output: %s\n",
+			 strerror(errno));
+		write_exit(dir, text);
+		return 1;
+	}
+
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = on_term;
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGINT, &sa, NULL);
+	sa.sa_handler = on_chld;
+	sigaction(SIGCHLD, &sa, NULL);
+	signal(SIGHUP, SIG_IGN);
+	signal(SIGPIPE, SIG_IGN);
+
+	child = fork();
+	if (child < 0) {
+		snprintf(text, sizeof text, "error fork: %s\n", strerror(errno));
+		write_exit(dir, text);
+		return 1;
+	}
+	if (child == 0) {
+		sigset_t none;
+		int devnull = open("/dev/null", O_RDONLY);
+
+		setpgid(0, 0);
+		signal(SIGTERM, SIG_DFL);
+		signal(SIGINT, SIG_DFL);
+		signal(SIGCHLD, SIG_DFL);
+		signal(SIGHUP, SIG_DFL);
+		signal(SIGPIPE, SIG_DFL);
+		sigemptyset(&none);
+		sigprocmask(SIG_SETMASK, &none, NULL);
+		if (devnull >= 0)
+			dup2(devnull, 0);
+		dup2(po[1], 1);
+		dup2(pe[1], 2);
+		execvp(argv[5], argv + 5);
+		dprintf(2, "cannot run %s: %s\n", argv[5], strerror(errno));
+		_exit(127);
+	}
+	setpgid(child, child); /* also here: no race with an early SIGTERM */
+	close(po[1]);
+	close(pe[1]);
+	fcntl(po[0], F_SETFL, O_NONBLOCK);
+	fcntl(pe[0], F_SETFL, O_NONBLOCK);
+
+	while (open_pipes || !exited) {
+		struct pollfd pf[2] = { { po[0], POLLIN, 0 }, { pe[0], POLLIN, 0 } };
+		int timeout = -1;
+
+		if (got_term && !kill_at) {
+			kill(-child, SIGTERM);
+			kill_at = mono_ms() + grace_ms;
+		}
+		if (kill_at && kill_at != INT64_MAX) {
+			int64_t left = kill_at - mono_ms();
+			if (left <= 0) {
+				kill(-child, SIGKILL);
+				kill_at = INT64_MAX;
+			} else {
+				timeout = (int)left;
+			}
+		}
+		if (got_chld || !open_pipes) {
+			pid_t w = waitpid(child, &status, open_pipes ? WNOHANG : 0);
+			got_chld = 0;
+			if (w == child) {
+				exited = 1;
+				/* Leftovers in its group would hold the pipes open. */
+				kill(-child, SIGKILL);
+			}
+			if (!open_pipes)
+				continue;
+		}
+		if (pf[0].fd < 0 && pf[1].fd < 0)
+			continue;
+		if (poll(pf, 2, timeout) < 0) {
+			if (errno == EINTR)
+				continue;
+			break;
+		}
+		for (int i = 0; i < 2; i++) {
+			int *fd = i ? &pe[0] : &po[0];
+			ssize_t n;
+
+			if (*fd < 0 || !(pf[i].revents & (POLLIN | POLLHUP | POLLERR)))
+				continue;
+			n = read(*fd, buf, sizeof buf);
+			if (n > 0) {
+				feed(i ? '2' : '1', i ? &le : &lo, buf, (size_t)n);
+			} else if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
+				close(*fd);
+				*fd = -1;
+				open_pipes--;
+			}
+			pf[i].fd = *fd;
+		}
+	}
+	if (lo.len)
+		record('1', lo.buf, lo.len);
+	if (le.len)
+		record('2', le.buf, le.len);
+	close(out_fd);
+
+	if (WIFSIGNALED(status))
+		snprintf(text, sizeof text, "signal %d\n", WTERMSIG(status));
+	else
+		snprintf(text, sizeof text, "exit %d\n", WEXITSTATUS(status));
+	write_exit(dir, text);
+	return 0;
+}

@@ -1,0 +1,24 @@
+/*
+ * shim.h - the process that runs a script's command for kpld (see shim.c):
+ * `kpld __shim DIR GRACE_MS -- ARGV...`.
+ *
+ * Files in DIR, the attempt's directory:
+ *   lock    created O_EXCL and flock'ed by the shim for its life (pid inside);
+ *           created by kpld instead when it gives up an attempt that never
+ *           started, which stops a late shim from running the command
+ *   output  records: '1' stdout, '2' stderr or 'S' note, the line, '\n'
+ *   exit    "exit N", "signal N" or "error TEXT", written last (rename)
+ */
+#ifndef KPL_SHIM_H
+#define KPL_SHIM_H
+
+/* Exit status of a shim that found its attempt already claimed. */
+#define SHIM_EXIT_CLAIMED 111
+
+/* The argv[1] that makes kpld a shim. */
+#define SHIM_ARGV1 "__shim"
+
+/* Runs the shim; returns the process exit status. */
+int shim_main(int argc, char **argv);
+
+#endif
