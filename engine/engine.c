@@ -86,6 +86,7 @@ struct run {
 	bool cancel_requested;
 	bool finally_started;
 	uint32_t attempt;                /* 1, then +1 per RetryRun */
+	bool advancing, advance_again;   /* see run_advance */
 	char *group;                     /* concurrency group key, or NULL */
 	bool stored;                     /* first commit done */
 	bool final_durable;
@@ -764,7 +765,8 @@ static void stage_attempt_failed(struct stage *st, const char *msg)
 	char buf[700], d[32];
 	int64_t delay;
 
-	if (r->cancel_requested || st->no_retry || st->tries > st->spec->retries.count) {
+	if ((r->cancel_requested && !st->spec->is_finally) || st->no_retry ||
+	    st->tries > st->spec->retries.count) {
 		stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
 		return;
 	}
@@ -1007,7 +1009,7 @@ static void stage_start_committed(void *data, int status)
 		run_maybe_free(r);
 		return;
 	}
-	if (r->cancel_requested) {
+	if (r->cancel_requested && !st->spec->is_finally) {
 		st->live = true;
 		stage_done(st, KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED, "run cancelled");
 		return;
@@ -1113,7 +1115,7 @@ static int stage_when(struct stage *st, struct kpl_err *err)
  * graph is done, and ends the run when nothing is left. Called after every
  * change that could matter.
  */
-static void run_advance(struct run *r)
+static void run_advance_once(struct run *r)
 {
 	struct stage *failed = NULL;
 	size_t running = 0, open = 0;
@@ -1127,9 +1129,12 @@ static void run_advance(struct run *r)
 		run_set_state(r, KPL__V1__RUN_STATE__RUN_STATE_RUNNING, NULL);
 	}
 
-	if (r->cancel_requested) {
+	if (r->cancel_requested && !r->finally_started) {
+		/* Cancel stops the graph; `finally` still runs afterwards. */
 		for (size_t i = 0; i < r->n_stages; i++) {
 			struct stage *st = &r->stages[i];
+			if (st->spec->is_finally)
+				continue;
 			if (st->state == KPL__V1__STAGE_STATE__STAGE_STATE_PENDING) {
 				stage_stop_retry(st);
 				st->retry_at_ms = 0;
@@ -1143,10 +1148,13 @@ static void run_advance(struct run *r)
 			    st->state == KPL__V1__STAGE_STATE__STAGE_STATE_WAITING)
 				running++;
 		}
-		if (!running)
-			run_set_state(r, KPL__V1__RUN_STATE__RUN_STATE_CANCELLED,
-				      "cancelled");
-		return;
+		if (running)
+			return;
+		if (!r->pl->n_finally) {
+			run_set_state(r, KPL__V1__RUN_STATE__RUN_STATE_CANCELLED, "cancelled");
+			return;
+		}
+		r->finally_started = true;
 	}
 
 	for (size_t i = 0; i < r->n_stages; i++) {
@@ -1237,6 +1245,10 @@ again:
 		}
 	}
 	/* Everything is final: the run ends. */
+	if (r->cancel_requested) {
+		run_set_state(r, KPL__V1__RUN_STATE__RUN_STATE_CANCELLED, "cancelled");
+		return;
+	}
 	if (failed) {
 		char msg[600];
 		snprintf(msg, sizeof msg, "stage %s failed: %s", failed->spec->name,
@@ -1255,6 +1267,25 @@ again:
 		}
 	}
 	run_set_state(r, KPL__V1__RUN_STATE__RUN_STATE_SUCCEEDED, "all stages succeeded");
+}
+
+/*
+ * A kind may end an attempt inside a call the scheduler makes (cancel of
+ * an approval, say), which calls back here: such a nested call only asks
+ * the running pass to go round once more.
+ */
+static void run_advance(struct run *r)
+{
+	if (r->advancing) {
+		r->advance_again = true;
+		return;
+	}
+	r->advancing = true;
+	do {
+		r->advance_again = false;
+		run_advance_once(r);
+	} while (r->advance_again);
+	r->advancing = false;
 }
 
 /* ---------------------------------------------------------------------- */
@@ -1706,6 +1737,14 @@ static void recover_run(struct engine *e, const char *id)
 			continue;
 		}
 		st->live = false;
+		if (err.code == KPL_ENOTFOUND) {
+			/* Nothing of the attempt ran: starting it again repeats
+			 * nothing, and does not count as a retry. */
+			st->tries--;
+			stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_PENDING,
+					"restarting: kpld stopped before the attempt began");
+			continue;
+		}
 		{
 			char msg[700];
 			snprintf(msg, sizeof msg, "interrupted by restart%s%s",

@@ -744,7 +744,8 @@ static int script_resume(struct stage *st, struct kpl_err *err)
 	if (fd >= 0) {
 		/* Claimed: a shim that was forked but not yet this far exits. */
 		close(fd);
-		kpl_errf(err, KPL_ESTATE, "its process had not started");
+		/* KPL_ENOTFOUND tells the engine nothing ran: start afresh. */
+		kpl_errf(err, KPL_ENOTFOUND, "its process had not started");
 		goto fail;
 	}
 	held = lock_held(lock, &pid);

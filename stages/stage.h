@@ -38,9 +38,10 @@ struct stage_kind {
 	 * CANCELLED (or the result it reached first). */
 	void (*cancel)(struct stage *st);
 	/* After a restart, for a stage that was RUNNING: re-attach (return 0
-	 * and carry on as after start) or return KPL_ESTATE with err saying
-	 * why it cannot; the engine then applies the retry policy. NULL means
-	 * the kind can never re-attach. */
+	 * and carry on as after start); or return KPL_ENOTFOUND when nothing
+	 * of the attempt ever ran (the engine starts it afresh, not counted as
+	 * a retry); or KPL_ESTATE with err saying why it cannot re-attach (the
+	 * engine applies the retry policy). NULL: the kind never re-attaches. */
 	int (*resume)(struct stage *st, struct kpl_err *err);
 	/* Called when the kpld is stopping: release what the attempt holds
 	 * without reporting (the next start resumes it). NULL: cancel. */
