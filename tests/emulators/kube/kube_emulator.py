@@ -1723,6 +1723,12 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(n) if n else b""
 
     def json_body(self, raw):
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+        if raw and ("protobuf" in ctype or "cbor" in ctype):
+            # kubectl's typed clients (kubectl create deployment, expose...) send protobuf
+            raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format - "
+                           "accepted media types include: application/json (the emulator decodes JSON only, "
+                           "not %s)" % ctype)
         try:
             return json.loads(raw.decode() or "null")
         except (ValueError, UnicodeDecodeError) as e:
