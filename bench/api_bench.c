@@ -28,10 +28,17 @@
  * the same address (its global subchannel pool), so "one channel per
  * caller" need not mean one connection per caller: the details give the
  * number of established client connections to kpld, read from
- * /proc/net/tcp in the middle of the phase.
+ * /proc/net/tcp in the middle of the phase. An entry "Np" in --conns makes
+ * N private connections instead: plain grpc core channels with
+ * GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, since kplc_connect cannot ask for
+ * one (SubmitRun only; the reply is unpacked as kplc would).
  */
 #include <errno.h>
 #include <getopt.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/support/time.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -63,6 +70,7 @@ struct opts {
 	double duration;
 	int callers;
 	int conns[8];
+	bool private_conns[8]; /* "Np": raw grpc channels, one TCP connection each */
 	int n_conns;
 	long lines;
 	int noop_runs;
@@ -197,6 +205,10 @@ static double wait_idle(struct kplc *c, double timeout)
 
 struct submit_shared {
 	const char *pipeline;
+	bool private_conns;
+	grpc_channel **raw;     /* if private_conns */
+	uint8_t *req;           /* the packed request, for raw */
+	size_t req_len;
 	struct kplc **conns;
 	int n_conns;
 	pthread_barrier_t start;
@@ -226,19 +238,120 @@ static int submit_one(struct kplc *c, const char *pipeline, struct kplc_status *
 	return rc;
 }
 
+/* A channel with a TCP connection of its own. */
+static grpc_channel *raw_channel(const char *target)
+{
+	grpc_arg arg = { .type = GRPC_ARG_INTEGER,
+			 .key = GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL,
+			 .value.integer = 1 };
+	grpc_channel_args args = { 1, &arg };
+	grpc_channel_credentials *creds = grpc_insecure_credentials_create();
+	grpc_channel *ch = grpc_channel_create(target, creds, &args);
+
+	grpc_channel_credentials_release(creds);
+	return ch;
+}
+
+/* SubmitRun on grpc core, as kplc_call_unary does it (a queue per call). */
+static int raw_submit(grpc_channel *ch, const uint8_t *req, size_t len,
+		      struct kplc_status *st)
+{
+	grpc_slice body = grpc_slice_from_copied_buffer((const char *)req, len);
+	grpc_byte_buffer *out = grpc_raw_byte_buffer_create(&body, 1), *in = NULL;
+	grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
+	grpc_metadata_array imd, tmd;
+	grpc_status_code code = GRPC_STATUS_UNKNOWN;
+	grpc_slice details = grpc_empty_slice();
+	grpc_op ops[6];
+	grpc_call *call;
+	int rc = -1;
+
+	grpc_slice_unref(body);
+	grpc_metadata_array_init(&imd);
+	grpc_metadata_array_init(&tmd);
+	memset(ops, 0, sizeof ops);
+	ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+	ops[1].op = GRPC_OP_SEND_MESSAGE;
+	ops[1].data.send_message.send_message = out;
+	ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+	ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+	ops[3].data.recv_initial_metadata.recv_initial_metadata = &imd;
+	ops[4].op = GRPC_OP_RECV_MESSAGE;
+	ops[4].data.recv_message.recv_message = &in;
+	ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+	ops[5].data.recv_status_on_client.trailing_metadata = &tmd;
+	ops[5].data.recv_status_on_client.status = &code;
+	ops[5].data.recv_status_on_client.status_details = &details;
+	call = grpc_channel_create_call(
+		ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq,
+		grpc_slice_from_static_string("/kpl.v1.Pipelines/SubmitRun"), NULL,
+		gpr_time_add(gpr_now(GPR_CLOCK_REALTIME),
+			     gpr_time_from_millis(KPLC_DEFAULT_DEADLINE_MS, GPR_TIMESPAN)),
+		NULL);
+	if (grpc_call_start_batch(call, ops, 6, call, NULL) == GRPC_CALL_OK) {
+		grpc_completion_queue_pluck(cq, call, gpr_inf_future(GPR_CLOCK_REALTIME),
+					    NULL);
+		st->code = (int)code;
+		snprintf(st->message, sizeof st->message, "%.*s",
+			 (int)GRPC_SLICE_LENGTH(details),
+			 (const char *)GRPC_SLICE_START_PTR(details));
+	} else {
+		st->code = KPLC_INTERNAL;
+		snprintf(st->message, sizeof st->message, "grpc_call_start_batch failed");
+	}
+	if (st->code == KPLC_OK && in) {
+		grpc_byte_buffer_reader r;
+		grpc_slice all;
+		Kpl__V1__Run *run;
+
+		grpc_byte_buffer_reader_init(&r, in);
+		all = grpc_byte_buffer_reader_readall(&r);
+		grpc_byte_buffer_reader_destroy(&r);
+		run = kpl__v1__run__unpack(NULL, GRPC_SLICE_LENGTH(all),
+					   GRPC_SLICE_START_PTR(all));
+		grpc_slice_unref(all);
+		if (run)
+			rc = 0;
+		else
+			snprintf(st->message, sizeof st->message, "cannot decode the reply");
+		kplc_msg_free(run);
+	}
+	grpc_call_unref(call);
+	grpc_completion_queue_shutdown(cq);
+	while (grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME),
+					   NULL).type != GRPC_QUEUE_SHUTDOWN)
+		;
+	grpc_completion_queue_destroy(cq);
+	grpc_byte_buffer_destroy(out);
+	if (in)
+		grpc_byte_buffer_destroy(in);
+	grpc_slice_unref(details);
+	grpc_metadata_array_destroy(&imd);
+	grpc_metadata_array_destroy(&tmd);
+	return rc;
+}
+
+static int worker_submit(struct submit_worker *w, struct kplc_status *st)
+{
+	struct submit_shared *sh = w->sh;
+
+	if (sh->private_conns)
+		return raw_submit(sh->raw[w->i % sh->n_conns], sh->req, sh->req_len, st);
+	return submit_one(sh->conns[w->i % sh->n_conns], sh->pipeline, st);
+}
+
 static void *submit_thread(void *arg)
 {
 	struct submit_worker *w = arg;
-	struct kplc *c = w->sh->conns[w->i % w->sh->n_conns];
 	struct kplc_status st;
 
 	/* Not timed: connects the channel. */
-	submit_one(c, w->sh->pipeline, &st);
+	worker_submit(w, &st);
 	pthread_barrier_wait(&w->sh->start);
 	pthread_barrier_wait(&w->sh->start);
 	for (;;) {
 		double t0 = now_s(), t1;
-		int rc = submit_one(c, w->sh->pipeline, &st);
+		int rc = worker_submit(w, &st);
 
 		t1 = now_s();
 		if (t1 > w->sh->t_end)
@@ -264,9 +377,11 @@ static void *submit_thread(void *arg)
 }
 
 static void bench_submit(const struct opts *o, const char *name, const char *pipeline,
-			 int n_conns, struct kplc *ctl)
+			 int n_conns, bool private_conns, struct kplc *ctl)
 {
-	struct submit_shared sh = { .pipeline = pipeline, .n_conns = n_conns };
+	struct submit_shared sh = { .pipeline = pipeline, .n_conns = n_conns,
+				    .private_conns = private_conns };
+	Kpl__V1__SubmitRunRequest req = KPL__V1__SUBMIT_RUN_REQUEST__INIT;
 	struct submit_worker *ws = calloc((size_t)o->callers, sizeof *ws);
 	long ok = 0, errs[N_CODES + 1] = { 0 };
 	double *lat, t0, drain;
@@ -275,11 +390,20 @@ static void bench_submit(const struct opts *o, const char *name, const char *pip
 	size_t errlen = 0;
 	int tcp;
 
-	fprintf(stderr, "api_bench: %s: %d callers on %d channel(s), %.0f s\n",
-		name, o->callers, n_conns, o->duration);
+	fprintf(stderr, "api_bench: %s: %d callers on %d %schannel(s), %.0f s\n",
+		name, o->callers, n_conns, private_conns ? "private " : "", o->duration);
 	sh.conns = calloc((size_t)n_conns, sizeof *sh.conns);
-	for (int i = 0; i < n_conns; i++)
-		sh.conns[i] = connect_or_die(o->target);
+	sh.raw = calloc((size_t)n_conns, sizeof *sh.raw);
+	req.pipeline = (char *)pipeline;
+	sh.req_len = protobuf_c_message_get_packed_size(&req.base);
+	sh.req = malloc(sh.req_len + 1);
+	protobuf_c_message_pack(&req.base, sh.req);
+	for (int i = 0; i < n_conns; i++) {
+		if (private_conns)
+			sh.raw[i] = raw_channel(o->target);
+		else
+			sh.conns[i] = connect_or_die(o->target);
+	}
 	pthread_barrier_init(&sh.start, NULL, (unsigned)o->callers + 1);
 	for (int i = 0; i < o->callers; i++) {
 		ws[i].sh = &sh;
@@ -327,11 +451,12 @@ static void bench_submit(const struct opts *o, const char *name, const char *pip
 	/* The runs themselves execute after their submit: how long the
 	 * backlog takes is a figure too (script runs/s end to end). */
 	drain = wait_idle(ctl, o->idle_timeout);
-	printf("%s=%.0f (%ld OK in %.1f s, %d callers, %d channel(s), "
+	printf("%s=%.0f (%ld OK in %.1f s, %d callers, %d %schannel(s), "
 	       "%d tcp conn(s); latency p50 %.1f ms p99 %.1f ms max %.1f ms; "
 	       "errors: %s; backlog drained %.1f s after the end, so %.0f "
 	       "runs/s end to end)\n",
-	       name, (double)ok / o->duration, ok, o->duration, o->callers, n_conns, tcp,
+	       name, (double)ok / o->duration, ok, o->duration, o->callers, n_conns,
+	       private_conns ? "private " : "", tcp,
 	       n_lat ? lat[n_lat / 2] * 1e3 : 0, n_lat ? lat[n_lat * 99 / 100] * 1e3 : 0,
 	       n_lat ? lat[n_lat - 1] * 1e3 : 0, errlen ? errbuf : "none", drain,
 	       (double)(ok + o->callers) / (o->duration + drain));
@@ -341,9 +466,14 @@ static void bench_submit(const struct opts *o, const char *name, const char *pip
 		free(ws[i].lat);
 	free(ws);
 	free(lat);
-	for (int i = 0; i < n_conns; i++)
+	for (int i = 0; i < n_conns; i++) {
 		kplc_free(sh.conns[i]);
+		if (sh.raw[i])
+			grpc_channel_destroy(sh.raw[i]);
+	}
 	free(sh.conns);
+	free(sh.raw);
+	free(sh.req);
 	pthread_barrier_destroy(&sh.start);
 }
 
@@ -591,7 +721,8 @@ static void usage(FILE *f)
 		"  --duration S        seconds of SubmitRun per run of the phase (default 10)\n"
 		"  --callers N         concurrent callers, one thread each (default 64)\n"
 		"  --conns LIST        channels the callers share, one submit phase per\n"
-		"                      entry (default N,1: one per caller, then one)\n"
+		"                      entry (default N,1: one per caller, then one);\n"
+		"                      Np: N raw channels with a TCP connection each\n"
 		"  --lines N           lines the watched run prints (default 50000)\n"
 		"  --noop-runs M       runs in the noop phase (default 1000)\n"
 		"  --noop-stages K     chained noop stages per run (default 10)\n"
@@ -681,6 +812,9 @@ int main(int argc, char **argv)
 		for (char *p = (char *)conns; *p && o.n_conns < 8; p++) {
 			int n = (int)strtol(p, &p, 10);
 
+			o.private_conns[o.n_conns] = *p == 'p';
+			if (*p == 'p')
+				p++;
 			o.conns[o.n_conns++] = n < 1 ? 1 : n > o.callers ? o.callers : n;
 			if (!*p)
 				break;
@@ -695,9 +829,12 @@ int main(int argc, char **argv)
 	wait_idle(ctl, o.idle_timeout);
 	if (o.do_submit)
 		for (int i = 0; i < o.n_conns; i++)
-			bench_submit(&o, "submit_per_sec", submit_pipeline, o.conns[i], ctl);
+			bench_submit(&o, "submit_per_sec", submit_pipeline, o.conns[i],
+				     o.private_conns[i], ctl);
 	if (o.do_submit_noop)
-		bench_submit(&o, "submit_noop_per_sec", submit_noop_pipeline, o.conns[0], ctl);
+		for (int i = 0; i < o.n_conns; i++)
+			bench_submit(&o, "submit_noop_per_sec", submit_noop_pipeline,
+				     o.conns[i], o.private_conns[i], ctl);
 	if (o.do_watch) {
 		bench_watch(&o, ctl);
 		wait_idle(ctl, o.idle_timeout);
