@@ -6,7 +6,9 @@
  *                         one-stage script pipeline, from --callers threads
  *                         over --duration seconds; once per entry of --conns
  *                         (how many channels the callers share: "64,1" is
- *                         one channel per caller, then one for all).
+ *                         one channel per caller, then one for all; the
+ *                         default is "64p,64,1", see below).
+ *   submit_noop_per_sec   the same with a noop stage, so no child process.
  *   watch_events_per_sec  events per second through one WatchRun of a run
  *                         whose script prints --lines lines: following it
  *                         live from its submit, then replaying the stored
@@ -721,7 +723,8 @@ static void usage(FILE *f)
 		"  --duration S        seconds of SubmitRun per run of the phase (default 10)\n"
 		"  --callers N         concurrent callers, one thread each (default 64)\n"
 		"  --conns LIST        channels the callers share, one submit phase per\n"
-		"                      entry (default N,1: one per caller, then one);\n"
+		"                      entry (default Np,N,1: a connection per caller,\n"
+		"                      a kplc channel per caller, one for all);\n"
 		"                      Np: N raw channels with a TCP connection each\n"
 		"  --lines N           lines the watched run prints (default 50000)\n"
 		"  --noop-runs M       runs in the noop phase (default 1000)\n"
@@ -820,6 +823,8 @@ int main(int argc, char **argv)
 				break;
 		}
 	} else {
+		o.private_conns[o.n_conns] = true;
+		o.conns[o.n_conns++] = o.callers;
 		o.conns[o.n_conns++] = o.callers;
 		if (o.callers > 1)
 			o.conns[o.n_conns++] = 1;
