@@ -1,7 +1,8 @@
 #!/bin/sh
 # kplctl against tests/clients/fake_pipelines.py: real outputs and exit
 # codes of submit, watch (live, failed, resumed after a broken stream), get,
-# list, cancel, -o json and the error paths.
+# list, cancel, lint, approve (and reject), retry, events (filtered, resumed
+# after a broken stream, ended by Ctrl-C), -o json and the error paths.
 #
 # Usage: kplctl_test.sh [KPLCTL FAKE PROTO]; under bazel test the defaults
 # are the runfiles.
@@ -235,6 +236,165 @@ grep -qx "$LID CANCELLED" "$T/cancel.out" || fail "cancel: printed $(cat "$T/can
 ctl cwatch watch "$LID"
 expect_rc cwatch 1
 events cwatch | tail -n 1 | grep -qx '== run CANCELLED: cancelled by request' || fail "watch: no CANCELLED line"
+
+# --- lint: the user's file names, not the server's "pipeline". ---
+printf 'stages:\n  - name: build\n    kind: shel\n' >"$T/lintbad.yaml"
+pipeline warn "# fake: lint-warning" build >"$T/warn.yaml"
+ctl lint lint "$T/ok.yaml" "$T/lintbad.yaml" "$T/warn.yaml"
+expect_rc lint 1
+cat >"$T/lint.want" <<EOF
+$T/ok.yaml: ok
+$T/lintbad.yaml:1:1: missing required key "name"
+$T/lintbad.yaml:3:11: stages[0].kind: unknown kind "shel" (did you mean "shell"?)
+$T/warn.yaml:2:1: warning: a canned warning
+$T/warn.yaml: ok
+EOF
+diff -u "$T/lint.want" "$T/lint.out" >&2 || fail "lint: wrong output"
+ctl lintok lint "$T/ok.yaml" "$T/warn.yaml"
+expect_rc lintok 0
+ctl lintj lint "$T/ok.yaml" "$T/lintbad.yaml" -o json
+expect_rc lintj 1
+"$PY" - "$T/lintj.out" "$T/lintbad.yaml" <<'EOF' || fail "lint -o json"
+import json, sys
+d = json.load(open(sys.argv[1]))
+ok, bad = d["files"]
+assert ok["valid"] is True and ok["pipeline_name"] == "demo", ok
+assert bad["file"] == sys.argv[2] and bad["valid"] is False, bad
+assert [(x["line"], x["column"], x["path"], x["severity"])
+        for x in bad["diagnostics"]] == [
+    (1, 1, "", "SEVERITY_ERROR"), (3, 11, "stages[0].kind", "SEVERITY_ERROR")]
+EOF
+ctl lintmiss lint "$T/ok.yaml" "$T/does-not-exist.yaml"
+expect_rc lintmiss 2
+grep -qx "$T/ok.yaml: ok" "$T/lintmiss.out" || fail "lint: stopped at a missing file"
+ctl lintdown --server 127.0.0.1:1 lint "$T/ok.yaml" "$T/lintbad.yaml"
+expect_rc lintdown 3
+grep -q '^kplctl: lint: UNAVAILABLE: ' "$T/lintdown.err" || fail "lint: no UNAVAILABLE"
+
+# wait_for NAME REGEX: waits (at most 10 s) until $T/NAME.out has a line
+# matching REGEX.
+wait_for() {
+	i=0
+	while ! grep -Eq "$2" "$T/$1.out" 2>/dev/null; do
+		i=$((i + 1))
+		[ $i -gt 100 ] && { fail "$1: no line matching $2"; return 1; }
+		sleep 0.1
+	done
+}
+
+# --- approve: watch shows the WAITING stage, then the answer. ---
+pipeline appr "# fake: approval deploy" build deploy >"$T/appr.yaml"
+ctl appr submit "$T/appr.yaml"
+AID=$(cat "$T/appr.out")
+timeout 60 "$KPLCTL" watch "$AID" >"$T/aw.out" 2>"$T/aw.err" </dev/null &
+AW_PID=$!
+wait_for aw ' WAITING '
+ctl approve approve "$AID" deploy -m "ship it" --by alice
+expect_rc approve 0
+grep -qx "$AID RUNNING" "$T/approve.out" || fail "approve: printed $(cat "$T/approve.out")"
+wait $AW_PID
+rc=$?
+expect_rc aw 0
+expect_events aw <<'EOF'
+== run RUNNING
+build      RUNNING
+build      | hello from build
+build      ! warning from build
+build      SUCCEEDED
+deploy     WAITING  waiting for approval: release appr
+deploy     SUCCEEDED  approved by alice: ship it
+== run SUCCEEDED: all stages succeeded
+EOF
+grep -qx "approve $AID deploy yes alice|ship it" "$T/watch.log" || fail "approve: wrong request"
+ctl approve2 approve "$AID" deploy
+expect_rc approve2 3
+grep -qx 'kplctl: approve: FAILED_PRECONDITION: stage "deploy" is not waiting for approval' \
+	"$T/approve2.err" || fail "approve twice: $(cat "$T/approve2.err")"
+
+# --- approve --reject, by $USER@host by default: the run fails. ---
+ctl rj submit "$T/appr.yaml"
+RJ=$(cat "$T/rj.out")
+i=0
+until ctl rjget get "$RJ" && grep -Eq '^  deploy +shell +WAITING ' "$T/rjget.out"; do
+	i=$((i + 1))
+	[ $i -gt 100 ] && { fail "reject: deploy never WAITING"; break; }
+	sleep 0.1
+done
+(USER=tester; export USER; ctl reject approve "$RJ" deploy --reject; exit $rc)
+rc=$?
+expect_rc reject 0
+grep -qx "$RJ FAILED" "$T/reject.out" || fail "reject: printed $(cat "$T/reject.out")"
+grep -qx "approve $RJ deploy no tester@$(uname -n)|" "$T/watch.log" ||
+	fail "reject: not sent as tester@$(uname -n): $(grep "approve $RJ" "$T/watch.log")"
+
+# --- retry: a new attempt of the failed run, followed to its end. ---
+ctl retry retry "$FID" --watch
+expect_rc retry 0
+head -n 1 "$T/retry.out" | grep -qx "$FID attempt 2" ||
+	fail "retry: first line $(head -n 1 "$T/retry.out")"
+expect_events retry <<'EOF'
+== run RUNNING: attempt 2
+test       RUNNING (attempt 2)
+test       | hello from test
+test       ! warning from test
+test       SUCCEEDED (attempt 2)
+== run SUCCEEDED: all stages succeeded
+EOF
+grep -Eq '^build +SUCCEEDED +1 ' "$T/retry.out" || fail "retry: build not kept"
+grep -Eq '^test +SUCCEEDED +2 ' "$T/retry.out" || fail "retry: no attempt 2 row"
+grep -qx "run $FID SUCCEEDED (attempt 2): all stages succeeded" "$T/retry.out" ||
+	fail "retry: no final line with the attempt"
+grep -qx "watch $FID 11" "$T/watch.log" || fail "retry --watch: not from the old last seq + 1"
+ctl retry2 retry "$FID"
+expect_rc retry2 3
+grep -q '^kplctl: retry: FAILED_PRECONDITION: ' "$T/retry2.err" || fail "retry of a succeeded run"
+ctl retry3 retry "$RJ"
+expect_rc retry3 0
+grep -qx "$RJ attempt 2" "$T/retry3.out" || fail "retry: printed $(cat "$T/retry3.out")"
+
+# --- events: every run's events with the global seq; a broken stream is
+# resumed from the last global seq + 1; Ctrl-C ends it with exit 0. ---
+pipeline evt "# fake: break-events" build >"$T/evt.yaml"
+ctl evt submit "$T/evt.yaml"
+EID=$(cat "$T/evt.out")
+timeout --preserve-status -s INT 3 "$KPLCTL" events --from 1 --pipeline evt \
+	>"$T/ev.out" 2>"$T/ev.err" </dev/null
+rc=$?
+expect_rc ev 0
+events ev | cut -d' ' -f2- >"$T/ev.got"
+sed "s/^/$EID evt /" >"$T/ev.want" <<'EOF'
+== run RUNNING
+build      RUNNING
+build      | hello from build
+build      ! warning from build
+build      SUCCEEDED
+== run SUCCEEDED: all stages succeeded
+EOF
+diff -u "$T/ev.want" "$T/ev.got" >&2 || fail "events: wrong lines"
+events ev | cut -d' ' -f1 | sort -n -c -u || fail "events: global seqs not increasing"
+G1=$(events ev | head -n 1 | cut -d' ' -f1)
+grep '^watchruns ' "$T/watch.log" >"$T/ev.watches"
+printf 'watchruns 1 evt -\nwatchruns %s evt -\n' "$((G1 + 1))" |
+	diff -u - "$T/ev.watches" >&2 || fail "events: not resumed from global seq + 1"
+
+timeout --preserve-status -s INT 2 "$KPLCTL" events --from 1 --pipeline evt \
+	--kind run --kind log --kind run -o json >"$T/evj.out" 2>"$T/evj.err" </dev/null
+rc=$?
+expect_rc evj 0
+"$PY" - "$T/evj.out" "$EID" <<'EOF' || fail "events --kind -o json"
+import json, sys
+evs = [json.loads(l) for l in open(sys.argv[1])]
+assert [e["kind"] for e in evs] == ["EVENT_KIND_RUN_STATE", "EVENT_KIND_LOG",
+                                    "EVENT_KIND_LOG", "EVENT_KIND_RUN_STATE"], evs
+assert all(e["run_id"] == sys.argv[2] and e["pipeline_name"] == "evt"
+           and e["global_seq"] > 0 for e in evs), evs
+EOF
+grep -qx 'watchruns 1 evt EVENT_KIND_RUN_STATE,EVENT_KIND_LOG' "$T/watch.log" ||
+	fail "events --kind: wrong request"
+ctl evbad events --kind build
+expect_rc evbad 2
+ctl evbad2 events --from x
+expect_rc evbad2 2
 
 # --- Connection and usage errors. ---
 ctl down --server 127.0.0.1:1 get x
