@@ -119,6 +119,9 @@ expect_in "apply creates the service" "service/web created" "$work/out"
 k rollout status deploy/web --timeout=30s >"$work/out" 2>&1
 expect_in "rollout status (first rollout)" 'deployment "web" successfully rolled out' "$work/out"
 expect_eq "all replicas ready" "$(k get deploy web -o jsonpath='{.status.readyReplicas}/{.status.availableReplicas}/{.status.observedGeneration}')" "2/2/1"
+sed 's/progressDeadlineSeconds: 2/progressDeadlineSecond: 2/' "$work/app.yaml" >"$work/typo.yaml"
+k apply -f "$work/typo.yaml" >"$work/out" 2>&1
+expect_in "strict field validation (kubectl's default)" 'strict decoding error: unknown field "spec.progressDeadlineSecond"' "$work/out"
 k apply -f "$work/app.yaml" >"$work/out" 2>&1
 expect_in "re-apply is a no-op" "deployment.apps/web unchanged" "$work/out"
 expect_eq "pods carry the template labels" "$(k get pods -l app=web,version=v1 -o name | wc -l | tr -d ' ')" "2"

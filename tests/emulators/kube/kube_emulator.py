@@ -614,6 +614,41 @@ def validate(res, obj):
         raise invalid(res, name, causes)
 
 
+KNOWN_FIELDS = {   # for fieldValidation=Strict (kubectl's default): top level and spec of the main kinds
+    "": {"apiVersion", "kind", "metadata", "spec", "status"},
+    "configmaps": {"apiVersion", "kind", "metadata", "data", "binaryData", "immutable"},
+    "deployments.spec": {"replicas", "selector", "template", "strategy", "minReadySeconds",
+                         "revisionHistoryLimit", "paused", "progressDeadlineSeconds"},
+    "replicasets.spec": {"replicas", "selector", "template", "minReadySeconds"},
+    "services.spec": {"ports", "selector", "clusterIP", "clusterIPs", "type", "externalIPs", "sessionAffinity",
+                      "loadBalancerIP", "loadBalancerSourceRanges", "externalName", "externalTrafficPolicy",
+                      "healthCheckNodePort", "publishNotReadyAddresses", "sessionAffinityConfig", "ipFamilies",
+                      "ipFamilyPolicy", "allocateLoadBalancerNodePorts", "loadBalancerClass",
+                      "internalTrafficPolicy", "trafficDistribution"},
+    "virtualservices.spec": {"hosts", "gateways", "http", "tls", "tcp", "exportTo"},
+    "destinationrules.spec": {"host", "trafficPolicy", "subsets", "exportTo", "workloadSelector"},
+}
+
+
+def strict_check(res, obj, mode="Strict"):
+    """Unknown fields → 400 as the apiserver's strict decoder does (checked at the top level and in
+    spec); with fieldValidation Ignore/Warn (or none) they are dropped, as the apiserver's decoder drops them."""
+    if res.plural == "events" or not isinstance(obj, dict):
+        return
+    bad = [k for k in obj if k not in KNOWN_FIELDS.get(res.plural, KNOWN_FIELDS[""])]
+    spec_known = KNOWN_FIELDS.get(res.plural + ".spec")
+    if spec_known and isinstance(obj.get("spec"), dict):
+        bad += ["spec." + k for k in obj["spec"] if k not in spec_known]
+    if bad and mode != "Strict":
+        for b in bad:
+            (obj["spec"] if b.startswith("spec.") else obj).pop(b.split(".", 1)[-1] if b.startswith("spec.") else b, None)
+        return
+    if bad:
+        raise ApiError(400, "BadRequest", '%s in version "%s" cannot be handled as a %s: strict decoding error: %s'
+                       % (res.kind, res.storage_version, res.kind,
+                          ", ".join('unknown field "%s"' % b for b in bad)))
+
+
 def validate_virtualservice(spec):
     causes = []
     hosts = spec.get("hosts")
@@ -1867,6 +1902,7 @@ class Handler(BaseHTTPRequestHandler):
             if method == "POST":
                 body = self.json_body(raw)
                 self.check_kind(res, body)
+                strict_check(res, body, q.get("fieldValidation"))
                 out = STORE.create(res, ns or "", body, dry_run=dry)
                 return self.send_json(201, self.out(res, version, out))
             if method == "DELETE":
@@ -1893,6 +1929,7 @@ class Handler(BaseHTTPRequestHandler):
                     return self.put_scale(res, ns, name, body, dry)
                 if sub != "status":
                     self.check_kind(res, body)
+                strict_check(res, body, q.get("fieldValidation"))
                 out = STORE.update(res, ns or "", name, body, sub=sub, dry_run=dry,
                                    require_rv=True if res.crd else False)
             return self.send_json(200, self.out(res, version, out))
@@ -1983,6 +2020,8 @@ class Handler(BaseHTTPRequestHandler):
                                ("" if res.crd else ", application/strategic-merge-patch+json"))
             if not isinstance(new, dict):
                 raise ApiError(422, "Invalid", "patch result is not an object")
+            if sub != "scale":
+                strict_check(res, new, q.get("fieldValidation"))
             if sub == "scale":
                 obj = jcopy(cur)
                 obj["spec"]["replicas"] = (new.get("spec") or {}).get("replicas", 0)
@@ -2004,6 +2043,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "BadRequest", "the name of the object (%s) does not match the name on the URL (%s)"
                            % (md.get("name"), name))
         md["name"] = name
+        strict_check(res, intent, q.get("fieldValidation"))
         if cur is None:
             out = STORE.create(res, ns, intent, dry_run=dry)
             return self.send_json(201, self.out(res, version, out))
