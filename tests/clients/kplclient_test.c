@@ -2,17 +2,21 @@
  * kplclient_test.c - the client library against tests/clients/fake_pipelines.py
  * (started by with_fake.sh, which sets KPL_SERVER): unary success and error
  * statuses, deadlines, the token, streams read to the end or closed early,
- * and kplc_follow_run over a broken stream.
+ * kplc_follow_run over a broken stream, the ValidatePipeline, ApproveStage
+ * and RetryRun wrappers, and kplc_follow_runs resumed and stopped.
  */
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <cmocka.h>
 
 #include "clients/kplclient.h"
+#include "engine/kpl.h"
 
 static const char *server(void)
 {
@@ -277,6 +281,176 @@ static void test_follow(void **state)
 	kplc_free(c);
 }
 
+static void sleep_ms(int ms)
+{
+	struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
+
+	nanosleep(&ts, NULL);
+}
+
+static void test_validate(void **state)
+{
+	Kpl__V1__ValidatePipelineResponse *v = NULL;
+	struct kplc *c = client(NULL);
+	struct kplc_status st;
+
+	assert_int_equal(kplc_validate_pipeline(
+				 c, "name: v\nstages:\n  - name: a\n    kind: shell\n",
+				 &v, &st), 0);
+	assert_true(v->valid);
+	assert_int_equal(v->n_diagnostics, 0);
+	assert_string_equal(v->pipeline_name, "v");
+	kplc_msg_free(v);
+
+	/* Invalid is an answer, not an RPC error. */
+	assert_int_equal(kplc_validate_pipeline(
+				 c, "name: v\nstages:\n  - name: a\n    kind: shel\n",
+				 &v, &st), 0);
+	assert_int_equal(st.code, KPLC_OK);
+	assert_false(v->valid);
+	assert_int_equal(v->n_diagnostics, 1);
+	assert_int_equal(v->diagnostics[0]->line, 4);
+	assert_int_equal(v->diagnostics[0]->column, 11);
+	assert_string_equal(v->diagnostics[0]->path, "stages[0].kind");
+	assert_int_equal(v->diagnostics[0]->severity,
+			 KPL__V1__SEVERITY__SEVERITY_ERROR);
+	kplc_msg_free(v);
+	kplc_free(c);
+}
+
+/* Waits (at most 10 s) until stage of run id is in state want. */
+static void wait_stage(struct kplc *c, const char *id, const char *stage,
+		       int want)
+{
+	for (int i = 0; i < 200; i++) {
+		struct kplc_status st;
+		Kpl__V1__Run *r = NULL;
+		int state = -1;
+
+		assert_int_equal(kplc_get_run(c, id, &r, &st), 0);
+		for (size_t k = 0; k < r->n_stages; k++)
+			if (!strcmp(r->stages[k]->name, stage))
+				state = r->stages[k]->state;
+		kplc_msg_free(r);
+		if (state == want)
+			return;
+		sleep_ms(50);
+	}
+	fail_msg("stage %s of %s never reached state %d", stage, id, want);
+}
+
+static void test_approve_retry(void **state)
+{
+	Kpl__V1__ApproveStageRequest req = KPL__V1__APPROVE_STAGE_REQUEST__INIT;
+	struct kplc *c = client(NULL);
+	struct kplc_status st;
+	Kpl__V1__Run *r = NULL;
+	char *id = submit(c, "# fake: approval test");
+
+	req.run_id = id;
+	req.stage = "test";
+	req.approve = 0;
+	req.comment = "not today";
+	req.by = "lib";
+	/* Not yet waiting: FAILED_PRECONDITION, as a KPL_ESTATE. */
+	assert_int_equal(kplc_approve_stage(c, &req, &r, &st), KPL_ESTATE);
+	assert_null(r);
+	assert_int_equal(st.code, KPLC_FAILED_PRECONDITION);
+
+	wait_stage(c, id, "test", KPL__V1__STAGE_STATE__STAGE_STATE_WAITING);
+	assert_int_equal(kplc_approve_stage(c, &req, &r, &st), 0);
+	assert_int_equal(r->state, KPL__V1__RUN_STATE__RUN_STATE_FAILED);
+	assert_int_equal(r->attempt, 1);
+	assert_string_equal(r->stages[1]->message, "rejected by lib: not today");
+	kplc_msg_free(r);
+
+	assert_int_equal(kplc_retry_run(c, id, &r, &st), 0);
+	assert_int_equal(r->attempt, 2);
+	kplc_msg_free(r);
+	assert_int_equal(kplc_retry_run(c, "nope", &r, &st), KPL_ENOTFOUND);
+	assert_null(r);
+	free(id);
+	kplc_free(c);
+}
+
+struct gseen {
+	uint64_t gseqs[64];
+	char *run;
+	int n;
+	int stop_at; /* return 9 after this many events; 0 never */
+};
+
+static int on_global(const Kpl__V1__RunEvent *ev, void *data)
+{
+	struct gseen *g = data;
+
+	assert_string_equal(ev->pipeline_name, "lib");
+	assert_int_equal(ev->kind, KPL__V1__EVENT_KIND__EVENT_KIND_STAGE_STATE);
+	if (!g->run || strcmp(ev->run_id, g->run))
+		return 0;
+	assert_true(g->n < 64);
+	g->gseqs[g->n++] = ev->global_seq;
+	return g->stop_at && g->n == g->stop_at ? 9 : 0;
+}
+
+static volatile sig_atomic_t stop_flag;
+
+static void *set_stop(void *arg)
+{
+	(void)arg;
+	sleep_ms(300);
+	stop_flag = 1;
+	return NULL;
+}
+
+static void test_follow_runs(void **state)
+{
+	struct kplc_follow_options fo = { .initial_backoff_ms = 10 };
+	Kpl__V1__WatchRunsRequest req = KPL__V1__WATCH_RUNS_REQUEST__INIT;
+	Kpl__V1__EventKind kinds[] = {
+		KPL__V1__EVENT_KIND__EVENT_KIND_STAGE_STATE,
+	};
+	struct kplc *c = client(NULL);
+	struct kplc_status st;
+	struct gseen g = { .n = 0 };
+	uint64_t last = 0;
+	pthread_t t;
+	int64_t t0;
+
+	/* Broken after the run's first event, resumed by global seq: the 4
+	 * stage events of the run, each once, in order (other tests' runs
+	 * of "lib" come too, and are not counted). */
+	g.run = submit(c, "# fake: break-events");
+	g.stop_at = 4;
+	req.from_global_seq = 1;
+	req.pipeline_name = "lib";
+	req.n_kinds = 1;
+	req.kinds = kinds;
+	assert_int_equal(kplc_follow_runs(c, &req, &fo, on_global, &g, &last, &st), 9);
+	assert_int_equal(g.n, 4);
+	for (int i = 1; i < g.n; i++)
+		assert_true(g.gseqs[i] > g.gseqs[i - 1]);
+	assert_int_equal(last, g.gseqs[3]);
+	free(g.run);
+
+	/* Nothing comes (only new events of a pipeline nobody runs): the
+	 * stop flag ends the wait within about 100 ms. */
+	req.from_global_seq = 0;
+	req.pipeline_name = "nobody";
+	fo.stop = &stop_flag;
+	memset(&g, 0, sizeof g);
+	t0 = kpl_now_ms();
+	assert_int_equal(pthread_create(&t, NULL, set_stop, NULL), 0);
+	assert_int_equal(kplc_follow_runs(c, &req, &fo, on_global, &g, &last, &st),
+			 KPL_ECANCELLED);
+	pthread_join(t, NULL);
+	assert_int_equal(st.code, KPLC_CANCELLED);
+	assert_int_equal(g.n, 0);
+	assert_int_equal(last, 0);
+	assert_true(kpl_now_ms() - t0 < 2000);
+	kplc_free(c);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -289,6 +463,9 @@ int main(void)
 		cmocka_unit_test(test_stream_to_end),
 		cmocka_unit_test(test_stream_errors_and_early_close),
 		cmocka_unit_test(test_follow),
+		cmocka_unit_test(test_validate),
+		cmocka_unit_test(test_approve_retry),
+		cmocka_unit_test(test_follow_runs),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
