@@ -66,7 +66,7 @@ static const struct opt_def opt_defs[] = {
 	{ "param", 'p', "KEY=VALUE", O_PARAM, "a run parameter (repeatable)" },
 	{ "idempotency-key", 0, "K", O_IDEM,
 	  "submitting the same key again returns the same run" },
-	{ "watch", 0, NULL, O_WATCH, "after submit, follow the run like watch" },
+	{ "watch", 0, NULL, O_WATCH, "after submit or retry, follow the run like watch" },
 	{ "state", 0, "S", O_STATE,
 	  "only runs in state S (queued, running, succeeded, failed, "
 	  "cancelled)" },
@@ -189,6 +189,8 @@ static void usage(FILE *f)
 		"for its stdout (\"!\" for stderr, \"*\" for kpl's own notes), "
 		"\"[HH:MM:SS] == run STATE\"\n"
 		"for the run; then a table of stages and the run's final state.\n"
+		"events prints the same lines with \"GLOBAL_SEQ RUN_ID PIPELINE\" "
+		"after the time.\n"
 		"\nexit status:\n"
 		"  0  success; for watch and --watch: the run SUCCEEDED; for\n"
 		"     lint: every file is valid; for events: interrupted\n"
