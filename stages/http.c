@@ -1146,6 +1146,13 @@ static int easy_setup(struct http_request *req, const struct http_request_option
 	/* No CURLOPT_PROXY: libcurl takes http_proxy, https_proxy and
 	 * no_proxy from the environment. */
 
+	/* libcurl re-sends a request, any method, on its own when a reused
+	 * connection dies before any response byte (a stale keep-alive). For
+	 * a request that is not safe to repeat, a new connection each time
+	 * is the only way to rule that out. */
+	if (!req->idempotent)
+		SET(CURLOPT_FRESH_CONNECT, 1L);
+
 	if (strcmp(req->method, "HEAD") == 0) {
 		SET(CURLOPT_NOBODY, 1L);
 	} else if (strcmp(req->method, "GET") == 0 && !has_body) {

@@ -156,6 +156,9 @@ struct http_tls {
  *   - the request is idempotent and the reply is 502, 503 or 504. A
  *     Retry-After header (seconds or an HTTP date) is honoured, capped at
  *     max_retry_after_ms, in place of the backoff.
+ * A request that is not idempotent always gets a new connection: libcurl
+ * itself re-sends a request on a reused keep-alive connection that died
+ * before any response byte, and that must not happen to a POST.
  * Never after streaming data was delivered to on_data/on_line: the caller
  * resumes instead (Jenkins progressive log by offset, a Kubernetes watch by
  * resourceVersion), since only it knows where. Never past the deadline: a
