@@ -1213,10 +1213,11 @@ static int cmd_events(struct ctl *ctl)
 	req.kinds = ctl->kinds;
 
 	/* Ctrl-C is how this command ends: the follow sees the flag within
-	 * 100 ms and returns. A second Ctrl-C kills as usual. */
+	 * 100 ms and returns. The handler stays: one Ctrl-C may arrive twice
+	 * (timeout(1) signals the child and then its process group). */
 	memset(&sa, 0, sizeof sa);
 	sa.sa_handler = on_sigint;
-	sa.sa_flags = SA_RESETHAND | SA_RESTART;
+	sa.sa_flags = SA_RESTART;
 	sigemptyset(&sa.sa_mask);
 	sigaction(SIGINT, &sa, NULL);
 
