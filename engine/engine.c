@@ -87,6 +87,7 @@ struct run {
 	bool finally_started;
 	uint32_t attempt;                /* 1, then +1 per RetryRun */
 	bool advancing, advance_again;   /* see run_advance */
+	uint64_t commits_issued, commits_done, final_commit_no; /* run_commit calls */
 	char *group;                     /* concurrency group key, or NULL */
 	bool stored;                     /* first commit done */
 	bool final_durable;
@@ -379,7 +380,8 @@ static void run_committed(void *data, int status)
 			cb(r->submit_data, 0, r->id);
 		}
 	}
-	if (run_state_final(r->state) && !r->final_durable && r->refs == 0) {
+	r->commits_done++;
+	if (r->final_commit_no && r->commits_done >= r->final_commit_no && !r->final_durable) {
 		struct waiter *w = r->waiters, *next;
 		r->final_durable = true;
 		r->waiters = NULL;
@@ -398,6 +400,7 @@ static void run_committed(void *data, int status)
 static void run_commit(struct run *r)
 {
 	r->refs++;
+	r->commits_issued++;
 	store_commit(r->eng->store, run_committed, r);
 }
 
@@ -431,6 +434,10 @@ static void run_set_state(struct run *r, Kpl__V1__RunState to, const char *msg)
 			 run_state_name(to), msg && *msg ? ": " : "", msg ? msg : "");
 	}
 	run_commit(r);
+	/* run_committed calls come back in order: the final state is durable
+	 * once this many of them have. */
+	if (run_state_final(to))
+		r->final_commit_no = r->commits_issued;
 	if (run_state_final(to) && r->group)
 		group_kick(r->eng, r->group);
 }
@@ -1497,8 +1504,8 @@ int engine_submit(struct engine *e, const char *text, size_t len,
 			run_advance(o);
 		}
 	}
-	if (mkdir_p(r->workspace, 0700))
-		kpl_warn(LOG, "run %s: cannot create workspace %s", r->id, r->workspace);
+	/* The workspace is made by the first stage kind that needs it (a
+	 * mkdir per submit on the loop thread was a quarter of its time). */
 	run_advance(r);
 	return 0;
 }
@@ -1691,7 +1698,6 @@ static int run_load(struct engine *e, const char *id, struct run **out, struct k
 		if (st->spec->is_finally && st->state != KPL__V1__STAGE_STATE__STAGE_STATE_PENDING)
 			r->finally_started = true;
 	}
-	mkdir_p(r->workspace, 0700);
 	*out = r;
 	rc = 0;
 out:
@@ -1718,6 +1724,7 @@ static void recover_run(struct engine *e, const char *id)
 		/* The final state was durable, the active mark was not cleared. */
 		store_stage_active(e->store, r->id, 0);
 		run_commit(r);
+		r->final_commit_no = r->commits_issued;
 		return;
 	}
 	for (size_t i = 0; i < r->n_stages; i++) {
