@@ -164,6 +164,11 @@ struct http_tls {
  * resourceVersion), since only it knows where. Never past the deadline: a
  * retry whose delay would end after it is not made, and the last attempt's
  * result is what on_done gets.
+ * NEEDSWORK: with TLS 1.3 a server that refuses the client certificate
+ * says so in an alert that arrives after the client's side of the handshake,
+ * racing the request. libcurl then reports a send or read error on a sent
+ * request, so an idempotent one is retried (uselessly), and the message may
+ * be the alert ("tlsv13 alert certificate required") or just "Broken pipe".
  * Backoff before attempt n+1 is d = min(max_backoff, base * 2^(n-1)), then
  * "equal jitter": a uniform pick in [d/2, d].
  */
