@@ -37,7 +37,7 @@ struct rpc {
 	struct engine *eng;
 	struct store *store;
 	struct watch *watches; /* open WatchRun streams */
-	struct api_method methods[9];
+	struct api_method methods[12];
 };
 
 /* ---------------------------------------------------------------------- */
@@ -620,6 +620,97 @@ static void h_retry(struct api_call *call, const ProtobufCMessage *m, void *data
 	}
 }
 
+/* A secret change: answered once it is durable. */
+struct secret_op {
+	struct api_call *call;
+	char name[65];
+};
+
+static void secret_cancelled(struct api_call *call, void *data)
+{
+	struct secret_op *op = data;
+	op->call = NULL;
+	api_call_fail(call, ST_CANCELLED, "the call was cancelled; the change may still be made");
+}
+
+static void secret_committed(void *data, int status)
+{
+	struct secret_op *op = data;
+	Kpl__V1__Secret resp = KPL__V1__SECRET__INIT;
+
+	if (op->call) {
+		if (status) {
+			api_call_fail(op->call, ST_INTERNAL, "the change could not be stored");
+		} else {
+			resp.name = op->name;
+			api_call_reply(op->call, &resp.base);
+		}
+	}
+	free(op);
+}
+
+static void secret_commit(struct rpc *rpc, struct api_call *call, const char *name)
+{
+	struct secret_op *op = kpl_calloc(1, sizeof *op);
+
+	op->call = call;
+	snprintf(op->name, sizeof op->name, "%s", name);
+	api_call_on_cancel(call, secret_cancelled, op);
+	store_commit(rpc->store, secret_committed, op);
+}
+
+static void h_secret_set(struct api_call *call, const ProtobufCMessage *m, void *data)
+{
+	const Kpl__V1__SetSecretRequest *req = (const void *)m;
+	struct rpc *rpc = data;
+	struct kpl_err err = { 0 };
+
+	if (secrets_set(engine_secrets(rpc->eng), req->name, req->value ? req->value : "",
+			req->value ? strlen(req->value) : 0, &err)) {
+		api_call_fail_err(call, &err);
+		return;
+	}
+	kpl_info(LOG, "secret %s set", req->name);
+	secret_commit(rpc, call, req->name);
+}
+
+static void h_secret_delete(struct api_call *call, const ProtobufCMessage *m, void *data)
+{
+	const Kpl__V1__DeleteSecretRequest *req = (const void *)m;
+	struct rpc *rpc = data;
+	struct kpl_err err = { 0 };
+
+	if (secrets_check_name(req->name, &err) ||
+	    secrets_delete(engine_secrets(rpc->eng), req->name, &err)) {
+		api_call_fail_err(call, &err);
+		return;
+	}
+	kpl_info(LOG, "secret %s deleted", req->name);
+	secret_commit(rpc, call, req->name);
+}
+
+static void h_secret_list(struct api_call *call, const ProtobufCMessage *m, void *data)
+{
+	struct rpc *rpc = data;
+	Kpl__V1__ListSecretsResponse resp = KPL__V1__LIST_SECRETS_RESPONSE__INIT;
+	const char *const *names;
+	size_t n = secrets_names(engine_secrets(rpc->eng), &names);
+	Kpl__V1__Secret *items = kpl_calloc(n, sizeof *items);
+	Kpl__V1__Secret **ptrs = kpl_calloc(n, sizeof *ptrs);
+
+	(void)m;
+	for (size_t i = 0; i < n; i++) {
+		kpl__v1__secret__init(&items[i]);
+		items[i].name = (char *)names[i];
+		ptrs[i] = &items[i];
+	}
+	resp.n_secrets = n;
+	resp.secrets = ptrs;
+	api_call_reply(call, &resp.base);
+	free(items);
+	free(ptrs);
+}
+
 void rpc_close_streams(struct rpc *rpc)
 {
 	while (rpc->watches) {
@@ -656,6 +747,12 @@ struct rpc *rpc_new(struct engine *e)
 		  &kpl__v1__retry_run_request__descriptor, h_retry, rpc },
 		{ "/kpl.v1.Pipelines/WatchRuns", API_SERVER_STREAM,
 		  &kpl__v1__watch_runs_request__descriptor, h_watch_all, rpc },
+		{ "/kpl.v1.Pipelines/SetSecret", API_UNARY,
+		  &kpl__v1__set_secret_request__descriptor, h_secret_set, rpc },
+		{ "/kpl.v1.Pipelines/ListSecrets", API_UNARY,
+		  &kpl__v1__list_secrets_request__descriptor, h_secret_list, rpc },
+		{ "/kpl.v1.Pipelines/DeleteSecret", API_UNARY,
+		  &kpl__v1__delete_secret_request__descriptor, h_secret_delete, rpc },
 	};
 
 	rpc->eng = e;

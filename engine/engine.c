@@ -103,6 +103,8 @@ struct run {
 struct engine {
 	uv_loop_t *loop;
 	struct store *store;
+	const struct cfg *cfg;
+	struct secrets *secrets;
 	char *work_dir;
 	struct run *runs;
 	struct engine_sub *subs;
@@ -339,7 +341,10 @@ static void run_event(struct run *r, Kpl__V1__EventKind kind, struct stage *st,
 	}
 	ev.stream = stream;
 	if (msg) {
-		copy = kpl_strndup(msg, msg_len);
+		size_t rlen;
+		copy = secrets_redact(r->eng->secrets, msg, msg_len, &rlen);
+		if (!copy)
+			copy = kpl_strndup(msg, msg_len);
 		ev.message = copy;
 	} else {
 		ev.message = "";
@@ -410,6 +415,16 @@ static void set_str(char **dst, const char *s)
 	*dst = s ? kpl_strdup(s) : NULL;
 }
 
+/* Messages come from commands and remote systems: no secret is kept in one. */
+static void set_redacted(struct engine *e, char **dst, const char *s)
+{
+	size_t n;
+	char *r = s ? secrets_redact(e->secrets, s, strlen(s), &n) : NULL;
+
+	free(*dst);
+	*dst = r ? r : s ? kpl_strdup(s) : NULL;
+}
+
 /* The one way a run changes state. */
 static void run_set_state(struct run *r, Kpl__V1__RunState to, const char *msg)
 {
@@ -424,7 +439,7 @@ static void run_set_state(struct run *r, Kpl__V1__RunState to, const char *msg)
 	if (run_state_final(to))
 		r->finished_ms = kpl_now_ms();
 	if (msg)
-		set_str(&r->message, msg);
+		set_redacted(r->eng, &r->message, msg);
 	run_event(r, KPL__V1__EVENT_KIND__EVENT_KIND_RUN_STATE, NULL,
 		  KPL__V1__LOG_STREAM__LOG_STREAM_UNSPECIFIED, msg, msg ? strlen(msg) : 0);
 	run_stage_record(r);
@@ -471,7 +486,7 @@ static void stage_set_state(struct stage *st, Kpl__V1__StageState to, const char
 	}
 	if (stage_state_final(to))
 		st->finished_ms = kpl_now_ms();
-	set_str(&st->message, msg);
+	set_redacted(r->eng, &st->message, msg);
 	run_event(r, KPL__V1__EVENT_KIND__EVENT_KIND_STAGE_STATE, st,
 		  KPL__V1__LOG_STREAM__LOG_STREAM_UNSPECIFIED, msg, msg ? strlen(msg) : 0);
 	stage_stage_record(st);
@@ -859,8 +874,13 @@ static int engine_lookup(void *data, const struct expr *ref, const char **value)
 					return 0;
 				}
 		}
+	} else if (strcmp(root, "secrets") == 0 && ref->n_part == 2 && r->eng->secrets) {
+		const char *v = secrets_get(r->eng->secrets, ref->part[1]);
+		if (v) {
+			*value = v;
+			return 0;
+		}
 	}
-	/* NEEDSWORK: secrets.NAME resolves once the secret store lands. */
 	return KPL_ENOTFOUND;
 }
 
@@ -1584,6 +1604,97 @@ struct store *engine_store(struct engine *e)
 	return e->store;
 }
 
+struct secrets *engine_secrets(struct engine *e)
+{
+	return e->secrets;
+}
+
+char *stage_redact(struct stage *st, const char *text)
+{
+	size_t n;
+	char *r = secrets_redact(st->run->eng->secrets, text, strlen(text), &n);
+	return r ? r : kpl_strdup(text);
+}
+
+/* Only secrets: what a credential in the config may refer to. */
+static int secret_lookup(void *data, const struct expr *ref, const char **value)
+{
+	struct engine *e = data;
+
+	if (strcmp(ref->part[0], "secrets") == 0 && ref->n_part == 2 && e->secrets &&
+	    (*value = secrets_get(e->secrets, ref->part[1])) != NULL)
+		return 0;
+	return KPL_ENOTFOUND;
+}
+
+static int resolve_cred(struct engine *e, const char *what, const char *text, char **out,
+			struct kpl_err *err)
+{
+	struct kpl_err e2 = { 0 };
+
+	*out = NULL;
+	if (!text)
+		return 0;
+	if (!tpl_has_template(text)) {
+		*out = kpl_strdup(text);
+		return 0;
+	}
+	if (tpl_expand_str(text, EXPR_ROOT_SECRETS, secret_lookup, e, out, &e2))
+		return kpl_errf(err, KPL_EINVAL, "%s: %s (set it with: kplctl secret set NAME)",
+				what, e2.msg);
+	return 0;
+}
+
+int stage_endpoint(struct stage *st, enum cfg_kind kind, const char *with_key,
+		   struct stage_endpoint *out, struct kpl_err *err)
+{
+	struct engine *e = st->run->eng;
+	char *name = stage_expand(st, stage_with_get(st, with_key));
+	const struct cfg_endpoint *ep;
+	char names[300], what[400];
+	int rc = 0;
+
+	memset(out, 0, sizeof *out);
+	if (!name || !*name) {
+		rc = kpl_errf(err, KPL_EINVAL, "stages.%s.with.%s: required (the name of a %s "
+			      "endpoint in the daemon config; declared: %s)", st->spec->name,
+			      with_key, cfg_kind_key(kind),
+			      cfg_names(e->cfg, kind, names, sizeof names));
+		goto out;
+	}
+	ep = cfg_find(e->cfg, kind, name);
+	if (!ep) {
+		rc = kpl_errf(err, KPL_EINVAL, "stages.%s.with.%s: no %s endpoint named \"%s\" in "
+			      "the daemon config %s (declared: %s)", st->spec->name, with_key,
+			      cfg_kind_key(kind), name, e->cfg ? e->cfg->path : "(none)",
+			      cfg_names(e->cfg, kind, names, sizeof names));
+		goto out;
+	}
+	out->ep = ep;
+	snprintf(what, sizeof what, "config %s.%s", cfg_kind_key(kind), name);
+	if ((rc = resolve_cred(e, what, ep->url, &out->url, err)) ||
+	    (rc = resolve_cred(e, what, ep->username, &out->username, err)) ||
+	    (rc = resolve_cred(e, what, ep->password, &out->password, err)) ||
+	    (rc = resolve_cred(e, what, ep->token, &out->token, err)))
+		stage_endpoint_release(out);
+out:
+	free(name);
+	return rc;
+}
+
+void stage_endpoint_release(struct stage_endpoint *ep)
+{
+	free(ep->url);
+	free(ep->username);
+	if (ep->password)
+		memset(ep->password, 0, strlen(ep->password));
+	free(ep->password);
+	if (ep->token)
+		memset(ep->token, 0, strlen(ep->token));
+	free(ep->token);
+	memset(ep, 0, sizeof *ep);
+}
+
 /* ---------------------------------------------------------------------- */
 /* Recovery */
 
@@ -1893,6 +2004,8 @@ int engine_start(const struct engine_options *opt, struct engine **out,
 
 	e->loop = opt->loop;
 	e->store = opt->store;
+	e->cfg = opt->cfg;
+	e->secrets = opt->secrets;
 	e->log_cap = opt->log_cap_bytes ? opt->log_cap_bytes : ENGINE_DEFAULT_LOG_CAP;
 	e->next_gseq = store_last_global_seq(opt->store) + 1;
 	e->work_dir = kpl_asprintf("%s/work", opt->data_dir);

@@ -22,7 +22,9 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "engine/config.h"
 #include "engine/kpl.h"
+#include "engine/secrets.h"
 #include "store/store.h"
 
 /* Run ids: 16 lowercase Crockford base32 characters, time-sortable. */
@@ -39,6 +41,8 @@ struct engine_options {
 	const char *data_dir; /* run workspaces go under DATA_DIR/work */
 	/* Log bytes kept per stage attempt; 0 = 16 MiB. */
 	uint64_t log_cap_bytes;
+	const struct cfg *cfg;      /* borrowed; the daemon's endpoints */
+	struct secrets *secrets;    /* borrowed; values redacted everywhere */
 };
 
 /*
@@ -58,6 +62,7 @@ int engine_start(const struct engine_options *opt, struct engine **out,
 void engine_stop(struct engine *e, void (*done)(void *data), void *data);
 
 struct store *engine_store(struct engine *e);
+struct secrets *engine_secrets(struct engine *e);
 
 /*
  * Submits a run of the pipeline text (len bytes) with the given params.

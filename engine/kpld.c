@@ -17,8 +17,10 @@
 #include "api/rpc_pipelines.h"
 #include "stages/shim.h"
 #include "api/server.h"
+#include "engine/config.h"
 #include "engine/engine.h"
 #include "engine/kpl.h"
+#include "engine/secrets.h"
 #include "store/store.h"
 
 #define LOG "kpld"
@@ -26,6 +28,8 @@
 struct kpld {
 	uv_loop_t *loop;
 	struct store *store;
+	struct cfg *cfg;
+	struct secrets *secrets;
 	struct engine *eng;
 	struct rpc *rpc;
 	struct api_server *server;
@@ -38,11 +42,12 @@ struct kpld {
 static void usage(FILE *f)
 {
 	fprintf(f,
-		"usage: kpld [--listen HOST:PORT] [--data-dir DIR] [--log-level LEVEL]\n"
-		"            [--ready-file PATH]\n"
+		"usage: kpld [--listen HOST:PORT] [--data-dir DIR] [--config FILE]\n"
+		"            [--log-level LEVEL] [--ready-file PATH]\n"
 		"\n"
 		"  --listen HOST:PORT   gRPC address (default 127.0.0.1:7070; port 0 picks one)\n"
 		"  --data-dir DIR       store and run workspaces (default ./var/kpl)\n"
+		"  --config FILE        endpoints and credentials of external systems (YAML)\n"
 		"  --log-level LEVEL    debug, info, warn or error (default info)\n"
 		"  --ready-file PATH    write the bound HOST:PORT there once serving\n");
 }
@@ -64,6 +69,10 @@ static void close_store(uv_idle_t *h)
 	uv_close((uv_handle_t *)h, signal_closed);
 	store_close(d->store);
 	d->store = NULL;
+	secrets_free(d->secrets);
+	d->secrets = NULL;
+	cfg_free(d->cfg);
+	d->cfg = NULL;
 	uv_close((uv_handle_t *)&d->sigint, signal_closed);
 	uv_close((uv_handle_t *)&d->sigterm, signal_closed);
 	kpl_info(LOG, "stopped");
@@ -126,10 +135,12 @@ int main(int argc, char **argv)
 		{ "data-dir", required_argument, NULL, 'd' },
 		{ "log-level", required_argument, NULL, 'v' },
 		{ "ready-file", required_argument, NULL, 'r' },
+		{ "config", required_argument, NULL, 'c' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *listen = "127.0.0.1:7070", *data_dir = "./var/kpl", *ready = NULL;
+	const char *config = NULL;
 	struct kpld d = { 0 };
 	struct kpl_err err = { 0 };
 	struct engine_options eo = { 0 };
@@ -147,6 +158,7 @@ int main(int argc, char **argv)
 		case 'l': listen = optarg; break;
 		case 'd': data_dir = optarg; break;
 		case 'r': ready = optarg; break;
+		case 'c': config = optarg; break;
 		case 'v':
 			if ((rc = kpl_log_level_parse(optarg)) < 0) {
 				fprintf(stderr, "kpld: --log-level: unknown level %s "
@@ -173,14 +185,29 @@ int main(int argc, char **argv)
 
 	signal(SIGPIPE, SIG_IGN);
 	d.loop = uv_default_loop();
+	if (config) {
+		if (cfg_load(config, &d.cfg, &err)) {
+			fprintf(stderr, "kpld: %s\n", err.msg);
+			return 1;
+		}
+	} else {
+		d.cfg = cfg_empty();
+	}
 
 	if ((rc = store_open(d.loop, data_dir, NULL, &d.store, &err)) != 0) {
 		fprintf(stderr, "kpld: store %s: %s\n", data_dir, err.msg);
 		return 1;
 	}
+	if ((rc = secrets_open(d.store, data_dir, &d.secrets, &err)) != 0) {
+		fprintf(stderr, "kpld: %s\n", err.msg);
+		store_close(d.store);
+		return 1;
+	}
 	eo.loop = d.loop;
 	eo.store = d.store;
 	eo.data_dir = data_dir;
+	eo.cfg = d.cfg;
+	eo.secrets = d.secrets;
 	if ((rc = engine_start(&eo, &d.eng, &err)) != 0) {
 		fprintf(stderr, "kpld: %s\n", err.msg);
 		store_close(d.store);

@@ -1700,6 +1700,35 @@ int pipeline_parse(const char *text, size_t len, const char *file,
 	return rc;
 }
 
+int pl_doc_parse(const char *text, size_t len, const char *file, struct pl_node **root,
+		 struct kpl_err *err)
+{
+	struct vctx c = { .file = file ? file : "document" };
+	int rc = 0;
+
+	*root = NULL;
+	if (len > KPL_MAX_PIPELINE_BYTES)
+		return kpl_errf(err, KPL_ETOOBIG, "%s: %zu bytes, over the limit of %d", c.file,
+				len, KPL_MAX_PIPELINE_BYTES);
+	*root = build_tree(&c, text, len);
+	if (c.n_diags) {
+		char msg[sizeof err->msg];
+		pl_diag_format(&c.diags[0], c.file, msg, sizeof msg);
+		rc = kpl_errf(err, c.diags[0].code, "%s", msg);
+		node_free(*root);
+		*root = NULL;
+	} else if (!*root) {
+		rc = kpl_errf(err, KPL_EINVAL, "%s: empty document", c.file);
+	}
+	pl_diags_free(c.diags, c.n_diags);
+	return rc;
+}
+
+void pl_doc_free(struct pl_node *root)
+{
+	node_free(root);
+}
+
 void pipeline_free(struct pipeline *p)
 {
 	if (!p)

@@ -145,6 +145,15 @@ int pipeline_parse(const char *text, size_t len, const char *file,
 void pipeline_free(struct pipeline *p);
 
 /*
+ * Reads any YAML/JSON document (the daemon's config file, say) into the same
+ * positioned tree, with the same rules (no anchors, no duplicate keys, one
+ * document, the size and depth limits). *root is new (pl_doc_free it).
+ */
+int pl_doc_parse(const char *text, size_t len, const char *file, struct pl_node **root,
+		 struct kpl_err *err);
+void pl_doc_free(struct pl_node *root);
+
+/*
  * Resolves run parameters against the declared params: given values must be
  * declared and well-typed, missing ones take their default, required ones
  * must be present. names/values (n of them) are the caller's input; on

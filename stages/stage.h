@@ -20,6 +20,7 @@
 #include <uv.h>
 
 #include "api/kpl.pb-c.h"
+#include "engine/config.h"
 #include "engine/kpl.h"
 #include "pipelines/pipeline.h"
 
@@ -90,6 +91,28 @@ int64_t stage_deadline_ms(struct stage *st);
 /* Kind-private state for the attempt (the engine never looks inside). */
 void *stage_impl(struct stage *st);
 void stage_set_impl(struct stage *st, void *impl);
+
+/*
+ * An endpoint of the daemon's config, named by the stage's `with.KEY`
+ * (e.g. with_key "jenkins" reads `with: { jenkins: ci-main }`), with its
+ * credentials' ${{ secrets.X }} resolved. Strings are owned copies; ep is
+ * borrowed (valid while kpld runs). Errors name the key and list what the
+ * config declares.
+ */
+struct stage_endpoint {
+	const struct cfg_endpoint *ep;
+	char *url;
+	char *username;
+	char *password;
+	char *token;
+};
+int stage_endpoint(struct stage *st, enum cfg_kind kind, const char *with_key,
+		   struct stage_endpoint *out, struct kpl_err *err);
+void stage_endpoint_release(struct stage_endpoint *e);
+
+/* Removes every secret value from text: a malloc'd copy with "***" in
+ * their place (for messages a kind builds from remote replies). */
+char *stage_redact(struct stage *st, const char *text);
 
 /*
  * A line of output (len bytes, no newline) becomes a log event, durable

@@ -32,6 +32,7 @@ enum store_db {
 	DB_IDEM,
 	DB_ACTIVE,
 	DB_GEVENTS,
+	DB_SECRETS,
 	DB__LAST
 };
 
@@ -44,6 +45,7 @@ static const char *const db_names[DB__LAST] = {
 	[DB_IDEM] = "idem",
 	[DB_ACTIVE] = "active",
 	[DB_GEVENTS] = "gevents",
+	[DB_SECRETS] = "secrets",
 };
 
 /* Room for future databases without a change of maxdbs (which would need
@@ -1463,6 +1465,54 @@ int store_list_active(struct store *s, store_run_fn fn, void *data)
 out:
 	if (cur)
 		mdb_cursor_close(cur);
+	mdb_txn_abort(txn);
+	return code;
+}
+
+/* --- Secrets (sealed by engine/secrets.c; the store sees only bytes). --- */
+
+void store_stage_secret(struct store *s, const char *name, const void *blob, size_t len)
+{
+	size_t nlen = strlen(name);
+	struct store_op *op;
+
+	if (nlen == 0 || nlen > 64)
+		BUG("store_stage_secret: bad name length %zu", nlen);
+	if (!blob) {
+		stage_op(s, DB_SECRETS, name, nlen, 0, OP_DEL);
+		return;
+	}
+	op = stage_op(s, DB_SECRETS, name, nlen, len, OP_PUT);
+	memcpy(op->val, blob, len);
+}
+
+int store_list_secrets(struct store *s, store_secret_fn fn, void *data)
+{
+	MDB_txn *txn;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc, code;
+	char name[65];
+
+	if ((code = read_begin(s, &txn)) != 0)
+		return code;
+	rc = mdb_cursor_open(txn, s->dbi[DB_SECRETS], &cur);
+	if (rc) {
+		mdb_txn_abort(txn);
+		return lmdb_fail(s, "mdb_cursor_open (secrets)", rc);
+	}
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		if (k.mv_size == 0 || k.mv_size >= sizeof name)
+			continue;
+		memcpy(name, k.mv_data, k.mv_size);
+		name[k.mv_size] = '\0';
+		if ((code = fn(data, name, v.mv_data, v.mv_size)) != 0)
+			break;
+	}
+	if (rc && rc != MDB_NOTFOUND)
+		code = lmdb_fail(s, "mdb_cursor_get (secrets)", rc);
+	mdb_cursor_close(cur);
 	mdb_txn_abort(txn);
 	return code;
 }

@@ -9,6 +9,7 @@
  *   pipelines  run id -> the pipeline file's text
  *   idem       idempotency key -> run id
  *   active     run id -> "" for every run not yet in a final state
+ *   secrets    secret name -> sealed value (AES-256-GCM, engine/secrets.c)
  *   gevents    be64 global_seq -> the event's events key (run id, 0x00,
  *              be64 seq): every event of every run in global order
  *
@@ -199,5 +200,15 @@ int store_list_runs_oldest(struct store *s, store_run_fn fn, void *data);
 /* Calls fn for every run in the active index (oldest first). An active
  * entry whose run record is missing is logged and skipped. */
 int store_list_active(struct store *s, store_run_fn fn, void *data);
+
+/*
+ * secrets db: name (1..64 bytes) -> a sealed blob (engine/secrets.c seals
+ * and opens it; the store never sees a value). blob NULL stages a delete.
+ */
+void store_stage_secret(struct store *s, const char *name, const void *blob, size_t len);
+/* Calls fn for every secret in name order; blob is borrowed for the call. */
+typedef int (*store_secret_fn)(void *data, const char *name, const void *blob,
+			       size_t len);
+int store_list_secrets(struct store *s, store_secret_fn fn, void *data);
 
 #endif

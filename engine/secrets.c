@@ -1,0 +1,362 @@
+/* secrets.c - sealed secrets and redaction (secrets.h). */
+#define _GNU_SOURCE
+#include "engine/secrets.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define LOG "secrets"
+#define KEY_LEN 32
+#define NONCE_LEN 12
+#define TAG_LEN 16
+/* Sealed blob: version byte, nonce, ciphertext, tag. */
+#define BLOB_VERSION 1
+
+struct secret {
+	char *name;
+	char *value; /* NUL-terminated */
+	size_t len;
+};
+
+struct secrets {
+	struct store *store;
+	unsigned char key[KEY_LEN];
+	struct secret *items; /* sorted by name */
+	size_t n;
+	const char **names;   /* parallel view for secrets_names */
+	char *key_path;
+};
+
+int secrets_check_name(const char *name, struct kpl_err *err)
+{
+	size_t n = name ? strlen(name) : 0;
+
+	if (n == 0 || n > 64)
+		return kpl_errf(err, KPL_EINVAL, "secret name: 1 to 64 characters");
+	for (size_t i = 0; i < n; i++) {
+		char c = name[i];
+		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+		      c == '_'))
+			return kpl_errf(err, KPL_EINVAL,
+					"secret name %.64s: only letters, digits and '_' are allowed",
+					name);
+	}
+	return 0;
+}
+
+static int load_key(struct secrets *sec, const char *data_dir, struct kpl_err *err)
+{
+	struct stat st;
+	int fd;
+	ssize_t n;
+
+	sec->key_path = kpl_asprintf("%s/secret.key", data_dir);
+	fd = open(sec->key_path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0 && errno == ENOENT) {
+		/* First start: make the key, readable by kpld's user only. */
+		if (RAND_bytes(sec->key, KEY_LEN) != 1)
+			return kpl_errf(err, KPL_EINTERNAL, "no randomness for a new secret key");
+		fd = open(sec->key_path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+		if (fd < 0)
+			return kpl_errf(err, KPL_EIO, "cannot create %s: %s", sec->key_path,
+					strerror(errno));
+		n = write(fd, sec->key, KEY_LEN);
+		if (n != KEY_LEN || fsync(fd) != 0) {
+			close(fd);
+			unlink(sec->key_path);
+			return kpl_errf(err, KPL_EIO, "cannot write %s", sec->key_path);
+		}
+		close(fd);
+		kpl_info(LOG, "created a new secret key in %s (keep it with the data, back it "
+			 "up separately)", sec->key_path);
+		return 0;
+	}
+	if (fd < 0)
+		return kpl_errf(err, KPL_EIO, "cannot open %s: %s", sec->key_path, strerror(errno));
+	if (fstat(fd, &st) == 0 && (st.st_mode & 077)) {
+		close(fd);
+		return kpl_errf(err, KPL_EINVAL, "%s is readable by others (mode %03o): "
+				"chmod 600 it", sec->key_path, (unsigned)(st.st_mode & 0777));
+	}
+	{
+		/* One byte more than a key, to tell a longer file from a key. */
+		unsigned char buf[KEY_LEN + 1];
+		n = read(fd, buf, sizeof buf);
+		close(fd);
+		if (n != KEY_LEN) {
+			OPENSSL_cleanse(buf, sizeof buf);
+			return kpl_errf(err, KPL_EINVAL, "%s: %zd bytes, a key is %d",
+					sec->key_path, n, KEY_LEN);
+		}
+		memcpy(sec->key, buf, KEY_LEN);
+		OPENSSL_cleanse(buf, sizeof buf);
+	}
+	return 0;
+}
+
+/* blob (malloc'd, *blob_len) = version | nonce | AES-256-GCM(value) | tag,
+ * with the name as associated data. */
+static int seal(const struct secrets *sec, const char *name, const char *value, size_t len,
+		unsigned char **blob, size_t *blob_len)
+{
+	EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+	unsigned char *b = kpl_malloc(1 + NONCE_LEN + len + TAG_LEN);
+	int outl, ok = 0;
+
+	b[0] = BLOB_VERSION;
+	if (ctx && RAND_bytes(b + 1, NONCE_LEN) == 1 &&
+	    EVP_EncryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, sec->key, b + 1) == 1 &&
+	    EVP_EncryptUpdate(ctx, NULL, &outl, (const unsigned char *)name, (int)strlen(name)) == 1 &&
+	    EVP_EncryptUpdate(ctx, b + 1 + NONCE_LEN, &outl, (const unsigned char *)value,
+			      (int)len) == 1 &&
+	    EVP_EncryptFinal_ex(ctx, b + 1 + NONCE_LEN + outl, &outl) == 1 &&
+	    EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, TAG_LEN, b + 1 + NONCE_LEN + len) == 1)
+		ok = 1;
+	EVP_CIPHER_CTX_free(ctx);
+	if (!ok) {
+		free(b);
+		return KPL_EINTERNAL;
+	}
+	*blob = b;
+	*blob_len = 1 + NONCE_LEN + len + TAG_LEN;
+	return 0;
+}
+
+static int unseal(const struct secrets *sec, const char *name, const unsigned char *b,
+		  size_t blen, char **value, size_t *len)
+{
+	EVP_CIPHER_CTX *ctx;
+	size_t clen;
+	char *out;
+	int outl, ok = 0;
+
+	if (blen < 1 + NONCE_LEN + TAG_LEN || b[0] != BLOB_VERSION)
+		return KPL_ECORRUPT;
+	clen = blen - 1 - NONCE_LEN - TAG_LEN;
+	out = kpl_malloc(clen + 1);
+	ctx = EVP_CIPHER_CTX_new();
+	if (ctx && EVP_DecryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, sec->key, b + 1) == 1 &&
+	    EVP_DecryptUpdate(ctx, NULL, &outl, (const unsigned char *)name, (int)strlen(name)) == 1 &&
+	    EVP_DecryptUpdate(ctx, (unsigned char *)out, &outl, b + 1 + NONCE_LEN, (int)clen) == 1 &&
+	    EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG_LEN,
+				(void *)(b + 1 + NONCE_LEN + clen)) == 1 &&
+	    EVP_DecryptFinal_ex(ctx, (unsigned char *)out + outl, &outl) == 1)
+		ok = 1;
+	EVP_CIPHER_CTX_free(ctx);
+	if (!ok) {
+		OPENSSL_cleanse(out, clen + 1);
+		free(out);
+		return KPL_ECORRUPT;
+	}
+	out[clen] = '\0';
+	*value = out;
+	*len = clen;
+	return 0;
+}
+
+static void rebuild_names(struct secrets *sec)
+{
+	free(sec->names);
+	sec->names = kpl_calloc(sec->n + 1, sizeof *sec->names);
+	for (size_t i = 0; i < sec->n; i++)
+		sec->names[i] = sec->items[i].name;
+}
+
+static size_t find(const struct secrets *sec, const char *name, int *found)
+{
+	size_t lo = 0, hi = sec->n;
+
+	while (lo < hi) {
+		size_t mid = (lo + hi) / 2;
+		int c = strcmp(sec->items[mid].name, name);
+		if (c == 0) {
+			*found = 1;
+			return mid;
+		}
+		if (c < 0)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	*found = 0;
+	return lo;
+}
+
+static void put_item(struct secrets *sec, const char *name, char *value, size_t len)
+{
+	int found;
+	size_t i = find(sec, name, &found);
+
+	if (found) {
+		OPENSSL_cleanse(sec->items[i].value, sec->items[i].len);
+		free(sec->items[i].value);
+	} else {
+		sec->items = kpl_realloc(sec->items, (sec->n + 1) * sizeof *sec->items);
+		memmove(&sec->items[i + 1], &sec->items[i], (sec->n - i) * sizeof *sec->items);
+		sec->items[i].name = kpl_strdup(name);
+		sec->n++;
+	}
+	sec->items[i].value = value;
+	sec->items[i].len = len;
+	rebuild_names(sec);
+}
+
+struct load_ctx {
+	struct secrets *sec;
+	struct kpl_err *err;
+};
+
+static int load_one(void *data, const char *name, const void *blob, size_t len)
+{
+	struct load_ctx *c = data;
+	char *value;
+	size_t vlen;
+
+	if (unseal(c->sec, name, blob, len, &value, &vlen))
+		return kpl_errf(c->err, KPL_ECORRUPT, "secret %s does not open with %s: wrong "
+				"key file, or the store was changed", name, c->sec->key_path);
+	put_item(c->sec, name, value, vlen);
+	return 0;
+}
+
+int secrets_open(struct store *s, const char *data_dir, struct secrets **out,
+		 struct kpl_err *err)
+{
+	struct secrets *sec = kpl_calloc(1, sizeof *sec);
+	struct load_ctx c = { sec, err };
+	int rc;
+
+	sec->store = s;
+	if ((rc = load_key(sec, data_dir, err)) != 0 ||
+	    (rc = store_list_secrets(s, load_one, &c)) != 0) {
+		if (!err->msg[0])
+			kpl_errf(err, rc, "cannot read the secrets: %s", kpl_strerror(rc));
+		secrets_free(sec);
+		return rc;
+	}
+	rebuild_names(sec);
+	*out = sec;
+	return 0;
+}
+
+void secrets_free(struct secrets *sec)
+{
+	if (!sec)
+		return;
+	for (size_t i = 0; i < sec->n; i++) {
+		OPENSSL_cleanse(sec->items[i].value, sec->items[i].len);
+		free(sec->items[i].value);
+		free(sec->items[i].name);
+	}
+	OPENSSL_cleanse(sec->key, sizeof sec->key);
+	free(sec->items);
+	free(sec->names);
+	free(sec->key_path);
+	free(sec);
+}
+
+int secrets_set(struct secrets *sec, const char *name, const char *value, size_t len,
+		struct kpl_err *err)
+{
+	unsigned char *blob;
+	size_t blen;
+	int found, rc;
+
+	if ((rc = secrets_check_name(name, err)) != 0)
+		return rc;
+	if (len < SECRETS_MIN_VALUE || len > SECRETS_MAX_VALUE)
+		return kpl_errf(err, KPL_EINVAL, "secret %s: the value must be %d to %d bytes "
+				"(shorter ones could not be told apart from ordinary text in "
+				"logs)", name, SECRETS_MIN_VALUE, SECRETS_MAX_VALUE);
+	if (memchr(value, '\0', len))
+		return kpl_errf(err, KPL_EINVAL, "secret %s: the value holds a NUL byte", name);
+	find(sec, name, &found);
+	if (!found && sec->n >= SECRETS_MAX_COUNT)
+		return kpl_errf(err, KPL_ETOOBIG, "at most %d secrets", SECRETS_MAX_COUNT);
+	if (seal(sec, name, value, len, &blob, &blen))
+		return kpl_errf(err, KPL_EINTERNAL, "cannot seal secret %s", name);
+	store_stage_secret(sec->store, name, blob, blen);
+	free(blob);
+	put_item(sec, name, kpl_strndup(value, len), len);
+	return 0;
+}
+
+int secrets_delete(struct secrets *sec, const char *name, struct kpl_err *err)
+{
+	int found;
+	size_t i = find(sec, name, &found);
+
+	if (!found)
+		return kpl_errf(err, KPL_ENOTFOUND, "no secret named %.64s", name);
+	store_stage_secret(sec->store, name, NULL, 0);
+	OPENSSL_cleanse(sec->items[i].value, sec->items[i].len);
+	free(sec->items[i].value);
+	free(sec->items[i].name);
+	memmove(&sec->items[i], &sec->items[i + 1], (sec->n - i - 1) * sizeof *sec->items);
+	sec->n--;
+	rebuild_names(sec);
+	return 0;
+}
+
+const char *secrets_get(struct secrets *sec, const char *name)
+{
+	int found;
+	size_t i = find(sec, name, &found);
+	return found ? sec->items[i].value : NULL;
+}
+
+size_t secrets_names(struct secrets *sec, const char *const **names)
+{
+	*names = (const char *const *)sec->names;
+	return sec->n;
+}
+
+char *secrets_redact(struct secrets *sec, const char *text, size_t len, size_t *out_len)
+{
+	char *out = NULL;
+	size_t olen = 0;
+
+	if (!sec)
+		return NULL;
+	for (size_t i = 0; i < sec->n; i++) {
+		const struct secret *s = &sec->items[i];
+		const char *src = out ? out : text;
+		size_t slen = out ? olen : len;
+		const char *hit = memmem(src, slen, s->value, s->len);
+		char *next;
+		size_t nlen = 0;
+
+		if (!hit)
+			continue;
+		/* Each hit shrinks or keeps the length (values are >= 4 bytes,
+		 * "***" is 3), so slen + 1 bytes always suffice. */
+		next = kpl_malloc(slen + 1);
+		for (const char *p = src; p < src + slen;) {
+			hit = memmem(p, (size_t)(src + slen - p), s->value, s->len);
+			if (!hit) {
+				memcpy(next + nlen, p, (size_t)(src + slen - p));
+				nlen += (size_t)(src + slen - p);
+				break;
+			}
+			memcpy(next + nlen, p, (size_t)(hit - p));
+			nlen += (size_t)(hit - p);
+			memcpy(next + nlen, "***", 3);
+			nlen += 3;
+			p = hit + s->len;
+		}
+		next[nlen] = '\0';
+		free(out);
+		out = next;
+		olen = nlen;
+	}
+	if (out)
+		*out_len = olen;
+	return out;
+}
