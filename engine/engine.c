@@ -21,6 +21,7 @@
 #include "pipelines/expr.h"
 #include "pipelines/pipeline.h"
 #include "pipelines/template.h"
+#include "stages/http.h"
 #include "stages/stage.h"
 
 #define LOG "engine"
@@ -105,6 +106,7 @@ struct engine {
 	struct store *store;
 	const struct cfg *cfg;
 	struct secrets *secrets;
+	struct http_client *http;         /* shared by every kind that speaks HTTP */
 	char *work_dir;
 	struct run *runs;
 	struct engine_sub *subs;
@@ -1609,6 +1611,11 @@ struct secrets *engine_secrets(struct engine *e)
 	return e->secrets;
 }
 
+struct http_client *stage_http(struct stage *st)
+{
+	return st->run->eng->http;
+}
+
 char *stage_redact(struct stage *st, const char *text)
 {
 	size_t n;
@@ -2016,6 +2023,11 @@ int engine_start(const struct engine_options *opt, struct engine **out,
 		return KPL_EIO;
 	}
 	srandom((unsigned)kpl_now_ms() ^ (unsigned)getpid());
+	if ((rc = http_client_new(e->loop, NULL, &e->http, err)) != 0) {
+		free(e->work_dir);
+		free(e);
+		return rc;
+	}
 	rc = store_list_active(e->store, collect_active, &active);
 	if (rc) {
 		kpl_errf(err, rc, "cannot list unfinished runs: %s", kpl_strerror(rc));
@@ -2035,6 +2047,16 @@ int engine_start(const struct engine_options *opt, struct engine **out,
 	return 0;
 }
 
+static void engine_freed(void *data)
+{
+	struct engine *e = data;
+
+	if (e->stop_done)
+		e->stop_done(e->stop_data);
+	free(e->work_dir);
+	free(e);
+}
+
 static void stop_committed(void *data, int status)
 {
 	struct engine *e = data;
@@ -2047,10 +2069,8 @@ static void stop_committed(void *data, int status)
 		run_free(r);
 	}
 	e->runs = NULL;
-	if (e->stop_done)
-		e->stop_done(e->stop_data);
-	free(e->work_dir);
-	free(e);
+	/* The HTTP client closes its handles asynchronously: finish there. */
+	http_client_close(e->http, engine_freed, e);
 }
 
 void engine_stop(struct engine *e, void (*done)(void *data), void *data)

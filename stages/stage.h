@@ -25,6 +25,7 @@
 #include "pipelines/pipeline.h"
 
 struct stage; /* engine-owned; see engine/engine.h */
+struct http_client; /* stages/http.h */
 
 struct stage_kind {
 	const char *name;
@@ -109,6 +110,9 @@ struct stage_endpoint {
 int stage_endpoint(struct stage *st, enum cfg_kind kind, const char *with_key,
 		   struct stage_endpoint *out, struct kpl_err *err);
 void stage_endpoint_release(struct stage_endpoint *e);
+
+/* The daemon's HTTP client (stages/http.h), shared by every kind. */
+struct http_client *stage_http(struct stage *st);
 
 /* Removes every secret value from text: a malloc'd copy with "***" in
  * their place (for messages a kind builds from remote replies). */
