@@ -1616,6 +1616,31 @@ struct http_client *stage_http(struct stage *st)
 	return st->run->eng->http;
 }
 
+void stage_record_release(struct stage *st, Kpl__Store__V1__ReleaseRecord *rec)
+{
+	struct engine *e = st->run->eng;
+	Kpl__Store__V1__ReleaseRecord **old = NULL;
+	size_t n = 0;
+
+	/* seq: one past the newest stored (a target's deploys are one at a
+	 * time: the same stage cannot record twice before its commit). */
+	rec->seq = 1;
+	if (store_list_releases(e->store, rec->target, &old, &n) == 0 && n)
+		rec->seq = old[0]->seq + 1;
+	store_free_releases(old, n);
+	rec->run_id = st->run->id;
+	rec->stage = st->spec->name;
+	rec->time_ms = kpl_now_ms();
+	store_stage_release(e->store, rec);
+	run_commit(st->run);
+}
+
+int stage_releases(struct stage *st, const char *target,
+		   Kpl__Store__V1__ReleaseRecord ***out, size_t *n)
+{
+	return store_list_releases(st->run->eng->store, target, out, n);
+}
+
 char *stage_redact(struct stage *st, const char *text)
 {
 	size_t n;

@@ -20,6 +20,7 @@
 #include <uv.h>
 
 #include "api/kpl.pb-c.h"
+#include "api/store/store.pb-c.h"
 #include "engine/config.h"
 #include "engine/kpl.h"
 #include "pipelines/pipeline.h"
@@ -110,6 +111,18 @@ struct stage_endpoint {
 int stage_endpoint(struct stage *st, enum cfg_kind kind, const char *with_key,
 		   struct stage_endpoint *out, struct kpl_err *err);
 void stage_endpoint_release(struct stage_endpoint *e);
+
+/*
+ * Release history: a deploy, canary or rollback stage records what it
+ * changed (rec->target, revision, image, and what it replaced, including the
+ * old pod template). The engine fills in seq, run id, stage and time; the
+ * record is staged and becomes durable with the stage's next commit (its
+ * stage_done at the latest). stage_releases lists a target's records newest
+ * first (*out new; store_free_releases it).
+ */
+void stage_record_release(struct stage *st, Kpl__Store__V1__ReleaseRecord *rec);
+int stage_releases(struct stage *st, const char *target,
+		   Kpl__Store__V1__ReleaseRecord ***out, size_t *n);
 
 /* The daemon's HTTP client (stages/http.h), shared by every kind. */
 struct http_client *stage_http(struct stage *st);

@@ -33,6 +33,7 @@ enum store_db {
 	DB_ACTIVE,
 	DB_GEVENTS,
 	DB_SECRETS,
+	DB_RELEASES,
 	DB__LAST
 };
 
@@ -46,6 +47,7 @@ static const char *const db_names[DB__LAST] = {
 	[DB_ACTIVE] = "active",
 	[DB_GEVENTS] = "gevents",
 	[DB_SECRETS] = "secrets",
+	[DB_RELEASES] = "releases",
 };
 
 /* Room for future databases without a change of maxdbs (which would need
@@ -1515,4 +1517,96 @@ int store_list_secrets(struct store *s, store_secret_fn fn, void *data)
 	mdb_cursor_close(cur);
 	mdb_txn_abort(txn);
 	return code;
+}
+
+/* --- Release history. --- */
+
+#define RELEASE_TARGET_MAX 300
+
+static size_t release_key(char *key, const char *target, uint64_t seq)
+{
+	size_t n = strlen(target);
+
+	memcpy(key, target, n);
+	key[n] = '\0';
+	for (int i = 0; i < 8; i++)
+		key[n + 1 + i] = (char)(seq >> (56 - 8 * i));
+	return n + 9;
+}
+
+void store_stage_release(struct store *s, const Kpl__Store__V1__ReleaseRecord *rec)
+{
+	char key[RELEASE_TARGET_MAX + 9];
+	size_t klen, vlen;
+	struct store_op *op;
+
+	if (!rec->target || !*rec->target || strlen(rec->target) > RELEASE_TARGET_MAX)
+		BUG("store_stage_release: bad target");
+	klen = release_key(key, rec->target, rec->seq);
+	vlen = kpl__store__v1__release_record__get_packed_size(rec);
+	op = stage_op(s, DB_RELEASES, key, klen, vlen, OP_PUT);
+	kpl__store__v1__release_record__pack(rec, (uint8_t *)op->val);
+}
+
+int store_list_releases(struct store *s, const char *target,
+			Kpl__Store__V1__ReleaseRecord ***out, size_t *n)
+{
+	char key[RELEASE_TARGET_MAX + 9];
+	size_t tlen = strlen(target), cap = 0;
+	MDB_txn *txn;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc, code = 0;
+
+	*out = NULL;
+	*n = 0;
+	if (tlen == 0 || tlen > RELEASE_TARGET_MAX)
+		return KPL_EINVAL;
+	if ((code = read_begin(s, &txn)) != 0)
+		return code;
+	if ((rc = mdb_cursor_open(txn, s->dbi[DB_RELEASES], &cur)) != 0) {
+		mdb_txn_abort(txn);
+		return lmdb_fail(s, "mdb_cursor_open (releases)", rc);
+	}
+	/* Newest first: seek past the target's last key, then walk back. */
+	k.mv_size = release_key(key, target, UINT64_MAX);
+	k.mv_data = key;
+	rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+	if (rc == MDB_NOTFOUND)
+		rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
+	else if (rc == 0 && !(k.mv_size == tlen + 9 && memcmp(k.mv_data, key, tlen + 9) == 0))
+		rc = mdb_cursor_get(cur, &k, &v, MDB_PREV);
+	for (; rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_PREV)) {
+		Kpl__Store__V1__ReleaseRecord *r;
+		if (k.mv_size != tlen + 9 || memcmp(k.mv_data, target, tlen) ||
+		    ((char *)k.mv_data)[tlen] != '\0')
+			break;
+		r = kpl__store__v1__release_record__unpack(NULL, v.mv_size, v.mv_data);
+		if (!r) {
+			code = KPL_ECORRUPT;
+			break;
+		}
+		if (*n == cap) {
+			cap = cap ? cap * 2 : 8;
+			*out = kpl_realloc(*out, cap * sizeof **out);
+		}
+		(*out)[(*n)++] = r;
+	}
+	if (rc && rc != MDB_NOTFOUND && !code)
+		code = lmdb_fail(s, "mdb_cursor_get (releases)", rc);
+	mdb_cursor_close(cur);
+	mdb_txn_abort(txn);
+	if (code) {
+		store_free_releases(*out, *n);
+		*out = NULL;
+		*n = 0;
+	}
+	return code;
+}
+
+void store_free_releases(Kpl__Store__V1__ReleaseRecord **r, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		kpl__store__v1__release_record__free_unpacked(r[i], NULL);
+	free(r);
 }

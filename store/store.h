@@ -10,6 +10,7 @@
  *   idem       idempotency key -> run id
  *   active     run id -> "" for every run not yet in a final state
  *   secrets    secret name -> sealed value (AES-256-GCM, engine/secrets.c)
+ *   releases   target, 0x00, be64 seq -> ReleaseRecord (deploy history)
  *   gevents    be64 global_seq -> the event's events key (run id, 0x00,
  *              be64 seq): every event of every run in global order
  *
@@ -210,5 +211,15 @@ void store_stage_secret(struct store *s, const char *name, const void *blob, siz
 typedef int (*store_secret_fn)(void *data, const char *name, const void *blob,
 			       size_t len);
 int store_list_secrets(struct store *s, store_secret_fn fn, void *data);
+
+/*
+ * releases db: target ("cluster/namespace/deployment", at most 300 bytes),
+ * 0x00, be64 seq -> ReleaseRecord. store_list_releases returns the target's
+ * records newest first (*out new; store_free_releases it).
+ */
+void store_stage_release(struct store *s, const Kpl__Store__V1__ReleaseRecord *rec);
+int store_list_releases(struct store *s, const char *target,
+			Kpl__Store__V1__ReleaseRecord ***out, size_t *n);
+void store_free_releases(Kpl__Store__V1__ReleaseRecord **r, size_t n);
 
 #endif
