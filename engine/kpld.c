@@ -20,6 +20,7 @@
 #include "engine/config.h"
 #include "engine/engine.h"
 #include "engine/kpl.h"
+#include "engine/retention.h"
 #include "engine/secrets.h"
 #include "store/store.h"
 
@@ -31,6 +32,7 @@ struct kpld {
 	struct cfg *cfg;
 	struct secrets *secrets;
 	struct engine *eng;
+	struct retention *retention;
 	struct rpc *rpc;
 	struct api_server *server;
 	uv_signal_t sigint, sigterm;
@@ -49,7 +51,9 @@ static void usage(FILE *f)
 		"  --data-dir DIR       store and run workspaces (default ./var/kpl)\n"
 		"  --config FILE        endpoints and credentials of external systems (YAML)\n"
 		"  --log-level LEVEL    debug, info, warn or error (default info)\n"
-		"  --ready-file PATH    write the bound HOST:PORT there once serving\n");
+		"  --ready-file PATH    write the bound HOST:PORT there once serving\n"
+		"  --retain-days N      forget finished runs older than N days (default 30; 0 = never)\n"
+		"  --retain-runs N      keep at most N finished runs (default 10000; 0 = no limit)\n");
 }
 
 static void signal_closed(uv_handle_t *h)
@@ -63,7 +67,7 @@ static void close_store(uv_idle_t *h)
 {
 	struct kpld *d = h->data;
 
-	if (store_pending_commits(d->store))
+	if (store_pending_commits(d->store) || d->retention)
 		return;
 	uv_idle_stop(h);
 	uv_close((uv_handle_t *)h, signal_closed);
@@ -98,6 +102,14 @@ static void server_stopped(void *data)
 	engine_stop(d->eng, engine_stopped, d);
 }
 
+static void retention_stopped(void *data)
+{
+	struct kpld *d = data;
+
+	retention_free(d->retention);
+	d->retention = NULL;
+}
+
 static void on_signal(uv_signal_t *h, int signum)
 {
 	struct kpld *d = h->data;
@@ -109,6 +121,7 @@ static void on_signal(uv_signal_t *h, int signum)
 	d->stopping = true;
 	kpl_info(LOG, "%s: stopping", strsignal(signum));
 	api_server_set_serving(d->server, false);
+	retention_stop(d->retention, retention_stopped, d);
 	rpc_close_streams(d->rpc);
 	api_server_shutdown(d->server, server_stopped, d);
 }
@@ -136,11 +149,15 @@ int main(int argc, char **argv)
 		{ "log-level", required_argument, NULL, 'v' },
 		{ "ready-file", required_argument, NULL, 'r' },
 		{ "config", required_argument, NULL, 'c' },
+		{ "retain-days", required_argument, NULL, 'D' },
+		{ "retain-runs", required_argument, NULL, 'R' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *listen = "127.0.0.1:7070", *data_dir = "./var/kpl", *ready = NULL;
 	const char *config = NULL;
+	struct retention_options ro = { .max_age_days = 30, .max_runs = 10000 };
+	char *end;
 	struct kpld d = { 0 };
 	struct kpl_err err = { 0 };
 	struct engine_options eo = { 0 };
@@ -159,6 +176,20 @@ int main(int argc, char **argv)
 		case 'd': data_dir = optarg; break;
 		case 'r': ready = optarg; break;
 		case 'c': config = optarg; break;
+		case 'D':
+		case 'R': {
+			unsigned long v = strtoul(optarg, &end, 10);
+			if (*end || !*optarg || v > 100000000) {
+				fprintf(stderr, "kpld: --%s: want a whole number, got %s\n",
+					c == 'D' ? "retain-days" : "retain-runs", optarg);
+				return 2;
+			}
+			if (c == 'D')
+				ro.max_age_days = (unsigned)v;
+			else
+				ro.max_runs = (unsigned)v;
+			break;
+		}
 		case 'v':
 			if ((rc = kpl_log_level_parse(optarg)) < 0) {
 				fprintf(stderr, "kpld: --log-level: unknown level %s "
@@ -212,6 +243,11 @@ int main(int argc, char **argv)
 		fprintf(stderr, "kpld: %s\n", err.msg);
 		store_close(d.store);
 		return 1;
+	}
+	{
+		char *work = kpl_asprintf("%s/work", data_dir);
+		retention_start(d.loop, d.store, work, &ro, &d.retention);
+		free(work);
 	}
 	d.rpc = rpc_new(d.eng);
 	so.listen = listen;

@@ -58,9 +58,10 @@ stages:
 class Daemon:
     """kpld on 127.0.0.1:0 with a data directory that outlives restarts."""
 
-    def __init__(self, binary, data_dir):
+    def __init__(self, binary, data_dir, extra=()):
         self.binary = binary
         self.data_dir = data_dir
+        self.extra = list(extra)
         self.proc = None
         self.addr = None
         self.log = os.path.join(os.path.dirname(data_dir), "kpld.log")
@@ -72,7 +73,7 @@ class Daemon:
         logf = open(self.log, "a")
         self.proc = subprocess.Popen(
             [self.binary, "--listen", "127.0.0.1:0", "--data-dir", self.data_dir,
-             "--ready-file", ready],
+             "--ready-file", ready] + self.extra,
             stdout=logf, stderr=logf)
         logf.close()
         # kpld writes the ready file (atomically) once it serves.

@@ -429,6 +429,41 @@ stages:
             "pipeline": "name: ok\nstages:\n  - {name: a, kind: noop}\n"}))
         assert_eq((good.get("valid"), good.get("pipeline_name")), (True, "ok"), "valid")
 
+    def test_retention_by_count(self):
+        import signal
+        d = Daemon(self.daemon.binary, self.path("ret-data"), ["--retain-runs", "3"])
+        c = d.start()
+        try:
+            text = "name: keep\nstages:\n  - {name: s, kind: script, with: {command: [echo, x]}}\n"
+            ids = []
+            for _ in range(6):
+                run = Client.to_dict(submit(c, text))
+                watch(c, run["id"])
+                ids.append(run["id"])
+            c.close()
+            assert_eq(d.stop(signal.SIGTERM), 0, "clean stop")
+            c = d.start()  # the sweep runs at start
+            deadline = time.monotonic() + 20
+            while True:
+                runs = Client.to_dict(c.call(P + "ListRuns", {})).get("runs", [])
+                if len(runs) <= 3 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)  # the sweep has no event to wait on
+            assert_eq([r["id"] for r in runs], ids[3:][::-1], "the newest 3 kept")
+            expect_rpc_error(lambda: c.call(P + "GetRun", {"id": ids[0]}),
+                             grpc.StatusCode.NOT_FOUND)
+            expect_rpc_error(lambda: list(c.stream(P + "WatchRun", {"id": ids[0]})),
+                             grpc.StatusCode.NOT_FOUND)
+            assert_eq(len(watch(c, ids[5])) > 0, True, "kept runs keep their events")
+            gone = os.path.join(self.path("ret-data"), "work", ids[0])
+            deadline = time.monotonic() + 20
+            while os.path.exists(gone) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert_eq(os.path.exists(gone), False, "workspace removed")
+        finally:
+            c.close()
+            d.stop(signal.SIGTERM)
+
     def close(self):
         self.c.close()
         import signal
