@@ -34,6 +34,8 @@ enum store_db {
 	DB_GEVENTS,
 	DB_SECRETS,
 	DB_RELEASES,
+	DB_TOKENS,
+	DB_AUDIT,
 	DB__LAST
 };
 
@@ -48,6 +50,8 @@ static const char *const db_names[DB__LAST] = {
 	[DB_GEVENTS] = "gevents",
 	[DB_SECRETS] = "secrets",
 	[DB_RELEASES] = "releases",
+	[DB_TOKENS] = "tokens",
+	[DB_AUDIT] = "audit",
 };
 
 /* Room for future databases without a change of maxdbs (which would need
@@ -116,6 +120,7 @@ struct store {
 	uint32_t schema_version;
 	struct store_group *open; /* never NULL while the store is open */
 	struct store_group *inflight; /* NULL when no commit is in flight */
+	uint64_t audit_next; /* seq of the next audit entry; 0: not read yet */
 };
 
 /* --- Keys --- */
@@ -1609,4 +1614,193 @@ void store_free_releases(Kpl__Store__V1__ReleaseRecord **r, size_t n)
 	for (size_t i = 0; i < n; i++)
 		kpl__store__v1__release_record__free_unpacked(r[i], NULL);
 	free(r);
+}
+
+/* --- Tokens (engine-independent: api/rpc_tokens.c hashes and checks). --- */
+
+#define TOKEN_HASH_LEN 64
+
+static int token_hash_ok(const char *hash_hex)
+{
+	if (!hash_hex || strlen(hash_hex) != TOKEN_HASH_LEN)
+		return 0;
+	for (size_t i = 0; i < TOKEN_HASH_LEN; i++)
+		if (!strchr("0123456789abcdef", hash_hex[i]) || !hash_hex[i])
+			return 0;
+	return 1;
+}
+
+void store_stage_token(struct store *s, const char *hash_hex,
+		       const Kpl__Store__V1__TokenRecord *rec)
+{
+	struct store_op *op;
+	size_t vlen;
+
+	if (!token_hash_ok(hash_hex))
+		BUG("store_stage_token: the key is not a SHA-256 in hex");
+	if (!rec) {
+		stage_op(s, DB_TOKENS, hash_hex, TOKEN_HASH_LEN, 0, OP_DEL);
+		return;
+	}
+	vlen = kpl__store__v1__token_record__get_packed_size(rec);
+	op = stage_op(s, DB_TOKENS, hash_hex, TOKEN_HASH_LEN, vlen, OP_PUT);
+	kpl__store__v1__token_record__pack(rec, (uint8_t *)op->val);
+}
+
+int store_get_token(struct store *s, const char *hash_hex,
+		    Kpl__Store__V1__TokenRecord **out)
+{
+	MDB_txn *txn;
+	MDB_val k, v;
+	int rc, code;
+
+	*out = NULL;
+	if (!token_hash_ok(hash_hex))
+		return KPL_EINVAL;
+	if ((code = read_begin(s, &txn)) != 0)
+		return code;
+	k.mv_data = (void *)hash_hex;
+	k.mv_size = TOKEN_HASH_LEN;
+	rc = mdb_get(txn, s->dbi[DB_TOKENS], &k, &v);
+	if (rc == MDB_NOTFOUND)
+		code = KPL_ENOTFOUND;
+	else if (rc)
+		code = lmdb_fail(s, "mdb_get (tokens)", rc);
+	else if (!(*out = kpl__store__v1__token_record__unpack(NULL, v.mv_size, v.mv_data)))
+		code = KPL_ECORRUPT;
+	mdb_txn_abort(txn);
+	return code;
+}
+
+int store_list_tokens(struct store *s, store_token_fn fn, void *data)
+{
+	MDB_txn *txn;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc, code;
+	char hash[TOKEN_HASH_LEN + 1];
+
+	if ((code = read_begin(s, &txn)) != 0)
+		return code;
+	rc = mdb_cursor_open(txn, s->dbi[DB_TOKENS], &cur);
+	if (rc) {
+		mdb_txn_abort(txn);
+		return lmdb_fail(s, "mdb_cursor_open (tokens)", rc);
+	}
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		Kpl__Store__V1__TokenRecord *rec;
+
+		if (k.mv_size != TOKEN_HASH_LEN)
+			continue;
+		memcpy(hash, k.mv_data, TOKEN_HASH_LEN);
+		hash[TOKEN_HASH_LEN] = '\0';
+		rec = kpl__store__v1__token_record__unpack(NULL, v.mv_size, v.mv_data);
+		if (!rec) {
+			code = KPL_ECORRUPT;
+			break;
+		}
+		code = fn(data, hash, rec);
+		kpl__store__v1__token_record__free_unpacked(rec, NULL);
+		if (code)
+			break;
+	}
+	if (rc && rc != MDB_NOTFOUND)
+		code = lmdb_fail(s, "mdb_cursor_get (tokens)", rc);
+	mdb_cursor_close(cur);
+	mdb_txn_abort(txn);
+	return code;
+}
+
+/* --- Audit log. --- */
+
+/* The last committed audit seq, 0 if none (or the read fails: logged). */
+static uint64_t audit_last(struct store *s)
+{
+	MDB_txn *txn = NULL;
+	MDB_cursor *cur = NULL;
+	MDB_val k, v;
+	uint64_t seq = 0;
+	int rc;
+
+	if (read_begin(s, &txn))
+		return 0;
+	rc = mdb_cursor_open(txn, s->dbi[DB_AUDIT], &cur);
+	if (rc) {
+		lmdb_fail(s, "mdb_cursor_open (audit)", rc);
+		goto out;
+	}
+	rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
+	if (rc == 0 && k.mv_size == 8)
+		seq = get_be64(k.mv_data);
+	else if (rc && rc != MDB_NOTFOUND)
+		lmdb_fail(s, "mdb_cursor_get (audit)", rc);
+out:
+	if (cur)
+		mdb_cursor_close(cur);
+	mdb_txn_abort(txn);
+	return seq;
+}
+
+uint64_t store_stage_audit(struct store *s, const Kpl__V1__RunEvent *ev)
+{
+	unsigned char key[8];
+	struct store_op *op;
+	size_t vlen;
+	uint64_t seq;
+
+	/* Staged entries are not visible to reads until they commit, so the
+	 * counter lives here once it has been read. */
+	if (!s->audit_next)
+		s->audit_next = audit_last(s) + 1;
+	seq = s->audit_next++;
+	put_be64(key, seq);
+	vlen = kpl__v1__run_event__get_packed_size(ev);
+	op = stage_op(s, DB_AUDIT, key, sizeof key, vlen, OP_PUT);
+	kpl__v1__run_event__pack(ev, (uint8_t *)op->val);
+	return seq;
+}
+
+int store_read_audit(struct store *s, uint64_t from_seq, size_t max,
+		     store_audit_fn fn, void *data)
+{
+	MDB_txn *txn;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	unsigned char key[8];
+	size_t n = 0;
+	int rc, code;
+
+	if ((code = read_begin(s, &txn)) != 0)
+		return code;
+	rc = mdb_cursor_open(txn, s->dbi[DB_AUDIT], &cur);
+	if (rc) {
+		mdb_txn_abort(txn);
+		return lmdb_fail(s, "mdb_cursor_open (audit)", rc);
+	}
+	put_be64(key, from_seq);
+	k.mv_data = key;
+	k.mv_size = sizeof key;
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0 && (!max || n < max);
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		Kpl__V1__RunEvent *ev;
+
+		if (k.mv_size != 8)
+			continue;
+		ev = kpl__v1__run_event__unpack(NULL, v.mv_size, v.mv_data);
+		if (!ev) {
+			code = KPL_ECORRUPT;
+			break;
+		}
+		n++;
+		code = fn(data, get_be64(k.mv_data), ev);
+		kpl__v1__run_event__free_unpacked(ev, NULL);
+		if (code)
+			break;
+	}
+	if (rc && rc != MDB_NOTFOUND && !code)
+		code = lmdb_fail(s, "mdb_cursor_get (audit)", rc);
+	mdb_cursor_close(cur);
+	mdb_txn_abort(txn);
+	return code;
 }

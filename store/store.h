@@ -13,6 +13,8 @@
  *   releases   target, 0x00, be64 seq -> ReleaseRecord (deploy history)
  *   gevents    be64 global_seq -> the event's events key (run id, 0x00,
  *              be64 seq): every event of every run in global order
+ *   tokens     SHA-256 of an API token (64 lowercase hex) -> TokenRecord
+ *   audit      be64 audit seq -> kpl.v1.RunEvent of kind AUDIT
  *
  * Writes are staged, then committed in groups: many state changes share one
  * LMDB write transaction, run on libuv's thread pool so the loop never waits
@@ -221,5 +223,37 @@ void store_stage_release(struct store *s, const Kpl__Store__V1__ReleaseRecord *r
 int store_list_releases(struct store *s, const char *target,
 			Kpl__Store__V1__ReleaseRecord ***out, size_t *n);
 void store_free_releases(Kpl__Store__V1__ReleaseRecord **r, size_t n);
+
+/*
+ * tokens db: the SHA-256 of an API token in lowercase hex (64 bytes) ->
+ * TokenRecord (api/rpc_tokens.c makes and checks tokens; the store never
+ * sees one). rec NULL stages a delete; a key that is not 64 lowercase hex
+ * digits is a BUG(). store_get_token: *out new (free with
+ * kpl__store__v1__token_record__free_unpacked), KPL_ENOTFOUND if none,
+ * KPL_EINVAL for a malformed key. store_list_tokens calls fn in key order;
+ * hash and rec are borrowed for the call; non-zero from fn stops the walk
+ * and is returned.
+ */
+void store_stage_token(struct store *s, const char *hash_hex,
+		       const Kpl__Store__V1__TokenRecord *rec);
+int store_get_token(struct store *s, const char *hash_hex,
+		    Kpl__Store__V1__TokenRecord **out);
+typedef int (*store_token_fn)(void *data, const char *hash_hex,
+			      const Kpl__Store__V1__TokenRecord *rec);
+int store_list_tokens(struct store *s, store_token_fn fn, void *data);
+
+/*
+ * audit db: who did what (approvals, cancels, token and secret changes), in
+ * order. store_stage_audit stages ev (copied) under the next audit seq (1,
+ * 2, 3, ...; kept in memory once read, so several entries may share one
+ * group) and returns that seq. store_read_audit calls fn for entries with
+ * seq >= from_seq, at most max of them (0 = no limit); ev is borrowed for
+ * the call; non-zero from fn stops and is returned. Returns 0 when done, or
+ * a negative KPL_E* code.
+ */
+uint64_t store_stage_audit(struct store *s, const Kpl__V1__RunEvent *ev);
+typedef int (*store_audit_fn)(void *data, uint64_t seq, const Kpl__V1__RunEvent *ev);
+int store_read_audit(struct store *s, uint64_t from_seq, size_t max,
+		     store_audit_fn fn, void *data);
 
 #endif
