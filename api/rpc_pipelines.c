@@ -222,22 +222,31 @@ static void h_submit(struct api_call *call, const ProtobufCMessage *m, void *dat
 	}
 }
 
-static void h_cancel(struct api_call *call, const ProtobufCMessage *m, void *data)
+/* CancelRun and RetryRun: an engine call on one run, answered with the run
+ * once the engine says the change is durable. */
+typedef int (*run_op_fn)(struct engine *e, const char *run_id, engine_submit_cb cb,
+			 void *data, struct kpl_err *err);
+
+static void run_op(struct api_call *call, struct rpc *rpc, const char *id, run_op_fn fn)
 {
-	const Kpl__V1__CancelRunRequest *req = (const void *)m;
-	struct rpc *rpc = data;
 	struct kpl_err err = { 0 };
 	struct op *op;
 
-	if (check_run_id("id", req->id, &err)) {
+	if (check_run_id("id", id, &err)) {
 		api_call_fail_err(call, &err);
 		return;
 	}
 	op = op_new(rpc, call);
-	if (engine_cancel(rpc->eng, req->id, op_answer, op, &err)) {
+	if (fn(rpc->eng, id, op_answer, op, &err)) {
 		api_call_fail_err(call, &err);
 		free(op);
 	}
+}
+
+static void h_cancel(struct api_call *call, const ProtobufCMessage *m, void *data)
+{
+	run_op(call, data, ((const Kpl__V1__CancelRunRequest *)(const void *)m)->id,
+	       engine_cancel);
 }
 
 static void h_get(struct api_call *call, const ProtobufCMessage *m, void *data)
@@ -604,20 +613,8 @@ static void h_approve(struct api_call *call, const ProtobufCMessage *m, void *da
 
 static void h_retry(struct api_call *call, const ProtobufCMessage *m, void *data)
 {
-	const Kpl__V1__RetryRunRequest *req = (const void *)m;
-	struct rpc *rpc = data;
-	struct kpl_err err = { 0 };
-	struct op *op;
-
-	if (check_run_id("id", req->id, &err)) {
-		api_call_fail_err(call, &err);
-		return;
-	}
-	op = op_new(rpc, call);
-	if (engine_retry(rpc->eng, req->id, op_answer, op, &err)) {
-		api_call_fail_err(call, &err);
-		free(op);
-	}
+	run_op(call, data, ((const Kpl__V1__RetryRunRequest *)(const void *)m)->id,
+	       engine_retry);
 }
 
 /* A secret change: answered once it is durable. */

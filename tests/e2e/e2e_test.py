@@ -359,13 +359,11 @@ def _alive(pid):
         return False
 
 
-def main():
-    binary = os.path.abspath(sys.argv[1])
-    tmp = tempfile.mkdtemp(prefix="kpl-e2e-", dir=os.environ.get("TEST_TMPDIR"))
-    suite = Suite(binary, tmp)
-    names = [n for n in Suite.__dict__ if n.startswith("test_")]
+def run_suite(suite_class, suite):
+    """Runs every test_ method of suite in definition order, then its close,
+    and prints the closing 'N passed, N failed' line. Returns the exit code."""
     passed = failed = 0
-    for name in names:
+    for name in [n for n in suite_class.__dict__ if n.startswith("test_")]:
         t0 = time.monotonic()
         try:
             getattr(suite, name)()
@@ -386,6 +384,12 @@ def main():
         print(open(suite.daemon.log).read()[-8000:])
     print("%d passed, %d failed" % (passed, failed))
     return 1 if failed else 0
+
+
+def main():
+    binary = os.path.abspath(sys.argv[1])
+    tmp = tempfile.mkdtemp(prefix="kpl-e2e-", dir=os.environ.get("TEST_TMPDIR"))
+    return run_suite(Suite, Suite(binary, tmp))
 
 
 if __name__ == "__main__":

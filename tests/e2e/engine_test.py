@@ -15,13 +15,12 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 
 import grpc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from e2e_test import (P, Client, Daemon, assert_eq, expect_rpc_error,  # noqa: E402
-                      submit, wait_for_log, watch)
+                      run_suite, submit, wait_for_log, watch)
 
 
 def ts(t):
@@ -473,27 +472,7 @@ stages:
 def main():
     binary = os.path.abspath(sys.argv[1])
     tmp = tempfile.mkdtemp(prefix="kpl-engine-", dir=os.environ.get("TEST_TMPDIR"))
-    suite = Suite(binary, tmp)
-    passed = failed = 0
-    for name in [n for n in Suite.__dict__ if n.startswith("test_")]:
-        t0 = time.monotonic()
-        try:
-            getattr(suite, name)()
-            passed += 1
-            print("PASS %s (%.2fs)" % (name, time.monotonic() - t0), flush=True)
-        except Exception:
-            failed += 1
-            print("FAIL %s" % name, flush=True)
-            traceback.print_exc()
-    try:
-        suite.close()
-    except Exception:
-        failed += 1
-        traceback.print_exc()
-    if failed:
-        print(open(suite.daemon.log).read()[-6000:])
-    print("%d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    return run_suite(Suite, Suite(binary, tmp))
 
 
 if __name__ == "__main__":
