@@ -831,6 +831,8 @@ static struct stage *run_find_stage(struct run *r, const char *name, bool is_fin
 struct lookup_ctx {
 	struct run *r;
 	struct stage *st;
+	unsigned roots; /* beyond EXPR_ROOTS_TEMPLATE: the kind's with_roots */
+	char as_written[160];
 };
 
 static int engine_lookup(void *data, const struct expr *ref, const char **value)
@@ -876,6 +878,14 @@ static int engine_lookup(void *data, const struct expr *ref, const char **value)
 					return 0;
 				}
 		}
+	} else if (strcmp(root, "canary") == 0 && (c->roots & EXPR_ROOT_CANARY)) {
+		/* The kind fills it in (stage.h with_roots); the validator made
+		 * sure it is a whole ${{ }} of its own. */
+		if ((size_t)snprintf(c->as_written, sizeof c->as_written, "${{ %s }}",
+				     ref->str) >= sizeof c->as_written)
+			return KPL_ETOOBIG;
+		*value = c->as_written;
+		return 0;
 	} else if (strcmp(root, "secrets") == 0 && ref->n_part == 2 && r->eng->secrets) {
 		const char *v = secrets_get(r->eng->secrets, ref->part[1]);
 		if (v) {
@@ -914,7 +924,7 @@ static int expand_one(struct lookup_ctx *c, const char *text, const char *path,
 		*out = kpl_strdup(text);
 		return 0;
 	}
-	if (tpl_expand_str(text, EXPR_ROOTS_TEMPLATE, engine_lookup, c, out, &e))
+	if (tpl_expand_str(text, EXPR_ROOTS_TEMPLATE | c->roots, engine_lookup, c, out, &e))
 		return kpl_errf(err, KPL_EINVAL, "%s: %s", path, e.msg);
 	return 0;
 }
@@ -994,6 +1004,7 @@ static int stage_prepare(struct stage *st, struct kpl_err *err)
 		env_put(st, st->spec->env[i].name, v);
 	}
 	snprintf(path, sizeof path, "stages.%s.with", st->spec->name);
+	c.roots = st->kind->with_roots;
 	return expand_with(st, &c, st->spec->with, path, err);
 }
 

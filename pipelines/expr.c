@@ -196,7 +196,7 @@ static int check_ref(struct parser *p, struct expr *e)
 	} roots[] = {
 		{ "params", EXPR_ROOT_PARAMS }, { "stages", EXPR_ROOT_STAGES },
 		{ "env", EXPR_ROOT_ENV },       { "run", EXPR_ROOT_RUN },
-		{ "secrets", EXPR_ROOT_SECRETS },
+		{ "secrets", EXPR_ROOT_SECRETS }, { "canary", EXPR_ROOT_CANARY },
 	};
 	unsigned bit = 0;
 	char allowed[128] = "";
@@ -221,6 +221,7 @@ static int check_ref(struct parser *p, struct expr *e)
 	case EXPR_ROOT_PARAMS:
 	case EXPR_ROOT_ENV:
 	case EXPR_ROOT_SECRETS:
+	case EXPR_ROOT_CANARY:
 		if (n != 2)
 			return fail(p, off, "bad reference \"%s\": write %s.NAME",
 				    e->str, root);

@@ -12,7 +12,7 @@
  *
  * A reference is a dotted path whose first word (its root) says what it
  * names: params.X, stages.NAME.state, stages.NAME.outputs.KEY, env.X,
- * run.id, secrets.NAME. The caller says which roots a context allows.
+ * run.id, secrets.NAME, canary.NAME. The caller says which roots a context allows.
  * Strings have no escapes: write 'it"s' or "it's".
  *
  * Values are strings (every reference yields text), int64 numbers and
@@ -39,6 +39,10 @@
 #define EXPR_ROOT_ENV (1u << 2)
 #define EXPR_ROOT_RUN (1u << 3)
 #define EXPR_ROOT_SECRETS (1u << 4)
+/* canary.NAME: the version a canary analysis is about. Not in any default
+ * set: only the `with` of a kind that lists it in its with_roots (verify,
+ * canary), where the engine leaves it as written for the kind to fill in. */
+#define EXPR_ROOT_CANARY (1u << 5)
 /* What `when:` allows, and what templates allow. */
 #define EXPR_ROOTS_WHEN (EXPR_ROOT_PARAMS | EXPR_ROOT_STAGES)
 #define EXPR_ROOTS_TEMPLATE                                                   \

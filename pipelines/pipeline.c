@@ -43,6 +43,8 @@ struct vctx {
 	 * unresolved), and reach[i * n + k] = k is in i's transitive needs. */
 	int **need_idx;
 	bool *reach;
+	/* Extra roots for the `with` being checked (its kind's with_roots). */
+	unsigned with_roots;
 };
 
 /* ---- diagnostics ---- */
@@ -1035,6 +1037,17 @@ static int check_ref(void *data, const struct expr *ref)
 	return 0;
 }
 
+static int check_alone(void *data, const struct expr *ref)
+{
+	struct ref_ctx *r = data;
+
+	if (!strcmp(ref->part[0], "canary"))
+		diag(r->c, pos_in_scalar(r->n, r->base + ref->off), r->path,
+		     "%s: write it alone, as ${{ %s }} (it is filled in by the stage)",
+		     ref->str, ref->str);
+	return 0;
+}
+
 /* Checks the templates of one string value. */
 static void check_template(struct vctx *c, const struct pl_node *n,
 			   const char *path, int stage)
@@ -1045,7 +1058,7 @@ static void check_template(struct vctx *c, const struct pl_node *n,
 
 	if (n->type != PL_SCALAR || !tpl_has_template(n->scalar))
 		return;
-	if (tpl_parse(n->scalar, EXPR_ROOTS_TEMPLATE, &t, &off, &err) < 0) {
+	if (tpl_parse(n->scalar, EXPR_ROOTS_TEMPLATE | c->with_roots, &t, &off, &err) < 0) {
 		diag(c, pos_in_scalar(n, off), path, "%s", err.msg);
 		return;
 	}
@@ -1053,6 +1066,10 @@ static void check_template(struct vctx *c, const struct pl_node *n,
 		if (!t->parts[i].expr)
 			continue;
 		struct ref_ctx r = { c, n, path, stage, t->parts[i].expr_off };
+		/* The engine leaves a with_roots reference as written, for the
+		 * kind to fill in: so it must be the whole expression. */
+		if (c->with_roots && t->parts[i].expr->kind != EXPR_REF)
+			expr_walk_refs(t->parts[i].expr, check_alone, &r);
 		expr_walk_refs(t->parts[i].expr, check_ref, &r);
 	}
 	tpl_free(t);
@@ -1457,8 +1474,11 @@ static void check_stage_refs(struct vctx *c, const struct pl_node *root)
 			}
 		}
 		if (st->with) {
+			const struct pl_kind *k = st->kind ? find_kind(c, st->kind) : NULL;
 			path_key(kpath, path, "with");
+			c->with_roots = k ? k->with_roots : 0;
 			check_templates_deep(c, st->with, kpath, (int)i);
+			c->with_roots = 0;
 		}
 	}
 }

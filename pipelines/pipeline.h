@@ -129,6 +129,9 @@ struct pl_kind {
 	const char *kind;
 	int (*check_with)(const struct pl_node *with, const char *file,
 			  const char *path, struct kpl_err *err);
+	/* Roots its `with` templates may use beyond EXPR_ROOTS_TEMPLATE
+	 * (EXPR_ROOT_CANARY), each only as a whole ${{ root.NAME }}. */
+	unsigned with_roots;
 };
 
 /*

@@ -28,6 +28,7 @@ const struct pl_kind *stage_kinds_for_parser(size_t *n)
 		for (size_t i = 0; i < KPL_ARRAY_SIZE(kinds); i++) {
 			table[i].kind = kinds[i]->name;
 			table[i].check_with = kinds[i]->check_with;
+			table[i].with_roots = kinds[i]->with_roots;
 		}
 	*n = KPL_ARRAY_SIZE(kinds);
 	return table;

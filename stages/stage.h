@@ -49,6 +49,10 @@ struct stage_kind {
 	/* Called when the kpld is stopping: release what the attempt holds
 	 * without reporting (the next start resumes it). NULL: cancel. */
 	void (*abandon)(struct stage *st);
+	/* Expression roots its `with` templates may use beyond the usual ones
+	 * (EXPR_ROOT_CANARY): the engine leaves such a ${{ root.NAME }} as
+	 * written in what stage_expand returns, for the kind to fill in. */
+	unsigned with_roots;
 };
 
 /* Looks a kind up by name; NULL if unknown. */
