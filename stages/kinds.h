@@ -8,7 +8,4 @@ extern const struct stage_kind script_kind;
 extern const struct stage_kind noop_kind;
 extern const struct stage_kind approval_kind;
 
-/* Start time of pid in clock ticks since boot, 0 if it is not running. */
-uint64_t script_pid_start_time(int64_t pid);
-
 #endif

@@ -1,0 +1,779 @@
+/*
+ * proc.c - a stage's command run through the shim, followed durably (see
+ * proc.h). Factored out of the script kind, whose semantics it keeps: a
+ * kpld that stops or crashes and starts again re-attaches to the same
+ * process, loses no line, repeats none, and never runs the command twice.
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "stages/proc.h"
+#include "stages/shim.h"
+
+#define LOG "proc"
+#define PROC_KILL_GRACE_MS 5000
+/* kpld's own SIGKILL of the shim, this long after the shim's grace. */
+#define PROC_SHIM_KILL_EXTRA_MS 5000
+#define PROC_TAIL_BYTES 65536
+/* What kpld writes in a lock it takes for an attempt it gives up. */
+#define PROC_CLAIMED "claimed by kpld\n"
+
+extern char **environ;
+
+/* One command. Freed when its last handle has closed. */
+struct proc {
+	struct stage *st;       /* NULL once reported or abandoned */
+	uv_loop_t *loop;
+	const struct proc_ops *ops;
+	void *data;
+	char *dir;              /* owned */
+	char *prefix;           /* resume prefix (owned) */
+	int64_t shim_pid;
+	int grace_ms;
+	uint64_t offset;        /* bytes of DIR/output delivered */
+	uv_process_t proc;      /* the shim, when this kpld started it */
+	bool have_proc;
+	uv_poll_t pidpoll;      /* the shim, when attached to (pidfd) */
+	int pidfd;
+	bool have_pidpoll;
+	uv_fs_event_t watch;    /* changes in dir */
+	uv_timer_t kill_timer;
+	uv_timer_t kick;        /* the first read after attaching, off the stack */
+	uv_fs_t req;
+	int out_fd;
+	bool reading;
+	bool reread;            /* a change came while reading */
+	bool shim_gone;
+	bool cancelled;
+	bool finished;
+	bool closed;            /* proc_close_all ran */
+	int open_handles;
+	char buf[65536];
+};
+
+void *proc_data(struct proc *p) { return p->data; }
+struct stage *proc_stage(struct proc *p) { return p->st; }
+const char *proc_dir(struct proc *p) { return p->dir; }
+
+/* ---------------------------------------------------------------------- */
+/* Files */
+
+uint64_t proc_pid_start_time(int64_t pid)
+{
+	char path[64], buf[1024];
+	FILE *f;
+	size_t n;
+	char *p;
+	unsigned long long start = 0;
+
+	snprintf(path, sizeof path, "/proc/%lld/stat", (long long)pid);
+	if (!(f = fopen(path, "r")))
+		return 0;
+	n = fread(buf, 1, sizeof buf - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	/* comm may hold spaces and parentheses: fields restart after the last ')'. */
+	if (!(p = strrchr(buf, ')')))
+		return 0;
+	p++;
+	for (int field = 3; field < 22 && p; field++)
+		p = strchr(p + 1, ' ');
+	if (p)
+		sscanf(p + 1, "%llu", &start);
+	return start;
+}
+
+int proc_mkdir_p(const char *path)
+{
+	char *p = kpl_strdup(path);
+	int rc = 0;
+
+	for (char *c = p + 1; *c && !rc; c++) {
+		if (*c != '/')
+			continue;
+		*c = '\0';
+		if (mkdir(p, 0700) && errno != EEXIST)
+			rc = -errno;
+		*c = '/';
+	}
+	if (!rc && mkdir(p, 0700) && errno != EEXIST)
+		rc = -errno;
+	free(p);
+	return rc;
+}
+
+static char *dir_file(const struct proc *p, const char *name)
+{
+	return kpl_asprintf("%s/%s", p->dir, name);
+}
+
+/* Reads a small file whole; NULL if it is not there. */
+static char *slurp(const char *path, size_t max)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	char *buf;
+	ssize_t n;
+
+	if (fd < 0)
+		return NULL;
+	buf = kpl_malloc(max + 1);
+	n = read(fd, buf, max);
+	close(fd);
+	if (n < 0)
+		n = 0;
+	buf[n] = '\0';
+	return buf;
+}
+
+char *proc_last_line(struct proc *p, Kpl__V1__LogStream stream)
+{
+	char tag = stream == KPL__V1__LOG_STREAM__LOG_STREAM_STDERR ? '2' : '1';
+	char *path = dir_file(p, "output"), *buf, *end, *line = NULL;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	struct stat sb;
+	off_t from;
+	ssize_t n;
+
+	free(path);
+	if (fd < 0)
+		return NULL;
+	if (fstat(fd, &sb)) {
+		close(fd);
+		return NULL;
+	}
+	from = sb.st_size > PROC_TAIL_BYTES ? sb.st_size - PROC_TAIL_BYTES : 0;
+	buf = kpl_malloc(PROC_TAIL_BYTES + 1);
+	n = pread(fd, buf, PROC_TAIL_BYTES, from);
+	close(fd);
+	if (n <= 0) {
+		free(buf);
+		return NULL;
+	}
+	buf[n] = '\0';
+	/* Records end with '\n'; a record starts after one (or at offset 0). */
+	end = buf + n;
+	while (end > buf) {
+		char *start = end - 1; /* the '\n' ending this record, or a partial */
+		while (start > buf && start[-1] != '\n')
+			start--;
+		if ((start > buf || from == 0) && end[-1] == '\n' && start[0] == tag &&
+		    end - start > 2) {
+			size_t len = (size_t)(end - start) - 2;
+			if (len && start[len] == '\r')
+				len--;
+			line = kpl_malloc(len + 1);
+			memcpy(line, start + 1, len);
+			line[len] = '\0';
+			break;
+		}
+		end = start;
+	}
+	free(buf);
+	return line;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Lifetime */
+
+static void proc_closed(uv_handle_t *h)
+{
+	struct proc *p = h->data;
+
+	if (--p->open_handles == 0) {
+		if (p->out_fd >= 0)
+			close(p->out_fd);
+		if (p->pidfd >= 0)
+			close(p->pidfd);
+		free(p->dir);
+		free(p->prefix);
+		free(p);
+	}
+}
+
+static void proc_close_all(struct proc *p)
+{
+	if (p->closed)
+		return;
+	p->closed = true;
+	if (p->have_proc)
+		uv_close((uv_handle_t *)&p->proc, proc_closed);
+	if (p->have_pidpoll)
+		uv_close((uv_handle_t *)&p->pidpoll, proc_closed);
+	uv_close((uv_handle_t *)&p->watch, proc_closed);
+	uv_close((uv_handle_t *)&p->kill_timer, proc_closed);
+	uv_close((uv_handle_t *)&p->kick, proc_closed);
+	p->have_proc = p->have_pidpoll = false;
+}
+
+static struct proc *proc_new(struct stage *st, const char *dir, const char *prefix,
+			     const struct proc_ops *ops, void *data)
+{
+	struct proc *p = kpl_calloc(1, sizeof *p);
+
+	p->st = st;
+	p->loop = stage_loop(st);
+	p->ops = ops;
+	p->data = data;
+	p->dir = kpl_strdup(dir);
+	p->prefix = kpl_strdup(prefix ? prefix : "");
+	p->grace_ms = PROC_KILL_GRACE_MS;
+	p->out_fd = -1;
+	p->pidfd = -1;
+	uv_fs_event_init(p->loop, &p->watch);
+	uv_timer_init(p->loop, &p->kill_timer);
+	uv_timer_init(p->loop, &p->kick);
+	p->watch.data = p->kill_timer.data = p->kick.data = p->proc.data = p;
+	p->pidpoll.data = p;
+	p->open_handles = 3;
+	return p;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Following the output file */
+
+static void proc_read(struct proc *p);
+
+/* The shim has ended and its output is read: report once. */
+static void proc_finish(struct proc *p)
+{
+	struct proc_exit e = { .cancelled = p->cancelled };
+	char *path, *exit_text;
+
+	if (p->finished)
+		return;
+	p->finished = true;
+	if (p->st) {
+		path = dir_file(p, "exit");
+		exit_text = slurp(path, 400);
+		free(path);
+		if (exit_text && sscanf(exit_text, "exit %d", &e.code) == 1) {
+			e.how = PROC_EXITED;
+		} else if (exit_text && sscanf(exit_text, "signal %d", &e.code) == 1) {
+			e.how = PROC_SIGNALED;
+		} else if (exit_text && strncmp(exit_text, "error ", 6) == 0) {
+			exit_text[strcspn(exit_text, "\n")] = '\0';
+			e.how = PROC_ERROR;
+			e.error = exit_text + 6;
+		} else {
+			e.how = PROC_LOST;
+		}
+		p->ops->exit(p, &e);
+		p->st = NULL;
+		free(exit_text);
+	}
+	proc_close_all(p);
+}
+
+/* Hands the complete records in p[0..n) to the kind; returns the bytes
+ * consumed (up to the last newline). */
+static size_t emit_records(struct proc *pr, const char *p, size_t n)
+{
+	size_t used = 0;
+
+	while (used < n) {
+		const char *nl = memchr(p + used, '\n', n - used);
+		const char *rec = p + used;
+		size_t len;
+		Kpl__V1__LogStream stream;
+
+		if (!nl)
+			break;
+		len = (size_t)(nl - rec);
+		used += len + 1;
+		if (len == 0)
+			continue;
+		stream = rec[0] == '1' ? KPL__V1__LOG_STREAM__LOG_STREAM_STDOUT
+		       : rec[0] == '2' ? KPL__V1__LOG_STREAM__LOG_STREAM_STDERR
+				       : KPL__V1__LOG_STREAM__LOG_STREAM_SYSTEM;
+		rec++;
+		len--;
+		if (len && rec[len - 1] == '\r')
+			len--;
+		if (pr->ops->line)
+			pr->ops->line(pr, stream, rec, len);
+		else
+			stage_log_staged(pr->st, stream, rec, len);
+	}
+	return used;
+}
+
+static void on_read(uv_fs_t *req)
+{
+	struct proc *p = req->data;
+	ssize_t n = req->result;
+	size_t used = 0;
+
+	uv_fs_req_cleanup(req);
+	p->reading = false;
+	if (!p->st) {
+		if (p->finished)
+			proc_close_all(p); /* abandoned while reading */
+		else if (p->shim_gone)
+			proc_finish(p);
+		return;
+	}
+	if (n < 0) {
+		kpl_warn(LOG, "run %s stage %s: reading %s/output: %s", stage_run_id(p->st),
+			 stage_name(p->st), p->dir, uv_strerror((int)n));
+	} else if (n > 0) {
+		char *resume;
+
+		used = emit_records(p, p->buf, (size_t)n);
+		p->offset += used;
+		/* The offset rides in the same commit as the events it covers. */
+		resume = kpl_asprintf("%s%llu", p->prefix, (unsigned long long)p->offset);
+		stage_save_resume(p->st, resume);
+		free(resume);
+	}
+	if (n == (ssize_t)sizeof p->buf || p->reread) {
+		p->reread = false;
+		proc_read(p);
+		return;
+	}
+	if (p->shim_gone)
+		proc_finish(p);
+}
+
+static void proc_read(struct proc *p)
+{
+	uv_buf_t b = uv_buf_init(p->buf, sizeof p->buf);
+
+	if (p->reading) {
+		p->reread = true;
+		return;
+	}
+	if (p->out_fd < 0) {
+		char *path = dir_file(p, "output");
+		p->out_fd = open(path, O_RDONLY | O_CLOEXEC);
+		free(path);
+		if (p->out_fd < 0) {
+			/* No output yet (or ever): nothing to read. */
+			if (p->shim_gone)
+				proc_finish(p);
+			return;
+		}
+	}
+	p->reading = true;
+	p->req.data = p;
+	uv_fs_read(p->loop, &p->req, p->out_fd, &b, 1, (int64_t)p->offset, on_read);
+}
+
+static void on_dir_change(uv_fs_event_t *h, const char *name, int events, int status)
+{
+	struct proc *p = h->data;
+
+	(void)name;
+	(void)events;
+	if (status == 0 && !p->finished)
+		proc_read(p);
+}
+
+/* The shim is gone: read what is left, then report. */
+static void shim_ended(struct proc *p)
+{
+	if (p->shim_gone)
+		return;
+	p->shim_gone = true;
+	uv_timer_stop(&p->kill_timer);
+	proc_read(p);
+}
+
+static void on_shim_exit(uv_process_t *h, int64_t exit_status, int term_signal)
+{
+	struct proc *p = h->data;
+
+	if (exit_status == SHIM_EXIT_CLAIMED)
+		kpl_warn(LOG, "shim for %s found its attempt already claimed", p->dir);
+	(void)term_signal;
+	shim_ended(p);
+}
+
+static void on_pidfd(uv_poll_t *h, int status, int events)
+{
+	struct proc *p = h->data;
+
+	(void)status;
+	(void)events;
+	uv_poll_stop(h);
+	shim_ended(p);
+}
+
+static void on_kill_timer(uv_timer_t *t)
+{
+	struct proc *p = t->data;
+
+	/* The shim forwards SIGTERM and escalates itself; this is for a shim
+	 * that does not answer. */
+	if (!p->shim_gone && p->shim_pid > 0)
+		kill((pid_t)p->shim_pid, SIGKILL);
+}
+
+static void on_kick(uv_timer_t *t)
+{
+	struct proc *p = t->data;
+
+	if (!p->finished)
+		proc_read(p);
+}
+
+/* Reads what the shim wrote while nobody followed, from the loop: the
+ * kind's exit callback never runs inside proc_start or proc_resume. */
+static void kick(struct proc *p)
+{
+	uv_timer_start(&p->kick, on_kick, 0, 0);
+}
+
+static int start_watching(struct proc *p, struct kpl_err *err)
+{
+	int rc = uv_fs_event_start(&p->watch, on_dir_change, p->dir, 0);
+
+	if (rc)
+		return kpl_errf(err, KPL_EIO, "cannot watch %s: %s", p->dir, uv_strerror(rc));
+	return 0;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Environment */
+
+static void strv_push(char ***v, char *entry)
+{
+	size_t n = 0;
+
+	while (*v && (*v)[n])
+		n++;
+	/* A few dozen entries: growing by one each time costs nothing here. */
+	*v = kpl_realloc(*v, (n + 2) * sizeof **v);
+	(*v)[n] = entry;
+	(*v)[n + 1] = NULL;
+}
+
+void proc_env_set(char ***env, const char *name, const char *value)
+{
+	size_t len = strlen(name);
+
+	for (char **e = *env; e && *e; e++) {
+		if (strncmp(*e, name, len) == 0 && (*e)[len] == '=') {
+			free(*e);
+			*e = kpl_asprintf("%s=%s", name, value);
+			return;
+		}
+	}
+	strv_push(env, kpl_asprintf("%s=%s", name, value));
+}
+
+void proc_strv_free(char **v)
+{
+	for (char **p = v; p && *p; p++)
+		free(*p);
+	free(v);
+}
+
+/* KPL_PARAM_ + the name upper-cased, other characters as '_'. */
+static char *param_env_name(const char *name)
+{
+	char *s = kpl_asprintf("KPL_PARAM_%s", name);
+
+	for (char *p = s + strlen("KPL_PARAM_"); *p; p++)
+		*p = isalnum((unsigned char)*p) ? (char)toupper((unsigned char)*p) : '_';
+	return s;
+}
+
+char **proc_stage_env(struct stage *st, const char *outputs_path)
+{
+	char **env = NULL;
+	size_t nenv, nparams;
+	const char *const *names, *const *values;
+	const char *const *env_names, *const *env_values;
+	char attempt[16];
+
+	for (char **e = environ; e && *e; e++)
+		if (strncmp(*e, "KPL_", 4) != 0)
+			strv_push(&env, kpl_strdup(*e));
+	proc_env_set(&env, "KPL_RUN_ID", stage_run_id(st));
+	proc_env_set(&env, "KPL_STAGE", stage_name(st));
+	snprintf(attempt, sizeof attempt, "%u", stage_attempt(st));
+	proc_env_set(&env, "KPL_ATTEMPT", attempt);
+	proc_env_set(&env, "KPL_WORKSPACE", stage_workspace(st));
+	if (outputs_path)
+		proc_env_set(&env, "KPL_OUTPUTS", outputs_path);
+	stage_params(st, &names, &values, &nparams);
+	for (size_t i = 0; i < nparams; i++) {
+		char *k = param_env_name(names[i]);
+		proc_env_set(&env, k, values[i]);
+		free(k);
+	}
+	stage_env_expanded(st, &env_names, &env_values, &nenv);
+	for (size_t i = 0; i < nenv; i++)
+		proc_env_set(&env, env_names[i], env_values[i]);
+	/* Never NULL: uv_spawn would hand the child kpld's own environment. */
+	if (!env)
+		strv_push(&env, kpl_strdup("KPL_EMPTY=1"));
+	return env;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Start, attach, resume */
+
+static void pid_recorded(struct stage *st, int status, void *data)
+{
+	(void)st;
+	(void)data;
+	if (status)
+		kpl_warn(LOG, "could not record the shim's pid: %s", kpl_strerror(status));
+}
+
+/* Tries to take the lock without waiting: 1 if the shim holds it (alive),
+ * 0 if free, -1 if there is no lock file. *pid is the pid written inside,
+ * 0 for none; *claimed says kpld wrote it. */
+static int lock_held(const char *path, int64_t *pid, bool *claimed)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC), held;
+	char buf[32] = { 0 };
+
+	if (fd < 0)
+		return -1;
+	if (read(fd, buf, sizeof buf - 1) > 0)
+		*pid = atoll(buf);
+	if (claimed)
+		*claimed = strcmp(buf, PROC_CLAIMED) == 0;
+	held = flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+	close(fd);
+	return held;
+}
+
+/*
+ * Follows the shim of p->dir, which has claimed its lock (or ended):
+ * KPL_ESTATE when it ended without reporting, KPL_EIO when it cannot be
+ * followed.
+ */
+static int attach(struct proc *p, struct kpl_err *err)
+{
+	char *lock = dir_file(p, "lock"), *exit_path = dir_file(p, "exit");
+	int64_t pid = 0;
+	int held, rc = 0;
+
+	held = lock_held(lock, &pid, NULL);
+	if (held == 1) {
+		p->shim_pid = pid;
+		p->pidfd = (int)syscall(SYS_pidfd_open, (pid_t)pid, 0);
+		/* The pid came from a lock still held, so it is the shim's. */
+		if (p->pidfd < 0 || lock_held(lock, &pid, NULL) != 1) {
+			if (p->pidfd < 0 && errno != ESRCH) {
+				rc = kpl_errf(err, KPL_EIO, "cannot follow process %lld: %s",
+					      (long long)pid, strerror(errno));
+				goto out;
+			}
+			p->shim_gone = true; /* it ended just now */
+		} else {
+			uv_poll_init(p->loop, &p->pidpoll, p->pidfd);
+			p->have_pidpoll = true;
+			p->open_handles++;
+			uv_poll_start(&p->pidpoll, UV_READABLE, on_pidfd);
+		}
+	} else if (access(exit_path, F_OK) == 0) {
+		p->shim_gone = true; /* finished while kpld was away */
+	} else {
+		rc = kpl_errf(err, KPL_ESTATE, "its process ended without reporting (killed?)");
+		goto out;
+	}
+	rc = start_watching(p, err);
+out:
+	free(lock);
+	free(exit_path);
+	return rc;
+}
+
+/* Takes dir's lock for kpld if no shim has: 1 taken (no shim will ever run
+ * there), 0 a shim (or kpld) has it, negative on error. */
+static int claim(const char *dir)
+{
+	char *lock = kpl_asprintf("%s/lock", dir);
+	int fd = open(lock, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+
+	free(lock);
+	if (fd < 0)
+		return errno == EEXIST ? 0 : -errno;
+	if (write(fd, PROC_CLAIMED, strlen(PROC_CLAIMED)) < 0)
+		kpl_warn(LOG, "cannot write the claim in %s: %s", dir, strerror(errno));
+	close(fd);
+	return 1;
+}
+
+static int spawn(struct proc *p, const struct proc_spec *spec, struct kpl_err *err)
+{
+	uv_process_options_t o = { 0 };
+	uv_stdio_container_t stdio[3];
+	char exe[4096], grace[32], **argv;
+	size_t exe_len = sizeof exe, argc = 0, n = 0;
+	int rc;
+
+	if ((rc = uv_exepath(exe, &exe_len)) != 0)
+		return kpl_errf(err, KPL_EIO, "cannot find kpld's own executable: %s",
+				uv_strerror(rc));
+	if ((rc = start_watching(p, err)) != 0)
+		return rc;
+	while (spec->argv[n])
+		n++;
+	/* kpld __shim DIR GRACE -- argv... */
+	argv = kpl_calloc(n + 6, sizeof *argv);
+	argv[argc++] = exe;
+	argv[argc++] = (char *)SHIM_ARGV1;
+	argv[argc++] = p->dir;
+	snprintf(grace, sizeof grace, "%d", p->grace_ms);
+	argv[argc++] = grace;
+	argv[argc++] = (char *)"--";
+	for (size_t i = 0; i < n; i++)
+		argv[argc++] = spec->argv[i];
+	stdio[0].flags = UV_IGNORE;
+	stdio[1].flags = UV_IGNORE;
+	stdio[2].flags = UV_INHERIT_FD; /* the shim's own complaints, to kpld's log */
+	stdio[2].data.fd = 2;
+	o.exit_cb = on_shim_exit;
+	o.file = argv[0];
+	o.args = argv;
+	o.env = (char **)spec->env;
+	o.cwd = spec->cwd;
+	o.stdio = stdio;
+	o.stdio_count = 3;
+	/* Its own session: it outlives kpld, and kpld's signals do not reach it. */
+	o.flags = UV_PROCESS_DETACHED;
+	rc = uv_spawn(p->loop, &p->proc, &o);
+	p->have_proc = true;
+	p->open_handles++;
+	free(argv);
+	if (rc) {
+		if (rc == UV_ENOENT)
+			kpl_errf(err, KPL_EINVAL, "cannot run in %s: no such directory", spec->cwd);
+		else
+			kpl_errf(err, KPL_EIO, "cannot start the shim: %s", uv_strerror(rc));
+		return KPL_EINVAL;
+	}
+	p->shim_pid = p->proc.pid;
+	return 0;
+}
+
+int proc_start(struct stage *st, const struct proc_spec *spec,
+	       const struct proc_ops *ops, void *data, struct proc **out,
+	       struct kpl_err *err)
+{
+	struct proc *p = proc_new(st, spec->dir, spec->resume_prefix, ops, data);
+	char *resume, *lock = dir_file(p, "lock");
+	const char *what = spec->what ? spec->what : spec->argv[0];
+	struct stat sb;
+	int rc;
+
+	if (spec->grace_ms > 0)
+		p->grace_ms = spec->grace_ms;
+	if (stat(p->dir, &sb) != 0) {
+		/* A fresh directory: no shim can be there yet. */
+		if ((rc = proc_mkdir_p(p->dir)) != 0) {
+			kpl_errf(err, KPL_EIO, "cannot create %s: %s", p->dir, strerror(-rc));
+			rc = KPL_EIO;
+			goto fail;
+		}
+		if ((rc = spawn(p, spec, err)) != 0)
+			goto fail;
+	} else {
+		/* A previous kpld made it, then stopped before recording so. */
+		int64_t pid = 0;
+		bool claimed = false;
+
+		rc = claim(p->dir);
+		if (rc == 0)
+			lock_held(lock, &pid, &claimed);
+		if (rc < 0) {
+			rc = kpl_errf(err, KPL_EIO, "cannot create %s: %s", lock, strerror(-rc));
+			goto fail;
+		}
+		if (rc == 1 || claimed) {
+			/* Its shim never started the command, and now never will;
+			 * a new shim here could race a late one for the lock. */
+			rc = kpl_errf(err, KPL_ESTATE, "kpld stopped while starting %s", what);
+			goto fail;
+		}
+		/* Its shim runs or ran the command: follow it from the start, as
+		 * no line of it was committed (the commit naming it never was). */
+		if ((rc = attach(p, err)) != 0)
+			goto fail;
+		kpl_info(LOG, "run %s stage %s: attached to the shim a previous kpld "
+			 "started in %s", stage_run_id(st), stage_name(st), p->dir);
+		kick(p);
+	}
+	*out = p;
+	resume = kpl_asprintf("%s0", p->prefix);
+	stage_record_resume(st, p->shim_pid, proc_pid_start_time(p->shim_pid), resume,
+			    pid_recorded, NULL);
+	free(resume);
+	kpl_debug(LOG, "run %s stage %s: shim pid %lld runs %s", stage_run_id(st),
+		  stage_name(st), (long long)p->shim_pid, what);
+	free(lock);
+	return 0;
+fail:
+	p->st = NULL;
+	proc_close_all(p);
+	free(lock);
+	return rc;
+}
+
+int proc_resume(struct stage *st, const char *dir, const char *resume_prefix,
+		uint64_t offset, const struct proc_ops *ops, void *data,
+		struct proc **out, struct kpl_err *err)
+{
+	struct proc *p = proc_new(st, dir, resume_prefix, ops, data);
+	int rc;
+
+	p->offset = offset;
+	proc_mkdir_p(p->dir);
+	rc = claim(p->dir);
+	if (rc == 1) {
+		/* Claimed: a shim that was forked but not yet this far exits. */
+		rc = kpl_errf(err, KPL_ENOTFOUND, "its process had not started");
+		goto fail;
+	}
+	if (rc < 0) {
+		rc = kpl_errf(err, KPL_EIO, "cannot create %s/lock: %s", p->dir, strerror(-rc));
+		goto fail;
+	}
+	if ((rc = attach(p, err)) != 0)
+		goto fail;
+	kpl_info(LOG, "run %s stage %s: re-attached to %s at output offset %llu%s",
+		 stage_run_id(st), stage_name(st), p->dir, (unsigned long long)p->offset,
+		 p->shim_gone ? " (it has finished)" : "");
+	*out = p;
+	kick(p);
+	return 0;
+fail:
+	p->st = NULL;
+	proc_close_all(p);
+	return rc;
+}
+
+void proc_cancel(struct proc *p)
+{
+	if (!p || p->shim_gone || p->finished)
+		return;
+	p->cancelled = true;
+	if (p->shim_pid > 0)
+		kill((pid_t)p->shim_pid, SIGTERM);
+	uv_timer_start(&p->kill_timer, on_kill_timer,
+		       (uint64_t)p->grace_ms + PROC_SHIM_KILL_EXTRA_MS, 0);
+}
+
+void proc_abandon(struct proc *p)
+{
+	if (!p)
+		return;
+	p->st = NULL;
+	p->finished = true;
+	if (!p->reading)
+		proc_close_all(p); /* else on_read closes it */
+}
