@@ -6,6 +6,7 @@
 #include "api/rpc_pipelines.h"
 
 #include <ctype.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -243,8 +244,34 @@ static void run_op(struct api_call *call, struct rpc *rpc, const char *id, run_o
 	}
 }
 
+/*
+ * An audit entry naming the caller (docs/security.md), made before the
+ * change so that in the run's log it comes before the events the change
+ * causes. A run that is not active (or a stage not waiting) records nothing:
+ * the change is refused then too.
+ */
+static void audit(struct api_call *call, struct rpc *rpc, const char *run_id,
+		  const char *stage, const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+static void audit(struct api_call *call, struct rpc *rpc, const char *run_id,
+		  const char *stage, const char *fmt, ...)
+{
+	char what[400], msg[800];
+	struct kpl_err err = { 0 };
+	va_list ap;
+
+	if (run_id && check_run_id("id", run_id, &err))
+		return;
+	va_start(ap, fmt);
+	vsnprintf(what, sizeof what, fmt, ap);
+	va_end(ap);
+	snprintf(msg, sizeof msg, "%s %s", api_call_who(call), what);
+	engine_audit(rpc->eng, run_id, stage, msg, &err);
+}
+
 static void h_cancel(struct api_call *call, const ProtobufCMessage *m, void *data)
 {
+	audit(call, data, ((const Kpl__V1__CancelRunRequest *)(const void *)m)->id, NULL,
+	      "cancelled the run");
 	run_op(call, data, ((const Kpl__V1__CancelRunRequest *)(const void *)m)->id,
 	       engine_cancel);
 }
@@ -603,6 +630,8 @@ static void h_approve(struct api_call *call, const ProtobufCMessage *m, void *da
 			      "comment (2000) or by (200 characters) is too long");
 		return;
 	}
+	audit(call, rpc, req->run_id, req->stage, "%s stage %s",
+	      req->approve ? "approved" : "rejected", req->stage);
 	op = op_new(rpc, call);
 	if (engine_approve(rpc->eng, req->run_id, req->stage, req->approve, req->comment,
 			   req->by, op_answer, op, &err)) {
@@ -668,6 +697,7 @@ static void h_secret_set(struct api_call *call, const ProtobufCMessage *m, void 
 		return;
 	}
 	kpl_info(LOG, "secret %s set", req->name);
+	audit(call, rpc, NULL, NULL, "set secret %s", req->name);
 	secret_commit(rpc, call, req->name);
 }
 
@@ -683,6 +713,7 @@ static void h_secret_delete(struct api_call *call, const ProtobufCMessage *m, vo
 		return;
 	}
 	kpl_info(LOG, "secret %s deleted", req->name);
+	audit(call, rpc, NULL, NULL, "deleted secret %s", req->name);
 	secret_commit(rpc, call, req->name);
 }
 
@@ -727,29 +758,41 @@ struct rpc *rpc_new(struct engine *e)
 	struct rpc *rpc = kpl_calloc(1, sizeof *rpc);
 	const struct api_method methods[] = {
 		{ "/kpl.v1.Pipelines/SubmitRun", API_UNARY,
-		  &kpl__v1__submit_run_request__descriptor, h_submit, rpc },
+		  &kpl__v1__submit_run_request__descriptor, h_submit, rpc,
+		  API_SCOPE_SUBMIT },
 		{ "/kpl.v1.Pipelines/GetRun", API_UNARY,
-		  &kpl__v1__get_run_request__descriptor, h_get, rpc },
+		  &kpl__v1__get_run_request__descriptor, h_get, rpc,
+		  API_SCOPE_READ },
 		{ "/kpl.v1.Pipelines/ListRuns", API_UNARY,
-		  &kpl__v1__list_runs_request__descriptor, h_list, rpc },
+		  &kpl__v1__list_runs_request__descriptor, h_list, rpc,
+		  API_SCOPE_READ },
 		{ "/kpl.v1.Pipelines/WatchRun", API_SERVER_STREAM,
-		  &kpl__v1__watch_run_request__descriptor, h_watch, rpc },
+		  &kpl__v1__watch_run_request__descriptor, h_watch, rpc,
+		  API_SCOPE_READ },
 		{ "/kpl.v1.Pipelines/CancelRun", API_UNARY,
-		  &kpl__v1__cancel_run_request__descriptor, h_cancel, rpc },
+		  &kpl__v1__cancel_run_request__descriptor, h_cancel, rpc,
+		  API_SCOPE_SUBMIT },
 		{ "/kpl.v1.Pipelines/ValidatePipeline", API_UNARY,
-		  &kpl__v1__validate_pipeline_request__descriptor, h_validate, rpc },
+		  &kpl__v1__validate_pipeline_request__descriptor, h_validate, rpc,
+		  API_SCOPE_READ },
 		{ "/kpl.v1.Pipelines/ApproveStage", API_UNARY,
-		  &kpl__v1__approve_stage_request__descriptor, h_approve, rpc },
+		  &kpl__v1__approve_stage_request__descriptor, h_approve, rpc,
+		  API_SCOPE_APPROVE },
 		{ "/kpl.v1.Pipelines/RetryRun", API_UNARY,
-		  &kpl__v1__retry_run_request__descriptor, h_retry, rpc },
+		  &kpl__v1__retry_run_request__descriptor, h_retry, rpc,
+		  API_SCOPE_SUBMIT },
 		{ "/kpl.v1.Pipelines/WatchRuns", API_SERVER_STREAM,
-		  &kpl__v1__watch_runs_request__descriptor, h_watch_all, rpc },
+		  &kpl__v1__watch_runs_request__descriptor, h_watch_all, rpc,
+		  API_SCOPE_READ },
 		{ "/kpl.v1.Pipelines/SetSecret", API_UNARY,
-		  &kpl__v1__set_secret_request__descriptor, h_secret_set, rpc },
+		  &kpl__v1__set_secret_request__descriptor, h_secret_set, rpc,
+		  API_SCOPE_ADMIN },
 		{ "/kpl.v1.Pipelines/ListSecrets", API_UNARY,
-		  &kpl__v1__list_secrets_request__descriptor, h_secret_list, rpc },
+		  &kpl__v1__list_secrets_request__descriptor, h_secret_list, rpc,
+		  API_SCOPE_ADMIN },
 		{ "/kpl.v1.Pipelines/DeleteSecret", API_UNARY,
-		  &kpl__v1__delete_secret_request__descriptor, h_secret_delete, rpc },
+		  &kpl__v1__delete_secret_request__descriptor, h_secret_delete, rpc,
+		  API_SCOPE_ADMIN },
 	};
 
 	rpc->eng = e;

@@ -26,12 +26,14 @@
  */
 #include "api/server.h"
 
+#include <errno.h>
 #include <grpc/byte_buffer.h>
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
 #include <grpc/support/time.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -84,6 +86,9 @@ struct api_call {
 	grpc_metadata_array md;
 	char **md_values; /* NUL-terminated copies, lazily, by md index */
 	char *method;     /* NUL-terminated copy of details.method */
+	char *who;        /* api_call_set_who; NULL: "local" */
+	char *peer_subject; /* client certificate subject, read lazily */
+	bool peer_read;
 	const struct api_method *m; /* NULL: unknown method */
 	ProtobufCMessage *req;      /* the decoded request (unary, stream) */
 
@@ -154,6 +159,10 @@ struct api_server {
 
 	struct api_health *health;
 	struct api_reflection *refl;
+
+	api_authorize_fn authorize; /* NULL: every call goes through */
+	void *authorize_data;
+	bool mtls; /* client certificates required */
 };
 
 /* --- The ready list: completion-queue thread (and loop) to loop. --- */
@@ -305,6 +314,8 @@ static void call_free(struct api_call *c)
 		grpc_slice_unref(c->status_details);
 	free(c->pending_msg);
 	free(c->method);
+	free(c->who);
+	free(c->peer_subject);
 	if (c->prev)
 		c->prev->next = c->next;
 	else
@@ -500,6 +511,30 @@ static void on_recv(struct tag *t, int success)
 	call_unref(c);
 }
 
+/*
+ * Runs the authorize hook (style: the check lives here, once, so handlers
+ * stay thin). Returns false if it ended the call.
+ */
+static bool call_authorize(struct api_call *c, const ProtobufCMessage *req)
+{
+	struct api_server *s = c->s;
+	enum api_scope scope = c->m->scope ? c->m->scope : API_SCOPE_ADMIN;
+	char msg[API_MAX_STATUS_MSG];
+	int code;
+
+	if (!s->authorize || scope == API_SCOPE_OPEN)
+		return true;
+	msg[0] = '\0';
+	code = s->authorize(c, c->m, scope, api_call_metadata(c, "authorization"), req,
+			    s->authorize_data, msg, sizeof msg);
+	if (code == GRPC_STATUS_OK)
+		return true;
+	/* msg never holds the token (the hook's contract). */
+	kpl_info(SUB, "%s: refused (status %d): %s", c->method, code, msg);
+	call_end(c, NULL, code, msg[0] ? msg : "the call is not allowed");
+	return false;
+}
+
 /* The request of a unary or server-streaming call arrived. */
 static void on_request_msg(struct tag *t, int success)
 {
@@ -522,7 +557,7 @@ static void on_request_msg(struct tag *t, int success)
 		snprintf(msg, sizeof msg, "request does not decode as %s",
 			 c->m->request->name);
 		call_end(c, NULL, GRPC_STATUS_INVALID_ARGUMENT, msg);
-	} else {
+	} else if (call_authorize(c, c->req)) {
 		c->m->handler(c, c->req, c->m->data);
 	}
 	call_unref(c);
@@ -590,7 +625,8 @@ static void call_new(struct request *r)
 		return;
 	}
 	if (c->m->type == API_BIDI_STREAM_) {
-		c->m->handler(c, NULL, c->m->data);
+		if (call_authorize(c, NULL))
+			c->m->handler(c, NULL, c->m->data);
 		return;
 	}
 	memset(&op, 0, sizeof op);
@@ -768,6 +804,83 @@ static int add_method(struct api_server *s, const struct api_method *m,
 	return 0;
 }
 
+/* Reads a whole PEM file; *out is malloc'd and NUL-terminated. */
+static int read_pem(const char *what, const char *path, char **out, struct kpl_err *err)
+{
+	FILE *f = fopen(path, "rb");
+	size_t len = 0, cap = 0, n;
+	char *buf = NULL;
+
+	*out = NULL;
+	if (!f)
+		return kpl_errf(err, KPL_EIO, "%s %s: %s", what, path, strerror(errno));
+	do {
+		if (cap - len < 4096)
+			buf = kpl_realloc(buf, cap = cap * 2 + 4096);
+		n = fread(buf + len, 1, cap - len - 1, f);
+		len += n;
+	} while (n > 0 && len < (1u << 20));
+	if (ferror(f) || len == 0 || len >= (1u << 20)) {
+		fclose(f);
+		free(buf);
+		return kpl_errf(err, KPL_EIO, "%s %s: empty, unreadable or over 1 MiB", what, path);
+	}
+	fclose(f);
+	buf[len] = '\0';
+	if (!strstr(buf, "-----BEGIN ")) {
+		free(buf);
+		return kpl_errf(err, KPL_EINVAL, "%s %s: not a PEM file", what, path);
+	}
+	*out = buf;
+	return 0;
+}
+
+/* Plaintext, TLS, or TLS that requires and verifies client certificates. */
+static int server_creds(struct api_server *s, const struct api_server_options *opt,
+			grpc_server_credentials **out, struct kpl_err *err)
+{
+	grpc_ssl_pem_key_cert_pair pair;
+	char *cert = NULL, *key = NULL, *ca = NULL;
+	int rc;
+
+	*out = NULL;
+	if (!opt->tls_cert_file && !opt->tls_key_file && !opt->client_ca_file) {
+		*out = grpc_insecure_server_credentials_create();
+		return 0;
+	}
+	if (!opt->tls_cert_file || !opt->tls_key_file)
+		return kpl_errf(err, KPL_EINVAL, "TLS needs both a certificate and a key%s",
+				opt->client_ca_file ? " (a client CA alone is not enough)" : "");
+	if ((rc = read_pem("TLS certificate", opt->tls_cert_file, &cert, err)) < 0 ||
+	    (rc = read_pem("TLS key", opt->tls_key_file, &key, err)) < 0 ||
+	    (opt->client_ca_file &&
+	     (rc = read_pem("client CA", opt->client_ca_file, &ca, err)) < 0))
+		goto fail;
+	pair.private_key = key;
+	pair.cert_chain = cert;
+	*out = grpc_ssl_server_credentials_create_ex(
+		ca, &pair, 1,
+		ca ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+		   : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+		NULL);
+	if (!*out) {
+		rc = kpl_errf(err, KPL_EINVAL, "TLS: grpc refused the certificate or key (%s, %s)",
+			      opt->tls_cert_file, opt->tls_key_file);
+		goto fail;
+	}
+	s->mtls = ca != NULL;
+	rc = 0;
+fail:
+	free(cert);
+	/* The key's bytes are secret: wipe them before giving the memory back. */
+	if (key) {
+		memset(key, 0, strlen(key));
+		free(key);
+	}
+	free(ca);
+	return rc;
+}
+
 int api_server_start(uv_loop_t *loop, const struct api_server_options *opt,
 		     struct api_server **out, struct kpl_err *err)
 {
@@ -805,14 +918,14 @@ int api_server_start(uv_loop_t *loop, const struct api_server_options *opt,
 		const struct api_method builtin[] = {
 			{ HEALTH_CHECK, API_UNARY,
 			  &grpc__health__v1__health_check_request__descriptor,
-			  api_health_check, s->health },
+			  api_health_check, s->health, API_SCOPE_OPEN },
 			{ HEALTH_WATCH, API_SERVER_STREAM,
 			  &grpc__health__v1__health_check_request__descriptor,
-			  api_health_watch, s->health },
+			  api_health_watch, s->health, API_SCOPE_OPEN },
 			{ REFLECTION_V1ALPHA, API_BIDI_STREAM_, NULL,
-			  api_reflection_info, s->refl },
+			  api_reflection_info, s->refl, API_SCOPE_OPEN },
 			{ REFLECTION_V1, API_BIDI_STREAM_, NULL,
-			  api_reflection_info, s->refl },
+			  api_reflection_info, s->refl, API_SCOPE_OPEN },
 		};
 		for (size_t i = 0; i < KPL_ARRAY_SIZE(builtin); i++)
 			if ((rc = add_method(s, &builtin[i], err)) < 0)
@@ -850,7 +963,10 @@ int api_server_start(uv_loop_t *loop, const struct api_server_options *opt,
 	s->cq = grpc_completion_queue_create_for_next(NULL);
 	s->server = grpc_server_create(&chargs, NULL);
 	grpc_server_register_completion_queue(s->server, s->cq, NULL);
-	creds = grpc_insecure_server_credentials_create();
+	s->authorize = opt->authorize;
+	s->authorize_data = opt->authorize_data;
+	if ((rc = server_creds(s, opt, &creds, err)) < 0)
+		goto fail;
 	s->port = grpc_server_add_http2_port(s->server, opt->listen, creds);
 	grpc_server_credentials_release(creds);
 	if (s->port <= 0) {
@@ -870,7 +986,9 @@ int api_server_start(uv_loop_t *loop, const struct api_server_options *opt,
 		request_arm(&s->requests[i]);
 	if ((rc = uv_thread_create(&s->thread, cq_thread, s)) < 0)
 		BUG("uv_thread_create: %s", uv_strerror(rc));
-	kpl_info(SUB, "listening on %s (port %d)", opt->listen, s->port);
+	kpl_info(SUB, "listening on %s (port %d, %s)", opt->listen, s->port,
+		 s->mtls ? "TLS, client certificates required"
+			 : opt->tls_cert_file ? "TLS" : "plaintext");
 	*out = s;
 	return 0;
 
@@ -1023,6 +1141,35 @@ const char *api_call_metadata(struct api_call *call, const char *key)
 const char *api_call_method(struct api_call *call)
 {
 	return call->method;
+}
+
+const char *api_call_who(struct api_call *call)
+{
+	return call->who ? call->who : "local";
+}
+
+void api_call_set_who(struct api_call *call, const char *who)
+{
+	free(call->who);
+	call->who = kpl_strdup(who);
+}
+
+const char *api_call_peer_subject(struct api_call *call)
+{
+	grpc_auth_context *ctx;
+	grpc_auth_property_iterator it;
+	const grpc_auth_property *p;
+
+	if (call->peer_read || !call->s->mtls)
+		return call->peer_subject;
+	call->peer_read = true;
+	if (!(ctx = grpc_call_auth_context(call->gc)))
+		return NULL;
+	it = grpc_auth_context_find_properties_by_name(ctx, GRPC_X509_SUBJECT_PROPERTY_NAME);
+	if ((p = grpc_auth_property_iterator_next(&it)) != NULL && p->value)
+		call->peer_subject = kpl_strndup(p->value, p->value_length);
+	grpc_auth_context_release(ctx);
+	return call->peer_subject;
 }
 
 void api_call_recv(struct api_call *call,

@@ -37,18 +37,59 @@ enum api_method_type {
 typedef void (*api_handler_fn)(struct api_call *call,
 			       const ProtobufCMessage *req, void *data);
 
+/*
+ * What a caller's token must allow for a method (docs/security.md). The
+ * token scopes are ordered (values as kpl.v1.TokenScope): each allows what
+ * the ones below it allow. API_SCOPE_OPEN needs no token at all (health,
+ * reflection). A method that leaves scope 0 (API_SCOPE_UNSET) is treated as
+ * API_SCOPE_ADMIN: a new method stays closed until someone decides.
+ */
+enum api_scope {
+	API_SCOPE_UNSET = 0,
+	API_SCOPE_READ = 1,
+	API_SCOPE_SUBMIT = 2,
+	API_SCOPE_APPROVE = 3,
+	API_SCOPE_ADMIN = 4,
+	API_SCOPE_OPEN = 100,
+};
+
 struct api_method {
 	const char *path; /* "/kpl.v1.Pipelines/SubmitRun" */
 	enum api_method_type type;
 	const ProtobufCMessageDescriptor *request;
 	api_handler_fn handler;
 	void *data;
+	enum api_scope scope;
 };
+
+/*
+ * Decides whether a call may go on. Runs on the loop for every method that
+ * is not API_SCOPE_OPEN, once the request has decoded and before the
+ * handler sees it. scope is the method's (API_SCOPE_UNSET already made
+ * API_SCOPE_ADMIN); authorization is the call's "authorization" metadata or
+ * NULL; req is the decoded request (borrowed). Returns 0 (GRPC_STATUS_OK)
+ * to let the call through, or the grpc status to end it with, with msg
+ * (NUL-terminated, at most msg_size bytes) saying why. msg must never hold
+ * the token. It may name the caller with api_call_set_who.
+ */
+typedef int (*api_authorize_fn)(struct api_call *call, const struct api_method *m,
+				enum api_scope scope, const char *authorization,
+				const ProtobufCMessage *req, void *data, char *msg,
+				size_t msg_size);
 
 struct api_server_options {
 	const char *listen;  /* "127.0.0.1:7070"; port 0 picks a free port */
 	const struct api_method *methods;
 	size_t n_methods;
+	/* NULL: every call goes through, and its who is "local". */
+	api_authorize_fn authorize;
+	void *authorize_data;
+	/* PEM files. With tls_cert_file and tls_key_file the port serves TLS
+	 * only; client_ca_file (needs them) also requires every client to
+	 * present a certificate that CA signed. All NULL: plaintext. */
+	const char *tls_cert_file;
+	const char *tls_key_file;
+	const char *client_ca_file;
 };
 
 /*
@@ -124,5 +165,21 @@ const char *api_call_metadata(struct api_call *call, const char *key);
 
 /* The method path of the call ("/kpl.v1.Pipelines/WatchRun"). */
 const char *api_call_method(struct api_call *call);
+
+/*
+ * Who made the call, for audit entries and logs: what the authorize hook
+ * set with api_call_set_who ("token t_0123456789ab (alice)"), else "local".
+ * Borrowed, valid until the call ends or the who is set again.
+ */
+const char *api_call_who(struct api_call *call);
+/* Sets the call's who (copied). */
+void api_call_set_who(struct api_call *call, const char *who);
+
+/*
+ * The subject of the client's certificate ("CN=alice,O=..."), when the
+ * server requires client certificates (client_ca_file), else NULL.
+ * Borrowed, valid until the call ends.
+ */
+const char *api_call_peer_subject(struct api_call *call);
 
 #endif

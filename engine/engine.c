@@ -2138,3 +2138,69 @@ void engine_stop(struct engine *e, void (*done)(void *data), void *data)
 	}
 	store_commit(e->store, stop_committed, e);
 }
+
+static void audit_committed(void *data, int status)
+{
+	(void)data;
+	if (status)
+		kpl_error(LOG, "an audit entry could not be stored: %s", kpl_strerror(status));
+}
+
+int engine_audit(struct engine *e, const char *run_id, const char *stage,
+		 const char *msg, struct kpl_err *err)
+{
+	Kpl__V1__RunEvent ev = KPL__V1__RUN_EVENT__INIT;
+	Google__Protobuf__Timestamp t;
+	struct run *r = NULL;
+	struct stage *st = NULL;
+	char *copy;
+	size_t rlen;
+
+	if (run_id) {
+		r = engine_find(e, run_id);
+		if (!r || r->final_durable || run_state_final(r->state))
+			return kpl_errf(err, r ? KPL_ESTATE : KPL_ENOTFOUND,
+					"run %s is not active", run_id);
+		if (stage) {
+			st = run_find_stage(r, stage, false);
+			if (!st)
+				st = run_find_stage(r, stage, true);
+			if (!st)
+				return kpl_errf(err, KPL_ENOTFOUND, "run %s has no stage %s",
+						run_id, stage);
+			if (st->state != KPL__V1__STAGE_STATE__STAGE_STATE_WAITING || !st->live ||
+			    strcmp(st->kind->name, "approval") != 0)
+				return kpl_errf(err, KPL_ESTATE, "stage %s is not waiting for approval",
+						stage);
+		}
+	}
+	copy = secrets_redact(e->secrets, msg, strlen(msg), &rlen);
+	ev.message = copy ? copy : (char *)msg;
+	ev.time = ts_set(&t, kpl_now_ms());
+	ev.kind = KPL__V1__EVENT_KIND__EVENT_KIND_AUDIT;
+	ev.stream = KPL__V1__LOG_STREAM__LOG_STREAM_SYSTEM;
+	ev.run_id = "";
+	ev.stage = "";
+	ev.pipeline_name = "";
+	if (r) {
+		ev.run_id = r->id;
+		ev.seq = r->next_seq++;
+		ev.global_seq = e->next_gseq++;
+		ev.pipeline_name = r->pl->name;
+		ev.run_state = r->state;
+		if (st) {
+			ev.stage = st->spec->name;
+			ev.stage_state = st->state;
+			ev.attempt = st->attempt;
+		}
+		store_stage_event(e->store, &ev);
+	}
+	store_stage_audit(e->store, &ev);
+	kpl_info(LOG, "audit: %s%s%s", r ? r->id : "", r ? ": " : "", ev.message);
+	if (r)
+		run_commit(r);
+	else
+		store_commit(e->store, audit_committed, NULL);
+	free(copy);
+	return 0;
+}

@@ -134,4 +134,18 @@ bool engine_run_active(struct engine *e, const char *run_id);
 /* Number of runs in memory (not yet final and durable). */
 size_t engine_active_runs(struct engine *e);
 
+/*
+ * Records an audit entry (docs/security.md): msg ("token t_... (alice)
+ * cancelled the run") goes to the audit log (store_stage_audit), and, when
+ * run_id is given, also to that run's event log as an EVENT_KIND_AUDIT
+ * event, which needs the run to be active: call it before the change it
+ * records, so the entry comes before the events the change causes. With
+ * stage set (approvals), that stage must be an approval WAITING for an
+ * answer, as engine_approve requires. KPL_ENOTFOUND / KPL_ESTATE otherwise,
+ * and nothing is recorded. Commits what it stages. msg is redacted of
+ * every secret like every event.
+ */
+int engine_audit(struct engine *e, const char *run_id, const char *stage,
+		 const char *msg, struct kpl_err *err);
+
 #endif
