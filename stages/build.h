@@ -1,0 +1,14 @@
+/*
+ * build.h - the `build` stage kind's drivers. stages/build.c dispatches on
+ * `with.driver` to one of these; each is a whole struct stage_kind (its
+ * check_with sees the whole `with`, `driver` included).
+ */
+#ifndef KPL_STAGES_BUILD_H
+#define KPL_STAGES_BUILD_H
+
+#include "stages/stage.h"
+
+/* driver: jenkins (stages/build_jenkins.c) */
+extern const struct stage_kind build_jenkins_driver;
+
+#endif
