@@ -7,6 +7,7 @@
  * engine (running attempts are abandoned for the next start to resume,
  * pending commits land), close LMDB, close the loop.
  */
+#include <arpa/inet.h>
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
@@ -15,6 +16,7 @@
 #include <unistd.h>
 
 #include "api/rpc_pipelines.h"
+#include "api/rpc_tokens.h"
 #include "stages/shim.h"
 #include "api/server.h"
 #include "engine/config.h"
@@ -34,6 +36,8 @@ struct kpld {
 	struct engine *eng;
 	struct retention *retention;
 	struct rpc *rpc;
+	struct tokens *tokens;
+	struct api_method *methods; /* Pipelines, then Security */
 	struct api_server *server;
 	uv_signal_t sigint, sigterm;
 	uv_idle_t closer; /* closes the store once no commit is in flight */
@@ -46,6 +50,8 @@ static void usage(FILE *f)
 	fprintf(f,
 		"usage: kpld [--listen HOST:PORT] [--data-dir DIR] [--config FILE]\n"
 		"            [--log-level LEVEL] [--ready-file PATH]\n"
+		"            [--tls-cert FILE --tls-key FILE [--client-ca FILE]]\n"
+		"            [--bootstrap-token-file PATH]\n"
 		"\n"
 		"  --listen HOST:PORT   gRPC address (default 127.0.0.1:7070; port 0 picks one)\n"
 		"  --data-dir DIR       store and run workspaces (default ./var/kpl)\n"
@@ -53,7 +59,16 @@ static void usage(FILE *f)
 		"  --log-level LEVEL    debug, info, warn or error (default info)\n"
 		"  --ready-file PATH    write the bound HOST:PORT there once serving\n"
 		"  --retain-days N      forget finished runs older than N days (default 30; 0 = never)\n"
-		"  --retain-runs N      keep at most N finished runs (default 10000; 0 = no limit)\n");
+		"  --retain-runs N      keep at most N finished runs (default 10000; 0 = no limit)\n"
+		"  --tls-cert FILE      serve TLS with this PEM certificate (chain) ...\n"
+		"  --tls-key FILE       ... and this PEM private key\n"
+		"  --client-ca FILE     require client certificates signed by this CA (mTLS)\n"
+		"  --bootstrap-token-file PATH\n"
+		"                       if no admin token exists, make one and write it to\n"
+		"                       PATH (mode 0600)\n"
+		"\n"
+		"Until an API token exists every call is allowed, so kpld then refuses to\n"
+		"listen on anything but loopback (docs/security.md).\n");
 }
 
 static void signal_closed(uv_handle_t *h)
@@ -89,6 +104,10 @@ static void engine_stopped(void *data)
 	d->eng = NULL;
 	rpc_free(d->rpc);
 	d->rpc = NULL;
+	tokens_free(d->tokens);
+	d->tokens = NULL;
+	free(d->methods);
+	d->methods = NULL;
 	uv_idle_init(d->loop, &d->closer);
 	d->closer.data = d;
 	uv_idle_start(&d->closer, close_store);
@@ -141,6 +160,29 @@ static int write_ready_file(const char *path, const char *host, int port)
 	return 0;
 }
 
+/* True for 127.0.0.0/8, ::1, localhost and unix sockets (host is --listen
+ * without its port). */
+static bool listen_is_loopback(const char *listen, const char *host)
+{
+	char h[256];
+	unsigned char a[16];
+	size_t n = strlen(host);
+
+	if (strncmp(listen, "unix:", 5) == 0 || strncmp(listen, "unix-abstract:", 14) == 0)
+		return true;
+	if (n >= 2 && host[0] == '[' && host[n - 1] == ']')
+		snprintf(h, sizeof h, "%.*s", (int)(n - 2), host + 1);
+	else
+		snprintf(h, sizeof h, "%s", host);
+	if (strcmp(h, "localhost") == 0)
+		return true;
+	if (inet_pton(AF_INET, h, a) == 1)
+		return a[0] == 127;
+	if (inet_pton(AF_INET6, h, a) == 1)
+		return memcmp(a, "\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\1", 16) == 0;
+	return false;
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -151,11 +193,18 @@ int main(int argc, char **argv)
 		{ "config", required_argument, NULL, 'c' },
 		{ "retain-days", required_argument, NULL, 'D' },
 		{ "retain-runs", required_argument, NULL, 'R' },
+		{ "tls-cert", required_argument, NULL, 'T' },
+		{ "tls-key", required_argument, NULL, 'K' },
+		{ "client-ca", required_argument, NULL, 'C' },
+		{ "bootstrap-token-file", required_argument, NULL, 'B' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *listen = "127.0.0.1:7070", *data_dir = "./var/kpl", *ready = NULL;
-	const char *config = NULL;
+	const char *config = NULL, *bootstrap = NULL;
+	const struct api_method *pm, *tm;
+	size_t n_pm, n_tm;
+	bool made;
 	struct retention_options ro = { .max_age_days = 30, .max_runs = 10000 };
 	char *end;
 	struct kpld d = { 0 };
@@ -176,6 +225,10 @@ int main(int argc, char **argv)
 		case 'd': data_dir = optarg; break;
 		case 'r': ready = optarg; break;
 		case 'c': config = optarg; break;
+		case 'T': so.tls_cert_file = optarg; break;
+		case 'K': so.tls_key_file = optarg; break;
+		case 'C': so.client_ca_file = optarg; break;
+		case 'B': bootstrap = optarg; break;
 		case 'D':
 		case 'R': {
 			unsigned long v = strtoul(optarg, &end, 10);
@@ -213,6 +266,12 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	snprintf(host, sizeof host, "%.*s", (int)(colon - listen), listen);
+	if (!so.tls_cert_file != !so.tls_key_file ||
+	    (so.client_ca_file && !so.tls_cert_file)) {
+		fprintf(stderr, "kpld: --tls-cert and --tls-key go together; "
+			"--client-ca needs both\n");
+		return 2;
+	}
 
 	signal(SIGPIPE, SIG_IGN);
 	d.loop = uv_default_loop();
@@ -234,6 +293,31 @@ int main(int argc, char **argv)
 		store_close(d.store);
 		return 1;
 	}
+	/* Before the engine starts: the bootstrap commits synchronously. */
+	if (bootstrap && tokens_bootstrap(d.store, bootstrap, &made, &err)) {
+		fprintf(stderr, "kpld: %s\n", err.msg);
+		store_close(d.store);
+		return 1;
+	}
+	if (bootstrap && !made)
+		kpl_info(LOG, "--bootstrap-token-file: an admin token exists; %s left alone",
+			 bootstrap);
+	/* No token: every call is allowed. Refuse before binding anything. */
+	if (!tokens_exist(d.store)) {
+		if (!listen_is_loopback(listen, host)) {
+			fprintf(stderr,
+				"kpld: refusing to listen on %s: no API token exists, so every "
+				"call would be allowed; listen on loopback (127.0.0.1) and create "
+				"one with kplctl token create --scope admin, or start with "
+				"--bootstrap-token-file PATH (docs/security.md)\n",
+				listen);
+			store_close(d.store);
+			return 2;
+		}
+		kpl_warn(LOG, "no API token exists: every call is allowed (as \"local\"), "
+			 "so kpld listens on loopback only; kplctl token create --scope admin "
+			 "makes the first one");
+	}
 	eo.loop = d.loop;
 	eo.store = d.store;
 	eo.data_dir = data_dir;
@@ -251,7 +335,16 @@ int main(int argc, char **argv)
 	}
 	d.rpc = rpc_new(d.eng);
 	so.listen = listen;
-	so.methods = rpc_methods(d.rpc, &so.n_methods);
+	d.tokens = tokens_new(d.eng);
+	pm = rpc_methods(d.rpc, &n_pm);
+	tm = tokens_methods(d.tokens, &n_tm);
+	d.methods = kpl_calloc(n_pm + n_tm, sizeof *d.methods);
+	memcpy(d.methods, pm, n_pm * sizeof *pm);
+	memcpy(d.methods + n_pm, tm, n_tm * sizeof *tm);
+	so.methods = d.methods;
+	so.n_methods = n_pm + n_tm;
+	so.authorize = tokens_authorize;
+	so.authorize_data = d.tokens;
 	if ((rc = api_server_start(d.loop, &so, &d.server, &err)) != 0) {
 		fprintf(stderr, "kpld: %s\n", err.msg);
 		/* NEEDSWORK: stop the engine cleanly here too. */
