@@ -552,16 +552,23 @@ static int lock_held(const char *path, int64_t *pid, bool *claimed)
 
 /*
  * Follows the shim of p->dir, which has claimed its lock (or ended):
- * KPL_ESTATE when it ended without reporting, KPL_EIO when it cannot be
- * followed.
+ * KPL_ENOTFOUND when kpld claimed it instead, KPL_ESTATE when the shim ended
+ * without reporting, KPL_EIO when it cannot be followed.
  */
 static int attach(struct proc *p, struct kpl_err *err)
 {
 	char *lock = dir_file(p, "lock"), *exit_path = dir_file(p, "exit");
 	int64_t pid = 0;
+	bool claimed = false;
 	int held, rc = 0;
 
-	held = lock_held(lock, &pid, NULL);
+	held = lock_held(lock, &pid, &claimed);
+	if (claimed) {
+		/* A kpld gave the attempt up before (and then stopped before the
+		 * restart it asked for was committed): still nothing ran. */
+		rc = kpl_errf(err, KPL_ENOTFOUND, "its process had not started");
+		goto out;
+	}
 	if (held == 1) {
 		p->shim_pid = pid;
 		p->pidfd = (int)syscall(SYS_pidfd_open, (pid_t)pid, 0);

@@ -5,10 +5,11 @@
  *
  * kpld starts `kpld __shim DIR GRACE_MS -- ARGV...` detached (its own
  * session). The shim:
- *   1. claims DIR/lock with O_CREAT|O_EXCL and holds an flock on it for its
- *      whole life, its pid written inside. A kpld that restarts and finds no
- *      lock file claims it itself, so a shim that was forked but had not got
- *      this far can never start the command afterwards: exactly once.
+ *   1. claims DIR/lock (linked in, which fails like O_CREAT|O_EXCL) and
+ *      holds an flock on it for its whole life, its pid written inside. A
+ *      kpld that restarts and finds no lock file claims it itself, so a
+ *      shim that was forked but had not got this far can never start the
+ *      command afterwards: exactly once.
  *   2. runs ARGV in a process group of its own, stdin from /dev/null, and
  *      appends each line of its stdout/stderr to DIR/output as a record:
  *      '1' or '2' (or 'S' for the shim's own notes), the line, '\n'.
@@ -151,14 +152,25 @@ int shim_main(int argc, char **argv)
 	dir = argv[2];
 	grace_ms = atoll(argv[3]);
 
-	snprintf(path, sizeof path, "%s/lock", dir);
-	lock_fd = open(path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
-	if (lock_fd < 0)
-		return SHIM_EXIT_CLAIMED; /* kpld gave this attempt up already */
-	if (flock(lock_fd, LOCK_EX) != 0)
+	/* The lock appears already flocked with the pid inside (made aside,
+	 * then linked in, which fails like O_EXCL if it exists): a kpld never
+	 * sees a lock that is neither held nor finished while the shim lives. */
+	snprintf(path, sizeof path, "%s/lock.%ld", dir, (long)getpid());
+	lock_fd = open(path, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0600);
+	if (lock_fd < 0 || flock(lock_fd, LOCK_EX) != 0)
 		return SHIM_EXIT_CLAIMED;
 	snprintf(text, sizeof text, "%ld\n", (long)getpid());
 	write_all(lock_fd, text, strlen(text));
+	{
+		char final[4096];
+		int linked;
+
+		snprintf(final, sizeof final, "%s/lock", dir);
+		linked = link(path, final) == 0;
+		unlink(path);
+		if (!linked)
+			return SHIM_EXIT_CLAIMED; /* kpld gave this attempt up already */
+	}
 
 	snprintf(path, sizeof path, "%s/output", dir);
 	out_fd = open(path, O_CREAT | O_APPEND | O_WRONLY | O_CLOEXEC, 0600);
