@@ -117,6 +117,14 @@ class _Pool:
         return cls
 
 
+def _pem(v):
+    """PEM bytes from bytes, or from the file a str names; None stays None."""
+    if v is None or isinstance(v, bytes):
+        return v
+    with open(v, "rb") as f:
+        return f.read()
+
+
 def split_method(name):
     """"/pkg.Svc/M", "pkg.Svc/M" or "pkg.Svc.M" -> ("pkg.Svc", "M")."""
     name = name.lstrip("/")
@@ -132,10 +140,22 @@ def split_method(name):
 class Client:
     """A kpld client whose types all come from server reflection."""
 
-    def __init__(self, addr, timeout=10.0, reflection=REFLECTION_V1ALPHA, options=None):
+    def __init__(self, addr, timeout=10.0, reflection=REFLECTION_V1ALPHA, options=None,
+                 token=None, tls_ca=None, client_cert=None, client_key=None):
+        """token: sent as "authorization: Bearer TOKEN" on every call that
+        does not pass its own authorization metadata. tls_ca (PEM bytes or a
+        file name) makes a TLS channel; client_cert and client_key (PEM bytes
+        or file names) add a client certificate (mTLS)."""
         self.addr = addr
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(addr, options=options or [])
+        self.token = token
+        if tls_ca is not None:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_pem(tls_ca), private_key=_pem(client_key),
+                certificate_chain=_pem(client_cert))
+            self.channel = grpc.secure_channel(addr, creds, options=options or [])
+        else:
+            self.channel = grpc.insecure_channel(addr, options=options or [])
         self.types = _Pool()
         self._refl = _Pool()
         self._refl.add(_reflection_file(reflection))
@@ -256,6 +276,14 @@ class Client:
 
     # --- Calls. ---
 
+    def _md(self, metadata):
+        """metadata plus the client's token, unless metadata has its own
+        authorization."""
+        md = list(metadata or [])
+        if self.token and not any(k.lower() == "authorization" for k, _ in md):
+            md.append(("authorization", "Bearer " + self.token))
+        return md or None
+
     @staticmethod
     def _request(cls, req):
         if req is None:
@@ -276,7 +304,7 @@ class Client:
         rpc = self.channel.unary_unary(path, request_serializer=lambda m: m.SerializeToString(),
                                        response_deserializer=resp_cls.FromString)
         return rpc(self._request(req_cls, request), timeout=timeout or self.timeout,
-                   metadata=metadata)
+                   metadata=self._md(metadata))
 
     def call_future(self, method, request=None, timeout=None, metadata=None):
         """Starts a unary call; returns a grpc future (result(), code())."""
@@ -284,7 +312,7 @@ class Client:
         rpc = self.channel.unary_unary(path, request_serializer=lambda m: m.SerializeToString(),
                                        response_deserializer=resp_cls.FromString)
         return rpc.future(self._request(req_cls, request), timeout=timeout or self.timeout,
-                          metadata=metadata)
+                          metadata=self._md(metadata))
 
     def stream(self, method, request=None, timeout=None, metadata=None):
         """Calls a server-streaming method; returns the grpc call: iterate it
@@ -295,12 +323,12 @@ class Client:
         rpc = self.channel.unary_stream(path, request_serializer=lambda m: m.SerializeToString(),
                                         response_deserializer=resp_cls.FromString)
         return rpc(self._request(req_cls, request), timeout=timeout or self.timeout,
-                   metadata=metadata)
+                   metadata=self._md(metadata))
 
-    def raw_call(self, path, payload, timeout=None):
+    def raw_call(self, path, payload, timeout=None, metadata=None):
         """Calls path with raw request bytes; returns raw response bytes."""
         rpc = self.channel.unary_unary(path)
-        return rpc(payload, timeout=timeout or self.timeout)
+        return rpc(payload, timeout=timeout or self.timeout, metadata=self._md(metadata))
 
     # --- Health. ---
 
