@@ -10,6 +10,7 @@ static const struct stage_kind *const kinds[] = {
 	&script_kind,
 	&noop_kind,
 	&approval_kind,
+	&push_kind,
 };
 
 const struct stage_kind *stage_kind_find(const char *name)

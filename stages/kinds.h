@@ -7,5 +7,6 @@
 extern const struct stage_kind script_kind;
 extern const struct stage_kind noop_kind;
 extern const struct stage_kind approval_kind;
+extern const struct stage_kind push_kind;
 
 #endif
