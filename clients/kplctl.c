@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -47,8 +48,12 @@ enum opt_bit {
 	O_BY = 1 << 12,
 	O_FROM = 1 << 13,
 	O_KIND = 1 << 14,
+	O_CA = 1 << 15,
+	O_TOKEN = 1 << 16,
+	O_SCOPE = 1 << 17,
+	O_DESCRIPTION = 1 << 18,
 };
-#define O_GLOBAL (O_SERVER | O_HELP)
+#define O_GLOBAL (O_SERVER | O_HELP | O_CA | O_TOKEN)
 
 struct opt_def {
 	const char *long_name;
@@ -80,12 +85,18 @@ static const struct opt_def opt_defs[] = {
 	{ "from", 0, "N", O_FROM,
 	  "start at global event N (default: only new events)" },
 	{ "kind", 0, "K", O_KIND,
-	  "only events of kind K: run, stage or log (repeatable)" },
+	  "only events of kind K: run, stage, log or audit (repeatable)" },
+	{ "ca", 0, "FILE", O_CA,
+	  "use TLS, trusting the CAs in PEM FILE (else $KPL_CA, else ca in the config file)" },
+	{ "token", 0, "TOKEN", O_TOKEN,
+	  "API token (else $KPL_TOKEN, else token in the config file); never printed" },
+	{ "scope", 0, "SCOPE", O_SCOPE, "read, submit, approve or admin" },
+	{ "description", 0, "TEXT", O_DESCRIPTION, "who or what the token is for" },
 	{ "help", 'h', NULL, O_HELP, "show this help" },
 };
 
 #define MAX_PARAMS KPL_MAX_PARAMS
-#define MAX_KINDS 3
+#define MAX_KINDS 4
 
 struct ctl {
 	const char *server;
@@ -102,6 +113,10 @@ struct ctl {
 	const char *comment;
 	const char *by;
 	const char *from;
+	const char *ca;
+	const char *token;
+	const char *scope;
+	const char *description;
 	Kpl__V1__EventKind kinds[MAX_KINDS]; /* no repeats */
 	size_t n_kinds;
 	const char **pos; /* argc entries */
@@ -129,6 +144,8 @@ static int cmd_retry(struct ctl *ctl);
 static int cmd_approve(struct ctl *ctl);
 static int cmd_lint(struct ctl *ctl);
 static int cmd_events(struct ctl *ctl);
+static int cmd_token(struct ctl *ctl);
+static int cmd_audit(struct ctl *ctl);
 
 static const struct command commands[] = {
 	{ "submit", "FILE", 1, 1, O_OUTPUT | O_PARAM | O_IDEM | O_WATCH,
@@ -149,6 +166,11 @@ static const struct command commands[] = {
 	  "check pipeline files on the server; print every problem" },
 	{ "events", "", 0, 0, O_OUTPUT | O_FROM | O_PIPELINE | O_KIND,
 	  cmd_events, "print the events of every run until interrupted" },
+	{ "token", "create|list|revoke [ID]", 1, 2,
+	  O_OUTPUT | O_SCOPE | O_PIPELINE | O_DESCRIPTION, cmd_token,
+	  "make (print once), list or revoke API tokens (admin)" },
+	{ "audit", "", 0, 0, O_OUTPUT | O_FROM | O_LIMIT, cmd_audit,
+	  "print the audit log: approvals, cancels, token and secret changes (admin)" },
 };
 
 static const char *prog = "kplctl";
@@ -265,6 +287,10 @@ static int opt_set(struct ctl *ctl, const struct opt_def *o, const char *v)
 	case O_COMMENT: ctl->comment = v; break;
 	case O_BY: ctl->by = v; break;
 	case O_FROM: ctl->from = v; break;
+	case O_CA: ctl->ca = v; break;
+	case O_TOKEN: ctl->token = v; break;
+	case O_SCOPE: ctl->scope = v; break;
+	case O_DESCRIPTION: ctl->description = v; break;
 	case O_KIND: {
 		static const struct {
 			const char *name;
@@ -273,13 +299,14 @@ static int opt_set(struct ctl *ctl, const struct opt_def *o, const char *v)
 			{ "run", KPL__V1__EVENT_KIND__EVENT_KIND_RUN_STATE },
 			{ "stage", KPL__V1__EVENT_KIND__EVENT_KIND_STAGE_STATE },
 			{ "log", KPL__V1__EVENT_KIND__EVENT_KIND_LOG },
+			{ "audit", KPL__V1__EVENT_KIND__EVENT_KIND_AUDIT },
 		};
 		size_t k = 0;
 
 		while (k < KPL_ARRAY_SIZE(kinds) && strcmp(kinds[k].name, v))
 			k++;
 		if (k == KPL_ARRAY_SIZE(kinds))
-			return usage_error("--kind: unknown kind \"%s\" (run, stage or log)", v);
+			return usage_error("--kind: unknown kind \"%s\" (run, stage, log or audit)", v);
 		for (size_t i = 0; i < ctl->n_kinds; i++)
 			if (ctl->kinds[i] == kinds[k].kind)
 				return 0;
@@ -734,8 +761,9 @@ static void print_run(const Kpl__V1__Run *r)
 static int connect_server(struct ctl *ctl)
 {
 	struct kpl_err err = { 0 };
+	struct kplc_options o = { .tls_ca_file = ctl->ca, .token = ctl->token };
 
-	if (kplc_connect(ctl->server, &ctl->c, &err) < 0) {
+	if (kplc_connect_opts(ctl->server, &o, &ctl->c, &err) < 0) {
 		fprintf(stderr, "%s: %s: %s\n", prog, ctl->server, err.msg);
 		return EXIT_RPC;
 	}
@@ -807,6 +835,9 @@ static void print_event(const Kpl__V1__RunEvent *ev, int width, int global)
 	case KPL__V1__EVENT_KIND__EVENT_KIND_RUN_STATE:
 		printf("== run %s%s%s\n", run_state(ev->run_state),
 		       *ev->message ? ": " : "", ev->message);
+		break;
+	case KPL__V1__EVENT_KIND__EVENT_KIND_AUDIT:
+		printf("== audit: %s\n", ev->message);
 		break;
 	default:
 		/* A kind newer than this kplctl: show it rather than drop it. */
@@ -1229,6 +1260,232 @@ static int cmd_events(struct ctl *ctl)
 	return EXIT_OK;
 }
 
+/* --- Tokens and the audit log (kpl.v1.Security). --- */
+
+static const char *scope_name(int v)
+{
+	static const char *const names[] = { "-", "read", "submit", "approve", "admin" };
+
+	return v >= 0 && v < (int)KPL_ARRAY_SIZE(names) ? names[v] : "?";
+}
+
+static int parse_scope(const char *s)
+{
+	for (int v = 1; v <= 4; v++)
+		if (!strcmp(s, scope_name(v)))
+			return v;
+	return -1;
+}
+
+static int token_create(struct ctl *ctl)
+{
+	Kpl__V1__CreateTokenRequest req = KPL__V1__CREATE_TOKEN_REQUEST__INIT;
+	Kpl__V1__CreateTokenResponse *r;
+	ProtobufCMessage *resp;
+	struct kplc_status st;
+	int scope;
+
+	if (ctl->n_pos != 1)
+		return usage_error("token create: takes no ID");
+	if (!ctl->scope || (scope = parse_scope(ctl->scope)) < 0)
+		return usage_error("token create: --scope read, submit, approve or admin is required");
+	req.scope = (Kpl__V1__TokenScope)scope;
+	req.pipeline = (char *)(ctl->pipeline ? ctl->pipeline : "");
+	req.description = (char *)(ctl->description ? ctl->description : "");
+	if (kplc_call_unary(ctl->c, "/kpl.v1.Security/CreateToken", &req.base,
+			    &kpl__v1__create_token_response__descriptor, &resp, &st) < 0)
+		return rpc_error(ctl, &st);
+	r = (Kpl__V1__CreateTokenResponse *)resp;
+	if (ctl->json) {
+		print_json(msg_to_json(resp));
+	} else {
+		/* The token alone on stdout, so scripts can take it; the note
+		 * goes to stderr. */
+		printf("%s\n", r->token);
+		fprintf(stderr, "%s: token %s (scope %s%s%s): shown only now, keep it secret\n",
+			prog, r->info ? r->info->id : "?", scope_name(scope),
+			*req.pipeline ? ", pipeline " : "", req.pipeline);
+	}
+	fflush(stdout);
+	kplc_msg_free(resp);
+	return EXIT_OK;
+}
+
+static int cmd_token(struct ctl *ctl)
+{
+	const char *sub = ctl->pos[0];
+	struct kplc_status st;
+	ProtobufCMessage *resp;
+	char t1[32], t2[32];
+
+	if (!strcmp(sub, "create"))
+		return token_create(ctl);
+	if (ctl->seen & (O_SCOPE | O_PIPELINE | O_DESCRIPTION))
+		return usage_error("token %s: --scope, --pipeline and --description are for create",
+				   sub);
+	if (!strcmp(sub, "list")) {
+		Kpl__V1__ListTokensRequest req = KPL__V1__LIST_TOKENS_REQUEST__INIT;
+		Kpl__V1__ListTokensResponse *r;
+
+		if (ctl->n_pos != 1)
+			return usage_error("token list: takes no ID");
+		if (kplc_call_unary(ctl->c, "/kpl.v1.Security/ListTokens", &req.base,
+				    &kpl__v1__list_tokens_response__descriptor, &resp, &st) < 0)
+			return rpc_error(ctl, &st);
+		r = (Kpl__V1__ListTokensResponse *)resp;
+		if (ctl->json) {
+			print_json(msg_to_json(resp));
+		} else {
+			row("%-14s  %-7s  %-16s  %-16s  %-16s  %s", "ID", "SCOPE", "PIPELINE",
+			    "CREATED", "REVOKED", "DESCRIPTION");
+			for (size_t i = 0; i < r->n_tokens; i++) {
+				const Kpl__V1__TokenInfo *t = r->tokens[i];
+				row("%-14s  %-7s  %-16s  %-16s  %-16s  %s", t->id, scope_name(t->scope),
+				    *t->pipeline ? t->pipeline : "-",
+				    ts_local(t->created_at, "%Y-%m-%d %H:%M", t1, sizeof t1),
+				    ts_local(t->revoked_at, "%Y-%m-%d %H:%M", t2, sizeof t2),
+				    t->description);
+			}
+		}
+		kplc_msg_free(resp);
+		return EXIT_OK;
+	}
+	if (!strcmp(sub, "revoke")) {
+		Kpl__V1__RevokeTokenRequest req = KPL__V1__REVOKE_TOKEN_REQUEST__INIT;
+		Kpl__V1__TokenInfo *r;
+
+		if (ctl->n_pos != 2)
+			return usage_error("token revoke: expected ID");
+		req.id = (char *)ctl->pos[1];
+		if (kplc_call_unary(ctl->c, "/kpl.v1.Security/RevokeToken", &req.base,
+				    &kpl__v1__token_info__descriptor, &resp, &st) < 0)
+			return rpc_error(ctl, &st);
+		r = (Kpl__V1__TokenInfo *)resp;
+		if (ctl->json)
+			print_json(msg_to_json(resp));
+		else
+			printf("%s revoked\n", r->id);
+		kplc_msg_free(resp);
+		return EXIT_OK;
+	}
+	return usage_error("token: unknown subcommand \"%s\" (create, list or revoke)", sub);
+}
+
+static int cmd_audit(struct ctl *ctl)
+{
+	Kpl__V1__ListAuditRequest req = KPL__V1__LIST_AUDIT_REQUEST__INIT;
+	Kpl__V1__ListAuditResponse *r;
+	ProtobufCMessage *resp;
+	struct kplc_status st;
+	uint64_t from = 1, limit = 0;
+	char t[32];
+
+	if (ctl->from && parse_u64(ctl->from, &from))
+		return usage_error("--from: \"%s\" is not a number", ctl->from);
+	if (ctl->limit && (parse_u64(ctl->limit, &limit) || limit == 0 || limit > 1000))
+		return usage_error("--limit: \"%s\" is not a number from 1 to 1000", ctl->limit);
+	req.from_seq = from;
+	req.limit = (int32_t)limit;
+	if (kplc_call_unary(ctl->c, "/kpl.v1.Security/ListAudit", &req.base,
+			    &kpl__v1__list_audit_response__descriptor, &resp, &st) < 0)
+		return rpc_error(ctl, &st);
+	r = (Kpl__V1__ListAuditResponse *)resp;
+	if (ctl->json) {
+		print_json(msg_to_json(resp));
+	} else {
+		for (size_t i = 0; i < r->n_events; i++) {
+			const Kpl__V1__RunEvent *ev = r->events[i];
+			printf("[%s] %s%s%s%s %s\n",
+			       ts_local(ev->time, "%Y-%m-%d %H:%M:%S", t, sizeof t),
+			       *ev->run_id ? ev->run_id : "-", *ev->stage ? "/" : "", ev->stage,
+			       "", ev->message);
+		}
+	}
+	kplc_msg_free(resp);
+	return EXIT_OK;
+}
+
+/* --- Config file. --- */
+
+static char *trim(char *p)
+{
+	char *e;
+
+	while (isspace((unsigned char)*p))
+		p++;
+	e = p + strlen(p);
+	while (e > p && isspace((unsigned char)e[-1]))
+		*--e = '\0';
+	return p;
+}
+
+/*
+ * $KPL_CONFIG, else $XDG_CONFIG_HOME/kpl/config, else ~/.config/kpl/config:
+ * "key = value" lines (server, token, ca), '#' comments. It fills only what
+ * neither an option nor the environment set. A missing file is fine. The
+ * values stay allocated for the life of the process.
+ */
+static int read_config(struct ctl *ctl)
+{
+	const char *env = getenv("KPL_CONFIG"), *xdg = getenv("XDG_CONFIG_HOME");
+	const char *home = getenv("HOME");
+	char path[4096], line[4096];
+	struct stat sb;
+	int lineno = 0, has_token = 0;
+	FILE *f;
+
+	if (env && *env)
+		snprintf(path, sizeof path, "%s", env);
+	else if (xdg && *xdg)
+		snprintf(path, sizeof path, "%s/kpl/config", xdg);
+	else if (home && *home)
+		snprintf(path, sizeof path, "%s/.config/kpl/config", home);
+	else
+		return 0;
+	if (!(f = fopen(path, "r"))) {
+		if (errno == ENOENT && !(env && *env))
+			return 0;
+		fprintf(stderr, "%s: config %s: %s\n", prog, path, strerror(errno));
+		return EXIT_USAGE;
+	}
+	while (fgets(line, sizeof line, f)) {
+		char *p = trim(line), *eq, *k, *v;
+		const char **slot = NULL;
+
+		lineno++;
+		if (!*p || *p == '#')
+			continue;
+		if (!(eq = strchr(p, '='))) {
+			fprintf(stderr, "%s: config %s:%d: want key = value\n", prog, path, lineno);
+			fclose(f);
+			return EXIT_USAGE;
+		}
+		*eq = '\0';
+		k = trim(p);
+		v = trim(eq + 1);
+		if (!strcmp(k, "server"))
+			slot = &ctl->server;
+		else if (!strcmp(k, "token"))
+			slot = &ctl->token, has_token = 1;
+		else if (!strcmp(k, "ca"))
+			slot = &ctl->ca;
+		else {
+			fprintf(stderr, "%s: config %s:%d: unknown key \"%s\" (server, token, ca)\n",
+				prog, path, lineno, k);
+			fclose(f);
+			return EXIT_USAGE;
+		}
+		if (!*slot || !**slot)
+			*slot = kpl_strdup(v);
+	}
+	/* A token others can read is a token others have. */
+	if (has_token && fstat(fileno(f), &sb) == 0 && (sb.st_mode & 077))
+		fprintf(stderr, "%s: warning: config %s holds a token and others may read it "
+			"(chmod 600)\n", prog, path);
+	fclose(f);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct ctl ctl = { 0 };
@@ -1257,8 +1514,17 @@ int main(int argc, char **argv)
 				   ctl.n_pos > ctl.cmd->min_args ? " only" : "");
 	if (!ctl.server || !*ctl.server)
 		ctl.server = getenv("KPL_SERVER");
+	if (!ctl.ca || !*ctl.ca)
+		ctl.ca = getenv("KPL_CA");
+	if (!ctl.token || !*ctl.token)
+		ctl.token = getenv("KPL_TOKEN");
+	rc = read_config(&ctl);
+	if (rc)
+		return rc;
 	if (!ctl.server || !*ctl.server)
 		ctl.server = KPLC_DEFAULT_TARGET;
+	if (ctl.ca && !*ctl.ca)
+		ctl.ca = NULL;
 
 	rc = connect_server(&ctl);
 	if (rc)
