@@ -10,6 +10,7 @@ static const struct stage_kind *const kinds[] = {
 	&script_kind,
 	&noop_kind,
 	&approval_kind,
+	&verify_kind,
 	&deploy_kind,
 	&rollback_kind,
 	&push_kind,

@@ -7,6 +7,7 @@
 extern const struct stage_kind script_kind;
 extern const struct stage_kind noop_kind;
 extern const struct stage_kind approval_kind;
+extern const struct stage_kind verify_kind;
 extern const struct stage_kind deploy_kind;
 extern const struct stage_kind rollback_kind;
 extern const struct stage_kind push_kind;
