@@ -784,3 +784,76 @@ void proc_abandon(struct proc *p)
 	if (!p->reading)
 		proc_close_all(p); /* else on_read closes it */
 }
+
+/* ---------------------------------------------------------------------- */
+/* Steps */
+
+char *proc_attempt_dir(struct stage *st)
+{
+	return kpl_asprintf("%s/.kpl/%s.%u", stage_workspace(st), stage_name(st),
+			    stage_attempt(st));
+}
+
+int proc_step_start(struct stage *st, unsigned n, const char *name,
+		    char *const *argv, char *const *env, const char *cwd,
+		    const struct proc_ops *ops, void *data, struct proc **out,
+		    struct kpl_err *err)
+{
+	char *attempt = proc_attempt_dir(st), *dir, prefix[32];
+	struct proc_spec spec = { 0 };
+	size_t len = 2;
+	char *line;
+	int rc;
+
+	for (size_t i = 0; argv[i]; i++)
+		len += strlen(argv[i]) + 1;
+	line = kpl_malloc(len + 1);
+	strcpy(line, "$");
+	for (size_t i = 0; argv[i]; i++) {
+		strcat(line, " ");
+		strcat(line, argv[i]);
+	}
+	stage_log_staged(st, KPL__V1__LOG_STREAM__LOG_STREAM_SYSTEM, line, strlen(line));
+	free(line);
+	dir = kpl_asprintf("%s/%u-%s", attempt, n, name);
+	snprintf(prefix, sizeof prefix, "%u:", n);
+	spec.dir = dir;
+	spec.argv = argv;
+	spec.env = env;
+	spec.cwd = cwd;
+	spec.what = name;
+	spec.resume_prefix = prefix;
+	rc = proc_start(st, &spec, ops, data, out, err);
+	free(dir);
+	free(attempt);
+	return rc;
+}
+
+int proc_step_resume(struct stage *st, const char *const *names, unsigned n_names,
+		     const struct proc_ops *ops, void *data, struct proc **out,
+		     unsigned *n, struct kpl_err *err)
+{
+	int64_t pid;
+	uint64_t start;
+	const char *resume;
+	unsigned long long step = 0, offset = 0;
+	char *attempt, *dir, prefix[32];
+	int rc;
+
+	stage_resume_info(st, &pid, &start, &resume);
+	if (*resume && sscanf(resume, "%llu:%llu", &step, &offset) != 2)
+		return kpl_errf(err, KPL_ESTATE, "unreadable resume data \"%.40s\"", resume);
+	if (step >= n_names)
+		return kpl_errf(err, KPL_ESTATE, "resume data names step %llu of %u",
+				step, n_names);
+	attempt = proc_attempt_dir(st);
+	dir = kpl_asprintf("%s/%llu-%s", attempt, step, names[step]);
+	snprintf(prefix, sizeof prefix, "%llu:", step);
+	rc = proc_resume(st, dir, prefix, offset, ops, data, out, err);
+	if (rc == KPL_ENOTFOUND && step > 0)
+		rc = kpl_errf(err, KPL_ESTATE, "kpld stopped while starting %s", names[step]);
+	*n = (unsigned)step;
+	free(dir);
+	free(attempt);
+	return rc;
+}

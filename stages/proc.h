@@ -130,6 +130,27 @@ char **proc_stage_env(struct stage *st, const char *outputs_path);
 void proc_env_set(char ***env, const char *name, const char *value);
 void proc_strv_free(char **v);
 
+/*
+ * Kinds that run several commands in turn ("steps", numbered from 0 in a
+ * fixed table of names): step N runs in ATTEMPT_DIR/N-NAME with the resume
+ * prefix "N:".
+ */
+/* WORKSPACE/.kpl/STAGE.ATTEMPT (malloc'd). */
+char *proc_attempt_dir(struct stage *st);
+/* Logs "$ argv..." (staged, so it lands with the step's first record) and
+ * starts step n like proc_start, in cwd with env. */
+int proc_step_start(struct stage *st, unsigned n, const char *name,
+		    char *const *argv, char *const *env, const char *cwd,
+		    const struct proc_ops *ops, void *data, struct proc **out,
+		    struct kpl_err *err);
+/* After a restart: re-attaches to the step the resume data names (step 0
+ * at offset 0 if none), like proc_resume; *n is that step. KPL_ENOTFOUND
+ * only for step 0: a later step that never began is KPL_ESTATE (earlier
+ * ones ran). names has n_names entries. */
+int proc_step_resume(struct stage *st, const char *const *names, unsigned n_names,
+		     const struct proc_ops *ops, void *data, struct proc **out,
+		     unsigned *n, struct kpl_err *err);
+
 /* mkdir -p with mode 0700; 0 or a negative errno. */
 int proc_mkdir_p(const char *path);
 

@@ -93,12 +93,6 @@ static int script_check_with(const struct pl_node *with, const char *file,
 /* ---------------------------------------------------------------------- */
 /* The kind */
 
-static char *attempt_dir(struct stage *st)
-{
-	return kpl_asprintf("%s/.kpl/%s.%u", stage_workspace(st), stage_name(st),
-			    stage_attempt(st));
-}
-
 static void script_free(struct script *s)
 {
 	free(s->what);
@@ -189,7 +183,7 @@ static int script_start(struct stage *st, struct kpl_err *err)
 	char *wd = stage_expand(st, stage_with_get(st, "workdir"));
 	struct script *s = kpl_calloc(1, sizeof *s);
 	struct proc_spec spec = { 0 };
-	char **argv, **env, *cwd, *dir = attempt_dir(st), *outputs;
+	char **argv, **env, *cwd, *dir = proc_attempt_dir(st), *outputs;
 	size_t argc = 0;
 	int rc;
 
@@ -261,7 +255,7 @@ static void script_abandon(struct stage *st)
 static int script_resume(struct stage *st, struct kpl_err *err)
 {
 	struct script *s = kpl_calloc(1, sizeof *s);
-	char *dir = attempt_dir(st);
+	char *dir = proc_attempt_dir(st);
 	int64_t pid;
 	uint64_t start;
 	const char *resume;

@@ -1,0 +1,522 @@
+/*
+ * checkout.c - the `checkout` stage kind: a git repository at a ref, in the
+ * run's workspace.
+ *
+ *   with: { repo: URL or path (required),
+ *           ref: branch, tag or full commit sha (default: the remote's HEAD),
+ *           depth: commits of history (default 1; 0 for all of it),
+ *           submodules: true|false (default false),
+ *           path: directory in the workspace (default "src"),
+ *           token: ${{ secrets.X }} for https (optional),
+ *           username: for https with token (default "x-access-token") }
+ *
+ * git runs as argv, never through a shell, one command at a time through
+ * stages/proc (each logged, each surviving a kpld restart exactly once):
+ *   init, point origin at repo, fetch ref (shallow, --depth), checkout it
+ *   detached, submodules if asked, rev-parse HEAD.
+ * A sha that the server refuses to fetch directly (protocol v0 without
+ * uploadpack.allowReachableSHA1InWant) is found by a full fetch instead.
+ *
+ * Credentials never reach a URL, an argv or a log: a URL with userinfo is
+ * refused; the token reaches git through GIT_ASKPASS, a small script in the
+ * attempt's directory that prints $KPL_GIT_USERNAME or $KPL_GIT_TOKEN from
+ * git's environment. Messages built from git's output go through
+ * stage_redact.
+ *
+ * Outputs: sha, short_sha (12 hex digits), ref (as asked; "HEAD" if none).
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "stages/kinds.h"
+#include "stages/proc.h"
+
+#define LOG "checkout"
+
+enum co_step {
+	CO_INIT,
+	CO_REMOTE,
+	CO_FETCH,
+	CO_FETCH_ALL,   /* only after a refused fetch of a sha */
+	CO_CHECKOUT,
+	CO_SUBMODULES,  /* only with submodules: true */
+	CO_REVPARSE,
+	CO_STEP_LAST
+};
+
+static const char *const step_names[CO_STEP_LAST] = {
+	"init", "remote", "fetch", "fetch-all", "checkout", "submodules", "rev-parse",
+};
+
+/* One attempt. */
+struct checkout {
+	struct stage *st;
+	struct proc *proc;
+	enum co_step step;
+	bool cancelled;
+	char *repo, *ref, *path, *token, *username;
+	long depth;
+	bool submodules;
+	bool is_sha;
+	char **env;
+};
+
+/* ---------------------------------------------------------------------- */
+/* with: */
+
+static int with_err(struct kpl_err *err, const char *file, const struct pl_node *n,
+		    const char *path, const char *key, const char *msg)
+{
+	return kpl_errf(err, KPL_EINVAL, "%s:%d:%d: %s%s%s: %s", file, n->pos.line,
+			n->pos.col, path, key ? "." : "", key ? key : "", msg);
+}
+
+static bool has_template(const char *s)
+{
+	return strstr(s, "${{") != NULL;
+}
+
+/* NULL if url may reach git and its logs, else why not. */
+static const char *url_problem(const char *url)
+{
+	const char *p = strstr(url, "://"), *end, *at;
+
+	if (!p)
+		return NULL; /* a path, or scp-like user@host:path (ssh keys) */
+	p += 3;
+	end = p + strcspn(p, "/?#");
+	at = memchr(p, '@', (size_t)(end - p));
+	if (!at)
+		return NULL;
+	/* ssh://git@host/... names a user and no secret; https never may. */
+	if (strncmp(url, "http", 4) == 0 || memchr(p, ':', (size_t)(at - p)))
+		return "must not hold credentials (user:password@): give a secret as "
+		       "`token: ${{ secrets.NAME }}` instead";
+	return NULL;
+}
+
+/* NULL if path stays inside the workspace. */
+static const char *path_problem(const char *path)
+{
+	const char *p = path;
+
+	if (!*path)
+		return "must not be empty";
+	if (path[0] == '/')
+		return "must be relative to the workspace";
+	while (*p) {
+		size_t n = strcspn(p, "/");
+		if (n == 2 && p[0] == '.' && p[1] == '.')
+			return "must stay inside the workspace (no ..)";
+		p += n;
+		while (*p == '/')
+			p++;
+	}
+	return NULL;
+}
+
+static bool is_full_sha(const char *s)
+{
+	size_t n = strlen(s);
+
+	if (n != 40 && n != 64)
+		return false;
+	for (size_t i = 0; i < n; i++)
+		if (!isxdigit((unsigned char)s[i]) || isupper((unsigned char)s[i]))
+			return false;
+	return true;
+}
+
+static int checkout_check_with(const struct pl_node *with, const char *file,
+			       const char *path, struct kpl_err *err)
+{
+	static const char *const keys[] = { "repo", "ref", "depth", "submodules",
+					    "path", "token", "username" };
+	const struct pl_node *n;
+	const char *why;
+
+	if (!with)
+		return kpl_errf(err, KPL_EINVAL, "%s: %s: a checkout stage needs `with` "
+				"with `repo`", file, path);
+	if (with->type != PL_MAP)
+		return with_err(err, file, with, path, NULL, "must be a mapping");
+	for (size_t i = 0; i < with->n; i++) {
+		const char *k = with->keys[i]->scalar;
+		size_t j;
+		for (j = 0; j < KPL_ARRAY_SIZE(keys); j++)
+			if (strcmp(k, keys[j]) == 0)
+				break;
+		if (j == KPL_ARRAY_SIZE(keys))
+			return with_err(err, file, with->keys[i], path, k, "unknown key "
+					"(allowed: repo, ref, depth, submodules, path, token, "
+					"username)");
+		if (with->items[i]->type != PL_SCALAR)
+			return with_err(err, file, with->items[i], path, k, "must be a string");
+	}
+	n = pl_map_get(with, "repo");
+	if (!n)
+		return with_err(err, file, with, path, NULL, "needs `repo` (a git URL or path)");
+	if (!n->scalar[0])
+		return with_err(err, file, n, path, "repo", "must not be empty");
+	if ((why = url_problem(n->scalar)))
+		return with_err(err, file, n, path, "repo", why);
+	if ((n = pl_map_get(with, "ref")) && (!n->scalar[0] || n->scalar[0] == '-'))
+		return with_err(err, file, n, path, "ref",
+				"must be a branch, tag or commit sha");
+	if ((n = pl_map_get(with, "depth")) && !has_template(n->scalar)) {
+		char *end;
+		long d = strtol(n->scalar, &end, 10);
+		if (!n->scalar[0] || *end || d < 0)
+			return with_err(err, file, n, path, "depth",
+					"must be a whole number of commits (0: all history)");
+	}
+	if ((n = pl_map_get(with, "submodules")) && !has_template(n->scalar) &&
+	    strcmp(n->scalar, "true") && strcmp(n->scalar, "false"))
+		return with_err(err, file, n, path, "submodules", "must be true or false");
+	if ((n = pl_map_get(with, "path")) && !has_template(n->scalar) &&
+	    (why = path_problem(n->scalar)))
+		return with_err(err, file, n, path, "path", why);
+	return 0;
+}
+
+/* ---------------------------------------------------------------------- */
+/* The attempt */
+
+static void checkout_free(struct checkout *c)
+{
+	free(c->repo);
+	free(c->ref);
+	free(c->path);
+	if (c->token) {
+		memset(c->token, 0, strlen(c->token));
+		free(c->token);
+	}
+	free(c->username);
+	proc_strv_free(c->env);
+	free(c);
+}
+
+static char *with_text(struct stage *st, const char *key, const char *def)
+{
+	char *v = stage_expand(st, stage_with_get(st, key));
+
+	return v ? v : def ? kpl_strdup(def) : NULL;
+}
+
+/* The askpass helper: answers git's prompts from its own environment, so
+ * the token is never written to disk. */
+static int write_askpass(const char *path, struct kpl_err *err)
+{
+	static const char script[] =
+		"#!/bin/sh\n"
+		"# kpl checkout: git's GIT_ASKPASS; the secret is in git's environment.\n"
+		"case \"$1\" in\n"
+		"[Uu]sername*) printf '%s\\n' \"$KPL_GIT_USERNAME\" ;;\n"
+		"*) printf '%s\\n' \"$KPL_GIT_TOKEN\" ;;\n"
+		"esac\n";
+	int fd = open(path, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0700);
+
+	if (fd < 0 || write(fd, script, sizeof script - 1) != (ssize_t)(sizeof script - 1)) {
+		int e = errno;
+		if (fd >= 0)
+			close(fd);
+		return kpl_errf(err, KPL_EIO, "cannot write %s: %s", path, strerror(e));
+	}
+	close(fd);
+	return 0;
+}
+
+/* Reads `with` (expanded) and makes the environment; also on resume. */
+static struct checkout *checkout_new(struct stage *st, struct kpl_err *err)
+{
+	struct checkout *c = kpl_calloc(1, sizeof *c);
+	char *depth, *sub, *attempt, *askpass, *end;
+	const char *why;
+	int rc;
+
+	c->st = st;
+	c->repo = with_text(st, "repo", NULL);
+	c->ref = with_text(st, "ref", NULL);
+	c->path = with_text(st, "path", "src");
+	c->token = with_text(st, "token", NULL);
+	c->username = with_text(st, "username", "x-access-token");
+	depth = with_text(st, "depth", "1");
+	sub = with_text(st, "submodules", "false");
+	c->depth = strtol(depth, &end, 10);
+	rc = 0;
+	if (!depth[0] || *end || c->depth < 0)
+		rc = kpl_errf(err, KPL_EINVAL, "with.depth: \"%.40s\" is not a whole number "
+			      "of commits", depth);
+	else if (strcmp(sub, "true") && strcmp(sub, "false"))
+		rc = kpl_errf(err, KPL_EINVAL, "with.submodules: \"%.40s\" is not true or "
+			      "false", sub);
+	else if (!c->repo || !c->repo[0])
+		rc = kpl_errf(err, KPL_EINVAL, "with.repo: empty");
+	else if ((why = url_problem(c->repo)))
+		rc = kpl_errf(err, KPL_EINVAL, "with.repo: %s", why);
+	else if ((why = path_problem(c->path)))
+		rc = kpl_errf(err, KPL_EINVAL, "with.path: %s", why);
+	else if (c->ref && (!c->ref[0] || c->ref[0] == '-'))
+		rc = kpl_errf(err, KPL_EINVAL, "with.ref: \"%.60s\" is not a branch, tag or "
+			      "commit sha", c->ref);
+	c->submodules = strcmp(sub, "true") == 0;
+	free(depth);
+	free(sub);
+	if (rc) {
+		checkout_free(c);
+		return NULL;
+	}
+	c->is_sha = c->ref && is_full_sha(c->ref);
+	c->env = proc_stage_env(st, NULL);
+	/* Never wait on a terminal that is not there. */
+	proc_env_set(&c->env, "GIT_TERMINAL_PROMPT", "0");
+	if (c->token && c->token[0]) {
+		attempt = proc_attempt_dir(st);
+		askpass = kpl_asprintf("%s/askpass", attempt);
+		if ((rc = proc_mkdir_p(attempt)) != 0)
+			rc = kpl_errf(err, KPL_EIO, "cannot create %s: %s", attempt, strerror(-rc));
+		else
+			rc = write_askpass(askpass, err);
+		proc_env_set(&c->env, "GIT_ASKPASS", askpass);
+		proc_env_set(&c->env, "KPL_GIT_USERNAME", c->username);
+		proc_env_set(&c->env, "KPL_GIT_TOKEN", c->token);
+		free(askpass);
+		free(attempt);
+		if (rc) {
+			checkout_free(c);
+			return NULL;
+		}
+	}
+	return c;
+}
+
+static const struct proc_ops checkout_ops;
+
+static int run_step(struct checkout *c, enum co_step step, struct kpl_err *err)
+{
+	char *argv[16], depth[32];
+	const char *git = "git";
+	size_t n = 0;
+	int rc;
+
+	argv[n++] = (char *)git;
+	if (step != CO_INIT) {
+		argv[n++] = (char *)"-C";
+		argv[n++] = c->path;
+	}
+	snprintf(depth, sizeof depth, "--depth=%ld", c->depth);
+	switch (step) {
+	case CO_INIT:
+		argv[n++] = (char *)"init";
+		argv[n++] = (char *)"-q";
+		argv[n++] = (char *)"--";
+		argv[n++] = c->path;
+		break;
+	case CO_REMOTE:
+		argv[n++] = (char *)"config";
+		argv[n++] = (char *)"remote.origin.url";
+		argv[n++] = c->repo;
+		break;
+	case CO_FETCH:
+		argv[n++] = (char *)"fetch";
+		argv[n++] = (char *)"--no-tags";
+		if (c->depth > 0)
+			argv[n++] = depth;
+		argv[n++] = (char *)"origin";
+		argv[n++] = c->ref ? c->ref : (char *)"HEAD";
+		break;
+	case CO_FETCH_ALL:
+		argv[n++] = (char *)"fetch";
+		argv[n++] = (char *)"--tags";
+		argv[n++] = (char *)"origin";
+		argv[n++] = (char *)"+refs/heads/*:refs/remotes/origin/*";
+		break;
+	case CO_CHECKOUT:
+		argv[n++] = (char *)"checkout";
+		argv[n++] = (char *)"-q";
+		argv[n++] = (char *)"--force";
+		argv[n++] = (char *)"--detach";
+		argv[n++] = c->is_sha ? c->ref : (char *)"FETCH_HEAD";
+		break;
+	case CO_SUBMODULES:
+		argv[n++] = (char *)"submodule";
+		argv[n++] = (char *)"update";
+		argv[n++] = (char *)"--init";
+		argv[n++] = (char *)"--recursive";
+		argv[n++] = (char *)"--force";
+		if (c->depth > 0)
+			argv[n++] = depth;
+		break;
+	case CO_REVPARSE:
+		argv[n++] = (char *)"rev-parse";
+		argv[n++] = (char *)"HEAD";
+		break;
+	default:
+		BUG("checkout step %d", step);
+	}
+	argv[n] = NULL;
+	c->step = step;
+	rc = proc_step_start(c->st, step, step_names[step], argv, c->env,
+			     stage_workspace(c->st), &checkout_ops, c, &c->proc, err);
+	return rc;
+}
+
+static void finish(struct checkout *c, Kpl__V1__StageState state, const char *msg)
+{
+	struct stage *st = c->st;
+
+	stage_set_impl(st, NULL);
+	stage_done(st, state, msg);
+	checkout_free(c);
+}
+
+/* Why step failed, for a person: git's last complaint, redacted. */
+static char *step_failure(struct checkout *c, struct proc *p, const struct proc_exit *e)
+{
+	char *last = proc_last_line(p, KPL__V1__LOG_STREAM__LOG_STREAM_STDERR);
+	char *msg, *red;
+
+	if (e->how == PROC_EXITED)
+		msg = kpl_asprintf("git %s failed (exit status %d)%s%s", step_names[c->step],
+				   e->code, last ? ": " : "", last ? last : "");
+	else if (e->how == PROC_SIGNALED)
+		msg = kpl_asprintf("git %s killed by signal %d", step_names[c->step], e->code);
+	else if (e->how == PROC_ERROR)
+		msg = kpl_asprintf("git %s: %s", step_names[c->step], e->error);
+	else
+		msg = kpl_asprintf("git %s: its process ended without reporting an exit "
+				   "status (killed?)", step_names[c->step]);
+	red = stage_redact(c->st, msg);
+	free(msg);
+	free(last);
+	return red;
+}
+
+static void publish(struct checkout *c, const char *sha)
+{
+	char short_sha[13];
+
+	snprintf(short_sha, sizeof short_sha, "%s", sha);
+	stage_set_output(c->st, "sha", sha);
+	stage_set_output(c->st, "short_sha", short_sha);
+	stage_set_output(c->st, "ref", c->ref ? c->ref : "HEAD");
+}
+
+static void checkout_exit(struct proc *p, const struct proc_exit *e)
+{
+	struct checkout *c = proc_data(p);
+	bool ok = e->how == PROC_EXITED && e->code == 0;
+	struct kpl_err err = { 0 };
+	enum co_step next;
+	char *msg;
+
+	c->proc = NULL;
+	if (c->cancelled || e->cancelled) {
+		finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED, "cancelled");
+		return;
+	}
+	if (!ok && c->step == CO_FETCH && c->is_sha && e->how == PROC_EXITED) {
+		stage_logf(c->st, "the server would not send commit %s by itself: "
+			   "fetching every branch and tag instead", c->ref);
+		next = CO_FETCH_ALL;
+	} else if (!ok) {
+		msg = step_failure(c, p, e);
+		finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
+		free(msg);
+		return;
+	} else if (c->step == CO_REVPARSE) {
+		char *sha = proc_last_line(p, KPL__V1__LOG_STREAM__LOG_STREAM_STDOUT);
+		if (!sha || !is_full_sha(sha)) {
+			finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED,
+			       "git rev-parse HEAD printed no commit sha");
+		} else {
+			publish(c, sha);
+			stage_logf(c->st, "checked out %s at %s", c->ref ? c->ref : "HEAD", sha);
+			finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_SUCCEEDED, NULL);
+		}
+		free(sha);
+		return;
+	} else if (c->step == CO_FETCH || c->step == CO_FETCH_ALL) {
+		next = CO_CHECKOUT;
+	} else if (c->step == CO_CHECKOUT) {
+		next = c->submodules ? CO_SUBMODULES : CO_REVPARSE;
+	} else {
+		next = c->step + 1;
+	}
+	if (run_step(c, next, &err)) {
+		msg = stage_redact(c->st, err.msg);
+		finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
+		free(msg);
+	}
+}
+
+static const struct proc_ops checkout_ops = { .exit = checkout_exit };
+
+static int checkout_start(struct stage *st, struct kpl_err *err)
+{
+	struct checkout *c = checkout_new(st, err);
+	int rc;
+
+	if (!c)
+		return err->code;
+	if ((rc = run_step(c, CO_INIT, err)) != 0) {
+		checkout_free(c);
+		return rc;
+	}
+	stage_set_impl(st, c);
+	return 0;
+}
+
+static void checkout_cancel(struct stage *st)
+{
+	struct checkout *c = stage_impl(st);
+
+	if (!c)
+		return;
+	c->cancelled = true;
+	proc_cancel(c->proc);
+}
+
+static void checkout_abandon(struct stage *st)
+{
+	struct checkout *c = stage_impl(st);
+
+	if (!c)
+		return;
+	stage_set_impl(st, NULL);
+	proc_abandon(c->proc);
+	checkout_free(c);
+}
+
+static int checkout_resume(struct stage *st, struct kpl_err *err)
+{
+	struct checkout *c = checkout_new(st, err);
+	unsigned step;
+	int rc;
+
+	if (!c)
+		return KPL_ESTATE;
+	rc = proc_step_resume(st, step_names, CO_STEP_LAST, &checkout_ops, c, &c->proc,
+			      &step, err);
+	if (rc) {
+		checkout_free(c);
+		return rc;
+	}
+	c->step = (enum co_step)step;
+	stage_set_impl(st, c);
+	return 0;
+}
+
+const struct stage_kind checkout_kind = {
+	.name = "checkout",
+	.check_with = checkout_check_with,
+	.start = checkout_start,
+	.cancel = checkout_cancel,
+	.resume = checkout_resume,
+	.abandon = checkout_abandon,
+};
