@@ -18,11 +18,11 @@
 
 /*
  * The drivers, listed once: dispatch and check_with's "known:" list read
- * this table. build_local_driver (stages/build_local.c, buildah) is added
- * here when it lands.
+ * this table.
  */
 static const struct stage_kind *const drivers[] = {
 	&build_jenkins_driver,
+	&build_local_driver,
 };
 
 static const struct stage_kind *driver_find(const char *name)

@@ -10,5 +10,7 @@
 
 /* driver: jenkins (stages/build_jenkins.c) */
 extern const struct stage_kind build_jenkins_driver;
+/* driver: local (stages/build_local.c, buildah) */
+extern const struct stage_kind build_local_driver;
 
 #endif

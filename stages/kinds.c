@@ -13,7 +13,9 @@ static const struct stage_kind *const kinds[] = {
 	&verify_kind,
 	&deploy_kind,
 	&rollback_kind,
+	&build_kind,
 	&push_kind,
+	&checkout_kind,
 };
 
 const struct stage_kind *stage_kind_find(const char *name)

@@ -10,6 +10,8 @@ extern const struct stage_kind approval_kind;
 extern const struct stage_kind verify_kind;
 extern const struct stage_kind deploy_kind;
 extern const struct stage_kind rollback_kind;
+extern const struct stage_kind build_kind;
 extern const struct stage_kind push_kind;
+extern const struct stage_kind checkout_kind;
 
 #endif
