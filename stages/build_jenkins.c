@@ -309,11 +309,12 @@ static void bj_exec(struct bj *b, struct jenkins_step *s)
 			stage_logf(st, "output %s is too long; not set", s->outputs[i].key);
 	if (s->result != JENKINS_RESULT_NONE) {
 		char *msg = s->msg ? stage_redact(st, s->msg) : NULL;
+		Kpl__V1__StageState state = stage_state_of(s->result);
 		if (s->resume)
 			stage_save_resume(st, s->resume);
 		jenkins_step_release(s);
 		bj_close(b);
-		stage_done(st, stage_state_of(s->result), msg);
+		stage_done(st, state, msg);
 		free(msg);
 		return;
 	}
