@@ -256,7 +256,19 @@ static int run_step(struct build_local *b, enum bl_step step, struct kpl_err *er
 		break;
 	case BL_CLEAN:
 		break;
-	case BL_PUSH:
+	case BL_PUSH: {
+		/* buildah makes the layout's directory, not its parents. */
+		char *parent = kpl_strdup(b->output);
+		int rc;
+		*strrchr(parent, '/') = '\0';
+		rc = proc_mkdir_p(parent);
+		if (rc) {
+			kpl_errf(err, KPL_EIO, "cannot create %s: %s", parent, strerror(-rc));
+			free(parent);
+			return KPL_EIO;
+		}
+		free(parent);
+	}
 		argv[n++] = (char *)"push";
 		argv[n++] = b->name;
 		argv[n] = kpl_asprintf("oci:%s", b->output);
