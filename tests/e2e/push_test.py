@@ -266,13 +266,18 @@ class Suite:
                              "http://127.0.0.1:%d/token\n    service: kpl-test-registry\n"
                              "    issuer: kpl-test-issuer\n    rootcertbundle: %s\n"
                              % (self.tok.port, self.tok.cert))
+        # A "registry" that takes connections and never answers.
+        self.hang = socket.socket()
+        self.hang.bind(("127.0.0.1", 0))
+        self.hang.listen(16)
         cfg = os.path.join(tmp, "kpld.yaml")
         with open(cfg, "w") as f:
             f.write("registries:\n"
                     "  local: { url: %s, username: kpl, password: \"${{ secrets.REG_PASS }}\" }\n"
                     "  badpw: { url: %s, username: kpl, password: \"${{ secrets.REG_WRONG }}\" }\n"
                     "  tokreg: { url: %s, username: kpl, password: \"${{ secrets.REG_PASS }}\" }\n"
-                    % (self.reg.url, self.reg.url, self.treg.url))
+                    "  hang: { url: http://127.0.0.1:%d, username: kpl, password: x }\n"
+                    % (self.reg.url, self.reg.url, self.treg.url, self.hang.getsockname()[1]))
         self.data = os.path.join(tmp, "data")
         self.log = os.path.join(tmp, "kpld.log")
         ready = os.path.join(tmp, "ready")
@@ -432,6 +437,32 @@ class Suite:
         assert_eq(self.manifest(self.treg, "prod/app", "stable", tok)[0], self.d2,
                   "pulled through token auth")
 
+    def test_8b_cancel_stops_the_request(self):
+        text = pipeline("push-hang", {"registry": "hang", "repository": "prod/app",
+                                      "tags": ["x"], "image": "team/app:v1"})
+        run = Client.to_dict(submit(self.c, text))
+        stream = self.c.stream(P + "WatchRun", {"id": run["id"]}, timeout=30)
+        for ev in stream:
+            ev = Client.to_dict(ev)
+            self.all_events.append(ev)
+            if ev.get("stage") == "push" and ev.get("stage_state") == "STAGE_STATE_RUNNING":
+                stream.cancel()
+                break
+        t0 = time.monotonic()
+        got = Client.to_dict(self.c.call(P + "CancelRun", {"id": run["id"]}))
+        if time.monotonic() - t0 > 5:
+            raise AssertionError("cancel took %.1f s" % (time.monotonic() - t0))
+        assert_eq(got["state"], "RUN_STATE_CANCELLED", "run state")
+        assert_eq(got["stages"][0]["state"], "STAGE_STATE_CANCELLED", "stage state")
+        # the stage timeout goes through the same cancel
+        text = json.dumps({"name": "push-hang-timeout", "stages": [
+            {"name": "push", "kind": "push", "timeout": "1s", "with": {
+                "registry": "hang", "repository": "prod/app", "tags": ["x"],
+                "image": "team/app:v1"}}]})
+        got, push, logs = self.run(text)
+        assert_eq((got["state"], push["state"], push["message"]),
+                  ("RUN_STATE_FAILED", "STAGE_STATE_FAILED", "timed out after 1s"), "timeout")
+
     def test_9_no_secret_in_any_event(self):
         secrets = [PASS, WRONG, base64.b64encode(("kpl:" + PASS).encode()).decode(),
                    base64.b64encode(("kpl:" + WRONG).encode()).decode()] + self.tok.tokens
@@ -454,6 +485,7 @@ class Suite:
         self.reg.stop()
         self.treg.stop()
         self.tok.stop()
+        self.hang.close()
 
 
 def main():
