@@ -299,6 +299,25 @@ stages:
         assert_eq(self.image(), "reg.example/web:5.0", "emulator image")
         self.assert_no_secret(events)
 
+    def test_cancel_stops_following(self):
+        self.control("POST", "/emulator/config", {"pace": 2.0})
+        run = Client.to_dict(submit(self.c, deploy_pipeline("test", "reg.example/web:8.0")))
+        self.all_runs.append(run["id"])
+        stream = self.c.stream(P + "WatchRun", {"id": run["id"]}, timeout=60)
+        for ev in stream:
+            ev = Client.to_dict(ev)
+            if ev.get("kind") == "EVENT_KIND_LOG" and "patched to" in ev.get("message", ""):
+                stream.cancel()
+                break
+        self.c.call(P + "CancelRun", {"id": run["id"]})
+        [Client.to_dict(e) for e in self.c.stream(P + "WatchRun", {"id": run["id"]}, timeout=60)]
+        st = self.stage(Client.to_dict(self.c.call(P + "GetRun", {"id": run["id"]})), "deploy")
+        assert_eq(st["state"], "STAGE_STATE_CANCELLED", "state")
+        assert_eq(st["message"], "cancelled (a rollout already started goes on in the cluster)",
+                  "message")
+        self.control("POST", "/emulator/config", {"pace": 0.3})
+        self.wait_image("reg.example/web:8.0")  # the cluster finished the rollout
+
     def test_wrong_token(self):
         before = self.emu.patches()
         run, events = self.run(deploy_pipeline("bad", "reg.example/web:6.0"))
