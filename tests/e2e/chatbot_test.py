@@ -423,6 +423,9 @@ chats:
 
     # -- the story -------------------------------------------------------
 
+    def test_z_resume_mid_stage(self):
+        ResumeSuite(self).run()
+
     def test_story(self):
         self.bot.start()
 
@@ -546,6 +549,56 @@ chats:
         st = self.state_file()
         assert_eq(set(st["chats"]), {"team-wecom", "team-ding", "team-slack", "dead"},
                   "chats in the state file")
+
+
+class ResumeSuite:
+    """A bot that resumes in the middle of a failed stage's attempt: its
+    last log lines come from WatchRun, not from what the bot saw."""
+
+    def __init__(self, story):
+        self.s = story
+
+    def run(self):
+        s = self.s
+        recv = Receiver("slack")
+        bot = None
+        try:
+            run_id, events = s.run_to_end(FAIL)
+            logs = [e for e in events if e.get("kind") == "EVENT_KIND_LOG"]
+            cut = int(logs[4]["global_seq"])  # after "line 5": RUNNING is behind
+            state = os.path.join(s.tmp, "late.state")
+            with open(state, "w") as f:
+                json.dump({"global_seq": cut, "chats": {"late": cut}}, f)
+            cfg = os.path.join(s.tmp, "late.yaml")
+            with open(cfg, "w") as f:
+                f.write("server: %s\nstate_file: %s\nchats:\n"
+                        "  - {name: late, kind: slack, url: \"%s\", pipelines: [shop]}\n"
+                        % (s.daemon.addr, state, recv.url()))
+            bot = Bot(s.bot.binary, cfg, os.path.join(s.tmp, "late.log"))
+            bot.start()
+            want = [body("slack", dict(n, pipeline="shop", run=run_id)) for n in (
+                {"kind": "stage_failed", "stage": "compile",
+                 "message": "shell script exited with status 3",
+                 "log": ["line %d <x&y>" % i for i in range(3, 13)]},
+                {"kind": "failed",
+                 "message": "stage compile failed: shell script exited with status 3"})]
+            try:
+                wait_until("the late bot's messages", lambda: len(recv.bodies()) >= 2)
+            finally:
+                got = recv.bodies()
+                if got != want:
+                    raise AssertionError("late bot sent:\n  %s\nwanted:\n  %s" % (
+                        "\n  ".join(json.dumps(b) for b in got),
+                        "\n  ".join(json.dumps(b) for b in want)))
+            assert_eq(bot.kill(signal.SIGTERM), 0, "late bot exit status")
+            bot = None
+            st = json.load(open(state))
+            assert_eq(st["chats"]["late"], int(events[-1]["global_seq"]),
+                      "late bot's progress")
+        finally:
+            if bot:
+                bot.kill(signal.SIGKILL)
+            recv.close()
 
 
 def main():
