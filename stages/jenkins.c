@@ -672,10 +672,11 @@ int jenkins_begin(struct jenkins *j, const char *resume, int64_t now_ms,
 	json_decref(o);
 	return 0;
 bad:
-	json_decref(o);
+	kpl_errf(err, KPL_EINVAL, "unreadable resume data for the Jenkins build (phase %s)",
+		 phase);
+	json_decref(o); /* phase is gone with it */
 	jenkins_step_release(out);
-	return kpl_errf(err, KPL_EINVAL, "unreadable resume data for the Jenkins build "
-			"(phase %s)", phase);
+	return KPL_EINVAL;
 }
 
 /* ---------------------------------------------------------------------- */
@@ -1227,8 +1228,9 @@ static void on_result(struct jenkins *j, const struct jenkins_reply *r, const ch
 		if (rp && strcmp(rp, JENKINS_IMAGE_ARTIFACT) == 0)
 			image_listed = true;
 	}
-	json_decref(o);
-	if (image_listed && (strcmp(res, "SUCCESS") == 0 || strcmp(res, "UNSTABLE") == 0))
+	json_decref(o); /* res is gone with it */
+	if (image_listed && (strcmp(j->result, "SUCCESS") == 0 ||
+			     strcmp(j->result, "UNSTABLE") == 0))
 		request(j, s, JENKINS_ST_ARTIFACT, 0);
 	else
 		done_result(j, s);
