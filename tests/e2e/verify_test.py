@@ -304,6 +304,24 @@ class Suite:
             assert_eq(e.code(), grpc.StatusCode.INVALID_ARGUMENT, "status")
             assert "set canary_version" in e.details(), e.details()
 
+    def test_cancel_stops_between_rounds(self):
+        run = Client.to_dict(submit(self.c, verify_pipeline("cancel", [
+            "interval: 1s",
+            "count: 1000",
+            "failure_limit: 0",
+            "http: { url: '%s/version' }" % self.kube,
+        ])))
+        stream = self.c.stream(P + "WatchRun", {"id": run["id"]}, timeout=60)
+        for ev in stream:
+            ev = Client.to_dict(ev)
+            if ev.get("kind") == "EVENT_KIND_LOG" and "round 1/1000" in ev.get("message", ""):
+                stream.cancel()
+                break
+        self.c.call(P + "CancelRun", {"id": run["id"]})
+        watch(self.c, run["id"])
+        st = self.stage(Client.to_dict(self.c.call(P + "GetRun", {"id": run["id"]})))
+        assert_eq(st["state"], "STAGE_STATE_CANCELLED", "stage state (%s)" % st.get("message"))
+
     def test_restart_carries_on_from_the_recorded_round(self):
         run = Client.to_dict(submit(self.c, verify_pipeline("resume", [
             "prometheus: main",
