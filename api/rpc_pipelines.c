@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "api/kpl.pb-c.h"
+#include "google/protobuf/timestamp.pb-c.h"
 #include "pipelines/pipeline.h"
 #include "stages/stage.h"
 
@@ -38,7 +39,7 @@ struct rpc {
 	struct engine *eng;
 	struct store *store;
 	struct watch *watches; /* open WatchRun streams */
-	struct api_method methods[12];
+	struct api_method methods[14];
 };
 
 /* ---------------------------------------------------------------------- */
@@ -739,6 +740,146 @@ static void h_secret_list(struct api_call *call, const ProtobufCMessage *m, void
 	free(ptrs);
 }
 
+/* ---------------------------------------------------------------------- */
+/* Releases */
+
+/* "cluster/namespace/name", each part of [a-z0-9A-Z._-]: what kpl writes
+ * into a generated pipeline, so nothing in it needs quoting. */
+static int split_target(const char *t, char parts[3][128], struct kpl_err *err)
+{
+	int n = 0;
+	size_t len = 0;
+
+	if (!t || !*t)
+		return kpl_errf(err, KPL_EINVAL, "deployment: required, as cluster/namespace/name");
+	for (const char *p = t;; p++) {
+		if (*p == '/' || *p == '\0') {
+			if (len == 0 || n == 3)
+				break;
+			parts[n++][len] = '\0';
+			len = 0;
+			if (*p == '\0')
+				return n == 3 ? 0 : kpl_errf(err, KPL_EINVAL, "deployment %.200s: want "
+							      "cluster/namespace/name", t);
+			continue;
+		}
+		if (!(isalnum((unsigned char)*p) || *p == '-' || *p == '.' || *p == '_') ||
+		    len == 127)
+			return kpl_errf(err, KPL_EINVAL, "deployment %.200s: only letters, digits, "
+					"'.', '_' and '-' between the slashes", t);
+		parts[n][len++] = *p;
+	}
+	return kpl_errf(err, KPL_EINVAL, "deployment %.200s: want cluster/namespace/name", t);
+}
+
+static void h_releases(struct api_call *call, const ProtobufCMessage *m, void *data)
+{
+	const Kpl__V1__ListReleasesRequest *req = (const void *)m;
+	struct rpc *rpc = data;
+	Kpl__V1__ListReleasesResponse resp = KPL__V1__LIST_RELEASES_RESPONSE__INIT;
+	Kpl__Store__V1__ReleaseRecord **recs = NULL;
+	Kpl__V1__Release *rel = NULL, **ptrs = NULL;
+	Google__Protobuf__Timestamp *ts = NULL;
+	struct kpl_err err = { 0 };
+	char parts[3][128];
+	size_t n = 0, limit;
+	int rc;
+
+	if (split_target(req->deployment, parts, &err)) {
+		api_call_fail_err(call, &err);
+		return;
+	}
+	limit = req->limit > 0 ? (size_t)req->limit : 50;
+	if (limit > 500)
+		limit = 500;
+	rc = store_list_releases(rpc->store, req->deployment, &recs, &n);
+	if (rc) {
+		api_call_fail(call, ST_INTERNAL, "cannot read the release history");
+		return;
+	}
+	if (n > limit)
+		limit = limit; /* only the first `limit` go out */
+	else
+		limit = n;
+	rel = kpl_calloc(limit, sizeof *rel);
+	ptrs = kpl_calloc(limit, sizeof *ptrs);
+	ts = kpl_calloc(limit, sizeof *ts);
+	for (size_t i = 0; i < limit; i++) {
+		Kpl__Store__V1__ReleaseRecord *r = recs[i];
+		kpl__v1__release__init(&rel[i]);
+		google__protobuf__timestamp__init(&ts[i]);
+		ts[i].seconds = r->time_ms / 1000;
+		ts[i].nanos = (int32_t)(r->time_ms % 1000) * 1000000;
+		rel[i].deployment = r->target;
+		rel[i].seq = r->seq;
+		rel[i].run_id = r->run_id;
+		rel[i].stage = r->stage;
+		rel[i].kind = r->kind;
+		rel[i].revision = r->revision;
+		rel[i].image = r->image;
+		rel[i].previous_revision = r->previous_revision;
+		rel[i].previous_image = r->previous_image;
+		rel[i].time = &ts[i];
+		ptrs[i] = &rel[i];
+	}
+	resp.n_releases = limit;
+	resp.releases = ptrs;
+	api_call_reply(call, &resp.base);
+	free(rel);
+	free(ptrs);
+	free(ts);
+	store_free_releases(recs, n);
+}
+
+/*
+ * A rollback on demand is a run like any other (so it is watched, retried,
+ * audited and kept like one) of a pipeline with one `rollback` stage.
+ */
+static void h_rollback(struct api_call *call, const ProtobufCMessage *m, void *data)
+{
+	const Kpl__V1__RollbackReleaseRequest *req = (const void *)m;
+	struct rpc *rpc = data;
+	struct kpl_err err = { 0 };
+	char parts[3][128], rev[64] = "", *text, *msg;
+	struct op *op;
+	int rc;
+
+	if (split_target(req->deployment, parts, &err)) {
+		api_call_fail_err(call, &err);
+		return;
+	}
+	if (req->to_revision && *req->to_revision) {
+		for (const char *p = req->to_revision; *p; p++)
+			if (!isdigit((unsigned char)*p) || p - req->to_revision > 18) {
+				api_call_fail(call, ST_INVALID_ARGUMENT,
+					      "to_revision: a revision number, like 4");
+				return;
+			}
+		snprintf(rev, sizeof rev, ", to_revision: \"%s\"", req->to_revision);
+	}
+	text = kpl_asprintf("name: rollback-%s\n"
+			    "description: rollback of %s asked through RollbackRelease\n"
+			    "stages:\n"
+			    "  - name: rollback\n"
+			    "    kind: rollback\n"
+			    "    with: { cluster: \"%s\", namespace: \"%s\", deployment: \"%s\"%s }\n",
+			    parts[2], req->deployment, parts[0], parts[1], parts[2], rev);
+	msg = kpl_asprintf("%s asked for a rollback of %s%s%s", api_call_who(call),
+			   req->deployment, rev[0] ? " to revision " : "",
+			   rev[0] ? req->to_revision : "");
+	engine_audit(rpc->eng, NULL, NULL, msg, &err);
+	kpl_info(LOG, "%s", msg);
+	free(msg);
+	op = op_new(rpc, call);
+	rc = engine_submit(rpc->eng, text, strlen(text), NULL, NULL, 0, NULL, op_answer, op, &err);
+	free(text);
+	if (rc) {
+		if (op->call)
+			api_call_fail_err(call, &err);
+		free(op);
+	}
+}
+
 void rpc_close_streams(struct rpc *rpc)
 {
 	while (rpc->watches) {
@@ -793,6 +934,12 @@ struct rpc *rpc_new(struct engine *e)
 		{ "/kpl.v1.Pipelines/DeleteSecret", API_UNARY,
 		  &kpl__v1__delete_secret_request__descriptor, h_secret_delete, rpc,
 		  API_SCOPE_ADMIN },
+		{ "/kpl.v1.Pipelines/ListReleases", API_UNARY,
+		  &kpl__v1__list_releases_request__descriptor, h_releases, rpc,
+		  API_SCOPE_READ },
+		{ "/kpl.v1.Pipelines/RollbackRelease", API_UNARY,
+		  &kpl__v1__rollback_release_request__descriptor, h_rollback, rpc,
+		  API_SCOPE_APPROVE },
 	};
 
 	rpc->eng = e;
