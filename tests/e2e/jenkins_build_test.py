@@ -303,6 +303,9 @@ class Suite:
         assert_true(b["image"].startswith("registry.local/team/app@sha256:"),
                     "image is the digest reference: %r" % b["image"])
         assert_eq(out.get("digest"), b["image"].split("@", 1)[1], "digest")
+        fetched = [r for r in self.emu.json("/emulator/requests")
+                   if r["path"].endswith("/%d/artifact/kpl-image.json" % b["number"])]
+        assert_eq([r["status"] for r in fetched], [200], "kpl-image.json read once")
         assert_eq(console_lines(events, "show"), ["built " + b["image"]],
                   "a later stage reads the output")
 
@@ -409,6 +412,9 @@ class Suite:
                 if isinstance(v, str) and (TOKEN in v or BAD_TOKEN in v):
                     raise AssertionError("a token in event %r" % e)
         assert_true(len(self.all_events) > 50, "events were checked")
+        log = open(self.daemon.log).read()
+        assert_true("jenkins" in log, "kpld's own log was read")
+        assert_true(TOKEN not in log and BAD_TOKEN not in log, "a token in kpld's log")
 
     def close(self):
         if self.daemon.proc:
