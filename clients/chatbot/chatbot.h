@@ -1,8 +1,8 @@
 /*
  * chatbot.h - kpl-chatbot's logic without I/O: the config file, which
- * notices an event makes, the webhook bodies for each chat kind, DingTalk's
- * signature, how a webhook reply is judged, the last log lines of stages and
- * the state file. clients/chatbot/main.c is the thin glue (the WatchRuns
+ * chats want which notice, the last log lines of stages and the state file.
+ * The notices themselves (webhook bodies, DingTalk's signature, reply
+ * verdicts) are clients/chatbot/notice.h, shared with kpld's own `notify:`. clients/chatbot/main.c is the thin glue (the WatchRuns
  * thread, the libuv loop, stages/http.h); docs/chatbot.md is the user's
  * side.
  *
@@ -19,41 +19,8 @@
 #include <stdint.h>
 
 #include "api/kpl.pb-c.h"
+#include "clients/chatbot/notice.h"
 #include "engine/kpl.h"
-
-/* --- Chat kinds and notice kinds, listed once --- */
-
-#define CHAT_KIND_MAP(X)                                                      \
-	X(WECOM, "wecom")                                                     \
-	X(DINGTALK, "dingtalk")                                               \
-	X(SLACK, "slack")
-
-enum chat_kind {
-#define CHAT_KIND_ENUM(id, name) CHAT_##id,
-	CHAT_KIND_MAP(CHAT_KIND_ENUM)
-#undef CHAT_KIND_ENUM
-	CHAT_KIND_LAST
-};
-
-#define NOTICE_KIND_MAP(X)                                                    \
-	X(STARTED, "started")                                                 \
-	X(STAGE_FAILED, "stage_failed")                                       \
-	X(WAITING, "waiting")                                                 \
-	X(SUCCEEDED, "succeeded")                                             \
-	X(FAILED, "failed")                                                   \
-	X(CANCELLED, "cancelled")                                             \
-	X(ROLLED_BACK, "rolled_back")
-
-enum notice_kind {
-#define NOTICE_KIND_ENUM(id, name) NOTICE_##id,
-	NOTICE_KIND_MAP(NOTICE_KIND_ENUM)
-#undef NOTICE_KIND_ENUM
-	NOTICE_LAST /* also "no notice" */
-};
-
-/* Static names ("wecom", "stage_failed"); "?" outside the range. */
-const char *chat_kind_name(enum chat_kind k);
-const char *notice_kind_name(enum notice_kind k);
 
 /* --- The config file (docs/chatbot.md) --- */
 
@@ -102,72 +69,6 @@ void chatbot_config_release(struct chatbot_config *c);
 
 /* 1 if chat wants notices of kind k for pipeline. */
 int chat_wants(const struct chat_config *chat, enum notice_kind k, const char *pipeline);
-
-/* --- Notices --- */
-
-struct notice {
-	enum notice_kind kind;
-	uint64_t global_seq;
-	char *run_id;
-	char *pipeline;
-	char *stage;   /* stage notices; NULL otherwise */
-	char *message; /* the event's message (server-redacted); may be NULL */
-	char **log;    /* stage_failed: the last log lines, oldest first */
-	size_t n_log;
-};
-
-/*
- * The notice an event makes, NOTICE_LAST for none. is_rollback says whether
- * ev's stage counts as a rollback (its kind is `rollback`, or its name is in
- * the config's rollback_stages); it matters only for a stage that
- * SUCCEEDED.
- */
-enum notice_kind notice_classify(const Kpl__V1__RunEvent *ev, int is_rollback);
-
-/* Fills n from ev (strings copied; the log lines are the caller's to add).
- * notice_release frees what n holds. */
-void notice_init_from(struct notice *n, enum notice_kind kind, const Kpl__V1__RunEvent *ev);
-void notice_release(struct notice *n);
-
-/* The one-line title ("shop run r-1: stage build failed"). Malloc'd. */
-char *notice_title(const struct notice *n);
-
-/*
- * The webhook body for a chat kind, JSON as the reference says
- * (/work/shared/reference/external-apis.md section 7): WeCom
- * {"msgtype":"markdown","markdown":{"content":..}} (at most 4096 bytes),
- * DingTalk {"msgtype":"markdown","markdown":{"title":..,"text":..}}, Slack
- * {"text":title,"blocks":[{"type":"section","text":{"type":"mrkdwn",..}}]}
- * (at most 3000 characters). Malloc'd, NUL-terminated.
- */
-char *notice_render(enum chat_kind kind, const struct notice *n);
-
-/* Cuts s in place to at most max bytes, at a UTF-8 character boundary. */
-void utf8_truncate(char *s, size_t max);
-
-/* --- Webhook protocol --- */
-
-/* DingTalk's sign: urlencode(base64(HMAC-SHA256(secret, ts "\n" secret))).
- * Malloc'd. */
-char *dingtalk_sign(const char *secret, int64_t ts_ms);
-/* url with "timestamp=<ts>&sign=<sign>" appended ('?' or '&'). Malloc'd;
- * a credential like url. */
-char *dingtalk_signed_url(const char *url, const char *secret, int64_t ts_ms);
-
-enum chat_verdict {
-	CHAT_DELIVERED,  /* the chat took the message */
-	CHAT_RETRY,      /* try again after a backoff */
-	CHAT_REJECTED,   /* the chat will never take it (bad payload, revoked
-			    webhook): give up now */
-};
-/*
- * Judges a webhook reply: 2xx with (WeCom, DingTalk) {"errcode":0} or
- * (Slack) any body; 429, 5xx and a non-zero errcode are retried (rate limits
- * come as errcodes); other 4xx are rejected. why gets a short reason for the
- * log (status, errcode and errmsg; never the url).
- */
-enum chat_verdict chat_judge_reply(enum chat_kind kind, long status, const char *body,
-				   char *why, size_t why_len);
 
 /* --- The last log lines per (run, stage) --- */
 

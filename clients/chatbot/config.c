@@ -9,28 +9,6 @@
 #include "clients/chatbot/chatbot.h"
 #include "pipelines/pipeline.h"
 
-static const char *const chat_kind_names[] = {
-#define CHAT_KIND_NAME(id, name) name,
-	CHAT_KIND_MAP(CHAT_KIND_NAME)
-#undef CHAT_KIND_NAME
-};
-
-static const char *const notice_kind_names[] = {
-#define NOTICE_KIND_NAME(id, name) name,
-	NOTICE_KIND_MAP(NOTICE_KIND_NAME)
-#undef NOTICE_KIND_NAME
-};
-
-const char *chat_kind_name(enum chat_kind k)
-{
-	return (unsigned)k < CHAT_KIND_LAST ? chat_kind_names[k] : "?";
-}
-
-const char *notice_kind_name(enum notice_kind k)
-{
-	return (unsigned)k < NOTICE_LAST ? notice_kind_names[k] : "?";
-}
-
 #define ALL_EVENTS ((1u << NOTICE_LAST) - 1)
 
 struct cfg_ctx {
@@ -188,10 +166,7 @@ static int parse_chat(struct cfg_ctx *cx, const struct pl_node *m, size_t idx,
 	snprintf(p, sizeof p, "%s.kind", path);
 	if (!v)
 		return bad(cx, m, path, "kind is required (wecom, dingtalk or slack)");
-	chat->kind = CHAT_KIND_LAST;
-	for (int k = 0; k < CHAT_KIND_LAST; k++)
-		if (v->type == PL_SCALAR && strcmp(v->scalar, chat_kind_names[k]) == 0)
-			chat->kind = (enum chat_kind)k;
+	chat->kind = v->type == PL_SCALAR ? chat_kind_parse(v->scalar) : CHAT_KIND_LAST;
 	if (chat->kind == CHAT_KIND_LAST)
 		return bad(cx, v, p, "unknown kind (known: wecom, dingtalk, slack)");
 	if ((rc = get_secretish(cx, m, "url", path, &chat->url)))
@@ -221,10 +196,8 @@ static int parse_chat(struct cfg_ctx *cx, const struct pl_node *m, size_t idx,
 			const struct pl_node *e = v->items[i];
 			int k;
 
-			for (k = 0; k < NOTICE_LAST; k++)
-				if (e->type == PL_SCALAR &&
-				    strcmp(e->scalar, notice_kind_names[k]) == 0)
-					break;
+			k = e->type == PL_SCALAR ? (int)notice_kind_parse(e->scalar)
+						 : NOTICE_LAST;
 			if (k == NOTICE_LAST)
 				return bad(cx, e, p,
 					   "unknown event (known: started, stage_failed, "
