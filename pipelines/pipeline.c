@@ -1554,10 +1554,111 @@ static void parse_concurrency(struct vctx *c, const struct pl_node *n)
 			  &p->concurrency.cancel_in_progress);
 }
 
+static const char *const notify_event_names[] = {
+#define PL_NOTIFY_EVENT_NAME(id, name) name,
+	PL_NOTIFY_EVENT_MAP(PL_NOTIFY_EVENT_NAME)
+#undef PL_NOTIFY_EVENT_NAME
+	NULL
+};
+
+const char *pl_notify_event_name(enum pl_notify_event ev)
+{
+	return (unsigned)ev < PL_NOTIFY_LAST ? notify_event_names[ev] : "?";
+}
+
+/* notify: a list of {notifier, events}. Only the shape: which notifiers
+ * exist is the daemon config's business, checked at submit. */
+static void parse_notify(struct vctx *c, const struct pl_node *n)
+{
+	/* "kind" only to say where it goes instead. */
+	static const char *const keys[] = { "notifier", "events", "kind", NULL };
+	struct pipeline *p = c->p;
+	char path[PATH_LEN], kpath[PATH_LEN], ipath[PATH_LEN];
+
+	if (scalar_is_null(n) || !want_seq(c, n, "notify"))
+		return;
+	if (n->n > PL_MAX_NOTIFY) {
+		diag_big(c, n->pos, "notify", "%zu entries; the limit is %d", n->n,
+			 PL_MAX_NOTIFY);
+		return;
+	}
+	p->notify = kpl_calloc(n->n ? n->n : 1, sizeof *p->notify);
+	for (size_t i = 0; i < n->n; i++) {
+		const struct pl_node *e = n->items[i], *v;
+		struct pl_notify *pn = &p->notify[p->n_notify++];
+
+		path_idx(path, "notify", i);
+		pn->pos = e->pos;
+		pn->events = (1u << PL_NOTIFY_LAST) - 1;
+		if (!want_map(c, e, path))
+			continue;
+		check_keys(c, e, path, keys);
+		for (size_t j = 0; j < e->n; j++)
+			if (strcmp(e->keys[j]->scalar, "kind") == 0) {
+				path_key(kpath, path, "kind");
+				diag(c, e->keys[j]->pos, kpath, "a notifier's kind (wecom, "
+				     "dingtalk, slack) is declared with its url in the daemon "
+				     "config (notifiers.NAME.kind), not here");
+			}
+		if ((v = require(c, e, path, "notifier"))) {
+			const char *s;
+
+			path_key(kpath, path, "notifier");
+			s = want_str(c, v, kpath);
+			if (s && check_name(c, v, kpath, s, NAME_PARAM, "notifier name") == 0) {
+				for (size_t j = 0; j + 1 < p->n_notify; j++)
+					if (p->notify[j].notifier &&
+					    strcmp(p->notify[j].notifier, s) == 0)
+						diag(c, v->pos, kpath,
+						     "notifier \"%s\" is listed twice (first at "
+						     "%d:%d): put all its events in one entry",
+						     s, p->notify[j].pos.line, p->notify[j].pos.col);
+				pn->notifier = kpl_strdup(s);
+			}
+		}
+		if (!(v = pl_map_get(e, "events")))
+			continue;
+		path_key(kpath, path, "events");
+		if (!want_seq(c, v, kpath))
+			continue;
+		if (v->n == 0) {
+			diag(c, v->pos, kpath, "an empty list sends nothing: list the events "
+			     "(%s), or leave events out for all of them",
+			     "started, stage_failed, waiting, succeeded, failed, cancelled");
+			continue;
+		}
+		pn->events = 0;
+		for (size_t j = 0; j < v->n; j++) {
+			const struct pl_node *ev = v->items[j];
+			const char *s;
+			int k;
+
+			path_idx(ipath, kpath, j);
+			if (!(s = want_str(c, ev, ipath)))
+				continue;
+			for (k = 0; k < PL_NOTIFY_LAST; k++)
+				if (strcmp(s, notify_event_names[k]) == 0)
+					break;
+			if (k == PL_NOTIFY_LAST) {
+				const char *near = suggest(s, notify_event_names);
+				diag(c, ev->pos, ipath, "unknown event \"%.60s\"%s%s%s (known: "
+				     "started, stage_failed, waiting, succeeded, failed, cancelled)",
+				     s, near ? ": did you mean \"" : "", near ? near : "",
+				     near ? "\"?" : "");
+				continue;
+			}
+			if (pn->events & (1u << k))
+				diag(c, ev->pos, ipath, "\"%s\" is listed twice", s);
+			pn->events |= 1u << k;
+		}
+	}
+}
+
 static void validate(struct vctx *c, const struct pl_node *root)
 {
 	static const char *const keys[] = { "name", "description", "params", "env",
-					     "concurrency", "stages", "finally", NULL };
+					     "concurrency", "notify", "stages", "finally",
+					     NULL };
 	struct pipeline *p = c->p;
 	const struct pl_node *v;
 	char what[128];
@@ -1596,6 +1697,8 @@ static void validate(struct vctx *c, const struct pl_node *root)
 	}
 	if ((v = pl_map_get(root, "concurrency")))
 		parse_concurrency(c, v);
+	if ((v = pl_map_get(root, "notify")))
+		parse_notify(c, v);
 	parse_stages(c, root);
 }
 
@@ -1770,6 +1873,9 @@ void pipeline_free(struct pipeline *p)
 	}
 	free(p->env);
 	free(p->concurrency.group);
+	for (size_t i = 0; i < p->n_notify; i++)
+		free(p->notify[i].notifier);
+	free(p->notify);
 	for (size_t i = 0; i < p->n_stages; i++) {
 		struct pl_stage *st = &p->stages[i];
 		free(st->name);

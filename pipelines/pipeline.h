@@ -102,6 +102,44 @@ struct pl_concurrency {
 	bool cancel_in_progress;
 };
 
+/*
+ * Pipeline-level notifications, sent by kpld itself (engine/notify.h):
+ *
+ *   notify:
+ *     - notifier: team-chat        # a name under `notifiers:` in the daemon
+ *       events: [failed, waiting]  # config; checked at submit, not here
+ *
+ * events defaults to every one. The list is in the same order as the first
+ * entries of clients/chatbot/notice.h's NOTICE_KIND_MAP, so bit i of
+ * pl_notify.events is that notice kind (engine/notify.c checks the names).
+ */
+#define PL_NOTIFY_EVENT_MAP(X)                  \
+	X(STARTED, "started")                   \
+	X(STAGE_FAILED, "stage_failed")         \
+	X(WAITING, "waiting")                   \
+	X(SUCCEEDED, "succeeded")               \
+	X(FAILED, "failed")                     \
+	X(CANCELLED, "cancelled")
+
+enum pl_notify_event {
+#define PL_NOTIFY_EVENT_ENUM(id, name) PL_NOTIFY_##id,
+	PL_NOTIFY_EVENT_MAP(PL_NOTIFY_EVENT_ENUM)
+#undef PL_NOTIFY_EVENT_ENUM
+	PL_NOTIFY_LAST
+};
+
+/* Static name ("stage_failed"); "?" outside the range. */
+const char *pl_notify_event_name(enum pl_notify_event ev);
+
+/* At most this many notify entries in a pipeline. */
+#define PL_MAX_NOTIFY 16
+
+struct pl_notify {
+	char *notifier;  /* the daemon config's notifier name */
+	unsigned events; /* bit (1u << pl_notify_event) per wanted event */
+	struct pl_pos pos; /* of the entry, for submit-time errors */
+};
+
 struct pipeline {
 	char *name;
 	char *description;
@@ -110,6 +148,8 @@ struct pipeline {
 	struct pl_env *env;
 	size_t n_env;
 	struct pl_concurrency concurrency;
+	struct pl_notify *notify; /* n_notify of them, file order */
+	size_t n_notify;
 	/* stages, then the finally stages (is_finally), in file order.
 	 * n_stages counts every entry, finally ones included; the last
 	 * n_finally of them are the finally stages. */

@@ -299,6 +299,16 @@ static const struct bad_case bad_cases[] = {
 	  "with_script_timeout.yaml:7:16: stages[0].with.timeout: bad duration" },
 	{ "yaml_syntax.yaml", INVAL,
 	  "yaml_syntax.yaml:4:4: stages: syntax error: did not find expected '-' indicator (while parsing a block collection at 3:3)" },
+	{ "notify_kind_key.yaml", INVAL,
+	  "notify_kind_key.yaml:3:28: notify[0].kind: a notifier's kind (wecom, dingtalk, slack) is declared with its url in the daemon config (notifiers.NAME.kind), not here" },
+	{ "notify_missing_notifier.yaml", INVAL,
+	  "notify_missing_notifier.yaml:3:5: notify[0].notifier: missing required key \"notifier\"" },
+	{ "notify_not_list.yaml", INVAL,
+	  "notify_not_list.yaml:2:9: notify: expected a list, found the value \"team-chat\"" },
+	{ "notify_twice.yaml", INVAL,
+	  "notify_twice.yaml:4:17: notify[1].notifier: notifier \"team-chat\" is listed twice (first at 3:5): put all its events in one entry" },
+	{ "notify_unknown_event.yaml", INVAL,
+	  "notify_unknown_event.yaml:4:23: notify[0].events[1]: unknown event \"faild\": did you mean \"failed\"? (known: started, stage_failed, waiting, succeeded, failed, cancelled)" },
 	{ "yaml_unterminated_quote.yaml", INVAL,
 	  "yaml_unterminated_quote.yaml:3:1: syntax error: found unexpected end of stream (while scanning a quoted scalar at 1:7)" },
 };
@@ -358,6 +368,7 @@ static void test_good_fixtures_parse(void **state)
 	static const char *const files[] = {
 		"good/full.yaml", "good/full.json", "good/minimal.yaml",
 		"good/minimal.json", "good/block_scalars.yaml", "good/diamond.yaml",
+		"good/notify.yaml",
 	};
 	for (size_t i = 0; i < KPL_ARRAY_SIZE(files); i++) {
 		struct pipeline *p = NULL;
@@ -369,6 +380,29 @@ static void test_good_fixtures_parse(void **state)
 		assert_true(p->n_stages > 0);
 		pipeline_free(p);
 	}
+}
+
+/* notify: names and events as bits in PL_NOTIFY_EVENT_MAP order; a
+ * missing events list means every event. */
+static void test_notify_model(void **state)
+{
+	struct pipeline *p = NULL;
+	struct kpl_err err = { 0 };
+
+	(void)state;
+	if (parse_fixture("good/notify.yaml", &p, &err) != 0)
+		fail_msg("%s", err.msg);
+	assert_int_equal(p->n_notify, 2);
+	assert_string_equal(p->notify[0].notifier, "team-chat");
+	assert_int_equal(p->notify[0].events, (1u << PL_NOTIFY_STAGE_FAILED) |
+						   (1u << PL_NOTIFY_WAITING) |
+						   (1u << PL_NOTIFY_FAILED));
+	assert_int_equal(p->notify[0].pos.line, 3);
+	assert_string_equal(p->notify[1].notifier, "ops");
+	assert_int_equal(p->notify[1].events, (1u << PL_NOTIFY_LAST) - 1);
+	assert_string_equal(pl_notify_event_name(PL_NOTIFY_STAGE_FAILED), "stage_failed");
+	assert_string_equal(pl_notify_event_name(PL_NOTIFY_LAST), "?");
+	pipeline_free(p);
 }
 
 static void assert_env(const struct pl_env *e, const char *name, const char *value)
@@ -983,6 +1017,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_bad_fixtures),
 		cmocka_unit_test(test_good_fixtures_parse),
+		cmocka_unit_test(test_notify_model),
 		cmocka_unit_test(test_yaml_and_json_same_model),
 		cmocka_unit_test(test_block_scalars_model),
 		cmocka_unit_test(test_limits_in_memory),
