@@ -1407,7 +1407,10 @@ class Traffic(threading.Thread):
         ns, wl, labels = info["ns"], info["workload"], info["labels"]
         version = labels.get("version", "unknown")
         s = self.setting(ns, wl, version)
-        bad = any("bad" in img.rsplit("/", 1)[-1].partition(":")[2] for img in info["images"])
+        # The tag only: in "reg:5000/app:1.2-bad@sha256:..." the digest's hex
+        # may hold "bad" too, which must not make a good release fail.
+        bad = any("bad" in img.rsplit("/", 1)[-1].split("@", 1)[0].partition(":")[2]
+                  for img in info["images"])
         rate = s.get("rate", OPTS.bad_error_rate if bad else OPTS.error_rate)
         code = str(s.get("code", 500))
         base = s.get("latency_ms", OPTS.latency_ms)
