@@ -27,6 +27,9 @@ struct kplc_stream {
 	int md_received; /* initial metadata asked for */
 	/* Polled while waiting, if set; cancelled: we cancelled for it. */
 	const volatile sig_atomic_t *stop;
+	/* Called every 100 ms while waiting, if set. */
+	void (*idle)(void *data);
+	void *idle_data;
 	int cancelled;
 	/* 1 once the status is known; then result/st are replayed. */
 	int done;
@@ -252,16 +255,16 @@ static int pluck(grpc_completion_queue *cq, void *tag)
  * pluck for a stream's receive: the same, but with a stop flag it wakes
  * every 100 ms to look at it, and once it is set cancels the call; the
  * batch then completes at once (without a message) and the status is
- * CANCELLED.
+ * CANCELLED. With an idle callback it wakes as often and calls it.
  */
 static int stream_pluck(struct kplc_stream *s, void *tag)
 {
 	grpc_event ev;
 
-	if (!s->stop)
+	if (!s->stop && !s->idle)
 		return pluck(s->cq, tag);
 	for (;;) {
-		if (*s->stop && !s->cancelled) {
+		if (s->stop && *s->stop && !s->cancelled) {
 			grpc_call_cancel(s->call, NULL);
 			s->cancelled = 1;
 		}
@@ -270,8 +273,11 @@ static int stream_pluck(struct kplc_stream *s, void *tag)
 			gpr_time_add(gpr_now(GPR_CLOCK_REALTIME),
 				     gpr_time_from_millis(100, GPR_TIMESPAN)),
 			NULL);
-		if (ev.type == GRPC_QUEUE_TIMEOUT)
+		if (ev.type == GRPC_QUEUE_TIMEOUT) {
+			if (s->idle)
+				s->idle(s->idle_data);
 			continue;
+		}
 		if (ev.type != GRPC_OP_COMPLETE || ev.tag != tag)
 			BUG("pluck: unexpected completion-queue event %d",
 			    ev.type);
@@ -561,6 +567,11 @@ void kplc_stream_close(struct kplc_stream *s)
 #define M_APPROVE "/kpl.v1.Pipelines/ApproveStage"
 #define M_RETRY "/kpl.v1.Pipelines/RetryRun"
 #define M_WATCH_ALL "/kpl.v1.Pipelines/WatchRuns"
+#define M_SET_SECRET "/kpl.v1.Pipelines/SetSecret"
+#define M_LIST_SECRETS "/kpl.v1.Pipelines/ListSecrets"
+#define M_DELETE_SECRET "/kpl.v1.Pipelines/DeleteSecret"
+#define M_RELEASES "/kpl.v1.Pipelines/ListReleases"
+#define M_ROLLBACK "/kpl.v1.Pipelines/RollbackRelease"
 
 int kplc_submit_run(struct kplc *c, const Kpl__V1__SubmitRunRequest *req,
 		    Kpl__V1__Run **out, struct kplc_status *st)
@@ -646,22 +657,87 @@ int kplc_watch_runs(struct kplc *c, const Kpl__V1__WatchRunsRequest *req,
 				&kpl__v1__run_event__descriptor, 0, out, st);
 }
 
+int kplc_set_secret(struct kplc *c, const char *name, const char *value,
+		    Kpl__V1__Secret **out, struct kplc_status *st)
+{
+	Kpl__V1__SetSecretRequest req = KPL__V1__SET_SECRET_REQUEST__INIT;
+
+	req.name = (char *)name;
+	req.value = (char *)value;
+	return kplc_call_unary(c, M_SET_SECRET, &req.base,
+			       &kpl__v1__secret__descriptor,
+			       (ProtobufCMessage **)out, st);
+}
+
+int kplc_list_secrets(struct kplc *c, Kpl__V1__ListSecretsResponse **out,
+		      struct kplc_status *st)
+{
+	Kpl__V1__ListSecretsRequest req = KPL__V1__LIST_SECRETS_REQUEST__INIT;
+
+	return kplc_call_unary(c, M_LIST_SECRETS, &req.base,
+			       &kpl__v1__list_secrets_response__descriptor,
+			       (ProtobufCMessage **)out, st);
+}
+
+int kplc_delete_secret(struct kplc *c, const char *name, Kpl__V1__Secret **out,
+		       struct kplc_status *st)
+{
+	Kpl__V1__DeleteSecretRequest req = KPL__V1__DELETE_SECRET_REQUEST__INIT;
+
+	req.name = (char *)name;
+	return kplc_call_unary(c, M_DELETE_SECRET, &req.base,
+			       &kpl__v1__secret__descriptor,
+			       (ProtobufCMessage **)out, st);
+}
+
+int kplc_list_releases(struct kplc *c, const char *deployment, int32_t limit,
+		       Kpl__V1__ListReleasesResponse **out,
+		       struct kplc_status *st)
+{
+	Kpl__V1__ListReleasesRequest req = KPL__V1__LIST_RELEASES_REQUEST__INIT;
+
+	req.deployment = (char *)deployment;
+	req.limit = limit;
+	return kplc_call_unary(c, M_RELEASES, &req.base,
+			       &kpl__v1__list_releases_response__descriptor,
+			       (ProtobufCMessage **)out, st);
+}
+
+int kplc_rollback_release(struct kplc *c, const char *deployment,
+			  const char *to_revision, Kpl__V1__Run **out,
+			  struct kplc_status *st)
+{
+	Kpl__V1__RollbackReleaseRequest req =
+		KPL__V1__ROLLBACK_RELEASE_REQUEST__INIT;
+
+	req.deployment = (char *)deployment;
+	req.to_revision = (char *)(to_revision ? to_revision : "");
+	return kplc_call_unary(c, M_ROLLBACK, &req.base,
+			       &kpl__v1__run__descriptor,
+			       (ProtobufCMessage **)out, st);
+}
+
 int kplc_watch_next(struct kplc_stream *s, Kpl__V1__RunEvent **ev,
 		    struct kplc_status *st)
 {
 	return kplc_stream_next(s, (ProtobufCMessage **)ev, st);
 }
 
-/* Sleeps ms, in 100 ms slices if there is a stop flag to look at. */
-static void sleep_ms(int ms, const volatile sig_atomic_t *stop)
+/* Sleeps ms, in 100 ms slices if there is a stop flag to look at or an
+ * idle callback to call. */
+static void sleep_ms(int ms, const struct kplc_follow_options *opt)
 {
+	const volatile sig_atomic_t *stop = opt->stop;
+
 	while (ms > 0 && !(stop && *stop)) {
-		int n = stop && ms > 100 ? 100 : ms;
+		int n = (stop || opt->idle) && ms > 100 ? 100 : ms;
 		struct timespec ts = { n / 1000, (long)(n % 1000) * 1000000L };
 
 		while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
 			;
 		ms -= n;
+		if (opt->idle)
+			opt->idle(opt->idle_data);
 	}
 }
 
@@ -702,8 +778,11 @@ static int follow(struct kplc *c, const struct follow_src *src, uint64_t first,
 		int stop = 0;
 
 		rc = src->open(c, src, *last ? *last + 1 : first, &s, st);
-		if (rc == 0)
+		if (rc == 0) {
 			s->stop = opt->stop;
+			s->idle = opt->idle;
+			s->idle_data = opt->idle_data;
+		}
 		while (rc == 0 && (rc = kplc_watch_next(s, &ev, st)) == 1) {
 			uint64_t seq = src->seq(ev);
 
@@ -738,7 +817,7 @@ static int follow(struct kplc *c, const struct follow_src *src, uint64_t first,
 		retries++;
 		kpl_debug("kplclient", "%s: %s, retry %d in %d ms", src->what,
 			  st->message, retries, backoff);
-		sleep_ms(backoff, opt->stop);
+		sleep_ms(backoff, opt);
 		backoff = backoff * 2 > 5000 ? 5000 : backoff * 2;
 	}
 	return rc;

@@ -178,6 +178,27 @@ int kplc_retry_run(struct kplc *c, const char *id, Kpl__V1__Run **out,
 int kplc_watch_runs(struct kplc *c, const Kpl__V1__WatchRunsRequest *req,
 		    struct kplc_stream **out, struct kplc_status *st);
 
+/* SetSecret: stores value (4 bytes to 64 KiB) under name; *out names it.
+ * No call ever returns a value. */
+int kplc_set_secret(struct kplc *c, const char *name, const char *value,
+		    Kpl__V1__Secret **out, struct kplc_status *st);
+/* ListSecrets: the names of every secret. */
+int kplc_list_secrets(struct kplc *c, Kpl__V1__ListSecretsResponse **out,
+		      struct kplc_status *st);
+/* DeleteSecret: NOT_FOUND if there is no such secret. */
+int kplc_delete_secret(struct kplc *c, const char *name, Kpl__V1__Secret **out,
+		       struct kplc_status *st);
+/* ListReleases: what changed deployment ("cluster/namespace/name"), newest
+ * first, at most limit (0: the server's default, 50). */
+int kplc_list_releases(struct kplc *c, const char *deployment, int32_t limit,
+		       Kpl__V1__ListReleasesResponse **out,
+		       struct kplc_status *st);
+/* RollbackRelease: starts a run restoring deployment to to_revision (NULL
+ * or "": the one before its last deploy); *out is that run. */
+int kplc_rollback_release(struct kplc *c, const char *deployment,
+			  const char *to_revision, Kpl__V1__Run **out,
+			  struct kplc_status *st);
+
 /*
  * Follows a run's events to the end, surviving broken streams: when WatchRun
  * ends with UNAVAILABLE it reopens it with from_seq = last seen seq + 1,
@@ -198,6 +219,12 @@ struct kplc_follow_options {
 	 * non-zero (a signal handler may set it) the stream is cancelled and
 	 * the follow returns KPL_ECANCELLED with st->code CANCELLED. */
 	const volatile sig_atomic_t *stop;
+	/* If not NULL, called with idle_data about every 100 ms while no
+	 * event arrives (waiting on the stream or in a backoff), on the
+	 * calling thread: a live display ticks its clocks with it. It must
+	 * not call into this library with the same stream. */
+	void (*idle)(void *idle_data);
+	void *idle_data;
 };
 typedef int (*kplc_event_fn)(const Kpl__V1__RunEvent *ev, void *data);
 int kplc_follow_run(struct kplc *c, const char *id, uint64_t from_seq,

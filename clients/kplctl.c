@@ -1,7 +1,10 @@
 /*
  * kplctl.c - the command-line client of kpld: submit, get, list, watch,
- * cancel, retry and approve runs, lint pipeline files and follow the events
- * of every run, over kpl.v1.Pipelines (see docs/kplctl.md).
+ * cancel, retry and approve runs, read their logs, lint pipeline files,
+ * follow the events of every run, manage secrets and tokens, list and roll
+ * back releases, over kpl.v1.Pipelines and kpl.v1.Security (see
+ * docs/kplctl.md). On a terminal, watches draw a live stage table
+ * (kplctl_live.h).
  *
  * Commands and options are data (the two tables below); parsing, --help and
  * the per-command checks all read them. Exit codes are part of the
@@ -10,17 +13,22 @@
 #include <ctype.h>
 #include <errno.h>
 #include <jansson.h>
+#include <langinfo.h>
+#include <locale.h>
 #include <pwd.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "api/kpl.pb-c.h"
 #include "clients/kplclient.h"
+#include "clients/kplctl_live.h"
 #include "engine/kpl.h"
 #include "google/protobuf/timestamp.pb-c.h"
 
@@ -30,6 +38,7 @@ enum exit_code {
 				for lint: a file has an error */
 	EXIT_USAGE = 2,      /* bad command line, or FILE unreadable */
 	EXIT_RPC = 3,        /* cannot reach kpld, or it returned an error */
+	EXIT_INTERRUPTED = 130, /* a watch or logs --follow ended by Ctrl-C */
 };
 
 enum opt_bit {
@@ -52,6 +61,10 @@ enum opt_bit {
 	O_TOKEN = 1 << 16,
 	O_SCOPE = 1 << 17,
 	O_DESCRIPTION = 1 << 18,
+	O_STAGE = 1 << 19,
+	O_FOLLOW = 1 << 20,
+	O_TO = 1 << 21,
+	O_PLAIN = 1 << 22,
 };
 #define O_GLOBAL (O_SERVER | O_HELP | O_CA | O_TOKEN)
 
@@ -67,11 +80,12 @@ static const struct opt_def opt_defs[] = {
 	{ "server", 0, "HOST:PORT", O_SERVER,
 	  "kpld address (else $KPL_SERVER, else " KPLC_DEFAULT_TARGET ")" },
 	{ "output", 'o', "FORMAT", O_OUTPUT,
-	  "text (default) or json; for events: one object a line" },
+	  "text (default) or json; for watch, logs, events: one object a line" },
 	{ "param", 'p', "KEY=VALUE", O_PARAM, "a run parameter (repeatable)" },
 	{ "idempotency-key", 0, "K", O_IDEM,
 	  "submitting the same key again returns the same run" },
-	{ "watch", 0, NULL, O_WATCH, "after submit or retry, follow the run like watch" },
+	{ "watch", 0, NULL, O_WATCH,
+	  "after submit, retry or rollback, follow the run like watch" },
 	{ "state", 0, "S", O_STATE,
 	  "only runs in state S (queued, running, succeeded, failed, "
 	  "cancelled)" },
@@ -92,6 +106,13 @@ static const struct opt_def opt_defs[] = {
 	  "API token (else $KPL_TOKEN, else token in the config file); never printed" },
 	{ "scope", 0, "SCOPE", O_SCOPE, "read, submit, approve or admin" },
 	{ "description", 0, "TEXT", O_DESCRIPTION, "who or what the token is for" },
+	{ "stage", 0, "S", O_STAGE, "only the log lines of stage S" },
+	{ "follow", 'f', NULL, O_FOLLOW,
+	  "keep printing log lines as they come, until the run ends" },
+	{ "to", 0, "REV", O_TO,
+	  "the revision to restore (default: the one before the last deploy)" },
+	{ "plain", 0, NULL, O_PLAIN,
+	  "print event lines even on a terminal (no live table)" },
 	{ "help", 'h', NULL, O_HELP, "show this help" },
 };
 
@@ -117,6 +138,10 @@ struct ctl {
 	const char *token;
 	const char *scope;
 	const char *description;
+	const char *stage;
+	int follow;
+	const char *to;
+	int plain;
 	Kpl__V1__EventKind kinds[MAX_KINDS]; /* no repeats */
 	size_t n_kinds;
 	const char **pos; /* argc entries */
@@ -146,19 +171,25 @@ static int cmd_lint(struct ctl *ctl);
 static int cmd_events(struct ctl *ctl);
 static int cmd_token(struct ctl *ctl);
 static int cmd_audit(struct ctl *ctl);
+static int cmd_logs(struct ctl *ctl);
+static int cmd_secret(struct ctl *ctl);
+static int cmd_releases(struct ctl *ctl);
+static int cmd_rollback(struct ctl *ctl);
 
 static const struct command commands[] = {
-	{ "submit", "FILE", 1, 1, O_OUTPUT | O_PARAM | O_IDEM | O_WATCH,
+	{ "submit", "FILE", 1, 1, O_OUTPUT | O_PARAM | O_IDEM | O_WATCH | O_PLAIN,
 	  cmd_submit,
 	  "submit the pipeline in FILE (- for stdin), print the run id" },
 	{ "get", "ID", 1, 1, O_OUTPUT, cmd_get,
 	  "show a run: state, times, params, stages and outputs" },
 	{ "list", "", 0, 0, O_OUTPUT | O_STATE | O_PIPELINE | O_LIMIT, cmd_list,
 	  "list runs, newest first" },
-	{ "watch", "ID", 1, 1, O_FROM_SEQ, cmd_watch,
-	  "print a run's events as they happen, then a summary" },
+	{ "watch", "ID", 1, 1, O_OUTPUT | O_FROM_SEQ | O_PLAIN, cmd_watch,
+	  "follow a run to its end: a live table on a terminal, else event lines" },
+	{ "logs", "ID", 1, 1, O_OUTPUT | O_STAGE | O_FOLLOW, cmd_logs,
+	  "print a run's log lines (so far, or --follow to its end)" },
 	{ "cancel", "ID", 1, 1, O_OUTPUT, cmd_cancel, "cancel a run" },
-	{ "retry", "ID", 1, 1, O_OUTPUT | O_WATCH, cmd_retry,
+	{ "retry", "ID", 1, 1, O_OUTPUT | O_WATCH | O_PLAIN, cmd_retry,
 	  "start a new attempt of a failed or cancelled run" },
 	{ "approve", "ID STAGE", 2, 2, O_OUTPUT | O_REJECT | O_COMMENT | O_BY,
 	  cmd_approve, "approve (or --reject) a stage waiting for approval" },
@@ -171,6 +202,12 @@ static const struct command commands[] = {
 	  "make (print once), list or revoke API tokens (admin)" },
 	{ "audit", "", 0, 0, O_OUTPUT | O_FROM | O_LIMIT, cmd_audit,
 	  "print the audit log: approvals, cancels, token and secret changes (admin)" },
+	{ "secret", "set|list|rm [NAME]", 1, 2, O_OUTPUT, cmd_secret,
+	  "set (value from stdin), list or remove secrets (admin)" },
+	{ "releases", "DEPLOYMENT", 1, 1, O_OUTPUT | O_LIMIT, cmd_releases,
+	  "list the releases of cluster/namespace/deployment, newest first" },
+	{ "rollback", "DEPLOYMENT", 1, 1, O_OUTPUT | O_TO | O_WATCH | O_PLAIN,
+	  cmd_rollback, "start a run that rolls cluster/namespace/deployment back" },
 };
 
 static const char *prog = "kplctl";
@@ -220,7 +257,8 @@ static void usage(FILE *f)
 		"     has an error\n"
 		"  2  usage error (bad arguments, unreadable FILE)\n"
 		"  3  cannot reach kpld, or it returned an error (printed as\n"
-		"     \"kplctl: COMMAND: STATUS_NAME: message\")\n");
+		"     \"kplctl: COMMAND: STATUS_NAME: message\")\n"
+		"  130  a watch (or logs --follow) interrupted by Ctrl-C\n");
 }
 
 static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -291,6 +329,10 @@ static int opt_set(struct ctl *ctl, const struct opt_def *o, const char *v)
 	case O_TOKEN: ctl->token = v; break;
 	case O_SCOPE: ctl->scope = v; break;
 	case O_DESCRIPTION: ctl->description = v; break;
+	case O_STAGE: ctl->stage = v; break;
+	case O_FOLLOW: ctl->follow = 1; break;
+	case O_TO: ctl->to = v; break;
+	case O_PLAIN: ctl->plain = 1; break;
 	case O_KIND: {
 		static const struct {
 			const char *name;
@@ -658,6 +700,15 @@ static void print_json(json_t *j)
 	json_decref(j);
 }
 
+/* One JSON object on one line (JSON Lines), flushed: for streams. */
+static void print_json_line(json_t *j)
+{
+	json_dumpf(j, stdout, JSON_COMPACT | JSON_PRESERVE_ORDER);
+	fputc('\n', stdout);
+	fflush(stdout);
+	json_decref(j);
+}
+
 /* --- Text output. --- */
 
 /* printf for table rows, without the trailing blanks an empty last
@@ -800,9 +851,44 @@ static char *read_file(const char *path)
 	return buf;
 }
 
+/* Set by the handlers of the signals that end a watch (SIGINT; and on a
+ * terminal SIGTERM and SIGHUP, so the cursor comes back) and SIGWINCH. */
+static volatile sig_atomic_t interrupted;
+static volatile sig_atomic_t resized;
+
+static void on_sigint(int sig)
+{
+	(void)sig;
+	interrupted = 1;
+}
+
+static void on_sigwinch(int sig)
+{
+	(void)sig;
+	resized = 1;
+}
+
+static void handle(int sig, void (*fn)(int))
+{
+	struct sigaction sa;
+
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = fn;
+	sa.sa_flags = SA_RESTART;
+	sigemptyset(&sa.sa_mask);
+	sigaction(sig, &sa, NULL);
+}
+
 struct watch_state {
 	int width;
 };
+
+static char log_mark(const Kpl__V1__RunEvent *ev)
+{
+	return ev->stream == KPL__V1__LOG_STREAM__LOG_STREAM_STDERR   ? '!'
+	       : ev->stream == KPL__V1__LOG_STREAM__LOG_STREAM_SYSTEM ? '*'
+								      : '|';
+}
 
 /* A watch line; with global, the global seq, run id and pipeline name
  * come after the time (the events command). */
@@ -810,7 +896,6 @@ static void print_event(const Kpl__V1__RunEvent *ev, int width, int global)
 {
 	char t[16];
 	const char *tm = ts_local(ev->time, "%H:%M:%S", t, sizeof t);
-	const char *mark;
 
 	printf("[%s] ", tm);
 	if (global)
@@ -827,10 +912,7 @@ static void print_event(const Kpl__V1__RunEvent *ev, int width, int global)
 		putchar('\n');
 		break;
 	case KPL__V1__EVENT_KIND__EVENT_KIND_LOG:
-		mark = ev->stream == KPL__V1__LOG_STREAM__LOG_STREAM_STDERR ? "!"
-		       : ev->stream == KPL__V1__LOG_STREAM__LOG_STREAM_SYSTEM ? "*"
-		       : "|";
-		printf("%-*s %s %s\n", width, ev->stage, mark, ev->message);
+		printf("%-*s %c %s\n", width, ev->stage, log_mark(ev), ev->message);
 		break;
 	case KPL__V1__EVENT_KIND__EVENT_KIND_RUN_STATE:
 		printf("== run %s%s%s\n", run_state(ev->run_state),
@@ -855,35 +937,175 @@ static int on_event(const Kpl__V1__RunEvent *ev, void *data)
 	return 0;
 }
 
+static int on_event_json(const Kpl__V1__RunEvent *ev, void *data)
+{
+	(void)data;
+	print_json_line(msg_to_json(&ev->base));
+	return 0;
+}
+
+/* --- The live table on a terminal (the model is kplctl_live.c). --- */
+
+/* A live table is drawn when stdout is a terminal that can move its
+ * cursor, unless the user asked for lines or JSON. */
+static int live_wanted(const struct ctl *ctl)
+{
+	const char *term = getenv("TERM");
+
+	return !ctl->json && !ctl->plain && isatty(STDOUT_FILENO) && term &&
+	       *term && strcmp(term, "dumb") != 0;
+}
+
+struct tty {
+	struct live *l;
+	int lines;        /* how many lines of the last frame are on screen */
+	int64_t drawn_ms; /* when */
+};
+
+/*
+ * Draws the frame over the last one: up to its first line, each line
+ * cleared to its end, then everything below cleared (the new frame may be
+ * shorter). Lines never reach the last column, so none wraps and the count
+ * of lines to go up stays true. A resize may have rewrapped the old frame
+ * in ways we cannot count, so then the screen is cleared instead.
+ */
+static void tty_draw(struct tty *t)
+{
+	struct winsize wsz;
+	int cols = 80, rows = 24, n;
+	char **lines;
+	size_t len = 0, cap = 4096;
+	char *buf = kpl_malloc(cap);
+
+	if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &wsz) == 0 && wsz.ws_col > 0) {
+		cols = wsz.ws_col;
+		rows = wsz.ws_row > 0 ? wsz.ws_row : rows;
+	}
+	t->drawn_ms = kpl_now_ms();
+	lines = live_frame(t->l, t->drawn_ms, cols, rows, &n);
+#define PUT(...)                                                               \
+	do {                                                                   \
+		int k_ = snprintf(buf + len, cap - len, __VA_ARGS__);          \
+		if ((size_t)k_ >= cap - len) {                                 \
+			cap = (cap + (size_t)k_) * 2;                          \
+			buf = kpl_realloc(buf, cap);                           \
+			k_ = snprintf(buf + len, cap - len, __VA_ARGS__);      \
+		}                                                              \
+		len += (size_t)k_;                                             \
+	} while (0)
+	if (resized) {
+		resized = 0;
+		PUT("\033[H\033[2J");
+	} else if (t->lines > 0) {
+		PUT("\r\033[%dA", t->lines);
+	}
+	for (int i = 0; i < n; i++)
+		PUT("%s\033[K\n", lines[i]);
+	PUT("\033[J");
+#undef PUT
+	fwrite(buf, 1, len, stdout);
+	fflush(stdout);
+	t->lines = n;
+	free(buf);
+	live_lines_free(lines);
+}
+
+static int on_event_live(const Kpl__V1__RunEvent *ev, void *data)
+{
+	struct tty *t = data;
+
+	live_event(t->l, ev);
+	/* A burst of stored events draws ten frames a second, not one an
+	 * event; the idle tick draws what is left. */
+	if (kpl_now_ms() - t->drawn_ms >= 100)
+		tty_draw(t);
+	return 0;
+}
+
+static void on_idle_live(void *data)
+{
+	tty_draw(data);
+}
+
+/* The last frame, and the cursor back. */
+static void tty_end(struct tty *t)
+{
+	tty_draw(t);
+	fputs("\033[?25h", stdout);
+	fflush(stdout);
+	live_free(t->l);
+	t->l = NULL;
+}
+
 /* Follows run id to its end; the exit code says how it ended. */
 static int follow(struct ctl *ctl, const char *id, uint64_t from_seq)
 {
 	struct watch_state ws = { .width = 10 };
+	struct kplc_follow_options fo = { 0 };
 	struct kplc_status st;
+	struct tty t = { 0 };
 	Kpl__V1__Run *r = NULL;
+	kplc_event_fn fn = ctl->json ? on_event_json : on_event;
+	void *data = &ws;
 	int rc;
 
-	/* The run's stages first, to align the stage column. */
+	/* The run's stages first, to align the stage column (or to draw the
+	 * table before the first event). */
 	if (kplc_get_run(ctl->c, id, &r, &st) < 0)
 		return rpc_error(ctl, &st);
 	for (size_t i = 0; i < r->n_stages; i++)
 		if ((int)strlen(r->stages[i]->name) > ws.width)
 			ws.width = (int)strlen(r->stages[i]->name);
+	if (live_wanted(ctl)) {
+		const char *cs;
+
+		setlocale(LC_CTYPE, "");
+		cs = nl_langinfo(CODESET);
+		t.l = live_new(r, cs && !strcmp(cs, "UTF-8"));
+		handle(SIGINT, on_sigint);
+		handle(SIGTERM, on_sigint);
+		handle(SIGHUP, on_sigint);
+		handle(SIGWINCH, on_sigwinch);
+		fo.stop = &interrupted;
+		fo.idle = on_idle_live;
+		fo.idle_data = &t;
+		fn = on_event_live;
+		data = &t;
+		fputs("\033[?25l", stdout); /* no cursor blinking over the table */
+		tty_draw(&t);
+	}
 	kplc_msg_free(r);
 	r = NULL;
 
-	rc = kplc_follow_run(ctl->c, id, from_seq, NULL, on_event, &ws, NULL, &st);
-	if (rc < 0)
+	rc = kplc_follow_run(ctl->c, id, from_seq, &fo, fn, data, NULL, &st);
+	if (rc < 0) {
+		if (t.l)
+			tty_end(&t);
+		if (rc == KPL_ECANCELLED && interrupted) {
+			fprintf(stderr, "%s: %s: interrupted; run %s goes on\n", prog,
+				ctl->cmd->name, id);
+			return EXIT_INTERRUPTED;
+		}
 		return rpc_error(ctl, &st);
+	}
 
-	if (kplc_get_run(ctl->c, id, &r, &st) < 0)
+	if (kplc_get_run(ctl->c, id, &r, &st) < 0) {
+		if (t.l)
+			tty_end(&t);
 		return rpc_error(ctl, &st);
-	printf("\n");
-	print_stages_table(r, 0);
-	printf("\nrun %s %s", r->id, run_state(r->state));
-	if (r->attempt > 1)
-		printf(" (attempt %u)", r->attempt);
-	printf("%s%s\n", *r->message ? ": " : "", r->message);
+	}
+	if (t.l) {
+		/* GetRun has the last word; the footer is the final line. */
+		live_set_run(t.l, r);
+		tty_end(&t);
+	} else if (!ctl->json) {
+		printf("\n");
+		print_stages_table(r, 0);
+		printf("\nrun %s %s", r->id, run_state(r->state));
+		if (r->attempt > 1)
+			printf(" (attempt %u)", r->attempt);
+		printf("%s%s\n", *r->message ? ": " : "", r->message);
+	}
 	switch (r->state) {
 	case KPL__V1__RUN_STATE__RUN_STATE_SUCCEEDED:
 		rc = EXIT_OK;
@@ -900,6 +1122,20 @@ static int follow(struct ctl *ctl, const char *id, uint64_t from_seq)
 	}
 	kplc_msg_free(r);
 	return rc;
+}
+
+/* The run a command started: its JSON (one line when events follow, so
+ * the whole output is JSON Lines) or its id, then a watch if asked. */
+static int started(struct ctl *ctl, const Kpl__V1__Run *r, uint64_t from_seq)
+{
+	if (ctl->json && ctl->watch)
+		print_json_line(msg_to_json(&r->base));
+	else if (ctl->json)
+		print_json(msg_to_json(&r->base));
+	else
+		printf("%s\n", r->id);
+	fflush(stdout);
+	return ctl->watch ? follow(ctl, r->id, from_seq) : EXIT_OK;
 }
 
 static int cmd_submit(struct ctl *ctl)
@@ -943,12 +1179,7 @@ static int cmd_submit(struct ctl *ctl)
 		rc = rpc_error(ctl, &st);
 		goto out;
 	}
-	if (ctl->json)
-		print_json(msg_to_json(&r->base));
-	else
-		printf("%s\n", r->id);
-	fflush(stdout);
-	rc = ctl->watch ? follow(ctl, r->id, 1) : EXIT_OK;
+	rc = started(ctl, r, 1);
 
 out:
 	kplc_msg_free(r);
@@ -1089,7 +1320,9 @@ static int cmd_retry(struct ctl *ctl)
 	}
 	if (kplc_retry_run(ctl->c, ctl->pos[0], &r, &st) < 0)
 		return rpc_error(ctl, &st);
-	if (ctl->json)
+	if (ctl->json && ctl->watch)
+		print_json_line(msg_to_json(&r->base));
+	else if (ctl->json)
 		print_json(msg_to_json(&r->base));
 	else
 		printf("%s attempt %u\n", r->id, r->attempt);
@@ -1206,23 +1439,12 @@ static int cmd_lint(struct ctl *ctl)
 	return rc;
 }
 
-static volatile sig_atomic_t interrupted;
-
-static void on_sigint(int sig)
-{
-	(void)sig;
-	interrupted = 1;
-}
-
 static int on_any_event(const Kpl__V1__RunEvent *ev, void *data)
 {
 	struct ctl *ctl = data;
 
 	if (ctl->json) {
-		json_dumpf(msg_to_json(&ev->base), stdout,
-			   JSON_COMPACT | JSON_PRESERVE_ORDER);
-		fputc('\n', stdout);
-		fflush(stdout);
+		print_json_line(msg_to_json(&ev->base));
 	} else {
 		print_event(ev, 10, 1);
 	}
@@ -1233,7 +1455,6 @@ static int cmd_events(struct ctl *ctl)
 {
 	Kpl__V1__WatchRunsRequest req = KPL__V1__WATCH_RUNS_REQUEST__INIT;
 	struct kplc_follow_options fo = { .stop = &interrupted };
-	struct sigaction sa;
 	struct kplc_status st;
 	int rc;
 
@@ -1246,11 +1467,7 @@ static int cmd_events(struct ctl *ctl)
 	/* Ctrl-C is how this command ends: the follow sees the flag within
 	 * 100 ms and returns. The handler stays: one Ctrl-C may arrive twice
 	 * (timeout(1) signals the child and then its process group). */
-	memset(&sa, 0, sizeof sa);
-	sa.sa_handler = on_sigint;
-	sa.sa_flags = SA_RESTART;
-	sigemptyset(&sa.sa_mask);
-	sigaction(SIGINT, &sa, NULL);
+	handle(SIGINT, on_sigint);
 
 	rc = kplc_follow_runs(ctl->c, &req, &fo, on_any_event, ctl, NULL, &st);
 	if (rc == KPL_ECANCELLED && interrupted)
@@ -1403,6 +1620,264 @@ static int cmd_audit(struct ctl *ctl)
 	}
 	kplc_msg_free(resp);
 	return EXIT_OK;
+}
+
+/* --- Logs. --- */
+
+struct logs_state {
+	const struct ctl *ctl;
+	int width;      /* of the stage column */
+	uint64_t until; /* stop after this seq; 0: at the end of the stream */
+};
+
+static int on_log(const Kpl__V1__RunEvent *ev, void *data)
+{
+	struct logs_state *ls = data;
+	const struct ctl *ctl = ls->ctl;
+
+	if (ev->kind == KPL__V1__EVENT_KIND__EVENT_KIND_LOG &&
+	    (!ctl->stage || !strcmp(ev->stage, ctl->stage))) {
+		if (ctl->json)
+			print_json_line(msg_to_json(&ev->base));
+		else if (ctl->stage)
+			printf("%s\n", ev->message);
+		else
+			printf("%-*s %c %s\n", ls->width, ev->stage, log_mark(ev),
+			       ev->message);
+		fflush(stdout);
+	}
+	/* 1 is not an error: it ends the follow where the run was. */
+	return ls->until && ev->seq >= ls->until;
+}
+
+/*
+ * The log lines come from WatchRun like everything else. Without --follow
+ * only what is stored now is shown: the run's last_seq (GetRun) is where to
+ * stop, since the stream of a running run would not end by itself.
+ */
+static int cmd_logs(struct ctl *ctl)
+{
+	struct logs_state ls = { .ctl = ctl };
+	struct kplc_follow_options fo = { .stop = &interrupted };
+	struct kplc_status st;
+	Kpl__V1__Run *r;
+	int found = !ctl->stage, rc;
+
+	if (kplc_get_run(ctl->c, ctl->pos[0], &r, &st) < 0)
+		return rpc_error(ctl, &st);
+	for (size_t i = 0; i < r->n_stages; i++) {
+		int w = (int)strlen(r->stages[i]->name);
+		if (w > ls.width)
+			ls.width = w;
+		if (ctl->stage && !strcmp(ctl->stage, r->stages[i]->name))
+			found = 1;
+	}
+	ls.until = ctl->follow ? 0 : r->last_seq;
+	kplc_msg_free(r);
+	if (!found) {
+		fprintf(stderr, "%s: logs: NOT_FOUND: run %s has no stage \"%s\"\n", prog,
+			ctl->pos[0], ctl->stage);
+		return EXIT_RPC;
+	}
+	if (!ctl->follow && ls.until == 0)
+		return EXIT_OK; /* not started: no events yet */
+	handle(SIGINT, on_sigint);
+	rc = kplc_follow_run(ctl->c, ctl->pos[0], 1, &fo, on_log, &ls, NULL, &st);
+	if (rc == KPL_ECANCELLED && interrupted)
+		return EXIT_INTERRUPTED;
+	if (rc < 0)
+		return rpc_error(ctl, &st);
+	return EXIT_OK;
+}
+
+/* --- Secrets. --- */
+
+#define MAX_SECRET_BYTES (64 * 1024)
+
+static struct termios secret_saved;
+static volatile sig_atomic_t secret_echo_off;
+
+/* Ctrl-C at the prompt must not leave the terminal without echo. */
+static void on_sigint_secret(int sig)
+{
+	(void)sig;
+	if (secret_echo_off)
+		tcsetattr(STDIN_FILENO, TCSANOW, &secret_saved);
+	_exit(EXIT_INTERRUPTED);
+}
+
+/*
+ * The value of a secret from stdin: all of it, less one trailing newline
+ * ("\n" or "\r\n"). From a terminal: one line, typed without echo. NULL
+ * (and a message) if it is too big, holds a NUL byte or cannot be read.
+ * The caller wipes and frees it.
+ */
+static char *read_secret(const char *name, size_t *len_out)
+{
+	int tty = isatty(STDIN_FILENO);
+	size_t len = 0, cap = MAX_SECRET_BYTES + 3;
+	char *buf = kpl_malloc(cap);
+	struct termios quiet;
+	const char *why = NULL;
+
+	if (tty && tcgetattr(STDIN_FILENO, &secret_saved) == 0) {
+		handle(SIGINT, on_sigint_secret);
+		quiet = secret_saved;
+		quiet.c_lflag &= ~(tcflag_t)ECHO;
+		quiet.c_lflag |= ECHONL;
+		fprintf(stderr, "value of secret %s: ", name);
+		fflush(stderr);
+		secret_echo_off = tcsetattr(STDIN_FILENO, TCSAFLUSH, &quiet) == 0;
+	}
+	for (;;) {
+		ssize_t n = read(STDIN_FILENO, buf + len, cap - 1 - len);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			why = strerror(errno);
+			break;
+		}
+		len += (size_t)n;
+		if (n == 0 || len == cap - 1 || (tty && len && buf[len - 1] == '\n'))
+			break;
+	}
+	if (secret_echo_off) {
+		tcsetattr(STDIN_FILENO, TCSAFLUSH, &secret_saved);
+		secret_echo_off = 0;
+	}
+	buf[len] = '\0';
+	if (len && buf[len - 1] == '\n')
+		buf[--len] = '\0';
+	if (len && buf[len - 1] == '\r')
+		buf[--len] = '\0';
+	if (!why && len > MAX_SECRET_BYTES)
+		why = "over 64 KiB";
+	if (!why && strlen(buf) != len)
+		why = "holds a NUL byte";
+	if (why) {
+		fprintf(stderr, "%s: secret set: stdin: %s\n", prog, why);
+		explicit_bzero(buf, cap);
+		free(buf);
+		return NULL;
+	}
+	*len_out = len;
+	return buf;
+}
+
+static int cmd_secret(struct ctl *ctl)
+{
+	const char *sub = ctl->pos[0], *name = ctl->n_pos > 1 ? ctl->pos[1] : NULL;
+	struct kplc_status st;
+	Kpl__V1__Secret *sec;
+	size_t len = 0;
+	char *value;
+	int rc;
+
+	if (!strcmp(sub, "list")) {
+		Kpl__V1__ListSecretsResponse *r;
+
+		if (name)
+			return usage_error("secret list: takes no NAME");
+		if (kplc_list_secrets(ctl->c, &r, &st) < 0)
+			return rpc_error(ctl, &st);
+		if (ctl->json)
+			print_json(msg_to_json(&r->base));
+		else
+			for (size_t i = 0; i < r->n_secrets; i++)
+				printf("%s\n", r->secrets[i]->name);
+		kplc_msg_free(r);
+		return EXIT_OK;
+	}
+	if (strcmp(sub, "set") && strcmp(sub, "rm"))
+		return usage_error("secret: unknown subcommand \"%s\" (set, list or rm)", sub);
+	if (!name)
+		return usage_error("secret %s: expected NAME", sub);
+	if (!strcmp(sub, "rm")) {
+		rc = kplc_delete_secret(ctl->c, name, &sec, &st);
+	} else {
+		if (!(value = read_secret(name, &len)))
+			return EXIT_USAGE;
+		rc = kplc_set_secret(ctl->c, name, value, &sec, &st);
+		explicit_bzero(value, len);
+		free(value);
+	}
+	if (rc < 0)
+		return rpc_error(ctl, &st);
+	if (ctl->json)
+		print_json(msg_to_json(&sec->base));
+	else
+		printf("secret %s %s\n", sec->name, !strcmp(sub, "rm") ? "deleted" : "set");
+	kplc_msg_free(sec);
+	return EXIT_OK;
+}
+
+/* --- Releases. --- */
+
+static int cmd_releases(struct ctl *ctl)
+{
+	static const char *const head[] = { "SEQ", "KIND", "REVISION", "IMAGE",
+					    "PREVIOUS", "RUN", "TIME" };
+	enum { N_COLS = 7 };
+	Kpl__V1__ListReleasesResponse *r;
+	struct kplc_status st;
+	uint64_t limit = 0;
+	int w[N_COLS];
+	char (*cell)[N_COLS][256];
+
+	if (ctl->limit && (parse_u64(ctl->limit, &limit) || limit == 0 || limit > 500))
+		return usage_error("--limit: \"%s\" is not a number from 1 to 500", ctl->limit);
+	if (kplc_list_releases(ctl->c, ctl->pos[0], (int32_t)limit, &r, &st) < 0)
+		return rpc_error(ctl, &st);
+	if (ctl->json) {
+		print_json(msg_to_json(&r->base));
+		kplc_msg_free(r);
+		return EXIT_OK;
+	}
+	/* Columns as wide as their widest cell: images are long. */
+	cell = kpl_calloc(r->n_releases + 1, sizeof *cell);
+	for (int k = 0; k < N_COLS; k++)
+		snprintf(cell[0][k], sizeof cell[0][k], "%s", head[k]);
+	for (size_t i = 0; i < r->n_releases; i++) {
+		const Kpl__V1__Release *x = r->releases[i];
+		char (*c)[256] = cell[i + 1];
+		char t[32];
+
+		snprintf(c[0], sizeof c[0], "%llu", (unsigned long long)x->seq);
+		snprintf(c[1], sizeof c[1], "%s", *x->kind ? x->kind : "-");
+		snprintf(c[2], sizeof c[2], "%s", *x->revision ? x->revision : "-");
+		snprintf(c[3], sizeof c[3], "%s", *x->image ? x->image : "-");
+		snprintf(c[4], sizeof c[4], "%s", *x->previous_revision ? x->previous_revision : "-");
+		snprintf(c[5], sizeof c[5], "%s", *x->run_id ? x->run_id : "-");
+		snprintf(c[6], sizeof c[6], "%s",
+			 ts_local(x->time, "%Y-%m-%d %H:%M:%S", t, sizeof t));
+	}
+	for (int k = 0; k < N_COLS; k++) {
+		w[k] = 0;
+		for (size_t i = 0; i <= r->n_releases; i++)
+			if ((int)strlen(cell[i][k]) > w[k])
+				w[k] = (int)strlen(cell[i][k]);
+	}
+	for (size_t i = 0; i <= r->n_releases; i++)
+		row("%-*s  %-*s  %-*s  %-*s  %-*s  %-*s  %s", w[0], cell[i][0], w[1],
+		    cell[i][1], w[2], cell[i][2], w[3], cell[i][3], w[4], cell[i][4],
+		    w[5], cell[i][5], cell[i][6]);
+	free(cell);
+	kplc_msg_free(r);
+	return EXIT_OK;
+}
+
+static int cmd_rollback(struct ctl *ctl)
+{
+	struct kplc_status st;
+	Kpl__V1__Run *r;
+	int rc;
+
+	if (kplc_rollback_release(ctl->c, ctl->pos[0], ctl->to, &r, &st) < 0)
+		return rpc_error(ctl, &st);
+	rc = started(ctl, r, 1);
+	kplc_msg_free(r);
+	return rc;
 }
 
 /* --- Config file. --- */
