@@ -1958,7 +1958,7 @@ int engine_approve(struct engine *e, const char *run_id, const char *stage,
 	if (!st)
 		return kpl_errf(err, KPL_ENOTFOUND, "run %s has no stage %s", run_id, stage);
 	if (st->state != KPL__V1__STAGE_STATE__STAGE_STATE_WAITING || !st->live ||
-	    strcmp(st->kind->name, "approval") != 0)
+	    (strcmp(st->kind->name, "approval") != 0 && !st->kind->approve))
 		return kpl_errf(err, KPL_ESTATE, "stage %s is %s, not waiting for approval",
 				stage, stage_state_name(st->state));
 	snprintf(msg, sizeof msg, "%s by %s%s%s", approve ? "approved" : "rejected",
@@ -1967,8 +1967,15 @@ int engine_approve(struct engine *e, const char *run_id, const char *stage,
 	kpl_info(LOG, "run %s stage %s: %s", r->id, st->spec->name, msg);
 	if (!approve)
 		st->no_retry = true;
-	stage_done(st, approve ? KPL__V1__STAGE_STATE__STAGE_STATE_SUCCEEDED
-			       : KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
+	if (st->kind->approve) {
+		/* A kind waiting for an answer (a frozen canary) goes on with it
+		 * and ends the attempt itself (stage.h). */
+		stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_RUNNING, msg);
+		st->kind->approve(st, approve, msg);
+	} else {
+		stage_done(st, approve ? KPL__V1__STAGE_STATE__STAGE_STATE_SUCCEEDED
+				       : KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
+	}
 	w = kpl_malloc(sizeof *w);
 	w->cb = cb;
 	w->data = data;
@@ -2169,7 +2176,7 @@ int engine_audit(struct engine *e, const char *run_id, const char *stage,
 				return kpl_errf(err, KPL_ENOTFOUND, "run %s has no stage %s",
 						run_id, stage);
 			if (st->state != KPL__V1__STAGE_STATE__STAGE_STATE_WAITING || !st->live ||
-			    strcmp(st->kind->name, "approval") != 0)
+			    (strcmp(st->kind->name, "approval") != 0 && !st->kind->approve))
 				return kpl_errf(err, KPL_ESTATE, "stage %s is not waiting for approval",
 						stage);
 		}

@@ -91,8 +91,11 @@ int engine_cancel(struct engine *e, const char *run_id, engine_submit_cb cb,
 /*
  * Answers an `approval` stage that is WAITING: approve makes it SUCCEED,
  * otherwise it FAILS (never retried); the stage message records by and
- * comment. cb runs once that is durable. KPL_ENOTFOUND for an unknown run or
- * stage, KPL_ESTATE if the stage is not waiting for approval.
+ * comment. A WAITING stage of a kind with an approve hook (stage.h: a frozen
+ * canary) is set RUNNING with that message and handed the answer instead;
+ * it ends itself (a rejected one is never retried). cb runs once that is
+ * durable. KPL_ENOTFOUND for an unknown run or stage, KPL_ESTATE if the
+ * stage is not waiting for approval.
  */
 int engine_approve(struct engine *e, const char *run_id, const char *stage,
 		   bool approve, const char *comment, const char *by,
@@ -140,9 +143,9 @@ size_t engine_active_runs(struct engine *e);
  * run_id is given, also to that run's event log as an EVENT_KIND_AUDIT
  * event, which needs the run to be active: call it before the change it
  * records, so the entry comes before the events the change causes. With
- * stage set (approvals), that stage must be an approval WAITING for an
- * answer, as engine_approve requires. KPL_ENOTFOUND / KPL_ESTATE otherwise,
- * and nothing is recorded. Commits what it stages. msg is redacted of
+ * stage set (approvals), that stage must be WAITING for an answer (an
+ * approval, or a kind with an approve hook), as engine_approve requires.
+ * KPL_ENOTFOUND / KPL_ESTATE otherwise, and nothing is recorded. Commits what it stages. msg is redacted of
  * every secret like every event.
  */
 int engine_audit(struct engine *e, const char *run_id, const char *stage,

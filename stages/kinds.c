@@ -16,6 +16,8 @@ static const struct stage_kind *const kinds[] = {
 	&build_kind,
 	&push_kind,
 	&checkout_kind,
+	&mesh_kind,
+	&canary_kind,
 };
 
 const struct stage_kind *stage_kind_find(const char *name)

@@ -13,5 +13,7 @@ extern const struct stage_kind rollback_kind;
 extern const struct stage_kind build_kind;
 extern const struct stage_kind push_kind;
 extern const struct stage_kind checkout_kind;
+extern const struct stage_kind mesh_kind;
+extern const struct stage_kind canary_kind;
 
 #endif

@@ -27,14 +27,19 @@
  * ReplicaSet gets a new revision number). Records a "rollback" release
  * (intent and result, rollout.h). Outputs revision and image.
  *
- * Mesh weights: rollback_mesh_reset() below is the hook where the canary
- * kind's VirtualService weights go back to the stable subset. It does
- * nothing yet (there is no canary kind, and `with` has no mesh keys); see
- * its comment.
+ * Mesh weights: after the template, rollback_mesh_reset() below sends the
+ * traffic of the mesh kind's VirtualServices for the Deployment back to the
+ * stable subset and deletes a canary Deployment left behind (see its
+ * comment).
+ *
+ * A promoted canary (kind "canary" records, canary.c) is a release like a
+ * deploy: without to_revision the newest "deploy" or "canary" record
+ * decides.
  */
 #include <stdlib.h>
 #include <string.h>
 
+#include "stages/istio.h"
 #include "stages/kinds.h"
 #include "stages/rollout.h"
 #include "store/store.h"
@@ -118,7 +123,7 @@ static int choose(struct rollout *r, struct rollback *rb, struct kpl_err *err)
 			}
 			if (rb->template_)
 				rb->revision = kpl_strdup(rb->to_revision);
-		} else if (strcmp(rec->kind, "deploy") == 0) {
+		} else if (strcmp(rec->kind, "deploy") == 0 || strcmp(rec->kind, "canary") == 0) {
 			if (!*rec->previous_template) {
 				rc = kpl_errf(err, KPL_ENOTFOUND, "the last deploy of %s (run %s stage "
 					      "%s) created it: there is no earlier revision to "
@@ -194,19 +199,158 @@ static int rollback_plan(struct rollout *r, const json_t *d, const json_t *rs,
 
 /*
  * The mesh hook: runs after the template is patched back (or found already
- * restored) and before the rollout is followed.
- *
- * NEEDSWORK(canary): when the canary kind exists, this is where the
- * VirtualService of the target goes back to 100% stable / 0% canary (the
- * canary engineer adds the `with` keys or reads the canary's records, and
- * calls rollout_step_done(r, 0, NULL) once the PUT succeeded, or
- * rollout_step_done(r, code, "put virtualservice ...: REASON: MESSAGE")).
- * Today no stage puts weights anywhere, so there is nothing to reset and it
- * goes straight on; it claims nothing in the log.
+ * restored) and before the rollout is followed. It returns mesh weights to
+ * the stable subset: every VirtualService of the namespace that the mesh
+ * kind made for this Deployment (label kpl.dev/deployment=NAME, istio.h)
+ * and that sends anything to the canary subset (a weight above 0, or the
+ * testers' header route) is PUT back to 100/0 without the header route;
+ * then a canary Deployment NAME-canary, if one exists, is deleted. A
+ * cluster without Istio's CRDs (404 on the list) has nothing to reset.
  */
+struct mesh_reset {
+	struct rollout *r;
+	json_t *list; /* the VirtualServices' items */
+	size_t next;
+	struct http_request *req;
+};
+
+static void mesh_reset_end(struct mesh_reset *m, int status, const char *msg)
+{
+	struct rollout *r = m->r;
+
+	json_decref(m->list);
+	free(m);
+	rollout_step_done(r, status, msg);
+}
+
+static void canary_deleted(int status, const char *msg, int wrote, void *data)
+{
+	struct mesh_reset *m = data;
+	struct stage *st = rollout_stage(m->r);
+
+	if (!status && wrote && st)
+		stage_logf(st, "deployment %s/%s-canary: deleted", rollout_namespace(m->r),
+			   rollout_deployment(m->r));
+	mesh_reset_end(m, status, msg);
+}
+
+static int vs_reset(const json_t *cur, json_t **out, void *data, struct kpl_err *err)
+{
+	struct istio_weights w;
+	struct kpl_err e2 = { 0 };
+
+	(void)data;
+	(void)err;
+	*out = NULL;
+	if (!cur || istio_vs_weights(cur, &w, &e2) || (w.canary == 0 && !w.header))
+		return 0;
+	*out = json_deep_copy(cur);
+	if (istio_vs_set_weights(*out, 0, NULL, NULL, &e2) <= 0) {
+		json_decref(*out);
+		*out = NULL;
+	}
+	return 0;
+}
+
+static void reset_next(struct mesh_reset *m);
+
+static void vs_reset_done(int status, const char *msg, int wrote, void *data)
+{
+	struct mesh_reset *m = data;
+	struct stage *st = rollout_stage(m->r);
+	const char *name = json_string_value(json_object_get(
+		json_object_get(json_array_get(m->list, m->next), "metadata"), "name"));
+
+	if (status || !st) {
+		mesh_reset_end(m, status ? status : KPL_ECANCELLED, msg);
+		return;
+	}
+	if (wrote)
+		stage_logf(st, "virtualservice %s/%s: 100%% of traffic back to stable",
+			   rollout_namespace(m->r), name ? name : "?");
+	m->next++;
+	reset_next(m);
+}
+
+static void reset_next(struct mesh_reset *m)
+{
+	struct stage *st = rollout_stage(m->r);
+	struct kpl_err err = { 0 };
+	const char *ns = rollout_namespace(m->r);
+	char *path, *what;
+	int rc;
+
+	if (!st) {
+		mesh_reset_end(m, KPL_ECANCELLED, NULL);
+		return;
+	}
+	if (m->next < json_array_size(m->list)) {
+		const char *name = json_string_value(json_object_get(
+			json_object_get(json_array_get(m->list, m->next), "metadata"), "name"));
+		path = istio_path("virtualservices", ns, name ? name : "");
+		what = kpl_asprintf("virtualservice %s/%s", ns, name ? name : "");
+		rc = istio_update(stage_http(st), rollout_config(m->r), what, path, path, vs_reset,
+				  vs_reset_done, m, &m->req, &err);
+	} else {
+		char *canary = kpl_asprintf("%s-canary", rollout_deployment(m->r));
+		path = kube_deployment_path(ns, canary);
+		what = kpl_asprintf("deployment %s/%s", ns, canary);
+		free(canary);
+		rc = istio_delete(stage_http(st), rollout_config(m->r), what, path, canary_deleted,
+				  m, &m->req, &err);
+	}
+	free(path);
+	free(what);
+	if (rc)
+		mesh_reset_end(m, rc, err.msg);
+}
+
+static void vs_listed(int status, json_t *obj, const struct kube_status *ks, void *data)
+{
+	struct mesh_reset *m = data;
+	char text[600], *msg;
+
+	m->req = NULL;
+	if (!status && ks && ks->code == 404) {
+		/* no Istio here: nothing routes by weight */
+		m->list = json_array();
+	} else if (status || ks) {
+		if (ks)
+			kube_status_text(ks, text, sizeof text);
+		else
+			snprintf(text, sizeof text, "%s", kpl_strerror(status));
+		msg = kpl_asprintf("list virtualservices of %s/%s: %s", rollout_namespace(m->r),
+				   rollout_deployment(m->r), text);
+		mesh_reset_end(m, status ? status : KPL_EUNAVAILABLE, msg);
+		free(msg);
+		return;
+	} else {
+		m->list = json_incref(json_object_get(obj, "items"));
+		if (!json_is_array(m->list)) {
+			json_decref(m->list);
+			m->list = json_array();
+		}
+	}
+	reset_next(m);
+}
+
 static void rollback_mesh_reset(struct rollout *r)
 {
-	rollout_step_done(r, 0, NULL);
+	struct mesh_reset *m = kpl_calloc(1, sizeof *m);
+	struct kpl_err err = { 0 };
+	char *coll = istio_path("virtualservices", rollout_namespace(r), NULL);
+	char *sel = kpl_asprintf("%s=%s", ISTIO_LABEL_DEPLOYMENT, rollout_deployment(r));
+	char *esel = kube_escape(sel);
+	char *path = kpl_asprintf("%s?labelSelector=%s", coll, esel);
+
+	m->r = r;
+	if (kube_request(stage_http(rollout_stage(r)), rollout_config(r), "GET", path, NULL, NULL,
+			 vs_listed, m, &m->req, &err))
+		mesh_reset_end(m, err.code, err.msg);
+	free(coll);
+	free(sel);
+	free(esel);
+	free(path);
 }
 
 static const struct rollout_ops rollback_ops = {

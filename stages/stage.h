@@ -16,6 +16,7 @@
 #ifndef KPL_STAGE_H
 #define KPL_STAGE_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <uv.h>
 
@@ -53,6 +54,16 @@ struct stage_kind {
 	 * (EXPR_ROOT_CANARY): the engine leaves such a ${{ root.NAME }} as
 	 * written in what stage_expand returns, for the kind to fill in. */
 	unsigned with_roots;
+	/*
+	 * Optional: the kind's WAITING attempt answers ApproveStage (a canary
+	 * frozen on failure: approve promotes, reject aborts). The engine has
+	 * set the stage RUNNING again (msg "approved by WHO: COMMENT" or
+	 * "rejected by ..." says so in the stage's message) before calling it;
+	 * the kind carries on and ends the attempt with stage_done as usual. A
+	 * rejected attempt is not retried. NULL: only the approval kind, which
+	 * the engine answers itself, waits for approvals.
+	 */
+	void (*approve)(struct stage *st, bool approve, const char *msg);
 };
 
 /* Looks a kind up by name; NULL if unknown. */
