@@ -328,13 +328,13 @@ static void line_put(struct line *ln, const char *s)
 	}
 }
 
-/* Appends s in a cell of width columns (and a blank after it). */
+/* Appends s in a cell of width columns (and two blanks after it). */
 static void line_cell(struct line *ln, const char *s, int width)
 {
 	int end = ln->cols + width;
 
 	line_put(ln, s);
-	while (ln->cols < end + 1 && ln->cols < ln->max) {
+	while (ln->cols < end + 2 && ln->cols < ln->max) {
 		line_bytes(ln, " ", 1);
 		ln->cols++;
 	}
@@ -380,6 +380,14 @@ static int run_final(int state)
 	return state == KPL__V1__RUN_STATE__RUN_STATE_SUCCEEDED ||
 	       state == KPL__V1__RUN_STATE__RUN_STATE_FAILED ||
 	       state == KPL__V1__RUN_STATE__RUN_STATE_CANCELLED;
+}
+
+static int stage_final(int state)
+{
+	return state == KPL__V1__STAGE_STATE__STAGE_STATE_SUCCEEDED ||
+	       state == KPL__V1__STAGE_STATE__STAGE_STATE_FAILED ||
+	       state == KPL__V1__STAGE_STATE__STAGE_STATE_SKIPPED ||
+	       state == KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED;
 }
 
 struct frame {
@@ -458,7 +466,7 @@ char **live_frame(const struct live *l, int64_t now_ms, int cols, int rows,
 {
 	struct frame f = { 0 };
 	int max = cols > 1 ? cols - 1 : 1, avail = rows > 1 ? rows - 1 : 1;
-	int name_w = 5, extra = 0, shown, n_logs, footer_lines;
+	int name_w = 5, extra = 0, shown, first = 0, n_logs, footer_lines;
 	struct line hdr = { .max = max, .utf8 = l->utf8 };
 	char el[32], att[32] = "";
 
@@ -480,9 +488,26 @@ char **live_frame(const struct live *l, int64_t now_ms, int cols, int rows,
 	if (n_logs < 1)
 		n_logs = 0;
 	if (1 + shown + footer_lines + (n_logs ? n_logs + 2 : 0) > avail) {
-		shown = avail - footer_lines - 2; /* header and "N more" */
-		if (shown < 0)
-			shown = 0;
+		/* A window of the stages that keeps the first one still to
+		 * finish in sight, with one finished stage above it, and a
+		 * line for what is hidden above and below. */
+		int n_st = (int)l->n_stages, active = n_st - 1;
+
+		for (int i = 0; i < n_st; i++)
+			if (!stage_final(l->stages[i].state)) {
+				active = i;
+				break;
+			}
+		shown = avail - footer_lines - 3; /* header, above, below */
+		if (shown < 1)
+			shown = 1;
+		first = active > 0 ? active - 1 : 0;
+		if (first > n_st - shown)
+			first = n_st - shown;
+		if (first == 0)
+			shown++; /* nothing above */
+		else if (first + shown == n_st)
+			first--, shown++; /* nothing below */
 	}
 
 	if (avail >= 2 + footer_lines) {
@@ -496,11 +521,13 @@ char **live_frame(const struct live *l, int64_t now_ms, int cols, int rows,
 		}
 		line_put(&hdr, "MESSAGE");
 		frame_add(&f, line_take(&hdr));
-		for (int i = 0; i < shown; i++)
+		if (first > 0)
+			frame_add(&f, text_line(l->utf8, max, "... %d more stages above", first));
+		for (int i = first; i < first + shown; i++)
 			frame_add(&f, stage_row(l, &l->stages[i], now_ms, name_w, extra, max));
-		if (shown < (int)l->n_stages)
+		if (first + shown < (int)l->n_stages)
 			frame_add(&f, text_line(l->utf8, max, "... %d more stages",
-						(int)l->n_stages - shown));
+						(int)l->n_stages - first - shown));
 	} else {
 		free(hdr.buf);
 	}

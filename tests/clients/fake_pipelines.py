@@ -16,6 +16,10 @@ run SUCCEEDED. The pipeline text steers it (it is not really parsed):
   # fake: approval STAGE       STAGE waits (WAITING) until ApproveStage
   # fake: break-events         the first WatchRuns stream to send an event
                                of this run ends with UNAVAILABLE right after
+  # fake: canary STAGE         STAGE also writes SYSTEM lines, as the canary
+                               and verify kinds do: "step 1/2: weight 25",
+                               "request-success-rate = 99.2 (min 99) pass,
+                               round 1/3", then "step 2/2: weight 50"
 
 RetryRun of a FAILED or CANCELLED run runs its unfinished stages again
 (attempt + 1), and they succeed. WatchRuns numbers events globally in the
@@ -23,11 +27,17 @@ order they become visible. ValidatePipeline has canned diagnostics: an error
 per "kind: K" with K not a known kind, an error when there is no top-level
 "name:", a warning per "# fake: lint-warning" line.
 
+Secrets live in memory too (SetSecret refuses values under 4 bytes, as
+kpld does). ListReleases of "prod/shop/web" has two canned releases, of any
+other deployment none. RollbackRelease starts a run of pipeline
+"rollback-NAME" with one stage "rollback".
+
 GetRun of "sleep-..." sleeps 2 s before NOT_FOUND (for deadlines); GetRun of
 "whoami" returns a run whose message is the call's authorization metadata.
 Appended to --log: "watch ID FROM_SEQ" per WatchRun, "watchruns FROM
 PIPELINE KINDS" per WatchRuns, "approve ID STAGE yes|no BY|COMMENT" per
-ApproveStage.
+ApproveStage, "secret set NAME REPR(VALUE)" per SetSecret, "releases DEP
+LIMIT" per ListReleases, "rollback DEP TO" per RollbackRelease.
 Prints PORT=N once serving; stops on SIGTERM or after --lifetime seconds.
 Stubs are generated from --proto with grpc_tools.protoc into a temp dir.
 """
@@ -74,6 +84,7 @@ def main():
     runs = {}      # id -> dict
     order = []     # ids, oldest first
     by_key = {}    # idempotency key -> id
+    secrets = set()
 
     def log(line):
         if args.log:
@@ -115,6 +126,15 @@ def main():
                 run["stage_attempt"].get(name, 0) + 1
             add(run, t, kind=pb.EVENT_KIND_STAGE_STATE, stage=name,
                 stage_state=pb.STAGE_STATE_RUNNING, attempt=att)
+            if name == run.get("canary"):
+                for line in ("step 1/2: weight 25",
+                             "request-success-rate = 99.2 (min 99) pass, "
+                             "round 1/3",
+                             "step 2/2: weight 50"):
+                    t += step
+                    add(run, t, kind=pb.EVENT_KIND_LOG, stage=name,
+                        attempt=att, stream=pb.LOG_STREAM_SYSTEM,
+                        message=line)
             t += step
             add(run, t, kind=pb.EVENT_KIND_LOG, stage=name, attempt=att,
                 stream=pb.LOG_STREAM_STDOUT, message="hello from " + name)
@@ -235,6 +255,7 @@ def main():
                 names = re.findall(r"^\s*-\s*name:\s*(\S+)", text, re.M)
                 brk = re.search(r"# fake: break-after (\d+)", text)
                 appr = re.search(r"# fake: approval (\S+)", text)
+                can = re.search(r"# fake: canary (\S+)", text)
                 rid = "run-%04d" % (len(order) + 1)
                 run = dict(id=rid, name=m.group(1) if m else "unnamed",
                            order=len(order),
@@ -244,6 +265,7 @@ def main():
                            break_after=int(brk.group(1)) if brk else None,
                            break_events="# fake: break-events" in text,
                            approval=appr.group(1) if appr else None,
+                           canary=can.group(1) if can else None,
                            answered=False, attempt=1, stage_attempt={},
                            events=[],
                            created=time.time(), key=req.idempotency_key,
@@ -254,6 +276,68 @@ def main():
                 if req.idempotency_key:
                     by_key[req.idempotency_key] = rid
                 return snapshot(run)
+
+        def SetSecret(self, req, ctx):
+            log("secret set %s %r" % (req.name, req.value))
+            if not re.match(r"^[A-Za-z0-9_]{1,64}$", req.name):
+                ctx.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "secret name: letters, digits and _")
+            if len(req.value.encode()) < 4:
+                ctx.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "secret %s: a value of 4 bytes to 64 KiB"
+                          % req.name)
+            with lock:
+                secrets.add(req.name)
+            return pb.Secret(name=req.name)
+
+        def ListSecrets(self, req, ctx):
+            with lock:
+                return pb.ListSecretsResponse(
+                    secrets=[pb.Secret(name=n) for n in sorted(secrets)])
+
+        def DeleteSecret(self, req, ctx):
+            with lock:
+                if req.name not in secrets:
+                    ctx.abort(grpc.StatusCode.NOT_FOUND,
+                              'secret "%s" not found' % req.name)
+                secrets.discard(req.name)
+            return pb.Secret(name=req.name)
+
+        def ListReleases(self, req, ctx):
+            log("releases %s %d" % (req.deployment, req.limit))
+            if req.deployment.count("/") != 2:
+                ctx.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "deployment %s: want cluster/namespace/name"
+                          % req.deployment)
+            rels = []
+            if req.deployment == "prod/shop/web":
+                rels = [
+                    pb.Release(deployment=req.deployment, seq=2,
+                               run_id="run-r2", stage="rollback",
+                               kind="rollback", revision="5",
+                               image="registry.example/web:1.0",
+                               previous_revision="4",
+                               previous_image="registry.example/web:1.1",
+                               time=ts(1700000100)),
+                    pb.Release(deployment=req.deployment, seq=1,
+                               run_id="run-r1", stage="deploy",
+                               kind="deploy", revision="",
+                               image="", previous_revision="3",
+                               previous_image="registry.example/web:1.0",
+                               time=ts(1700000000)),
+                ]
+            return pb.ListReleasesResponse(
+                releases=rels[:req.limit or 50])
+
+        def RollbackRelease(self, req, ctx):
+            log("rollback %s %s" % (req.deployment, req.to_revision or "-"))
+            parts = req.deployment.split("/")
+            if len(parts) != 3 or not all(parts):
+                ctx.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "deployment %s: want cluster/namespace/name"
+                          % req.deployment)
+            text = "name: rollback-%s\nstages:\n  - name: rollback\n" % parts[2]
+            return self.SubmitRun(pb.SubmitRunRequest(pipeline=text), ctx)
 
         def GetRun(self, req, ctx):
             if req.id.startswith("sleep-"):
@@ -458,6 +542,15 @@ def main():
         "ApproveStage": unary(svc.ApproveStage, pb.ApproveStageRequest,
                               pb.Run),
         "RetryRun": unary(svc.RetryRun, pb.RetryRunRequest, pb.Run),
+        "SetSecret": unary(svc.SetSecret, pb.SetSecretRequest, pb.Secret),
+        "ListSecrets": unary(svc.ListSecrets, pb.ListSecretsRequest,
+                             pb.ListSecretsResponse),
+        "DeleteSecret": unary(svc.DeleteSecret, pb.DeleteSecretRequest,
+                              pb.Secret),
+        "ListReleases": unary(svc.ListReleases, pb.ListReleasesRequest,
+                              pb.ListReleasesResponse),
+        "RollbackRelease": unary(svc.RollbackRelease,
+                                 pb.RollbackReleaseRequest, pb.Run),
         "WatchRuns": grpc.unary_stream_rpc_method_handler(
             svc.WatchRuns, request_deserializer=pb.WatchRunsRequest.FromString,
             response_serializer=pb.RunEvent.SerializeToString),

@@ -4,13 +4,18 @@
 # list, cancel, lint, approve (and reject), retry, events (filtered, resumed
 # after a broken stream, ended by Ctrl-C), -o json and the error paths.
 #
-# Usage: kplctl_test.sh [KPLCTL FAKE PROTO]; under bazel test the defaults
-# are the runfiles.
+# Also logs, watch -o json, secret (the value from stdin, exactly as sent),
+# releases, rollback, the live table on a terminal (tmux) with the canary's
+# WEIGHT and VERIFY columns, and the bash completion (clients/kplctl.bash).
+#
+# Usage: kplctl_test.sh [KPLCTL FAKE PROTO COMPLETION]; under bazel test the
+# defaults are the runfiles.
 set -u
 
 KPLCTL=${1:-clients/kplctl}
 FAKE=${2:-tests/clients/fake_pipelines.py}
 PROTO=${3:-api/kpl.proto}
+COMPLETION=${4:-clients/kplctl.bash}
 PY=/usr/bin/python3
 T=${TEST_TMPDIR:-$(mktemp -d)}
 failures=0
@@ -23,6 +28,7 @@ fail() {
 
 cleanup() {
 	[ -n "$FAKE_PID" ] && kill "$FAKE_PID" 2>/dev/null
+	tmux -f /dev/null -L kplctl-test kill-server 2>/dev/null
 	wait 2>/dev/null
 }
 trap cleanup EXIT
@@ -395,6 +401,265 @@ ctl evbad events --kind build
 expect_rc evbad 2
 ctl evbad2 events --from x
 expect_rc evbad2 2
+
+# --- watch -o json: one RunEvent a line; submit -o json --watch: the run on
+# its first line, then the events (all of it JSON Lines). ---
+ctl watchj watch "$ID" -o json
+expect_rc watchj 0
+"$PY" - "$T/watchj.out" "$ID" <<'EOF' || fail "watch -o json"
+import json, sys
+evs = [json.loads(l) for l in open(sys.argv[1])]
+assert [e["seq"] for e in evs] == list(range(1, 11)), evs
+assert all(e["run_id"] == sys.argv[2] for e in evs)
+assert evs[-1]["run_state"] == "RUN_STATE_SUCCEEDED", evs[-1]
+assert evs[2]["kind"] == "EVENT_KIND_LOG" and evs[2]["message"] == "hello from build"
+EOF
+ctl subjw submit "$T/fail.yaml" -o json --watch
+expect_rc subjw 1
+"$PY" - "$T/subjw.out" <<'EOF' || fail "submit -o json --watch"
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+run, evs = lines[0], lines[1:]
+assert run["pipeline_name"] == "demo" and "stages" in run, run
+assert [e["seq"] for e in evs] == list(range(1, 11)), evs
+assert evs[-1]["run_state"] == "RUN_STATE_FAILED", evs[-1]
+EOF
+
+# --- logs: every stage's lines, or one stage's bare lines; -o json. ---
+ctl logs logs "$ID"
+expect_rc logs 0
+printf '%s\n' 'build | hello from build' 'build ! warning from build' \
+	'test  | hello from test' 'test  ! warning from test' |
+	diff -u - "$T/logs.out" >&2 || fail "logs: wrong lines"
+ctl logss logs "$ID" --stage test
+expect_rc logss 0
+printf '%s\n' 'hello from test' 'warning from test' |
+	diff -u - "$T/logss.out" >&2 || fail "logs --stage: wrong lines"
+ctl logsj logs "$ID" --stage build -o json
+expect_rc logsj 0
+"$PY" - "$T/logsj.out" <<'EOF' || fail "logs -o json"
+import json, sys
+evs = [json.loads(l) for l in open(sys.argv[1])]
+assert [(e["stage"], e["stream"], e["message"]) for e in evs] == [
+    ("build", "LOG_STREAM_STDOUT", "hello from build"),
+    ("build", "LOG_STREAM_STDERR", "warning from build")], evs
+EOF
+ctl logsbad logs "$ID" --stage nope
+expect_rc logsbad 3
+grep -qx "kplctl: logs: NOT_FOUND: run $ID has no stage \"nope\"" "$T/logsbad.err" ||
+	fail "logs --stage nope: $(cat "$T/logsbad.err")"
+ctl logsusage logs "$ID" --follow=yes
+expect_rc logsusage 2
+
+# A running run: without --follow, what is stored now (up to GetRun's
+# last_seq), at once; with --follow, every line to the run's end.
+pipeline long2 "" s1 s2 s3 s4 s5 s6 s7 s8 s9 s10 s11 s12 s13 s14 s15 >"$T/long2.yaml"
+ctl l2 submit "$T/long2.yaml"
+L2=$(cat "$T/l2.out")
+wait_for_get() { # wait_for_get ID REGEX: polls kplctl get (10 s)
+	i=0
+	until ctl wfg get "$1" && grep -Eq "$2" "$T/wfg.out"; do
+		i=$((i + 1))
+		[ $i -gt 100 ] && { fail "get $1: no line matching $2"; return 1; }
+		sleep 0.1
+	done
+}
+wait_for_get "$L2" '^  s2 +shell +RUNNING '
+ctl l2now logs "$L2"
+expect_rc l2now 0
+ctl l2state get "$L2"
+grep -qx 'state:     RUNNING' "$T/l2state.out" || fail "logs without --follow: waited for the run's end"
+n=$(wc -l <"$T/l2now.out")
+[ "$n" -ge 2 ] && [ "$n" -lt 30 ] || fail "logs without --follow: $n lines, want the stored ones (2..29)"
+ctl l2follow logs "$L2" -f
+expect_rc l2follow 0
+[ "$(wc -l <"$T/l2follow.out")" -eq 30 ] || fail "logs --follow: $(wc -l <"$T/l2follow.out") lines, want 30"
+head -n "$n" "$T/l2follow.out" | diff -u - "$T/l2now.out" >&2 || fail "logs: the stored lines differ from --follow's"
+
+# --- secret: the value from stdin, less one trailing newline, never printed. ---
+printf 's3cret-value\n' >"$T/sec.in"
+timeout 60 "$KPLCTL" secret set DB_PASS <"$T/sec.in" >"$T/sset.out" 2>"$T/sset.err"
+rc=$?
+expect_rc sset 0
+grep -qx 'secret DB_PASS set' "$T/sset.out" || fail "secret set: printed $(cat "$T/sset.out")"
+grep -q 's3cret' "$T/sset.out" "$T/sset.err" && fail "secret set: the value was printed"
+grep -qx "secret set DB_PASS 's3cret-value'" "$T/watch.log" || fail "secret set: wrong value sent"
+printf 'line1\nline2\r\n' | timeout 60 "$KPLCTL" secret set MULTI >"$T/smulti.out" 2>&1
+grep -qx "secret set MULTI 'line1\\\\nline2'" "$T/watch.log" || fail "secret set: multi-line value not sent whole"
+printf 'ab\n' | timeout 60 "$KPLCTL" secret set SHORT >"$T/sshort.out" 2>"$T/sshort.err"
+rc=$?
+expect_rc sshort 3
+grep -q '^kplctl: secret: INVALID_ARGUMENT: ' "$T/sshort.err" || fail "secret set short: $(cat "$T/sshort.err")"
+printf 'ab\000cdef' | timeout 60 "$KPLCTL" secret set NUL >"$T/snul.out" 2>"$T/snul.err"
+rc=$?
+expect_rc snul 2
+grep -q 'NUL' "$T/snul.err" || fail "secret set with a NUL byte: $(cat "$T/snul.err")"
+grep -q 'secret set NUL' "$T/watch.log" && fail "secret set: a value with a NUL byte was sent"
+ctl slist secret list
+expect_rc slist 0
+printf 'DB_PASS\nMULTI\n' | diff -u - "$T/slist.out" >&2 || fail "secret list"
+ctl slistj secret list -o json
+"$PY" - "$T/slistj.out" <<'EOF' || fail "secret list -o json"
+import json, sys
+assert json.load(open(sys.argv[1])) == {"secrets": [{"name": "DB_PASS"}, {"name": "MULTI"}]}
+EOF
+ctl srm secret rm MULTI
+expect_rc srm 0
+grep -qx 'secret MULTI deleted' "$T/srm.out" || fail "secret rm: printed $(cat "$T/srm.out")"
+ctl srm2 secret rm MULTI
+expect_rc srm2 3
+grep -q '^kplctl: secret: NOT_FOUND: ' "$T/srm2.err" || fail "secret rm twice: $(cat "$T/srm2.err")"
+ctl sbad1 secret frob
+expect_rc sbad1 2
+ctl sbad2 secret rm
+expect_rc sbad2 2
+ctl sbad3 secret list X
+expect_rc sbad3 2
+
+# --- releases: a table of what changed a deployment; -o json; --limit. ---
+ctl rel releases prod/shop/web
+expect_rc rel 0
+head -n 1 "$T/rel.out" | grep -Eq '^SEQ +KIND +REVISION +IMAGE +PREVIOUS +RUN +TIME$' ||
+	fail "releases: header $(head -n 1 "$T/rel.out")"
+sed -n 2p "$T/rel.out" | grep -Eq '^2 +rollback +5 +registry.example/web:1.0 +4 +run-r2 +[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{8}$' ||
+	fail "releases: row 1 $(sed -n 2p "$T/rel.out")"
+sed -n 3p "$T/rel.out" | grep -Eq '^1 +deploy +- +- +3 +run-r1 +' || fail "releases: row 2 $(sed -n 3p "$T/rel.out")"
+[ "$(wc -l <"$T/rel.out")" -eq 3 ] || fail "releases: want a header and 2 rows"
+ctl rel1 releases prod/shop/web --limit 1 -o json
+expect_rc rel1 0
+grep -qx 'releases prod/shop/web 1' "$T/watch.log" || fail "releases --limit: not sent"
+"$PY" - "$T/rel1.out" <<'EOF' || fail "releases -o json"
+import json, sys
+d = json.load(open(sys.argv[1]))
+assert [(r["seq"], r["kind"], r["revision"], r["previous_image"]) for r in d["releases"]] == [
+    (2, "rollback", "5", "registry.example/web:1.1")], d
+EOF
+ctl rel0 releases prod/shop/none
+expect_rc rel0 0
+[ "$(wc -l <"$T/rel0.out")" -eq 1 ] || fail "releases of an empty deployment: want the header alone"
+ctl relbad releases web
+expect_rc relbad 3
+grep -q '^kplctl: releases: INVALID_ARGUMENT: ' "$T/relbad.err" || fail "releases web: $(cat "$T/relbad.err")"
+ctl rellim releases prod/shop/web --limit 0
+expect_rc rellim 2
+
+# --- rollback: a run, followed with --watch. ---
+ctl rb rollback prod/shop/web --to 4 --watch
+expect_rc rb 0
+grep -qx 'rollback prod/shop/web 4' "$T/watch.log" || fail "rollback: wrong request"
+grep -Eq '^\[[0-9:]+\] rollback +SUCCEEDED$' "$T/rb.out" || fail "rollback --watch: no stage line"
+ctl rbj rollback prod/shop/web -o json
+expect_rc rbj 0
+"$PY" - "$T/rbj.out" <<'EOF' || fail "rollback -o json"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["pipeline_name"] == "rollback-web", r
+EOF
+grep -qx 'rollback prod/shop/web -' "$T/watch.log" || fail "rollback without --to: wrong request"
+
+# --- The live table on a terminal (tmux), with the canary's columns. ---
+TMUX_TMPDIR=$T
+export TMUX_TMPDIR
+tm() { tmux -f /dev/null -L kplctl-test "$@"; }
+# tscreen NAME COLS ROWS CMD...: runs CMD in a fresh tmux window of that
+# size; then waits (20 s at most) for "EXIT=N" and puts the screen in
+# $T/NAME.screen.
+tscreen() {
+	name=$1 cols=$2 rows=$3
+	shift 3
+	tm new-session -d -s "$name" -x "$cols" -y "$rows" \
+		"env LANG=C.UTF-8 TERM=xterm-256color KPL_SERVER=$KPL_SERVER $*; echo EXIT=\$?; sleep 60"
+	i=0
+	while :; do
+		tm capture-pane -p -t "$name" >"$T/$name.screen"
+		grep -q '^EXIT=' "$T/$name.screen" && break
+		i=$((i + 1))
+		[ $i -gt 200 ] && { fail "$name: no EXIT= on the screen"; cat "$T/$name.screen" >&2; break; }
+		sleep 0.1
+	done
+	tm kill-session -t "$name"
+}
+pipeline canary "# fake: canary web" build web >"$T/canary.yaml"
+before=$failures
+tscreen live 72 20 "$KPLCTL" submit "$T/canary.yaml" --watch
+grep -qx 'EXIT=0' "$T/live.screen" || fail "live: exit status"
+grep -Eq '^STAGE +STATE +ATTEMPT +ELAPSED +WEIGHT +VERIFY +MESSAGE$' "$T/live.screen" ||
+	fail "live: no header with WEIGHT and VERIFY"
+grep -Eq '^build +SUCCEEDED +1 +[0-9.]+s +- +-$' "$T/live.screen" || fail "live: build row"
+grep -Eq '^web +SUCCEEDED +1 +[0-9.]+s +50% +99\.2$' "$T/live.screen" || fail "live: web row"
+grep -Eq '^run run-[0-9]+ SUCCEEDED: all stages succeeded$' "$T/live.screen" || fail "live: footer"
+grep -q '^\[' "$T/live.screen" && fail "live: plain event lines on a terminal"
+grep -q "$(printf '\342\240')" "$T/live.screen" && fail "live: a spinner frame is left"
+[ -s "$T/live.screen" ] || fail "live: empty screen"
+[ "$failures" -ne "$before" ] && sed 's/^/  screen: /' "$T/live.screen" >&2
+tscreen plain 72 20 "$KPLCTL" submit "$T/canary.yaml" --watch --plain
+grep -Eq '^\[[0-9:]+\] web +\* step 2/2: weight 50$' "$T/plain.screen" || fail "--plain: no event lines"
+tscreen dumb 72 20 env TERM=dumb "$KPLCTL" submit "$T/canary.yaml" --watch
+grep -Eq '^\[[0-9:]+\] == run SUCCEEDED' "$T/dumb.screen" || fail "TERM=dumb: no event lines"
+tm kill-server 2>/dev/null
+
+# --- Bash completion. ---
+"$PY" - "$COMPLETION" "$KPLCTL" "$T" "$ID" <<'EOF' || fail "bash completion"
+import os, subprocess, sys
+comp, kplctl, tmp, run_id = sys.argv[1:]
+comp, kplctl = os.path.abspath(comp), os.path.abspath(kplctl)
+kdir = os.path.join(tmp, "kbin")
+os.makedirs(kdir, exist_ok=True)
+if not os.path.exists(os.path.join(kdir, "kplctl")):
+    os.symlink(os.path.abspath(kplctl), os.path.join(kdir, "kplctl"))
+open(os.path.join(tmp, "pipe-a.yaml"), "w").close()
+def complete(line):
+    """The completions bash offers for line (the cursor at its end)."""
+    script = r'''
+source "$1"
+complete -p kplctl >/dev/null || exit 9
+line=$2
+read -ra COMP_WORDS <<<"$line"
+[[ $line == *" " ]] && COMP_WORDS+=("")
+COMP_CWORD=$((${#COMP_WORDS[@]} - 1))
+COMP_LINE=$line COMP_POINT=${#line}
+_kplctl
+printf '%s\n' "${COMPREPLY[@]}"
+'''
+    env = dict(os.environ, PATH=kdir + ":" + os.environ["PATH"])
+    out = subprocess.run(["bash", "-c", script, "x", comp, line], cwd=tmp,
+                         env=env, capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, (line, out.returncode, out.stderr)
+    return sorted(w for w in out.stdout.split("\n") if w)
+def want(line, expected):
+    got = complete(line)
+    assert got == sorted(expected), (line, got, sorted(expected))
+cmds = "submit get list watch logs cancel retry approve lint events token audit secret releases rollback".split()
+want("kplctl ", cmds)
+want("kplctl lo", ["logs"])
+want("kplctl re", ["releases", "retry"])
+want("kplctl secret ", ["set", "list", "rm"])
+want("kplctl token re", ["revoke"])
+want("kplctl list --state f", ["failed"])
+want("kplctl watch x -o ", ["json", "text"])
+want("kplctl events --kind ", ["audit", "log", "run", "stage"])
+want("kplctl submit pipe-", ["pipe-a.yaml"])
+want("kplctl secret rm D", ["DB_PASS"])
+got = complete("kplctl get ")
+assert run_id in got, (run_id, got)
+want("kplctl logs %s --stage " % run_id, ["build", "test"])
+# The options offered per command are those kplctl --help lists for it.
+help = subprocess.run([kplctl, "--help"], capture_output=True, text=True).stdout
+opts, cmd = {}, None
+for l in help.split("\n"):
+    if l.startswith("  ") and not l.startswith("   ") and l.split()[0] in cmds:
+        cmd = l.split()[0]
+        opts[cmd] = set()
+    elif cmd and l.strip().startswith("--"):
+        opts[cmd].add(l.split()[0])
+    elif not l.strip():
+        cmd = None
+assert set(opts) == set(cmds), opts
+glob = {"--server", "--ca", "--token", "--help"}
+for c in cmds:
+    got = {w for w in complete("kplctl %s --" % c)}
+    assert got == opts[c] | glob, (c, got ^ (opts[c] | glob))
+EOF
 
 # --- Connection and usage errors. ---
 ctl down --server 127.0.0.1:1 get x
