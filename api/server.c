@@ -40,6 +40,7 @@
 #include "api/health.pb-c.h"
 #include "api/reflection.pb-c.h"
 #include "api/server_internal.h"
+#include "engine/metrics.h"
 
 #define SUB "api"
 
@@ -441,6 +442,8 @@ static void call_end(struct api_call *c, grpc_byte_buffer *reply, int code,
 	if (c->ended)
 		BUG("call %s ended twice", c->method);
 	c->ended = true;
+	/* The table's path, not the client's: no label the client makes up. */
+	metrics_grpc_call(c->m ? c->m->path : "unknown", code);
 	kpl_debug(SUB, "%s: end status %d%s%s", c->method, code,
 		  msg && *msg ? ": " : "", msg ? msg : "");
 	if (c->send_busy) {

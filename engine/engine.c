@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "google/protobuf/timestamp.pb-c.h"
+#include "engine/metrics.h"
 #include "pipelines/expr.h"
 #include "pipelines/pipeline.h"
 #include "pipelines/template.h"
@@ -435,6 +436,7 @@ static void run_set_state(struct run *r, Kpl__V1__RunState to, const char *msg)
 		    run_state_name(r->state), run_state_name(to));
 	kpl_debug(LOG, "run %s: %s -> %s", r->id, run_state_name(r->state),
 		  run_state_name(to));
+	metrics_run_state(r->state, to);
 	r->state = to;
 	if (to == KPL__V1__RUN_STATE__RUN_STATE_RUNNING)
 		r->started_ms = kpl_now_ms();
@@ -488,6 +490,9 @@ static void stage_set_state(struct stage *st, Kpl__V1__StageState to, const char
 	}
 	if (stage_state_final(to))
 		st->finished_ms = kpl_now_ms();
+	if (stage_state_final(to) && (from == KPL__V1__STAGE_STATE__STAGE_STATE_RUNNING ||
+				      from == KPL__V1__STAGE_STATE__STAGE_STATE_WAITING))
+		metrics_stage_done(st->spec->kind, (double)(st->finished_ms - st->started_ms) / 1000);
 	set_redacted(r->eng, &st->message, msg);
 	run_event(r, KPL__V1__EVENT_KIND__EVENT_KIND_STAGE_STATE, st,
 		  KPL__V1__LOG_STREAM__LOG_STREAM_UNSPECIFIED, msg, msg ? strlen(msg) : 0);

@@ -16,11 +16,13 @@
 #include <unistd.h>
 
 #include "api/rpc_pipelines.h"
+#include "api/rpc_hooks.h"
 #include "api/rpc_tokens.h"
 #include "stages/shim.h"
 #include "api/server.h"
 #include "engine/config.h"
 #include "engine/engine.h"
+#include "engine/hooks.h"
 #include "engine/kpl.h"
 #include "engine/retention.h"
 #include "engine/secrets.h"
@@ -39,6 +41,8 @@ struct kpld {
 	struct tokens *tokens;
 	struct api_method *methods; /* Pipelines, then Security */
 	struct api_server *server;
+	struct rpc_hooks *rpc_hooks;
+	struct hooks *hooks; /* --http-listen */
 	uv_signal_t sigint, sigterm;
 	uv_idle_t closer; /* closes the store once no commit is in flight */
 	bool stopping;
@@ -51,7 +55,7 @@ static void usage(FILE *f)
 		"usage: kpld [--listen HOST:PORT] [--data-dir DIR] [--config FILE]\n"
 		"            [--log-level LEVEL] [--ready-file PATH]\n"
 		"            [--tls-cert FILE --tls-key FILE [--client-ca FILE]]\n"
-		"            [--bootstrap-token-file PATH]\n"
+		"            [--bootstrap-token-file PATH] [--http-listen HOST:PORT]\n"
 		"\n"
 		"  --listen HOST:PORT   gRPC address (default 127.0.0.1:7070; port 0 picks one)\n"
 		"  --data-dir DIR       store and run workspaces (default ./var/kpl)\n"
@@ -66,6 +70,9 @@ static void usage(FILE *f)
 		"  --bootstrap-token-file PATH\n"
 		"                       if no admin token exists, make one and write it to\n"
 		"                       PATH (mode 0600)\n"
+		"  --http-listen HOST:PORT\n"
+		"                       serve webhooks, /metrics and /healthz over HTTP\n"
+		"                       there (off by default; docs/hooks.md)\n"
 		"\n"
 		"Until an API token exists every call is allowed, so kpld then refuses to\n"
 		"listen on anything but loopback (docs/security.md).\n");
@@ -105,6 +112,8 @@ static void engine_stopped(void *data)
 	rpc_free(d->rpc);
 	d->rpc = NULL;
 	tokens_free(d->tokens);
+	rpc_hooks_free(d->rpc_hooks);
+	d->rpc_hooks = NULL;
 	d->tokens = NULL;
 	free(d->methods);
 	d->methods = NULL;
@@ -113,12 +122,29 @@ static void engine_stopped(void *data)
 	uv_idle_start(&d->closer, close_store);
 }
 
+/* The engine stops once nothing can submit to it: the gRPC server and the
+ * HTTP endpoints have both stopped. */
+static void maybe_stop_engine(struct kpld *d)
+{
+	if (!d->server && !d->hooks)
+		engine_stop(d->eng, engine_stopped, d);
+}
+
 static void server_stopped(void *data)
 {
 	struct kpld *d = data;
 
 	d->server = NULL;
-	engine_stop(d->eng, engine_stopped, d);
+	maybe_stop_engine(d);
+}
+
+static void hooks_stopped(void *data)
+{
+	struct kpld *d = data;
+
+	d->hooks = NULL;
+	if (!d->server)
+		maybe_stop_engine(d);
 }
 
 static void retention_stopped(void *data)
@@ -142,10 +168,13 @@ static void on_signal(uv_signal_t *h, int signum)
 	api_server_set_serving(d->server, false);
 	retention_stop(d->retention, retention_stopped, d);
 	rpc_close_streams(d->rpc);
+	if (d->hooks)
+		hooks_stop(d->hooks, hooks_stopped, d);
 	api_server_shutdown(d->server, server_stopped, d);
 }
 
-static int write_ready_file(const char *path, const char *host, int port)
+static int write_ready_file(const char *path, const char *host, int port,
+			    const char *http_host, int http_port)
 {
 	char tmp[4096];
 	FILE *f;
@@ -155,6 +184,8 @@ static int write_ready_file(const char *path, const char *host, int port)
 	if (!(f = fopen(tmp, "w")))
 		return -1;
 	fprintf(f, "%s:%d\n", host, port);
+	if (http_host)
+		fprintf(f, "http=%s:%d\n", http_host, http_port);
 	if (fclose(f) || rename(tmp, path))
 		return -1;
 	return 0;
@@ -197,11 +228,15 @@ int main(int argc, char **argv)
 		{ "tls-key", required_argument, NULL, 'K' },
 		{ "client-ca", required_argument, NULL, 'C' },
 		{ "bootstrap-token-file", required_argument, NULL, 'B' },
+		{ "http-listen", required_argument, NULL, 'H' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *listen = "127.0.0.1:7070", *data_dir = "./var/kpl", *ready = NULL;
-	const char *config = NULL, *bootstrap = NULL;
+	const char *config = NULL, *bootstrap = NULL, *http_listen = NULL;
+	const struct api_method *hm;
+	size_t n_hm;
+	char http_host[256] = "";
 	const struct api_method *pm, *tm;
 	size_t n_pm, n_tm;
 	bool made;
@@ -251,6 +286,7 @@ int main(int argc, char **argv)
 			}
 			kpl_log_threshold = rc;
 			break;
+		case 'H': http_listen = optarg; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
@@ -323,6 +359,8 @@ int main(int argc, char **argv)
 	eo.data_dir = data_dir;
 	eo.cfg = d.cfg;
 	eo.secrets = d.secrets;
+	/* Runs the engine recovers are counted before it changes them. */
+	hooks_seed_metrics(d.store);
 	if ((rc = engine_start(&eo, &d.eng, &err)) != 0) {
 		fprintf(stderr, "kpld: %s\n", err.msg);
 		store_close(d.store);
@@ -343,12 +381,33 @@ int main(int argc, char **argv)
 	memcpy(d.methods + n_pm, tm, n_tm * sizeof *tm);
 	so.methods = d.methods;
 	so.n_methods = n_pm + n_tm;
+	d.rpc_hooks = rpc_hooks_new(d.eng);
+	hm = rpc_hooks_methods(d.rpc_hooks, &n_hm);
+	d.methods = kpl_realloc(d.methods, (so.n_methods + n_hm) * sizeof *d.methods);
+	memcpy(d.methods + so.n_methods, hm, n_hm * sizeof *hm);
+	so.methods = d.methods;
+	so.n_methods += n_hm;
 	so.authorize = tokens_authorize;
 	so.authorize_data = d.tokens;
 	if ((rc = api_server_start(d.loop, &so, &d.server, &err)) != 0) {
 		fprintf(stderr, "kpld: %s\n", err.msg);
 		/* NEEDSWORK: stop the engine cleanly here too. */
 		return 1;
+	}
+	if (http_listen) {
+		struct hooks_options ho = { .loop = d.loop, .eng = d.eng,
+					    .data_dir = data_dir, .listen = http_listen };
+		const char *hc = strrchr(http_listen, ':');
+
+		if ((rc = hooks_start(&ho, &d.hooks, &err)) != 0) {
+			fprintf(stderr, "kpld: --http-listen: %s\n", err.msg);
+			/* NEEDSWORK: stop the engine cleanly here too. */
+			return 1;
+		}
+		snprintf(http_host, sizeof http_host, "%.*s", (int)(hc - http_listen),
+			 http_listen);
+		kpl_info(LOG, "serving webhooks, /metrics and /healthz on http://%s:%d",
+			 http_host, hooks_port(d.hooks));
 	}
 	api_server_set_serving(d.server, true);
 	uv_signal_init(d.loop, &d.sigint);
@@ -359,7 +418,9 @@ int main(int argc, char **argv)
 
 	kpl_info(LOG, "serving kpl.v1.Pipelines on %s:%d, data in %s", host,
 		 api_server_port(d.server), data_dir);
-	if (ready && write_ready_file(ready, host, api_server_port(d.server)))
+	if (ready && write_ready_file(ready, host, api_server_port(d.server),
+				      d.hooks ? http_host : NULL,
+				      d.hooks ? hooks_port(d.hooks) : 0))
 		kpl_error(LOG, "cannot write --ready-file %s", ready);
 
 	uv_run(d.loop, UV_RUN_DEFAULT);

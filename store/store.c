@@ -36,6 +36,7 @@ enum store_db {
 	DB_RELEASES,
 	DB_TOKENS,
 	DB_AUDIT,
+	DB_PIPELINES_REGISTERED,
 	DB__LAST
 };
 
@@ -52,6 +53,7 @@ static const char *const db_names[DB__LAST] = {
 	[DB_RELEASES] = "releases",
 	[DB_TOKENS] = "tokens",
 	[DB_AUDIT] = "audit",
+	[DB_PIPELINES_REGISTERED] = "pipelines_registered",
 };
 
 /* Room for future databases without a change of maxdbs (which would need
@@ -1800,6 +1802,94 @@ int store_read_audit(struct store *s, uint64_t from_seq, size_t max,
 	}
 	if (rc && rc != MDB_NOTFOUND && !code)
 		code = lmdb_fail(s, "mdb_cursor_get (audit)", rc);
+	mdb_cursor_close(cur);
+	mdb_txn_abort(txn);
+	return code;
+}
+
+/* --- Registered pipelines (engine/hooks.c decides what they mean). --- */
+
+#define REGISTERED_NAME_MAX 128
+
+static int registered_name_ok(const char *name)
+{
+	size_t n = name ? strlen(name) : 0;
+
+	return n > 0 && n <= REGISTERED_NAME_MAX;
+}
+
+void store_stage_registered(struct store *s, const char *name,
+			    const Kpl__V1__RegisteredPipeline *rec)
+{
+	struct store_op *op;
+	size_t vlen;
+
+	if (!registered_name_ok(name))
+		BUG("store_stage_registered: bad name");
+	if (!rec) {
+		stage_op(s, DB_PIPELINES_REGISTERED, name, strlen(name), 0, OP_DEL);
+		return;
+	}
+	vlen = kpl__v1__registered_pipeline__get_packed_size(rec);
+	op = stage_op(s, DB_PIPELINES_REGISTERED, name, strlen(name), vlen, OP_PUT);
+	kpl__v1__registered_pipeline__pack(rec, (uint8_t *)op->val);
+}
+
+int store_get_registered(struct store *s, const char *name,
+			 Kpl__V1__RegisteredPipeline **out)
+{
+	MDB_txn *txn;
+	MDB_val k, v;
+	int rc, code;
+
+	*out = NULL;
+	if (!registered_name_ok(name))
+		return KPL_EINVAL;
+	if ((code = read_begin(s, &txn)) != 0)
+		return code;
+	k.mv_data = (void *)name;
+	k.mv_size = strlen(name);
+	rc = mdb_get(txn, s->dbi[DB_PIPELINES_REGISTERED], &k, &v);
+	if (rc == MDB_NOTFOUND)
+		code = KPL_ENOTFOUND;
+	else if (rc)
+		code = lmdb_fail(s, "mdb_get (pipelines_registered)", rc);
+	else if (!(*out = kpl__v1__registered_pipeline__unpack(NULL, v.mv_size, v.mv_data)))
+		code = KPL_ECORRUPT;
+	mdb_txn_abort(txn);
+	return code;
+}
+
+int store_list_registered(struct store *s, store_registered_fn fn, void *data)
+{
+	MDB_txn *txn;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc, code;
+
+	if ((code = read_begin(s, &txn)) != 0)
+		return code;
+	rc = mdb_cursor_open(txn, s->dbi[DB_PIPELINES_REGISTERED], &cur);
+	if (rc) {
+		mdb_txn_abort(txn);
+		return lmdb_fail(s, "mdb_cursor_open (pipelines_registered)", rc);
+	}
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		Kpl__V1__RegisteredPipeline *rec =
+			kpl__v1__registered_pipeline__unpack(NULL, v.mv_size, v.mv_data);
+
+		if (!rec) {
+			code = KPL_ECORRUPT;
+			break;
+		}
+		code = fn(data, rec);
+		kpl__v1__registered_pipeline__free_unpacked(rec, NULL);
+		if (code)
+			break;
+	}
+	if (rc && rc != MDB_NOTFOUND && !code)
+		code = lmdb_fail(s, "mdb_cursor_get (pipelines_registered)", rc);
 	mdb_cursor_close(cur);
 	mdb_txn_abort(txn);
 	return code;

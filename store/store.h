@@ -15,6 +15,7 @@
  *              be64 seq): every event of every run in global order
  *   tokens     SHA-256 of an API token (64 lowercase hex) -> TokenRecord
  *   audit      be64 audit seq -> kpl.v1.RunEvent of kind AUDIT
+ *   pipelines_registered  name -> kpl.v1.RegisteredPipeline (webhooks)
  *
  * Writes are staged, then committed in groups: many state changes share one
  * LMDB write transaction, run on libuv's thread pool so the loop never waits
@@ -255,5 +256,21 @@ uint64_t store_stage_audit(struct store *s, const Kpl__V1__RunEvent *ev);
 typedef int (*store_audit_fn)(void *data, uint64_t seq, const Kpl__V1__RunEvent *ev);
 int store_read_audit(struct store *s, uint64_t from_seq, size_t max,
 		     store_audit_fn fn, void *data);
+
+/*
+ * pipelines_registered db: name (1..128 bytes) -> kpl.v1.RegisteredPipeline
+ * (engine/hooks.c: pushes that start runs). rec NULL stages a delete; a bad
+ * name is a BUG(). store_get_registered: *out new (free with
+ * kpl__v1__registered_pipeline__free_unpacked), KPL_ENOTFOUND if none,
+ * KPL_EINVAL for a bad name. store_list_registered calls fn in name order;
+ * rec is borrowed for the call; non-zero from fn stops the walk and is
+ * returned.
+ */
+void store_stage_registered(struct store *s, const char *name,
+			    const Kpl__V1__RegisteredPipeline *rec);
+int store_get_registered(struct store *s, const char *name,
+			 Kpl__V1__RegisteredPipeline **out);
+typedef int (*store_registered_fn)(void *data, const Kpl__V1__RegisteredPipeline *rec);
+int store_list_registered(struct store *s, store_registered_fn fn, void *data);
 
 #endif

@@ -1,0 +1,1382 @@
+/*
+ * hooks.c - the HTTP endpoints: webhook deliveries that start runs of
+ * registered pipelines, /metrics and /healthz.
+ *
+ * A delivery goes: verify (every registered secret, constant time) -> parse
+ * the push -> pick the registered pipelines it concerns -> for each, one
+ * after the other: already submitted under its idempotency key? -> git init
+ * (once per repository) -> git fetch --depth 1 REPO SHA (or, if the remote
+ * refuses a sha, the whole branch) -> git cat-file blob SHA:PATH -> parse
+ * for the declared params -> engine_submit -> the next one; then the
+ * answer. git commands run one at a time (a queue), so two deliveries never
+ * write the same cache repository at once.
+ */
+#define _GNU_SOURCE /* memrchr */
+#include "engine/hooks.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <fnmatch.h>
+#include <jansson.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/sha.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "engine/httpd.h"
+#include "engine/metrics.h"
+#include "pipelines/pipeline.h"
+#include "stages/stage.h"
+
+#define LOG "hooks"
+#define DEFAULT_GIT_TIMEOUT_S 120
+#define GIT_ERR_TAIL 400
+
+extern char **environ;
+
+/* ---------------------------------------------------------------------- */
+/* Pure parts */
+
+static void lower(char *s)
+{
+	for (; *s; s++)
+		*s = (char)tolower((unsigned char)*s);
+}
+
+static void strip_tail(char *s)
+{
+	size_t n = strlen(s);
+
+	while (n > 1 && s[n - 1] == '/')
+		s[--n] = '\0';
+	if (n > 4 && strcmp(s + n - 4, ".git") == 0) {
+		n -= 4;
+		s[n] = '\0';
+	}
+	while (n > 1 && s[n - 1] == '/')
+		s[--n] = '\0';
+}
+
+int hooks_repo_key(const char *url, char *out, size_t size)
+{
+	char buf[HOOKS_MAX_URL + 1], host[512];
+	const char *path, *scheme_end, *auth, *auth_end, *at, *colon;
+	size_t n;
+
+	if (!url || !*url || strlen(url) > HOOKS_MAX_URL || size < 2)
+		return KPL_EINVAL;
+	for (const char *p = url; *p; p++)
+		if ((unsigned char)*p <= ' ' || *p == 0x7f)
+			return KPL_EINVAL;
+	if (strncmp(url, "file://", 7) == 0 || url[0] == '/') {
+		path = url[0] == '/' ? url : url + 7;
+		if (path[0] != '/')
+			return KPL_EINVAL; /* file://host/path: not a local path */
+		snprintf(buf, sizeof buf, "%s", path);
+		strip_tail(buf);
+		if (strlen(buf) >= size)
+			return KPL_EINVAL;
+		memcpy(out, buf, strlen(buf) + 1);
+		return 0;
+	}
+	scheme_end = strstr(url, "://");
+	if (scheme_end) {
+		auth = scheme_end + 3;
+		auth_end = strchr(auth, '/');
+		if (!auth_end)
+			return KPL_EINVAL;
+		path = auth_end + 1;
+		/* user:password@ goes, and so does :port. */
+		at = memrchr(auth, '@', (size_t)(auth_end - auth));
+		if (at)
+			auth = at + 1;
+		n = (size_t)(auth_end - auth);
+		if (n == 0 || n >= sizeof host)
+			return KPL_EINVAL;
+		memcpy(host, auth, n);
+		host[n] = '\0';
+		if (host[0] == '[') {
+			char *close = strchr(host, ']');
+			if (!close)
+				return KPL_EINVAL;
+			close[1] = '\0';
+		} else if ((colon = strchr(host, ':'))) {
+			host[colon - host] = '\0';
+		}
+	} else {
+		/* scp-like: [user@]host:path, the colon before any slash. */
+		colon = strchr(url, ':');
+		if (!colon || colon == url || memchr(url, '/', (size_t)(colon - url)))
+			return KPL_EINVAL;
+		at = memrchr(url, '@', (size_t)(colon - url));
+		auth = at ? at + 1 : url;
+		n = (size_t)(colon - auth);
+		if (n == 0 || n >= sizeof host)
+			return KPL_EINVAL;
+		memcpy(host, auth, n);
+		host[n] = '\0';
+		path = colon + 1;
+	}
+	while (*path == '/')
+		path++;
+	if (!*path || !host[0])
+		return KPL_EINVAL;
+	snprintf(buf, sizeof buf, "%s/%s", host, path);
+	lower(buf);
+	strip_tail(buf);
+	if (strlen(buf) >= size)
+		return KPL_EINVAL;
+	memcpy(out, buf, strlen(buf) + 1);
+	return 0;
+}
+
+bool hooks_branch_match(const char *pattern, const char *branch)
+{
+	return pattern && branch && fnmatch(pattern, branch, 0) == 0;
+}
+
+bool hooks_github_verify(const char *secret, const char *body, size_t len,
+			 const char *header)
+{
+	unsigned char mac[EVP_MAX_MD_SIZE];
+	unsigned int mlen = 0;
+	char want[7 + 64 + 1];
+	static const char hex[] = "0123456789abcdef";
+	bool ok;
+
+	if (!secret || !header || strlen(header) != 7 + 64)
+		return false;
+	if (!HMAC(EVP_sha256(), secret, (int)strlen(secret), (const unsigned char *)body, len,
+		  mac, &mlen) || mlen != 32)
+		return false;
+	memcpy(want, "sha256=", 7);
+	for (unsigned i = 0; i < 32; i++) {
+		want[7 + 2 * i] = hex[mac[i] >> 4];
+		want[7 + 2 * i + 1] = hex[mac[i] & 15];
+	}
+	want[71] = '\0';
+	ok = CRYPTO_memcmp(want, header, 71) == 0;
+	OPENSSL_cleanse(mac, sizeof mac);
+	OPENSSL_cleanse(want, sizeof want);
+	return ok;
+}
+
+bool hooks_gitlab_verify(const char *secret, const char *header)
+{
+	unsigned char a[SHA256_DIGEST_LENGTH], b[SHA256_DIGEST_LENGTH];
+	bool ok;
+
+	if (!secret || !header)
+		return false;
+	SHA256((const unsigned char *)secret, strlen(secret), a);
+	SHA256((const unsigned char *)header, strlen(header), b);
+	ok = CRYPTO_memcmp(a, b, sizeof a) == 0;
+	OPENSSL_cleanse(a, sizeof a);
+	OPENSSL_cleanse(b, sizeof b);
+	return ok;
+}
+
+void hooks_push_free(struct hooks_push *p)
+{
+	free(p->ref);
+	free(p->branch);
+	free(p->sha);
+	for (size_t i = 0; i < p->n_urls; i++)
+		free(p->urls[i]);
+	memset(p, 0, sizeof *p);
+}
+
+static bool sha_ok(const char *s)
+{
+	size_t n = strlen(s);
+
+	if (n != 40 && n != 64)
+		return false;
+	for (; *s; s++)
+		if (!isxdigit((unsigned char)*s))
+			return false;
+	return true;
+}
+
+static void add_url(struct hooks_push *p, json_t *obj, const char *key)
+{
+	const char *v = json_string_value(json_object_get(obj, key));
+
+	if (v && *v && strlen(v) <= HOOKS_MAX_URL && p->n_urls < HOOKS_MAX_URLS)
+		p->urls[p->n_urls++] = kpl_strdup(v);
+}
+
+int hooks_parse_push(enum hooks_source src, const char *body, size_t len,
+		     struct hooks_push *out, struct kpl_err *err)
+{
+	json_error_t jerr;
+	json_t *root = json_loadb(body, len, 0, &jerr), *repo, *project;
+	const char *ref, *after;
+	int rc = 0;
+
+	memset(out, 0, sizeof *out);
+	if (!root || !json_is_object(root)) {
+		rc = kpl_errf(err, KPL_EINVAL, "the body is not a JSON object%s%s",
+			      root ? "" : ": ", root ? "" : jerr.text);
+		goto out;
+	}
+	ref = json_string_value(json_object_get(root, "ref"));
+	after = json_string_value(json_object_get(root, "after"));
+	if (!ref || !*ref || strlen(ref) > 512) {
+		rc = kpl_errf(err, KPL_EINVAL, "ref: missing or not a string");
+		goto out;
+	}
+	if (!after || !sha_ok(after)) {
+		rc = kpl_errf(err, KPL_EINVAL, "after: want a commit sha");
+		goto out;
+	}
+	out->ref = kpl_strdup(ref);
+	out->sha = kpl_strdup(after);
+	lower(out->sha);
+	if (strncmp(ref, "refs/heads/", 11) == 0 && ref[11])
+		out->branch = kpl_strdup(ref + 11);
+	out->deleted = strspn(after, "0") == strlen(after) ||
+		       json_is_true(json_object_get(root, "deleted"));
+	repo = json_object_get(root, "repository");
+	if (src == HOOKS_GITHUB) {
+		static const char *const keys[] = { "clone_url", "ssh_url", "git_url",
+						    "html_url", "url", "svn_url" };
+		for (size_t i = 0; i < KPL_ARRAY_SIZE(keys); i++)
+			add_url(out, repo, keys[i]);
+	} else {
+		static const char *const pkeys[] = { "git_http_url", "git_ssh_url", "web_url",
+						     "http_url", "ssh_url" };
+		static const char *const rkeys[] = { "git_http_url", "git_ssh_url", "url",
+						     "homepage" };
+		project = json_object_get(root, "project");
+		for (size_t i = 0; i < KPL_ARRAY_SIZE(pkeys); i++)
+			add_url(out, project, pkeys[i]);
+		for (size_t i = 0; i < KPL_ARRAY_SIZE(rkeys); i++)
+			add_url(out, repo, rkeys[i]);
+	}
+	if (out->n_urls == 0)
+		rc = kpl_errf(err, KPL_EINVAL, "%s: no repository URL",
+			      src == HOOKS_GITHUB ? "repository" : "project");
+out:
+	if (rc)
+		hooks_push_free(out);
+	json_decref(root);
+	return rc;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Registration */
+
+static bool name_ok(const char *s)
+{
+	size_t n = s ? strlen(s) : 0;
+
+	if (n == 0 || n > KPL_MAX_NAME_LEN)
+		return false;
+	for (; *s; s++)
+		if (!(islower((unsigned char)*s) || isdigit((unsigned char)*s) ||
+		      strchr("._-", *s)))
+			return false;
+	return true;
+}
+
+static bool printable_no_space(const char *s)
+{
+	for (; *s; s++)
+		if ((unsigned char)*s <= ' ' || *s == 0x7f)
+			return false;
+	return true;
+}
+
+static const char *secret_name_of(const char *s, char *buf, size_t size)
+{
+	/* "${{ secrets.NAME }}" is the name as pipelines write it. */
+	const char *p = s;
+	size_t n;
+
+	if (strncmp(p, "${{", 3))
+		return s;
+	p += 3;
+	while (*p == ' ')
+		p++;
+	if (strncmp(p, "secrets.", 8))
+		return s;
+	p += 8;
+	n = strcspn(p, " }");
+	if (n == 0 || n >= size)
+		return s;
+	memcpy(buf, p, n);
+	buf[n] = '\0';
+	p += n;
+	while (*p == ' ')
+		p++;
+	return strcmp(p, "}}") == 0 ? buf : s;
+}
+
+int hooks_check_registration(const Kpl__V1__RegisterPipelineRequest *req,
+			     struct secrets *sec, Kpl__V1__RegisteredPipeline *rec,
+			     char **branches_buf, struct kpl_err *err)
+{
+	static char default_branch[] = "main", default_path[] = ".kpl.yaml";
+	static char secret_buf[80];
+	char key[HOOKS_MAX_URL + 1];
+	const char *secret;
+	int rc;
+
+	if (!name_ok(req->name))
+		return kpl_errf(err, KPL_EINVAL, "name: want 1 to %d of a-z, 0-9, '.', '_', '-'",
+				KPL_MAX_NAME_LEN);
+	if (!req->repo || !*req->repo || req->repo[0] == '-' ||
+	    hooks_repo_key(req->repo, key, sizeof key))
+		return kpl_errf(err, KPL_EINVAL,
+				"repo: want https://host/path, ssh://host/path, "
+				"user@host:path, file:///path or /path");
+	if (req->n_branches > HOOKS_MAX_BRANCHES)
+		return kpl_errf(err, KPL_EINVAL, "branches: at most %d", HOOKS_MAX_BRANCHES);
+	for (size_t i = 0; i < req->n_branches; i++) {
+		const char *b = req->branches[i];
+		if (!b || !*b || strlen(b) > 255 || !printable_no_space(b) || b[0] == '-')
+			return kpl_errf(err, KPL_EINVAL,
+					"branches[%zu]: want a branch name or glob", i);
+		branches_buf[i] = req->branches[i];
+	}
+	if (req->path && *req->path) {
+		const char *p = req->path;
+		if (strlen(p) > HOOKS_MAX_PATH || p[0] == '/' || !printable_no_space(p) ||
+		    strcmp(p, "..") == 0 || strncmp(p, "../", 3) == 0 || strstr(p, "/../") ||
+		    (strlen(p) >= 3 && strcmp(p + strlen(p) - 3, "/..") == 0))
+			return kpl_errf(err, KPL_EINVAL,
+					"path: want a file's path inside the repository");
+	}
+	secret = secret_name_of(req->secret ? req->secret : "", secret_buf, sizeof secret_buf);
+	if (!*secret)
+		return kpl_errf(err, KPL_EINVAL,
+				"secret: required (the name of the secret holding the "
+				"webhook key; SetSecret makes it)");
+	if ((rc = secrets_check_name(secret, err)) != 0)
+		return rc;
+	if (!secrets_get(sec, secret))
+		return kpl_errf(err, KPL_EINVAL, "secret: no secret %s (SetSecret makes it)",
+				secret);
+	kpl__v1__registered_pipeline__init(rec);
+	rec->name = req->name;
+	rec->repo = req->repo;
+	if (req->n_branches) {
+		rec->branches = branches_buf;
+		rec->n_branches = req->n_branches;
+	} else {
+		branches_buf[0] = default_branch;
+		rec->branches = branches_buf;
+		rec->n_branches = 1;
+	}
+	rec->path = req->path && *req->path ? req->path : default_path;
+	rec->secret = (char *)secret;
+	return 0;
+}
+
+/* ---------------------------------------------------------------------- */
+/* The daemon side */
+
+struct gitjob;
+
+/* One registered pipeline a delivery starts a run of. */
+struct target {
+	char *name, *repo, *path;
+	char idem[STORE_MAX_IDEM_KEY_LEN + 1];
+	char *cache;      /* the cache repository */
+	int step;         /* enum step */
+	int status;       /* 0 until done: 202, or the http status of the error */
+	bool duplicate;
+	char run_id[STORE_MAX_RUN_ID_LEN + 1];
+	char *msg;        /* the error, for the answer and the log */
+	char *text;       /* the pipeline file */
+	size_t text_len;
+};
+
+enum step { STEP_INIT, STEP_FETCH, STEP_FETCH_BRANCH, STEP_READ, STEP__LAST };
+
+struct delivery {
+	struct hooks *h;
+	struct delivery *prev, *next;
+	struct httpd_req *req;
+	enum hooks_source src;
+	char *id;
+	struct hooks_push push;
+	struct target *t;
+	size_t n, cur;
+	struct gitjob *job;    /* queued or running for t[cur] */
+	bool in_engine;        /* engine_submit's callback is due */
+};
+
+struct gitjob {
+	struct hooks *h;
+	struct delivery *d;   /* NULL once the delivery gave up on it */
+	struct gitjob *next;  /* queue */
+	char **argv;
+	uv_process_t proc;
+	uv_pipe_t out, err;
+	uv_timer_t timer;
+	int open_handles;
+	bool started, exited, timed_out, over;
+	bool closing; /* the process and timer handles are closing */
+	int64_t exit_status;
+	int term_signal;
+	char *obuf;
+	size_t olen;
+	char etail[GIT_ERR_TAIL + 1];
+	size_t elen;
+};
+
+struct hooks {
+	uv_loop_t *loop;
+	struct engine *eng;
+	char *git_dir;      /* DATA_DIR/hooks/git */
+	unsigned git_timeout_s;
+	struct httpd *httpd;
+	struct httpd_route routes[4];
+	struct delivery *deliveries;
+	struct gitjob *queue, *queue_tail, *running;
+	char **env;
+	bool stopping;
+	bool httpd_open;
+	int depth; /* inside job_finished */
+	void (*done)(void *);
+	void *done_data;
+};
+
+static const char *source_name(enum hooks_source s)
+{
+	return s == HOOKS_GITHUB ? "github" : "gitlab";
+}
+
+static void delivery_step(struct delivery *d);
+static void job_run_next(struct hooks *h);
+static void hooks_maybe_done(struct hooks *h);
+
+/* A URL for log lines and answers: user:password@ never shows. */
+static void url_for_log(const char *url, char *out, size_t size)
+{
+	const char *s = strstr(url, "://"), *at, *slash;
+
+	if (s && (slash = strchr(s + 3, '/'), at = strchr(s + 3, '@')) && at &&
+	    (!slash || at < slash)) {
+		snprintf(out, size, "%.*s***@%s", (int)(s + 3 - url), url, at + 1);
+		return;
+	}
+	snprintf(out, size, "%s", url);
+}
+
+/* --- Answers --- */
+
+static void delivery_free(struct delivery *d)
+{
+	struct hooks *h = d->h;
+
+	if (d->prev)
+		d->prev->next = d->next;
+	else
+		h->deliveries = d->next;
+	if (d->next)
+		d->next->prev = d->prev;
+	for (size_t i = 0; i < d->n; i++) {
+		free(d->t[i].name);
+		free(d->t[i].repo);
+		free(d->t[i].path);
+		free(d->t[i].cache);
+		free(d->t[i].msg);
+		free(d->t[i].text);
+	}
+	free(d->t);
+	free(d->id);
+	hooks_push_free(&d->push);
+	free(d);
+	hooks_maybe_done(h);
+}
+
+static void answer(struct delivery *d, int status, const char *result, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+static void answer(struct delivery *d, int status, const char *result, const char *fmt, ...)
+{
+	char body[900];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(body, sizeof body, fmt, ap);
+	va_end(ap);
+	metrics_webhook(source_name(d->src), result);
+	kpl_info(LOG, "%s delivery %s from %s: %d %s", source_name(d->src),
+		 d->id ? d->id : "-", httpd_req_peer(d->req), status, body);
+	httpd_respondf(d->req, status, "%s", body);
+	d->req = NULL;
+	delivery_free(d);
+}
+
+/* Every target is done: one line per target. */
+static void delivery_finish(struct delivery *d)
+{
+	size_t cap = 256, len = 0;
+	char *body = kpl_malloc(cap);
+	int status = 0, first_err = 0;
+	bool fresh = false;
+	const char *result;
+
+	body[0] = '\0';
+	for (size_t i = 0; i < d->n; i++) {
+		struct target *t = &d->t[i];
+		char *line = t->status == 202 ?
+			kpl_asprintf("%s %s%s\n", t->name, t->run_id,
+				     t->duplicate ? " (delivery seen before)" : "") :
+			kpl_asprintf("%s error: %s\n", t->name, t->msg ? t->msg : "failed");
+		size_t n = strlen(line);
+
+		if (len + n + 1 > cap) {
+			cap = (len + n + 1) * 2;
+			body = kpl_realloc(body, cap);
+		}
+		memcpy(body + len, line, n + 1);
+		len += n;
+		free(line);
+		if (t->status == 202) {
+			status = 202;
+			fresh |= !t->duplicate;
+		} else if (!first_err) {
+			first_err = t->status;
+		}
+	}
+	if (!status)
+		status = first_err ? first_err : 500;
+	result = status != 202 ? (status == 503 ? "unavailable" : "error") :
+		 fresh ? "accepted" : "duplicate";
+	metrics_webhook(source_name(d->src), result);
+	kpl_info(LOG, "%s delivery %s (%s at %.12s): %d, %zu pipeline(s)", source_name(d->src),
+		 d->id, d->push.ref, d->push.sha, status, d->n);
+	httpd_respond(d->req, status, "text/plain; charset=utf-8", body, len);
+	d->req = NULL;
+	free(body);
+	delivery_free(d);
+}
+
+static void target_fail(struct delivery *d, int status, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static void target_fail(struct delivery *d, int status, const char *fmt, ...)
+{
+	struct target *t = &d->t[d->cur];
+	char msg[600];
+	size_t n;
+	char *red;
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	va_end(ap);
+	/* git's messages can quote a URL or a config value: no secret goes out. */
+	red = secrets_redact(engine_secrets(d->h->eng), msg, strlen(msg), &n);
+	t->status = status;
+	t->msg = red ? red : kpl_strdup(msg);
+	kpl_warn(LOG, "%s delivery %s: pipeline %s: %s", source_name(d->src), d->id, t->name,
+		 t->msg);
+	d->cur++;
+	delivery_step(d);
+}
+
+/* --- git, one command at a time --- */
+
+static void job_free(struct gitjob *j)
+{
+	for (size_t i = 0; j->argv && j->argv[i]; i++)
+		free(j->argv[i]);
+	free(j->argv);
+	free(j->obuf);
+	free(j);
+}
+
+static void job_finished(struct gitjob *j);
+
+static void job_maybe_close(struct gitjob *j);
+
+static void job_handle_closed(uv_handle_t *hd)
+{
+	struct gitjob *j = hd->data;
+
+	if (--j->open_handles == 0)
+		job_finished(j);
+	else
+		job_maybe_close(j);
+}
+
+static void job_maybe_close(struct gitjob *j)
+{
+	/* Both pipes at EOF (closed) and the process reaped: close the rest. */
+	if (j->open_handles == 2 && j->exited && !j->closing) {
+		j->closing = true;
+		uv_timer_stop(&j->timer);
+		uv_close((uv_handle_t *)&j->proc, job_handle_closed);
+		uv_close((uv_handle_t *)&j->timer, job_handle_closed);
+	}
+}
+
+static void job_alloc(uv_handle_t *hd, size_t suggested, uv_buf_t *buf)
+{
+	(void)hd;
+	(void)suggested;
+	buf->base = kpl_malloc(64 * 1024);
+	buf->len = 64 * 1024;
+}
+
+static void job_kill(struct gitjob *j)
+{
+	if (j->started && !j->exited)
+		uv_process_kill(&j->proc, SIGKILL);
+}
+
+static void job_read_out(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+	struct gitjob *j = s->data;
+
+	if (nread > 0) {
+		if (j->olen + (size_t)nread > HOOKS_MAX_FILE) {
+			/* Over the limit: stop reading, stop git. */
+			j->over = true;
+			job_kill(j);
+		} else {
+			j->obuf = kpl_realloc(j->obuf, j->olen + (size_t)nread + 1);
+			memcpy(j->obuf + j->olen, buf->base, (size_t)nread);
+			j->olen += (size_t)nread;
+			j->obuf[j->olen] = '\0';
+		}
+	}
+	free(buf->base);
+	if (nread < 0 || j->over) {
+		uv_read_stop(s);
+		if (!uv_is_closing((uv_handle_t *)s))
+			uv_close((uv_handle_t *)s, job_handle_closed);
+	}
+}
+
+static void job_read_err(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+	struct gitjob *j = s->data;
+
+	if (nread > 0) {
+		/* Keep the last bytes: git's last line says what went wrong. */
+		for (ssize_t i = 0; i < nread; i++) {
+			if (j->elen == GIT_ERR_TAIL) {
+				memmove(j->etail, j->etail + 1, GIT_ERR_TAIL - 1);
+				j->elen--;
+			}
+			j->etail[j->elen++] = buf->base[i];
+		}
+		j->etail[j->elen] = '\0';
+	}
+	free(buf->base);
+	if (nread < 0) {
+		uv_read_stop(s);
+		if (!uv_is_closing((uv_handle_t *)s))
+			uv_close((uv_handle_t *)s, job_handle_closed);
+	}
+}
+
+static void job_exited(uv_process_t *p, int64_t status, int sig)
+{
+	struct gitjob *j = p->data;
+
+	j->exited = true;
+	j->exit_status = status;
+	j->term_signal = sig;
+	job_maybe_close(j);
+}
+
+static void job_timeout(uv_timer_t *t)
+{
+	struct gitjob *j = t->data;
+
+	j->timed_out = true;
+	job_kill(j);
+}
+
+static void job_start(struct hooks *h, struct gitjob *j)
+{
+	uv_process_options_t po;
+	uv_stdio_container_t stdio[3];
+	int rc;
+
+	h->running = j;
+	memset(&po, 0, sizeof po);
+	uv_pipe_init(h->loop, &j->out, 0);
+	uv_pipe_init(h->loop, &j->err, 0);
+	uv_timer_init(h->loop, &j->timer);
+	j->out.data = j->err.data = j->timer.data = j->proc.data = j;
+	stdio[0].flags = UV_IGNORE;
+	stdio[1].flags = UV_CREATE_PIPE | UV_WRITABLE_PIPE;
+	stdio[1].data.stream = (uv_stream_t *)&j->out;
+	stdio[2].flags = UV_CREATE_PIPE | UV_WRITABLE_PIPE;
+	stdio[2].data.stream = (uv_stream_t *)&j->err;
+	po.file = "git";
+	po.args = j->argv;
+	po.env = h->env;
+	po.stdio = stdio;
+	po.stdio_count = 3;
+	po.exit_cb = job_exited;
+	j->open_handles = 4; /* out, err, proc, timer */
+	rc = uv_spawn(h->loop, &j->proc, &po);
+	if (rc < 0) {
+		snprintf(j->etail, sizeof j->etail, "cannot run git: %s", uv_strerror(rc));
+		j->elen = strlen(j->etail);
+		j->exited = true;
+		j->exit_status = 127;
+		j->closing = true;
+		/* uv_spawn failed: the process handle still needs closing. */
+		uv_close((uv_handle_t *)&j->out, job_handle_closed);
+		uv_close((uv_handle_t *)&j->err, job_handle_closed);
+		uv_close((uv_handle_t *)&j->proc, job_handle_closed);
+		uv_close((uv_handle_t *)&j->timer, job_handle_closed);
+		return;
+	}
+	j->started = true;
+	uv_read_start((uv_stream_t *)&j->out, job_alloc, job_read_out);
+	uv_read_start((uv_stream_t *)&j->err, job_alloc, job_read_err);
+	uv_timer_start(&j->timer, job_timeout, (uint64_t)h->git_timeout_s * 1000, 0);
+}
+
+static void job_run_next(struct hooks *h)
+{
+	struct gitjob *j;
+
+	while (!h->running && (j = h->queue)) {
+		h->queue = j->next;
+		if (!h->queue)
+			h->queue_tail = NULL;
+		if (!j->d) { /* given up while queued */
+			job_free(j);
+			continue;
+		}
+		job_start(h, j);
+	}
+}
+
+static void job_queue(struct hooks *h, struct delivery *d, char **argv)
+{
+	struct gitjob *j = kpl_calloc(1, sizeof *j);
+
+	j->h = h;
+	j->d = d;
+	j->argv = argv;
+	d->job = j;
+	if (h->queue_tail)
+		h->queue_tail->next = j;
+	else
+		h->queue = j;
+	h->queue_tail = j;
+	job_run_next(h);
+}
+
+static char **git_argv(const char *first, ...)
+{
+	char **v = kpl_calloc(24, sizeof *v);
+	size_t n = 0;
+	const char *a;
+	va_list ap;
+
+	/* No prompt, no ext:: transport, whatever the user's config says. */
+	v[n++] = kpl_strdup("git");
+	v[n++] = kpl_strdup("-c");
+	v[n++] = kpl_strdup("protocol.ext.allow=never");
+	v[n++] = kpl_strdup("-c");
+	v[n++] = kpl_strdup("core.askPass=");
+	va_start(ap, first);
+	for (a = first; a && n < 23; a = va_arg(ap, const char *))
+		v[n++] = kpl_strdup(a);
+	va_end(ap);
+	return v;
+}
+
+static void target_job_done(struct delivery *d, struct gitjob *j);
+
+static void job_finished(struct gitjob *j)
+{
+	struct hooks *h = j->h;
+	struct delivery *d = j->d;
+
+	if (h->running == j)
+		h->running = NULL;
+	/* Nothing below may free h: hooks_maybe_done waits for depth 0. */
+	h->depth++;
+	if (d) {
+		d->job = NULL;
+		target_job_done(d, j);
+	}
+	job_free(j);
+	job_run_next(h);
+	h->depth--;
+	hooks_maybe_done(h);
+}
+
+/* --- One target's steps --- */
+
+static void target_step(struct delivery *d);
+
+static void target_submitted(void *data, int status, const char *run_id)
+{
+	struct delivery *d = data;
+	struct target *t = &d->t[d->cur];
+
+	d->in_engine = false;
+	if (status) {
+		t->status = 500;
+		t->msg = kpl_asprintf("the run could not be stored: %s", kpl_strerror(status));
+		kpl_error(LOG, "%s delivery %s: pipeline %s: %s", source_name(d->src), d->id,
+			  t->name, t->msg);
+	} else {
+		t->status = 202;
+		snprintf(t->run_id, sizeof t->run_id, "%s", run_id);
+		kpl_info(LOG, "%s delivery %s: pipeline %s: run %s (%s at %s)",
+			 source_name(d->src), d->id, t->name, run_id, d->push.ref, d->push.sha);
+	}
+	d->cur++;
+	delivery_step(d);
+}
+
+static void target_submit(struct delivery *d)
+{
+	struct target *t = &d->t[d->cur];
+	struct kpl_err err = { 0 };
+	struct pipeline *pl = NULL;
+	const struct pl_kind *kinds;
+	size_t n_kinds, np = 0;
+	const char *names[4], *values[4];
+	const char *have[4][2] = {
+		{ "ref", d->push.ref },
+		{ "sha", d->push.sha },
+		{ "branch", d->push.branch },
+		{ "repo", t->repo },
+	};
+
+	kinds = stage_kinds_for_parser(&n_kinds);
+	if (pipeline_parse(t->text, t->text_len, t->path, kinds, n_kinds, &pl, &err)) {
+		target_fail(d, 422, "%s", err.msg);
+		return;
+	}
+	/* Only params the pipeline declares: an undeclared one fails it. */
+	for (size_t i = 0; i < KPL_ARRAY_SIZE(have); i++)
+		for (size_t k = 0; k < pl->n_params; k++)
+			if (strcmp(pl->params[k].name, have[i][0]) == 0) {
+				names[np] = have[i][0];
+				values[np++] = have[i][1];
+			}
+	pipeline_free(pl);
+	d->in_engine = true;
+	if (engine_submit(d->h->eng, t->text, t->text_len, names, values, np, t->idem,
+			  target_submitted, d, &err)) {
+		d->in_engine = false;
+		target_fail(d, err.code == KPL_EINVAL || err.code == KPL_ETOOBIG ? 422 : 500,
+			    "%s", err.msg);
+	}
+}
+
+static void target_job_done(struct delivery *d, struct gitjob *j)
+{
+	struct target *t = &d->t[d->cur];
+	bool ok = j->exited && j->exit_status == 0 && !j->term_signal && !j->timed_out &&
+		  !j->over;
+	char why[GIT_ERR_TAIL + 100];
+	size_t n = j->elen;
+
+	if (d->h->stopping) {
+		target_fail(d, 503, "kpld is stopping");
+		return;
+	}
+	while (n && (j->etail[n - 1] == '\n' || j->etail[n - 1] == '\r'))
+		n--;
+	/* The last line is git's reason ("fatal: ..."). */
+	{
+		size_t s = n;
+		while (s && j->etail[s - 1] != '\n')
+			s--;
+		snprintf(why, sizeof why, "%.*s", (int)(n - s), j->etail + s);
+	}
+	if (j->timed_out)
+		snprintf(why, sizeof why, "git took over %u s", d->h->git_timeout_s);
+	switch (t->step) {
+	case STEP_INIT:
+		if (!ok) {
+			target_fail(d, 500, "git init: %s", why);
+			return;
+		}
+		t->step = STEP_FETCH;
+		break;
+	case STEP_FETCH:
+		/* A remote that refuses a sha (no allowReachableSHA1InWant) is
+		 * asked for the whole branch instead. */
+		t->step = ok ? STEP_READ : STEP_FETCH_BRANCH;
+		if (!ok)
+			kpl_info(LOG, "pipeline %s: shallow fetch of %.12s failed (%s); "
+				 "fetching branch %s", t->name, d->push.sha, why, d->push.branch);
+		break;
+	case STEP_FETCH_BRANCH:
+		if (!ok) {
+			char u[300];
+			url_for_log(t->repo, u, sizeof u);
+			target_fail(d, 502, "git fetch %s: %s", u, why);
+			return;
+		}
+		t->step = STEP_READ;
+		break;
+	case STEP_READ:
+		if (j->over) {
+			target_fail(d, 422, "%s at %.12s is over %d bytes", t->path, d->push.sha,
+				    HOOKS_MAX_FILE);
+			return;
+		}
+		if (!ok) {
+			target_fail(d, 422, "no %s at %.12s: %s", t->path, d->push.sha, why);
+			return;
+		}
+		t->text = j->obuf ? j->obuf : kpl_strdup("");
+		t->text_len = j->olen;
+		j->obuf = NULL;
+		target_submit(d);
+		return;
+	}
+	target_step(d);
+}
+
+static void target_step(struct delivery *d)
+{
+	struct target *t = &d->t[d->cur];
+	char *spec;
+	char **argv;
+
+	switch (t->step) {
+	case STEP_INIT:
+		job_queue(d->h, d, git_argv("init", "-q", "--bare", t->cache, NULL));
+		return;
+	case STEP_FETCH:
+		job_queue(d->h, d, git_argv("-C", t->cache, "fetch", "-q", "--no-tags",
+					    "--depth", "1", "--end-of-options", t->repo,
+					    d->push.sha, NULL));
+		return;
+	case STEP_FETCH_BRANCH:
+		spec = kpl_asprintf("refs/heads/%s", d->push.branch);
+		job_queue(d->h, d, git_argv("-C", t->cache, "fetch", "-q", "--no-tags",
+					    "--end-of-options", t->repo, spec, NULL));
+		free(spec);
+		return;
+	case STEP_READ:
+		spec = kpl_asprintf("%s:%s", d->push.sha, t->path);
+		argv = git_argv("-C", t->cache, "cat-file", "blob", spec, NULL);
+		free(spec);
+		job_queue(d->h, d, argv);
+		return;
+	}
+	BUG("target_step: step %d", t->step);
+}
+
+static void cache_dir(struct hooks *h, const char *repo, char **out)
+{
+	unsigned char md[SHA256_DIGEST_LENGTH];
+	char hex[17];
+
+	SHA256((const unsigned char *)repo, strlen(repo), md);
+	for (int i = 0; i < 8; i++)
+		snprintf(hex + 2 * i, 3, "%02x", md[i]);
+	*out = kpl_asprintf("%s/%s.git", h->git_dir, hex);
+}
+
+/* Starts the next target, or answers once every target is done. */
+static void delivery_step(struct delivery *d)
+{
+	struct target *t;
+	char *run_id = NULL;
+	struct stat st;
+
+	if (d->cur == d->n) {
+		delivery_finish(d);
+		return;
+	}
+	t = &d->t[d->cur];
+	if (d->h->stopping) {
+		target_fail(d, 503, "kpld is stopping");
+		return;
+	}
+	/* Seen before: no fetch, the same run. */
+	if (store_find_idem(engine_store(d->h->eng), t->idem, &run_id) == 0) {
+		t->status = 202;
+		t->duplicate = true;
+		snprintf(t->run_id, sizeof t->run_id, "%s", run_id);
+		free(run_id);
+		d->cur++;
+		delivery_step(d);
+		return;
+	}
+	cache_dir(d->h, t->repo, &t->cache);
+	t->step = stat(t->cache, &st) == 0 ? STEP_FETCH : STEP_INIT;
+	target_step(d);
+}
+
+/* --- The webhook handler --- */
+
+struct reg {
+	Kpl__V1__RegisteredPipeline **v;
+	size_t n, cap;
+};
+
+static int collect_reg(void *data, const Kpl__V1__RegisteredPipeline *rec)
+{
+	struct reg *r = data;
+	size_t len = kpl__v1__registered_pipeline__get_packed_size(rec);
+	uint8_t *buf = kpl_malloc(len ? len : 1);
+
+	if (r->n == r->cap) {
+		r->cap = r->cap ? r->cap * 2 : 8;
+		r->v = kpl_realloc(r->v, r->cap * sizeof *r->v);
+	}
+	kpl__v1__registered_pipeline__pack(rec, buf);
+	r->v[r->n] = kpl__v1__registered_pipeline__unpack(NULL, len, buf);
+	free(buf);
+	if (!r->v[r->n])
+		return KPL_ECORRUPT;
+	r->n++;
+	return 0;
+}
+
+static void reg_free(struct reg *r)
+{
+	for (size_t i = 0; i < r->n; i++)
+		kpl__v1__registered_pipeline__free_unpacked(r->v[i], NULL);
+	free(r->v);
+}
+
+static bool id_ok(const char *s)
+{
+	size_t n = strlen(s);
+
+	if (n == 0 || n > HOOKS_MAX_DELIVERY_ID)
+		return false;
+	for (; *s; s++)
+		if ((unsigned char)*s <= ' ' || *s == 0x7f)
+			return false;
+	return true;
+}
+
+static bool repo_matches(const char *registered, const struct hooks_push *p)
+{
+	char a[HOOKS_MAX_URL + 1], b[HOOKS_MAX_URL + 1];
+
+	if (hooks_repo_key(registered, a, sizeof a))
+		return false;
+	for (size_t i = 0; i < p->n_urls; i++)
+		if (hooks_repo_key(p->urls[i], b, sizeof b) == 0 && strcmp(a, b) == 0)
+			return true;
+	return false;
+}
+
+static void on_hook(struct httpd_req *req, enum hooks_source src, struct hooks *h)
+{
+	struct delivery *d = kpl_calloc(1, sizeof *d);
+	struct secrets *sec = engine_secrets(h->eng);
+	struct reg reg = { 0 };
+	bool *verified = NULL, any = false;
+	const char *body, *event, *id, *sig;
+	size_t len;
+	struct kpl_err err = { 0 };
+	int rc;
+
+	d->h = h;
+	d->req = req;
+	d->src = src;
+	d->next = h->deliveries;
+	if (h->deliveries)
+		h->deliveries->prev = d;
+	h->deliveries = d;
+	body = httpd_req_body(req, &len);
+	if (src == HOOKS_GITHUB) {
+		event = httpd_req_header(req, "X-GitHub-Event");
+		id = httpd_req_header(req, "X-GitHub-Delivery");
+		sig = httpd_req_header(req, "X-Hub-Signature-256");
+	} else {
+		event = httpd_req_header(req, "X-Gitlab-Event");
+		/* Idempotency-Key is stable across GitLab's retries of one
+		 * event; the UUIDs are fallbacks for older GitLab. */
+		id = httpd_req_header(req, "Idempotency-Key");
+		if (!id)
+			id = httpd_req_header(req, "X-Gitlab-Webhook-UUID");
+		if (!id)
+			id = httpd_req_header(req, "X-Gitlab-Event-UUID");
+		sig = httpd_req_header(req, "X-Gitlab-Token");
+	}
+	if (id && id_ok(id))
+		d->id = kpl_strdup(id);
+	if (h->stopping) {
+		answer(d, 503, "unavailable", "kpld is stopping");
+		return;
+	}
+	if (!sig) {
+		answer(d, 401, "unauthorized", "unauthorized: no %s",
+		       src == HOOKS_GITHUB ? "X-Hub-Signature-256" : "X-Gitlab-Token");
+		return;
+	}
+	if ((rc = store_list_registered(engine_store(h->eng), collect_reg, &reg)) != 0) {
+		reg_free(&reg);
+		answer(d, 500, "error", "cannot read the registered pipelines: %s",
+		       kpl_strerror(rc));
+		return;
+	}
+	verified = kpl_calloc(reg.n ? reg.n : 1, sizeof *verified);
+	for (size_t i = 0; i < reg.n; i++) {
+		const char *key = secrets_get(sec, reg.v[i]->secret);
+		verified[i] = key && (src == HOOKS_GITHUB ? hooks_github_verify(key, body, len, sig)
+							  : hooks_gitlab_verify(key, sig));
+		any |= verified[i];
+	}
+	if (!any) {
+		answer(d, 401, "unauthorized", "unauthorized");
+		goto out;
+	}
+	if (!d->id) {
+		if (id) {
+			answer(d, 400, "bad_request", "the delivery id is over %d characters or "
+			       "not printable", HOOKS_MAX_DELIVERY_ID);
+			goto out;
+		}
+		/* No delivery id: the push itself is the event. */
+	}
+	if (src == HOOKS_GITHUB && event && strcmp(event, "ping") == 0) {
+		answer(d, 200, "ping", "pong");
+		goto out;
+	}
+	if (!event || strcmp(event, src == HOOKS_GITHUB ? "push" : "Push Hook") != 0) {
+		answer(d, 204, "ignored", "event %s ignored", event ? event : "(none)");
+		goto out;
+	}
+	if (hooks_parse_push(src, body, len, &d->push, &err)) {
+		answer(d, 400, "bad_request", "%s", err.msg);
+		goto out;
+	}
+	if (!d->id)
+		d->id = kpl_asprintf("%s@%s", d->push.sha, d->push.ref);
+	if (d->push.deleted || !d->push.branch) {
+		answer(d, 204, "ignored", "%s %s: nothing to run",
+		       d->push.deleted ? "deleted" : "not a branch:", d->push.ref);
+		goto out;
+	}
+	for (size_t i = 0; i < reg.n; i++) {
+		Kpl__V1__RegisteredPipeline *r = reg.v[i];
+		bool branch = false;
+		struct target *t;
+
+		if (!verified[i] || !repo_matches(r->repo, &d->push))
+			continue;
+		for (size_t b = 0; b < r->n_branches && !branch; b++)
+			branch = hooks_branch_match(r->branches[b], d->push.branch);
+		if (!branch)
+			continue;
+		d->t = kpl_realloc(d->t, (d->n + 1) * sizeof *d->t);
+		t = &d->t[d->n++];
+		memset(t, 0, sizeof *t);
+		t->name = kpl_strdup(r->name);
+		t->repo = kpl_strdup(r->repo);
+		t->path = kpl_strdup(r->path && *r->path ? r->path : ".kpl.yaml");
+		snprintf(t->idem, sizeof t->idem, "hook:%s:%s:%s", source_name(src), d->id,
+			 r->name);
+	}
+	if (d->n == 0) {
+		answer(d, 204, "ignored", "no registered pipeline watches %s of this repository",
+		       d->push.ref);
+		goto out;
+	}
+	delivery_step(d);
+out:
+	free(verified);
+	reg_free(&reg);
+}
+
+static void on_github(struct httpd_req *req, void *data)
+{
+	on_hook(req, HOOKS_GITHUB, data);
+}
+
+static void on_gitlab(struct httpd_req *req, void *data)
+{
+	on_hook(req, HOOKS_GITLAB, data);
+}
+
+static void on_metrics(struct httpd_req *req, void *data)
+{
+	struct hooks *h = data;
+	size_t len;
+	char *text = metrics_render(engine_active_runs(h->eng), &len);
+
+	httpd_respond(req, 200, "text/plain; version=0.0.4; charset=utf-8", text, len);
+	free(text);
+}
+
+static void on_healthz(struct httpd_req *req, void *data)
+{
+	struct hooks *h = data;
+
+	if (h->stopping)
+		httpd_respondf(req, 503, "stopping");
+	else
+		httpd_respondf(req, 200, "ok");
+}
+
+/* ---------------------------------------------------------------------- */
+/* Life cycle */
+
+static int mkdir_p(const char *dir, struct kpl_err *err)
+{
+	char *p = kpl_strdup(dir);
+
+	for (char *s = p + 1; *s; s++) {
+		if (*s != '/')
+			continue;
+		*s = '\0';
+		if (mkdir(p, 0700) && errno != EEXIST) {
+			kpl_errf(err, KPL_EIO, "mkdir %s: %s", p, strerror(errno));
+			free(p);
+			return KPL_EIO;
+		}
+		*s = '/';
+	}
+	if (mkdir(p, 0700) && errno != EEXIST) {
+		kpl_errf(err, KPL_EIO, "mkdir %s: %s", p, strerror(errno));
+		free(p);
+		return KPL_EIO;
+	}
+	free(p);
+	return 0;
+}
+
+static char **make_env(void)
+{
+	size_t n = 0, k = 0;
+	char **env;
+
+	while (environ[n])
+		n++;
+	env = kpl_calloc(n + 4, sizeof *env);
+	for (size_t i = 0; i < n; i++)
+		if (strncmp(environ[i], "GIT_TERMINAL_PROMPT=", 20) &&
+		    strncmp(environ[i], "LC_ALL=", 7) && strncmp(environ[i], "GIT_DIR=", 8))
+			env[k++] = kpl_strdup(environ[i]);
+	env[k++] = kpl_strdup("GIT_TERMINAL_PROMPT=0");
+	env[k++] = kpl_strdup("LC_ALL=C");
+	return env;
+}
+
+int hooks_start(const struct hooks_options *opt, struct hooks **out, struct kpl_err *err)
+{
+	struct hooks *h = kpl_calloc(1, sizeof *h);
+	struct httpd_options ho = { 0 };
+	int rc;
+
+	*out = NULL;
+	h->loop = opt->loop;
+	h->eng = opt->eng;
+	h->git_timeout_s = opt->git_timeout_s ? opt->git_timeout_s : DEFAULT_GIT_TIMEOUT_S;
+	h->git_dir = kpl_asprintf("%s/hooks/git", opt->data_dir);
+	if ((rc = mkdir_p(h->git_dir, err)) != 0)
+		goto fail;
+	h->routes[0] = (struct httpd_route){ "POST", "/hooks/github", on_github, h };
+	h->routes[1] = (struct httpd_route){ "POST", "/hooks/gitlab", on_gitlab, h };
+	h->routes[2] = (struct httpd_route){ "GET", "/metrics", on_metrics, h };
+	h->routes[3] = (struct httpd_route){ "GET", "/healthz", on_healthz, h };
+	ho.listen = opt->listen;
+	ho.routes = h->routes;
+	ho.n_routes = KPL_ARRAY_SIZE(h->routes);
+	if ((rc = httpd_start(h->loop, &ho, &h->httpd, err)) != 0)
+		goto fail;
+	h->httpd_open = true;
+	h->env = make_env();
+	*out = h;
+	return 0;
+fail:
+	free(h->git_dir);
+	free(h);
+	return rc;
+}
+
+int hooks_port(struct hooks *h)
+{
+	return httpd_port(h->httpd);
+}
+
+static void hooks_maybe_done(struct hooks *h)
+{
+	void (*done)(void *);
+	void *data;
+
+	if (!h->stopping || h->depth || h->httpd_open || h->deliveries || h->running ||
+	    h->queue)
+		return;
+	done = h->done;
+	data = h->done_data;
+	for (size_t i = 0; h->env && h->env[i]; i++)
+		free(h->env[i]);
+	free(h->env);
+	free(h->git_dir);
+	free(h);
+	if (done)
+		done(data);
+}
+
+static void httpd_stopped(void *data)
+{
+	struct hooks *h = data;
+
+	h->httpd_open = false;
+	hooks_maybe_done(h);
+}
+
+void hooks_stop(struct hooks *h, void (*done)(void *data), void *data)
+{
+	struct gitjob *j, *next;
+
+	h->stopping = true;
+	h->done = done;
+	h->done_data = data;
+	/* Queued git commands never start; their deliveries are answered 503
+	 * as they come to them. The running one is killed, its delivery
+	 * carries on (to 503s) when its handles have closed. */
+	for (j = h->queue; j; j = next) {
+		struct delivery *d = j->d;
+		next = j->next;
+		j->d = NULL;
+		if (d) {
+			d->job = NULL;
+			target_fail(d, 503, "kpld is stopping");
+		}
+	}
+	for (j = h->queue; j; j = next) {
+		next = j->next;
+		job_free(j);
+	}
+	h->queue = h->queue_tail = NULL;
+	if (h->running)
+		job_kill(h->running);
+	httpd_stop(h->httpd, httpd_stopped, h);
+}
+
+/* ---------------------------------------------------------------------- */
+
+static int seed_one(void *data, const Kpl__Store__V1__RunRecord *rec)
+{
+	(void)data;
+	if (rec->run)
+		metrics_seed_run(rec->run->state);
+	return 0;
+}
+
+void hooks_seed_metrics(struct store *s)
+{
+	int rc = store_list_active(s, seed_one, NULL);
+
+	if (rc)
+		kpl_warn(LOG, "metrics: cannot read the active runs: %s", kpl_strerror(rc));
+}

@@ -1,0 +1,99 @@
+/*
+ * httpd.h - a small HTTP/1.1 server on the daemon's libuv loop, for the
+ * webhook, metrics and health endpoints (engine/hooks.c).
+ *
+ * One uv_tcp_t listener; each connection has its own http_parser (Debian's
+ * libhttp-parser) and handles one request at a time: while a handler holds
+ * a request the connection reads nothing more (pipelined bytes wait), so
+ * responses go out in order. Keep-alive as the client asks. Limits: header
+ * bytes (request line and headers), body bytes, open connections and an
+ * idle/read timeout; a request over a limit is answered 431/413 (or the
+ * connection is cut) and the connection closed. Every response carries
+ * Content-Length (none for 204).
+ *
+ * Routes are data: a table of method + exact path (the query string is not
+ * part of the match). A path with no route for the method gets 405 with
+ * Allow, an unknown path 404.
+ *
+ * Threads: loop thread only, all of it.
+ */
+#ifndef KPL_HTTPD_H
+#define KPL_HTTPD_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "engine/kpl.h"
+
+struct httpd;     /* opaque */
+struct httpd_req; /* one request a handler holds; opaque */
+
+/*
+ * A handler gets a complete request (body read whole) and must answer it
+ * exactly once, now or later, with httpd_respond, which frees it. Until
+ * then req stays valid even if the client goes away or the server stops
+ * (the answer is then dropped).
+ */
+typedef void (*httpd_handler_fn)(struct httpd_req *req, void *data);
+
+struct httpd_route {
+	const char *method; /* "GET", "POST" */
+	const char *path;   /* "/hooks/github" */
+	httpd_handler_fn handler;
+	void *data;
+};
+
+struct httpd_options {
+	const char *listen; /* HOST:PORT (IPv4, or [IPv6]); port 0 picks one */
+	const struct httpd_route *routes; /* borrowed; outlives the server */
+	size_t n_routes;
+	/* 0 picks the default. */
+	size_t max_header_bytes; /* 16 KiB */
+	size_t max_body_bytes;   /* 1 MiB */
+	size_t max_connections;  /* 256 */
+	uint64_t read_timeout_ms; /* 10 s: idle keep-alive or a slow request */
+};
+
+/*
+ * Binds and starts listening. On success *out is the caller's; it ends with
+ * httpd_stop. Errors name the address ("http listen 1.2.3.4:80: permission
+ * denied").
+ */
+int httpd_start(uv_loop_t *loop, const struct httpd_options *opt, struct httpd **out,
+		struct kpl_err *err);
+
+/* The port actually bound (useful with port 0). */
+int httpd_port(struct httpd *h);
+
+/*
+ * Stops accepting, closes every connection (requests handlers still hold
+ * are answered into the void), frees the server once every handle has
+ * closed, then calls done(data) on the loop.
+ */
+void httpd_stop(struct httpd *h, void (*done)(void *data), void *data);
+
+/* --- A request, valid until httpd_respond. Strings are NUL-terminated. --- */
+
+const char *httpd_req_method(struct httpd_req *req);
+/* The path without the query string. */
+const char *httpd_req_path(struct httpd_req *req);
+/* The first header of that name (case-insensitive), or NULL. */
+const char *httpd_req_header(struct httpd_req *req, const char *name);
+/* The raw body bytes (NUL-terminated for convenience; may hold NULs). */
+const char *httpd_req_body(struct httpd_req *req, size_t *len);
+/* The peer's address ("127.0.0.1"), for log lines. */
+const char *httpd_req_peer(struct httpd_req *req);
+
+/*
+ * Answers req (status, a Content-Type, len bytes of body, copied) and frees
+ * it. For 204 the body is ignored.
+ */
+void httpd_respond(struct httpd_req *req, int status, const char *content_type,
+		   const char *body, size_t len);
+/* httpd_respond with a text/plain body, printf style; a newline is added. */
+void httpd_respondf(struct httpd_req *req, int status, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+#endif
