@@ -21,10 +21,10 @@ const char *cfg_kind_key(enum cfg_kind kind)
 
 /* Which keys each kind takes: a table, so checks and docs agree. */
 enum field { F_URL, F_USERNAME, F_PASSWORD, F_TOKEN, F_CA, F_CERT, F_KEY, F_INSECURE,
-	     F_KUBECONFIG, F_CONTEXT, F_INCLUSTER, F_LAST_ };
+	     F_KUBECONFIG, F_CONTEXT, F_INCLUSTER, F_KIND, F_SECRET, F_LAST_ };
 static const char *const field_names[F_LAST_] = {
 	"url", "username", "password", "token", "ca_file", "client_cert", "client_key",
-	"insecure", "kubeconfig", "context", "in_cluster",
+	"insecure", "kubeconfig", "context", "in_cluster", "kind", "secret",
 };
 #define B(f) (1u << (f))
 static const unsigned kind_fields[CFG_KIND_LAST_] = {
@@ -35,7 +35,7 @@ static const unsigned kind_fields[CFG_KIND_LAST_] = {
 	[CFG_KUBERNETES] = B(F_KUBECONFIG) | B(F_CONTEXT) | B(F_INCLUSTER),
 	[CFG_PROMETHEUS] = B(F_URL) | B(F_USERNAME) | B(F_PASSWORD) | B(F_TOKEN) | B(F_CA) |
 			   B(F_CERT) | B(F_KEY) | B(F_INSECURE),
-	[CFG_NOTIFIER] = B(F_URL),
+	[CFG_NOTIFIER] = B(F_URL) | B(F_KIND) | B(F_SECRET) | B(F_CA) | B(F_INSECURE),
 };
 
 struct cfg *cfg_empty(void)
@@ -61,6 +61,7 @@ void cfg_free(struct cfg *c)
 		free(e->client_key);
 		free(e->kubeconfig);
 		free(e->context);
+		free(e->secret);
 	}
 	free(c->eps);
 	free(c->path);
@@ -86,6 +87,7 @@ static char **field_slot(struct cfg_endpoint *e, enum field f)
 	case F_KEY: return &e->client_key;
 	case F_KUBECONFIG: return &e->kubeconfig;
 	case F_CONTEXT: return &e->context;
+	case F_SECRET: return &e->secret;
 	default: return NULL;
 	}
 }
@@ -106,6 +108,7 @@ static int parse_endpoint(struct cfg *c, enum cfg_kind kind, const struct pl_nod
 	e->name = kpl_strdup(key->scalar);
 	e->line = key->pos.line;
 	e->col = key->pos.col;
+	e->chat_kind = CHAT_KIND_LAST;
 	for (size_t i = 0; i < v->n; i++) {
 		const char *k = v->keys[i]->scalar;
 		const struct pl_node *val = v->items[i];
@@ -129,6 +132,16 @@ static int parse_endpoint(struct cfg *c, enum cfg_kind kind, const struct pl_nod
 		}
 		if (val->type != PL_SCALAR)
 			return node_err(err, c->path, val, sub, "must be a single value");
+		if (f == F_KIND) {
+			/* Which chat service's webhook the url is: it decides the
+			 * body, DingTalk's signature and how a reply is judged. */
+			e->chat_kind = val->type == PL_SCALAR ? chat_kind_parse(val->scalar)
+							      : CHAT_KIND_LAST;
+			if (e->chat_kind == CHAT_KIND_LAST)
+				return node_err(err, c->path, val, sub,
+						"unknown kind (known: wecom, dingtalk, slack)");
+			continue;
+		}
 		if (f == F_INSECURE || f == F_INCLUSTER) {
 			bool b;
 			if (strcmp(val->scalar, "true") == 0)
@@ -153,6 +166,12 @@ static int parse_endpoint(struct cfg *c, enum cfg_kind kind, const struct pl_nod
 				"needs `kubeconfig` (a path) or `in_cluster: true`");
 	if (kind != CFG_KUBERNETES && !e->url)
 		return node_err(err, c->path, v, path, "needs `url`");
+	if (kind == CFG_NOTIFIER && e->chat_kind == CHAT_KIND_LAST)
+		return node_err(err, c->path, v, path,
+				"needs `kind` (wecom, dingtalk or slack)");
+	if (kind == CFG_NOTIFIER && e->secret && e->chat_kind != CHAT_DINGTALK)
+		return node_err(err, c->path, v, path,
+				"`secret` signs DingTalk messages only (kind: dingtalk)");
 	if ((e->client_cert == NULL) != (e->client_key == NULL))
 		return node_err(err, c->path, v, path,
 				"give both `client_cert` and `client_key`, or neither");

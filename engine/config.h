@@ -16,9 +16,14 @@
  *   prometheus:
  *     main: { url: http://127.0.0.1:9090 }
  *   notifiers:
- *     team-chat: { url: "${{ secrets.CHAT_WEBHOOK }}" }
+ *     team-chat: { kind: wecom, url: "${{ secrets.CHAT_WEBHOOK }}" }
+ *     ops-ding: { kind: dingtalk, url: "${{ secrets.DING_URL }}",
+ *                 secret: "${{ secrets.DING_SECRET }}" }
  *
- * Credential fields (password, token, and a notifier's url) may be
+ * A notifier is a chat webhook a pipeline's `notify:` names (engine/notify.h):
+ * `kind` (wecom, dingtalk or slack) is required, `secret` is DingTalk's
+ * signing secret. Credential fields (password, token, a notifier's url and
+ * secret) may be
  * `${{ secrets.NAME }}`: they are resolved when a stage uses the endpoint,
  * from the encrypted secret store (engine/secrets.h). Errors name the file,
  * line, column and key.
@@ -30,6 +35,7 @@
 
 #include <stdbool.h>
 
+#include "clients/chatbot/notice.h"
 #include "engine/kpl.h"
 
 #define CFG_KIND_MAP(X)                 \
@@ -64,6 +70,8 @@ struct cfg_endpoint {
 	char *kubeconfig;  /* kubernetes: kubeconfig path ... */
 	char *context;     /* ... and context (default: current-context) */
 	bool in_cluster;   /* kubernetes: the pod's service account */
+	enum chat_kind chat_kind; /* notifiers: the webhook's service */
+	char *secret;      /* notifiers: DingTalk signing secret; may be a template */
 	int line, col;     /* where it is declared */
 };
 

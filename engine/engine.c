@@ -19,6 +19,7 @@
 
 #include "google/protobuf/timestamp.pb-c.h"
 #include "engine/metrics.h"
+#include "engine/notify.h"
 #include "pipelines/expr.h"
 #include "pipelines/pipeline.h"
 #include "pipelines/template.h"
@@ -108,6 +109,7 @@ struct engine {
 	const struct cfg *cfg;
 	struct secrets *secrets;
 	struct http_client *http;         /* shared by every kind that speaks HTTP */
+	struct notify *notify;            /* pipelines' notify: (notify.h) */
 	char *work_dir;
 	struct run *runs;
 	struct engine_sub *subs;
@@ -353,6 +355,9 @@ static void run_event(struct run *r, Kpl__V1__EventKind kind, struct stage *st,
 		ev.message = "";
 	}
 	store_stage_event(r->eng->store, &ev);
+	/* notify: its outbox records go into the same commit as the event. */
+	if (r->pl->n_notify && r->eng->notify)
+		notify_event(r->eng->notify, r->pl, &ev);
 	free(copy);
 }
 
@@ -1495,6 +1500,11 @@ int engine_submit(struct engine *e, const char *text, size_t len,
 	rc = pipeline_parse(text, len, "pipeline", kinds, n_kinds, &pl, err);
 	if (rc)
 		return rc;
+	/* The parser has no config: notifier names are checked here. */
+	if ((rc = notify_check(e->cfg, pl, err)) != 0) {
+		pipeline_free(pl);
+		return rc;
+	}
 	engine_new_run_id(id);
 	r = run_new(e, pl, id);
 	rc = pipeline_resolve_params(pl, param_names, param_values, n_params,
@@ -2076,6 +2086,15 @@ int engine_start(const struct engine_options *opt, struct engine **out,
 		free(e);
 		return rc;
 	}
+	{
+		/* Before recovery, which may make events to notify of. */
+		struct notify_options no = { e->loop, e->store, e->http, e->cfg, e->secrets };
+		if ((rc = notify_new(&no, &e->notify, err)) != 0) {
+			free(e->work_dir);
+			free(e);
+			return rc;
+		}
+	}
 	rc = store_list_active(e->store, collect_active, &active);
 	if (rc) {
 		kpl_errf(err, rc, "cannot list unfinished runs: %s", kpl_strerror(rc));
@@ -2105,6 +2124,15 @@ static void engine_freed(void *data)
 	free(e);
 }
 
+static void notify_closed(void *data)
+{
+	struct engine *e = data;
+
+	e->notify = NULL;
+	/* The HTTP client closes its handles asynchronously: finish there. */
+	http_client_close(e->http, engine_freed, e);
+}
+
 static void stop_committed(void *data, int status)
 {
 	struct engine *e = data;
@@ -2117,8 +2145,8 @@ static void stop_committed(void *data, int status)
 		run_free(r);
 	}
 	e->runs = NULL;
-	/* The HTTP client closes its handles asynchronously: finish there. */
-	http_client_close(e->http, engine_freed, e);
+	/* Notifications in flight use the HTTP client: stop them first. */
+	notify_close(e->notify, notify_closed, e);
 }
 
 void engine_stop(struct engine *e, void (*done)(void *data), void *data)

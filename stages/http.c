@@ -1259,7 +1259,7 @@ int http_request_start(struct http_client *c, const struct http_request_options 
 	req = kpl_calloc(1, sizeof *req);
 	req->c = c;
 	req->method = kpl_strdup(method);
-	req->redacted = http_redact_url(o->url);
+	req->redacted = o->log_url ? kpl_strdup(o->log_url) : http_redact_url(o->url);
 	if ((r = validate(o, method, req->redacted, err)))
 		goto fail;
 	if (c->closing) {

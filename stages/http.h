@@ -255,6 +255,11 @@ struct http_request_options {
 	http_line_cb on_line;
 	size_t max_line; /* 0: HTTP_DEFAULT_MAX_LINE; longer is KPL_ETOOBIG */
 
+	/* What log lines and error messages show in place of the URL; NULL:
+	 * http_redact_url(url). For URLs whose secret no redaction finds, such
+	 * as a chat webhook's (Slack's is in the path): "notifier team-chat". */
+	const char *log_url;
+
 	http_done_cb on_done; /* required */
 	void *data;           /* passed to every callback */
 };

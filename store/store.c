@@ -35,6 +35,7 @@ enum store_db {
 	DB_SECRETS,
 	DB_RELEASES,
 	DB_TOKENS,
+	DB_NOTIFY,
 	DB_AUDIT,
 	DB_PIPELINES_REGISTERED,
 	DB__LAST
@@ -52,6 +53,7 @@ static const char *const db_names[DB__LAST] = {
 	[DB_SECRETS] = "secrets",
 	[DB_RELEASES] = "releases",
 	[DB_TOKENS] = "tokens",
+	[DB_NOTIFY] = "notify",
 	[DB_AUDIT] = "audit",
 	[DB_PIPELINES_REGISTERED] = "pipelines_registered",
 };
@@ -1709,6 +1711,68 @@ int store_list_tokens(struct store *s, store_token_fn fn, void *data)
 	}
 	if (rc && rc != MDB_NOTFOUND)
 		code = lmdb_fail(s, "mdb_cursor_get (tokens)", rc);
+	mdb_cursor_close(cur);
+	mdb_txn_abort(txn);
+	return code;
+}
+
+/* --- Notification outbox. --- */
+
+void store_stage_notify(struct store *s, uint64_t gseq, uint32_t index,
+			const Kpl__Store__V1__NotifyRecord *rec)
+{
+	unsigned char key[12];
+	struct store_op *op;
+	size_t vlen;
+
+	put_be64(key, gseq);
+	put_be32(key + 8, index);
+	if (!rec) {
+		stage_op(s, DB_NOTIFY, key, sizeof key, 0, OP_DEL);
+		return;
+	}
+	vlen = kpl__store__v1__notify_record__get_packed_size(rec);
+	op = stage_op(s, DB_NOTIFY, key, sizeof key, vlen, OP_PUT);
+	kpl__store__v1__notify_record__pack(rec, (uint8_t *)op->val);
+}
+
+int store_list_notify(struct store *s, store_notify_fn fn, void *data)
+{
+	MDB_txn *txn;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc, code;
+
+	if ((code = read_begin(s, &txn)) != 0)
+		return code;
+	rc = mdb_cursor_open(txn, s->dbi[DB_NOTIFY], &cur);
+	if (rc) {
+		mdb_txn_abort(txn);
+		return lmdb_fail(s, "mdb_cursor_open (notify)", rc);
+	}
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		Kpl__Store__V1__NotifyRecord *rec;
+
+		if (k.mv_size != 12)
+			continue;
+		rec = kpl__store__v1__notify_record__unpack(NULL, v.mv_size, v.mv_data);
+		if (!rec) {
+			/* One bad record must not stop every other notification. */
+			kpl_error(SUB, "%s: record notify/%llu#%u does not decode as a "
+				  "NotifyRecord (%zu bytes); skipped", s->dir,
+				  (unsigned long long)get_be64(k.mv_data),
+				  get_be32((unsigned char *)k.mv_data + 8), v.mv_size);
+			continue;
+		}
+		code = fn(data, get_be64(k.mv_data), get_be32((unsigned char *)k.mv_data + 8),
+			  rec);
+		kpl__store__v1__notify_record__free_unpacked(rec, NULL);
+		if (code)
+			break;
+	}
+	if (rc && rc != MDB_NOTFOUND && !code)
+		code = lmdb_fail(s, "mdb_cursor_get (notify)", rc);
 	mdb_cursor_close(cur);
 	mdb_txn_abort(txn);
 	return code;

@@ -14,6 +14,8 @@
  *   gevents    be64 global_seq -> the event's events key (run id, 0x00,
  *              be64 seq): every event of every run in global order
  *   tokens     SHA-256 of an API token (64 lowercase hex) -> TokenRecord
+ *   notify     be64 global_seq, be32 notify entry -> NotifyRecord: the
+ *              outbox of pipeline notifications (engine/notify.c)
  *   audit      be64 audit seq -> kpl.v1.RunEvent of kind AUDIT
  *   pipelines_registered  name -> kpl.v1.RegisteredPipeline (webhooks)
  *
@@ -242,6 +244,21 @@ int store_get_token(struct store *s, const char *hash_hex,
 typedef int (*store_token_fn)(void *data, const char *hash_hex,
 			      const Kpl__Store__V1__TokenRecord *rec);
 int store_list_tokens(struct store *s, store_token_fn fn, void *data);
+
+/*
+ * notify db: the outbox of pipeline notifications (engine/notify.c). The key
+ * is the global seq of the event that made the notification and the index
+ * of the pipeline's notify entry. engine/notify.c stages a record in the
+ * same group as its event, so a notification exists exactly when its event
+ * is durable, and deletes it once sent or given up. rec NULL stages a
+ * delete. store_list_notify calls fn in key order (oldest event first); rec
+ * is borrowed for the call; non-zero from fn stops the walk and is returned.
+ */
+void store_stage_notify(struct store *s, uint64_t gseq, uint32_t index,
+			const Kpl__Store__V1__NotifyRecord *rec);
+typedef int (*store_notify_fn)(void *data, uint64_t gseq, uint32_t index,
+			       const Kpl__Store__V1__NotifyRecord *rec);
+int store_list_notify(struct store *s, store_notify_fn fn, void *data);
 
 /*
  * audit db: who did what (approvals, cancels, token and secret changes), in
