@@ -124,9 +124,25 @@ void live_set_run(struct live *l, const Kpl__V1__Run *r)
 	}
 }
 
-/* "weight 25", "weight: 25%", "weight=25" anywhere, as a word: "25%". */
+/*
+ * "weight 25", "weight: 25%", "weight=25" anywhere, as a word; or what
+ * stages/canary.c writes at each step, "step 2/4: 25% of traffic to the
+ * canary": "25%".
+ */
 static void parse_weight(struct live_stage *s, const char *line)
 {
+	const char *pct = strstr(line, "% of traffic");
+
+	if (pct) {
+		const char *b = pct;
+
+		while (b > line && isdigit((unsigned char)b[-1]) && pct - b < 6)
+			b--;
+		if (b < pct && (b == line || !isalnum((unsigned char)b[-1]))) {
+			snprintf(s->weight, sizeof s->weight, "%.*s%%", (int)(pct - b), b);
+			return;
+		}
+	}
 	for (const char *p = line; (p = strstr(p, "weight")); p += 6) {
 		const char *q = p + 6;
 		size_t n = 0;

@@ -10,7 +10,8 @@
  *
  * Canary weight and verify values come from the stages' SYSTEM log lines
  * (docs/kplctl.md, "Live table"): a line with the word `weight` followed by
- * a number sets the stage's WEIGHT; a line `NAME = VALUE ...` ending in
+ * a number, or with `N% of traffic` (stages/canary.c), sets the stage's
+ * WEIGHT; a line `NAME = VALUE ...` ending in
  * `, round R/N` (what stages/verify.c writes each round) or starting with
  * `verify ` sets its VERIFY. The most recent SYSTEM line of a running stage
  * is its MESSAGE.

@@ -19,7 +19,9 @@ run SUCCEEDED. The pipeline text steers it (it is not really parsed):
   # fake: canary STAGE         STAGE also writes SYSTEM lines, as the canary
                                and verify kinds do: "step 1/2: weight 25",
                                "request-success-rate = 99.2 (min 99) pass,
-                               round 1/3", then "step 2/2: weight 50"
+                               round 1/3", "step 2/2: weight 50", then
+                               "step 3/3: 75% of traffic to the canary"
+  # fake: weight STAGE         STAGE writes the SYSTEM line "weight 40"
 
 RetryRun of a FAILED or CANCELLED run runs its unfinished stages again
 (attempt + 1), and they succeed. WatchRuns numbers events globally in the
@@ -126,11 +128,16 @@ def main():
                 run["stage_attempt"].get(name, 0) + 1
             add(run, t, kind=pb.EVENT_KIND_STAGE_STATE, stage=name,
                 stage_state=pb.STAGE_STATE_RUNNING, attempt=att)
+            if name == run.get("weight"):
+                t += step
+                add(run, t, kind=pb.EVENT_KIND_LOG, stage=name, attempt=att,
+                    stream=pb.LOG_STREAM_SYSTEM, message="weight 40")
             if name == run.get("canary"):
                 for line in ("step 1/2: weight 25",
                              "request-success-rate = 99.2 (min 99) pass, "
                              "round 1/3",
-                             "step 2/2: weight 50"):
+                             "step 2/2: weight 50",
+                             "step 3/3: 75% of traffic to the canary"):
                     t += step
                     add(run, t, kind=pb.EVENT_KIND_LOG, stage=name,
                         attempt=att, stream=pb.LOG_STREAM_SYSTEM,
@@ -256,6 +263,7 @@ def main():
                 brk = re.search(r"# fake: break-after (\d+)", text)
                 appr = re.search(r"# fake: approval (\S+)", text)
                 can = re.search(r"# fake: canary (\S+)", text)
+                wgt = re.search(r"# fake: weight (\S+)", text)
                 rid = "run-%04d" % (len(order) + 1)
                 run = dict(id=rid, name=m.group(1) if m else "unnamed",
                            order=len(order),
@@ -266,6 +274,7 @@ def main():
                            break_events="# fake: break-events" in text,
                            approval=appr.group(1) if appr else None,
                            canary=can.group(1) if can else None,
+                           weight=wgt.group(1) if wgt else None,
                            answered=False, attempt=1, stage_attempt={},
                            events=[],
                            created=time.time(), key=req.idempotency_key,

@@ -579,14 +579,16 @@ tscreen() {
 	done
 	tm kill-session -t "$name"
 }
-pipeline canary "# fake: canary web" build web >"$T/canary.yaml"
+pipeline canary "# fake: canary web
+# fake: weight api" build web api >"$T/canary.yaml"
 before=$failures
 tscreen live 72 20 "$KPLCTL" submit "$T/canary.yaml" --watch
 grep -qx 'EXIT=0' "$T/live.screen" || fail "live: exit status"
 grep -Eq '^STAGE +STATE +ATTEMPT +ELAPSED +WEIGHT +VERIFY +MESSAGE$' "$T/live.screen" ||
 	fail "live: no header with WEIGHT and VERIFY"
 grep -Eq '^build +SUCCEEDED +1 +[0-9.]+s +- +-$' "$T/live.screen" || fail "live: build row"
-grep -Eq '^web +SUCCEEDED +1 +[0-9.]+s +50% +99\.2$' "$T/live.screen" || fail "live: web row"
+grep -Eq '^web +SUCCEEDED +1 +[0-9.]+s +75% +99\.2$' "$T/live.screen" || fail "live: web row"
+grep -Eq '^api +SUCCEEDED +1 +[0-9.]+s +40% +-$' "$T/live.screen" || fail "live: api row"
 grep -Eq '^run run-[0-9]+ SUCCEEDED: all stages succeeded$' "$T/live.screen" || fail "live: footer"
 grep -q '^\[' "$T/live.screen" && fail "live: plain event lines on a terminal"
 grep -q "$(printf '\342\240')" "$T/live.screen" && fail "live: a spinner frame is left"
