@@ -709,6 +709,8 @@ static void promote_got(int status, json_t *obj, const struct kube_status *ks, v
 		finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, err.msg);
 		return;
 	}
+	if (!c->container) /* resumed past prepare */
+		c->container = kpl_strdup(json_string_value(json_object_get(cont, "name")) ?: "");
 	img = json_string_value(json_object_get(cont, "image"));
 	if (img && strcmp(img, c->image) == 0) {
 		/* patched before a restart (or by someone): only follow */

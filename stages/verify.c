@@ -302,10 +302,12 @@ int verify_check_node(const struct pl_node *node, const char *file, const char *
 		if (check_queries(qs, file, sub, http != NULL, &uses, err))
 			return KPL_EINVAL;
 		snprintf(sub, sizeof sub, "%s.prometheus", path);
-		if (!(v = pl_map_get(node, "prometheus")))
+		v = pl_map_get(node, "prometheus");
+		/* A canary names one endpoint for all its analyses. */
+		if (!v && allow_canary_version)
 			return node_err(err, file, node, path, "queries need prometheus: the name "
 					"of a prometheus endpoint in the daemon config");
-		if (v->type != PL_SCALAR || !v->scalar[0])
+		if (v && (v->type != PL_SCALAR || !v->scalar[0]))
 			return node_err(err, file, v, sub, "must be the name of a prometheus "
 					"endpoint in the daemon config");
 	} else if ((v = pl_map_get(node, "prometheus"))) {

@@ -89,8 +89,10 @@ struct verify_config {
  * canary step's `verify:`), for a kind's check_with: "file:line:col:
  * path.key: message". allow_canary_version: the mapping may carry
  * canary_version (the verify kind); otherwise the caller supplies the
- * version and must not ask the mapping for it. Templates are checked
- * against the roots the expression language allows plus canary.
+ * version and must not ask the mapping for it, and the mapping may leave
+ * out prometheus (a canary names one endpoint in its own `with`).
+ * Templates are checked against the roots the expression language allows
+ * plus canary.
  */
 int verify_check_node(const struct pl_node *node, const char *file, const char *path,
 		      bool allow_canary_version, struct kpl_err *err);
