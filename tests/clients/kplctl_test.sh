@@ -28,7 +28,10 @@ fail() {
 
 cleanup() {
 	[ -n "$FAKE_PID" ] && kill "$FAKE_PID" 2>/dev/null
-	tmux -f /dev/null -L kplctl-test kill-server 2>/dev/null
+	if [ -n "${TMUX_TMPDIR:-}" ]; then
+		tmux -f /dev/null -L kplctl-test kill-server 2>/dev/null
+		rm -rf "$TMUX_TMPDIR"
+	fi
 	wait 2>/dev/null
 }
 trap cleanup EXIT
@@ -558,7 +561,8 @@ EOF
 grep -qx 'rollback prod/shop/web -' "$T/watch.log" || fail "rollback without --to: wrong request"
 
 # --- The live table on a terminal (tmux), with the canary's columns. ---
-TMUX_TMPDIR=$T
+# The socket's path must stay short (sun_path): not under TEST_TMPDIR.
+TMUX_TMPDIR=$(mktemp -d /tmp/kplctl-tmux.XXXXXX)
 export TMUX_TMPDIR
 tm() { tmux -f /dev/null -L kplctl-test "$@"; }
 # tscreen NAME COLS ROWS CMD...: runs CMD in a fresh tmux window of that
