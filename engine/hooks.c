@@ -319,6 +319,20 @@ static const char *secret_name_of(const char *s, char *buf, size_t size)
 	return strcmp(p, "}}") == 0 ? buf : s;
 }
 
+/* scheme://user:password@host/...: a credential in the URL. */
+static bool url_has_password(const char *url)
+{
+	const char *s = strstr(url, "://"), *end, *at, *colon;
+
+	if (!s)
+		return false;
+	s += 3;
+	end = s + strcspn(s, "/");
+	at = memrchr(s, '@', (size_t)(end - s));
+	colon = at ? memchr(s, ':', (size_t)(at - s)) : NULL;
+	return colon != NULL;
+}
+
 int hooks_check_registration(const Kpl__V1__RegisterPipelineRequest *req,
 			     struct secrets *sec, Kpl__V1__RegisteredPipeline *rec,
 			     char **branches_buf, struct kpl_err *err)
@@ -337,6 +351,10 @@ int hooks_check_registration(const Kpl__V1__RegisterPipelineRequest *req,
 		return kpl_errf(err, KPL_EINVAL,
 				"repo: want https://host/path, ssh://host/path, "
 				"user@host:path, file:///path or /path");
+	if (url_has_password(req->repo))
+		return kpl_errf(err, KPL_EINVAL,
+				"repo: no password in the URL (it would be stored and listed); "
+				"give kpld's user a git credential helper or an ssh key");
 	if (req->n_branches > HOOKS_MAX_BRANCHES)
 		return kpl_errf(err, KPL_EINVAL, "branches: at most %d", HOOKS_MAX_BRANCHES);
 	for (size_t i = 0; i < req->n_branches; i++) {
@@ -1102,12 +1120,12 @@ static void on_hook(struct httpd_req *req, enum hooks_source src, struct hooks *
 	} else {
 		event = httpd_req_header(req, "X-Gitlab-Event");
 		/* Idempotency-Key is stable across GitLab's retries of one
-		 * event; the UUIDs are fallbacks for older GitLab. */
+		 * event; X-Gitlab-Webhook-UUID (one per request) is the
+		 * fallback for older GitLab. Not X-Gitlab-Event-UUID: GitLab
+		 * reuses it along a chain of hook-triggered events. */
 		id = httpd_req_header(req, "Idempotency-Key");
 		if (!id)
 			id = httpd_req_header(req, "X-Gitlab-Webhook-UUID");
-		if (!id)
-			id = httpd_req_header(req, "X-Gitlab-Event-UUID");
 		sig = httpd_req_header(req, "X-Gitlab-Token");
 	}
 	if (id && id_ok(id))

@@ -229,6 +229,9 @@ class Suite:
                          grpc.StatusCode.INVALID_ARGUMENT, "name")
         expect_rpc_error(lambda: self.register(name="x", repo="-uhoh", secret="GH_HOOK"),
                          grpc.StatusCode.INVALID_ARGUMENT, "repo")
+        expect_rpc_error(lambda: self.register(name="x", secret="GH_HOOK",
+                                               repo="https://u:pw@example.invalid/a/b"),
+                         grpc.StatusCode.INVALID_ARGUMENT, "no password")
         expect_rpc_error(lambda: self.register(name="x", repo=self.repo, secret="GH_HOOK",
                                                path="../etc/passwd"),
                          grpc.StatusCode.INVALID_ARGUMENT, "path")
@@ -412,7 +415,7 @@ class Suite:
         assert_eq(buckets, sorted(buckets), "buckets are cumulative")
         g = 'kpl_grpc_calls_total{method="/kpl.v1.Pipelines/%s",code="%s"}'
         assert_eq(values.get(g % ("DeletePipeline", "NOT_FOUND")), 1, "DeletePipeline NOT_FOUND")
-        if values.get(g % ("RegisterPipeline", "INVALID_ARGUMENT"), 0) < 5:
+        if values.get(g % ("RegisterPipeline", "INVALID_ARGUMENT"), 0) < 6:
             raise AssertionError("RegisterPipeline refusals not counted")
         if values.get(g % ("WatchRun", "OK"), 0) < 5:
             raise AssertionError("WatchRun calls not counted")

@@ -34,6 +34,8 @@ EXPECTED = {
     P + "WatchRun": "read", P + "CancelRun": "submit", P + "ValidatePipeline": "read",
     P + "ApproveStage": "approve", P + "RetryRun": "submit", P + "WatchRuns": "read",
     P + "SetSecret": "admin", P + "ListSecrets": "admin", P + "DeleteSecret": "admin",
+    P + "RegisterPipeline": "admin", P + "ListPipelines": "read",
+    P + "DeletePipeline": "admin",
     S + "CreateToken": "admin", S + "ListTokens": "admin", S + "RevokeToken": "admin",
     S + "ListAudit": "admin",
 }
