@@ -3,7 +3,8 @@
  * (started by with_fake.sh, which sets KPL_SERVER): unary success and error
  * statuses, deadlines, the token, streams read to the end or closed early,
  * kplc_follow_run over a broken stream, the ValidatePipeline, ApproveStage
- * and RetryRun wrappers, and kplc_follow_runs resumed and stopped.
+ * and RetryRun wrappers, and kplc_follow_runs resumed and stopped; the
+ * idle tick of a follow; the secret, release and rollback wrappers.
  */
 #include <pthread.h>
 #include <setjmp.h>
@@ -451,6 +452,84 @@ static void test_follow_runs(void **state)
 	kplc_free(c);
 }
 
+struct idle {
+	int ticks, events;
+	volatile sig_atomic_t stop;
+};
+
+static void on_idle(void *data)
+{
+	struct idle *id = data;
+
+	if (++id->ticks == 3)
+		id->stop = 1;
+}
+
+static int count_event(const Kpl__V1__RunEvent *ev, void *data)
+{
+	((struct idle *)data)->events++;
+	return 0;
+}
+
+/* A run that waits for an approval sends nothing for a while: the idle
+ * callback ticks about every 100 ms meanwhile, and may stop the follow. */
+static void test_follow_idle(void **state)
+{
+	struct idle id = { 0 };
+	struct kplc_follow_options fo = { .stop = &id.stop, .idle = on_idle,
+					  .idle_data = &id };
+	struct kplc *c = client(NULL);
+	struct kplc_status st;
+	char *run = submit(c, "# fake: approval test");
+	int64_t t0 = kpl_now_ms();
+
+	assert_int_equal(kplc_follow_run(c, run, 1, &fo, count_event, &id, NULL, &st),
+			 KPL_ECANCELLED);
+	assert_int_equal(st.code, KPLC_CANCELLED);
+	assert_int_equal(id.ticks, 3);
+	assert_true(id.events >= 6); /* up to test WAITING */
+	assert_true(kpl_now_ms() - t0 >= 250);
+	assert_true(kpl_now_ms() - t0 < 3000);
+	free(run);
+	kplc_free(c);
+}
+
+static void test_secrets_releases_rollback(void **state)
+{
+	struct kplc *c = client(NULL);
+	Kpl__V1__ListSecretsResponse *ls;
+	Kpl__V1__ListReleasesResponse *lr;
+	struct kplc_status st;
+	Kpl__V1__Secret *sec;
+	Kpl__V1__Run *r;
+
+	assert_int_equal(kplc_set_secret(c, "LIB_S", "value-1", &sec, &st), 0);
+	assert_string_equal(sec->name, "LIB_S");
+	kplc_msg_free(sec);
+	assert_int_equal(kplc_set_secret(c, "LIB_T", "ab", &sec, &st), KPL_EINVAL);
+	assert_null(sec);
+	assert_int_equal(st.code, KPLC_INVALID_ARGUMENT);
+	assert_int_equal(kplc_list_secrets(c, &ls, &st), 0);
+	assert_int_equal(ls->n_secrets, 1);
+	assert_string_equal(ls->secrets[0]->name, "LIB_S");
+	kplc_msg_free(ls);
+	assert_int_equal(kplc_delete_secret(c, "LIB_S", &sec, &st), 0);
+	kplc_msg_free(sec);
+	assert_int_equal(kplc_delete_secret(c, "LIB_S", &sec, &st), KPL_ENOTFOUND);
+
+	assert_int_equal(kplc_list_releases(c, "prod/shop/web", 1, &lr, &st), 0);
+	assert_int_equal(lr->n_releases, 1);
+	assert_int_equal(lr->releases[0]->seq, 2);
+	assert_string_equal(lr->releases[0]->previous_image, "registry.example/web:1.1");
+	kplc_msg_free(lr);
+	assert_int_equal(kplc_list_releases(c, "web", 0, &lr, &st), KPL_EINVAL);
+
+	assert_int_equal(kplc_rollback_release(c, "prod/shop/web", NULL, &r, &st), 0);
+	assert_string_equal(r->pipeline_name, "rollback-web");
+	kplc_msg_free(r);
+	kplc_free(c);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -466,6 +545,8 @@ int main(void)
 		cmocka_unit_test(test_validate),
 		cmocka_unit_test(test_approve_retry),
 		cmocka_unit_test(test_follow_runs),
+		cmocka_unit_test(test_follow_idle),
+		cmocka_unit_test(test_secrets_releases_rollback),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
