@@ -91,7 +91,7 @@ static const struct opt_def opt_defs[] = {
 	  "cancelled)" },
 	{ "pipeline", 0, "NAME", O_PIPELINE,
 	  "only runs (events) of pipeline NAME" },
-	{ "limit", 0, "N", O_LIMIT, "at most N runs (default 50)" },
+	{ "limit", 0, "N", O_LIMIT, "at most N runs, audit entries or releases (default 50)" },
 	{ "from-seq", 0, "N", O_FROM_SEQ, "start at event N (default 1)" },
 	{ "reject", 0, NULL, O_REJECT, "reject the stage instead of approving" },
 	{ "comment", 'm', "COMMENT", O_COMMENT, "why, for the record" },
@@ -248,6 +248,8 @@ static void usage(FILE *f)
 		"for its stdout (\"!\" for stderr, \"*\" for kpl's own notes), "
 		"\"[HH:MM:SS] == run STATE\"\n"
 		"for the run; then a table of stages and the run's final state.\n"
+		"On a terminal, a live table of the stages is drawn instead (--plain\n"
+		"for the lines).\n"
 		"events prints the same lines with \"GLOBAL_SEQ RUN_ID PIPELINE\" "
 		"after the time.\n"
 		"\nexit status:\n"
@@ -1701,8 +1703,10 @@ static volatile sig_atomic_t secret_echo_off;
 static void on_sigint_secret(int sig)
 {
 	(void)sig;
-	if (secret_echo_off)
+	if (secret_echo_off) {
 		tcsetattr(STDIN_FILENO, TCSANOW, &secret_saved);
+		(void)!write(STDERR_FILENO, "\n", 1); /* the prompt's line */
+	}
 	_exit(EXIT_INTERRUPTED);
 }
 
