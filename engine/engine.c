@@ -466,6 +466,20 @@ static void run_set_state(struct run *r, Kpl__V1__RunState to, const char *msg)
 		group_kick(r->eng, r->group);
 }
 
+/* The stage's `timeout`; a kind with with_timeout also takes `with.timeout`
+ * (the script kind's first format), the stage-level key winning. */
+static int64_t stage_timeout_ms(const struct stage *st)
+{
+	const struct pl_node *t;
+
+	if (st->spec->timeout_ms || !st->kind->with_timeout || !st->spec->with)
+		return st->spec->timeout_ms;
+	t = pl_map_get(st->spec->with, "timeout");
+	if (!t || t->type != PL_SCALAR)
+		return 0;
+	return pl_parse_duration(t->scalar) > 0 ? pl_parse_duration(t->scalar) : 0;
+}
+
 /* The one way a stage changes state. */
 static void stage_set_state(struct stage *st, Kpl__V1__StageState to, const char *msg)
 {
@@ -484,7 +498,7 @@ static void stage_set_state(struct stage *st, Kpl__V1__StageState to, const char
 		st->tries++;
 		st->started_ms = kpl_now_ms();
 		st->finished_ms = 0;
-		st->deadline_ms = st->spec->timeout_ms ? st->started_ms + st->spec->timeout_ms : 0;
+		st->deadline_ms = stage_timeout_ms(st) ? st->started_ms + stage_timeout_ms(st) : 0;
 		st->pid = 0;
 		st->pid_start = 0;
 		st->retry_at_ms = 0;
@@ -732,7 +746,7 @@ void stage_done(struct stage *st, Kpl__V1__StageState state, const char *msg)
 	stage_stop_timer(st);
 	if (st->timed_out && state == KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED) {
 		char d[32];
-		format_duration(d, sizeof d, st->spec->timeout_ms);
+		format_duration(d, sizeof d, stage_timeout_ms(st));
 		snprintf(buf, sizeof buf, "timed out after %s", d);
 		state = KPL__V1__STAGE_STATE__STAGE_STATE_FAILED;
 		msg = buf;

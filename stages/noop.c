@@ -10,7 +10,7 @@ static int noop_check_with(const struct pl_node *with, const char *file,
 			   const char *path, struct kpl_err *err)
 {
 	if (with && !(with->type == PL_MAP && with->n == 0))
-		return kpl_errf(err, KPL_EINVAL, "%s:%d:%d: %s: a noop stage takes no `with`",
+		return kpl_errf(err, KPL_EINVAL, "%s:%d:%d: %s: a noop stage takes no with",
 				file, with->pos.line, with->pos.col, path);
 	return 0;
 }

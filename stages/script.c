@@ -42,51 +42,64 @@ static int with_err(struct kpl_err *err, const char *file, const struct pl_node 
 			n->pos.col, path, key ? "." : "", key ? key : "", msg);
 }
 
+/*
+ * `with` of the script kind: command | shell, workdir, and, as in the
+ * format's first version, env (more variables for the command, after the
+ * stage's) and timeout (the stage's, when it has no `timeout` of its own).
+ * The messages are the ones the parser's table of bad files expects
+ * (tests/unit/pipeline_test.c).
+ */
 static int script_check_with(const struct pl_node *with, const char *file,
 			     const char *path, struct kpl_err *err)
 {
-	const struct pl_node *cmd, *sh, *wd;
+	static const char *const allowed[] = { "command", "shell", "workdir", "env", "timeout" };
+	const struct pl_node *cmd, *sh, *wd, *env, *t;
 
 	if (!with)
-		return kpl_errf(err, KPL_EINVAL, "%s: %s: a script stage needs `with` "
-				"with `command` or `shell`", file, path);
+		return kpl_errf(err, KPL_EINVAL, "%s: %s: a script stage needs with.command or "
+				"with.shell", file, path);
 	if (with->type != PL_MAP)
-		return with_err(err, file, with, path, NULL, "must be a mapping");
+		return with_err(err, file, with, path, NULL, "expected a mapping");
 	for (size_t i = 0; i < with->n; i++) {
-		const char *k = with->keys[i]->scalar;
-		if (strcmp(k, "command") && strcmp(k, "shell") && strcmp(k, "workdir"))
-			return with_err(err, file, with->keys[i], path, k,
-					"unknown key (allowed: command, shell, workdir)");
+		size_t j;
+		for (j = 0; j < KPL_ARRAY_SIZE(allowed); j++)
+			if (!strcmp(with->keys[i]->scalar, allowed[j]))
+				break;
+		if (j == KPL_ARRAY_SIZE(allowed))
+			return with_err(err, file, with->keys[i], path, with->keys[i]->scalar,
+					"unknown key (allowed: command, shell, workdir, env, timeout)");
 	}
 	cmd = pl_map_get(with, "command");
 	sh = pl_map_get(with, "shell");
 	wd = pl_map_get(with, "workdir");
+	env = pl_map_get(with, "env");
+	t = pl_map_get(with, "timeout");
 	if (cmd && sh)
-		return with_err(err, file, with, path, NULL,
-				"give either `command` or `shell`, not both");
+		return with_err(err, file, sh, path, "shell", "give command or shell, not both");
 	if (!cmd && !sh)
-		return with_err(err, file, with, path, NULL,
-				"needs `command` (a list of arguments) or `shell` (a string)");
-	if (cmd) {
-		if (cmd->type != PL_SEQ || cmd->n == 0)
-			return with_err(err, file, cmd, path, "command",
-					"must be a non-empty list of strings");
-		for (size_t i = 0; i < cmd->n; i++) {
-			if (cmd->items[i]->type != PL_SCALAR) {
-				char key[64];
-				snprintf(key, sizeof key, "command[%zu]", i);
-				return with_err(err, file, cmd->items[i], path, key,
-						"must be a string");
-			}
-		}
-		if (!cmd->items[0]->scalar[0])
-			return with_err(err, file, cmd->items[0], path, "command[0]",
-					"the program must not be empty");
-	}
+		return with_err(err, file, with, path, NULL, "a script stage needs command or shell");
+	if (cmd && (cmd->type != PL_SEQ || cmd->n == 0))
+		return with_err(err, file, cmd, path, "command",
+				"expected a non-empty list of strings");
+	for (size_t i = 0; cmd && i < cmd->n; i++)
+		if (cmd->items[i]->type != PL_SCALAR)
+			return with_err(err, file, cmd->items[i], path, "command",
+					"expected a string");
+	if (cmd && !cmd->items[0]->scalar[0])
+		return with_err(err, file, cmd->items[0], path, "command",
+				"the program (the first string) must not be empty");
 	if (sh && (sh->type != PL_SCALAR || !sh->scalar[0]))
-		return with_err(err, file, sh, path, "shell", "must be a non-empty string");
+		return with_err(err, file, sh, path, "shell", "expected a non-empty string");
 	if (wd && wd->type != PL_SCALAR)
-		return with_err(err, file, wd, path, "workdir", "must be a string");
+		return with_err(err, file, wd, path, "workdir", "expected a string");
+	if (t && (t->type != PL_SCALAR || pl_parse_duration(t->scalar) <= 0))
+		return with_err(err, file, t, path, "timeout", "bad duration");
+	if (env && env->type != PL_MAP)
+		return with_err(err, file, env, path, "env", "expected a mapping");
+	for (size_t i = 0; env && i < env->n; i++)
+		if (env->items[i]->type != PL_SCALAR)
+			return with_err(err, file, env->items[i], path, "env",
+					"expected a string value");
 	return 0;
 }
 
@@ -208,6 +221,14 @@ static int script_start(struct stage *st, struct kpl_err *err)
 	outputs = kpl_asprintf("%s/outputs", dir);
 	env = proc_stage_env(st, outputs);
 	free(outputs);
+	{
+		const struct pl_node *wenv = stage_with_get(st, "env");
+		for (size_t i = 0; wenv && i < wenv->n; i++) {
+			char *v = stage_expand(st, wenv->items[i]);
+			proc_env_set(&env, wenv->keys[i]->scalar, v);
+			free(v);
+		}
+	}
 
 	spec.dir = dir;
 	spec.argv = argv;
@@ -282,4 +303,5 @@ const struct stage_kind script_kind = {
 	.cancel = script_cancel,
 	.resume = script_resume,
 	.abandon = script_abandon,
+	.with_timeout = true,
 };

@@ -50,6 +50,9 @@ struct stage_kind {
 	/* Called when the kpld is stopping: release what the attempt holds
 	 * without reporting (the next start resumes it). NULL: cancel. */
 	void (*abandon)(struct stage *st);
+	/* True: `with.timeout` is the attempt's timeout when the stage has no
+	 * `timeout` of its own (the script kind's first format). */
+	bool with_timeout;
 	/* Expression roots its `with` templates may use beyond the usual ones
 	 * (EXPR_ROOT_CANARY): the engine leaves such a ${{ root.NAME }} as
 	 * written in what stage_expand returns, for the kind to fill in. */

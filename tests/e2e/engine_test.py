@@ -428,6 +428,16 @@ stages:
             "pipeline": "name: ok\nstages:\n  - {name: a, kind: noop}\n"}))
         assert_eq((good.get("valid"), good.get("pipeline_name")), (True, "ok"), "valid")
 
+    def test_script_with_env_and_timeout(self):
+        # The script kind's first format: env and timeout under `with`.
+        text = ("name: firstformat\nstages:\n  - name: s\n    kind: script\n"
+                "    env: { A: stage }\n"
+                "    with: { command: [sh, -c, 'echo $A $B; sleep 30'], env: { B: with },"
+                " timeout: 300ms }\n")
+        run, events = self.run_to_end(text)
+        assert_eq(logs(events), ["stage with"], "with.env after the stage env")
+        assert_eq(stage(run, "s")["message"], "timed out after 300ms", "with.timeout")
+
     def test_retention_by_count(self):
         import signal
         d = Daemon(self.daemon.binary, self.path("ret-data"), ["--retain-runs", "3"])
