@@ -1,13 +1,16 @@
 """The release stack on one machine, for `./dev demo` and the end-to-end
 tests: the demo app's git repository, Debian's docker-registry with htpasswd
-basic auth, the Kubernetes+Istio emulator (tests/emulators/kube) holding the
-app's v1 Deployment and Service, the real Prometheus scraping the emulator
+basic auth, the Kubernetes+Istio emulator (tests/emulators/kube) with namespaces
+shop (production) and staging for the app's Deployment and Service
+(k8s/*.json), the real Prometheus scraping the emulator
 every second, and kpld with a config naming all three `local` (the
-registry's password a secret set through the SetSecret RPC, never on a
-command line).
+registry's password a secret set with `kplctl secret set` or the SetSecret
+RPC, never on a command line).
 
-    stack = Stack(tmp, kpld=..., emulator=..., kplctl=...)
+    stack = Stack(tmp, kpld, emulator=..., kplctl=...)
     stack.start()            # or start_registry(), start_kube(), ... in turn
+    stack.seed(build_and_push_yaml)   # v1.0.0 built, pushed and installed
+    stack.commit("1.1.0")    # the release to make
     ...
     stack.stop()             # SIGTERM to kpld (its exit status is returned), then the rest
 
@@ -42,6 +45,7 @@ PY = "/usr/bin/python3"
 APP_DIR = os.path.join(HERE, "app")
 K8S_DIR = os.path.join(HERE, "k8s")
 NAMESPACE = "shop"
+STAGING = "staging"
 REG_USER = "kpl"
 ACCEPT = ", ".join(["application/vnd.oci.image.manifest.v1+json",
                     "application/vnd.oci.image.index.v1+json",
@@ -101,7 +105,7 @@ def git(*args, cwd=None):
 
 class Stack:
     def __init__(self, tmp, kpld, emulator=None, kplctl=None, prometheus=None,
-                 pace=0.2, traffic_interval=0.5, lifetime=900):
+                 pace=0.2, traffic_interval=0.5, rps=40, lifetime=900):
         self.tmp = tmp
         self.kpld_bin = kpld
         self.kplctl_bin = kplctl
@@ -109,6 +113,7 @@ class Stack:
         self.prometheus_bin = prometheus or os.environ.get("PROMETHEUS", "/usr/bin/prometheus")
         self.pace = pace
         self.traffic_interval = traffic_interval
+        self.rps = rps  # requests/s per VirtualService: 10% of 40 is 4/s to a canary
         self.lifetime = lifetime
         self.procs = {}  # name -> Popen, in start order
         self.reg_pass = secrets.token_hex(16)
@@ -175,9 +180,8 @@ class Stack:
         wait_until("docker-registry", up, 20, p, log)
 
     def start_kube(self):
-        """The emulator with a bearer token, namespace shop, and the app's v1
-        (k8s/web.json: Deployment and Service; k8s/mesh.json if it exists),
-        settled before anything else starts."""
+        """The emulator with a bearer token and the namespaces shop
+        (production) and staging; install() puts the app in them."""
         if not self.emulator:
             raise RuntimeError("no kube emulator given")
         port_file = self.path("kube.port")
@@ -185,7 +189,9 @@ class Stack:
         p = self._spawn("kube", [PY, self.emulator, "--port-file", port_file,
                                  "--lifetime", str(self.lifetime), "--pace", str(self.pace),
                                  "--traffic-interval", str(self.traffic_interval),
-                                 "--token", self.kube_token, "--namespace", NAMESPACE], log)
+                                 "--rps", str(self.rps),
+                                 "--token", self.kube_token, "--namespace", NAMESPACE,
+                                 "--namespace", STAGING], log)
         wait_until("kube emulator", lambda: open(port_file).read().strip(), 30, p, log)
         self.kube = "http://127.0.0.1:%s" % open(port_file).read().strip()
         self.kubeconfig = self.path("kubeconfig")
@@ -197,24 +203,38 @@ class Stack:
         fd = os.open(self.kubeconfig, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=1)  # JSON is YAML
-        for obj in self.initial_objects():
-            self.kube_create(obj)
-        self.wait_rollout("web", self.initial_image())
 
-    def initial_image(self):
-        return "%s/app:1.0.0" % (self.registry_host if self.registry else "registry.local")
-
-    def initial_objects(self):
-        """k8s/*.json in name order, v1's image pointing at this registry."""
-        objs = []
+    def install(self, image):
+        """k8s/*.json (the app's Deployment and Service in production and in
+        staging) running image, created through the API and rolled out."""
+        self.installed_image = image
         for name in sorted(os.listdir(K8S_DIR)):
             if not name.endswith(".json"):
                 continue
-            text = open(os.path.join(K8S_DIR, name)).read()
-            text = text.replace("REGISTRY/app:1.0.0", self.initial_image())
-            doc = json.loads(text)
-            objs.extend(doc["items"] if doc.get("kind") == "List" else [doc])
-        return objs
+            doc = json.loads(open(os.path.join(K8S_DIR, name)).read().replace(
+                '"IMAGE"', json.dumps(image)))
+            for obj in doc["items"] if doc.get("kind") == "List" else [doc]:
+                self.kube_create(obj)
+        for ns in (NAMESPACE, STAGING):
+            self.wait_rollout("web", image, ns=ns)
+
+    def seed(self, pipeline, version="1.0.0"):
+        """The version production runs before the release: the app's
+        repository at VERSION version, built and pushed by pipeline
+        (build-and-push.kpl.yaml) through kpld, and installed. Returns
+        (run id, image as deployed: HOST/app:VERSION@sha256:...)."""
+        self.make_repo(version)
+        run_id = self.submit(pipeline, {"repo": self.repo})
+        self.watch(run_id)
+        run = self.get_run(run_id)
+        if run["state"] != "RUN_STATE_SUCCEEDED":
+            raise RuntimeError("seeding %s: run %s %s: %s" % (version, run_id, run["state"],
+                                                           run.get("message")))
+        pushed = self.stage(run, "push")["outputs"]["image"]
+        name, digest = pushed.split("@", 1)
+        image = "%s:%s@%s" % (name, version, digest)
+        self.install(image)
+        return run_id, image
 
     def start_prometheus(self):
         """The real Prometheus, scraping the emulator's /metrics every second."""
@@ -266,7 +286,17 @@ class Stack:
         self.addr = open(ready).read().strip()
         self.client = Client.connect(self.addr)
         if self.registry:
-            self.client.call(P + "SetSecret", {"name": "REG_PASS", "value": self.reg_pass})
+            self.set_secret("REG_PASS", self.reg_pass)
+
+    def set_secret(self, name, value):
+        """`kplctl secret set NAME` with the value on stdin when there is a
+        kplctl, else the SetSecret RPC: never on a command line."""
+        if self.kplctl_bin:
+            r = self.kplctl("secret", "set", name, input=value, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError("kplctl secret set %s: %s" % (name, r.stderr.strip()))
+        else:
+            self.client.call(P + "SetSecret", {"name": name, "value": value})
 
     def stop_kpld(self, sig=signal.SIGTERM):
         """Stops kpld; returns its exit status."""
@@ -401,8 +431,8 @@ class Stack:
     def kube_create(self, obj):
         return self.kube_api("POST", self.api_path(obj), obj)
 
-    def deployment(self, name):
-        return self.kube_get("/apis/apps/v1/namespaces/%s/deployments/%s" % (NAMESPACE, name))
+    def deployment(self, name, ns=NAMESPACE):
+        return self.kube_get("/apis/apps/v1/namespaces/%s/deployments/%s" % (ns, name))
 
     @staticmethod
     def image_of(dep, container="web"):
@@ -411,16 +441,16 @@ class Stack:
                 return c["image"]
         return None
 
-    def wait_rollout(self, name, image, timeout=30):
+    def wait_rollout(self, name, image, timeout=30, ns=NAMESPACE):
         """Until the Deployment runs image on all its replicas, available."""
         def done():
-            d = self.deployment(name)
+            d = self.deployment(name, ns)
             st = d.get("status", {})
             want = d["spec"].get("replicas", 1)
             return (self.image_of(d) == image and st.get("updatedReplicas") == want and
                     st.get("availableReplicas") == want and st.get("replicas") == want and
                     st.get("observedGeneration") == d["metadata"].get("generation"))
-        wait_until("deployment %s on %s" % (name, image), done, timeout, step=0.1)
+        wait_until("deployment %s/%s on %s" % (ns, name, image), done, timeout, step=0.1)
 
     def virtualservice(self, name="web"):
         return self.kube_get("/apis/networking.istio.io/v1/namespaces/%s/virtualservices/%s"
