@@ -355,7 +355,7 @@ static void abort_delete(int status, const char *msg, int wrote, void *data)
 		return;
 	}
 	stage_logf(c->st, "virtualservice %s/%s: %s", c->ns, c->service,
-		   wrote ? "100% of traffic back to stable" : "already all stable");
+		   wrote ? "all traffic back to stable" : "already all stable");
 	path = kube_deployment_path(c->ns, c->canary_name);
 	what = kpl_asprintf("deployment %s/%s", c->ns, c->canary_name);
 	rc = istio_delete(stage_http(c->st), &c->cfg, what, path, abort_end, c, &c->req, &err);
@@ -571,7 +571,7 @@ static void promote_delete(int status, const char *msg, int wrote, void *data)
 		return;
 	}
 	stage_logf(c->st, "virtualservice %s/%s: %s", c->ns, c->service,
-		   wrote ? "100% of traffic to stable (now running the new image)"
+		   wrote ? "all traffic to stable (now running the new image)"
 			 : "already all stable");
 	path = kube_deployment_path(c->ns, c->canary_name);
 	what = kpl_asprintf("deployment %s/%s", c->ns, c->canary_name);

@@ -266,7 +266,7 @@ static void vs_reset_done(int status, const char *msg, int wrote, void *data)
 		return;
 	}
 	if (wrote)
-		stage_logf(st, "virtualservice %s/%s: 100%% of traffic back to stable",
+		stage_logf(st, "virtualservice %s/%s: all traffic back to stable",
 			   rollout_namespace(m->r), name ? name : "?");
 	m->next++;
 	reset_next(m);

@@ -511,7 +511,7 @@ stages:
         assert_eq(self.weights(), (100, 0, False), "weights back to stable")
         assert_eq(self.exists(CANARY), False, "canary removed")
         lines = self.logs(events)
-        assert "virtualservice shop/web: 100% of traffic back to stable" in lines, lines
+        assert "virtualservice shop/web: all traffic back to stable" in lines, lines
         assert "deployment shop/web-canary: deleted" in lines, lines
 
     def test_mesh_off(self):
