@@ -412,7 +412,13 @@ static void abort_start(struct canary *c)
 
 static void frozen(struct canary *c)
 {
-	char *m = kpl_asprintf("canary frozen at %d%% to %s: %s; approve to promote, reject to "
+	char *m;
+
+	if (c->cancelled) { /* cancelled while the freeze was being recorded */
+		abort_start(c);
+		return;
+	}
+	m = kpl_asprintf("canary frozen at %d%% to %s: %s; approve to promote, reject to "
 			       "abort", c->weight, c->canary_name, c->reason);
 
 	stage_wait(c->st, m);
@@ -1525,7 +1531,7 @@ static void canary_cancel(struct stage *st)
 		verify_run_cancel(c->verify); /* on_verify_done aborts */
 		return;
 	}
-	if (c->timer_on || c->watch || c->phase == PH_FROZEN) {
+	if (c->timer_on || c->watch || (c->phase == PH_FROZEN && !c->waiting_commit)) {
 		abort_start(c);
 		return;
 	}
