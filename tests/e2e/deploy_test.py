@@ -11,6 +11,8 @@ retried, kill -9 mid-rollout, a wrong token; then HTTPS + client cert.
 """
 
 import base64
+
+import grpc
 import json
 import os
 import re
@@ -22,7 +24,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_test import Daemon, assert_eq, run_suite, submit  # noqa: E402
+from e2e_test import Daemon, assert_eq, expect_rpc_error, run_suite, submit  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 from kplgrpc import Client  # noqa: E402
@@ -258,6 +260,34 @@ stages:
         logs = [e["message"] for e in events if e.get("kind") == "EVENT_KIND_LOG"]
         if not any(l.startswith("skipped rollback") for l in logs):
             raise AssertionError("no 'skipped rollback' in %r" % logs)
+
+    def test_release_history_and_rollback_release(self):
+        """ListReleases shows what deploys and rollbacks did; RollbackRelease
+        starts a run that restores a named revision."""
+        rels = Client.to_dict(self.c.call(P + "ListReleases",
+                                          {"deployment": "test/shop/web"})).get("releases", [])
+        done = [r for r in rels if r.get("revision")]
+        if not done or done[0]["kind"] != "rollback":
+            raise AssertionError("newest finished release should be the rollback: %r" % rels)
+        seqs = [int(r["seq"]) for r in rels]
+        assert_eq(seqs, sorted(seqs, reverse=True), "newest first")
+        deploys = [r for r in done if r["kind"] == "deploy"]
+        assert_eq((deploys[0]["image"], deploys[0]["revision"], deploys[0]["previous_image"]),
+                  ("reg.example/web:2.0", "2", "reg.example/web:1.0"), "the first deploy")
+        expect_rpc_error(lambda: self.c.call(P + "ListReleases", {"deployment": "web"}),
+                         grpc.StatusCode.INVALID_ARGUMENT, "cluster/namespace/name")
+        run = Client.to_dict(self.c.call(P + "RollbackRelease", {
+            "deployment": "test/shop/web", "to_revision": "1"}))
+        self.all_runs.append(run["id"])
+        assert_eq(run["pipeline_name"], "rollback-web", "generated pipeline")
+        events = [Client.to_dict(e) for e in
+                  self.c.stream(P + "WatchRun", {"id": run["id"]}, timeout=120)]
+        assert_eq(events[-1].get("run_state"), "RUN_STATE_SUCCEEDED", "rollback run")
+        self.wait_image("reg.example/web:1.0")
+        newest = Client.to_dict(self.c.call(P + "ListReleases", {
+            "deployment": "test/shop/web", "limit": 1}))["releases"]
+        assert_eq((len(newest), newest[0]["kind"], newest[0]["run_id"]),
+                  (1, "rollback", run["id"]), "the rollback is recorded")
 
     def test_conflict_is_retried(self):
         before = self.emu.patches()
