@@ -24,6 +24,7 @@
 #include "pipelines/pipeline.h"
 #include "pipelines/template.h"
 #include "stages/http.h"
+#include "stages/proc.h"
 #include "stages/stage.h"
 
 #define LOG "engine"
@@ -1891,6 +1892,83 @@ out:
 	return rc;
 }
 
+static void unloadable_committed(void *data, int status)
+{
+	(void)data;
+	if (status)
+		kpl_error(LOG, "could not record an unrecoverable run: %s", kpl_strerror(status));
+}
+
+/*
+ * An unfinished run that cannot be rebuilt (its pipeline no longer parses
+ * after an upgrade, a record is damaged) must not stay RUNNING forever: it
+ * ends FAILED, straight in the store, with the reason, and its unfinished
+ * stages with it; a command it had started is stopped (SIGTERM to its shim).
+ */
+static void run_fail_unloadable(struct engine *e, const char *id, const struct kpl_err *why)
+{
+	Kpl__Store__V1__RunRecord *rec = NULL;
+	Kpl__Store__V1__StageRecord **srecs = NULL;
+	Kpl__V1__RunEvent ev = KPL__V1__RUN_EVENT__INIT;
+	Google__Protobuf__Timestamp t;
+	Google__Protobuf__Timestamp *orig_fin;
+	char msg[700], *orig_msg;
+	size_t n = 0;
+	int64_t now = kpl_now_ms();
+
+	kpl_error(LOG, "cannot recover: %s; the run ends FAILED", why->msg);
+	store_stage_active(e->store, id, 0);
+	if (store_get_run(e->store, id, &rec) || !rec->run) {
+		if (rec)
+			kpl__store__v1__run_record__free_unpacked(rec, NULL);
+		store_commit(e->store, unloadable_committed, NULL);
+		return;
+	}
+	snprintf(msg, sizeof msg, "cannot be resumed after a restart: %s (a command it had "
+		 "started was stopped)", why->msg);
+	if (store_get_stages(e->store, id, &srecs, &n) == 0) {
+		for (size_t i = 0; i < n; i++) {
+			Kpl__V1__StageStatus *ss = srecs[i]->status;
+			if (!ss || stage_state_final(ss->state))
+				continue;
+			ss->state = ss->state == KPL__V1__STAGE_STATE__STAGE_STATE_PENDING
+					    ? KPL__V1__STAGE_STATE__STAGE_STATE_SKIPPED
+					    : KPL__V1__STAGE_STATE__STAGE_STATE_FAILED;
+			char *orig = ss->message;
+			/* Stop the attempt's shim (it passes SIGTERM to the command's
+			 * group), if it is the same process that was recorded. */
+			if (srecs[i]->pid > 0 && srecs[i]->pid_start_time &&
+			    proc_pid_start_time(srecs[i]->pid) == srecs[i]->pid_start_time)
+				kill((pid_t)srecs[i]->pid, SIGTERM);
+			ss->message = msg;
+			store_stage_stage(e->store, id, srecs[i]);
+			ss->message = orig; /* msg is ours, not the record's */
+		}
+	}
+	orig_msg = rec->run->message;
+	orig_fin = rec->run->finished_at;
+	rec->run->state = KPL__V1__RUN_STATE__RUN_STATE_FAILED;
+	rec->run->message = msg;
+	rec->run->finished_at = ts_set(&t, now);
+	ev.run_id = (char *)id;
+	ev.seq = store_last_event_seq(e->store, id) + 1;
+	ev.global_seq = e->next_gseq++;
+	ev.pipeline_name = rec->run->pipeline_name;
+	ev.time = &t;
+	ev.kind = KPL__V1__EVENT_KIND__EVENT_KIND_RUN_STATE;
+	ev.run_state = KPL__V1__RUN_STATE__RUN_STATE_FAILED;
+	ev.stage = "";
+	ev.message = msg;
+	store_stage_event(e->store, &ev);
+	rec->next_seq = ev.seq + 1;
+	store_stage_run(e->store, rec);
+	rec->run->message = orig_msg;  /* give back what the record owns */
+	rec->run->finished_at = orig_fin;
+	kpl__store__v1__run_record__free_unpacked(rec, NULL);
+	store_free_stages(srecs, n);
+	store_commit(e->store, unloadable_committed, NULL);
+}
+
 /* Carries on one unfinished run after a restart. */
 static void recover_run(struct engine *e, const char *id)
 {
@@ -1898,7 +1976,7 @@ static void recover_run(struct engine *e, const char *id)
 	struct run *r;
 
 	if (run_load(e, id, &r, &err)) {
-		kpl_error(LOG, "cannot recover: %s; left as stored", err.msg);
+		run_fail_unloadable(e, id, &err);
 		return;
 	}
 	kpl_info(LOG, "run %s (%s): recovered in state %s", r->id, r->pl->name,

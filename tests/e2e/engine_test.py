@@ -438,6 +438,51 @@ stages:
         assert_eq(logs(events), ["stage with"], "with.env after the stage env")
         assert_eq(stage(run, "s")["message"], "timed out after 300ms", "with.timeout")
 
+    def test_unrecoverable_run_ends_failed(self):
+        """A run whose stored pipeline no longer parses (as after an upgrade
+        with stricter rules) is not left RUNNING: it ends FAILED with the
+        reason, and the command it had started is stopped."""
+        import signal
+        import subprocess
+        data = self.path("unrec-data")
+        d = Daemon(self.daemon.binary, data)
+        c = d.start()
+        pidfile = self.path("unrec.pid")
+        text = ("name: unrec\nstages:\n  - name: s\n    kind: script\n    with:\n"
+                "      shell: 'echo $$ > %s; echo up; exec sleep 60'\n" % pidfile)
+        run = Client.to_dict(submit(c, text))
+        wait_for_log(c, run["id"])
+        c.close()
+        d.stop(signal.SIGKILL)
+        # Change the stored pipeline text with LMDB's own tools.
+        dump = subprocess.run(["mdb_dump", "-s", "pipelines", "-p", data], check=True,
+                              capture_output=True, text=True).stdout
+        assert_eq("kind: script" in dump, True, "the stored pipeline text")
+        subprocess.run(["mdb_load", "-s", "pipelines", data], check=True,
+                       input=dump.replace("kind: script", "kind: scrypt"),
+                       capture_output=True, text=True)
+        c = d.start()
+        try:
+            got = get(c, run["id"])
+            assert_eq((got["state"], stage(got, "s")["state"]),
+                      ("RUN_STATE_FAILED", "STAGE_STATE_FAILED"), "states")
+            if "no longer parses" not in got["message"]:
+                raise AssertionError("message %r" % got["message"])
+            events = watch(c, run["id"])
+            assert_eq(events[-1]["run_state"], "RUN_STATE_FAILED", "final event")
+            assert_eq([int(e["seq"]) for e in events], list(range(1, len(events) + 1)),
+                      "seqs without a gap")
+            pid = int(open(pidfile).read())
+            deadline = time.monotonic() + 10
+            while os.path.exists("/proc/%d" % pid) and time.monotonic() < deadline:
+                time.sleep(0.05)  # the shim forwards the stop: no event to wait on
+            state = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()[0] \
+                if os.path.exists("/proc/%d" % pid) else "gone"
+            assert_eq(state in ("gone", "Z"), True, "the command was stopped")
+        finally:
+            c.close()
+            d.stop(signal.SIGTERM)
+
     def test_retention_by_count(self):
         import signal
         d = Daemon(self.daemon.binary, self.path("ret-data"), ["--retain-runs", "3"])
