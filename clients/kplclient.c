@@ -76,6 +76,82 @@ static void status_set(struct kplc_status *st, int code, const char *fmt, ...)
 	va_end(ap);
 }
 
+/* Frees a private key's text after overwriting it. explicit_bzero, so the
+ * compiler cannot drop the stores before free. */
+static void wipe_free(char *s)
+{
+	if (s)
+		explicit_bzero(s, strlen(s));
+	free(s);
+}
+
+/* Reads all of the PEM file path into *out (NUL-terminated, caller frees);
+ * what ("tls ca", "tls cert", "tls key") and path name it in err. */
+static int read_pem(const char *path, const char *what, char **out,
+		    struct kpl_err *err)
+{
+	FILE *f = fopen(path, "rb");
+	size_t len = 0, cap = 0, n;
+	char *pem = NULL;
+	int failed;
+
+	*out = NULL;
+	if (!f)
+		return kpl_errf(err, KPL_EIO, "%s %s: %s", what, path,
+				strerror(errno));
+	do {
+		if (cap - len < 4096)
+			pem = kpl_realloc(pem, cap = cap * 2 + 4096);
+		n = fread(pem + len, 1, cap - len - 1, f);
+		len += n;
+	} while (n > 0);
+	failed = ferror(f);
+	fclose(f);
+	if (failed) {
+		free(pem);
+		/* fread sets errno; EISDIR for a directory, for example. */
+		return kpl_errf(err, KPL_EIO, "%s %s: %s", what, path,
+				strerror(errno ? errno : EIO));
+	}
+	pem[len] = '\0';
+	if (len == 0) {
+		free(pem);
+		return kpl_errf(err, KPL_EIO, "%s %s: the file is empty", what,
+				path);
+	}
+	*out = pem;
+	return 0;
+}
+
+/*
+ * Looks for the PEM block grpc will want, so that a swapped or wrong file is
+ * named here rather than reported by grpc, much later, as "empty address
+ * list". what is "tls ca", "tls cert" or "tls key". Whether the key matches
+ * the certificate is left to grpc.
+ */
+static int pem_check(const char *pem, const char *what, const char *path,
+		     struct kpl_err *err)
+{
+	if (strcmp(what, "tls key")) {
+		if (!strstr(pem, "-----BEGIN CERTIFICATE-----"))
+			return kpl_errf(err, KPL_EINVAL,
+					"%s %s: not a PEM certificate (no "
+					"-----BEGIN CERTIFICATE-----)",
+					what, path);
+		return 0;
+	}
+	if (!strstr(pem, "-----BEGIN ") || !strstr(pem, "PRIVATE KEY-----"))
+		return kpl_errf(err, KPL_EINVAL,
+				"%s %s: not a PEM private key (no -----BEGIN "
+				"... PRIVATE KEY-----)", what, path);
+	if (strstr(pem, "ENCRYPTED"))
+		return kpl_errf(err, KPL_EINVAL,
+				"%s %s: the key is encrypted; give an "
+				"unencrypted one (openssl pkey -in FILE)",
+				what, path);
+	return 0;
+}
+
 /* grpc_init is reference counted: one per live channel. */
 int kplc_connect_opts(const char *target, const struct kplc_options *opt,
 		      struct kplc **out, struct kpl_err *err)
@@ -83,14 +159,25 @@ int kplc_connect_opts(const char *target, const struct kplc_options *opt,
 	static const struct kplc_options no_opts;
 	grpc_channel_credentials *creds = NULL;
 	struct kplc *c = NULL;
-	char *pem = NULL;
-	int rc;
+	char *pem = NULL, *cert = NULL, *key = NULL;
+	int has_cert, has_key, rc;
 
 	*out = NULL;
 	if (!opt)
 		opt = &no_opts;
 	if (!target || !*target)
 		return kpl_errf(err, KPL_EINVAL, "empty server address");
+	has_cert = opt->tls_cert_file && *opt->tls_cert_file;
+	has_key = opt->tls_key_file && *opt->tls_key_file;
+	if (has_cert != has_key)
+		return kpl_errf(err, KPL_EINVAL,
+				"a client certificate needs both a certificate "
+				"and a key file (only the %s %s is given)",
+				has_cert ? "certificate" : "key",
+				has_cert ? opt->tls_cert_file : opt->tls_key_file);
+	if (has_cert && !opt->tls_ca_file)
+		return kpl_errf(err, KPL_EINVAL,
+				"a client certificate needs TLS: give a CA file too");
 
 	grpc_init();
 	c = kpl_calloc(1, sizeof *c);
@@ -100,23 +187,36 @@ int kplc_connect_opts(const char *target, const struct kplc_options *opt,
 		c->token_header = kpl_asprintf("Bearer %s", opt->token);
 
 	if (opt->tls_ca_file) {
-		FILE *f = fopen(opt->tls_ca_file, "rb");
-		size_t len = 0, cap = 0, n;
-
-		if (!f) {
-			rc = kpl_errf(err, KPL_EIO, "tls ca %s: %s",
-				      opt->tls_ca_file, strerror(errno));
+		if ((rc = read_pem(opt->tls_ca_file, "tls ca", &pem, err)) ||
+		    (rc = pem_check(pem, "tls ca", opt->tls_ca_file, err)))
+			goto fail;
+		if (has_cert) {
+			if ((rc = read_pem(opt->tls_cert_file, "tls cert", &cert,
+					   err)) ||
+			    (rc = pem_check(cert, "tls cert", opt->tls_cert_file,
+					    err)) ||
+			    (rc = read_pem(opt->tls_key_file, "tls key", &key,
+					   err)) ||
+			    (rc = pem_check(key, "tls key", opt->tls_key_file,
+					    err)))
+				goto fail;
+			grpc_ssl_pem_key_cert_pair pair = {
+				.private_key = key,
+				.cert_chain = cert,
+			};
+			/* grpc copies the PEM strings. */
+			creds = grpc_ssl_credentials_create(pem, &pair, NULL,
+							    NULL);
+		} else {
+			creds = grpc_ssl_credentials_create(pem, NULL, NULL,
+							    NULL);
+		}
+		if (!creds) {
+			rc = kpl_errf(err, KPL_EINTERNAL,
+				      "grpc refused the TLS credentials (%s)",
+				      opt->tls_ca_file);
 			goto fail;
 		}
-		do {
-			if (cap - len < 4096)
-				pem = kpl_realloc(pem, cap = cap * 2 + 4096);
-			n = fread(pem + len, 1, cap - len - 1, f);
-			len += n;
-		} while (n > 0);
-		pem[len] = '\0';
-		fclose(f);
-		creds = grpc_ssl_credentials_create(pem, NULL, NULL, NULL);
 	} else {
 		creds = grpc_insecure_credentials_create();
 	}
@@ -145,6 +245,8 @@ int kplc_connect_opts(const char *target, const struct kplc_options *opt,
 	}
 	grpc_channel_credentials_release(creds);
 	free(pem);
+	free(cert);
+	wipe_free(key);
 	*out = c;
 	return 0;
 
@@ -152,6 +254,8 @@ fail:
 	if (creds)
 		grpc_channel_credentials_release(creds);
 	free(pem);
+	free(cert);
+	wipe_free(key);
 	free(c->token_header);
 	free(c);
 	grpc_shutdown();

@@ -75,13 +75,18 @@ int kplc_status_to_err(int code);
 
 /*
  * Connection settings. Zero-initialize, then set what you need.
- * NEEDSWORK: TLS and token are accepted but not yet exercised against a
- * kpld that serves them; kpld is insecure for now.
+ * tests/e2e/security_test.py exercises TLS, client certificates and tokens
+ * against kpld (docs/security.md).
  */
 struct kplc_options {
 	/* PEM file of CAs to trust; NULL means an insecure (plaintext)
 	 * channel. */
 	const char *tls_ca_file;
+	/* A client certificate (PEM, may hold a chain) and its private key
+	 * (PEM), for a server that requires one (kpld --client-ca). Both or
+	 * neither; only with tls_ca_file. */
+	const char *tls_cert_file;
+	const char *tls_key_file;
 	/* Sent as "authorization: Bearer <token>" on every call if set. */
 	const char *token;
 	/* Deadline of unary calls; 0 means KPLC_DEFAULT_DEADLINE_MS. */
@@ -95,8 +100,11 @@ struct kplc_stream; /* one server-streaming call; opaque */
  * Creates a channel to target ("host:port", any grpc target string) with
  * default options. grpc connects lazily: an unreachable server shows up as
  * UNAVAILABLE on the first call, not here. On success *out is the caller's;
- * free it with kplc_free. Errors: KPL_EINVAL (empty target), KPL_EIO
- * (unreadable CA file), KPL_EINTERNAL (grpc refused the channel).
+ * free it with kplc_free. Errors: KPL_EINVAL (empty target; only one of
+ * tls_cert_file and tls_key_file; a certificate without tls_ca_file;
+ * a file without the PEM block it should hold, or an encrypted key),
+ * KPL_EIO (an unreadable CA, certificate or key file; the message names
+ * it), KPL_EINTERNAL (grpc refused the channel).
  */
 int kplc_connect(const char *target, struct kplc **out, struct kpl_err *err);
 /* The same with options (opt may be NULL). Copies what it needs of opt. */

@@ -4,10 +4,11 @@
 #                                     # /usr/share/bash-completion/completions/kplctl
 #
 # Completes commands, each command's options and their fixed values, file
-# names for submit and lint, and - when kpld answers within 2 s - run ids
-# (kplctl list), stage names (kplctl get), secret names and token ids, asking
-# the server given on the command line (--server, --token, --ca) or the
-# usual environment and config file. It never prints what it asks.
+# names for submit, lint, --ca, --cert and --key, and - when kpld answers
+# within 2 s - run ids (kplctl list), stage names (kplctl get), secret names
+# and token ids, asking the server given on the command line (--server,
+# --token, --ca, --cert, --key) or the usual environment and config file.
+# It never prints what it asks.
 
 # The options of each command, as in kplctl's command table (clients/kplctl.c).
 _kplctl_opts() {
@@ -38,8 +39,8 @@ _kplctl_ask() {
 	local i conn=()
 	for ((i = 1; i < ${#COMP_WORDS[@]} - 1; i++)); do
 		case ${COMP_WORDS[i]} in
-		--server | --token | --ca) conn+=("${COMP_WORDS[i]}" "${COMP_WORDS[i + 1]}") ;;
-		--server=* | --token=* | --ca=*) conn+=("${COMP_WORDS[i]}") ;;
+		--server | --token | --ca | --cert | --key) conn+=("${COMP_WORDS[i]}" "${COMP_WORDS[i + 1]}") ;;
+		--server=* | --token=* | --ca=* | --cert=* | --key=*) conn+=("${COMP_WORDS[i]}") ;;
 		esac
 	done
 	timeout 2 "${COMP_WORDS[0]}" "${conn[@]}" "$@" 2>/dev/null
@@ -58,7 +59,7 @@ _kplctl() {
 	# The command and the positional arguments before the cursor.
 	for ((i = 1; i < COMP_CWORD; i++)); do
 		case ${COMP_WORDS[i]} in
-		--server | --token | --ca | -o | --output | -p | --param | --idempotency-key | \
+		--server | --token | --ca | --cert | --key | -o | --output | -p | --param | --idempotency-key | \
 			--state | --pipeline | --limit | --from-seq | -m | --comment | --by | --from | \
 			--kind | --scope | --description | --stage | --to)
 			((i++)) ;;
@@ -88,7 +89,7 @@ _kplctl() {
 	--scope)
 		COMPREPLY=($(compgen -W "read submit approve admin" -- "$cur"))
 		return ;;
-	--ca)
+	--ca | --cert | --key)
 		compopt -o filenames 2>/dev/null
 		COMPREPLY=($(compgen -f -- "$cur"))
 		return ;;
@@ -105,14 +106,14 @@ _kplctl() {
 
 	if [[ -z $cmd ]]; then
 		if [[ $cur == -* ]]; then
-			COMPREPLY=($(compgen -W "--server --ca --token --help" -- "$cur"))
+			COMPREPLY=($(compgen -W "--server --ca --cert --key --token --help" -- "$cur"))
 		else
 			COMPREPLY=($(compgen -W "$_kplctl_commands" -- "$cur"))
 		fi
 		return
 	fi
 	if [[ $cur == -* ]]; then
-		COMPREPLY=($(compgen -W "$(_kplctl_opts "$cmd") --server --ca --token --help" -- "$cur"))
+		COMPREPLY=($(compgen -W "$(_kplctl_opts "$cmd") --server --ca --cert --key --token --help" -- "$cur"))
 		return
 	fi
 

@@ -65,8 +65,10 @@ enum opt_bit {
 	O_FOLLOW = 1 << 20,
 	O_TO = 1 << 21,
 	O_PLAIN = 1 << 22,
+	O_CERT = 1 << 23,
+	O_KEY = 1 << 24,
 };
-#define O_GLOBAL (O_SERVER | O_HELP | O_CA | O_TOKEN)
+#define O_GLOBAL (O_SERVER | O_HELP | O_CA | O_CERT | O_KEY | O_TOKEN)
 
 struct opt_def {
 	const char *long_name;
@@ -102,6 +104,11 @@ static const struct opt_def opt_defs[] = {
 	  "only events of kind K: run, stage, log or audit (repeatable)" },
 	{ "ca", 0, "FILE", O_CA,
 	  "use TLS, trusting the CAs in PEM FILE (else $KPL_CA, else ca in the config file)" },
+	{ "cert", 0, "FILE", O_CERT,
+	  "with --ca: send the client certificate in PEM FILE, for a kpld with --client-ca "
+	  "(else $KPL_CERT, else cert in the config file)" },
+	{ "key", 0, "FILE", O_KEY,
+	  "the private key of --cert, PEM (else $KPL_KEY, else key in the config file)" },
 	{ "token", 0, "TOKEN", O_TOKEN,
 	  "API token (else $KPL_TOKEN, else token in the config file); never printed" },
 	{ "scope", 0, "SCOPE", O_SCOPE, "read, submit, approve or admin" },
@@ -135,6 +142,8 @@ struct ctl {
 	const char *by;
 	const char *from;
 	const char *ca;
+	const char *cert;
+	const char *key;
 	const char *token;
 	const char *scope;
 	const char *description;
@@ -257,7 +266,8 @@ static void usage(FILE *f)
 		"     lint: every file is valid; for events: interrupted\n"
 		"  1  the watched run ended FAILED or CANCELLED; for lint: a file\n"
 		"     has an error\n"
-		"  2  usage error (bad arguments, unreadable FILE)\n"
+		"  2  usage error (bad arguments, unreadable FILE, --ca, --cert\n"
+		"     or --key file)\n"
 		"  3  cannot reach kpld, or it returned an error (printed as\n"
 		"     \"kplctl: COMMAND: STATUS_NAME: message\")\n"
 		"  130  a watch (or logs --follow) interrupted by Ctrl-C\n");
@@ -276,10 +286,38 @@ static int usage_error(const char *fmt, ...)
 	return EXIT_USAGE;
 }
 
+/*
+ * After an UNAVAILABLE over TLS: what grpc's message means, in our terms.
+ * A kpld with --client-ca that refuses our certificate (or the lack of one)
+ * just closes the connection: with TLS 1.3 our side of the handshake is
+ * already done, so grpc says only "Socket closed".
+ */
+static void tls_hint(const struct ctl *ctl, const char *msg)
+{
+	const char *why = NULL;
+
+	if (strstr(msg, "certificate verify failed"))
+		why = "kpld's certificate does not verify against --ca (is that the CA "
+		      "that signed kpld's --tls-cert, for this address?)";
+	else if (strstr(msg, "Socket closed") || strstr(msg, "andshake"))
+		why = ctl->cert ? "kpld closed the connection; if it requires client "
+				  "certificates (--client-ca), is --cert signed by that CA, "
+				  "for client authentication?"
+				: "kpld closed the connection; if it requires client "
+				  "certificates (--client-ca), give --cert FILE --key FILE";
+	else if (ctl->cert && strstr(msg, "empty address list"))
+		why = "grpc could not use --cert and --key (does the key belong to "
+		      "the certificate?)";
+	if (why)
+		fprintf(stderr, "%s: TLS to %s: %s\n", prog, ctl->server, why);
+}
+
 static int rpc_error(struct ctl *ctl, const struct kplc_status *st)
 {
 	fprintf(stderr, "%s: %s: %s: %s\n", prog, ctl->cmd->name,
 		kplc_status_name(st->code), st->message);
+	if (ctl->ca && st->code == KPLC_UNAVAILABLE)
+		tls_hint(ctl, st->message);
 	return EXIT_RPC;
 }
 
@@ -328,6 +366,8 @@ static int opt_set(struct ctl *ctl, const struct opt_def *o, const char *v)
 	case O_BY: ctl->by = v; break;
 	case O_FROM: ctl->from = v; break;
 	case O_CA: ctl->ca = v; break;
+	case O_CERT: ctl->cert = v; break;
+	case O_KEY: ctl->key = v; break;
 	case O_TOKEN: ctl->token = v; break;
 	case O_SCOPE: ctl->scope = v; break;
 	case O_DESCRIPTION: ctl->description = v; break;
@@ -814,11 +854,14 @@ static void print_run(const Kpl__V1__Run *r)
 static int connect_server(struct ctl *ctl)
 {
 	struct kpl_err err = { 0 };
-	struct kplc_options o = { .tls_ca_file = ctl->ca, .token = ctl->token };
+	struct kplc_options o = { .tls_ca_file = ctl->ca, .tls_cert_file = ctl->cert,
+				  .tls_key_file = ctl->key, .token = ctl->token };
 
 	if (kplc_connect_opts(ctl->server, &o, &ctl->c, &err) < 0) {
 		fprintf(stderr, "%s: %s: %s\n", prog, ctl->server, err.msg);
-		return EXIT_RPC;
+		/* An unreadable CA, certificate or key file is ours to fix,
+		 * like any unreadable FILE; grpc refusing is not. */
+		return err.code == KPL_EIO || err.code == KPL_EINVAL ? EXIT_USAGE : EXIT_RPC;
 	}
 	return 0;
 }
@@ -1900,7 +1943,7 @@ static char *trim(char *p)
 
 /*
  * $KPL_CONFIG, else $XDG_CONFIG_HOME/kpl/config, else ~/.config/kpl/config:
- * "key = value" lines (server, token, ca), '#' comments. It fills only what
+ * "key = value" lines (server, token, ca, cert, key), '#' comments. It fills only what
  * neither an option nor the environment set. A missing file is fine. The
  * values stay allocated for the life of the process.
  */
@@ -1948,8 +1991,13 @@ static int read_config(struct ctl *ctl)
 			slot = &ctl->token, has_token = 1;
 		else if (!strcmp(k, "ca"))
 			slot = &ctl->ca;
+		else if (!strcmp(k, "cert"))
+			slot = &ctl->cert;
+		else if (!strcmp(k, "key"))
+			slot = &ctl->key;
 		else {
-			fprintf(stderr, "%s: config %s:%d: unknown key \"%s\" (server, token, ca)\n",
+			fprintf(stderr, "%s: config %s:%d: unknown key \"%s\" "
+				"(server, token, ca, cert, key)\n",
 				prog, path, lineno, k);
 			fclose(f);
 			return EXIT_USAGE;
@@ -1995,6 +2043,10 @@ int main(int argc, char **argv)
 		ctl.server = getenv("KPL_SERVER");
 	if (!ctl.ca || !*ctl.ca)
 		ctl.ca = getenv("KPL_CA");
+	if (!ctl.cert || !*ctl.cert)
+		ctl.cert = getenv("KPL_CERT");
+	if (!ctl.key || !*ctl.key)
+		ctl.key = getenv("KPL_KEY");
 	if (!ctl.token || !*ctl.token)
 		ctl.token = getenv("KPL_TOKEN");
 	rc = read_config(&ctl);
@@ -2004,6 +2056,19 @@ int main(int argc, char **argv)
 		ctl.server = KPLC_DEFAULT_TARGET;
 	if (ctl.ca && !*ctl.ca)
 		ctl.ca = NULL;
+	if (ctl.cert && !*ctl.cert)
+		ctl.cert = NULL;
+	if (ctl.key && !*ctl.key)
+		ctl.key = NULL;
+	/* Said in kplctl's words before the library says it in its own. */
+	if (!ctl.cert != !ctl.key)
+		return usage_error("--%s %s needs --%s too (or $KPL_%s, or %s in the config file)",
+				   ctl.cert ? "cert" : "key", ctl.cert ? ctl.cert : ctl.key,
+				   ctl.cert ? "key" : "cert", ctl.cert ? "KEY" : "CERT",
+				   ctl.cert ? "key" : "cert");
+	if (ctl.cert && !ctl.ca)
+		return usage_error("--cert and --key need --ca (or $KPL_CA, or ca in the config file): "
+				   "a client certificate is sent over TLS only");
 
 	rc = connect_server(&ctl);
 	if (rc)

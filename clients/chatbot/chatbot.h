@@ -9,7 +9,7 @@
  * Threads: nothing here keeps global state; any thread may call any function
  * on objects it owns.
  *
- * Secrets: a chat's url and secret are credentials. Nothing here logs, and
+ * Secrets: a chat's url and secret, and the kpld token, are credentials. Nothing here logs, and
  * no error message built here contains either (they name the chat).
  */
 #ifndef KPL_CLIENTS_CHATBOT_H
@@ -40,6 +40,13 @@ struct chat_config {
 
 struct chatbot_config {
 	char *server;     /* "127.0.0.1:7070" */
+	/* Connection to kpld, as kplctl's --ca, --cert, --key and --token
+	 * (docs/security.md); NULL if not set. cert and key come together
+	 * and need ca. token is a credential: never log it. */
+	char *ca;
+	char *cert;
+	char *key;
+	char *token;
 	char *state_file;
 	/* Without a state file: 1 follows from global seq 1 ("beginning"),
 	 * 0 only new events ("new", the default). */
@@ -58,8 +65,8 @@ struct chatbot_config {
 
 /*
  * Parses a config file (YAML or JSON; file names it in messages). Values
- * written as `url_env: VAR` / `secret_env: VAR` are read from the
- * environment here. On success fills *out (caller releases it with
+ * written as `url_env: VAR` / `secret_env: VAR` / `token_env: VAR` are read
+ * from the environment here. On success fills *out (caller releases it with
  * chatbot_config_release); on error returns KPL_EINVAL with err saying
  * "file:line:col: path: what" (never a url or secret value).
  */

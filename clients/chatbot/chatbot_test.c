@@ -293,6 +293,55 @@ static void test_config(void **state)
 	assert_null(strstr(err.msg, "SECRETPATH"));
 }
 
+/* kpld connection keys: ca, cert and key together, token or token_env. */
+static void test_config_connection(void **state)
+{
+	static const char chats[] = "state_file: s\n"
+				    "chats: [{ name: a, kind: slack, url: 'http://h/x' }]\n";
+	struct chatbot_config c;
+	struct kpl_err err = { 0 };
+	char text[512];
+
+	(void)state;
+	assert_int_equal(chatbot_config_parse(chats, strlen(chats), "bot.yaml", &c, &err), 0);
+	assert_null(c.ca);
+	assert_null(c.cert);
+	assert_null(c.token);
+	chatbot_config_release(&c);
+
+	snprintf(text, sizeof text, "ca: /etc/kpl/ca.pem\ncert: /etc/kpl/bot.pem\n"
+				    "key: /etc/kpl/bot.key\ntoken_env: CHATBOT_TEST_TOKEN\n%s",
+		 chats);
+	setenv("CHATBOT_TEST_TOKEN", "kpl_TESTTOKEN", 1);
+	assert_int_equal(chatbot_config_parse(text, strlen(text), "bot.yaml", &c, &err), 0);
+	assert_string_equal(c.ca, "/etc/kpl/ca.pem");
+	assert_string_equal(c.cert, "/etc/kpl/bot.pem");
+	assert_string_equal(c.key, "/etc/kpl/bot.key");
+	assert_string_equal(c.token, "kpl_TESTTOKEN");
+	chatbot_config_release(&c);
+	unsetenv("CHATBOT_TEST_TOKEN");
+	assert_int_equal(chatbot_config_parse(text, strlen(text), "bot.yaml", &c, &err),
+			 KPL_EINVAL);
+	assert_string_equal(err.msg, "bot.yaml:4:12: token_env: environment variable "
+				     "CHATBOT_TEST_TOKEN is not set");
+
+	snprintf(text, sizeof text, "token: kpl_SECRET\ntoken_env: X\n%s", chats);
+	assert_int_equal(chatbot_config_parse(text, strlen(text), "bot.yaml", &c, &err),
+			 KPL_EINVAL);
+	assert_null(strstr(err.msg, "kpl_SECRET"));
+
+	snprintf(text, sizeof text, "ca: /ca.pem\ncert: /bot.pem\n%s", chats);
+	assert_int_equal(chatbot_config_parse(text, strlen(text), "bot.yaml", &c, &err),
+			 KPL_EINVAL);
+	assert_string_equal(err.msg, "bot.yaml:2:7: cert: needs key too (the client "
+				     "certificate's private key)");
+
+	snprintf(text, sizeof text, "cert: /bot.pem\nkey: /bot.key\n%s", chats);
+	assert_int_equal(chatbot_config_parse(text, strlen(text), "bot.yaml", &c, &err),
+			 KPL_EINVAL);
+	assert_non_null(strstr(err.msg, "cert: needs ca"));
+}
+
 static void test_state_roundtrip(void **state)
 {
 	char dir[] = "/tmp/chatbot_test.XXXXXX", path[256];
@@ -330,6 +379,7 @@ int main(void)
 		cmocka_unit_test(test_judge),
 		cmocka_unit_test(test_rings),
 		cmocka_unit_test(test_config),
+		cmocka_unit_test(test_config_connection),
 		cmocka_unit_test(test_state_roundtrip),
 	};
 

@@ -71,7 +71,7 @@ static int get_secretish(struct cfg_ctx *cx, const struct pl_node *map, const ch
 	env = pl_map_get(map, env_key);
 	if (!env)
 		return get_string(cx, map, key, path, out);
-	snprintf(p, sizeof p, "%s.%s", path, env_key);
+	snprintf(p, sizeof p, "%s%s%s", path, *path ? "." : "", env_key);
 	if (pl_map_get(map, key))
 		return bad(cx, env, p, "give the value or the variable, not both");
 	if (env->type != PL_SCALAR || !*env->scalar)
@@ -211,7 +211,8 @@ static int parse_chat(struct cfg_ctx *cx, const struct pl_node *m, size_t idx,
 int chatbot_config_parse(const char *text, size_t len, const char *file,
 			 struct chatbot_config *out, struct kpl_err *err)
 {
-	static const char *const known[] = { "server", "state_file", "start", "rollback_stages",
+	static const char *const known[] = { "server", "ca", "cert", "key", "token",
+					     "token_env", "state_file", "start", "rollback_stages",
 					     "log_lines", "max_tries", "backoff", "max_backoff",
 					     "timeout", "chats", NULL };
 	struct cfg_ctx cx = { file, err };
@@ -233,6 +234,10 @@ int chatbot_config_parse(const char *text, size_t len, const char *file,
 	}
 	if ((rc = check_keys(&cx, root, "(top)", known)) ||
 	    (rc = get_string(&cx, root, "server", "", &out->server)) ||
+	    (rc = get_string(&cx, root, "ca", "", &out->ca)) ||
+	    (rc = get_string(&cx, root, "cert", "", &out->cert)) ||
+	    (rc = get_string(&cx, root, "key", "", &out->key)) ||
+	    (rc = get_secretish(&cx, root, "token", "", &out->token)) ||
 	    (rc = get_string(&cx, root, "state_file", "", &out->state_file)) ||
 	    (rc = get_int(&cx, root, "log_lines", 0, CHATBOT_MAX_LOG_LINES, &out->log_lines)) ||
 	    (rc = get_int(&cx, root, "max_tries", 1, 1000, &out->max_tries)) ||
@@ -242,6 +247,18 @@ int chatbot_config_parse(const char *text, size_t len, const char *file,
 		goto fail;
 	if (!out->server)
 		out->server = kpl_strdup("127.0.0.1:7070");
+	if (!out->cert != !out->key) {
+		rc = bad(&cx, pl_map_get(root, out->cert ? "cert" : "key"),
+			 out->cert ? "cert" : "key",
+			 out->cert ? "needs key too (the client certificate's private key)"
+				   : "needs cert too (the client certificate)");
+		goto fail;
+	}
+	if (out->cert && !out->ca) {
+		rc = bad(&cx, pl_map_get(root, "cert"), "cert",
+			 "needs ca: a client certificate is sent over TLS only");
+		goto fail;
+	}
 	if (!out->state_file) {
 		rc = bad(&cx, root, "state_file", "is required");
 		goto fail;
@@ -305,6 +322,12 @@ void chatbot_config_release(struct chatbot_config *c)
 	}
 	free(c->chats);
 	free(c->server);
+	free(c->ca);
+	free(c->cert);
+	free(c->key);
+	if (c->token)
+		memset(c->token, 0, strlen(c->token));
+	free(c->token);
 	free(c->state_file);
 	free_list(c->rollback_stages, c->n_rollback_stages);
 	memset(c, 0, sizeof *c);

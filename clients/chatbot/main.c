@@ -835,10 +835,18 @@ int main(int argc, char **argv)
 		kpl_error(LOG, "%s", err.msg);
 		return 1;
 	}
-	if (kplc_connect_opts(b->cfg.server, &co, &b->c, &err)) {
-		kpl_error(LOG, "%s", err.msg);
-		return 1;
+	co.tls_ca_file = b->cfg.ca;
+	co.tls_cert_file = b->cfg.cert;
+	co.tls_key_file = b->cfg.key;
+	co.token = b->cfg.token;
+	if ((rc = kplc_connect_opts(b->cfg.server, &co, &b->c, &err))) {
+		kpl_error(LOG, "%s: %s", config, err.msg);
+		/* An unreadable ca, cert or key file is the config's fault. */
+		return rc == KPL_EIO || rc == KPL_EINVAL ? 2 : 1;
 	}
+	kpl_info(LOG, "kpld at %s (%s%s)", b->cfg.server,
+		 !b->cfg.ca ? "plaintext" : b->cfg.cert ? "TLS, client certificate" : "TLS",
+		 b->cfg.token ? ", with a token" : "");
 	b->rings = log_rings_new(b->cfg.log_lines);
 	b->chats = kpl_calloc(b->cfg.n_chats, sizeof *b->chats);
 	for (size_t i = 0; i < b->cfg.n_chats; i++) {

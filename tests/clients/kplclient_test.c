@@ -10,9 +10,11 @@
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -86,6 +88,67 @@ static void test_connect_errors(void **state)
 	assert_int_equal(kplc_connect_opts("127.0.0.1:1", &opt, &c, &err), KPL_EIO);
 	assert_null(c);
 	assert_non_null(strstr(err.msg, "/nonexistent/ca.pem"));
+}
+
+/* A client certificate: both files or neither, only over TLS, and an
+ * unreadable file named. (That a server with --client-ca takes it is
+ * tests/e2e/security_test.py.) */
+static void test_connect_cert_errors(void **state)
+{
+	char dir[] = "/tmp/kplc-cert-XXXXXX", ca[64], cert[64], key[64];
+	struct kplc_options opt = { 0 };
+	struct kpl_err err = { 0 };
+	struct kplc *c = (struct kplc *)&err;
+	FILE *f;
+
+	assert_non_null(mkdtemp(dir));
+	snprintf(ca, sizeof ca, "%s/ca.pem", dir);
+	snprintf(cert, sizeof cert, "%s/cli.pem", dir);
+	snprintf(key, sizeof key, "%s/cli.key", dir);
+	/* Not a real CA: grpc reads the PEM when it first connects, and
+	 * these tests never do. */
+	assert_non_null(f = fopen(ca, "w"));
+	fputs("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n", f);
+	fclose(f);
+	assert_non_null(f = fopen(cert, "w"));
+	fputs("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n", f);
+	fclose(f);
+
+	opt.tls_ca_file = ca;
+	opt.tls_cert_file = cert;
+	assert_int_equal(kplc_connect_opts("127.0.0.1:1", &opt, &c, &err), KPL_EINVAL);
+	assert_null(c);
+	assert_non_null(strstr(err.msg, cert));
+	assert_non_null(strstr(err.msg, "both"));
+
+	opt.tls_cert_file = NULL;
+	opt.tls_key_file = key;
+	assert_int_equal(kplc_connect_opts("127.0.0.1:1", &opt, &c, &err), KPL_EINVAL);
+	assert_non_null(strstr(err.msg, key));
+
+	opt.tls_cert_file = cert;
+	assert_int_equal(kplc_connect_opts("127.0.0.1:1", &opt, &c, &err), KPL_EIO);
+	assert_null(c);
+	assert_non_null(strstr(err.msg, "tls key"));
+	assert_non_null(strstr(err.msg, key));
+
+	opt.tls_ca_file = NULL;
+	assert_int_equal(kplc_connect_opts("127.0.0.1:1", &opt, &c, &err), KPL_EINVAL);
+	assert_non_null(strstr(err.msg, "CA"));
+
+	/* Both readable: the channel is made (grpc connects lazily). */
+	assert_non_null(f = fopen(key, "w"));
+	fputs("-----BEGIN PRIVATE KEY-----\n-----END PRIVATE KEY-----\n", f);
+	fclose(f);
+	opt.tls_ca_file = ca;
+	assert_int_equal(kplc_connect_opts("127.0.0.1:1", &opt, &c, &err), 0);
+	assert_non_null(c);
+	kplc_free(c);
+
+	unlink(ca);
+	unlink(cert);
+	unlink(key);
+	rmdir(dir);
 }
 
 static void test_unary(void **state)
@@ -535,6 +598,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_status_names),
 		cmocka_unit_test(test_connect_errors),
+		cmocka_unit_test(test_connect_cert_errors),
 		cmocka_unit_test(test_unary),
 		cmocka_unit_test(test_unreachable),
 		cmocka_unit_test(test_deadline),

@@ -661,7 +661,7 @@ for l in help.split("\n"):
     elif not l.strip():
         cmd = None
 assert set(opts) == set(cmds), opts
-glob = {"--server", "--ca", "--token", "--help"}
+glob = {"--server", "--ca", "--cert", "--key", "--token", "--help"}
 for c in cmds:
     got = {w for w in complete("kplctl %s --" % c)}
     assert got == opts[c] | glob, (c, got ^ (opts[c] | glob))

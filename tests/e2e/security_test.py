@@ -338,13 +338,14 @@ class Suite:
         assert_eq(len(page["events"]), 2, "audit page size")
         admin.close()
 
-    def _ctl(self, *args, env=None):
+    def _ctl(self, *args, env=None, stdin=None):
         e = dict(os.environ, HOME=os.path.join(self.tmp, "home"))
-        for k in ("KPL_SERVER", "KPL_TOKEN", "KPL_CA", "KPL_CONFIG", "XDG_CONFIG_HOME"):
+        for k in ("KPL_SERVER", "KPL_TOKEN", "KPL_CA", "KPL_CERT", "KPL_KEY", "KPL_CONFIG",
+                  "XDG_CONFIG_HOME"):
             e.pop(k, None)
         e.update(env or {})
         return subprocess.run([self.kplctl_bin] + list(args), capture_output=True,
-                              text=True, timeout=60, env=e)
+                              text=True, timeout=60, env=e, input=stdin or "")
 
     def test_kplctl_token_commands(self):
         s = ["--server", self.d.addr]
@@ -460,8 +461,60 @@ class Suite:
                        and m.endswith("set secret api_key") for m in msgs):
                 raise AssertionError("audit lacks the client certificate: %r" % msgs)
             c.close()
+            self._kplctl_mtls(d, k)
         finally:
             d.stop()
+
+    def _kplctl_mtls(self, d, k):
+        """kplctl against the mTLS kpld: --cert/--key, KPL_CERT/KPL_KEY,
+        cert/key in the config file, and the errors without them."""
+        s = ["--server", d.addr, "--ca", k["ca.pem"]]
+        p = self._ctl(*s, "list")
+        assert_eq(p.returncode, 3, "kplctl --ca without a client certificate: exit code")
+        if "UNAVAILABLE" not in p.stderr or "TLS" not in p.stderr \
+                or "--client-ca" not in p.stderr or "--cert" not in p.stderr:
+            raise AssertionError("no TLS handshake message: %r" % p.stderr)
+        p = self._ctl(*s, "--cert", k["cli.pem"], "--key", k["cli.key"], "list")
+        assert_eq(p.returncode, 0, "kplctl --cert --key list: " + p.stderr)
+        p = self._ctl(*s, "--cert", k["cli.pem"], "--key", k["cli.key"], "secret", "set",
+                      "ctl_key", stdin="abcd-from-kplctl")
+        assert_eq(p.returncode, 0, "kplctl secret set over mTLS: " + p.stderr)
+        env = {"KPL_CERT": k["cli.pem"], "KPL_KEY": k["cli.key"]}
+        p = self._ctl(*s, "list", env=env)
+        assert_eq(p.returncode, 0, "kplctl with KPL_CERT/KPL_KEY: " + p.stderr)
+        p = self._ctl(*s, "audit", env=env)
+        if p.returncode or not any("(cert " in ln and "kpl-test-client" in ln
+                                   and ln.endswith("set secret ctl_key")
+                                   for ln in p.stdout.splitlines()):
+            raise AssertionError("kplctl audit lacks kplctl's certificate: %r %r"
+                                 % (p.stdout, p.stderr))
+        # The config file: every connection key, nothing on the command line.
+        cfg = os.path.join(self.tmp, "mtls-config")
+        with open(cfg, "w") as f:
+            f.write("server = %s\nca = %s\ncert = %s\nkey = %s\n"
+                    % (d.addr, k["ca.pem"], k["cli.pem"], k["cli.key"]))
+        p = self._ctl("list", env={"KPL_CONFIG": cfg})
+        assert_eq(p.returncode, 0, "kplctl with cert and key in the config file: " + p.stderr)
+        # A missing key file, only one of the two, a cert without --ca: exit 2.
+        missing = os.path.join(self.tmp, "pki", "missing.key")
+        p = self._ctl(*s, "--cert", k["cli.pem"], "--key", missing, "list")
+        assert_eq(p.returncode, 2, "kplctl with a missing key file: exit code")
+        if missing not in p.stderr or "No such file" not in p.stderr:
+            raise AssertionError("missing key file not named: %r" % p.stderr)
+        p = self._ctl(*s, "list", env={"KPL_CERT": k["cli.pem"], "KPL_KEY": missing})
+        assert_eq(p.returncode, 2, "KPL_KEY naming a missing file: exit code")
+        if missing not in p.stderr:
+            raise AssertionError("missing KPL_KEY file not named: %r" % p.stderr)
+        p = self._ctl(*s, "--cert", k["cli.pem"], "list")
+        assert_eq(p.returncode, 2, "kplctl --cert without --key: exit code")
+        if k["cli.pem"] not in p.stderr or "--key" not in p.stderr:
+            raise AssertionError("--cert without --key: %r" % p.stderr)
+        p = self._ctl("--server", d.addr, "--cert", k["cli.pem"], "--key", k["cli.key"], "list")
+        assert_eq(p.returncode, 2, "kplctl --cert --key without --ca: exit code")
+        p = self._ctl(*s, "--cert", k["cli.key"], "--key", k["cli.pem"], "list")
+        assert_eq(p.returncode, 2, "kplctl with cert and key swapped: exit code")
+        if "not a PEM certificate" not in p.stderr or k["cli.key"] not in p.stderr:
+            raise AssertionError("swapped cert and key: %r" % p.stderr)
 
     def test_no_token_in_any_log(self):
         logs = [self.d.log_text()]
