@@ -20,23 +20,16 @@ Prometheus's first data, bounded.
 import json
 import os
 import re
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import traceback
 import urllib.error
-import urllib.parse
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kube_stack  # noqa: E402
 from e2e_test import P, Client, Daemon, assert_eq, submit, watch  # noqa: E402
 
-PY = "/usr/bin/python3"
-PROMETHEUS = os.environ.get("PROMETHEUS", "/usr/bin/prometheus")
 TOKEN = "kpl-canary-token-5e21b7"
 NS = "shop"
 WEB = "/apis/apps/v1/namespaces/shop/deployments/web"
@@ -71,14 +64,6 @@ SERVICE = {
 }
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def canary_pipeline(name, image, version, steps, extra=""):
     """A canary stage; steps are YAML flow items."""
     return """
@@ -108,11 +93,16 @@ class Suite:
         self.tmp = tmp
         self.procs = []
         self.err = os.path.join(tmp, "kube.err")
-        self.kube = self._start_emulator(emulator)
+        p, self.kube = kube_stack.start_emulator(
+            emulator, tmp, ["--lifetime", "900", "--pace", "0.2", "--traffic-interval", "0.5",
+                            "--token", TOKEN, "--namespace", NS, "--bookmark-interval", "1",
+                            "--verbose"], self.err, stdout_to_log=False)
+        self.procs.append(p)
         self.api("POST", "/api/v1/namespaces/shop/services", SERVICE)
         self.api("POST", "/apis/apps/v1/namespaces/shop/deployments", DEPLOYMENT)
         self.wait_settled(WEB, "reg.example/web:1.0")
-        self.prom = self._start_prometheus()
+        prom, self.prom = kube_stack.start_prometheus(tmp, self.kube)
+        self.procs.append(prom)
         kc = os.path.join(tmp, "kubeconfig")
         with open(kc, "w") as f:
             json.dump({"apiVersion": "v1", "kind": "Config", "current-context": "c",
@@ -126,56 +116,10 @@ class Suite:
                     "prometheus:\n  main: { url: \"%s\" }\n" % (kc, self.prom))
         self.daemon = Daemon(kpld, os.path.join(tmp, "data"), ["--config", cfg])
         self.c = self.daemon.start()
-        self._wait_for_prometheus()
-
-    # -- setup -------------------------------------------------------------
-
-    def _start_emulator(self, emulator):
-        port_file = os.path.join(self.tmp, "kube.port")
-        p = subprocess.Popen([PY, emulator, "--port-file", port_file, "--lifetime", "900",
-                              "--pace", "0.2", "--traffic-interval", "0.5", "--token", TOKEN,
-                              "--namespace", NS, "--bookmark-interval", "1", "--verbose"],
-                             stdout=subprocess.DEVNULL, stderr=open(self.err, "w"))
-        self.procs.append(p)
-        deadline = time.monotonic() + 30
-        while not (os.path.exists(port_file) and open(port_file).read().strip()):
-            if p.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("kube emulator did not start: " + open(self.err).read())
-            time.sleep(0.05)  # waiting for the process to listen
-        return "http://127.0.0.1:%s" % open(port_file).read().strip()
-
-    def _start_prometheus(self):
-        port = free_port()
-        conf = os.path.join(self.tmp, "prometheus.yml")
-        with open(conf, "w") as f:
-            f.write("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-                    "scrape_configs:\n  - job_name: kube-emulator\n"
-                    "    metrics_path: /metrics\n"
-                    "    static_configs:\n      - targets: ['%s']\n" % self.kube[len("http://"):])
-        log = open(os.path.join(self.tmp, "prometheus.log"), "w")
-        p = subprocess.Popen([PROMETHEUS, "--config.file", conf,
-                              "--storage.tsdb.path", os.path.join(self.tmp, "tsdb"),
-                              "--web.listen-address", "127.0.0.1:%d" % port],
-                             stdout=log, stderr=log)
-        log.close()
-        self.procs.append(p)
-        return "http://127.0.0.1:%d" % port
-
-    def _wait_for_prometheus(self):
-        """Until Prometheus has scraped the stable version's traffic twice."""
-        q = ('sum(rate(istio_requests_total{destination_workload="web",'
-             'destination_version="v1"}[1m]))')
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                url = self.prom + "/api/v1/query?" + urllib.parse.urlencode({"query": q})
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    if json.loads(r.read())["data"]["result"]:
-                        return
-            except Exception:
-                pass  # not listening yet
-            time.sleep(0.5)
-        raise AssertionError("prometheus has no data after 90 s")
+        # Until Prometheus has scraped the stable version's traffic twice.
+        kube_stack.wait_for_data(self.prom, prom, tmp, [
+            'sum(rate(istio_requests_total{destination_workload="web",'
+            'destination_version="v1"}[1m]))'])
 
     # -- helpers -----------------------------------------------------------
 
@@ -529,17 +473,7 @@ stages:
         assert TOKEN not in log, "the token appears in kpld's log"
 
     def close(self):
-        try:
-            self.c.close()
-            if self.daemon.proc:
-                assert_eq(self.daemon.stop(signal.SIGTERM), 0, "kpld exit status on SIGTERM")
-        finally:
-            for p in self.procs:
-                p.terminate()
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        kube_stack.stop(self.c, self.daemon, self.procs)
 
 
 def run_text_mesh(mode):
@@ -561,44 +495,7 @@ def watch_all(c, run_id, from_seq=0):
 
 
 def main():
-    kpld = os.path.abspath(sys.argv[1])
-    emulator = os.path.abspath(sys.argv[2])
-    if not os.access(PROMETHEUS, os.X_OK):
-        print("FAIL: %s is missing (apt-get install prometheus; ./dev installs it)" % PROMETHEUS)
-        return 1
-    tmp = tempfile.mkdtemp(prefix="kpl-canary-", dir=os.environ.get("TEST_TMPDIR"))
-    passed = failed = 0
-    try:
-        suite = Suite(kpld, emulator, tmp)
-    except Exception:
-        traceback.print_exc()
-        return 1
-    only = os.environ.get("CANARY_TEST_ONLY")
-    for name in [n for n in Suite.__dict__ if n.startswith("test_")]:
-        if only and name not in only.split(","):
-            continue
-        t0 = time.monotonic()
-        try:
-            getattr(suite, name)()
-            passed += 1
-            print("PASS %s (%.2fs)" % (name, time.monotonic() - t0), flush=True)
-        except Exception:
-            failed += 1
-            print("FAIL %s" % name, flush=True)
-            traceback.print_exc()
-    try:
-        suite.close()
-    except Exception:
-        failed += 1
-        print("FAIL clean stop", flush=True)
-        traceback.print_exc()
-    if failed:
-        print("kpld log (%s):" % suite.daemon.log)
-        print(open(suite.daemon.log).read()[-8000:])
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print("%d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    return kube_stack.run_suite(Suite, sys.argv[1:], "kpl-canary-", "CANARY_TEST_ONLY")
 
 
 if __name__ == "__main__":

@@ -13,24 +13,16 @@ until it has the series the checks read); no sleep stands for a condition.
 import json
 import os
 import re
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-import traceback
-import urllib.parse
 import urllib.request
 
 import grpc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kube_stack  # noqa: E402
 from e2e_test import P, Client, Daemon, assert_eq, submit, watch  # noqa: E402
 
-PY = "/usr/bin/python3"
-PROMETHEUS = os.environ.get("PROMETHEUS", "/usr/bin/prometheus")
 NS = "default"
 
 SUCCESS_RATE = (
@@ -43,14 +35,6 @@ DURATION = (
     'histogram_quantile(0.99, sum(rate(istio_request_duration_milliseconds_bucket{'
     'reporter="destination",destination_workload_namespace="%s",destination_workload=~"web-.*",'
     'destination_version="${{ canary.version }}"}[1m])) by (le))' % NS)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def http(method, url, body=None):
@@ -89,76 +73,25 @@ class Suite:
     def __init__(self, kpld, emulator, tmp):
         self.tmp = tmp
         self.procs = []
-        self.kube = self._start_emulator(emulator)
+        p, self.kube = kube_stack.start_emulator(
+            emulator, tmp, ["--lifetime", "600", "--pace", "0.2", "--traffic-interval", "0.5"],
+            os.path.join(tmp, "kube.log"))
+        self.procs.append(p)
         http("POST", self.kube + "/apis/apps/v1/namespaces/%s/deployments" % NS,
              deployment("web-v1", "v1", "web:1.0"))
         http("POST", self.kube + "/apis/apps/v1/namespaces/%s/deployments" % NS,
              deployment("web-v2", "v2", "web:2.0-bad"))
-        self.prom = self._start_prometheus()
-        self._wait_for_data()
+        prom, self.prom = kube_stack.start_prometheus(tmp, self.kube)
+        self.procs.append(prom)
+        # Until both versions have a success rate: two scrapes with traffic
+        # from both Deployments.
+        kube_stack.wait_for_data(self.prom, prom, tmp, [
+            SUCCESS_RATE.replace("${{ canary.version }}", v) for v in ("v1", "v2")])
         cfg = os.path.join(tmp, "kpld.yaml")
         with open(cfg, "w") as f:
             f.write("prometheus:\n  main: { url: \"%s\" }\n" % self.prom)
         self.daemon = ConfigDaemon(kpld, os.path.join(tmp, "data"), cfg)
         self.c = self.daemon.start()
-
-    def _start_emulator(self, emulator):
-        port_file = os.path.join(self.tmp, "kube.port")
-        log = open(os.path.join(self.tmp, "kube.log"), "w")
-        p = subprocess.Popen([PY, emulator, "--port-file", port_file, "--lifetime", "600",
-                              "--pace", "0.2", "--traffic-interval", "0.5"],
-                             stdout=log, stderr=log)
-        log.close()
-        self.procs.append(p)
-        deadline = time.monotonic() + 30
-        while not (os.path.exists(port_file) and open(port_file).read().strip()):
-            if p.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("kube emulator did not start: " +
-                                     open(os.path.join(self.tmp, "kube.log")).read())
-            time.sleep(0.05)  # waiting for the process to listen
-        return "http://127.0.0.1:%s" % open(port_file).read().strip()
-
-    def _start_prometheus(self):
-        port = free_port()
-        conf = os.path.join(self.tmp, "prometheus.yml")
-        target = self.kube[len("http://"):]
-        with open(conf, "w") as f:
-            f.write("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-                    "scrape_configs:\n  - job_name: kube-emulator\n"
-                    "    metrics_path: /metrics\n"
-                    "    static_configs:\n      - targets: ['%s']\n" % target)
-        log = open(os.path.join(self.tmp, "prometheus.log"), "w")
-        p = subprocess.Popen([PROMETHEUS, "--config.file", conf,
-                              "--storage.tsdb.path", os.path.join(self.tmp, "tsdb"),
-                              "--web.listen-address", "127.0.0.1:%d" % port],
-                             stdout=log, stderr=log)
-        log.close()
-        self.procs.append(p)
-        return "http://127.0.0.1:%d" % port
-
-    def query(self, q):
-        url = self.prom + "/api/v1/query?" + urllib.parse.urlencode({"query": q})
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return json.loads(r.read())["data"]["result"]
-
-    def _wait_for_data(self):
-        """Polls Prometheus (an external readiness) until both versions have
-        a success rate: two scrapes with traffic from both Deployments."""
-        deadline = time.monotonic() + 90
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                ok = all(self.query(SUCCESS_RATE.replace("${{ canary.version }}", v))
-                         for v in ("v1", "v2"))
-                if ok:
-                    return
-            except Exception as e:  # not listening yet
-                last = e
-            if self.procs[-1].poll() is not None:
-                break
-            time.sleep(0.5)
-        raise AssertionError("prometheus has no data after 90 s (%s); its log:\n%s"
-                             % (last, open(os.path.join(self.tmp, "prometheus.log")).read()[-3000:]))
 
     def run(self, text, params=None):
         run = Client.to_dict(submit(self.c, text, params))
@@ -350,17 +283,7 @@ class Suite:
         assert_eq(rounds, ["1", "2", "3", "4"], "each round once, across the restart")
 
     def close(self):
-        try:
-            self.c.close()
-            if self.daemon.proc:
-                assert_eq(self.daemon.stop(signal.SIGTERM), 0, "kpld exit status on SIGTERM")
-        finally:
-            for p in self.procs:
-                p.terminate()
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        kube_stack.stop(self.c, self.daemon, self.procs)
 
 
 class ConfigDaemon(Daemon):
@@ -384,42 +307,7 @@ class ConfigDaemon(Daemon):
 
 
 def main():
-    kpld = os.path.abspath(sys.argv[1])
-    emulator = os.path.abspath(sys.argv[2])
-    if not os.access(PROMETHEUS, os.X_OK):
-        print("FAIL: %s is missing (apt-get install prometheus; ./dev installs it)" % PROMETHEUS)
-        return 1
-    tmp = tempfile.mkdtemp(prefix="kpl-verify-", dir=os.environ.get("TEST_TMPDIR"))
-    passed = failed = 0
-    try:
-        suite = Suite(kpld, emulator, tmp)
-    except Exception:
-        traceback.print_exc()
-        return 1
-    names = [n for n in Suite.__dict__ if n.startswith("test_")]
-    for name in names:
-        t0 = time.monotonic()
-        try:
-            getattr(suite, name)()
-            passed += 1
-            print("PASS %s (%.2fs)" % (name, time.monotonic() - t0), flush=True)
-        except Exception:
-            failed += 1
-            print("FAIL %s" % name, flush=True)
-            traceback.print_exc()
-    try:
-        suite.close()
-    except Exception:
-        failed += 1
-        print("FAIL clean stop", flush=True)
-        traceback.print_exc()
-    if failed:
-        print("kpld log (%s):" % suite.daemon.log)
-        print(open(suite.daemon.log).read()[-8000:])
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print("%d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    return kube_stack.run_suite(Suite, sys.argv[1:], "kpl-verify-")
 
 
 if __name__ == "__main__":
