@@ -40,9 +40,7 @@ static const char *const step_names[BL_STEP_LAST] = { "bud", "clean", "push", "r
 /* One attempt. */
 struct build_local {
 	struct stage *st;
-	struct proc *proc;
-	enum bl_step step;
-	bool cancelled;
+	struct proc_steps steps;
 	char *context, *dockerfile, *target, *output, *name, *root, *runroot;
 	char **build_args;      /* "NAME=value", NULL-terminated */
 	char **env;
@@ -144,6 +142,11 @@ static void bl_free(struct build_local *b)
 	free(b);
 }
 
+static void bl_free_steps(struct proc_steps *s)
+{
+	bl_free(s->data);
+}
+
 static char *with_text(struct stage *st, const char *key, const char *def)
 {
 	char *v = stage_expand(st, stage_with_get(st, key));
@@ -162,8 +165,10 @@ static char *image_name(struct stage *st)
 	return s;
 }
 
-/* Reads `with` (expanded); also on resume. */
-static struct build_local *bl_new(struct stage *st, struct kpl_err *err)
+static const struct proc_steps_ops bl_steps;
+
+/* Reads `with` (expanded); also on resume. The attempt's steps, or NULL. */
+static struct proc_steps *bl_new(struct stage *st, struct kpl_err *err)
 {
 	struct build_local *b = kpl_calloc(1, sizeof *b);
 	const struct pl_node *args = stage_with_get(st, "args");
@@ -173,6 +178,7 @@ static struct build_local *bl_new(struct stage *st, struct kpl_err *err)
 	size_t nargs = 0;
 
 	b->st = st;
+	proc_steps_init(&b->steps, st, &bl_steps, b);
 	if ((why = path_problem(context)))
 		key = "context";
 	else if ((why = path_problem(output)))
@@ -209,13 +215,12 @@ static struct build_local *bl_new(struct stage *st, struct kpl_err *err)
 	b->runroot = kpl_asprintf("%s/buildah/runroot", data);
 	free(data);
 	b->env = proc_stage_env(st, NULL);
-	return b;
+	return &b->steps;
 }
 
-static const struct proc_ops bl_ops;
-
-static int run_step(struct build_local *b, enum bl_step step, struct kpl_err *err)
+static int run_step(struct proc_steps *s, unsigned step, struct kpl_err *err)
 {
+	struct build_local *b = s->data;
 	char *argv[32 + 2 * BL_MAX_ARGS];
 	size_t n = 0;
 	const char *cwd = stage_workspace(b->st);
@@ -279,26 +284,15 @@ static int run_step(struct build_local *b, enum bl_step step, struct kpl_err *er
 		argv[n++] = b->name;
 		break;
 	default:
-		BUG("build local step %d", step);
+		BUG("build local step %u", step);
 	}
 	argv[n] = NULL;
-	b->step = step;
 	{
-		int rc = proc_step_start(b->st, step, step_names[step], argv, b->env, cwd,
-					 &bl_ops, b, &b->proc, err);
+		int rc = proc_steps_run(s, step, argv, b->env, cwd, err);
 		if (step == BL_PUSH)
 			free(argv[n - 1]);
 		return rc;
 	}
-}
-
-static void finish(struct build_local *b, Kpl__V1__StageState state, const char *msg)
-{
-	struct stage *st = b->st;
-
-	stage_set_impl(st, NULL);
-	stage_done(st, state, msg);
-	bl_free(b);
 }
 
 /*
@@ -330,43 +324,14 @@ static char *layout_digest(const char *dir)
 	return digest;
 }
 
-static char *step_failure(struct build_local *b, struct proc *p, const struct proc_exit *e)
+/* Step s->step ended; returns the next one or PROC_STEPS_END. */
+static int bl_exit(struct proc_steps *s, struct proc *p, const struct proc_exit *e)
 {
-	char *last = proc_last_line(p, KPL__V1__LOG_STREAM__LOG_STREAM_STDERR);
-	const char *prog = b->step == BL_CLEAN ? "rm" : "buildah";
-	char *msg, *red;
-
-	if (e->how == PROC_EXITED)
-		msg = kpl_asprintf("%s %s failed (exit status %d)%s%s", prog,
-				   step_names[b->step], e->code, last ? ": " : "",
-				   last ? last : "");
-	else if (e->how == PROC_SIGNALED)
-		msg = kpl_asprintf("%s %s killed by signal %d", prog, step_names[b->step],
-				   e->code);
-	else if (e->how == PROC_ERROR)
-		msg = kpl_asprintf("%s %s: %s", prog, step_names[b->step], e->error);
-	else
-		msg = kpl_asprintf("%s %s: its process ended without reporting an exit "
-				   "status (killed?)", prog, step_names[b->step]);
-	red = stage_redact(b->st, msg);
-	free(msg);
-	free(last);
-	return red;
-}
-
-static void bl_exit(struct proc *p, const struct proc_exit *e)
-{
-	struct build_local *b = proc_data(p);
+	struct build_local *b = s->data;
 	bool ok = e->how == PROC_EXITED && e->code == 0;
-	struct kpl_err err = { 0 };
 	char *msg, *digest;
 
-	b->proc = NULL;
-	if (b->cancelled || e->cancelled) {
-		finish(b, KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED, "cancelled");
-		return;
-	}
-	if (!ok && b->step == BL_RMI) {
+	if (!ok && s->step == BL_RMI) {
 		/* The layout is built; a tag left in the shared storage is not
 		 * worth failing the stage for. */
 		stage_logf(b->st, "could not remove %s from buildah's storage; the image "
@@ -374,97 +339,55 @@ static void bl_exit(struct proc *p, const struct proc_exit *e)
 		ok = true;
 	}
 	if (!ok) {
-		msg = step_failure(b, p, e);
-		finish(b, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
-		free(msg);
-		return;
+		proc_steps_fail(s, p, e, s->step == BL_CLEAN ? "rm" : "buildah");
+		return PROC_STEPS_END;
 	}
-	if (b->step == BL_PUSH || b->step == BL_RMI) {
+	if (s->step == BL_PUSH || s->step == BL_RMI) {
 		if (!(digest = layout_digest(b->output))) {
 			msg = kpl_asprintf("buildah push wrote no manifest digest in "
 					   "%s/index.json", b->output);
-			finish(b, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
+			proc_steps_finish(s, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
 			free(msg);
-			return;
+			return PROC_STEPS_END;
 		}
-		if (b->step == BL_RMI) {
+		if (s->step == BL_RMI) {
 			stage_set_output(b->st, "image_dir", b->output);
 			stage_set_output(b->st, "digest", digest);
 			stage_logf(b->st, "image %s in %s", digest, b->output);
 			free(digest);
-			finish(b, KPL__V1__STAGE_STATE__STAGE_STATE_SUCCEEDED, NULL);
-			return;
+			proc_steps_finish(s, KPL__V1__STAGE_STATE__STAGE_STATE_SUCCEEDED, NULL);
+			return PROC_STEPS_END;
 		}
 		free(digest);
 	}
-	if (run_step(b, b->step + 1, &err)) {
-		msg = stage_redact(b->st, err.msg);
-		finish(b, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
-		free(msg);
-	}
+	return (int)s->step + 1;
 }
 
-static const struct proc_ops bl_ops = { .exit = bl_exit };
+static const struct proc_steps_ops bl_steps = {
+	.names = step_names,
+	.n_names = BL_STEP_LAST,
+	.first = BL_BUD,
+	.attempt_new = bl_new,
+	.start = run_step,
+	.exit = bl_exit,
+	.free = bl_free_steps,
+};
 
 static int build_local_start(struct stage *st, struct kpl_err *err)
 {
-	struct build_local *b = bl_new(st, err);
-	int rc;
-
-	if (!b)
-		return err->code;
-	if ((rc = run_step(b, BL_BUD, err)) != 0) {
-		bl_free(b);
-		return rc;
-	}
-	stage_set_impl(st, b);
-	return 0;
-}
-
-static void build_local_cancel(struct stage *st)
-{
-	struct build_local *b = stage_impl(st);
-
-	if (!b)
-		return;
-	b->cancelled = true;
-	proc_cancel(b->proc);
-}
-
-static void build_local_abandon(struct stage *st)
-{
-	struct build_local *b = stage_impl(st);
-
-	if (!b)
-		return;
-	stage_set_impl(st, NULL);
-	proc_abandon(b->proc);
-	bl_free(b);
+	return proc_steps_start(st, &bl_steps, err);
 }
 
 static int build_local_resume(struct stage *st, struct kpl_err *err)
 {
-	struct build_local *b = bl_new(st, err);
-	unsigned step;
-	int rc;
-
-	if (!b)
-		return KPL_ESTATE;
-	rc = proc_step_resume(st, step_names, BL_STEP_LAST, &bl_ops, b, &b->proc, &step, err);
-	if (rc) {
-		bl_free(b);
-		return rc;
-	}
-	b->step = (enum bl_step)step;
-	stage_set_impl(st, b);
-	return 0;
+	return proc_steps_resume(st, &bl_steps, err);
 }
 
 const struct stage_kind build_local_driver = {
 	.name = "local",
 	.check_with = build_local_check_with,
 	.start = build_local_start,
-	.cancel = build_local_cancel,
+	.cancel = proc_steps_cancel,
 	.resume = build_local_resume,
-	.abandon = build_local_abandon,
+	.abandon = proc_steps_abandon,
 };

@@ -56,9 +56,7 @@ static const char *const step_names[CO_STEP_LAST] = {
 /* One attempt. */
 struct checkout {
 	struct stage *st;
-	struct proc *proc;
-	enum co_step step;
-	bool cancelled;
+	struct proc_steps steps;
 	char *repo, *ref, *path, *token, *username;
 	long depth;
 	bool submodules;
@@ -201,6 +199,11 @@ static void checkout_free(struct checkout *c)
 	free(c);
 }
 
+static void checkout_free_steps(struct proc_steps *s)
+{
+	checkout_free(s->data);
+}
+
 static char *with_text(struct stage *st, const char *key, const char *def)
 {
 	char *v = stage_expand(st, stage_with_get(st, key));
@@ -231,8 +234,10 @@ static int write_askpass(const char *path, struct kpl_err *err)
 	return 0;
 }
 
+static const struct proc_steps_ops checkout_steps;
+
 /* Reads `with` (expanded) and makes the environment; also on resume. */
-static struct checkout *checkout_new(struct stage *st, struct kpl_err *err)
+static struct proc_steps *checkout_new(struct stage *st, struct kpl_err *err)
 {
 	struct checkout *c = kpl_calloc(1, sizeof *c);
 	char *depth, *sub, *attempt, *askpass, *end;
@@ -240,6 +245,7 @@ static struct checkout *checkout_new(struct stage *st, struct kpl_err *err)
 	int rc;
 
 	c->st = st;
+	proc_steps_init(&c->steps, st, &checkout_steps, c);
 	c->repo = with_text(st, "repo", NULL);
 	c->ref = with_text(st, "ref", NULL);
 	c->path = with_text(st, "path", "src");
@@ -292,17 +298,15 @@ static struct checkout *checkout_new(struct stage *st, struct kpl_err *err)
 			return NULL;
 		}
 	}
-	return c;
+	return &c->steps;
 }
 
-static const struct proc_ops checkout_ops;
-
-static int run_step(struct checkout *c, enum co_step step, struct kpl_err *err)
+static int run_step(struct proc_steps *s, unsigned step, struct kpl_err *err)
 {
+	struct checkout *c = s->data;
 	char *argv[16], depth[32];
 	const char *git = "git";
 	size_t n = 0;
-	int rc;
 
 	argv[n++] = (char *)git;
 	if (step != CO_INIT) {
@@ -357,44 +361,10 @@ static int run_step(struct checkout *c, enum co_step step, struct kpl_err *err)
 		argv[n++] = (char *)"HEAD";
 		break;
 	default:
-		BUG("checkout step %d", step);
+		BUG("checkout step %u", step);
 	}
 	argv[n] = NULL;
-	c->step = step;
-	rc = proc_step_start(c->st, step, step_names[step], argv, c->env,
-			     stage_workspace(c->st), &checkout_ops, c, &c->proc, err);
-	return rc;
-}
-
-static void finish(struct checkout *c, Kpl__V1__StageState state, const char *msg)
-{
-	struct stage *st = c->st;
-
-	stage_set_impl(st, NULL);
-	stage_done(st, state, msg);
-	checkout_free(c);
-}
-
-/* Why step failed, for a person: git's last complaint, redacted. */
-static char *step_failure(struct checkout *c, struct proc *p, const struct proc_exit *e)
-{
-	char *last = proc_last_line(p, KPL__V1__LOG_STREAM__LOG_STREAM_STDERR);
-	char *msg, *red;
-
-	if (e->how == PROC_EXITED)
-		msg = kpl_asprintf("git %s failed (exit status %d)%s%s", step_names[c->step],
-				   e->code, last ? ": " : "", last ? last : "");
-	else if (e->how == PROC_SIGNALED)
-		msg = kpl_asprintf("git %s killed by signal %d", step_names[c->step], e->code);
-	else if (e->how == PROC_ERROR)
-		msg = kpl_asprintf("git %s: %s", step_names[c->step], e->error);
-	else
-		msg = kpl_asprintf("git %s: its process ended without reporting an exit "
-				   "status (killed?)", step_names[c->step]);
-	red = stage_redact(c->st, msg);
-	free(msg);
-	free(last);
-	return red;
+	return proc_steps_run(s, step, argv, c->env, stage_workspace(c->st), err);
 }
 
 static void publish(struct checkout *c, const char *sha)
@@ -407,116 +377,67 @@ static void publish(struct checkout *c, const char *sha)
 	stage_set_output(c->st, "ref", c->ref ? c->ref : "HEAD");
 }
 
-static void checkout_exit(struct proc *p, const struct proc_exit *e)
+/* Step s->step ended; returns the next one or PROC_STEPS_END. */
+static int checkout_exit(struct proc_steps *s, struct proc *p, const struct proc_exit *e)
 {
-	struct checkout *c = proc_data(p);
+	struct checkout *c = s->data;
 	bool ok = e->how == PROC_EXITED && e->code == 0;
-	struct kpl_err err = { 0 };
-	enum co_step next;
-	char *msg;
 
-	c->proc = NULL;
-	if (c->cancelled || e->cancelled) {
-		finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED, "cancelled");
-		return;
-	}
-	if (!ok && c->step == CO_FETCH && c->is_sha && e->how == PROC_EXITED) {
+	if (!ok && s->step == CO_FETCH && c->is_sha && e->how == PROC_EXITED) {
 		stage_logf(c->st, "the server would not send commit %s by itself: "
 			   "fetching every branch and tag instead", c->ref);
-		next = CO_FETCH_ALL;
-	} else if (!ok) {
-		msg = step_failure(c, p, e);
-		finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
-		free(msg);
-		return;
-	} else if (c->step == CO_REVPARSE) {
+		return CO_FETCH_ALL;
+	}
+	if (!ok) {
+		/* git's last complaint, redacted. */
+		proc_steps_fail(s, p, e, "git");
+		return PROC_STEPS_END;
+	}
+	if (s->step == CO_REVPARSE) {
 		char *sha = proc_last_line(p, KPL__V1__LOG_STREAM__LOG_STREAM_STDOUT);
 		if (!sha || !is_full_sha(sha)) {
-			finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED,
-			       "git rev-parse HEAD printed no commit sha");
+			proc_steps_finish(s, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED,
+					  "git rev-parse HEAD printed no commit sha");
 		} else {
 			publish(c, sha);
 			stage_logf(c->st, "checked out %s at %s", c->ref ? c->ref : "HEAD", sha);
-			finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_SUCCEEDED, NULL);
+			proc_steps_finish(s, KPL__V1__STAGE_STATE__STAGE_STATE_SUCCEEDED, NULL);
 		}
 		free(sha);
-		return;
-	} else if (c->step == CO_FETCH || c->step == CO_FETCH_ALL) {
-		next = CO_CHECKOUT;
-	} else if (c->step == CO_CHECKOUT) {
-		next = c->submodules ? CO_SUBMODULES : CO_REVPARSE;
-	} else {
-		next = c->step + 1;
+		return PROC_STEPS_END;
 	}
-	if (run_step(c, next, &err)) {
-		msg = stage_redact(c->st, err.msg);
-		finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
-		free(msg);
-	}
+	if (s->step == CO_FETCH || s->step == CO_FETCH_ALL)
+		return CO_CHECKOUT;
+	if (s->step == CO_CHECKOUT)
+		return c->submodules ? CO_SUBMODULES : CO_REVPARSE;
+	return (int)s->step + 1;
 }
 
-static const struct proc_ops checkout_ops = { .exit = checkout_exit };
+static const struct proc_steps_ops checkout_steps = {
+	.names = step_names,
+	.n_names = CO_STEP_LAST,
+	.first = CO_INIT,
+	.attempt_new = checkout_new,
+	.start = run_step,
+	.exit = checkout_exit,
+	.free = checkout_free_steps,
+};
 
 static int checkout_start(struct stage *st, struct kpl_err *err)
 {
-	struct checkout *c = checkout_new(st, err);
-	int rc;
-
-	if (!c)
-		return err->code;
-	if ((rc = run_step(c, CO_INIT, err)) != 0) {
-		checkout_free(c);
-		return rc;
-	}
-	stage_set_impl(st, c);
-	return 0;
-}
-
-static void checkout_cancel(struct stage *st)
-{
-	struct checkout *c = stage_impl(st);
-
-	if (!c)
-		return;
-	c->cancelled = true;
-	proc_cancel(c->proc);
-}
-
-static void checkout_abandon(struct stage *st)
-{
-	struct checkout *c = stage_impl(st);
-
-	if (!c)
-		return;
-	stage_set_impl(st, NULL);
-	proc_abandon(c->proc);
-	checkout_free(c);
+	return proc_steps_start(st, &checkout_steps, err);
 }
 
 static int checkout_resume(struct stage *st, struct kpl_err *err)
 {
-	struct checkout *c = checkout_new(st, err);
-	unsigned step;
-	int rc;
-
-	if (!c)
-		return KPL_ESTATE;
-	rc = proc_step_resume(st, step_names, CO_STEP_LAST, &checkout_ops, c, &c->proc,
-			      &step, err);
-	if (rc) {
-		checkout_free(c);
-		return rc;
-	}
-	c->step = (enum co_step)step;
-	stage_set_impl(st, c);
-	return 0;
+	return proc_steps_resume(st, &checkout_steps, err);
 }
 
 const struct stage_kind checkout_kind = {
 	.name = "checkout",
 	.check_with = checkout_check_with,
 	.start = checkout_start,
-	.cancel = checkout_cancel,
+	.cancel = proc_steps_cancel,
 	.resume = checkout_resume,
-	.abandon = checkout_abandon,
+	.abandon = proc_steps_abandon,
 };

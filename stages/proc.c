@@ -794,10 +794,12 @@ char *proc_attempt_dir(struct stage *st)
 			    stage_attempt(st));
 }
 
-int proc_step_start(struct stage *st, unsigned n, const char *name,
-		    char *const *argv, char *const *env, const char *cwd,
-		    const struct proc_ops *ops, void *data, struct proc **out,
-		    struct kpl_err *err)
+/* Logs "$ argv..." (staged, so it lands with the step's first record) and
+ * starts step n like proc_start, in cwd with env. */
+static int step_start(struct stage *st, unsigned n, const char *name,
+		      char *const *argv, char *const *env, const char *cwd,
+		      const struct proc_ops *ops, void *data, struct proc **out,
+		      struct kpl_err *err)
 {
 	char *attempt = proc_attempt_dir(st), *dir, prefix[32];
 	struct proc_spec spec = { 0 };
@@ -829,9 +831,11 @@ int proc_step_start(struct stage *st, unsigned n, const char *name,
 	return rc;
 }
 
-int proc_step_resume(struct stage *st, const char *const *names, unsigned n_names,
-		     const struct proc_ops *ops, void *data, struct proc **out,
-		     unsigned *n, struct kpl_err *err)
+/* After a restart: re-attaches to the step the resume data names (step 0
+ * at offset 0 if none), like proc_resume; *n is that step. */
+static int step_resume(struct stage *st, const char *const *names, unsigned n_names,
+		       const struct proc_ops *ops, void *data, struct proc **out,
+		       unsigned *n, struct kpl_err *err)
 {
 	int64_t pid;
 	uint64_t start;
@@ -856,4 +860,142 @@ int proc_step_resume(struct stage *st, const char *const *names, unsigned n_name
 	free(dir);
 	free(attempt);
 	return rc;
+}
+
+/* ---------------------------------------------------------------------- */
+/* The step runner */
+
+static void steps_exit(struct proc *p, const struct proc_exit *e)
+{
+	struct proc_steps *s = proc_data(p);
+	struct kpl_err err = { 0 };
+	char *msg;
+	int next;
+
+	s->proc = NULL;
+	if (s->cancelled || e->cancelled) {
+		proc_steps_finish(s, KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED, "cancelled");
+		return;
+	}
+	next = s->ops->exit(s, p, e);
+	if (next == PROC_STEPS_END)
+		return;
+	if (next < 0 || (unsigned)next >= s->ops->n_names)
+		BUG("step runner: step %u of %s chose step %d", s->step, stage_name(s->st), next);
+	if (s->ops->start(s, (unsigned)next, &err)) {
+		msg = stage_redact(s->st, err.msg);
+		proc_steps_finish(s, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
+		free(msg);
+	}
+}
+
+static const struct proc_ops steps_proc_ops = { .exit = steps_exit };
+
+void proc_steps_init(struct proc_steps *s, struct stage *st,
+		     const struct proc_steps_ops *ops, void *data)
+{
+	memset(s, 0, sizeof *s);
+	s->ops = ops;
+	s->st = st;
+	s->data = data;
+}
+
+int proc_steps_start(struct stage *st, const struct proc_steps_ops *ops,
+		     struct kpl_err *err)
+{
+	struct proc_steps *s = ops->attempt_new(st, err);
+	int rc;
+
+	if (!s)
+		return err->code;
+	if ((rc = ops->start(s, ops->first, err)) != 0) {
+		s->ops->free(s);
+		return rc;
+	}
+	stage_set_impl(s->st, s);
+	return 0;
+}
+
+int proc_steps_resume(struct stage *st, const struct proc_steps_ops *ops,
+		      struct kpl_err *err)
+{
+	struct proc_steps *s = ops->attempt_new(st, err);
+	unsigned step = 0;
+	int rc;
+
+	if (!s)
+		return KPL_ESTATE;
+	rc = step_resume(st, ops->names, ops->n_names, &steps_proc_ops, s, &s->proc, &step,
+			 err);
+	if (rc) {
+		s->ops->free(s);
+		return rc;
+	}
+	s->step = step;
+	stage_set_impl(s->st, s);
+	return 0;
+}
+
+int proc_steps_run(struct proc_steps *s, unsigned n, char *const *argv,
+		   char *const *env, const char *cwd, struct kpl_err *err)
+{
+	if (n >= s->ops->n_names)
+		BUG("step runner: no step %u in %s", n, stage_name(s->st));
+	s->step = n;
+	return step_start(s->st, n, s->ops->names[n], argv, env, cwd, &steps_proc_ops, s,
+			  &s->proc, err);
+}
+
+void proc_steps_finish(struct proc_steps *s, Kpl__V1__StageState state, const char *msg)
+{
+	struct stage *st = s->st;
+
+	stage_set_impl(st, NULL);
+	stage_done(st, state, msg);
+	s->ops->free(s);
+}
+
+void proc_steps_fail(struct proc_steps *s, struct proc *p, const struct proc_exit *e,
+		     const char *prog)
+{
+	const char *name = s->ops->names[s->step];
+	char *last = proc_last_line(p, KPL__V1__LOG_STREAM__LOG_STREAM_STDERR);
+	char *msg, *red;
+
+	if (e->how == PROC_EXITED)
+		msg = kpl_asprintf("%s %s failed (exit status %d)%s%s", prog, name, e->code,
+				   last ? ": " : "", last ? last : "");
+	else if (e->how == PROC_SIGNALED)
+		msg = kpl_asprintf("%s %s killed by signal %d", prog, name, e->code);
+	else if (e->how == PROC_ERROR)
+		msg = kpl_asprintf("%s %s: %s", prog, name, e->error);
+	else
+		msg = kpl_asprintf("%s %s: its process ended without reporting an exit "
+				   "status (killed?)", prog, name);
+	red = stage_redact(s->st, msg);
+	free(msg);
+	free(last);
+	proc_steps_finish(s, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, red);
+	free(red);
+}
+
+void proc_steps_cancel(struct stage *st)
+{
+	struct proc_steps *s = stage_impl(st);
+
+	if (!s)
+		return;
+	s->cancelled = true;
+	proc_cancel(s->proc);
+}
+
+void proc_steps_abandon(struct stage *st)
+{
+	struct proc_steps *s = stage_impl(st);
+
+	if (!s)
+		return;
+	stage_set_impl(st, NULL);
+	proc_abandon(s->proc);
+	s->ops->free(s);
 }

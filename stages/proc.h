@@ -130,26 +130,91 @@ char **proc_stage_env(struct stage *st, const char *outputs_path);
 void proc_env_set(char ***env, const char *name, const char *value);
 void proc_strv_free(char **v);
 
-/*
- * Kinds that run several commands in turn ("steps", numbered from 0 in a
- * fixed table of names): step N runs in ATTEMPT_DIR/N-NAME with the resume
- * prefix "N:".
- */
 /* WORKSPACE/.kpl/STAGE.ATTEMPT (malloc'd). */
 char *proc_attempt_dir(struct stage *st);
-/* Logs "$ argv..." (staged, so it lands with the step's first record) and
- * starts step n like proc_start, in cwd with env. */
-int proc_step_start(struct stage *st, unsigned n, const char *name,
-		    char *const *argv, char *const *env, const char *cwd,
-		    const struct proc_ops *ops, void *data, struct proc **out,
-		    struct kpl_err *err);
-/* After a restart: re-attaches to the step the resume data names (step 0
- * at offset 0 if none), like proc_resume; *n is that step. KPL_ENOTFOUND
- * only for step 0: a later step that never began is KPL_ESTATE (earlier
- * ones ran). names has n_names entries. */
-int proc_step_resume(struct stage *st, const char *const *names, unsigned n_names,
-		     const struct proc_ops *ops, void *data, struct proc **out,
-		     unsigned *n, struct kpl_err *err);
+
+/*
+ * The step runner, for kinds that run several commands in turn ("steps",
+ * numbered from 0 in a fixed table of names): step N runs in
+ * ATTEMPT_DIR/N-NAME with the resume prefix "N:", its command logged first
+ * as "$ argv..." (staged, so it lands with the step's first record).
+ *
+ * The kind embeds a struct proc_steps in its attempt and hands the runner
+ * the attempt's lifetime: the runner is the stage's impl, follows the
+ * running step, ends the stage on cancel ("cancelled") and when the next
+ * step cannot start (the error's message, redacted), and frees the attempt
+ * through ops->free once the stage is done or abandoned. The kind decides
+ * each step's command and, from a step's exit, which step comes next; on
+ * resume that decision is made again from the exit and the step's files
+ * (see the replay rule above).
+ *
+ * Threads: loop thread only.
+ */
+struct proc_steps;
+
+/* What ops->exit returns when it has ended the stage. */
+#define PROC_STEPS_END (-1)
+
+struct proc_steps_ops {
+	const char *const *names;       /* the step table: n_names entries */
+	unsigned n_names;
+	unsigned first;                 /* the step a new attempt starts with */
+	/* Reads the stage's `with` into a new attempt (on start and on resume
+	 * alike) with its proc_steps initialised (proc_steps_init); NULL with
+	 * err set when it cannot. */
+	struct proc_steps *(*attempt_new)(struct stage *st, struct kpl_err *err);
+	/* Starts step n: builds its command and calls proc_steps_run, returning
+	 * what that returns (or a negative code with err set). */
+	int (*start)(struct proc_steps *s, unsigned n, struct kpl_err *err);
+	/* Step s->step ended, and the stage was not cancelled; p is valid for
+	 * proc_last_line. Returns the step to start next, or PROC_STEPS_END
+	 * after ending the stage with proc_steps_finish or proc_steps_fail. */
+	int (*exit)(struct proc_steps *s, struct proc *p, const struct proc_exit *e);
+	/* Frees the kind's attempt (s with it): after the stage is done, on
+	 * abandon, or when proc_steps_start or proc_steps_resume fails. */
+	void (*free)(struct proc_steps *s);
+};
+
+struct proc_steps {
+	const struct proc_steps_ops *ops;
+	struct stage *st;
+	void *data;             /* the kind's; the runner never touches it */
+	struct proc *proc;      /* the running step's; NULL between steps */
+	unsigned step;          /* the step running, or the one that just ended */
+	bool cancelled;
+};
+
+void proc_steps_init(struct proc_steps *s, struct stage *st,
+		     const struct proc_steps_ops *ops, void *data);
+/* The kind's start: a new attempt (ops->attempt_new) whose step ops->first
+ * is started through ops->start, made the stage's impl. On error returns the
+ * code, err saying why, with the attempt freed. */
+int proc_steps_start(struct stage *st, const struct proc_steps_ops *ops,
+		     struct kpl_err *err);
+/* The kind's resume: a new attempt re-attached to the step the resume data
+ * names (step 0 at offset 0 if none), made the stage's impl. KPL_ESTATE when
+ * the attempt cannot be made again; KPL_ENOTFOUND only for step 0: a later
+ * step that never began is KPL_ESTATE (earlier ones ran). On error the
+ * attempt is freed. */
+int proc_steps_resume(struct stage *st, const struct proc_steps_ops *ops,
+		      struct kpl_err *err);
+/* From ops->start: starts step n (argv run in cwd with env), like
+ * proc_start. */
+int proc_steps_run(struct proc_steps *s, unsigned n, char *const *argv,
+		   char *const *env, const char *cwd, struct kpl_err *err);
+/* Ends the stage with state and msg (may be NULL) and frees the attempt;
+ * s is gone when it returns. */
+void proc_steps_finish(struct proc_steps *s, Kpl__V1__StageState state, const char *msg);
+/* Ends the stage FAILED with why step s->step failed, for a person:
+ * "PROG NAME failed (exit status N): LAST STDERR LINE", "... killed by
+ * signal N", the shim's error, or "... its process ended without reporting
+ * an exit status (killed?)", redacted. p and e as ops->exit got them. */
+void proc_steps_fail(struct proc_steps *s, struct proc *p, const struct proc_exit *e,
+		     const char *prog);
+/* The stage kind's cancel and abandon, for a kind whose impl is a
+ * proc_steps. */
+void proc_steps_cancel(struct stage *st);
+void proc_steps_abandon(struct stage *st);
 
 /* mkdir -p with mode 0700; 0 or a negative errno. */
 int proc_mkdir_p(const char *path);
