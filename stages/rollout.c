@@ -482,14 +482,14 @@ int rollout_start(struct stage *st, const struct rollout_ops *ops, const char *n
 		return rc;
 	r = kpl_calloc(1, sizeof *r);
 	r->ops = ops;
-	r->impl = impl;
 	rc = kube_config_from_endpoint(ep.ep, ep.token, &r->cfg, err);
 	r->cluster = kpl_strdup(ep.ep->name);
 	stage_endpoint_release(&ep);
 	if (rc) {
-		rollout_free(r);
+		rollout_free(r); /* impl is not ours yet: the caller frees it */
 		return rc;
 	}
+	r->impl = impl;
 	r->ns = kpl_strdup(ns && *ns ? ns : r->cfg.namespace ? r->cfg.namespace : "default");
 	r->name = kpl_strdup(deployment);
 	r->target = kpl_asprintf("%s/%s/%s", r->cluster, r->ns, r->name);

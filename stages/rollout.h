@@ -96,8 +96,9 @@ struct rollout_ops {
  * with.cluster, namespace (NULL: the context's, else "default") and
  * deployment. resumed: after a kpld restart (the same steps; plan then
  * sees its own change and follows). impl is the kind's (rollout_impl).
- * Returns 0 (the stage is the rollout's until it calls stage_done), or
- * a KPL_E* code with err (nothing started).
+ * Returns 0 (the stage is the rollout's until it calls stage_done, and
+ * impl is freed with it through free_impl), or a KPL_E* code with err
+ * (nothing started; impl is still the caller's to free).
  */
 int rollout_start(struct stage *st, const struct rollout_ops *ops, const char *ns,
 		  const char *deployment, void *impl, int resumed, struct kpl_err *err);
