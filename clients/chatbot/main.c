@@ -68,6 +68,7 @@ struct chat {
 	uv_timer_t retry_timer;
 	int backing_off;
 	int tries; /* failed tries of the head message */
+	char log_name[96]; /* "chat NAME": what logs show instead of the URL */
 };
 
 /* Stage kinds of one run, from GetRun (follower thread only). */
@@ -519,6 +520,10 @@ static void pump(struct chat *ch)
 						   : "application/json";
 	o.method = "POST";
 	o.url = url;
+	/* A webhook URL is the credential itself (Slack's secret is its path,
+	 * DingTalk's sign= is valid for an hour): logs name the chat instead. */
+	snprintf(ch->log_name, sizeof ch->log_name, "chat %s", ch->cfg->name);
+	o.log_url = ch->log_name;
 	o.headers = &hdr;
 	o.n_headers = 1;
 	o.body = ch->head->body;
@@ -735,9 +740,8 @@ static void usage(FILE *out)
 {
 	fprintf(out, "usage: kpl-chatbot --config FILE [--log-level debug|info|warn|error]\n"
 		     "Follows kpld's WatchRuns and posts run notices to WeCom, DingTalk and\n"
-		     "Slack webhooks; see docs/chatbot.md.\n"
-		     "--log-level debug acts as info unless --debug-http-unsafe is given:\n"
-		     "the HTTP layer's debug lines name webhook URLs, which are secrets.\n");
+		     "Slack webhooks; see docs/chatbot.md. Logs name a chat, never its\n"
+		     "webhook URL (the URL is the credential).\n");
 }
 
 int main(int argc, char **argv)
@@ -746,7 +750,6 @@ int main(int argc, char **argv)
 		{ "config", required_argument, NULL, 'c' },
 		{ "log-level", required_argument, NULL, 'l' },
 		{ "help", no_argument, NULL, 'h' },
-		{ "debug-http-unsafe", no_argument, NULL, 'd' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct bot b_, *b = &b_;
@@ -757,7 +760,7 @@ int main(int argc, char **argv)
 	uv_loop_t loop;
 	char *text;
 	size_t len;
-	int opt, rc, debug_http = 0;
+	int opt, rc;
 
 	while ((opt = getopt_long(argc, argv, "c:l:h", longopts, NULL)) != -1) {
 		switch (opt) {
@@ -770,7 +773,6 @@ int main(int argc, char **argv)
 			}
 			kpl_log_threshold = (enum kpl_log_level)rc;
 			break;
-		case 'd': debug_http = 1; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
@@ -778,16 +780,6 @@ int main(int argc, char **argv)
 	if (!config || optind != argc) {
 		usage(stderr);
 		return 2;
-	}
-	/* stages/http.c logs every request's URL at debug level, through
-	 * http_redact_url, which masks key= and access_token= but neither a
-	 * Slack URL's path nor DingTalk's sign=. So debug stops at info unless
-	 * asked for by a name that says what it costs.
-	 * NEEDSWORK: a per-request "this URL is a secret" flag in http.h. */
-	if (kpl_log_threshold == KPL_LOG_DEBUG && !debug_http) {
-		kpl_log_threshold = KPL_LOG_INFO;
-		kpl_warn(LOG, "--log-level debug is info here: the HTTP layer's debug "
-			      "lines name webhook URLs (see --debug-http-unsafe)");
 	}
 	memset(b, 0, sizeof *b);
 	if (!(text = read_file(config, &len, &err)) ||
