@@ -100,6 +100,7 @@ struct run {
 	char *workspace;                 /* owned */
 	int refs;                        /* pending commit callbacks */
 	struct waiter *waiters;          /* owned list */
+	struct waiter *submit_waiters;   /* same idempotency key, before stored */
 	engine_submit_cb submit_cb;      /* until the first commit */
 	void *submit_data;
 };
@@ -387,11 +388,18 @@ static void run_committed(void *data, int status)
 		abort();
 	}
 	if (!r->stored) {
+		struct waiter *w = r->submit_waiters, *next;
 		r->stored = true;
+		r->submit_waiters = NULL;
 		if (r->submit_cb) {
 			engine_submit_cb cb = r->submit_cb;
 			r->submit_cb = NULL;
 			cb(r->submit_data, 0, r->id);
+		}
+		for (; w; w = next) {
+			next = w->next;
+			w->cb(w->data, 0, r->id);
+			free(w);
 		}
 	}
 	r->commits_done++;
@@ -1496,11 +1504,14 @@ int engine_submit(struct engine *e, const char *text, size_t len,
 			return 0;
 		}
 		if (r) {
-			/* NEEDSWORK: a second submit with the same key while the
-			 * first is committing is told to retry; rare and safe. */
-			return kpl_errf(err, KPL_EUNAVAILABLE,
-					"a run with idempotency_key %s is being created; retry",
-					idem_key);
+			/* The first submit of this key is still committing: this
+			 * one is answered with the same run when that lands. */
+			struct waiter *w = kpl_calloc(1, sizeof *w);
+			w->cb = cb;
+			w->data = data;
+			w->next = r->submit_waiters;
+			r->submit_waiters = w;
+			return 0;
 		}
 		if (store_find_idem(e->store, idem_key, &found) == 0) {
 			cb(data, 0, found);
@@ -1822,8 +1833,7 @@ static int run_load(struct engine *e, const char *id, struct run **out, struct k
 	}
 	kinds = stage_kinds_for_parser(&n_kinds);
 	if (pipeline_parse(text, text_len, "pipeline", kinds, n_kinds, &pl, &perr)) {
-		/* NEEDSWORK: a pipeline that no longer parses (kpld upgraded with
-		 * stricter rules) should end FAILED; for now it stays stored. */
+		/* recover_run ends such a run FAILED (run_fail_unloadable). */
 		rc = kpl_errf(err, KPL_ECORRUPT, "run %s: its pipeline no longer parses: %s",
 			      id, perr.msg);
 		goto out;

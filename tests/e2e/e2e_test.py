@@ -201,6 +201,17 @@ class Suite:
             raise AssertionError("another key gave the same run")
         watch(self.c, a["id"])
         watch(self.c, c["id"])
+        # Ten at once with a new key, while the first is still committing:
+        # every one answers with the same single run.
+        futs = [self.c.call_future(P + "SubmitRun", {"pipeline": TWO_STAGES,
+                                                     "idempotency_key": "burst-1"})
+                for _ in range(10)]
+        ids = {Client.to_dict(f.result())["id"] for f in futs}
+        assert_eq(len(ids), 1, "concurrent submits with one key")
+        runs = Client.to_dict(self.c.call(P + "ListRuns", {"page_size": 500}))["runs"]
+        assert_eq(sum(1 for r in runs if r.get("idempotency_key") == "burst-1"), 1,
+                  "one run stored for the key")
+        watch(self.c, ids.pop())
 
     def test_bad_pipeline_names_line_and_field(self):
         bad = "name: bad\nstages:\n  - name: a\n    kind: scirpt\n"
