@@ -37,7 +37,14 @@
  *   3. promote: the stable Deployment takes the image (strategic merge patch
  *      with the resourceVersion read; 409 reads again), its rollout is
  *      followed; then weights back to 100/0 (header route removed) and the
- *      canary Deployment deleted.
+ *      canary Deployment deleted. A promotion that fails before its rollout
+ *      is done (the patch refused, the progress deadline passed, an API
+ *      error) is undone: stable's replaced template put back with
+ *      rollback's patch (rollout.h) and its rollout followed, then weights
+ *      to 100/0 and the canary deleted; the stage FAILS ("promotion failed:
+ *      deployment "web" exceeded its progress deadline; stable restored to
+ *      revision 3, canary removed"). Under on_failure: freeze nothing is
+ *      undone.
  * A failure in 1 or 2 (a verify that fails, a canary that never becomes
  * ready, an API error) aborts: weights back to 100/0, header route removed,
  * canary deleted, and the stage FAILS with the reason ("canary aborted:
@@ -54,7 +61,9 @@
  * each round. After a restart the stage continues at the recorded step: a
  * weight step reads the VirtualService and writes only if it differs, a
  * pause waits what is left of it, a verify carries on from its last round,
- * earlier steps are not applied again. A frozen canary waits again.
+ * earlier steps are not applied again. A frozen canary waits again. An
+ * abort, or the undo of a promotion, is done again (each of its writes is
+ * made only if still needed).
  *
  * Release history: before the stable Deployment is patched, an intent
  * record of kind "canary" (revision "", the replaced template, recorded
@@ -84,9 +93,9 @@ struct cstep {
 	const struct pl_node *verify; /* borrowed from the spec */
 };
 
-enum phase { PH_PREPARE, PH_STEPS, PH_FROZEN, PH_PROMOTE, PH_ABORT, PH_LAST_ };
+enum phase { PH_PREPARE, PH_STEPS, PH_FROZEN, PH_PROMOTE, PH_ABORT, PH_UNDO, PH_LAST_ };
 static const char *const phase_names[PH_LAST_] = { "prepare", "steps", "frozen", "promote",
-						   "abort" };
+						   "abort", "undo" };
 
 struct canary {
 	struct stage *st; /* NULL once ended or abandoned */
@@ -108,6 +117,7 @@ struct canary {
 	int cancelled;    /* the abort ends CANCELLED */
 	char *vprogress;  /* the running analysis's progress (verify.h text) */
 	char *prev_revision, *prev_image, *prev_template; /* the promote's intent */
+	int restored;     /* the undo patched stable's template back (or was about to) */
 
 	/* In flight. */
 	struct http_request *req;
@@ -235,6 +245,8 @@ static char *resume_text(struct canary *c)
 		json_object_set_new(j, "reason", json_string(c->reason));
 	if (c->vprogress)
 		json_object_set_new(j, "verify", json_string(c->vprogress));
+	if (c->restored)
+		json_object_set_new(j, "restored", json_true());
 	if (c->prev_template)
 		json_object_set_new(j, "prev", json_pack("{s:s, s:s, s:s}", "revision",
 							 c->prev_revision ? c->prev_revision : "",
@@ -263,6 +275,7 @@ static int resume_parse(struct canary *c, const char *text)
 	c->weight = (int)json_integer_value(json_object_get(j, "weight"));
 	c->pause_until = json_integer_value(json_object_get(j, "pause_until"));
 	c->cancelled = json_is_true(json_object_get(j, "cancelled"));
+	c->restored = json_is_true(json_object_get(j, "restored"));
 	if (json_string_value(json_object_get(j, "reason")))
 		c->reason = kpl_strdup(json_string_value(json_object_get(j, "reason")));
 	if (json_string_value(json_object_get(j, "verify")))
@@ -425,9 +438,21 @@ static void frozen(struct canary *c)
 	free(m);
 }
 
-/* Something went wrong: abort, or freeze during the steps if asked to. */
+static void promote_failure(struct canary *c, const char *why);
+static void undo_failed(struct canary *c, const char *msg);
+
+/* Something went wrong: abort, or freeze during the steps if asked to; a
+ * failed promotion is undone (promote_failure), and a failing undo stops. */
 static void failure(struct canary *c, const char *why)
 {
+	if (c->phase == PH_PROMOTE) {
+		promote_failure(c, why);
+		return;
+	}
+	if (c->phase == PH_UNDO) {
+		undo_failed(c, why);
+		return;
+	}
 	stop_watch(c);
 	stop_timer(c);
 	free(c->reason);
@@ -602,9 +627,7 @@ static int promote_event(struct kube_watch *w, const char *type, json_t *obj, vo
 		return 0;
 	stop_watch(c);
 	if (v < 0) {
-		char *m = kpl_asprintf("promotion: %s", msg);
-		finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, m);
-		free(m);
+		failure(c, msg);
 		return 1;
 	}
 	json_decref(c->stable);
@@ -625,7 +648,7 @@ static void promote_follow(struct canary *c)
 	struct kpl_err err = { 0 };
 
 	if (follow(c, c->name, promote_event, &err))
-		finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, err.msg);
+		failure(c, err.msg);
 }
 
 static void patch_done(int status, json_t *obj, const struct kube_status *ks, void *data)
@@ -650,8 +673,8 @@ static void patch_done(int status, json_t *obj, const struct kube_status *ks, vo
 			kube_status_text(ks, text, sizeof text);
 		else
 			snprintf(text, sizeof text, "%s", kpl_strerror(status));
-		m = kpl_asprintf("promotion: patch deployment %s/%s: %s", c->ns, c->name, text);
-		finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, m);
+		m = kpl_asprintf("patch deployment %s/%s: %s", c->ns, c->name, text);
+		failure(c, m);
 		free(m);
 		return;
 	}
@@ -679,7 +702,7 @@ static void promote_patch(struct canary *c)
 	if (kube_request(stage_http(c->st), &c->cfg, "PATCH", path,
 			 kube_patch_content_type(KUBE_PATCH_STRATEGIC), body, patch_done, c,
 			 &c->req, &err))
-		finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, err.msg);
+		failure(c, err.msg);
 	json_decref(patch);
 	free(cause);
 	free(body);
@@ -703,8 +726,8 @@ static void promote_got(int status, json_t *obj, const struct kube_status *ks, v
 			kube_status_text(ks, text, sizeof text);
 		else
 			snprintf(text, sizeof text, "%s", kpl_strerror(status));
-		m = kpl_asprintf("promotion: get deployment %s/%s: %s", c->ns, c->name, text);
-		finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, m);
+		m = kpl_asprintf("get deployment %s/%s: %s", c->ns, c->name, text);
+		failure(c, m);
 		free(m);
 		return;
 	}
@@ -712,7 +735,7 @@ static void promote_got(int status, json_t *obj, const struct kube_status *ks, v
 	c->stable = json_incref(obj);
 	tmpl = json_object_get(json_object_get(obj, "spec"), "template");
 	if (!(cont = istio_find_container(tmpl, c->name, c->container, &err))) {
-		finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, err.msg);
+		failure(c, err.msg);
 		return;
 	}
 	if (!c->container) /* resumed past prepare */
@@ -752,7 +775,7 @@ static void promote_get(struct canary *c)
 
 	if (kube_request(stage_http(c->st), &c->cfg, "GET", path, NULL, NULL, promote_got, c,
 			 &c->req, &err))
-		finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, err.msg);
+		failure(c, err.msg);
 	free(path);
 }
 
@@ -765,6 +788,253 @@ static void promote_start(struct canary *c)
 	c->vprogress = NULL;
 	stage_logf(c->st, "promoting %s: deployment %s takes the image", c->image, c->name);
 	promote_get(c);
+}
+
+/* ---------------------------------------------------------------------- */
+/* A failed promotion, undone */
+
+/*
+ * Once the intent record holds stable's replaced template, a promotion that
+ * fails is undone in the order that keeps users on ready pods: stable's
+ * template put back (rollback's patch, rollout.h) and its rollout followed
+ * while the traffic still goes where the steps left it (the canary's pods
+ * are ready, stable's new ones may not be); then the weights back to stable;
+ * then the canary deleted. The phase "undo" is recorded first, and the
+ * restore's patch after that (restored), so a restart carries on: the
+ * template found in place is only followed, the reset and the delete are
+ * idempotent.
+ */
+
+static void undo_get(struct canary *c);
+
+/* The undo stops here: what it had not done yet stays. */
+static void undo_failed(struct canary *c, const char *msg)
+{
+	char *m = kpl_asprintf("undoing the promotion failed: %s (after: %s)", msg, c->reason);
+
+	stop_watch(c);
+	finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, m);
+	free(m);
+}
+
+static void undo_end(int status, const char *msg, int wrote, void *data)
+{
+	struct canary *c = data;
+	char *m;
+
+	if (gone(c))
+		return;
+	if (status) {
+		undo_failed(c, msg);
+		return;
+	}
+	stage_logf(c->st, "deployment %s/%s: %s", c->ns, c->canary_name,
+		   wrote ? "deleted" : "already absent");
+	if (c->restored)
+		m = kpl_asprintf("%s; stable restored to revision %s, canary removed", c->reason,
+				 c->prev_revision);
+	else
+		m = kpl_asprintf("%s; stable still on revision %s's template, canary removed",
+				 c->reason, c->prev_revision);
+	finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, m);
+	free(m);
+}
+
+static void undo_delete(int status, const char *msg, int wrote, void *data)
+{
+	struct canary *c = data;
+	struct kpl_err err = { 0 };
+	char *path, *what;
+	int rc;
+
+	if (gone(c))
+		return;
+	if (status) {
+		undo_failed(c, msg);
+		return;
+	}
+	stage_logf(c->st, "virtualservice %s/%s: %s", c->ns, c->service,
+		   wrote ? "all traffic back to stable" : "already all stable");
+	path = kube_deployment_path(c->ns, c->canary_name);
+	what = kpl_asprintf("deployment %s/%s", c->ns, c->canary_name);
+	rc = istio_delete(stage_http(c->st), &c->cfg, what, path, undo_end, c, &c->req, &err);
+	free(path);
+	free(what);
+	if (rc)
+		undo_failed(c, err.msg);
+}
+
+static int undo_event(struct kube_watch *w, const char *type, json_t *obj, void *data)
+{
+	struct canary *c = data;
+	struct kpl_err err = { 0 };
+	char msg[512], *path, *what;
+	int v, rc;
+
+	(void)w;
+	if (!c->st)
+		return 1;
+	if ((v = rollout_verdict(c, type, obj, msg, sizeof msg)) == 0)
+		return 0;
+	stop_watch(c);
+	if (v < 0) {
+		/* stable is not ready on its old template either: moving the
+		 * traffic to it would make things worse */
+		undo_failed(c, msg);
+		return 1;
+	}
+	path = istio_path("virtualservices", c->ns, c->service);
+	what = kpl_asprintf("virtualservice %s/%s", c->ns, c->service);
+	rc = istio_update(stage_http(c->st), &c->cfg, what, path, path, reset_modify, undo_delete,
+			  c, &c->req, &err);
+	free(path);
+	free(what);
+	if (rc)
+		undo_failed(c, err.msg);
+	return 1;
+}
+
+static void undo_follow(struct canary *c)
+{
+	struct kpl_err err = { 0 };
+
+	if (follow(c, c->name, undo_event, &err))
+		undo_failed(c, err.msg);
+}
+
+static void undo_patch_done(int status, json_t *obj, const struct kube_status *ks, void *data)
+{
+	struct canary *c = data;
+	char text[600], *m;
+
+	(void)obj;
+	c->req = NULL;
+	if (gone(c))
+		return;
+	if (!status && ks && ks->code == 409 && c->conflicts < ROLLOUT_MAX_CONFLICTS) {
+		c->conflicts++;
+		stage_logf(c->st, "patch deployment %s/%s: %s: %s; reading it again (%d of %d)",
+			   c->ns, c->name, ks->reason, ks->message, c->conflicts,
+			   ROLLOUT_MAX_CONFLICTS);
+		undo_get(c);
+		return;
+	}
+	if (status || ks) {
+		if (ks)
+			kube_status_text(ks, text, sizeof text);
+		else
+			snprintf(text, sizeof text, "%s", kpl_strerror(status));
+		m = kpl_asprintf("patch deployment %s/%s: %s", c->ns, c->name, text);
+		undo_failed(c, m);
+		free(m);
+		return;
+	}
+	stage_logf(c->st, "patch deployment %s/%s: pod template of revision %s restored (%s)",
+		   c->ns, c->name, c->prev_revision, c->prev_image);
+	undo_follow(c);
+}
+
+/* The JSON patch rollback sends, against the Deployment read last. */
+static void undo_patch(struct canary *c)
+{
+	struct kpl_err err = { 0 };
+	char *body = NULL, *path;
+	int rc = rollout_restore_patch(c->stable, c->prev_template, c->target, &body, &err);
+
+	if (rc < 0) {
+		undo_failed(c, err.msg);
+		return;
+	}
+	if (rc == 1) { /* cannot be: undo_got saw it differ; follow all the same */
+		undo_follow(c);
+		return;
+	}
+	path = kube_deployment_path(c->ns, c->name);
+	if (kube_request(stage_http(c->st), &c->cfg, "PATCH", path,
+			 kube_patch_content_type(KUBE_PATCH_JSON), body, undo_patch_done, c,
+			 &c->req, &err))
+		undo_failed(c, err.msg);
+	free(body);
+	free(path);
+}
+
+static void undo_got(int status, json_t *obj, const struct kube_status *ks, void *data)
+{
+	struct canary *c = data;
+	const json_t *tmpl;
+	char text[600], *m, *cur;
+	int same;
+
+	c->req = NULL;
+	if (gone(c))
+		return;
+	if (status || ks) {
+		if (ks)
+			kube_status_text(ks, text, sizeof text);
+		else
+			snprintf(text, sizeof text, "%s", kpl_strerror(status));
+		m = kpl_asprintf("get deployment %s/%s: %s", c->ns, c->name, text);
+		undo_failed(c, m);
+		free(m);
+		return;
+	}
+	json_decref(c->stable);
+	c->stable = json_incref(obj);
+	tmpl = json_object_get(json_object_get(obj, "spec"), "template");
+	cur = rollout_template_text(tmpl);
+	same = strcmp(cur, c->prev_template) == 0;
+	free(cur);
+	if (same) {
+		stage_logf(c->st, "deployment %s/%s: already on the template of revision %s",
+			   c->ns, c->name, c->prev_revision);
+		undo_follow(c);
+		return;
+	}
+	if (c->restored) { /* recorded already (a 409, or a restart) */
+		undo_patch(c);
+		return;
+	}
+	c->restored = 1;
+	record(c, undo_patch);
+}
+
+static void undo_get(struct canary *c)
+{
+	struct kpl_err err = { 0 };
+	char *path = kube_deployment_path(c->ns, c->name);
+
+	if (kube_request(stage_http(c->st), &c->cfg, "GET", path, NULL, NULL, undo_got, c,
+			 &c->req, &err))
+		undo_failed(c, err.msg);
+	free(path);
+}
+
+/* A promotion failed (why): undone when stable may have changed, else an
+ * abort; with on_failure: freeze nothing is undone. */
+static void promote_failure(struct canary *c, const char *why)
+{
+	char *m;
+
+	stop_watch(c);
+	stop_timer(c);
+	free(c->reason);
+	c->reason = kpl_asprintf("promotion failed: %s", why);
+	if (c->freeze) {
+		m = kpl_asprintf("%s (on_failure is freeze: nothing undone)", c->reason);
+		finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, m);
+		free(m);
+		return;
+	}
+	if (!c->prev_template) { /* the intent was never recorded: stable untouched */
+		abort_start(c);
+		return;
+	}
+	c->phase = PH_UNDO;
+	c->conflicts = 0;
+	stage_logf(c->st, "undoing the promotion (%s): deployment %s back to revision %s (%s), "
+		   "then traffic to stable and the canary removed", why, c->name,
+		   c->prev_revision, c->prev_image);
+	record(c, undo_get);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -1512,6 +1782,12 @@ static int canary_resume(struct stage *st, struct kpl_err *err)
 	case PH_ABORT:
 		abort_run(c);
 		break;
+	case PH_UNDO:
+		if (c->prev_template)
+			undo_get(c);
+		else
+			abort_run(c);
+		break;
 	case PH_LAST_:
 		BUG("canary phase");
 	}
@@ -1525,7 +1801,7 @@ static void canary_cancel(struct stage *st)
 	if (!c || !c->st || c->cancelled)
 		return;
 	c->cancelled = 1;
-	if (c->phase == PH_ABORT)
+	if (c->phase == PH_ABORT || c->phase == PH_UNDO)
 		return; /* already undoing */
 	if (c->verify) {
 		verify_run_cancel(c->verify); /* on_verify_done aborts */

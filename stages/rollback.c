@@ -156,9 +156,7 @@ static int rollback_plan(struct rollout *r, const json_t *d, const json_t *rs,
 			 struct rollout_plan *plan, struct kpl_err *err)
 {
 	struct rollback *rb = rollout_impl(r);
-	json_t *tmpl, *patch;
-	const char *rv;
-	char *cur, buf[700];
+	char buf[700];
 	int rc;
 
 	(void)rs;
@@ -170,30 +168,19 @@ static int rollback_plan(struct rollout *r, const json_t *d, const json_t *rs,
 		return kpl_errf(err, KPL_ESTATE, "you cannot rollback a paused deployment; resume "
 				"it first with 'kubectl rollout resume' and try again");
 	plan->image = kpl_strdup(rb->image ? rb->image : "");
-	cur = rollout_template_text(json_object_get(json_object_get(d, "spec"), "template"));
-	if (strcmp(cur, rb->template_) == 0) {
+	rc = rollout_restore_patch(d, rb->template_, rollout_target(r), &plan->body, err);
+	if (rc < 0)
+		return rc;
+	if (rc == 1) {
 		struct stage *st = rollout_stage(r);
 		if (st)
 			stage_logf(st, "skipped rollback (current template already matches "
 				   "revision %s)", *rb->revision ? rb->revision : "(unknown)");
-		free(cur);
 		plan->action = ROLLOUT_FOLLOW;
 		return 0;
 	}
-	free(cur);
-	if (!(tmpl = json_loads(rb->template_, 0, NULL)))
-		return kpl_errf(err, KPL_ECORRUPT, "the recorded template of %s is not JSON",
-				rollout_target(r));
-	rv = json_string_value(json_object_get(json_object_get(d, "metadata"), "resourceVersion"));
-	patch = json_pack("[{s:s, s:s, s:s}, {s:s, s:s, s:o}]",
-			  "op", "replace", "path", "/metadata/resourceVersion", "value", rv ? rv : "",
-			  "op", "replace", "path", "/spec/template", "value", tmpl);
-	if (!rv)
-		json_array_remove(patch, 0);
 	plan->action = ROLLOUT_PATCH;
 	plan->patch = KUBE_PATCH_JSON;
-	plan->body = json_dumps(patch, JSON_COMPACT);
-	json_decref(patch);
 	return 0;
 }
 

@@ -122,6 +122,31 @@ char *rollout_template_text(const json_t *tmpl)
 	return s ? s : kpl_strdup("");
 }
 
+int rollout_restore_patch(const json_t *d, const char *tmpl_text, const char *what,
+			  char **body, struct kpl_err *err)
+{
+	char *cur = rollout_template_text(json_object_get(json_object_get(d, "spec"), "template"));
+	json_t *tmpl, *patch;
+	const char *rv;
+	int same = strcmp(cur, tmpl_text) == 0;
+
+	free(cur);
+	*body = NULL;
+	if (same)
+		return 1;
+	if (!(tmpl = json_loads(tmpl_text, 0, NULL)))
+		return kpl_errf(err, KPL_ECORRUPT, "the recorded template of %s is not JSON", what);
+	rv = json_string_value(json_object_get(json_object_get(d, "metadata"), "resourceVersion"));
+	patch = json_pack("[{s:s, s:s, s:s}, {s:s, s:s, s:o}]",
+			  "op", "replace", "path", "/metadata/resourceVersion", "value", rv ? rv : "",
+			  "op", "replace", "path", "/spec/template", "value", tmpl);
+	if (!rv)
+		json_array_remove(patch, 0);
+	*body = json_dumps(patch, JSON_COMPACT);
+	json_decref(patch);
+	return 0;
+}
+
 static const char *container_of(struct rollout *r, const json_t *tmpl)
 {
 	const char *c = r->ops->container ? r->ops->container(r) : NULL;

@@ -1,6 +1,6 @@
 /*
- * rollout.h - what the Kubernetes stage kinds (deploy, rollback; canary next)
- * share: change a Deployment once, durably recorded first, then follow its
+ * rollout.h - what the Kubernetes stage kinds (deploy, rollback; canary in
+ * part) share: change a Deployment once, durably recorded first, then follow its
  * rollout with kubectl's rules until it is done, failed or cancelled.
  *
  * One struct rollout per attempt:
@@ -123,5 +123,18 @@ void rollout_step_done(struct rollout *r, int status, const char *msg);
 /* A pod template as compact JSON with sorted keys and without the
  * pod-template-hash label (malloc'd): the form records keep and compare. */
 char *rollout_template_text(const json_t *tmpl);
+
+/*
+ * The change that puts Deployment d's pod template back to tmpl_text (a
+ * recorded template, in rollout_template_text's form), as kubectl rollout
+ * undo sends it: a JSON patch (KUBE_PATCH_JSON) replacing /spec/template,
+ * and /metadata/resourceVersion with d's (so a concurrent change gives 409).
+ * Returns 0 with *body the patch (malloc'd, the caller's), 1 when d's
+ * template already matches (*body NULL: nothing to send), or KPL_ECORRUPT
+ * with err when tmpl_text is not JSON (what names the target in it).
+ * Used by rollback and by a canary undoing its failed promotion.
+ */
+int rollout_restore_patch(const json_t *d, const char *tmpl_text, const char *what,
+			  char **body, struct kpl_err *err);
 
 #endif

@@ -12,9 +12,11 @@ labelled version=v1): mesh on, a healthy canary promoted, a bad one
 aborted with its measured success rate, a crashlooping one aborted, kill -9
 in the middle of a step (the emulator's request log, --verbose, counts the
 VirtualService PUTs: nothing is applied twice), on_failure: freeze then
-approve and reject, rollback's mesh reset, mesh off. Waiting is on WatchRun
-streams; the only polling is for the emulator's controllers and
-Prometheus's first data, bounded.
+approve and reject, rollback's mesh reset, a promotion that misses its
+progress deadline undone (the emulator's pods made slow once the canary is
+ready), the same undo with kpld killed in the middle, mesh off. Waiting is on WatchRun
+streams; the only polling is for the emulator's controllers, its taking an
+injected fault, and Prometheus's first data, bounded.
 """
 
 import json
@@ -457,6 +459,108 @@ stages:
         lines = self.logs(events)
         assert "virtualservice shop/web: all traffic back to stable" in lines, lines
         assert "deployment shop/web-canary: deleted" in lines, lines
+
+    def revision(self):
+        return self.api("GET", WEB)["metadata"]["annotations"][
+            "deployment.kubernetes.io/revision"]
+
+    def submit_until_paused(self, text, step):
+        """Submits text and follows the run until its log says step (a
+        pause) began; returns the run."""
+        run = Client.to_dict(submit(self.c, text))
+        stream = self.c.stream(P + "WatchRun", {"id": run["id"]}, timeout=60)
+        seen = []
+        for ev in stream:
+            ev = Client.to_dict(ev)
+            seen.append(ev.get("message", ""))
+            if ev.get("kind") == "EVENT_KIND_LOG" and \
+                    ev.get("message", "").startswith(step):
+                stream.cancel()
+                return run
+        raise AssertionError("the canary never reached %r: %r" % (step, seen))
+
+    def slow_pods(self):
+        """From now on a new pod takes a minute to start: pods already
+        ready stay ready, but the stable Deployment's rollout to the
+        canary's image misses its 3 s progress deadline."""
+        self.api("POST", "/emulator/config", {"pace": 60})
+
+    def normal_pods(self):
+        self.api("POST", "/emulator/config", {"pace": 0.2})
+        self.api("DELETE", "/emulator/fault")
+
+    def test_failed_promotion_undone(self):
+        before, rev = self.image(), self.revision()
+        patches = self.requests("PATCH", WEB)
+        try:
+            run = self.submit_until_paused(canary_pipeline(
+                "promote-fails", "reg.example/web:10.0", "v10",
+                ["{ weight: 50 }", "{ pause: 2s }"],
+                extra="      header_route: { header: x-canary, value: \"1\" }\n"),
+                "step 2/2: pause")
+            self.slow_pods()
+            assert_eq(self.weights(), (50, 50, True), "the canary took its share")
+            events = watch_all(self.c, run["id"])
+        finally:
+            self.normal_pods()
+        got = Client.to_dict(self.c.call(P + "GetRun", {"id": run["id"]}))
+        st = self.stage(got)
+        assert_eq((got["state"], st["state"]), ("RUN_STATE_FAILED", "STAGE_STATE_FAILED"),
+                  "states (%s)" % st.get("message"))
+        assert_eq(st["message"], 'promotion failed: deployment "web" exceeded its progress '
+                  'deadline; stable restored to revision %s, canary removed' % rev, "message")
+        assert_eq(self.image(), before, "stable back on its image")
+        self.wait_settled(WEB, before)
+        assert_eq(self.weights(), (100, 0, False), "all traffic to stable, header route gone")
+        assert_eq(self.exists(CANARY), False, "canary removed")
+        # the promotion's patch and the restore's, nothing more
+        assert_eq(self.requests("PATCH", WEB) - patches, 2, "PATCHes of the stable deployment")
+        lines = self.logs(events)
+        assert any(l.startswith("undoing the promotion (deployment \"web\" exceeded its "
+                                "progress deadline): deployment web back to revision %s (%s)"
+                                % (rev, before)) for l in lines), lines
+        assert "patch deployment shop/web: pod template of revision %s restored (%s)" \
+            % (rev, before) in lines, lines
+        assert "virtualservice shop/web: all traffic back to stable" in lines, lines
+        assert "deployment shop/web-canary: deleted" in lines, lines
+
+    def test_kill_mid_undo_finishes_it(self):
+        before, rev = self.image(), self.revision()
+        patches = self.requests("PATCH", WEB)
+        try:
+            run = self.submit_until_paused(canary_pipeline(
+                "undo-killed", "reg.example/web:11.0", "v11",
+                ["{ weight: 30 }", "{ pause: 2s }"]), "step 2/2: pause")
+            self.slow_pods()
+            # the undo's reset of the weights is the next PUT of the
+            # VirtualService: held 8 s (then refused), kpld is killed meanwhile
+            self.api("POST", "/emulator/fault", {"path_prefix": VS, "method": "PUT",
+                                                  "count": 1, "status": 500,
+                                                  "delay_ms": 8000})
+            deadline = time.monotonic() + 60
+            while self.api("GET", "/emulator/state").get("faults"):
+                assert time.monotonic() < deadline, "the undo never reset the weights"
+                time.sleep(0.1)  # the emulator takes the fault: no event to wait on
+            self.c.close()
+            self.daemon.stop(signal.SIGKILL)
+            assert_eq(self.image(), before, "stable restored before the kill")
+            assert_eq(self.weights()[:2], (70, 30), "weights at the kill")
+            assert_eq(self.exists(CANARY), True, "canary there at the kill")
+            self.c = self.daemon.start()
+            events = watch_all(self.c, run["id"])
+        finally:
+            self.normal_pods()
+        got = Client.to_dict(self.c.call(P + "GetRun", {"id": run["id"]}))
+        st = self.stage(got)
+        assert_eq(st["state"], "STAGE_STATE_FAILED", "state (%s)" % st.get("message"))
+        assert_eq(st["message"], 'promotion failed: deployment "web" exceeded its progress '
+                  'deadline; stable restored to revision %s, canary removed' % rev, "message")
+        assert_eq(self.image(), before, "stable on its image")
+        assert_eq(self.weights(), (100, 0, False), "all traffic to stable")
+        assert_eq(self.exists(CANARY), False, "canary removed")
+        assert_eq(self.requests("PATCH", WEB) - patches, 2, "not restored twice")
+        assert "deployment shop/web: already on the template of revision %s" % rev in \
+            self.logs(events), self.logs(events)
 
     def test_mesh_off(self):
         run, _ = self.run(run_text_mesh("plain"))
