@@ -16,5 +16,6 @@ exec valgrind -q --error-exitcode=99 --leak-check=full \
 EOS
 	chmod +x "$tmp/vg_server"
 	server=$tmp/vg_server
+	export KPL_TEST_UNDER_VALGRIND=1
 fi
 exec /usr/bin/python3 tests/api/server_test.py "$server"
