@@ -325,24 +325,13 @@ static void record(struct canary *c, void (*then)(struct canary *))
 /* ---------------------------------------------------------------------- */
 /* Failure: abort, or freeze */
 
-static void abort_start(struct canary *c);
+static void remove_canary(struct canary *c);
 
-static void abort_end(int status, const char *msg, int wrote, void *data)
+/* The abort's end, the canary deleted (remove_canary). */
+static void aborted(struct canary *c)
 {
-	struct canary *c = data;
 	char *m;
 
-	if (gone(c))
-		return;
-	if (status) {
-		m = kpl_asprintf("canary abort failed: %s (after: %s)", msg,
-				 c->reason ? c->reason : "cancelled");
-		finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, m);
-		free(m);
-		return;
-	}
-	stage_logf(c->st, "deployment %s/%s: %s", c->ns, c->canary_name,
-		   wrote ? "deleted" : "already absent");
 	if (c->cancelled)
 		m = kpl_asprintf("cancelled: canary aborted (traffic back to 100%% stable, "
 				 "deployment %s removed)", c->canary_name);
@@ -354,64 +343,6 @@ static void abort_end(int status, const char *msg, int wrote, void *data)
 	free(m);
 }
 
-static void abort_delete(int status, const char *msg, int wrote, void *data)
-{
-	struct canary *c = data;
-	struct kpl_err err = { 0 };
-	char *path, *what;
-	int rc;
-
-	if (gone(c))
-		return;
-	if (status) {
-		abort_end(status, msg, 0, c);
-		return;
-	}
-	stage_logf(c->st, "virtualservice %s/%s: %s", c->ns, c->service,
-		   wrote ? "all traffic back to stable" : "already all stable");
-	path = kube_deployment_path(c->ns, c->canary_name);
-	what = kpl_asprintf("deployment %s/%s", c->ns, c->canary_name);
-	rc = istio_delete(stage_http(c->st), &c->cfg, what, path, abort_end, c, &c->req, &err);
-	free(path);
-	free(what);
-	if (rc)
-		abort_end(rc, err.msg, 0, c);
-}
-
-/* Weights to 100/0, header route removed; a missing VirtualService or
- * route has nothing to reset. */
-static int reset_modify(const json_t *cur, json_t **out, void *data, struct kpl_err *err)
-{
-	struct istio_weights w;
-	struct kpl_err e2 = { 0 };
-
-	(void)data;
-	(void)err;
-	*out = NULL;
-	if (!cur || istio_vs_weights(cur, &w, &e2))
-		return 0;
-	*out = json_deep_copy(cur);
-	if (istio_vs_set_weights(*out, 0, NULL, NULL, &e2) <= 0) {
-		json_decref(*out);
-		*out = NULL;
-	}
-	return 0;
-}
-
-static void abort_run(struct canary *c)
-{
-	struct kpl_err err = { 0 };
-	char *path = istio_path("virtualservices", c->ns, c->service);
-	char *what = kpl_asprintf("virtualservice %s/%s", c->ns, c->service);
-	int rc = istio_update(stage_http(c->st), &c->cfg, what, path, path, reset_modify,
-			      abort_delete, c, &c->req, &err);
-
-	free(path);
-	free(what);
-	if (rc)
-		abort_end(rc, err.msg, 0, c);
-}
-
 static void abort_start(struct canary *c)
 {
 	stop_watch(c);
@@ -420,7 +351,7 @@ static void abort_start(struct canary *c)
 	free(c->vprogress);
 	c->vprogress = NULL;
 	stage_logf(c->st, "aborting the canary: %s", c->reason ? c->reason : "cancelled");
-	record(c, abort_run);
+	record(c, remove_canary);
 }
 
 static void frozen(struct canary *c)
@@ -480,6 +411,15 @@ static int cancel_point(struct canary *c)
 /* ---------------------------------------------------------------------- */
 /* Following a Deployment's rollout */
 
+/* What a failed request or watch says: the API's Status, else the error. */
+static void reply_text(int status, const struct kube_status *ks, char *text, size_t n)
+{
+	if (ks)
+		kube_status_text(ks, text, n);
+	else
+		snprintf(text, n, "%s", kpl_strerror(status));
+}
+
 static int follow(struct canary *c, const char *name,
 		  int (*on_event)(struct kube_watch *, const char *, json_t *, void *),
 		  struct kpl_err *err);
@@ -495,10 +435,7 @@ static void on_watch_error(struct kube_watch *w, int status, const struct kube_s
 	kube_watch_stop(w);
 	if (!c->st)
 		return;
-	if (ks)
-		kube_status_text(ks, text, sizeof text);
-	else
-		snprintf(text, sizeof text, "%s", kpl_strerror(status));
+	reply_text(status, ks, text, sizeof text);
 	m = kpl_asprintf("watch deployment: %s", text);
 	failure(c, m);
 	free(m);
@@ -544,31 +481,256 @@ static int follow(struct canary *c, const char *name,
 }
 
 /* ---------------------------------------------------------------------- */
-/* Promotion */
+/* Removing the canary: how an abort, a promotion and its undo all end */
 
-static void promote_get(struct canary *c);
+static void promoted(struct canary *c);
+static void undone(struct canary *c);
 
-static void promote_end(int status, const char *msg, int wrote, void *data)
+/* The removal stopped (msg); what it ends (c->phase) says how. */
+static void remove_failed(struct canary *c, const char *msg)
+{
+	char *m;
+
+	if (c->phase == PH_UNDO) {
+		undo_failed(c, msg);
+		return;
+	}
+	if (c->phase == PH_PROMOTE) /* stable runs the new image: nothing to undo */
+		m = kpl_asprintf("promotion: %s", msg);
+	else
+		m = kpl_asprintf("canary abort failed: %s (after: %s)", msg,
+				 c->reason ? c->reason : "cancelled");
+	finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, m);
+	free(m);
+}
+
+static void canary_deleted(int status, const char *msg, int wrote, void *data)
 {
 	struct canary *c = data;
-	Kpl__Store__V1__ReleaseRecord rec = KPL__STORE__V1__RELEASE_RECORD__INIT;
-	const json_t *tmpl;
-	char *t, *m;
-	const char *rev;
 
 	if (gone(c))
 		return;
 	if (status) {
-		m = kpl_asprintf("promotion: %s", msg);
-		finish(c, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, m);
-		free(m);
+		remove_failed(c, msg);
 		return;
 	}
 	stage_logf(c->st, "deployment %s/%s: %s", c->ns, c->canary_name,
 		   wrote ? "deleted" : "already absent");
-	tmpl = json_object_get(json_object_get(c->stable, "spec"), "template");
-	t = rollout_template_text(tmpl);
-	rev = kube_revision(c->stable);
+	if (c->phase == PH_PROMOTE)
+		promoted(c);
+	else if (c->phase == PH_UNDO)
+		undone(c);
+	else
+		aborted(c);
+}
+
+static void vs_reset(int status, const char *msg, int wrote, void *data)
+{
+	struct canary *c = data;
+	struct kpl_err err = { 0 };
+	char *path, *what;
+	int rc;
+
+	if (gone(c))
+		return;
+	if (status) {
+		remove_failed(c, msg);
+		return;
+	}
+	stage_logf(c->st, "virtualservice %s/%s: %s", c->ns, c->service,
+		   !wrote ? "already all stable"
+		   : c->phase == PH_PROMOTE ? "all traffic to stable (now running the new image)"
+					    : "all traffic back to stable");
+	path = kube_deployment_path(c->ns, c->canary_name);
+	what = kpl_asprintf("deployment %s/%s", c->ns, c->canary_name);
+	rc = istio_delete(stage_http(c->st), &c->cfg, what, path, canary_deleted, c, &c->req,
+			  &err);
+	free(path);
+	free(what);
+	if (rc)
+		remove_failed(c, err.msg);
+}
+
+/* Weights to 100/0, header route removed; a missing VirtualService or
+ * route has nothing to reset. */
+static int reset_modify(const json_t *cur, json_t **out, void *data, struct kpl_err *err)
+{
+	struct istio_weights w;
+	struct kpl_err e2 = { 0 };
+
+	(void)data;
+	(void)err;
+	*out = NULL;
+	if (!cur || istio_vs_weights(cur, &w, &e2))
+		return 0;
+	*out = json_deep_copy(cur);
+	if (istio_vs_set_weights(*out, 0, NULL, NULL, &e2) <= 0) {
+		json_decref(*out);
+		*out = NULL;
+	}
+	return 0;
+}
+
+/* Weights back to 100/0, then the canary Deployment deleted, each write
+ * only if still needed (a restart does it again). Ends the abort, the
+ * promotion or the undo, whichever c->phase is. */
+static void remove_canary(struct canary *c)
+{
+	struct kpl_err err = { 0 };
+	char *path, *what;
+	int rc;
+
+	if (c->phase != PH_ABORT && c->phase != PH_PROMOTE && c->phase != PH_UNDO)
+		BUG("canary %s: removed in phase %s", c->target, phase_names[c->phase]);
+	path = istio_path("virtualservices", c->ns, c->service);
+	what = kpl_asprintf("virtualservice %s/%s", c->ns, c->service);
+	rc = istio_update(stage_http(c->st), &c->cfg, what, path, path, reset_modify, vs_reset, c,
+			  &c->req, &err);
+	free(path);
+	free(what);
+	if (rc)
+		remove_failed(c, err.msg);
+}
+
+/* ---------------------------------------------------------------------- */
+/* The stable Deployment: read, patched and followed alike by prepare, the
+ * promotion and its undo; failure() and what comes next go by c->phase. */
+
+static void prep_stable(struct canary *c);
+static void promote_got(struct canary *c);
+static void undo_got(struct canary *c);
+
+static void stable_got(int status, json_t *obj, const struct kube_status *ks, void *data)
+{
+	struct canary *c = data;
+	char text[600], *m;
+
+	c->req = NULL;
+	if (gone(c))
+		return;
+	if (status || ks) {
+		reply_text(status, ks, text, sizeof text);
+		m = kpl_asprintf("get deployment %s/%s: %s", c->ns, c->name, text);
+		failure(c, m);
+		free(m);
+		return;
+	}
+	json_decref(c->stable);
+	c->stable = json_incref(obj);
+	switch (c->phase) {
+	case PH_PREPARE:
+		prep_stable(c);
+		break;
+	case PH_PROMOTE:
+		promote_got(c);
+		break;
+	case PH_UNDO:
+		undo_got(c);
+		break;
+	default:
+		BUG("canary %s: stable read in phase %s", c->target, phase_names[c->phase]);
+	}
+}
+
+/* Reads the stable Deployment into c->stable (again after a 409). */
+static void get_stable(struct canary *c)
+{
+	struct kpl_err err = { 0 };
+	char *path = kube_deployment_path(c->ns, c->name);
+
+	if (kube_request(stage_http(c->st), &c->cfg, "GET", path, NULL, NULL, stable_got, c,
+			 &c->req, &err))
+		failure(c, err.msg);
+	free(path);
+}
+
+/* Done once stable's rollout is; a failed one, when undoing, means stable
+ * is not ready on its old template either, and failure() stops the undo
+ * there: moving the traffic to it would make things worse. */
+static int stable_event(struct kube_watch *w, const char *type, json_t *obj, void *data)
+{
+	struct canary *c = data;
+	char msg[512];
+	int v;
+
+	(void)w;
+	if (!c->st)
+		return 1;
+	if ((v = rollout_verdict(c, type, obj, msg, sizeof msg)) == 0)
+		return 0;
+	stop_watch(c);
+	if (v < 0) {
+		failure(c, msg);
+		return 1;
+	}
+	json_decref(c->stable);
+	c->stable = json_incref(obj); /* the revision the promotion records */
+	remove_canary(c);
+	return 1;
+}
+
+static void follow_stable(struct canary *c)
+{
+	struct kpl_err err = { 0 };
+
+	if (follow(c, c->name, stable_event, &err))
+		failure(c, err.msg);
+}
+
+static void stable_patched(int status, json_t *obj, const struct kube_status *ks, void *data)
+{
+	struct canary *c = data;
+	char text[600], *m;
+
+	(void)obj;
+	c->req = NULL;
+	if (gone(c))
+		return;
+	if (!status && ks && ks->code == 409 && c->conflicts < ROLLOUT_MAX_CONFLICTS) {
+		c->conflicts++;
+		stage_logf(c->st, "patch deployment %s/%s: %s: %s; reading it again (%d of %d)",
+			   c->ns, c->name, ks->reason, ks->message, c->conflicts,
+			   ROLLOUT_MAX_CONFLICTS);
+		get_stable(c);
+		return;
+	}
+	if (status || ks) {
+		reply_text(status, ks, text, sizeof text);
+		m = kpl_asprintf("patch deployment %s/%s: %s", c->ns, c->name, text);
+		failure(c, m);
+		free(m);
+		return;
+	}
+	if (c->phase == PH_UNDO)
+		stage_logf(c->st, "patch deployment %s/%s: pod template of revision %s restored "
+			   "(%s)", c->ns, c->name, c->prev_revision, c->prev_image);
+	else
+		stage_logf(c->st, "patch deployment %s/%s: patched to %s", c->ns, c->name,
+			   c->image);
+	follow_stable(c);
+}
+
+static void patch_stable(struct canary *c, enum kube_patch type, const char *body)
+{
+	struct kpl_err err = { 0 };
+	char *path = kube_deployment_path(c->ns, c->name);
+
+	if (kube_request(stage_http(c->st), &c->cfg, "PATCH", path, kube_patch_content_type(type),
+			 body, stable_patched, c, &c->req, &err))
+		failure(c, err.msg);
+	free(path);
+}
+
+/* ---------------------------------------------------------------------- */
+/* Promotion */
+
+static void promoted(struct canary *c)
+{
+	Kpl__Store__V1__ReleaseRecord rec = KPL__STORE__V1__RELEASE_RECORD__INIT;
+	const json_t *tmpl = json_object_get(json_object_get(c->stable, "spec"), "template");
+	char *t = rollout_template_text(tmpl), *m;
+	const char *rev = kube_revision(c->stable);
+
 	rec.target = c->target;
 	rec.kind = "canary";
 	rec.revision = (char *)rev;
@@ -588,103 +750,8 @@ static void promote_end(int status, const char *msg, int wrote, void *data)
 	free(m);
 }
 
-static void promote_delete(int status, const char *msg, int wrote, void *data)
-{
-	struct canary *c = data;
-	struct kpl_err err = { 0 };
-	char *path, *what;
-	int rc;
-
-	if (gone(c))
-		return;
-	if (status) {
-		promote_end(status, msg, 0, c);
-		return;
-	}
-	stage_logf(c->st, "virtualservice %s/%s: %s", c->ns, c->service,
-		   wrote ? "all traffic to stable (now running the new image)"
-			 : "already all stable");
-	path = kube_deployment_path(c->ns, c->canary_name);
-	what = kpl_asprintf("deployment %s/%s", c->ns, c->canary_name);
-	rc = istio_delete(stage_http(c->st), &c->cfg, what, path, promote_end, c, &c->req, &err);
-	free(path);
-	free(what);
-	if (rc)
-		promote_end(rc, err.msg, 0, c);
-}
-
-static int promote_event(struct kube_watch *w, const char *type, json_t *obj, void *data)
-{
-	struct canary *c = data;
-	struct kpl_err err = { 0 };
-	char msg[512], *path, *what;
-	int v, rc;
-
-	(void)w;
-	if (!c->st)
-		return 1;
-	if ((v = rollout_verdict(c, type, obj, msg, sizeof msg)) == 0)
-		return 0;
-	stop_watch(c);
-	if (v < 0) {
-		failure(c, msg);
-		return 1;
-	}
-	json_decref(c->stable);
-	c->stable = json_incref(obj);
-	path = istio_path("virtualservices", c->ns, c->service);
-	what = kpl_asprintf("virtualservice %s/%s", c->ns, c->service);
-	rc = istio_update(stage_http(c->st), &c->cfg, what, path, path, reset_modify,
-			  promote_delete, c, &c->req, &err);
-	free(path);
-	free(what);
-	if (rc)
-		promote_end(rc, err.msg, 0, c);
-	return 1;
-}
-
-static void promote_follow(struct canary *c)
-{
-	struct kpl_err err = { 0 };
-
-	if (follow(c, c->name, promote_event, &err))
-		failure(c, err.msg);
-}
-
-static void patch_done(int status, json_t *obj, const struct kube_status *ks, void *data)
-{
-	struct canary *c = data;
-	char text[600], *m;
-
-	(void)obj;
-	c->req = NULL;
-	if (gone(c))
-		return;
-	if (!status && ks && ks->code == 409 && c->conflicts < ROLLOUT_MAX_CONFLICTS) {
-		c->conflicts++;
-		stage_logf(c->st, "patch deployment %s/%s: %s: %s; reading it again (%d of %d)",
-			   c->ns, c->name, ks->reason, ks->message, c->conflicts,
-			   ROLLOUT_MAX_CONFLICTS);
-		promote_get(c);
-		return;
-	}
-	if (status || ks) {
-		if (ks)
-			kube_status_text(ks, text, sizeof text);
-		else
-			snprintf(text, sizeof text, "%s", kpl_strerror(status));
-		m = kpl_asprintf("patch deployment %s/%s: %s", c->ns, c->name, text);
-		failure(c, m);
-		free(m);
-		return;
-	}
-	stage_logf(c->st, "patch deployment %s/%s: patched to %s", c->ns, c->name, c->image);
-	promote_follow(c);
-}
-
 static void promote_patch(struct canary *c)
 {
-	struct kpl_err err = { 0 };
 	const char *rv = json_string_value(json_object_get(json_object_get(c->stable, "metadata"),
 							   "resourceVersion"));
 	char *cause = kpl_asprintf("kpl run %s stage %s: canary promoted, image %s",
@@ -693,47 +760,25 @@ static void promote_patch(struct canary *c)
 				  "annotations", "kubernetes.io/change-cause", cause, "spec",
 				  "template", "spec", "containers", "name", c->container, "image",
 				  c->image);
-	char *body, *path = kube_deployment_path(c->ns, c->name);
+	char *body;
 
 	if (rv)
 		json_object_set_new(json_object_get(patch, "metadata"), "resourceVersion",
 				    json_string(rv));
 	body = json_dumps(patch, JSON_COMPACT);
-	if (kube_request(stage_http(c->st), &c->cfg, "PATCH", path,
-			 kube_patch_content_type(KUBE_PATCH_STRATEGIC), body, patch_done, c,
-			 &c->req, &err))
-		failure(c, err.msg);
+	patch_stable(c, KUBE_PATCH_STRATEGIC, body);
 	json_decref(patch);
 	free(cause);
 	free(body);
-	free(path);
 }
 
-static void promote_got(int status, json_t *obj, const struct kube_status *ks, void *data)
+static void promote_got(struct canary *c)
 {
-	struct canary *c = data;
 	struct kpl_err err = { 0 };
-	const json_t *tmpl;
+	const json_t *tmpl = json_object_get(json_object_get(c->stable, "spec"), "template");
 	json_t *cont;
 	const char *img;
-	char text[600], *m;
 
-	c->req = NULL;
-	if (gone(c))
-		return;
-	if (status || ks) {
-		if (ks)
-			kube_status_text(ks, text, sizeof text);
-		else
-			snprintf(text, sizeof text, "%s", kpl_strerror(status));
-		m = kpl_asprintf("get deployment %s/%s: %s", c->ns, c->name, text);
-		failure(c, m);
-		free(m);
-		return;
-	}
-	json_decref(c->stable);
-	c->stable = json_incref(obj);
-	tmpl = json_object_get(json_object_get(obj, "spec"), "template");
 	if (!(cont = istio_find_container(tmpl, c->name, c->container, &err))) {
 		failure(c, err.msg);
 		return;
@@ -743,14 +788,14 @@ static void promote_got(int status, json_t *obj, const struct kube_status *ks, v
 	img = json_string_value(json_object_get(cont, "image"));
 	if (img && strcmp(img, c->image) == 0) {
 		/* patched before a restart (or by someone): only follow */
-		promote_follow(c);
+		follow_stable(c);
 		return;
 	}
 	if (!c->prev_template) {
 		/* The intent record, durable with the phase before the patch. */
 		Kpl__Store__V1__ReleaseRecord rec = KPL__STORE__V1__RELEASE_RECORD__INIT;
 
-		c->prev_revision = kpl_strdup(kube_revision(obj));
+		c->prev_revision = kpl_strdup(kube_revision(c->stable));
 		c->prev_image = kpl_strdup(img ? img : "");
 		c->prev_template = rollout_template_text(tmpl);
 		rec.target = c->target;
@@ -768,17 +813,6 @@ static void promote_got(int status, json_t *obj, const struct kube_status *ks, v
 	promote_patch(c);
 }
 
-static void promote_get(struct canary *c)
-{
-	struct kpl_err err = { 0 };
-	char *path = kube_deployment_path(c->ns, c->name);
-
-	if (kube_request(stage_http(c->st), &c->cfg, "GET", path, NULL, NULL, promote_got, c,
-			 &c->req, &err))
-		failure(c, err.msg);
-	free(path);
-}
-
 static void promote_start(struct canary *c)
 {
 	if (cancel_point(c))
@@ -787,7 +821,7 @@ static void promote_start(struct canary *c)
 	free(c->vprogress);
 	c->vprogress = NULL;
 	stage_logf(c->st, "promoting %s: deployment %s takes the image", c->image, c->name);
-	promote_get(c);
+	get_stable(c);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -805,8 +839,6 @@ static void promote_start(struct canary *c)
  * idempotent.
  */
 
-static void undo_get(struct canary *c);
-
 /* The undo stops here: what it had not done yet stays. */
 static void undo_failed(struct canary *c, const char *msg)
 {
@@ -817,19 +849,10 @@ static void undo_failed(struct canary *c, const char *msg)
 	free(m);
 }
 
-static void undo_end(int status, const char *msg, int wrote, void *data)
+static void undone(struct canary *c)
 {
-	struct canary *c = data;
 	char *m;
 
-	if (gone(c))
-		return;
-	if (status) {
-		undo_failed(c, msg);
-		return;
-	}
-	stage_logf(c->st, "deployment %s/%s: %s", c->ns, c->canary_name,
-		   wrote ? "deleted" : "already absent");
 	if (c->restored)
 		m = kpl_asprintf("%s; stable restored to revision %s, canary removed", c->reason,
 				 c->prev_revision);
@@ -840,105 +863,11 @@ static void undo_end(int status, const char *msg, int wrote, void *data)
 	free(m);
 }
 
-static void undo_delete(int status, const char *msg, int wrote, void *data)
-{
-	struct canary *c = data;
-	struct kpl_err err = { 0 };
-	char *path, *what;
-	int rc;
-
-	if (gone(c))
-		return;
-	if (status) {
-		undo_failed(c, msg);
-		return;
-	}
-	stage_logf(c->st, "virtualservice %s/%s: %s", c->ns, c->service,
-		   wrote ? "all traffic back to stable" : "already all stable");
-	path = kube_deployment_path(c->ns, c->canary_name);
-	what = kpl_asprintf("deployment %s/%s", c->ns, c->canary_name);
-	rc = istio_delete(stage_http(c->st), &c->cfg, what, path, undo_end, c, &c->req, &err);
-	free(path);
-	free(what);
-	if (rc)
-		undo_failed(c, err.msg);
-}
-
-static int undo_event(struct kube_watch *w, const char *type, json_t *obj, void *data)
-{
-	struct canary *c = data;
-	struct kpl_err err = { 0 };
-	char msg[512], *path, *what;
-	int v, rc;
-
-	(void)w;
-	if (!c->st)
-		return 1;
-	if ((v = rollout_verdict(c, type, obj, msg, sizeof msg)) == 0)
-		return 0;
-	stop_watch(c);
-	if (v < 0) {
-		/* stable is not ready on its old template either: moving the
-		 * traffic to it would make things worse */
-		undo_failed(c, msg);
-		return 1;
-	}
-	path = istio_path("virtualservices", c->ns, c->service);
-	what = kpl_asprintf("virtualservice %s/%s", c->ns, c->service);
-	rc = istio_update(stage_http(c->st), &c->cfg, what, path, path, reset_modify, undo_delete,
-			  c, &c->req, &err);
-	free(path);
-	free(what);
-	if (rc)
-		undo_failed(c, err.msg);
-	return 1;
-}
-
-static void undo_follow(struct canary *c)
-{
-	struct kpl_err err = { 0 };
-
-	if (follow(c, c->name, undo_event, &err))
-		undo_failed(c, err.msg);
-}
-
-static void undo_patch_done(int status, json_t *obj, const struct kube_status *ks, void *data)
-{
-	struct canary *c = data;
-	char text[600], *m;
-
-	(void)obj;
-	c->req = NULL;
-	if (gone(c))
-		return;
-	if (!status && ks && ks->code == 409 && c->conflicts < ROLLOUT_MAX_CONFLICTS) {
-		c->conflicts++;
-		stage_logf(c->st, "patch deployment %s/%s: %s: %s; reading it again (%d of %d)",
-			   c->ns, c->name, ks->reason, ks->message, c->conflicts,
-			   ROLLOUT_MAX_CONFLICTS);
-		undo_get(c);
-		return;
-	}
-	if (status || ks) {
-		if (ks)
-			kube_status_text(ks, text, sizeof text);
-		else
-			snprintf(text, sizeof text, "%s", kpl_strerror(status));
-		m = kpl_asprintf("patch deployment %s/%s: %s", c->ns, c->name, text);
-		undo_failed(c, m);
-		free(m);
-		return;
-	}
-	stage_logf(c->st, "patch deployment %s/%s: pod template of revision %s restored (%s)",
-		   c->ns, c->name, c->prev_revision, c->prev_image);
-	undo_follow(c);
-}
-
 /* The JSON patch rollback sends, against the Deployment read last. */
 static void undo_patch(struct canary *c)
 {
 	struct kpl_err err = { 0 };
-	char *body = NULL, *path;
+	char *body = NULL;
 	int rc = rollout_restore_patch(c->stable, c->prev_template, c->target, &body, &err);
 
 	if (rc < 0) {
@@ -946,48 +875,24 @@ static void undo_patch(struct canary *c)
 		return;
 	}
 	if (rc == 1) { /* cannot be: undo_got saw it differ; follow all the same */
-		undo_follow(c);
+		follow_stable(c);
 		return;
 	}
-	path = kube_deployment_path(c->ns, c->name);
-	if (kube_request(stage_http(c->st), &c->cfg, "PATCH", path,
-			 kube_patch_content_type(KUBE_PATCH_JSON), body, undo_patch_done, c,
-			 &c->req, &err))
-		undo_failed(c, err.msg);
+	patch_stable(c, KUBE_PATCH_JSON, body);
 	free(body);
-	free(path);
 }
 
-static void undo_got(int status, json_t *obj, const struct kube_status *ks, void *data)
+static void undo_got(struct canary *c)
 {
-	struct canary *c = data;
-	const json_t *tmpl;
-	char text[600], *m, *cur;
-	int same;
+	const json_t *tmpl = json_object_get(json_object_get(c->stable, "spec"), "template");
+	char *cur = rollout_template_text(tmpl);
+	int same = strcmp(cur, c->prev_template) == 0;
 
-	c->req = NULL;
-	if (gone(c))
-		return;
-	if (status || ks) {
-		if (ks)
-			kube_status_text(ks, text, sizeof text);
-		else
-			snprintf(text, sizeof text, "%s", kpl_strerror(status));
-		m = kpl_asprintf("get deployment %s/%s: %s", c->ns, c->name, text);
-		undo_failed(c, m);
-		free(m);
-		return;
-	}
-	json_decref(c->stable);
-	c->stable = json_incref(obj);
-	tmpl = json_object_get(json_object_get(obj, "spec"), "template");
-	cur = rollout_template_text(tmpl);
-	same = strcmp(cur, c->prev_template) == 0;
 	free(cur);
 	if (same) {
 		stage_logf(c->st, "deployment %s/%s: already on the template of revision %s",
 			   c->ns, c->name, c->prev_revision);
-		undo_follow(c);
+		follow_stable(c);
 		return;
 	}
 	if (c->restored) { /* recorded already (a 409, or a restart) */
@@ -996,17 +901,6 @@ static void undo_got(int status, json_t *obj, const struct kube_status *ks, void
 	}
 	c->restored = 1;
 	record(c, undo_patch);
-}
-
-static void undo_get(struct canary *c)
-{
-	struct kpl_err err = { 0 };
-	char *path = kube_deployment_path(c->ns, c->name);
-
-	if (kube_request(stage_http(c->st), &c->cfg, "GET", path, NULL, NULL, undo_got, c,
-			 &c->req, &err))
-		undo_failed(c, err.msg);
-	free(path);
 }
 
 /* A promotion failed (why): undone when stable may have changed, else an
@@ -1034,7 +928,7 @@ static void promote_failure(struct canary *c, const char *why)
 	stage_logf(c->st, "undoing the promotion (%s): deployment %s back to revision %s (%s), "
 		   "then traffic to stable and the canary removed", why, c->name,
 		   c->prev_revision, c->prev_image);
-	record(c, undo_get);
+	record(c, get_stable);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -1413,32 +1307,17 @@ static void dr_done(int status, const char *msg, int wrote, void *data)
 	prep_vs(c);
 }
 
-static void stable_got(int status, json_t *obj, const struct kube_status *ks, void *data)
+/* Stable as read (get_stable): its version label, then the DestinationRule. */
+static void prep_stable(struct canary *c)
 {
-	struct canary *c = data;
 	struct kpl_err err = { 0 };
 	const json_t *tmpl, *labels;
 	const char *ver;
-	char text[600], *m, *path, *what;
+	char *m, *path, *what;
 	json_t *cont;
 	int rc;
 
-	c->req = NULL;
-	if (gone(c))
-		return;
-	if (status || ks) {
-		if (ks)
-			kube_status_text(ks, text, sizeof text);
-		else
-			snprintf(text, sizeof text, "%s", kpl_strerror(status));
-		m = kpl_asprintf("get deployment %s/%s: %s", c->ns, c->name, text);
-		failure(c, m);
-		free(m);
-		return;
-	}
-	json_decref(c->stable);
-	c->stable = json_incref(obj);
-	tmpl = json_object_get(json_object_get(obj, "spec"), "template");
+	tmpl = json_object_get(json_object_get(c->stable, "spec"), "template");
 	labels = json_object_get(json_object_get(tmpl, "metadata"), "labels");
 	if (!(cont = istio_find_container(tmpl, c->name, c->container, &err))) {
 		failure(c, err.msg);
@@ -1475,14 +1354,8 @@ static void stable_got(int status, json_t *obj, const struct kube_status *ks, vo
 
 static void prepare(struct canary *c)
 {
-	struct kpl_err err = { 0 };
-	char *path = kube_deployment_path(c->ns, c->name);
-
-	if (!cancel_point(c) &&
-	    kube_request(stage_http(c->st), &c->cfg, "GET", path, NULL, NULL, stable_got, c,
-			 &c->req, &err))
-		failure(c, err.msg);
-	free(path);
+	if (!cancel_point(c))
+		get_stable(c);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -1780,13 +1653,16 @@ static int canary_resume(struct stage *st, struct kpl_err *err)
 		promote_start(c);
 		break;
 	case PH_ABORT:
-		abort_run(c);
+		remove_canary(c);
 		break;
 	case PH_UNDO:
-		if (c->prev_template)
-			undo_get(c);
-		else
-			abort_run(c);
+		if (c->prev_template) {
+			get_stable(c);
+			break;
+		}
+		/* nothing recorded to restore: the removal ends as an abort would */
+		c->phase = PH_ABORT;
+		remove_canary(c);
 		break;
 	case PH_LAST_:
 		BUG("canary phase");
