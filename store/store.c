@@ -920,6 +920,15 @@ static int read_begin(struct store *s, MDB_txn **txn)
 	return 0;
 }
 
+/* lmdb_fail for a call on db: the step is logged as "step (db)". */
+static int lmdb_fail_db(struct store *s, const char *step, enum store_db db, int rc)
+{
+	char buf[64];
+
+	snprintf(buf, sizeof buf, "%s (%s)", step, db_names[db]);
+	return lmdb_fail(s, buf, rc);
+}
+
 static int corrupt(struct store *s, const char *db, const void *key, size_t klen,
 		   const char *type, size_t vlen)
 {
@@ -941,49 +950,211 @@ static int corrupt(struct store *s, const char *db, const void *key, size_t klen
 	return KPL_ECORRUPT;
 }
 
-static int txn_get_run(struct store *s, MDB_txn *txn, const char *id, size_t len,
-		       Kpl__Store__V1__RunRecord **out)
+/*
+ * Decodes v, the value of key k in db, as a desc message: a new message
+ * (free it with its type's free_unpacked), or NULL once the record has been
+ * logged as corrupt.
+ */
+static void *decode(struct store *s, enum store_db db, const MDB_val *k, const MDB_val *v,
+		    const ProtobufCMessageDescriptor *desc)
 {
-	MDB_val k = { .mv_size = len, .mv_data = (void *)id };
-	MDB_val v;
-	int rc = mdb_get(txn, s->dbi[DB_RUNS], &k, &v);
+	void *msg = protobuf_c_message_unpack(desc, NULL, v->mv_size, v->mv_data);
 
-	*out = NULL;
-	if (rc == MDB_NOTFOUND)
-		return KPL_ENOTFOUND;
-	if (rc)
-		return lmdb_fail(s, "mdb_get (runs)", rc);
-	*out = kpl__store__v1__run_record__unpack(NULL, v.mv_size, v.mv_data);
-	if (!*out)
-		return corrupt(s, "runs", id, len, "kpl.store.v1.RunRecord", v.mv_size);
-	return 0;
+	if (!msg)
+		corrupt(s, db_names[db], k->mv_data, k->mv_size, desc->name, v->mv_size);
+	return msg;
 }
 
-int store_get_run(struct store *s, const char *run_id, Kpl__Store__V1__RunRecord **out)
+/* mdb_get of key in db inside txn: 0 (*v borrowed until txn ends),
+ * KPL_ENOTFOUND, or the KPL_E* code of the failure (logged). */
+static int txn_get(struct store *s, MDB_txn *txn, enum store_db db, const MDB_val *key,
+		   MDB_val *v)
 {
-	MDB_txn *txn;
-	size_t len;
-	int code;
+	MDB_val k = *key;
+	int rc = mdb_get(txn, s->dbi[db], &k, v);
 
-	*out = NULL;
-	if (!run_id_ok(run_id, &len))
-		return KPL_EINVAL;
-	code = read_begin(s, &txn);
+	if (rc == MDB_NOTFOUND)
+		return KPL_ENOTFOUND;
+	return rc ? lmdb_fail_db(s, "mdb_get", db, rc) : 0;
+}
+
+/*
+ * Reads the value of one key of db in a short read transaction and hands
+ * it to take, which keeps what it needs in out (v is borrowed for the call
+ * only). Returns take's value, KPL_ENOTFOUND (take not called), or the
+ * KPL_E* code of a failed LMDB call (logged).
+ */
+typedef int (*take_fn)(struct store *s, const MDB_val *k, const MDB_val *v, void *out);
+
+static int read_one(struct store *s, enum store_db db, const void *key, size_t klen,
+		    take_fn take, void *out)
+{
+	MDB_val k = { .mv_size = klen, .mv_data = (void *)key }, v;
+	MDB_txn *txn;
+	int code = read_begin(s, &txn);
+
 	if (code)
 		return code;
-	code = txn_get_run(s, txn, run_id, len, out);
+	code = txn_get(s, txn, db, &k, &v);
+	if (!code)
+		code = take(s, &k, &v, out);
 	mdb_txn_abort(txn);
 	return code;
 }
 
-/* Positions cur at the first key >= run id + 0x00 + n; returns the MDB code
- * (MDB_NOTFOUND past the end). prefix gets run id + 0x00. */
-static int cursor_at_run(MDB_cursor *cur, unsigned char *key, const char *id, size_t idlen,
-			 uint64_t n, int width, MDB_val *k, MDB_val *v)
+/* Where a walk starts, and so which way it goes. */
+enum walk_from {
+	FROM_FIRST, /* up from the first key */
+	FROM_KEY, /* up from the first key >= key */
+	FROM_LAST, /* down from the last key */
+	FROM_BELOW, /* down from the last key < key */
+	FROM_UPTO, /* down from the last key <= key */
+};
+
+/*
+ * One walk over a database's records in a short read transaction (walk()).
+ * each gets the records in turn, k and v borrowed for the call, and returns
+ * 0 to go on or non-zero to stop (walk() returns that value); it sets done
+ * to stop with 0.
+ */
+struct walk {
+	enum store_db db;
+	enum walk_from from;
+	MDB_val key; /* for FROM_KEY, FROM_BELOW and FROM_UPTO */
+	int (*each)(struct walk *w, const MDB_val *k, const MDB_val *v);
+	void *data; /* each's own */
+	/* Set by walk(): each may read more in txn. */
+	struct store *s;
+	MDB_txn *txn;
+	int done;
+};
+
+/* Puts cur on w's first record; returns the MDB code (MDB_NOTFOUND: none). */
+static int walk_seek(MDB_cursor *cur, const struct walk *w, MDB_val *k, MDB_val *v)
 {
-	k->mv_size = run_key(key, id, idlen, n, width);
-	k->mv_data = key;
-	return mdb_cursor_get(cur, k, v, MDB_SET_RANGE);
+	int rc;
+
+	if (w->from == FROM_FIRST)
+		return mdb_cursor_get(cur, k, v, MDB_FIRST);
+	if (w->from == FROM_LAST)
+		return mdb_cursor_get(cur, k, v, MDB_LAST);
+	*k = w->key;
+	rc = mdb_cursor_get(cur, k, v, MDB_SET_RANGE);
+	if (w->from == FROM_KEY)
+		return rc;
+	/* Down: the first key >= key, then one back unless it is key itself
+	 * (FROM_UPTO). Nothing >= key means every key is below it. */
+	if (rc == MDB_NOTFOUND)
+		return mdb_cursor_get(cur, k, v, MDB_LAST);
+	if (rc == 0 && !(w->from == FROM_UPTO && k->mv_size == w->key.mv_size &&
+			 memcmp(k->mv_data, w->key.mv_data, k->mv_size) == 0))
+		rc = mdb_cursor_get(cur, k, v, MDB_PREV);
+	return rc;
+}
+
+/* Runs w (see struct walk). Returns 0 when done, each's non-zero value, or
+ * the KPL_E* code of a failed LMDB call (logged). */
+static int walk(struct store *s, struct walk *w)
+{
+	MDB_cursor_op step = w->from == FROM_FIRST || w->from == FROM_KEY ? MDB_NEXT : MDB_PREV;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc, code;
+
+	w->s = s;
+	w->done = 0;
+	code = read_begin(s, &w->txn);
+	if (code)
+		return code;
+	rc = mdb_cursor_open(w->txn, s->dbi[w->db], &cur);
+	if (rc) {
+		mdb_txn_abort(w->txn);
+		return lmdb_fail_db(s, "mdb_cursor_open", w->db, rc);
+	}
+	for (rc = walk_seek(cur, w, &k, &v); rc == 0; rc = mdb_cursor_get(cur, &k, &v, step)) {
+		code = w->each(w, &k, &v);
+		if (code || w->done)
+			break;
+	}
+	if (rc && rc != MDB_NOTFOUND)
+		code = lmdb_fail_db(s, "mdb_cursor_get", w->db, rc);
+	mdb_cursor_close(cur);
+	mdb_txn_abort(w->txn);
+	return code;
+}
+
+/*
+ * The caller's callback for a walk (the member its store_*_fn type names),
+ * called at most max times (0 = no limit); count is the calls so far.
+ */
+struct walk_cb {
+	union {
+		store_event_fn event;
+		store_run_fn run;
+		store_secret_fn secret;
+		store_token_fn token;
+		store_notify_fn notify;
+		store_audit_fn audit;
+		store_registered_fn registered;
+	} fn;
+	void *data;
+	size_t max, count;
+	size_t idlen; /* store_read_events: the run id's length */
+};
+
+/* 1 if c has made its max calls. */
+static int walk_cb_full(const struct walk_cb *c)
+{
+	return c->max && c->count >= c->max;
+}
+
+/* The first record of a walk: its key's be64 at offset at, if the key is
+ * at + 8 bytes and its first at bytes are the walk's key's. */
+struct last_walk {
+	size_t at;
+	int found; /* there was a record */
+	size_t klen; /* its key's size */
+	uint64_t seq;
+};
+
+static int last_each(struct walk *w, const MDB_val *k, const MDB_val *v)
+{
+	struct last_walk *c = w->data;
+
+	c->found = 1;
+	c->klen = k->mv_size;
+	if (k->mv_size == c->at + 8 &&
+	    (c->at == 0 || memcmp(k->mv_data, w->key.mv_data, c->at) == 0))
+		c->seq = get_be64((const unsigned char *)k->mv_data + c->at);
+	w->done = 1;
+	return 0;
+}
+
+static int take_run(struct store *s, const MDB_val *k, const MDB_val *v, void *out)
+{
+	Kpl__Store__V1__RunRecord **rec = out;
+
+	*rec = decode(s, DB_RUNS, k, v, &kpl__store__v1__run_record__descriptor);
+	return *rec ? 0 : KPL_ECORRUPT;
+}
+
+int store_get_run(struct store *s, const char *run_id, Kpl__Store__V1__RunRecord **out)
+{
+	size_t len;
+
+	*out = NULL;
+	if (!run_id_ok(run_id, &len))
+		return KPL_EINVAL;
+	return read_one(s, DB_RUNS, run_id, len, take_run, out);
+}
+
+/* run_key as an MDB_val over buf (RUN_KEY_MAX bytes). */
+static MDB_val run_key_val(unsigned char *buf, const char *id, size_t idlen, uint64_t n,
+			   int width)
+{
+	MDB_val k = { .mv_size = run_key(buf, id, idlen, n, width), .mv_data = buf };
+
+	return k;
 }
 
 /* 1 if k is in run id's range (starts with id + 0x00). */
@@ -992,66 +1163,55 @@ static int in_run(const MDB_val *k, const unsigned char *prefix, size_t plen)
 	return k->mv_size >= plen && memcmp(k->mv_data, prefix, plen) == 0;
 }
 
+struct stages_walk {
+	size_t idlen;
+	Kpl__Store__V1__StageRecord **recs;
+	size_t n, cap;
+};
+
+static int stage_each(struct walk *w, const MDB_val *k, const MDB_val *v)
+{
+	struct stages_walk *c = w->data;
+	Kpl__Store__V1__StageRecord *rec;
+
+	if (!in_run(k, w->key.mv_data, c->idlen + 1)) {
+		w->done = 1;
+		return 0;
+	}
+	if (k->mv_size != c->idlen + 5)
+		return corrupt(w->s, "stages", k->mv_data, k->mv_size, "a stage key", v->mv_size);
+	rec = decode(w->s, DB_STAGES, k, v, &kpl__store__v1__stage_record__descriptor);
+	if (!rec)
+		return KPL_ECORRUPT;
+	if (c->n == c->cap) {
+		c->cap = c->cap ? 2 * c->cap : 8;
+		c->recs = kpl_realloc(c->recs, c->cap * sizeof *c->recs);
+	}
+	c->recs[c->n++] = rec;
+	return 0;
+}
+
 int store_get_stages(struct store *s, const char *run_id,
 		     Kpl__Store__V1__StageRecord ***out, size_t *n)
 {
 	unsigned char key[RUN_KEY_MAX];
-	Kpl__Store__V1__StageRecord **recs = NULL;
-	size_t nrecs = 0, cap = 0, idlen;
-	MDB_txn *txn = NULL;
-	MDB_cursor *cur = NULL;
-	MDB_val k, v;
-	int rc, code;
+	struct stages_walk c = { 0 };
+	struct walk w = { .db = DB_STAGES, .from = FROM_KEY, .each = stage_each, .data = &c };
+	int code;
 
 	*out = NULL;
 	*n = 0;
-	if (!run_id_ok(run_id, &idlen))
+	if (!run_id_ok(run_id, &c.idlen))
 		return KPL_EINVAL;
-	code = read_begin(s, &txn);
-	if (code)
+	w.key = run_key_val(key, run_id, c.idlen, 0, 4);
+	code = walk(s, &w);
+	if (code) {
+		store_free_stages(c.recs, c.n);
 		return code;
-	rc = mdb_cursor_open(txn, s->dbi[DB_STAGES], &cur);
-	if (rc) {
-		code = lmdb_fail(s, "mdb_cursor_open (stages)", rc);
-		goto fail;
 	}
-	for (rc = cursor_at_run(cur, key, run_id, idlen, 0, 4, &k, &v); rc == 0;
-	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		Kpl__Store__V1__StageRecord *rec;
-
-		if (!in_run(&k, key, idlen + 1))
-			break;
-		if (k.mv_size != idlen + 5) {
-			code = corrupt(s, "stages", k.mv_data, k.mv_size, "a stage key", v.mv_size);
-			goto fail;
-		}
-		rec = kpl__store__v1__stage_record__unpack(NULL, v.mv_size, v.mv_data);
-		if (!rec) {
-			code = corrupt(s, "stages", k.mv_data, k.mv_size,
-				       "kpl.store.v1.StageRecord", v.mv_size);
-			goto fail;
-		}
-		if (nrecs == cap) {
-			cap = cap ? 2 * cap : 8;
-			recs = kpl_realloc(recs, cap * sizeof *recs);
-		}
-		recs[nrecs++] = rec;
-	}
-	if (rc != MDB_NOTFOUND && rc != 0) {
-		code = lmdb_fail(s, "mdb_cursor_get (stages)", rc);
-		goto fail;
-	}
-	mdb_cursor_close(cur);
-	mdb_txn_abort(txn);
-	*out = recs;
-	*n = nrecs;
+	*out = c.recs;
+	*n = c.n;
 	return 0;
-fail:
-	if (cur)
-		mdb_cursor_close(cur);
-	mdb_txn_abort(txn);
-	store_free_stages(recs, nrecs);
-	return code;
 }
 
 void store_free_stages(Kpl__Store__V1__StageRecord **stages, size_t n)
@@ -1061,184 +1221,118 @@ void store_free_stages(Kpl__Store__V1__StageRecord **stages, size_t n)
 	free(stages);
 }
 
+/* A copy of a value, NUL-terminated (take_bytes). */
+struct bytes {
+	char *p;
+	size_t len;
+};
+
+static int take_bytes(struct store *s, const MDB_val *k, const MDB_val *v, void *out)
+{
+	struct bytes *b = out;
+
+	b->p = kpl_malloc(v->mv_size + 1);
+	memcpy(b->p, v->mv_data, v->mv_size);
+	b->p[v->mv_size] = '\0';
+	b->len = v->mv_size;
+	return 0;
+}
+
 int store_get_pipeline(struct store *s, const char *run_id, char **text, size_t *len)
 {
-	MDB_txn *txn;
-	MDB_val k, v;
+	struct bytes b = { 0 };
 	size_t idlen;
-	int rc, code = 0;
+	int code;
 
 	*text = NULL;
 	*len = 0;
 	if (!run_id_ok(run_id, &idlen))
 		return KPL_EINVAL;
-	code = read_begin(s, &txn);
-	if (code)
-		return code;
-	k.mv_size = idlen;
-	k.mv_data = (void *)run_id;
-	rc = mdb_get(txn, s->dbi[DB_PIPELINES], &k, &v);
-	if (rc == MDB_NOTFOUND) {
-		code = KPL_ENOTFOUND;
-	} else if (rc) {
-		code = lmdb_fail(s, "mdb_get (pipelines)", rc);
-	} else {
-		*text = kpl_malloc(v.mv_size + 1);
-		memcpy(*text, v.mv_data, v.mv_size);
-		(*text)[v.mv_size] = '\0';
-		*len = v.mv_size;
-	}
-	mdb_txn_abort(txn);
+	code = read_one(s, DB_PIPELINES, run_id, idlen, take_bytes, &b);
+	*text = b.p;
+	*len = b.len;
 	return code;
 }
 
 int store_find_idem(struct store *s, const char *key, char **run_id)
 {
-	MDB_txn *txn;
-	MDB_val k, v;
+	struct bytes id = { 0 };
 	size_t klen, idlen;
-	int rc, code = 0;
+	int code;
 
 	*run_id = NULL;
 	if (!idem_key_ok(key, &klen))
 		return KPL_EINVAL;
-	code = read_begin(s, &txn);
+	code = read_one(s, DB_IDEM, key, klen, take_bytes, &id);
 	if (code)
 		return code;
-	k.mv_size = klen;
-	k.mv_data = (void *)key;
-	rc = mdb_get(txn, s->dbi[DB_IDEM], &k, &v);
-	if (rc == MDB_NOTFOUND) {
-		code = KPL_ENOTFOUND;
-	} else if (rc) {
-		code = lmdb_fail(s, "mdb_get (idem)", rc);
-	} else {
-		*run_id = kpl_strndup(v.mv_data, v.mv_size);
-		if (!run_id_ok(*run_id, &idlen) || idlen != v.mv_size) {
-			free(*run_id);
-			*run_id = NULL;
-			code = corrupt(s, "idem", key, klen, "a run id", v.mv_size);
-		}
+	if (!run_id_ok(id.p, &idlen) || idlen != id.len) {
+		free(id.p);
+		return corrupt(s, "idem", key, klen, "a run id", id.len);
 	}
-	mdb_txn_abort(txn);
-	return code;
+	*run_id = id.p;
+	return 0;
+}
+
+static int event_each(struct walk *w, const MDB_val *k, const MDB_val *v)
+{
+	struct walk_cb *c = w->data;
+	Kpl__V1__RunEvent *ev;
+	int stop;
+
+	if (!in_run(k, w->key.mv_data, c->idlen + 1) || walk_cb_full(c)) {
+		w->done = 1;
+		return 0;
+	}
+	if (k->mv_size != c->idlen + 9)
+		return corrupt(w->s, "events", k->mv_data, k->mv_size, "an event key", v->mv_size);
+	ev = decode(w->s, DB_EVENTS, k, v, &kpl__v1__run_event__descriptor);
+	if (!ev)
+		return KPL_ECORRUPT;
+	stop = c->fn.event(c->data, ev);
+	kpl__v1__run_event__free_unpacked(ev, NULL);
+	c->count++;
+	return stop;
 }
 
 int store_read_events(struct store *s, const char *run_id, uint64_t from_seq,
 		      size_t max, store_event_fn fn, void *data)
 {
 	unsigned char key[RUN_KEY_MAX];
-	MDB_txn *txn = NULL;
-	MDB_cursor *cur = NULL;
-	MDB_val k, v;
-	size_t idlen, count = 0;
-	int rc, code = 0;
+	struct walk_cb c = { .fn.event = fn, .data = data, .max = max };
+	struct walk w = { .db = DB_EVENTS, .from = FROM_KEY, .each = event_each, .data = &c };
 
-	if (!run_id_ok(run_id, &idlen))
+	if (!run_id_ok(run_id, &c.idlen))
 		return KPL_EINVAL;
-	code = read_begin(s, &txn);
-	if (code)
-		return code;
-	rc = mdb_cursor_open(txn, s->dbi[DB_EVENTS], &cur);
-	if (rc) {
-		code = lmdb_fail(s, "mdb_cursor_open (events)", rc);
-		goto out;
-	}
-	for (rc = cursor_at_run(cur, key, run_id, idlen, from_seq, 8, &k, &v); rc == 0;
-	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		Kpl__V1__RunEvent *ev;
-		int stop;
-
-		if (!in_run(&k, key, idlen + 1) || (max && count >= max))
-			break;
-		if (k.mv_size != idlen + 9) {
-			code = corrupt(s, "events", k.mv_data, k.mv_size, "an event key", v.mv_size);
-			goto out;
-		}
-		ev = kpl__v1__run_event__unpack(NULL, v.mv_size, v.mv_data);
-		if (!ev) {
-			code = corrupt(s, "events", k.mv_data, k.mv_size, "kpl.v1.RunEvent",
-				       v.mv_size);
-			goto out;
-		}
-		stop = fn(data, ev);
-		kpl__v1__run_event__free_unpacked(ev, NULL);
-		count++;
-		if (stop) {
-			code = stop;
-			goto out;
-		}
-	}
-	if (rc != MDB_NOTFOUND && rc != 0)
-		code = lmdb_fail(s, "mdb_cursor_get (events)", rc);
-out:
-	if (cur)
-		mdb_cursor_close(cur);
-	mdb_txn_abort(txn);
-	return code;
+	w.key = run_key_val(key, run_id, c.idlen, from_seq, 8);
+	return walk(s, &w);
 }
 
 uint64_t store_last_event_seq(struct store *s, const char *run_id)
 {
 	unsigned char key[RUN_KEY_MAX];
-	MDB_txn *txn = NULL;
-	MDB_cursor *cur = NULL;
-	MDB_val k, v;
+	struct last_walk c = { 0 };
+	struct walk w = { .db = DB_EVENTS, .from = FROM_UPTO, .each = last_each, .data = &c };
 	size_t idlen;
-	uint64_t seq = 0;
-	int rc;
 
-	if (!run_id_ok(run_id, &idlen) || read_begin(s, &txn))
+	if (!run_id_ok(run_id, &idlen))
 		return 0;
-	rc = mdb_cursor_open(txn, s->dbi[DB_EVENTS], &cur);
-	if (rc) {
-		lmdb_fail(s, "mdb_cursor_open (events)", rc);
-		goto out;
-	}
-	/* The first key past the run's last possible event, then one back. */
-	rc = cursor_at_run(cur, key, run_id, idlen, UINT64_MAX, 8, &k, &v);
-	if (rc == 0 && !(k.mv_size == idlen + 9 && memcmp(k.mv_data, key, idlen + 9) == 0))
-		rc = mdb_cursor_get(cur, &k, &v, MDB_PREV);
-	else if (rc == MDB_NOTFOUND)
-		rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
-	if (rc == 0 && in_run(&k, key, idlen + 1) && k.mv_size == idlen + 9)
-		seq = get_be64((const unsigned char *)k.mv_data + idlen + 1);
-	else if (rc != 0 && rc != MDB_NOTFOUND)
-		lmdb_fail(s, "mdb_cursor_get (events)", rc);
-out:
-	if (cur)
-		mdb_cursor_close(cur);
-	mdb_txn_abort(txn);
-	return seq;
+	/* The run's last possible event, or the one before it. */
+	w.key = run_key_val(key, run_id, idlen, UINT64_MAX, 8);
+	c.at = idlen + 1;
+	walk(s, &w);
+	return c.seq;
 }
 
 uint64_t store_last_global_seq(struct store *s)
 {
-	MDB_txn *txn = NULL;
-	MDB_cursor *cur = NULL;
-	MDB_val k, v;
-	uint64_t gseq = 0;
-	int rc;
+	struct last_walk c = { 0 };
+	struct walk w = { .db = DB_GEVENTS, .from = FROM_LAST, .each = last_each, .data = &c };
 
-	if (read_begin(s, &txn))
-		return 0;
-	rc = mdb_cursor_open(txn, s->dbi[DB_GEVENTS], &cur);
-	if (rc) {
-		lmdb_fail(s, "mdb_cursor_open (gevents)", rc);
-		goto out;
-	}
-	rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
-	if (rc == 0 && k.mv_size == 8)
-		gseq = get_be64(k.mv_data);
-	else if (rc == 0)
-		kpl_error(SUB, "%s: the last gevents key is %zu bytes, not 8", s->dir, k.mv_size);
-	else if (rc != MDB_NOTFOUND)
-		lmdb_fail(s, "mdb_cursor_get (gevents)", rc);
-out:
-	if (cur)
-		mdb_cursor_close(cur);
-	mdb_txn_abort(txn);
-	return gseq;
+	walk(s, &w);
+	if (c.found && c.klen != 8)
+		kpl_error(SUB, "%s: the last gevents key is %zu bytes, not 8", s->dir, c.klen);
+	return c.seq;
 }
 
 /* 1 if a gevents value is an events key: a valid run id, 0x00, be64. */
@@ -1256,228 +1350,126 @@ static int gevent_val_ok(const MDB_val *v)
 	       idlen == v->mv_size - 9;
 }
 
+static int global_each(struct walk *w, const MDB_val *k, const MDB_val *v)
+{
+	struct walk_cb *c = w->data;
+	Kpl__V1__RunEvent *ev;
+	MDB_val ev_val;
+	int code;
+
+	if (walk_cb_full(c)) {
+		w->done = 1;
+		return 0;
+	}
+	if (k->mv_size != 8 || !gevent_val_ok(v)) {
+		kpl_error(SUB, "%s: a gevents record (key %zu bytes, value %zu bytes) is not "
+			       "global seq -> event key",
+			  w->s->dir, k->mv_size, v->mv_size);
+		return KPL_ECORRUPT;
+	}
+	code = txn_get(w->s, w->txn, DB_EVENTS, v, &ev_val);
+	if (code == KPL_ENOTFOUND)
+		return 0; /* its run was deleted */
+	if (code)
+		return code;
+	ev = decode(w->s, DB_EVENTS, v, &ev_val, &kpl__v1__run_event__descriptor);
+	if (!ev)
+		return KPL_ECORRUPT;
+	/* An event written again under a new global seq leaves its old
+	 * entry behind: only the entry the event names counts. */
+	if (ev->global_seq != get_be64(k->mv_data)) {
+		kpl__v1__run_event__free_unpacked(ev, NULL);
+		return 0;
+	}
+	code = c->fn.event(c->data, ev);
+	kpl__v1__run_event__free_unpacked(ev, NULL);
+	c->count++;
+	return code;
+}
+
 int store_read_global(struct store *s, uint64_t from_gseq, size_t max, store_event_fn fn,
 		      void *data)
 {
 	unsigned char gkey[8];
-	MDB_txn *txn = NULL;
-	MDB_cursor *cur = NULL;
-	MDB_val k = { .mv_size = sizeof gkey, .mv_data = gkey }, v, ek, ev_val;
-	size_t count = 0;
-	int rc, code;
+	struct walk_cb c = { .fn.event = fn, .data = data, .max = max };
+	struct walk w = { .db = DB_GEVENTS, .from = FROM_KEY, .each = global_each, .data = &c };
 
-	code = read_begin(s, &txn);
-	if (code)
-		return code;
-	rc = mdb_cursor_open(txn, s->dbi[DB_GEVENTS], &cur);
-	if (rc) {
-		code = lmdb_fail(s, "mdb_cursor_open (gevents)", rc);
-		goto out;
-	}
 	put_be64(gkey, from_gseq);
-	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0;
-	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		Kpl__V1__RunEvent *ev;
-		uint64_t gseq;
-		int stop;
-
-		if (max && count >= max)
-			break;
-		if (k.mv_size != 8 || !gevent_val_ok(&v)) {
-			kpl_error(SUB, "%s: a gevents record (key %zu bytes, value %zu bytes) is not "
-				       "global seq -> event key",
-				  s->dir, k.mv_size, v.mv_size);
-			code = KPL_ECORRUPT;
-			goto out;
-		}
-		gseq = get_be64(k.mv_data);
-		ek = v;
-		rc = mdb_get(txn, s->dbi[DB_EVENTS], &ek, &ev_val);
-		if (rc == MDB_NOTFOUND)
-			continue; /* its run was deleted */
-		if (rc) {
-			code = lmdb_fail(s, "mdb_get (events)", rc);
-			goto out;
-		}
-		ev = kpl__v1__run_event__unpack(NULL, ev_val.mv_size, ev_val.mv_data);
-		if (!ev) {
-			code = corrupt(s, "events", ek.mv_data, ek.mv_size, "kpl.v1.RunEvent",
-				       ev_val.mv_size);
-			goto out;
-		}
-		/* An event written again under a new global seq leaves its old
-		 * entry behind: only the entry the event names counts. */
-		if (ev->global_seq != gseq) {
-			kpl__v1__run_event__free_unpacked(ev, NULL);
-			continue;
-		}
-		stop = fn(data, ev);
-		kpl__v1__run_event__free_unpacked(ev, NULL);
-		count++;
-		if (stop) {
-			code = stop;
-			goto out;
-		}
-	}
-	if (rc != MDB_NOTFOUND && rc != 0)
-		code = lmdb_fail(s, "mdb_cursor_get (gevents)", rc);
-out:
-	if (cur)
-		mdb_cursor_close(cur);
-	mdb_txn_abort(txn);
-	return code;
+	w.key.mv_size = sizeof gkey;
+	w.key.mv_data = gkey;
+	return walk(s, &w);
 }
 
 /* Decodes the run record at (k, v) and calls fn with it: fn's value, or
  * KPL_ECORRUPT if it does not decode. */
-static int call_run(struct store *s, const MDB_val *k, const MDB_val *v, store_run_fn fn,
-		    void *data)
+static int run_each(struct walk *w, const MDB_val *k, const MDB_val *v)
 {
-	Kpl__Store__V1__RunRecord *rec =
-		kpl__store__v1__run_record__unpack(NULL, v->mv_size, v->mv_data);
-	int stop;
+	struct walk_cb *c = w->data;
+	Kpl__Store__V1__RunRecord *rec;
+	int stop = take_run(w->s, k, v, &rec);
 
-	if (!rec)
-		return corrupt(s, "runs", k->mv_data, k->mv_size, "kpl.store.v1.RunRecord",
-			       v->mv_size);
-	stop = fn(data, rec);
+	if (stop)
+		return stop;
+	stop = c->fn.run(c->data, rec);
 	kpl__store__v1__run_record__free_unpacked(rec, NULL);
 	return stop;
 }
 
 int store_list_runs(struct store *s, const char *after, store_run_fn fn, void *data)
 {
-	MDB_txn *txn = NULL;
-	MDB_cursor *cur = NULL;
-	MDB_val k, v;
+	struct walk_cb c = { .fn.run = fn, .data = data };
+	struct walk w = { .db = DB_RUNS, .from = FROM_LAST, .each = run_each, .data = &c };
 	size_t alen = 0;
-	int rc, code = 0;
 
 	if (after && *after && !run_id_ok(after, &alen))
 		return KPL_EINVAL;
-	code = read_begin(s, &txn);
-	if (code)
-		return code;
-	rc = mdb_cursor_open(txn, s->dbi[DB_RUNS], &cur);
-	if (rc) {
-		code = lmdb_fail(s, "mdb_cursor_open (runs)", rc);
-		goto out;
-	}
 	if (alen) {
-		/* First key >= after, then one back: the newest run older than
-		 * after. Nothing >= after means every run is older: start at the
-		 * last. */
-		k.mv_size = alen;
-		k.mv_data = (void *)after;
-		rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
-		if (rc == 0)
-			rc = mdb_cursor_get(cur, &k, &v, MDB_PREV);
-		else if (rc == MDB_NOTFOUND)
-			rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
-	} else {
-		rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
+		/* The newest run older than after. */
+		w.from = FROM_BELOW;
+		w.key.mv_size = alen;
+		w.key.mv_data = (void *)after;
 	}
-	for (; rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_PREV)) {
-		code = call_run(s, &k, &v, fn, data);
-		if (code)
-			goto out;
-	}
-	if (rc != MDB_NOTFOUND)
-		code = lmdb_fail(s, "mdb_cursor_get (runs)", rc);
-out:
-	if (cur)
-		mdb_cursor_close(cur);
-	mdb_txn_abort(txn);
-	return code;
+	return walk(s, &w);
 }
 
 int store_list_runs_oldest(struct store *s, store_run_fn fn, void *data)
 {
-	MDB_txn *txn = NULL;
-	MDB_cursor *cur = NULL;
-	MDB_val k, v;
-	int rc, code;
+	struct walk_cb c = { .fn.run = fn, .data = data };
+	struct walk w = { .db = DB_RUNS, .from = FROM_FIRST, .each = run_each, .data = &c };
 
-	code = read_begin(s, &txn);
-	if (code)
-		return code;
-	rc = mdb_cursor_open(txn, s->dbi[DB_RUNS], &cur);
-	if (rc) {
-		code = lmdb_fail(s, "mdb_cursor_open (runs)", rc);
-		goto out;
+	return walk(s, &w);
+}
+
+/* An active entry's run record, to fn.run. */
+static int active_each(struct walk *w, const MDB_val *k, const MDB_val *v)
+{
+	char id[STORE_MAX_RUN_ID_LEN + 1];
+	MDB_val rv;
+	size_t idlen;
+	int code;
+
+	if (k->mv_size > STORE_MAX_RUN_ID_LEN)
+		return corrupt(w->s, "active", k->mv_data, k->mv_size, "a run id key", v->mv_size);
+	memcpy(id, k->mv_data, k->mv_size);
+	id[k->mv_size] = '\0';
+	if (!run_id_ok(id, &idlen) || idlen != k->mv_size)
+		return corrupt(w->s, "active", k->mv_data, k->mv_size, "a run id key", v->mv_size);
+	code = txn_get(w->s, w->txn, DB_RUNS, k, &rv);
+	if (code == KPL_ENOTFOUND) {
+		/* Both are written in one group, so this is a kpl bug; the
+		 * run is gone either way and there is nothing to resume. */
+		kpl_warn(SUB, "%s: active run %s has no run record; skipping it", w->s->dir, id);
+		return 0;
 	}
-	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
-	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		code = call_run(s, &k, &v, fn, data);
-		if (code)
-			goto out;
-	}
-	if (rc != MDB_NOTFOUND)
-		code = lmdb_fail(s, "mdb_cursor_get (runs)", rc);
-out:
-	if (cur)
-		mdb_cursor_close(cur);
-	mdb_txn_abort(txn);
-	return code;
+	return code ? code : run_each(w, k, &rv);
 }
 
 int store_list_active(struct store *s, store_run_fn fn, void *data)
 {
-	char id[STORE_MAX_RUN_ID_LEN + 1];
-	MDB_txn *txn = NULL;
-	MDB_cursor *cur = NULL;
-	MDB_val k, v;
-	size_t idlen;
-	int rc, code = 0;
+	struct walk_cb c = { .fn.run = fn, .data = data };
+	struct walk w = { .db = DB_ACTIVE, .from = FROM_FIRST, .each = active_each, .data = &c };
 
-	code = read_begin(s, &txn);
-	if (code)
-		return code;
-	rc = mdb_cursor_open(txn, s->dbi[DB_ACTIVE], &cur);
-	if (rc) {
-		code = lmdb_fail(s, "mdb_cursor_open (active)", rc);
-		goto out;
-	}
-	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
-	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		Kpl__Store__V1__RunRecord *rec;
-		int stop;
-
-		if (k.mv_size > STORE_MAX_RUN_ID_LEN) {
-			code = corrupt(s, "active", k.mv_data, k.mv_size, "a run id key", v.mv_size);
-			goto out;
-		}
-		memcpy(id, k.mv_data, k.mv_size);
-		id[k.mv_size] = '\0';
-		if (!run_id_ok(id, &idlen) || idlen != k.mv_size) {
-			code = corrupt(s, "active", k.mv_data, k.mv_size, "a run id key", v.mv_size);
-			goto out;
-		}
-		code = txn_get_run(s, txn, id, idlen, &rec);
-		if (code == KPL_ENOTFOUND) {
-			/* Both are written in one group, so this is a kpl bug; the
-			 * run is gone either way and there is nothing to resume. */
-			kpl_warn(SUB, "%s: active run %s has no run record; skipping it", s->dir,
-				 id);
-			code = 0;
-			continue;
-		}
-		if (code)
-			goto out;
-		stop = fn(data, rec);
-		kpl__store__v1__run_record__free_unpacked(rec, NULL);
-		if (stop) {
-			code = stop;
-			goto out;
-		}
-	}
-	if (rc != MDB_NOTFOUND)
-		code = lmdb_fail(s, "mdb_cursor_get (active)", rc);
-out:
-	if (cur)
-		mdb_cursor_close(cur);
-	mdb_txn_abort(txn);
-	return code;
+	return walk(s, &w);
 }
 
 /* --- Secrets (sealed by engine/secrets.c; the store sees only bytes). --- */
@@ -1497,35 +1489,24 @@ void store_stage_secret(struct store *s, const char *name, const void *blob, siz
 	memcpy(op->val, blob, len);
 }
 
-int store_list_secrets(struct store *s, store_secret_fn fn, void *data)
+static int secret_each(struct walk *w, const MDB_val *k, const MDB_val *v)
 {
-	MDB_txn *txn;
-	MDB_cursor *cur;
-	MDB_val k, v;
-	int rc, code;
+	struct walk_cb *c = w->data;
 	char name[65];
 
-	if ((code = read_begin(s, &txn)) != 0)
-		return code;
-	rc = mdb_cursor_open(txn, s->dbi[DB_SECRETS], &cur);
-	if (rc) {
-		mdb_txn_abort(txn);
-		return lmdb_fail(s, "mdb_cursor_open (secrets)", rc);
-	}
-	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
-	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		if (k.mv_size == 0 || k.mv_size >= sizeof name)
-			continue;
-		memcpy(name, k.mv_data, k.mv_size);
-		name[k.mv_size] = '\0';
-		if ((code = fn(data, name, v.mv_data, v.mv_size)) != 0)
-			break;
-	}
-	if (rc && rc != MDB_NOTFOUND)
-		code = lmdb_fail(s, "mdb_cursor_get (secrets)", rc);
-	mdb_cursor_close(cur);
-	mdb_txn_abort(txn);
-	return code;
+	if (k->mv_size == 0 || k->mv_size >= sizeof name)
+		return 0;
+	memcpy(name, k->mv_data, k->mv_size);
+	name[k->mv_size] = '\0';
+	return c->fn.secret(c->data, name, v->mv_data, v->mv_size);
+}
+
+int store_list_secrets(struct store *s, store_secret_fn fn, void *data)
+{
+	struct walk_cb c = { .fn.secret = fn, .data = data };
+	struct walk w = { .db = DB_SECRETS, .from = FROM_FIRST, .each = secret_each, .data = &c };
+
+	return walk(s, &w);
 }
 
 /* --- Release history. --- */
@@ -1557,60 +1538,57 @@ void store_stage_release(struct store *s, const Kpl__Store__V1__ReleaseRecord *r
 	kpl__store__v1__release_record__pack(rec, (uint8_t *)op->val);
 }
 
+struct releases_walk {
+	const char *target;
+	size_t tlen;
+	Kpl__Store__V1__ReleaseRecord **recs;
+	size_t n, cap;
+};
+
+static int release_each(struct walk *w, const MDB_val *k, const MDB_val *v)
+{
+	struct releases_walk *c = w->data;
+	Kpl__Store__V1__ReleaseRecord *r;
+
+	if (k->mv_size != c->tlen + 9 || memcmp(k->mv_data, c->target, c->tlen) ||
+	    ((char *)k->mv_data)[c->tlen] != '\0') {
+		w->done = 1;
+		return 0;
+	}
+	r = kpl__store__v1__release_record__unpack(NULL, v->mv_size, v->mv_data);
+	if (!r)
+		return KPL_ECORRUPT;
+	if (c->n == c->cap) {
+		c->cap = c->cap ? c->cap * 2 : 8;
+		c->recs = kpl_realloc(c->recs, c->cap * sizeof *c->recs);
+	}
+	c->recs[c->n++] = r;
+	return 0;
+}
+
 int store_list_releases(struct store *s, const char *target,
 			Kpl__Store__V1__ReleaseRecord ***out, size_t *n)
 {
 	char key[RELEASE_TARGET_MAX + 9];
-	size_t tlen = strlen(target), cap = 0;
-	MDB_txn *txn;
-	MDB_cursor *cur;
-	MDB_val k, v;
-	int rc, code = 0;
+	struct releases_walk c = { .target = target, .tlen = strlen(target) };
+	struct walk w = { .db = DB_RELEASES, .from = FROM_UPTO, .each = release_each, .data = &c };
+	int code;
 
 	*out = NULL;
 	*n = 0;
-	if (tlen == 0 || tlen > RELEASE_TARGET_MAX)
+	if (c.tlen == 0 || c.tlen > RELEASE_TARGET_MAX)
 		return KPL_EINVAL;
-	if ((code = read_begin(s, &txn)) != 0)
-		return code;
-	if ((rc = mdb_cursor_open(txn, s->dbi[DB_RELEASES], &cur)) != 0) {
-		mdb_txn_abort(txn);
-		return lmdb_fail(s, "mdb_cursor_open (releases)", rc);
-	}
-	/* Newest first: seek past the target's last key, then walk back. */
-	k.mv_size = release_key(key, target, UINT64_MAX);
-	k.mv_data = key;
-	rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
-	if (rc == MDB_NOTFOUND)
-		rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
-	else if (rc == 0 && !(k.mv_size == tlen + 9 && memcmp(k.mv_data, key, tlen + 9) == 0))
-		rc = mdb_cursor_get(cur, &k, &v, MDB_PREV);
-	for (; rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_PREV)) {
-		Kpl__Store__V1__ReleaseRecord *r;
-		if (k.mv_size != tlen + 9 || memcmp(k.mv_data, target, tlen) ||
-		    ((char *)k.mv_data)[tlen] != '\0')
-			break;
-		r = kpl__store__v1__release_record__unpack(NULL, v.mv_size, v.mv_data);
-		if (!r) {
-			code = KPL_ECORRUPT;
-			break;
-		}
-		if (*n == cap) {
-			cap = cap ? cap * 2 : 8;
-			*out = kpl_realloc(*out, cap * sizeof **out);
-		}
-		(*out)[(*n)++] = r;
-	}
-	if (rc && rc != MDB_NOTFOUND && !code)
-		code = lmdb_fail(s, "mdb_cursor_get (releases)", rc);
-	mdb_cursor_close(cur);
-	mdb_txn_abort(txn);
+	/* Newest first: from the target's last possible key, walking back. */
+	w.key.mv_size = release_key(key, target, UINT64_MAX);
+	w.key.mv_data = key;
+	code = walk(s, &w);
 	if (code) {
-		store_free_releases(*out, *n);
-		*out = NULL;
-		*n = 0;
+		store_free_releases(c.recs, c.n);
+		return code;
 	}
-	return code;
+	*out = c.recs;
+	*n = c.n;
+	return 0;
 }
 
 void store_free_releases(Kpl__Store__V1__ReleaseRecord **r, size_t n)
@@ -1651,69 +1629,47 @@ void store_stage_token(struct store *s, const char *hash_hex,
 	kpl__store__v1__token_record__pack(rec, (uint8_t *)op->val);
 }
 
+static int take_token(struct store *s, const MDB_val *k, const MDB_val *v, void *out)
+{
+	Kpl__Store__V1__TokenRecord **rec = out;
+
+	*rec = kpl__store__v1__token_record__unpack(NULL, v->mv_size, v->mv_data);
+	return *rec ? 0 : KPL_ECORRUPT;
+}
+
 int store_get_token(struct store *s, const char *hash_hex,
 		    Kpl__Store__V1__TokenRecord **out)
 {
-	MDB_txn *txn;
-	MDB_val k, v;
-	int rc, code;
-
 	*out = NULL;
 	if (!token_hash_ok(hash_hex))
 		return KPL_EINVAL;
-	if ((code = read_begin(s, &txn)) != 0)
-		return code;
-	k.mv_data = (void *)hash_hex;
-	k.mv_size = TOKEN_HASH_LEN;
-	rc = mdb_get(txn, s->dbi[DB_TOKENS], &k, &v);
-	if (rc == MDB_NOTFOUND)
-		code = KPL_ENOTFOUND;
-	else if (rc)
-		code = lmdb_fail(s, "mdb_get (tokens)", rc);
-	else if (!(*out = kpl__store__v1__token_record__unpack(NULL, v.mv_size, v.mv_data)))
-		code = KPL_ECORRUPT;
-	mdb_txn_abort(txn);
-	return code;
+	return read_one(s, DB_TOKENS, hash_hex, TOKEN_HASH_LEN, take_token, out);
+}
+
+static int token_each(struct walk *w, const MDB_val *k, const MDB_val *v)
+{
+	struct walk_cb *c = w->data;
+	char hash[TOKEN_HASH_LEN + 1];
+	Kpl__Store__V1__TokenRecord *rec;
+	int stop;
+
+	if (k->mv_size != TOKEN_HASH_LEN)
+		return 0;
+	memcpy(hash, k->mv_data, TOKEN_HASH_LEN);
+	hash[TOKEN_HASH_LEN] = '\0';
+	if (take_token(w->s, k, v, &rec))
+		return KPL_ECORRUPT;
+	stop = c->fn.token(c->data, hash, rec);
+	kpl__store__v1__token_record__free_unpacked(rec, NULL);
+	return stop;
 }
 
 int store_list_tokens(struct store *s, store_token_fn fn, void *data)
 {
-	MDB_txn *txn;
-	MDB_cursor *cur;
-	MDB_val k, v;
-	int rc, code;
-	char hash[TOKEN_HASH_LEN + 1];
+	struct walk_cb c = { .fn.token = fn, .data = data };
+	struct walk w = { .db = DB_TOKENS, .from = FROM_FIRST, .each = token_each, .data = &c };
 
-	if ((code = read_begin(s, &txn)) != 0)
-		return code;
-	rc = mdb_cursor_open(txn, s->dbi[DB_TOKENS], &cur);
-	if (rc) {
-		mdb_txn_abort(txn);
-		return lmdb_fail(s, "mdb_cursor_open (tokens)", rc);
-	}
-	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
-	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		Kpl__Store__V1__TokenRecord *rec;
-
-		if (k.mv_size != TOKEN_HASH_LEN)
-			continue;
-		memcpy(hash, k.mv_data, TOKEN_HASH_LEN);
-		hash[TOKEN_HASH_LEN] = '\0';
-		rec = kpl__store__v1__token_record__unpack(NULL, v.mv_size, v.mv_data);
-		if (!rec) {
-			code = KPL_ECORRUPT;
-			break;
-		}
-		code = fn(data, hash, rec);
-		kpl__store__v1__token_record__free_unpacked(rec, NULL);
-		if (code)
-			break;
-	}
-	if (rc && rc != MDB_NOTFOUND)
-		code = lmdb_fail(s, "mdb_cursor_get (tokens)", rc);
-	mdb_cursor_close(cur);
-	mdb_txn_abort(txn);
-	return code;
+	return walk(s, &w);
 }
 
 /* --- Notification outbox. --- */
@@ -1736,46 +1692,37 @@ void store_stage_notify(struct store *s, uint64_t gseq, uint32_t index,
 	kpl__store__v1__notify_record__pack(rec, (uint8_t *)op->val);
 }
 
+static int notify_each(struct walk *w, const MDB_val *k, const MDB_val *v)
+{
+	struct walk_cb *c = w->data;
+	Kpl__Store__V1__NotifyRecord *rec;
+	uint64_t gseq;
+	uint32_t index;
+	int stop;
+
+	if (k->mv_size != 12)
+		return 0;
+	gseq = get_be64(k->mv_data);
+	index = get_be32((const unsigned char *)k->mv_data + 8);
+	rec = kpl__store__v1__notify_record__unpack(NULL, v->mv_size, v->mv_data);
+	if (!rec) {
+		/* One bad record must not stop every other notification. */
+		kpl_error(SUB, "%s: record notify/%llu#%u does not decode as a "
+			  "NotifyRecord (%zu bytes); skipped", w->s->dir,
+			  (unsigned long long)gseq, index, v->mv_size);
+		return 0;
+	}
+	stop = c->fn.notify(c->data, gseq, index, rec);
+	kpl__store__v1__notify_record__free_unpacked(rec, NULL);
+	return stop;
+}
+
 int store_list_notify(struct store *s, store_notify_fn fn, void *data)
 {
-	MDB_txn *txn;
-	MDB_cursor *cur;
-	MDB_val k, v;
-	int rc, code;
+	struct walk_cb c = { .fn.notify = fn, .data = data };
+	struct walk w = { .db = DB_NOTIFY, .from = FROM_FIRST, .each = notify_each, .data = &c };
 
-	if ((code = read_begin(s, &txn)) != 0)
-		return code;
-	rc = mdb_cursor_open(txn, s->dbi[DB_NOTIFY], &cur);
-	if (rc) {
-		mdb_txn_abort(txn);
-		return lmdb_fail(s, "mdb_cursor_open (notify)", rc);
-	}
-	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
-	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		Kpl__Store__V1__NotifyRecord *rec;
-
-		if (k.mv_size != 12)
-			continue;
-		rec = kpl__store__v1__notify_record__unpack(NULL, v.mv_size, v.mv_data);
-		if (!rec) {
-			/* One bad record must not stop every other notification. */
-			kpl_error(SUB, "%s: record notify/%llu#%u does not decode as a "
-				  "NotifyRecord (%zu bytes); skipped", s->dir,
-				  (unsigned long long)get_be64(k.mv_data),
-				  get_be32((unsigned char *)k.mv_data + 8), v.mv_size);
-			continue;
-		}
-		code = fn(data, get_be64(k.mv_data), get_be32((unsigned char *)k.mv_data + 8),
-			  rec);
-		kpl__store__v1__notify_record__free_unpacked(rec, NULL);
-		if (code)
-			break;
-	}
-	if (rc && rc != MDB_NOTFOUND && !code)
-		code = lmdb_fail(s, "mdb_cursor_get (notify)", rc);
-	mdb_cursor_close(cur);
-	mdb_txn_abort(txn);
-	return code;
+	return walk(s, &w);
 }
 
 /* --- Audit log. --- */
@@ -1783,29 +1730,11 @@ int store_list_notify(struct store *s, store_notify_fn fn, void *data)
 /* The last committed audit seq, 0 if none (or the read fails: logged). */
 static uint64_t audit_last(struct store *s)
 {
-	MDB_txn *txn = NULL;
-	MDB_cursor *cur = NULL;
-	MDB_val k, v;
-	uint64_t seq = 0;
-	int rc;
+	struct last_walk c = { 0 };
+	struct walk w = { .db = DB_AUDIT, .from = FROM_LAST, .each = last_each, .data = &c };
 
-	if (read_begin(s, &txn))
-		return 0;
-	rc = mdb_cursor_open(txn, s->dbi[DB_AUDIT], &cur);
-	if (rc) {
-		lmdb_fail(s, "mdb_cursor_open (audit)", rc);
-		goto out;
-	}
-	rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
-	if (rc == 0 && k.mv_size == 8)
-		seq = get_be64(k.mv_data);
-	else if (rc && rc != MDB_NOTFOUND)
-		lmdb_fail(s, "mdb_cursor_get (audit)", rc);
-out:
-	if (cur)
-		mdb_cursor_close(cur);
-	mdb_txn_abort(txn);
-	return seq;
+	walk(s, &w);
+	return c.seq;
 }
 
 uint64_t store_stage_audit(struct store *s, const Kpl__V1__RunEvent *ev)
@@ -1827,48 +1756,38 @@ uint64_t store_stage_audit(struct store *s, const Kpl__V1__RunEvent *ev)
 	return seq;
 }
 
+static int audit_each(struct walk *w, const MDB_val *k, const MDB_val *v)
+{
+	struct walk_cb *c = w->data;
+	Kpl__V1__RunEvent *ev;
+	int stop;
+
+	if (walk_cb_full(c)) {
+		w->done = 1;
+		return 0;
+	}
+	if (k->mv_size != 8)
+		return 0;
+	ev = kpl__v1__run_event__unpack(NULL, v->mv_size, v->mv_data);
+	if (!ev)
+		return KPL_ECORRUPT;
+	c->count++;
+	stop = c->fn.audit(c->data, get_be64(k->mv_data), ev);
+	kpl__v1__run_event__free_unpacked(ev, NULL);
+	return stop;
+}
+
 int store_read_audit(struct store *s, uint64_t from_seq, size_t max,
 		     store_audit_fn fn, void *data)
 {
-	MDB_txn *txn;
-	MDB_cursor *cur;
-	MDB_val k, v;
 	unsigned char key[8];
-	size_t n = 0;
-	int rc, code;
+	struct walk_cb c = { .fn.audit = fn, .data = data, .max = max };
+	struct walk w = { .db = DB_AUDIT, .from = FROM_KEY, .each = audit_each, .data = &c };
 
-	if ((code = read_begin(s, &txn)) != 0)
-		return code;
-	rc = mdb_cursor_open(txn, s->dbi[DB_AUDIT], &cur);
-	if (rc) {
-		mdb_txn_abort(txn);
-		return lmdb_fail(s, "mdb_cursor_open (audit)", rc);
-	}
 	put_be64(key, from_seq);
-	k.mv_data = key;
-	k.mv_size = sizeof key;
-	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0 && (!max || n < max);
-	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		Kpl__V1__RunEvent *ev;
-
-		if (k.mv_size != 8)
-			continue;
-		ev = kpl__v1__run_event__unpack(NULL, v.mv_size, v.mv_data);
-		if (!ev) {
-			code = KPL_ECORRUPT;
-			break;
-		}
-		n++;
-		code = fn(data, get_be64(k.mv_data), ev);
-		kpl__v1__run_event__free_unpacked(ev, NULL);
-		if (code)
-			break;
-	}
-	if (rc && rc != MDB_NOTFOUND && !code)
-		code = lmdb_fail(s, "mdb_cursor_get (audit)", rc);
-	mdb_cursor_close(cur);
-	mdb_txn_abort(txn);
-	return code;
+	w.key.mv_size = sizeof key;
+	w.key.mv_data = key;
+	return walk(s, &w);
 }
 
 /* --- Registered pipelines (engine/hooks.c decides what they mean). --- */
@@ -1899,62 +1818,41 @@ void store_stage_registered(struct store *s, const char *name,
 	kpl__v1__registered_pipeline__pack(rec, (uint8_t *)op->val);
 }
 
+static int take_registered(struct store *s, const MDB_val *k, const MDB_val *v, void *out)
+{
+	Kpl__V1__RegisteredPipeline **rec = out;
+
+	*rec = kpl__v1__registered_pipeline__unpack(NULL, v->mv_size, v->mv_data);
+	return *rec ? 0 : KPL_ECORRUPT;
+}
+
 int store_get_registered(struct store *s, const char *name,
 			 Kpl__V1__RegisteredPipeline **out)
 {
-	MDB_txn *txn;
-	MDB_val k, v;
-	int rc, code;
-
 	*out = NULL;
 	if (!registered_name_ok(name))
 		return KPL_EINVAL;
-	if ((code = read_begin(s, &txn)) != 0)
-		return code;
-	k.mv_data = (void *)name;
-	k.mv_size = strlen(name);
-	rc = mdb_get(txn, s->dbi[DB_PIPELINES_REGISTERED], &k, &v);
-	if (rc == MDB_NOTFOUND)
-		code = KPL_ENOTFOUND;
-	else if (rc)
-		code = lmdb_fail(s, "mdb_get (pipelines_registered)", rc);
-	else if (!(*out = kpl__v1__registered_pipeline__unpack(NULL, v.mv_size, v.mv_data)))
-		code = KPL_ECORRUPT;
-	mdb_txn_abort(txn);
-	return code;
+	return read_one(s, DB_PIPELINES_REGISTERED, name, strlen(name), take_registered, out);
+}
+
+static int registered_each(struct walk *w, const MDB_val *k, const MDB_val *v)
+{
+	struct walk_cb *c = w->data;
+	Kpl__V1__RegisteredPipeline *rec;
+	int stop;
+
+	if (take_registered(w->s, k, v, &rec))
+		return KPL_ECORRUPT;
+	stop = c->fn.registered(c->data, rec);
+	kpl__v1__registered_pipeline__free_unpacked(rec, NULL);
+	return stop;
 }
 
 int store_list_registered(struct store *s, store_registered_fn fn, void *data)
 {
-	MDB_txn *txn;
-	MDB_cursor *cur;
-	MDB_val k, v;
-	int rc, code;
+	struct walk_cb c = { .fn.registered = fn, .data = data };
+	struct walk w = { .db = DB_PIPELINES_REGISTERED, .from = FROM_FIRST,
+			  .each = registered_each, .data = &c };
 
-	if ((code = read_begin(s, &txn)) != 0)
-		return code;
-	rc = mdb_cursor_open(txn, s->dbi[DB_PIPELINES_REGISTERED], &cur);
-	if (rc) {
-		mdb_txn_abort(txn);
-		return lmdb_fail(s, "mdb_cursor_open (pipelines_registered)", rc);
-	}
-	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
-	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		Kpl__V1__RegisteredPipeline *rec =
-			kpl__v1__registered_pipeline__unpack(NULL, v.mv_size, v.mv_data);
-
-		if (!rec) {
-			code = KPL_ECORRUPT;
-			break;
-		}
-		code = fn(data, rec);
-		kpl__v1__registered_pipeline__free_unpacked(rec, NULL);
-		if (code)
-			break;
-	}
-	if (rc && rc != MDB_NOTFOUND && !code)
-		code = lmdb_fail(s, "mdb_cursor_get (pipelines_registered)", rc);
-	mdb_cursor_close(cur);
-	mdb_txn_abort(txn);
-	return code;
+	return walk(s, &w);
 }
