@@ -946,22 +946,31 @@ static void next_step(struct canary *c)
 	run_step(c);
 }
 
-static int weight_modify(const json_t *cur, json_t **out, void *data, struct kpl_err *err)
+/* A copy of the VirtualService cur with weight% to the canary (and the
+ * testers' header route): *out stays NULL when cur already says so. */
+static int vs_with_weight(struct canary *c, const json_t *cur, int weight, const char *missing,
+			  json_t **out, struct kpl_err *err)
 {
-	struct canary *c = data;
-	const struct cstep *s = &c->steps[c->step];
 	int rc;
 
 	if (!cur)
-		return kpl_errf(err, KPL_ENOTFOUND, "virtualservice %s/%s not found (the mesh kind "
-				"creates it)", c->ns, c->service);
+		return kpl_errf(err, KPL_ENOTFOUND, "virtualservice %s/%s not found%s", c->ns,
+				c->service, missing);
 	*out = json_deep_copy(cur);
-	rc = istio_vs_set_weights(*out, s->weight, c->header, c->header_value, err);
+	rc = istio_vs_set_weights(*out, weight, c->header, c->header_value, err);
 	if (rc <= 0) {
 		json_decref(*out);
 		*out = NULL;
 	}
 	return rc < 0 ? rc : 0;
+}
+
+static int weight_modify(const json_t *cur, json_t **out, void *data, struct kpl_err *err)
+{
+	struct canary *c = data;
+
+	return vs_with_weight(c, cur, c->steps[c->step].weight, " (the mesh kind creates it)",
+			      out, err);
 }
 
 static void weight_done(int status, const char *msg, int wrote, void *data)
@@ -1225,19 +1234,10 @@ out:
 static int vs_prep_modify(const json_t *cur, json_t **out, void *data, struct kpl_err *err)
 {
 	struct canary *c = data;
-	int rc;
 
-	if (!cur)
-		return kpl_errf(err, KPL_ENOTFOUND, "virtualservice %s/%s not found: switch the "
-				"mesh on first (kind mesh)", c->ns, c->service);
-	*out = json_deep_copy(cur);
 	/* 100/0 with the canary destination in place, and the testers' route */
-	rc = istio_vs_set_weights(*out, c->weight, c->header, c->header_value, err);
-	if (rc <= 0) {
-		json_decref(*out);
-		*out = NULL;
-	}
-	return rc < 0 ? rc : 0;
+	return vs_with_weight(c, cur, c->weight, ": switch the mesh on first (kind mesh)", out,
+			      err);
 }
 
 static void vs_prepared(int status, const char *msg, int wrote, void *data)
