@@ -206,6 +206,14 @@ static void h_submit(struct api_call *call, const ProtobufCMessage *m, void *dat
 		api_call_fail(call, ST_INVALID_ARGUMENT, msg);
 		return;
 	}
+	/* Webhook deliveries' keys: an API client that could take one would
+	 * keep the delivery's run from ever starting. */
+	if (req->idempotency_key && strncmp(req->idempotency_key, "hook:", 5) == 0) {
+		api_call_fail(call, ST_INVALID_ARGUMENT,
+			      "idempotency_key: keys starting with \"hook:\" are kpld's own "
+			      "(webhook deliveries)");
+		return;
+	}
 	names = kpl_calloc(req->n_params, sizeof *names);
 	values = kpl_calloc(req->n_params, sizeof *values);
 	for (size_t i = 0; i < req->n_params; i++) {
@@ -900,31 +908,31 @@ struct rpc *rpc_new(struct engine *e)
 	const struct api_method methods[] = {
 		{ "/kpl.v1.Pipelines/SubmitRun", API_UNARY,
 		  &kpl__v1__submit_run_request__descriptor, h_submit, rpc,
-		  API_SCOPE_SUBMIT },
+		  API_SCOPE_SUBMIT, API_BIND_TEXT },
 		{ "/kpl.v1.Pipelines/GetRun", API_UNARY,
 		  &kpl__v1__get_run_request__descriptor, h_get, rpc,
-		  API_SCOPE_READ },
+		  API_SCOPE_READ, API_BIND_RUN },
 		{ "/kpl.v1.Pipelines/ListRuns", API_UNARY,
 		  &kpl__v1__list_runs_request__descriptor, h_list, rpc,
-		  API_SCOPE_READ },
+		  API_SCOPE_READ, API_BIND_FILTER },
 		{ "/kpl.v1.Pipelines/WatchRun", API_SERVER_STREAM,
 		  &kpl__v1__watch_run_request__descriptor, h_watch, rpc,
-		  API_SCOPE_READ },
+		  API_SCOPE_READ, API_BIND_RUN },
 		{ "/kpl.v1.Pipelines/CancelRun", API_UNARY,
 		  &kpl__v1__cancel_run_request__descriptor, h_cancel, rpc,
-		  API_SCOPE_SUBMIT },
+		  API_SCOPE_SUBMIT, API_BIND_RUN },
 		{ "/kpl.v1.Pipelines/ValidatePipeline", API_UNARY,
 		  &kpl__v1__validate_pipeline_request__descriptor, h_validate, rpc,
-		  API_SCOPE_READ },
+		  API_SCOPE_READ, API_BIND_TEXT },
 		{ "/kpl.v1.Pipelines/ApproveStage", API_UNARY,
 		  &kpl__v1__approve_stage_request__descriptor, h_approve, rpc,
-		  API_SCOPE_APPROVE },
+		  API_SCOPE_APPROVE, API_BIND_RUN },
 		{ "/kpl.v1.Pipelines/RetryRun", API_UNARY,
 		  &kpl__v1__retry_run_request__descriptor, h_retry, rpc,
-		  API_SCOPE_SUBMIT },
+		  API_SCOPE_SUBMIT, API_BIND_RUN },
 		{ "/kpl.v1.Pipelines/WatchRuns", API_SERVER_STREAM,
 		  &kpl__v1__watch_runs_request__descriptor, h_watch_all, rpc,
-		  API_SCOPE_READ },
+		  API_SCOPE_READ, API_BIND_FILTER },
 		{ "/kpl.v1.Pipelines/SetSecret", API_UNARY,
 		  &kpl__v1__set_secret_request__descriptor, h_secret_set, rpc,
 		  API_SCOPE_ADMIN },

@@ -206,63 +206,93 @@ static const char *str_field(const ProtobufCMessage *req, const char *name)
 }
 
 /*
- * A token limited to one pipeline acts only on that pipeline's runs. Which
- * run or pipeline a request is about is read from its fields by name, for
- * every method: "id"/"run_id" (a run: its stored pipeline), "pipeline" (a
- * pipeline's text: its name), "pipeline_name" (a filter: must be set to the
- * token's pipeline). A run that does not exist, or text that does not
- * parse, is left for the handler to refuse.
+ * A token limited to one pipeline acts only on that pipeline's runs. What a
+ * request is about comes from its method's bind (server.h): the run named
+ * by "id"/"run_id" (its stored pipeline), the pipeline text in "pipeline"
+ * (its name), or the "pipeline_name" filter (which must be set to the
+ * token's pipeline). A method bound to no pipeline (releases, secrets,
+ * registrations, tokens) is refused. A run that is not stored (yet) is
+ * refused too: the engine may know a run a moment before its first commit,
+ * and a limited token must not act on it unchecked. Text that does not
+ * parse is left for the handler to refuse (SubmitRun) or explain
+ * (ValidatePipeline); it starts nothing.
  */
-static int pipeline_check(struct tokens *t, const Kpl__Store__V1__TokenRecord *rec,
+static int pipeline_check(struct tokens *t, const struct api_method *m,
+			  const Kpl__Store__V1__TokenRecord *rec,
 			  const ProtobufCMessage *req, char *msg, size_t msg_size)
 {
 	const char *want = rec->pipeline, *v;
 	const char *const run_fields[] = { "run_id", "id" };
 
-	if (!req)
-		return ST_OK;
-	for (size_t i = 0; i < KPL_ARRAY_SIZE(run_fields); i++) {
-		Kpl__Store__V1__RunRecord *run = NULL;
-		int rc;
-
-		if (!(v = str_field(req, run_fields[i])) || !*v)
-			continue;
-		rc = store_get_run(t->store, v, &run);
-		if (rc == 0 && run->run && strcmp(run->run->pipeline_name, want)) {
-			snprintf(msg, msg_size,
-				 "token %s is limited to pipeline %s; run %.64s is of pipeline %.128s",
-				 rec->id, want, v, run->run->pipeline_name);
-			kpl__store__v1__run_record__free_unpacked(run, NULL);
-			return ST_PERMISSION_DENIED;
-		}
-		if (run)
-			kpl__store__v1__run_record__free_unpacked(run, NULL);
-	}
-	if ((v = str_field(req, "pipeline_name")) != NULL && strcmp(v, want)) {
-		snprintf(msg, msg_size, "token %s is limited to pipeline %s: set pipeline_name to %s",
-			 rec->id, want, want);
+	if (!req || m->bind == API_BIND_NONE) {
+		snprintf(msg, msg_size,
+			 "token %s is limited to pipeline %s; %s is not about one pipeline",
+			 rec->id, want, m->path);
 		return ST_PERMISSION_DENIED;
 	}
-	if ((v = str_field(req, "pipeline")) != NULL && *v) {
-		struct pipeline *pl = NULL;
-		struct kpl_err err = { 0 };
-		const struct pl_kind *kinds;
-		size_t n_kinds;
-		int code = ST_OK;
+	switch (m->bind) {
+	case API_BIND_NONE:
+		break; /* refused above */
+	case API_BIND_RUN:
+		for (size_t i = 0; i < KPL_ARRAY_SIZE(run_fields); i++) {
+			Kpl__Store__V1__RunRecord *run = NULL;
+			int rc, code = ST_OK;
 
-		kinds = stage_kinds_for_parser(&n_kinds);
-		if (pipeline_parse(v, strlen(v), "pipeline", kinds, n_kinds, &pl, &err) == 0 &&
-		    strcmp(pl->name, want)) {
-			snprintf(msg, msg_size,
-				 "token %s is limited to pipeline %s; this is pipeline %.128s",
-				 rec->id, want, pl->name);
-			code = ST_PERMISSION_DENIED;
+			if (!(v = str_field(req, run_fields[i])) || !*v)
+				continue;
+			rc = store_get_run(t->store, v, &run);
+			if (rc == KPL_ENOTFOUND || rc == KPL_EINVAL) {
+				snprintf(msg, msg_size, "run %.64s not found", v);
+				code = ST_NOT_FOUND;
+			} else if (rc || !run->run) {
+				snprintf(msg, msg_size, "run %.64s: cannot read it: %s", v,
+					 kpl_strerror(rc ? rc : KPL_ECORRUPT));
+				code = ST_UNAVAILABLE;
+			} else if (strcmp(run->run->pipeline_name, want)) {
+				snprintf(msg, msg_size,
+					 "token %s is limited to pipeline %s; run %.64s is of "
+					 "pipeline %.128s",
+					 rec->id, want, v, run->run->pipeline_name);
+				code = ST_PERMISSION_DENIED;
+			}
+			if (run)
+				kpl__store__v1__run_record__free_unpacked(run, NULL);
+			if (code)
+				return code;
 		}
-		if (pl)
-			pipeline_free(pl);
-		return code;
+		return ST_OK;
+	case API_BIND_FILTER:
+		if (!(v = str_field(req, "pipeline_name")) || strcmp(v, want)) {
+			snprintf(msg, msg_size,
+				 "token %s is limited to pipeline %s: set pipeline_name to %s",
+				 rec->id, want, want);
+			return ST_PERMISSION_DENIED;
+		}
+		return ST_OK;
+	case API_BIND_TEXT:
+		if ((v = str_field(req, "pipeline")) != NULL && *v) {
+			struct pipeline *pl = NULL;
+			struct kpl_err err = { 0 };
+			const struct pl_kind *kinds;
+			size_t n_kinds;
+			int code = ST_OK;
+
+			kinds = stage_kinds_for_parser(&n_kinds);
+			if (pipeline_parse(v, strlen(v), "pipeline", kinds, n_kinds, &pl, &err) ==
+				    0 &&
+			    strcmp(pl->name, want)) {
+				snprintf(msg, msg_size,
+					 "token %s is limited to pipeline %s; this is pipeline %.128s",
+					 rec->id, want, pl->name);
+				code = ST_PERMISSION_DENIED;
+			}
+			if (pl)
+				pipeline_free(pl);
+			return code;
+		}
+		return ST_OK;
 	}
-	return ST_OK;
+	BUG("pipeline_check: %s has bind %d", m->path, (int)m->bind);
 }
 
 int tokens_authorize(struct api_call *call, const struct api_method *m,
@@ -318,7 +348,7 @@ int tokens_authorize(struct api_call *call, const struct api_method *m,
 			 scope_name(rec->scope), m->path, scope_name(scope));
 		code = ST_PERMISSION_DENIED;
 	} else if (*rec->pipeline) {
-		code = pipeline_check(t, rec, req, msg, msg_size);
+		code = pipeline_check(t, m, rec, req, msg, msg_size);
 	} else {
 		code = ST_OK;
 	}

@@ -53,6 +53,21 @@ enum api_scope {
 	API_SCOPE_OPEN = 100,
 };
 
+/*
+ * What a request is about, for tokens limited to one pipeline
+ * (docs/security.md): the authorize hook reads the named field and lets a
+ * limited token through only when it is about the token's pipeline. A
+ * method that leaves bind 0 (API_BIND_NONE) is about no one pipeline and
+ * is refused to every limited token: a new method stays closed to them
+ * until someone decides.
+ */
+enum api_bind {
+	API_BIND_NONE = 0,
+	API_BIND_RUN = 1,    /* "id" or "run_id": a stored run, of that pipeline */
+	API_BIND_TEXT = 2,   /* "pipeline": a pipeline file whose name is that one */
+	API_BIND_FILTER = 3, /* "pipeline_name": a filter, set to that pipeline */
+};
+
 struct api_method {
 	const char *path; /* "/kpl.v1.Pipelines/SubmitRun" */
 	enum api_method_type type;
@@ -60,6 +75,7 @@ struct api_method {
 	api_handler_fn handler;
 	void *data;
 	enum api_scope scope;
+	enum api_bind bind;
 };
 
 /*

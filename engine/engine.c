@@ -124,7 +124,7 @@ struct engine {
 
 static void run_advance(struct run *r);
 static void run_maybe_free(struct run *r);
-static void group_kick(struct engine *e, const char *group);
+static void group_kick(struct engine *e, const struct run *r);
 static void stage_attempt_failed(struct stage *st, const char *msg);
 
 /* ---------------------------------------------------------------------- */
@@ -472,7 +472,7 @@ static void run_set_state(struct run *r, Kpl__V1__RunState to, const char *msg)
 	if (run_state_final(to))
 		r->final_commit_no = r->commits_issued;
 	if (run_state_final(to) && r->group)
-		group_kick(r->eng, r->group);
+		group_kick(r->eng, r);
 }
 
 /* The stage's `timeout`; a kind with with_timeout also takes `with.timeout`
@@ -1142,6 +1142,15 @@ static bool stage_failed_run(const struct stage *d)
  * can no longer run, starts `finally` when the graph is done, and ends the
  * run when nothing is left. Called after every change that could matter.
  */
+/* Concurrency groups are per pipeline (docs/security.md): one group name in
+ * two pipelines is two groups, so one pipeline's runs never hold up or
+ * cancel another's. */
+static bool same_group(const struct run *a, const struct run *b)
+{
+	return a->group && b->group && strcmp(a->group, b->group) == 0 &&
+	       strcmp(a->pl->name, b->pl->name) == 0;
+}
+
 /* A QUEUED run of a concurrency group waits for every older unfinished
  * run of its group (runs in memory are exactly the unfinished ones). */
 static bool run_admitted(struct run *r)
@@ -1149,20 +1158,20 @@ static bool run_admitted(struct run *r)
 	if (!r->group)
 		return true;
 	for (struct run *o = r->eng->runs; o; o = o->next)
-		if (o != r && o->group && !run_state_final(o->state) &&
-		    strcmp(o->group, r->group) == 0 && strcmp(o->id, r->id) < 0)
+		if (o != r && same_group(o, r) && !run_state_final(o->state) &&
+		    strcmp(o->id, r->id) < 0)
 			return false;
 	return true;
 }
 
-/* A run of the group ended: the next one in line may start. */
-static void group_kick(struct engine *e, const char *group)
+/* A run of the group ended (r): the next one in line may start. */
+static void group_kick(struct engine *e, const struct run *r)
 {
 	struct run *first = NULL;
 
 	for (struct run *o = e->runs; o; o = o->next)
-		if (o->group && o->state == KPL__V1__RUN_STATE__RUN_STATE_QUEUED &&
-		    strcmp(o->group, group) == 0 && (!first || strcmp(o->id, first->id) < 0))
+		if (o->state == KPL__V1__RUN_STATE__RUN_STATE_QUEUED && same_group(o, r) &&
+		    (!first || strcmp(o->id, first->id) < 0))
 			first = o;
 	if (first)
 		run_advance(first);
@@ -1425,12 +1434,42 @@ static struct run *engine_find(struct engine *e, const char *id)
 	return NULL;
 }
 
-static struct run *engine_find_idem(struct engine *e, const char *key)
+/* Idempotency keys are per pipeline (docs/security.md): one key under two
+ * pipelines is two runs. */
+static struct run *engine_find_idem(struct engine *e, const char *pipeline, const char *key)
 {
 	for (struct run *r = e->runs; r; r = r->next)
-		if (r->idem_key && strcmp(r->idem_key, key) == 0)
+		if (r->idem_key && strcmp(r->idem_key, key) == 0 &&
+		    strcmp(r->pl->name, pipeline) == 0)
 			return r;
 	return NULL;
+}
+
+/*
+ * The stored run of key under pipeline: its entry per pipeline, else an
+ * entry from before keys were per pipeline (store.h), taken only if its run
+ * is of this pipeline. Returns 0 with *run_id malloc'd, or KPL_ENOTFOUND.
+ */
+static int stored_idem(struct engine *e, const char *pipeline, const char *key,
+		       char **run_id)
+{
+	Kpl__Store__V1__RunRecord *rec = NULL;
+	int rc;
+
+	if (store_find_idem_scoped(e->store, pipeline, key, run_id) == 0)
+		return 0;
+	if (store_find_idem(e->store, key, run_id) != 0)
+		return KPL_ENOTFOUND;
+	rc = store_get_run(e->store, *run_id, &rec);
+	if (rc == 0 && rec->run && strcmp(rec->run->pipeline_name, pipeline) == 0) {
+		kpl__store__v1__run_record__free_unpacked(rec, NULL);
+		return 0;
+	}
+	if (rec)
+		kpl__store__v1__run_record__free_unpacked(rec, NULL);
+	free(*run_id);
+	*run_id = NULL;
+	return KPL_ENOTFOUND;
 }
 
 static int mkdir_p(const char *path, mode_t mode)
@@ -1493,13 +1532,21 @@ int engine_submit(struct engine *e, const char *text, size_t len,
 
 	if (e->stopping)
 		return kpl_errf(err, KPL_EUNAVAILABLE, "kpld is shutting down");
+	if (idem_key && *idem_key && strlen(idem_key) > KPL_MAX_NAME_LEN)
+		return kpl_errf(err, KPL_EINVAL, "idempotency_key: longer than %d bytes",
+				KPL_MAX_NAME_LEN);
+	if (len > KPL_MAX_PIPELINE_BYTES)
+		return kpl_errf(err, KPL_ETOOBIG, "pipeline: %zu bytes, over the limit of %d",
+				len, KPL_MAX_PIPELINE_BYTES);
+	kinds = stage_kinds_for_parser(&n_kinds);
+	rc = pipeline_parse(text, len, "pipeline", kinds, n_kinds, &pl, err);
+	if (rc)
+		return rc;
+	/* The key is the pipeline's: parsed first, to know whose. */
 	if (idem_key && *idem_key) {
-		if (strlen(idem_key) > KPL_MAX_NAME_LEN)
-			return kpl_errf(err, KPL_EINVAL,
-					"idempotency_key: longer than %d bytes",
-					KPL_MAX_NAME_LEN);
-		r = engine_find_idem(e, idem_key);
+		r = engine_find_idem(e, pl->name, idem_key);
 		if (r && r->stored) {
+			pipeline_free(pl);
 			cb(data, 0, r->id);
 			return 0;
 		}
@@ -1511,21 +1558,16 @@ int engine_submit(struct engine *e, const char *text, size_t len,
 			w->data = data;
 			w->next = r->submit_waiters;
 			r->submit_waiters = w;
+			pipeline_free(pl);
 			return 0;
 		}
-		if (store_find_idem(e->store, idem_key, &found) == 0) {
+		if (stored_idem(e, pl->name, idem_key, &found) == 0) {
+			pipeline_free(pl);
 			cb(data, 0, found);
 			free(found);
 			return 0;
 		}
 	}
-	if (len > KPL_MAX_PIPELINE_BYTES)
-		return kpl_errf(err, KPL_ETOOBIG, "pipeline: %zu bytes, over the limit of %d",
-				len, KPL_MAX_PIPELINE_BYTES);
-	kinds = stage_kinds_for_parser(&n_kinds);
-	rc = pipeline_parse(text, len, "pipeline", kinds, n_kinds, &pl, err);
-	if (rc)
-		return rc;
 	/* The parser has no config: notifier names are checked here. */
 	if ((rc = notify_check(e->cfg, pl, err)) != 0) {
 		pipeline_free(pl);
@@ -1558,7 +1600,7 @@ int engine_submit(struct engine *e, const char *text, size_t len,
 
 	store_stage_pipeline(e->store, r->id, text, len);
 	if (r->idem_key)
-		store_stage_idem(e->store, r->idem_key, r->id);
+		store_stage_idem_scoped(e->store, pl->name, r->idem_key, r->id);
 	store_stage_active(e->store, r->id, 1);
 	for (size_t i = 0; i < r->n_stages; i++)
 		stage_stage_record(&r->stages[i]);
@@ -1567,7 +1609,7 @@ int engine_submit(struct engine *e, const char *text, size_t len,
 		 r->n_stages, r->group ? " in concurrency group " : "", r->group ? r->group : "");
 	if (r->group && pl->concurrency.cancel_in_progress) {
 		for (struct run *o = e->runs; o; o = o->next) {
-			if (o == r || !o->group || strcmp(o->group, r->group) ||
+			if (o == r || !same_group(o, r) ||
 			    run_state_final(o->state) || o->cancel_requested)
 				continue;
 			kpl_info(LOG, "run %s: cancelled by newer run %s of group %s", o->id,

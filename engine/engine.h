@@ -69,8 +69,9 @@ struct secrets *engine_secrets(struct engine *e);
  * Bad input returns KPL_EINVAL/KPL_ETOOBIG at once with err naming the line
  * and field. Otherwise returns 0 and later calls cb(data, status, run_id)
  * once the run is durable (status 0) or could not be stored. A non-empty
- * idem_key seen before gives the earlier run's id (even while that run's
- * first commit is in flight).
+ * idem_key seen before with a pipeline of the same name gives the earlier
+ * run's id (even while that run's first commit is in flight); keys and
+ * concurrency groups are per pipeline name (docs/security.md).
  */
 typedef void (*engine_submit_cb)(void *data, int status, const char *run_id);
 int engine_submit(struct engine *e, const char *text, size_t len,

@@ -1022,8 +1022,13 @@ static void delivery_step(struct delivery *d)
 		target_fail(d, 503, "kpld is stopping");
 		return;
 	}
-	/* Seen before: no fetch, the same run. */
-	if (store_find_idem(engine_store(d->h->eng), t->idem, &run_id) == 0) {
+	/* Seen before: no fetch, the same run. The engine keeps keys per
+	 * pipeline, and the file's pipeline name is known only once fetched;
+	 * but "hook:" keys are kpld's own (SubmitRun refuses them), so any
+	 * pipeline's entry is this delivery's. Entries from before keys were
+	 * per pipeline are found too. */
+	if (store_find_idem_any(engine_store(d->h->eng), t->idem, &run_id) == 0 ||
+	    store_find_idem(engine_store(d->h->eng), t->idem, &run_id) == 0) {
 		t->status = 202;
 		t->duplicate = true;
 		snprintf(t->run_id, sizeof t->run_id, "%s", run_id);

@@ -181,6 +181,26 @@ static int idem_key_ok(const char *key, size_t *len)
 	return n > 0 && n <= STORE_MAX_IDEM_KEY_LEN;
 }
 
+/*
+ * The idem db key of key under pipeline: key, 0x00, pipeline (docs/security.md:
+ * idempotency keys are per pipeline). Keys hold no NUL, so these never equal
+ * an entry from before keys had a pipeline (key alone), and every pipeline's
+ * entry of one key sorts together. Returns the length, 0 if either part is
+ * empty or too long. buf is IDEM_SCOPED_MAX bytes.
+ */
+#define IDEM_SCOPED_MAX (STORE_MAX_IDEM_KEY_LEN + 1 + KPL_MAX_NAME_LEN)
+static size_t idem_scoped_key(const char *pipeline, const char *key, char *buf)
+{
+	size_t klen, plen = pipeline ? strnlen(pipeline, KPL_MAX_NAME_LEN + 1) : 0;
+
+	if (!idem_key_ok(key, &klen) || plen == 0 || plen > KPL_MAX_NAME_LEN)
+		return 0;
+	memcpy(buf, key, klen);
+	buf[klen] = '\0';
+	memcpy(buf + klen + 1, pipeline, plen);
+	return klen + 1 + plen;
+}
+
 /* Staging gets run ids from the engine, never from outside: a bad one is a
  * bug in kpl, not bad input. */
 static size_t need_run_id(const char *id, const char *what)
@@ -386,6 +406,23 @@ static int delete_prefix(struct store *s, struct store_group *g, MDB_txn *txn,
 	return rc;
 }
 
+/* Deletes the idem entry key (klen bytes) if it maps to run id (idlen
+ * bytes): a later run may have taken the key over. */
+static int idem_delete_if(struct store *s, struct store_group *g, MDB_txn *txn,
+			  const void *key, size_t klen, const char *id, size_t idlen)
+{
+	MDB_val ik = { .mv_size = klen, .mv_data = (void *)key }, iv;
+	int rc = mdb_get(txn, s->dbi[DB_IDEM], &ik, &iv);
+
+	if (rc == 0 && iv.mv_size == idlen && memcmp(iv.mv_data, id, idlen) == 0)
+		rc = mdb_del(txn, s->dbi[DB_IDEM], &ik, NULL);
+	if (rc == MDB_NOTFOUND)
+		rc = 0;
+	if (rc)
+		group_step_failed(g, "idem (delete run)", DB_IDEM, rc);
+	return rc;
+}
+
 /*
  * OP_DEL_RUN: every record of run id (idlen bytes) inside txn. Missing
  * records are fine. The idem entry goes only if it maps to this run, since
@@ -410,19 +447,14 @@ static int run_delete(struct store *s, struct store_group *g, MDB_txn *txn, cons
 			kpl_warn(SUB, "%s: deleting run %.*s: its record does not decode, so its "
 				      "idempotency key (if any) stays",
 				 s->dir, (int)idlen, id);
+		rc = 0;
 		if (ikey && *ikey && strlen(ikey) <= STORE_MAX_IDEM_KEY_LEN) {
-			MDB_val ik = { .mv_size = strlen(ikey), .mv_data = (void *)ikey };
-			MDB_val iv;
+			char sk[IDEM_SCOPED_MAX];
+			size_t sklen = idem_scoped_key(rec->run->pipeline_name, ikey, sk);
 
-			rc = mdb_get(txn, s->dbi[DB_IDEM], &ik, &iv);
-			if (rc == 0 && iv.mv_size == idlen && memcmp(iv.mv_data, id, idlen) == 0)
-				rc = mdb_del(txn, s->dbi[DB_IDEM], &ik, NULL);
-			if (rc == MDB_NOTFOUND)
-				rc = 0;
-			if (rc)
-				group_step_failed(g, "idem (delete run)", DB_IDEM, rc);
-		} else {
-			rc = 0;
+			rc = idem_delete_if(s, g, txn, ikey, strlen(ikey), id, idlen);
+			if (!rc && sklen)
+				rc = idem_delete_if(s, g, txn, sk, sklen, id, idlen);
 		}
 		kpl__store__v1__run_record__free_unpacked(rec, NULL);
 		if (rc)
@@ -840,6 +872,19 @@ void store_stage_idem(struct store *s, const char *key, const char *run_id)
 		BUG("store_stage_idem: idempotency key is empty or over %d bytes",
 		    STORE_MAX_IDEM_KEY_LEN);
 	op = stage_op(s, DB_IDEM, key, klen, idlen, OP_PUT);
+	memcpy(op->val, run_id, idlen);
+}
+
+void store_stage_idem_scoped(struct store *s, const char *pipeline, const char *key,
+			     const char *run_id)
+{
+	char buf[IDEM_SCOPED_MAX];
+	size_t idlen = need_run_id(run_id, "idem"), klen = idem_scoped_key(pipeline, key, buf);
+	struct store_op *op;
+
+	if (!klen)
+		BUG("store_stage_idem_scoped: empty or over-long key or pipeline name");
+	op = stage_op(s, DB_IDEM, buf, klen, idlen, OP_PUT);
 	memcpy(op->val, run_id, idlen);
 }
 
@@ -1272,6 +1317,76 @@ int store_find_idem(struct store *s, const char *key, char **run_id)
 	}
 	*run_id = id.p;
 	return 0;
+}
+
+/* The run id in an idem entry's value (b, taken by take_bytes). */
+static int idem_run_id(struct store *s, const void *key, size_t klen, struct bytes *id,
+		       char **run_id)
+{
+	size_t idlen;
+
+	if (!run_id_ok(id->p, &idlen) || idlen != id->len) {
+		free(id->p);
+		return corrupt(s, "idem", key, klen, "a run id", id->len);
+	}
+	*run_id = id->p;
+	return 0;
+}
+
+int store_find_idem_scoped(struct store *s, const char *pipeline, const char *key,
+			   char **run_id)
+{
+	char buf[IDEM_SCOPED_MAX];
+	size_t klen = idem_scoped_key(pipeline, key, buf);
+	struct bytes id = { 0 };
+	int code;
+
+	*run_id = NULL;
+	if (!klen)
+		return KPL_EINVAL;
+	code = read_one(s, DB_IDEM, buf, klen, take_bytes, &id);
+	return code ? code : idem_run_id(s, buf, klen, &id, run_id);
+}
+
+struct idem_any {
+	size_t klen; /* the key's length; the walk's key is key, 0x00 */
+	struct bytes id;
+	int found;
+};
+
+static int idem_any_each(struct walk *w, const MDB_val *k, const MDB_val *v)
+{
+	struct idem_any *a = w->data;
+
+	w->done = 1;
+	if (k->mv_size <= a->klen + 1 || memcmp(k->mv_data, w->key.mv_data, a->klen + 1))
+		return 0;
+	a->found = 1;
+	return take_bytes(w->s, k, v, &a->id);
+}
+
+int store_find_idem_any(struct store *s, const char *key, char **run_id)
+{
+	char buf[STORE_MAX_IDEM_KEY_LEN + 1];
+	struct idem_any a = { 0 };
+	struct walk w = { .db = DB_IDEM, .from = FROM_KEY, .each = idem_any_each, .data = &a };
+	int code;
+
+	*run_id = NULL;
+	if (!idem_key_ok(key, &a.klen))
+		return KPL_EINVAL;
+	memcpy(buf, key, a.klen);
+	buf[a.klen] = '\0';
+	w.key.mv_data = buf;
+	w.key.mv_size = a.klen + 1;
+	code = walk(s, &w);
+	if (code) {
+		free(a.id.p);
+		return code;
+	}
+	if (!a.found)
+		return KPL_ENOTFOUND;
+	return idem_run_id(s, buf, a.klen, &a.id, run_id);
 }
 
 static int event_each(struct walk *w, const MDB_val *k, const MDB_val *v)

@@ -7,7 +7,8 @@
  *   stages     run id, 0x00, be32 index -> StageRecord
  *   events     run id, 0x00, be64 seq -> kpl.v1.RunEvent
  *   pipelines  run id -> the pipeline file's text
- *   idem       idempotency key -> run id
+ *   idem       idempotency key, 0x00, pipeline name -> run id (before
+ *              keys were per pipeline: idempotency key -> run id)
  *   active     run id -> "" for every run not yet in a final state
  *   secrets    secret name -> sealed value (AES-256-GCM, engine/secrets.c)
  *   releases   target, 0x00, be64 seq -> ReleaseRecord (deploy history)
@@ -152,8 +153,28 @@ void store_free_stages(Kpl__Store__V1__StageRecord **stages, size_t n);
 int store_get_pipeline(struct store *s, const char *run_id, char **text,
 		       size_t *len);
 
-/* Looks up an idempotency key; *run_id is malloc'd. KPL_ENOTFOUND if none. */
+/* Looks up an idempotency key; *run_id is malloc'd. KPL_ENOTFOUND if none.
+ * Entries of keys staged with store_stage_idem only (from before keys were
+ * per pipeline, and kpld's own). */
 int store_find_idem(struct store *s, const char *key, char **run_id);
+
+/*
+ * Idempotency keys per pipeline (docs/security.md): the entry of key under
+ * pipeline (a pipeline name, 1..KPL_MAX_NAME_LEN bytes) is another than the
+ * same key under another pipeline, and another than store_stage_idem's
+ * (the db key is key, 0x00, pipeline; keys hold no NUL). The schema stays
+ * 1: entries from before stay where they are and store_find_idem still
+ * reads them. store_stage_delete_run deletes both kinds of entry of its
+ * run. store_find_idem_any finds key under any pipeline (the first in name
+ * order), for keys only kpld makes (webhook deliveries). Reads: *run_id
+ * malloc'd; KPL_ENOTFOUND if none, KPL_EINVAL for an empty or over-long
+ * key or name.
+ */
+void store_stage_idem_scoped(struct store *s, const char *pipeline, const char *key,
+			     const char *run_id);
+int store_find_idem_scoped(struct store *s, const char *pipeline, const char *key,
+			   char **run_id);
+int store_find_idem_any(struct store *s, const char *key, char **run_id);
 
 /*
  * Calls fn for each event of run_id with seq >= from_seq, in order, at most

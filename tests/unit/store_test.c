@@ -1605,6 +1605,57 @@ static void test_corrupt_records(void **state)
 	assert_int_equal(l.n, 1);
 }
 
+/* Idempotency keys per pipeline: one key under two pipelines is two entries,
+ * apart from an entry of before (key alone); deleting a run deletes its own
+ * entry of either kind and nothing of the other pipeline's. */
+static void test_idem_per_pipeline(void **state)
+{
+	struct fx *fx = *state;
+	uint64_t gseq = 0;
+	char *rid = NULL;
+
+	open_store(fx, &fx->loop, 0);
+	stage_full_run(fx->s, "w1", NULL, 1, &gseq); /* pipeline "web" */
+	store_stage_idem_scoped(fx->s, "web", "k", "w1");
+	store_stage_idem_scoped(fx->s, "api", "k", "a1");
+	store_stage_idem(fx->s, "old", "o1");
+	assert_int_equal(store_commit_sync(fx->s), 0);
+	assert_int_equal(store_find_idem_scoped(fx->s, "web", "k", &rid), 0);
+	assert_string_equal(rid, "w1");
+	free(rid);
+	assert_int_equal(store_find_idem_scoped(fx->s, "api", "k", &rid), 0);
+	assert_string_equal(rid, "a1");
+	free(rid);
+	assert_int_equal(store_find_idem_scoped(fx->s, "ap", "k", &rid), KPL_ENOTFOUND);
+	assert_int_equal(store_find_idem_scoped(fx->s, "web", "old", &rid), KPL_ENOTFOUND);
+	assert_int_equal(store_find_idem(fx->s, "k", &rid), KPL_ENOTFOUND);
+	assert_int_equal(store_find_idem(fx->s, "old", &rid), 0);
+	free(rid);
+	assert_int_equal(store_find_idem_scoped(fx->s, "", "k", &rid), KPL_EINVAL);
+	/* Any pipeline: the first by name ("api"); "k" is not "k2"'s prefix. */
+	assert_int_equal(store_find_idem_any(fx->s, "k", &rid), 0);
+	assert_string_equal(rid, "a1");
+	free(rid);
+	assert_int_equal(store_find_idem_any(fx->s, "ok", &rid), KPL_ENOTFOUND);
+	assert_int_equal(store_find_idem_any(fx->s, "ol", &rid), KPL_ENOTFOUND);
+	/* w1's record says key "k" and pipeline "web": only that entry goes. */
+	{
+		Kpl__V1__Run run = KPL__V1__RUN__INIT;
+		Kpl__Store__V1__RunRecord rec = KPL__STORE__V1__RUN_RECORD__INIT;
+
+		run.id = "w1";
+		run.pipeline_name = "web";
+		run.idempotency_key = "k";
+		rec.run = &run;
+		store_stage_run(fx->s, &rec);
+	}
+	store_stage_delete_run(fx->s, "w1");
+	assert_int_equal(store_commit_sync(fx->s), 0);
+	assert_int_equal(store_find_idem_scoped(fx->s, "web", "k", &rid), KPL_ENOTFOUND);
+	assert_int_equal(store_find_idem_scoped(fx->s, "api", "k", &rid), 0);
+	free(rid);
+}
+
 int main(void)
 {
 	/* Before libuv starts its pool (first uv_queue_work): see the top. */
@@ -1628,6 +1679,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_delete_run, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_delete_big_run, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_list_runs_oldest, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_idem_per_pipeline, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
