@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "google/protobuf/timestamp.pb-c.h"
+#include "engine/logline.h"
 #include "engine/metrics.h"
 #include "engine/notify.h"
 #include "pipelines/expr.h"
@@ -324,13 +325,44 @@ static void stage_stage_record(struct stage *st)
 	free(eptrs);
 }
 
-/* Stages one event of the run; seq numbers have no gaps. */
+/*
+ * Text from commands and remote systems as kpl keeps it: every secret
+ * redacted (cut: SECRETS_CUT_* for a piece of a longer line), then valid
+ * UTF-8 (protobuf strings must be). Returns a malloc'd, NUL-terminated copy
+ * and its length in *out_len.
+ */
+static char *clean_text(struct engine *e, const char *text, size_t len, unsigned cut,
+			size_t *out_len)
+{
+	size_t rlen;
+	char *red = secrets_redact_cut(e->secrets, text, len, cut, &rlen);
+	char *out = logline_utf8_clean(red ? red : text, red ? rlen : len, out_len);
+
+	free(red);
+	return out;
+}
+
+static void run_event_as_is(struct run *r, Kpl__V1__EventKind kind, struct stage *st,
+			    Kpl__V1__LogStream stream, const char *msg);
+
+/* Stages one event of the run; seq numbers have no gaps. msg is cleaned
+ * (clean_text) on the way. */
 static void run_event(struct run *r, Kpl__V1__EventKind kind, struct stage *st,
 		      Kpl__V1__LogStream stream, const char *msg, size_t msg_len)
 {
+	size_t n;
+	char *copy = msg ? clean_text(r->eng, msg, msg_len, 0, &n) : NULL;
+
+	run_event_as_is(r, kind, st, stream, copy);
+	free(copy);
+}
+
+/* The same with msg (NULL for none) already clean. */
+static void run_event_as_is(struct run *r, Kpl__V1__EventKind kind, struct stage *st,
+			    Kpl__V1__LogStream stream, const char *msg)
+{
 	Kpl__V1__RunEvent ev = KPL__V1__RUN_EVENT__INIT;
 	Google__Protobuf__Timestamp t;
-	char *copy = NULL;
 
 	ev.run_id = r->id;
 	ev.seq = r->next_seq++;
@@ -347,20 +379,11 @@ static void run_event(struct run *r, Kpl__V1__EventKind kind, struct stage *st,
 		ev.stage = "";
 	}
 	ev.stream = stream;
-	if (msg) {
-		size_t rlen;
-		copy = secrets_redact(r->eng->secrets, msg, msg_len, &rlen);
-		if (!copy)
-			copy = kpl_strndup(msg, msg_len);
-		ev.message = copy;
-	} else {
-		ev.message = "";
-	}
+	ev.message = msg ? (char *)msg : "";
 	store_stage_event(r->eng->store, &ev);
 	/* notify: its outbox records go into the same commit as the event. */
 	if (r->pl->n_notify && r->eng->notify)
 		notify_event(r->eng->notify, r->pl, &ev);
-	free(copy);
 }
 
 static void notify_subs(struct engine *e, const char *run_id)
@@ -436,10 +459,9 @@ static void set_str(char **dst, const char *s)
 static void set_redacted(struct engine *e, char **dst, const char *s)
 {
 	size_t n;
-	char *r = s ? secrets_redact(e->secrets, s, strlen(s), &n) : NULL;
 
 	free(*dst);
-	*dst = r ? r : s ? kpl_strdup(s) : NULL;
+	*dst = s ? clean_text(e, s, strlen(s), 0, &n) : NULL;
 }
 
 /* The one way a run changes state. */
@@ -584,42 +606,75 @@ char *stage_expand(struct stage *st, const struct pl_node *scalar)
 }
 
 /* Stages one log event, within the stage's cap; false if nothing staged. */
-static bool stage_log_event(struct stage *st, Kpl__V1__LogStream stream,
-			    const char *line, size_t len)
+static bool stage_log_one(struct stage *st, Kpl__V1__LogStream stream, const char *line,
+			  size_t len)
 {
 	struct run *r = st->run;
 	struct engine *e = r->eng;
 
-	if (e->stopping || st->log_cut)
+	if (st->log_cut)
 		return false;
-	if (len > KPL_MAX_LOG_LINE)
-		len = KPL_MAX_LOG_LINE;
 	if (st->log_bytes + len + 1 > e->log_cap) {
 		char note[200];
-		int n = snprintf(note, sizeof note,
-				 "log cut here: this attempt's log reached the cap of %llu bytes; "
-				 "later lines were not kept", (unsigned long long)e->log_cap);
+		snprintf(note, sizeof note,
+			 "log cut here: this attempt's log reached the cap of %llu bytes; "
+			 "later lines were not kept", (unsigned long long)e->log_cap);
 		st->log_cut = true;
-		run_event(r, KPL__V1__EVENT_KIND__EVENT_KIND_LOG, st,
-			  KPL__V1__LOG_STREAM__LOG_STREAM_SYSTEM, note, (size_t)n);
+		run_event_as_is(r, KPL__V1__EVENT_KIND__EVENT_KIND_LOG, st,
+				KPL__V1__LOG_STREAM__LOG_STREAM_SYSTEM, note);
 		stage_stage_record(st);
 		return true;
 	}
 	st->log_bytes += len + 1;
-	run_event(r, KPL__V1__EVENT_KIND__EVENT_KIND_LOG, st, stream, line, len);
+	run_event_as_is(r, KPL__V1__EVENT_KIND__EVENT_KIND_LOG, st, stream, line);
 	return true;
 }
 
+/* A line (or a piece the shim cut, cut: SECRETS_CUT_*) redacted whole,
+ * then in events of at most KPL_MAX_LOG_LINE bytes: redaction comes first
+ * so no secret is split between events. */
+static bool stage_log_event(struct stage *st, Kpl__V1__LogStream stream,
+			    const char *line, size_t len, unsigned cut)
+{
+	size_t clen, off = 0;
+	char *text;
+	bool any = false;
+
+	if (st->run->eng->stopping || st->log_cut)
+		return false;
+	text = clean_text(st->run->eng, line, len, cut, &clen);
+	do {
+		size_t n = logline_split(text + off, clen - off, KPL_MAX_LOG_LINE);
+		char save = text[off + n];
+
+		text[off + n] = '\0';
+		any |= stage_log_one(st, stream, text + off, n);
+		text[off + n] = save;
+		off += n;
+	} while (off < clen && !st->log_cut);
+	free(text);
+	return any;
+}
+
+_Static_assert(STAGE_LOG_CUT_START == SECRETS_CUT_START && STAGE_LOG_CUT_END == SECRETS_CUT_END,
+	       "stage.h and secrets.h name the same cuts");
+
 void stage_log(struct stage *st, Kpl__V1__LogStream stream, const char *line, size_t len)
 {
-	if (stage_log_event(st, stream, line, len))
+	if (stage_log_event(st, stream, line, len, 0))
 		run_commit(st->run);
 }
 
 void stage_log_staged(struct stage *st, Kpl__V1__LogStream stream, const char *line,
 		      size_t len)
 {
-	stage_log_event(st, stream, line, len);
+	stage_log_event(st, stream, line, len, 0);
+}
+
+void stage_log_piece_staged(struct stage *st, Kpl__V1__LogStream stream, const char *line,
+			    size_t len, unsigned cut)
+{
+	stage_log_event(st, stream, line, len, cut);
 }
 
 void stage_save_resume(struct stage *st, const char *resume)
@@ -664,7 +719,8 @@ int stage_set_output(struct stage *st, const char *key, const char *value)
 		st->out_values[i] = NULL;
 		st->n_out++;
 	}
-	set_str(&st->out_values[i], value);
+	/* Outputs are shown by GetRun and kept in the store: no secret in one. */
+	set_redacted(st->run->eng, &st->out_values[i], value);
 	return 0;
 }
 
@@ -2358,8 +2414,8 @@ int engine_audit(struct engine *e, const char *run_id, const char *stage,
 						stage);
 		}
 	}
-	copy = secrets_redact(e->secrets, msg, strlen(msg), &rlen);
-	ev.message = copy ? copy : (char *)msg;
+	copy = clean_text(e, msg, strlen(msg), 0, &rlen);
+	ev.message = copy;
 	ev.time = ts_set(&t, kpl_now_ms());
 	ev.kind = KPL__V1__EVENT_KIND__EVENT_KIND_AUDIT;
 	ev.stream = KPL__V1__LOG_STREAM__LOG_STREAM_SYSTEM;

@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,12 +26,20 @@ struct secret {
 	size_t len;
 };
 
+/* What redaction looks for: a value, or a line of a multi-line one. */
+struct pattern {
+	char *text; /* owned copy, cleansed when freed */
+	size_t len;
+};
+
 struct secrets {
 	struct store *store;
 	unsigned char key[KEY_LEN];
 	struct secret *items; /* sorted by name */
 	size_t n;
 	const char **names;   /* parallel view for secrets_names */
+	struct pattern *pats; /* longest first, no duplicates; rebuilt on change */
+	size_t n_pats;
 	char *key_path;
 };
 
@@ -161,12 +170,72 @@ static int unseal(const struct secrets *sec, const char *name, const unsigned ch
 	return 0;
 }
 
+static void free_patterns(struct secrets *sec)
+{
+	for (size_t i = 0; i < sec->n_pats; i++) {
+		OPENSSL_cleanse(sec->pats[i].text, sec->pats[i].len);
+		free(sec->pats[i].text);
+	}
+	free(sec->pats);
+	sec->pats = NULL;
+	sec->n_pats = 0;
+}
+
+static void add_pattern(struct secrets *sec, const char *p, size_t len, size_t *cap)
+{
+	/* Blanks around a line are how it was indented, not the secret. */
+	while (len && (*p == ' ' || *p == '\t'))
+		p++, len--;
+	while (len && (p[len - 1] == ' ' || p[len - 1] == '\t' || p[len - 1] == '\r'))
+		len--;
+	if (len < SECRETS_MIN_VALUE)
+		return;
+	for (size_t i = 0; i < sec->n_pats; i++)
+		if (sec->pats[i].len == len && memcmp(sec->pats[i].text, p, len) == 0)
+			return;
+	if (sec->n_pats == *cap) {
+		*cap = *cap ? 2 * *cap : 16;
+		sec->pats = kpl_realloc(sec->pats, *cap * sizeof *sec->pats);
+	}
+	sec->pats[sec->n_pats].text = kpl_strndup(p, len);
+	sec->pats[sec->n_pats].len = len;
+	sec->n_pats++;
+}
+
+static int longer_first(const void *a, const void *b)
+{
+	const struct pattern *x = a, *y = b;
+	return x->len < y->len ? 1 : x->len > y->len ? -1 : 0;
+}
+
+/* The names view and the redaction patterns, after any change. */
 static void rebuild_names(struct secrets *sec)
 {
+	size_t cap = 0;
+
 	free(sec->names);
 	sec->names = kpl_calloc(sec->n + 1, sizeof *sec->names);
 	for (size_t i = 0; i < sec->n; i++)
 		sec->names[i] = sec->items[i].name;
+	free_patterns(sec);
+	for (size_t i = 0; i < sec->n; i++) {
+		const struct secret *s = &sec->items[i];
+		const char *p = s->value, *end = s->value + s->len;
+
+		add_pattern(sec, s->value, s->len, &cap);
+		if (!memchr(s->value, '\n', s->len))
+			continue;
+		while (p < end) {
+			const char *nl = memchr(p, '\n', (size_t)(end - p));
+			const char *le = nl ? nl : end;
+			add_pattern(sec, p, (size_t)(le - p), &cap);
+			p = le + 1;
+		}
+	}
+	/* Longest first: the order the docs promise; masking is a union of
+	 * all matches, so it does not change what is masked. */
+	if (sec->n_pats)
+		qsort(sec->pats, sec->n_pats, sizeof *sec->pats, longer_first);
 }
 
 static size_t find(const struct secrets *sec, const char *name, int *found)
@@ -256,6 +325,7 @@ void secrets_free(struct secrets *sec)
 		free(sec->items[i].name);
 	}
 	OPENSSL_cleanse(sec->key, sizeof sec->key);
+	free_patterns(sec);
 	free(sec->items);
 	free(sec->names);
 	free(sec->key_path);
@@ -277,6 +347,17 @@ int secrets_set(struct secrets *sec, const char *name, const char *value, size_t
 				"logs)", name, SECRETS_MIN_VALUE, SECRETS_MAX_VALUE);
 	if (memchr(value, '\0', len))
 		return kpl_errf(err, KPL_EINVAL, "secret %s: the value holds a NUL byte", name);
+	for (size_t i = 0, line = 1; i < len; line++) {
+		const char *nl = memchr(value + i, '\n', len - i);
+		size_t ll = nl ? (size_t)(nl - (value + i)) : len - i;
+
+		if (ll > SECRETS_MAX_LINE)
+			return kpl_errf(err, KPL_EINVAL, "secret %s: line %zu of the value is %zu "
+					"bytes, over the %d a line can have (longer ones could "
+					"not be found in a log line kpld reads in 8 KiB pieces)",
+					name, line, ll, SECRETS_MAX_LINE);
+		i += ll + 1;
+	}
 	find(sec, name, &found);
 	if (!found && sec->n >= SECRETS_MAX_COUNT)
 		return kpl_errf(err, KPL_ETOOBIG, "at most %d secrets", SECRETS_MAX_COUNT);
@@ -318,45 +399,73 @@ size_t secrets_names(struct secrets *sec, const char *const **names)
 	return sec->n;
 }
 
+/* Masks in mask[] the longest tail of text that is a head of pat (cut
+ * at the end), or the longest head of text that is a tail of pat. */
+static void mask_edge(const char *text, size_t len, const struct pattern *pat, bool tail,
+		      unsigned char *mask)
+{
+	size_t most = len < pat->len - 1 ? len : pat->len - 1;
+
+	for (size_t k = most; k > 0; k--) {
+		if (tail ? memcmp(text + len - k, pat->text, k) == 0
+			 : memcmp(text, pat->text + pat->len - k, k) == 0) {
+			memset(tail ? mask + len - k : mask, 1, k);
+			return;
+		}
+	}
+}
+
+char *secrets_redact_cut(struct secrets *sec, const char *text, size_t len, unsigned cut,
+			 size_t *out_len)
+{
+	unsigned char *mask = NULL;
+	size_t o = 0;
+	char *out;
+
+	if (!sec || !len)
+		return NULL;
+	for (size_t i = 0; i < sec->n_pats; i++) {
+		const struct pattern *pat = &sec->pats[i];
+		const char *p = text, *end = text + len, *hit;
+
+		/* Every occurrence, overlapping ones too: hence p = hit + 1. */
+		while (p < end && (hit = memmem(p, (size_t)(end - p), pat->text, pat->len))) {
+			if (!mask)
+				mask = kpl_calloc(len, 1);
+			memset(mask + (hit - text), 1, pat->len);
+			p = hit + 1;
+		}
+		if (cut & (SECRETS_CUT_START | SECRETS_CUT_END)) {
+			if (!mask)
+				mask = kpl_calloc(len, 1);
+			if (cut & SECRETS_CUT_END)
+				mask_edge(text, len, pat, true, mask);
+			if (cut & SECRETS_CUT_START)
+				mask_edge(text, len, pat, false, mask);
+		}
+	}
+	if (!mask || !memchr(mask, 1, len)) {
+		free(mask);
+		return NULL;
+	}
+	/* A run of masked bytes is at least one byte, "***" three: room for
+	 * len bytes plus two more per run; there are at most len runs. */
+	out = kpl_malloc(3 * len + 1);
+	for (size_t i = 0; i < len; i++) {
+		if (!mask[i]) {
+			out[o++] = text[i];
+		} else if (i == 0 || !mask[i - 1]) {
+			memcpy(out + o, "***", 3);
+			o += 3;
+		}
+	}
+	out[o] = '\0';
+	free(mask);
+	*out_len = o;
+	return out;
+}
+
 char *secrets_redact(struct secrets *sec, const char *text, size_t len, size_t *out_len)
 {
-	char *out = NULL;
-	size_t olen = 0;
-
-	if (!sec)
-		return NULL;
-	for (size_t i = 0; i < sec->n; i++) {
-		const struct secret *s = &sec->items[i];
-		const char *src = out ? out : text;
-		size_t slen = out ? olen : len;
-		const char *hit = memmem(src, slen, s->value, s->len);
-		char *next;
-		size_t nlen = 0;
-
-		if (!hit)
-			continue;
-		/* Each hit shrinks or keeps the length (values are >= 4 bytes,
-		 * "***" is 3), so slen + 1 bytes always suffice. */
-		next = kpl_malloc(slen + 1);
-		for (const char *p = src; p < src + slen;) {
-			hit = memmem(p, (size_t)(src + slen - p), s->value, s->len);
-			if (!hit) {
-				memcpy(next + nlen, p, (size_t)(src + slen - p));
-				nlen += (size_t)(src + slen - p);
-				break;
-			}
-			memcpy(next + nlen, p, (size_t)(hit - p));
-			nlen += (size_t)(hit - p);
-			memcpy(next + nlen, "***", 3);
-			nlen += 3;
-			p = hit + s->len;
-		}
-		next[nlen] = '\0';
-		free(out);
-		out = next;
-		olen = nlen;
-	}
-	if (out)
-		*out_len = olen;
-	return out;
+	return secrets_redact_cut(sec, text, len, 0, out_len);
 }

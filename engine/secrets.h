@@ -21,8 +21,20 @@
 #define SECRETS_MAX_VALUE (64 * 1024)
 #define SECRETS_MAX_COUNT 1024
 /* Values shorter than this are not redacted: "1" or "ok" would blank out
- * every log line. A secret that short is refused by secrets_set instead. */
+ * every log line. A secret that short is refused by secrets_set instead;
+ * a line of a multi-line value that short (after trimming blanks) is not
+ * redacted on its own. */
 #define SECRETS_MIN_VALUE 4
+/* The longest line of a value. A log line longer than KPL_MAX_LOG_LINE
+ * reaches kpld in pieces; redaction finds a secret cut between two pieces
+ * (the end of one is masked if it starts a secret, the start of the next
+ * if it ends one), which needs every secret line to fit in one piece with
+ * room for a character the cut moved: 8000 < 8192 - 3. */
+#define SECRETS_MAX_LINE 8000
+
+/* Where a text was cut from a longer line (secrets_redact_cut). */
+#define SECRETS_CUT_START 1u /* the text continues an earlier piece */
+#define SECRETS_CUT_END 2u   /* the text continues in a later piece */
 
 struct secrets; /* opaque */
 
@@ -40,8 +52,8 @@ int secrets_check_name(const char *name, struct kpl_err *err);
 
 /*
  * Seals value (len bytes) under name and stages it in the store; the caller
- * commits. KPL_EINVAL for a bad name or a value under SECRETS_MIN_VALUE or
- * over SECRETS_MAX_VALUE bytes.
+ * commits. KPL_EINVAL for a bad name, a value under SECRETS_MIN_VALUE or
+ * over SECRETS_MAX_VALUE bytes, or one with a line over SECRETS_MAX_LINE.
  */
 int secrets_set(struct secrets *sec, const char *name, const char *value, size_t len,
 		struct kpl_err *err);
@@ -58,7 +70,24 @@ size_t secrets_names(struct secrets *sec, const char *const **names);
  * Returns a malloc'd copy of text (len bytes) with every occurrence of
  * every secret value replaced by "***", and its length in *out_len; or NULL
  * when nothing needed replacing (use text as it is).
+ *
+ * What is masked: each value, and each line of a multi-line value (blanks
+ * trimmed, lines under SECRETS_MIN_VALUE bytes skipped), so a PEM key or a
+ * kubeconfig printed line by line is masked line by line. Every byte inside
+ * any occurrence of any of them is masked, so a secret inside another, or
+ * two that overlap, leave nothing of either; each run of masked bytes
+ * becomes one "***".
  */
 char *secrets_redact(struct secrets *sec, const char *text, size_t len, size_t *out_len);
+
+/*
+ * The same for a piece of a longer line (cut: SECRETS_CUT_* bits): with
+ * SECRETS_CUT_END, a tail of the text that is the start of a secret (even
+ * one byte of it) is masked too; with SECRETS_CUT_START, a head that is the
+ * end of one. So a secret the cut split is masked on both sides; a few
+ * bytes at the cut that only look like the edge of one are masked with it.
+ */
+char *secrets_redact_cut(struct secrets *sec, const char *text, size_t len, unsigned cut,
+			 size_t *out_len);
 
 #endif

@@ -273,6 +273,21 @@ static void proc_finish(struct proc *p)
 	proc_close_all(p);
 }
 
+/* A record's stream by its tag (shim.c): '1'/'2' a whole line, + 2 the
+ * first piece of a longer one, + 4 a middle piece, + 6 the last. */
+static Kpl__V1__LogStream record_stream(char tag, unsigned *cut)
+{
+	static const unsigned cuts[] = { 0, STAGE_LOG_CUT_END,
+		STAGE_LOG_CUT_START | STAGE_LOG_CUT_END, STAGE_LOG_CUT_START };
+
+	*cut = 0;
+	if (tag < '1' || tag > '8')
+		return KPL__V1__LOG_STREAM__LOG_STREAM_SYSTEM;
+	*cut = cuts[(tag - '1') / 2];
+	return (tag - '1') % 2 ? KPL__V1__LOG_STREAM__LOG_STREAM_STDERR
+			       : KPL__V1__LOG_STREAM__LOG_STREAM_STDOUT;
+}
+
 /* Hands the complete records in p[0..n) to the kind; returns the bytes
  * consumed (up to the last newline). */
 static size_t emit_records(struct proc *pr, const char *p, size_t n)
@@ -283,6 +298,7 @@ static size_t emit_records(struct proc *pr, const char *p, size_t n)
 		const char *nl = memchr(p + used, '\n', n - used);
 		const char *rec = p + used;
 		size_t len;
+		unsigned cut;
 		Kpl__V1__LogStream stream;
 
 		if (!nl)
@@ -291,17 +307,15 @@ static size_t emit_records(struct proc *pr, const char *p, size_t n)
 		used += len + 1;
 		if (len == 0)
 			continue;
-		stream = rec[0] == '1' ? KPL__V1__LOG_STREAM__LOG_STREAM_STDOUT
-		       : rec[0] == '2' ? KPL__V1__LOG_STREAM__LOG_STREAM_STDERR
-				       : KPL__V1__LOG_STREAM__LOG_STREAM_SYSTEM;
+		stream = record_stream(rec[0], &cut);
 		rec++;
 		len--;
-		if (len && rec[len - 1] == '\r')
+		if (len && rec[len - 1] == '\r' && !(cut & STAGE_LOG_CUT_END))
 			len--;
 		if (pr->ops->line)
 			pr->ops->line(pr, stream, rec, len);
 		else
-			stage_log_staged(pr->st, stream, rec, len);
+			stage_log_piece_staged(pr->st, stream, rec, len, cut);
 	}
 	return used;
 }

@@ -12,7 +12,11 @@
  *      command afterwards: exactly once.
  *   2. runs ARGV in a process group of its own, stdin from /dev/null, and
  *      appends each line of its stdout/stderr to DIR/output as a record:
- *      '1' or '2' (or 'S' for the shim's own notes), the line, '\n'.
+ *      '1' or '2' (or 'S' for the shim's own notes), the line, '\n'. A
+ *      line over KPL_MAX_LOG_LINE bytes is cut into pieces, each cut between
+ *      characters (UTF-8) and tagged so kpld can redact a secret the cut
+ *      split: stdout/stderr '3'/'4' the first piece, '5'/'6' a middle one,
+ *      '7'/'8' the last.
  *   3. on SIGTERM forwards SIGTERM to the command's group and SIGKILLs the
  *      group GRACE_MS later; when the command exits, SIGKILLs whatever it
  *      left in its group so the pipes reach EOF.
@@ -38,6 +42,7 @@
 #include <unistd.h>
 
 #include "engine/kpl.h"
+#include "engine/logline.h"
 #include "stages/shim.h"
 
 /* The output file stops growing here (the pipes are still drained); kpld
@@ -53,6 +58,7 @@ static void on_chld(int sig) { (void)sig; got_chld = 1; }
 struct shim_line {
 	char buf[KPL_MAX_LOG_LINE + 2];
 	size_t len;
+	int cont; /* buf continues a piece already recorded */
 };
 
 static int out_fd = -1;
@@ -97,15 +103,39 @@ static void record(char tag, const char *p, size_t n)
 	out_size += (off_t)n + 2;
 }
 
+/* The tag of a record of stream tag ('1' or '2') cut at its start and/or
+ * end: the first piece tag + 2, a middle one + 4, the last + 6. */
+static char piece_tag(char tag, int cut_start, int cut_end)
+{
+	return (char)(tag + (cut_start ? (cut_end ? 4 : 6) : (cut_end ? 2 : 0)));
+}
+
+/* Records the line in l, whole (its end seen) or a piece of it. */
+static void flush_line(char tag, struct shim_line *l, int ended)
+{
+	size_t n = l->len;
+
+	if (!ended) {
+		/* Never inside a character: its first bytes wait for the rest. */
+		n = logline_utf8_cut(l->buf, l->len);
+		if (n == 0)
+			n = l->len;
+	}
+	record(piece_tag(tag, l->cont, !ended), l->buf, n);
+	memmove(l->buf, l->buf + n, l->len - n);
+	l->len -= n;
+	l->cont = !ended;
+}
+
 static void feed(char tag, struct shim_line *l, const char *p, size_t n)
 {
 	for (size_t i = 0; i < n; i++) {
-		if (p[i] == '\n' || l->len == KPL_MAX_LOG_LINE) {
-			record(tag, l->buf, l->len);
-			l->len = 0;
-			if (p[i] == '\n')
-				continue;
+		if (p[i] == '\n') {
+			flush_line(tag, l, 1);
+			continue;
 		}
+		if (l->len == KPL_MAX_LOG_LINE)
+			flush_line(tag, l, 0);
 		l->buf[l->len++] = p[i];
 	}
 }
@@ -275,9 +305,9 @@ int shim_main(int argc, char **argv)
 		}
 	}
 	if (lo.len)
-		record('1', lo.buf, lo.len);
+		flush_line('1', &lo, 1);
 	if (le.len)
-		record('2', le.buf, le.len);
+		flush_line('2', &le, 1);
 	close(out_fd);
 
 	if (WIFSIGNALED(status))

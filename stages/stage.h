@@ -151,8 +151,11 @@ char *stage_redact(struct stage *st, const char *text);
 
 /*
  * A line of output (len bytes, no newline) becomes a log event, durable
- * soon after. Past the stage's log cap (16 MiB by default) lines are dropped
- * and one note says where the log was cut.
+ * soon after: secrets redacted, made valid UTF-8 (a bad byte becomes
+ * U+FFFD), and in events of at most KPL_MAX_LOG_LINE bytes cut between
+ * characters (after redaction, so a cut never splits a secret). Past the
+ * stage's log cap (16 MiB by default) lines are dropped and one note says
+ * where the log was cut.
  */
 void stage_log(struct stage *st, Kpl__V1__LogStream stream, const char *line,
 	       size_t len);
@@ -161,6 +164,12 @@ void stage_log(struct stage *st, Kpl__V1__LogStream stream, const char *line,
  * commit). */
 void stage_log_staged(struct stage *st, Kpl__V1__LogStream stream,
 		      const char *line, size_t len);
+/* A piece of a line the shim cut (KPL_MAX_LOG_LINE): cut says which ends
+ * of it are cuts, so a secret split there is still redacted. Staged. */
+#define STAGE_LOG_CUT_START 1u /* it continues an earlier piece */
+#define STAGE_LOG_CUT_END 2u   /* it continues in a later piece */
+void stage_log_piece_staged(struct stage *st, Kpl__V1__LogStream stream,
+			    const char *line, size_t len, unsigned cut);
 /* Records new resume data (copied) and commits it with everything staged. */
 void stage_save_resume(struct stage *st, const char *resume);
 void stage_logf(struct stage *st, const char *fmt, ...)
