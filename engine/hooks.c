@@ -187,6 +187,7 @@ void hooks_push_free(struct hooks_push *p)
 	free(p->ref);
 	free(p->branch);
 	free(p->sha);
+	free(p->before);
 	for (size_t i = 0; i < p->n_urls; i++)
 		free(p->urls[i]);
 	memset(p, 0, sizeof *p);
@@ -239,6 +240,11 @@ int hooks_parse_push(enum hooks_source src, const char *body, size_t len,
 	out->ref = kpl_strdup(ref);
 	out->sha = kpl_strdup(after);
 	lower(out->sha);
+	{
+		const char *before = json_string_value(json_object_get(root, "before"));
+		out->before = kpl_strdup(before && sha_ok(before) ? before : "");
+		lower(out->before);
+	}
 	if (strncmp(ref, "refs/heads/", 11) == 0 && ref[11])
 		out->branch = kpl_strdup(ref + 11);
 	out->deleted = strspn(after, "0") == strlen(after) ||
@@ -268,6 +274,37 @@ out:
 		hooks_push_free(out);
 	json_decref(root);
 	return rc;
+}
+
+int hooks_push_key(enum hooks_source src, const char *repo, const struct hooks_push *p,
+		   const char *name, char *out, size_t size)
+{
+	char key[HOOKS_MAX_URL + 1];
+	const char *parts[6];
+	unsigned char md[SHA256_DIGEST_LENGTH];
+	EVP_MD_CTX *ctx;
+	int n;
+
+	if (hooks_repo_key(repo, key, sizeof key))
+		return KPL_EINVAL;
+	parts[0] = src == HOOKS_GITHUB ? "github" : "gitlab";
+	parts[1] = key;
+	parts[2] = p->ref ? p->ref : "";
+	parts[3] = p->before ? p->before : "";
+	parts[4] = p->sha ? p->sha : "";
+	parts[5] = name;
+	/* Each part with its NUL, so no two tuples hash the same text. */
+	ctx = EVP_MD_CTX_new();
+	if (!ctx || EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) != 1)
+		BUG("hooks_push_key: no SHA-256");
+	for (size_t i = 0; i < KPL_ARRAY_SIZE(parts); i++)
+		EVP_DigestUpdate(ctx, parts[i], strlen(parts[i]) + 1);
+	EVP_DigestFinal_ex(ctx, md, NULL);
+	EVP_MD_CTX_free(ctx);
+	n = snprintf(out, size, "hook:%s:", parts[0]);
+	for (size_t i = 0; i < sizeof md && (size_t)n + 2 < size; i++)
+		n += snprintf(out + n, size - (size_t)n, "%02x", md[i]);
+	return 0;
 }
 
 /* ---------------------------------------------------------------------- */
@@ -406,7 +443,10 @@ struct gitjob;
 /* One registered pipeline a delivery starts a run of. */
 struct target {
 	char *name, *repo, *path;
+	/* The run's idempotency key (hooks_push_key), and the key runs had
+	 * before (hook:SOURCE:DELIVERY:NAME), still looked for. */
 	char idem[STORE_MAX_IDEM_KEY_LEN + 1];
+	char idem_delivery[STORE_MAX_IDEM_KEY_LEN + 1];
 	char *cache;      /* the cache repository */
 	int step;         /* enum step */
 	int status;       /* 0 until done: 202, or the http status of the error */
@@ -1006,6 +1046,14 @@ static void cache_dir(struct hooks *h, const char *repo, char **out)
 	*out = kpl_asprintf("%s/%s.git", h->git_dir, hex);
 }
 
+/* True if key is in the idem db, per pipeline or as before (store.h). */
+static bool idem_seen(struct hooks *h, const char *key, char **run_id)
+{
+	struct store *s = engine_store(h->eng);
+
+	return store_find_idem_any(s, key, run_id) == 0 || store_find_idem(s, key, run_id) == 0;
+}
+
 /* Starts the next target, or answers once every target is done. */
 static void delivery_step(struct delivery *d)
 {
@@ -1022,13 +1070,12 @@ static void delivery_step(struct delivery *d)
 		target_fail(d, 503, "kpld is stopping");
 		return;
 	}
-	/* Seen before: no fetch, the same run. The engine keeps keys per
-	 * pipeline, and the file's pipeline name is known only once fetched;
-	 * but "hook:" keys are kpld's own (SubmitRun refuses them), so any
-	 * pipeline's entry is this delivery's. Entries from before keys were
-	 * per pipeline are found too. */
-	if (store_find_idem_any(engine_store(d->h->eng), t->idem, &run_id) == 0 ||
-	    store_find_idem(engine_store(d->h->eng), t->idem, &run_id) == 0) {
+	/* Seen before (this push, whatever its delivery id; or this delivery
+	 * under the key of before): no fetch, the same run. The engine keeps
+	 * keys per pipeline, and the file's pipeline name is known only once
+	 * fetched; but "hook:" keys are kpld's own (SubmitRun refuses them),
+	 * so any pipeline's entry is this push's. */
+	if (idem_seen(d->h, t->idem, &run_id) || idem_seen(d->h, t->idem_delivery, &run_id)) {
 		t->status = 202;
 		t->duplicate = true;
 		snprintf(t->run_id, sizeof t->run_id, "%s", run_id);
@@ -1205,8 +1252,11 @@ static void on_hook(struct httpd_req *req, enum hooks_source src, struct hooks *
 		t->name = kpl_strdup(r->name);
 		t->repo = kpl_strdup(r->repo);
 		t->path = kpl_strdup(r->path && *r->path ? r->path : ".kpl.yaml");
-		snprintf(t->idem, sizeof t->idem, "hook:%s:%s:%s", source_name(src), d->id,
-			 r->name);
+		snprintf(t->idem_delivery, sizeof t->idem_delivery, "hook:%s:%s:%s",
+			 source_name(src), d->id, r->name);
+		/* repo_matches took r->repo as a repository URL. */
+		if (hooks_push_key(src, r->repo, &d->push, r->name, t->idem, sizeof t->idem))
+			BUG("hooks_push_key: registered repo %s is not a URL", r->name);
 	}
 	if (d->n == 0) {
 		answer(d, 204, "ignored", "no registered pipeline watches %s of this repository",

@@ -125,6 +125,7 @@ struct hooks_push {
 	char *ref;    /* "refs/heads/main" */
 	char *branch; /* "main"; NULL for a ref that is not a branch */
 	char *sha;    /* 40 (or 64) lowercase hex digits */
+	char *before; /* the branch's sha before the push (lowercase hex), or "" */
 	bool deleted; /* a branch deletion: nothing to run */
 	char *urls[HOOKS_MAX_URLS]; /* the repository's URLs in the payload */
 	size_t n_urls;
@@ -137,5 +138,21 @@ struct hooks_push {
 int hooks_parse_push(enum hooks_source src, const char *body, size_t len,
 		     struct hooks_push *out, struct kpl_err *err);
 void hooks_push_free(struct hooks_push *p);
+
+/*
+ * The idempotency key of the run a push starts of the registered pipeline
+ * name (repo its registered repository): "hook:SOURCE:" and the SHA-256, in
+ * hex, of what the delivery's signature covers and says which run it asks
+ * for: the source, the repository (hooks_repo_key form), ref, before,
+ * after (sha) and name. A delivery re-sent with another delivery id, by
+ * GitHub or by anyone holding an old signed body, gives the same key, so it
+ * starts no second run; a new push (another sha, or the same sha pushed
+ * again on top of another) gives another. Writes at most size bytes
+ * (HOOKS_PUSH_KEY_LEN + 1 suffice); returns 0, or KPL_EINVAL if repo is
+ * not a repository URL.
+ */
+#define HOOKS_PUSH_KEY_LEN (5 + 6 + 1 + 64)
+int hooks_push_key(enum hooks_source src, const char *repo, const struct hooks_push *p,
+		   const char *name, char *out, size_t size);
 
 #endif

@@ -149,9 +149,9 @@ class Suite:
             conn.close()
         return r.status, data.decode("utf-8", "replace"), r
 
-    def github_payload(self, ref, sha, url=None):
+    def github_payload(self, ref, sha, url=None, before="0" * 40):
         return json.dumps({
-            "ref": ref, "before": "0" * 40, "after": sha, "deleted": False,
+            "ref": ref, "before": before, "after": sha, "deleted": False,
             "repository": {"name": "app", "full_name": "t/app",
                            "clone_url": url or self.repo,
                            "html_url": "https://example.invalid/t/app"},
@@ -308,7 +308,9 @@ class Suite:
 
     def test_same_delivery_twice_starts_one_run(self):
         before = len(self.runs_of("hooked"))
-        body = self.github_payload("refs/heads/main", self.sha2)
+        # Pushes of sha2 again, each on top of another commit than the
+        # pushes before (a push's before sha is part of what it is).
+        body = self.github_payload("refs/heads/main", self.sha2, before="1" * 40)
         s1, b1, _ = self.github(body, "delivery-dup")
         s2, b2, _ = self.github(body, "delivery-dup")
         assert_eq((s1, s2), (202, 202), "statuses")
@@ -317,6 +319,7 @@ class Suite:
             raise AssertionError("the second answer does not say so: %r" % b2)
         # Three at once, while none is stored yet.
         out = []
+        body = self.github_payload("refs/heads/main", self.sha2, before="2" * 40)
         ts = [threading.Thread(target=lambda: out.append(self.github(body, "delivery-race")))
               for _ in range(3)]
         for t in ts:
@@ -329,6 +332,36 @@ class Suite:
         watch(self.c, self.run_ids(b1)["hooked"])
         watch(self.c, ids.pop())
         assert_eq(len(self.runs_of("hooked")), before + 2, "runs added")
+
+    def test_replayed_push_with_a_new_delivery_id_starts_no_run(self):
+        # Whoever holds an old signed delivery can send it again with any
+        # X-GitHub-Delivery (the signature covers the body only): it is the
+        # same push, so the same run. A new push starts a new one.
+        before = len(self.runs_of("hooked"))
+        body = self.github_payload("refs/heads/main", self.sha1, before="3" * 40)
+        s1, b1, _ = self.github(body, "delivery-orig")
+        assert_eq(s1, 202, "the push (%s)" % b1)
+        first = self.run_ids(b1)["hooked"]
+        s2, b2, _ = self.github(body, "delivery-replayed-with-a-new-id")
+        assert_eq(s2, 202, "the replay (%s)" % b2)
+        assert_eq(self.run_ids(b2)["hooked"], first, "the replay's run")
+        if "seen before" not in b2:
+            raise AssertionError("the replay's answer does not say so: %r" % b2)
+        watch(self.c, first)
+        assert_eq(len(self.runs_of("hooked")), before + 1, "runs after the replay")
+        # A new push: sha2 on top of sha1.
+        s3, b3, _ = self.github(self.github_payload("refs/heads/main", self.sha2,
+                                                    before=self.sha1), "delivery-new-push")
+        assert_eq(s3, 202, "a new push (%s)" % b3)
+        second = self.run_ids(b3)["hooked"]
+        if second == first or "seen before" in b3:
+            raise AssertionError("a new push did not start a run: %r" % b3)
+        watch(self.c, second)
+        assert_eq(len(self.runs_of("hooked")), before + 2, "runs after a new push")
+        run = Client.to_dict(self.c.call(P + "GetRun", {"id": second}))
+        if not run["idempotency_key"].startswith("hook:github:") \
+                or len(run["idempotency_key"]) != len("hook:github:") + 64:
+            raise AssertionError("idempotency key of a hook run: %r" % run["idempotency_key"])
 
     def test_gitlab_token(self):
         status, text, _ = self.gitlab("refs/heads/release-1", self.sha_rel, "wrong", "gl-1")

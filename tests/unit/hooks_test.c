@@ -117,6 +117,7 @@ static void test_parse_github(void **state)
 	assert_string_equal(p.ref, "refs/heads/release/1");
 	assert_string_equal(p.branch, "release/1");
 	assert_string_equal(p.sha, "abcdef0123456789abcdef0123456789abcdef01");
+	assert_string_equal(p.before, "0000000000000000000000000000000000000000");
 	assert_false(p.deleted);
 	assert_int_equal(p.n_urls, 3);
 	assert_string_equal(p.urls[0], "https://github.com/acme/app.git");
@@ -155,6 +156,53 @@ static void test_parse_gitlab_and_errors(void **state)
 	assert_int_equal(hooks_parse_push(HOOKS_GITHUB, nourl, strlen(nourl), &p, &err),
 			 KPL_EINVAL);
 	assert_non_null(strstr(err.msg, "repository"));
+}
+
+/* The idempotency key of a push: what the signature covers decides it, not
+ * the delivery id (a replay with a new id is the same push). */
+static void test_push_key(void **state)
+{
+	struct hooks_push p = { .ref = "refs/heads/main", .sha = "ab12", .before = "00" };
+	struct hooks_push q;
+	char k1[HOOKS_PUSH_KEY_LEN + 1], k2[HOOKS_PUSH_KEY_LEN + 1];
+
+	(void)state;
+	assert_int_equal(hooks_push_key(HOOKS_GITHUB, "https://github.com/acme/app", &p, "app",
+					k1, sizeof k1), 0);
+	assert_int_equal(strlen(k1), HOOKS_PUSH_KEY_LEN);
+	assert_memory_equal(k1, "hook:github:", 12);
+	/* The same repository written another way: the same key. */
+	assert_int_equal(hooks_push_key(HOOKS_GITHUB, "git@github.com:Acme/app.git", &p, "app",
+					k2, sizeof k2), 0);
+	assert_string_equal(k1, k2);
+	/* Any part changed: another key. */
+	q = p;
+	q.sha = "ab13";
+	hooks_push_key(HOOKS_GITHUB, "https://github.com/acme/app", &q, "app", k2, sizeof k2);
+	assert_string_not_equal(k1, k2);
+	q = p;
+	q.before = "01";
+	hooks_push_key(HOOKS_GITHUB, "https://github.com/acme/app", &q, "app", k2, sizeof k2);
+	assert_string_not_equal(k1, k2);
+	q = p;
+	q.ref = "refs/heads/mainx";
+	hooks_push_key(HOOKS_GITHUB, "https://github.com/acme/app", &q, "app", k2, sizeof k2);
+	assert_string_not_equal(k1, k2);
+	hooks_push_key(HOOKS_GITHUB, "https://github.com/acme/app", &p, "app2", k2, sizeof k2);
+	assert_string_not_equal(k1, k2);
+	hooks_push_key(HOOKS_GITHUB, "https://github.com/acme/ap", &p, "app", k2, sizeof k2);
+	assert_string_not_equal(k1, k2);
+	hooks_push_key(HOOKS_GITLAB, "https://github.com/acme/app", &p, "app", k2, sizeof k2);
+	assert_memory_equal(k2, "hook:gitlab:", 12);
+	assert_string_not_equal(k1 + 12, k2 + 12);
+	/* Parts run together differently: another key (NUL-separated). */
+	q = p;
+	q.ref = "refs/heads/main0";
+	q.before = "0";
+	hooks_push_key(HOOKS_GITHUB, "https://github.com/acme/app", &q, "app", k2, sizeof k2);
+	assert_string_not_equal(k1, k2);
+	assert_int_equal(hooks_push_key(HOOKS_GITHUB, "app", &p, "app", k2, sizeof k2),
+			 KPL_EINVAL);
 }
 
 static void test_metrics_text(void **state)
@@ -213,6 +261,7 @@ int main(void)
 		cmocka_unit_test(test_parse_github),
 		cmocka_unit_test(test_parse_gitlab_and_errors),
 		cmocka_unit_test(test_metrics_text),
+		cmocka_unit_test(test_push_key),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
