@@ -346,8 +346,10 @@ json_t *istio_canary_deployment(const json_t *stable, const char *name, const ch
 	json_t *spec = json_deep_copy(json_object_get(stable, "spec")), *d, *meta, *tmpl, *tlabels,
 	       *c;
 
-	if (!json_is_object(spec))
+	if (!json_is_object(spec)) {
+		json_decref(spec); /* a copy of whatever spec was */
 		spec = json_object();
+	}
 	tmpl = object_at(spec, "template");
 	if (!(c = istio_find_container(tmpl, sname ? sname : "?", container, err))) {
 		json_decref(spec);

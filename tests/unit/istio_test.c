@@ -211,6 +211,14 @@ static void test_canary_deployment(void **state)
 				"spec"), "containers"), 0), "image")), "reg/web:1");
 	json_decref(c);
 	json_decref(stable);
+
+	/* A spec that is not an object (found by tests/fuzz:istio_fuzz): no
+	 * container, and the copy of the number is released (the ASan run of
+	 * this test fails on the leak). */
+	stable = parse("{\"metadata\":{\"name\":\"web\"},\"spec\":2}");
+	assert_null(istio_canary_deployment(stable, "web-canary", "version", "v2", NULL,
+					    "reg/web:2", 1, &err));
+	json_decref(stable);
 }
 
 int main(void)
