@@ -184,16 +184,23 @@ int http_should_retry(const struct http_attempt *a, int idempotent)
 	if (a->delivered)
 		return 0;
 	if (a->curl_code == CURLE_OK)
-		return idempotent &&
-		       (a->status == 502 || a->status == 503 || a->status == 504);
+		/* 429: the server refused to take the request on (rate limit,
+		 * Kubernetes priority and fairness) and did nothing, so any
+		 * method may be sent again, after its Retry-After. */
+		return a->status == 429 ||
+		       (idempotent &&
+			(a->status == 502 || a->status == 503 || a->status == 504));
 	if (!a->sent)
 		/* The server saw nothing: safe for any method. */
 		return a->curl_code == CURLE_COULDNT_CONNECT ||
 		       a->curl_code == CURLE_OPERATION_TIMEDOUT;
-	if (!idempotent || a->got_response)
+	if (!idempotent)
 		return 0;
+	/* Idempotent, and nothing reached the caller: a reply cut short
+	 * (reset mid-body, fewer bytes than Content-Length) is as good as
+	 * none. */
 	return a->curl_code == CURLE_RECV_ERROR || a->curl_code == CURLE_SEND_ERROR ||
-	       a->curl_code == CURLE_GOT_NOTHING;
+	       a->curl_code == CURLE_GOT_NOTHING || a->curl_code == CURLE_PARTIAL_FILE;
 }
 
 void http_lines_init(struct http_lines *ls, size_t max_line, http_line_cb on_line,
@@ -625,9 +632,9 @@ static void attempt_done(struct http_request *req, CURLcode rc)
 		if (delay < 0)
 			delay = http_backoff_ms(&req->retry, req->attempts, next_rand(c));
 		if (!req->deadline || (int64_t)uv_now(c->loop) + delay < req->deadline) {
-			kpl_debug(SUBSYS, "%s %s: attempt %d: %s; again in %lld ms",
+			kpl_debug(SUBSYS, "%s %s: attempt %d: %s %ld; again in %lld ms",
 				  req->method, req->redacted, req->attempts,
-				  rc == CURLE_OK ? "5xx" : curl_easy_strerror(rc),
+				  rc == CURLE_OK ? "HTTP" : curl_easy_strerror(rc), status,
 				  (long long)delay);
 			set_state(req, REQ_BACKOFF);
 			uv_timer_start(&req->timer, on_backoff, (uint64_t)delay, 0);

@@ -151,11 +151,13 @@ struct http_tls {
  *   - nothing was sent (the connection or TLS handshake failed: CURLE_
  *     COULDNT_CONNECT, or a connect-phase timeout). This is safe for any
  *     method, since the server saw no request;
- *   - the request is idempotent and the connection broke before any byte of
- *     a response (reset, empty reply);
- *   - the request is idempotent and the reply is 502, 503 or 504. A
- *     Retry-After header (seconds or an HTTP date) is honoured, capped at
- *     max_retry_after_ms, in place of the backoff.
+ *   - the request is idempotent and the connection broke (reset, empty
+ *     reply, a reply cut short) with nothing delivered to the caller;
+ *   - the request is idempotent and the reply is 502, 503 or 504;
+ *   - the reply is 429 (any method: the server refused to take the request
+ *     on, so nothing was done).
+ *     On those replies a Retry-After header (seconds or an HTTP date) is
+ *     honoured, capped at max_retry_after_ms, in place of the backoff.
  * A request that is not idempotent always gets a new connection: libcurl
  * itself re-sends a request on a reused keep-alive connection that died
  * before any response byte, and that must not happen to a POST.

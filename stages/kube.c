@@ -475,11 +475,24 @@ void kube_status_parse(long http_status, const char *body, size_t len,
 
 const char *kube_status_text(const struct kube_status *st, char *buf, size_t n)
 {
+	char who[200] = "";
+
+	if (st->server[0] && st->code > 0 && strncmp(st->message, "HTTP ", 5) != 0)
+		snprintf(who, sizeof who, "kubernetes %s: %ld ", st->server, st->code);
+	else if (st->server[0])
+		snprintf(who, sizeof who, "kubernetes %s: ", st->server);
 	if (st->reason[0] && st->message[0])
-		snprintf(buf, n, "%s: %s", st->reason, st->message);
+		snprintf(buf, n, "%s%s: %s", who, st->reason, st->message);
 	else
-		snprintf(buf, n, "%s", st->reason[0] ? st->reason : st->message);
+		snprintf(buf, n, "%s%s", who, st->reason[0] ? st->reason : st->message);
 	return buf;
+}
+
+/* A transport failure (the message names the method and URL already). */
+static void status_of_error(struct kube_status *st, const char *msg)
+{
+	memset(st, 0, sizeof *st);
+	snprintf(st->message, sizeof st->message, "kubernetes: %s", msg);
 }
 
 int kube_status_is_gone(const struct kube_status *st)
@@ -756,6 +769,7 @@ json_t *kube_json_from_node(const struct pl_node *n)
 struct kube_req {
 	kube_done_cb done;
 	void *data;
+	char server[160]; /* for kube_status.server */
 };
 
 static void set_auth_tls(struct kube_config *cfg, struct http_request_options *o)
@@ -786,8 +800,7 @@ static void request_done(struct http_response *resp, int status, void *data)
 	json_t *obj = NULL;
 
 	if (status) {
-		memset(&st, 0, sizeof st);
-		snprintf(st.message, sizeof st.message, "%s", resp->err.msg);
+		status_of_error(&st, resp->err.msg);
 		r->done(status, NULL, &st, r->data);
 	} else if (resp->status >= 200 && resp->status < 300) {
 		json_error_t je;
@@ -795,6 +808,7 @@ static void request_done(struct http_response *resp, int status, void *data)
 		    !(obj = json_loadb(resp->body, resp->body_len, 0, &je))) {
 			memset(&st, 0, sizeof st);
 			st.code = resp->status;
+			snprintf(st.server, sizeof st.server, "%s", r->server);
 			snprintf(st.message, sizeof st.message, "reply is not JSON: %s", je.text);
 			r->done(KPL_EINVAL, NULL, &st, r->data);
 		} else {
@@ -802,6 +816,7 @@ static void request_done(struct http_response *resp, int status, void *data)
 		}
 	} else {
 		kube_status_parse(resp->status, resp->body, resp->body_len, &st);
+		snprintf(st.server, sizeof st.server, "%s", r->server);
 		r->done(0, NULL, &st, r->data);
 	}
 	json_decref(obj);
@@ -824,6 +839,7 @@ int kube_request(struct http_client *h, struct kube_config *cfg, const char *met
 
 	r->done = done;
 	r->data = data;
+	snprintf(r->server, sizeof r->server, "%s", cfg->server);
 	o.method = method;
 	o.url = url;
 	o.headers = hdr;
@@ -987,6 +1003,7 @@ static int watch_line(struct http_request *req, const char *line, size_t n, void
 	if (strcmp(type, "ERROR") == 0) {
 		char *body = json_dumps(obj, JSON_COMPACT);
 		kube_status_parse(500, body, strlen(body), &w->st);
+		snprintf(w->st.server, sizeof w->st.server, "%s", w->cfg->server);
 		free(body);
 		json_decref(root);
 		if (kube_status_is_gone(&w->st)) {
@@ -1038,6 +1055,7 @@ static void watch_done(struct http_response *resp, int status, void *data)
 	}
 	if (status == 0 && resp->status >= 300) {
 		kube_status_parse(resp->status, resp->body, resp->body_len, &st);
+		snprintf(st.server, sizeof st.server, "%s", w->cfg->server);
 		if (kube_status_is_gone(&st)) {
 			watch_list(w);
 			goto out;
@@ -1058,8 +1076,7 @@ static void watch_done(struct http_response *resp, int status, void *data)
 		goto out;
 	}
 	if (++w->failures >= KUBE_WATCH_MAX_FAILURES) {
-		memset(&st, 0, sizeof st);
-		snprintf(st.message, sizeof st.message, "%s", resp->err.msg);
+		status_of_error(&st, resp->err.msg);
 		watch_fail(w, status, &st);
 		goto out;
 	}

@@ -115,12 +115,16 @@ struct kube_status {
 	long code;          /* HTTP status (Status.code when present) */
 	char reason[64];    /* "NotFound", "Conflict", "Expired", ... */
 	char message[512];
+	/* The API server that answered (its URL), so a message names the
+	 * system and endpoint; empty when not known (a bare parse). */
+	char server[160];
 };
 
 /* Fills st from an HTTP status and body (pure). */
 void kube_status_parse(long http_status, const char *body, size_t len,
 		       struct kube_status *st);
-/* "REASON: MESSAGE", "MESSAGE" without a reason, into buf. */
+/* "REASON: MESSAGE", "MESSAGE" without a reason, into buf; with a server,
+ * "kubernetes SERVER: CODE REASON: MESSAGE". */
 const char *kube_status_text(const struct kube_status *st, char *buf, size_t n);
 /* 410 Gone / reason Expired or Gone: the resourceVersion is too old. */
 int kube_status_is_gone(const struct kube_status *st);

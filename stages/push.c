@@ -67,6 +67,9 @@
 /* Requests with a body may move a whole chunk; others are small. */
 #define PUSH_SMALL_TIMEOUT_MS 60000
 #define PUSH_BODY_TIMEOUT_MS (10 * 60 * 1000)
+/* An upload whose connection broke midway is begun again from its HEAD (a
+ * blob is named by its digest: sending it again is safe), this many times. */
+#define PUSH_MAX_BLOB_RESTARTS 2
 
 #define PUSH_PHASE_MAP(X)                                                  \
 	X(RECORD, "recording resume data")                                 \
@@ -147,6 +150,7 @@ struct push {
 	size_t blob_i, man_i, tag_i;
 	size_t n_exists, n_sent, n_mounted;
 	uint64_t bytes_sent;
+	int blob_restarts; /* uploads of the current blob cut off and begun again */
 
 	/* The blob being uploaded */
 	struct reg_upload up;
@@ -503,6 +507,9 @@ static void reply_view(struct http_response *resp, struct reg_reply *rr)
 	rr->body_len = resp->body_len;
 }
 
+static void on_upload_reply(struct push *p, struct http_response *resp);
+static void restart_blob(struct push *p, const char *why);
+
 static void on_http_done(struct http_response *resp, int status, void *data)
 {
 	struct push *p = data;
@@ -511,6 +518,11 @@ static void on_http_done(struct http_response *resp, int status, void *data)
 	p->req = NULL;
 	if (push_gone(p))
 		return;
+	if (status == KPL_EUNAVAILABLE && r == &p->r && r->on_reply == on_upload_reply &&
+	    !p->promote && p->blob_restarts < PUSH_MAX_BLOB_RESTARTS) {
+		restart_blob(p, resp->err.msg);
+		return;
+	}
 	if (status) {
 		push_fail(p, "push: %s", resp->err.msg);
 		return;
@@ -752,7 +764,7 @@ static void push_done(struct push *p)
 static void next_blob(struct push *p);
 static void upload_step(struct push *p);
 
-static void blob_finished(struct push *p)
+static void blob_close(struct push *p)
 {
 	if (p->fd >= 0) {
 		uv_fs_t req;
@@ -762,8 +774,29 @@ static void blob_finished(struct push *p)
 	}
 	reg_upload_release(&p->up);
 	reg_hash_release(&p->hash);
+}
+
+static void blob_finished(struct push *p)
+{
+	blob_close(p);
 	p->blob_i++;
+	p->blob_restarts = 0;
 	save_progress(p);
+	next_blob(p);
+}
+
+/* The connection broke during an upload (the registry may hold part of it
+ * in its session): the blob starts over with a HEAD and, if the registry
+ * still lacks it, a new session. The old session is left to expire. */
+static void restart_blob(struct push *p, const char *why)
+{
+	char sd[32];
+
+	p->blob_restarts++;
+	stage_logf(p->st, "blob %s: upload interrupted (%s); starting it again (%d of %d)",
+		   short_digest(p->plan.blobs[p->blob_i].digest, sd), why, p->blob_restarts,
+		   PUSH_MAX_BLOB_RESTARTS);
+	blob_close(p);
 	next_blob(p);
 }
 

@@ -866,7 +866,7 @@ static void on_query_done(struct http_response *resp, int status, void *data)
 
 	if (!r->ending) {
 		if (status)
-			rc = kpl_errf(&err, status == KPL_EINVAL ? KPL_EINVAL : status, "%s",
+			rc = kpl_errf(&err, status == KPL_EINVAL ? KPL_EINVAL : status, "prometheus: %s",
 				      resp->err.msg);
 		else
 			rc = prom_parse_reply(resp->status, resp->body, resp->body_len, &sample,

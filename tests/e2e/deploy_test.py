@@ -353,8 +353,8 @@ stages:
         run, events = self.run(deploy_pipeline("bad", "reg.example/web:6.0"))
         st = self.stage(run, "deploy")
         assert_eq(st["state"], "STAGE_STATE_FAILED", "state")
-        assert_eq(st["message"], "get deployment shop/web: Unauthorized: Unauthorized",
-                  "the Status reason and message")
+        assert_eq(st["message"], "get deployment shop/web: kubernetes %s: 401 Unauthorized: "
+                  "Unauthorized" % self.base, "the server, the Status code, reason and message")
         assert_eq(self.emu.patches() - before, 0, "no PATCH")
         self.assert_no_secret(events)
 

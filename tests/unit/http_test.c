@@ -373,7 +373,7 @@ static void test_retry_after(void **state)
 static void test_should_retry(void **state)
 {
 	/* curl codes: 0 OK, 7 COULDNT_CONNECT, 28 TIMEDOUT, 52 GOT_NOTHING,
-	 * 56 RECV_ERROR, 55 SEND_ERROR, 60 PEER_FAILED_VERIFICATION, 6
+	 * 56 RECV_ERROR, 55 SEND_ERROR, 18 PARTIAL_FILE, 60 PEER_FAILED_VERIFICATION, 6
 	 * COULDNT_RESOLVE_HOST. */
 	static const struct {
 		struct http_attempt a;
@@ -384,7 +384,9 @@ static void test_should_retry(void **state)
 		{ { 0, 502, 1, 1, 0 }, 1, 1 },
 		{ { 0, 504, 1, 1, 0 }, 1, 1 },
 		{ { 0, 500, 1, 1, 0 }, 1, 0 },
-		{ { 0, 429, 1, 1, 0 }, 1, 0 },
+		{ { 0, 429, 1, 1, 0 }, 1, 1 },
+		{ { 0, 429, 1, 1, 0 }, 0, 1 },   /* POST on 429: nothing was done */
+		{ { 0, 429, 1, 1, 1 }, 1, 0 },
 		{ { 0, 503, 1, 1, 0 }, 0, 0 },   /* POST on 503 */
 		{ { 7, 0, 0, 0, 0 }, 0, 1 },     /* refused: nothing sent, even POST */
 		{ { 28, 0, 0, 0, 0 }, 0, 1 },    /* connect timeout */
@@ -393,7 +395,9 @@ static void test_should_retry(void **state)
 		{ { 56, 0, 1, 0, 0 }, 1, 1 },    /* reset before a byte, GET */
 		{ { 55, 0, 1, 0, 0 }, 1, 1 },
 		{ { 56, 0, 1, 0, 0 }, 0, 0 },    /* ... but not a POST */
-		{ { 56, 200, 1, 1, 0 }, 1, 0 },  /* reset mid-body */
+		{ { 56, 200, 1, 1, 0 }, 1, 1 },  /* reset mid-body, GET, buffered */
+		{ { 18, 200, 1, 1, 0 }, 1, 1 },  /* PARTIAL_FILE: body cut short */
+		{ { 56, 200, 1, 1, 0 }, 0, 0 },  /* ... but not a POST */
 		{ { 56, 200, 1, 1, 1 }, 1, 0 },  /* streaming data delivered */
 		{ { 0, 503, 1, 1, 1 }, 1, 0 },
 		{ { 60, 0, 0, 0, 0 }, 1, 0 },    /* bad certificate */
