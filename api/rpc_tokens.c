@@ -347,9 +347,11 @@ int tokens_authorize(struct api_call *call, const struct api_method *m,
 		snprintf(msg, msg_size, "token %s has scope %s; %s needs %s", rec->id,
 			 scope_name(rec->scope), m->path, scope_name(scope));
 		code = ST_PERMISSION_DENIED;
-	} else if (*rec->pipeline) {
+	} else if (*rec->pipeline && (req || m->bind == API_BIND_NONE)) {
 		code = pipeline_check(t, m, rec, req, msg, msg_size);
 	} else {
+		/* Not limited, or no request yet (the check before it is read):
+		 * the binding is checked once it is. */
 		code = ST_OK;
 	}
 	kpl__store__v1__token_record__free_unpacked(rec, NULL);

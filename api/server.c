@@ -32,6 +32,7 @@
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
+#include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,6 +48,13 @@
 /* request_call tags kept outstanding: how many new calls grpc can hand us
  * between two turns of the loop. */
 #define API_REQUESTS 16
+
+/* Streaming calls open at once (api_server_options). */
+#define API_DEFAULT_MAX_STREAMS 1024
+#define API_DEFAULT_MAX_STREAMS_PER_CONN 32
+/* HTTP/2 streams (calls of any kind) one connection may have open; more
+ * wait in the client. Above the streaming cap, so that cap answers first. */
+#define API_MIN_H2_STREAMS 128
 
 /* Status messages are cut to this many bytes. */
 #define API_MAX_STATUS_MSG 1024
@@ -92,6 +100,8 @@ struct api_call {
 	bool peer_read;
 	const struct api_method *m; /* NULL: unknown method */
 	ProtobufCMessage *req;      /* the decoded request (unary, stream) */
+	char *peer;        /* grpc's peer ("ipv4:127.0.0.1:50000"); streams only */
+	bool counted;      /* in the server's open streams (stream_admit) */
 
 	int refs;          /* 1 for the handler until it ends the call + batches */
 	bool ended;        /* the handler (or the server) ended the call */
@@ -149,6 +159,8 @@ struct api_server {
 	int requests_out; /* request_call tags in flight */
 	struct api_call *calls; /* every call not yet freed */
 	size_t n_calls;
+	size_t n_streams;        /* calls counted by stream_admit, not yet ended */
+	size_t max_streams, max_streams_per_conn;
 
 	enum server_state state;
 	struct tag shutdown_tag; /* grpc_server_shutdown_and_notify */
@@ -314,6 +326,7 @@ static void call_free(struct api_call *c)
 	if (c->has_status_details)
 		grpc_slice_unref(c->status_details);
 	free(c->pending_msg);
+	free(c->peer);
 	free(c->method);
 	free(c->who);
 	free(c->peer_subject);
@@ -435,6 +448,15 @@ static void call_send_status(struct api_call *c, grpc_byte_buffer *reply,
 		kpl_warn(SUB, "%s: could not send status %d", c->method, code);
 }
 
+/* An ended stream no longer counts against the caps. */
+static void stream_release(struct api_call *c)
+{
+	if (c->counted) {
+		c->counted = false;
+		c->s->n_streams--;
+	}
+}
+
 /* Ends the call (exactly once) and drops the handler's reference. */
 static void call_end(struct api_call *c, grpc_byte_buffer *reply, int code,
 		     const char *msg)
@@ -442,6 +464,7 @@ static void call_end(struct api_call *c, grpc_byte_buffer *reply, int code,
 	if (c->ended)
 		BUG("call %s ended twice", c->method);
 	c->ended = true;
+	stream_release(c);
 	/* The table's path, not the client's: no label the client makes up. */
 	metrics_grpc_call(c->m ? c->m->path : "unknown", code);
 	kpl_debug(SUB, "%s: end status %d%s%s", c->method, code,
@@ -462,6 +485,7 @@ static void call_end(struct api_call *c, grpc_byte_buffer *reply, int code,
 static void call_end_quiet(struct api_call *c)
 {
 	c->ended = true;
+	stream_release(c);
 	call_unref(c);
 }
 
@@ -516,7 +540,10 @@ static void on_recv(struct tag *t, int success)
 
 /*
  * Runs the authorize hook (style: the check lives here, once, so handlers
- * stay thin). Returns false if it ended the call.
+ * stay thin). Returns false if it ended the call. It runs twice for unary
+ * and server-streaming calls: from the metadata alone (req NULL) before
+ * the request is read, so no caller without a valid token gets a request
+ * decoded, then with the request (a pipeline-limited token's binding).
  */
 static bool call_authorize(struct api_call *c, const ProtobufCMessage *req)
 {
@@ -579,6 +606,39 @@ static const struct api_method *method_find(struct api_server *s,
 	return NULL;
 }
 
+/*
+ * Counts a streaming call against the caps (total, and per connection: the
+ * same grpc peer), or ends it RESOURCE_EXHAUSTED. Streams live long and
+ * some need no token (health Watch, reflection): without a cap, one client
+ * could hold any number. Returns false if it ended the call.
+ */
+static bool stream_admit(struct api_call *c)
+{
+	struct api_server *s = c->s;
+	char *peer = grpc_call_get_peer(c->gc), msg[256];
+	size_t on_conn = 0;
+
+	c->peer = kpl_strdup(peer ? peer : "");
+	gpr_free(peer);
+	for (const struct api_call *o = s->calls; o; o = o->next)
+		if (o != c && o->counted && strcmp(o->peer, c->peer) == 0)
+			on_conn++;
+	if (s->n_streams >= s->max_streams) {
+		snprintf(msg, sizeof msg, "too many open streams: %zu in all, the limit "
+			 "(kpld --max-streams)", s->max_streams);
+	} else if (on_conn >= s->max_streams_per_conn) {
+		snprintf(msg, sizeof msg, "too many open streams on this connection: %zu, "
+			 "the limit (kpld --max-streams-per-conn)", s->max_streams_per_conn);
+	} else {
+		c->counted = true;
+		s->n_streams++;
+		return true;
+	}
+	kpl_debug(SUB, "%s from %s: %s", c->method, c->peer, msg);
+	call_end(c, NULL, GRPC_STATUS_RESOURCE_EXHAUSTED, msg);
+	return false;
+}
+
 /* A call arrived: takes r's call, details and metadata. */
 static void call_new(struct request *r)
 {
@@ -627,9 +687,12 @@ static void call_new(struct request *r)
 		call_end(c, NULL, GRPC_STATUS_UNIMPLEMENTED, msg);
 		return;
 	}
+	if (c->m->type != API_UNARY && !stream_admit(c))
+		return;
+	if (!call_authorize(c, NULL))
+		return;
 	if (c->m->type == API_BIDI_STREAM_) {
-		if (call_authorize(c, NULL))
-			c->m->handler(c, NULL, c->m->data);
+		c->m->handler(c, NULL, c->m->data);
 		return;
 	}
 	memset(&op, 0, sizeof op);
@@ -890,7 +953,7 @@ int api_server_start(uv_loop_t *loop, const struct api_server_options *opt,
 	struct api_server *s;
 	grpc_server_credentials *creds;
 	int rc;
-	grpc_arg args[7];
+	grpc_arg args[8];
 	grpc_channel_args chargs = { KPL_ARRAY_SIZE(args), args };
 	size_t n_builtin = 4;
 
@@ -962,12 +1025,19 @@ int api_server_start(uv_loop_t *loop, const struct api_server_options *opt,
 	args[6].type = GRPC_ARG_INTEGER;
 	args[6].key = GRPC_ARG_ALLOW_REUSEPORT;
 	args[6].value.integer = 0;
+	args[7].type = GRPC_ARG_INTEGER;
+	args[7].key = GRPC_ARG_MAX_CONCURRENT_STREAMS;
+	args[7].value.integer = (int)(opt->max_streams_per_conn + 16 > API_MIN_H2_STREAMS
+				      ? opt->max_streams_per_conn + 16 : API_MIN_H2_STREAMS);
 
 	s->cq = grpc_completion_queue_create_for_next(NULL);
 	s->server = grpc_server_create(&chargs, NULL);
 	grpc_server_register_completion_queue(s->server, s->cq, NULL);
 	s->authorize = opt->authorize;
 	s->authorize_data = opt->authorize_data;
+	s->max_streams = opt->max_streams ? opt->max_streams : API_DEFAULT_MAX_STREAMS;
+	s->max_streams_per_conn = opt->max_streams_per_conn ? opt->max_streams_per_conn
+							    : API_DEFAULT_MAX_STREAMS_PER_CONN;
 	if ((rc = server_creds(s, opt, &creds, err)) < 0)
 		goto fail;
 	s->port = grpc_server_add_http2_port(s->server, opt->listen, creds);

@@ -80,10 +80,13 @@ struct api_method {
 
 /*
  * Decides whether a call may go on. Runs on the loop for every method that
- * is not API_SCOPE_OPEN, once the request has decoded and before the
- * handler sees it. scope is the method's (API_SCOPE_UNSET already made
- * API_SCOPE_ADMIN); authorization is the call's "authorization" metadata or
- * NULL; req is the decoded request (borrowed). Returns 0 (GRPC_STATUS_OK)
+ * is not API_SCOPE_OPEN: first as the call arrives, with req NULL, before
+ * its request is read (decide what the metadata alone decides; let through
+ * what needs the request), then for unary and server-streaming methods
+ * again once the request has decoded, before the handler sees it. scope is
+ * the method's (API_SCOPE_UNSET already made API_SCOPE_ADMIN);
+ * authorization is the call's "authorization" metadata or NULL; req is the
+ * decoded request (borrowed) or NULL. Returns 0 (GRPC_STATUS_OK)
  * to let the call through, or the grpc status to end it with, with msg
  * (NUL-terminated, at most msg_size bytes) saying why. msg must never hold
  * the token. It may name the caller with api_call_set_who.
@@ -106,6 +109,13 @@ struct api_server_options {
 	const char *tls_cert_file;
 	const char *tls_key_file;
 	const char *client_ca_file;
+	/* Streaming calls (server streams and the built-in bidi ones: health
+	 * Watch, reflection) open at once, in all and on one client connection
+	 * (grpc's peer address and port); more are answered RESOURCE_EXHAUSTED
+	 * before anything else is done for them. 0 picks the default (1024,
+	 * 32). */
+	size_t max_streams;
+	size_t max_streams_per_conn;
 };
 
 /*

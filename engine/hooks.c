@@ -1361,6 +1361,8 @@ int hooks_start(const struct hooks_options *opt, struct hooks **out, struct kpl_
 	h->routes[2] = (struct httpd_route){ "GET", "/metrics", on_metrics, h };
 	h->routes[3] = (struct httpd_route){ "GET", "/healthz", on_healthz, h };
 	ho.listen = opt->listen;
+	ho.request_timeout_ms = opt->request_timeout_ms;
+	ho.max_per_address = opt->max_per_address;
 	ho.routes = h->routes;
 	ho.n_routes = KPL_ARRAY_SIZE(h->routes);
 	if ((rc = httpd_start(h->loop, &ho, &h->httpd, err)) != 0)

@@ -27,6 +27,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <uv.h>
 
 #include "api/kpl.pb-c.h"
@@ -53,6 +54,9 @@ struct hooks_options {
 	const char *listen;   /* HOST:PORT for the HTTP listener */
 	/* Seconds a git command may take; 0 = 120. */
 	unsigned git_timeout_s;
+	/* httpd_options limits; 0 picks httpd's default. */
+	uint64_t request_timeout_ms;
+	size_t max_per_address;
 };
 
 /* Binds the HTTP listener and serves. *out is the caller's; it ends with

@@ -23,6 +23,8 @@
 #define DEFAULT_MAX_BODY (1024 * 1024)
 #define DEFAULT_MAX_CONNS 256
 #define DEFAULT_READ_TIMEOUT_MS 10000
+#define DEFAULT_MAX_PER_ADDRESS 16
+#define DEFAULT_REQUEST_TIMEOUT_MS 30000
 #define MAX_HEADERS 100
 #define DRAIN_TIMEOUT_MS 2000
 
@@ -56,6 +58,7 @@ struct conn {
 	size_t header_bytes;
 	bool in_value;   /* the last header callback was a value */
 	int err_status;  /* set by a callback that refused the request */
+	uint64_t deadline; /* loop time the request being read must be whole by; 0: none */
 	char *pending;   /* bytes after the message a handler holds */
 	size_t pending_len;
 	char peer[64];
@@ -82,6 +85,7 @@ struct write_req {
 
 static const http_parser_settings parser_settings;
 static void conn_close(struct conn *c);
+static void arm_timer(struct conn *c);
 static void conn_feed(struct conn *c, const char *data, size_t len);
 static void on_alloc(uv_handle_t *hd, size_t suggested, uv_buf_t *buf);
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
@@ -159,6 +163,10 @@ static int on_message_begin(http_parser *p)
 	memcpy(c->req->peer, c->peer, sizeof c->peer);
 	c->header_bytes = 0;
 	c->in_value = false;
+	/* From its first byte, the whole request gets request_timeout_ms,
+	 * however its bytes trickle in. */
+	c->deadline = uv_now(c->h->loop) + c->h->opt.request_timeout_ms;
+	arm_timer(c);
 	return 0;
 }
 
@@ -321,17 +329,30 @@ static void conn_close(struct conn *c)
 	uv_close((uv_handle_t *)&c->timer, conn_handle_closed);
 }
 
+static void conn_refuse(struct conn *c, int status, const char *why);
+
 static void on_timeout(uv_timer_t *t)
 {
 	struct conn *c = t->data;
 
+	if (c->deadline && !c->busy && !c->draining && !c->closing &&
+	    uv_now(c->h->loop) >= c->deadline) {
+		c->deadline = 0;
+		conn_refuse(c, 408, "the request took too long");
+		return;
+	}
 	kpl_debug(LOG, "%s: read timeout", c->peer);
 	conn_close(c);
 }
 
+/* The idle timeout, or the request's deadline if that comes first. */
 static void arm_timer(struct conn *c)
 {
-	uv_timer_start(&c->timer, on_timeout, c->h->opt.read_timeout_ms, 0);
+	uint64_t now = uv_now(c->h->loop), ms = c->h->opt.read_timeout_ms;
+
+	if (c->deadline)
+		ms = c->deadline <= now ? 0 : c->deadline - now < ms ? c->deadline - now : ms;
+	uv_timer_start(&c->timer, on_timeout, ms, 0);
 }
 
 static const char *status_text(int status)
@@ -482,6 +503,7 @@ static void dispatch(struct conn *c)
 
 	r->conn = c;
 	c->busy = true;
+	c->deadline = 0;
 	uv_read_stop((uv_stream_t *)&c->tcp);
 	uv_timer_stop(&c->timer);
 	for (size_t i = 0; i < h->opt.n_routes; i++) {
@@ -601,6 +623,17 @@ void httpd_respondf(struct httpd_req *req, int status, const char *fmt, ...)
 /* ---------------------------------------------------------------------- */
 /* The listener */
 
+/* Open connections from peer, c not counted. */
+static size_t conns_from(struct httpd *h, const struct conn *c, const char *peer)
+{
+	size_t n = 0;
+
+	for (const struct conn *o = h->conns; o; o = o->next)
+		if (o != c && !o->closing && strcmp(o->peer, peer) == 0)
+			n++;
+	return n;
+}
+
 static void on_connection(uv_stream_t *server, int status)
 {
 	struct httpd *h = server->data;
@@ -636,6 +669,13 @@ static void on_connection(uv_stream_t *server, int status)
 	if (h->n_conns > h->opt.max_connections) {
 		kpl_warn(LOG, "%s: over %zu connections: closed", c->peer,
 			 h->opt.max_connections);
+		conn_close(c);
+		return;
+	}
+	if (conns_from(h, c, c->peer) >= h->opt.max_per_address) {
+		/* Debug only: a flood of these is what the cap is for. */
+		kpl_debug(LOG, "%s: over %zu connections from one address: closed", c->peer,
+			  h->opt.max_per_address);
 		conn_close(c);
 		return;
 	}
@@ -709,6 +749,10 @@ int httpd_start(uv_loop_t *loop, const struct httpd_options *opt, struct httpd *
 		h->opt.max_connections = DEFAULT_MAX_CONNS;
 	if (!h->opt.read_timeout_ms)
 		h->opt.read_timeout_ms = DEFAULT_READ_TIMEOUT_MS;
+	if (!h->opt.max_per_address)
+		h->opt.max_per_address = DEFAULT_MAX_PER_ADDRESS;
+	if (!h->opt.request_timeout_ms)
+		h->opt.request_timeout_ms = DEFAULT_REQUEST_TIMEOUT_MS;
 	uv_tcp_init(loop, &h->server);
 	h->server.data = h;
 	h->server_open = true;

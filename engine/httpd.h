@@ -6,9 +6,11 @@
  * libhttp-parser) and handles one request at a time: while a handler holds
  * a request the connection reads nothing more (pipelined bytes wait), so
  * responses go out in order. Keep-alive as the client asks. Limits: header
- * bytes (request line and headers), body bytes, open connections and an
- * idle/read timeout; a request over a limit is answered 431/413 (or the
- * connection is cut) and the connection closed. Every response carries
+ * bytes (request line and headers), body bytes, open connections in all and
+ * from one address, an idle/read timeout, and a deadline for a whole request
+ * from its first byte (so a client sending a byte now and then cannot keep
+ * a connection forever); a request over a limit is answered 431/413/408 (or
+ * the connection is cut) and the connection closed. Every response carries
  * Content-Length (none for 204).
  *
  * Routes are data: a table of method + exact path (the query string is not
@@ -53,7 +55,9 @@ struct httpd_options {
 	size_t max_header_bytes; /* 16 KiB */
 	size_t max_body_bytes;   /* 1 MiB */
 	size_t max_connections;  /* 256 */
+	size_t max_per_address;  /* 16: open connections from one peer address */
 	uint64_t read_timeout_ms; /* 10 s: idle keep-alive or a slow request */
+	uint64_t request_timeout_ms; /* 30 s: first byte to whole request */
 };
 
 /*

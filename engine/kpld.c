@@ -58,7 +58,8 @@ static void usage(FILE *f)
 		"            [--log-level LEVEL] [--ready-file PATH]\n"
 		"            [--tls-cert FILE --tls-key FILE [--client-ca FILE]]\n"
 		"            [--bootstrap-token-file PATH] [--http-listen HOST:PORT]\n"
-		"            [--standby]\n"
+		"            [--standby] [--max-streams N] [--max-streams-per-conn N]\n"
+		"            [--http-request-timeout SECONDS] [--http-max-per-address N]\n"
 		"\n"
 		"  --listen HOST:PORT   gRPC address (default 127.0.0.1:7070; port 0 picks one)\n"
 		"  --data-dir DIR       store and run workspaces (default ./var/kpl); one\n"
@@ -80,6 +81,16 @@ static void usage(FILE *f)
 		"  --http-listen HOST:PORT\n"
 		"                       serve webhooks, /metrics and /healthz over HTTP\n"
 		"                       there (off by default; docs/hooks.md)\n"
+		"  --max-streams N      open streaming calls (WatchRun, WatchRuns, health\n"
+		"                       Watch, reflection) in all (default 1024); more are\n"
+		"                       answered RESOURCE_EXHAUSTED\n"
+		"  --max-streams-per-conn N\n"
+		"                       the same on one client connection (default 32)\n"
+		"  --http-request-timeout SECONDS\n"
+		"                       an HTTP request must arrive whole this long after\n"
+		"                       its first byte, else 408 (default 30)\n"
+		"  --http-max-per-address N\n"
+		"                       open HTTP connections from one address (default 16)\n"
 		"\n"
 		"Until an API token exists every call is allowed, so kpld then refuses to\n"
 		"listen on anything but loopback (docs/security.md).\n");
@@ -247,11 +258,17 @@ int main(int argc, char **argv)
 		{ "bootstrap-token-file", required_argument, NULL, 'B' },
 		{ "http-listen", required_argument, NULL, 'H' },
 		{ "standby", no_argument, NULL, 'S' },
+		{ "max-streams", required_argument, NULL, 'M' },
+		{ "max-streams-per-conn", required_argument, NULL, 'P' },
+		{ "http-request-timeout", required_argument, NULL, 'W' },
+		{ "http-max-per-address", required_argument, NULL, 'A' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *listen = "127.0.0.1:7070", *data_dir = "./var/kpl", *ready = NULL;
 	const char *config = NULL, *bootstrap = NULL, *http_listen = NULL;
+	uint64_t http_request_timeout_ms = 0; /* 0: httpd's defaults */
+	size_t http_max_per_address = 0;
 	const struct api_method *hm;
 	size_t n_hm;
 	char http_host[256] = "";
@@ -305,6 +322,29 @@ int main(int argc, char **argv)
 			kpl_log_threshold = rc;
 			break;
 		case 'H': http_listen = optarg; break;
+		case 'M':
+		case 'P':
+		case 'W':
+		case 'A': {
+			/* Limits (docs/security.md, "Limits"): 1 to a million. */
+			unsigned long v = strtoul(optarg, &end, 10);
+			const char *name = c == 'M' ? "max-streams" : c == 'P' ? "max-streams-per-conn"
+					 : c == 'W' ? "http-request-timeout" : "http-max-per-address";
+			if (*end || !*optarg || v < 1 || v > 1000000) {
+				fprintf(stderr, "kpld: --%s: want a whole number from 1 to 1000000, "
+					"got %s\n", name, optarg);
+				return 2;
+			}
+			if (c == 'M')
+				so.max_streams = v;
+			else if (c == 'P')
+				so.max_streams_per_conn = v;
+			else if (c == 'W')
+				http_request_timeout_ms = (uint64_t)v * 1000;
+			else
+				http_max_per_address = v;
+			break;
+		}
 		case 'S': standby = true; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
@@ -422,7 +462,9 @@ int main(int argc, char **argv)
 	}
 	if (http_listen) {
 		struct hooks_options ho = { .loop = d.loop, .eng = d.eng,
-					    .data_dir = data_dir, .listen = http_listen };
+					    .data_dir = data_dir, .listen = http_listen,
+					    .request_timeout_ms = http_request_timeout_ms,
+					    .max_per_address = http_max_per_address };
 		const char *hc = strrchr(http_listen, ':');
 
 		if ((rc = hooks_start(&ho, &d.hooks, &err)) != 0) {
