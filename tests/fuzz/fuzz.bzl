@@ -1,6 +1,6 @@
 """kpl_fuzz_test: one fuzz target as a binary and a test."""
 
-def kpl_fuzz_test(name, deps, dict = None, corpus = None, seconds = 15, srcs = None, size = "medium"):
+def kpl_fuzz_test(name, deps, dict = None, corpus = None, seconds = 15, srcs = None, size = "small"):
     """NAME_fuzz.c as binary NAME_fuzz and test NAME_fuzz_test.
 
     With --config=fuzz (clang) the binary is a libFuzzer binary and the test
