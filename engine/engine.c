@@ -703,23 +703,30 @@ void stage_logf(struct stage *st, const char *fmt, ...)
 
 int stage_set_output(struct stage *st, const char *key, const char *value)
 {
-	size_t i;
+	size_t i, klen;
+	char *k;
 
 	if (strlen(key) > KPL_MAX_NAME_LEN || strlen(value) > KPL_MAX_VALUE_LEN)
 		return KPL_ETOOBIG;
+	/* Outputs are shown by GetRun and kept in the store: no secret in one,
+	 * and valid UTF-8 (the key too: a map key is a protobuf string). */
+	k = clean_text(st->run->eng, key, strlen(key), 0, &klen);
 	for (i = 0; i < st->n_out; i++)
-		if (strcmp(st->out_keys[i], key) == 0)
+		if (strcmp(st->out_keys[i], k) == 0)
 			break;
 	if (i == st->n_out) {
-		if (st->n_out >= KPL_MAX_PARAMS)
+		if (st->n_out >= KPL_MAX_PARAMS) {
+			free(k);
 			return KPL_ETOOBIG;
+		}
 		st->out_keys = kpl_realloc(st->out_keys, (i + 1) * sizeof *st->out_keys);
 		st->out_values = kpl_realloc(st->out_values, (i + 1) * sizeof *st->out_values);
-		st->out_keys[i] = kpl_strdup(key);
+		st->out_keys[i] = k;
 		st->out_values[i] = NULL;
 		st->n_out++;
+	} else {
+		free(k);
 	}
-	/* Outputs are shown by GetRun and kept in the store: no secret in one. */
 	set_redacted(st->run->eng, &st->out_values[i], value);
 	return 0;
 }

@@ -93,6 +93,7 @@ stages:
         echo "url=https://u:$TOK@example.com/x" >> "$KPL_OUTPUTS"
         echo "keyline=$(printf '%s' "$KEY" | sed -n 2p)" >> "$KPL_OUTPUTS"
         echo "plain=hello" >> "$KPL_OUTPUTS"
+        printf 'bad\\377key=caf\\303\\251\\376\\n' >> "$KPL_OUTPUTS"
   - name: use
     kind: script
     needs: [make]
@@ -101,7 +102,8 @@ stages:
         assert_eq(run["state"], "RUN_STATE_SUCCEEDED", "run state")
         outs = [s for s in run["stages"] if s["name"] == "make"][0]["outputs"]
         assert_eq(outs, {"token": "***", "url": "https://u:***@example.com/x",
-                         "keyline": "***", "plain": "hello"}, "GetRun's outputs")
+                         "keyline": "***", "plain": "hello",
+                         "bad\ufffdkey": "caf\u00e9\ufffd"}, "GetRun's outputs")
         assert_eq(logs(events, "use"), ["https://u:***@example.com/x"], "the output used")
 
     def test_bad_utf8_and_long_multibyte_line(self):
