@@ -43,7 +43,9 @@
  * "tags_done":M}). A push is idempotent by digest (HEAD skips every blob the
  * registry has, a manifest PUT of the same bytes changes nothing), so after a
  * restart the push simply starts over from the ping and skips what is
- * there; the resume data only says so in the log.
+ * there: blobs by their HEAD, manifests by a HEAD of each tag (or digest)
+ * that already holds the same digest, so no push is repeated at the wire;
+ * the resume data only says so in the log.
  *
  * Cancel (and the stage timeout) cancels the request in flight and ends
  * CANCELLED. NEEDSWORK: an upload session left open by a cancel or a failure
@@ -151,6 +153,12 @@ struct push {
 	size_t n_exists, n_sent, n_mounted;
 	uint64_t bytes_sent;
 	int blob_restarts; /* uploads of the current blob cut off and begun again */
+	/* Resumed after a restart: each manifest PUT is preceded by a HEAD of
+	 * its target, and skipped when the registry already has those bytes
+	 * there (the PUT went out before the restart; sending it again would
+	 * repeat the push, e.g. registry notifications). */
+	bool resumed;
+	bool head_done; /* the HEAD for the current manifest PUT was made */
 
 	/* The blob being uploaded */
 	struct reg_upload up;
@@ -694,6 +702,33 @@ static void on_manifest_put(struct push *p, struct http_response *resp)
 			   reg_media_name(m->media));
 		p->man_i++;
 	}
+	p->head_done = false;
+	save_progress(p);
+	next_manifest(p);
+}
+
+static void on_manifest_head(struct push *p, struct http_response *resp)
+{
+	struct reg_mfile *m = &p->plan.manifests[p->man_i];
+	bool top = p->man_i == p->plan.n_manifests - 1;
+	const char *dcd = http_response_header(resp, "Docker-Content-Digest");
+	char sd[32];
+
+	p->head_done = true;
+	if (resp->status != 200 || !dcd || strcmp(dcd, m->digest) != 0) {
+		next_manifest(p); /* not there (or other bytes): the PUT */
+		return;
+	}
+	if (top) {
+		stage_logf(p->st, "tag %s already points at %s (pushed before the restart)",
+			   p->tags[p->tag_i], short_digest(m->digest, sd));
+		p->tag_i++;
+	} else {
+		stage_logf(p->st, "manifest %s already there (pushed before the restart)",
+			   short_digest(m->digest, sd));
+		p->man_i++;
+	}
+	p->head_done = false;
 	save_progress(p);
 	next_manifest(p);
 }
@@ -711,6 +746,13 @@ static void next_manifest(struct push *p)
 	m = &p->plan.manifests[p->man_i];
 	rest = kpl_asprintf("/manifests/%s", p->man_i == p->plan.n_manifests - 1
 						   ? p->tags[p->tag_i] : m->digest);
+	if (p->resumed && !p->head_done) {
+		r = new_req(p, "HEAD", reg_api_url(p->base, p->repo, rest), on_manifest_head);
+		free(rest);
+		req_header(r, "Accept", reg_media_name(m->media));
+		push_issue(p, r);
+		return;
+	}
 	r = new_req(p, "PUT", reg_api_url(p->base, p->repo, rest), on_manifest_put);
 	free(rest);
 	req_header(r, "Content-Type", reg_media_name(m->media));
@@ -1309,9 +1351,11 @@ static int push_begin(struct stage *st, const char *resume, struct kpl_err *err)
 	}
 	stage_set_impl(st, p);
 	push_set_phase(p, PUSH_RECORD);
-	if (resume && *resume)
+	if (resume && *resume) {
 		stage_logf(st, "resuming after a restart (had %s); pushes are idempotent by "
 			   "digest: starting over, skipping what the registry has", resume);
+		p->resumed = true;
+	}
 	p->pending++;
 	stage_record_resume(st, 0, 0, resume && *resume ? resume : "{\"blobs_done\":0}",
 			    on_recorded, p);

@@ -35,11 +35,15 @@ without the query) and an optional substring of the whole target
     cut: F           forward the request head and the first fraction F of its
                      body upstream, then RST both sides (an upload
                      interrupted midway; upstream sees a client vanish)
+    hold: S          forward, take upstream's whole reply, and give it to the
+                     client only S seconds later (the work is done; the client
+                     has not heard of it yet)
     after: true      (with status/reset/garbage) forward the request upstream
                      first, and only then answer with the fault: the
                      ambiguous case where the server did the work
-Every request is recorded as {method, path, target, fault} (fault is the
-action's name, or "").
+Every request is recorded as {method, path, target, fault, status, body}
+(fault is the action's name, or ""; status the upstream's HTTP status, 0 if
+none; body, with record_bodies, the text of a POST/PUT/PATCH/DELETE body).
 """
 
 import json
@@ -110,8 +114,9 @@ def _head_bytes(first, headers):
 
 
 class FaultProxy:
-    def __init__(self, upstream):
+    def __init__(self, upstream, record_bodies=False):
         u = urllib.parse.urlsplit(upstream)
+        self.record_bodies = record_bodies
         self.up_host, self.up_port = u.hostname, u.port or 80
         self.lock = threading.Lock()
         self.rules = []
@@ -182,9 +187,11 @@ class FaultProxy:
         return None
 
     def _record(self, method, path, target, fault):
+        rec = {"method": method, "path": path, "target": target, "fault": fault,
+               "t": time.time(), "status": 0, "body": None}
         with self.lock:
-            self.requests.append({"method": method, "path": path, "target": target,
-                                  "fault": fault, "t": time.time()})
+            self.requests.append(rec)
+        return rec
 
     def stop(self):
         self.server.shutdown()
@@ -207,16 +214,18 @@ class FaultProxy:
         rule = self._take(method, path, target)
         name = ""
         if rule:
-            for k in ("cut", "truncate", "garbage", "reset", "status", "delay"):
+            for k in ("cut", "truncate", "garbage", "reset", "status", "hold", "delay"):
                 if rule.get(k):
                     name = k
                     break
-        self._record(method, path, target, name)
+        rec = self._record(method, path, target, name)
         if rule and rule.get("delay"):
             time.sleep(float(rule["delay"]))
         if rule and rule.get("cut"):
             return self._cut(conn, rfile, first, headers, float(rule["cut"]))
         body = _read_body(rfile, headers)
+        if self.record_bodies and method in ("POST", "PUT", "PATCH", "DELETE"):
+            rec["body"] = body[:65536].decode("utf-8", "replace")
         if rule and (rule.get("status") or rule.get("reset") or rule.get("garbage")):
             if rule.get("after"):
                 try:
@@ -249,7 +258,25 @@ class FaultProxy:
             up = self._send_up(first, headers, body)
         except OSError:
             return self._answer(conn, 502, b"fault proxy: upstream unreachable\n", "text/plain")
-        self._pipe_back(conn, up, rule.get("truncate") if rule else None)
+        if rule and rule.get("hold"):
+            reply = b""
+            while True:
+                chunk = up.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+            up.close()
+            try:
+                rec["status"] = int(reply.split(b" ", 2)[1])
+            except (IndexError, ValueError):
+                pass
+            time.sleep(float(rule["hold"]))
+            try:
+                conn.sendall(reply)
+            except OSError:
+                pass
+            return
+        self._pipe_back(conn, up, rule.get("truncate") if rule else None, rec)
 
     def _send_up(self, first, headers, body):
         up = socket.create_connection((self.up_host, self.up_port), timeout=10)
@@ -263,13 +290,17 @@ class FaultProxy:
         up.sendall(_head_bytes(first, hs) + body)
         return up
 
-    def _pipe_back(self, conn, up, truncate):
+    def _pipe_back(self, conn, up, truncate, rec):
         uf = up.makefile("rb")
         try:
             head = _read_head(uf)
             if head is None:
                 return _rst(conn)
             status, headers = head
+            try:
+                rec["status"] = int(status.split(" ")[1])
+            except (IndexError, ValueError):
+                pass
             headers = [(k, v) for k, v in headers if k.lower() not in ("connection", "keep-alive")]
             headers.append(("Connection", "close"))
             conn.sendall(_head_bytes(status, headers))

@@ -496,6 +496,36 @@ class Suite:
                                                  tag + ": 500 INJECTED: injected fault: 500"])
         self.rp.clear()
 
+    def test_registry_kill_after_manifest_put(self):
+        """kpld killed after its manifest PUT reached the registry, before
+        the reply: the restarted push finds the tag there and sends no
+        second PUT."""
+        self.reset()
+        tag = self.uniq("rkill")
+        d, (digest, layer, cfg) = self.layout()
+        path = "/v2/team/app/manifests/" + tag
+        self.rp.add("PUT", path, count=1, hold=5)
+        run = Client.to_dict(submit(self.c, push_text(d, tag)))
+        deadline = time.monotonic() + 30
+        while not self.rp.seen("PUT", path):   # an external event: the proxy's count
+            if time.monotonic() > deadline:
+                raise AssertionError("no manifest PUT within 30 s")
+            time.sleep(0.02)
+        self.c.close()
+        self.daemon.stop(signal.SIGKILL)
+        self.c = self.daemon.start()
+        events = watch(self.c, run["id"])
+        got = Client.to_dict(self.c.call(P + "GetRun", {"id": run["id"]}))
+        st = [s for s in got["stages"] if s["name"] == "push"][0]
+        assert_eq((got["state"], st["state"]), ("RUN_STATE_SUCCEEDED", "STAGE_STATE_SUCCEEDED"),
+                  "states (%r)" % st.get("message"))
+        assert_eq(self.manifest_digest(tag), digest, "manifest in the registry")
+        assert_eq(self.rp.count("PUT", path), 1, "manifest PUTs for the tag")
+        logs = [e["message"] for e in events if e.get("kind") == "EVENT_KIND_LOG"]
+        if not any(("tag %s already points at" % tag) in l for l in logs):
+            raise AssertionError("no 'already points at' in %r" % logs)
+        self.clean()
+
     def close(self):
         try:
             kube_stack.stop(self.c, self.daemon, self.procs)
