@@ -655,9 +655,12 @@ static void h_retry(struct api_call *call, const ProtobufCMessage *m, void *data
 	       engine_retry);
 }
 
-/* A secret change: answered once it is durable. */
+/* A secret change: made visible (secrets_change_end) and answered once it is
+ * durable, not before: a run submitted meanwhile sees the secret as it was. */
 struct secret_op {
+	struct rpc *rpc;
 	struct api_call *call;
+	struct secrets_change *change;
 	char name[65];
 };
 
@@ -668,27 +671,57 @@ static void secret_cancelled(struct api_call *call, void *data)
 	api_call_fail(call, ST_CANCELLED, "the call was cancelled; the change may still be made");
 }
 
+/* Splits a secrets_pipelines text into v (n entries pointing into a copy,
+ * *buf, the caller's to free). */
+static size_t split_pipelines(const char *text, char **buf, char ***v)
+{
+	size_t n = 0;
+	char *p;
+
+	*buf = kpl_strdup(text ? text : "");
+	*v = kpl_calloc(SECRETS_MAX_PIPELINES + 1, sizeof **v);
+	for (p = *buf; *p && n < SECRETS_MAX_PIPELINES;) {
+		char *nl = strchr(p, '\n');
+		(*v)[n++] = p;
+		if (!nl)
+			break;
+		*nl = '\0';
+		p = nl + 1;
+	}
+	return n;
+}
+
 static void secret_committed(void *data, int status)
 {
 	struct secret_op *op = data;
+	struct secrets *sec = engine_secrets(op->rpc->eng);
 	Kpl__V1__Secret resp = KPL__V1__SECRET__INIT;
+	char *buf = NULL, **v = NULL;
 
+	secrets_change_end(sec, op->change, status);
 	if (op->call) {
 		if (status) {
 			api_call_fail(op->call, ST_INTERNAL, "the change could not be stored");
 		} else {
 			resp.name = op->name;
+			resp.n_pipelines = split_pipelines(secrets_pipelines(sec, op->name), &buf, &v);
+			resp.pipelines = v;
 			api_call_reply(op->call, &resp.base);
 		}
 	}
+	free(buf);
+	free(v);
 	free(op);
 }
 
-static void secret_commit(struct rpc *rpc, struct api_call *call, const char *name)
+static void secret_commit(struct rpc *rpc, struct api_call *call, const char *name,
+			  struct secrets_change *change)
 {
 	struct secret_op *op = kpl_calloc(1, sizeof *op);
 
+	op->rpc = rpc;
 	op->call = call;
+	op->change = change;
 	snprintf(op->name, sizeof op->name, "%s", name);
 	api_call_on_cancel(call, secret_cancelled, op);
 	store_commit(rpc->store, secret_committed, op);
@@ -699,15 +732,23 @@ static void h_secret_set(struct api_call *call, const ProtobufCMessage *m, void 
 	const Kpl__V1__SetSecretRequest *req = (const void *)m;
 	struct rpc *rpc = data;
 	struct kpl_err err = { 0 };
+	struct secrets_change *change;
+	char limited[200] = "";
 
-	if (secrets_set(engine_secrets(rpc->eng), req->name, req->value ? req->value : "",
-			req->value ? strlen(req->value) : 0, &err)) {
+	if (secrets_stage_set(engine_secrets(rpc->eng), req->name, req->value ? req->value : "",
+			      req->value ? strlen(req->value) : 0,
+			      (const char *const *)req->pipelines, req->n_pipelines, &change,
+			      &err)) {
 		api_call_fail_err(call, &err);
 		return;
 	}
-	kpl_info(LOG, "secret %s set", req->name);
-	audit(call, rpc, NULL, NULL, "set secret %s", req->name);
-	secret_commit(rpc, call, req->name);
+	if (req->n_pipelines)
+		snprintf(limited, sizeof limited, " for pipeline%s %s%s",
+			 req->n_pipelines > 1 ? "s" : "", req->pipelines[0],
+			 req->n_pipelines > 1 ? ", ..." : "");
+	kpl_info(LOG, "secret %s set%s", req->name, limited);
+	audit(call, rpc, NULL, NULL, "set secret %s%s", req->name, limited);
+	secret_commit(rpc, call, req->name, change);
 }
 
 static void h_secret_delete(struct api_call *call, const ProtobufCMessage *m, void *data)
@@ -715,35 +756,45 @@ static void h_secret_delete(struct api_call *call, const ProtobufCMessage *m, vo
 	const Kpl__V1__DeleteSecretRequest *req = (const void *)m;
 	struct rpc *rpc = data;
 	struct kpl_err err = { 0 };
+	struct secrets_change *change;
 
 	if (secrets_check_name(req->name, &err) ||
-	    secrets_delete(engine_secrets(rpc->eng), req->name, &err)) {
+	    secrets_stage_delete(engine_secrets(rpc->eng), req->name, &change, &err)) {
 		api_call_fail_err(call, &err);
 		return;
 	}
 	kpl_info(LOG, "secret %s deleted", req->name);
 	audit(call, rpc, NULL, NULL, "deleted secret %s", req->name);
-	secret_commit(rpc, call, req->name);
+	secret_commit(rpc, call, req->name, change);
 }
 
 static void h_secret_list(struct api_call *call, const ProtobufCMessage *m, void *data)
 {
 	struct rpc *rpc = data;
+	struct secrets *sec = engine_secrets(rpc->eng);
 	Kpl__V1__ListSecretsResponse resp = KPL__V1__LIST_SECRETS_RESPONSE__INIT;
 	const char *const *names;
-	size_t n = secrets_names(engine_secrets(rpc->eng), &names);
+	size_t n = secrets_names(sec, &names);
 	Kpl__V1__Secret *items = kpl_calloc(n, sizeof *items);
 	Kpl__V1__Secret **ptrs = kpl_calloc(n, sizeof *ptrs);
+	char **bufs = kpl_calloc(n, sizeof *bufs);
 
 	(void)m;
 	for (size_t i = 0; i < n; i++) {
 		kpl__v1__secret__init(&items[i]);
 		items[i].name = (char *)names[i];
+		items[i].n_pipelines = split_pipelines(secrets_pipelines(sec, names[i]), &bufs[i],
+						       &items[i].pipelines);
 		ptrs[i] = &items[i];
 	}
 	resp.n_secrets = n;
 	resp.secrets = ptrs;
 	api_call_reply(call, &resp.base);
+	for (size_t i = 0; i < n; i++) {
+		free(bufs[i]);
+		free(items[i].pipelines);
+	}
+	free(bufs);
 	free(items);
 	free(ptrs);
 }

@@ -51,8 +51,10 @@ enum {
 struct tokens {
 	struct engine *eng;
 	struct store *store;
-	/* The tokens db has a record (or will once a staged one commits):
-	 * calls need a token from then on. Never goes back to false. */
+	/* The tokens db has a record: calls need a token from then on. Set
+	 * when a token's commit has landed (not when it is staged: a commit
+	 * that fails must not lock everyone out of a kpld that has no token).
+	 * Never goes back to false. */
 	bool configured;
 	struct api_method methods[4];
 };
@@ -306,6 +308,10 @@ int tokens_authorize(struct api_call *call, const struct api_method *m,
 	char hash[HASH_HEX_LEN + 1], who[512];
 	int rc, code;
 
+	/* Open mode ends with the first token's commit: read the store, since
+	 * the commit lands a moment before its callback sets configured. */
+	if (!t->configured && tokens_exist(t->store))
+		t->configured = true;
 	if (!t->configured) {
 		snprintf(who, sizeof who, "local%s%.300s%s", peer ? " (cert " : "",
 			 peer ? peer : "", peer ? ")" : "");
@@ -362,6 +368,7 @@ int tokens_authorize(struct api_call *call, const struct api_method *m,
 /* Calls answered once their change is durable */
 
 struct tok_op {
+	struct tokens *t;
 	struct api_call *call; /* NULL once the client went away */
 	Kpl__Store__V1__TokenRecord *rec; /* ours: answered from it */
 	char token[TOKEN_LEN + 1];        /* CreateToken only; wiped */
@@ -390,6 +397,8 @@ static void tok_op_committed(void *data, int status)
 	Kpl__V1__TokenInfo info;
 	Google__Protobuf__Timestamp created, revoked;
 
+	if (status == 0)
+		op->t->configured = true;
 	if (op->call) {
 		if (status) {
 			api_call_fail(op->call, ST_INTERNAL, "the change could not be stored");
@@ -416,12 +425,12 @@ static void tok_op_commit(struct tokens *t, struct api_call *call, const char *h
 	struct kpl_err err = { 0 };
 	char msg[800];
 
+	op->t = t;
 	op->call = call;
 	op->rec = rec;
 	if (token)
 		snprintf(op->token, sizeof op->token, "%s", token);
 	store_stage_token(t->store, hash, rec);
-	t->configured = true;
 	snprintf(msg, sizeof msg, "%s %s", api_call_who(call), what);
 	engine_audit(t->eng, NULL, NULL, msg, &err);
 	api_call_on_cancel(call, tok_op_cancelled, op);

@@ -764,10 +764,19 @@ int kplc_watch_runs(struct kplc *c, const Kpl__V1__WatchRunsRequest *req,
 int kplc_set_secret(struct kplc *c, const char *name, const char *value,
 		    Kpl__V1__Secret **out, struct kplc_status *st)
 {
+	return kplc_set_secret_for(c, name, value, NULL, 0, out, st);
+}
+
+int kplc_set_secret_for(struct kplc *c, const char *name, const char *value,
+			const char *const *pipelines, size_t n_pipelines,
+			Kpl__V1__Secret **out, struct kplc_status *st)
+{
 	Kpl__V1__SetSecretRequest req = KPL__V1__SET_SECRET_REQUEST__INIT;
 
 	req.name = (char *)name;
 	req.value = (char *)value;
+	req.pipelines = (char **)pipelines;
+	req.n_pipelines = n_pipelines;
 	return kplc_call_unary(c, M_SET_SECRET, &req.base,
 			       &kpl__v1__secret__descriptor,
 			       (ProtobufCMessage **)out, st);

@@ -190,6 +190,12 @@ int kplc_watch_runs(struct kplc *c, const Kpl__V1__WatchRunsRequest *req,
  * No call ever returns a value. */
 int kplc_set_secret(struct kplc *c, const char *name, const char *value,
 		    Kpl__V1__Secret **out, struct kplc_status *st);
+/* The same, for the pipelines named (n_pipelines of them; none: every
+ * pipeline) only: another pipeline that refers to the secret fails at
+ * submit. */
+int kplc_set_secret_for(struct kplc *c, const char *name, const char *value,
+			const char *const *pipelines, size_t n_pipelines,
+			Kpl__V1__Secret **out, struct kplc_status *st);
 /* ListSecrets: the names of every secret. */
 int kplc_list_secrets(struct kplc *c, Kpl__V1__ListSecretsResponse **out,
 		      struct kplc_status *st);

@@ -25,7 +25,7 @@ _kplctl_opts() {
 	events) echo "-o --output --from --pipeline --kind" ;;
 	token) echo "-o --output --scope --pipeline --description" ;;
 	audit) echo "-o --output --from --limit" ;;
-	secret) echo "-o --output" ;;
+	secret) echo "-o --output --pipeline" ;;
 	releases) echo "-o --output --limit" ;;
 	rollback) echo "-o --output --to --watch --plain" ;;
 	esac
@@ -138,7 +138,7 @@ _kplctl() {
 		if [[ $nargs -eq 0 ]]; then
 			COMPREPLY=($(compgen -W "set list rm" -- "$cur"))
 		elif [[ $nargs -eq 1 && ${args[0]} == rm ]]; then
-			COMPREPLY=($(compgen -W "$(_kplctl_ask secret list)" -- "$cur"))
+			COMPREPLY=($(compgen -W "$(_kplctl_ask secret list | cut -d' ' -f1)" -- "$cur"))
 		fi ;;
 	token)
 		if [[ $nargs -eq 0 ]]; then

@@ -92,7 +92,8 @@ static const struct opt_def opt_defs[] = {
 	  "only runs in state S (queued, running, succeeded, failed, "
 	  "cancelled)" },
 	{ "pipeline", 0, "NAME", O_PIPELINE,
-	  "only runs (events) of pipeline NAME" },
+	  "only runs (events) of pipeline NAME; for secret set, a pipeline that may use "
+	  "the secret (repeat it, or NAME,NAME...)" },
 	{ "limit", 0, "N", O_LIMIT, "at most N runs, audit entries or releases (default 50)" },
 	{ "from-seq", 0, "N", O_FROM_SEQ, "start at event N (default 1)" },
 	{ "reject", 0, NULL, O_REJECT, "reject the stage instead of approving" },
@@ -125,6 +126,7 @@ static const struct opt_def opt_defs[] = {
 
 #define MAX_PARAMS KPL_MAX_PARAMS
 #define MAX_KINDS 4
+#define MAX_PIPELINES 64 /* SECRETS_MAX_PIPELINES */
 
 struct ctl {
 	const char *server;
@@ -134,7 +136,9 @@ struct ctl {
 	const char *idem;
 	int watch;
 	const char *state;
-	const char *pipeline;
+	const char *pipeline; /* the last --pipeline */
+	const char *pipelines[MAX_PIPELINES]; /* every --pipeline (secret set) */
+	size_t n_pipelines;
 	const char *limit;
 	const char *from_seq;
 	int reject;
@@ -211,7 +215,7 @@ static const struct command commands[] = {
 	  "make (print once), list or revoke API tokens (admin)" },
 	{ "audit", "", 0, 0, O_OUTPUT | O_FROM | O_LIMIT, cmd_audit,
 	  "print the audit log: approvals, cancels, token and secret changes (admin)" },
-	{ "secret", "set|list|rm [NAME]", 1, 2, O_OUTPUT, cmd_secret,
+	{ "secret", "set|list|rm [NAME]", 1, 2, O_OUTPUT | O_PIPELINE, cmd_secret,
 	  "set (value from stdin), list or remove secrets (admin)" },
 	{ "releases", "DEPLOYMENT", 1, 1, O_OUTPUT | O_LIMIT, cmd_releases,
 	  "list the releases of cluster/namespace/deployment, newest first" },
@@ -358,7 +362,11 @@ static int opt_set(struct ctl *ctl, const struct opt_def *o, const char *v)
 	case O_IDEM: ctl->idem = v; break;
 	case O_WATCH: ctl->watch = 1; break;
 	case O_STATE: ctl->state = v; break;
-	case O_PIPELINE: ctl->pipeline = v; break;
+	case O_PIPELINE:
+		if (ctl->n_pipelines == MAX_PIPELINES)
+			return usage_error("--pipeline: more than %d", MAX_PIPELINES);
+		ctl->pipeline = ctl->pipelines[ctl->n_pipelines++] = v;
+		break;
 	case O_LIMIT: ctl->limit = v; break;
 	case O_FROM_SEQ: ctl->from_seq = v; break;
 	case O_REJECT: ctl->reject = 1; break;
@@ -1821,6 +1829,8 @@ static int cmd_secret(struct ctl *ctl)
 	char *value;
 	int rc;
 
+	if (ctl->n_pipelines && strcmp(sub, "set"))
+		return usage_error("secret %s: --pipeline is for set", sub);
 	if (!strcmp(sub, "list")) {
 		Kpl__V1__ListSecretsResponse *r;
 
@@ -1828,11 +1838,17 @@ static int cmd_secret(struct ctl *ctl)
 			return usage_error("secret list: takes no NAME");
 		if (kplc_list_secrets(ctl->c, &r, &st) < 0)
 			return rpc_error(ctl, &st);
-		if (ctl->json)
+		if (ctl->json) {
 			print_json(msg_to_json(&r->base));
-		else
-			for (size_t i = 0; i < r->n_secrets; i++)
-				printf("%s\n", r->secrets[i]->name);
+		} else {
+			for (size_t i = 0; i < r->n_secrets; i++) {
+				const Kpl__V1__Secret *x = r->secrets[i];
+				printf("%s", x->name);
+				for (size_t k = 0; k < x->n_pipelines; k++)
+					printf("%s%s", k ? ", " : " (pipelines: ", x->pipelines[k]);
+				printf("%s\n", x->n_pipelines ? ")" : "");
+			}
+		}
 		kplc_msg_free(r);
 		return EXIT_OK;
 	}
@@ -1845,7 +1861,24 @@ static int cmd_secret(struct ctl *ctl)
 	} else {
 		if (!(value = read_secret(name, &len)))
 			return EXIT_USAGE;
-		rc = kplc_set_secret(ctl->c, name, value, &sec, &st);
+		{
+			/* --pipeline a,b --pipeline c: a, b and c. */
+			char *copies[MAX_PIPELINES], *list[MAX_PIPELINES];
+			size_t n = 0;
+
+			for (size_t i = 0; i < ctl->n_pipelines; i++) {
+				char *save = NULL, *tok;
+				copies[i] = strdup(ctl->pipelines[i]);
+				for (tok = strtok_r(copies[i], ",", &save); tok;
+				     tok = strtok_r(NULL, ",", &save))
+					if (n < MAX_PIPELINES)
+						list[n++] = tok;
+			}
+			rc = kplc_set_secret_for(ctl->c, name, value, (const char *const *)list, n,
+						 &sec, &st);
+			for (size_t i = 0; i < ctl->n_pipelines; i++)
+				free(copies[i]);
+		}
 		explicit_bzero(value, len);
 		free(value);
 	}
@@ -1854,7 +1887,12 @@ static int cmd_secret(struct ctl *ctl)
 	if (ctl->json)
 		print_json(msg_to_json(&sec->base));
 	else
-		printf("secret %s %s\n", sec->name, !strcmp(sub, "rm") ? "deleted" : "set");
+	{
+		printf("secret %s %s", sec->name, !strcmp(sub, "rm") ? "deleted" : "set");
+		for (size_t k = 0; k < sec->n_pipelines; k++)
+			printf("%s%s", k ? ", " : " for pipelines ", sec->pipelines[k]);
+		printf("\n");
+	}
 	kplc_msg_free(sec);
 	return EXIT_OK;
 }

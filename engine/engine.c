@@ -982,7 +982,9 @@ static int engine_lookup(void *data, const struct expr *ref, const char **value)
 			return KPL_ETOOBIG;
 		*value = c->as_written;
 		return 0;
-	} else if (strcmp(root, "secrets") == 0 && ref->n_part == 2 && r->eng->secrets) {
+	} else if (strcmp(root, "secrets") == 0 && ref->n_part == 2 && r->eng->secrets &&
+		   /* Limited after the submit: still not this pipeline's. */
+		   secrets_allowed(r->eng->secrets, ref->part[1], r->pl->name)) {
 		const char *v = secrets_get(r->eng->secrets, ref->part[1]);
 		if (v) {
 			*value = v;
@@ -1580,6 +1582,47 @@ static struct run *run_new(struct engine *e, struct pipeline *pl, const char *id
 	return r;
 }
 
+struct secret_check {
+	struct engine *e;
+	const struct pipeline *pl;
+	struct kpl_err *err;
+};
+
+static int secret_check_one(void *data, const char *name, struct pl_pos pos)
+{
+	struct secret_check *c = data;
+	const char *only = secrets_pipelines(c->e->secrets, name);
+	char list[400];
+	size_t n = 0;
+
+	/* A secret that does not exist fails the stage that needs it, as
+	 * always; one that exists must allow this pipeline. */
+	if (!only || secrets_allowed(c->e->secrets, name, c->pl->name))
+		return 0;
+	for (const char *p = only; *p && n + 4 < sizeof list;) {
+		size_t l = strcspn(p, "\n");
+		n += (size_t)snprintf(list + n, sizeof list - n, "%s%.*s", n ? ", " : "", (int)l, p);
+		p += l + (p[l] ? 1 : 0);
+	}
+	return kpl_errf(c->err, KPL_EINVAL,
+			"pipeline:%d:%d: secrets.%s: secret %s is limited to pipeline%s %s; "
+			"pipeline %s may not use it (kplctl secret set %s --pipeline ... "
+			"names the pipelines that may)",
+			pos.line, pos.col, name, name, strchr(only, '\n') ? "s" : "", list,
+			c->pl->name, name);
+}
+
+/* Every ${{ secrets.X }} of pl must be a secret pl may use (secrets.h). */
+static int secrets_check_refs(struct engine *e, const struct pipeline *pl,
+			      struct kpl_err *err)
+{
+	struct secret_check c = { e, pl, err };
+
+	if (!e->secrets)
+		return 0;
+	return pipeline_secret_refs(pl, secret_check_one, &c);
+}
+
 int engine_submit(struct engine *e, const char *text, size_t len,
 		  const char *const *param_names, const char *const *param_values,
 		  size_t n_params, const char *idem_key, engine_submit_cb cb,
@@ -1631,8 +1674,10 @@ int engine_submit(struct engine *e, const char *text, size_t len,
 			return 0;
 		}
 	}
-	/* The parser has no config: notifier names are checked here. */
-	if ((rc = notify_check(e->cfg, pl, err)) != 0) {
+	/* The parser has no config: notifier names are checked here, and
+	 * which secrets this pipeline may use. */
+	if ((rc = notify_check(e->cfg, pl, err)) != 0 ||
+	    (rc = secrets_check_refs(e, pl, err)) != 0) {
 		pipeline_free(pl);
 		return rc;
 	}

@@ -17,13 +17,27 @@
 #define KEY_LEN 32
 #define NONCE_LEN 12
 #define TAG_LEN 16
-/* Sealed blob: version byte, nonce, ciphertext, tag. */
+/* Sealed blob, version 1: version byte, nonce, ciphertext, tag, with the
+ * name as associated data. Version 2 (a secret limited to pipelines): 2,
+ * be16 length and the pipeline names ('\n' between them), nonce,
+ * ciphertext, tag, with the name, a NUL and the names as associated data,
+ * so the list cannot be changed without the key either. */
 #define BLOB_VERSION 1
+#define BLOB_VERSION_PIPELINES 2
 
 struct secret {
 	char *name;
 	char *value; /* NUL-terminated */
 	size_t len;
+	char *pipelines; /* names, '\n' between them; "" for every pipeline */
+};
+
+/* A staged change, applied to memory once its commit lands. */
+struct secrets_change {
+	char *name;
+	char *value; /* NULL: a delete */
+	size_t len;
+	char *pipelines;
 };
 
 /* What redaction looks for: a value, or a line of a multi-line one. */
@@ -110,23 +124,32 @@ static int load_key(struct secrets *sec, const char *data_dir, struct kpl_err *e
 	return 0;
 }
 
-/* blob (malloc'd, *blob_len) = version | nonce | AES-256-GCM(value) | tag,
- * with the name as associated data. */
-static int seal(const struct secrets *sec, const char *name, const char *value, size_t len,
-		unsigned char **blob, size_t *blob_len)
+/* blob (malloc'd, *blob_len): see BLOB_VERSION. pipelines "" makes a
+ * version 1 blob, anything else version 2. */
+static int seal(const struct secrets *sec, const char *name, const char *pipelines,
+		const char *value, size_t len, unsigned char **blob, size_t *blob_len)
 {
 	EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
-	unsigned char *b = kpl_malloc(1 + NONCE_LEN + len + TAG_LEN);
+	size_t plen = strlen(pipelines), head = plen ? 3 + plen : 1;
+	unsigned char *b = kpl_malloc(head + NONCE_LEN + len + TAG_LEN), *n = b + head;
 	int outl, ok = 0;
 
-	b[0] = BLOB_VERSION;
-	if (ctx && RAND_bytes(b + 1, NONCE_LEN) == 1 &&
-	    EVP_EncryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, sec->key, b + 1) == 1 &&
-	    EVP_EncryptUpdate(ctx, NULL, &outl, (const unsigned char *)name, (int)strlen(name)) == 1 &&
-	    EVP_EncryptUpdate(ctx, b + 1 + NONCE_LEN, &outl, (const unsigned char *)value,
+	b[0] = plen ? BLOB_VERSION_PIPELINES : BLOB_VERSION;
+	if (plen) {
+		b[1] = (unsigned char)(plen >> 8);
+		b[2] = (unsigned char)plen;
+		memcpy(b + 3, pipelines, plen);
+	}
+	if (ctx && RAND_bytes(n, NONCE_LEN) == 1 &&
+	    EVP_EncryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, sec->key, n) == 1 &&
+	    EVP_EncryptUpdate(ctx, NULL, &outl, (const unsigned char *)name,
+			      (int)strlen(name) + (plen ? 1 : 0)) == 1 &&
+	    (!plen || EVP_EncryptUpdate(ctx, NULL, &outl, (const unsigned char *)pipelines,
+					(int)plen) == 1) &&
+	    EVP_EncryptUpdate(ctx, n + NONCE_LEN, &outl, (const unsigned char *)value,
 			      (int)len) == 1 &&
-	    EVP_EncryptFinal_ex(ctx, b + 1 + NONCE_LEN + outl, &outl) == 1 &&
-	    EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, TAG_LEN, b + 1 + NONCE_LEN + len) == 1)
+	    EVP_EncryptFinal_ex(ctx, n + NONCE_LEN + outl, &outl) == 1 &&
+	    EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, TAG_LEN, n + NONCE_LEN + len) == 1)
 		ok = 1;
 	EVP_CIPHER_CTX_free(ctx);
 	if (!ok) {
@@ -134,28 +157,45 @@ static int seal(const struct secrets *sec, const char *name, const char *value, 
 		return KPL_EINTERNAL;
 	}
 	*blob = b;
-	*blob_len = 1 + NONCE_LEN + len + TAG_LEN;
+	*blob_len = head + NONCE_LEN + len + TAG_LEN;
 	return 0;
 }
 
+/* *value and *pipelines are new (pipelines "" for a version 1 blob). */
 static int unseal(const struct secrets *sec, const char *name, const unsigned char *b,
-		  size_t blen, char **value, size_t *len)
+		  size_t blen, char **value, size_t *len, char **pipelines)
 {
 	EVP_CIPHER_CTX *ctx;
-	size_t clen;
+	const unsigned char *n;
+	size_t clen, plen = 0, head = 1;
 	char *out;
 	int outl, ok = 0;
 
-	if (blen < 1 + NONCE_LEN + TAG_LEN || b[0] != BLOB_VERSION)
+	if (blen < 1)
 		return KPL_ECORRUPT;
-	clen = blen - 1 - NONCE_LEN - TAG_LEN;
+	if (b[0] == BLOB_VERSION_PIPELINES) {
+		if (blen < 3)
+			return KPL_ECORRUPT;
+		plen = (size_t)b[1] << 8 | b[2];
+		head = 3 + plen;
+		if (plen == 0)
+			return KPL_ECORRUPT;
+	} else if (b[0] != BLOB_VERSION) {
+		return KPL_ECORRUPT;
+	}
+	if (blen < head + NONCE_LEN + TAG_LEN)
+		return KPL_ECORRUPT;
+	n = b + head;
+	clen = blen - head - NONCE_LEN - TAG_LEN;
 	out = kpl_malloc(clen + 1);
 	ctx = EVP_CIPHER_CTX_new();
-	if (ctx && EVP_DecryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, sec->key, b + 1) == 1 &&
-	    EVP_DecryptUpdate(ctx, NULL, &outl, (const unsigned char *)name, (int)strlen(name)) == 1 &&
-	    EVP_DecryptUpdate(ctx, (unsigned char *)out, &outl, b + 1 + NONCE_LEN, (int)clen) == 1 &&
+	if (ctx && EVP_DecryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, sec->key, n) == 1 &&
+	    EVP_DecryptUpdate(ctx, NULL, &outl, (const unsigned char *)name,
+			      (int)strlen(name) + (plen ? 1 : 0)) == 1 &&
+	    (!plen || EVP_DecryptUpdate(ctx, NULL, &outl, b + 3, (int)plen) == 1) &&
+	    EVP_DecryptUpdate(ctx, (unsigned char *)out, &outl, n + NONCE_LEN, (int)clen) == 1 &&
 	    EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG_LEN,
-				(void *)(b + 1 + NONCE_LEN + clen)) == 1 &&
+				(void *)(n + NONCE_LEN + clen)) == 1 &&
 	    EVP_DecryptFinal_ex(ctx, (unsigned char *)out + outl, &outl) == 1)
 		ok = 1;
 	EVP_CIPHER_CTX_free(ctx);
@@ -167,6 +207,7 @@ static int unseal(const struct secrets *sec, const char *name, const unsigned ch
 	out[clen] = '\0';
 	*value = out;
 	*len = clen;
+	*pipelines = plen ? kpl_strndup((const char *)b + 3, plen) : kpl_strdup("");
 	return 0;
 }
 
@@ -258,7 +299,9 @@ static size_t find(const struct secrets *sec, const char *name, int *found)
 	return lo;
 }
 
-static void put_item(struct secrets *sec, const char *name, char *value, size_t len)
+/* Takes value and pipelines. */
+static void put_item(struct secrets *sec, const char *name, char *value, size_t len,
+		     char *pipelines)
 {
 	int found;
 	size_t i = find(sec, name, &found);
@@ -266,6 +309,7 @@ static void put_item(struct secrets *sec, const char *name, char *value, size_t 
 	if (found) {
 		OPENSSL_cleanse(sec->items[i].value, sec->items[i].len);
 		free(sec->items[i].value);
+		free(sec->items[i].pipelines);
 	} else {
 		sec->items = kpl_realloc(sec->items, (sec->n + 1) * sizeof *sec->items);
 		memmove(&sec->items[i + 1], &sec->items[i], (sec->n - i) * sizeof *sec->items);
@@ -274,6 +318,18 @@ static void put_item(struct secrets *sec, const char *name, char *value, size_t 
 	}
 	sec->items[i].value = value;
 	sec->items[i].len = len;
+	sec->items[i].pipelines = pipelines;
+	rebuild_names(sec);
+}
+
+static void drop_item(struct secrets *sec, size_t i)
+{
+	OPENSSL_cleanse(sec->items[i].value, sec->items[i].len);
+	free(sec->items[i].value);
+	free(sec->items[i].name);
+	free(sec->items[i].pipelines);
+	memmove(&sec->items[i], &sec->items[i + 1], (sec->n - i - 1) * sizeof *sec->items);
+	sec->n--;
 	rebuild_names(sec);
 }
 
@@ -285,13 +341,13 @@ struct load_ctx {
 static int load_one(void *data, const char *name, const void *blob, size_t len)
 {
 	struct load_ctx *c = data;
-	char *value;
+	char *value, *pipelines;
 	size_t vlen;
 
-	if (unseal(c->sec, name, blob, len, &value, &vlen))
+	if (unseal(c->sec, name, blob, len, &value, &vlen, &pipelines))
 		return kpl_errf(c->err, KPL_ECORRUPT, "secret %s does not open with %s: wrong "
 				"key file, or the store was changed", name, c->sec->key_path);
-	put_item(c->sec, name, value, vlen);
+	put_item(c->sec, name, value, vlen, pipelines);
 	return 0;
 }
 
@@ -323,6 +379,7 @@ void secrets_free(struct secrets *sec)
 		OPENSSL_cleanse(sec->items[i].value, sec->items[i].len);
 		free(sec->items[i].value);
 		free(sec->items[i].name);
+		free(sec->items[i].pipelines);
 	}
 	OPENSSL_cleanse(sec->key, sizeof sec->key);
 	free_patterns(sec);
@@ -332,10 +389,73 @@ void secrets_free(struct secrets *sec)
 	free(sec);
 }
 
-int secrets_set(struct secrets *sec, const char *name, const char *value, size_t len,
-		struct kpl_err *err)
+/* Pipeline names as pipelines/pipeline.c allows them. */
+static bool pipeline_name_ok(const char *s)
 {
+	size_t n = strlen(s);
+
+	if (n == 0 || n > KPL_MAX_NAME_LEN)
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		char c = s[i];
+		bool alnum = (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
+		if (!alnum && (i == 0 || (c != '_' && c != '.' && c != '-')))
+			return false;
+	}
+	return true;
+}
+
+/* The names joined with '\n', duplicates dropped; *out new. */
+static int join_pipelines(const char *name, const char *const *pipelines, size_t n,
+			  char **out, struct kpl_err *err)
+{
+	size_t cap = 1, len = 0;
+	char *t;
+
+	if (n > SECRETS_MAX_PIPELINES)
+		return kpl_errf(err, KPL_EINVAL, "secret %s: pipelines: at most %d", name,
+				SECRETS_MAX_PIPELINES);
+	for (size_t i = 0; i < n; i++) {
+		if (!pipelines[i] || !pipeline_name_ok(pipelines[i]))
+			return kpl_errf(err, KPL_EINVAL,
+					"secret %s: pipelines[%zu]: \"%.60s\" is not a pipeline "
+					"name (lowercase letters, digits, '_', '.' and '-', starting "
+					"with a letter or digit, at most %d)",
+					name, i, pipelines[i] ? pipelines[i] : "", KPL_MAX_NAME_LEN);
+		cap += strlen(pipelines[i]) + 1;
+	}
+	t = kpl_malloc(cap);
+	t[0] = '\0';
+	for (size_t i = 0; i < n; i++) {
+		bool dup = false;
+		for (size_t k = 0; k < i && !dup; k++)
+			dup = strcmp(pipelines[k], pipelines[i]) == 0;
+		if (dup)
+			continue;
+		len += (size_t)sprintf(t + len, "%s%s", len ? "\n" : "", pipelines[i]);
+	}
+	*out = t;
+	return 0;
+}
+
+static void change_free(struct secrets_change *ch)
+{
+	if (ch->value) {
+		OPENSSL_cleanse(ch->value, ch->len);
+		free(ch->value);
+	}
+	free(ch->name);
+	free(ch->pipelines);
+	free(ch);
+}
+
+int secrets_stage_set(struct secrets *sec, const char *name, const char *value, size_t len,
+		      const char *const *pipelines, size_t n_pipelines,
+		      struct secrets_change **out, struct kpl_err *err)
+{
+	struct secrets_change *ch;
 	unsigned char *blob;
+	char *joined = NULL;
 	size_t blen;
 	int found, rc;
 
@@ -361,29 +481,101 @@ int secrets_set(struct secrets *sec, const char *name, const char *value, size_t
 	find(sec, name, &found);
 	if (!found && sec->n >= SECRETS_MAX_COUNT)
 		return kpl_errf(err, KPL_ETOOBIG, "at most %d secrets", SECRETS_MAX_COUNT);
-	if (seal(sec, name, value, len, &blob, &blen))
+	if ((rc = join_pipelines(name, pipelines, n_pipelines, &joined, err)) != 0)
+		return rc;
+	if (seal(sec, name, joined, value, len, &blob, &blen)) {
+		free(joined);
 		return kpl_errf(err, KPL_EINTERNAL, "cannot seal secret %s", name);
+	}
 	store_stage_secret(sec->store, name, blob, blen);
 	free(blob);
-	put_item(sec, name, kpl_strndup(value, len), len);
+	ch = kpl_calloc(1, sizeof *ch);
+	ch->name = kpl_strdup(name);
+	ch->value = kpl_strndup(value, len);
+	ch->len = len;
+	ch->pipelines = joined;
+	*out = ch;
 	return 0;
+}
+
+int secrets_stage_delete(struct secrets *sec, const char *name, struct secrets_change **out,
+			 struct kpl_err *err)
+{
+	int found;
+
+	find(sec, name, &found);
+	if (!found)
+		return kpl_errf(err, KPL_ENOTFOUND, "no secret named %.64s", name);
+	store_stage_secret(sec->store, name, NULL, 0);
+	*out = kpl_calloc(1, sizeof **out);
+	(*out)->name = kpl_strdup(name);
+	return 0;
+}
+
+void secrets_change_end(struct secrets *sec, struct secrets_change *ch, int status)
+{
+	int found;
+	size_t i;
+
+	if (status == 0 && ch->value) {
+		put_item(sec, ch->name, ch->value, ch->len, ch->pipelines);
+		ch->value = ch->pipelines = NULL;
+	} else if (status == 0) {
+		i = find(sec, ch->name, &found);
+		if (found)
+			drop_item(sec, i);
+	}
+	change_free(ch);
+}
+
+int secrets_set(struct secrets *sec, const char *name, const char *value, size_t len,
+		struct kpl_err *err)
+{
+	struct secrets_change *ch;
+	int rc = secrets_stage_set(sec, name, value, len, NULL, 0, &ch, err);
+
+	if (rc == 0)
+		secrets_change_end(sec, ch, 0);
+	return rc;
 }
 
 int secrets_delete(struct secrets *sec, const char *name, struct kpl_err *err)
 {
+	struct secrets_change *ch;
+	int rc = secrets_stage_delete(sec, name, &ch, err);
+
+	if (rc == 0)
+		secrets_change_end(sec, ch, 0);
+	return rc;
+}
+
+bool secrets_allowed(struct secrets *sec, const char *name, const char *pipeline)
+{
+	int found;
+	size_t i = find(sec, name, &found), n = strlen(pipeline);
+	const char *p;
+
+	if (!found)
+		return false;
+	p = sec->items[i].pipelines;
+	if (!*p)
+		return true;
+	for (;;) {
+		size_t l = strcspn(p, "\n");
+		if (l == n && memcmp(p, pipeline, n) == 0)
+			return true;
+		if (!p[l])
+			return false;
+		p += l + 1;
+	}
+}
+
+const char *secrets_pipelines(struct secrets *sec, const char *name)
+{
 	int found;
 	size_t i = find(sec, name, &found);
 
-	if (!found)
-		return kpl_errf(err, KPL_ENOTFOUND, "no secret named %.64s", name);
-	store_stage_secret(sec->store, name, NULL, 0);
-	OPENSSL_cleanse(sec->items[i].value, sec->items[i].len);
-	free(sec->items[i].value);
-	free(sec->items[i].name);
-	memmove(&sec->items[i], &sec->items[i + 1], (sec->n - i - 1) * sizeof *sec->items);
-	sec->n--;
-	rebuild_names(sec);
-	return 0;
+	return found ? sec->items[i].pipelines : NULL;
 }
 
 const char *secrets_get(struct secrets *sec, const char *name)

@@ -13,6 +13,7 @@
 #ifndef KPL_SECRETS_H
 #define KPL_SECRETS_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #include "engine/kpl.h"
@@ -51,6 +52,42 @@ void secrets_free(struct secrets *sec);
 int secrets_check_name(const char *name, struct kpl_err *err);
 
 /*
+ * Changes go in two steps, so that nothing reads a change before it is
+ * durable: secrets_stage_set / secrets_stage_delete check it, seal it and
+ * stage it in the store, and hand back the change (*out, the caller's); the
+ * caller commits, and from the commit callback calls secrets_change_end
+ * with the commit's status, which makes the change visible (secrets_get,
+ * secrets_names, redaction, secrets_allowed) if status is 0 and frees it.
+ *
+ * pipelines (n_pipelines names; none: every pipeline) limits which
+ * pipelines' runs may use the secret (secrets_allowed): pipeline names as
+ * pipelines/ allows them, at most SECRETS_MAX_PIPELINES, duplicates
+ * dropped. The list is sealed with the value (bound to it like the name);
+ * secrets stored before lists existed are for every pipeline.
+ */
+#define SECRETS_MAX_PIPELINES 64
+struct secrets_change; /* opaque */
+int secrets_stage_set(struct secrets *sec, const char *name, const char *value, size_t len,
+		      const char *const *pipelines, size_t n_pipelines,
+		      struct secrets_change **out, struct kpl_err *err);
+/* KPL_ENOTFOUND if there is no such secret (changes not yet ended are not
+ * seen). */
+int secrets_stage_delete(struct secrets *sec, const char *name, struct secrets_change **out,
+			 struct kpl_err *err);
+void secrets_change_end(struct secrets *sec, struct secrets_change *ch, int status);
+
+/* True if the secret exists and pipeline may use it. */
+bool secrets_allowed(struct secrets *sec, const char *name, const char *pipeline);
+/* The pipelines a secret is limited to, '\n' between them, "" for every
+ * pipeline; NULL if there is no such secret. Borrowed until it changes. */
+const char *secrets_pipelines(struct secrets *sec, const char *name);
+
+/*
+ * secrets_stage_set (for every pipeline) and secrets_change_end at once:
+ * the change is in memory before it is durable. Only for callers that
+ * commit synchronously right after (tests, tools); kpld's API uses the two
+ * steps.
+ *
  * Seals value (len bytes) under name and stages it in the store; the caller
  * commits. KPL_EINVAL for a bad name, a value under SECRETS_MIN_VALUE or
  * over SECRETS_MAX_VALUE bytes, or one with a line over SECRETS_MAX_LINE.

@@ -2059,3 +2059,60 @@ int64_t pl_parse_duration(const char *s)
 
 	return pl_duration_parse(s, &ms, &why) < 0 ? -1 : ms;
 }
+
+/* ---- secret references ---- */
+
+struct secret_walk {
+	const struct pl_node *n; /* the scalar */
+	size_t base;             /* the expression's offset in it */
+	int (*fn)(void *data, const char *name, struct pl_pos pos);
+	void *data;
+};
+
+static int secret_ref(void *data, const struct expr *ref)
+{
+	struct secret_walk *w = data;
+
+	if (strcmp(ref->part[0], "secrets") || ref->n_part != 2)
+		return 0;
+	return w->fn(w->data, ref->part[1], pos_in_scalar(w->n, w->base + ref->off));
+}
+
+static int secret_refs_in(const struct pl_node *n, struct secret_walk *w)
+{
+	int rc = 0;
+
+	if (!n)
+		return 0;
+	if (n->type == PL_SCALAR) {
+		struct tpl *t = NULL;
+		struct kpl_err err = { 0 };
+		size_t off = 0;
+
+		if (!n->scalar || !tpl_has_template(n->scalar))
+			return 0;
+		/* Every root: whatever parses as a template may be expanded. */
+		if (tpl_parse(n->scalar, EXPR_ROOTS_TEMPLATE | EXPR_ROOT_CANARY, &t, &off, &err) < 0)
+			return 0;
+		w->n = n;
+		for (size_t i = 0; i < t->n_parts && !rc; i++) {
+			if (!t->parts[i].expr)
+				continue;
+			w->base = t->parts[i].expr_off;
+			rc = expr_walk_refs(t->parts[i].expr, secret_ref, w);
+		}
+		tpl_free(t);
+		return rc;
+	}
+	for (size_t i = 0; i < n->n && !rc; i++)
+		rc = secret_refs_in(n->items[i], w);
+	return rc;
+}
+
+int pipeline_secret_refs(const struct pipeline *p,
+			 int (*fn)(void *data, const char *name, struct pl_pos pos), void *data)
+{
+	struct secret_walk w = { .fn = fn, .data = data };
+
+	return secret_refs_in(p->root, &w);
+}

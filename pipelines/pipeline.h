@@ -188,6 +188,16 @@ int pipeline_parse(const char *text, size_t len, const char *file,
 void pipeline_free(struct pipeline *p);
 
 /*
+ * Calls fn for each ${{ secrets.NAME }} in any string value of the file
+ * (keys are never expanded), in file order, with where it is; stops at the
+ * first non-zero return, which it returns. For the submit-time check of
+ * which pipelines may use a secret (engine/secrets.h).
+ */
+int pipeline_secret_refs(const struct pipeline *p,
+			 int (*fn)(void *data, const char *name, struct pl_pos pos),
+			 void *data);
+
+/*
  * Reads any YAML/JSON document (the daemon's config file, say) into the same
  * positioned tree, with the same rules (no anchors, no duplicate keys, one
  * document, the size and depth limits). *root is new (pl_doc_free it).

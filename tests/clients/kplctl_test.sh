@@ -504,7 +504,8 @@ printf 'DB_PASS\nMULTI\n' | diff -u - "$T/slist.out" >&2 || fail "secret list"
 ctl slistj secret list -o json
 "$PY" - "$T/slistj.out" <<'EOF' || fail "secret list -o json"
 import json, sys
-assert json.load(open(sys.argv[1])) == {"secrets": [{"name": "DB_PASS"}, {"name": "MULTI"}]}
+assert json.load(open(sys.argv[1])) == {"secrets": [{"name": "DB_PASS", "pipelines": []},
+                                                   {"name": "MULTI", "pipelines": []}]}
 EOF
 ctl srm secret rm MULTI
 expect_rc srm 0

@@ -126,7 +126,7 @@ class Suite:
         out, _ = self.ctl("secret", "list")
         assert_eq(out.split(), ["E2E_PW"], "secret list")
         out, _ = self.ctl("secret", "list", "-o", "json")
-        assert_eq(json.loads(out), {"secrets": [{"name": "E2E_PW"}]}, "secret list -o json")
+        assert_eq(json.loads(out), {"secrets": [{"name": "E2E_PW", "pipelines": []}]}, "secret list -o json")
 
         # The stage echoes the value; the log kpl stores has *** instead,
         # so kplctl logs never shows it. The trailing newline was not part

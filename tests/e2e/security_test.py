@@ -69,6 +69,30 @@ stages:
     with: { shell: "echo started; exec sleep 300" }
 """
 
+# A pipeline whose stage checks it got a secret's value:
+# USES_SECRET % (name, secret). The values the test sets all end in a digit
+# and are over 8 bytes.
+USES_SECRET = """
+name: %s
+stages:
+  - name: use
+    kind: script
+    env: { V: "${{ secrets.%s }}" }
+    with: { shell: "test ${#V} -gt 8" }
+"""
+
+# USES_SECRET behind an approval: GATED_SECRET % (name, secret).
+GATED_SECRET = """
+name: %s
+stages:
+  - { name: gate, kind: approval, timeout: 60s, with: { message: "go?" } }
+  - name: use
+    kind: script
+    needs: [gate]
+    env: { V: "${{ secrets.%s }}" }
+    with: { shell: "test ${#V} -gt 8" }
+"""
+
 # A pipeline of one quick stage: QUICK % name.
 QUICK = """
 name: %s
@@ -457,6 +481,73 @@ class Suite:
         assert_eq(more.get("events", []), [], "audit after next_seq")
         page = Client.to_dict(admin.call(S + "ListAudit", {"limit": 2}))
         assert_eq(len(page["events"]), 2, "audit page size")
+        admin.close()
+
+    def test_secret_limited_to_pipelines(self):
+        admin = Client.connect(self.d.addr, token=self.tokens["admin"])
+        got = Client.to_dict(admin.call(P + "SetSecret", {
+            "name": "deploy_key", "value": "dk-value-123", "pipelines": ["allowed", "also"]}))
+        assert_eq(got.get("pipelines"), ["allowed", "also"], "SetSecret's answer")
+        listed = {x["name"]: x.get("pipelines", []) for x in
+                  Client.to_dict(admin.call(P + "ListSecrets", {})).get("secrets", [])}
+        assert_eq(listed.get("deploy_key"), ["allowed", "also"], "ListSecrets")
+        # Another pipeline refers to it: refused at submit, naming both.
+        expect_rpc_error(lambda: admin.call(P + "SubmitRun", {
+            "pipeline": USES_SECRET % ("intruder", "deploy_key")}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "secret deploy_key is limited to pipelines allowed, also; pipeline intruder "
+            "may not use it")
+        # A pipeline on the list gets the value (the run succeeds only if
+        # the value is what was set).
+        run = Client.to_dict(admin.call(P + "SubmitRun", {
+            "pipeline": USES_SECRET % ("allowed", "deploy_key")}))
+        evs = events_of(admin, run["id"])
+        assert_eq(evs[-1].get("run_state"), "RUN_STATE_SUCCEEDED",
+                  "a run of a pipeline the secret allows")
+        # Limited after a run was submitted: its stage cannot have it.
+        admin.call(P + "SetSecret", {"name": "later", "value": "later-value-1"})
+        run = Client.to_dict(admin.call(P + "SubmitRun", {
+            "pipeline": GATED_SECRET % ("intruder", "later")}))
+        for ev in admin.stream(P + "WatchRun", {"id": run["id"]}, timeout=60):
+            if ev.stage == "gate" and ev.stage_state == 7:  # WAITING
+                break
+        admin.call(P + "SetSecret", {"name": "later", "value": "later-value-1",
+                                     "pipelines": ["allowed"]})
+        admin.call(P + "ApproveStage", {"run_id": run["id"], "stage": "gate",
+                                        "approve": True})
+        evs = events_of(admin, run["id"])
+        assert_eq(evs[-1].get("run_state"), "RUN_STATE_FAILED",
+                  "a run that refers to a secret limited after its submit")
+        if not any("secrets.later" in e.get("message", "") for e in evs):
+            raise AssertionError("no event names the secret: %r" % evs[-3:])
+        expect_rpc_error(lambda: admin.call(P + "SubmitRun", {
+            "pipeline": USES_SECRET % ("intruder", "later")}),
+            grpc.StatusCode.INVALID_ARGUMENT, "pipeline intruder may not use it")
+        # Set again without pipelines: every pipeline may use it.
+        admin.call(P + "SetSecret", {"name": "later", "value": "later-value-1"})
+        run = Client.to_dict(admin.call(P + "SubmitRun", {
+            "pipeline": USES_SECRET % ("intruder", "later")}))
+        assert_eq(events_of(admin, run["id"])[-1].get("run_state"), "RUN_STATE_SUCCEEDED",
+                  "a secret for every pipeline again")
+        expect_rpc_error(lambda: admin.call(P + "SetSecret", {
+            "name": "bad", "value": "bad-value", "pipelines": ["Not A Name"]}),
+            grpc.StatusCode.INVALID_ARGUMENT, "not a pipeline name")
+        # kplctl secret set --pipeline, repeated and comma-separated.
+        s = ["--server", self.d.addr, "--token", self.tokens["admin"]]
+        p = self._ctl(*s, "secret", "set", "ctl_limited", "--pipeline", "allowed,also",
+                      "--pipeline", "third", stdin="ctl-limited-value")
+        assert_eq(p.returncode, 0, "kplctl secret set --pipeline: " + p.stderr)
+        assert_eq(p.stdout.strip(), "secret ctl_limited set for pipelines allowed, also, third",
+                  "kplctl secret set --pipeline output")
+        p = self._ctl(*s, "secret", "list")
+        if "ctl_limited (pipelines: allowed, also, third)" not in p.stdout.splitlines():
+            raise AssertionError("kplctl secret list: %r" % p.stdout)
+        p = self._ctl(*s, "secret", "rm", "ctl_limited", "--pipeline", "x")
+        assert_eq(p.returncode, 2, "kplctl secret rm --pipeline: exit code")
+        expect_rpc_error(lambda: admin.call(P + "SubmitRun", {
+            "pipeline": USES_SECRET % ("intruder", "ctl_limited")}),
+            grpc.StatusCode.INVALID_ARGUMENT, "secret ctl_limited is limited to pipelines "
+            "allowed, also, third; pipeline intruder")
         admin.close()
 
     def _ctl(self, *args, env=None, stdin=None):

@@ -1012,6 +1012,66 @@ static void test_template_expand(void **state)
 	assert_false(tpl_has_template("x ${ y }"));
 }
 
+/* ---- secret references (engine/secrets.h limits who may use one) ---- */
+
+struct refs {
+	char names[8][32];
+	struct pl_pos pos[8];
+	int n;
+};
+
+static int collect_ref(void *data, const char *name, struct pl_pos pos)
+{
+	struct refs *r = data;
+
+	if (r->n < 8) {
+		snprintf(r->names[r->n], sizeof r->names[r->n], "%s", name);
+		r->pos[r->n++] = pos;
+	}
+	return 0;
+}
+
+static int stop_ref(void *data, const char *name, struct pl_pos pos)
+{
+	(void)pos;
+	(*(int *)data)++;
+	return strcmp(name, "B") == 0 ? KPL_EINVAL : 0;
+}
+
+static void test_secret_refs(void **state)
+{
+	static const char text[] =
+		"name: s\n"
+		"env: { TOP: \"${{ secrets.A }}\" }\n"
+		"stages:\n"
+		"  - name: one\n"
+		"    kind: script\n"
+		"    env: { X: \"pre-${{ secrets.B }}-${{ params.p }}\" }\n"
+		"    with: { command: [\"echo\", \"${{ secrets.C }}\", \"$${{ secrets.NOT }}\"] }\n"
+		"params:\n"
+		"  p: { default: \"${{ x }}\" }\n";
+	struct pipeline *p = NULL;
+	struct kpl_err err = { 0 };
+	struct refs r = { 0 };
+	int calls = 0;
+
+	(void)state;
+	if (pipeline_parse(text, strlen(text), "mem", kinds, KPL_ARRAY_SIZE(kinds), &p, &err))
+		fail_msg("parse: %s", err.msg);
+	assert_int_equal(pipeline_secret_refs(p, collect_ref, &r), 0);
+	assert_int_equal(r.n, 3);
+	assert_string_equal(r.names[0], "A");
+	assert_int_equal(r.pos[0].line, 2);
+	assert_string_equal(r.names[1], "B");
+	assert_int_equal(r.pos[1].line, 6);
+	assert_string_equal(r.names[2], "C");
+	assert_int_equal(r.pos[2].line, 7);
+	/* A non-zero return stops the walk and comes back. */
+	assert_int_equal(pipeline_secret_refs(p, stop_ref, &calls), KPL_EINVAL);
+	assert_int_equal(calls, 2);
+	pipeline_free(p);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1027,6 +1087,7 @@ int main(void)
 		cmocka_unit_test(test_expr_eval),
 		cmocka_unit_test(test_expr_syntax_errors),
 		cmocka_unit_test(test_template_expand),
+		cmocka_unit_test(test_secret_refs),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
