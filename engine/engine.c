@@ -30,6 +30,9 @@
 
 #define LOG "engine"
 #define ENGINE_DEFAULT_LOG_CAP ((uint64_t)16 * 1024 * 1024)
+#define ENGINE_DEFAULT_RUN_BUDGET ((uint64_t)256 * 1024 * 1024)
+/* What a submit needs beyond its pipeline text before it is refused. */
+#define ENGINE_SUBMIT_ROOM ((size_t)64 * 1024)
 #define ENGINE_DEFAULT_BACKOFF_MS 1000
 #define ENGINE_DEFAULT_MAX_BACKOFF_MS (5 * 60 * 1000)
 
@@ -66,7 +69,7 @@ struct stage {
 	uint32_t tries;                  /* attempts in the run's current attempt */
 	int64_t retry_at_ms;             /* PENDING until then after a failure */
 	uv_timer_t *retry_timer;         /* freed in close cb */
-	uint64_t log_bytes;              /* log kept for this attempt */
+	uint64_t log_bytes;              /* store bytes of this attempt's log */
 	bool log_cut;
 	/* Templates of `with` expanded for this attempt, and the env. */
 	const struct pl_node **tpl_nodes;
@@ -88,6 +91,11 @@ struct run {
 	int64_t created_ms, started_ms, finished_ms;
 	char *message;                   /* owned */
 	uint64_t next_seq;
+	uint64_t store_bytes;            /* of its events (store_event_cost) */
+	/* Owned; set when kpld stops the run itself (budget, store full, a
+	 * failed commit): it stops like a cancel and ends FAILED with this. */
+	char *stop_msg;
+	bool commit_failed;              /* run_commit_failed ran once */
 	bool cancel_requested;
 	bool finally_started;
 	uint32_t attempt;                /* 1, then +1 per RetryRun */
@@ -118,6 +126,7 @@ struct engine {
 	struct engine_sub *subs;
 	uint64_t next_gseq;              /* global event sequence */
 	uint64_t log_cap;
+	uint64_t run_budget;
 	bool stopping;
 	void (*stop_done)(void *);
 	void *stop_data;
@@ -277,6 +286,8 @@ static void run_stage_record(struct run *r)
 	rec.next_seq = r->next_seq;
 	rec.stage_count = (uint32_t)r->n_stages;
 	rec.cancel_requested = r->cancel_requested;
+	rec.store_bytes = r->store_bytes;
+	rec.stop_message = r->stop_msg ? r->stop_msg : "";
 	store_stage_run(r->eng->store, &rec);
 	free(entries);
 	free(eptrs);
@@ -342,48 +353,66 @@ static char *clean_text(struct engine *e, const char *text, size_t len, unsigned
 	return out;
 }
 
-static void run_event_as_is(struct run *r, Kpl__V1__EventKind kind, struct stage *st,
-			    Kpl__V1__LogStream stream, const char *msg);
+static size_t run_event_as_is(struct run *r, Kpl__V1__EventKind kind, struct stage *st,
+			      Kpl__V1__LogStream stream, const char *msg);
 
 /* Stages one event of the run; seq numbers have no gaps. msg is cleaned
- * (clean_text) on the way. */
-static void run_event(struct run *r, Kpl__V1__EventKind kind, struct stage *st,
-		      Kpl__V1__LogStream stream, const char *msg, size_t msg_len)
+ * (clean_text) on the way. Returns the bytes it takes in the store, which
+ * count against the run's budget. */
+static size_t run_event(struct run *r, Kpl__V1__EventKind kind, struct stage *st,
+			Kpl__V1__LogStream stream, const char *msg, size_t msg_len)
 {
-	size_t n;
+	size_t n, cost;
 	char *copy = msg ? clean_text(r->eng, msg, msg_len, 0, &n) : NULL;
 
-	run_event_as_is(r, kind, st, stream, copy);
+	cost = run_event_as_is(r, kind, st, stream, copy);
 	free(copy);
+	return cost;
+}
+
+/* Fills ev with an event of the run as it would be staged now (the next
+ * seq and global seq, not taken yet), msg (NULL for none) already clean. */
+static void event_init(struct run *r, Kpl__V1__RunEvent *ev, Google__Protobuf__Timestamp *t,
+		       Kpl__V1__EventKind kind, struct stage *st, Kpl__V1__LogStream stream,
+		       const char *msg)
+{
+	kpl__v1__run_event__init(ev);
+	ev->run_id = r->id;
+	ev->seq = r->next_seq;
+	ev->global_seq = r->eng->next_gseq;
+	ev->pipeline_name = r->pl->name;
+	ev->time = ts_set(t, kpl_now_ms());
+	ev->kind = kind;
+	ev->run_state = r->state;
+	if (st) {
+		ev->stage = st->spec->name;
+		ev->stage_state = st->state;
+		ev->attempt = st->attempt;
+	} else {
+		ev->stage = "";
+	}
+	ev->stream = stream;
+	ev->message = msg ? (char *)msg : "";
 }
 
 /* The same with msg (NULL for none) already clean. */
-static void run_event_as_is(struct run *r, Kpl__V1__EventKind kind, struct stage *st,
-			    Kpl__V1__LogStream stream, const char *msg)
+static size_t run_event_as_is(struct run *r, Kpl__V1__EventKind kind, struct stage *st,
+			      Kpl__V1__LogStream stream, const char *msg)
 {
-	Kpl__V1__RunEvent ev = KPL__V1__RUN_EVENT__INIT;
+	Kpl__V1__RunEvent ev;
 	Google__Protobuf__Timestamp t;
+	size_t cost;
 
-	ev.run_id = r->id;
-	ev.seq = r->next_seq++;
-	ev.global_seq = r->eng->next_gseq++;
-	ev.pipeline_name = r->pl->name;
-	ev.time = ts_set(&t, kpl_now_ms());
-	ev.kind = kind;
-	ev.run_state = r->state;
-	if (st) {
-		ev.stage = st->spec->name;
-		ev.stage_state = st->state;
-		ev.attempt = st->attempt;
-	} else {
-		ev.stage = "";
-	}
-	ev.stream = stream;
-	ev.message = msg ? (char *)msg : "";
+	event_init(r, &ev, &t, kind, st, stream, msg);
+	r->next_seq++;
+	r->eng->next_gseq++;
 	store_stage_event(r->eng->store, &ev);
+	cost = store_event_cost(&ev);
+	r->store_bytes += cost;
 	/* notify: its outbox records go into the same commit as the event. */
 	if (r->pl->n_notify && r->eng->notify)
 		notify_event(r->eng->notify, r->pl, &ev);
+	return cost;
 }
 
 static void notify_subs(struct engine *e, const char *run_id)
@@ -397,6 +426,8 @@ static void notify_subs(struct engine *e, const char *run_id)
 	}
 }
 
+static void run_commit_failed(struct run *r, int status);
+
 static void run_committed(void *data, int status)
 {
 	struct run *r = data;
@@ -404,11 +435,10 @@ static void run_committed(void *data, int status)
 
 	r->refs--;
 	if (status) {
-		/* NEEDSWORK: a failed commit (disk full) leaves memory ahead of
-		 * the store; stop the daemon rather than run on diverged state. */
-		kpl_error(LOG, "run %s: commit failed: %s; stopping", r->id,
-			  kpl_strerror(status));
-		abort();
+		r->commits_done++; /* done, if not written: see run_commit_failed */
+		run_commit_failed(r, status);
+		run_maybe_free(r);
+		return;
 	}
 	if (!r->stored) {
 		struct waiter *w = r->submit_waiters, *next;
@@ -462,6 +492,81 @@ static void set_redacted(struct engine *e, char **dst, const char *s)
 
 	free(*dst);
 	*dst = s ? clean_text(e, s, strlen(s), 0, &n) : NULL;
+}
+
+/*
+ * kpld stops the run itself: like a cancel (running stages are stopped, the
+ * rest not started, `finally` runs), but the run ends FAILED with msg, which
+ * names why (its budget, the store full). Once per run; a final run is left
+ * alone. Recorded on the run record, so a restart ends it the same way.
+ */
+static void run_stop(struct run *r, const char *msg)
+{
+	if (r->stop_msg || run_state_final(r->state))
+		return;
+	kpl_warn(LOG, "run %s: stopped: %s", r->id, msg);
+	r->stop_msg = kpl_strdup(msg);
+	r->cancel_requested = true;
+	run_stage_record(r);
+	run_commit(r);
+	run_advance(r);
+}
+
+/*
+ * A commit that held this run's writes failed (the map full past the
+ * reserve, or the disk): none of that group was written, so memory is
+ * ahead of the store. Rather than stop kpld, the store is brought back in
+ * line and the run is stopped: its events go on from the last durable seq
+ * (the lost ones stay lost; a later write of the same seq replaces one
+ * still staged), and its run and stage records are staged whole again. A
+ * submit still waiting hears the error. Once per run, so a store that
+ * fails every commit cannot make this loop; the run is then left as the
+ * store has it, for the next start.
+ */
+static void run_commit_failed(struct run *r, int status)
+{
+	struct engine *e = r->eng;
+	char why[400];
+	struct waiter *w, *next;
+
+	if (status == KPL_EFULL)
+		store_full_msg(e->store, why, sizeof why);
+	else
+		snprintf(why, sizeof why, "a store write failed: %s", kpl_strerror(status));
+	kpl_error(LOG, "run %s: commit failed: %s", r->id, why);
+	if (!r->stored) {
+		w = r->submit_waiters;
+		r->submit_waiters = NULL;
+		if (r->submit_cb) {
+			engine_submit_cb cb = r->submit_cb;
+			r->submit_cb = NULL;
+			cb(r->submit_data, status, r->id);
+		}
+		for (; w; w = next) {
+			next = w->next;
+			w->cb(w->data, status, r->id);
+			free(w);
+		}
+	}
+	if (r->commit_failed || e->stopping)
+		return;
+	r->commit_failed = true;
+	r->next_seq = store_last_event_seq(e->store, r->id) + 1;
+	for (size_t i = 0; i < r->n_stages; i++)
+		stage_stage_record(&r->stages[i]);
+	if (!run_state_final(r->state)) {
+		store_stage_active(e->store, r->id, 1);
+		run_stop(r, why);
+	} else {
+		/* Its final event was lost: record the end again. */
+		run_event(r, KPL__V1__EVENT_KIND__EVENT_KIND_RUN_STATE, NULL,
+			  KPL__V1__LOG_STREAM__LOG_STREAM_UNSPECIFIED, r->message,
+			  r->message ? strlen(r->message) : 0);
+		store_stage_active(e->store, r->id, 0);
+		run_stage_record(r);
+		run_commit(r);
+		r->final_commit_no = r->commits_issued;
+	}
 }
 
 /* The one way a run changes state. */
@@ -605,17 +710,38 @@ char *stage_expand(struct stage *st, const struct pl_node *scalar)
 	return kpl_strdup(scalar->scalar ? scalar->scalar : "");
 }
 
-/* Stages one log event, within the stage's cap; false if nothing staged. */
-static bool stage_log_one(struct stage *st, Kpl__V1__LogStream stream, const char *line,
-			  size_t len)
+/* Stages one log event (msg clean), within the attempt's cap, the run's
+ * budget and the store's room; false if nothing staged. Each counts the
+ * event's bytes in the store (store_event_cost), so an empty line costs
+ * its record. */
+static bool stage_log_one(struct stage *st, Kpl__V1__LogStream stream, const char *line)
 {
 	struct run *r = st->run;
 	struct engine *e = r->eng;
+	Kpl__V1__RunEvent ev;
+	Google__Protobuf__Timestamp t;
+	char note[400], stop[400] = "";
+	size_t cost;
 
 	if (st->log_cut)
 		return false;
-	if (st->log_bytes + len + 1 > e->log_cap) {
-		char note[200];
+	event_init(r, &ev, &t, KPL__V1__EVENT_KIND__EVENT_KIND_LOG, st, stream, line);
+	cost = store_event_cost(&ev);
+	if (r->store_bytes + cost > e->run_budget)
+		snprintf(stop, sizeof stop, "the run's events reached its budget of %llu bytes "
+			 "in the store", (unsigned long long)e->run_budget);
+	else if (!store_has_room(e->store, cost))
+		store_full_msg(e->store, stop, sizeof stop);
+	if (stop[0]) {
+		snprintf(note, sizeof note, "log cut here: %s; later lines were not kept", stop);
+		st->log_cut = true;
+		run_event_as_is(r, KPL__V1__EVENT_KIND__EVENT_KIND_LOG, st,
+				KPL__V1__LOG_STREAM__LOG_STREAM_SYSTEM, note);
+		stage_stage_record(st);
+		run_stop(r, stop);
+		return true;
+	}
+	if (st->log_bytes + cost > e->log_cap) {
 		snprintf(note, sizeof note,
 			 "log cut here: this attempt's log reached the cap of %llu bytes; "
 			 "later lines were not kept", (unsigned long long)e->log_cap);
@@ -625,8 +751,8 @@ static bool stage_log_one(struct stage *st, Kpl__V1__LogStream stream, const cha
 		stage_stage_record(st);
 		return true;
 	}
-	st->log_bytes += len + 1;
-	run_event_as_is(r, KPL__V1__EVENT_KIND__EVENT_KIND_LOG, st, stream, line);
+	st->log_bytes += run_event_as_is(r, KPL__V1__EVENT_KIND__EVENT_KIND_LOG, st, stream,
+					 line);
 	return true;
 }
 
@@ -648,7 +774,7 @@ static bool stage_log_event(struct stage *st, Kpl__V1__LogStream stream,
 		char save = text[off + n];
 
 		text[off + n] = '\0';
-		any |= stage_log_one(st, stream, text + off, n);
+		any |= stage_log_one(st, stream, text + off);
 		text[off + n] = save;
 		off += n;
 	} while (off < clen && !st->log_cut);
@@ -816,7 +942,14 @@ void stage_done(struct stage *st, Kpl__V1__StageState state, const char *msg)
 	st->live = false;
 	st->impl = NULL;
 	stage_stop_timer(st);
-	if (st->timed_out && state == KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED) {
+	if (r->stop_msg && !st->spec->is_finally &&
+	    (state == KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED ||
+	     state == KPL__V1__STAGE_STATE__STAGE_STATE_FAILED)) {
+		/* Stopped by run_stop: it failed for the run's reason. */
+		snprintf(buf, sizeof buf, "%s", r->stop_msg);
+		state = KPL__V1__STAGE_STATE__STAGE_STATE_FAILED;
+		msg = buf;
+	} else if (st->timed_out && state == KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED) {
 		char d[32];
 		format_duration(d, sizeof d, stage_timeout_ms(st));
 		snprintf(buf, sizeof buf, "timed out after %s", d);
@@ -1152,6 +1285,14 @@ static void stage_start_committed(void *data, int status)
 		stage_done(st, KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED, "run cancelled");
 		return;
 	}
+	if (status) {
+		/* Its RUNNING state is not durable (run_commit_failed says why):
+		 * the kind must not act on it. */
+		st->no_retry = true;
+		stage_attempt_failed(st, r->stop_msg ? r->stop_msg : kpl_strerror(status));
+		run_advance(r);
+		return;
+	}
 	st->cancel_sent = false;
 	st->timed_out = false;
 	if (stage_prepare(st, &err) != 0) {
@@ -1262,6 +1403,15 @@ static int stage_when(struct stage *st, struct kpl_err *err)
  * graph is done, and ends the run when nothing is left. Called after every
  * change that could matter.
  */
+/* A cancelled run ends CANCELLED, or FAILED if kpld stopped it (run_stop). */
+static void run_end_cancelled(struct run *r)
+{
+	if (r->stop_msg)
+		run_set_state(r, KPL__V1__RUN_STATE__RUN_STATE_FAILED, r->stop_msg);
+	else
+		run_set_state(r, KPL__V1__RUN_STATE__RUN_STATE_CANCELLED, "cancelled");
+}
+
 static void run_advance_once(struct run *r)
 {
 	struct stage *failed = NULL;
@@ -1286,7 +1436,7 @@ static void run_advance_once(struct run *r)
 				stage_stop_retry(st);
 				st->retry_at_ms = 0;
 				stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED,
-						"run cancelled");
+						r->stop_msg ? r->stop_msg : "run cancelled");
 			} else if (st->live && !st->cancel_sent) {
 				st->cancel_sent = true;
 				st->kind->cancel(st);
@@ -1298,7 +1448,7 @@ static void run_advance_once(struct run *r)
 		if (running)
 			return;
 		if (!r->pl->n_finally) {
-			run_set_state(r, KPL__V1__RUN_STATE__RUN_STATE_CANCELLED, "cancelled");
+			run_end_cancelled(r);
 			return;
 		}
 		r->finally_started = true;
@@ -1393,7 +1543,7 @@ again:
 	}
 	/* Everything is final: the run ends. */
 	if (r->cancel_requested) {
-		run_set_state(r, KPL__V1__RUN_STATE__RUN_STATE_CANCELLED, "cancelled");
+		run_end_cancelled(r);
 		return;
 	}
 	if (failed) {
@@ -1462,6 +1612,7 @@ static void run_free(struct run *r)
 	free(r->param_values);
 	free(r->idem_key);
 	free(r->message);
+	free(r->stop_msg);
 	free(r->workspace);
 	free(r->group);
 	pipeline_free(r->pl);
@@ -1673,6 +1824,12 @@ int engine_submit(struct engine *e, const char *text, size_t len,
 			free(found);
 			return 0;
 		}
+	}
+	if (!store_has_room(e->store, 2 * len + ENGINE_SUBMIT_ROOM)) {
+		char why[400];
+		store_full_msg(e->store, why, sizeof why);
+		pipeline_free(pl);
+		return kpl_errf(err, KPL_EFULL, "%s", why);
 	}
 	/* The parser has no config: notifier names are checked here, and
 	 * which secrets this pipeline may use. */
@@ -2008,6 +2165,9 @@ static int run_load(struct engine *e, const char *id, struct run **out, struct k
 	if (rec->run->concurrency_group && *rec->run->concurrency_group)
 		r->group = kpl_strdup(rec->run->concurrency_group);
 	r->cancel_requested = rec->cancel_requested;
+	r->store_bytes = rec->store_bytes;
+	if (rec->stop_message && *rec->stop_message)
+		r->stop_msg = kpl_strdup(rec->stop_message);
 	r->n_params = rec->run->n_params;
 	r->param_names = kpl_calloc(r->n_params, sizeof(char *));
 	r->param_values = kpl_calloc(r->n_params, sizeof(char *));
@@ -2264,6 +2424,11 @@ int engine_retry(struct engine *e, const char *run_id, engine_submit_cb cb,
 	if (r && !r->final_durable)
 		return kpl_errf(err, KPL_ESTATE, "run %s is %s; only a FAILED or CANCELLED run "
 				"can be retried", run_id, run_state_name(r->state));
+	if (!store_has_room(e->store, ENGINE_SUBMIT_ROOM)) {
+		char why[400];
+		store_full_msg(e->store, why, sizeof why);
+		return kpl_errf(err, KPL_EFULL, "%s", why);
+	}
 	if (r) {
 		/* Final and durable but not yet freed: start from the store. */
 		run_unlink(r);
@@ -2283,6 +2448,9 @@ int engine_retry(struct engine *e, const char *run_id, engine_submit_cb cb,
 	}
 	r->attempt++;
 	r->cancel_requested = false;
+	free(r->stop_msg);
+	r->stop_msg = NULL;
+	r->commit_failed = false;
 	r->finally_started = false;
 	r->finished_ms = 0;
 	r->submit_cb = cb;
@@ -2324,6 +2492,7 @@ int engine_start(const struct engine_options *opt, struct engine **out,
 	e->cfg = opt->cfg;
 	e->secrets = opt->secrets;
 	e->log_cap = opt->log_cap_bytes ? opt->log_cap_bytes : ENGINE_DEFAULT_LOG_CAP;
+	e->run_budget = opt->run_budget_bytes ? opt->run_budget_bytes : ENGINE_DEFAULT_RUN_BUDGET;
 	e->next_gseq = store_last_global_seq(opt->store) + 1;
 	e->work_dir = kpl_asprintf("%s/work", opt->data_dir);
 	if ((rc = mkdir_p(e->work_dir, 0700)) != 0) {

@@ -39,8 +39,12 @@ struct engine_options {
 	uv_loop_t *loop;
 	struct store *store; /* borrowed; outlives the engine */
 	const char *data_dir; /* run workspaces go under DATA_DIR/work */
-	/* Log bytes kept per stage attempt; 0 = 16 MiB. */
+	/* Store bytes of log events kept per stage attempt (store_event_cost:
+	 * an empty line costs its record too); 0 = 16 MiB. */
 	uint64_t log_cap_bytes;
+	/* Store bytes of all of a run's events (every stage and attempt) past
+	 * which the run is stopped and FAILED; 0 = 256 MiB. */
+	uint64_t run_budget_bytes;
 	const struct cfg *cfg;      /* borrowed; the daemon's endpoints */
 	struct secrets *secrets;    /* borrowed; values redacted everywhere */
 };
@@ -67,7 +71,7 @@ struct secrets *engine_secrets(struct engine *e);
 /*
  * Submits a run of the pipeline text (len bytes) with the given params.
  * Bad input returns KPL_EINVAL/KPL_ETOOBIG at once with err naming the line
- * and field. Otherwise returns 0 and later calls cb(data, status, run_id)
+ * and field; a store past its reserve (store_has_room) KPL_EFULL. Otherwise returns 0 and later calls cb(data, status, run_id)
  * once the run is durable (status 0) or could not be stored. A non-empty
  * idem_key seen before with a pipeline of the same name gives the earlier
  * run's id (even while that run's first commit is in flight); keys and

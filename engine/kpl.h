@@ -21,6 +21,7 @@
 	X(STATE, 9, "not allowed in the current state")                       \
 	X(NOMEM, 8, "out of memory")                                          \
 	X(TOOBIG, 8, "over a size limit")                                     \
+	X(FULL, 8, "the store is full")                                       \
 	X(IO, 13, "i/o error")                                                \
 	X(STORE, 13, "store error")                                           \
 	X(SCHEMA, 9, "store schema is newer than this kpld")                  \

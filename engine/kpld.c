@@ -60,10 +60,18 @@ static void usage(FILE *f)
 		"            [--bootstrap-token-file PATH] [--http-listen HOST:PORT]\n"
 		"            [--standby] [--max-streams N] [--max-streams-per-conn N]\n"
 		"            [--http-request-timeout SECONDS] [--http-max-per-address N]\n"
+		"            [--map-size SIZE] [--run-budget SIZE] [--log-cap SIZE]\n"
 		"\n"
 		"  --listen HOST:PORT   gRPC address (default 127.0.0.1:7070; port 0 picks one)\n"
 		"  --data-dir DIR       store and run workspaces (default ./var/kpl); one\n"
 		"                       kpld at a time (it locks DIR/kpld.lock)\n"
+		"  --map-size SIZE      most the store may ever hold (LMDB map; address\n"
+		"                       space, the file grows as used; default 8G;\n"
+		"                       suffixes K, M, G); the last eighth (512K..64M) is\n"
+		"                       kept for state changes and deletes: past that new\n"
+		"                       runs are refused and running ones fail\n"
+		"  --run-budget SIZE    store bytes one run's events may take (default 256M)\n"
+		"  --log-cap SIZE       store bytes of one stage attempt's log (default 16M)\n"
 		"  --standby            if another kpld holds DIR, wait for it to stop,\n"
 		"                       then take over (resuming every run) instead of\n"
 		"                       exiting\n"
@@ -191,6 +199,33 @@ static void on_signal(uv_signal_t *h, int signum)
 	api_server_shutdown(d->server, server_stopped, d);
 }
 
+/* "512M", "8G", "65536": bytes, with an optional K, M or G (powers of 1024,
+ * "KiB" and "MB" read the same). 0 or -1. */
+static int parse_size(const char *s, uint64_t *out)
+{
+	char *end;
+	unsigned long long v;
+	int shift = 0;
+
+	if (!*s || *s == '-')
+		return -1;
+	v = strtoull(s, &end, 10);
+	if (end == s)
+		return -1;
+	switch (*end) {
+	case 'k': case 'K': shift = 10; end++; break;
+	case 'm': case 'M': shift = 20; end++; break;
+	case 'g': case 'G': shift = 30; end++; break;
+	case 't': case 'T': shift = 40; end++; break;
+	}
+	if (shift && (strcmp(end, "iB") == 0 || strcmp(end, "B") == 0))
+		end += strlen(end);
+	if (*end || v > (UINT64_MAX >> 1) >> shift)
+		return -1;
+	*out = (uint64_t)v << shift;
+	return 0;
+}
+
 static void standby_waiting(void *data, const char *dir, pid_t holder)
 {
 	(void)data;
@@ -262,6 +297,9 @@ int main(int argc, char **argv)
 		{ "max-streams-per-conn", required_argument, NULL, 'P' },
 		{ "http-request-timeout", required_argument, NULL, 'W' },
 		{ "http-max-per-address", required_argument, NULL, 'A' },
+		{ "map-size", required_argument, NULL, 'Z' },
+		{ "run-budget", required_argument, NULL, 'U' },
+		{ "log-cap", required_argument, NULL, 'L' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -280,6 +318,7 @@ int main(int argc, char **argv)
 	struct kpld d = { 0 };
 	struct kpl_err err = { 0 };
 	struct engine_options eo = { 0 };
+	struct store_options sto = { 0 };
 	struct api_server_options so = { 0 };
 	char host[256];
 	const char *colon;
@@ -346,6 +385,25 @@ int main(int argc, char **argv)
 			break;
 		}
 		case 'S': standby = true; break;
+		case 'Z':
+		case 'U':
+		case 'L': {
+			uint64_t v;
+			const char *name = c == 'Z' ? "map-size" : c == 'U' ? "run-budget" : "log-cap";
+			if (parse_size(optarg, &v) || v < (c == 'Z' ? (1u << 20) : 4096u)) {
+				fprintf(stderr, "kpld: --%s: want a size such as 512M or 8G "
+					"(at least %s), got %s\n", name, c == 'Z' ? "1M" : "4K",
+					optarg);
+				return 2;
+			}
+			if (c == 'Z')
+				sto.map_size = (size_t)v;
+			else if (c == 'U')
+				eo.run_budget_bytes = v;
+			else
+				eo.log_cap_bytes = v;
+			break;
+		}
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
@@ -386,7 +444,7 @@ int main(int argc, char **argv)
 	}
 	if (standby)
 		kpl_info(LOG, "holding the lock on %s", data_dir);
-	if ((rc = store_open(d.loop, data_dir, NULL, &d.store, &err)) != 0) {
+	if ((rc = store_open(d.loop, data_dir, &sto, &d.store, &err)) != 0) {
 		fprintf(stderr, "kpld: store %s: %s\n", data_dir, err.msg);
 		return 1;
 	}

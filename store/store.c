@@ -22,6 +22,10 @@
 
 /* Address space only: LMDB maps this much but the file grows as used. */
 #define STORE_DEFAULT_MAP_SIZE ((size_t)8 << 30)
+/* Kept back from ordinary writes (store_has_room) so that failing a run,
+ * other state changes and deletes still fit in a store that is full. */
+#define STORE_MIN_RESERVE ((size_t)512 << 10)
+#define STORE_MAX_RESERVE ((size_t)64 << 20)
 
 enum store_db {
 	DB_META,
@@ -108,6 +112,8 @@ struct store_group {
 	int want_commit;
 	/* Written by the pool thread, read by the loop after the work. */
 	int mdb_rc;
+	size_t bytes;     /* space_cost of its ops (loop thread) */
+	size_t used;      /* space_used after its commit; 0 if not known */
 	const char *failed_step; /* static string: "mdb_put", ... */
 	size_t failed_op;
 	enum store_db failed_db; /* the db failed_step was working on */
@@ -121,6 +127,11 @@ struct store {
 	MDB_dbi dbi[DB__LAST];
 	char *dir;
 	size_t map_size;
+	/* Space (store_space): bytes of pages in use as of the last commit,
+	 * an estimate of what is staged or in flight on top, and what only
+	 * writes past store_has_room's check may use. */
+	size_t used, staged, reserve;
+	int full; /* store_has_room said no, and not enough was freed since */
 	uint32_t schema_version;
 	struct store_group *open; /* never NULL while the store is open */
 	struct store_group *inflight; /* NULL when no commit is in flight */
@@ -238,6 +249,8 @@ static int lmdb_code(int rc)
 	case EIO:
 	case ENOSPC:
 		return KPL_EIO;
+	case MDB_MAP_FULL:
+		return KPL_EFULL;
 	default:
 		return KPL_ESTORE;
 	}
@@ -249,8 +262,8 @@ static const char *lmdb_reason(struct store *s, int rc, char *buf, size_t size)
 	if (rc != MDB_MAP_FULL)
 		return mdb_strerror(rc);
 	snprintf(buf, size,
-		 "the LMDB map is full (map_size %zu bytes); raise store_options.map_size "
-		 "(kpld's store map size setting) and restart",
+		 "the LMDB map is full (map_size %zu bytes); delete runs or restart kpld "
+		 "with a larger --map-size",
 		 s->map_size);
 	return buf;
 }
@@ -293,6 +306,21 @@ static void group_free(struct store_group *g)
 	free(g);
 }
 
+/*
+ * What a record of klen + vlen bytes adds before its group commits: its
+ * bytes and LMDB's node header and slot. Pages hold some slack on top
+ * (store_space's used counts real pages once the group has committed);
+ * that slack, for the writes of one commit in flight, is what the reserve
+ * is also for.
+ */
+static size_t space_cost(size_t klen, size_t vlen)
+{
+	return klen + vlen + 16;
+}
+
+static size_t space_used(struct store *s);
+static void space_open(struct store *s);
+
 /* Appends an op to the open group with room for vlen bytes of value, which
  * the caller fills in through op->val. */
 static struct store_op *stage_op(struct store *s, enum store_db db, const void *key,
@@ -306,6 +334,8 @@ static struct store_op *stage_op(struct store *s, enum store_db db, const void *
 		g->ops = kpl_realloc(g->ops, g->ops_cap * sizeof *g->ops);
 	}
 	op = &g->ops[g->nops++];
+	g->bytes += space_cost(klen, vlen);
+	s->staged += space_cost(klen, vlen);
 	op->db = db;
 	op->kind = kind;
 	op->key = kpl_malloc(klen + vlen);
@@ -561,6 +591,8 @@ static void group_work(uv_work_t *w)
 	struct store_group *g = w->data;
 
 	g->mdb_rc = group_write(g->s, g);
+	/* Here, off the loop: it walks LMDB's free list. */
+	g->used = space_used(g->s);
 }
 
 static void group_start(struct store *s);
@@ -583,6 +615,9 @@ static void group_done(uv_work_t *w, int status)
 	/* inflight stays set while the callbacks run, so whatever they stage
 	 * and commit gathers in the open group, which starts after them: that
 	 * keeps callbacks in store_commit order. */
+	s->staged -= g->bytes < s->staged ? g->bytes : s->staged;
+	if (g->used)
+		s->used = g->used;
 	for (size_t i = 0; i < g->ncbs; i++)
 		g->cbs[i].cb(g->cbs[i].data, code);
 	s->inflight = NULL;
@@ -771,6 +806,7 @@ int store_open(uv_loop_t *loop, const char *dir, const struct store_options *opt
 		goto fail;
 	}
 
+	space_open(s);
 	s->open = group_new(s);
 	*out = s;
 	return 0;
@@ -943,6 +979,10 @@ int store_commit_sync(struct store *s)
 	rc = group_write(s, g);
 	if (rc)
 		code = group_fail(s, g, rc);
+	s->staged -= g->bytes < s->staged ? g->bytes : s->staged;
+	g->bytes = 0;
+	if ((g->used = space_used(s)) != 0)
+		s->used = g->used;
 	group_drop_ops(g);
 	return code;
 }
@@ -1970,4 +2010,123 @@ int store_list_registered(struct store *s, store_registered_fn fn, void *data)
 			  .each = registered_each, .data = &c };
 
 	return walk(s, &w);
+}
+
+/* --- Space --- */
+
+/* LMDB's node header and slot in its page, per record. */
+#define NODE_OVERHEAD 16
+
+/*
+ * Bytes of pages in use: the highest page LMDB has used, less the pages on
+ * its free list (which it reuses before growing). Any thread; 0 if it
+ * cannot be read.
+ */
+static size_t space_used(struct store *s)
+{
+	MDB_envinfo info;
+	MDB_stat st;
+	MDB_txn *txn = NULL;
+	MDB_cursor *cur = NULL;
+	MDB_val k, v;
+	size_t free_pages = 0, pages;
+	int rc;
+
+	if (mdb_env_info(s->env, &info) || mdb_env_stat(s->env, &st))
+		return 0;
+	if (mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn))
+		return 0;
+	/* dbi 0 is LMDB's free list: txn id -> page list, count first. */
+	if (mdb_cursor_open(txn, 0, &cur) == 0) {
+		for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+		     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+			size_t n;
+
+			if (v.mv_size < sizeof n)
+				continue;
+			memcpy(&n, v.mv_data, sizeof n);
+			free_pages += n;
+		}
+		mdb_cursor_close(cur);
+	}
+	mdb_txn_abort(txn);
+	pages = info.me_last_pgno + 1;
+	pages = free_pages < pages ? pages - free_pages : 1;
+	return pages * st.ms_psize;
+}
+
+/* After mdb_env_open: the map size LMDB settled on (an existing file's if
+ * larger than asked), the reserve, and what is in use. */
+static void space_open(struct store *s)
+{
+	MDB_envinfo info;
+
+	if (mdb_env_info(s->env, &info) == 0 && info.me_mapsize > s->map_size)
+		s->map_size = info.me_mapsize;
+	s->reserve = s->map_size / 8;
+	if (s->reserve < STORE_MIN_RESERVE)
+		s->reserve = STORE_MIN_RESERVE;
+	if (s->reserve > STORE_MAX_RESERVE)
+		s->reserve = STORE_MAX_RESERVE;
+	if (s->reserve > s->map_size / 2)
+		s->reserve = s->map_size / 2;
+	s->used = space_used(s);
+}
+
+void store_space(struct store *s, struct store_space *out)
+{
+	out->map_size = s->map_size;
+	out->used = s->used;
+	out->staged = s->staged;
+	out->reserve = s->reserve;
+}
+
+static int fits(struct store *s, size_t limit, size_t need)
+{
+	return s->used + s->staged <= limit && need <= limit - s->used - s->staged;
+}
+
+int store_has_room(struct store *s, size_t need)
+{
+	size_t limit = s->map_size - s->reserve;
+
+	if (s->full) {
+		/* Full until deletes free a reserve's worth (or a quarter of
+		 * the limit, in a small map), so that a store at the edge does
+		 * not take and refuse writes in turn. */
+		size_t gap = s->reserve < limit / 4 ? s->reserve : limit / 4;
+
+		if (!fits(s, limit - gap, need))
+			return 0;
+		s->full = 0;
+		kpl_info(SUB, "%s: room again: %zu of %zu bytes in use", s->dir,
+			 s->used + s->staged, s->map_size);
+	}
+	if (fits(s, limit, need))
+		return 1;
+	s->full = 1;
+	kpl_warn(SUB, "%s: full: %zu of %zu bytes in use, the last %zu kept for state "
+		      "changes and deletes; new runs and log lines are refused",
+		 s->dir, s->used + s->staged, s->map_size, s->reserve);
+	return 0;
+}
+
+size_t store_event_cost(const Kpl__V1__RunEvent *ev)
+{
+	size_t idlen = ev->run_id ? strlen(ev->run_id) : 0;
+	size_t klen = idlen + 1 + 8;
+	size_t n = klen + kpl__v1__run_event__get_packed_size(ev) + NODE_OVERHEAD;
+
+	if (ev->global_seq > 0)
+		n += 8 + klen + NODE_OVERHEAD;
+	return n;
+}
+
+int store_full_msg(struct store *s, char *buf, size_t size)
+{
+	return snprintf(buf, size,
+			"the store is full: %zu of %zu bytes in use, the last %zu kept for "
+			"state changes and deletes; delete runs (retention: --retain-days, "
+			"--retain-runs) or raise --map-size",
+			s->used + s->staged, s->map_size, s->reserve);
 }

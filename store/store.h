@@ -56,7 +56,8 @@
 struct store; /* opaque */
 
 struct store_options {
-	/* LMDB map size in bytes (address space, not disk); 0 = 8 GiB. */
+	/* LMDB map size in bytes (address space, not disk); 0 = 8 GiB. The
+	 * store can never hold more: see store_space. */
 	size_t map_size;
 	/* For tests of crash safety: MDB_NOSYNC when true. Never in kpld. */
 	int no_sync;
@@ -129,6 +130,44 @@ int store_commit_sync(struct store *s);
 
 /* Number of commits in flight or waiting (0 when the store is idle). */
 size_t store_pending_commits(struct store *s);
+
+/*
+ * --- Space ---
+ * LMDB's map is a hard limit: a transaction that needs a page past it fails
+ * whole (MDB_MAP_FULL). So writers ask first. The last `reserve` bytes of
+ * the map (an eighth of it, at least 512 KiB, at most 64 MiB) are kept for
+ * what must still work in a full store: the state changes that fail a run,
+ * retention's deletes, tokens. Ordinary growth (submits, log events) checks
+ * store_has_room and is refused past it.
+ *
+ * used: bytes of pages in use as of the last commit (LMDB's highest page
+ * less its free list; deletes free pages for reuse). staged: what staged and
+ * in-flight writes add (their bytes and LMDB's per-record overhead; the
+ * slack of the pages they land in shows in used once they commit).
+ */
+struct store_space {
+	size_t map_size, used, staged, reserve;
+};
+void store_space(struct store *s, struct store_space *out);
+
+/* 1 if need more bytes fit before the reserve (used + staged + need <=
+ * map_size - reserve), else 0. Once it has said 0, it says 0 until used +
+ * staged + need is a reserve (at most a quarter of the limit) below that
+ * limit again (deletes free pages):
+ * a store at the edge refuses steadily rather than in turns. */
+int store_has_room(struct store *s, size_t need);
+
+/* Writes "the store is full: ..." (used, map size, reserve and what to do)
+ * into buf; returns snprintf's count. */
+int store_full_msg(struct store *s, char *buf, size_t size);
+
+/*
+ * The bytes ev takes in the store once staged: its key, its packed value
+ * and LMDB's per-record overhead, and the same for its gevents entry when
+ * it has a global_seq. An event with an empty message still costs its
+ * record (~100-200 bytes). Any thread.
+ */
+size_t store_event_cost(const Kpl__V1__RunEvent *ev);
 
 /* --- Reads: committed data only. Any thread (MDB_NOTLS). --- */
 

@@ -39,6 +39,19 @@ def read(path):
         return ""
 
 
+FLOOD = """
+name: flood
+stages:
+  - name: s
+    kind: script
+    with: { shell: "yes '' | head -n %d; echo end" }
+  - name: after
+    kind: script
+    needs: [s]
+    with: { command: ["true"] }
+"""
+
+
 class Suite:
     def __init__(self, binary, tmp):
         self.binary = binary
@@ -128,6 +141,94 @@ stages:
             if b:
                 b.kill()
                 b.wait()
+
+    # -- a full store ------------------------------------------------------
+
+    def _daemon(self, name, extra):
+        d = Daemon(self.binary, self.path(name + "-data"), extra)
+        d.log = self.path(name + ".log")
+        return d
+
+    def test_log_cap_counts_each_events_bytes(self):
+        # 100000 empty lines against a 64 KiB cap: each costs its event
+        # record in the store (~100+ bytes), not 1 byte, so only a few
+        # hundred are kept before the cut note (the old count kept 65535).
+        d = self._daemon("cap", ["--log-cap", "64K"])
+        c = d.start()
+        try:
+            run = Client.to_dict(submit(c, FLOOD % 100000))
+            events = watch(c, run["id"])
+            logs = [e for e in events if e.get("kind") == "EVENT_KIND_LOG"]
+            empty = [e for e in logs if not e.get("message")]
+            if not 100 <= len(empty) <= 65536 // 80:
+                raise AssertionError("%d empty lines kept under a 64 KiB cap" % len(empty))
+            assert_eq(logs[-1].get("message"),
+                      "log cut here: this attempt's log reached the cap of 65536 bytes; "
+                      "later lines were not kept", "the cut note")
+            assert_eq(events[-1].get("run_state"), "RUN_STATE_SUCCEEDED",
+                      "a cut log does not fail the run")
+        finally:
+            c.close()
+            d.stop()
+
+    def test_full_store_fails_the_run_not_kpld(self):
+        # A 4 MiB store (512 KiB of it the reserve) and runs of at most
+        # 2 MiB of events: the first flood stops at its budget, the
+        # second at the store's limit; then submits are refused, reads
+        # work, and a restart serves; retention frees room.
+        d = self._daemon("full", ["--map-size", "4M", "--run-budget", "2M"])
+        c = d.start()
+        try:
+            a1 = Client.to_dict(submit(c, FLOOD % 1000000))
+            ev1 = watch(c, a1["id"])
+            got = Client.to_dict(c.call(P + "GetRun", {"id": a1["id"]}))
+            budget = "the run's events reached its budget of 2097152 bytes in the store"
+            assert_eq((got["state"], got.get("message")), ("RUN_STATE_FAILED", budget),
+                      "run over its budget")
+            assert_eq([(s["name"], s["state"], s.get("message")) for s in got["stages"]],
+                      [("s", "STAGE_STATE_FAILED", budget),
+                       ("after", "STAGE_STATE_CANCELLED", budget)], "its stages")
+            if ev1[-1].get("run_state") != "RUN_STATE_FAILED":
+                raise AssertionError("last event: %r" % ev1[-1])
+
+            a2 = Client.to_dict(submit(c, FLOOD % 1000000))
+            watch(c, a2["id"])
+            got = Client.to_dict(c.call(P + "GetRun", {"id": a2["id"]}))
+            assert_eq(got["state"], "RUN_STATE_FAILED", "second flood")
+            if not got.get("message", "").startswith("the store is full: "):
+                raise AssertionError("second flood's message: %r" % got.get("message"))
+            if "--map-size" not in got["message"]:
+                raise AssertionError("the message does not say what to do: %r"
+                                     % got["message"])
+
+            # New runs are refused; reads, watches and health go on.
+            expect_rpc_error(lambda: submit(c, "name: small\nstages:\n  - name: a\n"
+                                            "    kind: noop\n"),
+                             grpc.StatusCode.RESOURCE_EXHAUSTED, "the store is full")
+            runs = Client.to_dict(c.call(P + "ListRuns", {})).get("runs", [])
+            assert_eq(sorted(r["id"] for r in runs), sorted([a1["id"], a2["id"]]), "ListRuns")
+            assert_eq(len(watch(c, a1["id"])), len(ev1), "WatchRun of the first flood")
+            assert_eq(c.health_check(""), "SERVING", "health")
+            c.close()
+            assert_eq(d.stop(), 0, "kpld stops clean on a full store")
+
+            # A restart on the full store serves; retention (keep 1 run)
+            # deletes the first flood and makes room for new runs.
+            d.extra += ["--retain-runs", "1"]
+            c = d.start()
+            await_true(lambda: len(Client.to_dict(c.call(P + "ListRuns", {}))
+                                   .get("runs", [])) == 1, "retention to delete a run")
+            ok = Client.to_dict(submit(c, "name: small\nstages:\n  - name: a\n"
+                                          "    kind: script\n"
+                                          "    with: { command: [\"echo\", \"hi\"] }\n"))
+            events = watch(c, ok["id"])
+            assert_eq(events[-1].get("run_state"), "RUN_STATE_SUCCEEDED", "a run after the sweep")
+            if "full" in read(d.log) and "Aborted" in read(d.log):
+                raise AssertionError("kpld aborted")
+        finally:
+            c.close()
+            if d.proc:
+                d.stop()
 
     def close(self):
         self.c.close()

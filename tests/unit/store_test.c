@@ -1007,7 +1007,7 @@ static void test_commit_failure(void **state)
 	store_commit(fx->s, on_commit, &s1);
 	assert_int_equal(uv_run(&fx->loop, UV_RUN_DEFAULT), 0);
 	assert_int_equal(s1.called, 1);
-	assert_int_equal(s1.status, KPL_ESTORE);
+	assert_int_equal(s1.status, KPL_EFULL);
 	/* Nothing of the failed group was written. */
 	assert_int_equal(store_get_run(fx->s, "r1", &got), KPL_ENOTFOUND);
 
@@ -1023,11 +1023,102 @@ static void test_commit_failure(void **state)
 
 	/* The same through store_commit_sync: error, staged writes dropped. */
 	store_stage_pipeline(fx->s, "r2", big, big_len);
-	assert_int_equal(store_commit_sync(fx->s), KPL_ESTORE);
+	assert_int_equal(store_commit_sync(fx->s), KPL_EFULL);
 	assert_int_equal(store_staged(fx->s), 0);
 	assert_int_equal(store_get_pipeline(fx->s, "r2", &text, &len), KPL_ENOTFOUND);
 	assert_int_equal(store_commit_sync(fx->s), 0);
 	free(big);
+}
+
+/* --- Space --- */
+
+static void log_event(Kpl__V1__RunEvent *ev, const char *run_id, uint64_t seq)
+{
+	kpl__v1__run_event__init(ev);
+	ev->run_id = (char *)run_id;
+	ev->seq = seq;
+	ev->global_seq = seq;
+	ev->pipeline_name = (char *)"flood";
+	ev->stage = (char *)"s";
+	ev->kind = KPL__V1__EVENT_KIND__EVENT_KIND_LOG;
+	ev->message = (char *)"";
+}
+
+/* An event's cost is its records' real size: an empty line costs its key,
+ * its packed value and LMDB's per-record overhead, twice (the global
+ * index entry too). */
+static void test_event_cost(void **state)
+{
+	const char *id = "01m91c1qskf5djv1";
+	size_t klen = strlen(id) + 1 + 8, empty;
+	Kpl__V1__RunEvent ev;
+
+	(void)state;
+	log_event(&ev, id, 7);
+	empty = store_event_cost(&ev);
+	assert_true(empty >= klen + kpl__v1__run_event__get_packed_size(&ev) + 8 + klen);
+	assert_true(empty >= 80);
+	ev.message = (char *)"hello";
+	assert_int_equal(store_event_cost(&ev), empty + 2 + 5);
+	ev.global_seq = 0;
+	assert_true(store_event_cost(&ev) < empty);
+}
+
+/*
+ * A 1 MiB map: ordinary writes stop at store_has_room's limit, well before
+ * LMDB would say MDB_MAP_FULL; the reserve still takes a run's last writes
+ * and a delete; the delete makes room again.
+ */
+static void test_room_and_reserve(void **state)
+{
+	struct fx *fx = *state;
+	struct store_space sp;
+	Kpl__V1__RunEvent ev;
+	uint64_t seq = 1;
+	size_t before;
+
+	open_store(fx, &fx->loop, 1 << 20);
+	store_space(fx->s, &sp);
+	assert_int_equal(sp.map_size, 1 << 20);
+	assert_int_equal(sp.reserve, 512 << 10);
+	assert_true(sp.used > 0 && sp.used < (64 << 10));
+	before = sp.used;
+	stage_run(fx->s, "flood", "flood", 1);
+	for (;;) {
+		log_event(&ev, "flood", seq);
+		if (!store_has_room(fx->s, store_event_cost(&ev)))
+			break;
+		store_stage_event(fx->s, &ev);
+		seq++;
+		if (seq % 100 == 0)
+			assert_int_equal(store_commit_sync(fx->s), 0);
+		assert_true(seq < 100000);
+	}
+	assert_int_equal(store_commit_sync(fx->s), 0);
+	store_space(fx->s, &sp);
+	assert_true(seq > 1000);
+	assert_true(sp.used > before);
+	assert_true(sp.used <= sp.map_size - sp.reserve);
+	/* Full stays full (no taking and refusing in turns). */
+	assert_int_equal(store_has_room(fx->s, 1), 0);
+
+	/* The reserve takes what failing a run writes. */
+	for (int i = 0; i < 50; i++) {
+		log_event(&ev, "flood", seq++);
+		ev.kind = KPL__V1__EVENT_KIND__EVENT_KIND_STAGE_STATE;
+		ev.message = (char *)"the store is full";
+		store_stage_event(fx->s, &ev);
+	}
+	stage_run(fx->s, "flood", "flood", seq);
+	assert_int_equal(store_commit_sync(fx->s), 0);
+
+	/* Deleting the run frees its pages: room again. */
+	store_stage_delete_run(fx->s, "flood");
+	assert_int_equal(store_commit_sync(fx->s), 0);
+	store_space(fx->s, &sp);
+	if (sp.used >= (256 << 10))
+		fail_msg("used %zu after the delete", sp.used);
+	assert_int_equal(store_has_room(fx->s, 1000), 1);
 }
 
 /* --- Global event index, deleting runs, oldest first --- */
@@ -1673,6 +1764,8 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_group_commit_async, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_many_groups_in_flight, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_commit_failure, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_event_cost, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_room_and_reserve, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_corrupt_records, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_global_index, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_global_dangling, setup, teardown),
