@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "api/kpl.pb-c.h"
+#include "engine/metrics.h"
 #include "google/protobuf/timestamp.pb-c.h"
 #include "pipelines/pipeline.h"
 #include "stages/stage.h"
@@ -39,17 +40,15 @@ struct rpc {
 	struct engine *eng;
 	struct store *store;
 	struct watch *watches; /* open WatchRun streams */
+	/* Runs watch_pump again for WatchRuns streams with more of the global
+	 * log to read (watch->more), one batch each per loop turn. Started
+	 * on demand; freed in its close callback (rpc_free). */
+	uv_idle_t *idle;
 	struct api_method methods[14];
 };
 
 /* ---------------------------------------------------------------------- */
 /* Building responses from the store */
-
-static int last_event_seq(void *data, const Kpl__V1__RunEvent *ev)
-{
-	*(uint64_t *)data = ev->seq;
-	return 0;
-}
 
 /*
  * A whole Run from the store. On success *rec and *stages are the caller's
@@ -82,9 +81,11 @@ static int run_load(struct store *s, const char *id, Kpl__Store__V1__RunRecord *
 		(*statuses)[i] = (*stages)[i]->status;
 	run->n_stages = *n_stages;
 	run->stages = *statuses;
-	/* Log events do not rewrite the run record: count past its copy. */
-	last = (*rec)->next_seq ? (*rec)->next_seq - 1 : 0;
-	store_read_events(s, id, last + 1, 0, last_event_seq, &last);
+	/* Log events do not rewrite the run record: one seek to the run's
+	 * last event, never a decode of each since the record was written. */
+	last = store_last_event_seq(s, id);
+	if ((*rec)->next_seq && (*rec)->next_seq - 1 > last)
+		last = (*rec)->next_seq - 1;
 	run->last_seq = last;
 	return 0;
 }
@@ -291,11 +292,14 @@ static void h_get(struct api_call *call, const ProtobufCMessage *m, void *data)
 	struct rpc *rpc = data;
 	struct kpl_err err = { 0 };
 
+	uint64_t before = store_events_decoded(rpc->store);
+
 	if (check_run_id("id", req->id, &err)) {
 		api_call_fail_err(call, &err);
 		return;
 	}
 	reply_run(call, rpc->store, req->id);
+	metrics_events_read("GetRun", store_events_decoded(rpc->store) - before);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -393,6 +397,7 @@ struct watch {
 	const Kpl__V1__WatchRunsRequest *filter; /* WatchRuns: owned by the call */
 	bool sending;
 	bool ended;
+	bool more;                  /* WatchRuns: read on at the next turn */
 	struct watch *prev, *next;  /* rpc->watches */
 };
 
@@ -466,27 +471,74 @@ static int watch_got(void *data, const Kpl__V1__RunEvent *ev)
 	return 1;
 }
 
+/* Global-log records a WatchRuns stream reads per loop turn at most: a
+ * filter that matches nothing must not hold the loop for the whole log. */
+#define WATCH_SCAN_BATCH 512
+
+static void rpc_idle(uv_idle_t *h);
+
+/* The stream has more to read: go on at the next loop turn. */
+static void watch_more(struct watch *w)
+{
+	struct rpc *rpc = w->rpc;
+
+	w->more = true;
+	if (!rpc->idle) {
+		rpc->idle = kpl_malloc(sizeof *rpc->idle);
+		uv_idle_init(engine_loop(rpc->eng), rpc->idle);
+		rpc->idle->data = rpc;
+	}
+	uv_idle_start(rpc->idle, rpc_idle);
+}
+
+static void rpc_idle(uv_idle_t *h)
+{
+	struct rpc *rpc = h->data;
+	struct watch *w, *next;
+	bool any = false;
+
+	for (w = rpc->watches; w; w = next) {
+		next = w->next; /* watch_pump may end (and free) w only */
+		if (w->more) {
+			w->more = false;
+			watch_pump(w);
+		}
+	}
+	for (w = rpc->watches; w; w = w->next)
+		any = any || w->more;
+	if (!any)
+		uv_idle_stop(h);
+}
+
 static void watch_pump(struct watch *w)
 {
+	uint64_t before = store_events_decoded(w->rpc->store), read;
 	int rc;
 
 	if (w->sending || w->ended)
 		return;
 	if (w->global) {
-		/* A filtered stream may skip many events per send: read in
-		 * batches until one is sent or the log is read to its end. */
-		do
-			rc = store_read_global(w->rpc->store, w->next_seq, 512, watch_got, w);
-		while (rc == 0 && !w->sending &&
-		       w->next_seq <= store_last_global_seq(w->rpc->store));
+		/* A filtered stream may skip many events per send: one batch
+		 * per loop turn until one is sent or the log is read to its
+		 * end. */
+		w->more = false;
+		rc = store_read_global(w->rpc->store, w->next_seq, WATCH_SCAN_BATCH, watch_got, w);
+		read = store_events_decoded(w->rpc->store) - before;
+		metrics_events_read("WatchRuns", read);
+		metrics_watch_scan(read);
 		if (rc < 0) {
 			char msg[200];
 			snprintf(msg, sizeof msg, "cannot read events: %s", kpl_strerror(rc));
 			watch_end(w, ST_INTERNAL, msg);
+			return;
 		}
+		if (rc == 0 && !w->sending &&
+		    w->next_seq <= store_last_global_seq(w->rpc->store))
+			watch_more(w);
 		return; /* WatchRuns never ends by itself */
 	}
 	rc = store_read_events(w->rpc->store, w->sub.run_id, w->next_seq, 1, watch_got, w);
+	metrics_events_read("WatchRun", store_events_decoded(w->rpc->store) - before);
 	if (rc < 0) {
 		char msg[200];
 		snprintf(msg, sizeof msg, "cannot read events of run %s: %s", w->sub.run_id,
@@ -1013,9 +1065,16 @@ const struct api_method *rpc_methods(struct rpc *rpc, size_t *n)
 	return rpc->methods;
 }
 
+static void idle_closed(uv_handle_t *h)
+{
+	free(h);
+}
+
 void rpc_free(struct rpc *rpc)
 {
 	if (rpc->watches)
 		BUG("rpc_free with open watches");
+	if (rpc->idle)
+		uv_close((uv_handle_t *)rpc->idle, idle_closed);
 	free(rpc);
 }

@@ -1960,6 +1960,11 @@ size_t engine_active_runs(struct engine *e)
 	return n;
 }
 
+uv_loop_t *engine_loop(struct engine *e)
+{
+	return e->loop;
+}
+
 struct store *engine_store(struct engine *e)
 {
 	return e->store;

@@ -66,6 +66,7 @@ int engine_start(const struct engine_options *opt, struct engine **out,
 void engine_stop(struct engine *e, void (*done)(void *data), void *data);
 
 struct store *engine_store(struct engine *e);
+uv_loop_t *engine_loop(struct engine *e);
 struct secrets *engine_secrets(struct engine *e);
 
 /*

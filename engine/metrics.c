@@ -57,6 +57,12 @@ static struct {
 	size_t n_hists, cap_hists;
 	struct pairs grpc;    /* method, code name */
 	struct pairs webhook; /* source, result */
+	struct {
+		const char *method; /* static */
+		uint64_t n;
+	} reads[8];
+	size_t n_reads;
+	uint64_t watch_scan_max;
 } m;
 
 static void pairs_add(struct pairs *p, const char *a, const char *b)
@@ -144,6 +150,27 @@ void metrics_grpc_call(const char *method, int code)
 void metrics_webhook(const char *source, const char *result)
 {
 	pairs_add(&m.webhook, source, result);
+}
+
+void metrics_events_read(const char *method, uint64_t n)
+{
+	size_t i;
+
+	for (i = 0; i < m.n_reads; i++)
+		if (strcmp(m.reads[i].method, method) == 0)
+			break;
+	if (i == m.n_reads) {
+		if (i == KPL_ARRAY_SIZE(m.reads))
+			BUG("metrics_events_read: more than %zu methods", i);
+		m.reads[m.n_reads++].method = method;
+	}
+	m.reads[i].n += n;
+}
+
+void metrics_watch_scan(uint64_t n)
+{
+	if (n > m.watch_scan_max)
+		m.watch_scan_max = n;
 }
 
 void metrics_reset(void)
@@ -272,6 +299,15 @@ char *metrics_render(size_t active_runs, size_t *len)
 		 "and result.\n"
 		 "# TYPE kpl_webhook_deliveries_total counter\n");
 	render_pairs(&o, &m.webhook, "kpl_webhook_deliveries_total", "source", "result");
+	outf(&o, "# HELP kpl_api_events_read_total Events read RPCs decoded from the store.\n"
+		 "# TYPE kpl_api_events_read_total counter\n");
+	for (size_t i = 0; i < m.n_reads; i++)
+		outf(&o, "kpl_api_events_read_total{method=\"%s\"} %llu\n", m.reads[i].method,
+		     (unsigned long long)m.reads[i].n);
+	outf(&o, "# HELP kpl_watch_runs_scan_max The most global-log records one WatchRuns "
+		 "stream read in one loop turn.\n"
+		 "# TYPE kpl_watch_runs_scan_max gauge\n"
+		 "kpl_watch_runs_scan_max %llu\n", (unsigned long long)m.watch_scan_max);
 	*len = o.len;
 	return o.p;
 }

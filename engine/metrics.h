@@ -19,6 +19,11 @@
  *   kpl_stage_duration_seconds{kind} histogram of finished stage attempts
  *   kpl_grpc_calls_total{method,code} counter
  *   kpl_webhook_deliveries_total{source,result} counter
+ *   kpl_api_events_read_total{method} counter: events read RPCs decoded
+ *                                   from the store (GetRun and ListRuns
+ *                                   seek instead, so theirs stay 0)
+ *   kpl_watch_runs_scan_max         gauge: the most global-log records one
+ *                                   WatchRuns stream read in one loop turn
  *
  * Threads: loop thread only, all of it.
  */
@@ -26,6 +31,7 @@
 #define KPL_METRICS_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 /*
  * A run moved from state `from` to `to` (kpl.v1.RunState values; from is
@@ -48,6 +54,13 @@ void metrics_grpc_call(const char *method, int code);
  * ("accepted", "duplicate", "ignored", "unauthorized", "bad_request",
  * "error"; any short static word). Both are copied the first time. */
 void metrics_webhook(const char *source, const char *result);
+
+/* A read RPC (method: "GetRun", "ListRuns", "WatchRun", "WatchRuns"; a
+ * static string) decoded n events from the store. */
+void metrics_events_read(const char *method, uint64_t n);
+
+/* A WatchRuns stream read n global-log records in one loop turn. */
+void metrics_watch_scan(uint64_t n);
 
 /*
  * Renders every family as Prometheus text (0.0.4), with active_runs as

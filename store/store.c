@@ -132,6 +132,7 @@ struct store {
 	 * writes past store_has_room's check may use. */
 	size_t used, staged, reserve;
 	int full; /* store_has_room said no, and not enough was freed since */
+	uint64_t events_decoded; /* by reads, any thread (atomic) */
 	uint32_t schema_version;
 	struct store_group *open; /* never NULL while the store is open */
 	struct store_group *inflight; /* NULL when no commit is in flight */
@@ -1045,6 +1046,8 @@ static void *decode(struct store *s, enum store_db db, const MDB_val *k, const M
 {
 	void *msg = protobuf_c_message_unpack(desc, NULL, v->mv_size, v->mv_data);
 
+	if (desc == &kpl__v1__run_event__descriptor)
+		__atomic_add_fetch(&s->events_decoded, 1, __ATOMIC_RELAXED);
 	if (!msg)
 		corrupt(s, db_names[db], k->mv_data, k->mv_size, desc->name, v->mv_size);
 	return msg;
@@ -2129,4 +2132,9 @@ int store_full_msg(struct store *s, char *buf, size_t size)
 			"state changes and deletes; delete runs (retention: --retain-days, "
 			"--retain-runs) or raise --map-size",
 			s->used + s->staged, s->map_size, s->reserve);
+}
+
+uint64_t store_events_decoded(struct store *s)
+{
+	return __atomic_load_n(&s->events_decoded, __ATOMIC_RELAXED);
 }

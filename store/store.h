@@ -232,6 +232,11 @@ int store_read_events(struct store *s, const char *run_id, uint64_t from_seq,
  */
 uint64_t store_last_event_seq(struct store *s, const char *run_id);
 
+/* Events decoded by the reads above so far (store_read_events,
+ * store_read_global): a running count, so a caller can tell what one call
+ * cost. Any thread. */
+uint64_t store_events_decoded(struct store *s);
+
 /* The highest global_seq in the gevents index, 0 if none (or the read
  * fails: that is logged). Deleting the runs of the newest events lowers
  * it: keep the engine's next global seq in a record of its own, not here. */

@@ -9,7 +9,9 @@ Waiting is on log lines, ready files and WatchRun streams; the stages
 coordinate with the test through files.
 """
 
+import http.client
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,6 +52,39 @@ stages:
     needs: [s]
     with: { command: ["true"] }
 """
+
+
+class HttpDaemon(Daemon):
+    """kpld with --http-listen 127.0.0.1:0 (the ready file's second line is
+    http=HOST:PORT), for /metrics."""
+
+    def start(self):
+        ready = self.data_dir + ".ready"
+        if os.path.exists(ready):
+            os.unlink(ready)
+        logf = open(self.log, "a")
+        self.proc = subprocess.Popen(
+            [self.binary, "--listen", "127.0.0.1:0", "--data-dir", self.data_dir,
+             "--ready-file", ready] + self.extra, stdout=logf, stderr=logf)
+        logf.close()
+        await_true(lambda: os.path.exists(ready) or self.proc.poll() is not None,
+                   "kpld to serve")
+        if self.proc.poll() is not None:
+            raise AssertionError("kpld exited with %s before serving; log:\n%s"
+                                 % (self.proc.returncode, read(self.log)))
+        lines = open(ready).read().splitlines()
+        self.addr = lines[0]
+        self.http = [ln[5:] for ln in lines[1:] if ln.startswith("http=")][0]
+        return Client.connect(self.addr)
+
+    def metric(self, name, labels=""):
+        host, port = self.http.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        m = re.search(r"^%s%s (\d+)$" % (re.escape(name), re.escape(labels)), text, re.M)
+        return int(m.group(1)) if m else None
 
 
 class Suite:
@@ -229,6 +264,69 @@ stages:
             c.close()
             if d.proc:
                 d.stop()
+
+    # -- reads that never hold the loop ---------------------------------
+
+    def test_reads_do_bounded_work_per_loop_turn(self):
+        # A running run with 20000 log lines written after its run record:
+        # GetRun seeks to its last event instead of decoding each, and a
+        # WatchRuns whose filter matches none of them reads the global log
+        # a batch per loop turn (kpl_watch_runs_scan_max <= 512).
+        d = HttpDaemon(self.binary, self.path("reads-data"),
+                       ["--http-listen", "127.0.0.1:0"])
+        d.log = self.path("reads.log")
+        c = d.start()
+        go = self.path("reads-go")
+        n = 20000
+        text = """
+name: lines
+stages:
+  - name: s
+    kind: script
+    with:
+      shell: |
+        seq %d
+        while [ ! -e %s ]; do sleep 0.05; done
+""" % (n, go)
+        stream = None
+        try:
+            run = Client.to_dict(submit(c, text))
+            last = None
+            s = c.stream(P + "WatchRun", {"id": run["id"]}, timeout=120)
+            for ev in s:
+                ev = Client.to_dict(ev)
+                if ev.get("message") == str(n):
+                    last = int(ev["seq"])
+                    s.cancel()
+                    break
+            before = d.metric("kpl_api_events_read_total", '{method="GetRun"}') or 0
+            got = Client.to_dict(c.call(P + "GetRun", {"id": run["id"]}))
+            assert_eq(got["state"], "RUN_STATE_RUNNING", "run state")
+            assert_eq(int(got["last_seq"]), last, "GetRun last_seq")
+            assert_eq(d.metric("kpl_api_events_read_total", '{method="GetRun"}'), before,
+                      "events GetRun decoded")
+
+            stream = c.stream(P + "WatchRuns", {"from_global_seq": 1,
+                                                "pipeline_name": "nomatch"}, timeout=120)
+            # The stream sends nothing; the scan shows in the metrics.
+            await_true(lambda: (d.metric("kpl_api_events_read_total",
+                                         '{method="WatchRuns"}') or 0) >= last,
+                       "WatchRuns to read the whole global log", timeout=60)
+            scan_max = d.metric("kpl_watch_runs_scan_max")
+            if not 0 < scan_max <= 512:
+                raise AssertionError("a WatchRuns stream read %d records in one loop turn"
+                                     % scan_max)
+            assert_eq(c.health_check(""), "SERVING", "health while it scans")
+            stream.cancel()
+            stream = None
+            open(go, "w").close()
+            assert_eq(watch(c, run["id"])[-1].get("run_state"), "RUN_STATE_SUCCEEDED",
+                      "the run ends")
+        finally:
+            if stream:
+                stream.cancel()
+            c.close()
+            d.stop()
 
     def close(self):
         self.c.close()

@@ -430,7 +430,9 @@ class Suite:
         assert_eq(types, {"kpl_runs": "gauge", "kpl_runs_active": "gauge",
                           "kpl_queue_depth": "gauge", "kpl_stage_duration_seconds": "histogram",
                           "kpl_grpc_calls_total": "counter",
-                          "kpl_webhook_deliveries_total": "counter"}, "families")
+                          "kpl_webhook_deliveries_total": "counter",
+                          "kpl_api_events_read_total": "counter",
+                          "kpl_watch_runs_scan_max": "gauge"}, "families")
         # Runs: every hook run above succeeded (2 + 2 + 1), none queued now.
         if values['kpl_runs{state="succeeded"}'] < 5:
             raise AssertionError("succeeded runs: %r" % values)
