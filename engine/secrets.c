@@ -338,15 +338,36 @@ struct load_ctx {
 	struct kpl_err *err;
 };
 
+/* The length of the first line of value over SECRETS_MAX_LINE (its number,
+ * from 1, in *line), or 0 if none is. */
+static size_t long_line(const char *value, size_t len, size_t *line)
+{
+	*line = 1;
+	for (size_t i = 0; i < len; (*line)++) {
+		const char *nl = memchr(value + i, '\n', len - i);
+		size_t ll = nl ? (size_t)(nl - (value + i)) : len - i;
+
+		if (ll > SECRETS_MAX_LINE)
+			return ll;
+		i += ll + 1;
+	}
+	return 0;
+}
+
 static int load_one(void *data, const char *name, const void *blob, size_t len)
 {
 	struct load_ctx *c = data;
 	char *value, *pipelines;
-	size_t vlen;
+	size_t vlen, ll, line;
 
 	if (unseal(c->sec, name, blob, len, &value, &vlen, &pipelines))
 		return kpl_errf(c->err, KPL_ECORRUPT, "secret %s does not open with %s: wrong "
 				"key file, or the store was changed", name, c->sec->key_path);
+	/* Set before the limit existed: kept, but said. */
+	if ((ll = long_line(value, vlen, &line)) != 0)
+		kpl_warn(LOG, "secret %s: line %zu of the value is %zu bytes, over %d: where "
+			 "a log line over 8 KiB is cut, parts of it may not be redacted; set it "
+			 "again in shorter lines", name, line, ll, SECRETS_MAX_LINE);
 	put_item(c->sec, name, value, vlen, pipelines);
 	return 0;
 }
@@ -456,7 +477,7 @@ int secrets_stage_set(struct secrets *sec, const char *name, const char *value, 
 	struct secrets_change *ch;
 	unsigned char *blob;
 	char *joined = NULL;
-	size_t blen;
+	size_t blen, ll, line;
 	int found, rc;
 
 	if ((rc = secrets_check_name(name, err)) != 0)
@@ -467,17 +488,11 @@ int secrets_stage_set(struct secrets *sec, const char *name, const char *value, 
 				"logs)", name, SECRETS_MIN_VALUE, SECRETS_MAX_VALUE);
 	if (memchr(value, '\0', len))
 		return kpl_errf(err, KPL_EINVAL, "secret %s: the value holds a NUL byte", name);
-	for (size_t i = 0, line = 1; i < len; line++) {
-		const char *nl = memchr(value + i, '\n', len - i);
-		size_t ll = nl ? (size_t)(nl - (value + i)) : len - i;
-
-		if (ll > SECRETS_MAX_LINE)
-			return kpl_errf(err, KPL_EINVAL, "secret %s: line %zu of the value is %zu "
-					"bytes, over the %d a line can have (longer ones could "
-					"not be found in a log line kpld reads in 8 KiB pieces)",
-					name, line, ll, SECRETS_MAX_LINE);
-		i += ll + 1;
-	}
+	if ((ll = long_line(value, len, &line)) != 0)
+		return kpl_errf(err, KPL_EINVAL, "secret %s: line %zu of the value is %zu "
+				"bytes, over the %d a line can have (longer ones could "
+				"not be found in a log line kpld reads in 8 KiB pieces)",
+				name, line, ll, SECRETS_MAX_LINE);
 	find(sec, name, &found);
 	if (!found && sec->n >= SECRETS_MAX_COUNT)
 		return kpl_errf(err, KPL_ETOOBIG, "at most %d secrets", SECRETS_MAX_COUNT);
