@@ -41,7 +41,7 @@ while getopts t:o:n opt; do
 	esac
 done
 shift $((OPTIND - 1))
-all=$(sed -n 's/^    name = "\([a-z_]*\)",$/\1/p' tests/fuzz/BUILD)
+all=$(awk '/^kpl_fuzz_test\(/ { t = 1 } t && /^    name = / { gsub(/[",]/, "", $3); print $3; t = 0 }' tests/fuzz/BUILD)
 targets=${*:-$all}
 
 # The source files each target is about (for the focus figure).
@@ -58,6 +58,7 @@ focus() {
 	hooks) echo engine/hooks.c ;;
 	httpd) echo engine/httpd.c ;;
 	rpc) echo engine/hooks.c pipelines/pipeline.c ;;
+	chat) echo clients/chatbot/notice.c ;;
 	*) echo "" ;;
 	esac
 }
