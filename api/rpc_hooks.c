@@ -177,6 +177,17 @@ static void h_list(struct api_call *call, const ProtobufCMessage *m, void *data)
 			 kpl_strerror(rc));
 		api_call_fail(call, ST_INTERNAL, msg);
 	} else {
+		/* A registration stored before tokens in URLs were refused
+		 * shows without one. */
+		for (size_t i = 0; i < l.n; i++) {
+			char shown[HOOKS_MAX_URL + 8];
+
+			if (!l.v[i]->repo || !hooks_repo_url_problem(l.v[i]->repo))
+				continue;
+			hooks_url_for_display(l.v[i]->repo, shown, sizeof shown);
+			free(l.v[i]->repo);
+			l.v[i]->repo = kpl_strdup(shown);
+		}
 		resp.n_pipelines = l.n;
 		resp.pipelines = l.v;
 		api_call_reply(call, &resp.base);

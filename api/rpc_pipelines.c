@@ -340,8 +340,12 @@ static int list_one(void *data, const Kpl__Store__V1__RunRecord *rec)
 	buf = kpl_malloc(len);
 	protobuf_c_message_pack(&run->base, buf);
 	c->runs = kpl_realloc(c->runs, (c->n + 1) * sizeof *c->runs);
-	c->runs[c->n++] = kpl__v1__run__unpack(NULL, len, buf);
+	c->runs[c->n] = kpl__v1__run__unpack(NULL, len, buf);
 	free(buf);
+	/* A NULL in the response would crash its packing: stop the walk. */
+	if (!c->runs[c->n])
+		return KPL_ENOMEM;
+	c->n++;
 	return 0;
 }
 

@@ -26,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -356,18 +357,62 @@ static const char *secret_name_of(const char *s, char *buf, size_t size)
 	return strcmp(p, "}}") == 0 ? buf : s;
 }
 
-/* scheme://user:password@host/...: a credential in the URL. */
-static bool url_has_password(const char *url)
+/* The scheme's length if url is scheme://..., else 0. */
+static size_t scheme_len(const char *url)
 {
-	const char *s = strstr(url, "://"), *end, *at, *colon;
+	const char *s = strstr(url, "://");
 
-	if (!s)
-		return false;
-	s += 3;
-	end = s + strcspn(s, "/");
-	at = memrchr(s, '@', (size_t)(end - s));
-	colon = at ? memchr(s, ':', (size_t)(at - s)) : NULL;
-	return colon != NULL;
+	return s && s > url && (size_t)(s - url) == strspn(url, "abcdefghijklmnopqrstuvwxyz"
+								   "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+								   "0123456789+.-")
+		       ? (size_t)(s - url)
+		       : 0;
+}
+
+const char *hooks_repo_url_problem(const char *url)
+{
+	size_t sl = scheme_len(url), n;
+	const char *auth, *end, *at;
+	bool ssh;
+
+	/* transport::address runs git-remote-transport: ext:: runs any
+	 * command, fd:: reads kpld's descriptors. */
+	n = strspn(url, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-");
+	if (n && strncmp(url + n, "::", 2) == 0)
+		return "a remote helper (ext::, fd::, ...) is not allowed: give a URL or a path";
+	if (!sl)
+		return NULL; /* a path, or scp-like user@host:path (an ssh user) */
+	auth = url + sl + 3;
+	end = auth + strcspn(auth, "/?#");
+	at = memrchr(auth, '@', (size_t)(end - auth));
+	if (!at)
+		return NULL;
+	ssh = (sl == 3 && strncasecmp(url, "ssh", 3) == 0) ||
+	      (sl == 7 && (strncasecmp(url, "git+ssh", 7) == 0 ||
+			   strncasecmp(url, "ssh+git", 7) == 0));
+	/* ssh://git@host/... names an ssh user, not a secret; in any other
+	 * scheme a user@ is a credential (https://TOKEN@host/...). */
+	if (ssh && !memchr(auth, ':', (size_t)(at - auth)))
+		return NULL;
+	return "no credentials in the URL (user@ or user:password@; it would be stored, "
+	       "listed and logged): give kpld's user a git credential helper or an ssh key";
+}
+
+void hooks_url_for_display(const char *url, char *out, size_t size)
+{
+	size_t sl = scheme_len(url);
+	const char *auth, *end, *at;
+
+	if (sl && hooks_repo_url_problem(url)) {
+		auth = url + sl + 3;
+		end = auth + strcspn(auth, "/?#");
+		at = memrchr(auth, '@', (size_t)(end - auth));
+		if (at) {
+			snprintf(out, size, "%.*s***@%s", (int)(auth - url), url, at + 1);
+			return;
+		}
+	}
+	snprintf(out, size, "%s", url);
 }
 
 int hooks_check_registration(const Kpl__V1__RegisterPipelineRequest *req,
@@ -377,21 +422,19 @@ int hooks_check_registration(const Kpl__V1__RegisterPipelineRequest *req,
 	static char default_branch[] = "main", default_path[] = ".kpl.yaml";
 	static char secret_buf[80];
 	char key[HOOKS_MAX_URL + 1];
-	const char *secret;
+	const char *secret, *why;
 	int rc;
 
 	if (!name_ok(req->name))
 		return kpl_errf(err, KPL_EINVAL, "name: want 1 to %d of a-z, 0-9, '.', '_', '-'",
 				KPL_MAX_NAME_LEN);
+	if (req->repo && (why = hooks_repo_url_problem(req->repo)) != NULL)
+		return kpl_errf(err, KPL_EINVAL, "repo: %s", why);
 	if (!req->repo || !*req->repo || req->repo[0] == '-' ||
 	    hooks_repo_key(req->repo, key, sizeof key))
 		return kpl_errf(err, KPL_EINVAL,
 				"repo: want https://host/path, ssh://host/path, "
 				"user@host:path, file:///path or /path");
-	if (url_has_password(req->repo))
-		return kpl_errf(err, KPL_EINVAL,
-				"repo: no password in the URL (it would be stored and listed); "
-				"give kpld's user a git credential helper or an ssh key");
 	if (req->n_branches > HOOKS_MAX_BRANCHES)
 		return kpl_errf(err, KPL_EINVAL, "branches: at most %d", HOOKS_MAX_BRANCHES);
 	for (size_t i = 0; i < req->n_branches; i++) {
@@ -516,19 +559,6 @@ static const char *source_name(enum hooks_source s)
 static void delivery_step(struct delivery *d);
 static void job_run_next(struct hooks *h);
 static void hooks_maybe_done(struct hooks *h);
-
-/* A URL for log lines and answers: user:password@ never shows. */
-static void url_for_log(const char *url, char *out, size_t size)
-{
-	const char *s = strstr(url, "://"), *at, *slash;
-
-	if (s && (slash = strchr(s + 3, '/'), at = strchr(s + 3, '@')) && at &&
-	    (!slash || at < slash)) {
-		snprintf(out, size, "%.*s***@%s", (int)(s + 3 - url), url, at + 1);
-		return;
-	}
-	snprintf(out, size, "%s", url);
-}
 
 /* --- Answers --- */
 
@@ -979,7 +1009,7 @@ static void target_job_done(struct delivery *d, struct gitjob *j)
 	case STEP_FETCH_BRANCH:
 		if (!ok) {
 			char u[300];
-			url_for_log(t->repo, u, sizeof u);
+			hooks_url_for_display(t->repo, u, sizeof u);
 			target_fail(d, 502, "git fetch %s: %s", u, why);
 			return;
 		}

@@ -105,6 +105,19 @@ int hooks_check_registration(const Kpl__V1__RegisterPipelineRequest *req,
  */
 int hooks_repo_key(const char *url, char *out, size_t size);
 
+/*
+ * NULL if url may be a repository kpld fetches (and stores, lists, logs),
+ * else why not (static text): a remote helper (ext::, fd::, any
+ * "transport::"), or credentials in it, i.e. user@ in any scheme but ssh
+ * (https://TOKEN@host/...) and user:password@ in ssh. scp-like
+ * user@host:path and ssh://git@host/... name an ssh user and are fine.
+ */
+const char *hooks_repo_url_problem(const char *url);
+
+/* url for answers, logs and listings: a credential hooks_repo_url_problem
+ * refuses shows as "***@" (registrations stored before it did). */
+void hooks_url_for_display(const char *url, char *out, size_t size);
+
 /* True if branch (without refs/heads/) matches pattern: an exact name, or a
  * glob where * and ? also match '/' (fnmatch without flags). */
 bool hooks_branch_match(const char *pattern, const char *branch);

@@ -25,12 +25,14 @@
  *
  * Outputs: sha, short_sha (12 hex digits), ref (as asked; "HEAD" if none).
  */
+#define _GNU_SOURCE /* memrchr */
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "stages/kinds.h"
@@ -79,21 +81,36 @@ static bool has_template(const char *s)
 	return strstr(s, "${{") != NULL;
 }
 
-/* NULL if url may reach git and its logs, else why not. */
+/*
+ * NULL if url may reach git and its logs, else why not. The same rules as
+ * a registered repository's (engine/hooks.c hooks_repo_url_problem): no
+ * remote helper (transport::address; ext:: runs any command), no user@ in
+ * any scheme but ssh (https://TOKEN@host/...), no user:password@ at all.
+ */
 static const char *url_problem(const char *url)
 {
+	static const char scheme_chars[] = "abcdefghijklmnopqrstuvwxyz"
+					   "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-";
 	const char *p = strstr(url, "://"), *end, *at;
+	size_t n = strspn(url, scheme_chars);
+	bool ssh;
 
-	if (!p)
+	if (n && strncmp(url + n, "::", 2) == 0)
+		return "must not name a remote helper (ext::, fd::, ...): give a URL or a path";
+	if (!p || (size_t)(p - url) != n || n == 0)
 		return NULL; /* a path, or scp-like user@host:path (ssh keys) */
 	p += 3;
 	end = p + strcspn(p, "/?#");
-	at = memchr(p, '@', (size_t)(end - p));
+	at = memrchr(p, '@', (size_t)(end - p));
 	if (!at)
 		return NULL;
-	/* ssh://git@host/... names a user and no secret; https never may. */
-	if (strncmp(url, "http", 4) == 0 || memchr(p, ':', (size_t)(at - p)))
-		return "must not hold credentials (user:password@): give a secret as "
+	ssh = (n == 3 && strncasecmp(url, "ssh", 3) == 0) ||
+	      (n == 7 && (strncasecmp(url, "git+ssh", 7) == 0 ||
+			  strncasecmp(url, "ssh+git", 7) == 0));
+	/* ssh://git@host/... names a user and no secret; other schemes never
+	 * may (https://TOKEN@host/... is a token in every log line). */
+	if (!ssh || memchr(p, ':', (size_t)(at - p)))
+		return "must not hold credentials (user@ or user:password@): give a secret as "
 		       "`token: ${{ secrets.NAME }}` instead";
 	return NULL;
 }
@@ -309,6 +326,14 @@ static int run_step(struct proc_steps *s, unsigned step, struct kpl_err *err)
 	size_t n = 0;
 
 	argv[n++] = (char *)git;
+	/* Whatever the user's or system's git config says: no ext:: transport
+	 * (it runs commands), and local repositories (file://, paths) only
+	 * when asked for directly in `repo`, never by a submodule of a fetched
+	 * repository (git marks those not from the user). */
+	argv[n++] = (char *)"-c";
+	argv[n++] = (char *)"protocol.ext.allow=never";
+	argv[n++] = (char *)"-c";
+	argv[n++] = (char *)"protocol.file.allow=user";
 	if (step != CO_INIT) {
 		argv[n++] = (char *)"-C";
 		argv[n++] = c->path;

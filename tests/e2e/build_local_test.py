@@ -199,7 +199,9 @@ stages:
             count = git("rev-list", "--count", "HEAD", cwd=d)
             assert_eq(count, "2" if name == "full" else "1", "history depth of %s" % name)
         lines = logs(events, "main")
-        if not any(line.startswith("$ git -C m fetch --no-tags --depth=1 origin main")
+        if not any(line.startswith("$ git -c protocol.ext.allow=never "
+                                   "-c protocol.file.allow=user -C m fetch --no-tags "
+                                   "--depth=1 origin main")
                    for line in lines):
             raise AssertionError("the fetch was not logged: %r" % lines)
 
@@ -262,6 +264,74 @@ stages:
         assert_eq(st["state"], "STAGE_STATE_FAILED", "stage state")
         if "secrets.NAME" not in st.get("message", ""):
             raise AssertionError("message %r" % st.get("message"))
+
+    def test_checkout_refuses_remote_helpers_and_tokens(self):
+        for repo, why in (("ext::sh -c touch% /tmp/kpl-ext-pwned", "remote helper"),
+                          ("fd::3", "remote helper"),
+                          ("https://ghp_TOKEN123@git.example.com/app.git", "credentials"),
+                          ("git://TOKEN123@git.example.com/app.git", "credentials")):
+            text = """
+name: co-helper
+stages:
+  - { name: c, kind: checkout, with: { repo: "%s" } }
+""" % repo
+            e = expect_rpc_error(lambda: submit(self.c, text),
+                                 grpc.StatusCode.INVALID_ARGUMENT, why)
+            if "TOKEN123" in (e.details() or ""):
+                raise AssertionError("the token is in the error: %r" % e.details())
+        # ssh users and local paths stay allowed (the daemon operator's own
+        # repositories; docs/stages.md).
+        for repo in ("ssh://git@git.example.com/app.git", "git@git.example.com:app.git",
+                     self.repo, self.repo[len("file://"):]):
+            text = """
+name: co-ok
+stages:
+  - { name: c, kind: checkout, with: { repo: "%s" } }
+""" % repo
+            got = Client.to_dict(self.c.call(P + "ValidatePipeline", {"pipeline": text}))
+            assert_eq(got.get("valid"), True, "%s (%r)" % (repo, got.get("diagnostics")))
+
+    def test_checkout_submodule_transports(self):
+        # A repository whose submodule URL is ext:: (runs a command) or a
+        # local path: git refuses both for a submodule even when the git
+        # config the stage sees allows them (GIT_CONFIG_* in the pipeline's
+        # env stands for a user's ~/.gitconfig).
+        marker = self.path("ext-ran")
+        sub = self.path("sub-up")
+        git("init", "-q", "-b", "main", sub)
+        git("-c", "user.name=kpl", "-c", "user.email=kpl@example.com", "commit", "-q",
+            "--allow-empty", "-m", "s", cwd=sub)
+        sub_sha = git("rev-parse", "HEAD", cwd=sub)
+        for name, url in (("ext", "ext::sh -c touch% " + marker), ("file", sub)):
+            up = self.path("super-" + name)
+            git("init", "-q", "-b", "main", up)
+            with open(os.path.join(up, ".gitmodules"), "w") as f:
+                f.write('[submodule "s"]\n\tpath = s\n\turl = %s\n' % url)
+            git("add", ".gitmodules", cwd=up)
+            git("update-index", "--add", "--cacheinfo", "160000,%s,s" % sub_sha, cwd=up)
+            git("-c", "user.name=kpl", "-c", "user.email=kpl@example.com", "commit", "-q",
+                "-m", "super", cwd=up)
+            text = """
+name: co-sub-%s
+params: { repo: { required: true } }
+env:
+  GIT_CONFIG_COUNT: "2"
+  GIT_CONFIG_KEY_0: protocol.ext.allow
+  GIT_CONFIG_VALUE_0: always
+  GIT_CONFIG_KEY_1: protocol.file.allow
+  GIT_CONFIG_VALUE_1: always
+stages:
+  - { name: c, kind: checkout, with: { repo: "${{ params.repo }}", submodules: true } }
+""" % name
+            run, events = run_to_end(self.c, text, {"repo": "file://" + up})
+            st = stage(run, "c")
+            assert_eq(st["state"], "STAGE_STATE_FAILED",
+                      "a %s submodule (%s)" % (name, st.get("message")))
+            if "not allowed" not in " ".join(logs(events, "c")) + st.get("message", ""):
+                raise AssertionError("git did not say the transport is not allowed: %r"
+                                     % logs(events, "c")[-5:])
+        if os.path.exists(marker):
+            raise AssertionError("an ext:: submodule ran its command")
 
     # -- build, driver local ----------------------------------------------
 

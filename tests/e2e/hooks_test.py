@@ -231,7 +231,18 @@ class Suite:
                          grpc.StatusCode.INVALID_ARGUMENT, "repo")
         expect_rpc_error(lambda: self.register(name="x", secret="GH_HOOK",
                                                repo="https://u:pw@example.invalid/a/b"),
-                         grpc.StatusCode.INVALID_ARGUMENT, "no password")
+                         grpc.StatusCode.INVALID_ARGUMENT, "no credentials")
+        # A token alone as the user (https://TOKEN@host/...), and a remote
+        # helper: refused too, and the token is not echoed.
+        for repo, why in (("https://ghp_SECRET123@github.com/a/b.git", "no credentials"),
+                          ("git://ghp_SECRET123@example.invalid/a/b", "no credentials"),
+                          ("ssh://git:ghp_SECRET123@example.invalid/a/b", "no credentials"),
+                          ("ext::sh -c true", "remote helper"),
+                          ("ext::sh", "remote helper")):
+            e = expect_rpc_error(lambda: self.register(name="x", secret="GH_HOOK", repo=repo),
+                                 grpc.StatusCode.INVALID_ARGUMENT, why)
+            if "SECRET123" in (e.details() or ""):
+                raise AssertionError("the token is in the error: %r" % e.details())
         expect_rpc_error(lambda: self.register(name="x", repo=self.repo, secret="GH_HOOK",
                                                path="../etc/passwd"),
                          grpc.StatusCode.INVALID_ARGUMENT, "path")
@@ -244,6 +255,8 @@ class Suite:
                             secret="${{ secrets.GL_HOOK }}")
         assert_eq(got["secret"], "GL_HOOK", "secret given as a template")
         self.register(name="temp", repo="git@example.invalid:t/other.git", secret="GH_HOOK")
+        self.register(name="temp2", repo="ssh://git@example.invalid/t/o.git", secret="GH_HOOK")
+        self.c.call(P + "DeletePipeline", {"name": "temp2"})
         names = [p["name"] for p in Client.to_dict(
             self.c.call(P + "ListPipelines", {})).get("pipelines", [])]
         assert_eq(names, ["hooked", "released", "temp"], "ListPipelines")

@@ -205,6 +205,43 @@ static void test_push_key(void **state)
 			 KPL_EINVAL);
 }
 
+/* Which repository URLs kpld takes, and how a stored one with a token shows. */
+static void test_repo_url_problem(void **state)
+{
+	static const char *const ok[] = {
+		"https://github.com/acme/app.git", "ssh://git@github.com/acme/app.git",
+		"git+ssh://git@github.com/acme/app", "git@github.com:acme/app.git",
+		"/srv/git/app", "file:///srv/git/app", "http://host/a@b", "https://host/x?u=a@b",
+	};
+	static const char *const creds[] = {
+		"https://TOKEN@github.com/acme/app.git", "https://u:p@github.com/a/b",
+		"git://t@host/a", "ssh://git:pw@host/a", "HTTPS://t@host/a", "file://u@/srv/x",
+	};
+	static const char *const helpers[] = { "ext::sh -c true", "fd::3", "git-remote::x" };
+	char out[256];
+
+	(void)state;
+	for (size_t i = 0; i < sizeof ok / sizeof *ok; i++)
+		if (hooks_repo_url_problem(ok[i]))
+			fail_msg("%s refused: %s", ok[i], hooks_repo_url_problem(ok[i]));
+	for (size_t i = 0; i < sizeof creds / sizeof *creds; i++) {
+		const char *why = hooks_repo_url_problem(creds[i]);
+		assert_non_null(why);
+		assert_non_null(strstr(why, "credentials"));
+	}
+	for (size_t i = 0; i < sizeof helpers / sizeof *helpers; i++) {
+		const char *why = hooks_repo_url_problem(helpers[i]);
+		assert_non_null(why);
+		assert_non_null(strstr(why, "remote helper"));
+	}
+	hooks_url_for_display("https://TOKEN@github.com/acme/app", out, sizeof out);
+	assert_string_equal(out, "https://***@github.com/acme/app");
+	hooks_url_for_display("ssh://git@github.com/acme/app", out, sizeof out);
+	assert_string_equal(out, "ssh://git@github.com/acme/app");
+	hooks_url_for_display("/srv/git/a@b", out, sizeof out);
+	assert_string_equal(out, "/srv/git/a@b");
+}
+
 static void test_metrics_text(void **state)
 {
 	size_t len;
@@ -262,6 +299,7 @@ int main(void)
 		cmocka_unit_test(test_parse_gitlab_and_errors),
 		cmocka_unit_test(test_metrics_text),
 		cmocka_unit_test(test_push_key),
+		cmocka_unit_test(test_repo_url_problem),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
