@@ -614,19 +614,30 @@ out:
 }
 
 /* Takes dir's lock for kpld if no shim has: 1 taken (no shim will ever run
- * there), 0 a shim (or kpld) has it, negative on error. */
+ * there), 0 a shim (or kpld) has it, negative on error. Like the shim's,
+ * the lock is written aside and then linked in (which fails like O_EXCL if
+ * one exists): a kpld killed between creating it and writing it would
+ * leave an empty lock, which reads as a shim that died without reporting. */
 static int claim(const char *dir)
 {
-	char *lock = kpl_asprintf("%s/lock", dir);
-	int fd = open(lock, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+	char *tmp = kpl_asprintf("%s/lock.kpld", dir), *lock = kpl_asprintf("%s/lock", dir);
+	int fd, rc;
 
-	free(lock);
-	if (fd < 0)
-		return errno == EEXIST ? 0 : -errno;
+	unlink(tmp); /* left by a kpld killed here before */
+	fd = open(tmp, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0600);
+	if (fd < 0) {
+		rc = -errno;
+		goto out;
+	}
 	if (write(fd, PROC_CLAIMED, strlen(PROC_CLAIMED)) < 0)
 		kpl_warn(LOG, "cannot write the claim in %s: %s", dir, strerror(errno));
 	close(fd);
-	return 1;
+	rc = link(tmp, lock) == 0 ? 1 : errno == EEXIST ? 0 : -errno;
+	unlink(tmp);
+out:
+	free(tmp);
+	free(lock);
+	return rc;
 }
 
 static int spawn(struct proc *p, const struct proc_spec *spec, struct kpl_err *err)
