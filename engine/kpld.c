@@ -8,7 +8,9 @@
  * pending commits land), close LMDB, close the loop.
  */
 #include <arpa/inet.h>
+#include <errno.h>
 #include <getopt.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,6 +20,7 @@
 #include "api/rpc_pipelines.h"
 #include "api/rpc_hooks.h"
 #include "api/rpc_tokens.h"
+#include "stages/proc.h"
 #include "stages/shim.h"
 #include "api/server.h"
 #include "engine/config.h"
@@ -61,6 +64,8 @@ static void usage(FILE *f)
 		"            [--standby] [--max-streams N] [--max-streams-per-conn N]\n"
 		"            [--http-request-timeout SECONDS] [--http-max-per-address N]\n"
 		"            [--map-size SIZE] [--run-budget SIZE] [--log-cap SIZE]\n"
+		"            [--sandbox bwrap|none] [--sandbox-bwrap PATH]\n"
+		"            [--sandbox-bind PATH]... [--sandbox-hide PATH]...\n"
 		"\n"
 		"  --listen HOST:PORT   gRPC address (default 127.0.0.1:7070; port 0 picks one)\n"
 		"  --data-dir DIR       store and run workspaces (default ./var/kpl); one\n"
@@ -99,6 +104,14 @@ static void usage(FILE *f)
 		"                       its first byte, else 408 (default 30)\n"
 		"  --http-max-per-address N\n"
 		"                       open HTTP connections from one address (default 16)\n"
+		"  --sandbox bwrap|none how stage commands are isolated (default bwrap:\n"
+		"                       bubblewrap, the data directory out of reach; none:\n"
+		"                       as kpld's user, unconfined; docs/security.md)\n"
+		"  --sandbox-bwrap PATH the bubblewrap program (default bwrap on PATH)\n"
+		"  --sandbox-bind PATH  also give stages PATH read-write (repeatable)\n"
+		"  --sandbox-hide PATH  also hide PATH from stages (repeatable; the config\n"
+		"                       file, TLS key, bootstrap token file and the\n"
+		"                       config's kubeconfigs and keys are hidden anyway)\n"
 		"\n"
 		"Until an API token exists every call is allowed, so kpld then refuses to\n"
 		"listen on anything but loopback (docs/security.md).\n");
@@ -277,6 +290,93 @@ static bool listen_is_loopback(const char *listen, const char *host)
 	return false;
 }
 
+/* Long-only options, beyond any short option's letter. */
+enum {
+	OPT_SANDBOX = 1000,
+	OPT_SANDBOX_BWRAP,
+	OPT_SANDBOX_BIND,
+	OPT_SANDBOX_HIDE,
+};
+
+/* Appends an absolute form of path to a NULL-terminated list (NULL paths
+ * are skipped; one that does not exist is kept as given, made absolute). */
+static void paths_add(char ***v, size_t *n, const char *path)
+{
+	char buf[PATH_MAX], cwd[PATH_MAX];
+
+	if (!path || !*path)
+		return;
+	*v = kpl_realloc(*v, (*n + 2) * sizeof **v);
+	if (realpath(path, buf))
+		(*v)[*n] = kpl_strdup(buf);
+	else if (path[0] != '/' && getcwd(cwd, sizeof cwd))
+		(*v)[*n] = kpl_asprintf("%s/%s", cwd, path);
+	else
+		(*v)[*n] = kpl_strdup(path);
+	(*v)[++*n] = NULL;
+}
+
+/*
+ * Stage isolation (docs/security.md): hands proc the mode, the data
+ * directory and the paths to hide. Besides --sandbox-hide, what kpld
+ * itself reads secrets from is hidden: the config file, the TLS key, the
+ * bootstrap token file, and the kubeconfigs and client keys the config
+ * names. Returns 0, or 2 after saying why on stderr.
+ */
+static int setup_sandbox(const char *mode, const char *bwrap, const char *data_dir,
+			 char **hide, size_t n_hide, char **bind, size_t n_bind,
+			 const char *config, const struct cfg *cfg, const char *tls_key,
+			 const char *bootstrap)
+{
+	struct proc_sandbox sb = { .bwrap = bwrap };
+	char data[PATH_MAX], **h = NULL, **b = NULL, *found;
+	size_t nh = 0, nb = 0;
+
+	if (strcmp(mode, "none") == 0) {
+		sb.mode = PROC_SANDBOX_NONE;
+		proc_set_sandbox(&sb);
+		kpl_warn(LOG, "--sandbox none: stage commands run as kpld's user, unconfined: "
+			 "any pipeline's script can read and write the data directory "
+			 "(tokens, secrets' key, every run; docs/security.md)");
+		return 0;
+	}
+	if (strcmp(mode, "bwrap") != 0) {
+		fprintf(stderr, "kpld: --sandbox %s: want bwrap or none\n", mode);
+		return 2;
+	}
+	sb.mode = PROC_SANDBOX_BWRAP;
+	if (!realpath(data_dir, data)) {
+		fprintf(stderr, "kpld: --data-dir %s: %s\n", data_dir, strerror(errno));
+		return 2;
+	}
+	sb.data_dir = data;
+	for (size_t i = 0; i < n_hide; i++)
+		paths_add(&h, &nh, hide[i]);
+	paths_add(&h, &nh, config);
+	paths_add(&h, &nh, tls_key);
+	paths_add(&h, &nh, bootstrap);
+	for (size_t i = 0; cfg && i < cfg->n; i++) {
+		paths_add(&h, &nh, cfg->eps[i].kubeconfig);
+		paths_add(&h, &nh, cfg->eps[i].client_key);
+	}
+	for (size_t i = 0; i < n_bind; i++)
+		paths_add(&b, &nb, bind[i]);
+	sb.hide = (const char *const *)h;
+	sb.bind = (const char *const *)b;
+	proc_set_sandbox(&sb);
+	if ((found = proc_find_program(sb.bwrap ? sb.bwrap : "bwrap", getenv("PATH"))))
+		kpl_info(LOG, "stages run in a sandbox (%s): %s and %zu more path(s) hidden, "
+			 "only each run's workspace writable", found, data, nh);
+	else
+		kpl_warn(LOG, "stage isolation: cannot run %s: every stage that runs a "
+			 "command will fail until bubblewrap is installed (or --sandbox none "
+			 "is chosen; docs/security.md)", sb.bwrap ? sb.bwrap : "bwrap");
+	free(found);
+	proc_strv_free(h);
+	proc_strv_free(b);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -300,6 +400,10 @@ int main(int argc, char **argv)
 		{ "map-size", required_argument, NULL, 'Z' },
 		{ "run-budget", required_argument, NULL, 'U' },
 		{ "log-cap", required_argument, NULL, 'L' },
+		{ "sandbox", required_argument, NULL, OPT_SANDBOX },
+		{ "sandbox-bwrap", required_argument, NULL, OPT_SANDBOX_BWRAP },
+		{ "sandbox-bind", required_argument, NULL, OPT_SANDBOX_BIND },
+		{ "sandbox-hide", required_argument, NULL, OPT_SANDBOX_HIDE },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -307,6 +411,10 @@ int main(int argc, char **argv)
 	const char *config = NULL, *bootstrap = NULL, *http_listen = NULL;
 	uint64_t http_request_timeout_ms = 0; /* 0: httpd's defaults */
 	size_t http_max_per_address = 0;
+	const char *sandbox = "bwrap", *sandbox_bwrap = NULL;
+	char **sandbox_hide = kpl_calloc((size_t)argc + 1, sizeof *sandbox_hide);
+	char **sandbox_bind = kpl_calloc((size_t)argc + 1, sizeof *sandbox_bind);
+	size_t n_hide = 0, n_bind = 0;
 	const struct api_method *hm;
 	size_t n_hm;
 	char http_host[256] = "";
@@ -404,6 +512,10 @@ int main(int argc, char **argv)
 				eo.log_cap_bytes = v;
 			break;
 		}
+		case OPT_SANDBOX: sandbox = optarg; break;
+		case OPT_SANDBOX_BWRAP: sandbox_bwrap = optarg; break;
+		case OPT_SANDBOX_BIND: sandbox_bind[n_bind++] = optarg; break;
+		case OPT_SANDBOX_HIDE: sandbox_hide[n_hide++] = optarg; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
@@ -447,6 +559,15 @@ int main(int argc, char **argv)
 	if ((rc = store_open(d.loop, data_dir, &sto, &d.store, &err)) != 0) {
 		fprintf(stderr, "kpld: store %s: %s\n", data_dir, err.msg);
 		return 1;
+	}
+	/* After store_open, which makes the data directory. */
+	rc = setup_sandbox(sandbox, sandbox_bwrap, data_dir, sandbox_hide, n_hide,
+			   sandbox_bind, n_bind, config, d.cfg, so.tls_key_file, bootstrap);
+	free(sandbox_hide);
+	free(sandbox_bind);
+	if (rc) {
+		store_close(d.store);
+		return rc;
 	}
 	if ((rc = secrets_open(d.store, data_dir, &d.secrets, &err)) != 0) {
 		fprintf(stderr, "kpld: %s\n", err.msg);

@@ -371,6 +371,9 @@ static const struct proc_steps_ops bl_steps = {
 	.start = run_step,
 	.exit = bl_exit,
 	.free = bl_free_steps,
+	/* buildah mounts (its own namespaces, chroot isolation for RUN) and
+	 * writes DATA_DIR/buildah: not inside kpl's sandbox (docs/security.md). */
+	.unconfined = true,
 };
 
 static int build_local_start(struct stage *st, struct kpl_err *err)

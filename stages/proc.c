@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <limits.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -640,31 +641,188 @@ out:
 	return rc;
 }
 
+/* ---------------------------------------------------------------------- */
+/* Stage isolation */
+
+/* Set once at startup (proc_set_sandbox), read by every spawn after. */
+static struct proc_sandbox sandbox = { .mode = PROC_SANDBOX_BWRAP, .bwrap = "bwrap" };
+
+static const char **strv_copy(const char *const *v)
+{
+	size_t n = 0;
+	const char **c;
+
+	while (v && v[n])
+		n++;
+	c = kpl_calloc(n + 1, sizeof *c);
+	for (size_t i = 0; i < n; i++)
+		c[i] = kpl_strdup(v[i]);
+	return c;
+}
+
+void proc_set_sandbox(const struct proc_sandbox *sb)
+{
+	/* Kept for the life of the process: set once, before any stage. */
+	sandbox.mode = sb->mode;
+	sandbox.bwrap = kpl_strdup(sb->bwrap ? sb->bwrap : "bwrap");
+	sandbox.data_dir = sb->data_dir ? kpl_strdup(sb->data_dir) : NULL;
+	sandbox.hide = strv_copy(sb->hide);
+	sandbox.bind = strv_copy(sb->bind);
+}
+
+const struct proc_sandbox *proc_sandbox(void)
+{
+	return &sandbox;
+}
+
+char *proc_find_program(const char *prog, const char *path)
+{
+	const char *p = path && *path ? path : "/usr/local/bin:/usr/bin:/bin";
+
+	if (strchr(prog, '/'))
+		return access(prog, X_OK) == 0 ? kpl_strdup(prog) : NULL;
+	while (*p) {
+		size_t len = strcspn(p, ":");
+		char *cand = kpl_asprintf("%.*s/%s", (int)len, len ? p : ".", prog);
+
+		if (access(cand, X_OK) == 0)
+			return cand;
+		free(cand);
+		p += len;
+		if (*p == ':')
+			p++;
+	}
+	errno = ENOENT;
+	return NULL;
+}
+
+static const char *env_get(char *const *env, const char *name)
+{
+	size_t len = strlen(name);
+
+	for (char *const *e = env; e && *e; e++)
+		if (strncmp(*e, name, len) == 0 && (*e)[len] == '=')
+			return *e + len + 1;
+	return NULL;
+}
+
+static void argv_add(char ***v, size_t *n, size_t *cap, const char *s)
+{
+	if (*n + 2 > *cap) {
+		*cap = *cap ? *cap * 2 : 64;
+		*v = kpl_realloc(*v, *cap * sizeof **v);
+	}
+	(*v)[(*n)++] = kpl_strdup(s);
+	(*v)[*n] = NULL;
+}
+
+static void argv_add3(char ***v, size_t *n, size_t *cap, const char *a, const char *b,
+		      const char *c)
+{
+	argv_add(v, n, cap, a);
+	argv_add(v, n, cap, b);
+	if (c)
+		argv_add(v, n, cap, c);
+}
+
+/*
+ * bwrap's argv around spec's command (malloc'd strv), or NULL with err set
+ * when the stage cannot be isolated as configured. The mounts, in order
+ * (later ones cover earlier ones): the whole system read-only, a /dev and
+ * /proc of the sandbox's own, a private /tmp, the operator's --sandbox-bind
+ * paths read-write, an empty read-only DATA_DIR, the hidden paths, then the
+ * run's workspace read-write at its own path. No new privileges, no
+ * capabilities, own pid/ipc/uts namespaces; the network is the host's.
+ */
+static char **sandbox_argv(struct proc *p, const struct proc_spec *spec,
+			   struct kpl_err *err)
+{
+	const char *path = env_get(spec->env, "PATH");
+	char *bwrap, ws[PATH_MAX], cwd[PATH_MAX], **v = NULL;
+	size_t n = 0, cap = 0;
+	struct stat sb;
+
+	if (!(bwrap = proc_find_program(sandbox.bwrap, path ? path : getenv("PATH")))) {
+		kpl_errf(err, KPL_EINVAL, "stage isolation: cannot run %s: %s; install "
+			 "bubblewrap, or start kpld with --sandbox none to run stages "
+			 "unconfined (docs/security.md)", sandbox.bwrap, strerror(errno));
+		return NULL;
+	}
+	if (!realpath(stage_workspace(p->st), ws) || !realpath(spec->cwd, cwd)) {
+		kpl_errf(err, KPL_EINVAL, "cannot run in %s: %s", spec->cwd, strerror(errno));
+		free(bwrap);
+		return NULL;
+	}
+	argv_add(&v, &n, &cap, bwrap);
+	free(bwrap);
+	/* --die-with-parent ties the sandbox to bwrap's outer process, the
+	 * shim's child, not to kpld: the command still outlives kpld. */
+	argv_add3(&v, &n, &cap, "--die-with-parent", "--new-session", "--unshare-pid");
+	argv_add3(&v, &n, &cap, "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try");
+	if (geteuid() == 0)
+		argv_add3(&v, &n, &cap, "--cap-drop", "ALL", NULL);
+	argv_add3(&v, &n, &cap, "--ro-bind", "/", "/");
+	argv_add3(&v, &n, &cap, "--dev", "/dev", NULL);
+	argv_add3(&v, &n, &cap, "--proc", "/proc", NULL);
+	argv_add3(&v, &n, &cap, "--tmpfs", "/tmp", NULL);
+	for (const char *const *b = sandbox.bind; b && *b; b++)
+		argv_add3(&v, &n, &cap, "--bind-try", *b, *b);
+	if (sandbox.data_dir)
+		argv_add3(&v, &n, &cap, "--tmpfs", sandbox.data_dir, NULL);
+	for (const char *const *h = sandbox.hide; h && *h; h++) {
+		if (stat(*h, &sb) != 0)
+			continue;
+		if (S_ISDIR(sb.st_mode))
+			argv_add3(&v, &n, &cap, "--tmpfs", *h, NULL);
+		else
+			argv_add3(&v, &n, &cap, "--ro-bind", "/dev/null", *h);
+	}
+	argv_add3(&v, &n, &cap, "--bind", ws, ws);
+	if (sandbox.data_dir)
+		argv_add3(&v, &n, &cap, "--remount-ro", sandbox.data_dir, NULL);
+	argv_add3(&v, &n, &cap, "--chdir", cwd, NULL);
+	argv_add3(&v, &n, &cap, "--info-fd", "3", "--");
+	for (size_t i = 0; spec->argv[i]; i++)
+		argv_add(&v, &n, &cap, spec->argv[i]);
+	return v;
+}
+
 static int spawn(struct proc *p, const struct proc_spec *spec, struct kpl_err *err)
 {
 	uv_process_options_t o = { 0 };
 	uv_stdio_container_t stdio[3];
-	char exe[4096], grace[32], **argv;
+	char exe[4096], grace[32], **argv, **boxed = NULL;
+	char *const *cmd = spec->argv;
 	size_t exe_len = sizeof exe, argc = 0, n = 0;
+	bool sandboxed = sandbox.mode == PROC_SANDBOX_BWRAP && !spec->unconfined;
 	int rc;
 
 	if ((rc = uv_exepath(exe, &exe_len)) != 0)
 		return kpl_errf(err, KPL_EIO, "cannot find kpld's own executable: %s",
 				uv_strerror(rc));
-	if ((rc = start_watching(p, err)) != 0)
+	/* Never unconfined for want of the sandbox: the stage fails instead. */
+	if (sandboxed && !(boxed = sandbox_argv(p, spec, err)))
+		return err->code;
+	if (boxed)
+		cmd = boxed;
+	if ((rc = start_watching(p, err)) != 0) {
+		proc_strv_free(boxed);
 		return rc;
-	while (spec->argv[n])
+	}
+	while (cmd[n])
 		n++;
-	/* kpld __shim DIR GRACE -- argv... */
-	argv = kpl_calloc(n + 6, sizeof *argv);
+	/* kpld __shim DIR GRACE [--sandboxed] -- argv... */
+	argv = kpl_calloc(n + 7, sizeof *argv);
 	argv[argc++] = exe;
 	argv[argc++] = (char *)SHIM_ARGV1;
 	argv[argc++] = p->dir;
 	snprintf(grace, sizeof grace, "%d", p->grace_ms);
 	argv[argc++] = grace;
+	if (boxed)
+		argv[argc++] = (char *)"--sandboxed";
 	argv[argc++] = (char *)"--";
 	for (size_t i = 0; i < n; i++)
-		argv[argc++] = spec->argv[i];
+		argv[argc++] = cmd[i];
 	stdio[0].flags = UV_IGNORE;
 	stdio[1].flags = UV_IGNORE;
 	stdio[2].flags = UV_INHERIT_FD; /* the shim's own complaints, to kpld's log */
@@ -682,6 +840,7 @@ static int spawn(struct proc *p, const struct proc_spec *spec, struct kpl_err *e
 	p->have_proc = true;
 	p->open_handles++;
 	free(argv);
+	proc_strv_free(boxed);
 	if (rc) {
 		if (rc == UV_ENOENT)
 			kpl_errf(err, KPL_EINVAL, "cannot run in %s: no such directory", spec->cwd);
@@ -823,8 +982,8 @@ char *proc_attempt_dir(struct stage *st)
  * starts step n like proc_start, in cwd with env. */
 static int step_start(struct stage *st, unsigned n, const char *name,
 		      char *const *argv, char *const *env, const char *cwd,
-		      const struct proc_ops *ops, void *data, struct proc **out,
-		      struct kpl_err *err)
+		      bool unconfined, const struct proc_ops *ops, void *data,
+		      struct proc **out, struct kpl_err *err)
 {
 	char *attempt = proc_attempt_dir(st), *dir, prefix[32];
 	struct proc_spec spec = { 0 };
@@ -850,6 +1009,7 @@ static int step_start(struct stage *st, unsigned n, const char *name,
 	spec.cwd = cwd;
 	spec.what = name;
 	spec.resume_prefix = prefix;
+	spec.unconfined = unconfined;
 	rc = proc_start(st, &spec, ops, data, out, err);
 	free(dir);
 	free(attempt);
@@ -967,8 +1127,8 @@ int proc_steps_run(struct proc_steps *s, unsigned n, char *const *argv,
 	if (n >= s->ops->n_names)
 		BUG("step runner: no step %u in %s", n, stage_name(s->st));
 	s->step = n;
-	return step_start(s->st, n, s->ops->names[n], argv, env, cwd, &steps_proc_ops, s,
-			  &s->proc, err);
+	return step_start(s->st, n, s->ops->names[n], argv, env, cwd, s->ops->unconfined,
+			  &steps_proc_ops, s, &s->proc, err);
 }
 
 void proc_steps_finish(struct proc_steps *s, Kpl__V1__StageState state, const char *msg)

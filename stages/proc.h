@@ -64,6 +64,37 @@ struct proc_ops {
 	void (*exit)(struct proc *p, const struct proc_exit *e);
 };
 
+/*
+ * Stage isolation (docs/security.md, "Stage isolation"): how proc runs
+ * every command. PROC_SANDBOX_BWRAP: inside bubblewrap, which shows the
+ * command a read-only view of the system, a private /tmp, /proc of its own
+ * pid namespace and only its run's workspace read-write; the data directory
+ * (all but that workspace) and the hidden paths are not there at all.
+ * PROC_SANDBOX_NONE: as kpld's user, with everything kpld can reach (an
+ * explicit choice of the operator, logged by kpld).
+ */
+enum proc_sandbox_mode {
+	PROC_SANDBOX_BWRAP,
+	PROC_SANDBOX_NONE,
+};
+
+struct proc_sandbox {
+	enum proc_sandbox_mode mode;
+	const char *bwrap;      /* the program (a path, or looked up on PATH) */
+	const char *data_dir;   /* hidden; absolute */
+	const char *const *hide;        /* more paths hidden; NULL-terminated */
+	const char *const *bind;        /* paths shown read-write; NULL-terminated */
+};
+
+/* Sets how commands run; kpld calls it once at startup, before the engine
+ * starts any stage. Copies sb. Loop thread. */
+void proc_set_sandbox(const struct proc_sandbox *sb);
+/* The current setting (borrowed). */
+const struct proc_sandbox *proc_sandbox(void);
+/* The program bwrap resolves to on PATH (or itself when it names a path),
+ * malloc'd, or NULL with errno set when it cannot be run. */
+char *proc_find_program(const char *prog, const char *path);
+
 struct proc_spec {
 	const char *dir;        /* created (with parents) if missing */
 	char *const *argv;      /* argv[0] is looked up on PATH */
@@ -72,6 +103,10 @@ struct proc_spec {
 	const char *what;       /* for kpld's own log lines; may be NULL */
 	const char *resume_prefix; /* NULL: "" */
 	int grace_ms;           /* SIGTERM to SIGKILL on cancel; 0: 5000 */
+	/* Run outside the sandbox whatever proc_set_sandbox said: for a kind
+	 * whose program needs what the sandbox takes away (build's buildah
+	 * mounts); docs/security.md names each such kind and why. */
+	bool unconfined;
 };
 
 /*
@@ -173,6 +208,7 @@ struct proc_steps_ops {
 	/* Frees the kind's attempt (s with it): after the stage is done, on
 	 * abandon, or when proc_steps_start or proc_steps_resume fails. */
 	void (*free)(struct proc_steps *s);
+	bool unconfined;        /* every step, as proc_spec's */
 };
 
 struct proc_steps {

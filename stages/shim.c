@@ -3,8 +3,8 @@
  * shim.c - the process between kpld and a script's command, so that the
  * command outlives a kpld restart and is never run twice.
  *
- * kpld starts `kpld __shim DIR GRACE_MS -- ARGV...` detached (its own
- * session). The shim:
+ * kpld starts `kpld __shim DIR GRACE_MS [--sandboxed] -- ARGV...` detached
+ * (its own session). The shim:
  *   1. claims DIR/lock (linked in, which fails like O_CREAT|O_EXCL) and
  *      holds an flock on it for its whole life, its pid written inside. A
  *      kpld that restarts and finds no lock file claims it itself, so a
@@ -22,6 +22,14 @@
  *      left in its group so the pipes reach EOF.
  *   4. writes DIR/exit ("exit N" or "signal N" or "error TEXT") through a
  *      rename, after every output record, and exits.
+ * --sandboxed: ARGV is bwrap's (stages/proc.c builds it) with --info-fd 3
+ * and --new-session; the shim hands bwrap fd 3 and reads the sandbox's pid
+ * from it. That pid leads the process group of everything in the sandbox
+ * (bwrap's pid 1 and the command), so signals go there, not to bwrap's
+ * outer process: the command gets its SIGTERM and its grace, and a SIGKILL
+ * of that pid 1 ends the whole sandbox. A bwrap that never reports the pid,
+ * or that fails with its own "bwrap: " line first, could not set the sandbox
+ * up: DIR/exit says so as an error, never as the command's status.
  * kpld follows DIR/output and waits for DIR/exit, with the read offset kept
  * in LMDB in the same commit as the log events, so a restarted kpld carries
  * on exactly where it was.
@@ -64,6 +72,9 @@ struct shim_line {
 static int out_fd = -1;
 static off_t out_size;
 static int out_capped;
+/* The first stderr line, to tell bwrap's own failure from the command's. */
+static char first_err[256];
+static int have_first_err;
 
 static void write_all(int fd, const char *p, size_t n)
 {
@@ -83,6 +94,10 @@ static void record(char tag, const char *p, size_t n)
 {
 	char head = tag;
 
+	if (tag == '2' && !have_first_err) {
+		snprintf(first_err, sizeof first_err, "%.*s", (int)n, p);
+		have_first_err = 1;
+	}
 	if (out_capped)
 		return;
 	if (out_size + (off_t)n + 2 > SHIM_MAX_OUTPUT_BYTES) {
@@ -162,25 +177,65 @@ static int64_t mono_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* The sandbox's pid from bwrap's --info-fd JSON ("child-pid": N), read
+ * until it comes or bwrap closes the pipe (it writes it right after its
+ * clone, before the command runs); 0 if it never came. */
+static pid_t read_sandbox_pid(int fd)
+{
+	char buf[1024];
+	size_t len = 0;
+	const char *key = "\"child-pid\":";
+
+	for (;;) {
+		ssize_t n;
+		char *at, *end;
+		long v;
+
+		buf[len] = '\0';
+		if ((at = strstr(buf, key)) != NULL) {
+			v = strtol(at + strlen(key), &end, 10);
+			/* The number is whole once something follows it. */
+			if (*end && v > 0)
+				return (pid_t)v;
+		}
+		if (len == sizeof buf - 1)
+			return 0;
+		n = read(fd, buf + len, sizeof buf - 1 - len);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return 0;
+		len += (size_t)n;
+	}
+}
+
 int shim_main(int argc, char **argv)
 {
 	const char *dir;
 	char path[4096], text[512];
-	int lock_fd, po[2], pe[2], status = 0;
+	int lock_fd, po[2], pe[2], pi[2] = { -1, -1 }, status = 0, sandboxed, cmd_at;
 	int64_t grace_ms, kill_at = 0;
 	struct shim_line lo = { 0 }, le = { 0 };
 	struct sigaction sa;
-	pid_t child;
+	pid_t child, group, sandbox = 0;
 	int open_pipes = 2, exited = 0;
 	char buf[65536];
 
-	/* argv: kpld __shim DIR GRACE_MS -- ARGV... */
-	if (argc < 6 || strcmp(argv[4], "--") != 0) {
-		fprintf(stderr, "usage: kpld __shim DIR GRACE_MS -- ARGV...\n");
+	/* argv: kpld __shim DIR GRACE_MS [--sandboxed] -- ARGV... */
+	sandboxed = argc > 4 && strcmp(argv[4], "--sandboxed") == 0;
+	cmd_at = sandboxed ? 6 : 5;
+	if (argc < cmd_at + 1 || strcmp(argv[cmd_at - 1], "--") != 0) {
+		fprintf(stderr, "usage: kpld __shim DIR GRACE_MS [--sandboxed] -- ARGV...\n");
 		return 2;
 	}
 	dir = argv[2];
 	grace_ms = atoll(argv[3]);
+
+	/* kpld's descriptors without close-on-exec (LMDB's data.mdb among
+	 * them) must not reach the command: only stdio goes on. */
+	if (close_range(3, ~0U, 0) != 0)
+		for (long fd = 3, max = sysconf(_SC_OPEN_MAX); fd < max; fd++)
+			close((int)fd);
 
 	/* The lock appears already flocked with the pid inside (made aside,
 	 * then linked in, which fails like O_EXCL if it exists): a kpld never
@@ -204,7 +259,8 @@ int shim_main(int argc, char **argv)
 
 	snprintf(path, sizeof path, "%s/output", dir);
 	out_fd = open(path, O_CREAT | O_APPEND | O_WRONLY | O_CLOEXEC, 0600);
-	if (out_fd < 0 || pipe2(po, O_CLOEXEC) || pipe2(pe, O_CLOEXEC)) {
+	if (out_fd < 0 || pipe2(po, O_CLOEXEC) || pipe2(pe, O_CLOEXEC) ||
+	    (sandboxed && pipe2(pi, O_CLOEXEC))) {
 		snprintf(text, sizeof text, "error cannot set up the command's output: %s\n",
 			 strerror(errno));
 		write_exit(dir, text);
@@ -242,13 +298,24 @@ int shim_main(int argc, char **argv)
 			dup2(devnull, 0);
 		dup2(po[1], 1);
 		dup2(pe[1], 2);
-		execvp(argv[5], argv + 5);
-		dprintf(2, "cannot run %s: %s\n", argv[5], strerror(errno));
+		if (sandboxed)
+			dup2(pi[1], 3); /* bwrap's --info-fd 3; dup2 clears CLOEXEC */
+		execvp(argv[cmd_at], argv + cmd_at);
+		dprintf(2, "cannot run %s: %s\n", argv[cmd_at], strerror(errno));
 		_exit(127);
 	}
 	setpgid(child, child); /* also here: no race with an early SIGTERM */
 	close(po[1]);
 	close(pe[1]);
+	group = child;
+	if (sandboxed) {
+		close(pi[1]);
+		sandbox = read_sandbox_pid(pi[0]);
+		/* Left open until the end: bwrap writes more after the pid, and
+		 * a closed pipe would kill it with SIGPIPE. */
+		if (sandbox)
+			group = sandbox; /* --new-session: it leads its own group */
+	}
 	fcntl(po[0], F_SETFL, O_NONBLOCK);
 	fcntl(pe[0], F_SETFL, O_NONBLOCK);
 
@@ -257,13 +324,13 @@ int shim_main(int argc, char **argv)
 		int timeout = -1;
 
 		if (got_term && !kill_at) {
-			kill(-child, SIGTERM);
+			kill(-group, SIGTERM);
 			kill_at = mono_ms() + grace_ms;
 		}
 		if (kill_at && kill_at != INT64_MAX) {
 			int64_t left = kill_at - mono_ms();
 			if (left <= 0) {
-				kill(-child, SIGKILL);
+				kill(-group, SIGKILL);
 				kill_at = INT64_MAX;
 			} else {
 				timeout = (int)left;
@@ -276,6 +343,8 @@ int shim_main(int argc, char **argv)
 				exited = 1;
 				/* Leftovers in its group would hold the pipes open. */
 				kill(-child, SIGKILL);
+				if (group != child)
+					kill(-group, SIGKILL);
 			}
 			if (!open_pipes)
 				continue;
@@ -304,13 +373,25 @@ int shim_main(int argc, char **argv)
 			pf[i].fd = *fd;
 		}
 	}
+	if (pi[0] >= 0)
+		close(pi[0]);
 	if (lo.len)
 		flush_line('1', &lo, 1);
 	if (le.len)
 		flush_line('2', &le, 1);
 	close(out_fd);
 
-	if (WIFSIGNALED(status))
+	if (sandboxed && !sandbox)
+		snprintf(text, sizeof text, "error stage isolation: %s did not start the "
+			 "sandbox (%s %d)%s%s\n", argv[cmd_at],
+			 WIFSIGNALED(status) ? "signal" : "exit status",
+			 WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status),
+			 have_first_err ? ": " : "", have_first_err ? first_err : "");
+	else if (sandboxed && have_first_err && !WIFSIGNALED(status) &&
+		 WEXITSTATUS(status) != 0 && strncmp(first_err, "bwrap: ", 7) == 0)
+		snprintf(text, sizeof text, "error stage isolation: the sandbox could not be "
+			 "set up: %s\n", first_err);
+	else if (WIFSIGNALED(status))
 		snprintf(text, sizeof text, "signal %d\n", WTERMSIG(status));
 	else
 		snprintf(text, sizeof text, "exit %d\n", WEXITSTATUS(status));

@@ -1,6 +1,7 @@
 /*
  * shim.h - the process that runs a script's command for kpld (see shim.c):
- * `kpld __shim DIR GRACE_MS -- ARGV...`.
+ * `kpld __shim DIR GRACE_MS [--sandboxed] -- ARGV...` (--sandboxed: ARGV is
+ * bwrap's, see shim.c).
  *
  * Files in DIR, the attempt's directory:
  *   lock    created O_EXCL and flock'ed by the shim for its life (pid inside);

@@ -140,6 +140,10 @@ class Daemon:
         self.data_dir = os.path.join(tmp, "data")
         self.ready = os.path.join(tmp, "ready")
         self.log = os.path.join(tmp, "kpld.log")
+        # Stages write only their workspace and what kpld is told to bind
+        # (docs/security.md): the ledger lives here.
+        self.shared = os.path.join(tmp, "shared")
+        os.makedirs(self.shared, exist_ok=True)
         self.proc = None
         self.client = None
         self.gen = 0
@@ -157,7 +161,8 @@ class Daemon:
             logf.flush()
             return subprocess.Popen(
                 [self.binary, "--listen", "127.0.0.1:0", "--data-dir", self.data_dir,
-                 "--ready-file", self.ready], stdout=logf, stderr=logf)
+                 "--ready-file", self.ready, "--sandbox-bind", self.shared],
+                stdout=logf, stderr=logf)
 
     def kill_in_startup(self, delay):
         """Starts kpld and SIGKILLs it delay s after it says it is recovering
@@ -301,9 +306,9 @@ class CrashTest:
         self.rng = random.Random(seed)
         self.n_runs = n_runs
         self.n_kills = n_kills
-        self.ledger = os.path.join(tmp, "ledger")
-        open(self.ledger, "w").close()
         self.daemon = Daemon(binary, tmp)
+        self.ledger = os.path.join(self.daemon.shared, "ledger")
+        open(self.ledger, "w").close()
         self.text = pipeline_text()
         self.checks = Checks()
         self.lock = threading.Lock()

@@ -20,7 +20,7 @@ import grpc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from e2e_test import (P, Client, Daemon, assert_eq, expect_rpc_error,  # noqa: E402
-                      run_suite, submit, wait_for_log, watch)
+                      _pid_by_argv, run_suite, submit, wait_for_log, watch)
 
 
 def ts(t):
@@ -48,11 +48,16 @@ def logs(events, stage_name=None):
 class Suite:
     def __init__(self, binary, tmp):
         self.tmp = tmp
-        self.daemon = Daemon(binary, os.path.join(tmp, "data"))
+        # Stages write only their workspace and what kpld is told to bind
+        # (docs/security.md): the files the tests share with them go here.
+        self.shared = os.path.join(tmp, "shared")
+        os.mkdir(self.shared)
+        self.daemon = Daemon(binary, os.path.join(tmp, "data"),
+                             ["--sandbox-bind", self.shared])
         self.c = self.daemon.start()
 
     def path(self, name):
-        return os.path.join(self.tmp, name)
+        return os.path.join(self.shared, name)
 
     def run_to_end(self, text, params=None):
         run = Client.to_dict(submit(self.c, text, params))
@@ -447,11 +452,17 @@ stages:
         data = self.path("unrec-data")
         d = Daemon(self.daemon.binary, data)
         c = d.start()
-        pidfile = self.path("unrec.pid")
         text = ("name: unrec\nstages:\n  - name: s\n    kind: script\n    with:\n"
-                "      shell: 'echo $$ > %s; echo up; exec sleep 60'\n" % pidfile)
+                "      shell: 'echo up; exec sh -c \"sleep 60\" kpl-unrec-$KPL_RUN_ID'\n")
         run = Client.to_dict(submit(c, text))
         wait_for_log(c, run["id"])
+        # Its pid inside the sandbox means nothing here: found by its argv.
+        deadline = time.monotonic() + 10
+        while not _pid_by_argv("kpl-unrec-" + run["id"]) and time.monotonic() < deadline:
+            time.sleep(0.05)  # after "up": no event to wait on
+        pid = _pid_by_argv("kpl-unrec-" + run["id"])
+        if not pid:
+            raise AssertionError("the stage's command is not running")
         c.close()
         d.stop(signal.SIGKILL)
         # Change the stored pipeline text with LMDB's own tools.
@@ -472,7 +483,6 @@ stages:
             assert_eq(events[-1]["run_state"], "RUN_STATE_FAILED", "final event")
             assert_eq([int(e["seq"]) for e in events], list(range(1, len(events) + 1)),
                       "seqs without a gap")
-            pid = int(open(pidfile).read())
             deadline = time.monotonic() + 10
             while os.path.exists("/proc/%d" % pid) and time.monotonic() < deadline:
                 time.sleep(0.05)  # the shim forwards the stop: no event to wait on
