@@ -54,6 +54,10 @@ struct secrets {
 	const char **names;   /* parallel view for secrets_names */
 	struct pattern *pats; /* longest first, no duplicates; rebuilt on change */
 	size_t n_pats;
+	/* pats by first byte: by_first[first[b] .. first[b + 1]) index the
+	 * patterns starting with byte b, so a text is scanned once. */
+	size_t first[257];
+	size_t *by_first;
 	char *key_path;
 };
 
@@ -220,6 +224,9 @@ static void free_patterns(struct secrets *sec)
 	free(sec->pats);
 	sec->pats = NULL;
 	sec->n_pats = 0;
+	free(sec->by_first);
+	sec->by_first = NULL;
+	memset(sec->first, 0, sizeof sec->first);
 }
 
 static void add_pattern(struct secrets *sec, const char *p, size_t len, size_t *cap)
@@ -277,6 +284,18 @@ static void rebuild_names(struct secrets *sec)
 	 * all matches, so it does not change what is masked. */
 	if (sec->n_pats)
 		qsort(sec->pats, sec->n_pats, sizeof *sec->pats, longer_first);
+	/* Counting sort by first byte (stable: longest first within one). */
+	sec->by_first = kpl_calloc(sec->n_pats + 1, sizeof *sec->by_first);
+	for (size_t i = 0; i < sec->n_pats; i++)
+		sec->first[(unsigned char)sec->pats[i].text[0] + 1]++;
+	for (size_t b = 1; b <= 256; b++)
+		sec->first[b] += sec->first[b - 1];
+	{
+		size_t fill[256];
+		memcpy(fill, sec->first, sizeof fill);
+		for (size_t i = 0; i < sec->n_pats; i++)
+			sec->by_first[fill[(unsigned char)sec->pats[i].text[0]]++] = i;
+	}
 }
 
 static size_t find(const struct secrets *sec, const char *name, int *found)
@@ -631,25 +650,31 @@ char *secrets_redact_cut(struct secrets *sec, const char *text, size_t len, unsi
 
 	if (!sec || !len)
 		return NULL;
-	for (size_t i = 0; i < sec->n_pats; i++) {
-		const struct pattern *pat = &sec->pats[i];
-		const char *p = text, *end = text + len, *hit;
+	/* Every occurrence of every pattern, overlapping ones too: at each
+	 * position, the patterns that start with its byte. */
+	for (size_t i = 0; i < len; i++) {
+		unsigned char b = (unsigned char)text[i];
 
-		/* Every occurrence, overlapping ones too: hence p = hit + 1. */
-		while (p < end && (hit = memmem(p, (size_t)(end - p), pat->text, pat->len))) {
+		for (size_t k = sec->first[b]; k < sec->first[b + 1]; k++) {
+			const struct pattern *pat = &sec->pats[sec->by_first[k]];
+
+			if (pat->len > len - i || text[i + 1] != pat->text[1] ||
+			    memcmp(text + i, pat->text, pat->len) != 0)
+				continue;
 			if (!mask)
 				mask = kpl_calloc(len, 1);
-			memset(mask + (hit - text), 1, pat->len);
-			p = hit + 1;
+			memset(mask + i, 1, pat->len);
 		}
-		if (cut & (SECRETS_CUT_START | SECRETS_CUT_END)) {
-			if (!mask)
-				mask = kpl_calloc(len, 1);
-			if (cut & SECRETS_CUT_END)
-				mask_edge(text, len, pat, true, mask);
-			if (cut & SECRETS_CUT_START)
-				mask_edge(text, len, pat, false, mask);
-		}
+	}
+	for (size_t i = 0; i < sec->n_pats && (cut & (SECRETS_CUT_START | SECRETS_CUT_END)); i++) {
+		const struct pattern *pat = &sec->pats[i];
+
+		if (!mask)
+			mask = kpl_calloc(len, 1);
+		if (cut & SECRETS_CUT_END)
+			mask_edge(text, len, pat, true, mask);
+		if (cut & SECRETS_CUT_START)
+			mask_edge(text, len, pat, false, mask);
 	}
 	if (!mask || !memchr(mask, 1, len)) {
 		free(mask);
