@@ -72,6 +72,9 @@
 /* An upload whose connection broke midway is begun again from its HEAD (a
  * blob is named by its digest: sending it again is safe), this many times. */
 #define PUSH_MAX_BLOB_RESTARTS 2
+/* A resumed push's HEAD of a manifest answered 5xx is asked again, up to
+ * this many HEADs in all, before the PUT is sent anyway. */
+#define PUSH_MAX_HEAD_TRIES 5
 
 #define PUSH_PHASE_MAP(X)                                                  \
 	X(RECORD, "recording resume data")                                 \
@@ -159,6 +162,7 @@ struct push {
 	 * repeat the push, e.g. registry notifications). */
 	bool resumed;
 	bool head_done; /* the HEAD for the current manifest PUT was made */
+	int head_tries;  /* HEADs of it answered with an error */
 
 	/* The blob being uploaded */
 	struct reg_upload up;
@@ -714,7 +718,17 @@ static void on_manifest_head(struct push *p, struct http_response *resp)
 	const char *dcd = http_response_header(resp, "Docker-Content-Digest");
 	char sd[32];
 
+	if (resp->status >= 500 && ++p->head_tries < PUSH_MAX_HEAD_TRIES) {
+		/* docker-registry (filesystem storage) rewrites a manifest's
+		 * revision link in place, so a HEAD racing another push of the
+		 * same manifest gets 500 "invalid checksum digest format":
+		 * ask again rather than PUT what may be there. */
+		p->head_done = false;
+		next_manifest(p);
+		return;
+	}
 	p->head_done = true;
+	p->head_tries = 0;
 	if (resp->status != 200 || !dcd || strcmp(dcd, m->digest) != 0) {
 		next_manifest(p); /* not there (or other bytes): the PUT */
 		return;
