@@ -803,6 +803,13 @@ void stage_log_piece_staged(struct stage *st, Kpl__V1__LogStream stream, const c
 	stage_log_event(st, stream, line, len, cut);
 }
 
+void stage_log_piece(struct stage *st, Kpl__V1__LogStream stream, const char *line,
+		     size_t len, unsigned cut, bool commit)
+{
+	if (stage_log_event(st, stream, line, len, cut) && commit)
+		run_commit(st->run);
+}
+
 void stage_save_resume(struct stage *st, const char *resume)
 {
 	if (st->run->eng->stopping)

@@ -155,11 +155,21 @@ static void bj_close(struct bj *b)
 static void bj_send(struct bj *b);
 static void bj_exec(struct bj *b, struct jenkins_step *s);
 
+_Static_assert(JENKINS_CUT_START == STAGE_LOG_CUT_START && JENKINS_CUT_END == STAGE_LOG_CUT_END,
+	       "jenkins.h and stage.h name the same cuts");
+
 static void emit_line(struct bj *b, const struct jenkins_line *l, bool staged)
 {
-	char *text = stage_redact(b->st, l->text);
+	char *text;
 	Kpl__V1__LogStream stream = l->note ? KPL__V1__LOG_STREAM__LOG_STREAM_SYSTEM
 					    : KPL__V1__LOG_STREAM__LOG_STREAM_STDOUT;
+
+	if (l->cut) {
+		/* A piece: redacted knowing where it was cut. */
+		stage_log_piece(b->st, stream, l->text, strlen(l->text), l->cut, !staged);
+		return;
+	}
+	text = stage_redact(b->st, l->text);
 
 	if (staged)
 		stage_log_staged(b->st, stream, text, strlen(text));

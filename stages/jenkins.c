@@ -11,6 +11,7 @@
 
 #include <jansson.h>
 
+#include "engine/logline.h"
 #include "stages/jenkins.h"
 
 struct jenkins {
@@ -35,6 +36,7 @@ struct jenkins {
 	int64_t queue_id, number;
 	char *build_url;
 	uint64_t offset;       /* progressiveText start */
+	bool cut_open;         /* the last console line was a piece: the next continues it */
 	char *image;           /* last KPL_IMAGE= line */
 	char *art_image, *art_digest;
 	char *result;
@@ -1092,6 +1094,7 @@ static void on_log(struct jenkins *j, const struct jenkins_reply *r, const char 
 		const char *nl = memchr(p, '\n', (size_t)(end - p));
 		size_t n;
 		char *img;
+		bool cut_end = false;
 		if (!nl) {
 			size_t tail = (size_t)(end - p);
 			/* An unfinished line: the next poll has it whole. The
@@ -1102,14 +1105,28 @@ static void on_log(struct jenkins *j, const struct jenkins_reply *r, const char 
 				break;
 			}
 			n = tail;
+			if (more) {
+				/* A piece of a longer line, tagged so a secret the
+				 * cut splits is still redacted; never cut inside a
+				 * character (its bytes are read again). */
+				size_t k = logline_utf8_cut(p, tail);
+				if (k > 0 && k < tail && tail - k <= size) {
+					j->offset = size - (tail - k);
+					n = k;
+				}
+				cut_end = true;
+			}
 		} else {
 			n = (size_t)(nl - p);
 		}
 		{
 			size_t len = n;
-			if (len && p[len - 1] == '\r')
+			if (len && p[len - 1] == '\r' && !cut_end)
 				len--;
 			add_line(s, false, p, len);
+			s->lines[s->n_lines - 1].cut = (j->cut_open ? JENKINS_CUT_START : 0) |
+						       (cut_end ? JENKINS_CUT_END : 0);
+			j->cut_open = cut_end;
 			img = jenkins_image_marker(s->lines[s->n_lines - 1].text);
 			if (img) {
 				free(j->image);
@@ -1117,6 +1134,8 @@ static void on_log(struct jenkins *j, const struct jenkins_reply *r, const char 
 			}
 		}
 		p += n + (nl ? 1 : 0);
+		if (cut_end)
+			break; /* what is left (a character cut short) is read again */
 	}
 	if (j->offset != old || s->n_lines)
 		set_resume(j, s, false);

@@ -136,9 +136,15 @@ enum jenkins_result {
 	JENKINS_RESULT_CANCELLED,
 };
 
+/* Which ends of a console line are cuts (a line over
+ * JENKINS_MAX_PARTIAL_LINE comes in pieces); as STAGE_LOG_CUT_*. */
+#define JENKINS_CUT_START 1u /* continues the previous piece */
+#define JENKINS_CUT_END 2u   /* continues in the next one */
+
 struct jenkins_line {
 	bool note; /* kpl's own note (system stream), else a console line */
 	char *text;
+	unsigned cut; /* JENKINS_CUT_* bits: a piece, redacted as one (stage_log_piece) */
 };
 
 struct jenkins_output {

@@ -170,6 +170,9 @@ void stage_log_staged(struct stage *st, Kpl__V1__LogStream stream,
 #define STAGE_LOG_CUT_END 2u   /* it continues in a later piece */
 void stage_log_piece_staged(struct stage *st, Kpl__V1__LogStream stream,
 			    const char *line, size_t len, unsigned cut);
+/* The same, committed now when commit is true (like stage_log). */
+void stage_log_piece(struct stage *st, Kpl__V1__LogStream stream, const char *line,
+		     size_t len, unsigned cut, bool commit);
 /* Records new resume data (copied) and commits it with everything staged. */
 void stage_save_resume(struct stage *st, const char *resume);
 void stage_logf(struct stage *st, const char *fmt, ...)

@@ -807,6 +807,42 @@ static void test_cancel_queued_and_before_trigger(void **state)
 	jenkins_free(j);
 }
 
+/* A console line over JENKINS_MAX_PARTIAL_LINE comes in pieces tagged
+ * with their cuts (so a secret across a cut is redacted), each cut between
+ * UTF-8 characters. */
+static void test_long_console_line_in_pieces(void **state)
+{
+	struct jenkins_step s = { 0 };
+	struct jenkins *j;
+	size_t big = JENKINS_MAX_PARTIAL_LINE + 10;
+	char *body = malloc(big + 16), size[32];
+
+	(void)state;
+	j = to_log(&s);
+	/* 'a' * big, then the first two bytes of a euro sign */
+	memset(body, 'a', big);
+	memcpy(body + big, "\xE2\x82", 3);
+	snprintf(size, sizeof size, "%zu", big + 2);
+	feed(j, 200, body, &s, "X-Text-Size", size, "X-More-Data", "true", NULL);
+	assert_int_equal(s.n_lines, 1);
+	assert_int_equal(strlen(s.lines[0].text), big);
+	assert_int_equal(s.lines[0].cut, JENKINS_CUT_END);
+	snprintf(size, sizeof size, "\"offset\":%zu", big);
+	assert_non_null(strstr(s.resume, size));
+	/* the euro sign whole, the line's end, then a line of its own */
+	snprintf(size, sizeof size, "%zu", big + 3 + 5 + 6);
+	feed(j, 200, "\xE2\x82\xACtail\r\nnext\r\n", &s, "X-Text-Size", size,
+	     "X-More-Data", "true", NULL);
+	assert_int_equal(s.n_lines, 2);
+	assert_string_equal(s.lines[0].text, "\xE2\x82\xACtail");
+	assert_int_equal(s.lines[0].cut, JENKINS_CUT_START);
+	assert_string_equal(s.lines[1].text, "next");
+	assert_int_equal(s.lines[1].cut, 0);
+	jenkins_step_release(&s);
+	jenkins_free(j);
+	free(body);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -815,6 +851,7 @@ int main(void)
 		cmocka_unit_test(test_crumb_json),
 		cmocka_unit_test(test_marker_and_error_text),
 		cmocka_unit_test(test_fresh_flow_to_success),
+		cmocka_unit_test(test_long_console_line_in_pieces),
 		cmocka_unit_test(test_results),
 		cmocka_unit_test(test_unstable_fail),
 		cmocka_unit_test(test_image_from_log_only),
