@@ -1069,6 +1069,7 @@ struct lookup_ctx {
 	struct stage *st;
 	unsigned roots; /* beyond EXPR_ROOTS_TEMPLATE: the kind's with_roots */
 	char as_written[160];
+	size_t expanded; /* bytes the stage's templates expanded to so far */
 };
 
 static int engine_lookup(void *data, const struct expr *ref, const char **value)
@@ -1153,10 +1154,22 @@ static void stage_release_prepared(struct stage *st)
 	st->n_env = 0;
 }
 
+/* Counts what a stage's templates expand to against the stage's cap. */
+static int expanded_add(struct lookup_ctx *c, size_t len, struct kpl_err *err)
+{
+	c->expanded += len;
+	if (c->st && c->expanded > KPL_MAX_STAGE_EXPANDED)
+		return kpl_errf(err, KPL_ETOOBIG, "stage %s: its templates expand to over "
+				"%d bytes in all (the cap of one stage's expanded templates)",
+				c->st->spec->name, KPL_MAX_STAGE_EXPANDED);
+	return 0;
+}
+
 static int expand_one(struct lookup_ctx *c, const char *text, const char *path,
 		      char **out, struct kpl_err *err)
 {
 	struct kpl_err e = { 0 };
+	int rc;
 
 	if (!tpl_has_template(text)) {
 		*out = kpl_strdup(text);
@@ -1164,6 +1177,38 @@ static int expand_one(struct lookup_ctx *c, const char *text, const char *path,
 	}
 	if (tpl_expand_str(text, EXPR_ROOTS_TEMPLATE | c->roots, engine_lookup, c, out, &e))
 		return kpl_errf(err, KPL_EINVAL, "%s: %s", path, e.msg);
+	if ((rc = expanded_add(c, strlen(*out), err)) != 0) {
+		free(*out);
+		*out = NULL;
+		return rc;
+	}
+	return 0;
+}
+
+int stage_expand_shell(struct stage *st, const struct pl_node *scalar, char **text,
+		       char ***values, size_t *n, struct kpl_err *err)
+{
+	struct lookup_ctx c = { st->run, st, st->kind->with_roots, "", 0 };
+	struct kpl_err e = { 0 };
+	struct tpl *t;
+	size_t off = 0;
+
+	*text = NULL;
+	*values = NULL;
+	*n = 0;
+	if (!scalar->scalar || !tpl_has_template(scalar->scalar)) {
+		*text = kpl_strdup(scalar->scalar ? scalar->scalar : "");
+		return 0;
+	}
+	if (tpl_parse(scalar->scalar, EXPR_ROOTS_TEMPLATE | c.roots, &t, &off, &e))
+		return kpl_errf(err, KPL_EINVAL, "stages.%s.with.shell: column %zu: %s",
+				st->spec->name, off + 1, e.msg);
+	if (tpl_expand_shell(t, engine_lookup, &c, text, values, n, &e)) {
+		tpl_free(t);
+		return kpl_errf(err, KPL_EINVAL, "stages.%s.with.shell: %s", st->spec->name,
+				e.msg);
+	}
+	tpl_free(t);
 	return 0;
 }
 

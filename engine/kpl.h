@@ -101,6 +101,9 @@ char *kpl_asprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 #define KPL_MAX_PARAMS 128
 #define KPL_MAX_NAME_LEN 128
 #define KPL_MAX_VALUE_LEN (64 * 1024)
+/* All of one stage's templates (env and with) expanded, together: a value
+ * referenced many times cannot grow one attempt without bound. */
+#define KPL_MAX_STAGE_EXPANDED (1024 * 1024)
 #define KPL_MAX_DEPTH 32
 #define KPL_MAX_LOG_LINE 8192
 

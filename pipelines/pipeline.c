@@ -1075,6 +1075,50 @@ static void check_template(struct vctx *c, const struct pl_node *n,
 	tpl_free(t);
 }
 
+static int check_secret_in_argv(void *data, const struct expr *ref)
+{
+	struct ref_ctx *r = data;
+
+	if (!strcmp(ref->part[0], "secrets") && ref->n_part == 2)
+		diag(r->c, pos_in_scalar(r->n, r->base + ref->off), r->path,
+		     "%s would be in a command line, which every user of the host can read "
+		     "(/proc/PID/cmdline, ps): pass secrets through env (env: { %s: "
+		     "\"${{ %s }}\" }) and use $%s", ref->str, ref->part[1], ref->str,
+		     ref->part[1]);
+	return 0;
+}
+
+/* Refuses ${{ secrets.X }} in the strings under n, a `with` key of the
+ * kind's argv_keys. */
+static void check_no_secrets(struct vctx *c, const struct pl_node *n, const char *path,
+			     int stage)
+{
+	char sub[PATH_LEN];
+	struct tpl *t;
+	struct kpl_err err = { 0 };
+	size_t off = 0;
+
+	if (n->type == PL_SCALAR) {
+		if (!tpl_has_template(n->scalar) ||
+		    tpl_parse(n->scalar, EXPR_ROOTS_TEMPLATE | c->with_roots, &t, &off, &err) < 0)
+			return; /* check_template reports a bad one */
+		for (size_t i = 0; i < t->n_parts; i++) {
+			struct ref_ctx r = { c, n, path, stage, t->parts[i].expr_off };
+			if (t->parts[i].expr)
+				expr_walk_refs(t->parts[i].expr, check_secret_in_argv, &r);
+		}
+		tpl_free(t);
+		return;
+	}
+	for (size_t i = 0; i < n->n; i++) {
+		if (n->type == PL_MAP)
+			path_key(sub, path, n->keys[i]->scalar);
+		else
+			path_idx(sub, path, i);
+		check_no_secrets(c, n->items[i], sub, stage);
+	}
+}
+
 /* Every string under n (a `with` tree), keys excluded. */
 static void check_templates_deep(struct vctx *c, const struct pl_node *n,
 				 const char *path, int stage)
@@ -1478,6 +1522,15 @@ static void check_stage_refs(struct vctx *c, const struct pl_node *root)
 			path_key(kpath, path, "with");
 			c->with_roots = k ? k->with_roots : 0;
 			check_templates_deep(c, st->with, kpath, (int)i);
+			for (const char *const *a = k ? k->argv_keys : NULL; a && *a; a++) {
+				const struct pl_node *an = st->with->type == PL_MAP
+							   ? pl_map_get(st->with, *a) : NULL;
+				char apath[PATH_LEN];
+				if (!an)
+					continue;
+				path_key(apath, kpath, *a);
+				check_no_secrets(c, an, apath, (int)i);
+			}
 			c->with_roots = 0;
 		}
 	}

@@ -172,6 +172,10 @@ struct pl_kind {
 	/* Roots its `with` templates may use beyond EXPR_ROOTS_TEMPLATE
 	 * (EXPR_ROOT_CANARY), each only as a whole ${{ root.NAME }}. */
 	unsigned with_roots;
+	/* `with` keys (NULL-terminated; may be NULL) whose strings reach a
+	 * process's command line or a build's arguments, where any user of
+	 * the host can read them: a ${{ secrets.X }} there is refused. */
+	const char *const *argv_keys;
 };
 
 /*

@@ -196,3 +196,235 @@ int tpl_expand_str(const char *s, unsigned roots, expr_lookup_fn lookup,
 	tpl_free(t);
 	return rc;
 }
+
+/* ---------------------------------------------------------------------- */
+/* The shell form */
+
+/* Where the shell stands at a point of the text: enough of sh's quoting to
+ * say how a variable reference must be written there. */
+enum sh_state {
+	SH_PLAIN,       /* unquoted */
+	SH_SQ,          /* inside '...' */
+	SH_DQ,          /* inside "..." */
+	SH_COMMENT,     /* after # to the end of the line */
+	SH_HEREDOC,     /* an unquoted here-document's body (expands $) */
+	SH_HEREDOC_Q,   /* a quoted one's (<<'EOF': nothing expands) */
+};
+
+#define SH_MAX_HEREDOCS 8
+
+struct sh_lex {
+	enum sh_state state;
+	bool escaped;           /* the previous character was a backslash */
+	bool word_start;        /* a # here starts a comment */
+	/* Here-documents named on the current line, opened at its end. */
+	struct { char delim[128]; bool quoted, strip_tabs; } pending[SH_MAX_HEREDOCS];
+	size_t n_pending, cur;  /* cur: the one whose body this is */
+	struct buf line;        /* the body line so far */
+	bool line_dirty;        /* a template stood in it: never the delimiter */
+};
+
+/* Reads the delimiter word of a "<<" at s (just after it); returns the
+ * bytes used. */
+static size_t sh_heredoc_word(struct sh_lex *lx, const char *s)
+{
+	size_t i = 0, n = 0;
+	bool quoted = false, strip = false;
+	char q = 0;
+
+	if (s[i] == '-') {
+		strip = true;
+		i++;
+	}
+	while (s[i] == ' ' || s[i] == '\t')
+		i++;
+	if (lx->n_pending == SH_MAX_HEREDOCS)
+		return i;
+	for (; s[i]; i++) {
+		char ch = s[i];
+		if (q) {
+			if (ch == q) {
+				q = 0;
+				continue;
+			}
+		} else if (ch == '\'' || ch == '"') {
+			q = ch;
+			quoted = true;
+			continue;
+		} else if (ch == '\\') {
+			quoted = true;
+			if (!s[i + 1])
+				break;
+			ch = s[++i];
+		} else if (strchr(" \t\n;&|<>()", ch)) {
+			break;
+		}
+		if (n < sizeof lx->pending[0].delim - 1)
+			lx->pending[lx->n_pending].delim[n++] = ch;
+	}
+	lx->pending[lx->n_pending].delim[n] = '\0';
+	lx->pending[lx->n_pending].quoted = quoted;
+	lx->pending[lx->n_pending].strip_tabs = strip;
+	lx->n_pending++;
+	return i;
+}
+
+static void sh_open_heredoc(struct sh_lex *lx)
+{
+	lx->state = lx->pending[lx->cur].quoted ? SH_HEREDOC_Q : SH_HEREDOC;
+	lx->line.len = 0;
+	lx->line_dirty = false;
+}
+
+/* A body line ended: the delimiter ends the here-document. */
+static void sh_body_line(struct sh_lex *lx)
+{
+	const char *l = lx->line.s ? lx->line.s : "";
+
+	if (lx->pending[lx->cur].strip_tabs)
+		while (*l == '\t')
+			l++;
+	if (!lx->line_dirty && strcmp(l, lx->pending[lx->cur].delim) == 0) {
+		if (++lx->cur < lx->n_pending) {
+			sh_open_heredoc(lx);
+		} else {
+			lx->state = SH_PLAIN;
+			lx->n_pending = lx->cur = 0;
+			lx->word_start = true;
+		}
+	}
+	lx->line.len = 0;
+	if (lx->line.s)
+		lx->line.s[0] = '\0';
+	lx->line_dirty = false;
+}
+
+/* Follows the literal text s (appended to out as it is). */
+static void sh_scan(struct sh_lex *lx, const char *s, struct buf *out)
+{
+	buf_add(out, s, strlen(s));
+	for (size_t i = 0; s[i]; i++) {
+		char ch = s[i];
+
+		switch (lx->state) {
+		case SH_HEREDOC:
+		case SH_HEREDOC_Q:
+			if (ch == '\n')
+				sh_body_line(lx);
+			else
+				buf_add(&lx->line, &ch, 1);
+			continue;
+		case SH_SQ:
+			if (ch == '\'')
+				lx->state = SH_PLAIN;
+			continue;
+		case SH_DQ:
+			if (lx->escaped)
+				lx->escaped = false;
+			else if (ch == '\\')
+				lx->escaped = true;
+			else if (ch == '"')
+				lx->state = SH_PLAIN;
+			continue;
+		case SH_COMMENT:
+			if (ch != '\n')
+				continue;
+			lx->state = SH_PLAIN;
+			break; /* the newline, as unquoted */
+		case SH_PLAIN:
+			break;
+		}
+		if (lx->escaped) {
+			lx->escaped = false;
+			lx->word_start = false;
+			continue;
+		}
+		if (ch == '\\') {
+			lx->escaped = true;
+		} else if (ch == '\'') {
+			lx->state = SH_SQ;
+		} else if (ch == '"') {
+			lx->state = SH_DQ;
+		} else if (ch == '#' && lx->word_start) {
+			lx->state = SH_COMMENT;
+		} else if (ch == '<' && s[i + 1] == '<' && s[i + 2] == '<') {
+			i += 2; /* a here-string, not a here-document */
+			lx->word_start = true;
+			continue;
+		} else if (ch == '<' && s[i + 1] == '<') {
+			i += 1 + sh_heredoc_word(lx, s + i + 2);
+			lx->word_start = true;
+			continue;
+		} else if (ch == '\n' && lx->n_pending) {
+			lx->cur = 0;
+			sh_open_heredoc(lx);
+			continue;
+		}
+		lx->word_start = strchr(" \t\n;&|()<>", ch) != NULL;
+	}
+}
+
+int tpl_expand_shell(const struct tpl *t, expr_lookup_fn lookup, void *data,
+		     char **out, char ***values, size_t *n, struct kpl_err *err)
+{
+	struct buf b = { 0 };
+	struct sh_lex lx = { .state = SH_PLAIN, .word_start = true };
+	char **vals = NULL;
+	size_t nv = 0;
+	int rc;
+
+	*out = NULL;
+	*values = NULL;
+	*n = 0;
+	buf_add(&b, "", 0);
+	for (size_t i = 0; i < t->n_parts; i++) {
+		const struct tpl_part *p = &t->parts[i];
+		struct expr_value v;
+		char ref[64];
+
+		if (p->text) {
+			sh_scan(&lx, p->text, &b);
+			continue;
+		}
+		if ((rc = expr_eval(p->expr, lookup, data, &v, err)) < 0)
+			goto fail;
+		vals = kpl_realloc(vals, (nv + 1) * sizeof *vals);
+		vals[nv++] = expr_value_text(&v);
+		expr_value_release(&v);
+		switch (lx.state) {
+		case SH_PLAIN:
+			snprintf(ref, sizeof ref, "\"${KPL_T_%zu}\"", nv);
+			lx.word_start = false;
+			break;
+		case SH_SQ:
+			snprintf(ref, sizeof ref, "'\"${KPL_T_%zu}\"'", nv);
+			break;
+		case SH_HEREDOC_Q:
+			rc = kpl_errf(err, KPL_EINVAL, "column %zu: a template in a quoted "
+				      "here-document (<<'%s') is never expanded: quote nothing "
+				      "in the delimiter (<<%s) to have it", p->off + 1,
+				      lx.pending[lx.cur].delim, lx.pending[lx.cur].delim);
+			goto fail;
+		case SH_HEREDOC:
+			lx.line_dirty = true;
+			/* fall through */
+		default:
+			snprintf(ref, sizeof ref, "${KPL_T_%zu}", nv);
+			break;
+		}
+		lx.escaped = false;
+		buf_add(&b, ref, strlen(ref));
+	}
+	free(lx.line.s);
+	*out = b.s;
+	*values = vals;
+	*n = nv;
+	return 0;
+fail:
+	free(lx.line.s);
+	free(b.s);
+	for (size_t i = 0; i < nv; i++)
+		free(vals[i]);
+	free(vals);
+	return rc;
+}

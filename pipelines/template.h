@@ -56,6 +56,24 @@ int tpl_expand(const struct tpl *t, expr_lookup_fn lookup, void *data,
 	       char **out, struct kpl_err *err);
 
 /*
+ * Expands t for `/bin/sh -c` (a script stage's with.shell) without ever
+ * making a value shell text: the literal parts stay as written, and each
+ * ${{ expr }} becomes a reference to an environment variable that holds
+ * its value, KPL_T_1, KPL_T_2, ... in order, written for where it stands:
+ *   unquoted                  "${KPL_T_1}"     (one word, whatever it holds)
+ *   in "..." or a <<EOF body  ${KPL_T_1}
+ *   in '...'                  '"${KPL_T_1}"'   (the quote closed, reopened)
+ *   in a comment              ${KPL_T_1}
+ * So `echo ${{ params.x }}`, `echo "v=${{ params.x }}"` and
+ * `echo '${{ params.x }}'` print the value as it is, `$(...)` and all. A
+ * template in a quoted here-document (<<'EOF') cannot be expanded there
+ * and is an error. On success *out is the text and *values (*n of them)
+ * the variables' values, in order (malloc'd; free each and the array);
+ */
+int tpl_expand_shell(const struct tpl *t, expr_lookup_fn lookup, void *data,
+		     char **out, char ***values, size_t *n, struct kpl_err *err);
+
+/*
  * tpl_parse + tpl_expand in one call, for strings used once. Parse errors
  * come back in err as "column N: message" (N counts bytes from 1).
  */

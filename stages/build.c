@@ -113,8 +113,13 @@ static void build_abandon(struct stage *st)
 		drv->cancel(st);
 }
 
+static const char *const build_argv_keys[] = { "args", NULL };
+
 const struct stage_kind build_kind = {
 	.name = "build",
+	/* buildah --build-arg (argv, and the image's history); Jenkins keeps
+	 * build parameters with the build. */
+	.argv_keys = build_argv_keys,
 	.check_with = build_check_with,
 	.start = build_start,
 	.cancel = build_cancel,

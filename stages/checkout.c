@@ -458,8 +458,11 @@ static int checkout_resume(struct stage *st, struct kpl_err *err)
 	return proc_steps_resume(st, &checkout_steps, err);
 }
 
+static const char *const checkout_argv_keys[] = { "repo", "ref", "path", NULL };
+
 const struct stage_kind checkout_kind = {
 	.name = "checkout",
+	.argv_keys = checkout_argv_keys, /* git's argv; the token goes by env */
 	.check_with = checkout_check_with,
 	.start = checkout_start,
 	.cancel = proc_steps_cancel,

@@ -6,7 +6,9 @@
  *                  workspace itself)
  *
  * Parameters reach the command as KPL_PARAM_<NAME> environment variables,
- * never spliced into a shell line. The command runs under `kpld __shim`
+ * never spliced into a shell line; a ${{ }} template in `shell` becomes a
+ * reference to a variable KPL_T_N that holds its value (tpl_expand_shell),
+ * so no value (a webhook's branch name, say) is ever shell text. The command runs under `kpld __shim`
  * (stages/shim.c), detached from kpld: its output lines go to a file in the
  * attempt's directory, which this kind follows (inotify through uv_fs_event)
  * and turns into log events, storing the read offset in the same commit as
@@ -196,8 +198,8 @@ static int script_start(struct stage *st, struct kpl_err *err)
 	char *wd = stage_expand(st, stage_with_get(st, "workdir"));
 	struct script *s = kpl_calloc(1, sizeof *s);
 	struct proc_spec spec = { 0 };
-	char **argv, **env, *cwd, *dir = proc_attempt_dir(st), *outputs;
-	size_t argc = 0;
+	char **argv, **env, *cwd, *dir = proc_attempt_dir(st), *outputs, **tvals = NULL;
+	size_t argc = 0, ntvals = 0;
 	int rc;
 
 	s->st = st;
@@ -207,9 +209,19 @@ static int script_start(struct stage *st, struct kpl_err *err)
 			argv[argc++] = stage_expand(st, cmd->items[i]);
 		s->what = kpl_strdup(argv[0]);
 	} else {
+		char *text;
+
+		/* Values reach the shell as variables, never as its text. */
+		if ((rc = stage_expand_shell(st, sh, &text, &tvals, &ntvals, err)) != 0) {
+			free(argv);
+			free(dir);
+			free(wd);
+			script_free(s);
+			return rc;
+		}
 		argv[argc++] = kpl_strdup("/bin/sh");
 		argv[argc++] = kpl_strdup("-c");
-		argv[argc++] = stage_expand(st, sh);
+		argv[argc++] = text;
 		s->what = kpl_strdup("shell script");
 	}
 	if (wd && wd[0] == '/')
@@ -229,6 +241,14 @@ static int script_start(struct stage *st, struct kpl_err *err)
 			free(v);
 		}
 	}
+	for (size_t i = 0; i < ntvals; i++) {
+		char name[32];
+
+		snprintf(name, sizeof name, "KPL_T_%zu", i + 1);
+		proc_env_set(&env, name, tvals[i]);
+		free(tvals[i]);
+	}
+	free(tvals);
 
 	spec.dir = dir;
 	spec.argv = argv;
@@ -296,8 +316,13 @@ static int script_resume(struct stage *st, struct kpl_err *err)
 	return rc;
 }
 
+static const char *const script_argv_keys[] = { "command", "shell", NULL };
+
 const struct stage_kind script_kind = {
 	.name = "script",
+	/* shell's values reach sh as variables, but the rule stays one: a
+	 * secret goes through env. */
+	.argv_keys = script_argv_keys,
 	.check_with = script_check_with,
 	.start = script_start,
 	.cancel = script_cancel,

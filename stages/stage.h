@@ -57,6 +57,8 @@ struct stage_kind {
 	 * (EXPR_ROOT_CANARY): the engine leaves such a ${{ root.NAME }} as
 	 * written in what stage_expand returns, for the kind to fill in. */
 	unsigned with_roots;
+	/* `with` keys whose strings reach a command line (pl_kind's). */
+	const char *const *argv_keys;
 	/*
 	 * Optional: the kind's WAITING attempt answers ApproveStage (a canary
 	 * frozen on failure: approve promotes, reject aborts). The engine has
@@ -105,6 +107,14 @@ const struct pl_node *stage_with_get(struct stage *st, const char *key);
  * cannot be. Returns a malloc'd string; caller frees.
  */
 char *stage_expand(struct stage *st, const struct pl_node *scalar);
+/*
+ * A `with` scalar that is run by /bin/sh -c (a script's shell), expanded
+ * so that no value becomes shell text (tpl_expand_shell): *text for sh -c
+ * and *values (*n), the values of KPL_T_1.., for the command's environment.
+ * Returns 0, or a negative code with err naming the key.
+ */
+int stage_expand_shell(struct stage *st, const struct pl_node *scalar, char **text,
+		       char ***values, size_t *n, struct kpl_err *err);
 /* Absolute deadline of this attempt (unix ms) or 0; kinds enforce it. */
 int64_t stage_deadline_ms(struct stage *st);
 

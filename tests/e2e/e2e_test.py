@@ -196,6 +196,68 @@ class Suite:
                 if e.get("kind") == "EVENT_KIND_LOG"]
         assert_eq(logs, ["greeting=" + evil], "param reached the command verbatim")
 
+    def test_shell_templates_are_not_shell_text(self):
+        """A ${{ }} in with.shell reaches the script as a value, never as
+        shell text: a webhook branch like release/$(touch pwned) is just
+        text, wherever the template stands (security #9 item 8)."""
+        text = r"""
+name: shell-templates
+params:
+  b: {}
+stages:
+  - name: s
+    kind: script
+    with:
+      shell: |
+        # it's a comment ${{ params.b }}
+        echo plain=${{ params.b }}
+        echo "dq=${{ params.b }}"
+        echo 'sq=${{ params.b }}'
+        cat <<EOF
+        here=${{ params.b }}
+        EOF
+        ls
+"""
+        for value in ["release/$(touch pwned1)", ";touch pwned2", "`touch pwned3`",
+                      "'; touch pwned4; '", "\"; touch pwned5; \"", "x\nEOF\ntouch pwned6"]:
+            run = Client.to_dict(submit(self.c, text, {"b": value}))
+            events = watch(self.c, run["id"])
+            logs = [e["message"] for e in events if e.get("kind") == "EVENT_KIND_LOG"]
+            lines = value.split("\n")
+            want = (["plain=" + lines[0]] + lines[1:] + ["dq=" + lines[0]] + lines[1:] +
+                    ["sq=" + lines[0]] + lines[1:] + ["here=" + lines[0]] + lines[1:])
+            assert_eq(logs, want, "the script's lines for %r (and ls: no file)" % value)
+            assert_eq(events[-1]["run_state"], "RUN_STATE_SUCCEEDED", "run state")
+
+    def test_secret_in_argv_refused(self):
+        """${{ secrets.X }} in a command line is refused at submit with the
+        line and column (security #9 item 7); through env it is accepted."""
+        text = ("name: sec\nstages:\n  - name: s\n    kind: script\n"
+                "    with: { command: [\"echo\", \"${{ secrets.T }}\"] }\n")
+        expect_rpc_error(lambda: submit(self.c, text), grpc.StatusCode.INVALID_ARGUMENT,
+                         "pipeline:5:36: stages[0].with.command[1]: secrets.T would be in "
+                         "a command line")
+        ok = ("name: sec\nstages:\n  - name: s\n    kind: script\n"
+              "    env: { T: \"${{ secrets.T }}\" }\n    with: { shell: 'echo \"$T\"' }\n")
+        c = Client.to_dict(self.c.call(P + "ValidatePipeline", {"pipeline": ok}))
+        assert_eq((c.get("valid"), c.get("diagnostics", [])), (True, []), "env form is valid")
+
+    def test_stage_template_cap(self):
+        """A 64 KiB param referenced many times does not grow one stage's
+        expansion without bound: the stage fails naming itself and the cap
+        (security #9 item 10)."""
+        refs = "".join('      V%d: "${{ params.big }}"\n' % i for i in range(40))
+        text = ("name: big\nparams:\n  big: {}\nstages:\n  - name: wide\n"
+                "    kind: script\n    env:\n" + refs +
+                "    with: { command: [\"true\"] }\n")
+        run = Client.to_dict(submit(self.c, text, {"big": "x" * 60000}))
+        watch(self.c, run["id"])
+        got = Client.to_dict(self.c.call(P + "GetRun", {"id": run["id"]}))
+        assert_eq(got["state"], "RUN_STATE_FAILED", "run state")
+        msg = got["stages"][0].get("message", "")
+        if "stage wide" not in msg or "1048576 bytes" not in msg:
+            raise AssertionError("the message does not name the stage and the cap: %r" % msg)
+
     def test_idempotency_key(self):
         a = Client.to_dict(submit(self.c, TWO_STAGES, key="deploy-42"))
         b = Client.to_dict(submit(self.c, TWO_STAGES, key="deploy-42"))

@@ -1038,6 +1038,100 @@ static int stop_ref(void *data, const char *name, struct pl_pos pos)
 	return strcmp(name, "B") == 0 ? KPL_EINVAL : 0;
 }
 
+/* with.shell: values become variables, written for where they stand. */
+static void test_template_shell(void **state)
+{
+	static const struct {
+		const char *in, *out;
+		size_t n;
+	} cases[] = {
+		{ "echo ${{ params.env }}", "echo \"${KPL_T_1}\"", 1 },
+		{ "echo \"v=${{ params.env }}\" x", "echo \"v=${KPL_T_1}\" x", 1 },
+		{ "echo '${{ params.env }}'", "echo ''\"${KPL_T_1}\"''", 1 },
+		{ "echo \"a\\\"${{ params.env }}\"", "echo \"a\\\"${KPL_T_1}\"", 1 },
+		{ "echo \\'${{ params.env }}", "echo \\'\"${KPL_T_1}\"", 1 },
+		{ "# don't ${{ params.n }}\necho ${{ params.env }}",
+		  "# don't ${KPL_T_1}\necho \"${KPL_T_2}\"", 2 },
+		{ "echo a#b '${{ params.n }}'", "echo a#b ''\"${KPL_T_1}\"''", 1 },
+		{ "cat <<EOF\nv=${{ params.env }}\nEOF\necho ${{ params.n }}",
+		  "cat <<EOF\nv=${KPL_T_1}\nEOF\necho \"${KPL_T_2}\"", 2 },
+		{ "cat <<-EOF >f\n\tit's ${{ params.env }}\n\tEOF\necho '${{ params.n }}'",
+		  "cat <<-EOF >f\n\tit's ${KPL_T_1}\n\tEOF\necho ''\"${KPL_T_2}\"''", 2 },
+		{ "cat <<<${{ params.env }}", "cat <<<\"${KPL_T_1}\"", 1 },
+		{ "echo $${{ params.env }}", "echo ${{ params.env }}", 0 },
+	};
+	struct kpl_err err = { 0 };
+	struct tpl *t;
+	char *out, **vals;
+	size_t n, off;
+
+	(void)state;
+	for (size_t i = 0; i < KPL_ARRAY_SIZE(cases); i++) {
+		assert_int_equal(tpl_parse(cases[i].in, EXPR_ROOTS_TEMPLATE, &t, &off, &err), 0);
+		if (tpl_expand_shell(t, lookup, NULL, &out, &vals, &n, &err))
+			fail_msg("case %zu: %s", i, err.msg);
+		if (strcmp(out, cases[i].out))
+			fail_msg("case %zu: got %s, want %s", i, out, cases[i].out);
+		assert_int_equal(n, cases[i].n);
+		if (n) {
+			const char *env = strstr(cases[i].in, "params.env");
+			const char *num = strstr(cases[i].in, "params.n }}");
+			const char *want = num && (!env || num < env) ? "3" : "prod";
+			if (strcmp(vals[0], want))
+				fail_msg("case %zu: KPL_T_1=%s, want %s", i, vals[0], want);
+		}
+		for (size_t j = 0; j < n; j++)
+			free(vals[j]);
+		free(vals);
+		free(out);
+		tpl_free(t);
+	}
+	/* A quoted here-document never expands: refused, not left as text. */
+	assert_int_equal(tpl_parse("cat <<'EOF'\n${{ params.env }}\nEOF\n", EXPR_ROOTS_TEMPLATE,
+				   &t, &off, &err), 0);
+	assert_int_equal(tpl_expand_shell(t, lookup, NULL, &out, &vals, &n, &err), KPL_EINVAL);
+	assert_non_null(strstr(err.msg, "quoted here-document"));
+	tpl_free(t);
+}
+
+/* A secret never goes where a command line shows it (security #9 item 7). */
+static void test_secrets_not_in_argv(void **state)
+{
+	static const char *const argv_keys[] = { "command", "shell", NULL };
+	static const struct pl_kind k[] = { { "script", check_script, 0, argv_keys } };
+	static const struct {
+		const char *with, *want;
+	} bad[] = {
+		{ "    with: { command: [\"echo\", \"${{ secrets.C }}\"] }\n",
+		  "mem:5:36: stages[0].with.command[1]: secrets.C would be in a command line" },
+		{ "    with: { shell: \"echo ${{ secrets.C }}\" }\n",
+		  "mem:5:30: stages[0].with.shell: secrets.C would be in a command line" },
+	};
+	struct pipeline *p = NULL;
+	struct kpl_err err = { 0 };
+	char *text;
+
+	(void)state;
+	for (size_t i = 0; i < KPL_ARRAY_SIZE(bad); i++) {
+		text = kpl_asprintf("name: s\nstages:\n  - name: one\n    kind: script\n%s",
+				    bad[i].with);
+		assert_int_equal(pipeline_parse(text, strlen(text), "mem", k, 1, &p, &err),
+				 KPL_EINVAL);
+		if (strncmp(err.msg, bad[i].want, strlen(bad[i].want)))
+			fail_msg("case %zu: %s", i, err.msg);
+		assert_non_null(strstr(err.msg, "env: { C: \"${{ secrets.C }}\" }"));
+		free(text);
+	}
+	/* Through env, and $${{ (no template), it is fine. */
+	text = kpl_strdup("name: s\nstages:\n  - name: one\n    kind: script\n"
+			  "    env: { C: \"${{ secrets.C }}\" }\n"
+			  "    with: { shell: 'curl -H \"auth: $C\" $${{ secrets.C }}' }\n");
+	if (pipeline_parse(text, strlen(text), "mem", k, 1, &p, &err))
+		fail_msg("env: %s", err.msg);
+	pipeline_free(p);
+	free(text);
+}
+
 static void test_secret_refs(void **state)
 {
 	static const char text[] =
@@ -1087,6 +1181,8 @@ int main(void)
 		cmocka_unit_test(test_expr_eval),
 		cmocka_unit_test(test_expr_syntax_errors),
 		cmocka_unit_test(test_template_expand),
+		cmocka_unit_test(test_template_shell),
+		cmocka_unit_test(test_secrets_not_in_argv),
 		cmocka_unit_test(test_secret_refs),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
