@@ -328,7 +328,12 @@ static int setup_sandbox(const char *mode, const char *bwrap, const char *data_d
 			 const char *config, const struct cfg *cfg, const char *tls_key,
 			 const char *bootstrap)
 {
+	static const char *const home_secrets[] = {
+		".config/kpl", ".kube", ".docker", ".ssh", ".git-credentials", ".netrc",
+		".aws", ".config/gcloud", ".azure", ".gnupg", ".config/containers",
+	};
 	struct proc_sandbox sb = { .bwrap = bwrap };
+	const char *home;
 	char data[PATH_MAX], **h = NULL, **b = NULL, *found;
 	size_t nh = 0, nb = 0;
 
@@ -359,6 +364,17 @@ static int setup_sandbox(const char *mode, const char *bwrap, const char *data_d
 		paths_add(&h, &nh, cfg->eps[i].kubeconfig);
 		paths_add(&h, &nh, cfg->eps[i].client_key);
 	}
+	/* Where kpld's user keeps credentials: kplctl's tokens (a local admin
+	 * using kplctl as this user would hand a stage an admin token), and
+	 * kubectl's, docker's, ssh's, git's and the clouds'. */
+	if ((home = getenv("HOME")) && home[0] == '/' && strcmp(home, "/") != 0)
+		for (size_t i = 0; i < KPL_ARRAY_SIZE(home_secrets); i++) {
+			char *p = kpl_asprintf("%s/%s", home, home_secrets[i]);
+			if (access(p, F_OK) == 0)
+				paths_add(&h, &nh, p);
+			free(p);
+		}
+	paths_add(&h, &nh, getenv("KPL_CONFIG"));
 	for (size_t i = 0; i < n_bind; i++)
 		paths_add(&b, &nb, bind[i]);
 	sb.hide = (const char *const *)h;

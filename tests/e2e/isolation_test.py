@@ -1,8 +1,9 @@
 """Stage isolation (docs/security.md, "Stage isolation"): what a stage's
 command can reach. A `submit` token limited to one pipeline runs a script
 that tries to read kpld's secret key, list, copy and write the data
-directory, read another run's workspace, reach kpld through /proc and read
-the bootstrap token file; every try must fail, and the files must be as
+directory, read another run's workspace, reach kpld through /proc, read
+the bootstrap token file and kplctl's tokens in kpld's $HOME; every try must
+fail, and the files must be as
 they were. The run's own workspace still works: a file one stage writes is
 read by the next, and $KPL_OUTPUTS still publishes outputs. A kpld whose
 sandbox cannot be set up (bwrap missing, or failing) fails the stage with a
@@ -67,6 +68,7 @@ stages:
         try "kpld's open files" sh -c 'ls -l /proc/*/fd/ 2>/dev/null | grep -q data.mdb'
         try "the bootstrap token file" sh -c 'grep -q kpl_ "$1"' _ "$KPL_PARAM_TOKEN_FILE"
         try "write outside the workspace" sh -c 'echo x > /etc/kpl-evil'
+        try "kplctl's tokens in HOME" grep -q kpl_ "$HOME/.config/kpl/config"
         echo mine > mine.txt
         echo "note=from-the-sandbox" >> "$KPL_OUTPUTS"
         echo done
@@ -115,6 +117,12 @@ class Suite:
         self.kpld_bin = kpld
         self.tmp = tmp
         self.token_file = os.path.join(tmp, "admin.token")
+        # kpld's user also uses kplctl, whose config holds a token.
+        home = os.path.join(tmp, "home")
+        os.makedirs(os.path.join(home, ".config", "kpl"))
+        with open(os.path.join(home, ".config", "kpl", "config"), "w") as f:
+            f.write("token = kpl_0123456789abcdef\n")
+        os.environ["HOME"] = home
         self.d = Kpld(kpld, tmp, "main", "--bootstrap-token-file", self.token_file).start()
         self.daemon = self.d  # run_suite prints its log on failure
         self.data = os.path.join(self.d.dir, "data")
@@ -155,7 +163,7 @@ class Suite:
         if escaped:
             raise AssertionError("the stage reached what it must not: %r" % escaped)
         blocked = [l for l in lines if l.startswith("blocked")]
-        assert_eq(len(blocked), 13, "tries that were blocked (%r)" % lines)
+        assert_eq(len(blocked), 14, "tries that were blocked (%r)" % lines)
         assert_eq(lines[-1], "done", "the script ran to its end")
         assert_eq(got["state"], "RUN_STATE_SUCCEEDED", "the probe run (%r)" % got.get("message"))
         # Its own workspace works: a file for the next stage, outputs, /tmp.
