@@ -78,15 +78,34 @@ int secrets_check_name(const char *name, struct kpl_err *err)
 	return 0;
 }
 
+static int count_one(void *data, const char *name, const void *blob, size_t len)
+{
+	(void)name;
+	(void)blob;
+	(void)len;
+	(*(size_t *)data)++;
+	return 0;
+}
+
 static int load_key(struct secrets *sec, const char *data_dir, struct kpl_err *err)
 {
 	struct stat st;
+	size_t sealed = 0;
 	int fd;
 	ssize_t n;
 
 	sec->key_path = kpl_asprintf("%s/secret.key", data_dir);
 	fd = open(sec->key_path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0 && errno == ENOENT) {
+		/* A new key would never open what the old one sealed, and would
+		 * stand where the backup must be put back. */
+		store_list_secrets(sec->store, count_one, &sealed);
+		if (sealed)
+			return kpl_errf(err, KPL_EINVAL, "%s is missing and the store holds %zu "
+					"sealed secret%s: put back the secret.key this data "
+					"directory was made with (from your backup), mode 0600; "
+					"kpld makes a new key only for a store without secrets",
+					sec->key_path, sealed, sealed == 1 ? "" : "s");
 		/* First start: make the key, readable by kpld's user only. */
 		if (RAND_bytes(sec->key, KEY_LEN) != 1)
 			return kpl_errf(err, KPL_EINTERNAL, "no randomness for a new secret key");
@@ -119,8 +138,9 @@ static int load_key(struct secrets *sec, const char *data_dir, struct kpl_err *e
 		close(fd);
 		if (n != KEY_LEN) {
 			OPENSSL_cleanse(buf, sizeof buf);
-			return kpl_errf(err, KPL_EINVAL, "%s: %zd bytes, a key is %d",
-					sec->key_path, n, KEY_LEN);
+			return kpl_errf(err, KPL_EINVAL, "%s: %zd bytes, a key is %d: put back "
+					"the secret.key this data directory was made with (from "
+					"your backup)", sec->key_path, n, KEY_LEN);
 		}
 		memcpy(sec->key, buf, KEY_LEN);
 		OPENSSL_cleanse(buf, sizeof buf);
@@ -381,7 +401,9 @@ static int load_one(void *data, const char *name, const void *blob, size_t len)
 
 	if (unseal(c->sec, name, blob, len, &value, &vlen, &pipelines))
 		return kpl_errf(c->err, KPL_ECORRUPT, "secret %s does not open with %s: wrong "
-				"key file, or the store was changed", name, c->sec->key_path);
+				"key file, or the store was changed; put back the secret.key "
+				"this data directory was made with (from your backup)", name,
+				c->sec->key_path);
 	/* Set before the limit existed: kept, but said. */
 	if ((ll = long_line(value, vlen, &line)) != 0)
 		kpl_warn(LOG, "secret %s: line %zu of the value is %zu bytes, over %d: where "
