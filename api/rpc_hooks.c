@@ -90,7 +90,8 @@ static void h_register(struct api_call *call, const ProtobufCMessage *m, void *d
 	int64_t now = kpl_now_ms();
 	char what[400];
 
-	if (hooks_check_registration(req, engine_secrets(rh->eng), &rec, branches, &err)) {
+	if (hooks_check_registration(req, engine_secrets(rh->eng), &rec, branches, &err) ||
+	    store_room_err(engine_store(rh->eng), 16 * 1024, &err)) {
 		api_call_fail_err(call, &err);
 		return;
 	}

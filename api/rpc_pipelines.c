@@ -791,6 +791,11 @@ static void h_secret_set(struct api_call *call, const ProtobufCMessage *m, void 
 	struct secrets_change *change;
 	char limited[200] = "";
 
+	/* Values are up to 64 KiB: ordinary growth, kept out of the reserve. */
+	if (store_room_err(rpc->store, (req->value ? strlen(req->value) : 0) + 4096, &err)) {
+		api_call_fail_err(call, &err);
+		return;
+	}
 	if (secrets_stage_set(engine_secrets(rpc->eng), req->name, req->value ? req->value : "",
 			      req->value ? strlen(req->value) : 0,
 			      (const char *const *)req->pipelines, req->n_pipelines, &change,

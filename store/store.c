@@ -2138,3 +2138,13 @@ uint64_t store_events_decoded(struct store *s)
 {
 	return __atomic_load_n(&s->events_decoded, __ATOMIC_RELAXED);
 }
+
+int store_room_err(struct store *s, size_t need, struct kpl_err *err)
+{
+	char why[400];
+
+	if (store_has_room(s, need))
+		return 0;
+	store_full_msg(s, why, sizeof why);
+	return kpl_errf(err, KPL_EFULL, "%s", why);
+}

@@ -161,6 +161,10 @@ int store_has_room(struct store *s, size_t need);
  * into buf; returns snprintf's count. */
 int store_full_msg(struct store *s, char *buf, size_t size);
 
+/* store_has_room as an error: 0, or KPL_EFULL with err saying so (gRPC
+ * RESOURCE_EXHAUSTED), for writes a client asks for. */
+int store_room_err(struct store *s, size_t need, struct kpl_err *err);
+
 /*
  * The bytes ev takes in the store once staged: its key, its packed value
  * and LMDB's per-record overhead, and the same for its gevents entry when

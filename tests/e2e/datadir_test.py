@@ -241,6 +241,10 @@ stages:
             expect_rpc_error(lambda: submit(c, "name: small\nstages:\n  - name: a\n"
                                             "    kind: noop\n"),
                              grpc.StatusCode.RESOURCE_EXHAUSTED, "the store is full")
+            # So are other writes that grow the store (a secret may be 64 KiB).
+            expect_rpc_error(lambda: c.call(P + "SetSecret", {"name": "BIG",
+                                                              "value": "x" * 4000}),
+                             grpc.StatusCode.RESOURCE_EXHAUSTED, "the store is full")
             runs = Client.to_dict(c.call(P + "ListRuns", {})).get("runs", [])
             assert_eq(sorted(r["id"] for r in runs), sorted([a1["id"], a2["id"]]), "ListRuns")
             assert_eq(len(watch(c, a1["id"])), len(ev1), "WatchRun of the first flood")
@@ -261,6 +265,84 @@ stages:
             assert_eq(events[-1].get("run_state"), "RUN_STATE_SUCCEEDED", "a run after the sweep")
             if "full" in read(d.log) and "Aborted" in read(d.log):
                 raise AssertionError("kpld aborted")
+        finally:
+            c.close()
+            if d.proc:
+                d.stop()
+
+    def _fill_map(self, data):
+        """Fills the LMDB map under kpld's feet (another process, as LMDB
+        allows: mdb_load into a database of its own) until not even a
+        512-byte record fits: kpld's next commit gets MDB_MAP_FULL whatever
+        its own accounting said."""
+        n = 0
+        for size in (65536, 8192, 1024, 512):
+            while True:
+                dump = ("VERSION=3\nformat=bytevalue\ntype=btree\nHEADER=END\n"
+                        " %s\n %s\nDATA=END\n" % (("k%06d" % n).encode().hex(),
+                                                    ("v" * size).encode().hex()))
+                r = subprocess.run(["mdb_load", "-s", "filler", data], input=dump,
+                                   capture_output=True, text=True)
+                if r.returncode != 0:
+                    if "MDB_MAP_FULL" not in r.stderr:
+                        raise AssertionError("mdb_load: %s" % r.stderr)
+                    break
+                n += 1
+        return n
+
+    def test_map_full_commit_fails_the_run_not_kpld(self):
+        # A commit that LMDB refuses (the map filled by another process)
+        # used to abort() kpld. Now the run's commit failure is logged, the
+        # run stops, kpld serves on; restarted with a larger --map-size, it
+        # resumes the run from what the store has (the command had ended:
+        # its exit is read back) and runs the rest, each command once.
+        data = self.path("mapfull-data")
+        go, marker = self.path("mapfull-go"), self.path("mapfull-marker")
+        text = """
+name: waits
+stages:
+  - name: s
+    kind: script
+    with:
+      shell: |
+        echo up
+        while [ ! -e %s ]; do sleep 0.05; done
+        echo ran >> %s
+  - name: t
+    kind: script
+    needs: [s]
+    with: { command: ["echo", "t"] }
+""" % (go, marker)
+        d = Daemon(self.binary, data, ["--map-size", "1M"])
+        d.log = self.path("mapfull.log")
+        c = d.start()
+        try:
+            run = Client.to_dict(submit(c, text))
+            wait_for_log(c, run["id"])
+            if self._fill_map(data) < 1:
+                raise AssertionError("the filler took nothing")
+            open(go, "w").close()
+            want = "run %s: commit failed: the store is full" % run["id"]
+            await_true(lambda: want in read(d.log) or d.proc.poll() is not None,
+                       "the commit failure in kpld's log")
+            assert_eq(d.proc.poll(), None, "kpld is running")
+            assert_eq(c.health_check(""), "SERVING", "health")
+            got = Client.to_dict(c.call(P + "GetRun", {"id": run["id"]}))
+            assert_eq(got["id"], run["id"], "GetRun")
+            c.close()
+            assert_eq(d.stop(), 0, "exit status on SIGTERM")
+
+            d.extra = ["--map-size", "8M"]
+            c = d.start()
+            events = watch(c, run["id"])
+            assert_eq(events[-1].get("run_state"), "RUN_STATE_SUCCEEDED", "run end")
+            assert_eq([int(e["seq"]) for e in events], list(range(1, len(events) + 1)),
+                      "seqs without a gap")
+            lines = [e["message"] for e in events if e.get("kind") == "EVENT_KIND_LOG"]
+            assert_eq(lines, ["up", "t"], "the log, each line once")
+            assert_eq(read(marker), "ran\n", "the command ran once")
+            if "Aborted" in read(d.log) or "BUG" in read(d.log):
+                raise AssertionError("kpld aborted:\n" + read(d.log)[-3000:])
         finally:
             c.close()
             if d.proc:
