@@ -91,6 +91,11 @@ class Suite:
     def __init__(self, binary, tmp):
         self.binary = binary
         self.tmp = tmp
+        # Stages write only their workspace and what kpld is told to bind
+        # (docs/security.md): the files the tests share with them go here.
+        self.shared = os.path.join(tmp, "shared")
+        os.mkdir(self.shared)
+        self.bind = ["--sandbox-bind", self.shared]
         self.daemon = Daemon(binary, os.path.join(tmp, "data"))
         self.c = self.daemon.start()
 
@@ -180,8 +185,11 @@ stages:
 
     # -- a full store ------------------------------------------------------
 
+    def shared_path(self, name):
+        return os.path.join(self.shared, name)
+
     def _daemon(self, name, extra):
-        d = Daemon(self.binary, self.path(name + "-data"), extra)
+        d = Daemon(self.binary, self.path(name + "-data"), extra + self.bind)
         d.log = self.path(name + ".log")
         return d
 
@@ -297,7 +305,7 @@ stages:
         # resumes the run from what the store has (the command had ended:
         # its exit is read back) and runs the rest, each command once.
         data = self.path("mapfull-data")
-        go, marker = self.path("mapfull-go"), self.path("mapfull-marker")
+        go, marker = self.shared_path("mapfull-go"), self.shared_path("mapfull-marker")
         text = """
 name: waits
 stages:
@@ -313,7 +321,7 @@ stages:
     needs: [s]
     with: { command: ["echo", "t"] }
 """ % (go, marker)
-        d = Daemon(self.binary, data, ["--map-size", "1M"])
+        d = Daemon(self.binary, data, ["--map-size", "1M"] + self.bind)
         d.log = self.path("mapfull.log")
         c = d.start()
         try:
@@ -332,7 +340,7 @@ stages:
             c.close()
             assert_eq(d.stop(), 0, "exit status on SIGTERM")
 
-            d.extra = ["--map-size", "8M"]
+            d.extra = ["--map-size", "8M"] + self.bind
             c = d.start()
             events = watch(c, run["id"])
             assert_eq(events[-1].get("run_state"), "RUN_STATE_SUCCEEDED", "run end")
@@ -356,10 +364,10 @@ stages:
         # WatchRuns whose filter matches none of them reads the global log
         # a batch per loop turn (kpl_watch_runs_scan_max <= 512).
         d = HttpDaemon(self.binary, self.path("reads-data"),
-                       ["--http-listen", "127.0.0.1:0"])
+                       ["--http-listen", "127.0.0.1:0"] + self.bind)
         d.log = self.path("reads.log")
         c = d.start()
-        go = self.path("reads-go")
+        go = self.shared_path("reads-go")
         n = 20000
         text = """
 name: lines
