@@ -629,6 +629,8 @@ int main(int argc, char **argv)
 	}
 	{
 		char *work = kpl_asprintf("%s/work", data_dir);
+		/* Tests only (README, "Retention"). */
+		ro.clock_file = getenv("KPL_TEST_RETENTION_CLOCK");
 		retention_start(d.loop, d.store, work, &ro, &d.retention);
 		free(work);
 	}

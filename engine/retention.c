@@ -22,6 +22,7 @@
 #define LOG "retention"
 #define RETENTION_BATCH 500
 #define RETENTION_PERIOD_MS (60 * 60 * 1000)
+#define CLOCK_POLL_MS 50
 
 static const int64_t day_ms = 24LL * 60 * 60 * 1000;
 
@@ -37,6 +38,8 @@ struct retention {
 	void (*stop_done)(void *);
 	void *stop_data;
 	uint64_t deleted_total;
+	uint64_t sweeps;
+	int64_t next_due;   /* on the test clock: when the next sweep is due */
 };
 
 struct rm_work {
@@ -157,13 +160,30 @@ static void sweep_committed(void *data, int status)
 		kpl_warn(LOG, "deleting old runs failed: %s", kpl_strerror(status));
 }
 
+/* The sweep's now: the real clock, or the test clock's file (the real
+ * clock while the file cannot be read). */
+static int64_t clock_now(const struct retention *r)
+{
+	char buf[32] = "", *end;
+	long long v;
+	FILE *f;
+
+	if (!r->opt.clock_file || !(f = fopen(r->opt.clock_file, "re")))
+		return kpl_now_ms();
+	if (!fgets(buf, sizeof buf, f))
+		buf[0] = '\0';
+	fclose(f);
+	v = strtoll(buf, &end, 10);
+	return end != buf && v > 0 ? (int64_t)v : kpl_now_ms();
+}
+
 /* One batch; returns how many runs it deleted. */
-static size_t sweep_once(struct retention *r)
+static size_t sweep_once(struct retention *r, int64_t now)
 {
 	struct sweep s = { .r = r };
 
 	if (r->opt.max_age_days > 0)
-		s.cutoff = kpl_now_ms() - (int64_t)r->opt.max_age_days * day_ms;
+		s.cutoff = now - (int64_t)r->opt.max_age_days * day_ms;
 	store_list_runs(r->store, NULL, newest_id, &s);
 	store_list_runs_oldest(r->store, count_runs, &s);
 	if (r->opt.max_runs > 0 && s.total > r->opt.max_runs)
@@ -189,16 +209,29 @@ static size_t sweep_once(struct retention *r)
 static void on_timer(uv_timer_t *t)
 {
 	struct retention *r = t->data;
+	int64_t now = clock_now(r);
 	size_t n;
 
 	if (r->stopping)
 		return;
-	n = sweep_once(r);
+	if (r->opt.clock_file && now < r->next_due) {
+		uv_timer_start(&r->timer, on_timer, CLOCK_POLL_MS, 0);
+		return;
+	}
+	n = sweep_once(r, now);
+	r->sweeps++;
 	if (n)
 		kpl_info(LOG, "deleted %zu old run%s (older than %u days or beyond the newest %u)",
 			 n, n == 1 ? "" : "s", r->opt.max_age_days, r->opt.max_runs);
+	/* Tests wait for this line. */
+	if (r->opt.clock_file)
+		kpl_info(LOG, "sweep %llu done: %zu deleted", (unsigned long long)r->sweeps, n);
+	else
+		kpl_debug(LOG, "sweep %llu done: %zu deleted", (unsigned long long)r->sweeps, n);
 	/* A full batch: go on at once (next loop turn), else wait an hour. */
-	uv_timer_start(&r->timer, on_timer, n == RETENTION_BATCH ? 0 : RETENTION_PERIOD_MS, 0);
+	r->next_due = n == RETENTION_BATCH ? now : now + RETENTION_PERIOD_MS;
+	uv_timer_start(&r->timer, on_timer, n == RETENTION_BATCH ? 0
+			: r->opt.clock_file ? CLOCK_POLL_MS : RETENTION_PERIOD_MS, 0);
 }
 
 int retention_start(uv_loop_t *loop, struct store *store, const char *work_dir,
@@ -210,6 +243,10 @@ int retention_start(uv_loop_t *loop, struct store *store, const char *work_dir,
 	r->store = store;
 	r->work_dir = kpl_strdup(work_dir);
 	r->opt = *opt;
+	r->opt.clock_file = opt->clock_file ? kpl_strdup(opt->clock_file) : NULL;
+	if (r->opt.clock_file)
+		kpl_warn(LOG, "KPL_TEST_RETENTION_CLOCK: the sweep's clock is %s (tests only)",
+			 r->opt.clock_file);
 	uv_timer_init(loop, &r->timer);
 	r->timer.data = r;
 	if (opt->max_age_days || opt->max_runs)
@@ -230,6 +267,7 @@ void retention_stop(struct retention *r, void (*done)(void *data), void *data)
 void retention_free(struct retention *r)
 {
 	free(r->work_dir);
+	free((char *)r->opt.clock_file);
 	free(r);
 }
 

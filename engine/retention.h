@@ -16,6 +16,11 @@
 struct retention_options {
 	unsigned max_age_days; /* 0: no age limit */
 	unsigned max_runs;     /* finished runs kept; 0: no count limit */
+	/* Tests only (kpld reads KPL_TEST_RETENTION_CLOCK): a file holding the
+	 * sweep's "now" in ms since the epoch, looked at every 50 ms; a sweep
+	 * runs at start and whenever that clock has passed the last sweep's
+	 * time plus an hour. NULL: the real clock and an hourly timer. */
+	const char *clock_file;
 };
 
 struct retention;
