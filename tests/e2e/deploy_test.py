@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -373,6 +374,100 @@ stages:
             d = json.loads(r.read())
         assert_eq(d["spec"]["template"]["spec"]["containers"][0]["image"], "reg.example/web:7.0",
                   "image over HTTPS")
+
+    def test_create_from_and_resources(self):
+        """create_from makes a Deployment that does not exist from a manifest
+        in the workspace, with the stage's image, replicas, env and
+        resources; a second run patches it (the manifest is not used
+        again); a manifest that is not a Deployment, or is missing, fails
+        the stage by name."""
+        api = "/apis/apps/v1/namespaces/shop/deployments/api"
+        manifest = json.dumps({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "api", "labels": {"app": "api"}},
+            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "api"}},
+                     "template": {"metadata": {"labels": {"app": "api"}},
+                                  "spec": {"containers": [{"name": "api",
+                                                           "image": "placeholder"}]}}}})
+
+        def text(image, cpu, path="k8s/api.yaml", body=manifest, deployment="api"):
+            return """
+name: create
+stages:
+  - name: manifest
+    kind: script
+    with:
+      shell: |
+        mkdir -p k8s
+        cat > k8s/api.yaml <<'EOF'
+        %s
+        EOF
+  - name: deploy
+    kind: deploy
+    needs: [manifest]
+    with:
+      cluster: test
+      namespace: shop
+      deployment: %s
+      image: "%s"
+      replicas: 2
+      env: { TIER: backend }
+      resources: { limits: { cpu: "%s", memory: 128Mi }, requests: { cpu: 100m } }
+      create_from: %s
+""" % (body, deployment, image, cpu, path)
+
+        run, events = self.run(text("reg.example/api:1.0", "500m"))
+        st = self.stage(run, "deploy")
+        assert_eq((run["state"], st["state"]), ("RUN_STATE_SUCCEEDED", "STAGE_STATE_SUCCEEDED"),
+                  "states (%s)" % st.get("message"))
+        assert_eq(st.get("message"), 'deployment "api" successfully rolled out', "message")
+        assert_eq(st["outputs"].get("revision"), "1", "revision of a new Deployment")
+        logs = [e["message"] for e in events if e.get("kind") == "EVENT_KIND_LOG"]
+        if not any("created with" in l for l in logs):
+            raise AssertionError("no 'created with' line in %r" % logs)
+        d = self.api("GET", api)
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        assert_eq(c["image"], "reg.example/api:1.0", "image of the created Deployment")
+        assert_eq(c.get("resources"), {"limits": {"cpu": "500m", "memory": "128Mi"},
+                                       "requests": {"cpu": "100m"}}, "resources")
+        assert_eq([(e["name"], e.get("value")) for e in c.get("env", [])],
+                  [("TIER", "backend")], "env")
+        assert_eq(d["spec"]["replicas"], 2, "replicas")
+        assert_eq(d["metadata"].get("annotations", {}).get("kubernetes.io/change-cause"),
+                  "kpl run %s stage deploy: image reg.example/api:1.0" % run["id"],
+                  "change-cause")
+        self.assert_no_secret(events)
+
+        # It exists now: patched, not created again.
+        before = len(re.findall(r'"PATCH %s[ ?]' % re.escape(api), open(self.emu.err).read()))
+        run, events = self.run(text("reg.example/api:1.1", "1"))
+        st = self.stage(run, "deploy")
+        assert_eq(st["state"], "STAGE_STATE_SUCCEEDED", "second deploy (%s)" % st.get("message"))
+        assert_eq(st["outputs"].get("revision"), "2", "revision after the patch")
+        after = len(re.findall(r'"PATCH %s[ ?]' % re.escape(api), open(self.emu.err).read()))
+        assert_eq(after - before, 1, "PATCHes of shop/api")
+        c = self.api("GET", api)["spec"]["template"]["spec"]["containers"][0]
+        assert_eq((c["image"], c["resources"]["limits"]["cpu"]), ("reg.example/api:1.1", "1"),
+                  "image and cpu limit after the patch")
+
+        service = json.dumps({"apiVersion": "v1", "kind": "Service",
+                              "metadata": {"name": "nope"}})
+        run, _ = self.run(text("reg.example/nope:1", "1", body=service, deployment="nope"))
+        st = self.stage(run, "deploy")
+        assert_eq((st["state"], st.get("message")),
+                  ("STAGE_STATE_FAILED", "create_from k8s/api.yaml: not a Deployment "
+                   "(kind: Service)"), "a manifest that is not a Deployment")
+        run, _ = self.run(text("reg.example/nope:1", "1", path="k8s/none.yaml",
+                               deployment="nope"))
+        st = self.stage(run, "deploy")
+        assert_eq((st["state"], st.get("message")),
+                  ("STAGE_STATE_FAILED", "create_from k8s/none.yaml: cannot read it"),
+                  "a missing manifest")
+        try:
+            self.api("GET", "/apis/apps/v1/namespaces/shop/deployments/nope")
+            raise AssertionError("deployment nope was created")
+        except urllib.error.HTTPError as e:
+            assert_eq(e.code, 404, "GET of deployment nope")
 
     def test_no_token_in_any_event(self):
         for rid in self.all_runs:
