@@ -372,8 +372,8 @@ static const struct proc_steps_ops bl_steps = {
 	.exit = bl_exit,
 	.free = bl_free_steps,
 	/* buildah mounts (its own namespaces, chroot isolation for RUN) and
-	 * writes DATA_DIR/buildah: not inside kpl's sandbox (docs/security.md). */
-	.unconfined = true,
+	 * writes DATA_DIR/buildah (docs/security.md). */
+	.profile = PROC_PROFILE_BUILDAH,
 };
 
 static int build_local_start(struct stage *st, struct kpl_err *err)

@@ -759,12 +759,17 @@ static char **sandbox_argv(struct proc *p, const struct proc_spec *spec,
 	 * shim's child, not to kpld: the command still outlives kpld. */
 	argv_add3(&v, &n, &cap, "--die-with-parent", "--new-session", "--unshare-pid");
 	argv_add3(&v, &n, &cap, "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try");
-	if (geteuid() == 0)
+	if (geteuid() == 0 && spec->profile != PROC_PROFILE_BUILDAH)
 		argv_add3(&v, &n, &cap, "--cap-drop", "ALL", NULL);
 	argv_add3(&v, &n, &cap, "--ro-bind", "/", "/");
 	argv_add3(&v, &n, &cap, "--dev", "/dev", NULL);
 	argv_add3(&v, &n, &cap, "--proc", "/proc", NULL);
 	argv_add3(&v, &n, &cap, "--tmpfs", "/tmp", NULL);
+	if (spec->profile == PROC_PROFILE_BUILDAH) {
+		/* buildah's locks and big temporary files. */
+		argv_add3(&v, &n, &cap, "--tmpfs", "/run", NULL);
+		argv_add3(&v, &n, &cap, "--tmpfs", "/var/tmp", NULL);
+	}
 	for (const char *const *b = sandbox.bind; b && *b; b++)
 		argv_add3(&v, &n, &cap, "--bind-try", *b, *b);
 	if (sandbox.data_dir)
@@ -778,6 +783,13 @@ static char **sandbox_argv(struct proc *p, const struct proc_spec *spec,
 			argv_add3(&v, &n, &cap, "--ro-bind", "/dev/null", *h);
 	}
 	argv_add3(&v, &n, &cap, "--bind", ws, ws);
+	if (spec->profile == PROC_PROFILE_BUILDAH && sandbox.data_dir) {
+		/* Its storage, shared by every run's builds (build_local.c). */
+		char *store = kpl_asprintf("%s/buildah", sandbox.data_dir);
+		proc_mkdir_p(store);
+		argv_add3(&v, &n, &cap, "--bind", store, store);
+		free(store);
+	}
 	if (sandbox.data_dir)
 		argv_add3(&v, &n, &cap, "--remount-ro", sandbox.data_dir, NULL);
 	argv_add3(&v, &n, &cap, "--chdir", cwd, NULL);
@@ -794,7 +806,9 @@ static int spawn(struct proc *p, const struct proc_spec *spec, struct kpl_err *e
 	char exe[4096], grace[32], **argv, **boxed = NULL;
 	char *const *cmd = spec->argv;
 	size_t exe_len = sizeof exe, argc = 0, n = 0;
-	bool sandboxed = sandbox.mode == PROC_SANDBOX_BWRAP && !spec->unconfined;
+	/* Rootless buildah makes user namespaces of its own: not in bwrap's. */
+	bool sandboxed = sandbox.mode == PROC_SANDBOX_BWRAP &&
+			 (spec->profile != PROC_PROFILE_BUILDAH || geteuid() == 0);
 	int rc;
 
 	if ((rc = uv_exepath(exe, &exe_len)) != 0)
@@ -982,7 +996,7 @@ char *proc_attempt_dir(struct stage *st)
  * starts step n like proc_start, in cwd with env. */
 static int step_start(struct stage *st, unsigned n, const char *name,
 		      char *const *argv, char *const *env, const char *cwd,
-		      bool unconfined, const struct proc_ops *ops, void *data,
+		      enum proc_profile profile, const struct proc_ops *ops, void *data,
 		      struct proc **out, struct kpl_err *err)
 {
 	char *attempt = proc_attempt_dir(st), *dir, prefix[32];
@@ -1009,7 +1023,7 @@ static int step_start(struct stage *st, unsigned n, const char *name,
 	spec.cwd = cwd;
 	spec.what = name;
 	spec.resume_prefix = prefix;
-	spec.unconfined = unconfined;
+	spec.profile = profile;
 	rc = proc_start(st, &spec, ops, data, out, err);
 	free(dir);
 	free(attempt);
@@ -1127,7 +1141,7 @@ int proc_steps_run(struct proc_steps *s, unsigned n, char *const *argv,
 	if (n >= s->ops->n_names)
 		BUG("step runner: no step %u in %s", n, stage_name(s->st));
 	s->step = n;
-	return step_start(s->st, n, s->ops->names[n], argv, env, cwd, s->ops->unconfined,
+	return step_start(s->st, n, s->ops->names[n], argv, env, cwd, s->ops->profile,
 			  &steps_proc_ops, s, &s->proc, err);
 }
 

@@ -95,6 +95,19 @@ const struct proc_sandbox *proc_sandbox(void);
  * malloc'd, or NULL with errno set when it cannot be run. */
 char *proc_find_program(const char *prog, const char *path);
 
+/*
+ * What the sandbox allows a command beyond the usual (docs/security.md):
+ * PROC_PROFILE_BUILDAH keeps root's capabilities (buildah mounts in its own
+ * namespaces and chroots a Dockerfile's RUN lines, with fewer ones), a
+ * private /run and /var/tmp, and DATA_DIR/buildah, buildah's storage,
+ * read-write. When kpld is not root buildah runs rootless, in user
+ * namespaces bwrap's would not allow: then it runs outside the sandbox.
+ */
+enum proc_profile {
+	PROC_PROFILE_COMMAND,
+	PROC_PROFILE_BUILDAH,
+};
+
 struct proc_spec {
 	const char *dir;        /* created (with parents) if missing */
 	char *const *argv;      /* argv[0] is looked up on PATH */
@@ -103,10 +116,7 @@ struct proc_spec {
 	const char *what;       /* for kpld's own log lines; may be NULL */
 	const char *resume_prefix; /* NULL: "" */
 	int grace_ms;           /* SIGTERM to SIGKILL on cancel; 0: 5000 */
-	/* Run outside the sandbox whatever proc_set_sandbox said: for a kind
-	 * whose program needs what the sandbox takes away (build's buildah
-	 * mounts); docs/security.md names each such kind and why. */
-	bool unconfined;
+	enum proc_profile profile;
 };
 
 /*
@@ -208,7 +218,7 @@ struct proc_steps_ops {
 	/* Frees the kind's attempt (s with it): after the stage is done, on
 	 * abandon, or when proc_steps_start or proc_steps_resume fails. */
 	void (*free)(struct proc_steps *s);
-	bool unconfined;        /* every step, as proc_spec's */
+	enum proc_profile profile;      /* every step's, as proc_spec's */
 };
 
 struct proc_steps {

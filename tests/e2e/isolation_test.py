@@ -90,6 +90,61 @@ stages:
 """
 
 
+# A Dockerfile's RUN line is code too: it runs under buildah's chroot, and
+# with the capabilities buildah gives it, it can climb out of that chroot;
+# it must then still be in kpl's sandbox. Static, for an image FROM scratch.
+ESCAPE_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static void try(const char *what, const char *path)
+{
+	printf("%s: %s\n", what, open(path, O_RDONLY) >= 0 ? "ESCAPED" : "blocked");
+}
+
+int main(int argc, char **argv)
+{
+	char key[4096], db[4096];
+
+	snprintf(key, sizeof key, "%s/secret.key", argv[1]);
+	snprintf(db, sizeof db, "%s/data.mdb", argv[1]);
+	try("in the chroot", key);
+	mkdir("/x", 0700);
+	if (chroot("/x") == 0) {
+		for (int i = 0; i < 64; i++)
+			chdir("..");
+		chroot(".");
+	}
+	try("out of the chroot", key);
+	try("out of the chroot, data.mdb", db);
+	fflush(stdout);
+	return 0;
+}
+"""
+
+BUILD = r"""
+name: build-probe
+params:
+  data: {}
+stages:
+  - name: prepare
+    kind: script
+    env: { SRC: "%s" }
+    with:
+      shell: |
+        set -e
+        printf '%%s' "$SRC" > escape.c
+        gcc -static -O2 -o escape escape.c
+        printf 'FROM scratch\nCOPY escape /escape\nARG DATA\nRUN ["/escape", "%%s"]\n' "$KPL_PARAM_DATA" > Dockerfile
+  - name: image
+    kind: build
+    needs: [prepare]
+    with: { driver: local, output: oci/probe }
+""" % ESCAPE_C.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def digest(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -179,6 +234,14 @@ class Suite:
                   False, "a copy of data.mdb")
         assert_eq(open(secret_file).read(), "victim-secret\n", "the victim's file after")
         assert_eq(os.path.exists("/etc/kpl-evil"), False, "a file written into /etc")
+
+    def test_dockerfile_run_stays_in_the_sandbox(self):
+        got, events = run(self.c, BUILD, {"data": self.data}, self.md())
+        lines = [l for l in logs(events, "image") if ": blocked" in l or ": ESCAPED" in l]
+        assert_eq(lines, ["in the chroot: blocked", "out of the chroot: blocked",
+                          "out of the chroot, data.mdb: blocked"],
+                  "the RUN line's tries (run %s: %r)" % (got["state"], got.get("message")))
+        assert_eq(got["state"], "RUN_STATE_SUCCEEDED", "the build (%r)" % got.get("message"))
 
     def _marker_run(self, name, *flags):
         d = Kpld(self.kpld_bin, self.tmp, name, *flags).start()
