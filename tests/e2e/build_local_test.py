@@ -23,6 +23,10 @@ import grpc
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from e2e_test import (P, Client, Daemon, assert_eq, expect_rpc_error,  # noqa: E402
                       run_suite, submit, wait_for_log, watch)
+from git_server import GitServer  # noqa: E402
+
+GIT_TOKEN = "kpl-git-token-5e81c2d9"
+WRONG_TOKEN = "kpl-wrong-token-0b7a44"
 
 HELLO_C = r"""
 #include <stdio.h>
@@ -333,6 +337,125 @@ stages:
         if os.path.exists(marker):
             raise AssertionError("an ext:: submodule ran its command")
 
+    def http_repos(self):
+        """Bare repositories sub.git and super.git (whose submodule s is
+        sub.git, by URL) behind a git HTTP server with basic auth; returns
+        (server, super's sha, sub's sha)."""
+        if getattr(self, "git_http", None):
+            return self.git_http
+        root = self.path("http-root")
+        os.makedirs(root)
+        cfg = ["-c", "user.name=kpl", "-c", "user.email=kpl@example.com"]
+        srv = GitServer(root, "x-access-token", GIT_TOKEN)
+        work = self.path("http-sub")
+        git("init", "-q", "-b", "main", work)
+        with open(os.path.join(work, "sub.txt"), "w") as f:
+            f.write("from the submodule\n")
+        git("add", ".", cwd=work)
+        git(*cfg, "commit", "-q", "-m", "sub", cwd=work)
+        sub_sha = git("rev-parse", "HEAD", cwd=work)
+        git("clone", "-q", "--bare", work, os.path.join(root, "sub.git"))
+        work = self.path("http-super")
+        git("init", "-q", "-b", "main", work)
+        with open(os.path.join(work, ".gitmodules"), "w") as f:
+            f.write('[submodule "s"]\n\tpath = s\n\turl = %s/sub.git\n' % srv.url)
+        with open(os.path.join(work, "top.txt"), "w") as f:
+            f.write("top\n")
+        git("add", ".", cwd=work)
+        git("update-index", "--add", "--cacheinfo", "160000,%s,s" % sub_sha, cwd=work)
+        git(*cfg, "commit", "-q", "-m", "super", cwd=work)
+        super_sha = git("rev-parse", "HEAD", cwd=work)
+        git("clone", "-q", "--bare", work, os.path.join(root, "super.git"))
+        self.c.call(P + "SetSecret", {"name": "GIT_TOKEN", "value": GIT_TOKEN})
+        self.c.call(P + "SetSecret", {"name": "WRONG_TOKEN", "value": WRONG_TOKEN})
+        self.git_http = (srv, super_sha, sub_sha)
+        return self.git_http
+
+    def test_checkout_token_and_submodules_over_http(self):
+        # The token reaches git only through GIT_ASKPASS: the server sees
+        # it, no command line ever holds it (scanned while git talks to
+        # the server), and no event, log or file of kpld's does.
+        srv, super_sha, sub_sha = self.http_repos()
+        text = """
+name: co-http
+params: { repo: { required: true } }
+stages:
+  - name: c
+    kind: checkout
+    with: { repo: "${{ params.repo }}", token: "${{ secrets.GIT_TOKEN }}", submodules: true }
+  - name: plain
+    kind: checkout
+    with: { repo: "${{ params.repo }}", token: "${{ secrets.GIT_TOKEN }}", path: plain }
+"""
+        run, events = run_to_end(self.c, text, {"repo": srv.url + "/super.git"})
+        st = stage(run, "c")
+        assert_eq((run["state"], st["state"]), ("RUN_STATE_SUCCEEDED", "STAGE_STATE_SUCCEEDED"),
+                  "states (%s; %s)" % (st.get("message"), logs(events, "c")[-3:]))
+        assert_eq(st["outputs"].get("sha"), super_sha, "sha output")
+        with open(self.ws(run["id"], "src", "s", "sub.txt")) as f:
+            assert_eq(f.read(), "from the submodule\n", "the submodule's file")
+        assert_eq(git("rev-parse", "HEAD", cwd=self.ws(run["id"], "src", "s")), sub_sha,
+                  "the submodule's commit")
+        if not any(l.startswith("$ git") and "submodule update --init --recursive" in l
+                   for l in logs(events, "c")):
+            raise AssertionError("no submodule update logged: %r" % logs(events, "c"))
+        # submodules left out: the submodule's directory stays empty.
+        assert_eq(os.listdir(self.ws(run["id"], "plain", "s")), [], "s without submodules")
+        if any("submodule" in l for l in logs(events, "plain")):
+            raise AssertionError("submodules updated though not asked: %r"
+                                 % logs(events, "plain"))
+
+        paths = {(m, p.split("/")[1], how) for m, p, how in srv.requests}
+        for repo in ("super.git", "sub.git"):
+            if ("GET", repo, "ok") not in paths:
+                raise AssertionError("no authenticated request for %s: %r"
+                                     % (repo, srv.requests))
+        assert_eq([how for _, _, how in srv.requests if how == "wrong"], [],
+                  "requests with wrong credentials")
+        assert_eq(srv.argv_hits, [], "command lines holding the token")
+        self.assert_token_nowhere(run["id"], events, GIT_TOKEN)
+
+    def assert_token_nowhere(self, run_id, events, token):
+        if token in json.dumps(events) or token in json.dumps(get(self.c, run_id)):
+            raise AssertionError("the token is in an event or the run")
+        with open(self.daemon.log) as f:
+            if token in f.read():
+                raise AssertionError("the token is in kpld's log")
+        for root, _, files in os.walk(self.ws(run_id)):
+            for fn in files:
+                with open(os.path.join(root, fn), "rb") as f:
+                    if token.encode() in f.read():
+                        raise AssertionError("the token is in %s" % os.path.join(root, fn))
+
+    def test_checkout_wrong_or_no_token(self):
+        srv, _, _ = self.http_repos()
+        before = len(srv.requests)
+        text = """
+name: co-http-bad
+params: { repo: { required: true } }
+stages:
+  - name: c
+    kind: checkout
+    with: { repo: "${{ params.repo }}"%s }
+"""
+        run, events = run_to_end(self.c, text % ', token: "${{ secrets.WRONG_TOKEN }}"',
+                                 {"repo": srv.url + "/super.git"})
+        st = stage(run, "c")
+        assert_eq(st["state"], "STAGE_STATE_FAILED", "with a wrong token")
+        if "Authentication failed for '%s/super.git/'" % srv.url not in st.get("message", ""):
+            raise AssertionError("not git's message: %r" % st.get("message"))
+        self.assert_token_nowhere(run["id"], events, WRONG_TOKEN)
+        run, _ = run_to_end(self.c, text % "", {"repo": srv.url + "/super.git"})
+        st = stage(run, "c")
+        assert_eq(st["state"], "STAGE_STATE_FAILED", "without a token")
+        if "terminal prompts disabled" not in st.get("message", ""):
+            raise AssertionError("without a token, not git's message: %r" % st.get("message"))
+        hows = {how for _, _, how in srv.requests[before:]}
+        if "wrong" not in hows:
+            raise AssertionError("the wrong token never reached the server: %r"
+                                 % srv.requests[before:])
+        assert_eq(srv.argv_hits, [], "command lines holding the token")
+
     # -- build, driver local ----------------------------------------------
 
     def test_build_local_image(self):
@@ -378,6 +501,38 @@ stages:
         if not any(line.startswith("$ buildah") and " bud " in line for line in lines):
             raise AssertionError("buildah bud not logged: %r" % lines[:5])
 
+    def test_build_local_target(self):
+        # target: base stops at the Dockerfile's first stage: /bin/hello
+        # and its label are there, the last stage's /app/hello is not.
+        text = PIPELINE.replace("output: oci/app", "output: oci/base\n      target: base")
+        run, events = run_to_end(self.c, text, {"repo": self.repo})
+        assert_eq(run["state"], "RUN_STATE_SUCCEEDED", "run state (%s)" %
+                  [(s["name"], s.get("message")) for s in run["stages"]])
+        layout = self.ws(run["id"], "oci", "base")
+
+        def blob(d):
+            algo, hexd = d.split(":")
+            with open(os.path.join(layout, "blobs", algo, hexd), "rb") as f:
+                return f.read()
+        with open(os.path.join(layout, "index.json")) as f:
+            manifest = json.loads(blob(json.load(f)["manifests"][0]["digest"]))
+        names = set()
+        for layer in manifest["layers"]:
+            data = blob(layer["digest"])
+            if data[:2] == b"\x1f\x8b":
+                data = gzip.decompress(data)
+            with tarfile.open(fileobj=io.BytesIO(data)) as t:
+                names |= {m.name.lstrip("./") for m in t.getmembers()}
+        assert_eq(("bin/hello" in names, "app/hello" in names), (True, False),
+                  "the base stage's file, not the last stage's (layers: %r)" % sorted(names))
+        config = json.loads(blob(manifest["config"]["digest"]))
+        src = stage(run, "src")["outputs"]["short_sha"]
+        assert_eq(config["config"]["Labels"].get("kpl.greeting"), "hi-" + src, "base's label")
+        if not any(l.startswith("$ buildah") and "--target base" in l
+                   for l in logs(events, "image")):
+            raise AssertionError("--target base not on the logged buildah line: %r"
+                                 % logs(events, "image")[:3])
+
     def test_build_local_dockerfile_error(self):
         text = PIPELINE.replace("output: oci/app", "output: oci/bad\n      dockerfile: Bad.dockerfile")
         text = text.replace("./out/hello\n", "./out/hello\n        printf 'FROM scratch\\nCOPY no-such-file /x\\n' > Bad.dockerfile\n")
@@ -412,6 +567,8 @@ stages:
 
     def close(self):
         self.c.close()
+        if getattr(self, "git_http", None):
+            self.git_http[0].stop()
         import signal
         assert_eq(self.daemon.stop(signal.SIGTERM), 0, "kpld exit status on SIGTERM")
 
