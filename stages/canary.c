@@ -81,6 +81,7 @@
 #include "stages/kinds.h"
 #include "stages/rollout.h"
 #include "stages/verify.h"
+#include "store/store.h"
 
 #define LOG "canary"
 
@@ -1572,6 +1573,10 @@ static int load(struct canary *c, struct stage *st, struct kpl_err *err)
 		free(ns);
 	}
 	c->target = kpl_asprintf("%s/%s/%s", c->cluster, c->ns, c->name);
+	if (strlen(c->target) > STORE_MAX_RELEASE_TARGET)
+		rc = kpl_errf(err, KPL_EINVAL, "%.80s...: cluster/namespace/deployment is %zu "
+			      "bytes, over %d", c->target, strlen(c->target),
+			      STORE_MAX_RELEASE_TARGET);
 out:
 	free(reps);
 	free(onf);

@@ -518,6 +518,16 @@ int rollout_start(struct stage *st, const struct rollout_ops *ops, const char *n
 	r->ns = kpl_strdup(ns && *ns ? ns : r->cfg.namespace ? r->cfg.namespace : "default");
 	r->name = kpl_strdup(deployment);
 	r->target = kpl_asprintf("%s/%s/%s", r->cluster, r->ns, r->name);
+	if (strlen(r->target) > STORE_MAX_RELEASE_TARGET) {
+		/* Its release records could not be keyed (Kubernetes names are
+		 * shorter: a template made this). */
+		rc = kpl_errf(err, KPL_EINVAL, "%.80s...: cluster/namespace/deployment is %zu "
+			      "bytes, over %d", r->target, strlen(r->target),
+			      STORE_MAX_RELEASE_TARGET);
+		r->impl = NULL; /* the caller frees it on an error */
+		rollout_free(r);
+		return rc;
+	}
 	r->st = st;
 	stage_set_impl(st, r);
 	if (resumed)

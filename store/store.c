@@ -1669,7 +1669,6 @@ int store_list_secrets(struct store *s, store_secret_fn fn, void *data)
 
 /* --- Release history. --- */
 
-#define RELEASE_TARGET_MAX 300
 
 static size_t release_key(char *key, const char *target, uint64_t seq)
 {
@@ -1684,11 +1683,11 @@ static size_t release_key(char *key, const char *target, uint64_t seq)
 
 void store_stage_release(struct store *s, const Kpl__Store__V1__ReleaseRecord *rec)
 {
-	char key[RELEASE_TARGET_MAX + 9];
+	char key[STORE_MAX_RELEASE_TARGET + 9];
 	size_t klen, vlen;
 	struct store_op *op;
 
-	if (!rec->target || !*rec->target || strlen(rec->target) > RELEASE_TARGET_MAX)
+	if (!rec->target || !*rec->target || strlen(rec->target) > STORE_MAX_RELEASE_TARGET)
 		BUG("store_stage_release: bad target");
 	klen = release_key(key, rec->target, rec->seq);
 	vlen = kpl__store__v1__release_record__get_packed_size(rec);
@@ -1727,14 +1726,14 @@ static int release_each(struct walk *w, const MDB_val *k, const MDB_val *v)
 int store_list_releases(struct store *s, const char *target,
 			Kpl__Store__V1__ReleaseRecord ***out, size_t *n)
 {
-	char key[RELEASE_TARGET_MAX + 9];
+	char key[STORE_MAX_RELEASE_TARGET + 9];
 	struct releases_walk c = { .target = target, .tlen = strlen(target) };
 	struct walk w = { .db = DB_RELEASES, .from = FROM_UPTO, .each = release_each, .data = &c };
 	int code;
 
 	*out = NULL;
 	*n = 0;
-	if (c.tlen == 0 || c.tlen > RELEASE_TARGET_MAX)
+	if (c.tlen == 0 || c.tlen > STORE_MAX_RELEASE_TARGET)
 		return KPL_EINVAL;
 	/* Newest first: from the target's last possible key, walking back. */
 	w.key.mv_size = release_key(key, target, UINT64_MAX);

@@ -286,8 +286,13 @@ typedef int (*store_secret_fn)(void *data, const char *name, const void *blob,
 			       size_t len);
 int store_list_secrets(struct store *s, store_secret_fn fn, void *data);
 
+/* LMDB keys are at most 511 bytes: a release's is its target, 0x00, be64.
+ * Kubernetes names (namespace 63, deployment 253) and a config name fit. */
+#define STORE_MAX_RELEASE_TARGET 500
+
 /*
- * releases db: target ("cluster/namespace/deployment", at most 300 bytes),
+ * releases db: target ("cluster/namespace/deployment", at most
+ * STORE_MAX_RELEASE_TARGET bytes; a longer one is a BUG(): check first),
  * 0x00, be64 seq -> ReleaseRecord. store_list_releases returns the target's
  * records newest first (*out new; store_free_releases it).
  */

@@ -478,6 +478,49 @@ stages:
             if secret in log:
                 raise AssertionError("a token appears in kpld's log")
 
+    def test_longest_kubernetes_names(self):
+        # A 63-character namespace (the most Kubernetes allows) and a
+        # 236-character Deployment (the most whose pods' names fit) make a
+        # release target of 305 bytes: its release record used to hit the
+        # store's 300-byte BUG() and abort kpld (and again at each restart).
+        ns, name = "n" * 63, "d" * 236
+        self.api("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                 "metadata": {"name": ns}})
+        manifest = os.path.join(self.tmp, "long.json")
+        with open(manifest, "w") as f:
+            json.dump({"apiVersion": "apps/v1", "kind": "Deployment",
+                       "metadata": {"name": name},
+                       "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "long"}},
+                                "template": {"metadata": {"labels": {"app": "long"}},
+                                             "spec": {"containers": [
+                                                 {"name": "web",
+                                                  "image": "reg.example/web:1"}]}}}}, f)
+        text = """
+name: long
+stages:
+  - name: deploy
+    kind: deploy
+    with:
+      cluster: test
+      namespace: %s
+      deployment: %s
+      container: web
+      image: reg.example/web:2
+      create_from: %s
+""" % (ns, name, manifest)
+        run, events = self.run(text)
+        st = self.stage(run, "deploy")
+        assert_eq((run["state"], st["state"]), ("RUN_STATE_SUCCEEDED", "STAGE_STATE_SUCCEEDED"),
+                  "states (%s)" % st.get("message"))
+        assert_eq(self.daemon.proc.poll(), None, "kpld is running")
+        # A target no Kubernetes name makes (a template can) is refused by name.
+        text = text.replace("deployment: %s" % name, "deployment: %s" % ("e" * 460))
+        run, events = self.run(text)
+        st = self.stage(run, "deploy")
+        assert_eq(st["state"], "STAGE_STATE_FAILED", "a 529-byte target")
+        if "cluster/namespace/deployment is 529 bytes, over 500" not in st.get("message", ""):
+            raise AssertionError("message %r" % st.get("message"))
+
     def close(self):
         self.daemon.stop()
         self.emu.stop()
