@@ -633,9 +633,30 @@ static void h_watch_all(struct api_call *call, const ProtobufCMessage *m, void *
 	watch_pump(w);
 }
 
+/* Diagnostics from engine_check_config_names, for h_validate. */
+struct config_diags {
+	struct pl_diag *d;
+	size_t n;
+};
+
+static void add_config_diag(void *data, struct pl_pos pos, const char *path, const char *msg)
+{
+	struct config_diags *cd = data;
+	struct pl_diag *d;
+
+	cd->d = kpl_realloc(cd->d, (cd->n + 1) * sizeof *cd->d);
+	d = &cd->d[cd->n++];
+	d->line = pos.line;
+	d->col = pos.col;
+	d->path = kpl_strdup(path);
+	d->message = kpl_strdup(msg);
+	d->code = KPL_EINVAL;
+}
+
 static void h_validate(struct api_call *call, const ProtobufCMessage *m, void *data)
 {
 	const Kpl__V1__ValidatePipelineRequest *req = (const void *)m;
+	struct rpc *rpc = data;
 	Kpl__V1__ValidatePipelineResponse resp = KPL__V1__VALIDATE_PIPELINE_RESPONSE__INIT;
 	Kpl__V1__Diagnostic *diags = NULL, **dptrs = NULL;
 	struct pl_diag *pd = NULL;
@@ -645,10 +666,18 @@ static void h_validate(struct api_call *call, const ProtobufCMessage *m, void *d
 	size_t n = 0, n_kinds;
 	size_t len = req->pipeline ? strlen(req->pipeline) : 0;
 
-	(void)data;
 	kinds = stage_kinds_for_parser(&n_kinds);
 	pipeline_validate_all(req->pipeline ? req->pipeline : "", len, "pipeline", kinds,
 			      n_kinds, &pd, &n);
+	/* What the parser cannot know: the names only this daemon's config
+	 * resolves (kplctl lint offline says it did not check them). */
+	if (!n && pipeline_parse(req->pipeline, len, "pipeline", kinds, n_kinds, &pl, &err) == 0 &&
+	    rpc->eng) {
+		struct config_diags cd = { NULL, 0 };
+		engine_check_config_names(rpc->eng, pl, add_config_diag, &cd);
+		pd = cd.d;
+		n = cd.n;
+	}
 	if (n) {
 		diags = kpl_calloc(n, sizeof *diags);
 		dptrs = kpl_calloc(n, sizeof *dptrs);
@@ -661,7 +690,7 @@ static void h_validate(struct api_call *call, const ProtobufCMessage *m, void *d
 			diags[i].severity = KPL__V1__SEVERITY__SEVERITY_ERROR;
 			dptrs[i] = &diags[i];
 		}
-	} else if (pipeline_parse(req->pipeline, len, "pipeline", kinds, n_kinds, &pl, &err) == 0) {
+	} else if (pl) {
 		resp.pipeline_name = pl->name;
 	}
 	resp.valid = n == 0;

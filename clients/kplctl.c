@@ -31,6 +31,8 @@
 #include "clients/kplctl_live.h"
 #include "engine/kpl.h"
 #include "google/protobuf/timestamp.pb-c.h"
+#include "pipelines/pipeline.h"
+#include "stages/stage.h"
 
 enum exit_code {
 	EXIT_OK = 0,         /* done; for watch: the run SUCCEEDED */
@@ -160,6 +162,10 @@ struct ctl {
 	const char **pos; /* argc entries */
 	int n_pos;
 	unsigned seen; /* enum opt_bit of the options given */
+	/* Where server and token came from, for messages ("--server",
+	 * "$KPL_SERVER", "server in CONFIG", "the default"); static or leaked. */
+	const char *server_from;
+	const char *token_from;
 	const struct command *cmd;
 	struct kplc *c;
 };
@@ -207,7 +213,7 @@ static const struct command commands[] = {
 	{ "approve", "ID STAGE", 2, 2, O_OUTPUT | O_REJECT | O_COMMENT | O_BY,
 	  cmd_approve, "approve (or --reject) a stage waiting for approval" },
 	{ "lint", "FILE...", 1, -1, O_OUTPUT, cmd_lint,
-	  "check pipeline files on the server; print every problem" },
+	  "check pipeline files, print every problem (offline when no kpld answers)" },
 	{ "events", "", 0, 0, O_OUTPUT | O_FROM | O_PIPELINE | O_KIND,
 	  cmd_events, "print the events of every run until interrupted" },
 	{ "token", "create|list|revoke [ID]", 1, 2,
@@ -316,11 +322,54 @@ static void tls_hint(const struct ctl *ctl, const char *msg)
 		fprintf(stderr, "%s: TLS to %s: %s\n", prog, ctl->server, why);
 }
 
+static int nobody_listening(const struct kplc_status *st);
+
+/*
+ * A newcomer's mistakes, said in kplctl's terms before grpc's: nothing
+ * listening, a name that does not resolve, plain text to a TLS kpld and TLS
+ * to a plain one, a token kpld does not know. NULL: grpc's words will do.
+ */
+static const char *rpc_hint(const struct ctl *ctl, const struct kplc_status *st,
+			    char *buf, size_t size)
+{
+	if (st->code == KPLC_UNAVAILABLE && strstr(st->message, "DNS resolution failed")) {
+		snprintf(buf, size, "cannot resolve the host of %s (%s): pass --server "
+			 "HOST:PORT or KPL_SERVER", ctl->server, ctl->server_from);
+	} else if (nobody_listening(st)) {
+		snprintf(buf, size, "no kpld at %s (%s): start one with kpld, or pass "
+			 "--server / KPL_SERVER", ctl->server, ctl->server_from);
+	} else if (st->code == KPLC_UNAVAILABLE && ctl->ca &&
+		   strstr(st->message, "wrong version number")) {
+		snprintf(buf, size, "%s does not speak TLS: drop --ca (and KPL_CA, or ca in "
+			 "the config file), or start kpld with --tls-cert and --tls-key",
+			 ctl->server);
+	} else if (st->code == KPLC_UNAVAILABLE && !ctl->ca &&
+		   strstr(st->message, "Socket closed")) {
+		snprintf(buf, size, "%s closed the connection: if kpld serves TLS "
+			 "(--tls-cert), pass --ca FILE (or KPL_CA) with the CA that signed it",
+			 ctl->server);
+	} else if (st->code == KPLC_UNAUTHENTICATED && ctl->token &&
+		   (strstr(st->message, "unknown token") || strstr(st->message, "revoked"))) {
+		snprintf(buf, size, "kpld at %s does not accept the token from %s: ask an "
+			 "admin for one (kplctl token create)", ctl->server, ctl->token_from);
+	} else {
+		return NULL;
+	}
+	return buf;
+}
+
 static int rpc_error(struct ctl *ctl, const struct kplc_status *st)
 {
-	fprintf(stderr, "%s: %s: %s: %s\n", prog, ctl->cmd->name,
-		kplc_status_name(st->code), st->message);
-	if (ctl->ca && st->code == KPLC_UNAVAILABLE)
+	char hint[600];
+	const char *h = rpc_hint(ctl, st, hint, sizeof hint);
+
+	if (h)
+		fprintf(stderr, "%s: %s: %s: %s\n  (grpc: %s)\n", prog, ctl->cmd->name,
+			kplc_status_name(st->code), h, st->message);
+	else
+		fprintf(stderr, "%s: %s: %s: %s\n", prog, ctl->cmd->name,
+			kplc_status_name(st->code), st->message);
+	if (!h && ctl->ca && st->code == KPLC_UNAVAILABLE)
 		tls_hint(ctl, st->message);
 	return EXIT_RPC;
 }
@@ -1426,11 +1475,81 @@ static int cmd_approve(struct ctl *ctl)
 	return EXIT_OK;
 }
 
-/* Lints one file: prints its diagnostics (or appends its response to
- * files), returns the exit code it deserves. */
-static int lint_one(struct ctl *ctl, const char *path, json_t *files)
+/* The stage kinds call back into engine/engine.c (stage_http, ...); a
+ * reference to one of its functions pulls it in ahead of them, as the
+ * pipeline fuzzer does. lint never starts an engine. */
+void *const kplctl_engine_ref = (void *)stage_http;
+
+/*
+ * ValidatePipeline without a kpld: the same parser and stage kinds, so the
+ * same diagnostics, but none of the names only the daemon config declares
+ * (the caller says so). *out is new (lint_offline_free it).
+ */
+static void lint_offline(const char *text, Kpl__V1__ValidatePipelineResponse **out)
 {
-	Kpl__V1__ValidatePipelineResponse *resp;
+	Kpl__V1__ValidatePipelineResponse *resp = kpl_calloc(1, sizeof *resp);
+	struct pl_diag *pd = NULL;
+	struct pipeline *pl = NULL;
+	struct kpl_err err = { 0 };
+	const struct pl_kind *kinds;
+	size_t n = 0, n_kinds;
+
+	kpl__v1__validate_pipeline_response__init(resp);
+	kinds = stage_kinds_for_parser(&n_kinds);
+	pipeline_validate_all(text, strlen(text), "pipeline", kinds, n_kinds, &pd, &n);
+	resp->diagnostics = kpl_calloc(n ? n : 1, sizeof *resp->diagnostics);
+	for (size_t i = 0; i < n; i++) {
+		Kpl__V1__Diagnostic *d = kpl_calloc(1, sizeof *d);
+		kpl__v1__diagnostic__init(d);
+		d->line = pd[i].line;
+		d->column = pd[i].col;
+		d->path = kpl_strdup(pd[i].path ? pd[i].path : "");
+		d->message = kpl_strdup(pd[i].message ? pd[i].message : "");
+		d->severity = KPL__V1__SEVERITY__SEVERITY_ERROR;
+		resp->diagnostics[resp->n_diagnostics++] = d;
+	}
+	if (!n && pipeline_parse(text, strlen(text), "pipeline", kinds, n_kinds, &pl, &err) == 0) {
+		resp->pipeline_name = kpl_strdup(pl->name);
+		pipeline_free(pl);
+	}
+	resp->valid = n == 0;
+	pl_diags_free(pd, n);
+	*out = resp;
+}
+
+static void lint_offline_free(Kpl__V1__ValidatePipelineResponse *resp)
+{
+	for (size_t i = 0; i < resp->n_diagnostics; i++) {
+		free(resp->diagnostics[i]->path);
+		free(resp->diagnostics[i]->message);
+		free(resp->diagnostics[i]);
+	}
+	free(resp->diagnostics);
+	if (resp->pipeline_name != protobuf_c_empty_string)
+		free(resp->pipeline_name);
+	free(resp);
+}
+
+/* Whether an UNAVAILABLE means nothing answers at the address at all (as
+ * opposed to a kpld that answered and then closed, or a TLS mismatch). */
+static int nobody_listening(const struct kplc_status *st)
+{
+	return st->code == KPLC_UNAVAILABLE &&
+	       (strstr(st->message, "onnection refused") ||
+		strstr(st->message, "failed to connect to all addresses") ||
+		strstr(st->message, "DNS resolution failed") ||
+		strstr(st->message, "No route to host") ||
+		strstr(st->message, "Network is unreachable")) &&
+	       !strstr(st->message, "andshake") && !strstr(st->message, "Socket closed") &&
+	       !strstr(st->message, "certificate");
+}
+
+/* Lints one file: prints its diagnostics (or appends its response to
+ * files), returns the exit code it deserves. *offline is set once kpld
+ * proves unreachable: that file and the next are checked here. */
+static int lint_one(struct ctl *ctl, const char *path, json_t *files, int *offline)
+{
+	Kpl__V1__ValidatePipelineResponse *resp = NULL;
 	struct kplc_status st;
 	const char *name = strcmp(path, "-") ? path : "<stdin>";
 	char *text = read_file(path);
@@ -1438,9 +1557,18 @@ static int lint_one(struct ctl *ctl, const char *path, json_t *files)
 
 	if (!text)
 		return EXIT_USAGE;
-	rc = kplc_validate_pipeline(ctl->c, text, &resp, &st);
+	rc = *offline ? -1 : kplc_validate_pipeline(ctl->c, text, &resp, &st);
+	if (rc < 0 && !*offline && nobody_listening(&st)) {
+		fprintf(stderr, "%s: lint: no kpld at %s: checked offline with the same parser; "
+			"names the daemon config declares (notifiers, registries, kubernetes, "
+			"jenkins, prometheus) are checked only against a running kpld\n",
+			prog, ctl->server);
+		*offline = 1;
+	}
+	if (*offline)
+		lint_offline(text, &resp);
 	free(text);
-	if (rc < 0)
+	if (!resp)
 		return rpc_error(ctl, &st);
 	if (files) {
 		json_t *j = msg_to_json(&resp->base);
@@ -1462,19 +1590,22 @@ static int lint_one(struct ctl *ctl, const char *path, json_t *files)
 	else if (!files && !resp->n_diagnostics)
 		printf("%s: invalid\n", name);
 	rc = resp->valid ? EXIT_OK : EXIT_RUN_FAILED;
-	kplc_msg_free(resp);
+	if (*offline)
+		lint_offline_free(resp);
+	else
+		kplc_msg_free(resp);
 	return rc;
 }
 
 static int cmd_lint(struct ctl *ctl)
 {
 	json_t *files = ctl->json ? json_array() : NULL;
-	int rc = EXIT_OK;
+	int rc = EXIT_OK, offline = 0;
 
 	/* Worst outcome wins: RPC error, then unreadable file, then invalid.
 	 * An RPC error stops the lint (the next file would fail alike). */
 	for (int i = 0; i < ctl->n_pos; i++) {
-		int one = lint_one(ctl, ctl->pos[i], files);
+		int one = lint_one(ctl, ctl->pos[i], files, &offline);
 
 		fflush(stdout);
 		if (one > rc)
@@ -2040,8 +2171,13 @@ static int read_config(struct ctl *ctl)
 			fclose(f);
 			return EXIT_USAGE;
 		}
-		if (!*slot || !**slot)
+		if (!*slot || !**slot) {
 			*slot = kpl_strdup(v);
+			if (slot == &ctl->server)
+				ctl->server_from = kpl_asprintf("server in %s", path);
+			else if (slot == &ctl->token)
+				ctl->token_from = kpl_asprintf("token in %s", path);
+		}
 	}
 	/* A token others can read is a token others have. */
 	if (has_token && fstat(fileno(f), &sb) == 0 && (sb.st_mode & 077))
@@ -2077,21 +2213,27 @@ int main(int argc, char **argv)
 		return usage_error("%s: expected %s%s", ctl.cmd->name,
 				   ctl.cmd->max_args ? ctl.cmd->args : "no arguments",
 				   ctl.n_pos > ctl.cmd->min_args ? " only" : "");
-	if (!ctl.server || !*ctl.server)
-		ctl.server = getenv("KPL_SERVER");
+	if (ctl.server && *ctl.server)
+		ctl.server_from = "--server";
+	else if ((ctl.server = getenv("KPL_SERVER")) && *ctl.server)
+		ctl.server_from = "$KPL_SERVER";
+	if (ctl.token && *ctl.token)
+		ctl.token_from = "--token";
+	else if ((ctl.token = getenv("KPL_TOKEN")) && *ctl.token)
+		ctl.token_from = "$KPL_TOKEN";
 	if (!ctl.ca || !*ctl.ca)
 		ctl.ca = getenv("KPL_CA");
 	if (!ctl.cert || !*ctl.cert)
 		ctl.cert = getenv("KPL_CERT");
 	if (!ctl.key || !*ctl.key)
 		ctl.key = getenv("KPL_KEY");
-	if (!ctl.token || !*ctl.token)
-		ctl.token = getenv("KPL_TOKEN");
 	rc = read_config(&ctl);
 	if (rc)
 		return rc;
-	if (!ctl.server || !*ctl.server)
+	if (!ctl.server || !*ctl.server) {
 		ctl.server = KPLC_DEFAULT_TARGET;
+		ctl.server_from = "the default";
+	}
 	if (ctl.ca && !*ctl.ca)
 		ctl.ca = NULL;
 	if (ctl.cert && !*ctl.cert)

@@ -2722,3 +2722,53 @@ int engine_audit(struct engine *e, const char *run_id, const char *stage,
 	free(copy);
 	return 0;
 }
+
+size_t engine_check_config_names(const struct engine *e, const struct pipeline *pl,
+				 void (*fn)(void *data, struct pl_pos pos, const char *path,
+					    const char *msg),
+				 void *data)
+{
+	/* The with keys that name an endpoint, as the kinds' stage_endpoint
+	 * calls do. */
+	static const struct {
+		const char *key;
+		enum cfg_kind kind;
+	} refs[] = {
+		{ "cluster", CFG_KUBERNETES },
+		{ "registry", CFG_REGISTRY },
+		{ "jenkins", CFG_JENKINS },
+		{ "prometheus", CFG_PROMETHEUS },
+	};
+	const char *cfg_path = e->cfg && e->cfg->path ? e->cfg->path : "(none)";
+	char names[300], path[160], msg[600];
+	size_t n = 0, n_main = pl->n_stages - pl->n_finally;
+
+	for (size_t i = 0; i < pl->n_notify; i++) {
+		const struct pl_notify *pn = &pl->notify[i];
+		if (cfg_find(e->cfg, CFG_NOTIFIER, pn->notifier))
+			continue;
+		snprintf(path, sizeof path, "notify[%zu].notifier", i);
+		snprintf(msg, sizeof msg, "no notifier named \"%s\" in the daemon config %s "
+			 "(declared: %s)", pn->notifier, cfg_path,
+			 cfg_names(e->cfg, CFG_NOTIFIER, names, sizeof names));
+		fn(data, pn->pos, path, msg);
+		n++;
+	}
+	for (size_t i = 0; i < pl->n_stages; i++) {
+		const struct pl_node *with = pl->stages[i].with;
+		for (size_t j = 0; with && with->type == PL_MAP && j < KPL_ARRAY_SIZE(refs); j++) {
+			const struct pl_node *v = pl_map_get(with, refs[j].key);
+			if (!v || v->type != PL_SCALAR || strstr(v->scalar, "${{") ||
+			    cfg_find(e->cfg, refs[j].kind, v->scalar))
+				continue;
+			snprintf(path, sizeof path, "%s[%zu].with.%s", i < n_main ? "stages" : "finally",
+				 i < n_main ? i : i - n_main, refs[j].key);
+			snprintf(msg, sizeof msg, "no %s.%.128s in the daemon config %s (declared: %s)",
+				 cfg_kind_key(refs[j].kind), v->scalar, cfg_path,
+				 cfg_names(e->cfg, refs[j].kind, names, sizeof names));
+			fn(data, v->pos, path, msg);
+			n++;
+		}
+	}
+	return n;
+}

@@ -25,6 +25,7 @@
 #include "engine/config.h"
 #include "engine/kpl.h"
 #include "engine/secrets.h"
+#include "pipelines/pipeline.h"
 #include "store/store.h"
 
 /* Run ids: 16 lowercase Crockford base32 characters, time-sortable. */
@@ -156,5 +157,19 @@ size_t engine_active_runs(struct engine *e);
  */
 int engine_audit(struct engine *e, const char *run_id, const char *stage,
 		 const char *msg, struct kpl_err *err);
+
+/*
+ * The names in pl that only the daemon config resolves: each notify[].notifier,
+ * and each stage's with.cluster, with.registry, with.jenkins and
+ * with.prometheus written as a plain name (a ${{ }} is known only at run
+ * time). Calls fn once per name the config does not declare, with its
+ * position, key path and a message naming the config file and the declared
+ * names; returns how many. For ValidatePipeline: the parser has no config,
+ * so an offline `kplctl lint` cannot check these. Loop thread only.
+ */
+size_t engine_check_config_names(const struct engine *e, const struct pipeline *pl,
+				 void (*fn)(void *data, struct pl_pos pos, const char *path,
+					    const char *msg),
+				 void *data);
 
 #endif

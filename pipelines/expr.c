@@ -163,6 +163,9 @@ static int next(struct parser *p)
 				i++;
 			p->tok.kind = TOK_WORD;
 		} else {
+			if (c == '$')
+				return fail(p, i, "unexpected character '$': write the expression "
+					    "bare (a == 'x'), or wrap all of it in one ${{ }}");
 			return fail(p, i, "unexpected character '%c'", c);
 		}
 	}

@@ -9,6 +9,7 @@
  */
 #include "pipelines/pipeline.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <jansson.h>
 #include <stdarg.h>
@@ -674,6 +675,35 @@ static size_t edit_distance(const char *a, const char *b)
 	return row[lb];
 }
 
+/*
+ * A when written as GitHub Actions writes its conditions, wrapped whole in
+ * ${{ }}, means the expression inside: sets *start and *len (the whole
+ * string on entry) to the inside, trimmed. Anything else is left as it is.
+ */
+static void when_unwrap(const char *s, size_t *start, size_t *len)
+{
+	size_t b = 0, e = *len;
+
+	while (b < e && isspace((unsigned char)s[b]))
+		b++;
+	while (e > b && isspace((unsigned char)s[e - 1]))
+		e--;
+	if (e - b < 5 || strncmp(s + b, "${{", 3) || strncmp(s + e - 2, "}}", 2))
+		return;
+	/* "${{ a }} == ${{ b }}" is two templates, not one wrapped expression. */
+	for (size_t i = b + 3; i + 2 < e; i++)
+		if (!strncmp(s + i, "${{", 3) || !strncmp(s + i, "}}", 2))
+			return;
+	b += 3;
+	e -= 2;
+	while (b < e && isspace((unsigned char)s[b]))
+		b++;
+	while (e > b && isspace((unsigned char)s[e - 1]))
+		e--;
+	*start = b;
+	*len = e - b;
+}
+
 /* The allowed word closest to k, if close enough to be a typo. */
 static const char *suggest(const char *k, const char *const *allowed)
 {
@@ -694,7 +724,7 @@ static const char *suggest(const char *k, const char *const *allowed)
 static void check_keys(struct vctx *c, const struct pl_node *map,
 		       const char *path, const char *const *allowed)
 {
-	char list[256] = "";
+	char list[512] = "";
 	char kpath[PATH_LEN];
 
 	for (size_t i = 0; i < map->n; i++) {
@@ -707,8 +737,9 @@ static void check_keys(struct vctx *c, const struct pl_node *map,
 			continue;
 		if (!list[0])
 			for (j = 0; allowed[j]; j++) {
-				strcat(list, j ? ", " : "");
-				strcat(list, allowed[j]);
+				size_t used = strlen(list);
+				snprintf(list + used, sizeof list - used, "%s%s", j ? ", " : "",
+					 allowed[j]);
 			}
 		path_key(kpath, path, k);
 		const char *near = suggest(k, allowed);
@@ -1289,6 +1320,12 @@ static void parse_stage(struct vctx *c, struct pl_stage *st,
 			st->kind = kpl_strdup(s);
 			const struct pl_node *w = pl_map_get(n, "with");
 			bool with_ok = !w || scalar_is_null(w) || w->type == PL_MAP;
+			if (with_ok && st->with && k->with_keys) {
+				size_t before = c->n_diags;
+				path_key(kpath, path, "with");
+				check_keys(c, st->with, kpath, k->with_keys);
+				with_ok = c->n_diags == before;
+			}
 			if (k->check_with && with_ok) {
 				struct kpl_err err = { 0 };
 				path_key(kpath, path, "with");
@@ -1305,12 +1342,14 @@ static void parse_stage(struct vctx *c, struct pl_stage *st,
 		path_key(kpath, path, "when");
 		const char *s = want_str(c, v, kpath);
 		struct kpl_err err = { 0 };
-		size_t off = 0;
-		if (s && expr_parse(s, strlen(s), EXPR_ROOTS_WHEN, &st->when_expr,
+		size_t off = 0, start = 0, len = s ? strlen(s) : 0;
+		if (s)
+			when_unwrap(s, &start, &len);
+		if (s && expr_parse(s + start, len, EXPR_ROOTS_WHEN, &st->when_expr,
 				    &off, &err) < 0)
-			diag(c, pos_in_scalar(v, off), kpath, "%s", err.msg);
+			diag(c, pos_in_scalar(v, start + off), kpath, "%s", err.msg);
 		else if (s)
-			st->when = kpl_strdup(s);
+			st->when = kpl_strndup(s + start, len);
 	}
 	if ((v = pl_map_get(n, "timeout"))) {
 		path_key(kpath, path, "timeout");
@@ -1506,7 +1545,10 @@ static void check_stage_refs(struct vctx *c, const struct pl_node *root)
 			continue;
 		if (st->when_expr) {
 			path_key(kpath, path, "when");
-			struct ref_ctx r = { c, pl_map_get(sn, "when"), kpath, (int)i, 0 };
+			const struct pl_node *wn = pl_map_get(sn, "when");
+			size_t start = 0, len = strlen(wn->scalar);
+			when_unwrap(wn->scalar, &start, &len);
+			struct ref_ctx r = { c, wn, kpath, (int)i, start };
 			expr_walk_refs(st->when_expr, check_ref, &r);
 		}
 		if ((v = pl_map_get(sn, "env")) && v->type == PL_MAP) {
@@ -1996,9 +2038,28 @@ int pipeline_resolve_params(const struct pipeline *p, const char *const *names,
 		for (j = 0; j < p->n_params; j++)
 			if (!strcmp(p->params[j].name, names[i]))
 				break;
-		if (j == p->n_params)
-			return kpl_errf(err, KPL_EINVAL, "params.%.128s: the pipeline declares no such param",
-					names[i]);
+		if (j == p->n_params) {
+			/* Name what may be passed: the typo is then plain to see. */
+			char list[256] = "";
+			const char *near = NULL;
+			size_t best = 3;
+			for (j = 0; j < p->n_params; j++) {
+				size_t used = strlen(list), d;
+				snprintf(list + used, sizeof list - used, "%s%s", j ? ", " : "",
+					 p->params[j].name);
+				if ((d = edit_distance(names[i], p->params[j].name)) < best) {
+					best = d;
+					near = p->params[j].name;
+				}
+			}
+			if (!p->n_params)
+				return kpl_errf(err, KPL_EINVAL, "params.%.128s: the pipeline declares "
+						"no params", names[i]);
+			return kpl_errf(err, KPL_EINVAL, "params.%.128s: the pipeline declares no "
+					"such param%s%s%s (declared: %s)", names[i],
+					near ? ": did you mean \"" : "", near ? near : "",
+					near ? "\"?" : "", list);
+		}
 		for (size_t m = 0; m < i; m++)
 			if (!strcmp(names[m], names[i]))
 				return kpl_errf(err, KPL_EINVAL, "params.%.128s: given twice", names[i]);

@@ -176,6 +176,11 @@ struct pl_kind {
 	 * process's command line or a build's arguments, where any user of
 	 * the host can read them: a ${{ secrets.X }} there is refused. */
 	const char *const *argv_keys;
+	/* The keys `with` may hold (NULL-terminated; NULL: the kind checks
+	 * them itself). An unknown one is reported with the closest allowed
+	 * key ("did you mean"), and check_with is not called. The docs test
+	 * (tests/e2e/docs_test.py) reads these tables. */
+	const char *const *with_keys;
 };
 
 /*

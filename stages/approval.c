@@ -64,8 +64,12 @@ static void approval_abandon(struct stage *st)
 	(void)st; /* nothing to release */
 }
 
+/* Every key `with` may hold (the parser checks them, docs_test reads them). */
+static const char *const approval_with_keys[] = { "message", NULL };
+
 const struct stage_kind approval_kind = {
 	.name = "approval",
+	.with_keys = approval_with_keys,
 	.check_with = approval_check_with,
 	.start = approval_start,
 	.cancel = approval_cancel,

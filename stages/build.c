@@ -115,8 +115,15 @@ static void build_abandon(struct stage *st)
 
 static const char *const build_argv_keys[] = { "args", NULL };
 
+/* Every key `with` may hold (the parser checks them, docs_test reads them). */
+static const char *const build_with_keys[] = {
+	"driver", "jenkins", "job", "params", "unstable", "context", "dockerfile", "target",
+	"args", "output", NULL
+};
+
 const struct stage_kind build_kind = {
 	.name = "build",
+	.with_keys = build_with_keys,
 	/* buildah --build-arg (argv, and the image's history); Jenkins keeps
 	 * build parameters with the build. */
 	.argv_keys = build_argv_keys,

@@ -1733,8 +1733,15 @@ static void canary_approve(struct stage *st, bool approve, const char *msg)
 	abort_start(c);
 }
 
+/* Every key `with` may hold (the parser checks them, docs_test reads them). */
+static const char *const canary_with_keys[] = {
+	"cluster", "namespace", "deployment", "container", "image", "replicas", "service",
+	"version_label", "version", "prometheus", "header_route", "on_failure", "steps", NULL
+};
+
 const struct stage_kind canary_kind = {
 	.name = "canary",
+	.with_keys = canary_with_keys,
 	.check_with = canary_check_with,
 	.start = canary_start,
 	.cancel = canary_cancel,

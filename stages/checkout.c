@@ -460,8 +460,14 @@ static int checkout_resume(struct stage *st, struct kpl_err *err)
 
 static const char *const checkout_argv_keys[] = { "repo", "ref", "path", NULL };
 
+/* Every key `with` may hold (the parser checks them, docs_test reads them). */
+static const char *const checkout_with_keys[] = {
+	"repo", "ref", "depth", "submodules", "path", "token", "username", NULL
+};
+
 const struct stage_kind checkout_kind = {
 	.name = "checkout",
+	.with_keys = checkout_with_keys,
 	.argv_keys = checkout_argv_keys, /* git's argv; the token goes by env */
 	.check_with = checkout_check_with,
 	.start = checkout_start,

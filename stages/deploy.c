@@ -423,8 +423,15 @@ static int deploy_resume(struct stage *st, struct kpl_err *err)
 	return deploy_begin(st, 1, err);
 }
 
+/* Every key `with` may hold (the parser checks them, docs_test reads them). */
+static const char *const deploy_with_keys[] = {
+	"cluster", "namespace", "deployment", "container", "image", "replicas", "env",
+	"resources", "create_from", NULL
+};
+
 const struct stage_kind deploy_kind = {
 	.name = "deploy",
+	.with_keys = deploy_with_keys,
 	.check_with = deploy_check_with,
 	.start = deploy_start,
 	.cancel = rollout_cancel,

@@ -38,6 +38,7 @@ const struct pl_kind *stage_kinds_for_parser(size_t *n)
 			table[i].check_with = kinds[i]->check_with;
 			table[i].with_roots = kinds[i]->with_roots;
 			table[i].argv_keys = kinds[i]->argv_keys;
+			table[i].with_keys = kinds[i]->with_keys;
 		}
 	*n = KPL_ARRAY_SIZE(kinds);
 	return table;

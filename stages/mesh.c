@@ -417,8 +417,15 @@ static int mesh_resume(struct stage *st, struct kpl_err *err)
 	return mesh_begin(st, 1, err);
 }
 
+/* Every key `with` may hold (the parser checks them, docs_test reads them). */
+static const char *const mesh_with_keys[] = {
+	"cluster", "namespace", "deployment", "mode", "service", "hosts", "gateways", "port",
+	"version_label", "version", NULL
+};
+
 const struct stage_kind mesh_kind = {
 	.name = "mesh",
+	.with_keys = mesh_with_keys,
 	.check_with = mesh_check_with,
 	.start = mesh_start,
 	.cancel = rollout_cancel,

@@ -1426,8 +1426,14 @@ static void push_abandon(struct stage *st)
 	push_maybe_free(p);
 }
 
+/* Every key `with` may hold (the parser checks them, docs_test reads them). */
+static const char *const push_with_keys[] = {
+	"registry", "repository", "tags", "from", "image", "chunk_size", NULL
+};
+
 const struct stage_kind push_kind = {
 	.name = "push",
+	.with_keys = push_with_keys,
 	.check_with = push_check_with,
 	.start = push_start,
 	.cancel = push_cancel,

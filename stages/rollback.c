@@ -383,8 +383,14 @@ static int rollback_resume(struct stage *st, struct kpl_err *err)
 	return rollback_begin(st, 1, err);
 }
 
+/* Every key `with` may hold (the parser checks them, docs_test reads them). */
+static const char *const rollback_with_keys[] = {
+	"cluster", "namespace", "deployment", "to_revision", NULL
+};
+
 const struct stage_kind rollback_kind = {
 	.name = "rollback",
+	.with_keys = rollback_with_keys,
 	.check_with = rollback_check_with,
 	.start = rollback_start,
 	.cancel = rollout_cancel,

@@ -318,8 +318,14 @@ static int script_resume(struct stage *st, struct kpl_err *err)
 
 static const char *const script_argv_keys[] = { "command", "shell", NULL };
 
+/* Every key `with` may hold (the parser checks them, docs_test reads them). */
+static const char *const script_with_keys[] = {
+	"command", "shell", "workdir", "env", "timeout", NULL
+};
+
 const struct stage_kind script_kind = {
 	.name = "script",
+	.with_keys = script_with_keys,
 	/* shell's values reach sh as variables, but the rule stays one: a
 	 * secret goes through env. */
 	.argv_keys = script_argv_keys,

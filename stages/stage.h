@@ -59,6 +59,8 @@ struct stage_kind {
 	unsigned with_roots;
 	/* `with` keys whose strings reach a command line (pl_kind's). */
 	const char *const *argv_keys;
+	/* Every `with` key the kind takes, NULL-terminated (pl_kind's). */
+	const char *const *with_keys;
 	/*
 	 * Optional: the kind's WAITING attempt answers ApproveStage (a canary
 	 * frozen on failure: approve promotes, reject aborts). The engine has

@@ -1253,8 +1253,15 @@ static int verify_resume(struct stage *st, struct kpl_err *err)
 	return rc;
 }
 
+/* Every key `with` may hold (the parser checks them, docs_test reads them). */
+static const char *const verify_with_keys[] = {
+	"prometheus", "queries", "interval", "count", "failure_limit", "inconclusive_limit",
+	"http", "canary_version", NULL
+};
+
 const struct stage_kind verify_kind = {
 	.name = "verify",
+	.with_keys = verify_with_keys,
 	.check_with = verify_check_with,
 	.start = verify_start,
 	.cancel = verify_cancel,

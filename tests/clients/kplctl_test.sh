@@ -276,9 +276,19 @@ EOF
 ctl lintmiss lint "$T/ok.yaml" "$T/does-not-exist.yaml"
 expect_rc lintmiss 2
 grep -qx "$T/ok.yaml: ok" "$T/lintmiss.out" || fail "lint: stopped at a missing file"
-ctl lintdown --server 127.0.0.1:1 lint "$T/ok.yaml" "$T/lintbad.yaml"
-expect_rc lintdown 3
-grep -q '^kplctl: lint: UNAVAILABLE: ' "$T/lintdown.err" || fail "lint: no UNAVAILABLE"
+# No kpld: linted offline by kpld's own parser and stage kinds (the fake's
+# "shell" kind is unknown there), said once on stderr.
+printf 'name: real\nstages:\n  - name: a\n    kind: script\n    with: { command: ["true"] }\n' \
+	>"$T/realok.yaml"
+ctl lintdown --server 127.0.0.1:1 lint "$T/realok.yaml" "$T/lintbad.yaml"
+expect_rc lintdown 1
+grep -qx "$T/realok.yaml: ok" "$T/lintdown.out" || fail "lint offline: realok.yaml not ok"
+grep -qx "$T/lintbad.yaml:1:1: name: missing required key \"name\"" "$T/lintdown.out" ||
+	fail "lint offline: lintbad.yaml's first problem missing"
+[ "$(grep -c '^kplctl: lint: no kpld at 127.0.0.1:1: checked offline' "$T/lintdown.err")" = 1 ] ||
+	fail "lint offline: the note is not there once"
+ctl lintdownok --server 127.0.0.1:1 lint "$T/realok.yaml"
+expect_rc lintdownok 0
 
 # wait_for NAME REGEX: waits (at most 10 s) until $T/NAME.out has a line
 # matching REGEX.

@@ -14,6 +14,7 @@ is compared. Good fixtures must lint clean.
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,14 +45,40 @@ def comparable(msg):
     return msg.split(" (known: ")[0]
 
 
+def offline_differs(kplctl, cwd, name, env, online):
+    """kplctl lint with no kpld must say what the daemon said (the same
+    parser and kinds), and say once that it checked offline. 1 if not."""
+    r = subprocess.run([kplctl, "lint", name], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=30)
+    if (r.returncode, r.stdout) != (online.returncode, online.stdout):
+        print("FAIL offline %s: exit %d, want %d\n  got:  %r\n  want: %r"
+              % (name, r.returncode, online.returncode, r.stdout, online.stdout))
+        return 1
+    if r.stderr.count(": checked offline with the same parser; names the daemon config "
+                      "declares") != 1:
+        print("FAIL offline %s: no note that it checked offline: %r" % (name, r.stderr))
+        return 1
+    return 0
+
+
 def main():
     kpld, kplctl, table_src, fixtures = [os.path.abspath(a) for a in sys.argv[1:5]]
     table = bad_table(table_src)
     tmp = tempfile.mkdtemp(prefix="kpl-lint-", dir=os.environ.get("TEST_TMPDIR"))
-    daemon = Daemon(kpld, os.path.join(tmp, "data"))
+    # The notifiers good/notify.yaml names: kpld checks the config's names.
+    config = os.path.join(tmp, "kpld.yaml")
+    with open(config, "w") as f:
+        f.write("notifiers:\n"
+                "  team-chat: { kind: wecom, url: \"http://127.0.0.1:9/a\" }\n"
+                "  ops: { kind: wecom, url: \"http://127.0.0.1:9/b\" }\n")
+    daemon = Daemon(kpld, os.path.join(tmp, "data"), ["--config", config])
     daemon.start().close()
     env = dict(os.environ, KPL_SERVER=daemon.addr)
     env.pop("KPL_TOKEN", None)
+    # Offline: a port that refuses connections while this socket lives.
+    refuser = socket.socket()
+    refuser.bind(("127.0.0.1", 0))
+    offline_env = dict(env, KPL_SERVER="127.0.0.1:%d" % refuser.getsockname()[1])
     passed = failed = 0
     bad_dir = os.path.join(fixtures, "bad")
     files = sorted(os.listdir(bad_dir))
@@ -62,6 +89,7 @@ def main():
     for name in files:
         r = subprocess.run([kplctl, "lint", name], cwd=bad_dir, env=env,
                            capture_output=True, text=True, timeout=30)
+        failed += offline_differs(kplctl, bad_dir, name, offline_env, r)
         first = r.stdout.splitlines()[0] if r.stdout else ""
         want = table.get(name)
         if want is None:
@@ -77,6 +105,7 @@ def main():
     for name in sorted(os.listdir(good_dir)):
         r = subprocess.run([kplctl, "lint", name], cwd=good_dir, env=env,
                            capture_output=True, text=True, timeout=30)
+        failed += offline_differs(kplctl, good_dir, name, offline_env, r)
         if r.returncode != 0 or r.stdout.strip() != "%s: ok" % name:
             print("FAIL good %s: exit %d: %s %s" % (name, r.returncode, r.stdout, r.stderr))
             failed += 1

@@ -82,8 +82,11 @@ static int check_noop(const struct pl_node *with, const char *file,
 	return 0;
 }
 
+static const char *const script_with_keys[] = { "command", "shell", "workdir", "env",
+						 "timeout", NULL };
+
 static const struct pl_kind kinds[] = {
-	{ "script", check_script },
+	{ "script", check_script, 0, NULL, script_with_keys },
 	{ "noop", check_noop },
 };
 
@@ -277,6 +280,12 @@ static const struct bad_case bad_cases[] = {
 	  "when_env_root.yaml:5:11: stages[0].when: unknown reference \"env.HOME\": references here start with params., stages." },
 	{ "when_needs_missing.yaml", INVAL,
 	  "when_needs_missing.yaml:7:11: stages[1].when: stages.a.state: stage \"a\" is not in this stage's needs; add it to needs to read its state" },
+	{ "when_wrapped_needs_missing.yaml", INVAL,
+	  "when_wrapped_needs_missing.yaml:7:15: stages[1].when: stages.a.state: stage \"a\" is not in this stage's needs; add it to needs to read its state" },
+	{ "when_template_part.yaml", INVAL,
+	  "when_template_part.yaml:7:11: stages[0].when: unexpected character '$': write the expression bare (a == 'x'), or wrap all of it in one ${{ }}" },
+	{ "with_unknown_key.yaml", INVAL,
+	  "with_unknown_key.yaml:6:7: stages[0].with.comand: unknown key \"comand\": did you mean \"command\"? (allowed: command, shell, workdir, env, timeout)" },
 	{ "when_single_eq.yaml", INVAL,
 	  "when_single_eq.yaml:7:22: stages[0].when: '=' is not an operator; compare with '=='" },
 	{ "when_syntax.yaml", INVAL,
@@ -368,7 +377,7 @@ static void test_good_fixtures_parse(void **state)
 	static const char *const files[] = {
 		"good/full.yaml", "good/full.json", "good/minimal.yaml",
 		"good/minimal.json", "good/block_scalars.yaml", "good/diamond.yaml",
-		"good/notify.yaml",
+		"good/notify.yaml", "good/when_wrapped.yaml",
 	};
 	for (size_t i = 0; i < KPL_ARRAY_SIZE(files); i++) {
 		struct pipeline *p = NULL;
@@ -380,6 +389,21 @@ static void test_good_fixtures_parse(void **state)
 		assert_true(p->n_stages > 0);
 		pipeline_free(p);
 	}
+}
+
+/* A when wrapped whole in ${{ }} (as GitHub Actions writes it) is the
+ * expression inside. */
+static void test_when_wrapped(void **state)
+{
+	struct pipeline *p = NULL;
+	struct kpl_err err = { 0 };
+
+	(void)state;
+	assert_int_equal(parse_fixture("good/when_wrapped.yaml", &p, &err), 0);
+	assert_string_equal(p->stages[1].when, "stages.a.outputs.ver == '7'");
+	assert_int_equal(p->stages[1].when_expr->kind, EXPR_EQ);
+	assert_int_equal(p->stages[2].when_expr->kind, EXPR_AND);
+	pipeline_free(p);
 }
 
 /* notify: names and events as bits in PL_NOTIFY_EVENT_MAP order; a
@@ -738,7 +762,11 @@ static void test_resolve_params(void **state)
 		{ "replicas", "99999999999999999999", "params.replicas: \"99999999999999999999\" is not a whole number" },
 		{ "dry_run", "yes", "params.dry_run: \"yes\" is not true or false" },
 		{ "target", "qa", "params.target: \"qa\" is not one of: staging, prod" },
-		{ "colour", "red", "params.colour: the pipeline declares no such param" },
+		{ "colour", "red", "params.colour: the pipeline declares no such param "
+				   "(declared: version, replicas, dry_run, target, note)" },
+		{ "tagret", "prod", "params.tagret: the pipeline declares no such param: did "
+				    "you mean \"target\"? (declared: version, replicas, dry_run, "
+				    "target, note)" },
 	};
 	for (size_t i = 0; i < KPL_ARRAY_SIZE(bad); i++) {
 		const char *bn[] = { "version", bad[i].name };
@@ -907,6 +935,7 @@ static void test_expr_syntax_errors(void **state)
 		{ "12ab", EXPR_ROOTS_WHEN, 0, "bad number: only whole decimal numbers are allowed" },
 		{ "99999999999999999999", EXPR_ROOTS_WHEN, 0, "number out of range" },
 		{ "true @ false", EXPR_ROOTS_WHEN, 5, "unexpected character '@'" },
+		{ "${{ true }} && true", EXPR_ROOTS_WHEN, 0, "unexpected character '$': write the expression bare (a == 'x'), or wrap all of it in one ${{ }}" },
 	};
 	for (size_t i = 0; i < KPL_ARRAY_SIZE(cases); i++) {
 		struct expr *e = (struct expr *)1;
@@ -1171,6 +1200,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_bad_fixtures),
 		cmocka_unit_test(test_good_fixtures_parse),
+		cmocka_unit_test(test_when_wrapped),
 		cmocka_unit_test(test_notify_model),
 		cmocka_unit_test(test_yaml_and_json_same_model),
 		cmocka_unit_test(test_block_scalars_model),
