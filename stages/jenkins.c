@@ -1168,12 +1168,16 @@ static void done_result(struct jenkins *j, struct jenkins_step *s)
 {
 	const char *res = j->result;
 	long long n = (long long)j->number;
+	/* A build counted as failed publishes no image: nothing after it
+	 * (continue_on_error, finally) may take it for a good one. */
+	bool good = strcmp(res, "SUCCESS") == 0 ||
+		    (strcmp(res, "UNSTABLE") == 0 && j->unstable != JENKINS_UNSTABLE_FAIL);
 
-	if (j->art_image) {
+	if (good && j->art_image) {
 		add_output(s, "image", j->art_image);
 		if (j->art_digest)
 			add_output(s, "digest", j->art_digest);
-	} else if (j->image) {
+	} else if (good && j->image) {
 		const char *at = strchr(j->image, '@');
 		add_output(s, "image", j->image);
 		if (at && at[1])

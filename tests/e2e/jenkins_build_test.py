@@ -318,6 +318,40 @@ class Suite:
         assert_eq(st.get("message"), "Jenkins build #%d FAILURE" % b["number"], "message")
         assert_true("image" not in outputs(st), "no image from a failed build")
 
+    def test_unstable_succeed_and_fail(self):
+        # The same UNSTABLE build counts as a success by default (like
+        # Jenkins's "last successful build") and fails with unstable: fail;
+        # a failed stage publishes no image and the next stage never runs.
+        text = PIPELINE.replace('RESULT: "${{ params.result }}" }',
+                                'RESULT: "${{ params.result }}" }\n'
+                                '      unstable: "${{ params.unstable }}"')
+        text = text.replace('  ci: { default: "ci" }',
+                            '  ci: { default: "ci" }\n  unstable: { default: succeed }')
+        assert_true(text.count("unstable") == 3, "the pipeline names unstable")
+        run_id, events = self.run(text, {"result": "UNSTABLE", "sha": "u1"})
+        assert_eq(last_state(events), "RUN_STATE_SUCCEEDED", "run state, unstable: succeed")
+        b = self.check_one_build(run_id)
+        assert_eq(b["result"], "UNSTABLE", "emulator result")
+        _, st = stage_of(self.c, run_id)
+        assert_eq((st["state"], st.get("message")),
+                  ("STAGE_STATE_SUCCEEDED", "Jenkins build #%d UNSTABLE" % b["number"]),
+                  "stage, unstable: succeed")
+        assert_eq(outputs(st).get("image"), b["image"], "image of an unstable build")
+        assert_eq(console_lines(events, "show"), ["built " + b["image"]], "the next stage ran")
+
+        run_id, events = self.run(text, {"result": "UNSTABLE", "sha": "u2", "unstable": "fail"})
+        assert_eq(last_state(events), "RUN_STATE_FAILED", "run state, unstable: fail")
+        b = self.check_one_build(run_id)
+        assert_eq(b["result"], "UNSTABLE", "emulator result")
+        run, st = stage_of(self.c, run_id)
+        assert_eq(st["state"], "STAGE_STATE_FAILED", "stage, unstable: fail")
+        if not st.get("message", "").startswith("Jenkins build #%d UNSTABLE" % b["number"]):
+            raise AssertionError("message: %r" % st.get("message"))
+        assert_true("image" not in outputs(st), "no image from a build counted as failed")
+        show = [s for s in run["stages"] if s["name"] == "show"][0]
+        assert_eq(show["state"], "STAGE_STATE_SKIPPED", "the next stage")
+        self.check_console(events, b, "job/team/job/app/")
+
     def test_aborted_in_jenkins(self):
         run_id, events = self.run(PIPELINE, {"result": "ABORTED"})
         assert_eq(last_state(events), "RUN_STATE_FAILED", "run state")
@@ -422,7 +456,8 @@ class Suite:
         self.emu.stop()
 
 
-ORDER = ["test_success_lines_and_outputs", "test_failure", "test_aborted_in_jenkins",
+ORDER = ["test_success_lines_and_outputs", "test_failure", "test_unstable_succeed_and_fail",
+         "test_aborted_in_jenkins",
          "test_unknown_job", "test_crumb_required", "test_wrong_token",
          "test_trigger_500_after_queue", "test_cancel_running_build",
          "test_kill9_while_building", "test_kill9_while_queued", "test_no_token_in_events"]
