@@ -25,6 +25,7 @@
 /* kpld's own SIGKILL of the shim, this long after the shim's grace. */
 #define PROC_SHIM_KILL_EXTRA_MS 5000
 #define PROC_TAIL_BYTES 65536
+#define PROC_LOCKPOLL_MS 100 /* following a shim without pidfd_open */
 /* What kpld writes in a lock it takes for an attempt it gives up. */
 #define PROC_CLAIMED "claimed by kpld\n"
 
@@ -46,6 +47,8 @@ struct proc {
 	uv_poll_t pidpoll;      /* the shim, when attached to (pidfd) */
 	int pidfd;
 	bool have_pidpoll;
+	uv_timer_t lockpoll;    /* the shim's lock, when there is no pidfd_open */
+	bool have_lockpoll;
 	uv_fs_event_t watch;    /* changes in dir */
 	uv_timer_t kill_timer;
 	uv_timer_t kick;        /* the first read after attaching, off the stack */
@@ -209,10 +212,12 @@ static void proc_close_all(struct proc *p)
 		uv_close((uv_handle_t *)&p->proc, proc_closed);
 	if (p->have_pidpoll)
 		uv_close((uv_handle_t *)&p->pidpoll, proc_closed);
+	if (p->have_lockpoll)
+		uv_close((uv_handle_t *)&p->lockpoll, proc_closed);
 	uv_close((uv_handle_t *)&p->watch, proc_closed);
 	uv_close((uv_handle_t *)&p->kill_timer, proc_closed);
 	uv_close((uv_handle_t *)&p->kick, proc_closed);
-	p->have_proc = p->have_pidpoll = false;
+	p->have_proc = p->have_pidpoll = p->have_lockpoll = false;
 }
 
 static struct proc *proc_new(struct stage *st, const char *dir, const char *prefix,
@@ -233,7 +238,7 @@ static struct proc *proc_new(struct stage *st, const char *dir, const char *pref
 	uv_timer_init(p->loop, &p->kill_timer);
 	uv_timer_init(p->loop, &p->kick);
 	p->watch.data = p->kill_timer.data = p->kick.data = p->proc.data = p;
-	p->pidpoll.data = p;
+	p->pidpoll.data = p->lockpoll.data = p;
 	p->open_handles = 3;
 	return p;
 }
@@ -422,6 +427,23 @@ static void on_pidfd(uv_poll_t *h, int status, int events)
 	shim_ended(p);
 }
 
+static int lock_held(const char *path, int64_t *pid, bool *claimed);
+
+/* Without pidfd_open (Linux before 5.3, valgrind): the shim holds its
+ * lock until it ends, so a lock no longer held is a shim gone. */
+static void on_lockpoll(uv_timer_t *t)
+{
+	struct proc *p = t->data;
+	char *lock = dir_file(p, "lock");
+	int64_t pid = 0;
+
+	if (lock_held(lock, &pid, NULL) != 1) {
+		uv_timer_stop(t);
+		shim_ended(p);
+	}
+	free(lock);
+}
+
 static void on_kill_timer(uv_timer_t *t)
 {
 	struct proc *p = t->data;
@@ -588,7 +610,13 @@ static int attach(struct proc *p, struct kpl_err *err)
 		p->shim_pid = pid;
 		p->pidfd = (int)syscall(SYS_pidfd_open, (pid_t)pid, 0);
 		/* The pid came from a lock still held, so it is the shim's. */
-		if (p->pidfd < 0 || lock_held(lock, &pid, NULL) != 1) {
+		if (p->pidfd < 0 && errno == ENOSYS) {
+			uv_timer_init(p->loop, &p->lockpoll);
+			p->have_lockpoll = true;
+			p->open_handles++;
+			uv_timer_start(&p->lockpoll, on_lockpoll, PROC_LOCKPOLL_MS,
+				       PROC_LOCKPOLL_MS);
+		} else if (p->pidfd < 0 || lock_held(lock, &pid, NULL) != 1) {
 			if (p->pidfd < 0 && errno != ESRCH) {
 				rc = kpl_errf(err, KPL_EIO, "cannot follow process %lld: %s",
 					      (long long)pid, strerror(errno));
