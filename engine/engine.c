@@ -2552,6 +2552,8 @@ int engine_start(const struct engine_options *opt, struct engine **out,
 	e->run_budget = opt->run_budget_bytes ? opt->run_budget_bytes : ENGINE_DEFAULT_RUN_BUDGET;
 	e->next_gseq = store_last_global_seq(opt->store) + 1;
 	e->work_dir = kpl_asprintf("%s/work", opt->data_dir);
+	/* Files there are read with kpl_open_ws: a stage's command writes them. */
+	kpl_set_workspaces_dir(e->work_dir);
 	if ((rc = mkdir_p(e->work_dir, 0700)) != 0) {
 		kpl_errf(err, KPL_EIO, "cannot create %s: %s", e->work_dir, strerror(-rc));
 		free(e->work_dir);

@@ -1,11 +1,17 @@
+#define _GNU_SOURCE /* O_PATH */
 /* kpl.c - errors, logging, time and allocation shared by every subsystem. */
 #include "engine/kpl.h"
 
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/openat2.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 enum kpl_log_level kpl_log_threshold = KPL_LOG_INFO;
 
@@ -182,4 +188,34 @@ char *kpl_asprintf(const char *fmt, ...)
 	vsnprintf(p, (size_t)n + 1, fmt, ap);
 	va_end(ap);
 	return p;
+}
+
+/* Set once at start (kpl_set_workspaces_dir); read by any thread after. */
+static char *workspaces_dir;
+
+void kpl_set_workspaces_dir(const char *dir)
+{
+	free(workspaces_dir);
+	workspaces_dir = kpl_strdup(dir);
+}
+
+int kpl_open_ws(const char *path, int flags)
+{
+	struct open_how how = { 0 };
+	size_t len = workspaces_dir ? strlen(workspaces_dir) : 0;
+	int dirfd, fd, e;
+
+	if (!len || strncmp(path, workspaces_dir, len) != 0 || path[len] != '/')
+		return open(path, flags, 0600);
+	dirfd = open(workspaces_dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+	if (dirfd < 0)
+		return -1;
+	how.flags = (uint64_t)flags | O_CLOEXEC;
+	how.mode = flags & O_CREAT ? 0600 : 0;
+	how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+	fd = (int)syscall(SYS_openat2, dirfd, path + len + 1, &how, sizeof how);
+	e = errno;
+	close(dirfd);
+	errno = e;
+	return fd;
 }

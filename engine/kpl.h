@@ -67,6 +67,18 @@ enum kpl_log_level { KPL_LOG_DEBUG, KPL_LOG_INFO, KPL_LOG_WARN, KPL_LOG_ERROR };
 extern enum kpl_log_level kpl_log_threshold;
 /* Parses "debug", "info", "warn", "error"; -1 if unknown. */
 int kpl_log_level_parse(const char *s);
+
+/* Where the runs' workspaces are (DATA_DIR/work, spelt as the engine
+ * spells it); set once at start, before any stage. */
+void kpl_set_workspaces_dir(const char *dir);
+/*
+ * open(2) for a file that a stage's command may have written: below the
+ * workspaces' directory no symlink is followed and nothing leads out of it
+ * (openat2 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS; ELOOP or EXDEV), so a
+ * command cannot make kpld read a file of its choice for it (its outputs,
+ * its log, an image layout). Other paths: open(2).
+ */
+int kpl_open_ws(const char *path, int flags);
 void kpl_log(enum kpl_log_level level, const char *subsys, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 #define kpl_debug(sub, ...) do { if (kpl_log_threshold <= KPL_LOG_DEBUG) kpl_log(KPL_LOG_DEBUG, sub, __VA_ARGS__); } while (0)

@@ -23,9 +23,11 @@
  * from OUTPUT/index.json).
  */
 #include <ctype.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "stages/build.h"
 #include "stages/proc.h"
@@ -303,12 +305,16 @@ static int run_step(struct proc_steps *s, unsigned step, struct kpl_err *err)
 static char *layout_digest(const char *dir)
 {
 	char *path = kpl_asprintf("%s/index.json", dir), *text, *p, *q, *digest = NULL;
-	FILE *f = fopen(path, "r");
+	int fd = kpl_open_ws(path, O_RDONLY | O_CLOEXEC);
+	FILE *f = fd >= 0 ? fdopen(fd, "r") : NULL;
 	size_t n;
 
 	free(path);
-	if (!f)
+	if (!f) {
+		if (fd >= 0)
+			close(fd);
 		return NULL;
+	}
 	text = kpl_malloc(65537);
 	n = fread(text, 1, 65536, f);
 	fclose(f);

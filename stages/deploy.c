@@ -30,8 +30,10 @@
  * image (and the other settings), the patch was applied and it only
  * follows the rollout: a change is never sent twice.
  */
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "stages/kinds.h"
 #include "stages/rollout.h"
@@ -218,14 +220,16 @@ static int plan_create(struct rollout *r, struct deploy *dp, struct rollout_plan
 	const char *kind, *name;
 	size_t len = 0;
 	FILE *f;
-	int rc = KPL_EINVAL;
+	int rc = KPL_EINVAL, fd;
 
 	if (!dp->create_from)
 		return kpl_errf(err, KPL_ENOTFOUND, "%s", rollout_not_found(r, buf, sizeof buf));
 	path = dp->create_from[0] == '/' ? kpl_strdup(dp->create_from)
 					 : kpl_asprintf("%s/%s", stage_workspace(st), dp->create_from);
 	/* A small file in the workspace, read at once. */
-	if (!(f = fopen(path, "rb"))) {
+	if ((fd = kpl_open_ws(path, O_RDONLY | O_CLOEXEC)) < 0 || !(f = fdopen(fd, "rb"))) {
+		if (fd >= 0)
+			close(fd);
 		kpl_errf(err, KPL_EINVAL, "create_from %s: cannot read it", dp->create_from);
 		goto out;
 	}

@@ -123,7 +123,7 @@ static char *dir_file(const struct proc *p, const char *name)
 /* Reads a small file whole; NULL if it is not there. */
 static char *slurp(const char *path, size_t max)
 {
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	int fd = kpl_open_ws(path, O_RDONLY | O_CLOEXEC);
 	char *buf;
 	ssize_t n;
 
@@ -142,7 +142,7 @@ char *proc_last_line(struct proc *p, Kpl__V1__LogStream stream)
 {
 	char tag = stream == KPL__V1__LOG_STREAM__LOG_STREAM_STDERR ? '2' : '1';
 	char *path = dir_file(p, "output"), *buf, *end, *line = NULL;
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	int fd = kpl_open_ws(path, O_RDONLY | O_CLOEXEC);
 	struct stat sb;
 	off_t from;
 	ssize_t n;
@@ -373,7 +373,7 @@ static void proc_read(struct proc *p)
 	}
 	if (p->out_fd < 0) {
 		char *path = dir_file(p, "output");
-		p->out_fd = open(path, O_RDONLY | O_CLOEXEC);
+		p->out_fd = kpl_open_ws(path, O_RDONLY | O_CLOEXEC);
 		free(path);
 		if (p->out_fd < 0) {
 			/* No output yet (or ever): nothing to read. */
@@ -573,7 +573,7 @@ static void pid_recorded(struct stage *st, int status, void *data)
  * 0 for none; *claimed says kpld wrote it. */
 static int lock_held(const char *path, int64_t *pid, bool *claimed)
 {
-	int fd = open(path, O_RDONLY | O_CLOEXEC), held;
+	int fd = kpl_open_ws(path, O_RDONLY | O_CLOEXEC), held;
 	char buf[32] = { 0 };
 
 	if (fd < 0)
@@ -585,6 +585,31 @@ static int lock_held(const char *path, int64_t *pid, bool *claimed)
 	held = flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK;
 	close(fd);
 	return held;
+}
+
+/* True if pid runs `kpld __shim DIR ...` (its /proc cmdline). */
+static bool is_shim_of(int64_t pid, const char *dir)
+{
+	char path[64], buf[8192], a[PATH_MAX], b[PATH_MAX];
+	const char *named;
+	size_t n, a1;
+	FILE *f;
+
+	snprintf(path, sizeof path, "/proc/%lld/cmdline", (long long)pid);
+	if (pid <= 0 || !(f = fopen(path, "r")))
+		return pid > 0; /* gone already: pidfd_open says so next */
+	n = fread(buf, 1, sizeof buf - 1, f);
+	fclose(f);
+	if (n == 0)
+		return true; /* exiting (no memory left to show): the lock says next */
+	buf[n] = '\0';
+	a1 = strlen(buf) + 1;
+	if (a1 >= n || strcmp(buf + a1, SHIM_ARGV1) != 0 || a1 + strlen(SHIM_ARGV1) + 1 >= n)
+		return false;
+	named = buf + a1 + strlen(SHIM_ARGV1) + 1;
+	/* The same directory, however --data-dir was spelt then and now. */
+	return strcmp(named, dir) == 0 ||
+	       (realpath(named, a) && realpath(dir, b) && strcmp(a, b) == 0);
 }
 
 /*
@@ -604,6 +629,13 @@ static int attach(struct proc *p, struct kpl_err *err)
 		/* A kpld gave the attempt up before (and then stopped before the
 		 * restart it asked for was committed): still nothing ran. */
 		rc = kpl_errf(err, KPL_ENOTFOUND, "its process had not started");
+		goto out;
+	}
+	if (held == 1 && !is_shim_of(pid, p->dir)) {
+		/* The lock is in the workspace, which the command can write: a
+		 * pid there that is not this attempt's shim is never signalled. */
+		rc = kpl_errf(err, KPL_ESTATE, "its lock names process %lld, which is not "
+			      "its shim", (long long)pid);
 		goto out;
 	}
 	if (held == 1) {

@@ -52,6 +52,7 @@
  * is not DELETEd; registries expire them (distribution after a week).
  */
 #include <ctype.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -1004,28 +1005,6 @@ static void upload_step(struct push *p)
 	read_more(p);
 }
 
-static void on_open(uv_fs_t *req)
-{
-	struct push *p = req->data;
-	ssize_t fd = req->result;
-
-	uv_fs_req_cleanup(req);
-	if (fd >= 0 && !p->st) {
-		uv_fs_t c;
-		uv_fs_close(NULL, &c, (uv_file)fd, NULL);
-		uv_fs_req_cleanup(&c);
-	} else if (fd >= 0) {
-		p->fd = (uv_file)fd;
-	}
-	if (push_gone(p))
-		return;
-	if (fd < 0) {
-		push_fail(p, "push: %s: %s", p->plan.blobs[p->blob_i].path, uv_strerror((int)fd));
-		return;
-	}
-	upload_step(p);
-}
-
 static void start_upload(struct push *p)
 {
 	struct reg_blob *b = &p->plan.blobs[p->blob_i];
@@ -1039,9 +1018,14 @@ static void start_upload(struct push *p)
 		upload_step(p); /* a mount: no data */
 		return;
 	}
-	p->fsreq.data = p;
-	p->pending++;
-	uv_fs_open(p->loop, &p->fsreq, b->path, O_RDONLY | O_CLOEXEC, 0, on_open);
+	/* A blob of a layout in the workspace (a stage's command wrote it):
+	 * opened without following a symlink out of it; a small sync call. */
+	if ((p->fd = kpl_open_ws(b->path, O_RDONLY | O_CLOEXEC)) < 0) {
+		p->fd = -1;
+		push_fail(p, "push: %s: %s", b->path, strerror(errno));
+		return;
+	}
+	upload_step(p);
 }
 
 static void on_blob_head(struct push *p, struct http_response *resp)

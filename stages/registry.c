@@ -828,7 +828,8 @@ void reg_plan_move_to_end(struct reg_plan *p, size_t i)
 static int read_file(const char *path, size_t max, char **out, size_t *len,
 		     struct kpl_err *err)
 {
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	/* A layout in a workspace: written by a stage's command. */
+	int fd = kpl_open_ws(path, O_RDONLY | O_CLOEXEC);
 	struct stat sb;
 	char *buf;
 	size_t got = 0;

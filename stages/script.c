@@ -18,9 +18,11 @@
  *
  * A stage publishes outputs by writing KEY=VALUE lines to $KPL_OUTPUTS.
  */
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "stages/kinds.h"
 #include "stages/proc.h"
@@ -118,14 +120,19 @@ static void script_free(struct script *s)
 static void read_outputs(struct script *s)
 {
 	char *path = kpl_asprintf("%s/outputs", proc_dir(s->proc));
-	FILE *f = fopen(path, "r");
+	/* The command wrote it: no symlink out of the workspace is followed. */
+	int fd = kpl_open_ws(path, O_RDONLY | O_CLOEXEC);
+	FILE *f = fd >= 0 ? fdopen(fd, "r") : NULL;
 	char *line = NULL;
 	size_t cap = 0, total = 0;
 	ssize_t n;
 
 	free(path);
-	if (!f)
+	if (!f) {
+		if (fd >= 0)
+			close(fd);
 		return;
+	}
 	while ((n = getline(&line, &cap, f)) > 0) {
 		char *eq;
 		total += (size_t)n;

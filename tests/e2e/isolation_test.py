@@ -13,6 +13,7 @@ message naming the cause, and never runs the command unconfined.
 """
 
 import hashlib
+import json
 import os
 import stat
 import sys
@@ -76,6 +77,22 @@ stages:
     kind: script
     needs: [attack]
     with: { shell: 'cat mine.txt; echo "tmp=$(echo t > /tmp/t && cat /tmp/t)"' }
+"""
+
+# kpld reads what the command leaves in the workspace (its outputs file, its
+# log, an image layout; engine/kpl.c kpl_open_ws): a symlink there must not
+# make kpld read, for the command, a file the sandbox hides from it.
+SYMLINK = r"""
+name: symlink
+params:
+  target: {}
+stages:
+  - name: s
+    kind: script
+    with:
+      shell: |
+        ln -sf "$KPL_PARAM_TARGET" "$KPL_OUTPUTS"
+        echo linked
 """
 
 # The command, when it runs at all, leaves this behind.
@@ -242,6 +259,18 @@ class Suite:
                           "out of the chroot, data.mdb: blocked"],
                   "the RUN line's tries (run %s: %r)" % (got["state"], got.get("message")))
         assert_eq(got["state"], "RUN_STATE_SUCCEEDED", "the build (%r)" % got.get("message"))
+
+    def test_symlinks_do_not_make_kpld_read_for_the_stage(self):
+        target = os.path.join(self.data, "probe-secret")
+        with open(target, "w") as f:
+            f.write("leak=the-hidden-value\n")
+        got, events = run(self.c, SYMLINK, {"target": target},
+                          self.md())
+        assert_eq(logs(events, "s"), ["linked"], "the script ran")
+        outs = got["stages"][0].get("outputs", {})
+        assert_eq(outs, {}, "outputs read through a symlink to a hidden file")
+        if any("the-hidden-value" in json.dumps(e) for e in events):
+            raise AssertionError("the hidden file's text is in the run's events")
 
     def _marker_run(self, name, *flags):
         d = Kpld(self.kpld_bin, self.tmp, name, *flags).start()
