@@ -125,6 +125,10 @@ class Emulator:
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
 
+    def triggers_of(self, run_id):
+        return [t for t in self.json("/emulator/triggers")
+                if t["params"].get("KPL_RUN_ID", "").startswith(run_id + "/")]
+
     def builds_of(self, run_id):
         return [b for b in self.json("/emulator/builds")
                 if b["params"].get("KPL_RUN_ID", "").startswith(run_id + "/")]
@@ -273,6 +277,11 @@ class Suite:
     def check_one_build(self, run_id, job="team/app"):
         builds = self.emu.builds_of(run_id)
         assert_eq(len(builds), 1, "Jenkins builds for run %s (%r)" % (run_id, builds))
+        # Jenkins folds a repeated trigger with equal parameters into the
+        # queued item, so one build alone would not show that kpl triggered
+        # once (after a restart, say): count the trigger POSTs too.
+        triggers = self.emu.triggers_of(run_id)
+        assert_eq(len(triggers), 1, "trigger POSTs for run %s (%r)" % (run_id, triggers))
         assert_eq(builds[0]["job"], job, "job built")
         return builds[0]
 

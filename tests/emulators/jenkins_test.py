@@ -343,6 +343,10 @@ def main():
             assert h1["Location"] == h2["Location"] and "/queue/item/" in h1["Location"]
             st3, h3, _ = raw(url + "/job/app/buildWithParameters?GIT_SHA=other", "POST", auth, b"")
             assert st3 == 201 and h3["Location"] != h1["Location"]
+            # Both POSTs of "dup" are counted, the folded one with its 303.
+            dup = [t for t in control(url, "triggers") if t["params"].get("GIT_SHA") == "dup"]
+            assert [(t["job"], t["status"]) for t in dup] == [("app", 201), ("app", 303)], dup
+            assert dup[0]["queueId"] == dup[1]["queueId"] is not None, dup
         finally:
             control(url, "config", {"queue_delay": 0.3})
         qid = int(h1["Location"].rstrip("/").split("/")[-1])

@@ -258,6 +258,7 @@ class Emulator:
         self.sessions = {}            # session id -> created
         self.faults = {}              # name -> {"count": n or None, "job":..., ...}
         self.requests = []
+        self.triggers = []            # every trigger POST, folded or not
         self.verbose = args.verbose
         for f in args.fault or []:
             name, _, count = f.partition(":")
@@ -953,6 +954,8 @@ class Handler(BaseHTTPRequestHandler):
                 return json_reply({"sessions": 0}, {})
             if seg == ["requests"]:
                 return json_reply(list(emu.requests), {})
+            if seg == ["triggers"]:
+                return json_reply(list(emu.triggers), {})
         raise Reply(404, "no such emulator endpoint\n", "text/plain")
 
     # ---- auth + crumb ----
@@ -1283,6 +1286,27 @@ class Handler(BaseHTTPRequestHandler):
         return None
 
     def trigger(self, user, job, base, with_params):
+        """Records the trigger POST (GET /emulator/triggers) whatever comes
+        of it: a repeated trigger that the queue folds into its queued item
+        makes no second build, but a client should not have sent it."""
+        sent = {}
+        for k, vals in list(self.query.items()) + list(self.form.items()):
+            if vals:
+                sent[k] = vals[-1]
+        rec = {"job": job.full_name, "params": sent, "status": None, "queueId": None}
+        self.emu.triggers.append(rec)
+        try:
+            r = self.trigger_one(user, job, base, with_params)
+        except Reply as e:
+            rec["status"] = e.status
+            raise
+        rec["status"] = r.status
+        loc = dict(r.headers).get("Location", "")
+        m = re.search(r"/queue/item/(\d+)/$", loc)
+        rec["queueId"] = int(m.group(1)) if m else None
+        return r
+
+    def trigger_one(self, user, job, base, with_params):
         emu = self.emu
         if with_params and not job.params:
             raise html_error(400, "%s is not parameterized" % job.full_name)
