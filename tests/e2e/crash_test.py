@@ -23,7 +23,7 @@ SUCCEEDED with some stages on attempt 2 or more.
 While the runs go, kpld is killed (SIGKILL) at least KPL_CRASH_KILLS times:
 after a random number of new events seen on WatchRuns since it came back, or
 a random time, whichever comes first; some restarts are also killed before
-kpld serves (in recovery). Submits that a kill interrupts are retried with
+kpld serves (in recovery): every second one. Submits that a kill interrupts are retried with
 the same idempotency key.
 
 Checks, after the last restart and once every run is final:
@@ -152,6 +152,10 @@ class Daemon:
         self.since_start = 0     # events seen since the current kpld served
         self.reader = None
         self.died = []           # kpld processes that ended without being killed
+        self.kills_serving = 0   # serving kplds that SIGKILL ended (their exit status)
+        self.kills_startup = 0   # starting kplds that SIGKILL ended
+        self.kills_recovery = 0  # ... of them, while recovering and not yet serving
+        self.reader_problems = []  # live WatchRuns streams that ended while kpld served
 
     def _spawn(self):
         if os.path.exists(self.ready):
@@ -189,6 +193,10 @@ class Daemon:
                              % proc.returncode)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        if proc.returncode == -signal.SIGKILL:
+            self.kills_startup += 1
+            if saw == "recovering" and not served:
+                self.kills_recovery += 1
         return "%s seen, %s" % (saw, "it served" if served else "not serving yet")
 
     def start(self):
@@ -219,6 +227,7 @@ class Daemon:
         return c
 
     def _read(self, stream, gen):
+        why = "the stream ended"
         try:
             for ev in stream:
                 d = Client.to_dict(ev)
@@ -227,10 +236,16 @@ class Daemon:
                     if gen == self.gen:
                         self.since_start += 1
                     self.cond.notify_all()
-        except grpc.RpcError:
-            pass  # kpld went away
-        except ValueError:
-            pass  # channel closed
+        except grpc.RpcError as e:
+            why = "%s %s" % (e.code(), e.details())
+        except ValueError as e:
+            why = "channel closed: %s" % e
+        # kill9 and stop take the client away before they signal kpld: an
+        # end while this generation still serves is the stream failing.
+        with self.cond:
+            if gen == self.gen and self.client is not None:
+                self.reader_problems.append("kpld %d: WatchRuns ended while it served: %s"
+                                            % (gen, why))
 
     def current(self, deadline):
         """(client, generation) of a serving kpld, waiting for one."""
@@ -258,6 +273,8 @@ class Daemon:
                              % (self.gen, proc.returncode))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        if proc.returncode == -signal.SIGKILL:
+            self.kills_serving += 1
         c.close()
         if self.reader:
             self.reader.join(10)
@@ -382,7 +399,7 @@ class CrashTest:
                   "submits pending %d" % (kills, self.n_kills, gen, seen, target,
                                           time.monotonic() - t0, done, self.n_runs, pending),
                   flush=True)
-            if self.rng.random() < 0.5:
+            if kills % 2 == 1:  # half the restarts are killed again in start-up
                 delay = self.rng.uniform(0.0, 0.008)
                 what = self.daemon.kill_in_startup(delay)
                 startup_kills += 1
@@ -466,8 +483,17 @@ class CrashTest:
               % (kills, startup_kills, time.monotonic() - t_start), flush=True)
         for t in submitters:
             t.join(max(0.0, deadline - time.monotonic()))
-        ck.check("at least 20 kill -9 of a serving kpld",
-                 [] if kills >= 20 else ["only %d kills" % kills])
+        d = self.daemon
+        ck.check("every one of the %d kill -9 ended a serving kpld" % self.n_kills,
+                 [] if d.kills_serving == self.n_kills else
+                 ["%d of %d kills ended a running kpld" % (d.kills_serving, self.n_kills)])
+        ck.check("half the restarts were killed again in start-up, some during recovery",
+                 ([] if d.kills_startup == self.n_kills // 2 else
+                  ["%d start-up kills, want %d" % (d.kills_startup, self.n_kills // 2)]) +
+                 ([] if d.kills_recovery >= 1 else
+                  ["no kill while kpld was recovering and not yet serving"]))
+        print("start-up kills: %d, %d of them during recovery"
+              % (d.kills_startup, d.kills_recovery), flush=True)
         ck.check("kpld never ended on its own", self.daemon.died)
 
         # Submits: one run per key, the same on every answer and on resubmit.
@@ -598,6 +624,9 @@ class CrashTest:
                 problems.append("event seen live (kpld %d) %r is now %r" % (gen, e, per_run.get(k)))
         print("%d events were seen live across %d kpld generations"
               % (len(live), self.daemon.gen), flush=True)
+        if len(live) < self.n_runs:
+            problems.append("only %d events seen live for %d runs" % (len(live), self.n_runs))
+        problems += self.daemon.reader_problems
         ck.check("every event seen live before a kill is in the final history, unchanged",
                  problems)
 
