@@ -28,6 +28,7 @@ import hmac
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,7 +100,8 @@ def body(chat_kind, n):
 class Receiver:
     """A webhook on 127.0.0.1:0. Records every request it accepts (2xx) with
     its arrival time; can fail the next N requests with 500, be down (503
-    for everything), or be slow (sleep before answering)."""
+    for everything), or hold requests unanswered until released (a chat that
+    is slow for as long as the test needs it to be)."""
 
     def __init__(self, kind):
         self.kind = kind
@@ -109,7 +111,8 @@ class Receiver:
         self.bad = []        # requests that broke the protocol (wrong key, bad sign)
         self.fail_next = 0
         self.down = False
-        self.delay = 0.0
+        self.hold = None     # a threading.Event: requests wait for it, then go on
+        self.held = 0        # requests that waited on hold
         recv = self
 
         class H(http.server.BaseHTTPRequestHandler):
@@ -120,9 +123,11 @@ class Receiver:
                 n = int(self.headers.get("Content-Length", "0"))
                 raw = self.rfile.read(n)
                 with recv.lock:
-                    delay = recv.delay
-                if delay:
-                    time.sleep(delay)
+                    hold = recv.hold
+                    if hold is not None:
+                        recv.held += 1
+                if hold is not None:
+                    hold.wait(120)
                 code, reply = recv.handle(self.path, dict(self.headers.items()), raw)
                 data = reply.encode()
                 self.send_response(code)
@@ -252,6 +257,12 @@ stages:
   - name: sleepy
     kind: script
     with: { shell: 'echo started; sleep 300' }
+"""
+
+SENTINEL = """
+name: shop
+stages:
+  - { name: last, kind: noop }
 """
 
 ROLLBACK = """
@@ -455,28 +466,40 @@ chats:
             else:
                 assert_eq(ct, "application/json", "%s content type" % k)
 
-        # 2. WeCom fails twice, Slack is slow: DingTalk is not delayed.
+        # 2. WeCom fails (500) and Slack hangs, both until DingTalk has its
+        #    messages: DingTalk is not delayed by either. Conditions, not
+        #    times: the other two are released only once DingTalk has both.
+        release = threading.Event()
         with self.r["wecom"].lock:
-            self.r["wecom"].fail_next = 2
+            self.r["wecom"].fail_next = 10 ** 9
         with self.r["slack"].lock:
-            self.r["slack"].delay = 1.5
+            self.r["slack"].hold = release
         base = {k: len(r.bodies()) for k, r in self.r.items()}
         run = Client.to_dict(submit(self.c, APPROVAL))
         gate = {"kind": "waiting", "stage": "gate", "message": "waiting for approval: ship it?"}
         self.expect_run(run["id"], "shop", {"kind": "started"}, gate)
+        try:
+            wait_until("dingtalk's two messages while wecom refuses and slack hangs", lambda: (
+                len(self.r["dingtalk"].bodies()) == base["dingtalk"] + 2 and
+                self.r["wecom"].refused >= 2 and self.r["slack"].held >= 1))
+            assert_eq(len(self.r["wecom"].bodies()), base["wecom"], "wecom accepted nothing yet")
+            assert_eq(len(self.r["slack"].bodies()), base["slack"], "slack answered nothing yet")
+        finally:
+            with self.r["wecom"].lock:
+                self.r["wecom"].fail_next = 0
+            with self.r["slack"].lock:
+                self.r["slack"].hold = None
+            release.set()
         self.wait_all()
-        wecom_t = self.r["wecom"].times()[base["wecom"]:]
-        ding_t = self.r["dingtalk"].times()[base["dingtalk"]:]
-        slack_t = self.r["slack"].times()[base["slack"]:]
-        assert_eq(self.r["wecom"].refused, 2, "wecom refused two tries")
-        if not ding_t[1] < wecom_t[0]:
-            raise AssertionError("dingtalk waited for wecom's retries")
-        if not ding_t[1] < slack_t[0]:
-            raise AssertionError("dingtalk waited for slow slack")
-        if wecom_t[0] - ding_t[0] < 0.25:
-            raise AssertionError("wecom's retry came before its backoff")
-        with self.r["slack"].lock:
-            self.r["slack"].delay = 0
+        # The retries kept to the configured backoff (300ms, doubling), as
+        # the bot planned them (its log, not a stopwatch).
+        log = open(self.bot.log).read()
+        for n, ms in ((1, 300), (2, 600)):
+            if "chat team-wecom: try %d of started of run %s" % (n, run["id"]) not in log or \
+                    not re.search(r"chat team-wecom: try %d of [^\n]*; again in %d ms" % (n, ms),
+                                  log):
+                raise AssertionError("no 'chat team-wecom: try %d ... again in %d ms' in the "
+                                     "bot's log:\n%s" % (n, ms, self.log_tail()))
         self.c.call(P + "ApproveStage", {"run_id": run["id"], "stage": "gate",
                                          "approve": True, "by": "test"})
         watch(self.c, run["id"])
@@ -521,8 +544,12 @@ chats:
             self.r["slack"].down = False
         self.bot.start()
         self.wait_all()
-        # Nothing more comes (a repeat would show up now).
-        time.sleep(1.5)
+        # Nothing more comes: a run after all that reaches every chat after
+        # anything the restarted bot could repeat (each chat is sent to in
+        # event order), and wait_all fails at once on a longer list.
+        sentinel, _ = self.run_to_end(SENTINEL)
+        self.expect_run(sentinel, "shop", {"kind": "started"}, {"kind": "succeeded"})
+        self.wait_all()
         for k in self.r:
             self.compare(k)
             assert_eq(self.r[k].bad, [], "%s: protocol problems" % k)

@@ -24,10 +24,10 @@ What it checks:
 """
 
 import os
+import re
 import signal
 import sys
 import tempfile
-import time
 
 import grpc
 
@@ -85,6 +85,20 @@ stages:
     kind: script
     with: { shell: 'echo started; sleep 300' }
 """
+
+# A run that makes one notice for one notifier: sent after everything kpld
+# queued for that notifier before it (each notifier's outbox goes in order,
+# its head retried until it goes), so once it arrives nothing queued earlier
+# can still come. That, not a sleep, is how "exactly" is checked.
+SENTINEL = """
+name: sentinel
+notify:
+  - { notifier: %s, events: [started] }
+stages:
+  - { name: a, kind: noop }
+"""
+
+NOTIFIER = {"wecom": "team-wecom", "dingtalk": "team-ding", "slack": "team-slack"}
 
 UNKNOWN = """
 name: shop
@@ -155,14 +169,17 @@ notifiers:
         # What every receiver must have got, in order, by the end.
         self.want = {k: [] for k in self.r}
 
-    def expect(self, kind, bodies, what, timeout=30):
-        """Waits for receiver kind to hold exactly self.want[kind] + bodies."""
-        self.want[kind] += bodies
+    def expect(self, kind, bodies, what, timeout=60):
+        """Waits for receiver kind to hold exactly self.want[kind] + bodies,
+        and nothing after: a sentinel notice (SENTINEL) follows them through
+        kpld's ordered outbox, so anything extra arrives before it does."""
+        evs = watch(self.c, submit(self.c, SENTINEL % NOTIFIER[kind]).id)
+        sentinel = body(kind, notice("started", run_started(evs)))
+        self.want[kind] += bodies + [sentinel]
         want = self.want[kind]
         recv = self.r[kind]
-        wait_until("%s: %d messages (%s)" % (kind, len(want), what),
-                   lambda: len(recv.bodies()) >= len(want), timeout)
-        time.sleep(0.3)  # anything extra would arrive now
+        wait_until("%s: the sentinel after %d messages (%s)" % (kind, len(want) - 1, what),
+                   lambda: sentinel in recv.bodies(), timeout)
         got = recv.bodies()
         if got != want:
             raise AssertionError("%s got:\n  %s\nwanted:\n  %s" % (
@@ -208,14 +225,21 @@ notifiers:
         wecom.fail_next = 2
         refused = wecom.refused
         run = submit(self.c, APPROVAL).id
-        t0 = time.monotonic()
         evs = events_until(self.c, run, lambda e: e.get("stage_state") == "STAGE_STATE_WAITING")
         waiting = find(evs, "EVENT_KIND_STAGE_STATE", "STAGE_STATE_WAITING", "ask")
         self.expect("wecom", [body("wecom", notice("waiting", waiting))],
                     "waiting after two 500s")
         assert_eq(wecom.refused - refused, 2, "500s given before the message got through")
-        # Two backoffs (1 s, then 2 s) before the third try.
-        assert time.monotonic() - t0 >= 2.5, "retried too early"
+        # Two backoffs (1 s, then 2 s) before the third try, as kpld planned
+        # them (its log; what the schedule is, not how long a busy machine
+        # took).
+        log = open(self.daemon.log).read()
+        for n, ms in ((1, 1000), (2, 2000)):
+            if not re.search(r"notifier team-wecom: waiting of run %s \(global seq \d+\): "
+                             r"try %d of 6 failed: HTTP 500[^\n]*; again in %d ms"
+                             % (run, n, ms), log):
+                raise AssertionError("no 'try %d of 6 failed ... again in %d ms' in kpld's log"
+                                     % (n, ms))
         # The run went on meanwhile: only the message waited.
         assert_eq(Client.to_dict(self.c.call(P + "GetRun", {"id": run}))["state"],
                   "RUN_STATE_RUNNING", "run state while the message was retried")
@@ -245,10 +269,13 @@ notifiers:
         self.c = self.daemon.start()
         self.expect("slack", [body("slack", notice("cancelled", find(
             evs, "EVENT_KIND_RUN_STATE", "RUN_STATE_CANCELLED")))], "after the restart")
-        # Nothing already delivered came again.
-        time.sleep(1.5)
-        for k in self.r:
-            assert_eq(self.r[k].bodies(), self.want[k], k + " after the restart")
+        # Nothing already delivered came again: each notifier's sentinel,
+        # queued after whatever the restart found unsent, came right after
+        # what it had before.
+        self.expect("wecom", [], "nothing again after the restart")
+        self.expect("dingtalk", [], "nothing again after the restart")
+        assert "1 notification left unsent by the last kpld: sending" in \
+            open(self.daemon.log).read(), "the restart found the one unsent message"
 
     def test_6_log_clean_and_clean_stop(self):
         assert_eq(self.daemon.stop(signal.SIGTERM), 0, "kpld exit status on SIGTERM")
