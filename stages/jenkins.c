@@ -32,6 +32,9 @@ struct jenkins {
 	bool no_params;        /* the job declares no parameter at all */
 	int triggers;          /* POSTs sent for this marker (this process) */
 	bool find_may_trigger; /* a search that finds nothing may trigger */
+	/* The search follows a restart in phase triggering: the POST recorded
+	 * then may never have been sent (kpld died first). */
+	bool after_restart;
 
 	int64_t queue_id, number;
 	char *build_url;
@@ -665,6 +668,7 @@ int jenkins_begin(struct jenkins *j, const char *resume, int64_t now_ms,
 	} else if (strcmp(phase, "triggering") == 0) {
 		/* The POST may or may not have reached Jenkins. */
 		j->find_may_trigger = true;
+		j->after_restart = true;
 		note(out, "kpld stopped while triggering %s: looking for a queue item or build "
 		     "with %s=%s before triggering", j->job, JENKINS_MARKER_PARAM, j->marker);
 		request(j, out, JENKINS_ST_FIND_QUEUE, 0);
@@ -975,6 +979,14 @@ static void on_find_builds(struct jenkins *j, const struct jenkins_reply *r, con
 	}
 	note(s, "no queue item or build of %s has %s=%s: triggering", j->job,
 	     JENKINS_MARKER_PARAM, j->marker);
+	/* The job declares the marker, so the search is conclusive: the POST
+	 * recorded before the restart left nothing in Jenkins, and is not one
+	 * whose outcome is unknown (else kills in that window, not Jenkins,
+	 * would use up JENKINS_MAX_TRIGGERS). A POST answered with an error
+	 * still counts. */
+	if (j->after_restart && j->triggers > 0)
+		j->triggers--;
+	j->after_restart = false;
 	j->no_params = false;
 	post(j, s, JENKINS_ST_TRIGGER);
 }
