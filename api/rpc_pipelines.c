@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "api/kpl.pb-c.h"
+#include "engine/config.h"
 #include "engine/metrics.h"
 #include "google/protobuf/timestamp.pb-c.h"
 #include "pipelines/pipeline.h"
@@ -997,6 +998,16 @@ static void h_rollback(struct api_call *call, const ProtobufCMessage *m, void *d
 		api_call_fail_err(call, &err);
 		return;
 	}
+	/* Named by the caller, not by a template: say it now, not in a run
+	 * that fails at start. */
+	if (!cfg_find(engine_config(rpc->eng), CFG_KUBERNETES, parts[0])) {
+		char names[300], bad[700];
+		snprintf(bad, sizeof bad, "deployment %s: no kubernetes.%s in the daemon config "
+			 "(declared: %s)", req->deployment, parts[0],
+			 cfg_names(engine_config(rpc->eng), CFG_KUBERNETES, names, sizeof names));
+		api_call_fail(call, ST_INVALID_ARGUMENT, bad);
+		return;
+	}
 	if (req->to_revision && *req->to_revision) {
 		for (const char *p = req->to_revision; *p; p++)
 			if (!isdigit((unsigned char)*p) || p - req->to_revision > 18) {
@@ -1034,8 +1045,10 @@ void rpc_close_streams(struct rpc *rpc)
 	while (rpc->watches) {
 		struct watch *w = rpc->watches;
 		char msg[200];
+		/* A WatchRuns stream resumes by its own field. */
 		snprintf(msg, sizeof msg,
-			 "kpld is shutting down; watch again with from_seq=%llu",
+			 "kpld is shutting down; watch again with %s=%llu",
+			 w->global ? "from_global_seq" : "from_seq",
 			 (unsigned long long)w->next_seq);
 		watch_end(w, ST_UNAVAILABLE, msg);
 	}

@@ -2027,6 +2027,11 @@ struct secrets *engine_secrets(struct engine *e)
 	return e->secrets;
 }
 
+const struct cfg *engine_config(const struct engine *e)
+{
+	return e->cfg;
+}
+
 struct http_client *stage_http(struct stage *st)
 {
 	return st->run->eng->http;

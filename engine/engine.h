@@ -69,6 +69,8 @@ void engine_stop(struct engine *e, void (*done)(void *data), void *data);
 struct store *engine_store(struct engine *e);
 uv_loop_t *engine_loop(struct engine *e);
 struct secrets *engine_secrets(struct engine *e);
+/* The daemon config (borrowed, for the engine's lifetime). */
+const struct cfg *engine_config(const struct engine *e);
 
 /*
  * Submits a run of the pipeline text (len bytes) with the given params.
