@@ -11,6 +11,7 @@ no test depends on timing luck.
 """
 
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -123,13 +124,28 @@ stages:
         assert_eq(len(pend), 2, "retry waits")
         if "retrying in" not in pend[0]["message"]:
             raise AssertionError("retry message %r" % pend[0]["message"])
-        # Backoff is exponential with jitter: at least half the base (100 ms)
-        # between the first failure and the second start.
+        # Backoff is exponential with equal jitter: the planned waits (the
+        # PENDING messages) are within [d/2, d] for d = 200ms, then 400ms,
+        # and no retry started before its planned time (kpld's own event
+        # times; a lower bound only, which load cannot break).
+        planned = []
+        for e, d in zip(pend, (200, 400)):
+            m = re.search(r"retrying in (\d+)(ms|s)\b", e["message"])
+            if not m:
+                raise AssertionError("no planned wait in %r" % e["message"])
+            ms = int(m.group(1)) * (1 if m.group(2) == "ms" else 1000)
+            if not d // 2 <= ms <= d:
+                raise AssertionError("planned wait %d ms, want %d..%d: %r"
+                                     % (ms, d // 2, d, e["message"]))
+            planned.append(ms / 1000.0)
         starts = [ts(e["time"]) for e in events if e.get("stage_state") == "STAGE_STATE_RUNNING"
                   and e.get("kind") == "EVENT_KIND_STAGE_STATE"]
         fails = [ts(e["time"]) for e in pend]
-        if starts[1] - fails[0] < 0.09 or starts[2] - fails[1] < 0.19:
-            raise AssertionError("backoff too short: %r %r" % (starts, fails))
+        for i in (0, 1):
+            # Timestamps have millisecond precision.
+            if starts[i + 1] - fails[i] < planned[i] - 0.002:
+                raise AssertionError("retry %d started %.3f s after the failure, planned %.3f"
+                                     % (i + 1, starts[i + 1] - fails[i], planned[i]))
 
     def test_retries_exhausted(self):
         text = ("name: broken\nstages:\n  - name: s\n    kind: script\n"

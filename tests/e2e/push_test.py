@@ -448,10 +448,10 @@ class Suite:
             if ev.get("stage") == "push" and ev.get("stage_state") == "STAGE_STATE_RUNNING":
                 stream.cancel()
                 break
-        t0 = time.monotonic()
-        got = Client.to_dict(self.c.call(P + "CancelRun", {"id": run["id"]}))
-        if time.monotonic() - t0 > 5:
-            raise AssertionError("cancel took %.1f s" % (time.monotonic() - t0))
+        # CancelRun answers once the run is CANCELLED. A cancel that did not
+        # stop the hanging request would wait for its 60 s timeout: the
+        # call's 30 s deadline is a bound below that, not a timing goal.
+        got = Client.to_dict(self.c.call(P + "CancelRun", {"id": run["id"]}, timeout=30))
         assert_eq(got["state"], "RUN_STATE_CANCELLED", "run state")
         assert_eq(got["stages"][0]["state"], "STAGE_STATE_CANCELLED", "stage state")
         # the stage timeout goes through the same cancel

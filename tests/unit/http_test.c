@@ -700,14 +700,14 @@ static void test_timeout(void **state)
 	struct fx *fx = *state;
 	struct result r = { 0 };
 	struct http_request_options o = { .url = url("/stall"), .timeout_ms = 300 };
-	uint64_t t0 = uv_hrtime();
 
+	/* KPL_ETIMEOUT itself says the 300 ms timer ended it: /stall never
+	 * answers. How soon is bench's business, not this test's. */
 	run1(fx, &o, &r);
 	assert_int_equal(r.status, KPL_ETIMEOUT);
 	assert_int_equal(r.attempts, 1); /* sent: a timeout is not retried */
 	assert_non_null(strstr(r.msg, url("/stall")));
 	assert_non_null(strstr(r.msg, "GET "));
-	assert_true((uv_hrtime() - t0) / 1000000 < 5000);
 	result_free(&r);
 }
 
@@ -754,16 +754,20 @@ static void test_retry_after_honoured(void **state)
 	};
 	uint64_t t0 = uv_hrtime();
 
+	/* Retry-After: 1 was waited for (the backoff alone is 1 ms): a lower
+	 * bound, which a slow machine (valgrind) cannot break. */
 	run1(fx, &o, &r);
 	assert_int_equal(r.http, 200);
 	assert_int_equal(r.attempts, 2);
 	assert_true((uv_hrtime() - t0) / 1000000 >= 990);
 
-	t0 = uv_hrtime();
+	/* Retry-After: 30 is past the 2 s deadline: the 503 comes back at once
+	 * with one attempt (had it waited, the deadline would have ended it
+	 * with KPL_ETIMEOUT instead). */
 	run1(fx, &o2, &r2);
+	assert_int_equal(r2.status, 0);
 	assert_int_equal(r2.http, 503);
 	assert_int_equal(r2.attempts, 1);
-	assert_true((uv_hrtime() - t0) / 1000000 < 1000);
 	result_free(&r);
 	result_free(&r2);
 }
@@ -913,7 +917,6 @@ static void test_cancel_queued_and_backoff(void **state)
 					   .retry = { .base_backoff_ms = 60000,
 						      .max_backoff_ms = 60000 } };
 	struct canceller k = { .closed = 0 };
-	uint64_t t0;
 
 	start(fx, &o, &r); /* cancelled before it ever ran */
 	http_request_cancel(r.req);
@@ -921,9 +924,9 @@ static void test_cancel_queued_and_backoff(void **state)
 	assert_int_equal(r.status, KPL_ECANCELLED);
 	assert_int_equal(r.attempts, 0);
 
-	/* Cancelled while waiting 30-60 s to retry a refused connection. */
+	/* Cancelled while waiting 30-60 s to retry a refused connection: one
+	 * attempt and KPL_ECANCELLED (not a second attempt after the wait). */
 	snprintf(u, sizeof u, "http://127.0.0.1:%d/", closed_port());
-	t0 = uv_hrtime();
 	start(fx, &o2, &r2);
 	uv_timer_init(&fx->loop, &k.t);
 	k.t.data = &k;
@@ -933,7 +936,6 @@ static void test_cancel_queued_and_backoff(void **state)
 	run_until(fx, &k.closed); /* k is on this stack frame */
 	assert_int_equal(r2.status, KPL_ECANCELLED);
 	assert_int_equal(r2.attempts, 1);
-	assert_true((uv_hrtime() - t0) / 1000000 < 5000);
 	result_free(&r);
 	result_free(&r2);
 }
