@@ -9,6 +9,7 @@
  */
 #include "engine/engine.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
@@ -428,6 +429,34 @@ static void notify_subs(struct engine *e, const char *run_id)
 
 static void run_commit_failed(struct run *r, int status);
 
+/*
+ * What the run's commands printed reached kpld through files in their
+ * attempts' directories (WORKSPACE/.kpl/STAGE.N/output, and the outputs
+ * they wrote), raw, before redaction. Once the run's final state is
+ * durable nothing reads them again (a restart resumes no attempt of a
+ * final run), so no secret a command printed is kept on disk past it.
+ */
+static void forget_raw_output(const struct run *r)
+{
+	char *kdir = kpl_asprintf("%s/.kpl", r->workspace), *path;
+	struct dirent *de;
+	DIR *d = opendir(kdir);
+
+	while (d && (de = readdir(d)) != NULL) {
+		if (de->d_name[0] == '.')
+			continue;
+		path = kpl_asprintf("%s/%s/output", kdir, de->d_name);
+		unlink(path);
+		free(path);
+		path = kpl_asprintf("%s/%s/outputs", kdir, de->d_name);
+		unlink(path);
+		free(path);
+	}
+	if (d)
+		closedir(d);
+	free(kdir);
+}
+
 static void run_committed(void *data, int status)
 {
 	struct run *r = data;
@@ -459,6 +488,7 @@ static void run_committed(void *data, int status)
 	if (r->final_commit_no && r->commits_done >= r->final_commit_no && !r->final_durable) {
 		struct waiter *w = r->waiters, *next;
 		r->final_durable = true;
+		forget_raw_output(r);
 		r->waiters = NULL;
 		for (; w; w = next) {
 			next = w->next;
