@@ -239,6 +239,13 @@ static int parse_size(const char *s, uint64_t *out)
 	return 0;
 }
 
+/* A standby that is told to stop while it waits has nothing to close. */
+static void standby_stop(int signum)
+{
+	(void)signum;
+	_exit(0);
+}
+
 static void standby_waiting(void *data, const char *dir, pid_t holder)
 {
 	(void)data;
@@ -566,12 +573,20 @@ int main(int argc, char **argv)
 	}
 
 	/* Before the store opens: a second kpld would resume the same runs. */
+	if (standby) {
+		signal(SIGTERM, standby_stop);
+		signal(SIGINT, standby_stop);
+	}
 	if (dirlock_take(data_dir, standby, standby_waiting, NULL, &d.lock, &err)) {
 		fprintf(stderr, "kpld: %s\n", err.msg);
 		return 1;
 	}
-	if (standby)
+	if (standby) {
+		/* From here on the loop's handlers stop kpld cleanly. */
+		signal(SIGTERM, SIG_DFL);
+		signal(SIGINT, SIG_DFL);
 		kpl_info(LOG, "holding the lock on %s", data_dir);
+	}
 	if ((rc = store_open(d.loop, data_dir, &sto, &d.store, &err)) != 0) {
 		fprintf(stderr, "kpld: store %s: %s\n", data_dir, err.msg);
 		return 1;

@@ -138,6 +138,18 @@ stages:
                 raise AssertionError("the refusal does not name pid %d and --standby: %r"
                                      % (a.proc.pid, err))
 
+            want = "standby: waiting for the lock on %s held by pid %d" % (data, a.proc.pid)
+            # A standby told to stop while it waits exits 0.
+            slog = self.path("lock/s.log")
+            logf = open(slog, "w")
+            sb = subprocess.Popen([self.binary, "--listen", "127.0.0.1:0", "--data-dir", data,
+                                   "--standby"], stdout=logf, stderr=logf)
+            logf.close()
+            await_true(lambda: want in read(slog) or sb.poll() is not None,
+                       "the first standby's waiting line")
+            sb.send_signal(signal.SIGTERM)
+            assert_eq(sb.wait(timeout=30), 0, "a waiting standby's exit status on SIGTERM")
+
             # --standby waits: it does not serve while A holds the lock.
             blog, bready = self.path("lock/b.log"), self.path("lock/b.ready")
             logf = open(blog, "w")
