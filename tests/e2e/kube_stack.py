@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,17 +21,10 @@ import urllib.request
 
 import e2e_test
 from e2e_test import assert_eq
+from ports import start_on_free_port  # noqa: E402 (tests/lib, on the path e2e_test set)
 
 PY = "/usr/bin/python3"
 PROMETHEUS = os.environ.get("PROMETHEUS", "/usr/bin/prometheus")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def start_emulator(emulator, tmp, args, log, stdout_to_log=True):
@@ -56,20 +48,24 @@ def start_emulator(emulator, tmp, args, log, stdout_to_log=True):
 def start_prometheus(tmp, kube):
     """Starts Prometheus scraping kube's /metrics every second (config, TSDB
     and TMP/prometheus.log in tmp); returns the process and its base URL.
-    It may not listen yet: wait_for_data waits for it."""
-    port = free_port()
+    It listens (on a port that is its own: tests/lib/ports.py); whether it
+    has data yet, wait_for_data says."""
     conf = os.path.join(tmp, "prometheus.yml")
     with open(conf, "w") as f:
         f.write("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
                 "scrape_configs:\n  - job_name: kube-emulator\n"
                 "    metrics_path: /metrics\n"
                 "    static_configs:\n      - targets: ['%s']\n" % kube[len("http://"):])
-    log = open(os.path.join(tmp, "prometheus.log"), "w")
-    p = subprocess.Popen([PROMETHEUS, "--config.file", conf,
-                          "--storage.tsdb.path", os.path.join(tmp, "tsdb"),
-                          "--web.listen-address", "127.0.0.1:%d" % port],
-                         stdout=log, stderr=log)
-    log.close()
+
+    def start(port):
+        log = open(os.path.join(tmp, "prometheus.log"), "a")
+        p = subprocess.Popen([PROMETHEUS, "--config.file", conf,
+                              "--storage.tsdb.path", os.path.join(tmp, "tsdb"),
+                              "--web.listen-address", "127.0.0.1:%d" % port],
+                             stdout=log, stderr=log)
+        log.close()
+        return p
+    p, port = start_on_free_port(start, "prometheus")
     return p, "http://127.0.0.1:%d" % port
 
 

@@ -34,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 from kplgrpc import Client  # noqa: E402
+from ports import start_on_free_port  # noqa: E402
 from e2e_test import P, assert_eq, submit, watch  # noqa: E402
 
 PASS = "s3cret-Registry-pw-4711"
@@ -52,14 +53,6 @@ def _die_with_parent():
 
 def sha(b):
     return "sha256:" + hashlib.sha256(b).hexdigest()
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def need(tool):
@@ -189,20 +182,24 @@ class Registry:
     def __init__(self, tmp, name, auth_yaml):
         self.dir = os.path.join(tmp, name)
         os.makedirs(os.path.join(self.dir, "storage"))
-        self.port = free_port()
+        cfg = os.path.join(self.dir, "config.yml")
+        self.log = os.path.join(self.dir, "registry.log")
+
+        def start(port):
+            with open(cfg, "w") as f:
+                f.write("version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
+                        "storage:\n  filesystem:\n    rootdirectory: %s\n  delete:\n"
+                        "    enabled: true\nhttp:\n  addr: 127.0.0.1:%d\n%s"
+                        % (os.path.join(self.dir, "storage"), port, auth_yaml))
+            logf = open(self.log, "a")
+            p = subprocess.Popen([need("docker-registry"), "serve", cfg],
+                                 stdout=logf, stderr=logf, preexec_fn=_die_with_parent)
+            logf.close()
+            return p
+        # A port that is surely its own (tests/lib/ports.py), then it serves.
+        self.proc, self.port = start_on_free_port(start, "docker-registry")
         self.url = "http://127.0.0.1:%d" % self.port
         self.host = "127.0.0.1:%d" % self.port
-        cfg = os.path.join(self.dir, "config.yml")
-        with open(cfg, "w") as f:
-            f.write("version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
-                    "storage:\n  filesystem:\n    rootdirectory: %s\n  delete:\n"
-                    "    enabled: true\nhttp:\n  addr: 127.0.0.1:%d\n%s"
-                    % (os.path.join(self.dir, "storage"), self.port, auth_yaml))
-        self.log = os.path.join(self.dir, "registry.log")
-        logf = open(self.log, "w")
-        self.proc = subprocess.Popen([need("docker-registry"), "serve", cfg],
-                                     stdout=logf, stderr=logf, preexec_fn=_die_with_parent)
-        logf.close()
         deadline = time.monotonic() + 20
         while True:
             try:

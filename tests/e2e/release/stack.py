@@ -28,7 +28,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "lib"))
 from kplgrpc import Client  # noqa: E402
+from ports import start_on_free_port  # noqa: E402
 
 P = "kpl.v1.Pipelines/"
 PY = "/usr/bin/python3"
@@ -56,14 +56,6 @@ ACCEPT = ", ".join(["application/vnd.oci.image.manifest.v1+json",
 def _die_with_parent():
     """Runs in the child before exec: SIGTERM when the parent dies."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def need(tool, package):
@@ -157,17 +149,20 @@ class Stack:
                              text=True).stdout
         with open(htpasswd, "w") as f:
             f.write(out)
-        port = free_port()
         cfg = os.path.join(d, "config.yml")
-        with open(cfg, "w") as f:
-            f.write("version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
-                    "storage:\n  filesystem:\n    rootdirectory: %s\n"
-                    "http:\n  addr: 127.0.0.1:%d\n"
-                    "auth:\n  htpasswd:\n    realm: kpl-demo\n    path: %s\n"
-                    % (os.path.join(d, "storage"), port, htpasswd))
         log = os.path.join(d, "registry.log")
-        p = self._spawn("registry", [need("docker-registry", "docker-registry"), "serve", cfg],
-                        log)
+
+        def start(port):
+            with open(cfg, "w") as f:
+                f.write("version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
+                        "storage:\n  filesystem:\n    rootdirectory: %s\n"
+                        "http:\n  addr: 127.0.0.1:%d\n"
+                        "auth:\n  htpasswd:\n    realm: kpl-demo\n    path: %s\n"
+                        % (os.path.join(d, "storage"), port, htpasswd))
+            return self._spawn("registry", [need("docker-registry", "docker-registry"),
+                                            "serve", cfg], log)
+        # A port that is surely its own (tests/lib/ports.py).
+        p, port = start_on_free_port(start, "docker-registry")
         self.registry = "http://127.0.0.1:%d" % port
         self.registry_host = "127.0.0.1:%d" % port
 
@@ -238,7 +233,6 @@ class Stack:
 
     def start_prometheus(self):
         """The real Prometheus, scraping the emulator's /metrics every second."""
-        port = free_port()
         conf = self.path("prometheus.yml")
         with open(conf, "w") as f:
             f.write("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
@@ -247,10 +241,15 @@ class Stack:
                     "    static_configs:\n      - targets: ['%s']\n"
                     % self.kube[len("http://"):])
         log = self.path("prometheus.log")
-        p = self._spawn("prometheus", [need(self.prometheus_bin, "prometheus"),
-                                       "--config.file", conf,
-                                       "--storage.tsdb.path", self.path("tsdb"),
-                                       "--web.listen-address", "127.0.0.1:%d" % port], log)
+
+        def start(port):
+            return self._spawn("prometheus", [need(self.prometheus_bin, "prometheus"),
+                                              "--config.file", conf,
+                                              "--storage.tsdb.path", self.path("tsdb"),
+                                              "--web.listen-address", "127.0.0.1:%d" % port],
+                               log)
+        # A port that is surely its own (tests/lib/ports.py).
+        p, port = start_on_free_port(start, "prometheus")
         self.prom = "http://127.0.0.1:%d" % port
 
         def ready():
