@@ -1,3 +1,4 @@
+#define _GNU_SOURCE /* O_PATH */
 /*
  * proc.c - a stage's command run through the shim, followed durably (see
  * proc.h). Factored out of the script kind, whose semantics it keeps: a
@@ -674,6 +675,27 @@ out:
 	return rc;
 }
 
+/*
+ * An attempt's directory is in the workspace, where a stage's command can
+ * put a symlink: kpld and its shim never follow one there. 1 when dir is a
+ * directory reached without a symlink, 0 when it does not exist, else
+ * KPL_ESTATE with err saying so.
+ */
+static int dir_state(const char *dir, struct kpl_err *err)
+{
+	int fd = kpl_open_ws(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+
+	if (fd >= 0) {
+		close(fd);
+		return 1;
+	}
+	if (errno == ENOENT)
+		return 0;
+	return kpl_errf(err, KPL_ESTATE, "its directory %s is not a directory of the "
+			"workspace (%s): a symlink put there is never followed", dir,
+			errno == ELOOP || errno == EXDEV ? "a symlink on the way" : strerror(errno));
+}
+
 /* Takes dir's lock for kpld if no shim has: 1 taken (no shim will ever run
  * there), 0 a shim (or kpld) has it, negative on error. Like the shim's,
  * the lock is written aside and then linked in (which fails like O_EXCL if
@@ -933,16 +955,23 @@ int proc_start(struct stage *st, const struct proc_spec *spec,
 	struct proc *p = proc_new(st, spec->dir, spec->resume_prefix, ops, data);
 	char *resume, *lock = dir_file(p, "lock");
 	const char *what = spec->what ? spec->what : spec->argv[0];
-	struct stat sb;
 	int rc;
 
 	if (spec->grace_ms > 0)
 		p->grace_ms = spec->grace_ms;
-	if (stat(p->dir, &sb) != 0) {
+	if ((rc = dir_state(p->dir, err)) < 0)
+		goto fail;
+	if (rc == 0) {
 		/* A fresh directory: no shim can be there yet. */
 		if ((rc = proc_mkdir_p(p->dir)) != 0) {
 			kpl_errf(err, KPL_EIO, "cannot create %s: %s", p->dir, strerror(-rc));
 			rc = KPL_EIO;
+			goto fail;
+		}
+		/* A symlink put in its way meanwhile sent mkdir elsewhere. */
+		if ((rc = dir_state(p->dir, err)) != 1) {
+			if (rc == 0)
+				rc = kpl_errf(err, KPL_EIO, "%s went away", p->dir);
 			goto fail;
 		}
 		if ((rc = spawn(p, spec, err)) != 0)
@@ -998,6 +1027,11 @@ int proc_resume(struct stage *st, const char *dir, const char *resume_prefix,
 
 	p->offset = offset;
 	proc_mkdir_p(p->dir);
+	if ((rc = dir_state(p->dir, err)) != 1) {
+		if (rc == 0)
+			rc = kpl_errf(err, KPL_ESTATE, "%s went away", p->dir);
+		goto fail;
+	}
 	rc = claim(p->dir);
 	if (rc == 1) {
 		/* Claimed: a shim that was forked but not yet this far exits. */

@@ -37,6 +37,7 @@
  * Plain POSIX; no loop, no allocation beyond buffers. Runs in the child only.
  */
 #include <errno.h>
+#include <linux/openat2.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -45,6 +46,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -155,19 +157,52 @@ static void feed(char tag, struct shim_line *l, const char *p, size_t n)
 	}
 }
 
+/* The attempt's directory, opened once (open_dir): every file of the shim
+ * is made there with *at() and O_NOFOLLOW. */
+static int dir_fd = -1;
+
+/*
+ * Opens DIR for the shim's files. DIR is WORKSPACE/.kpl/...: the command
+ * (or another stage of the run) can write the workspace and put a symlink
+ * in DIR's place or in it, which would have this process, unconfined,
+ * write its files elsewhere. So below the workspace no symlink is
+ * followed (openat2), and the directory is held by its descriptor.
+ */
+static int open_dir(const char *dir)
+{
+	const char *k = NULL;
+	struct open_how how = { .flags = O_PATH | O_DIRECTORY | O_CLOEXEC,
+				.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS };
+	char ws[4096];
+	int wsfd, fd;
+
+	/* The last one: DATA_DIR's own path may hold a .kpl. */
+	for (const char *s = strstr(dir, "/.kpl/"); s; s = strstr(s + 1, "/.kpl/"))
+		k = s;
+	if (!k || (size_t)(k - dir) >= sizeof ws)
+		return open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+	snprintf(ws, sizeof ws, "%.*s", (int)(k - dir), dir);
+	if ((wsfd = open(ws, O_PATH | O_DIRECTORY | O_CLOEXEC)) < 0)
+		return -1;
+	fd = (int)syscall(SYS_openat2, wsfd, k + 1, &how, sizeof how);
+	close(wsfd);
+	return fd;
+}
+
 static void write_exit(const char *dir, const char *text)
 {
-	char tmp[4096], final[4096];
 	int fd;
 
-	snprintf(tmp, sizeof tmp, "%s/exit.tmp", dir);
-	snprintf(final, sizeof final, "%s/exit", dir);
-	fd = open(tmp, O_CREAT | O_TRUNC | O_WRONLY, 0600);
+	(void)dir;
+	/* Made new (a file of that name could be a symlink), then renamed. */
+	unlinkat(dir_fd, "exit.tmp", 0);
+	fd = openat(dir_fd, "exit.tmp", O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW | O_CLOEXEC,
+		    0600);
 	if (fd < 0)
 		return;
 	write_all(fd, text, strlen(text));
 	close(fd);
-	rename(tmp, final);
+	renameat(dir_fd, "exit.tmp", dir_fd, "exit");
 }
 
 static int64_t mono_ms(void)
@@ -240,25 +275,29 @@ int shim_main(int argc, char **argv)
 	/* The lock appears already flocked with the pid inside (made aside,
 	 * then linked in, which fails like O_EXCL if it exists): a kpld never
 	 * sees a lock that is neither held nor finished while the shim lives. */
-	snprintf(path, sizeof path, "%s/lock.%ld", dir, (long)getpid());
-	lock_fd = open(path, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0600);
+	if ((dir_fd = open_dir(dir)) < 0) {
+		fprintf(stderr, "kpld shim: %s: %s\n", dir, strerror(errno));
+		return SHIM_EXIT_CLAIMED;
+	}
+	snprintf(path, sizeof path, "lock.%ld", (long)getpid());
+	unlinkat(dir_fd, path, 0);
+	lock_fd = openat(dir_fd, path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | O_NOFOLLOW,
+			 0600);
 	if (lock_fd < 0 || flock(lock_fd, LOCK_EX) != 0)
 		return SHIM_EXIT_CLAIMED;
 	snprintf(text, sizeof text, "%ld\n", (long)getpid());
 	write_all(lock_fd, text, strlen(text));
 	{
-		char final[4096];
 		int linked;
 
-		snprintf(final, sizeof final, "%s/lock", dir);
-		linked = link(path, final) == 0;
-		unlink(path);
+		linked = linkat(dir_fd, path, dir_fd, "lock", 0) == 0;
+		unlinkat(dir_fd, path, 0);
 		if (!linked)
 			return SHIM_EXIT_CLAIMED; /* kpld gave this attempt up already */
 	}
 
-	snprintf(path, sizeof path, "%s/output", dir);
-	out_fd = open(path, O_CREAT | O_APPEND | O_WRONLY | O_CLOEXEC, 0600);
+	out_fd = openat(dir_fd, "output", O_CREAT | O_APPEND | O_WRONLY | O_CLOEXEC | O_NOFOLLOW,
+			0600);
 	if (out_fd < 0 || pipe2(po, O_CLOEXEC) || pipe2(pe, O_CLOEXEC) ||
 	    (sandboxed && pipe2(pi, O_CLOEXEC))) {
 		snprintf(text, sizeof text, "error cannot set up the command's output: %s\n",

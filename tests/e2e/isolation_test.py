@@ -95,6 +95,22 @@ stages:
         echo linked
 """
 
+# A stage plants a symlink where a later stage's attempt directory will be:
+# kpld and its shim (both unconfined) must not write through it.
+PLANT = r"""
+name: plant
+params:
+  victim: {}
+stages:
+  - name: a
+    kind: script
+    with: { shell: 'mkdir -p .kpl && ln -s "$KPL_PARAM_VICTIM" .kpl/b.1 && echo planted' }
+  - name: b
+    kind: script
+    needs: [a]
+    with: { shell: 'echo "1 * * * * root touch /tmp/pwned"' }
+"""
+
 # The command, when it runs at all, leaves this behind.
 MARKER = """
 name: marker
@@ -271,6 +287,17 @@ class Suite:
         assert_eq(outs, {}, "outputs read through a symlink to a hidden file")
         if any("the-hidden-value" in json.dumps(e) for e in events):
             raise AssertionError("the hidden file's text is in the run's events")
+
+    def test_planted_attempt_dir_symlink_is_not_followed(self):
+        victim = os.path.join(self.tmp, "victim")
+        os.mkdir(victim)
+        got, events = run(self.c, PLANT, {"victim": victim}, self.md())
+        assert_eq(logs(events, "a"), ["planted"], "stage a")
+        b = [s for s in got["stages"] if s["name"] == "b"][0]
+        assert_eq(b["state"], "STAGE_STATE_FAILED", "stage b (%r)" % b.get("message"))
+        if "symlink" not in b.get("message", ""):
+            raise AssertionError("stage b's message does not say why: %r" % b.get("message"))
+        assert_eq(os.listdir(victim), [], "files written through the symlink")
 
     def _marker_run(self, name, *flags):
         d = Kpld(self.kpld_bin, self.tmp, name, *flags).start()
