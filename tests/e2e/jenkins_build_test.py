@@ -26,6 +26,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 from kplgrpc import Client  # noqa: E402
+from ports import readline_within  # noqa: E402
 
 P = "kpl.v1.Pipelines/"
 USER = "kpl"
@@ -103,7 +104,7 @@ class Emulator:
             ["/usr/bin/python3", script, "--jobs", jobs, "--user", "%s:%s" % (USER, TOKEN),
              "--lifetime", "900"],
             stdout=subprocess.PIPE, stderr=self.log, text=True)
-        line = self.proc.stdout.readline().strip()
+        line = readline_within(self.proc.stdout, 60, "jenkins emulator's PORT= line").strip()
         assert_true(line.startswith("PORT="), "emulator said %r" % line)
         self.url = "http://127.0.0.1:%s" % line[5:]
 

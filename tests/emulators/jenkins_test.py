@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import urllib.error
@@ -74,12 +75,26 @@ def start(*args, jobs=JOBS):
                           "--lifetime", "300"] + list(args),
                          stdout=subprocess.PIPE, text=True)
     procs.append(p)
-    line = p.stdout.readline().strip()
+    line = readline_within(p.stdout, 60).strip()
     assert line.startswith("PORT="), line
     port = int(line[5:])
     with open(port_file) as fh:
         assert int(fh.read()) == port
     return p, "http://127.0.0.1:%d" % port
+
+
+
+def readline_within(stream, seconds):
+    """The next line of stream, or an AssertionError after seconds (an
+    emulator that hangs before saying its port fails the test, not hangs
+    it)."""
+    got = []
+    t = threading.Thread(target=lambda: got.append(stream.readline()), daemon=True)
+    t.start()
+    t.join(seconds)
+    if not got:
+        raise AssertionError("no line from the emulator within %d s" % seconds)
+    return got[0]
 
 
 def basic(user=None, token=None):

@@ -83,3 +83,17 @@ def start_on_free_port(start, what, timeout=60, tries=5):
                                  % (what, port, timeout))
         why.append("port %d: exit status %s" % (port, proc.returncode))
     raise AssertionError("%s never listened: %s" % (what, "; ".join(why)))
+
+
+def readline_within(stream, seconds, what):
+    """The next line of stream (a text pipe of a child process), or an
+    AssertionError naming what after seconds: a child that hangs before it
+    says its port must fail the test, not hang it."""
+    import threading
+    got = []
+    t = threading.Thread(target=lambda: got.append(stream.readline()), daemon=True)
+    t.start()
+    t.join(seconds)
+    if not got:
+        raise AssertionError("%s: no line within %d s" % (what, seconds))
+    return got[0]
