@@ -11,6 +11,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -438,19 +439,24 @@ static void run_commit_failed(struct run *r, int status);
  */
 static void forget_raw_output(const struct run *r)
 {
-	char *kdir = kpl_asprintf("%s/.kpl", r->workspace), *path;
+	char *kdir = kpl_asprintf("%s/.kpl", r->workspace);
+	/* The commands could write there: no symlink is followed (a planted
+	 * one would have kpld delete files elsewhere). */
+	int kfd = kpl_open_ws(kdir, O_RDONLY | O_DIRECTORY), sfd;
 	struct dirent *de;
-	DIR *d = opendir(kdir);
+	DIR *d = kfd >= 0 ? fdopendir(kfd) : NULL;
 
+	if (!d && kfd >= 0)
+		close(kfd);
 	while (d && (de = readdir(d)) != NULL) {
 		if (de->d_name[0] == '.')
 			continue;
-		path = kpl_asprintf("%s/%s/output", kdir, de->d_name);
-		unlink(path);
-		free(path);
-		path = kpl_asprintf("%s/%s/outputs", kdir, de->d_name);
-		unlink(path);
-		free(path);
+		sfd = openat(dirfd(d), de->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+		if (sfd < 0)
+			continue;
+		unlinkat(sfd, "output", 0);
+		unlinkat(sfd, "outputs", 0);
+		close(sfd);
 	}
 	if (d)
 		closedir(d);

@@ -104,7 +104,12 @@ params:
 stages:
   - name: a
     kind: script
-    with: { shell: 'mkdir -p .kpl && ln -s "$KPL_PARAM_VICTIM" .kpl/b.1 && echo planted' }
+    with:
+      shell: |
+        mkdir -p .kpl
+        ln -s "$KPL_PARAM_VICTIM" .kpl/b.1
+        ln -s "$KPL_PARAM_VICTIM" .kpl/zz
+        echo planted
   - name: b
     kind: script
     needs: [a]
@@ -291,13 +296,16 @@ class Suite:
     def test_planted_attempt_dir_symlink_is_not_followed(self):
         victim = os.path.join(self.tmp, "victim")
         os.mkdir(victim)
+        # kpld deletes the runs' raw output files once a run is final.
+        with open(os.path.join(victim, "output"), "w") as f:
+            f.write("keep me\n")
         got, events = run(self.c, PLANT, {"victim": victim}, self.md())
         assert_eq(logs(events, "a"), ["planted"], "stage a")
         b = [s for s in got["stages"] if s["name"] == "b"][0]
         assert_eq(b["state"], "STAGE_STATE_FAILED", "stage b (%r)" % b.get("message"))
         if "symlink" not in b.get("message", ""):
             raise AssertionError("stage b's message does not say why: %r" % b.get("message"))
-        assert_eq(os.listdir(victim), [], "files written through the symlink")
+        assert_eq(os.listdir(victim), ["output"], "files written or deleted through the symlink")
 
     def _marker_run(self, name, *flags):
         d = Kpld(self.kpld_bin, self.tmp, name, *flags).start()
