@@ -92,6 +92,9 @@ struct store_op {
 struct store_cb {
 	store_commit_cb cb;
 	void *data;
+	/* The group in flight when store_commit was called (0: none). The
+	 * caller's writes may be in it: if it fails, so does this callback. */
+	uint64_t after;
 };
 
 /*
@@ -112,6 +115,8 @@ struct store_group {
 	int want_commit;
 	/* Written by the pool thread, read by the loop after the work. */
 	int mdb_rc;
+	uint64_t id;      /* 1, 2, 3, ... in the order groups are made */
+	int done;         /* its transaction has ended: its callbacks run */
 	size_t bytes;     /* space_cost of its ops (loop thread) */
 	size_t used;      /* space_used after its commit; 0 if not known */
 	const char *failed_step; /* static string: "mdb_put", ... */
@@ -133,6 +138,10 @@ struct store {
 	size_t used, staged, reserve;
 	int full; /* store_has_room said no, and not enough was freed since */
 	uint64_t events_decoded; /* by reads, any thread (atomic) */
+	uint64_t next_group_id;
+	/* The last group whose transaction failed, and how (see store_cb). */
+	uint64_t failed_id;
+	int failed_code;
 	uint32_t schema_version;
 	struct store_group *open; /* never NULL while the store is open */
 	struct store_group *inflight; /* NULL when no commit is in flight */
@@ -285,6 +294,7 @@ static struct store_group *group_new(struct store *s)
 	struct store_group *g = kpl_calloc(1, sizeof *g);
 
 	g->s = s;
+	g->id = ++s->next_group_id;
 	g->work.data = g;
 	return g;
 }
@@ -619,8 +629,17 @@ static void group_done(uv_work_t *w, int status)
 	s->staged -= g->bytes < s->staged ? g->bytes : s->staged;
 	if (g->used)
 		s->used = g->used;
-	for (size_t i = 0; i < g->ncbs; i++)
-		g->cbs[i].cb(g->cbs[i].data, code);
+	g->done = 1;
+	if (code) {
+		s->failed_id = g->id;
+		s->failed_code = code;
+	}
+	for (size_t i = 0; i < g->ncbs; i++) {
+		const struct store_cb *c = &g->cbs[i];
+
+		c->cb(c->data, code ? code : c->after && c->after == s->failed_id ?
+						    s->failed_code : 0);
+	}
 	s->inflight = NULL;
 	group_free(g);
 	if (s->open->want_commit)
@@ -959,6 +978,8 @@ void store_commit(struct store *s, store_commit_cb cb, void *data)
 		}
 		g->cbs[g->ncbs].cb = cb;
 		g->cbs[g->ncbs].data = data;
+		g->cbs[g->ncbs].after =
+			s->inflight && !s->inflight->done ? s->inflight->id : 0;
 		g->ncbs++;
 	}
 	g->want_commit = 1;

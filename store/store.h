@@ -119,6 +119,10 @@ size_t store_staged(struct store *s);
  * that group was written). Callbacks run in the order store_commit was
  * called. While one commit is in flight, later writes and callbacks gather
  * into the next group (group commit). cb may stage and commit again.
+ * Writes staged before a commit started are in it, whoever called
+ * store_commit: so a callback registered while a commit was in flight that
+ * then failed gets that failure too (its writes may have been in it), even
+ * if its own group committed.
  */
 typedef void (*store_commit_cb)(void *data, int status);
 void store_commit(struct store *s, store_commit_cb cb, void *data);

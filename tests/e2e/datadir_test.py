@@ -341,6 +341,14 @@ stages:
             wait_for_log(c, run["id"])
             if self._fill_map(data) < 1:
                 raise AssertionError("the filler took nothing")
+            # A change that could not be stored is not reported stored (its
+            # write went in the audit entry's commit, which failed).
+            value = "\n".join(["v" * 4000] * 15)
+            expect_rpc_error(lambda: c.call(P + "SetSecret", {"name": "LOST", "value": value}),
+                             grpc.StatusCode.INTERNAL, "could not be stored")
+            names = [x["name"] for x in Client.to_dict(c.call(P + "ListSecrets", {}))
+                     .get("secrets", [])]
+            assert_eq("LOST" in names, False, "a secret that was not stored is listed")
             open(go, "w").close()
             want = "run %s: commit failed: the store is full" % run["id"]
             await_true(lambda: want in read(d.log) or d.proc.poll() is not None,

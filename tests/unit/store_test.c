@@ -1030,6 +1030,44 @@ static void test_commit_failure(void **state)
 	free(big);
 }
 
+/*
+ * A callback registered while a commit is in flight cannot know whether its
+ * writes were staged before that commit started (then they are in it): if
+ * that commit fails, so does the callback, though its own group commits.
+ * (SetSecret staged its secret, an audit entry's commit took it, and its
+ * own callback, a group later, said it was stored.)
+ */
+static void test_failure_reaches_callbacks_in_flight(void **state)
+{
+	struct fx *fx = *state;
+	size_t big_len = 2 << 20;
+	char *big = malloc(big_len);
+	struct step s1 = { fx, 1 }, s2 = { fx, 2 }, s3 = { fx, 3 };
+	Kpl__Store__V1__RunRecord *got = NULL;
+
+	assert_non_null(big);
+	memset(big, 'x', big_len);
+	open_store(fx, &fx->loop, 1 << 20);
+	block_pool(fx);
+	store_stage_pipeline(fx->s, "r1", big, big_len);
+	store_commit(fx->s, on_commit, &s1);   /* in flight, then MDB_MAP_FULL */
+	stage_run(fx->s, "r2", "web", 1);
+	store_commit(fx->s, on_commit, &s2);   /* registered while it is in flight */
+	release_pool(fx);
+	assert_int_equal(uv_run(&fx->loop, UV_RUN_DEFAULT), 0);
+	assert_int_equal(s1.status, KPL_EFULL);
+	assert_int_equal(s2.status, KPL_EFULL);
+	/* Its own group was written all the same. */
+	assert_int_equal(store_get_run(fx->s, "r2", &got), 0);
+	kpl__store__v1__run_record__free_unpacked(got, NULL);
+	/* A commit after the failure is not told of it. */
+	stage_run(fx->s, "r3", "web", 1);
+	store_commit(fx->s, on_commit, &s3);
+	assert_int_equal(uv_run(&fx->loop, UV_RUN_DEFAULT), 0);
+	assert_int_equal(s3.status, 0);
+	free(big);
+}
+
 /* --- Space --- */
 
 static void log_event(Kpl__V1__RunEvent *ev, const char *run_id, uint64_t seq)
@@ -1764,6 +1802,8 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_group_commit_async, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_many_groups_in_flight, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_commit_failure, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_failure_reaches_callbacks_in_flight, setup,
+						teardown),
 		cmocka_unit_test_setup_teardown(test_event_cost, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_room_and_reserve, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_corrupt_records, setup, teardown),
