@@ -706,8 +706,10 @@ static int claim(const char *dir)
 	char *tmp = kpl_asprintf("%s/lock.kpld", dir), *lock = kpl_asprintf("%s/lock", dir);
 	int fd, rc;
 
-	unlink(tmp); /* left by a kpld killed here before */
-	fd = open(tmp, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0600);
+	/* Left by a kpld killed here before, or planted by a stage: unlink
+	 * takes a symlink itself, and O_EXCL never follows one. */
+	unlink(tmp);
+	fd = open(tmp, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | O_NOFOLLOW, 0600);
 	if (fd < 0) {
 		rc = -errno;
 		goto out;
