@@ -546,7 +546,11 @@ stages:
 
     def test_build_local_cancel_stops_buildah(self):
         text = PIPELINE.replace("output: oci/app", "output: oci/slow\n      dockerfile: Slow.dockerfile")
-        text = text.replace("./out/hello\n", "./out/hello\n        printf 'FROM scratch\\nCOPY out/hello /sleeper\\nRUN [\"/sleeper\", \"300\"]\\n' > Slow.dockerfile\n")
+        # The sleeper's command line carries a word of this test's own (its
+        # temporary directory's name): other tests' buildah and sleepers on
+        # the machine never match.
+        mark = os.path.basename(self.tmp)
+        text = text.replace("./out/hello\n", "./out/hello\n        printf 'FROM scratch\\nCOPY out/hello /sleeper\\nRUN [\"/sleeper\", \"300\", \"%s\"]\\n' > Slow.dockerfile\n" % mark)
         run = Client.to_dict(submit(self.c, text, {"repo": self.repo}))
         stream = self.c.stream(P + "WatchRun", {"id": run["id"]}, timeout=120)
         for ev in stream:
@@ -556,13 +560,14 @@ stages:
                 break
         else:
             raise AssertionError("the build's RUN never started: %r" % get(self.c, run["id"]))
-        if not procs_matching("/sleeper 300") or not procs_matching("buildah"):
-            raise AssertionError("no buildah or sleeper running before the cancel")
+        sleeper = "/sleeper 300 " + mark
+        ours = lambda: [p for p in procs_matching("buildah") if self.tmp in p[1]]  # noqa: E731
+        if not procs_matching(sleeper) or not ours():
+            raise AssertionError("no buildah or sleeper of this test running before the cancel")
         got = Client.to_dict(self.c.call(P + "CancelRun", {"id": run["id"]}))
         assert_eq(got["state"], "RUN_STATE_CANCELLED", "run state")
         assert_eq(stage(got, "image")["state"], "STAGE_STATE_CANCELLED", "stage state")
-        left = procs_matching("/sleeper 300") + [p for p in procs_matching("buildah")
-                                                  if self.tmp in p[1]]
+        left = procs_matching(sleeper) + ours()
         assert_eq(left, [], "processes left after the cancel")
 
     def close(self):

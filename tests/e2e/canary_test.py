@@ -430,6 +430,19 @@ stages:
         assert_eq(self.exists(CANARY), False, "canary removed on cancel")
 
     def test_rollback_resets_mesh_weights(self):
+        # A release of its own to roll back (not whatever an earlier test
+        # left): a deploy from the current image to 9.0-undo.
+        before = self.image()
+        run, _ = self.run("""
+name: undo-base
+stages:
+  - name: d
+    kind: deploy
+    with: { cluster: test, namespace: shop, deployment: web, image: "reg.example/web:9.0-undo" }
+""")
+        st = self.stage(run, "d")
+        assert_eq(st["state"], "STAGE_STATE_SUCCEEDED", "the deploy (%s)" % st.get("message"))
+        assert_eq(self.image(), "reg.example/web:9.0-undo", "deployed")
         # a canary left half-way (as a kpld that lost its data would leave it)
         canary = json.loads(json.dumps(DEPLOYMENT))
         canary["metadata"]["name"] = "web-canary"
@@ -452,8 +465,9 @@ stages:
 """)
         st = self.stage(run, "undo")
         assert_eq(st["state"], "STAGE_STATE_SUCCEEDED", "state (%s)" % st.get("message"))
-        # the newest release record is the approved canary's: it replaced 5.0
-        assert_eq(st["outputs"].get("image"), "reg.example/web:5.0", "restored image")
+        # the newest release record is this test's deploy: back to what it replaced
+        assert_eq(st["outputs"].get("image"), before, "restored image")
+        assert_eq(self.image(), before, "the Deployment's image")
         assert_eq(self.weights(), (100, 0, False), "weights back to stable")
         assert_eq(self.exists(CANARY), False, "canary removed")
         lines = self.logs(events)

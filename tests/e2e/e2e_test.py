@@ -361,21 +361,41 @@ stages:
                   "watch past the end of a finished run")
 
     def test_list_runs(self):
-        page = Client.to_dict(self.c.call(P + "ListRuns", {"page_size": 2}))
-        assert_eq(len(page["runs"]), 2, "page size")
+        # Its own runs, of pipelines no other test uses: what it checks does
+        # not depend on which tests ran before it.
+        ok_name, cancel_name = "list-ok-%d" % os.getpid(), "list-cancel-%d" % os.getpid()
+        ok = []
+        for _ in range(3):
+            rid = submit(self.c, "name: %s\nstages:\n  - { name: a, kind: noop }\n"
+                         % ok_name).id
+            watch(self.c, rid)
+            ok.append(rid)
+        cancel = submit(self.c, "name: %s\nstages:\n  - name: s\n    kind: script\n"
+                        "    with: { shell: 'echo up; sleep 300' }\n" % cancel_name).id
+        wait_for_log(self.c, cancel)
+        self.c.call(P + "CancelRun", {"id": cancel})
+
+        page = Client.to_dict(self.c.call(P + "ListRuns", {"page_size": 2,
+                                                           "pipeline_name": ok_name}))
         ids = [r["id"] for r in page["runs"]]
-        if ids != sorted(ids, reverse=True):
-            raise AssertionError("not newest first: %r" % ids)
+        assert_eq(ids, ok[::-1][:2], "first page: the two newest, newest first")
         nxt = Client.to_dict(self.c.call(P + "ListRuns", {"page_size": 2,
+                                                           "pipeline_name": ok_name,
                                                            "page_token": page["next_page_token"]}))
-        if set(ids) & {r["id"] for r in nxt["runs"]}:
-            raise AssertionError("pages overlap")
+        assert_eq([r["id"] for r in nxt["runs"]], ok[:1], "second page: the rest, no overlap")
         cancelled = Client.to_dict(self.c.call(P + "ListRuns",
                                                {"state": "RUN_STATE_CANCELLED"}))
-        assert_eq([r["id"] for r in cancelled["runs"]], [self.runs["cancelled"]],
-                  "filter by state")
-        named = Client.to_dict(self.c.call(P + "ListRuns", {"pipeline_name": "failing"}))
-        assert_eq(len(named["runs"]), 1, "filter by pipeline name")
+        got = [r["id"] for r in cancelled["runs"]]
+        if cancel not in got or set(ok) & set(got):
+            raise AssertionError("filter by state: %r (cancelled %s, others %r)"
+                                 % (got, cancel, ok))
+        if any(r["state"] != "RUN_STATE_CANCELLED" for r in cancelled["runs"]):
+            raise AssertionError("filter by state: %r" % cancelled["runs"])
+        named = Client.to_dict(self.c.call(P + "ListRuns", {"pipeline_name": cancel_name}))
+        assert_eq([r["id"] for r in named["runs"]], [cancel], "filter by pipeline name")
+        both = Client.to_dict(self.c.call(P + "ListRuns", {"pipeline_name": ok_name,
+                                                           "state": "RUN_STATE_CANCELLED"}))
+        assert_eq(both.get("runs", []), [], "both filters")
 
     def test_runs_survive_restart(self):
         before = {rid: Client.to_dict(self.c.call(P + "GetRun", {"id": rid}))

@@ -278,6 +278,10 @@ notifiers:
             open(self.daemon.log).read(), "the restart found the one unsent message"
 
     def test_6_log_clean_and_clean_stop(self):
+        # A failed try and a delivery of its own (not test 4's), so that the
+        # log holds both whatever ran before.
+        self.r["wecom"].fail_next = 1
+        self.expect("wecom", [], "a try refused with 500, then delivered")
         assert_eq(self.daemon.stop(signal.SIGTERM), 0, "kpld exit status on SIGTERM")
         log = open(self.daemon.log).read()
         assert "notifier team-wecom: delivered" in log, "delivery is logged"
