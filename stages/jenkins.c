@@ -418,9 +418,11 @@ static void request(struct jenkins *j, struct jenkins_step *s, enum jenkins_stat
 		break;
 	case JENKINS_ST_FIND_BUILDS:
 		raw_append(&url, &len, &cap, j->job_path);
+		/* allBuilds with a range: `builds` holds only the newest 100,
+		 * and a busy job passes that before a restarted kpld looks. */
 		raw_append(&url, &len, &cap, "api/json?tree=property%5BparameterDefinitions"
-			   "%5Bname%5D%5D%2Cbuilds%5Bnumber%2Curl%2Cactions%5Bparameters"
-			   "%5Bname%2Cvalue%5D%5D%5D");
+			   "%5Bname%5D%5D%2CallBuilds%5Bnumber%2Curl%2Cactions%5Bparameters"
+			   "%5Bname%2Cvalue%5D%5D%5D%7B0%2C" JENKINS_FIND_BUILDS_STR "%7D");
 		break;
 	case JENKINS_ST_QUEUE:
 		snprintf(num, sizeof num, "%lld/", (long long)j->queue_id);
@@ -943,7 +945,7 @@ static void on_find_builds(struct jenkins *j, const struct jenkins_reply *r, con
 	}
 	o = parse_json(r->body, r->body_len);
 	declared = job_declares(o, JENKINS_MARKER_PARAM, &n_defs);
-	json_array_foreach(json_object_get(o, "builds"), i, b) {
+	json_array_foreach(json_object_get(o, "allBuilds"), i, b) {
 		if (actions_have(json_object_get(b, "actions"), JENKINS_MARKER_PARAM, j->marker)) {
 			const char *u = jstr(b, "url");
 			number = json_integer_value(json_object_get(b, "number"));

@@ -68,6 +68,9 @@
 #define JENKINS_STOP_WAIT_MS (60 * 1000)
 /* Triggers with an unknown outcome, at most (each followed by a search). */
 #define JENKINS_MAX_TRIGGERS 3
+/* A search for a build by its marker reads the job's newest this many
+ * builds (allBuilds{0,N}; `builds` stops at 100). */
+#define JENKINS_FIND_BUILDS_STR "1000"
 /* A log line without its end is kept back (to be completed by the next
  * poll) unless it is longer than this. */
 #define JENKINS_MAX_PARTIAL_LINE (64 * 1024)

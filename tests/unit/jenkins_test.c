@@ -588,7 +588,7 @@ static void test_trigger_500_then_found_queued(void **state)
 
 static const char BUILDS_DECLARED[] =
 	"{\"property\":[{\"parameterDefinitions\":[{\"name\":\"KPL_RUN_ID\"}]}],"
-	"\"builds\":[{\"number\":8,\"url\":\"http://ci/job/team/job/app/8/\",\"actions\":"
+	"\"allBuilds\":[{\"number\":8,\"url\":\"http://ci/job/team/job/app/8/\",\"actions\":"
 	"[{\"parameters\":[{\"name\":\"KPL_RUN_ID\",\"value\":\"other\"}]}]}]}";
 
 static void test_resume_triggering(void **state)
@@ -605,7 +605,10 @@ static void test_resume_triggering(void **state)
 	assert_int_equal(s.req.state, JENKINS_ST_FIND_QUEUE);
 	feed(j, 200, "{\"items\":[]}", &s, NULL);
 	assert_int_equal(s.req.state, JENKINS_ST_FIND_BUILDS);
-	feed(j, 200, "{\"property\":[],\"builds\":[{\"number\":9,\"url\":\"u9\",\"actions\":[{"
+	/* `builds` holds the newest 100 only: a busy job passes that */
+	assert_non_null(strstr(s.req.url, "%2CallBuilds%5Bnumber%2Curl%2Cactions"));
+	assert_non_null(strstr(s.req.url, "%5D%5D%5D%7B0%2C1000%7D"));
+	feed(j, 200, "{\"property\":[],\"allBuilds\":[{\"number\":9,\"url\":\"u9\",\"actions\":[{"
 	     "\"parameters\":[{\"name\":\"KPL_RUN_ID\",\"value\":\"" MARKER "\"}]}]}]}", &s,
 	     NULL);
 	assert_int_equal(s.req.state, JENKINS_ST_LOG);
@@ -642,7 +645,7 @@ static void test_resume_triggering(void **state)
 	j = new_client(JENKINS_UNSTABLE_SUCCEED);
 	begin(j, resume, NOW, &s, &err);
 	feed(j, 200, "{\"items\":[]}", &s, NULL);
-	feed(j, 200, "{\"property\":[],\"builds\":[]}", &s, NULL);
+	feed(j, 200, "{\"property\":[],\"allBuilds\":[]}", &s, NULL);
 	assert_int_equal(s.result, JENKINS_RESULT_FAILED);
 	assert_non_null(strstr(s.msg, "cannot tell whether Jenkins queued the build"));
 	jenkins_free(j);
