@@ -199,6 +199,52 @@ void kpl_set_workspaces_dir(const char *dir)
 	workspaces_dir = kpl_strdup(dir);
 }
 
+/* kpl_open_ws without openat2 (Linux before 5.6, valgrind): the same walk
+ * by hand below dirfd, one component at a time, none a symlink and none
+ * "..". */
+static int open_beneath(int dirfd, const char *rel, int flags)
+{
+	char *copy = kpl_strdup(rel), *part = copy, *slash;
+	int cur = dirfd, next, fd = -1, e;
+
+	for (;;) {
+		while (*part == '/')
+			part++;
+		if ((slash = strchr(part, '/')) != NULL)
+			*slash = '\0';
+		if (!*part || strcmp(part, "..") == 0) {
+			errno = EXDEV;
+			break;
+		}
+		if (slash && slash[1]) {
+			/* A directory on the way: O_NOFOLLOW makes a symlink ENOTDIR. */
+			if (strcmp(part, ".") == 0) {
+				part = slash + 1;
+				continue;
+			}
+			next = openat(cur, part, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+			e = errno;
+			if (cur != dirfd)
+				close(cur);
+			cur = dirfd;
+			errno = e;
+			if (next < 0)
+				break;
+			cur = next;
+			part = slash + 1;
+			continue;
+		}
+		fd = openat(cur, part, flags | O_NOFOLLOW | O_CLOEXEC, 0600);
+		break;
+	}
+	e = errno;
+	if (cur != dirfd)
+		close(cur);
+	free(copy);
+	errno = e;
+	return fd;
+}
+
 int kpl_open_ws(const char *path, int flags)
 {
 	struct open_how how = { 0 };
@@ -214,6 +260,8 @@ int kpl_open_ws(const char *path, int flags)
 	how.mode = flags & O_CREAT ? 0600 : 0;
 	how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
 	fd = (int)syscall(SYS_openat2, dirfd, path + len + 1, &how, sizeof how);
+	if (fd < 0 && errno == ENOSYS)
+		fd = open_beneath(dirfd, path + len + 1, flags);
 	e = errno;
 	close(dirfd);
 	errno = e;

@@ -74,7 +74,8 @@ void kpl_set_workspaces_dir(const char *dir);
 /*
  * open(2) for a file that a stage's command may have written: below the
  * workspaces' directory no symlink is followed and nothing leads out of it
- * (openat2 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS; ELOOP or EXDEV), so a
+ * (openat2 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS; ELOOP or EXDEV; without
+ * openat2 the same by a walk of O_NOFOLLOW opens), so a
  * command cannot make kpld read a file of its choice for it (its outputs,
  * its log, an image layout). Other paths: open(2).
  */

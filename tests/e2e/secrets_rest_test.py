@@ -54,7 +54,9 @@ class Suite:
         self.binary = binary
         self.tmp = tmp
         self.data = os.path.join(tmp, "data")
-        self.daemon = Daemon(binary, self.data)
+        self.shared = os.path.join(tmp, "shared")
+        os.mkdir(self.shared)
+        self.daemon = Daemon(binary, self.data, ["--sandbox-bind", self.shared])
         self.c = self.daemon.start()
 
     def key(self):
@@ -71,6 +73,28 @@ class Suite:
             if w not in err:
                 raise AssertionError("kpld's message lacks %r: %r" % (w, err))
         return err
+
+    def test_output_cleanup_follows_no_symlink(self):
+        # The raw output files go when a run ends; a stage that put a
+        # symlink among its attempt directories cannot make kpld delete
+        # files elsewhere (kpld deletes what the stages' sandbox hides).
+        victim = os.path.join(self.shared, "attempt")
+        os.mkdir(victim)
+        for fn in ("output", "outputs"):
+            with open(os.path.join(victim, fn), "w") as f:
+                f.write("keep\n")
+        text = ("name: links\nstages:\n  - name: s\n    kind: script\n"
+                "    with: { shell: 'ln -s %s \"$KPL_WORKSPACE/.kpl/zz\" && echo linked' }\n"
+                % victim)
+        run = Client.to_dict(submit(self.c, text))
+        events = watch(self.c, run["id"])
+        assert_eq(events[-1].get("run_state"), "RUN_STATE_SUCCEEDED", "the run")
+        ws = os.path.join(self.data, "work", run["id"], ".kpl")
+        assert_eq(os.path.islink(os.path.join(ws, "zz")), True, "the stage's symlink")
+        assert_eq(os.path.exists(os.path.join(ws, "s.1", "output")), False,
+                  "the run's own raw output")
+        assert_eq(sorted(os.listdir(victim)), ["output", "outputs"],
+                  "files behind the symlink")
 
     def test_values_not_in_data_mdb(self):
         for name, value in VALUES.items():
