@@ -209,6 +209,19 @@ static char *change_cause(struct rollout *r, struct deploy *dp)
 			    dp->image);
 }
 
+/* Whether rel names a path below the workspace by itself: relative, and
+ * no ".." component (symlinks are kpl_open_ws's). */
+static bool in_workspace(const char *rel)
+{
+	if (!*rel || rel[0] == '/')
+		return false;
+	for (const char *p = rel; *p; p++)
+		if ((p == rel || p[-1] == '/') && p[0] == '.' && p[1] == '.' &&
+		    (p[2] == '/' || p[2] == '\0'))
+			return false;
+	return true;
+}
+
 /* The Deployment of create_from, with the stage's settings applied. */
 static int plan_create(struct rollout *r, struct deploy *dp, struct rollout_plan *plan,
 		       struct kpl_err *err)
@@ -224,8 +237,12 @@ static int plan_create(struct rollout *r, struct deploy *dp, struct rollout_plan
 
 	if (!dp->create_from)
 		return kpl_errf(err, KPL_ENOTFOUND, "%s", rollout_not_found(r, buf, sizeof buf));
-	path = dp->create_from[0] == '/' ? kpl_strdup(dp->create_from)
-					 : kpl_asprintf("%s/%s", stage_workspace(st), dp->create_from);
+	/* kpld reads it outside the stages' sandbox: only the run's own
+	 * workspace, never a path of the host or of another run. */
+	if (!in_workspace(dp->create_from))
+		return kpl_errf(err, KPL_EINVAL, "create_from %s: want a path in the run's "
+				"workspace (relative, without ..)", dp->create_from);
+	path = kpl_asprintf("%s/%s", stage_workspace(st), dp->create_from);
 	/* A small file in the workspace, read at once. */
 	if ((fd = kpl_open_ws(path, O_RDONLY | O_CLOEXEC)) < 0 || !(f = fdopen(fd, "rb"))) {
 		if (fd >= 0)

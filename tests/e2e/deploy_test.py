@@ -486,28 +486,36 @@ stages:
         ns, name = "n" * 63, "d" * 236
         self.api("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                                  "metadata": {"name": ns}})
-        manifest = os.path.join(self.tmp, "long.json")
-        with open(manifest, "w") as f:
-            json.dump({"apiVersion": "apps/v1", "kind": "Deployment",
-                       "metadata": {"name": name},
-                       "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "long"}},
-                                "template": {"metadata": {"labels": {"app": "long"}},
-                                             "spec": {"containers": [
-                                                 {"name": "web",
-                                                  "image": "reg.example/web:1"}]}}}}, f)
+        # create_from is a path in the run's workspace: a stage writes it.
+        manifest = json.dumps({"apiVersion": "apps/v1", "kind": "Deployment",
+                               "metadata": {"name": name},
+                               "spec": {"replicas": 1,
+                                        "selector": {"matchLabels": {"app": "long"}},
+                                        "template": {"metadata": {"labels": {"app": "long"}},
+                                                     "spec": {"containers": [
+                                                         {"name": "web",
+                                                          "image": "reg.example/web:1"}]}}}})
         text = """
 name: long
 stages:
+  - name: manifest
+    kind: script
+    with:
+      shell: |
+        cat > long.json <<'EOF'
+        %s
+        EOF
   - name: deploy
     kind: deploy
+    needs: [manifest]
     with:
       cluster: test
       namespace: %s
       deployment: %s
       container: web
       image: reg.example/web:2
-      create_from: %s
-""" % (ns, name, manifest)
+      create_from: long.json
+""" % (manifest, ns, name)
         run, events = self.run(text)
         st = self.stage(run, "deploy")
         assert_eq((run["state"], st["state"]), ("RUN_STATE_SUCCEEDED", "STAGE_STATE_SUCCEEDED"),

@@ -106,6 +106,25 @@ stages:
                 "no earlier revision to restore" % run["id"])
         assert_eq(st.get("message"), want, "message")
 
+    def test_create_from_outside_the_workspace(self):
+        # kpld reads create_from itself, outside the stages' sandbox: a
+        # host path or one leading out of the workspace is refused.
+        other = os.path.join(self.tmp, "outside.json")
+        with open(other, "w") as f:
+            json.dump(dep("outside"), f)
+        for path in (other, "../" + os.path.basename(other), "k/../../x.json"):
+            st, _ = self.one("name: out\nstages:\n  - name: d\n    kind: deploy\n"
+                             "    with: { cluster: test, namespace: shop, deployment: outside,"
+                             " image: \"reg.example/outside:1\", create_from: \"%s\" }\n" % path)
+            assert_eq((st["state"], st.get("message")),
+                      ("STAGE_STATE_FAILED", "create_from %s: want a path in the run's "
+                       "workspace (relative, without ..)" % path), "create_from " + path)
+        try:
+            self.api("GET", DEPS + "/outside")
+            raise AssertionError("deployment outside was created")
+        except urllib.error.HTTPError as e:
+            assert_eq(e.code, 404, "GET of deployment outside")
+
     def test_rollback_of_a_paused_deployment(self):
         run, _ = self.run(deploy_test.deploy_pipeline("test", "reg.example/paused:2")
                           .replace("deployment: web", "deployment: paused")
