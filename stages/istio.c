@@ -407,6 +407,8 @@ static void op_end(struct istio_op *op, int status, const char *msg, int wrote)
 	op_free(op);
 }
 
+/* st, when given, says what the server (or the transport: kube.c names the
+ * request and the error then) said; else the code's name. */
 static void op_fail(struct istio_op *op, const char *verb, int status,
 		    const struct kube_status *st)
 {
@@ -441,7 +443,7 @@ static void write_done(int status, json_t *obj, const struct kube_status *st, vo
 	(void)obj;
 	op->req = NULL;
 	if (status) {
-		op_fail(op, verb, status, NULL);
+		op_fail(op, verb, status, st);
 		return;
 	}
 	if (st && st->code == 409 && op->conflicts < ISTIO_MAX_CONFLICTS) {
@@ -467,7 +469,7 @@ static void get_done(int status, json_t *obj, const struct kube_status *st, void
 
 	op->req = NULL;
 	if (status) {
-		op_fail(op, "get", status, NULL);
+		op_fail(op, "get", status, st);
 		return;
 	}
 	if (st && st->code == 404)
@@ -554,7 +556,7 @@ static void delete_done(int status, json_t *obj, const struct kube_status *st, v
 	(void)obj;
 	op->req = NULL;
 	if (status)
-		op_fail(op, "delete", status, NULL);
+		op_fail(op, "delete", status, st);
 	else if (st && st->code == 404)
 		op_end(op, 0, NULL, 0);
 	else if (st)
