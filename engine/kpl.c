@@ -245,6 +245,20 @@ static int open_beneath(int dirfd, const char *rel, int flags)
 	return fd;
 }
 
+int kpl_openat_beneath(int dirfd, const char *rel, int flags)
+{
+	struct open_how how = { 0 };
+	int fd;
+
+	how.flags = (uint64_t)flags | O_CLOEXEC;
+	how.mode = flags & O_CREAT ? 0600 : 0;
+	how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+	fd = (int)syscall(SYS_openat2, dirfd, rel, &how, sizeof how);
+	if (fd < 0 && errno == ENOSYS)
+		fd = open_beneath(dirfd, rel, flags);
+	return fd;
+}
+
 int kpl_open_ws(const char *path, int flags)
 {
 	struct open_how how = { 0 };

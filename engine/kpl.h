@@ -80,6 +80,9 @@ void kpl_set_workspaces_dir(const char *dir);
  * its log, an image layout). Other paths: open(2).
  */
 int kpl_open_ws(const char *path, int flags);
+/* openat(dirfd, rel, flags) the way kpl_open_ws opens below the
+ * workspaces: no symlink followed, nothing out of dirfd's tree. */
+int kpl_openat_beneath(int dirfd, const char *rel, int flags);
 void kpl_log(enum kpl_log_level level, const char *subsys, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 #define kpl_debug(sub, ...) do { if (kpl_log_threshold <= KPL_LOG_DEBUG) kpl_log(KPL_LOG_DEBUG, sub, __VA_ARGS__); } while (0)

@@ -37,7 +37,6 @@
  * Plain POSIX; no loop, no allocation beyond buffers. Runs in the child only.
  */
 #include <errno.h>
-#include <linux/openat2.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -46,7 +45,6 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -171,8 +169,6 @@ static int dir_fd = -1;
 static int open_dir(const char *dir)
 {
 	const char *k = NULL;
-	struct open_how how = { .flags = O_PATH | O_DIRECTORY | O_CLOEXEC,
-				.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS };
 	char ws[4096];
 	int wsfd, fd;
 
@@ -184,7 +180,7 @@ static int open_dir(const char *dir)
 	snprintf(ws, sizeof ws, "%.*s", (int)(k - dir), dir);
 	if ((wsfd = open(ws, O_PATH | O_DIRECTORY | O_CLOEXEC)) < 0)
 		return -1;
-	fd = (int)syscall(SYS_openat2, wsfd, k + 1, &how, sizeof how);
+	fd = kpl_openat_beneath(wsfd, k + 1, O_PATH | O_DIRECTORY);
 	close(wsfd);
 	return fd;
 }
