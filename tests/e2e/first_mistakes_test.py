@@ -5,7 +5,7 @@ do (issue #14), against a real kpld:
   kpld, or pass --server / KPL_SERVER", grpc's words after it;
 - a host that does not resolve;
 - plain text to a kpld serving TLS, and TLS (--ca) to a plain one;
-- a token kpld does not know, naming where the token came from;
+- a token kpld does not know, or one revoked, naming where it came from;
 - `kplctl lint` with no kpld: the same diagnostics from the same parser,
   and a note that the daemon config's names were not checked; with a kpld,
   an undeclared notifier or registry is reported by name;
@@ -16,6 +16,7 @@ do (issue #14), against a real kpld:
 """
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -152,6 +153,20 @@ class WithKpld(unittest.TestCase):
                       % self.d.addr, r.stderr)
         r = ctl("list", "--token", "kpl_nosuchtoken", env=self.env(KPL_TOKEN=""))
         self.assertIn("does not accept the token from --token", r.stderr)
+
+    def test_revoked_token(self):
+        r = ctl("token", "create", "--scope", "read", env=self.env())
+        self.assertEqual(r.returncode, 0, r.stderr)
+        tok = r.stdout.strip()
+        tid = re.search(r"token (\S+) \(scope", r.stderr).group(1)
+        self.assertEqual(ctl("list", env=self.env(KPL_TOKEN=tok)).returncode, 0)
+        r = ctl("token", "revoke", tid, env=self.env())
+        self.assertEqual(r.returncode, 0, r.stderr)
+        r = ctl("list", env=self.env(KPL_TOKEN=tok))
+        self.assertEqual(r.returncode, 3)
+        self.assertIn("kplctl: list: UNAUTHENTICATED: kpld at %s does not accept the token "
+                      "from $KPL_TOKEN: ask an admin for one" % self.d.addr, r.stderr)
+        self.assertIn("(grpc: token %s was revoked)" % tid, r.stderr)
 
     def test_tls_to_plain(self):
         ca = os.path.join(TMP, "tls", "cert.pem")
