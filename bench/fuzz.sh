@@ -80,7 +80,7 @@ for t in $targets; do
 	[ -x "$f" ] || { echo "fuzz: no binary $f (build it, or drop -n)" >&2; exit 1; }
 	mkdir -p "$out/corpus/$t"
 	dict=$(sed -n "/name = \"$t\"/,/^)/s/.*dict = \"\(.*\)\",/tests\/fuzz\/\1/p" tests/fuzz/BUILD)
-	set -- -max_total_time="$seconds" -timeout=20 -rss_limit_mb=2048 -max_len=65536 \
+	set -- -max_total_time="$seconds" -timeout=20 -rss_limit_mb=2048 \
 		-print_final_stats=1 -artifact_prefix="$out/artifacts/$t-"
 	[ -n "$dict" ] && set -- "$@" -dict="$dict"
 	before=$(ls "$out/artifacts" | grep -c "^$t-" || true)

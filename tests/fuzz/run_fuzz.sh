@@ -23,7 +23,7 @@ fuzz)
 	out=${TEST_UNDECLARED_OUTPUTS_DIR:-${TEST_TMPDIR:-/tmp}}
 	mkdir -p "$tmp" "$out"
 	set -- -max_total_time="$seconds" -timeout=20 -rss_limit_mb=2048 \
-		-max_len=65536 -print_final_stats=1 -artifact_prefix="$out/"
+		-print_final_stats=1 -artifact_prefix="$out/"
 	[ "$dict" = - ] || set -- "$@" -dict="$dict"
 	# Every seed first (a regression over the corpus), then mutations.
 	exec "$bin" "$@" "$tmp" "$corpus"
