@@ -202,7 +202,7 @@ void kpl_set_workspaces_dir(const char *dir)
 /* kpl_open_ws without openat2 (Linux before 5.6, valgrind): the same walk
  * by hand below dirfd, one component at a time, none a symlink and none
  * "..". */
-static int open_beneath(int dirfd, const char *rel, int flags)
+int kpl_open_beneath(int dirfd, const char *rel, int flags)
 {
 	char *copy = kpl_strdup(rel), *part = copy, *slash;
 	int cur = dirfd, next, fd = -1, e;
@@ -255,7 +255,7 @@ int kpl_openat_beneath(int dirfd, const char *rel, int flags)
 	how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
 	fd = (int)syscall(SYS_openat2, dirfd, rel, &how, sizeof how);
 	if (fd < 0 && errno == ENOSYS)
-		fd = open_beneath(dirfd, rel, flags);
+		fd = kpl_open_beneath(dirfd, rel, flags);
 	return fd;
 }
 
@@ -275,7 +275,7 @@ int kpl_open_ws(const char *path, int flags)
 	how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
 	fd = (int)syscall(SYS_openat2, dirfd, path + len + 1, &how, sizeof how);
 	if (fd < 0 && errno == ENOSYS)
-		fd = open_beneath(dirfd, path + len + 1, flags);
+		fd = kpl_open_beneath(dirfd, path + len + 1, flags);
 	e = errno;
 	close(dirfd);
 	errno = e;

@@ -83,6 +83,13 @@ int kpl_open_ws(const char *path, int flags);
 /* openat(dirfd, rel, flags) the way kpl_open_ws opens below the
  * workspaces: no symlink followed, nothing out of dirfd's tree. */
 int kpl_openat_beneath(int dirfd, const char *rel, int flags);
+
+/* What kpl_open_ws does where the kernel has no openat2: opens rel below
+ * dirfd walking one component at a time with O_NOFOLLOW; a symlink on the
+ * way fails (ELOOP, ENOTDIR), a ".." or empty component fails (EXDEV).
+ * Any thread. */
+int kpl_open_beneath(int dirfd, const char *rel, int flags);
+
 void kpl_log(enum kpl_log_level level, const char *subsys, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 #define kpl_debug(sub, ...) do { if (kpl_log_threshold <= KPL_LOG_DEBUG) kpl_log(KPL_LOG_DEBUG, sub, __VA_ARGS__); } while (0)
