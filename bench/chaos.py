@@ -48,8 +48,8 @@ What is reported (all must be 0 but the times):
                     == N) and global (WatchRuns from 1: seqs strictly
                     increasing, no gap, as many as the runs' events)
   restart to serving  from the spawn of kpld to its ready file (it serves
-                    gRPC), for every restart after a kill: min, median,
-                    p95, max
+                    gRPC), and to its first answered ListRuns, for every
+                    restart after a kill: min, median, p95, max
 """
 
 import argparse
@@ -172,6 +172,7 @@ class Daemon(crash_test.Daemon):
         self.extra = ["--sandbox-bind", os.path.join(tmp, "app.git"),
                       "--sandbox-bind", os.path.join(tmp, "layout")]
         self.start_times = []   # seconds from spawn to the ready file
+        self.answer_times = []  # ... and to the first answered ListRuns
 
     def _spawn(self):
         if os.path.exists(self.ready):
@@ -180,14 +181,53 @@ class Daemon(crash_test.Daemon):
         with open(self.log, "a") as logf:
             logf.write("==== kpld start (generation %d) ====\n" % (self.gen + 1))
             logf.flush()
-            return subprocess.Popen(
+            p = subprocess.Popen(
                 [self.binary, "--listen", "127.0.0.1:0", "--data-dir", self.data_dir,
                  "--ready-file", self.ready, "--config", self.config] + self.extra,
                 stdout=logf, stderr=logf)
+        # the newest kpld, for main() to kill if the bench fails half-way
+        with open(os.path.join(os.path.dirname(self.data_dir), "kpld.pid"), "w") as f:
+            f.write(str(p.pid))
+        return p
 
     def start(self):
-        c = super().start()
-        self.start_times.append(time.monotonic() - self._t_spawn)
+        """crash_test's start, patient: under load a kpld recovering many
+        runs may take longer than a client's default 10 s to answer its
+        first call. Records the time from spawn to the ready file and to the
+        first answered ListRuns."""
+        proc = self._spawn()
+        deadline = time.monotonic() + 300
+        while not os.path.exists(self.ready):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                if proc.poll() is None:
+                    proc.kill()
+                raise AssertionError("kpld did not serve (status %s); log tail:\n%s"
+                                     % (proc.returncode, crash_test.tail(self.log)))
+            time.sleep(0.01)
+        t_ready = time.monotonic() - self._t_spawn
+        addr = open(self.ready).read().strip()
+        while True:
+            try:
+                c = Client.connect(addr, timeout=120)
+                for m in ("SubmitRun", "GetRun", "ListRuns", "WatchRun", "WatchRuns"):
+                    c.method(P + m)
+                c.call(P + "ListRuns", {"page_size": 1}, timeout=120)
+                break
+            except (grpc.RpcError, grpc.FutureTimeoutError, KeyError) as e:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    raise AssertionError("kpld did not answer: %r" % (e,))
+        self.start_times.append(t_ready)
+        self.answer_times.append(time.monotonic() - self._t_spawn)
+        stream = c.stream(P + "WatchRuns", {"from_global_seq": 0}, timeout=3600)
+        with self.cond:
+            self.proc = proc
+            self.gen += 1
+            self.client = c
+            self.since_start = 0
+            self.cond.notify_all()
+        self.reader = threading.Thread(target=self._read, args=(stream, self.gen), daemon=True)
+        self.reader.start()
         return c
 
 
@@ -299,6 +339,7 @@ class Chaos:
         c = self.daemon.start()
         c.call(P + "SetSecret", {"name": "RP", "value": PASS})
         self.daemon.start_times = []   # only restarts after a kill count
+        self.daemon.answer_times = []
         print("stack up in %.1fs: %d staging and %d production Deployments in %d "
               "emulators" % (time.monotonic() - t0, self.a.runs, self.a.runs,
                              len(self.shards)), flush=True)
@@ -513,6 +554,7 @@ class Chaos:
                 next((i for i, s in enumerate(gseqs) if s != i + 1), None)))
         fx = self.side_effects()
         st = self.daemon.start_times
+        at = self.daemon.answer_times
         report = {
             "runs": a.runs, "kills": kills, "kills_in_startup": startup, "seed": a.seed,
             "seconds_kill_phase": round(t_kills, 1), "seconds_total": round(t_all, 1),
@@ -523,6 +565,10 @@ class Chaos:
                                      "median": round(pct(st, 50), 3) if st else None,
                                      "p95": round(pct(st, 95), 3) if st else None,
                                      "max": round(max(st), 3) if st else None},
+            "restart_to_first_answer_s": {"n": len(at), "min": round(min(at), 3) if at else None,
+                                          "median": round(pct(at, 50), 3) if at else None,
+                                          "p95": round(pct(at, 95), 3) if at else None,
+                                          "max": round(max(at), 3) if at else None},
             "kpld_died_on_its_own": self.daemon.died,
         }
         report.update(fx)
@@ -617,6 +663,13 @@ def main():
     ch = Chaos(a, tmp)
     try:
         report = ch.run()
+    except BaseException:
+        # the newest kpld may be one start() had not handed over yet
+        try:
+            os.kill(int(open(os.path.join(tmp, "kpld.pid")).read()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+        raise
     finally:
         try:
             if ch.daemon.proc:
