@@ -13,6 +13,7 @@
 
 #include "api/kpl.pb-c.h"
 #include "engine/config.h"
+#include "engine/hooks.h"
 #include "engine/metrics.h"
 #include "google/protobuf/timestamp.pb-c.h"
 #include "pipelines/pipeline.h"
@@ -45,7 +46,8 @@ struct rpc {
 	 * log to read (watch->more), one batch each per loop turn. Started
 	 * on demand; freed in its close callback (rpc_free). */
 	uv_idle_t *idle;
-	struct api_method methods[14];
+	struct hooks *hooks; /* RunPipeline's git; NULL: unavailable */
+	struct api_method methods[16];
 };
 
 /* ---------------------------------------------------------------------- */
@@ -232,6 +234,111 @@ static void h_submit(struct api_call *call, const ProtobufCMessage *m, void *dat
 			api_call_fail_err(call, &err);
 		free(op);
 	}
+}
+
+static void audit(struct api_call *call, struct rpc *rpc, const char *run_id,
+		  const char *stage, const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
+/* RunPipeline: the hooks fetch the file and submit it as a push does. */
+static void run_pipeline_done(void *data, int code, const char *run_id, const char *msg)
+{
+	struct op *op = data;
+
+	if (op->call) {
+		if (code)
+			api_call_fail(op->call, kpl_err_grpc_status(code), msg);
+		else
+			reply_run(op->call, op->rpc->store, run_id);
+	}
+	free(op);
+}
+
+static void h_run_pipeline(struct api_call *call, const ProtobufCMessage *m, void *data)
+{
+	const Kpl__V1__RunPipelineRequest *req = (const void *)m;
+	struct rpc *rpc = data;
+	struct kpl_err err = { 0 };
+	const char **names, **values;
+	struct hooks_run rq = { 0 };
+	struct op *op;
+	int rc;
+
+	if (!rpc->hooks) {
+		api_call_fail(call, ST_UNAVAILABLE, "kpld is stopping");
+		return;
+	}
+	if (req->n_params > KPL_MAX_PARAMS) {
+		char msg[100];
+		snprintf(msg, sizeof msg, "params: %zu given, at most %d", req->n_params,
+			 KPL_MAX_PARAMS);
+		api_call_fail(call, ST_INVALID_ARGUMENT, msg);
+		return;
+	}
+	names = kpl_calloc(req->n_params + 1, sizeof *names);
+	values = kpl_calloc(req->n_params + 1, sizeof *values);
+	for (size_t i = 0; i < req->n_params; i++) {
+		names[i] = req->params[i]->key;
+		values[i] = req->params[i]->value;
+	}
+	rq.name = req->name;
+	rq.ref = req->ref;
+	rq.sha = req->sha;
+	rq.param_names = names;
+	rq.param_values = values;
+	rq.n_params = req->n_params;
+	rq.idem_key = req->idempotency_key;
+	op = op_new(rpc, call);
+	rc = hooks_run_pipeline(rpc->hooks, &rq, run_pipeline_done, op, &err);
+	free(names);
+	free(values);
+	if (rc) {
+		if (op->call)
+			api_call_fail_err(call, &err);
+		free(op);
+		return;
+	}
+	audit(call, rpc, NULL, NULL, "ran registered pipeline %s at %s", req->name,
+	      req->sha && *req->sha ? req->sha : req->ref && *req->ref ? req->ref :
+	      "its first branch");
+}
+
+static void h_run_text(struct api_call *call, const ProtobufCMessage *m, void *data)
+{
+	const Kpl__V1__GetRunPipelineRequest *req = (const void *)m;
+	struct rpc *rpc = data;
+	Kpl__V1__GetRunPipelineResponse resp = KPL__V1__GET_RUN_PIPELINE_RESPONSE__INIT;
+	Kpl__Store__V1__RunRecord *rec = NULL;
+	struct kpl_err err = { 0 };
+	char *text = NULL, msg[200];
+	size_t len = 0;
+	int rc;
+
+	if (check_run_id("id", req->id, &err)) {
+		api_call_fail_err(call, &err);
+		return;
+	}
+	rc = store_get_run(rpc->store, req->id, &rec);
+	if (rc == 0)
+		rc = store_get_pipeline(rpc->store, req->id, &text, &len);
+	if (rc == KPL_ENOTFOUND) {
+		snprintf(msg, sizeof msg, "run %s not found", req->id);
+		api_call_fail(call, ST_NOT_FOUND, msg);
+	} else if (rc) {
+		snprintf(msg, sizeof msg, "run %s: cannot read it: %s", req->id, kpl_strerror(rc));
+		api_call_fail(call, ST_INTERNAL, msg);
+	} else if (strlen(text) != len) {
+		/* proto3 strings hold no NUL: say so rather than cut it. */
+		snprintf(msg, sizeof msg, "run %s: its pipeline text holds a NUL byte", req->id);
+		api_call_fail(call, ST_INTERNAL, msg);
+	} else {
+		resp.run_id = req->id;
+		resp.pipeline = text;
+		resp.source = rec->run ? rec->run->source : NULL;
+		api_call_reply(call, &resp.base);
+	}
+	free(text);
+	if (rec)
+		kpl__store__v1__run_record__free_unpacked(rec, NULL);
 }
 
 /* CancelRun and RetryRun: an engine call on one run, answered with the run
@@ -1102,12 +1209,23 @@ struct rpc *rpc_new(struct engine *e)
 		{ "/kpl.v1.Pipelines/RollbackRelease", API_UNARY,
 		  &kpl__v1__rollback_release_request__descriptor, h_rollback, rpc,
 		  API_SCOPE_APPROVE },
+		{ "/kpl.v1.Pipelines/RunPipeline", API_UNARY,
+		  &kpl__v1__run_pipeline_request__descriptor, h_run_pipeline, rpc,
+		  API_SCOPE_SUBMIT, API_BIND_NAME },
+		{ "/kpl.v1.Pipelines/GetRunPipeline", API_UNARY,
+		  &kpl__v1__get_run_pipeline_request__descriptor, h_run_text, rpc,
+		  API_SCOPE_READ, API_BIND_RUN },
 	};
 
 	rpc->eng = e;
 	rpc->store = engine_store(e);
 	memcpy(rpc->methods, methods, sizeof methods);
 	return rpc;
+}
+
+void rpc_set_hooks(struct rpc *rpc, struct hooks *h)
+{
+	rpc->hooks = h;
 }
 
 const struct api_method *rpc_methods(struct rpc *rpc, size_t *n)

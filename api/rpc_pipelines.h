@@ -20,6 +20,13 @@ struct rpc *rpc_new(struct engine *e);
 const struct api_method *rpc_methods(struct rpc *rpc, size_t *n);
 
 /*
+ * The git side of RunPipeline (engine/hooks.h; borrowed). NULL until set
+ * and once the hooks stop: RunPipeline is then UNAVAILABLE.
+ */
+struct hooks;
+void rpc_set_hooks(struct rpc *rpc, struct hooks *h);
+
+/*
  * Ends every open WatchRun stream with UNAVAILABLE and a message that says
  * which seq to resume from, so clients reconnect without a gap. Called before
  * api_server_shutdown, which would otherwise cut them without a status.

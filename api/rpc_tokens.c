@@ -271,6 +271,14 @@ static int pipeline_check(struct tokens *t, const struct api_method *m,
 			return ST_PERMISSION_DENIED;
 		}
 		return ST_OK;
+	case API_BIND_NAME:
+		if (!(v = str_field(req, "name")) || strcmp(v, want)) {
+			snprintf(msg, msg_size,
+				 "token %s is limited to pipeline %s; this is pipeline %.128s",
+				 rec->id, want, v ? v : "");
+			return ST_PERMISSION_DENIED;
+		}
+		return ST_OK;
 	case API_BIND_TEXT:
 		if ((v = str_field(req, "pipeline")) != NULL && *v) {
 			struct pipeline *pl = NULL;

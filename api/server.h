@@ -66,6 +66,7 @@ enum api_bind {
 	API_BIND_RUN = 1,    /* "id" or "run_id": a stored run, of that pipeline */
 	API_BIND_TEXT = 2,   /* "pipeline": a pipeline file whose name is that one */
 	API_BIND_FILTER = 3, /* "pipeline_name": a filter, set to that pipeline */
+	API_BIND_NAME = 4,   /* "name": the registered pipeline of that name */
 };
 
 struct api_method {

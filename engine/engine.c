@@ -11,6 +11,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <openssl/sha.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -104,6 +105,9 @@ struct run {
 	bool advancing, advance_again;   /* see run_advance */
 	uint64_t commits_issued, commits_done, final_commit_no; /* run_commit calls */
 	char *group;                     /* concurrency group key, or NULL */
+	/* Owned; where the text came from (kpl.v1.PipelineSource), NULL
+	 * members unknown (runs stored before kpl kept it). */
+	char *src_repo, *src_commit, *src_path, *src_ref, *src_sha256;
 	bool stored;                     /* first commit done */
 	bool final_durable;
 	struct stage *stages;            /* owned, n_stages */
@@ -258,6 +262,7 @@ static void run_stage_record(struct run *r)
 {
 	Kpl__Store__V1__RunRecord rec = KPL__STORE__V1__RUN_RECORD__INIT;
 	Kpl__V1__Run run = KPL__V1__RUN__INIT;
+	Kpl__V1__PipelineSource src;
 	Google__Protobuf__Timestamp tc, ts, tf;
 	Kpl__V1__Run__ParamsEntry *entries = NULL, **eptrs = NULL;
 
@@ -272,6 +277,15 @@ static void run_stage_record(struct run *r)
 	run.last_seq = r->next_seq - 1;
 	run.attempt = r->attempt;
 	run.concurrency_group = r->group ? r->group : "";
+	if (r->src_sha256) {
+		kpl__v1__pipeline_source__init(&src);
+		src.repo = r->src_repo ? r->src_repo : "";
+		src.commit = r->src_commit ? r->src_commit : "";
+		src.path = r->src_path ? r->src_path : "";
+		src.ref = r->src_ref ? r->src_ref : "";
+		src.sha256 = r->src_sha256;
+		run.source = &src;
+	}
 	if (r->n_params) {
 		entries = kpl_calloc(r->n_params, sizeof *entries);
 		eptrs = kpl_calloc(r->n_params, sizeof *eptrs);
@@ -1703,6 +1717,11 @@ static void run_free(struct run *r)
 	free(r->stop_msg);
 	free(r->workspace);
 	free(r->group);
+	free(r->src_repo);
+	free(r->src_commit);
+	free(r->src_path);
+	free(r->src_ref);
+	free(r->src_sha256);
 	pipeline_free(r->pl);
 	free(r);
 }
@@ -1867,6 +1886,32 @@ int engine_submit(struct engine *e, const char *text, size_t len,
 		  size_t n_params, const char *idem_key, engine_submit_cb cb,
 		  void *data, struct kpl_err *err)
 {
+	return engine_submit_from(e, text, len, param_names, param_values, n_params, idem_key,
+				  NULL, cb, data, err);
+}
+
+static char *sha256_hex(const char *text, size_t len)
+{
+	unsigned char md[SHA256_DIGEST_LENGTH];
+	char *hex = kpl_malloc(2 * SHA256_DIGEST_LENGTH + 1);
+
+	SHA256((const unsigned char *)text, len, md);
+	for (int i = 0; i < SHA256_DIGEST_LENGTH; i++)
+		snprintf(hex + 2 * i, 3, "%02x", md[i]);
+	return hex;
+}
+
+static char *dup_or_null(const char *s)
+{
+	return s && *s ? kpl_strdup(s) : NULL;
+}
+
+int engine_submit_from(struct engine *e, const char *text, size_t len,
+		       const char *const *param_names, const char *const *param_values,
+		       size_t n_params, const char *idem_key,
+		       const struct engine_source *src, engine_submit_cb cb, void *data,
+		       struct kpl_err *err)
+{
 	const struct pl_kind *kinds;
 	size_t n_kinds;
 	struct pipeline *pl = NULL;
@@ -1948,6 +1993,13 @@ int engine_submit(struct engine *e, const char *text, size_t len,
 		}
 	}
 	r->created_ms = kpl_now_ms();
+	r->src_sha256 = sha256_hex(text, len);
+	if (src) {
+		r->src_repo = dup_or_null(src->repo);
+		r->src_commit = dup_or_null(src->commit);
+		r->src_path = dup_or_null(src->path);
+		r->src_ref = dup_or_null(src->ref);
+	}
 	r->submit_cb = cb;
 	r->submit_data = data;
 
@@ -2262,6 +2314,14 @@ static int run_load(struct engine *e, const char *id, struct run **out, struct k
 		r->idem_key = kpl_strdup(rec->run->idempotency_key);
 	if (rec->run->concurrency_group && *rec->run->concurrency_group)
 		r->group = kpl_strdup(rec->run->concurrency_group);
+	if (rec->run->source) {
+		const Kpl__V1__PipelineSource *so = rec->run->source;
+		r->src_repo = kpl_strdup(so->repo ? so->repo : "");
+		r->src_commit = kpl_strdup(so->commit ? so->commit : "");
+		r->src_path = kpl_strdup(so->path ? so->path : "");
+		r->src_ref = kpl_strdup(so->ref ? so->ref : "");
+		r->src_sha256 = kpl_strdup(so->sha256 ? so->sha256 : "");
+	}
 	r->cancel_requested = rec->cancel_requested;
 	r->store_bytes = rec->store_bytes;
 	if (rec->stop_message && *rec->stop_message)

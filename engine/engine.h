@@ -88,6 +88,25 @@ int engine_submit(struct engine *e, const char *text, size_t len,
 		  void *data, struct kpl_err *err);
 
 /*
+ * Where a submitted text came from (kpl.v1.PipelineSource): strings
+ * borrowed for the call, NULL or "" for unknown. The engine adds the text's
+ * SHA-256 itself, to every run.
+ */
+struct engine_source {
+	const char *repo;   /* as shown: no credentials */
+	const char *commit;
+	const char *path;
+	const char *ref;
+};
+
+/* engine_submit with the text's source (NULL: a text given as is). */
+int engine_submit_from(struct engine *e, const char *text, size_t len,
+		       const char *const *param_names, const char *const *param_values,
+		       size_t n_params, const char *idem_key,
+		       const struct engine_source *src, engine_submit_cb cb, void *data,
+		       struct kpl_err *err);
+
+/*
  * Cancels a run: stages not started become CANCELLED, running ones are
  * stopped (a script's whole process group is killed). cb(data, status,
  * run_id) runs once the run has reached its final state durably.

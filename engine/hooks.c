@@ -500,7 +500,9 @@ struct target {
 	size_t text_len;
 };
 
-enum step { STEP_INIT, STEP_FETCH, STEP_FETCH_BRANCH, STEP_READ, STEP__LAST };
+/* STEP_RESOLVE (RunPipeline with a ref) comes before the others: git
+ * ls-remote, then INIT or FETCH as for a push. */
+enum step { STEP_INIT, STEP_FETCH, STEP_FETCH_BRANCH, STEP_READ, STEP_RESOLVE, STEP__LAST };
 
 struct delivery {
 	struct hooks *h;
@@ -513,6 +515,14 @@ struct delivery {
 	size_t n, cur;
 	struct gitjob *job;    /* queued or running for t[cur] */
 	bool in_engine;        /* engine_submit's callback is due */
+	/* RunPipeline (src HOOKS_API): answered through cb, never req. */
+	hooks_run_cb cb;
+	void *cb_data;
+	char *want_ref;        /* to resolve with ls-remote; NULL: sha given */
+	char *fetch_spec;      /* fetched if the remote refuses a sha */
+	char *idem;            /* the caller's idempotency key, or NULL */
+	char **pnames, **pvalues; /* the caller's params, np of them */
+	size_t np;
 };
 
 struct gitjob {
@@ -553,7 +563,7 @@ struct hooks {
 
 static const char *source_name(enum hooks_source s)
 {
-	return s == HOOKS_GITHUB ? "github" : "gitlab";
+	return s == HOOKS_GITHUB ? "github" : s == HOOKS_GITLAB ? "gitlab" : "api";
 }
 
 static void delivery_step(struct delivery *d);
@@ -582,6 +592,15 @@ static void delivery_free(struct delivery *d)
 	}
 	free(d->t);
 	free(d->id);
+	free(d->want_ref);
+	free(d->fetch_spec);
+	free(d->idem);
+	for (size_t i = 0; i < d->np; i++) {
+		free(d->pnames[i]);
+		free(d->pvalues[i]);
+	}
+	free(d->pnames);
+	free(d->pvalues);
 	hooks_push_free(&d->push);
 	free(d);
 	hooks_maybe_done(h);
@@ -605,15 +624,38 @@ static void answer(struct delivery *d, int status, const char *result, const cha
 	delivery_free(d);
 }
 
+/* The KPL_E* code an RPC caller gets for a target's http status. */
+static int code_of_status(int status)
+{
+	switch (status) {
+	case 202: return 0;
+	case 400: case 422: return KPL_EINVAL;
+	case 404: return KPL_ENOTFOUND;
+	case 502: case 503: return KPL_EUNAVAILABLE;
+	default: return KPL_EINTERNAL;
+	}
+}
+
 /* Every target is done: one line per target. */
 static void delivery_finish(struct delivery *d)
 {
 	size_t cap = 256, len = 0;
-	char *body = kpl_malloc(cap);
+	char *body;
 	int status = 0, first_err = 0;
 	bool fresh = false;
 	const char *result;
 
+	if (d->cb) {
+		/* RunPipeline has one target. */
+		struct target *t = &d->t[0];
+		int code = code_of_status(t->status);
+
+		d->cb(d->cb_data, code, code ? NULL : t->run_id,
+		      code ? (t->msg ? t->msg : "failed") : NULL);
+		delivery_free(d);
+		return;
+	}
+	body = kpl_malloc(cap);
 	body[0] = '\0';
 	for (size_t i = 0; i < d->n; i++) {
 		struct target *t = &d->t[i];
@@ -937,34 +979,121 @@ static void target_submit(struct delivery *d)
 	struct pipeline *pl = NULL;
 	const struct pl_kind *kinds;
 	size_t n_kinds, np = 0;
-	const char *names[4], *values[4];
+	const char **names, **values;
 	const char *have[4][2] = {
 		{ "ref", d->push.ref },
 		{ "sha", d->push.sha },
-		{ "branch", d->push.branch },
+		{ "branch", d->push.branch ? d->push.branch : "" },
 		{ "repo", t->repo },
 	};
+	char shown[HOOKS_MAX_URL + 8];
+	struct engine_source src;
+	int rc;
 
 	kinds = stage_kinds_for_parser(&n_kinds);
 	if (pipeline_parse(t->text, t->text_len, t->path, kinds, n_kinds, &pl, &err)) {
 		target_fail(d, 422, "%s", err.msg);
 		return;
 	}
-	/* Only params the pipeline declares: an undeclared one fails it. */
-	for (size_t i = 0; i < KPL_ARRAY_SIZE(have); i++)
-		for (size_t k = 0; k < pl->n_params; k++)
+	/* A token limited to pipeline P may RunPipeline P: the run must be
+	 * P's, whatever the file at that commit says. */
+	if (d->cb && strcmp(pl->name, t->name)) {
+		target_fail(d, 422, "%s at %.12s is pipeline %s, registered as %s: RunPipeline "
+			    "runs only a file of the registered name", t->path, d->push.sha,
+			    pl->name, t->name);
+		pipeline_free(pl);
+		return;
+	}
+	names = kpl_calloc(d->np + KPL_ARRAY_SIZE(have), sizeof *names);
+	values = kpl_calloc(d->np + KPL_ARRAY_SIZE(have), sizeof *values);
+	for (size_t i = 0; i < d->np; i++) {
+		names[np] = d->pnames[i];
+		values[np++] = d->pvalues[i];
+	}
+	/* Only params the pipeline declares (an undeclared one fails it), and
+	 * not those the caller gave. */
+	for (size_t i = 0; i < KPL_ARRAY_SIZE(have); i++) {
+		bool given = false;
+		for (size_t k = 0; k < d->np; k++)
+			given |= strcmp(d->pnames[k], have[i][0]) == 0;
+		for (size_t k = 0; k < pl->n_params && !given; k++)
 			if (strcmp(pl->params[k].name, have[i][0]) == 0) {
 				names[np] = have[i][0];
 				values[np++] = have[i][1];
 			}
+	}
 	pipeline_free(pl);
+	hooks_url_for_display(t->repo, shown, sizeof shown);
+	src.repo = shown;
+	src.commit = d->push.sha;
+	src.path = t->path;
+	src.ref = d->push.ref;
 	d->in_engine = true;
-	if (engine_submit(d->h->eng, t->text, t->text_len, names, values, np, t->idem,
-			  target_submitted, d, &err)) {
+	rc = engine_submit_from(d->h->eng, t->text, t->text_len, names, values, np,
+				d->cb ? d->idem : t->idem, &src, target_submitted, d, &err);
+	free(names);
+	free(values);
+	if (rc) {
 		d->in_engine = false;
 		target_fail(d, err.code == KPL_EINVAL || err.code == KPL_ETOOBIG ? 422 : 500,
 			    "%s", err.msg);
 	}
+}
+
+/*
+ * Picks d->want_ref's commit from git ls-remote's output ("SHA\tREF" lines):
+ * a branch before a tag, an annotated tag's peeled commit ("REF^{}") before
+ * the tag object. Sets push.sha, push.ref, push.branch (branches only) and
+ * fetch_spec. KPL_ENOTFOUND if no line names it.
+ */
+static int resolve_ref(struct delivery *d, const char *out)
+{
+	char want[3][600];
+	char best_sha[65] = "", best_ref[600] = "";
+	int best = 99;
+
+	if (strncmp(d->want_ref, "refs/", 5) == 0) {
+		snprintf(want[0], sizeof want[0], "%s", d->want_ref);
+		snprintf(want[1], sizeof want[1], "%s^{}", d->want_ref);
+		want[2][0] = '\0';
+	} else {
+		snprintf(want[0], sizeof want[0], "refs/heads/%s", d->want_ref);
+		snprintf(want[1], sizeof want[1], "refs/tags/%s^{}", d->want_ref);
+		snprintf(want[2], sizeof want[2], "refs/tags/%s", d->want_ref);
+	}
+	for (const char *p = out; *p;) {
+		size_t n = strcspn(p, "\n");
+		const char *tab = memchr(p, '\t', n);
+
+		if (tab && tab - p <= 64) {
+			size_t rl = n - (size_t)(tab - p) - 1;
+			for (int i = 0; i < 3; i++) {
+				if (!want[i][0] || strlen(want[i]) != rl ||
+				    memcmp(want[i], tab + 1, rl) || i >= best)
+					continue;
+				best = i;
+				snprintf(best_sha, sizeof best_sha, "%.*s", (int)(tab - p), p);
+				snprintf(best_ref, sizeof best_ref, "%s", want[i]);
+			}
+		}
+		p += n + (p[n] ? 1 : 0);
+	}
+	if (best == 99 || !sha_ok(best_sha))
+		return KPL_ENOTFOUND;
+	/* The peeled line names the tag, not "^{}". */
+	if (strlen(best_ref) > 3 && strcmp(best_ref + strlen(best_ref) - 3, "^{}") == 0)
+		best_ref[strlen(best_ref) - 3] = '\0';
+	free(d->push.sha);
+	free(d->push.ref);
+	free(d->push.branch);
+	d->push.sha = kpl_strdup(best_sha);
+	lower(d->push.sha);
+	d->push.ref = kpl_strdup(best_ref);
+	d->push.branch = strncmp(best_ref, "refs/heads/", 11) == 0 ? kpl_strdup(best_ref + 11)
+								    : NULL;
+	free(d->fetch_spec);
+	d->fetch_spec = kpl_strdup(best_ref);
+	return 0;
 }
 
 static void target_job_done(struct delivery *d, struct gitjob *j)
@@ -1004,7 +1133,27 @@ static void target_job_done(struct delivery *d, struct gitjob *j)
 		t->step = ok ? STEP_READ : STEP_FETCH_BRANCH;
 		if (!ok)
 			kpl_info(LOG, "pipeline %s: shallow fetch of %.12s failed (%s); "
-				 "fetching branch %s", t->name, d->push.sha, why, d->push.branch);
+				 "fetching %s", t->name, d->push.sha, why,
+				 d->fetch_spec ? d->fetch_spec : d->push.branch);
+		break;
+	case STEP_RESOLVE:
+		if (!ok) {
+			char u[300];
+			hooks_url_for_display(t->repo, u, sizeof u);
+			target_fail(d, 502, "ref %s: git ls-remote %s: %s", d->want_ref, u, why);
+			return;
+		}
+		if (resolve_ref(d, j->obuf ? j->obuf : "")) {
+			char u[300];
+			hooks_url_for_display(t->repo, u, sizeof u);
+			target_fail(d, 404, "ref %s: no branch or tag of that name in %s",
+				    d->want_ref, u);
+			return;
+		}
+		{
+			struct stat st;
+			t->step = stat(t->cache, &st) == 0 ? STEP_FETCH : STEP_INIT;
+		}
 		break;
 	case STEP_FETCH_BRANCH:
 		if (!ok) {
@@ -1049,8 +1198,27 @@ static void target_step(struct delivery *d)
 					    "--depth", "1", "--end-of-options", t->repo,
 					    d->push.sha, NULL));
 		return;
+	case STEP_RESOLVE:
+		if (strncmp(d->want_ref, "refs/", 5) == 0) {
+			char *peeled = kpl_asprintf("%s^{}", d->want_ref);
+			argv = git_argv("ls-remote", "--end-of-options", t->repo, d->want_ref,
+					peeled, NULL);
+			free(peeled);
+		} else {
+			char *h = kpl_asprintf("refs/heads/%s", d->want_ref);
+			char *tg = kpl_asprintf("refs/tags/%s", d->want_ref);
+			char *peeled = kpl_asprintf("refs/tags/%s^{}", d->want_ref);
+			argv = git_argv("ls-remote", "--end-of-options", t->repo, h, tg, peeled,
+					NULL);
+			free(h);
+			free(tg);
+			free(peeled);
+		}
+		job_queue(d->h, d, argv);
+		return;
 	case STEP_FETCH_BRANCH:
-		spec = kpl_asprintf("refs/heads/%s", d->push.branch);
+		spec = d->fetch_spec ? kpl_strdup(d->fetch_spec)
+				     : kpl_asprintf("refs/heads/%s", d->push.branch);
 		job_queue(d->h, d, git_argv("-C", t->cache, "fetch", "-q", "--no-tags",
 					    "--end-of-options", t->repo, spec, NULL));
 		free(spec);
@@ -1105,7 +1273,8 @@ static void delivery_step(struct delivery *d)
 	 * keys per pipeline, and the file's pipeline name is known only once
 	 * fetched; but "hook:" keys are kpld's own (SubmitRun refuses them),
 	 * so any pipeline's entry is this push's. */
-	if (idem_seen(d->h, t->idem, &run_id) || idem_seen(d->h, t->idem_delivery, &run_id)) {
+	if (!d->cb &&
+	    (idem_seen(d->h, t->idem, &run_id) || idem_seen(d->h, t->idem_delivery, &run_id))) {
 		t->status = 202;
 		t->duplicate = true;
 		snprintf(t->run_id, sizeof t->run_id, "%s", run_id);
@@ -1115,7 +1284,7 @@ static void delivery_step(struct delivery *d)
 		return;
 	}
 	cache_dir(d->h, t->repo, &t->cache);
-	t->step = stat(t->cache, &st) == 0 ? STEP_FETCH : STEP_INIT;
+	t->step = d->want_ref ? STEP_RESOLVE : stat(t->cache, &st) == 0 ? STEP_FETCH : STEP_INIT;
 	target_step(d);
 }
 
@@ -1329,6 +1498,96 @@ static void on_healthz(struct httpd_req *req, void *data)
 		httpd_respondf(req, 200, "ok");
 }
 
+
+/* --- RunPipeline --- */
+
+/* The registration's first branch that is not a glob, or NULL. */
+static const char *plain_branch(const Kpl__V1__RegisteredPipeline *r)
+{
+	for (size_t i = 0; i < r->n_branches; i++)
+		if (r->branches[i] && *r->branches[i] && !strpbrk(r->branches[i], "*?["))
+			return r->branches[i];
+	return NULL;
+}
+
+int hooks_run_pipeline(struct hooks *h, const struct hooks_run *rq, hooks_run_cb cb,
+		       void *data, struct kpl_err *err)
+{
+	Kpl__V1__RegisteredPipeline *r = NULL;
+	struct delivery *d;
+	struct target *t;
+	const char *ref = rq->ref && *rq->ref ? rq->ref : NULL;
+	const char *sha = rq->sha && *rq->sha ? rq->sha : NULL;
+	int rc;
+
+	if (h->stopping)
+		return kpl_errf(err, KPL_EUNAVAILABLE, "kpld is stopping");
+	if (!name_ok(rq->name))
+		return kpl_errf(err, KPL_EINVAL, "name: want 1 to %d of a-z, 0-9, '.', '_', '-'",
+				KPL_MAX_NAME_LEN);
+	if (ref && sha)
+		return kpl_errf(err, KPL_EINVAL, "ref and sha: give one of them, not both");
+	if (sha && !sha_ok(sha))
+		return kpl_errf(err, KPL_EINVAL, "sha: want a commit's 40 (or 64) hex digits");
+	if (ref && (strlen(ref) > 255 || !printable_no_space(ref) || ref[0] == '-' ||
+		    strstr(ref, "..") || strpbrk(ref, "*?[\\^~:")))
+		return kpl_errf(err, KPL_EINVAL, "ref: want a branch or tag name, like main "
+				"or v1.2 (or refs/heads/main)");
+	if (rq->idem_key && strncmp(rq->idem_key, "hook:", 5) == 0)
+		return kpl_errf(err, KPL_EINVAL, "idempotency_key: keys starting with \"hook:\" "
+				"are kpld's own (webhook deliveries)");
+	rc = store_get_registered(engine_store(h->eng), rq->name, &r);
+	if (rc == KPL_ENOTFOUND)
+		return kpl_errf(err, KPL_ENOTFOUND, "no registered pipeline %s "
+				"(kplctl pipeline register makes one)", rq->name);
+	if (rc)
+		return kpl_errf(err, rc, "cannot read registered pipeline %s: %s", rq->name,
+				kpl_strerror(rc));
+	if (!ref && !sha && !(ref = plain_branch(r))) {
+		kpl__v1__registered_pipeline__free_unpacked(r, NULL);
+		return kpl_errf(err, KPL_EINVAL, "ref or sha: required (pipeline %s watches "
+				"only branch patterns)", rq->name);
+	}
+	d = kpl_calloc(1, sizeof *d);
+	d->h = h;
+	d->src = HOOKS_API;
+	d->cb = cb;
+	d->cb_data = data;
+	d->id = kpl_asprintf("RunPipeline %s@%s", rq->name, ref ? ref : sha);
+	if (ref) {
+		d->want_ref = kpl_strdup(ref);
+	} else {
+		d->push.sha = kpl_strdup(sha);
+		lower(d->push.sha);
+		d->push.ref = kpl_strdup("");
+		/* A remote that refuses a sha: every branch, one may hold it. */
+		d->fetch_spec = kpl_strdup("+refs/heads/*:refs/kpl/heads/*");
+	}
+	if (rq->idem_key && *rq->idem_key)
+		d->idem = kpl_strdup(rq->idem_key);
+	d->np = rq->n_params;
+	d->pnames = kpl_calloc(d->np ? d->np : 1, sizeof *d->pnames);
+	d->pvalues = kpl_calloc(d->np ? d->np : 1, sizeof *d->pvalues);
+	for (size_t i = 0; i < d->np; i++) {
+		d->pnames[i] = kpl_strdup(rq->param_names[i] ? rq->param_names[i] : "");
+		d->pvalues[i] = kpl_strdup(rq->param_values[i] ? rq->param_values[i] : "");
+	}
+	d->t = kpl_calloc(1, sizeof *d->t);
+	d->n = 1;
+	t = &d->t[0];
+	t->name = kpl_strdup(r->name);
+	t->repo = kpl_strdup(r->repo);
+	t->path = kpl_strdup(r->path && *r->path ? r->path : ".kpl.yaml");
+	kpl__v1__registered_pipeline__free_unpacked(r, NULL);
+	d->next = h->deliveries;
+	if (h->deliveries)
+		h->deliveries->prev = d;
+	h->deliveries = d;
+	kpl_info(LOG, "%s: starting", d->id);
+	delivery_step(d);
+	return 0;
+}
+
 /* ---------------------------------------------------------------------- */
 /* Life cycle */
 
@@ -1386,6 +1645,11 @@ int hooks_start(const struct hooks_options *opt, struct hooks **out, struct kpl_
 	h->git_dir = kpl_asprintf("%s/hooks/git", opt->data_dir);
 	if ((rc = mkdir_p(h->git_dir, err)) != 0)
 		goto fail;
+	h->env = make_env();
+	if (!opt->listen) {
+		*out = h;
+		return 0;
+	}
 	h->routes[0] = (struct httpd_route){ "POST", "/hooks/github", on_github, h };
 	h->routes[1] = (struct httpd_route){ "POST", "/hooks/gitlab", on_gitlab, h };
 	h->routes[2] = (struct httpd_route){ "GET", "/metrics", on_metrics, h };
@@ -1398,10 +1662,12 @@ int hooks_start(const struct hooks_options *opt, struct hooks **out, struct kpl_
 	if ((rc = httpd_start(h->loop, &ho, &h->httpd, err)) != 0)
 		goto fail;
 	h->httpd_open = true;
-	h->env = make_env();
 	*out = h;
 	return 0;
 fail:
+	for (size_t i = 0; h->env && h->env[i]; i++)
+		free(h->env[i]);
+	free(h->env);
 	free(h->git_dir);
 	free(h);
 	return rc;
@@ -1409,7 +1675,7 @@ fail:
 
 int hooks_port(struct hooks *h)
 {
-	return httpd_port(h->httpd);
+	return h->httpd ? httpd_port(h->httpd) : 0;
 }
 
 static void hooks_maybe_done(struct hooks *h)
@@ -1465,7 +1731,10 @@ void hooks_stop(struct hooks *h, void (*done)(void *data), void *data)
 	h->queue = h->queue_tail = NULL;
 	if (h->running)
 		job_kill(h->running);
-	httpd_stop(h->httpd, httpd_stopped, h);
+	if (h->httpd)
+		httpd_stop(h->httpd, httpd_stopped, h);
+	else
+		hooks_maybe_done(h);
 }
 
 /* ---------------------------------------------------------------------- */

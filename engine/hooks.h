@@ -59,8 +59,9 @@ struct hooks_options {
 	size_t max_per_address;
 };
 
-/* Binds the HTTP listener and serves. *out is the caller's; it ends with
- * hooks_stop. Errors name the address. */
+/* Binds the HTTP listener and serves (listen NULL: no listener, only
+ * hooks_run_pipeline). *out is the caller's; it ends with hooks_stop.
+ * Errors name the address. */
 int hooks_start(const struct hooks_options *opt, struct hooks **out,
 		struct kpl_err *err);
 
@@ -75,6 +76,29 @@ int hooks_port(struct hooks *h);
  * Call it before engine_stop.
  */
 void hooks_stop(struct hooks *h, void (*done)(void *data), void *data);
+
+/*
+ * RunPipeline: starts a run of the registered pipeline name with its file
+ * read from the repository at ref (a branch or tag, or a full "refs/..."
+ * name, resolved with git ls-remote) or sha, through the same steps as a
+ * push of that commit (one git queue, the same cache, the same params set
+ * when declared and not given). Neither ref nor sha: the registration's
+ * first branch that is not a glob. The file's pipeline must be named name
+ * (a token limited to name may run it). Strings are borrowed for the call.
+ * Errors found at once return KPL_EINVAL or KPL_ENOTFOUND with err; else 0
+ * and later cb(data, 0, run_id, NULL) once the run is durable, or cb(data,
+ * code, NULL, msg) naming the ref and the repository. cb always runs once,
+ * on the loop, also when hooks stop first (KPL_EUNAVAILABLE).
+ */
+typedef void (*hooks_run_cb)(void *data, int code, const char *run_id, const char *msg);
+struct hooks_run {
+	const char *name, *ref, *sha;
+	const char *const *param_names, *const *param_values;
+	size_t n_params;
+	const char *idem_key; /* NULL or "": every call a new run */
+};
+int hooks_run_pipeline(struct hooks *h, const struct hooks_run *rq, hooks_run_cb cb,
+		       void *data, struct kpl_err *err);
 
 /*
  * Counts the runs of the store's active index in the metrics
@@ -135,7 +159,8 @@ bool hooks_github_verify(const char *secret, const char *body, size_t len,
  * leaks). NULL header: false. */
 bool hooks_gitlab_verify(const char *secret, const char *header);
 
-enum hooks_source { HOOKS_GITHUB, HOOKS_GITLAB };
+/* HOOKS_API: RunPipeline (hooks_run_pipeline), never a delivery's. */
+enum hooks_source { HOOKS_GITHUB, HOOKS_GITLAB, HOOKS_API };
 
 /* A push as the payload tells it. Strings are malloc'd (hooks_push_free). */
 struct hooks_push {

@@ -182,6 +182,8 @@ static void hooks_stopped(void *data)
 	struct kpld *d = data;
 
 	d->hooks = NULL;
+	if (d->rpc)
+		rpc_set_hooks(d->rpc, NULL);
 	if (!d->server)
 		maybe_stop_engine(d);
 }
@@ -672,18 +674,24 @@ int main(int argc, char **argv)
 		/* NEEDSWORK: stop the engine cleanly here too. */
 		return 1;
 	}
-	if (http_listen) {
+	{
+		/* Always: RunPipeline fetches with the hooks' git queue; the
+		 * HTTP listener only with --http-listen. */
 		struct hooks_options ho = { .loop = d.loop, .eng = d.eng,
 					    .data_dir = data_dir, .listen = http_listen,
 					    .request_timeout_ms = http_request_timeout_ms,
 					    .max_per_address = http_max_per_address };
-		const char *hc = strrchr(http_listen, ':');
 
 		if ((rc = hooks_start(&ho, &d.hooks, &err)) != 0) {
 			fprintf(stderr, "kpld: --http-listen: %s\n", err.msg);
 			/* NEEDSWORK: stop the engine cleanly here too. */
 			return 1;
 		}
+		rpc_set_hooks(d.rpc, d.hooks);
+	}
+	if (http_listen) {
+		const char *hc = strrchr(http_listen, ':');
+
 		snprintf(http_host, sizeof http_host, "%.*s", (int)(hc - http_listen),
 			 http_listen);
 		kpl_info(LOG, "serving webhooks, /metrics and /healthz on http://%s:%d",
@@ -699,8 +707,8 @@ int main(int argc, char **argv)
 	kpl_info(LOG, "serving kpl.v1.Pipelines on %s:%d, data in %s", host,
 		 api_server_port(d.server), data_dir);
 	if (ready && write_ready_file(ready, host, api_server_port(d.server),
-				      d.hooks ? http_host : NULL,
-				      d.hooks ? hooks_port(d.hooks) : 0))
+				      http_listen ? http_host : NULL,
+				      http_listen ? hooks_port(d.hooks) : 0))
 		kpl_error(LOG, "cannot write --ready-file %s", ready);
 
 	uv_run(d.loop, UV_RUN_DEFAULT);

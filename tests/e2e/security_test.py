@@ -31,7 +31,8 @@ SCOPE_ENUM = {s: "TOKEN_SCOPE_" + s.upper() for s in SCOPES}
 # must be here: test_every_method_checks_its_scope fails on one that is not,
 # so a new method cannot go untested. Binding: what a token limited to one
 # pipeline may use it for ("run": a run of its pipeline, "text": a pipeline
-# file of that name, "filter": pipeline_name set to it, None: refused).
+# file of that name, "filter": pipeline_name set to it, "name": the registered
+# pipeline of that name, None: refused).
 EXPECTED = {
     P + "SubmitRun": ("submit", "text"), P + "GetRun": ("read", "run"),
     P + "ListRuns": ("read", "filter"), P + "WatchRun": ("read", "run"),
@@ -43,6 +44,7 @@ EXPECTED = {
     P + "ListReleases": ("read", None), P + "RollbackRelease": ("approve", None),
     P + "RegisterPipeline": ("admin", None), P + "ListPipelines": ("read", None),
     P + "DeletePipeline": ("admin", None),
+    P + "RunPipeline": ("submit", "name"), P + "GetRunPipeline": ("read", "run"),
     S + "CreateToken": ("admin", None), S + "ListTokens": ("admin", None),
     S + "RevokeToken": ("admin", None), S + "ListAudit": ("admin", None),
 }

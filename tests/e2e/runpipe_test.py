@@ -1,0 +1,192 @@
+"""Registered pipelines started by hand (issue #13): RunPipeline at a ref or
+a sha, where a run's file came from (GetRun's source, kplctl get),
+GetRunPipeline's exact text, kplctl pipeline register|list|show|delete|run
+and kplctl diff.
+
+    /usr/bin/python3 tests/e2e/runpipe_test.py PATH/TO/kpld PATH/TO/kplctl
+
+A git repository made here holds the pipeline file in two versions on main
+and a tag; kpld runs without --http-listen (RunPipeline needs no webhook
+listener).
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+
+import grpc
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from e2e_test import Daemon, assert_eq, expect_rpc_error, run_suite, watch  # noqa: E402
+from kplgrpc import Client  # noqa: E402
+
+P = "kpl.v1.Pipelines/"
+S = "kpl.v1.Security/"
+
+# VERSION % (greeting): the file on main, changed by one line between the
+# two commits, so a run shows which commit its file was read at.
+VERSION = """name: manual
+params:
+  ref: {}
+  sha: {}
+  who: { default: nobody }
+stages:
+  - name: show
+    kind: script
+    with: { command: ["sh", "-c", "echo %s who=$KPL_PARAM_WHO ref=$KPL_PARAM_REF sha=$KPL_PARAM_SHA"] }
+"""
+
+
+def git(repo, *args):
+    return subprocess.run(["git", "-C", repo] + list(args), check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+class Suite:
+    def __init__(self, binary, kplctl, tmp):
+        self.tmp = tmp
+        self.kplctl = kplctl
+        self.repo = os.path.join(tmp, "app")
+        self.make_repo()
+        self.daemon = Daemon(binary, os.path.join(tmp, "data"))
+        self.c = self.daemon.start()
+        self.c.call(P + "SetSecret", {"name": "HOOK_KEY", "value": "hook-key-1234"})
+
+    def make_repo(self):
+        os.makedirs(self.repo)
+        git(self.repo, "init", "-q", "-b", "main")
+        git(self.repo, "config", "user.email", "t@example.com")
+        git(self.repo, "config", "user.name", "t")
+        self.v1 = VERSION % "hello-v1"
+        self.v2 = VERSION % "hello-v2"
+        self.commit("ci/kpl.yaml", self.v1)
+        self.sha1 = git(self.repo, "rev-parse", "HEAD")
+        git(self.repo, "tag", "-a", "v1.0", "-m", "first")
+        self.commit("ci/kpl.yaml", self.v2)
+        self.sha2 = git(self.repo, "rev-parse", "HEAD")
+
+    def commit(self, path, text):
+        full = os.path.join(self.repo, path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "w") as f:
+            f.write(text)
+        git(self.repo, "add", path)
+        git(self.repo, "commit", "-q", "-m", "change " + path)
+
+    def ctl(self, *args, ok=True):
+        r = subprocess.run([self.kplctl, "--server", self.daemon.addr] + list(args),
+                           capture_output=True, text=True, timeout=120)
+        if ok and r.returncode != 0:
+            raise AssertionError("kplctl %s: exit %d\nstdout:\n%s\nstderr:\n%s"
+                                 % (" ".join(args), r.returncode, r.stdout, r.stderr))
+        return r
+
+    def register(self):
+        self.c.call(P + "RegisterPipeline", {"name": "manual", "repo": self.repo,
+                                             "path": "ci/kpl.yaml", "secret": "HOOK_KEY"})
+
+    def run_pipeline(self, **kw):
+        run = Client.to_dict(self.c.call(P + "RunPipeline", dict(name="manual", **kw)))
+        events = watch(self.c, run["id"])
+        got = Client.to_dict(self.c.call(P + "GetRun", {"id": run["id"]}))
+        assert_eq(got["state"], "RUN_STATE_SUCCEEDED", "run %s state" % run["id"])
+        logs = [e.get("message", "") for e in events if e.get("kind") == "EVENT_KIND_LOG"]
+        return got, logs
+
+    # -- RunPipeline and provenance ---------------------------------------
+
+    def test_run_at_ref_records_its_source(self):
+        self.register()
+        run, logs = self.run_pipeline(ref="main", params={"who": "alice"})
+        want_line = "hello-v2 who=alice ref=refs/heads/main sha=%s" % self.sha2
+        if want_line not in logs:
+            raise AssertionError("log lacks %r: %r" % (want_line, logs))
+        src = run.get("source", {})
+        assert_eq((src.get("repo"), src.get("commit"), src.get("path"), src.get("ref")),
+                  (self.repo, self.sha2, "ci/kpl.yaml", "refs/heads/main"), "GetRun source")
+        assert_eq(src.get("sha256"), hashlib.sha256(self.v2.encode()).hexdigest(),
+                  "source sha256 is the text's")
+        text = Client.to_dict(self.c.call(P + "GetRunPipeline", {"id": run["id"]}))
+        assert_eq(text["pipeline"], self.v2, "GetRunPipeline text")
+        assert_eq(text["source"]["commit"], self.sha2, "GetRunPipeline source")
+        self.run_v2 = run["id"]
+
+    def test_run_at_sha_and_tag_reads_the_older_file(self):
+        run, logs = self.run_pipeline(sha=self.sha1)
+        if not any(line.startswith("hello-v1 who=nobody") for line in logs):
+            raise AssertionError("the older commit's file did not run: %r" % logs)
+        assert_eq(run["source"]["commit"], self.sha1, "source commit of --sha")
+        text = Client.to_dict(self.c.call(P + "GetRunPipeline", {"id": run["id"]}))
+        assert_eq(text["pipeline"], self.v1, "GetRunPipeline text of the older run")
+        self.run_v1 = run["id"]
+        # An annotated tag resolves to its commit, not the tag object.
+        run, logs = self.run_pipeline(ref="v1.0")
+        assert_eq((run["source"]["commit"], run["source"]["ref"]),
+                  (self.sha1, "refs/tags/v1.0"), "source of a tag")
+
+    def test_bad_ref_and_bad_requests(self):
+        e = expect_rpc_error(lambda: self.c.call(P + "RunPipeline", {
+            "name": "manual", "ref": "no-such-branch"}), grpc.StatusCode.NOT_FOUND,
+            "ref no-such-branch")
+        if self.repo not in e.details():
+            raise AssertionError("the error does not name the repository: %r" % e.details())
+        expect_rpc_error(lambda: self.c.call(P + "RunPipeline", {
+            "name": "nope", "ref": "main"}), grpc.StatusCode.NOT_FOUND,
+            "no registered pipeline nope")
+        expect_rpc_error(lambda: self.c.call(P + "RunPipeline", {
+            "name": "manual", "ref": "main", "sha": self.sha1}),
+            grpc.StatusCode.INVALID_ARGUMENT, "not both")
+        expect_rpc_error(lambda: self.c.call(P + "RunPipeline", {
+            "name": "manual", "sha": "xyz"}), grpc.StatusCode.INVALID_ARGUMENT, "sha")
+        expect_rpc_error(lambda: self.c.call(P + "RunPipeline", {
+            "name": "manual", "ref": "--upload-pack=x"}),
+            grpc.StatusCode.INVALID_ARGUMENT, "ref")
+        expect_rpc_error(lambda: self.c.call(P + "GetRunPipeline", {"id": "r_nope"}),
+                         grpc.StatusCode.NOT_FOUND, "r_nope")
+
+    def test_submitted_run_has_only_a_sha256(self):
+        run = Client.to_dict(self.c.call(P + "SubmitRun", {"pipeline": self.v1}))
+        watch(self.c, run["id"])
+        got = Client.to_dict(self.c.call(P + "GetRun", {"id": run["id"]}))
+        assert_eq(got["source"], {"sha256": hashlib.sha256(self.v1.encode()).hexdigest()},
+                  "a submitted text's source")
+
+    # -- last: tokens (from here on every call needs one) -------------------
+
+    def test_limited_token(self):
+        admin = Client.to_dict(self.c.call(S + "CreateToken", {
+            "scope": "TOKEN_SCOPE_ADMIN", "description": "admin"}))["token"]
+        md = [("authorization", "Bearer " + admin)]
+        other = Client.to_dict(self.c.call(S + "CreateToken", {
+            "scope": "TOKEN_SCOPE_SUBMIT", "pipeline": "other", "description": "other"},
+            metadata=md))["token"]
+        mine = Client.to_dict(self.c.call(S + "CreateToken", {
+            "scope": "TOKEN_SCOPE_SUBMIT", "pipeline": "manual", "description": "mine"},
+            metadata=md))["token"]
+        expect_rpc_error(lambda: self.c.call(P + "RunPipeline", {"name": "manual",
+                                                                 "ref": "main"},
+                                             metadata=[("authorization", "Bearer " + other)]),
+                         grpc.StatusCode.PERMISSION_DENIED, "limited to pipeline other")
+        run = Client.to_dict(self.c.call(P + "RunPipeline", {"name": "manual", "ref": "main"},
+                                         metadata=[("authorization", "Bearer " + mine)]))
+        assert_eq(run["pipeline_name"], "manual", "run by the limited token")
+        self.c.token = admin
+        watch(self.c, run["id"])
+
+    def close(self):
+        rc = self.daemon.stop()
+        assert_eq(rc, 0, "kpld exit status")
+
+
+def main():
+    binary = os.path.abspath(sys.argv[1])
+    kplctl = os.path.abspath(sys.argv[2])
+    tmp = tempfile.mkdtemp(prefix="kpl-runpipe-", dir=os.environ.get("TEST_TMPDIR"))
+    return run_suite(Suite, Suite(binary, kplctl, tmp))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
