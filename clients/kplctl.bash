@@ -28,10 +28,12 @@ _kplctl_opts() {
 	secret) echo "-o --output --pipeline" ;;
 	releases) echo "-o --output --limit" ;;
 	rollback) echo "-o --output --to --watch --plain" ;;
+	pipeline) echo "-o --output --repo --branch --path --secret --ref --sha -p --param --idempotency-key --watch --plain" ;;
+	diff) echo "-o --output" ;;
 	esac
 }
 
-_kplctl_commands="submit get list watch logs cancel retry approve lint events token audit secret releases rollback"
+_kplctl_commands="submit get list watch logs cancel retry approve lint events token audit secret releases rollback pipeline diff"
 
 # Runs kplctl with the connection options of the line being completed;
 # nothing on stderr, at most 2 s.
@@ -61,7 +63,8 @@ _kplctl() {
 		case ${COMP_WORDS[i]} in
 		--server | --token | --ca | --cert | --key | -o | --output | -p | --param | --idempotency-key | \
 			--state | --pipeline | --limit | --from-seq | -m | --comment | --by | --from | \
-			--kind | --scope | --description | --stage | --to)
+			--kind | --scope | --description | --stage | --to | --repo | --branch | --path | \
+			--secret | --ref | --sha)
 			((i++)) ;;
 		-*) ;;
 		*)
@@ -100,7 +103,8 @@ _kplctl() {
 		fi
 		return ;;
 	--server | --token | -p | --param | --idempotency-key | --pipeline | --limit | \
-		--from-seq | -m | --comment | --by | --from | --description | --to)
+		--from-seq | -m | --comment | --by | --from | --description | --to | --repo | \
+		--branch | --path | --secret | --ref | --sha)
 		return ;;
 	esac
 
@@ -123,8 +127,8 @@ _kplctl() {
 			compopt -o filenames 2>/dev/null
 			COMPREPLY=($(compgen -f -- "$cur"))
 		fi ;;
-	get | watch | logs | cancel | retry)
-		[[ $nargs -eq 0 ]] && COMPREPLY=($(compgen -W "$(_kplctl_ask list -o json |
+	get | watch | logs | cancel | retry | diff)
+		[[ $nargs -eq 0 || ($cmd == diff && $nargs -eq 1) ]] && COMPREPLY=($(compgen -W "$(_kplctl_ask list -o json |
 			_kplctl_json_values id)" -- "$cur")) ;;
 	approve)
 		if [[ $nargs -eq 0 ]]; then
@@ -139,6 +143,13 @@ _kplctl() {
 			COMPREPLY=($(compgen -W "set list rm" -- "$cur"))
 		elif [[ $nargs -eq 1 && ${args[0]} == rm ]]; then
 			COMPREPLY=($(compgen -W "$(_kplctl_ask secret list | cut -d' ' -f1)" -- "$cur"))
+		fi ;;
+	pipeline)
+		if [[ $nargs -eq 0 ]]; then
+			COMPREPLY=($(compgen -W "register list show delete run" -- "$cur"))
+		elif [[ $nargs -eq 1 && ${args[0]} != list ]]; then
+			COMPREPLY=($(compgen -W "$(_kplctl_ask pipeline list -o json |
+				_kplctl_json_values name)" -- "$cur"))
 		fi ;;
 	token)
 		if [[ $nargs -eq 0 ]]; then

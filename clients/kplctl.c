@@ -29,6 +29,7 @@
 #include "api/kpl.pb-c.h"
 #include "clients/kplclient.h"
 #include "clients/kplctl_live.h"
+#include "clients/textdiff.h"
 #include "engine/kpl.h"
 #include "google/protobuf/timestamp.pb-c.h"
 #include "pipelines/pipeline.h"
@@ -69,6 +70,12 @@ enum opt_bit {
 	O_PLAIN = 1 << 22,
 	O_CERT = 1 << 23,
 	O_KEY = 1 << 24,
+	O_REPO = 1 << 25,
+	O_BRANCH = 1 << 26,
+	O_PATH = 1 << 27,
+	O_SECRET = 1 << 28,
+	O_REF = 1 << 29,
+	O_SHA = 1 << 30,
 };
 #define O_GLOBAL (O_SERVER | O_HELP | O_CA | O_CERT | O_KEY | O_TOKEN)
 
@@ -123,12 +130,26 @@ static const struct opt_def opt_defs[] = {
 	  "the revision to restore (default: the one before the last deploy)" },
 	{ "plain", 0, NULL, O_PLAIN,
 	  "print event lines even on a terminal (no live table)" },
+	{ "repo", 0, "URL", O_REPO,
+	  "pipeline register: the repository kpld reads the pipeline file from" },
+	{ "branch", 0, "B", O_BRANCH,
+	  "pipeline register: a branch (or glob) whose pushes start runs (repeatable; "
+	  "default main)" },
+	{ "path", 0, "FILE", O_PATH,
+	  "pipeline register: the pipeline file in the repository (default .kpl.yaml)" },
+	{ "secret", 0, "NAME", O_SECRET,
+	  "pipeline register: the secret holding the webhook key" },
+	{ "ref", 0, "REF", O_REF,
+	  "pipeline run: the branch or tag to read the file at (default: the first "
+	  "registered branch)" },
+	{ "sha", 0, "SHA", O_SHA, "pipeline run: the commit to read the file at" },
 	{ "help", 'h', NULL, O_HELP, "show this help" },
 };
 
 #define MAX_PARAMS KPL_MAX_PARAMS
 #define MAX_KINDS 4
 #define MAX_PIPELINES 64 /* SECRETS_MAX_PIPELINES */
+#define MAX_BRANCHES 32  /* HOOKS_MAX_BRANCHES */
 
 struct ctl {
 	const char *server;
@@ -157,6 +178,9 @@ struct ctl {
 	int follow;
 	const char *to;
 	int plain;
+	const char *repo, *path, *secret, *ref, *sha;
+	const char *branches[MAX_BRANCHES];
+	size_t n_branches;
 	Kpl__V1__EventKind kinds[MAX_KINDS]; /* no repeats */
 	size_t n_kinds;
 	const char **pos; /* argc entries */
@@ -194,6 +218,8 @@ static int cmd_logs(struct ctl *ctl);
 static int cmd_secret(struct ctl *ctl);
 static int cmd_releases(struct ctl *ctl);
 static int cmd_rollback(struct ctl *ctl);
+static int cmd_pipeline(struct ctl *ctl);
+static int cmd_diff(struct ctl *ctl);
 
 static const struct command commands[] = {
 	{ "submit", "FILE", 1, 1, O_OUTPUT | O_PARAM | O_IDEM | O_WATCH | O_PLAIN,
@@ -227,6 +253,14 @@ static const struct command commands[] = {
 	  "list the releases of cluster/namespace/deployment, newest first" },
 	{ "rollback", "DEPLOYMENT", 1, 1, O_OUTPUT | O_TO | O_WATCH | O_PLAIN,
 	  cmd_rollback, "start a run that rolls cluster/namespace/deployment back" },
+	{ "pipeline", "register|list|show|delete|run [NAME]", 1, 2,
+	  O_OUTPUT | O_REPO | O_BRANCH | O_PATH | O_SECRET | O_REF | O_SHA | O_PARAM |
+		  O_IDEM | O_WATCH | O_PLAIN,
+	  cmd_pipeline,
+	  "registered pipelines: register (admin), list, show, delete (admin), or run one "
+	  "at a ref or sha" },
+	{ "diff", "RUN_A RUN_B", 2, 2, O_OUTPUT, cmd_diff,
+	  "a unified diff of the pipeline files two runs ran (exit 1 if they differ)" },
 };
 
 static const char *prog = "kplctl";
@@ -275,7 +309,7 @@ static void usage(FILE *f)
 		"  0  success; for watch and --watch: the run SUCCEEDED; for\n"
 		"     lint: every file is valid; for events: interrupted\n"
 		"  1  the watched run ended FAILED or CANCELLED; for lint: a file\n"
-		"     has an error\n"
+		"     has an error; for diff: the two files differ\n"
 		"  2  usage error (bad arguments, unreadable FILE, --ca, --cert\n"
 		"     or --key file)\n"
 		"  3  cannot reach kpld, or it returned an error (printed as\n"
@@ -409,6 +443,16 @@ static int opt_set(struct ctl *ctl, const struct opt_def *o, const char *v)
 		ctl->params[ctl->n_params++] = v;
 		break;
 	case O_IDEM: ctl->idem = v; break;
+	case O_REPO: ctl->repo = v; break;
+	case O_PATH: ctl->path = v; break;
+	case O_SECRET: ctl->secret = v; break;
+	case O_REF: ctl->ref = v; break;
+	case O_SHA: ctl->sha = v; break;
+	case O_BRANCH:
+		if (ctl->n_branches == MAX_BRANCHES)
+			return usage_error("--branch: more than %d", MAX_BRANCHES);
+		ctl->branches[ctl->n_branches++] = v;
+		break;
 	case O_WATCH: ctl->watch = 1; break;
 	case O_STATE: ctl->state = v; break;
 	case O_PIPELINE:
@@ -872,6 +916,19 @@ static void print_run(const Kpl__V1__Run *r)
 		printf("attempt:   %u\n", r->attempt);
 	if (*r->concurrency_group)
 		printf("group:     %s\n", r->concurrency_group);
+	if (r->source) {
+		const Kpl__V1__PipelineSource *so = r->source;
+		if (*so->repo)
+			printf("repo:      %s\n", so->repo);
+		if (*so->commit)
+			printf("commit:    %s\n", so->commit);
+		if (*so->ref)
+			printf("ref:       %s\n", so->ref);
+		if (*so->path)
+			printf("path:      %s\n", so->path);
+		if (*so->sha256)
+			printf("sha256:    %s\n", so->sha256);
+	}
 	if (*r->message)
 		printf("message:   %s\n", r->message);
 	printf("created:   %s\n", ts_local(r->created_at, "%Y-%m-%d %H:%M:%S", b, sizeof b));
@@ -2093,6 +2150,253 @@ static int cmd_rollback(struct ctl *ctl)
 		return rpc_error(ctl, &st);
 	rc = started(ctl, r, 1);
 	kplc_msg_free(r);
+	return rc;
+}
+
+/* --- Registered pipelines. --- */
+
+static void print_registered(const Kpl__V1__RegisteredPipeline *p)
+{
+	char b[64];
+
+	printf("name:      %s\n", p->name);
+	printf("repo:      %s\n", p->repo);
+	printf("branches:  ");
+	for (size_t i = 0; i < p->n_branches; i++)
+		printf("%s%s", i ? ", " : "", p->branches[i]);
+	printf("\npath:      %s\n", p->path);
+	printf("secret:    %s\n", p->secret);
+	printf("created:   %s\n", ts_local(p->created_at, "%Y-%m-%d %H:%M:%S", b, sizeof b));
+	if (*p->created_by)
+		printf("by:        %s\n", p->created_by);
+}
+
+/* params as map entries of any request (same layout for every map<string,
+ * string>); *kv holds the text, the caller frees kv, entries and ptrs. */
+static void params_entries(struct ctl *ctl, char **kv,
+			   Kpl__V1__RunPipelineRequest__ParamsEntry **entries,
+			   Kpl__V1__RunPipelineRequest__ParamsEntry ***ptrs)
+{
+	size_t total = 1, off = 0;
+
+	for (size_t i = 0; i < ctl->n_params; i++)
+		total += strlen(ctl->params[i]) + 1;
+	*kv = kpl_malloc(total);
+	*entries = kpl_calloc(ctl->n_params + 1, sizeof **entries);
+	*ptrs = kpl_calloc(ctl->n_params + 1, sizeof **ptrs);
+	for (size_t i = 0; i < ctl->n_params; i++) {
+		char *k = *kv + off, *eq;
+		strcpy(k, ctl->params[i]);
+		off += strlen(k) + 1;
+		eq = strchr(k, '=');
+		*eq = '\0';
+		kpl__v1__run_pipeline_request__params_entry__init(&(*entries)[i]);
+		(*entries)[i].key = k;
+		(*entries)[i].value = eq + 1;
+		(*ptrs)[i] = &(*entries)[i];
+	}
+}
+
+static int pipeline_run(struct ctl *ctl, const char *name)
+{
+	Kpl__V1__RunPipelineRequest req = KPL__V1__RUN_PIPELINE_REQUEST__INIT;
+	Kpl__V1__RunPipelineRequest__ParamsEntry *entries = NULL, **ptrs = NULL;
+	struct kplc_status st;
+	Kpl__V1__Run *r = NULL;
+	char *kv = NULL;
+	int rc;
+
+	if (ctl->ref && ctl->sha)
+		return usage_error("pipeline run: --ref or --sha, not both");
+	req.name = (char *)name;
+	req.ref = (char *)(ctl->ref ? ctl->ref : "");
+	req.sha = (char *)(ctl->sha ? ctl->sha : "");
+	req.idempotency_key = (char *)(ctl->idem ? ctl->idem : "");
+	params_entries(ctl, &kv, &entries, &ptrs);
+	req.n_params = ctl->n_params;
+	req.params = ptrs;
+	rc = kplc_call_unary(ctl->c, "/kpl.v1.Pipelines/RunPipeline", &req.base,
+			     &kpl__v1__run__descriptor, (ProtobufCMessage **)&r, &st);
+	free(kv);
+	free(entries);
+	free(ptrs);
+	if (rc < 0)
+		return rpc_error(ctl, &st);
+	rc = started(ctl, r, 1);
+	kplc_msg_free(r);
+	return rc;
+}
+
+static int pipeline_register(struct ctl *ctl, const char *name)
+{
+	Kpl__V1__RegisterPipelineRequest req = KPL__V1__REGISTER_PIPELINE_REQUEST__INIT;
+	Kpl__V1__RegisteredPipeline *p = NULL;
+	struct kplc_status st;
+
+	if (!ctl->repo)
+		return usage_error("pipeline register: --repo URL is required");
+	if (!ctl->secret)
+		return usage_error("pipeline register: --secret NAME is required (the secret "
+				   "holding the webhook key: kplctl secret set NAME)");
+	req.name = (char *)name;
+	req.repo = (char *)ctl->repo;
+	req.path = (char *)(ctl->path ? ctl->path : "");
+	req.secret = (char *)ctl->secret;
+	req.branches = (char **)ctl->branches;
+	req.n_branches = ctl->n_branches;
+	if (kplc_call_unary(ctl->c, "/kpl.v1.Pipelines/RegisterPipeline", &req.base,
+			    &kpl__v1__registered_pipeline__descriptor, (ProtobufCMessage **)&p,
+			    &st) < 0)
+		return rpc_error(ctl, &st);
+	if (ctl->json)
+		print_json(msg_to_json(&p->base));
+	else
+		printf("pipeline %s registered\n", p->name);
+	kplc_msg_free(p);
+	return EXIT_OK;
+}
+
+static int cmd_pipeline(struct ctl *ctl)
+{
+	const char *sub = ctl->pos[0], *name = ctl->n_pos > 1 ? ctl->pos[1] : NULL;
+	unsigned reg = O_REPO | O_BRANCH | O_PATH | O_SECRET;
+	unsigned run = O_REF | O_SHA | O_PARAM | O_IDEM | O_WATCH | O_PLAIN;
+	Kpl__V1__ListPipelinesRequest lreq = KPL__V1__LIST_PIPELINES_REQUEST__INIT;
+	Kpl__V1__ListPipelinesResponse *l = NULL;
+	struct kplc_status st;
+	int found = 0;
+
+	if (strcmp(sub, "register") && strcmp(sub, "list") && strcmp(sub, "show") &&
+	    strcmp(sub, "delete") && strcmp(sub, "run"))
+		return usage_error("pipeline: unknown subcommand \"%s\" (register, list, show, "
+				   "delete or run)", sub);
+	if ((ctl->seen & reg) && strcmp(sub, "register"))
+		return usage_error("pipeline %s: --repo, --branch, --path and --secret are for "
+				   "register", sub);
+	if ((ctl->seen & run) && strcmp(sub, "run"))
+		return usage_error("pipeline %s: --ref, --sha, -p, --idempotency-key, --watch "
+				   "and --plain are for run", sub);
+	if (!strcmp(sub, "list") ? name != NULL : name == NULL)
+		return usage_error("pipeline %s: %s", sub, name ? "takes no NAME" : "expected NAME");
+	if (!strcmp(sub, "run"))
+		return pipeline_run(ctl, name);
+	if (!strcmp(sub, "register"))
+		return pipeline_register(ctl, name);
+	if (!strcmp(sub, "delete")) {
+		Kpl__V1__DeletePipelineRequest req = KPL__V1__DELETE_PIPELINE_REQUEST__INIT;
+		Kpl__V1__RegisteredPipeline *p = NULL;
+
+		req.name = (char *)name;
+		if (kplc_call_unary(ctl->c, "/kpl.v1.Pipelines/DeletePipeline", &req.base,
+				    &kpl__v1__registered_pipeline__descriptor,
+				    (ProtobufCMessage **)&p, &st) < 0)
+			return rpc_error(ctl, &st);
+		if (ctl->json)
+			print_json(msg_to_json(&p->base));
+		else
+			printf("pipeline %s deleted\n", p->name);
+		kplc_msg_free(p);
+		return EXIT_OK;
+	}
+	/* list and show: ListPipelines (there is no get of one). */
+	if (kplc_call_unary(ctl->c, "/kpl.v1.Pipelines/ListPipelines", &lreq.base,
+			    &kpl__v1__list_pipelines_response__descriptor,
+			    (ProtobufCMessage **)&l, &st) < 0)
+		return rpc_error(ctl, &st);
+	if (!strcmp(sub, "list")) {
+		if (ctl->json) {
+			print_json(msg_to_json(&l->base));
+		} else {
+			row("%-24s  %-10s  %-20s  %s", "NAME", "SECRET", "PATH", "REPO BRANCHES");
+			for (size_t i = 0; i < l->n_pipelines; i++) {
+				const Kpl__V1__RegisteredPipeline *p = l->pipelines[i];
+				printf("%-24s  %-10s  %-20s  %s ", p->name, p->secret, p->path,
+				       p->repo);
+				for (size_t k = 0; k < p->n_branches; k++)
+					printf("%s%s", k ? "," : "", p->branches[k]);
+				printf("\n");
+			}
+		}
+		kplc_msg_free(l);
+		return EXIT_OK;
+	}
+	for (size_t i = 0; i < l->n_pipelines; i++) {
+		if (strcmp(l->pipelines[i]->name, name))
+			continue;
+		found = 1;
+		if (ctl->json)
+			print_json(msg_to_json(&l->pipelines[i]->base));
+		else
+			print_registered(l->pipelines[i]);
+	}
+	kplc_msg_free(l);
+	if (!found) {
+		fprintf(stderr, "%s: pipeline show: NOT_FOUND: no registered pipeline %s\n", prog,
+			name);
+		return EXIT_RPC;
+	}
+	return EXIT_OK;
+}
+
+/* --- diff --- */
+
+static int run_text(struct ctl *ctl, const char *id, Kpl__V1__GetRunPipelineResponse **out)
+{
+	Kpl__V1__GetRunPipelineRequest req = KPL__V1__GET_RUN_PIPELINE_REQUEST__INIT;
+	struct kplc_status st;
+
+	req.id = (char *)id;
+	if (kplc_call_unary(ctl->c, "/kpl.v1.Pipelines/GetRunPipeline", &req.base,
+			    &kpl__v1__get_run_pipeline_response__descriptor,
+			    (ProtobufCMessage **)out, &st) < 0)
+		return rpc_error(ctl, &st);
+	return EXIT_OK;
+}
+
+/* "RUN_ID (PATH at COMMIT)" or "RUN_ID", the diff's label. */
+static char *diff_label(const Kpl__V1__GetRunPipelineResponse *r)
+{
+	const Kpl__V1__PipelineSource *s = r->source;
+
+	if (s && *s->commit)
+		return kpl_asprintf("%s (%s at %.12s)", r->run_id, s->path, s->commit);
+	return kpl_strdup(r->run_id);
+}
+
+static int cmd_diff(struct ctl *ctl)
+{
+	Kpl__V1__GetRunPipelineResponse *a = NULL, *b = NULL;
+	char *la = NULL, *lb = NULL;
+	int rc;
+
+	if ((rc = run_text(ctl, ctl->pos[0], &a)) != EXIT_OK ||
+	    (rc = run_text(ctl, ctl->pos[1], &b)) != EXIT_OK)
+		goto out;
+	if (ctl->json) {
+		char *buf = NULL;
+		size_t len = 0;
+		FILE *f = open_memstream(&buf, &len);
+		json_t *j = json_object();
+		int differ = textdiff_unified(a->pipeline, b->pipeline, ctl->pos[0], ctl->pos[1], f);
+
+		fclose(f);
+		json_object_set_new(j, "a", msg_to_json(&a->base));
+		json_object_set_new(j, "b", msg_to_json(&b->base));
+		json_object_set_new(j, "diff", json_string(buf ? buf : ""));
+		print_json(j);
+		free(buf);
+		rc = differ ? EXIT_RUN_FAILED : EXIT_OK;
+		goto out;
+	}
+	la = diff_label(a);
+	lb = diff_label(b);
+	rc = textdiff_unified(a->pipeline, b->pipeline, la, lb, stdout) ? EXIT_RUN_FAILED
+									 : EXIT_OK;
+out:
+	free(la);
+	free(lb);
+	kplc_msg_free(a);
+	kplc_msg_free(b);
 	return rc;
 }
 

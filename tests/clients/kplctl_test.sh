@@ -651,12 +651,15 @@ printf '%s\n' "${COMPREPLY[@]}"
 def want(line, expected):
     got = complete(line)
     assert got == sorted(expected), (line, got, sorted(expected))
-cmds = "submit get list watch logs cancel retry approve lint events token audit secret releases rollback".split()
+cmds = ("submit get list watch logs cancel retry approve lint events token audit secret releases "
+        "rollback pipeline diff").split()
 want("kplctl ", cmds)
 want("kplctl lo", ["logs"])
 want("kplctl re", ["releases", "retry"])
 want("kplctl secret ", ["set", "list", "rm"])
 want("kplctl token re", ["revoke"])
+want("kplctl pipeline ", ["register", "list", "show", "delete", "run"])
+want("kplctl pipeline run --sh", ["--sha"])
 want("kplctl list --state f", ["failed"])
 want("kplctl watch x -o ", ["json", "text"])
 want("kplctl events --kind ", ["audit", "log", "run", "stage"])

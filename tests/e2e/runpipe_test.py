@@ -154,6 +154,81 @@ class Suite:
         assert_eq(got["source"], {"sha256": hashlib.sha256(self.v1.encode()).hexdigest()},
                   "a submitted text's source")
 
+    # -- kplctl -----------------------------------------------------------
+
+    def test_kplctl_pipeline_register_list_show_delete(self):
+        r = self.ctl("pipeline", "register", "every-field", "--repo", "file://" + self.repo,
+                     "--branch", "main", "--branch", "release/*", "--path", "ci/kpl.yaml",
+                     "--secret", "HOOK_KEY")
+        assert_eq(r.stdout, "pipeline every-field registered\n", "register output")
+        shown = self.ctl("pipeline", "show", "every-field").stdout
+        for want in ("name:      every-field\n", "repo:      file://%s\n" % self.repo,
+                     "branches:  main, release/*\n", "path:      ci/kpl.yaml\n",
+                     "secret:    HOOK_KEY\n", "by:        local\n"):
+            if want not in shown:
+                raise AssertionError("pipeline show lacks %r:\n%s" % (want, shown))
+        import json
+        got = json.loads(self.ctl("pipeline", "show", "every-field", "-o", "json").stdout)
+        assert_eq((got["branches"], got["path"], got["secret"]),
+                  (["main", "release/*"], "ci/kpl.yaml", "HOOK_KEY"), "show -o json")
+        listed = self.ctl("pipeline", "list").stdout
+        rows = {ln.split()[0]: ln for ln in listed.splitlines()[1:]}
+        if "every-field" not in rows or "main,release/*" not in rows["every-field"]:
+            raise AssertionError("pipeline list: %r" % listed)
+        assert_eq(self.ctl("pipeline", "delete", "every-field").stdout,
+                  "pipeline every-field deleted\n", "delete output")
+        r = self.ctl("pipeline", "show", "every-field", ok=False)
+        assert_eq(r.returncode, 3, "show of a deleted pipeline")
+        if "no registered pipeline every-field" not in r.stderr:
+            raise AssertionError("show of a deleted pipeline: %r" % r.stderr)
+        r = self.ctl("pipeline", "register", "x", "--repo", self.repo, ok=False)
+        assert_eq(r.returncode, 2, "register without --secret")
+        r = self.ctl("pipeline", "list", "--ref", "main", ok=False)
+        assert_eq(r.returncode, 2, "--ref on list")
+
+    def test_kplctl_pipeline_run_watch_and_get(self):
+        r = self.ctl("pipeline", "run", "manual", "--ref", "main", "-p", "who=bob", "--watch",
+                     "--plain")
+        if "hello-v2 who=bob" not in r.stdout or "run SUCCEEDED" not in r.stdout:
+            raise AssertionError("pipeline run --watch:\n%s" % r.stdout)
+        run_id = r.stdout.splitlines()[0].strip()
+        got = self.ctl("get", run_id).stdout
+        for want in ("repo:      %s\n" % self.repo, "commit:    %s\n" % self.sha2,
+                     "path:      ci/kpl.yaml\n", "ref:       refs/heads/main\n",
+                     "sha256:    %s\n" % hashlib.sha256(self.v2.encode()).hexdigest()):
+            if want not in got:
+                raise AssertionError("kplctl get lacks %r:\n%s" % (want, got))
+        r = self.ctl("pipeline", "run", "manual", "--ref", "nope", ok=False)
+        assert_eq(r.returncode, 3, "run at a bad ref")
+        if "ref nope" not in r.stderr or self.repo not in r.stderr:
+            raise AssertionError("bad ref error: %r" % r.stderr)
+        r = self.ctl("pipeline", "run", "manual", "--sha", self.sha1, "--watch", "--plain")
+        if "hello-v1" not in r.stdout:
+            raise AssertionError("pipeline run --sha:\n%s" % r.stdout)
+        self.kplctl_v2, self.kplctl_v1 = run_id, r.stdout.splitlines()[0].strip()
+
+    def test_kplctl_diff(self):
+        a, b = self.kplctl_v1, self.kplctl_v2
+        r = self.ctl("diff", a, b, ok=False)
+        assert_eq(r.returncode, 1, "diff of two different files")
+        lines = r.stdout.splitlines()
+        assert_eq(lines[0], "--- %s (ci/kpl.yaml at %s)" % (a, self.sha1[:12]), "--- label")
+        assert_eq(lines[1], "+++ %s (ci/kpl.yaml at %s)" % (b, self.sha2[:12]), "+++ label")
+        changed = [ln for ln in lines[2:] if ln[:1] in "+-"]
+        old = [ln for ln in self.v1.splitlines() if "hello" in ln][0]
+        new = [ln for ln in self.v2.splitlines() if "hello" in ln][0]
+        assert_eq(changed, ["-" + old, "+" + new], "the changed line")
+        if not lines[2].startswith("@@ -"):
+            raise AssertionError("no hunk header: %r" % lines[2])
+        # The diff applies: patch(1) turns run A's text into run B's.
+        pa = os.path.join(self.tmp, "a.yaml")
+        with open(pa, "w") as f:
+            f.write(self.v1)
+        subprocess.run(["patch", "-s", pa], input=r.stdout, text=True, check=True)
+        assert_eq(open(pa).read(), self.v2, "the diff applied")
+        r = self.ctl("diff", a, a)
+        assert_eq(r.stdout, "", "diff of a run with itself")
+
     # -- last: tokens (from here on every call needs one) -------------------
 
     def test_limited_token(self):
