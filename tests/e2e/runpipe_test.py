@@ -20,7 +20,8 @@ import grpc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from e2e_test import Daemon, assert_eq, expect_rpc_error, run_suite, watch  # noqa: E402
+from e2e_test import (Daemon, assert_eq, expect_rpc_error, run_suite, wait_for_log,  # noqa: E402
+                      watch)
 from kplgrpc import Client  # noqa: E402
 
 P = "kpl.v1.Pipelines/"
@@ -153,6 +154,28 @@ class Suite:
         got = Client.to_dict(self.c.call(P + "GetRun", {"id": run["id"]}))
         assert_eq(got["source"], {"sha256": hashlib.sha256(self.v1.encode()).hexdigest()},
                   "a submitted text's source")
+
+    def test_source_survives_restarts(self):
+        # A run still going when kpld stops is recovered and its record
+        # written again (here by the cancel): the source must stay.
+        git(self.repo, "checkout", "-q", "-b", "slow")
+        self.commit("slow.yaml", "name: slow\nstages:\n  - name: wait\n    kind: script\n"
+                    "    with: { shell: \"echo waiting; exec sleep 300\" }\n")
+        slow_sha = git(self.repo, "rev-parse", "HEAD")
+        git(self.repo, "checkout", "-q", "main")
+        self.c.call(P + "RegisterPipeline", {"name": "slow", "repo": self.repo,
+                                             "branches": ["slow"], "path": "slow.yaml",
+                                             "secret": "HOOK_KEY"})
+        run = Client.to_dict(self.c.call(P + "RunPipeline", {"name": "slow"}))
+        wait_for_log(self.c, run["id"])
+        assert_eq(self.daemon.stop(), 0, "kpld exit status")
+        self.c = self.daemon.start()
+        got = Client.to_dict(self.c.call(P + "CancelRun", {"id": run["id"]}))
+        assert_eq(got["state"], "RUN_STATE_CANCELLED", "the recovered run, cancelled")
+        assert_eq((got["source"]["commit"], got["source"]["path"], got["source"]["ref"]),
+                  (slow_sha, "slow.yaml", "refs/heads/slow"), "source after a restart")
+        done = Client.to_dict(self.c.call(P + "GetRun", {"id": self.run_v2}))
+        assert_eq(done["source"]["commit"], self.sha2, "a finished run's source after a restart")
 
     # -- kplctl -----------------------------------------------------------
 
