@@ -123,6 +123,16 @@ class Suite:
         text = Client.to_dict(self.c.call(P + "GetRunPipeline", {"id": run["id"]}))
         assert_eq(text["pipeline"], self.v1, "GetRunPipeline text of the older run")
         self.run_v1 = run["id"]
+        # The same idempotency key: the same run, nothing started again.
+        first = Client.to_dict(self.c.call(P + "RunPipeline", {
+            "name": "manual", "sha": self.sha1, "idempotency_key": "deploy-42"}))
+        again = Client.to_dict(self.c.call(P + "RunPipeline", {
+            "name": "manual", "ref": "main", "idempotency_key": "deploy-42"}))
+        assert_eq(again["id"], first["id"], "RunPipeline with a key seen before")
+        watch(self.c, first["id"])
+        expect_rpc_error(lambda: self.c.call(P + "RunPipeline", {
+            "name": "manual", "ref": "main", "idempotency_key": "hook:x"}),
+            grpc.StatusCode.INVALID_ARGUMENT, "kpld's own")
         # An annotated tag resolves to its commit, not the tag object.
         run, logs = self.run_pipeline(ref="v1.0")
         assert_eq((run["source"]["commit"], run["source"]["ref"]),
@@ -273,6 +283,10 @@ class Suite:
         assert_eq(run["pipeline_name"], "manual", "run by the limited token")
         self.c.token = admin
         watch(self.c, run["id"])
+        audit = Client.to_dict(self.c.call(S + "ListAudit", {"limit": 1000}))
+        said = [e.get("message", "") for e in audit.get("events", [])]
+        if not any("(mine) ran registered pipeline manual at main" in m for m in said):
+            raise AssertionError("no audit entry of the run: %r" % said[-5:])
 
     def close(self):
         rc = self.daemon.stop()
