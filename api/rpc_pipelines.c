@@ -497,8 +497,16 @@ out:
 }
 
 /* ---------------------------------------------------------------------- */
-/* WatchRun: stored events from from_seq, then live ones, one send at a time,
- * read back from the store (so a slow client costs no memory). */
+/* WatchRun: stored events from from_seq, then live ones, read back from the
+ * store a batch at a time (at most WATCH_BATCH_EVENTS events or about
+ * WATCH_BATCH_BYTES bytes, in one read transaction) and sent as one flush:
+ * a slow client costs one batch of memory, and the loop is woken once per
+ * batch, not per event. */
+
+/* A batch: enough to fill a few TCP segments per wake-up, and bounded so a
+ * slow client holds little and one loop turn does bounded work. */
+#define WATCH_BATCH_EVENTS 256
+#define WATCH_BATCH_BYTES (32 * 1024)
 
 struct watch {
 	struct rpc *rpc;
@@ -507,7 +515,8 @@ struct watch {
 	uint64_t next_seq;
 	bool global;                /* WatchRuns: next_seq is a global seq */
 	const Kpl__V1__WatchRunsRequest *filter; /* WatchRuns: owned by the call */
-	bool sending;
+	bool sending;               /* a flush is in flight */
+	size_t queued;              /* events pushed by the read in progress */
 	bool ended;
 	bool more;                  /* WatchRuns: read on at the next turn */
 	struct watch *prev, *next;  /* rpc->watches */
@@ -578,9 +587,21 @@ static int watch_got(void *data, const Kpl__V1__RunEvent *ev)
 	w->next_seq = (w->global ? ev->global_seq : ev->seq) + 1;
 	if (w->global && !watch_wants(w, ev))
 		return 0; /* skipped: read on */
+	w->queued++;
+	if (api_call_push(w->call, &ev->base) >= WATCH_BATCH_BYTES)
+		return 1; /* the batch is full */
+	return 0;
+}
+
+/* Sends what the last read queued; false if it queued nothing. */
+static bool watch_flush(struct watch *w)
+{
+	if (!w->queued)
+		return false;
+	w->queued = 0;
 	w->sending = true;
-	api_call_send(w->call, &ev->base, watch_sent, w);
-	return 1;
+	api_call_flush(w->call, watch_sent, w);
+	return true;
 }
 
 /* Global-log records a WatchRuns stream reads per loop turn at most: a
@@ -635,6 +656,8 @@ static void watch_pump(struct watch *w)
 		 * end. */
 		w->more = false;
 		rc = store_read_global(w->rpc->store, w->next_seq, WATCH_SCAN_BATCH, watch_got, w);
+		if (rc > 0)
+			rc = 0; /* the batch filled up */
 		read = store_events_decoded(w->rpc->store) - before;
 		metrics_events_read("WatchRuns", read);
 		metrics_watch_scan(read);
@@ -644,12 +667,14 @@ static void watch_pump(struct watch *w)
 			watch_end(w, ST_INTERNAL, msg);
 			return;
 		}
-		if (rc == 0 && !w->sending &&
-		    w->next_seq <= store_last_global_seq(w->rpc->store))
+		if (watch_flush(w))
+			return;
+		if (w->next_seq <= store_last_global_seq(w->rpc->store))
 			watch_more(w);
 		return; /* WatchRuns never ends by itself */
 	}
-	rc = store_read_events(w->rpc->store, w->sub.run_id, w->next_seq, 1, watch_got, w);
+	rc = store_read_events(w->rpc->store, w->sub.run_id, w->next_seq, WATCH_BATCH_EVENTS,
+			       watch_got, w);
 	metrics_events_read("WatchRun", store_events_decoded(w->rpc->store) - before);
 	if (rc < 0) {
 		char msg[200];
@@ -658,8 +683,8 @@ static void watch_pump(struct watch *w)
 		watch_end(w, ST_INTERNAL, msg);
 		return;
 	}
-	if (rc == 1)
-		return; /* a send is in flight */
+	if (watch_flush(w))
+		return; /* sent: read on when it is back */
 	/* Caught up. A run that is no longer active has no more events. */
 	if (!engine_run_active(w->rpc->eng, w->sub.run_id))
 		watch_end(w, ST_OK, NULL);

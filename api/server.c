@@ -8,7 +8,10 @@
  * empty to non-empty; the async callback drains the whole list on the loop,
  * since libuv coalesces wake-ups. Every tag is a struct tag whose first member
  * is its run function, so the loop just calls tag->run(tag, success).
- * Batches are started only on the loop thread.
+ * Batches are started only on the loop thread, with one exception: a send of
+ * several queued messages (api_call_flush) is chained on the queue thread,
+ * which starts each next message as the one before completes (send_chain),
+ * so the loop is woken once per batch, not once per message.
  *
  * A call is reference counted: one reference for the handler (dropped when it
  * ends the call) plus one per batch in flight (dropped when its tag comes
@@ -68,6 +71,10 @@
 
 struct tag {
 	void (*run)(struct tag *t, int success);
+	/* Queue thread, before the tag goes to the loop: true if it started
+	 * another batch with the same tag instead (then the tag is not queued
+	 * now). NULL for most tags. */
+	bool (*chain)(struct tag *t, int success);
 	struct tag *next; /* in the ready list; guarded by api_server.mu */
 	int success;      /* the event's success, set when queued */
 };
@@ -119,7 +126,13 @@ struct api_call {
 			enum api_recv_status, void *);
 	void *recv_data;
 
-	grpc_byte_buffer *send_buf;
+	/* Queued messages (api_call_push), sent in order by api_call_flush.
+	 * The loop fills send_q while no send is in flight; from the flush
+	 * until send_tag is back on the loop the queue thread owns send_i and
+	 * send_failed (send_chain), and the loop touches none of these. */
+	grpc_byte_buffer **send_q;
+	size_t send_n, send_cap, send_i, send_bytes;
+	bool send_failed; /* a chained start_batch was refused */
 	bool send_busy;
 	void (*sent)(struct api_call *, bool, void *);
 	void *sent_data;
@@ -226,7 +239,12 @@ static void cq_thread(void *arg)
 			break;
 		if (ev.type != GRPC_OP_COMPLETE)
 			continue;
-		ready_push(s, ev.tag, ev.success);
+		{
+			struct tag *t = ev.tag;
+			if (t->chain && t->chain(t, ev.success))
+				continue;
+			ready_push(s, t, ev.success);
+		}
 	}
 	ready_push(s, &s->exit_tag, 1);
 }
@@ -317,8 +335,9 @@ static void call_free(struct api_call *c)
 		protobuf_c_message_free_unpacked(c->req, NULL);
 	if (c->recv_buf)
 		grpc_byte_buffer_destroy(c->recv_buf);
-	if (c->send_buf)
-		grpc_byte_buffer_destroy(c->send_buf);
+	for (size_t i = 0; i < c->send_n; i++)
+		grpc_byte_buffer_destroy(c->send_q[i]);
+	free(c->send_q);
 	if (c->status_buf)
 		grpc_byte_buffer_destroy(c->status_buf);
 	if (c->pending_reply)
@@ -496,10 +515,13 @@ static void on_sent(struct tag *t, int success)
 
 	c->send_busy = false;
 	c->sent = NULL;
-	if (c->send_buf) {
-		grpc_byte_buffer_destroy(c->send_buf);
-		c->send_buf = NULL;
-	}
+	if (c->send_failed)
+		success = 0;
+	c->send_failed = false;
+	/* grpc holds its own references to the slices it still writes. */
+	for (size_t i = 0; i < c->send_n; i++)
+		grpc_byte_buffer_destroy(c->send_q[i]);
+	c->send_n = c->send_i = c->send_bytes = 0;
 	if (c->status_pending) {
 		c->status_pending = false;
 		call_send_status(c, c->pending_reply, c->pending_code,
@@ -512,6 +534,48 @@ static void on_sent(struct tag *t, int success)
 	if (sent)
 		sent(c, success != 0, c->sent_data);
 	call_unref(c);
+}
+
+/* Starts send_q[i]: with GRPC_WRITE_BUFFER_HINT unless it is the last
+ * queued, so grpc completes it at once (up to its write buffer size,
+ * 64 KiB) and writes it with the next ones. */
+static grpc_call_error send_start(struct api_call *c, size_t i, bool with_md)
+{
+	grpc_op ops[2];
+	size_t n = 0;
+
+	memset(ops, 0, sizeof ops);
+	if (with_md) {
+		ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+		n++;
+	}
+	ops[n].op = GRPC_OP_SEND_MESSAGE;
+	/* Never with the initial metadata: chttp2 then starts no write for
+	 * the headers, and the batch waits for them for good. */
+	ops[n].flags = i + 1 < c->send_n && !with_md ? GRPC_WRITE_BUFFER_HINT : 0;
+	ops[n].data.send_message.send_message = c->send_q[i];
+	n++;
+	return grpc_call_start_batch(c->gc, ops, n, &c->send_tag.tag, NULL);
+}
+
+/*
+ * Queue thread: one message of a flush completed. Starts the next one, if
+ * any and this one went, and keeps the tag (true); otherwise the tag goes
+ * to the loop (on_sent). The call's reference for the send is held across
+ * the whole chain, and the loop leaves send_q alone until on_sent.
+ */
+static bool send_chain(struct tag *t, int success)
+{
+	struct api_call *c = tag_call(t);
+
+	if (!success || c->send_i + 1 >= c->send_n)
+		return false;
+	c->send_i++;
+	if (send_start(c, c->send_i, false) != GRPC_CALL_OK) {
+		c->send_failed = true;
+		return false;
+	}
+	return true;
 }
 
 static void on_recv(struct tag *t, int success)
@@ -655,11 +719,11 @@ static void call_new(struct request *r)
 	c->method = kpl_strndup((const char *)GRPC_SLICE_START_PTR(c->details.method),
 				GRPC_SLICE_LENGTH(c->details.method));
 	c->m = method_find(s, c->details.method);
-	c->close_tag = (struct call_tag){ { on_close, NULL, 0 }, c };
-	c->recv_tag = (struct call_tag){ { on_request_msg, NULL, 0 }, c };
-	c->send_tag = (struct call_tag){ { on_sent, NULL, 0 }, c };
-	c->status_tag = (struct call_tag){ { on_status, NULL, 0 }, c };
-	c->cancel_tag = (struct call_tag){ { on_cancel_tag, NULL, 0 }, c };
+	c->close_tag = (struct call_tag){ { on_close, NULL, NULL, 0 }, c };
+	c->recv_tag = (struct call_tag){ { on_request_msg, NULL, NULL, 0 }, c };
+	c->send_tag = (struct call_tag){ { on_sent, send_chain, NULL, 0 }, c };
+	c->status_tag = (struct call_tag){ { on_status, NULL, NULL, 0 }, c };
+	c->cancel_tag = (struct call_tag){ { on_cancel_tag, NULL, NULL, 0 }, c };
 	c->next = s->calls;
 	if (s->calls)
 		s->calls->prev = c;
@@ -1139,36 +1203,65 @@ void api_call_fail_err(struct api_call *call, const struct kpl_err *err)
 	api_call_fail(call, code, err->msg[0] ? err->msg : kpl_strerror(err->code));
 }
 
-void api_call_send(struct api_call *call, const ProtobufCMessage *msg,
-		   void (*sent)(struct api_call *call, bool ok, void *data),
-		   void *data)
+size_t api_call_push(struct api_call *call, const ProtobufCMessage *msg)
 {
-	grpc_op ops[2];
-	size_t n = 0;
+	size_t n = protobuf_c_message_get_packed_size(msg);
+	grpc_slice sl;
 
 	if (call->ended)
-		BUG("%s: api_call_send after the call ended", call->method);
+		BUG("%s: api_call_push after the call ended", call->method);
 	if (call->send_busy)
-		BUG("%s: api_call_send with a send in flight", call->method);
+		BUG("%s: api_call_push with a send in flight", call->method);
+	if (call->send_n == call->send_cap) {
+		call->send_cap = call->send_cap ? call->send_cap * 2 : 4;
+		call->send_q = kpl_realloc(call->send_q, call->send_cap * sizeof *call->send_q);
+	}
+	sl = grpc_slice_malloc(n);
+	protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(sl));
+	call->send_q[call->send_n++] = grpc_raw_byte_buffer_create(&sl, 1);
+	grpc_slice_unref(sl);
+	/* grpc's frame header is 5 bytes. */
+	call->send_bytes += n + 5;
+	return call->send_bytes;
+}
+
+void api_call_flush(struct api_call *call,
+		    void (*sent)(struct api_call *call, bool ok, void *data),
+		    void *data)
+{
+	bool with_md;
+
+	if (call->ended)
+		BUG("%s: api_call_flush after the call ended", call->method);
+	if (call->send_busy)
+		BUG("%s: api_call_flush with a send in flight", call->method);
+	if (call->send_n == 0)
+		BUG("%s: api_call_flush with nothing queued", call->method);
 	call->send_busy = true;
 	call->sent = sent;
 	call->sent_data = data;
+	call->send_i = 0;
+	call->send_failed = false;
 	if (call->cancelled) {
 		call_defer(call, &call->send_tag, 0);
 		return;
 	}
-	call->send_buf = pack_message(msg);
-	memset(ops, 0, sizeof ops);
-	if (!call->md_sent) {
-		ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
-		n++;
-		call->md_sent = true;
-	}
-	ops[n].op = GRPC_OP_SEND_MESSAGE;
-	ops[n].data.send_message.send_message = call->send_buf;
-	n++;
-	if (!call_batch(call, &call->send_tag, ops, n))
+	with_md = !call->md_sent;
+	call->md_sent = true;
+	call->refs++; /* the send's, held across the whole chain */
+	if (send_start(call, 0, with_md) != GRPC_CALL_OK) {
+		kpl_warn(SUB, "%s: grpc_call_start_batch refused a send", call->method);
+		call->refs--;
 		call_defer(call, &call->send_tag, 0);
+	}
+}
+
+void api_call_send(struct api_call *call, const ProtobufCMessage *msg,
+		   void (*sent)(struct api_call *call, bool ok, void *data),
+		   void *data)
+{
+	api_call_push(call, msg);
+	api_call_flush(call, sent, data);
 }
 
 void api_call_finish(struct api_call *call, int code, const char *msg)

@@ -169,6 +169,25 @@ void api_call_send(struct api_call *call, const ProtobufCMessage *msg,
 		   void (*sent)(struct api_call *call, bool ok, void *data),
 		   void *data);
 
+/*
+ * Server streaming, several messages per wake-up: api_call_push serializes
+ * msg (caller keeps ownership) onto the call's queue and returns the bytes
+ * queued so far; api_call_flush sends the queue in order and calls sent
+ * once, on the loop, when grpc has taken every message of it (ok false: the
+ * client is gone, or went partway through; stop sending and finish).
+ * api_call_send is a push and a flush. The rules of api_call_send hold for
+ * a flush (one outstanding; sent also after the call ended); push only
+ * while no flush is outstanding, and flush a non-empty queue. All but the
+ * last message go with GRPC_WRITE_BUFFER_HINT, and the completion-queue
+ * thread starts each next one itself: grpc writes the batch with few
+ * syscalls and the loop wakes once per flush. A slow client holds one
+ * queue of memory per call, so keep flushes bounded (tens of KiB).
+ */
+size_t api_call_push(struct api_call *call, const ProtobufCMessage *msg);
+void api_call_flush(struct api_call *call,
+		    void (*sent)(struct api_call *call, bool ok, void *data),
+		    void *data);
+
 /* Ends a streaming call with OK (code 0) or another status. */
 void api_call_finish(struct api_call *call, int code, const char *msg);
 

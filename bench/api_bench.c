@@ -12,7 +12,12 @@
  *   watch_events_per_sec  events per second through one WatchRun of a run
  *                         whose script prints --lines lines: following it
  *                         live from its submit, then replaying the stored
- *                         run from seq 1.
+ *                         run from seq 1 (--repeat times on a new
+ *                         connection; the median), each with its ratio to
+ *                         bare_stream_events_per_sec: the same events sent
+ *                         by a bare grpc core server in this process to
+ *                         the same client code (and once more with
+ *                         GRPC_WRITE_BUFFER_HINT).
  *   noop_runs_per_sec     --noop-runs runs of ten chained noop stages,
  *                         submitted by --callers threads and each followed
  *                         to its end with WatchRun; the figure is durable
@@ -75,6 +80,7 @@ struct opts {
 	bool private_conns[8]; /* "Np": raw grpc channels, one TCP connection each */
 	int n_conns;
 	long lines;
+	int repeat;
 	int noop_runs;
 	int noop_stages;
 	double idle_timeout;
@@ -516,16 +522,211 @@ static const char *run_state_name(int s)
 }
 
 /* ---------------------------------------------------------------------- */
-/* watch_events_per_sec */
+/* watch_events_per_sec, and the bare grpc core server it is measured against */
+
+/* The replayed events, packed, for the bare server to send the same bytes. */
+struct capture {
+	grpc_slice *ev;
+	size_t n, cap, bytes;
+};
+
+struct replay_count {
+	struct count n;
+	struct capture *cap; /* NULL: do not capture */
+};
+
+static int capture_event(const Kpl__V1__RunEvent *ev, void *data)
+{
+	struct replay_count *r = data;
+	struct capture *cp = r->cap;
+
+	if (cp) {
+		size_t len = protobuf_c_message_get_packed_size(&ev->base);
+		grpc_slice sl = grpc_slice_malloc(len);
+
+		protobuf_c_message_pack(&ev->base, GRPC_SLICE_START_PTR(sl));
+		if (cp->n == cp->cap) {
+			cp->cap = cp->cap ? cp->cap * 2 : 1024;
+			cp->ev = realloc(cp->ev, cp->cap * sizeof *cp->ev);
+			if (!cp->ev)
+				die("%s", "out of memory", NULL);
+		}
+		cp->ev[cp->n++] = sl;
+		cp->bytes += len;
+	}
+	return count_event(ev, &r->n);
+}
+
+/*
+ * The bare server: grpc core alone, one thread, one completion queue. Every
+ * call (whatever its method; kplc calls WatchRun) gets initial metadata, the
+ * captured events one send at a time (each waited for before the next, the
+ * obvious way to stream with grpc core), and status OK. With hint, every
+ * message but each 256th and the last goes with GRPC_WRITE_BUFFER_HINT.
+ * What kpld's WatchRun does on top of this is the store read, the
+ * protobuf-c encoding and the hand-over between its two threads.
+ */
+struct bare {
+	grpc_server *srv;
+	grpc_completion_queue *cq;
+	pthread_t th;
+	int port;
+	bool hint;
+	const struct capture *cap;
+};
+
+static bool bare_op(struct bare *b, grpc_call *call, const grpc_op *ops, size_t n)
+{
+	grpc_event ev;
+
+	if (grpc_call_start_batch(call, ops, n, (void *)2, NULL) != GRPC_CALL_OK)
+		return false;
+	ev = grpc_completion_queue_next(b->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+	return ev.type == GRPC_OP_COMPLETE && ev.tag == (void *)2 && ev.success;
+}
+
+static void *bare_thread(void *arg)
+{
+	struct bare *b = arg;
+
+	for (;;) {
+		grpc_call *call = NULL;
+		grpc_call_details details;
+		grpc_metadata_array md;
+		grpc_event ev;
+		grpc_op ops[2];
+		int cancelled = 0;
+		bool ok = true;
+
+		grpc_call_details_init(&details);
+		grpc_metadata_array_init(&md);
+		if (grpc_server_request_call(b->srv, &call, &details, &md, b->cq, b->cq,
+					     (void *)1) != GRPC_CALL_OK)
+			break;
+		ev = grpc_completion_queue_next(b->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+		if (ev.type != GRPC_OP_COMPLETE || ev.tag != (void *)1 || !ev.success) {
+			grpc_call_details_destroy(&details);
+			grpc_metadata_array_destroy(&md);
+			if (call)
+				grpc_call_unref(call);
+			break; /* shutting down */
+		}
+		memset(ops, 0, sizeof ops);
+		ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+		ok = bare_op(b, call, ops, 1);
+		for (size_t i = 0; ok && i < b->cap->n; i++) {
+			grpc_slice sl = grpc_slice_ref(b->cap->ev[i]);
+			grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&sl, 1);
+
+			grpc_slice_unref(sl);
+			memset(ops, 0, sizeof ops);
+			ops[0].op = GRPC_OP_SEND_MESSAGE;
+			ops[0].flags = b->hint && i + 1 < b->cap->n && (i + 1) % 256 != 0
+					       ? GRPC_WRITE_BUFFER_HINT : 0;
+			ops[0].data.send_message.send_message = bb;
+			ok = bare_op(b, call, ops, 1);
+			grpc_byte_buffer_destroy(bb);
+		}
+		memset(ops, 0, sizeof ops);
+		ops[0].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+		ops[0].data.send_status_from_server.status = GRPC_STATUS_OK;
+		ops[1].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+		ops[1].data.recv_close_on_server.cancelled = &cancelled;
+		bare_op(b, call, ops, 2);
+		grpc_call_unref(call);
+		grpc_call_details_destroy(&details);
+		grpc_metadata_array_destroy(&md);
+	}
+	return NULL;
+}
+
+static void bare_start(struct bare *b, const struct capture *cap, bool hint)
+{
+	grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+
+	memset(b, 0, sizeof *b);
+	b->cap = cap;
+	b->hint = hint;
+	b->cq = grpc_completion_queue_create_for_next(NULL);
+	b->srv = grpc_server_create(NULL, NULL);
+	grpc_server_register_completion_queue(b->srv, b->cq, NULL);
+	b->port = grpc_server_add_http2_port(b->srv, "127.0.0.1:0", creds);
+	grpc_server_credentials_release(creds);
+	if (b->port <= 0)
+		die("%s", "bare server: cannot bind 127.0.0.1:0", NULL);
+	grpc_server_start(b->srv);
+	if (pthread_create(&b->th, NULL, bare_thread, b))
+		die("%s", "bare server: pthread_create", NULL);
+}
+
+static void bare_stop(struct bare *b)
+{
+	grpc_server_shutdown_and_notify(b->srv, b->cq, (void *)3);
+	grpc_server_cancel_all_calls(b->srv);
+	pthread_join(b->th, NULL); /* its request_call fails: it exits */
+	for (;;) {
+		grpc_event ev = grpc_completion_queue_next(
+			b->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+		if (ev.type == GRPC_OP_COMPLETE && ev.tag == (void *)3)
+			break;
+	}
+	grpc_server_destroy(b->srv);
+	grpc_completion_queue_shutdown(b->cq);
+	while (grpc_completion_queue_next(b->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
+	       GRPC_QUEUE_SHUTDOWN)
+		;
+	grpc_completion_queue_destroy(b->cq);
+}
+
+static int cmp_dbl(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/*
+ * --repeat WatchRuns of run id from seq 1 on one fresh connection to
+ * target; the events/s of each, sorted, in rate[]. The first one captures
+ * the events if cap is not NULL. Every replay must see want events (0:
+ * whatever the first saw).
+ */
+static void replays(const struct opts *o, const char *target, const char *id,
+		    struct capture *cap, long want, double *rate, const char *what)
+{
+	struct kplc *c = connect_or_die(target);
+	struct kplc_status st;
+
+	for (int i = 0; i < o->repeat; i++) {
+		struct replay_count r = { .cap = i == 0 ? cap : NULL };
+		double t0 = now_s(), t;
+
+		if (kplc_follow_run(c, id, 1, NULL, capture_event, &r, NULL, &st))
+			die("%s", what, &st);
+		t = now_s() - t0;
+		if (want && r.n.events != want) {
+			fprintf(stderr, "api_bench: %s saw %ld events, want %ld\n", what,
+				r.n.events, want);
+			exit(1);
+		}
+		want = r.n.events;
+		rate[i] = (double)r.n.events / t;
+	}
+	kplc_free(c);
+	qsort(rate, (size_t)o->repeat, sizeof *rate, cmp_dbl);
+}
 
 static void bench_watch(const struct opts *o, struct kplc *c)
 {
 	Kpl__V1__SubmitRunRequest req = KPL__V1__SUBMIT_RUN_REQUEST__INIT;
 	Kpl__V1__Run *run = NULL;
 	struct kplc_status st;
-	struct count live = { 0 }, replay = { 0 };
-	char pipeline[256], id[128];
-	double t0, t_live, t_replay;
+	struct count live = { 0 };
+	struct capture cap = { 0 };
+	struct bare bare;
+	char pipeline[256], id[128], bare_target[64];
+	double t0, t_live, live_rate, *rp, *rb, *rh, med_p, med_b, med_h;
+	int mid = o->repeat / 2;
 
 	fprintf(stderr, "api_bench: watch: a run printing %ld lines\n", o->lines);
 	snprintf(pipeline, sizeof pipeline,
@@ -542,25 +743,56 @@ static void bench_watch(const struct opts *o, struct kplc *c)
 	if (kplc_follow_run(c, id, 1, NULL, count_event, &live, NULL, &st))
 		die("follow %s", id, &st);
 	t_live = now_s() - t0;
+	live_rate = (double)live.events / t_live;
 
-	t0 = now_s();
-	if (kplc_follow_run(c, id, 1, NULL, count_event, &replay, NULL, &st))
-		die("replay %s", id, &st);
-	t_replay = now_s() - t0;
+	rp = calloc((size_t)o->repeat, sizeof *rp);
+	rb = calloc((size_t)o->repeat, sizeof *rb);
+	rh = calloc((size_t)o->repeat, sizeof *rh);
+	if (!rp || !rb || !rh)
+		die("%s", "out of memory", NULL);
+	replays(o, o->target, id, &cap, live.events, rp, "replay");
+	/* The same bytes from grpc core alone, through the same client. */
+	bare_start(&bare, &cap, false);
+	snprintf(bare_target, sizeof bare_target, "127.0.0.1:%d", bare.port);
+	replays(o, bare_target, id, NULL, (long)cap.n, rb, "bare stream");
+	bare_stop(&bare);
+	bare_start(&bare, &cap, true);
+	snprintf(bare_target, sizeof bare_target, "127.0.0.1:%d", bare.port);
+	replays(o, bare_target, id, NULL, (long)cap.n, rh, "bare stream (hint)");
+	bare_stop(&bare);
+	med_p = rp[mid];
+	med_b = rb[mid];
+	med_h = rh[mid];
 
-	printf("watch_events_per_sec=%.0f (stored replay: %ld events of run %s "
-	       "in %.2f s from a fresh WatchRun at seq 1)\n",
-	       (double)replay.events / t_replay, replay.events, id, t_replay);
-	printf("watch_live_events_per_sec=%.0f (live: %ld events, %ld of them log "
-	       "lines, followed from the submit to the final event in %.2f s; "
-	       "run %s; server-side first to last event %.2f s)\n",
-	       (double)live.events / t_live, live.events, live.log_events, t_live,
-	       run_state_name(live.final_state),
+	printf("watch_events_per_sec=%.0f ratio_to_bare=%.2f ratio_to_goal=%.2f "
+	       "(stored replay of run %s: %ld events of %.0f bytes on average, median of %d "
+	       "fresh WatchRuns from seq 1 on one new connection, min %.0f max %.0f; "
+	       "goal 200000/s and 0.5 of bare)\n",
+	       med_p, med_p / med_b, med_p / 200000, id, live.events,
+	       cap.n ? (double)cap.bytes / (double)cap.n : 0.0, o->repeat, rp[0],
+	       rp[o->repeat - 1]);
+	printf("watch_live_events_per_sec=%.0f ratio_to_bare=%.2f ratio_to_goal=%.2f "
+	       "(live: %ld events, %ld of them log lines, followed from the submit to the "
+	       "final event in %.2f s; run %s; server-side first to last event %.2f s; "
+	       "goal 100000/s)\n",
+	       live_rate, live_rate / med_b, live_rate / 100000, live.events, live.log_events,
+	       t_live, run_state_name(live.final_state),
 	       (double)(live.last_ns - live.first_ns) / 1e9);
+	printf("bare_stream_events_per_sec=%.0f ratio=1.00 (grpc core alone, one thread, the "
+	       "same %zu events one send at a time to the same client; median of %d, min %.0f "
+	       "max %.0f)\n",
+	       med_b, cap.n, o->repeat, rb[0], rb[o->repeat - 1]);
+	printf("bare_stream_hint_events_per_sec=%.0f ratio_to_bare=%.2f (the same with "
+	       "GRPC_WRITE_BUFFER_HINT on all but every 256th; median of %d, min %.0f max "
+	       "%.0f)\n",
+	       med_h, med_h / med_b, o->repeat, rh[0], rh[o->repeat - 1]);
 	fflush(stdout);
-	if (live.events != replay.events)
-		fprintf(stderr, "api_bench: warning: live saw %ld events, replay %ld\n",
-			live.events, replay.events);
+	for (size_t i = 0; i < cap.n; i++)
+		grpc_slice_unref(cap.ev[i]);
+	free(cap.ev);
+	free(rp);
+	free(rb);
+	free(rh);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -715,7 +947,7 @@ static void usage(FILE *f)
 {
 	fprintf(f,
 		"usage: api_bench [--target HOST:PORT | --ready-file PATH] [--duration S]\n"
-		"                 [--callers N] [--conns N[,N...]] [--lines N]\n"
+		"                 [--callers N] [--conns N[,N...]] [--lines N] [--repeat R]\n"
 		"                 [--noop-runs M] [--noop-stages K] [--only submit,watch,noop]\n"
 		"\n"
 		"  --target HOST:PORT  kpld to measure (default " KPLC_DEFAULT_TARGET ")\n"
@@ -727,6 +959,8 @@ static void usage(FILE *f)
 		"                      a kplc channel per caller, one for all);\n"
 		"                      Np: N raw channels with a TCP connection each\n"
 		"  --lines N           lines the watched run prints (default 50000)\n"
+		"  --repeat R          replays of it, from kpld and from the bare server\n"
+		"                      (default 5; the median is the figure)\n"
 		"  --noop-runs M       runs in the noop phase (default 1000)\n"
 		"  --noop-stages K     chained noop stages per run (default 10)\n"
 		"  --idle-timeout S    longest wait for kpld to finish a backlog (default 600)\n"
@@ -754,6 +988,7 @@ int main(int argc, char **argv)
 		{ "callers", required_argument, NULL, 'c' },
 		{ "conns", required_argument, NULL, 'n' },
 		{ "lines", required_argument, NULL, 'l' },
+		{ "repeat", required_argument, NULL, 'R' },
 		{ "noop-runs", required_argument, NULL, 'm' },
 		{ "noop-stages", required_argument, NULL, 'k' },
 		{ "idle-timeout", required_argument, NULL, 'i' },
@@ -766,6 +1001,7 @@ int main(int argc, char **argv)
 		.duration = 10,
 		.callers = 64,
 		.lines = 50000,
+		.repeat = 5,
 		.noop_runs = 1000,
 		.noop_stages = 10,
 		.idle_timeout = 600,
@@ -788,6 +1024,7 @@ int main(int argc, char **argv)
 		case 'c': o.callers = atoi(optarg); break;
 		case 'n': conns = optarg; break;
 		case 'l': o.lines = atol(optarg); break;
+		case 'R': o.repeat = atoi(optarg); break;
 		case 'm': o.noop_runs = atoi(optarg); break;
 		case 'k': o.noop_stages = atoi(optarg); break;
 		case 'i': o.idle_timeout = atof(optarg); break;
@@ -806,7 +1043,7 @@ int main(int argc, char **argv)
 		default: usage(stderr); return 2;
 		}
 	}
-	if (optind != argc || o.duration <= 0 || o.callers < 1 || o.lines < 1 ||
+	if (optind != argc || o.duration <= 0 || o.callers < 1 || o.lines < 1 || o.repeat < 1 ||
 	    o.noop_runs < 1 || o.noop_stages < 1 || o.noop_stages > 256) {
 		usage(stderr);
 		return 2;
