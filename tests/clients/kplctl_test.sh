@@ -582,19 +582,27 @@ TMUX_TMPDIR=$(mktemp -d /tmp/kplctl-tmux.XXXXXX)
 export TMUX_TMPDIR
 tm() { tmux -f /dev/null -L kplctl-test "$@"; }
 # tscreen NAME COLS ROWS CMD...: runs CMD in a fresh tmux window of that
-# size; then waits (20 s at most) for "EXIT=N" and puts the screen in
+# size; then waits (60 s at most: a guard, not a goal) for "EXIT=N" and puts the screen in
 # $T/NAME.screen.
 tscreen() {
 	name=$1 cols=$2 rows=$3
 	shift 3
-	tm new-session -d -s "$name" -x "$cols" -y "$rows" \
-		"env LANG=C.UTF-8 TERM=xterm-256color KPL_SERVER=$KPL_SERVER $*; echo EXIT=\$?; sleep 60"
-	i=0
+	# If new-session fails, say why and try again.
+	tries=0
+	until tm new-session -d -s "$name" -x "$cols" -y "$rows" \
+		"env LANG=C.UTF-8 TERM=xterm-256color KPL_SERVER=$KPL_SERVER $*; echo EXIT=\$?; sleep 600" \
+		2>"$T/$name.tmux-err"; do
+		tries=$((tries + 1))
+		echo "tmux new-session $name failed: $(cat "$T/$name.tmux-err")" >&2
+		[ $tries -ge 3 ] && break
+	done
+	# A deadline by the clock, not a count of polls: under load each tmux
+	# call is slow, and the window (and tmux) must outlive the wait.
+	deadline=$(($(date +%s) + 60))
 	while :; do
 		tm capture-pane -p -t "$name" >"$T/$name.screen"
 		grep -q '^EXIT=' "$T/$name.screen" && break
-		i=$((i + 1))
-		[ $i -gt 200 ] && { fail "$name: no EXIT= on the screen"; cat "$T/$name.screen" >&2; break; }
+		[ "$(date +%s)" -gt "$deadline" ] && { fail "$name: no EXIT= on the screen"; cat "$T/$name.screen" >&2; break; }
 		sleep 0.1
 	done
 	tm kill-session -t "$name"
