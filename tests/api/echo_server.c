@@ -32,7 +32,7 @@
 
 static struct api_server *server;
 static int live;    /* handler contexts not yet freed */
-static int cancels; /* stream cancels seen by handlers */
+static int cancels; /* stream cancels seen by handlers (on_cancel or a failed send) */
 static bool stopped;
 
 /* --- GetRun --- */
@@ -171,8 +171,13 @@ static void watch_sent(struct api_call *call, bool ok, void *data)
 	w->sending = false;
 	if (w->ended)
 		watch_release(w);
-	else if (!ok)
+	else if (!ok) {
+		/* The client's cancel reached this send before on_cancel
+		 * (grpc completes the two in either order): heard all the
+		 * same. */
+		cancels++;
 		watch_end(w, 1, "client went away");
+	}
 	else if (w->last && w->seq >= w->last)
 		watch_end(w, 0, NULL);
 	else if (w->last)

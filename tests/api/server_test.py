@@ -293,7 +293,8 @@ class ServerTest(unittest.TestCase):
             for _ in call:
                 pass
         self.assertCode(ctx, grpc.StatusCode.CANCELLED)
-        # The handler hears of it (api_call_on_cancel) and ends the call.
+        # The handler hears of it (api_call_on_cancel, or its next send
+        # failing: grpc completes the two in either order) and ends the call.
         # >=: a stream an earlier test left may end (and count) meanwhile.
         wait_until(lambda: int(self.stats()["cancels"]) >= before + 1, what="server-side cancel")
         wait_until(lambda: self.stats()["live"] == "0", what="stream handler to end")
