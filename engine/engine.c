@@ -2484,11 +2484,15 @@ static void recover_run(struct engine *e, const char *id)
 		}
 		st->live = false;
 		if (err.code == KPL_ENOTFOUND) {
-			/* Nothing of the attempt ran: starting it again repeats
-			 * nothing, and does not count as a retry. */
+			/* Nothing of the attempt ran that starting it again
+			 * would repeat outside kpld (proc_steps_resume), and it
+			 * does not count as a retry. */
+			char msg[700];
 			st->tries--;
-			stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_PENDING,
-					"restarting: kpld stopped before the attempt began");
+			snprintf(msg, sizeof msg, "restarting: kpld stopped before the attempt "
+				 "began%s%s%s", err.msg[0] ? " (" : "", err.msg,
+				 err.msg[0] ? ")" : "");
+			stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_PENDING, msg);
 			continue;
 		}
 		{

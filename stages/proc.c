@@ -1149,8 +1149,14 @@ static int step_resume(struct stage *st, const char *const *names, unsigned n_na
 	dir = kpl_asprintf("%s/%llu-%s", attempt, step, names[step]);
 	snprintf(prefix, sizeof prefix, "%llu:", step);
 	rc = proc_resume(st, dir, prefix, offset, ops, data, out, err);
+	/* The steps before it ran, but a step runner's steps act only on the
+	 * workspace (git into it, buildah into its layout): the engine starts
+	 * the attempt again from its first step, which repeats no effect
+	 * outside kpld. (This was KPL_ESTATE, and a kill -9 between two
+	 * checkout steps failed the stage.) */
 	if (rc == KPL_ENOTFOUND && step > 0)
-		rc = kpl_errf(err, KPL_ESTATE, "kpld stopped while starting %s", names[step]);
+		rc = kpl_errf(err, KPL_ENOTFOUND, "kpld stopped while starting step %s",
+			      names[step]);
 	*n = (unsigned)step;
 	free(dir);
 	free(attempt);

@@ -239,9 +239,11 @@ int proc_steps_start(struct stage *st, const struct proc_steps_ops *ops,
 		     struct kpl_err *err);
 /* The kind's resume: a new attempt re-attached to the step the resume data
  * names (step 0 at offset 0 if none), made the stage's impl. KPL_ESTATE when
- * the attempt cannot be made again; KPL_ENOTFOUND only for step 0: a later
- * step that never began is KPL_ESTATE (earlier ones ran). On error the
- * attempt is freed. */
+ * the attempt cannot be made again; KPL_ENOTFOUND when the step never began,
+ * for any step: the engine then starts the attempt again from its first step.
+ * So a step runner's steps must act only on the run's workspace (checkout,
+ * build's local driver), never on anything outside kpld that a second run
+ * of them would change twice. On error the attempt is freed. */
 int proc_steps_resume(struct stage *st, const struct proc_steps_ops *ops,
 		      struct kpl_err *err);
 /* From ops->start: starts step n (argv run in cwd with env), like

@@ -12,6 +12,8 @@ import gzip
 import io
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -23,6 +25,7 @@ import grpc
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from e2e_test import (P, Client, Daemon, assert_eq, expect_rpc_error,  # noqa: E402
                       run_suite, submit, wait_for_log, watch)
+from fault_proxy import FaultProxy  # noqa: E402
 from git_server import GitServer  # noqa: E402
 
 GIT_TOKEN = "kpl-git-token-5e81c2d9"
@@ -426,6 +429,68 @@ stages:
                 with open(os.path.join(root, fn), "rb") as f:
                     if token.encode() in f.read():
                         raise AssertionError("the token is in %s" % os.path.join(root, fn))
+
+    def test_checkout_restarts_a_step_kpld_never_began(self):
+        # kpld killed between two checkout steps (the resume record names
+        # fetch, whose shim never started): the attempt starts again from
+        # its first step (each acts only on the workspace) and the run
+        # succeeds; it used to fail "interrupted by restart".
+        srv, super_sha, _ = self.http_repos()
+        proxy = FaultProxy(srv.url)
+        # fetch waits at its first request until the rule is cleared
+        proxy.add(contains="git-upload-pack", count=-1, delay=300)
+        text = """
+name: co-restart
+params: { repo: { required: true } }
+stages:
+  - name: c
+    kind: checkout
+    with: { repo: "${{ params.repo }}", token: "${{ secrets.GIT_TOKEN }}" }
+"""
+        try:
+            run = Client.to_dict(submit(self.c, text, {"repo": proxy.url + "/super.git"}))
+            deadline = time.monotonic() + 60
+            while not proxy.count(contains="git-upload-pack"):
+                if time.monotonic() > deadline:
+                    raise AssertionError("git never asked the server")
+                time.sleep(0.05)
+            step = self.ws(run["id"], ".kpl", "c.1", "2-fetch")
+            assert os.path.isdir(step), step
+            assert_eq(self.daemon.stop(signal.SIGKILL), -signal.SIGKILL, "kpld killed")
+            # Make it as if kpld died just before fetch's shim began: no
+            # process, no step directory (the resume record names fetch).
+            ws = self.ws(run["id"])
+            for pid, _ in procs_matching(run["id"]):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            for d in os.listdir("/proc"):
+                try:
+                    if d.isdigit() and os.readlink("/proc/%s/cwd" % d).startswith(ws):
+                        os.kill(int(d), signal.SIGKILL)
+                except OSError:
+                    pass
+            shutil.rmtree(step)
+            proxy.clear()
+            self.c = self.daemon.start()
+            events = watch(self.c, run["id"])
+            run = get(self.c, run["id"])
+        finally:
+            proxy.clear()
+            proxy.stop()
+        st = stage(run, "c")
+        assert_eq((run["state"], st["state"]), ("RUN_STATE_SUCCEEDED", "STAGE_STATE_SUCCEEDED"),
+                  "states (%s)" % st.get("message"))
+        assert_eq(st["outputs"].get("sha"), super_sha, "sha output")
+        assert_eq(int(st.get("attempt", 0)), 2, "the attempt started again")
+        msgs = [e.get("message", "") for e in events if e.get("stage") == "c"]
+        want = ("restarting: kpld stopped before the attempt began "
+                "(kpld stopped while starting step fetch)")
+        if want not in msgs:
+            raise AssertionError("no %r among %r" % (want, msgs))
+        if any("interrupted by restart" in m for m in msgs):
+            raise AssertionError("the attempt failed: %r" % msgs)
 
     def test_checkout_wrong_or_no_token(self):
         srv, _, _ = self.http_repos()

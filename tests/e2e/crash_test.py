@@ -701,7 +701,7 @@ class CrashTest:
                         dup.append("%s: the command ended %r" % (tag, lines))
                     if "interrupted by restart" in msg:
                         interrupted.append("%s: %s (ledger %r)" % (tag, msg, lines))
-                    if est == "STAGE_STATE_PENDING" and msg == NOT_BEGUN:
+                    if est == "STAGE_STATE_PENDING" and msg.startswith(NOT_BEGUN):
                         n_not_begun += 1
                         if lines:
                             outcome.append("%s: kpld says it never began, the ledger has %r"
