@@ -139,9 +139,12 @@ static char *slurp(const char *path, size_t max)
 	return buf;
 }
 
-char *proc_last_line(struct proc *p, Kpl__V1__LogStream stream)
+/* The last whole line of stream in the output's tail, or with prefix the
+ * first line there that starts with it. */
+static char *tail_line(struct proc *p, Kpl__V1__LogStream stream, const char *prefix)
 {
 	char tag = stream == KPL__V1__LOG_STREAM__LOG_STREAM_STDERR ? '2' : '1';
+	size_t plen = prefix ? strlen(prefix) : 0;
 	char *path = dir_file(p, "output"), *buf, *end, *line = NULL;
 	int fd = kpl_open_ws(path, O_RDONLY | O_CLOEXEC);
 	struct stat sb;
@@ -171,19 +174,33 @@ char *proc_last_line(struct proc *p, Kpl__V1__LogStream stream)
 		while (start > buf && start[-1] != '\n')
 			start--;
 		if ((start > buf || from == 0) && end[-1] == '\n' && start[0] == tag &&
-		    end - start > 2) {
+		    end - start > 2 &&
+		    (!prefix || ((size_t)(end - start) - 2 >= plen &&
+				 memcmp(start + 1, prefix, plen) == 0))) {
 			size_t len = (size_t)(end - start) - 2;
 			if (len && start[len] == '\r')
 				len--;
+			free(line); /* with a prefix, an earlier match is wanted */
 			line = kpl_malloc(len + 1);
 			memcpy(line, start + 1, len);
 			line[len] = '\0';
-			break;
+			if (!prefix)
+				break;
 		}
 		end = start;
 	}
 	free(buf);
 	return line;
+}
+
+char *proc_last_line(struct proc *p, Kpl__V1__LogStream stream)
+{
+	return tail_line(p, stream, NULL);
+}
+
+char *proc_first_line_with(struct proc *p, Kpl__V1__LogStream stream, const char *prefix)
+{
+	return tail_line(p, stream, prefix);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -1260,8 +1277,14 @@ void proc_steps_fail(struct proc_steps *s, struct proc *p, const struct proc_exi
 		     const char *prog)
 {
 	const char *name = s->ops->names[s->step];
-	char *last = proc_last_line(p, KPL__V1__LOG_STREAM__LOG_STREAM_STDERR);
-	char *msg, *red;
+	char *last = NULL, *msg, *red;
+
+	/* git ends with advice ("... and the repository exists."): its first
+	 * "fatal: " line says what went wrong. */
+	if (strcmp(prog, "git") == 0)
+		last = proc_first_line_with(p, KPL__V1__LOG_STREAM__LOG_STREAM_STDERR, "fatal: ");
+	if (!last)
+		last = proc_last_line(p, KPL__V1__LOG_STREAM__LOG_STREAM_STDERR);
 
 	if (e->how == PROC_EXITED)
 		msg = kpl_asprintf("%s %s failed (exit status %d)%s%s", prog, name, e->code,

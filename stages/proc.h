@@ -162,6 +162,9 @@ const char *proc_dir(struct proc *p);
  * stage_redact) and small results (a `git rev-parse`).
  */
 char *proc_last_line(struct proc *p, Kpl__V1__LogStream stream);
+/* Like proc_last_line, but the first line of the tail that starts with
+ * prefix (malloc'd, the caller's), or NULL if none does. */
+char *proc_first_line_with(struct proc *p, Kpl__V1__LogStream stream, const char *prefix);
 
 /*
  * The environment every stage command gets: kpld's environment without

@@ -247,6 +247,14 @@ stages:
         msg = st.get("message", "")
         if "git fetch failed" not in msg or "no-such-branch" not in msg:
             raise AssertionError("message %r does not say why" % msg)
+        # A repository that is not there: git's first "fatal:" line says
+        # so (its last line is advice: "... and the repository exists.").
+        missing = self.path("no-such-repo")
+        run, _ = run_to_end(self.c, text.replace("ref: no-such-branch", "ref: main"),
+                            {"repo": missing})
+        msg = stage(run, "bad").get("message", "")
+        want = "git fetch failed (exit status 128): fatal: '%s' does not appear to be a git repository" % missing
+        assert_eq(msg, want, "message of a missing repository")
 
     def test_checkout_refuses_credentials_in_url(self):
         text = """

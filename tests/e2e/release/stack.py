@@ -278,8 +278,13 @@ class Stack:
         if os.path.exists(ready):
             os.unlink(ready)
         log = self.path("kpld.log")
+        # Stages run in kpld's sandbox, where /tmp (the demo's work
+        # directory) is a private, empty one: give them the app's
+        # repository, which checkout reads by its path.
+        os.makedirs(self.path("app.git"), exist_ok=True)
         p = self._spawn("kpld", [self.kpld_bin, "--listen", "127.0.0.1:0",
                                  "--data-dir", self.path("data"), "--config", cfg,
+                                 "--sandbox-bind", self.path("app.git"),
                                  "--ready-file", ready, "--log-level", "info"], log)
         wait_until("kpld", lambda: os.path.exists(ready), 30, p, log, step=0.02)
         self.addr = open(ready).read().strip()
@@ -333,7 +338,7 @@ class Stack:
         """A git repository holding tests/e2e/release/app, one commit on
         main. version overrides the VERSION file. Returns its path."""
         self.repo = self.path("app.git")
-        shutil.copytree(APP_DIR, self.repo)
+        shutil.copytree(APP_DIR, self.repo, dirs_exist_ok=True)
         git("init", "-q", "-b", "main", cwd=self.repo)
         return self.commit(version, "app %s" % (version or "from tests/e2e/release/app"))
 
