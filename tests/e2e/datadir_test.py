@@ -58,25 +58,6 @@ class HttpDaemon(Daemon):
     """kpld with --http-listen 127.0.0.1:0 (the ready file's second line is
     http=HOST:PORT), for /metrics."""
 
-    def start(self):
-        ready = self.data_dir + ".ready"
-        if os.path.exists(ready):
-            os.unlink(ready)
-        logf = open(self.log, "a")
-        self.proc = subprocess.Popen(
-            [self.binary, "--listen", "127.0.0.1:0", "--data-dir", self.data_dir,
-             "--ready-file", ready] + self.extra, stdout=logf, stderr=logf)
-        logf.close()
-        await_true(lambda: os.path.exists(ready) or self.proc.poll() is not None,
-                   "kpld to serve")
-        if self.proc.poll() is not None:
-            raise AssertionError("kpld exited with %s before serving; log:\n%s"
-                                 % (self.proc.returncode, read(self.log)))
-        lines = open(ready).read().splitlines()
-        self.addr = lines[0]
-        self.http = [ln[5:] for ln in lines[1:] if ln.startswith("http=")][0]
-        return Client.connect(self.addr)
-
     def metric(self, name, labels=""):
         host, port = self.http.rsplit(":", 1)
         conn = http.client.HTTPConnection(host, int(port), timeout=30)

@@ -84,7 +84,11 @@ class Daemon:
             if time.monotonic() > deadline:
                 raise AssertionError("kpld did not serve within 30 s")
             time.sleep(0.02)
-        self.addr = open(ready).read().strip()
+        # The first line is the gRPC address; with --http-listen a second
+        # line says http=HOST:PORT.
+        lines = open(ready).read().splitlines()
+        self.addr = lines[0].strip()
+        self.http = next((ln[5:] for ln in lines[1:] if ln.startswith("http=")), None)
         return Client.connect(self.addr)
 
     def stop(self, sig=signal.SIGTERM):

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 import grpc
 
@@ -73,29 +72,10 @@ class HookDaemon(Daemon):
     """kpld with --http-listen; the ready file's second line is http=HOST:PORT."""
 
     def start(self):
-        ready = self.data_dir + ".ready"
-        if os.path.exists(ready):
-            os.unlink(ready)
-        logf = open(self.log, "a")
-        self.proc = subprocess.Popen(
-            [self.binary, "--listen", "127.0.0.1:0", "--data-dir", self.data_dir,
-             "--ready-file", ready] + self.extra, stdout=logf, stderr=logf)
-        logf.close()
-        deadline = time.monotonic() + 30
-        while not os.path.exists(ready):
-            if self.proc.poll() is not None:
-                raise AssertionError("kpld exited with %s before serving; log:\n%s"
-                                     % (self.proc.returncode, open(self.log).read()))
-            if time.monotonic() > deadline:
-                raise AssertionError("kpld did not serve within 30 s")
-            time.sleep(0.02)
-        lines = open(ready).read().splitlines()
-        self.addr = lines[0]
-        m = [ln for ln in lines[1:] if ln.startswith("http=")]
-        if not m:
-            raise AssertionError("no http= line in the ready file: %r" % lines)
-        self.http = m[0][5:]
-        return Client.connect(self.addr)
+        c = super().start()
+        if not self.http:
+            raise AssertionError("no http= line in the ready file")
+        return c
 
 
 class Suite:
