@@ -30,6 +30,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "api/web.h"
 #include "engine/httpd.h"
 #include "engine/metrics.h"
 #include "pipelines/pipeline.h"
@@ -550,7 +551,7 @@ struct hooks {
 	char *git_dir;      /* DATA_DIR/hooks/git */
 	unsigned git_timeout_s;
 	struct httpd *httpd;
-	struct httpd_route routes[4];
+	struct httpd_route routes[4 + WEB_N_ROUTES]; /* + the console (api/web.h) */
 	struct delivery *deliveries;
 	struct gitjob *queue, *queue_tail, *running;
 	char **env;
@@ -1654,6 +1655,7 @@ int hooks_start(const struct hooks_options *opt, struct hooks **out, struct kpl_
 	h->routes[1] = (struct httpd_route){ "POST", "/hooks/gitlab", on_gitlab, h };
 	h->routes[2] = (struct httpd_route){ "GET", "/metrics", on_metrics, h };
 	h->routes[3] = (struct httpd_route){ "GET", "/healthz", on_healthz, h };
+	web_routes(&h->routes[4]);
 	ho.listen = opt->listen;
 	ho.request_timeout_ms = opt->request_timeout_ms;
 	ho.max_per_address = opt->max_per_address;

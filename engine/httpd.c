@@ -451,7 +451,7 @@ static void conn_write(struct conn *c, char *buf, size_t len)
 static char *format_response(int status, const char *content_type, const char *body,
 			     size_t len, bool keep_alive, const char *extra, size_t *out_len)
 {
-	char head[512];
+	char head[2560];
 	int n;
 	char *out;
 
@@ -508,7 +508,9 @@ static void dispatch(struct conn *c)
 	uv_timer_stop(&c->timer);
 	for (size_t i = 0; i < h->opt.n_routes; i++) {
 		const struct httpd_route *rt = &h->opt.routes[i];
-		if (strcmp(rt->path, r->path))
+		size_t pl = strlen(rt->path);
+		if (pl && rt->path[pl - 1] == '*' ? strncmp(rt->path, r->path, pl - 1)
+						   : strcmp(rt->path, r->path))
 			continue;
 		if (strcmp(rt->method, r->method) == 0) {
 			rt->handler(r, rt->data);
@@ -585,6 +587,12 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 void httpd_respond(struct httpd_req *req, int status, const char *content_type,
 		   const char *body, size_t len)
 {
+	httpd_respond_headers(req, status, content_type, NULL, body, len);
+}
+
+void httpd_respond_headers(struct httpd_req *req, int status, const char *content_type,
+			   const char *extra, const char *body, size_t len)
+{
 	struct conn *c = req->conn;
 	char *buf;
 	size_t n;
@@ -596,7 +604,7 @@ void httpd_respond(struct httpd_req *req, int status, const char *content_type,
 	if (c->req != req || !c->busy)
 		BUG("httpd_respond: the request is not the connection's");
 	c->close_after_write = !req->keep_alive;
-	buf = format_response(status, content_type, body, len, req->keep_alive, NULL, &n);
+	buf = format_response(status, content_type, body, len, req->keep_alive, extra, &n);
 	c->busy = false;
 	c->req = NULL;
 	req_free(req);

@@ -13,9 +13,9 @@
  * the connection is cut) and the connection closed. Every response carries
  * Content-Length (none for 204).
  *
- * Routes are data: a table of method + exact path (the query string is not
- * part of the match). A path with no route for the method gets 405 with
- * Allow, an unknown path 404.
+ * Routes are data: a table of method + exact path, or a prefix ending in
+ * '*' (the query string is not part of the match). A path with no route
+ * for the method gets 405 with Allow, an unknown path 404.
  *
  * Threads: loop thread only, all of it.
  */
@@ -42,7 +42,7 @@ typedef void (*httpd_handler_fn)(struct httpd_req *req, void *data);
 
 struct httpd_route {
 	const char *method; /* "GET", "POST" */
-	const char *path;   /* "/hooks/github" */
+	const char *path;   /* "/hooks/github"; a last character * makes it a prefix */
 	httpd_handler_fn handler;
 	void *data;
 };
@@ -96,6 +96,10 @@ const char *httpd_req_peer(struct httpd_req *req);
  */
 void httpd_respond(struct httpd_req *req, int status, const char *content_type,
 		   const char *body, size_t len);
+/* httpd_respond with more headers: extra is "Name: value\r\n" lines (at
+ * most 2 KiB), borrowed for the call. */
+void httpd_respond_headers(struct httpd_req *req, int status, const char *content_type,
+			   const char *extra, const char *body, size_t len);
 /* httpd_respond with a text/plain body, printf style; a newline is added. */
 void httpd_respondf(struct httpd_req *req, int status, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
