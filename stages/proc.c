@@ -900,21 +900,53 @@ static char **sandbox_argv(struct proc *p, const struct proc_spec *spec,
 	return v;
 }
 
+/*
+ * The program the shim runs as: kpl-shim beside kpld's own executable when
+ * it is there (libc only: its exec is a fraction of kpld's), else kpld
+ * itself; both take the same `__shim` argv. Looked up once; loop thread.
+ */
+static int shim_exe(const char **out, struct kpl_err *err)
+{
+	static char exe[4096];
+	static bool found;
+	size_t len = sizeof exe - sizeof "kpl-shim";
+	char *slash;
+	int rc;
+
+	if (!found) {
+		if ((rc = uv_exepath(exe, &len)) != 0)
+			return kpl_errf(err, KPL_EIO, "cannot find kpld's own executable: %s",
+					uv_strerror(rc));
+		if ((slash = strrchr(exe, '/')) != NULL) {
+			char own[sizeof exe];
+
+			memcpy(own, exe, len + 1);
+			strcpy(slash + 1, "kpl-shim");
+			if (access(exe, X_OK) != 0)
+				memcpy(exe, own, len + 1);
+		}
+		kpl_debug(LOG, "script stages start their shim as %s", exe);
+		found = true;
+	}
+	*out = exe;
+	return 0;
+}
+
 static int spawn(struct proc *p, const struct proc_spec *spec, struct kpl_err *err)
 {
 	uv_process_options_t o = { 0 };
 	uv_stdio_container_t stdio[3];
-	char exe[4096], grace[32], **argv, **boxed = NULL;
+	char grace[32], **argv, **boxed = NULL;
 	char *const *cmd = spec->argv;
-	size_t exe_len = sizeof exe, argc = 0, n = 0;
+	const char *exe;
+	size_t argc = 0, n = 0;
 	/* Rootless buildah makes user namespaces of its own: not in bwrap's. */
 	bool sandboxed = sandbox.mode == PROC_SANDBOX_BWRAP &&
 			 (spec->profile != PROC_PROFILE_BUILDAH || geteuid() == 0);
 	int rc;
 
-	if ((rc = uv_exepath(exe, &exe_len)) != 0)
-		return kpl_errf(err, KPL_EIO, "cannot find kpld's own executable: %s",
-				uv_strerror(rc));
+	if ((rc = shim_exe(&exe, err)) != 0)
+		return rc;
 	/* Never unconfined for want of the sandbox: the stage fails instead. */
 	if (sandboxed && !(boxed = sandbox_argv(p, spec, err)))
 		return err->code;
@@ -926,9 +958,9 @@ static int spawn(struct proc *p, const struct proc_spec *spec, struct kpl_err *e
 	}
 	while (cmd[n])
 		n++;
-	/* kpld __shim DIR GRACE [--sandboxed] -- argv... */
+	/* kpl-shim (or kpld) __shim DIR GRACE [--sandboxed] -- argv... */
 	argv = kpl_calloc(n + 7, sizeof *argv);
-	argv[argc++] = exe;
+	argv[argc++] = (char *)exe;
 	argv[argc++] = (char *)SHIM_ARGV1;
 	argv[argc++] = p->dir;
 	snprintf(grace, sizeof grace, "%d", p->grace_ms);

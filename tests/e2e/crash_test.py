@@ -342,6 +342,7 @@ class CrashTest:
             p["fail_c"] = self.rng.choice(["0", "1"])
             self.params.append(p)
         self.keys = ["crash-%d-%02d" % (seed, i) for i in range(n_runs)]
+        self.shim_programs = set()  # argv[0] of shims seen running after a kill
 
     # -- submitting -------------------------------------------------------
 
@@ -390,6 +391,7 @@ class CrashTest:
                 seen = self.daemon.since_start
             gen = self.daemon.gen
             self.daemon.kill9()
+            self.shim_programs.update(self.shims())
             seen_total += seen
             kills += 1
             pending = sum(1 for t in submitters if t.is_alive())
@@ -406,6 +408,22 @@ class CrashTest:
                 print("    and once more in start-up, %.3fs after %s" % (delay, what), flush=True)
             self.daemon.start()
         return kills, startup_kills
+
+    def shims(self):
+        """Program names (argv[0]) of the shims of this data dir now running."""
+        names = []
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open("/proc/%s/cmdline" % pid, "rb") as f:
+                    cmd = f.read().split(b"\0")
+            except OSError:
+                continue
+            if len(cmd) > 2 and cmd[1] == b"__shim" and \
+                    self.daemon.data_dir.encode() in cmd[2]:
+                names.append(os.path.basename(cmd[0]).decode())
+        return names
 
     # -- the final state ----------------------------------------------------
 
@@ -495,6 +513,11 @@ class CrashTest:
         print("start-up kills: %d, %d of them during recovery"
               % (d.kills_startup, d.kills_recovery), flush=True)
         ck.check("kpld never ended on its own", self.daemon.died)
+        # kpld starts kpl-shim from its own directory (libc only, cheap to
+        # exec), never itself, when the build put kpl-shim beside it.
+        ck.check("the shims that outlived a kill ran as kpl-shim",
+                 [] if self.shim_programs == {"kpl-shim"} else
+                 ["shim programs seen: %r" % sorted(self.shim_programs)])
 
         # Submits: one run per key, the same on every answer and on resubmit.
         problems = list(self.submit_errors)
