@@ -15,7 +15,9 @@
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <limits.h>
+#include <spawn.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "stages/proc.h"
@@ -45,6 +47,7 @@ struct proc {
 	uint64_t offset;        /* bytes of DIR/output delivered */
 	uv_process_t proc;      /* the shim, when this kpld started it */
 	bool have_proc;
+	bool direct;            /* this kpld posix_spawned the shim, not yet reaped */
 	uv_poll_t pidpoll;      /* the shim, when attached to (pidfd) */
 	int pidfd;
 	bool have_pidpoll;
@@ -435,6 +438,8 @@ static void on_shim_exit(uv_process_t *h, int64_t exit_status, int term_signal)
 	shim_ended(p);
 }
 
+static void reap_direct(struct proc *p);
+
 static void on_pidfd(uv_poll_t *h, int status, int events)
 {
 	struct proc *p = h->data;
@@ -442,6 +447,7 @@ static void on_pidfd(uv_poll_t *h, int status, int events)
 	(void)status;
 	(void)events;
 	uv_poll_stop(h);
+	reap_direct(p);
 	shim_ended(p);
 }
 
@@ -932,6 +938,94 @@ static int shim_exe(const char **out, struct kpl_err *err)
 	return 0;
 }
 
+/* The shim this kpld started directly has ended: reap it (nobody else
+ * waits for it) and note a shim that found its attempt claimed. */
+static void reap_direct(struct proc *p)
+{
+	int st;
+
+	if (!p->direct || p->shim_pid <= 0)
+		return;
+	if (waitpid((pid_t)p->shim_pid, &st, WNOHANG) == (pid_t)p->shim_pid) {
+		p->direct = false;
+		if (WIFEXITED(st) && WEXITSTATUS(st) == SHIM_EXIT_CLAIMED)
+			kpl_warn(LOG, "shim for %s found its attempt already claimed", p->dir);
+	}
+}
+
+/* Without pidfd_open (valgrind, old kernels): asks for the shim's exit. */
+static void on_reappoll(uv_timer_t *t)
+{
+	struct proc *p = t->data;
+
+	reap_direct(p);
+	if (!p->direct) {
+		uv_timer_stop(t);
+		shim_ended(p);
+	}
+}
+
+/*
+ * Starts the shim with posix_spawn, which glibc does with
+ * clone(CLONE_VM|CLONE_VFORK): kpld's page tables are not copied (a fork
+ * of kpld was most of its CPU per script stage), and the loop thread waits
+ * only until the shim's exec. Followed through a pidfd (or a timer that
+ * asks waitpid). The shim gets what uv_spawn gave it: its own session,
+ * stdin and stdout /dev/null, kpld's stderr, default signal dispositions,
+ * an empty mask. Returns false when the fast path is not available, for
+ * uv_spawn to do it; true with *rc set otherwise.
+ */
+static bool spawn_direct(struct proc *p, const char *exe, char **argv,
+			 const struct proc_spec *spec, struct kpl_err *err, int *rc)
+{
+	posix_spawn_file_actions_t fa;
+	posix_spawnattr_t at;
+	sigset_t all, none;
+	pid_t pid;
+	int e;
+
+	if (getenv("KPL_UV_SPAWN"))
+		return false; /* bench/: the old path, to compare */
+	posix_spawn_file_actions_init(&fa);
+	posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+	posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_RDWR, 0);
+	posix_spawn_file_actions_addchdir_np(&fa, spec->cwd);
+	posix_spawnattr_init(&at);
+	sigfillset(&all);
+	sigemptyset(&none);
+	posix_spawnattr_setsigdefault(&at, &all);
+	posix_spawnattr_setsigmask(&at, &none);
+	posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGDEF |
+				      POSIX_SPAWN_SETSIGMASK);
+	e = posix_spawn(&pid, exe, &fa, &at, argv, (char *const *)spec->env);
+	posix_spawn_file_actions_destroy(&fa);
+	posix_spawnattr_destroy(&at);
+	if (e != 0) {
+		if (e == ENOENT && access(exe, X_OK) == 0)
+			*rc = kpl_errf(err, KPL_EINVAL, "cannot run in %s: no such directory",
+				       spec->cwd);
+		else
+			*rc = kpl_errf(err, KPL_EINVAL, "cannot start the shim: %s", strerror(e));
+		return true;
+	}
+	p->shim_pid = pid;
+	p->direct = true;
+	p->pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+	if (p->pidfd >= 0) {
+		uv_poll_init(p->loop, &p->pidpoll, p->pidfd);
+		p->have_pidpoll = true;
+		p->open_handles++;
+		uv_poll_start(&p->pidpoll, UV_READABLE, on_pidfd);
+	} else {
+		uv_timer_init(p->loop, &p->lockpoll);
+		p->have_lockpoll = true;
+		p->open_handles++;
+		uv_timer_start(&p->lockpoll, on_reappoll, PROC_LOCKPOLL_MS, PROC_LOCKPOLL_MS);
+	}
+	*rc = 0;
+	return true;
+}
+
 static int spawn(struct proc *p, const struct proc_spec *spec, struct kpl_err *err)
 {
 	uv_process_options_t o = { 0 };
@@ -970,6 +1064,11 @@ static int spawn(struct proc *p, const struct proc_spec *spec, struct kpl_err *e
 	argv[argc++] = (char *)"--";
 	for (size_t i = 0; i < n; i++)
 		argv[argc++] = cmd[i];
+	if (spawn_direct(p, exe, argv, spec, err, &rc)) {
+		free(argv);
+		proc_strv_free(boxed);
+		return rc;
+	}
 	stdio[0].flags = UV_IGNORE;
 	stdio[1].flags = UV_IGNORE;
 	stdio[2].flags = UV_INHERIT_FD; /* the shim's own complaints, to kpld's log */

@@ -653,7 +653,19 @@ class CrashTest:
         ck.check("every event seen live before a kill is in the final history, unchanged",
                  problems)
 
-        # Nothing left behind, clean stop.
+        # Nothing left behind, clean stop. kpld reaps every shim it started
+        # (it posix_spawns them and follows a pidfd: nothing else waits).
+        kpld_pid = self.daemon.proc.pid
+        zombies = []
+        for pid in os.listdir("/proc"):
+            try:
+                with open("/proc/%s/stat" % pid) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] == "Z" and int(fields[1]) == kpld_pid:
+                zombies.append(pid)
+        ck.check("kpld left no zombie child", ["zombie pids %s" % zombies] if zombies else [])
         rc = self.daemon.stop()
         ck.check("SIGTERM stops kpld with exit status 0",
                  [] if rc == 0 else ["exit status %s" % rc])
