@@ -67,6 +67,7 @@ export async function call(method, path, body, opts) {
 
 export const get = (path, q, opts) => call("GET", url(path, q), undefined, opts);
 export const post = (path, body) => call("POST", path, body === undefined ? {} : body);
+export const put = (path, body) => call("PUT", path, body === undefined ? {} : body);
 export const del = (path) => call("DELETE", path);
 
 // Enc: one path segment.
@@ -186,3 +187,25 @@ export class SseParser {
     else if (field === "retry" && /^\d+$/.test(value)) this.retry = parseInt(value, 10);
   }
 }
+
+// The routes of docs/http.md, in one place.
+export const R = {
+  whoami: () => "/v1/whoami",
+  runs: () => "/v1/runs",
+  run: (id) => `/v1/runs/${seg(id)}`,
+  cancel: (id) => `/v1/runs/${seg(id)}:cancel`,
+  retry: (id) => `/v1/runs/${seg(id)}:retry`,
+  approve: (id, stage) => `/v1/runs/${seg(id)}/stages/${seg(stage)}:approve`,
+  runPipeline: (id) => `/v1/runs/${seg(id)}/pipeline`,
+  runEvents: (id) => `/v1/runs/${seg(id)}/events`,
+  events: () => "/v1/events",
+  releases: () => "/v1/releases",
+  rollback: () => "/v1/releases:rollback",
+  pipelines: () => "/v1/pipelines",
+  pipeline: (name) => `/v1/pipelines/${seg(name)}`,
+  secrets: () => "/v1/secrets",
+  secret: (name) => `/v1/secrets/${seg(name)}`,
+  tokens: () => "/v1/tokens",
+  revoke: (id) => `/v1/tokens/${seg(id)}:revoke`,
+  audit: () => "/v1/audit",
+};

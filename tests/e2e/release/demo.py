@@ -15,6 +15,10 @@ the cluster runs, the canary's weights and the verify values. Everything is
 stopped at the end (kpld with SIGTERM, which must exit 0). Exit status 0
 only if the release did what it should: with --bad, that it failed and was
 rolled back. --keep leaves the work directory (logs, data) in place.
+
+kpld also serves the web console (--http-listen); its URL is printed. With
+--console the stack stays up after the summary, the console's URL and an
+admin token printed, until Ctrl-C (or SIGTERM).
 """
 
 import argparse
@@ -22,6 +26,7 @@ import datetime
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -99,6 +104,8 @@ def main():
     ap.add_argument("bazel_bin")
     ap.add_argument("--bad", action="store_true", help="release a version the canary rejects")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--console", action="store_true",
+                    help="leave the stack up, browsable in the web console, until Ctrl-C")
     opt = ap.parse_args()
     kpld = os.path.join(opt.bazel_bin, "engine", "kpld")
     kplctl = os.path.join(opt.bazel_bin, "clients", "kplctl")
@@ -106,7 +113,8 @@ def main():
 
     work = tempfile.mkdtemp(prefix="kpl-demo-")
     t0 = time.monotonic()
-    stack = Stack(work, kpld, emulator=EMULATOR, kplctl=kplctl)
+    stack = Stack(work, kpld, emulator=EMULATOR, kplctl=kplctl, console=True,
+                  lifetime=24 * 3600 if opt.console else 900)
     ok = False
     try:
         stack.start_registry()
@@ -119,6 +127,8 @@ def main():
         stack.start_kpld()
         say("kpld on %s, data and logs in %s; the registry password is secret REG_PASS "
             "(kplctl secret set)" % (stack.addr, work))
+        say("web console on http://%s/ (sign in with the admin token in %s)"
+            % (stack.http, stack.path("admin.token")))
         seed_run, v1 = stack.seed(SEED)
         say("version 1.0.0 built and pushed by run %s (build-and-push.kpl.yaml) and installed:"
             % seed_run)
@@ -131,6 +141,8 @@ def main():
         run_id, _ = submit_watch(stack, stack.repo)
         print(flush=True)
         ok = summary(stack, run_id, version, v1, opt.bad)
+        if opt.console:
+            browse(stack, run_id)
     except Exception as e:
         say("failed: %s" % e)
     finally:
@@ -154,7 +166,7 @@ def submit_watch(stack, repo):
     first line it prints."""
     p = subprocess.Popen([stack.kplctl_bin, "--server", stack.addr, "submit", PIPELINE,
                           "-p", "repo=" + repo, "--watch"],
-                         stdout=subprocess.PIPE, text=True, bufsize=1)
+                         stdout=subprocess.PIPE, text=True, bufsize=1, env=stack.env())
     run_id = None
     for line in p.stdout:
         if run_id is None:
@@ -162,6 +174,24 @@ def submit_watch(stack, repo):
         sys.stdout.write(line)
         sys.stdout.flush()
     return run_id, p.wait()
+
+
+def browse(stack, run_id):
+    """--console: the stack stays up until Ctrl-C or SIGTERM."""
+    print(flush=True)
+    say("the web console:  http://%s/#/runs/%s" % (stack.http, run_id))
+    say("sign in with this admin token (kept in the tab's sessionStorage only):")
+    print(stack.token, flush=True)
+    say("everything keeps running until Ctrl-C")
+    def on_term(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        print(flush=True)
+        say("Ctrl-C: stopping")
 
 
 def summary(stack, run_id, version, previous, bad):

@@ -97,7 +97,7 @@ def git(*args, cwd=None):
 
 class Stack:
     def __init__(self, tmp, kpld, emulator=None, kplctl=None, prometheus=None,
-                 pace=0.2, traffic_interval=0.5, rps=40, lifetime=900):
+                 pace=0.2, traffic_interval=0.5, rps=40, lifetime=900, console=False):
         self.tmp = tmp
         self.kpld_bin = kpld
         self.kplctl_bin = kplctl
@@ -114,6 +114,12 @@ class Stack:
         self.addr = None
         self.client = None
         self.repo = None
+        # console: kpld also serves HTTP (the web console and its API) and
+        # makes an admin token (--bootstrap-token-file), which every gRPC
+        # call and kplctl then send.
+        self.console = console
+        self.http = None  # HOST:PORT
+        self.token = None
 
     # -- processes -------------------------------------------------------
 
@@ -282,13 +288,21 @@ class Stack:
         # directory) is a private, empty one: give them the app's
         # repository, which checkout reads by its path.
         os.makedirs(self.path("app.git"), exist_ok=True)
+        extra = []
+        if self.console:
+            extra = ["--http-listen", "127.0.0.1:0",
+                     "--bootstrap-token-file", self.path("admin.token")]
         p = self._spawn("kpld", [self.kpld_bin, "--listen", "127.0.0.1:0",
                                  "--data-dir", self.path("data"), "--config", cfg,
                                  "--sandbox-bind", self.path("app.git"),
-                                 "--ready-file", ready, "--log-level", "info"], log)
+                                 "--ready-file", ready, "--log-level", "info"] + extra, log)
         wait_until("kpld", lambda: os.path.exists(ready), 30, p, log, step=0.02)
-        self.addr = open(ready).read().strip()
-        self.client = Client.connect(self.addr)
+        lines = open(ready).read().splitlines()
+        self.addr = lines[0].strip()
+        self.http = next((ln[5:] for ln in lines[1:] if ln.startswith("http=")), None)
+        if self.console:
+            self.token = open(self.path("admin.token")).read().strip()
+        self.client = Client.connect(self.addr, token=self.token)
         if self.registry:
             self.set_secret("REG_PASS", self.reg_pass)
 
@@ -355,8 +369,13 @@ class Stack:
 
     # -- kpld --------------------------------------------------------------
 
+    def env(self):
+        """kplctl's environment: the token, if kpld has one."""
+        return dict(os.environ, KPL_TOKEN=self.token) if self.token else None
+
     def kplctl(self, *args, **kw):
-        return subprocess.run([self.kplctl_bin, "--server", self.addr, *args], **kw)
+        return subprocess.run([self.kplctl_bin, "--server", self.addr, *args], env=self.env(),
+                              **kw)
 
     def submit(self, pipeline_file, params):
         """SubmitRun through gRPC; returns the run id."""
