@@ -1338,7 +1338,14 @@ static int stage_prepare(struct stage *st, struct kpl_err *err)
 	}
 	snprintf(path, sizeof path, "stages.%s.with", st->spec->name);
 	c.roots = st->kind->with_roots;
-	return expand_with(st, &c, st->spec->with, path, err);
+	if ((rc = expand_with(st, &c, st->spec->with, path, err)) != 0)
+		return rc;
+	/* runs_on's templates (a pod stage's image, say) are read the same way. */
+	c.roots = 0;
+	snprintf(path, sizeof path, "stages.%s.runs_on", st->spec->name);
+	if ((rc = expand_with(st, &c, st->spec->runs_on, path, err)) != 0)
+		return rc;
+	return expand_with(st, &c, st->spec->runs_on_defaults, "defaults.runs_on", err);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -2189,24 +2196,36 @@ static int resolve_cred(struct engine *e, const char *what, const char *text, ch
 int stage_endpoint(struct stage *st, enum cfg_kind kind, const char *with_key,
 		   struct stage_endpoint *out, struct kpl_err *err)
 {
-	struct engine *e = st->run->eng;
 	char *name = stage_expand(st, stage_with_get(st, with_key));
+	char key[200];
+	int rc;
+
+	snprintf(key, sizeof key, "with.%s", with_key);
+	rc = stage_endpoint_named(st, kind, name, key, out, err);
+	free(name);
+	return rc;
+}
+
+int stage_endpoint_named(struct stage *st, enum cfg_kind kind, const char *name,
+			 const char *key, struct stage_endpoint *out, struct kpl_err *err)
+{
+	struct engine *e = st->run->eng;
 	const struct cfg_endpoint *ep;
 	char names[300], what[400];
 	int rc = 0;
 
 	memset(out, 0, sizeof *out);
 	if (!name || !*name) {
-		rc = kpl_errf(err, KPL_EINVAL, "stages.%s.with.%s: required (the name of a %s "
+		rc = kpl_errf(err, KPL_EINVAL, "stages.%s.%s: required (the name of a %s "
 			      "endpoint in the daemon config; declared: %s)", st->spec->name,
-			      with_key, cfg_kind_key(kind),
+			      key, cfg_kind_key(kind),
 			      cfg_names(e->cfg, kind, names, sizeof names));
 		goto out;
 	}
 	ep = cfg_find(e->cfg, kind, name);
 	if (!ep) {
-		rc = kpl_errf(err, KPL_EINVAL, "stages.%s.with.%s: no %s endpoint named \"%s\" in "
-			      "the daemon config %s (declared: %s)", st->spec->name, with_key,
+		rc = kpl_errf(err, KPL_EINVAL, "stages.%s.%s: no %s endpoint named \"%s\" in "
+			      "the daemon config %s (declared: %s)", st->spec->name, key,
 			      cfg_kind_key(kind), name, e->cfg ? e->cfg->path : "(none)",
 			      cfg_names(e->cfg, kind, names, sizeof names));
 		goto out;
@@ -2219,7 +2238,6 @@ int stage_endpoint(struct stage *st, enum cfg_kind kind, const char *with_key,
 	    (rc = resolve_cred(e, what, ep->token, &out->token, err)))
 		stage_endpoint_release(out);
 out:
-	free(name);
 	return rc;
 }
 

@@ -18,6 +18,7 @@
 #include <string.h>
 #include <yaml.h>
 
+#include "pipelines/runs_on.h"
 #include "pipelines/template.h"
 
 /* Key paths longer than this are cut short in messages, on purpose: a
@@ -46,6 +47,10 @@ struct vctx {
 	bool *reach;
 	/* Extra roots for the `with` being checked (its kind's with_roots). */
 	unsigned with_roots;
+	/* check_no_secrets is looking at runs_on (a Pod spec). */
+	bool in_pod_spec;
+	/* defaults.runs_on, once checked (NULL if absent or bad). */
+	const struct pl_node *defaults_runs_on;
 };
 
 /* ---- diagnostics ---- */
@@ -1110,7 +1115,12 @@ static int check_secret_in_argv(void *data, const struct expr *ref)
 {
 	struct ref_ctx *r = data;
 
-	if (!strcmp(ref->part[0], "secrets") && ref->n_part == 2)
+	if (!strcmp(ref->part[0], "secrets") && ref->n_part == 2 && r->c->in_pod_spec)
+		diag(r->c, pos_in_scalar(r->n, r->base + ref->off), r->path,
+		     "%s would be in the Pod spec, which every reader of pods sees: pass "
+		     "secrets through env (env: { %s: \"${{ %s }}\" }), which a pod stage "
+		     "gets through a Kubernetes Secret", ref->str, ref->part[1], ref->str);
+	else if (!strcmp(ref->part[0], "secrets") && ref->n_part == 2)
 		diag(r->c, pos_in_scalar(r->n, r->base + ref->off), r->path,
 		     "%s would be in a command line, which every user of the host can read "
 		     "(/proc/PID/cmdline, ps): pass secrets through env (env: { %s: "
@@ -1274,12 +1284,67 @@ static void parse_retries(struct vctx *c, struct pl_stage *st,
 	}
 }
 
+/* runs_on (pipelines/runs_on.h): the stage's own, merged key by key over
+ * defaults.runs_on, must name a cluster and an image. */
+static void parse_runs_on(struct vctx *c, struct pl_stage *st, const struct pl_node *n,
+			  const char *path, const struct pl_kind *k)
+{
+	const struct pl_node *v = pl_map_get(n, "runs_on");
+	struct kpl_err err = { 0 };
+	char kpath[PATH_LEN];
+
+	path_key(kpath, path, "runs_on");
+	if (v && !k->runs_on) {
+		diag(c, v->pos, kpath, "a %s stage runs in kpld and cannot run as a pod "
+		     "(runs_on is for script stages)", k->kind);
+		return;
+	}
+	if (!k->runs_on)
+		return;
+	if (v && pl_runs_on_check(v, c->file, kpath, &err) < 0) {
+		diag_from_kind(c, v, kpath, &err);
+		return;
+	}
+	st->runs_on = v;
+	st->runs_on_defaults = c->defaults_runs_on;
+	if (!pl_runs_on_pod(v, c->defaults_runs_on))
+		return;
+	for (const char *const *key = (const char *const[]){ "cluster", "image", NULL }; *key;
+	     key++)
+		if (!pl_runs_on_get(v, c->defaults_runs_on, *key))
+			diag(c, v ? v->pos : n->pos, kpath, "%s: required (the %s to run the "
+			     "command %s), here or in defaults.runs_on", *key,
+			     !strcmp(*key, "cluster") ? "kubernetes endpoint of the daemon config"
+						      : "container image",
+			     !strcmp(*key, "cluster") ? "on" : "in");
+}
+
+static void parse_defaults(struct vctx *c, const struct pl_node *n)
+{
+	static const char *const keys[] = { "runs_on", NULL };
+	const struct pl_node *v;
+	struct kpl_err err = { 0 };
+
+	if (!want_map(c, n, "defaults"))
+		return;
+	check_keys(c, n, "defaults", keys);
+	if (!(v = pl_map_get(n, "runs_on")))
+		return;
+	if (pl_runs_on_check(v, c->file, "defaults.runs_on", &err) < 0)
+		diag_from_kind(c, v, "defaults.runs_on", &err);
+	else if (pl_runs_on_is_local(v))
+		diag(c, v->pos, "defaults.runs_on", "local is the default already: leave "
+		     "defaults.runs_on out");
+	else
+		c->defaults_runs_on = v;
+}
+
 static void parse_stage(struct vctx *c, struct pl_stage *st,
 			const struct pl_node *n, const char *path)
 {
 	static const char *const keys[] = {
 		"name", "kind", "needs", "when", "timeout", "retries",
-		"continue_on_error", "env", "with", NULL,
+		"continue_on_error", "env", "with", "runs_on", NULL,
 	};
 	const struct pl_node *v;
 	char kpath[PATH_LEN];
@@ -1332,6 +1397,7 @@ static void parse_stage(struct vctx *c, struct pl_stage *st,
 				if (k->check_with(st->with, c->file, kpath, &err) < 0)
 					diag_from_kind(c, st->with ? st->with : n, kpath, &err);
 			}
+			parse_runs_on(c, st, n, path, k);
 		}
 	}
 	if ((v = pl_map_get(n, "needs"))) {
@@ -1575,6 +1641,21 @@ static void check_stage_refs(struct vctx *c, const struct pl_node *root)
 			}
 			c->with_roots = 0;
 		}
+		if (st->runs_on && st->runs_on->type == PL_MAP) {
+			/* Every value lands in the Pod spec, which any reader of
+			 * pods sees: no secret there. */
+			path_key(kpath, path, "runs_on");
+			check_templates_deep(c, st->runs_on, kpath, (int)i);
+			c->in_pod_spec = true;
+			check_no_secrets(c, st->runs_on, kpath, (int)i);
+			c->in_pod_spec = false;
+		}
+	}
+	if (c->defaults_runs_on) {
+		check_templates_deep(c, c->defaults_runs_on, "defaults.runs_on", -1);
+		c->in_pod_spec = true;
+		check_no_secrets(c, c->defaults_runs_on, "defaults.runs_on", -1);
+		c->in_pod_spec = false;
 	}
 }
 
@@ -1753,7 +1834,7 @@ static void validate(struct vctx *c, const struct pl_node *root)
 {
 	static const char *const keys[] = { "name", "description", "params", "env",
 					     "concurrency", "notify", "stages", "finally",
-					     NULL };
+					     "defaults", NULL };
 	struct pipeline *p = c->p;
 	const struct pl_node *v;
 	char what[128];
@@ -1794,6 +1875,8 @@ static void validate(struct vctx *c, const struct pl_node *root)
 		parse_concurrency(c, v);
 	if ((v = pl_map_get(root, "notify")))
 		parse_notify(c, v);
+	if ((v = pl_map_get(root, "defaults")))
+		parse_defaults(c, v);
 	parse_stages(c, root);
 }
 

@@ -95,6 +95,11 @@ struct pl_stage {
 	const struct pl_node *with;
 	bool is_finally; /* listed under `finally:` */
 	struct pl_pos pos;
+	/* Where its command runs (pipelines/runs_on.h): the stage's own
+	 * `runs_on` and the pipeline's `defaults.runs_on`, borrowed from the
+	 * tree, NULL if absent; both NULL for kinds without runs_on. */
+	const struct pl_node *runs_on;
+	const struct pl_node *runs_on_defaults;
 };
 
 struct pl_concurrency {
@@ -181,6 +186,8 @@ struct pl_kind {
 	 * key ("did you mean"), and check_with is not called. The docs test
 	 * (tests/e2e/docs_test.py) reads these tables. */
 	const char *const *with_keys;
+	/* The kind may run as a pod (`runs_on`, pipelines/runs_on.h). */
+	bool runs_on;
 };
 
 /*

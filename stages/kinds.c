@@ -39,6 +39,7 @@ const struct pl_kind *stage_kinds_for_parser(size_t *n)
 			table[i].with_roots = kinds[i]->with_roots;
 			table[i].argv_keys = kinds[i]->argv_keys;
 			table[i].with_keys = kinds[i]->with_keys;
+			table[i].runs_on = kinds[i]->runs_on;
 		}
 	*n = KPL_ARRAY_SIZE(kinds);
 	return table;

@@ -856,6 +856,28 @@ int kube_request(struct http_client *h, struct kube_config *cfg, const char *met
 	return rc;
 }
 
+int kube_stream_lines(struct http_client *h, struct kube_config *cfg, const char *path,
+		      http_line_cb on_line, http_done_cb on_done, void *data,
+		      struct http_request **out, struct kpl_err *err)
+{
+	struct http_request_options o = { 0 };
+	struct http_header hdr[] = { { "Accept", "*/*" } };
+	char *url = kpl_asprintf("%s%s", cfg->server, path);
+	int rc;
+
+	o.url = url;
+	o.headers = hdr;
+	o.n_headers = 1;
+	o.timeout_ms = HTTP_TIMEOUT_NONE;
+	o.on_line = on_line;
+	o.on_done = on_done;
+	o.data = data;
+	set_auth_tls(cfg, &o);
+	rc = http_request_start(h, &o, out, err);
+	free(url);
+	return rc;
+}
+
 /* ---------------------------------------------------------------------- */
 /* Watches */
 

@@ -209,6 +209,17 @@ int kube_request(struct http_client *h, struct kube_config *cfg, const char *met
 		 kube_done_cb done, void *data, struct http_request **out,
 		 struct kpl_err *err);
 
+/*
+ * GET server+path as a stream of text lines (a pod's log with follow=true):
+ * on_line for each line of a 2xx body, then on_done with the raw response
+ * (a non-2xx body there, for kube_status_parse). No deadline; no retry once
+ * a line was delivered (the caller resumes: sinceTime). Returns 0 or
+ * KPL_EINVAL (err says why; on_done never runs then).
+ */
+int kube_stream_lines(struct http_client *h, struct kube_config *cfg, const char *path,
+		      http_line_cb on_line, http_done_cb on_done, void *data,
+		      struct http_request **out, struct kpl_err *err);
+
 /* --- Watches --- */
 
 /* One line of a watch stream (pure). Returns 0 with *type ("ADDED",

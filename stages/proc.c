@@ -550,20 +550,26 @@ static char *param_env_name(const char *name)
 
 char **proc_stage_env(struct stage *st, const char *outputs_path)
 {
+	return proc_stage_env_at(st, outputs_path, stage_workspace(st), true);
+}
+
+char **proc_stage_env_at(struct stage *st, const char *outputs_path, const char *workspace,
+			 bool inherit)
+{
 	char **env = NULL;
 	size_t nenv, nparams;
 	const char *const *names, *const *values;
 	const char *const *env_names, *const *env_values;
 	char attempt[16];
 
-	for (char **e = environ; e && *e; e++)
+	for (char **e = environ; inherit && e && *e; e++)
 		if (strncmp(*e, "KPL_", 4) != 0)
 			strv_push(&env, kpl_strdup(*e));
 	proc_env_set(&env, "KPL_RUN_ID", stage_run_id(st));
 	proc_env_set(&env, "KPL_STAGE", stage_name(st));
 	snprintf(attempt, sizeof attempt, "%u", stage_attempt(st));
 	proc_env_set(&env, "KPL_ATTEMPT", attempt);
-	proc_env_set(&env, "KPL_WORKSPACE", stage_workspace(st));
+	proc_env_set(&env, "KPL_WORKSPACE", workspace);
 	if (outputs_path)
 		proc_env_set(&env, "KPL_OUTPUTS", outputs_path);
 	stage_params(st, &names, &values, &nparams);

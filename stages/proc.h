@@ -174,6 +174,10 @@ char *proc_first_line_with(struct proc *p, Kpl__V1__LogStream stream, const char
  * A NULL-terminated malloc'd array; free with proc_strv_free.
  */
 char **proc_stage_env(struct stage *st, const char *outputs_path);
+/* The same with KPL_WORKSPACE=workspace, and kpld's environment only when
+ * inherit (a pod's environment is the stage's alone). */
+char **proc_stage_env_at(struct stage *st, const char *outputs_path, const char *workspace,
+			 bool inherit);
 /* Sets NAME=value in a proc_stage_env array, replacing an earlier NAME. */
 void proc_env_set(char ***env, const char *name, const char *value);
 void proc_strv_free(char **v);

@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "stages/kinds.h"
+#include "stages/pod.h"
 #include "stages/proc.h"
 
 #define SCRIPT_MAX_OUTPUTS_BYTES (256 * 1024)
@@ -205,10 +206,17 @@ static int script_start(struct stage *st, struct kpl_err *err)
 	char *wd = stage_expand(st, stage_with_get(st, "workdir"));
 	struct script *s = kpl_calloc(1, sizeof *s);
 	struct proc_spec spec = { 0 };
-	char **argv, **env, *cwd, *dir = proc_attempt_dir(st), *outputs, **tvals = NULL;
+	char **argv, **env, *cwd, *dir, *outputs, **tvals = NULL;
 	size_t argc = 0, ntvals = 0;
 	int rc;
 
+	if (pod_wanted(st)) {
+		/* runs_on: a pod in a cluster (stages/pod.c). */
+		free(wd);
+		free(s);
+		return pod_start(st, err);
+	}
+	dir = proc_attempt_dir(st);
 	s->st = st;
 	argv = kpl_calloc((cmd ? cmd->n : 3) + 1, sizeof *argv);
 	if (cmd) {
@@ -279,6 +287,10 @@ static void script_cancel(struct stage *st)
 {
 	struct script *s = stage_impl(st);
 
+	if (pod_wanted(st)) {
+		pod_cancel(st);
+		return;
+	}
 	if (s)
 		proc_cancel(s->proc);
 }
@@ -288,6 +300,10 @@ static void script_abandon(struct stage *st)
 {
 	struct script *s = stage_impl(st);
 
+	if (pod_wanted(st)) {
+		pod_abandon(st);
+		return;
+	}
 	if (!s)
 		return;
 	stage_set_impl(st, NULL);
@@ -302,13 +318,17 @@ static void script_abandon(struct stage *st)
  */
 static int script_resume(struct stage *st, struct kpl_err *err)
 {
-	struct script *s = kpl_calloc(1, sizeof *s);
-	char *dir = proc_attempt_dir(st);
+	struct script *s;
+	char *dir;
 	int64_t pid;
 	uint64_t start;
 	const char *resume;
 	int rc;
 
+	if (pod_wanted(st))
+		return pod_resume(st, err);
+	s = kpl_calloc(1, sizeof *s);
+	dir = proc_attempt_dir(st);
 	s->st = st;
 	s->what = kpl_strdup("the command");
 	stage_resume_info(st, &pid, &start, &resume);
@@ -342,4 +362,5 @@ const struct stage_kind script_kind = {
 	.resume = script_resume,
 	.abandon = script_abandon,
 	.with_timeout = true,
+	.runs_on = true,
 };

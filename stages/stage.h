@@ -61,6 +61,8 @@ struct stage_kind {
 	const char *const *argv_keys;
 	/* Every `with` key the kind takes, NULL-terminated (pl_kind's). */
 	const char *const *with_keys;
+	/* The kind may run as a pod (pl_kind's; `runs_on`). */
+	bool runs_on;
 	/*
 	 * Optional: the kind's WAITING attempt answers ApproveStage (a canary
 	 * frozen on failure: approve promotes, reject aborts). The engine has
@@ -140,6 +142,10 @@ struct stage_endpoint {
 };
 int stage_endpoint(struct stage *st, enum cfg_kind kind, const char *with_key,
 		   struct stage_endpoint *out, struct kpl_err *err);
+/* The same for an endpoint named name (expanded already); key names where
+ * the name came from in messages ("runs_on.cluster"). */
+int stage_endpoint_named(struct stage *st, enum cfg_kind kind, const char *name,
+			 const char *key, struct stage_endpoint *out, struct kpl_err *err);
 void stage_endpoint_release(struct stage_endpoint *e);
 
 /*

@@ -19,6 +19,7 @@
 #include "engine/kpl.h"
 #include "pipelines/expr.h"
 #include "pipelines/pipeline.h"
+#include "pipelines/runs_on.h"
 #include "pipelines/template.h"
 
 /* ---- the test kinds (the real ones live in stages/) ---- */
@@ -86,7 +87,7 @@ static const char *const script_with_keys[] = { "command", "shell", "workdir", "
 						 "timeout", NULL };
 
 static const struct pl_kind kinds[] = {
-	{ "script", check_script, 0, NULL, script_with_keys },
+	{ "script", check_script, 0, NULL, script_with_keys, true },
 	{ "noop", check_noop },
 };
 
@@ -245,7 +246,7 @@ static const struct bad_case bad_cases[] = {
 	{ "stage_name_not_string.yaml", INVAL,
 	  "stage_name_not_string.yaml:3:11: stages[0].name: expected a string, found a mapping" },
 	{ "stage_unknown_key.yaml", INVAL,
-	  "stage_unknown_key.yaml:5:5: stages[0].need: unknown key \"need\": did you mean \"needs\"? (allowed: name, kind, needs, when, timeout, retries, continue_on_error, env, with)" },
+	  "stage_unknown_key.yaml:5:5: stages[0].need: unknown key \"need\": did you mean \"needs\"? (allowed: name, kind, needs, when, timeout, retries, continue_on_error, env, with, runs_on)" },
 	{ "stages_not_list.yaml", INVAL,
 	  "stages_not_list.yaml:3:3: stages: expected a list, found a mapping" },
 	{ "tag.yaml", INVAL,
@@ -318,6 +319,22 @@ static const struct bad_case bad_cases[] = {
 	  "notify_twice.yaml:4:17: notify[1].notifier: notifier \"team-chat\" is listed twice (first at 3:5): put all its events in one entry" },
 	{ "notify_unknown_event.yaml", INVAL,
 	  "notify_unknown_event.yaml:4:23: notify[0].events[1]: unknown event \"faild\": did you mean \"failed\"? (known: started, stage_failed, waiting, succeeded, failed, cancelled)" },
+	{ "runs_on_namespace.yaml", INVAL,
+	  "runs_on_namespace.yaml:9:18: stages[0].runs_on.namespace: \"CI_Team\" is not a namespace name (lower-case letters, digits and '-', at most 63)" },
+	{ "runs_on_no_image.yaml", INVAL,
+	  "runs_on_no_image.yaml:5:5: stages[0].runs_on: image: required (the container image to run the command in), here or in defaults.runs_on" },
+	{ "runs_on_noop.yaml", INVAL,
+	  "runs_on_noop.yaml:5:14: stages[0].runs_on: a noop stage runs in kpld and cannot run as a pod (runs_on is for script stages)" },
+	{ "runs_on_quantity.yaml", INVAL,
+	  "runs_on_quantity.yaml:9:38: stages[0].runs_on.resources.limits.memory: \"lots\" is not a quantity (500m, 2, 512Mi, 1Gi)" },
+	{ "runs_on_scalar.yaml", INVAL,
+	  "runs_on_scalar.yaml:6:14: stages[0].runs_on: expected a mapping (cluster, namespace, image, ...) or `local` for kpld's host; found \"kubernetes\"" },
+	{ "runs_on_secret.yaml", INVAL,
+	  "runs_on_secret.yaml:6:52: stages[0].runs_on.image: secrets.token would be in the Pod spec, which every reader of pods sees: pass secrets through env (env: { token: \"${{ secrets.token }}\" }), which a pod stage gets through a Kubernetes Secret" },
+	{ "runs_on_toleration.yaml", INVAL,
+	  "runs_on_toleration.yaml:9:41: stages[0].runs_on.tolerations[0]: effect \"Sometimes\": use NoSchedule, PreferNoSchedule or NoExecute" },
+	{ "runs_on_unknown_key.yaml", INVAL,
+	  "runs_on_unknown_key.yaml:6:46: stages[0].runs_on.cpu: unknown key (allowed: cluster, namespace, image, resources, service_account, node_selector, tolerations, image_pull_timeout, schedule_timeout)" },
 	{ "yaml_unterminated_quote.yaml", INVAL,
 	  "yaml_unterminated_quote.yaml:3:1: syntax error: found unexpected end of stream (while scanning a quoted scalar at 1:7)" },
 };
@@ -372,12 +389,44 @@ static void test_bad_fixtures(void **state)
 
 /* ---- good files ---- */
 
+/* runs_on: the defaults' keys under each script stage's own, local opting
+ * out, and none for kinds without runs_on. */
+static void test_runs_on(void **state)
+{
+	struct pipeline *p = NULL;
+	struct kpl_err err = { 0 };
+	const struct pl_stage *st;
+
+	(void)state;
+	assert_int_equal(parse_fixture("good/runs_on.yaml", &p, &err), 0);
+	st = &p->stages[0]; /* compile: the defaults alone */
+	assert_null(st->runs_on);
+	assert_true(pl_runs_on_pod(st->runs_on, st->runs_on_defaults));
+	assert_string_equal(pl_runs_on_get(st->runs_on, st->runs_on_defaults, "image")->scalar,
+			    "golang:${{ params.go }}");
+	st = &p->stages[1]; /* image: its own image over the defaults' */
+	assert_true(pl_runs_on_pod(st->runs_on, st->runs_on_defaults));
+	assert_string_equal(pl_runs_on_get(st->runs_on, st->runs_on_defaults, "image")->scalar,
+			    "quay.io/buildah/stable");
+	assert_string_equal(pl_runs_on_get(st->runs_on, st->runs_on_defaults, "cluster")->scalar,
+			    "kind");
+	assert_string_equal(pl_runs_on_get(st->runs_on, st->runs_on_defaults,
+					   "schedule_timeout")->scalar, "2m");
+	st = &p->stages[2]; /* notes: local */
+	assert_false(pl_runs_on_pod(st->runs_on, st->runs_on_defaults));
+	st = &p->stages[3]; /* gate: a noop */
+	assert_null(st->runs_on_defaults);
+	assert_false(pl_runs_on_pod(st->runs_on, st->runs_on_defaults));
+	pipeline_free(p);
+}
+
+
 static void test_good_fixtures_parse(void **state)
 {
 	static const char *const files[] = {
 		"good/full.yaml", "good/full.json", "good/minimal.yaml",
 		"good/minimal.json", "good/block_scalars.yaml", "good/diamond.yaml",
-		"good/notify.yaml", "good/when_wrapped.yaml",
+		"good/notify.yaml", "good/when_wrapped.yaml", "good/runs_on.yaml",
 	};
 	for (size_t i = 0; i < KPL_ARRAY_SIZE(files); i++) {
 		struct pipeline *p = NULL;
@@ -1200,6 +1249,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_bad_fixtures),
 		cmocka_unit_test(test_good_fixtures_parse),
+		cmocka_unit_test(test_runs_on),
 		cmocka_unit_test(test_when_wrapped),
 		cmocka_unit_test(test_notify_model),
 		cmocka_unit_test(test_yaml_and_json_same_model),
