@@ -15,6 +15,7 @@
 #include "engine/config.h"
 #include "engine/hooks.h"
 #include "engine/metrics.h"
+#include "engine/ops.h"
 #include "google/protobuf/timestamp.pb-c.h"
 #include "pipelines/pipeline.h"
 #include "stages/stage.h"
@@ -129,20 +130,9 @@ static void reply_run(struct api_call *call, struct store *s, const char *id)
 	run_release(rec, stages, n, statuses);
 }
 
-/* Run ids are what engine_new_run_id makes; anything else cannot exist. */
 static int check_run_id(const char *field, const char *id, struct kpl_err *err)
 {
-	size_t n = id ? strlen(id) : 0;
-
-	if (n == 0)
-		return kpl_errf(err, KPL_EINVAL, "%s: required", field);
-	if (n > 64)
-		return kpl_errf(err, KPL_EINVAL, "%s: longer than 64 characters", field);
-	for (size_t i = 0; i < n; i++)
-		if (!isalnum((unsigned char)id[i]) && id[i] != '-' && id[i] != '_')
-			return kpl_errf(err, KPL_EINVAL,
-					"%s: only letters, digits, '-' and '_' are allowed", field);
-	return 0;
+	return ops_check_run_id(field, id, err);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -341,23 +331,12 @@ static void h_run_text(struct api_call *call, const ProtobufCMessage *m, void *d
 		kpl__store__v1__run_record__free_unpacked(rec, NULL);
 }
 
-/* CancelRun and RetryRun: an engine call on one run, answered with the run
- * once the engine says the change is durable. */
-typedef int (*run_op_fn)(struct engine *e, const char *run_id, engine_submit_cb cb,
-			 void *data, struct kpl_err *err);
-
-static void run_op(struct api_call *call, struct rpc *rpc, const char *id, run_op_fn fn)
+/* CancelRun, RetryRun and ApproveStage: an ops.h call, answered with the
+ * run once the engine says the change is durable. */
+static void op_start(struct api_call *call, struct op *op, int rc, struct kpl_err *err)
 {
-	struct kpl_err err = { 0 };
-	struct op *op;
-
-	if (check_run_id("id", id, &err)) {
-		api_call_fail_err(call, &err);
-		return;
-	}
-	op = op_new(rpc, call);
-	if (fn(rpc->eng, id, op_answer, op, &err)) {
-		api_call_fail_err(call, &err);
+	if (rc) {
+		api_call_fail_err(call, err);
 		free(op);
 	}
 }
@@ -388,10 +367,13 @@ static void audit(struct api_call *call, struct rpc *rpc, const char *run_id,
 
 static void h_cancel(struct api_call *call, const ProtobufCMessage *m, void *data)
 {
-	audit(call, data, ((const Kpl__V1__CancelRunRequest *)(const void *)m)->id, NULL,
-	      "cancelled the run");
-	run_op(call, data, ((const Kpl__V1__CancelRunRequest *)(const void *)m)->id,
-	       engine_cancel);
+	const Kpl__V1__CancelRunRequest *req = (const void *)m;
+	struct rpc *rpc = data;
+	struct kpl_err err = { 0 };
+	struct op *op = op_new(rpc, call);
+
+	op_start(call, op, ops_cancel(rpc->eng, api_call_who(call), req->id, op_answer, op, &err),
+		 &err);
 }
 
 static void h_get(struct api_call *call, const ProtobufCMessage *m, void *data)
@@ -842,35 +824,22 @@ static void h_approve(struct api_call *call, const ProtobufCMessage *m, void *da
 	const Kpl__V1__ApproveStageRequest *req = (const void *)m;
 	struct rpc *rpc = data;
 	struct kpl_err err = { 0 };
-	struct op *op;
+	struct op *op = op_new(rpc, call);
 
-	if (check_run_id("run_id", req->run_id, &err)) {
-		api_call_fail_err(call, &err);
-		return;
-	}
-	if (!req->stage || !*req->stage || strlen(req->stage) > KPL_MAX_NAME_LEN) {
-		api_call_fail(call, ST_INVALID_ARGUMENT, "stage: required, at most 128 characters");
-		return;
-	}
-	if ((req->comment && strlen(req->comment) > 2000) || (req->by && strlen(req->by) > 200)) {
-		api_call_fail(call, ST_INVALID_ARGUMENT,
-			      "comment (2000) or by (200 characters) is too long");
-		return;
-	}
-	audit(call, rpc, req->run_id, req->stage, "%s stage %s",
-	      req->approve ? "approved" : "rejected", req->stage);
-	op = op_new(rpc, call);
-	if (engine_approve(rpc->eng, req->run_id, req->stage, req->approve, req->comment,
-			   req->by, op_answer, op, &err)) {
-		api_call_fail_err(call, &err);
-		free(op);
-	}
+	op_start(call, op, ops_approve(rpc->eng, api_call_who(call), req->run_id, req->stage,
+				       req->approve, req->comment, req->by, op_answer, op, &err),
+		 &err);
 }
 
 static void h_retry(struct api_call *call, const ProtobufCMessage *m, void *data)
 {
-	run_op(call, data, ((const Kpl__V1__RetryRunRequest *)(const void *)m)->id,
-	       engine_retry);
+	const Kpl__V1__RetryRunRequest *req = (const void *)m;
+	struct rpc *rpc = data;
+	struct kpl_err err = { 0 };
+	struct op *op = op_new(rpc, call);
+
+	op_start(call, op, ops_retry(rpc->eng, api_call_who(call), req->id, op_answer, op, &err),
+		 &err);
 }
 
 /* A secret change: made visible (secrets_change_end) and answered once it is
@@ -1025,35 +994,6 @@ static void h_secret_list(struct api_call *call, const ProtobufCMessage *m, void
 /* ---------------------------------------------------------------------- */
 /* Releases */
 
-/* "cluster/namespace/name", each part of [a-z0-9A-Z._-]: what kpl writes
- * into a generated pipeline, so nothing in it needs quoting. */
-static int split_target(const char *t, char parts[3][128], struct kpl_err *err)
-{
-	int n = 0;
-	size_t len = 0;
-
-	if (!t || !*t)
-		return kpl_errf(err, KPL_EINVAL, "deployment: required, as cluster/namespace/name");
-	for (const char *p = t;; p++) {
-		if (*p == '/' || *p == '\0') {
-			if (len == 0 || n == 3)
-				break;
-			parts[n++][len] = '\0';
-			len = 0;
-			if (*p == '\0')
-				return n == 3 ? 0 : kpl_errf(err, KPL_EINVAL, "deployment %.200s: want "
-							      "cluster/namespace/name", t);
-			continue;
-		}
-		if (!(isalnum((unsigned char)*p) || *p == '-' || *p == '.' || *p == '_') ||
-		    len == 127)
-			return kpl_errf(err, KPL_EINVAL, "deployment %.200s: only letters, digits, "
-					"'.', '_' and '-' between the slashes", t);
-		parts[n][len++] = *p;
-	}
-	return kpl_errf(err, KPL_EINVAL, "deployment %.200s: want cluster/namespace/name", t);
-}
-
 static void h_releases(struct api_call *call, const ProtobufCMessage *m, void *data)
 {
 	const Kpl__V1__ListReleasesRequest *req = (const void *)m;
@@ -1067,7 +1007,7 @@ static void h_releases(struct api_call *call, const ProtobufCMessage *m, void *d
 	size_t n = 0, limit;
 	int rc;
 
-	if (split_target(req->deployment, parts, &err)) {
+	if (ops_split_target(req->deployment, parts, &err)) {
 		api_call_fail_err(call, &err);
 		return;
 	}
@@ -1122,54 +1062,11 @@ static void h_rollback(struct api_call *call, const ProtobufCMessage *m, void *d
 	const Kpl__V1__RollbackReleaseRequest *req = (const void *)m;
 	struct rpc *rpc = data;
 	struct kpl_err err = { 0 };
-	char parts[3][128], rev[64] = "", *text, *msg;
-	struct op *op;
-	int rc;
+	struct op *op = op_new(rpc, call);
 
-	if (split_target(req->deployment, parts, &err)) {
-		api_call_fail_err(call, &err);
-		return;
-	}
-	/* Named by the caller, not by a template: say it now, not in a run
-	 * that fails at start. */
-	if (!cfg_find(engine_config(rpc->eng), CFG_KUBERNETES, parts[0])) {
-		char names[300], bad[700];
-		snprintf(bad, sizeof bad, "deployment %s: no kubernetes.%s in the daemon config "
-			 "(declared: %s)", req->deployment, parts[0],
-			 cfg_names(engine_config(rpc->eng), CFG_KUBERNETES, names, sizeof names));
-		api_call_fail(call, ST_INVALID_ARGUMENT, bad);
-		return;
-	}
-	if (req->to_revision && *req->to_revision) {
-		for (const char *p = req->to_revision; *p; p++)
-			if (!isdigit((unsigned char)*p) || p - req->to_revision > 18) {
-				api_call_fail(call, ST_INVALID_ARGUMENT,
-					      "to_revision: a revision number, like 4");
-				return;
-			}
-		snprintf(rev, sizeof rev, ", to_revision: \"%s\"", req->to_revision);
-	}
-	text = kpl_asprintf("name: rollback-%s\n"
-			    "description: rollback of %s asked through RollbackRelease\n"
-			    "stages:\n"
-			    "  - name: rollback\n"
-			    "    kind: rollback\n"
-			    "    with: { cluster: \"%s\", namespace: \"%s\", deployment: \"%s\"%s }\n",
-			    parts[2], req->deployment, parts[0], parts[1], parts[2], rev);
-	msg = kpl_asprintf("%s asked for a rollback of %s%s%s", api_call_who(call),
-			   req->deployment, rev[0] ? " to revision " : "",
-			   rev[0] ? req->to_revision : "");
-	engine_audit(rpc->eng, NULL, NULL, msg, &err);
-	kpl_info(LOG, "%s", msg);
-	free(msg);
-	op = op_new(rpc, call);
-	rc = engine_submit(rpc->eng, text, strlen(text), NULL, NULL, 0, NULL, op_answer, op, &err);
-	free(text);
-	if (rc) {
-		if (op->call)
-			api_call_fail_err(call, &err);
-		free(op);
-	}
+	op_start(call, op, ops_rollback(rpc->eng, api_call_who(call), req->deployment,
+					req->to_revision, op_answer, op, &err),
+		 &err);
 }
 
 void rpc_close_streams(struct rpc *rpc)

@@ -215,9 +215,11 @@ int cfg_load(const char *path, struct cfg **out, struct kpl_err *err)
 		for (kind = 0; kind < CFG_KIND_LAST_; kind++)
 			if (strcmp(kind_keys[kind], k->scalar) == 0)
 				break;
+		if (kind == CFG_KIND_LAST_ && strcmp(k->scalar, "chatops") == 0)
+			continue; /* engine/chatops.c reads it */
 		if (kind == CFG_KIND_LAST_) {
 			rc = node_err(err, path, k, k->scalar, "unknown section (allowed: jenkins, "
-				      "registries, kubernetes, prometheus, notifiers)");
+				      "registries, kubernetes, prometheus, notifiers, chatops)");
 			goto fail;
 		}
 		if (v->type == PL_SCALAR && !v->scalar[0])

@@ -551,7 +551,8 @@ struct hooks {
 	char *git_dir;      /* DATA_DIR/hooks/git */
 	unsigned git_timeout_s;
 	struct httpd *httpd;
-	struct httpd_route routes[4 + WEB_N_ROUTES]; /* + the console (api/web.h) */
+	/* + the console (api/web.h) + chat commands (engine/chatops.h) */
+	struct httpd_route routes[4 + WEB_N_ROUTES + HOOKS_MAX_EXTRA_ROUTES];
 	struct delivery *deliveries;
 	struct gitjob *queue, *queue_tail, *running;
 	char **env;
@@ -1659,8 +1660,12 @@ int hooks_start(const struct hooks_options *opt, struct hooks **out, struct kpl_
 	ho.listen = opt->listen;
 	ho.request_timeout_ms = opt->request_timeout_ms;
 	ho.max_per_address = opt->max_per_address;
+	if (opt->n_extra_routes > HOOKS_MAX_EXTRA_ROUTES)
+		BUG("%zu extra routes", opt->n_extra_routes);
+	for (size_t i = 0; i < opt->n_extra_routes; i++)
+		h->routes[4 + WEB_N_ROUTES + i] = opt->extra_routes[i];
 	ho.routes = h->routes;
-	ho.n_routes = KPL_ARRAY_SIZE(h->routes);
+	ho.n_routes = 4 + WEB_N_ROUTES + opt->n_extra_routes;
 	if ((rc = httpd_start(h->loop, &ho, &h->httpd, err)) != 0)
 		goto fail;
 	h->httpd_open = true;

@@ -32,6 +32,7 @@
 
 #include "api/kpl.pb-c.h"
 #include "engine/engine.h"
+#include "engine/httpd.h"
 #include "engine/kpl.h"
 #include "engine/secrets.h"
 #include "store/store.h"
@@ -57,7 +58,12 @@ struct hooks_options {
 	/* httpd_options limits; 0 picks httpd's default. */
 	uint64_t request_timeout_ms;
 	size_t max_per_address;
+	/* More routes to serve on the listener (engine/chatops.h); borrowed,
+	 * outlive the hooks; at most HOOKS_MAX_EXTRA_ROUTES. */
+	const struct httpd_route *extra_routes;
+	size_t n_extra_routes;
 };
+#define HOOKS_MAX_EXTRA_ROUTES 4
 
 /* Binds the HTTP listener and serves (listen NULL: no listener, only
  * hooks_run_pipeline). *out is the caller's; it ends with hooks_stop.

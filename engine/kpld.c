@@ -23,6 +23,7 @@
 #include "stages/proc.h"
 #include "stages/shim.h"
 #include "api/server.h"
+#include "engine/chatops.h"
 #include "engine/config.h"
 #include "engine/engine.h"
 #include "engine/hooks.h"
@@ -48,6 +49,7 @@ struct kpld {
 	struct api_server *server;
 	struct rpc_hooks *rpc_hooks;
 	struct hooks *hooks; /* --http-listen */
+	struct chatops *chatops; /* its routes are on the hooks' listener */
 	uv_signal_t sigint, sigterm;
 	uv_idle_t closer; /* closes the store once no commit is in flight */
 	bool stopping;
@@ -165,7 +167,7 @@ static void engine_stopped(void *data)
  * HTTP endpoints have both stopped. */
 static void maybe_stop_engine(struct kpld *d)
 {
-	if (!d->server && !d->hooks)
+	if (!d->server && !d->hooks && !d->chatops)
 		engine_stop(d->eng, engine_stopped, d);
 }
 
@@ -185,6 +187,15 @@ static void hooks_stopped(void *data)
 	if (d->rpc)
 		rpc_set_hooks(d->rpc, NULL);
 	if (!d->server)
+		maybe_stop_engine(d);
+}
+
+static void chatops_stopped(void *data)
+{
+	struct kpld *d = data;
+
+	d->chatops = NULL;
+	if (!d->server && !d->hooks)
 		maybe_stop_engine(d);
 }
 
@@ -211,6 +222,8 @@ static void on_signal(uv_signal_t *h, int signum)
 	rpc_close_streams(d->rpc);
 	if (d->hooks)
 		hooks_stop(d->hooks, hooks_stopped, d);
+	if (d->chatops)
+		chatops_stop(d->chatops, chatops_stopped, d);
 	api_server_shutdown(d->server, server_stopped, d);
 }
 
@@ -573,6 +586,10 @@ int main(int argc, char **argv)
 	} else {
 		d.cfg = cfg_empty();
 	}
+	if (chatops_new(d.loop, config, &d.chatops, &err)) {
+		fprintf(stderr, "kpld: %s\n", err.msg);
+		return 1;
+	}
 
 	/* Before the store opens: a second kpld would resume the same runs. */
 	if (standby) {
@@ -682,12 +699,18 @@ int main(int argc, char **argv)
 					    .request_timeout_ms = http_request_timeout_ms,
 					    .max_per_address = http_max_per_address };
 
+		chatops_set_engine(d.chatops, d.eng);
+		ho.extra_routes = chatops_routes(d.chatops, &ho.n_extra_routes);
+
 		if ((rc = hooks_start(&ho, &d.hooks, &err)) != 0) {
 			fprintf(stderr, "kpld: --http-listen: %s\n", err.msg);
 			/* NEEDSWORK: stop the engine cleanly here too. */
 			return 1;
 		}
 		rpc_set_hooks(d.rpc, d.hooks);
+		if (ho.n_extra_routes && !http_listen)
+			kpl_warn(LOG, "the config has chatops: but kpld has no --http-listen, so "
+				 "no chat command can reach it");
 	}
 	if (http_listen) {
 		const char *hc = strrchr(http_listen, ':');
