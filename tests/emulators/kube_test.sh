@@ -29,6 +29,10 @@ fail() { echo "FAIL - $1"; fails=$((fails + 1)); }
 expect_in() {
     if grep -qF -- "$2" "$3"; then pass "$1"; else fail "$1: '$2' not in output:"; sed 's/^/    | /' "$3"; fi
 }
+# expect_re NAME REGEX FILE: a line of FILE matches the extended REGEX
+expect_re() {
+    if grep -qE -- "$2" "$3"; then pass "$1"; else fail "$1: /$2/ not in output:"; sed 's/^/    | /' "$3"; fi
+}
 expect_eq() {
     if [ "$2" = "$3" ]; then pass "$1"; else fail "$1: expected '$3', got '$2'"; fi
 }
@@ -75,7 +79,7 @@ echo "# emulator on $base, $("$KUBECTL" version --client 2>/dev/null | head -1)"
 k version >"$work/out" 2>&1
 expect_in "kubectl version sees the server" "Server Version: v1.32" "$work/out"
 k api-resources >"$work/out" 2>&1
-expect_in "api-resources lists deployments" "deployments        deploy       apps/v1                  true         Deployment" "$work/out"
+expect_re "api-resources lists deployments" "^deployments +deploy +apps/v1 +true +Deployment$" "$work/out"
 expect_in "api-resources lists virtualservices" "virtualservices" "$work/out"
 k get ns >"$work/out" 2>&1
 expect_in "get ns (table)" "default           Active" "$work/out"

@@ -18,12 +18,15 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import ssl
 import string
 import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -147,6 +150,8 @@ class Res:
 
 ISTIO = "networking.istio.io"
 ISTIO_VERSIONS = ["v1", "v1beta1", "v1alpha3"]
+RBAC = "rbac.authorization.k8s.io"
+AUTHZ = "authorization.k8s.io"
 RESOURCES = [
     Res("", ["v1"], "namespaces", "namespace", "Namespace", False, ["ns"], subresources=("status",)),
     Res("", ["v1"], "pods", "pod", "Pod", True, ["po"], subresources=("status", "log"), categories=["all"]),
@@ -154,10 +159,21 @@ RESOURCES = [
         categories=["all"]),
     Res("", ["v1"], "configmaps", "configmap", "ConfigMap", True, ["cm"]),
     Res("", ["v1"], "events", "event", "Event", True, ["ev"]),
+    Res("", ["v1"], "secrets", "secret", "Secret", True),
+    Res("", ["v1"], "persistentvolumeclaims", "persistentvolumeclaim", "PersistentVolumeClaim", True, ["pvc"],
+        subresources=("status",)),
+    Res("", ["v1"], "serviceaccounts", "serviceaccount", "ServiceAccount", True, ["sa"]),
     Res("apps", ["v1"], "deployments", "deployment", "Deployment", True, ["deploy"],
         subresources=("status", "scale"), categories=["all"], generation=True),
     Res("apps", ["v1"], "replicasets", "replicaset", "ReplicaSet", True, ["rs"],
         subresources=("status", "scale"), categories=["all"], generation=True),
+    Res("apps", ["v1"], "statefulsets", "statefulset", "StatefulSet", True, ["sts"],
+        subresources=("status", "scale"), categories=["all"], generation=True),
+    Res(RBAC, ["v1"], "roles", "role", "Role", True),
+    Res(RBAC, ["v1"], "rolebindings", "rolebinding", "RoleBinding", True),
+    Res(RBAC, ["v1"], "clusterroles", "clusterrole", "ClusterRole", False),
+    Res(RBAC, ["v1"], "clusterrolebindings", "clusterrolebinding", "ClusterRoleBinding", False),
+    Res(AUTHZ, ["v1"], "selfsubjectaccessreviews", "selfsubjectaccessreview", "SelfSubjectAccessReview", False),
     Res(ISTIO, ISTIO_VERSIONS, "virtualservices", "virtualservice", "VirtualService", True, ["vs"],
         crd=True, subresources=("status",), categories=["istio-io", "networking-istio-io"]),
     Res(ISTIO, ISTIO_VERSIONS, "destinationrules", "destinationrule", "DestinationRule", True, ["dr"],
@@ -543,8 +559,39 @@ def apply_defaults(res, obj):
             tmpl.setdefault("metadata", {}).setdefault("creationTimestamp", None)
             if isinstance(tmpl.get("spec"), dict):
                 default_pod_spec(tmpl["spec"])
+    elif res.plural == "statefulsets" and isinstance(spec, dict):
+        spec.setdefault("replicas", 1)
+        spec.setdefault("revisionHistoryLimit", 10)
+        spec.setdefault("podManagementPolicy", "OrderedReady")
+        spec.setdefault("updateStrategy", {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}})
+        spec.setdefault("persistentVolumeClaimRetentionPolicy", {"whenDeleted": "Retain", "whenScaled": "Retain"})
+        tmpl = spec.get("template")
+        if isinstance(tmpl, dict):
+            tmpl.setdefault("metadata", {}).setdefault("creationTimestamp", None)
+            if isinstance(tmpl.get("spec"), dict):
+                default_pod_spec(tmpl["spec"])
+        for t in spec.get("volumeClaimTemplates") or []:
+            if isinstance(t, dict):
+                t.setdefault("apiVersion", "v1")
+                t.setdefault("kind", "PersistentVolumeClaim")
+                if isinstance(t.get("spec"), dict):
+                    t["spec"].setdefault("volumeMode", "Filesystem")
     elif res.plural == "pods" and isinstance(spec, dict):
         default_pod_spec(spec)
+    elif res.plural == "secrets":
+        import base64
+        obj.setdefault("type", "Opaque")
+        sd = obj.pop("stringData", None)
+        if isinstance(sd, dict):   # write-only: merged into data (wins), never stored
+            data = obj.get("data") if isinstance(obj.get("data"), dict) else {}
+            for k, v in sd.items():
+                data[k] = base64.b64encode(str(v).encode()).decode()
+            obj["data"] = data
+    elif res.plural == "persistentvolumeclaims" and isinstance(spec, dict):
+        spec.setdefault("volumeMode", "Filesystem")
+        spec.setdefault("storageClassName", "standard")
+    elif res.plural == "serviceaccounts":
+        pass
     elif res.plural == "services" and isinstance(spec, dict):
         spec.setdefault("type", "ClusterIP")
         spec.setdefault("sessionAffinity", "None")
@@ -571,7 +618,7 @@ def validate(res, obj):
                            "subdomain must consist of lower case alphanumeric characters, '-' or '.', and "
                            "must start and end with an alphanumeric character" % json.dumps(name)})
     spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else None
-    if res.plural in ("deployments", "replicasets"):
+    if res.plural in ("deployments", "replicasets", "statefulsets"):
         if spec is None:
             spec = {}
         sel = spec.get("selector")
@@ -601,6 +648,35 @@ def validate(res, obj):
     elif res.plural == "pods":
         if not (spec or {}).get("containers"):
             causes.append({"field": "spec.containers", "message": "Required value"})
+        if not DNS1123_SUB.match(name):
+            causes.append({"field": "metadata.name", "message": "Invalid value: %s: a lowercase RFC 1123 "
+                           "subdomain must consist of lower case alphanumeric characters, '-' or '.', and "
+                           "must start and end with an alphanumeric character" % json.dumps(name)})
+        names = [c.get("name") for c in (spec or {}).get("containers") or [] if isinstance(c, dict)]
+        for i, c in enumerate((spec or {}).get("containers") or []):
+            if not isinstance(c, dict) or not c.get("name"):
+                causes.append({"field": "spec.containers[%d].name" % i, "message": "Required value"})
+            elif names.count(c["name"]) > 1:
+                causes.append({"field": "spec.containers[%d].name" % i,
+                               "message": "Duplicate value: %s" % json.dumps(c["name"])})
+            if not isinstance(c, dict) or not c.get("image"):
+                causes.append({"field": "spec.containers[%d].image" % i, "message": "Required value"})
+        if (spec or {}).get("restartPolicy") not in ("Always", "OnFailure", "Never"):
+            causes.append({"field": "spec.restartPolicy", "message": "Unsupported value: %s: supported values: "
+                           '"Always", "OnFailure", "Never"' % json.dumps((spec or {}).get("restartPolicy"))})
+    elif res.plural == "secrets":
+        import base64
+        for k, v in (obj.get("data") or {}).items():
+            try:
+                base64.b64decode(v or "", validate=True)
+            except (ValueError, TypeError):
+                causes.append({"field": "data[%s]" % k, "message": "Invalid value: illegal base64 data"})
+        if len(canon(obj.get("data") or {})) > 1024 * 1024 * 4 // 3 + 64:
+            causes.append({"field": "data", "message": "Too long: must have at most 1048576 bytes"})
+    elif res.plural in ("rolebindings", "clusterrolebindings"):
+        rr = obj.get("roleRef") or {}
+        if not rr.get("kind") or not rr.get("name"):
+            causes.append({"field": "roleRef", "message": "Required value"})
     elif res.plural == "virtualservices":
         causes += validate_virtualservice(spec or {})
     elif res.plural == "destinationrules":
@@ -625,6 +701,18 @@ KNOWN_FIELDS = {   # for fieldValidation=Strict (kubectl's default): top level a
                       "healthCheckNodePort", "publishNotReadyAddresses", "sessionAffinityConfig", "ipFamilies",
                       "ipFamilyPolicy", "allocateLoadBalancerNodePorts", "loadBalancerClass",
                       "internalTrafficPolicy", "trafficDistribution"},
+    "secrets": {"apiVersion", "kind", "metadata", "data", "stringData", "type", "immutable"},
+    "serviceaccounts": {"apiVersion", "kind", "metadata", "secrets", "imagePullSecrets",
+                        "automountServiceAccountToken"},
+    "roles": {"apiVersion", "kind", "metadata", "rules"},
+    "clusterroles": {"apiVersion", "kind", "metadata", "rules", "aggregationRule"},
+    "rolebindings": {"apiVersion", "kind", "metadata", "subjects", "roleRef"},
+    "clusterrolebindings": {"apiVersion", "kind", "metadata", "subjects", "roleRef"},
+    "statefulsets.spec": {"replicas", "selector", "template", "volumeClaimTemplates", "serviceName",
+                          "podManagementPolicy", "updateStrategy", "revisionHistoryLimit", "minReadySeconds",
+                          "persistentVolumeClaimRetentionPolicy", "ordinals"},
+    "persistentvolumeclaims.spec": {"accessModes", "selector", "resources", "volumeName", "storageClassName",
+                                    "volumeMode", "dataSource", "dataSourceRef", "volumeAttributesClassName"},
     "virtualservices.spec": {"hosts", "gateways", "http", "tls", "tcp", "exportTo"},
     "destinationrules.spec": {"host", "trafficPolicy", "subsets", "exportTo", "workloadSelector"},
 }
@@ -765,6 +853,8 @@ class Store:
             obj["apiVersion"], obj["kind"] = res.api_version(), res.kind
             if not res.crd and res.plural not in ("namespaces",):
                 obj.pop("status", None)
+            if res.plural == "pods":
+                obj["status"] = {"phase": "Pending", "qosClass": pod_qos(obj.get("spec") or {})}
             apply_defaults(res, obj)
             validate(res, obj)
             if res.plural == "services" and obj.get("spec", {}).get("type") != "ExternalName":
@@ -783,6 +873,8 @@ class Store:
                 md["generation"] = 1
             else:
                 md.pop("generation", None)
+            if res.plural == "persistentvolumeclaims":
+                bind_claim(obj)
             md["resourceVersion"] = str(self.next_rv())
             self.objs[res.plural][key] = obj
             self._emit(res, "ADDED", jcopy(obj), None)
@@ -859,6 +951,8 @@ class Store:
             if dry_run:
                 return jcopy(cur)
             del self.objs[res.plural][key]
+            if res.plural == "persistentvolumeclaims" and POD_ROOT:
+                shutil.rmtree(pvc_dir(ns, name), ignore_errors=True)
             out = jcopy(cur)
             out["metadata"]["resourceVersion"] = str(self.next_rv())
             if res.plural == "namespaces":
@@ -874,6 +968,21 @@ class Store:
 
 
 STORE = None
+
+
+def bind_claim(pvc):
+    """The volume binder at creation: phase Bound at once, a host directory per claim."""
+    spec = pvc.setdefault("spec", {})
+    spec["volumeName"] = "pvc-" + pvc["metadata"]["uid"]
+    storage = ((spec.get("resources") or {}).get("requests") or {}).get("storage", "1Gi")
+    pvc["status"] = {"phase": "Bound", "accessModes": jcopy(spec.get("accessModes") or ["ReadWriteOnce"]),
+                     "capacity": {"storage": storage}}
+    ann = pvc["metadata"].setdefault("annotations", {})
+    ann.setdefault("pv.kubernetes.io/bind-completed", "yes")
+    ann.setdefault("pv.kubernetes.io/bound-by-controller", "yes")
+    pvc["metadata"].setdefault("finalizers", ["kubernetes.io/pvc-protection"])
+    if POD_ROOT:
+        os.makedirs(pvc_dir(pvc["metadata"]["namespace"], pvc["metadata"]["name"]), exist_ok=True)
 
 
 # ---------------------------------------------------------------------------
@@ -980,8 +1089,13 @@ class Controller(threading.Thread):
 
     def tick(self, now):
         self.gc()
-        for pod in self.store.list(RES["pods"]):
-            self.kubelet(pod, now)
+        pods = self.store.list(RES["pods"])
+        RUNTIME.sync(pods)
+        for pod in pods:
+            if not is_real_pod(pod):
+                self.kubelet(pod, now)
+        for sts in self.store.list(RES["statefulsets"]):
+            self.sync_statefulset(sts)
         for dep in self.store.list(RES["deployments"]):
             self.sync_deployment(dep, now)
         for rs in self.store.list(RES["replicasets"]):
@@ -990,16 +1104,86 @@ class Controller(threading.Thread):
             self.deployment_status(dep, now)
 
     def gc(self):
-        owners = {}
-        for r in (RES["deployments"], RES["replicasets"]):
-            for o in self.store.list(r):
-                owners[o["metadata"]["uid"]] = o
-        for r in (RES["replicasets"], RES["pods"]):
-            for o in self.store.list(r):
-                refs = [x for x in o["metadata"].get("ownerReferences") or [] if x.get("controller")]
-                if refs and refs[0].get("kind") in ("Deployment", "ReplicaSet") and refs[0].get("uid") not in owners:
-                    self.store.delete(r, o["metadata"]["namespace"], o["metadata"]["name"])
-                    self.pods.pop(o["metadata"]["uid"], None)
+        """The garbage collector: an object all of whose owners (by uid) are gone is deleted."""
+        uids = set(o["metadata"]["uid"] for objs in self.store.objs.values() for o in objs.values())
+        for r in RESOURCES:
+            if not r.namespaced:
+                continue
+            for (ns, name), o in list(self.store.objs[r.plural].items()):
+                refs = o["metadata"].get("ownerReferences") or []
+                if not refs or any(x.get("uid") in uids for x in refs):
+                    continue
+                if r.plural == "pods" and is_real_pod(o):
+                    if not o["metadata"].get("deletionTimestamp"):
+                        delete_pod(ns, name, None)
+                    continue
+                self.store.delete(r, ns, name)
+                self.pods.pop(o["metadata"]["uid"], None)
+
+    # -- statefulset controller: pods NAME-0..N-1 (synthetic, like a ReplicaSet's) and a claim per
+    # volumeClaimTemplate and pod (CLAIM-NAME-i, retained on scale down and delete, as by default)
+    def sync_statefulset(self, sts):
+        ns, name = sts["metadata"]["namespace"], sts["metadata"]["name"]
+        spec = sts.get("spec") or {}
+        want = spec.get("replicas", 1)
+        tmpl = spec.get("template") or {}
+        ready = 0
+        current = 0
+        for i in range(max(want, 0)):
+            pname = "%s-%d" % (name, i)
+            for t in spec.get("volumeClaimTemplates") or []:
+                cname = "%s-%s" % ((t.get("metadata") or {}).get("name"), pname)
+                if self.store.get(RES["persistentvolumeclaims"], ns, cname) is None:
+                    labels = dict(((spec.get("selector") or {}).get("matchLabels") or {}))
+                    self.store.create(RES["persistentvolumeclaims"], ns, {
+                        "metadata": {"name": cname, "labels": labels},
+                        "spec": jcopy(t.get("spec") or {})})
+            pod = self.store.get(RES["pods"], ns, pname)
+            if pod is None:
+                tm = tmpl.get("metadata") or {}
+                labels = jcopy(tm.get("labels") or {})
+                labels.update({"statefulset.kubernetes.io/pod-name": pname,
+                               "apps.kubernetes.io/pod-index": str(i)})
+                pspec = jcopy(tmpl.get("spec") or {})
+                pspec["hostname"] = pname
+                if spec.get("serviceName"):
+                    pspec["subdomain"] = spec["serviceName"]
+                pspec["nodeName"] = NODE_NAME
+                vols = pspec.setdefault("volumes", [])
+                for t in spec.get("volumeClaimTemplates") or []:
+                    tn = (t.get("metadata") or {}).get("name")
+                    vols[:] = [v for v in vols if v.get("name") != tn]
+                    vols.append({"name": tn, "persistentVolumeClaim": {"claimName": "%s-%s" % (tn, pname)}})
+                pod = {"apiVersion": "v1", "kind": "Pod",
+                       "metadata": {"name": pname, "labels": labels, "ownerReferences": [
+                           {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": name,
+                            "uid": sts["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]},
+                       "spec": pspec}
+                if tm.get("annotations"):
+                    pod["metadata"]["annotations"] = jcopy(tm["annotations"])
+                self.store.create(RES["pods"], ns, pod)
+                break   # OrderedReady: one pod at a time
+            current += 1
+            if self.pods.get(pod["metadata"]["uid"], {}).get("ready_at") is not None:
+                ready += 1
+            else:
+                break
+        for p in self.store.list(RES["pods"], ns):
+            if controlled_by(p, sts):
+                idx = p["metadata"]["name"].rsplit("-", 1)[-1]
+                if idx.isdigit() and int(idx) >= want:
+                    self.store.delete(RES["pods"], ns, p["metadata"]["name"])
+        rev = "%s-%s" % (name, template_hash(tmpl))
+        status = {"observedGeneration": sts["metadata"].get("generation", 1), "replicas": current,
+                  "readyReplicas": ready, "currentReplicas": current, "updatedReplicas": current,
+                  "availableReplicas": ready, "currentRevision": rev, "updateRevision": rev,
+                  "collisionCount": 0}
+        for k in ("readyReplicas", "availableReplicas", "currentReplicas", "updatedReplicas"):
+            if not status[k]:
+                del status[k]
+        if canon(status) != canon(sts.get("status")):
+            sts["status"] = status
+            self.write(RES["statefulsets"], sts)
 
     # -- kubelet: a pod becomes Ready `pace` seconds after creation, unless its image says crashloop
     def kubelet(self, pod, now):
@@ -1292,6 +1476,966 @@ class Controller(threading.Thread):
 
 
 # ---------------------------------------------------------------------------
+# pod runtime: the kubelet that runs a standalone pod's containers as local processes
+#
+# A pod no ReplicaSet/StatefulSet controls ("a real pod") is real work: each container's
+# command runs as a local process in a bubblewrap mount namespace, with the host's file system
+# except a private /tmp, its volumes bound at their mountPaths and its termination message file
+# bound at terminationMessagePath.  The image is recorded, never pulled.  Controller-made pods
+# keep the synthetic behaviour above (deploy stages' web servers never "run").
+#
+# Threads: one per real pod (scheduling, volumes, then waiting for its containers) and one per
+# container (env, process, log reader, restarts).  Lock order: PodRun.plock -> PodRun.cond, and
+# PodRun.plock -> STORE.lock; never PodRun.cond -> STORE.lock.
+
+NODE_NAME = "emulated-node"
+POD_ROOT = None        # per-emulator directory (pods/, pvcs/), set in main()
+CONTROLLER_KINDS = ("ReplicaSet", "StatefulSet", "DaemonSet")
+UNSCHEDULABLE_MSG = ("0/1 nodes are available: 1 Insufficient cpu. preemption: 0/1 nodes are available: "
+                     "1 No preemption victims found for incoming pod.")
+TERMINATION_MESSAGE_MAX = 4096
+CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def pod_qos(spec):
+    cs = [c for c in (spec.get("containers") or []) if isinstance(c, dict)]
+    res = [c.get("resources") or {} for c in cs]
+    if not any(r.get("requests") or r.get("limits") for r in res):
+        return "BestEffort"
+    guaranteed = all((r.get("limits") or {}).get(k) and
+                     (r.get("requests") or {}).get(k, (r.get("limits") or {}).get(k)) == (r.get("limits") or {})[k]
+                     for r in res for k in ("cpu", "memory"))
+    return "Guaranteed" if guaranteed else "Burstable"
+
+
+def is_real_pod(pod):
+    return not any(r.get("controller") and r.get("kind") in CONTROLLER_KINDS
+                   for r in pod["metadata"].get("ownerReferences") or [])
+
+
+def image_oom(image):
+    """`oom` as a word of the image name (`app:oom`, `oom-test`), not inside `bloom`."""
+    return re.search(r"(?<![A-Za-z0-9])oom(?![A-Za-z0-9])", image or "") is not None
+
+
+def ts_nano(ns):
+    """RFC3339Nano with 9 fixed digits, as the kubelet prefixes log lines."""
+    s, frac = divmod(ns, 10 ** 9)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s)) + ".%09dZ" % frac
+
+
+def parse_rfc3339(s):
+    """RFC 3339 (any fraction, Z or offset) -> seconds since the epoch (float), or None."""
+    m = re.match(r"^(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)$", s or "")
+    if not m:
+        return None
+    import calendar
+    t = calendar.timegm(tuple(int(m.group(i)) for i in range(1, 7)) + (0, 0, 0))
+    if m.group(8) not in ("Z", "z"):
+        sign = 1 if m.group(8)[0] == "+" else -1
+        t -= sign * (int(m.group(8)[1:3]) * 3600 + int(m.group(8)[4:6]) * 60)
+    return t + (float(m.group(7)) if m.group(7) else 0.0)
+
+
+def expand_vars(s, env):
+    """Kubernetes' $(VAR) expansion in command/args: defined names are replaced, $$ is a literal $,
+    anything else stays as written (k8s.io/kubernetes/third_party/forked/golang/expansion)."""
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "$" and i + 1 < len(s):
+            if s[i + 1] == "$":
+                out.append("$")
+                i += 2
+                continue
+            if s[i + 1] == "(":
+                j = s.find(")", i + 2)
+                if j > 0:
+                    name = s[i + 2:j]
+                    if name in env:
+                        out.append(env[name])
+                    else:
+                        out.append(s[i:j + 1])
+                    i = j + 1
+                    continue
+        out.append(s[i])
+        i += 1
+    return "".join(out)
+
+
+def secret_bytes(sec):
+    """A stored Secret's data, decoded: {key: bytes}."""
+    import base64
+    out = {}
+    for k, v in ((sec or {}).get("data") or {}).items():
+        try:
+            out[k] = base64.b64decode(v or "")
+        except ValueError:
+            out[k] = b""
+    return out
+
+
+class ContainerRun:
+    """One container of a real pod: its state as the kubelet reports it and the log of each run."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.name = spec.get("name") or ""
+        self.image = spec.get("image") or ""
+        self.state = {"waiting": {"reason": "ContainerCreating"}}
+        self.last_state = {}
+        self.restarts = 0
+        self.ever_started = False     # a process was started once (containerID, imageID known)
+        self.running = False
+        self.done = False             # terminated and not restarting
+        self.proc = None
+        self.logs = [[]]              # per run: [(time_ns, bytes)], the last one is current
+        self.run_ended = False        # the current run's process has exited and its log is complete
+        self.oom = False
+
+
+class PodRun:
+    def __init__(self, runtime, pod):
+        md = pod["metadata"]
+        self.runtime = runtime
+        self.uid, self.ns, self.name = md["uid"], md["namespace"], md["name"]
+        self.spec = jcopy(pod.get("spec") or {})
+        self.dir = os.path.join(POD_ROOT, "pods", "%s_%s_%s" % (self.ns, self.name, self.uid))
+        self.cond = threading.Condition()
+        self.plock = threading.Lock()
+        self.containers = [ContainerRun(c) for c in self.spec.get("containers") or []]
+        self.scheduled = None         # None: not yet; True; or the Unschedulable message
+        self.start_time = None
+        self.stop = threading.Event()  # termination requested (delete, eviction, node lost)
+        self.deleting = False          # graceful delete: remove the object when all containers ended
+        self.kill_at = None            # monotonic SIGKILL deadline while terminating
+        self.pod_reason = self.pod_message = None
+        self.disruption = None         # (reason, message) of a DisruptionTarget condition
+        self.node_lost = False
+        self.ltt = {}                  # condition type -> (status, lastTransitionTime)
+        self.finished = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="pod-%s" % self.name, daemon=True)
+
+    # -- status
+    def cond_entry(self, typ, ok, reason=None, message=None):
+        status = "True" if ok else "False"
+        prev = self.ltt.get(typ)
+        if not prev or prev[0] != status:
+            prev = (status, now_iso())
+            self.ltt[typ] = prev
+        c = {"type": typ, "status": status, "lastProbeTime": None, "lastTransitionTime": prev[1]}
+        if reason:
+            c["reason"] = reason
+        if message:
+            c["message"] = message
+        return c
+
+    def phase(self):
+        cs = self.containers
+        if self.pod_reason == "Evicted" and all(c.done for c in cs):
+            return "Failed"
+        if not cs or any(not c.ever_started and not c.done for c in cs):
+            return "Pending"
+        if not all(c.done for c in cs):
+            return "Running"
+        ok = all((c.state.get("terminated") or {}).get("exitCode") == 0 for c in cs)
+        return "Succeeded" if ok else "Failed"
+
+    def build_status(self):
+        spec = self.spec
+        st = {"phase": self.phase(), "qosClass": pod_qos(spec)}
+        if self.scheduled is not True:
+            if self.scheduled is not None:
+                st["conditions"] = [self.cond_entry("PodScheduled", False, "Unschedulable", self.scheduled)]
+            return st
+        n = int(hashlib.md5(self.uid.encode()).hexdigest()[:4], 16)
+        ip = "10.244.%d.%d" % (n // 250 % 250, n % 250 + 1)
+        st.update({"hostIP": "10.0.0.1", "hostIPs": [{"ip": "10.0.0.1"}]})
+        cstats = []
+        for c in self.containers:
+            cs = {"name": c.name, "image": c.image, "imageID": "", "ready": c.running and not self.node_lost,
+                  "restartCount": c.restarts, "started": c.running, "state": jcopy(c.state),
+                  "lastState": jcopy(c.last_state)}
+            if c.ever_started:
+                digest = hashlib.sha256(c.image.encode()).hexdigest()
+                cs["imageID"] = "%s@sha256:%s" % (c.image.split("@")[0].rsplit(":", 1)[0]
+                                                  if ":" in c.image.rsplit("/", 1)[-1] else c.image, digest)
+                cs["containerID"] = "containerd://%s" % hashlib.sha256(
+                    ("%s/%s/%d" % (self.uid, c.name, c.restarts)).encode()).hexdigest()
+            cstats.append(cs)
+        ready = bool(self.containers) and all(c["ready"] for c in cstats)
+        terminal = st["phase"] in ("Succeeded", "Failed")
+        not_ready_reason = "PodCompleted" if terminal else ("ContainersNotReady" if not self.node_lost else None)
+        not_ready_msg = None
+        if not ready and not terminal and not self.node_lost:
+            not_ready_msg = "containers with unready status: [%s]" % " ".join(
+                c["name"] for c in cstats if not c["ready"])
+        if self.start_time is not None:
+            st["startTime"] = self.start_time
+            st["podIP"], st["podIPs"] = ip, [{"ip": ip}]
+        conds = [self.cond_entry("PodReadyToStartContainers", self.start_time is not None and not terminal
+                                 and not self.node_lost),
+                 self.cond_entry("Initialized", True),
+                 self.cond_entry("Ready", ready, None if ready else not_ready_reason, not_ready_msg),
+                 self.cond_entry("ContainersReady", ready, None if ready else not_ready_reason, not_ready_msg),
+                 self.cond_entry("PodScheduled", True)]
+        if self.disruption:
+            conds.insert(0, self.cond_entry("DisruptionTarget", True, self.disruption[0], self.disruption[1]))
+        st["conditions"] = conds
+        st["containerStatuses"] = cstats
+        if self.pod_reason:
+            st["reason"], st["message"] = self.pod_reason, self.pod_message
+        return st
+
+    def publish(self, node_controller=False):
+        """Writes the pod's status (the kubelet's status manager); a pod gone from the store is fine.
+        After the node is lost only the node controller writes."""
+        with self.plock:
+            if self.node_lost and not node_controller:
+                return
+            with self.cond:
+                status = self.build_status()
+                self.cond.notify_all()
+            with STORE.lock:
+                cur = STORE.objs["pods"].get((self.ns, self.name))
+                if cur is None or cur["metadata"]["uid"] != self.uid:
+                    return
+                if canon(cur.get("status")) == canon(status):
+                    return
+                STORE.update(RES["pods"], self.ns, self.name, {"metadata": {}, "status": status},
+                             sub="status", check_rv=False)
+
+    def set_state(self, c, state, **kw):
+        with self.cond:
+            c.state = state
+            for k, v in kw.items():
+                setattr(c, k, v)
+            self.cond.notify_all()
+        self.publish()
+
+    # -- the pod's thread
+    def run(self):
+        try:
+            self.run_pod()
+        except Exception:
+            import traceback
+            traceback.print_exc()
+        finally:
+            for c in self.containers:
+                with self.cond:
+                    c.run_ended = True
+                    self.cond.notify_all()
+            self.finished.set()
+            if self.deleting:
+                self.runtime.remove_object(self)
+
+    def run_pod(self):
+        os.makedirs(self.dir, exist_ok=True)
+        images = [c.image for c in self.containers]
+        if any("unschedulable" in i for i in images):
+            self.scheduled = UNSCHEDULABLE_MSG
+            self.publish()
+            self.stop.wait()
+            return
+        while not self.stop.is_set():
+            missing = [v["persistentVolumeClaim"].get("claimName") for v in self.spec.get("volumes") or []
+                       if isinstance(v.get("persistentVolumeClaim"), dict) and
+                       STORE.get(RES["persistentvolumeclaims"], self.ns,
+                                 v["persistentVolumeClaim"].get("claimName") or "") is None]
+            if not missing:
+                break
+            self.scheduled = ('0/1 nodes are available: persistentvolumeclaim "%s" not found. preemption: '
+                              '0/1 nodes are available: 1 Preemption is not helpful for scheduling.' % missing[0])
+            self.publish()
+            self.stop.wait(0.2)
+        if self.stop.is_set():
+            return
+        with STORE.lock:    # the scheduler's binding
+            cur = STORE.objs["pods"].get((self.ns, self.name))
+            if cur is None or cur["metadata"]["uid"] != self.uid:
+                return
+            if (cur.get("spec") or {}).get("nodeName") != NODE_NAME:
+                new = jcopy(cur)
+                new["spec"]["nodeName"] = NODE_NAME
+                STORE.update(RES["pods"], self.ns, self.name, new, check_rv=False, internal=True)
+        self.scheduled = True
+        self.start_time = now_iso()
+        self.publish()
+        threads = [threading.Thread(target=self.run_container, args=(c,), daemon=True,
+                                    name="ctr-%s-%s" % (self.name, c.name)) for c in self.containers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.publish()
+
+    # -- volumes: host paths bound into the container's mount namespace
+    def volume_paths(self, c):
+        """[(host path, mountPath, read only)] for c's volumeMounts, or raises RuntimeError(reason, message)."""
+        vols = {v.get("name"): v for v in self.spec.get("volumes") or []}
+        out = []
+        for m in c.spec.get("volumeMounts") or []:
+            v = vols.get(m.get("name"))
+            if v is None:
+                raise RuntimeError("CreateContainerConfigError", 'cannot find volume "%s" to mount into '
+                                   'container "%s"' % (m.get("name"), c.name))
+            host = os.path.join(self.dir, "volumes", v["name"])
+            ro = bool(m.get("readOnly"))
+            if isinstance(v.get("emptyDir"), dict):
+                os.makedirs(host, exist_ok=True)
+            elif isinstance(v.get("persistentVolumeClaim"), dict):
+                claim = v["persistentVolumeClaim"].get("claimName") or ""
+                host = pvc_dir(self.ns, claim)
+                os.makedirs(host, exist_ok=True)
+                ro = ro or bool(v["persistentVolumeClaim"].get("readOnly"))
+            elif isinstance(v.get("secret"), dict):
+                sv = v["secret"]
+                sec = STORE.get(RES["secrets"], self.ns, sv.get("secretName") or "")
+                if sec is None and not sv.get("optional"):
+                    raise RuntimeError("ContainerCreating", 'MountVolume.SetUp failed for volume "%s" : secret '
+                                       '"%s" not found' % (v["name"], sv.get("secretName")))
+                data = secret_bytes(sec)
+                items = sv.get("items")
+                files = [(i.get("key"), i.get("path") or i.get("key")) for i in items] if items else \
+                    [(k, k) for k in sorted(data)]
+                tmp = host + ".new"
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+                for key, rel in files:
+                    if key not in data:
+                        raise RuntimeError("ContainerCreating", 'MountVolume.SetUp failed for volume "%s" : '
+                                           'references non-existent secret key: %s' % (v["name"], key))
+                    p = os.path.join(tmp, rel)
+                    os.makedirs(os.path.dirname(p), exist_ok=True)
+                    with open(p, "wb") as f:
+                        f.write(data[key])
+                    os.chmod(p, sv.get("defaultMode", 0o644) & 0o777)
+                shutil.rmtree(host, ignore_errors=True)
+                os.rename(tmp, host)
+                ro = True
+            elif isinstance(v.get("configMap"), dict):
+                cm = STORE.get(RES["configmaps"], self.ns, v["configMap"].get("name") or "")
+                if cm is None and not v["configMap"].get("optional"):
+                    raise RuntimeError("ContainerCreating", 'MountVolume.SetUp failed for volume "%s" : '
+                                       'configmap "%s" not found' % (v["name"], v["configMap"].get("name")))
+                os.makedirs(host, exist_ok=True)
+                for k, val in ((cm or {}).get("data") or {}).items():
+                    with open(os.path.join(host, k), "w") as f:
+                        f.write(val)
+                ro = True
+            else:
+                raise RuntimeError("CreateContainerConfigError", 'volume "%s": only emptyDir, '
+                                   'persistentVolumeClaim, secret and configMap volumes are emulated' % v["name"])
+            src = os.path.join(host, m["subPath"]) if m.get("subPath") else host
+            if m.get("subPath"):
+                os.makedirs(src, exist_ok=True)
+            out.append((src, m.get("mountPath") or "/", ro))
+        return out
+
+    def container_env(self, c):
+        """The container's environment (env wins over envFrom; later envFrom wins), or raises
+        RuntimeError("CreateContainerConfigError", message) for a missing Secret/ConfigMap or key."""
+        env = {"PATH": CONTAINER_PATH, "HOSTNAME": self.name, "HOME": "/root",
+               "KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(self.runtime.port),
+               "KUBERNETES_PORT": "tcp://127.0.0.1:%d" % self.runtime.port}
+        for ef in c.spec.get("envFrom") or []:
+            prefix = ef.get("prefix") or ""
+            for kind, res in (("secretRef", "secrets"), ("configMapRef", "configmaps")):
+                ref = ef.get(kind)
+                if not isinstance(ref, dict):
+                    continue
+                obj = STORE.get(RES[res], self.ns, ref.get("name") or "")
+                if obj is None:
+                    if ref.get("optional"):
+                        continue
+                    raise RuntimeError("CreateContainerConfigError", '%s "%s" not found'
+                                       % ("secret" if res == "secrets" else "configmap", ref.get("name")))
+                vals = {k: v.decode("utf-8", "replace") for k, v in secret_bytes(obj).items()} \
+                    if res == "secrets" else dict(obj.get("data") or {})
+                for k, v in vals.items():
+                    env[prefix + k] = v
+        for e in c.spec.get("env") or []:
+            name = e.get("name")
+            if "value" in e or not isinstance(e.get("valueFrom"), dict):
+                env[name] = expand_vars(str(e.get("value", "")), env)
+                continue
+            vf = e["valueFrom"]
+            if isinstance(vf.get("secretKeyRef"), dict):
+                ref = vf["secretKeyRef"]
+                sec = STORE.get(RES["secrets"], self.ns, ref.get("name") or "")
+                if sec is None:
+                    if ref.get("optional"):
+                        continue
+                    raise RuntimeError("CreateContainerConfigError", 'secret "%s" not found' % ref.get("name"))
+                data = secret_bytes(sec)
+                if ref.get("key") not in data:
+                    if ref.get("optional"):
+                        continue
+                    raise RuntimeError("CreateContainerConfigError", "couldn't find key %s in Secret %s/%s"
+                                       % (ref.get("key"), self.ns, ref.get("name")))
+                env[name] = data[ref["key"]].decode("utf-8", "replace")
+            elif isinstance(vf.get("configMapKeyRef"), dict):
+                ref = vf["configMapKeyRef"]
+                cm = STORE.get(RES["configmaps"], self.ns, ref.get("name") or "")
+                val = ((cm or {}).get("data") or {}).get(ref.get("key"))
+                if val is None:
+                    if ref.get("optional"):
+                        continue
+                    raise RuntimeError("CreateContainerConfigError", 'configmap "%s" not found' % ref.get("name")
+                                       if cm is None else "couldn't find key %s in ConfigMap %s/%s"
+                                       % (ref.get("key"), self.ns, ref.get("name")))
+                env[name] = val
+            elif isinstance(vf.get("fieldRef"), dict):
+                fp = vf["fieldRef"].get("fieldPath")
+                env[name] = {"metadata.name": self.name, "metadata.namespace": self.ns,
+                             "metadata.uid": self.uid, "spec.nodeName": NODE_NAME,
+                             "spec.serviceAccountName": self.spec.get("serviceAccountName", "default"),
+                             "status.hostIP": "10.0.0.1"}.get(fp, "")
+        return env
+
+    def argv(self, c, env):
+        cmd = [expand_vars(str(x), env) for x in c.spec.get("command") or []]
+        args = [expand_vars(str(x), env) for x in c.spec.get("args") or []]
+        argv = cmd + args
+        if not argv:   # the image's entrypoint is unknown: an idle server
+            argv = ["sleep", "2147483647"]
+        return argv
+
+    def sandbox_argv(self, c, argv, binds, term_file):
+        bw = [shutil.which("bwrap") or "bwrap", "--die-with-parent"]
+        for d in sorted(os.listdir("/")):
+            p = "/" + d
+            if d in ("proc", "dev", "tmp", "sys"):
+                continue
+            if os.path.islink(p):
+                bw += ["--symlink", os.readlink(p), p]
+            elif os.path.isdir(p):
+                bw += ["--bind", p, p]
+        ctmp = os.path.join(self.dir, "tmp")
+        os.makedirs(ctmp, exist_ok=True)
+        bw += ["--dev-bind", "/sys", "/sys", "--proc", "/proc", "--dev", "/dev", "--bind", ctmp, "/tmp"]
+        for host, path, ro in binds:
+            bw += ["--ro-bind" if ro else "--bind", host, path]
+        bw += ["--bind", term_file, c.spec.get("terminationMessagePath") or "/dev/termination-log"]
+        wd = c.spec.get("workingDir")
+        if wd:
+            bw += ["--dir", wd, "--chdir", wd]
+        else:
+            bw += ["--chdir", "/"]
+        return bw + ["--"] + argv
+
+    def wait_or_stop(self, seconds):
+        return self.stop.wait(seconds)
+
+    def run_container(self, c):
+        backoff = max(OPTS.pace, 0.1)
+        while not self.stop.is_set():
+            if "pullerror" in c.image:
+                self.pull_fails(c)
+                return
+            try:
+                env = self.container_env(c)
+                binds = self.volume_paths(c)
+            except RuntimeError as e:
+                reason, message = e.args
+                self.set_state(c, {"waiting": {"reason": reason, "message": message}})
+                self.wait_or_stop(0.2)   # the kubelet retries: the Secret may appear
+                continue
+            argv = self.argv(c, env)
+            cdir = os.path.join(self.dir, "containers", c.name)
+            os.makedirs(cdir, exist_ok=True)
+            term_file = os.path.join(cdir, "termination-log-%d" % c.restarts)
+            open(term_file, "wb").close()
+            started = now_iso()
+            exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env.get("PATH", CONTAINER_PATH))
+            if not exe or not os.path.exists(exe):
+                msg = ('failed to create containerd task: failed to create shim task: OCI runtime create failed: '
+                       'runc create failed: unable to start container process: exec: "%s": %s: unknown'
+                       % (argv[0], "executable file not found in $PATH" if "/" not in argv[0]
+                          else "stat %s: no such file or directory" % argv[0]))
+                state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": msg,
+                                        "startedAt": "1970-01-01T00:00:00Z", "finishedAt": started}}
+                if not self.end_run(c, state, 128):
+                    return
+                continue
+            with self.cond:
+                if c.ever_started:
+                    c.logs.append([])   # a new run: the old log is `previous`
+            try:
+                proc = subprocess.Popen(self.sandbox_argv(c, argv, binds, term_file), env=env,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, start_new_session=True, cwd="/")
+            except OSError as e:
+                state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(e),
+                                        "startedAt": "1970-01-01T00:00:00Z", "finishedAt": started}}
+                if not self.end_run(c, state, 128):
+                    return
+                continue
+            with self.cond:
+                c.proc = proc
+                c.run_ended = False
+            self.set_state(c, {"running": {"startedAt": started}}, running=True, ever_started=True)
+            if self.stop.is_set():     # deleted while starting
+                self.signal(c, signal.SIGTERM if self.deleting else signal.SIGKILL)
+            if image_oom(c.image):
+                threading.Thread(target=self.oom_killer, args=(c, proc), daemon=True).start()
+            self.read_log(c, proc)
+            rc = proc.wait()
+            code = rc if rc >= 0 else 128 - rc
+            finished = now_iso()
+            with open(term_file, "rb") as f:
+                msg = f.read(TERMINATION_MESSAGE_MAX)
+            msg = msg.decode("utf-8", "replace")
+            if (not msg and code != 0 and
+                    c.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError"):
+                with self.cond:
+                    tail = b"".join(l for _, l in c.logs[-1][-80:])[-2048:]
+                msg = tail.decode("utf-8", "replace")
+            if c.oom:
+                code, reason = 137, "OOMKilled"
+            else:
+                reason = "Completed" if code == 0 else "Error"
+            term = {"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": finished,
+                    "containerID": "containerd://%s" % hashlib.sha256(
+                        ("%s/%s/%d" % (self.uid, c.name, c.restarts)).encode()).hexdigest()}
+            if msg:
+                term["message"] = msg
+            if not self.end_run(c, {"terminated": term}, code):
+                return
+            backoff = min(backoff * 2, 300)
+        with self.cond:
+            c.done = True      # stopped before (re)starting: no more runs
+
+    def end_run(self, c, state, code):
+        """Records a run's end; returns True when the container is restarted (after a back-off)."""
+        policy = self.spec.get("restartPolicy", "Always")
+        restart = (not self.stop.is_set() and self.pod_reason is None and
+                   (policy == "Always" or (policy == "OnFailure" and code != 0)))
+        with self.cond:
+            c.proc = None
+            c.running = False
+            c.run_ended = True
+            if not restart:
+                c.state, c.done = state, True
+                self.cond.notify_all()
+        if not restart:
+            self.publish()
+            return False
+        backoff = min(max(OPTS.pace, 0.1) * (2 ** min(c.restarts, 8)), 300)
+        with self.cond:
+            c.last_state = state
+            c.restarts += 1
+            c.state = {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off %s restarting failed "
+                                   "container=%s pod=%s_%s(%s)" % (human_duration(backoff) if backoff >= 1
+                                                                  else "%.1fs" % backoff, c.name, self.name,
+                                                                  self.ns, self.uid)}}
+            self.cond.notify_all()
+        self.publish()
+        return not self.wait_or_stop(backoff)
+
+    def pull_fails(self, c):
+        n = 0
+        msg_pull = ('Failed to pull image "%s": rpc error: code = NotFound desc = failed to pull and unpack image '
+                    '"%s": failed to resolve reference "%s": %s: not found' % (c.image, c.image, c.image, c.image))
+        while not self.stop.is_set():
+            self.set_state(c, {"waiting": {"reason": "ErrImagePull", "message": msg_pull}})
+            if self.wait_or_stop(max(OPTS.pace, 0.1)):
+                break
+            self.set_state(c, {"waiting": {"reason": "ImagePullBackOff",
+                                           "message": 'Back-off pulling image "%s"' % c.image}})
+            if self.wait_or_stop(min(max(OPTS.pace, 0.1) * 2 ** n, 300)):
+                break
+            n += 1
+        with self.cond:
+            c.done = True
+            c.state = {"terminated": {"exitCode": 137, "reason": "ContainerStatusUnknown", "message":
+                                      "The container could not be located when the pod was terminated",
+                                      "startedAt": None, "finishedAt": None}} if self.deleting else c.state
+
+    def read_log(self, c, proc):
+        """Reads the process's stdout+stderr, one record per line, stamped as it arrives."""
+        buf = b""
+        fd = proc.stdout.fileno()
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            buf += data
+            lines = buf.split(b"\n")
+            buf = lines.pop()
+            if lines:
+                t = time.time_ns()
+                with self.cond:
+                    c.logs[-1].extend((t, l + b"\n") for l in lines)
+                    self.cond.notify_all()
+        if buf:
+            with self.cond:
+                c.logs[-1].append((time.time_ns(), buf))
+                self.cond.notify_all()
+        proc.stdout.close()
+
+    def oom_killer(self, c, proc):
+        """The memory limit: an `oom` image's container is killed after --pace seconds of running."""
+        deadline = time.monotonic() + max(OPTS.pace, 0.05)
+        while proc.poll() is None and time.monotonic() < deadline and not self.stop.is_set():
+            time.sleep(0.02)   # polling the process, bounded by the deadline
+        c.oom = True
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def signal(self, c, sig):
+        """SIGKILL: the container's whole process group.  Any other signal: the group but bwrap itself,
+        which would die of it and take its child with it (--die-with-parent) before a trap could run."""
+        p = c.proc
+        if p is None or p.poll() is not None:
+            return
+        if sig == signal.SIGKILL:
+            try:
+                os.killpg(p.pid, sig)
+            except OSError:
+                pass
+            return
+        for pid in process_group(p.pid):
+            if pid != p.pid:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+
+    def terminate(self, grace):
+        """Graceful termination: SIGTERM to every container's process group now, SIGKILL after grace."""
+        with self.cond:
+            deadline = time.monotonic() + grace
+            if self.kill_at is not None and self.kill_at <= deadline:
+                return
+            self.kill_at = deadline
+            self.deleting = True
+        self.stop.set()
+        for c in self.containers:
+            self.signal(c, signal.SIGTERM)
+        threading.Thread(target=self.killer, daemon=True).start()
+
+    def killer(self):
+        while not self.finished.is_set():
+            if time.monotonic() >= self.kill_at:
+                for c in self.containers:
+                    self.signal(c, signal.SIGKILL)
+            self.finished.wait(0.05)
+
+    def kill(self):
+        """Force: the object is already gone; kill everything now."""
+        with self.cond:
+            self.kill_at = time.monotonic()
+        self.stop.set()
+        for c in self.containers:
+            self.signal(c, signal.SIGKILL)
+
+    def lose_node(self, delete_after, gc_after):
+        """The node is gone: its processes die with it, the API keeps their last status; the node
+        controller sets Ready=False, the taint manager deletes the pod after delete_after (Terminating,
+        DisruptionTarget DeletionByTaintManager), the pod GC removes it gc_after later."""
+        with self.plock:
+            with self.cond:
+                status = self.build_status()
+                self.node_lost = True
+                for c in status.get("conditions") or []:
+                    if c["type"] == "Ready" and c["status"] == "True":
+                        c["status"], c["lastTransitionTime"] = "False", now_iso()
+        with STORE.lock:
+            cur = STORE.objs["pods"].get((self.ns, self.name))
+            if cur is not None and cur["metadata"]["uid"] == self.uid:
+                STORE.update(RES["pods"], self.ns, self.name, {"metadata": {}, "status": status},
+                             sub="status", check_rv=False)
+        self.stop.set()
+        for c in self.containers:
+            self.signal(c, signal.SIGKILL)
+
+        def later():
+            if STOPPING.wait(delete_after):
+                return
+            with STORE.lock:
+                cur = STORE.objs["pods"].get((self.ns, self.name))
+                if cur is None or cur["metadata"]["uid"] != self.uid:
+                    return
+                new = jcopy(cur)
+                st = new.setdefault("status", {})
+                st.setdefault("conditions", []).insert(0, {
+                    "type": "DisruptionTarget", "status": "True", "lastProbeTime": None,
+                    "lastTransitionTime": now_iso(), "reason": "DeletionByTaintManager",
+                    "message": "Taint manager: deleting due to NoExecute taint"})
+                grace = (new.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+                new["metadata"]["deletionTimestamp"] = now_iso(time.time() + grace)
+                new["metadata"]["deletionGracePeriodSeconds"] = grace
+                new["metadata"]["resourceVersion"] = str(STORE.next_rv())
+                STORE.objs["pods"][(self.ns, self.name)] = new
+                STORE._emit(RES["pods"], "MODIFIED", jcopy(new), jcopy(cur))
+            if STOPPING.wait(gc_after):
+                return
+            with STORE.lock:
+                cur = STORE.objs["pods"].get((self.ns, self.name))
+                if cur is not None and cur["metadata"]["uid"] == self.uid:
+                    STORE.delete(RES["pods"], self.ns, self.name)
+        threading.Thread(target=later, daemon=True).start()
+
+    def evict(self, message):
+        with self.cond:
+            self.pod_reason, self.pod_message = "Evicted", message
+            self.disruption = ("TerminationByKubelet", message)
+        self.stop.set()
+        for c in self.containers:
+            self.signal(c, signal.SIGKILL)
+
+
+def pod_fault(kind, body):
+    """POST /emulator/evict or /emulator/node-lost: the real, scheduled pods matching namespace/name
+    (all when not given; a given name that matches nothing is 404). Returns their names."""
+    ns, name = body.get("namespace"), body.get("name")
+    pods = [p for p in STORE.list(RES["pods"], ns or None)
+            if is_real_pod(p) and (not name or p["metadata"]["name"] == name)
+            and (p.get("spec") or {}).get("nodeName") and not p["metadata"].get("deletionTimestamp")]
+    if name and not pods:
+        raise ApiError(404, "NotFound", 'pods "%s" not found (or not a scheduled standalone pod)' % name)
+    out = []
+    for p in pods:
+        run = RUNTIME.get(p["metadata"]["uid"])
+        if run is None or run.stop.is_set():
+            continue
+        if kind == "evict":
+            first = ((p.get("spec") or {}).get("containers") or [{}])[0].get("name", "")
+            run.evict(body.get("message") or
+                      "The node was low on resource: memory. Threshold quantity: 100Mi, available: 52Mi. "
+                      "Container %s was using 812Mi, request is 0, has larger consumption of memory. " % first)
+        else:
+            run.lose_node(float(body.get("delete_after", 1.0)), float(body.get("gc_after", 1.0)))
+        out.append("%s/%s" % (p["metadata"]["namespace"], p["metadata"]["name"]))
+    return out
+
+
+def process_group(pgid):
+    """The pids of the process group pgid (from /proc/PID/stat's 5th field)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % d) as f:
+                st = f.read()
+        except OSError:
+            continue
+        fields = st[st.rfind(")") + 2:].split()
+        if len(fields) > 2 and fields[2] == str(pgid):
+            out.append(int(d))
+    return out
+
+
+def pvc_dir(ns, claim):
+    return os.path.join(POD_ROOT, "pvcs", ns, claim)
+
+
+class Runtime:
+    """The real pods' kubelet: starts a PodRun for each real pod, forgets it when its object is gone."""
+
+    def __init__(self, port):
+        self.port = port
+        self.lock = threading.Lock()
+        self.runs = {}       # uid -> PodRun
+
+    def sync(self, pods):
+        """Called by the controller (store lock held) with every pod."""
+        live = set()
+        for p in pods:
+            if not is_real_pod(p):
+                continue
+            uid = p["metadata"]["uid"]
+            live.add(uid)
+            with self.lock:
+                if uid not in self.runs:
+                    run = PodRun(self, p)
+                    self.runs[uid] = run
+                    run.thread.start()
+        with self.lock:
+            gone = [r for u, r in self.runs.items() if u not in live]
+        for r in gone:
+            if not r.stop.is_set():
+                r.kill()
+            if r.finished.is_set():
+                with self.lock:
+                    self.runs.pop(r.uid, None)
+                shutil.rmtree(r.dir, ignore_errors=True)
+
+    def get(self, uid):
+        with self.lock:
+            return self.runs.get(uid)
+
+    def remove_object(self, run):
+        """A gracefully deleted pod whose containers all ended: the kubelet's final delete."""
+        with STORE.lock:
+            cur = STORE.objs["pods"].get((run.ns, run.name))
+            if cur is not None and cur["metadata"]["uid"] == run.uid:
+                STORE.delete(RES["pods"], run.ns, run.name)
+
+    def stop_all(self):
+        with self.lock:
+            runs = list(self.runs.values())
+        for r in runs:
+            r.kill()
+        for r in runs:
+            r.finished.wait(5)
+
+
+RUNTIME = None
+
+
+def delete_options(raw, q):
+    """DeleteOptions from the body when there is one, else from the query (never both)."""
+    opts = {}
+    if raw and raw.strip():
+        try:
+            opts = json.loads(raw.decode())
+        except ValueError as e:
+            raise ApiError(400, "BadRequest", "the body of the request could not be decoded as JSON: %s" % e)
+        if not isinstance(opts, dict):
+            opts = {}
+    else:
+        for k in ("gracePeriodSeconds", "propagationPolicy", "orphanDependents"):
+            if k in q:
+                opts[k] = q[k]
+    g = opts.get("gracePeriodSeconds")
+    if g is not None:
+        try:
+            opts["gracePeriodSeconds"] = int(g)
+        except (TypeError, ValueError):
+            raise ApiError(400, "BadRequest", "gracePeriodSeconds: invalid value %r" % (g,))
+    pp = opts.get("propagationPolicy")
+    if pp not in (None, "Orphan", "Background", "Foreground"):
+        raise ApiError(422, "Invalid", 'DeleteOptions.meta.k8s.io "" is invalid: propagationPolicy: Unsupported '
+                       'value: "%s": supported values: "Foreground", "Background", "Orphan", "nil"' % pp)
+    return opts
+
+
+def check_preconditions(res, cur, opts):
+    pre = opts.get("preconditions") or {}
+    md = cur["metadata"]
+    if pre.get("uid") and pre["uid"] != md["uid"]:
+        raise ApiError(409, "Conflict", 'Operation cannot be fulfilled on %s "%s": Precondition failed: UID in '
+                       "precondition: %s, UID in object meta: %s" % (res.qualified(), md["name"], pre["uid"],
+                                                                     md["uid"]),
+                       {"name": md["name"], "group": res.group, "kind": res.plural})
+    if pre.get("resourceVersion") and pre["resourceVersion"] != md["resourceVersion"]:
+        raise ApiError(409, "Conflict", 'Operation cannot be fulfilled on %s "%s": Precondition failed: '
+                       "ResourceVersion in precondition: %s, ResourceVersion in object meta: %s"
+                       % (res.qualified(), md["name"], pre["resourceVersion"], md["resourceVersion"]),
+                       {"name": md["name"], "group": res.group, "kind": res.plural})
+
+
+def delete_pod(ns, name, grace, dry=False, opts=None):
+    """DELETE of a pod.  Real pods terminate gracefully: deletionTimestamp set, SIGTERM, SIGKILL after
+    the grace period, the object removed once every container ended.  0 (force), an unscheduled pod,
+    a pod in a terminal phase or one with no process: removed at once.  Controller-made pods are removed
+    at once (the synthetic kubelet has nothing to stop)."""
+    res = RES["pods"]
+    with STORE.lock:
+        cur = STORE.objs["pods"].get((ns, name))
+        if cur is None:
+            raise STORE.not_found(res, name)
+        check_preconditions(res, cur, opts or {})
+        if dry:
+            return jcopy(cur)
+        if not is_real_pod(cur):
+            return STORE.delete(res, ns, name)
+        run = RUNTIME.get(cur["metadata"]["uid"])
+        if grace is None:
+            grace = (cur.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+        if grace < 0:
+            grace = 1
+        phase = (cur.get("status") or {}).get("phase")
+        if not (cur.get("spec") or {}).get("nodeName") or phase in ("Succeeded", "Failed") or run is None:
+            grace = 0
+        md = cur["metadata"]
+        if grace == 0:
+            out = STORE.delete(res, ns, name)
+            if run is not None:
+                run.kill()
+            return out
+        deadline = time.time() + grace
+        old = md.get("deletionTimestamp")
+        if old is None or parse_iso(old) > deadline:
+            new = jcopy(cur)
+            new["metadata"]["deletionTimestamp"] = now_iso(deadline)
+            new["metadata"]["deletionGracePeriodSeconds"] = grace
+            new["metadata"]["resourceVersion"] = str(STORE.next_rv())
+            STORE.objs["pods"][(ns, name)] = new
+            STORE._emit(res, "MODIFIED", jcopy(new), jcopy(cur))
+            cur = new
+    run.terminate(grace)
+    return jcopy(cur)
+
+
+def pod_log(pod, run, q):
+    """Validates PodLogOptions; returns (container run, instance log, lines-so-far filter state) or raises."""
+    name = pod["metadata"]["name"]
+    cs = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
+    cname = q.get("container")
+    if not cname:
+        if len(cs) != 1:
+            raise ApiError(400, "BadRequest", "a container name must be specified for pod %s, choose one of: "
+                           "[%s]" % (name, " ".join(cs)))
+        cname = cs[0]
+    if cname not in cs:
+        raise ApiError(400, "BadRequest", "container %s is not valid for pod %s" % (cname, name))
+    causes = []
+    for k, lo in (("tailLines", 0), ("limitBytes", 1), ("sinceSeconds", 1)):
+        if q.get(k) not in (None, ""):
+            try:
+                v = int(q[k])
+            except ValueError:
+                raise ApiError(400, "BadRequest", "%s: invalid value %r" % (k, q[k]))
+            if v < lo:
+                causes.append({"field": k, "message": "Invalid value: %d: must be greater than %s"
+                               % (v, "or equal to 0" if lo == 0 else "0")})
+    if q.get("sinceSeconds") and q.get("sinceTime"):
+        causes.append({"field": "sinceSeconds", "message": "Forbidden: at most one of `sinceTime` or "
+                       "`sinceSeconds` may be specified"})
+    if q.get("sinceTime") and parse_rfc3339(q["sinceTime"]) is None:
+        raise ApiError(400, "BadRequest", 'parsing time "%s" as "2006-01-02T15:04:05Z07:00": cannot parse'
+                       % q["sinceTime"])
+    if causes:
+        raise ApiError(422, "Invalid", 'PodLogOptions "%s" is invalid: %s' % (name, ", ".join(
+            "%s: %s" % (c["field"], c["message"]) for c in causes)),
+            {"name": name, "kind": "PodLogOptions", "causes": [dict(reason="FieldValueInvalid", **c)
+                                                                 for c in causes]})
+    if run is None:
+        return None, None
+    c = next(x for x in run.containers if x.name == cname)
+    with run.cond:
+        previous = truthy(q.get("previous"))
+        if previous:
+            if len(c.logs) < 2 or not c.last_state.get("terminated"):
+                raise ApiError(400, "BadRequest", 'previous terminated container "%s" in pod "%s" not found'
+                               % (cname, name))
+            return c, c.logs[-2]
+        if not c.ever_started:
+            w = (c.state.get("waiting") or {}).get("reason", "ContainerCreating")
+            if w in ("ErrImagePull",):
+                msg = "trying and failing to pull image"
+            elif w == "ImagePullBackOff":
+                msg = "image can't be pulled"
+            else:
+                msg = w
+            if run.scheduled is not True:
+                return None, None    # not scheduled: no kubelet to ask, an empty body
+            raise ApiError(400, "BadRequest", 'container "%s" in pod "%s" is waiting to start: %s'
+                           % (cname, name, msg))
+        return c, c.logs[-1]
+
+
+
+# ---------------------------------------------------------------------------
 # synthetic mesh traffic and the Istio metrics a real Prometheus scrapes
 
 BUCKETS = [0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000,
@@ -1507,6 +2651,29 @@ class Faults:
 
 
 FAULTS = Faults()
+
+
+class RequestLog:
+    """Every API request as Kubernetes' RequestInfo names it (GET /emulator/requests)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.items = []
+
+    def record(self, e):
+        with self.lock:
+            e["seq"] = len(self.items) + 1 + getattr(self, "dropped", 0)
+            self.items.append(e)
+            if len(self.items) > 100000:
+                self.dropped = getattr(self, "dropped", 0) + 50000
+                del self.items[:50000]
+
+    def snapshot(self):
+        with self.lock:
+            return list(self.items)
+
+
+REQUESTS = RequestLog()
 CONTROLLER = None
 TRAFFIC = None
 
@@ -1528,15 +2695,26 @@ def containers_images(tmpl_spec):
 
 
 def pod_row(p):
+    """kubectl's printPod (pkg/printers/internalversion/printers.go)."""
     st = p.get("status") or {}
     cs = st.get("containerStatuses") or []
     ready = sum(1 for c in cs if c.get("ready"))
     total = len((p.get("spec") or {}).get("containers") or [])
-    reason = st.get("phase", "Pending")
-    for c in cs:
-        w = (c.get("state") or {}).get("waiting")
+    reason = st.get("reason") or st.get("phase", "Pending")
+    has_running = False
+    for c in reversed(cs):
+        state = c.get("state") or {}
+        w, t = state.get("waiting"), state.get("terminated")
         if w and w.get("reason"):
             reason = w["reason"]
+        elif t and t.get("reason"):
+            reason = t["reason"]
+        elif t:
+            reason = "Signal:%d" % t["signal"] if t.get("signal") else "ExitCode:%d" % t.get("exitCode", 0)
+        elif c.get("ready") and state.get("running"):
+            has_running = True
+    if reason == "Completed" and has_running:
+        reason = "Running"
     if p["metadata"].get("deletionTimestamp"):
         reason = "Terminating"
     restarts = sum(c.get("restartCount", 0) for c in cs)
@@ -1583,12 +2761,47 @@ TABLES = {
                                (o.get("status") or {}).get("readyReplicas", 0), age(o)] +
                     list(containers_images((o["spec"].get("template") or {}).get("spec"))) +
                     [label_selector_string(o["spec"].get("selector"))]),
+    "secrets": ([col("Type"), col("Data", "integer"), col("Age")],
+                lambda o: [o.get("type", "Opaque"), len(o.get("data") or {}), age(o)]),
+    "persistentvolumeclaims": ([col("Status"), col("Volume"), col("Capacity"), col("Access Modes"),
+                                col("StorageClass"), col("VolumeAttributesClass"), col("Age"),
+                                col("VolumeMode", prio=1)],
+                               lambda o: [(o.get("status") or {}).get("phase", ""),
+                                          (o.get("spec") or {}).get("volumeName", ""),
+                                          ((o.get("status") or {}).get("capacity") or {}).get("storage", ""),
+                                          ",".join({"ReadWriteOnce": "RWO", "ReadOnlyMany": "ROX",
+                                                    "ReadWriteMany": "RWX", "ReadWriteOncePod": "RWOP"}.get(m, m)
+                                                   for m in (o.get("status") or {}).get("accessModes") or []),
+                                          (o.get("spec") or {}).get("storageClassName", "<unset>"), "<unset>",
+                                          age(o), (o.get("spec") or {}).get("volumeMode", "")]),
+    "serviceaccounts": ([col("Secrets", "integer"), col("Age")],
+                        lambda o: [len(o.get("secrets") or []), age(o)]),
+    "statefulsets": ([col("Ready"), col("Age"), col("Containers", prio=1), col("Images", prio=1)],
+                     lambda o: ["%d/%d" % ((o.get("status") or {}).get("readyReplicas", 0),
+                                           o["spec"].get("replicas", 1)), age(o)] +
+                     list(containers_images((o["spec"].get("template") or {}).get("spec")))),
+    "roles": ([col("Created At", "date")], lambda o: [o["metadata"].get("creationTimestamp")]),
+    "clusterroles": ([col("Created At", "date")], lambda o: [o["metadata"].get("creationTimestamp")]),
+    "rolebindings": ([col("Role"), col("Age"), col("Users", prio=1), col("Groups", prio=1),
+                      col("ServiceAccounts", prio=1)], lambda o: binding_row(o)),
+    "clusterrolebindings": ([col("Role"), col("Age"), col("Users", prio=1), col("Groups", prio=1),
+                             col("ServiceAccounts", prio=1)], lambda o: binding_row(o)),
+    "selfsubjectaccessreviews": ([col("Age")], lambda o: [age(o)]),
     # the CRDs' additionalPrinterColumns
     "virtualservices": ([col("Gateways"), col("Hosts"), col("Age", "date")],
                         lambda o: [(o.get("spec") or {}).get("gateways"), (o.get("spec") or {}).get("hosts"), age(o)]),
     "destinationrules": ([col("Host"), col("Age", "date")],
                          lambda o: [(o.get("spec") or {}).get("host"), age(o)]),
 }
+
+
+def binding_row(o):
+    rr = o.get("roleRef") or {}
+    subj = o.get("subjects") or []
+    pick = lambda k: ", ".join(("%s/%s" % (s.get("namespace"), s.get("name")) if k == "ServiceAccount"
+                                else s.get("name", "")) for s in subj if s.get("kind") == k)
+    return ["%s/%s" % (rr.get("kind", ""), rr.get("name", "")), age(o), pick("User"), pick("Group"),
+            pick("ServiceAccount")]
 
 
 def to_table(res, objs, rv, headers=True):
@@ -1816,6 +3029,7 @@ class Handler(BaseHTTPRequestHandler):
                 pass
 
     def authenticate(self, path):
+        self.user = "system:admin"
         if path in PUBLIC_PATHS or (not OPTS.token and not OPTS.client_ca):
             return
         auth = self.headers.get("Authorization", "")
@@ -1897,6 +3111,14 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         dry = q.get("dryRun") == "All"
         accept = self.headers.get("Accept", "")
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method)
+        if method in ("GET", "HEAD"):
+            verb = "get" if name is not None else ("watch" if truthy(q.get("watch")) else "list")
+        elif method == "DELETE":
+            verb = "delete" if name is not None else "deletecollection"
+        REQUESTS.record({"verb": verb, "group": group, "version": version, "resource": res.plural,
+                         "subresource": sub or "", "namespace": ns or "", "name": name or "",
+                         "user": getattr(self, "user", "")})
         if name is None:
             if method in ("GET", "HEAD"):
                 if truthy(q.get("watch")):
@@ -1909,7 +3131,7 @@ class Handler(BaseHTTPRequestHandler):
                 out = STORE.create(res, ns or "", body, dry_run=dry)
                 return self.send_json(201, self.out(res, version, out))
             if method == "DELETE":
-                return self.delete_collection(res, version, ns, q)
+                return self.delete_collection(res, version, ns, q, raw)
             raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
         if method in ("GET", "HEAD"):
             obj = STORE.get(res, ns, name)
@@ -1917,6 +3139,8 @@ class Handler(BaseHTTPRequestHandler):
                 raise STORE.not_found(res, name)
             if sub == "scale":
                 return self.send_json(200, scale_of(res, obj))
+            if sub == "log" and is_real_pod(obj):
+                return self.stream_log(obj, q)
             if sub == "log":
                 text = "".join("%s emulated container %s of pod %s (image %s)\n" % (
                     obj["metadata"]["creationTimestamp"], c.get("name"), name, c.get("image"))
@@ -1939,7 +3163,16 @@ class Handler(BaseHTTPRequestHandler):
         if method == "PATCH":
             return self.patch(res, version, ns or "", name, sub, raw, q, dry)
         if method == "DELETE":
-            out = STORE.delete(res, ns or "", name, dry_run=dry)
+            opts = delete_options(raw, q)
+            if res.plural == "pods":
+                out = delete_pod(ns, name, opts.get("gracePeriodSeconds"), dry, opts)
+            else:
+                with STORE.lock:
+                    cur = STORE.get(res, ns or "", name)
+                    if cur is None:
+                        raise STORE.not_found(res, name)
+                    check_preconditions(res, cur, opts)
+                    out = STORE.delete(res, ns or "", name, dry_run=dry)
             return self.send_json(200, self.out(res, version, out))
         raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
 
@@ -1976,13 +3209,21 @@ class Handler(BaseHTTPRequestHandler):
         return self.send_json(200, {"kind": res.kind + "List", "apiVersion": res.api_version(version),
                                     "metadata": {"resourceVersion": str(rv)}, "items": items})
 
-    def delete_collection(self, res, version, ns, q):
+    def delete_collection(self, res, version, ns, q, raw):
         lp = parse_label_selector(q.get("labelSelector"))
         fp = parse_field_selector(q.get("fieldSelector"))
+        opts = delete_options(raw, q)
         with STORE.lock:
             items = STORE.list(res, ns, lambda o: lp(o["metadata"].get("labels")) and fp(o))
-            out = [STORE.delete(res, o["metadata"].get("namespace", ""), o["metadata"]["name"]) for o in items]
             rv = STORE.rv
+        if res.plural == "pods":
+            out = [delete_pod(o["metadata"]["namespace"], o["metadata"]["name"], opts.get("gracePeriodSeconds"))
+                   for o in items]
+        else:
+            with STORE.lock:
+                out = [STORE.delete(res, o["metadata"].get("namespace", ""), o["metadata"]["name"])
+                       for o in items]
+                rv = STORE.rv
         return self.send_json(200, {"kind": res.kind + "List", "apiVersion": res.api_version(version),
                                     "metadata": {"resourceVersion": str(rv)}, "items": out})
 
@@ -2053,6 +3294,64 @@ class Handler(BaseHTTPRequestHandler):
         new = merge_patch(cur, intent) if res.crd else strategic_merge(cur, intent)
         out = STORE.update(res, ns, name, new, dry_run=dry, require_rv=False)
         return self.send_json(200, self.out(res, version, out))
+
+    # -- pod logs (the kubelet's, through the apiserver): text/plain, chunked; follow streams lines as
+    # they arrive and ends when the container's run ends
+    def stream_log(self, pod, q):
+        run = RUNTIME.get(pod["metadata"]["uid"])
+        c, inst = pod_log(pod, run, q)
+        follow = truthy(q.get("follow"))
+        stamps = truthy(q.get("timestamps"))
+        since = None
+        if q.get("sinceTime"):
+            since = int(parse_rfc3339(q["sinceTime"])) * 10 ** 9   # the kubelet gets it at second precision
+        elif q.get("sinceSeconds"):
+            since = time.time_ns() - int(q["sinceSeconds"]) * 10 ** 9
+        tail = int(q["tailLines"]) if q.get("tailLines") not in (None, "") else None
+        left = [int(q["limitBytes"]) if q.get("limitBytes") else None]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-cache, private")
+        self.end_headers()
+        self.close_connection = True
+
+        def emit(lines):
+            data = b"".join((ts_nano(t).encode() + b" " if stamps else b"") + l for t, l in lines
+                            if since is None or t >= since)
+            if left[0] is not None:
+                data = data[:left[0]]
+                left[0] -= len(data)
+            if data:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+            return left[0] is None or left[0] > 0
+        try:
+            if c is None:
+                return
+            with run.cond:
+                lines = [x for x in inst if since is None or x[0] >= since]
+                if tail is not None:
+                    lines = lines[len(lines) - tail:] if tail else []
+                idx = len(inst)
+            if not emit(lines):
+                return
+            while follow and not STOPPING.is_set():
+                with run.cond:
+                    while (idx == len(inst) and not c.run_ended and inst is c.logs[-1]
+                           and not STOPPING.is_set()):
+                        run.cond.wait(0.5)
+                    new = inst[idx:]
+                    idx = len(inst)
+                    ended = c.run_ended or inst is not c.logs[-1]
+                if not emit(new) or ended:
+                    return
+        finally:
+            try:
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            except OSError:
+                pass
 
     # -- watch
     def chunk(self, obj):
@@ -2203,6 +3502,15 @@ class Handler(BaseHTTPRequestHandler):
                 with FAULTS.lock:
                     FAULTS.items.clear()
                 return self.send_json(200, {})
+        if path == "/emulator/requests":
+            if method == "DELETE":
+                with REQUESTS.lock:
+                    REQUESTS.dropped = getattr(REQUESTS, "dropped", 0) + len(REQUESTS.items)
+                    REQUESTS.items.clear()
+                return self.send_json(200, {})
+            return self.send_json(200, {"items": REQUESTS.snapshot()})
+        if path in ("/emulator/evict", "/emulator/node-lost") and method == "POST":
+            return self.send_json(200, {"pods": pod_fault(path.rsplit("/", 1)[1], body or {})})
         if path == "/emulator/compact" and method == "POST":
             STORE.compact()
             return self.send_json(200, {"compactedResourceVersion": STORE.compacted})
@@ -2228,7 +3536,7 @@ class Server(ThreadingHTTPServer):
 
 
 def main(argv=None):
-    global OPTS, STORE, CONTROLLER, TRAFFIC
+    global OPTS, STORE, CONTROLLER, TRAFFIC, POD_ROOT, RUNTIME
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--port-file", help="also write the port number to this file")
     ap.add_argument("--lifetime", type=float, default=600, help="exit after this many seconds (default 600)")
@@ -2254,7 +3562,12 @@ def main(argv=None):
     ap.add_argument("--webhook-denials", action="store_true",
                     help="answer invalid Istio objects as the real validating webhook does (400) instead of 422")
     ap.add_argument("--verbose", action="store_true", help="log requests to stderr")
+    ap.add_argument("--pod-root", help="directory for real pods' files and claims' directories (default: a "
+                    "new temporary directory, removed at exit)")
     OPTS = ap.parse_args(argv)
+    own_root = not OPTS.pod_root
+    POD_ROOT = OPTS.pod_root or tempfile.mkdtemp(prefix="kube-emulator-")
+    os.makedirs(POD_ROOT, exist_ok=True)
 
     STORE = Store(OPTS.history)
     for n in ["default", "kube-system", "kube-public", "kube-node-lease"] + OPTS.namespace:
@@ -2271,6 +3584,7 @@ def main(argv=None):
         srv.socket = ctx.wrap_socket(srv.socket, server_side=True, do_handshake_on_connect=False)
     port = srv.server_address[1]
 
+    RUNTIME = Runtime(port)
     CONTROLLER = Controller(STORE)
     TRAFFIC = Traffic(STORE)
     CONTROLLER.start()
@@ -2298,7 +3612,10 @@ def main(argv=None):
     finally:
         CONTROLLER.stop.set()
         TRAFFIC.stop.set()
+        RUNTIME.stop_all()
         srv.server_close()
+        if own_root:
+            shutil.rmtree(POD_ROOT, ignore_errors=True)
     return 0
 
 
