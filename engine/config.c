@@ -21,10 +21,10 @@ const char *cfg_kind_key(enum cfg_kind kind)
 
 /* Which keys each kind takes: a table, so checks and docs agree. */
 enum field { F_URL, F_USERNAME, F_PASSWORD, F_TOKEN, F_CA, F_CERT, F_KEY, F_INSECURE,
-	     F_KUBECONFIG, F_CONTEXT, F_INCLUSTER, F_KIND, F_SECRET, F_LAST_ };
+	     F_KUBECONFIG, F_CONTEXT, F_INCLUSTER, F_KIND, F_SECRET, F_BUTTONS, F_LAST_ };
 static const char *const field_names[F_LAST_] = {
 	"url", "username", "password", "token", "ca_file", "client_cert", "client_key",
-	"insecure", "kubeconfig", "context", "in_cluster", "kind", "secret",
+	"insecure", "kubeconfig", "context", "in_cluster", "kind", "secret", "buttons",
 };
 #define B(f) (1u << (f))
 static const unsigned kind_fields[CFG_KIND_LAST_] = {
@@ -35,7 +35,8 @@ static const unsigned kind_fields[CFG_KIND_LAST_] = {
 	[CFG_KUBERNETES] = B(F_KUBECONFIG) | B(F_CONTEXT) | B(F_INCLUSTER),
 	[CFG_PROMETHEUS] = B(F_URL) | B(F_USERNAME) | B(F_PASSWORD) | B(F_TOKEN) | B(F_CA) |
 			   B(F_CERT) | B(F_KEY) | B(F_INSECURE),
-	[CFG_NOTIFIER] = B(F_URL) | B(F_KIND) | B(F_SECRET) | B(F_CA) | B(F_INSECURE),
+	[CFG_NOTIFIER] = B(F_URL) | B(F_KIND) | B(F_SECRET) | B(F_CA) | B(F_INSECURE) |
+			 B(F_BUTTONS),
 };
 
 struct cfg *cfg_empty(void)
@@ -142,7 +143,7 @@ static int parse_endpoint(struct cfg *c, enum cfg_kind kind, const struct pl_nod
 						"unknown kind (known: wecom, dingtalk, slack)");
 			continue;
 		}
-		if (f == F_INSECURE || f == F_INCLUSTER) {
+		if (f == F_INSECURE || f == F_INCLUSTER || f == F_BUTTONS) {
 			bool b;
 			if (strcmp(val->scalar, "true") == 0)
 				b = true;
@@ -152,6 +153,8 @@ static int parse_endpoint(struct cfg *c, enum cfg_kind kind, const struct pl_nod
 				return node_err(err, c->path, val, sub, "must be true or false");
 			if (f == F_INSECURE)
 				e->insecure = b;
+			else if (f == F_BUTTONS)
+				e->buttons = b;
 			else
 				e->in_cluster = b;
 			continue;
@@ -169,6 +172,9 @@ static int parse_endpoint(struct cfg *c, enum cfg_kind kind, const struct pl_nod
 	if (kind == CFG_NOTIFIER && e->chat_kind == CHAT_KIND_LAST)
 		return node_err(err, c->path, v, path,
 				"needs `kind` (wecom, dingtalk or slack)");
+	if (kind == CFG_NOTIFIER && e->buttons && e->chat_kind != CHAT_SLACK)
+		return node_err(err, c->path, v, path,
+				"`buttons` are Slack's (kind: slack)");
 	if (kind == CFG_NOTIFIER && e->secret && e->chat_kind != CHAT_DINGTALK)
 		return node_err(err, c->path, v, path,
 				"`secret` signs DingTalk messages only (kind: dingtalk)");

@@ -22,7 +22,8 @@
  *
  * A notifier is a chat webhook a pipeline's `notify:` names (engine/notify.h):
  * `kind` (wecom, dingtalk or slack) is required, `secret` is DingTalk's
- * signing secret. Credential fields (password, token, a notifier's url and
+ * signing secret, `buttons: true` (slack) adds the chatops buttons
+ * (engine/chatops.h). Credential fields (password, token, a notifier's url and
  * secret) may be
  * `${{ secrets.NAME }}`: they are resolved when a stage uses the endpoint,
  * from the encrypted secret store (engine/secrets.h). Errors name the file,
@@ -72,6 +73,7 @@ struct cfg_endpoint {
 	bool in_cluster;   /* kubernetes: the pod's service account */
 	enum chat_kind chat_kind; /* notifiers: the webhook's service */
 	char *secret;      /* notifiers: DingTalk signing secret; may be a template */
+	bool buttons;      /* notifiers: Slack chatops buttons (docs/chatbot.md) */
 	int line, col;     /* where it is declared */
 };
 

@@ -468,7 +468,7 @@ static void pump(struct queue *q)
 	}
 	if (!it->log_read)
 		read_log(n, it);
-	body = notice_render(ep->chat_kind, &it->nc);
+	body = notice_render_buttons(ep->chat_kind, &it->nc, ep->buttons);
 	if (ep->chat_kind == CHAT_DINGTALK && secret && *secret)
 		signed_url = dingtalk_signed_url(url, secret, kpl_now_ms());
 	hdr.name = "Content-Type";

@@ -36,6 +36,7 @@ struct chat_config {
 	char **pipelines; /* none: every pipeline */
 	size_t n_pipelines;
 	unsigned events; /* bit (1u << notice_kind) per wanted kind */
+	int buttons; /* slack: chatops buttons (notice_render_buttons) */
 };
 
 struct chatbot_config {

@@ -127,6 +127,59 @@ static void test_render_stage_failed(void **state)
 	notice_release(&n);
 }
 
+/* Slack's chatops buttons: only when asked, only for kinds with an action. */
+static void test_render_buttons(void **state)
+{
+	Kpl__V1__RunEvent ev = stage_ev("prod", KPL__V1__STAGE_STATE__STAGE_STATE_WAITING,
+					"waiting for approval: ship?", 1);
+	struct notice n;
+	json_t *j, *a, *b;
+
+	(void)state;
+	notice_init_from(&n, NOTICE_WAITING, &ev);
+	j = parse(notice_render(CHAT_SLACK, &n));
+	assert_int_equal(json_array_size(json_object_get(j, "blocks")), 1);
+	json_decref(j);
+	j = parse(notice_render_buttons(CHAT_SLACK, &n, 1));
+	assert_int_equal(json_array_size(json_object_get(j, "blocks")), 2);
+	a = json_array_get(json_object_get(j, "blocks"), 1);
+	assert_string_equal(json_string_value(json_object_get(a, "type")), "actions");
+	b = json_array_get(json_object_get(a, "elements"), 0);
+	assert_string_equal(json_string_value(json_object_get(b, "action_id")), "kpl_approve");
+	assert_string_equal(json_string_value(json_object_get(b, "value")), "r-1 prod");
+	assert_string_equal(json_string_value(json_object_get(b, "style")), "primary");
+	assert_non_null(json_object_get(b, "confirm"));
+	b = json_array_get(json_object_get(a, "elements"), 1);
+	assert_string_equal(json_string_value(json_object_get(b, "action_id")), "kpl_reject");
+	assert_string_equal(json_string_value(json_object_get(b, "style")), "danger");
+	json_decref(j);
+	/* Not for WeCom or DingTalk. */
+	j = parse(notice_render_buttons(CHAT_DINGTALK, &n, 1));
+	assert_null(json_object_get(j, "blocks"));
+	json_decref(j);
+	notice_release(&n);
+
+	ev = stage_ev("build", KPL__V1__STAGE_STATE__STAGE_STATE_SUCCEEDED, NULL, 1);
+	notice_init_from(&n, NOTICE_SUCCEEDED, &ev);
+	j = parse(notice_render_buttons(CHAT_SLACK, &n, 1));
+	assert_int_equal(json_array_size(json_object_get(j, "blocks")), 1);
+	json_decref(j);
+	n.kind = NOTICE_STARTED;
+	j = parse(notice_render_buttons(CHAT_SLACK, &n, 1));
+	a = json_array_get(json_object_get(j, "blocks"), 1);
+	b = json_array_get(json_object_get(a, "elements"), 0);
+	assert_string_equal(json_string_value(json_object_get(b, "action_id")), "kpl_cancel");
+	assert_string_equal(json_string_value(json_object_get(b, "value")), "r-1");
+	json_decref(j);
+	n.kind = NOTICE_CANCELLED;
+	j = parse(notice_render_buttons(CHAT_SLACK, &n, 1));
+	a = json_array_get(json_object_get(j, "blocks"), 1);
+	b = json_array_get(json_object_get(a, "elements"), 0);
+	assert_string_equal(json_string_value(json_object_get(b, "action_id")), "kpl_retry");
+	json_decref(j);
+	notice_release(&n);
+}
+
 static void test_render_bounds(void **state)
 {
 	Kpl__V1__RunEvent ev = stage_ev("build", KPL__V1__STAGE_STATE__STAGE_STATE_FAILED,
@@ -260,15 +313,18 @@ static void test_config(void **state)
 		"chats:\n"
 		"  - { name: a, kind: slack, url_env: CHATBOT_TEST_URL, pipelines: [shop],\n"
 		"      events: [failed, stage_failed] }\n"
-		"  - { name: b, kind: dingtalk, url: 'http://h/x?access_token=t', secret: SEC1 }\n";
+		"  - { name: b, kind: dingtalk, url: 'http://h/x?access_token=t', secret: SEC1 }\n"
+		"  - { name: c, kind: slack, url: 'http://h/T/B/X', buttons: true }\n";
 	struct chatbot_config c;
 	struct kpl_err err = { 0 };
 
 	(void)state;
 	setenv("CHATBOT_TEST_URL", "http://127.0.0.1:9/hook", 1);
 	assert_int_equal(chatbot_config_parse(good, strlen(good), "bot.yaml", &c, &err), 0);
-	assert_int_equal(c.n_chats, 2);
+	assert_int_equal(c.n_chats, 3);
 	assert_string_equal(c.chats[0].url, "http://127.0.0.1:9/hook");
+	assert_int_equal(c.chats[0].buttons, 0);
+	assert_int_equal(c.chats[2].buttons, 1);
 	assert_int_equal(c.backoff_ms, 200);
 	assert_int_equal(c.start_beginning, 1);
 	assert_true(chat_wants(&c.chats[0], NOTICE_FAILED, "shop"));
@@ -291,6 +347,12 @@ static void test_config(void **state)
 	assert_non_null(strstr(err.msg, "bot.yaml:3:"));
 	assert_non_null(strstr(err.msg, "unknown event"));
 	assert_null(strstr(err.msg, "SECRETPATH"));
+
+	static const char bad_buttons[] = "state_file: s\nchats:\n"
+					  "  - { name: a, kind: wecom, url: 'http://h/x', buttons: true }\n";
+	assert_int_equal(chatbot_config_parse(bad_buttons, strlen(bad_buttons), "bot.yaml", &c,
+					      &err), KPL_EINVAL);
+	assert_non_null(strstr(err.msg, "chats[0].buttons: buttons are for slack chats only"));
 }
 
 /* kpld connection keys: ca, cert and key together, token or token_env. */
@@ -373,6 +435,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_classify),
 		cmocka_unit_test(test_render_stage_failed),
+		cmocka_unit_test(test_render_buttons),
 		cmocka_unit_test(test_render_bounds),
 		cmocka_unit_test(test_utf8_truncate),
 		cmocka_unit_test(test_dingtalk_sign),

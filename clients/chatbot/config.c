@@ -143,7 +143,7 @@ static int parse_chat(struct cfg_ctx *cx, const struct pl_node *m, size_t idx,
 		      struct chat_config *chat)
 {
 	static const char *const known[] = { "name", "kind", "url", "url_env", "secret",
-					     "secret_env", "pipelines", "events", NULL };
+					     "secret_env", "pipelines", "events", "buttons", NULL };
 	const struct pl_node *v;
 	char path[64], p[128];
 	int rc;
@@ -185,6 +185,14 @@ static int parse_chat(struct cfg_ctx *cx, const struct pl_node *m, size_t idx,
 		snprintf(p, sizeof p, "%s.pipelines", path);
 		if ((rc = get_string_list(cx, v, p, &chat->pipelines, &chat->n_pipelines)))
 			return rc;
+	}
+	if ((v = pl_map_get(m, "buttons"))) {
+		snprintf(p, sizeof p, "%s.buttons", path);
+		if (v->type != PL_SCALAR || (strcmp(v->scalar, "true") && strcmp(v->scalar, "false")))
+			return bad(cx, v, p, "must be true or false");
+		if (strcmp(v->scalar, "true") == 0 && chat->kind != CHAT_SLACK)
+			return bad(cx, v, p, "buttons are for slack chats only");
+		chat->buttons = strcmp(v->scalar, "true") == 0;
 	}
 	chat->events = ALL_EVENTS;
 	if ((v = pl_map_get(m, "events"))) {

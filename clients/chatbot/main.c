@@ -570,7 +570,7 @@ static void process_item(struct bot *b, struct item *it)
 			struct msg *m = kpl_calloc(1, sizeof *m);
 
 			m->global_seq = it->global_seq;
-			m->body = notice_render(ch->cfg->kind, &it->n);
+			m->body = notice_render_buttons(ch->cfg->kind, &it->n, ch->cfg->buttons);
 			m->what = kpl_asprintf("%s of run %s (global seq %llu)",
 					       notice_kind_name(it->n.kind), it->n.run_id,
 					       (unsigned long long)it->global_seq);

@@ -335,7 +335,69 @@ static void ascii_only(char *s)
 			*s = '?';
 }
 
+/* A Block Kit button (external-apis-2.md section 6.4); confirm NULL: none. */
+static json_t *button(const char *action, const char *label, const char *style,
+		      const char *value, const char *confirm)
+{
+	json_t *b = json_pack("{s:s, s:s, s:s, s:{s:s, s:s}}", "type", "button", "action_id",
+			      action, "value", value, "text", "type", "plain_text", "text", label);
+
+	if (b && style)
+		json_object_set_new(b, "style", json_string(style));
+	if (b && confirm)
+		json_object_set_new(b, "confirm",
+				    json_pack("{s:{s:s, s:s}, s:{s:s, s:s}, s:{s:s, s:s}, "
+					      "s:{s:s, s:s}}",
+					      "title", "type", "plain_text", "text", "Are you sure?",
+					      "text", "type", "plain_text", "text", confirm,
+					      "confirm", "type", "plain_text", "text", label,
+					      "deny", "type", "plain_text", "text", "Back"));
+	return b;
+}
+
+/* The chatops buttons a notice gets, or NULL. */
+static json_t *actions_block(const struct notice *n)
+{
+	json_t *els = json_array();
+	char value[300], confirm[300];
+
+	switch (n->kind) {
+	case NOTICE_WAITING:
+		if (!n->stage)
+			break;
+		snprintf(value, sizeof value, "%s %s", n->run_id, n->stage);
+		snprintf(confirm, sizeof confirm, "Approve stage %s of run %s?", n->stage,
+			 n->run_id);
+		json_array_append_new(els, button("kpl_approve", "Approve", "primary", value,
+						  confirm));
+		json_array_append_new(els, button("kpl_reject", "Reject", "danger", value, NULL));
+		break;
+	case NOTICE_STARTED:
+		snprintf(confirm, sizeof confirm, "Cancel run %s?", n->run_id);
+		json_array_append_new(els, button("kpl_cancel", "Cancel", "danger", n->run_id,
+						  confirm));
+		break;
+	case NOTICE_FAILED:
+	case NOTICE_CANCELLED:
+		json_array_append_new(els, button("kpl_retry", "Retry", NULL, n->run_id, NULL));
+		break;
+	default:
+		break;
+	}
+	if (json_array_size(els) == 0) {
+		json_decref(els);
+		return NULL;
+	}
+	return json_pack("{s:s, s:s, s:o}", "type", "actions", "block_id", "kpl", "elements",
+			 els);
+}
+
 char *notice_render(enum chat_kind kind, const struct notice *n)
+{
+	return notice_render_buttons(kind, n, 0);
+}
+
+char *notice_render_buttons(enum chat_kind kind, const struct notice *n, int buttons)
 {
 	char **lines = kpl_calloc(n->n_log + 1, sizeof *lines);
 	char *text, *title = notice_title(n), *out;
@@ -357,6 +419,11 @@ char *notice_render(enum chat_kind kind, const struct notice *n)
 		root = pack(kind, title, text);
 		if (!root)
 			BUG("cannot encode a notice as JSON");
+	}
+	if (kind == CHAT_SLACK && buttons) {
+		json_t *a = actions_block(n);
+		if (a)
+			json_array_append_new(json_object_get(root, "blocks"), a);
 	}
 	out = json_dumps(root, JSON_COMPACT | JSON_PRESERVE_ORDER);
 	if (!out)

@@ -97,6 +97,15 @@ char *notice_title(const struct notice *n);
  */
 char *notice_render(enum chat_kind kind, const struct notice *n);
 
+/*
+ * notice_render, and for Slack with buttons set, an `actions` block whose
+ * buttons run chat commands on kpld (engine/chatops.h, docs/chatbot.md):
+ * Approve / Reject on `waiting` (action_id kpl_approve / kpl_reject, value
+ * "RUN STAGE"), Cancel on `started` (kpl_cancel, "RUN"), Retry on `failed`
+ * and `cancelled` (kpl_retry, "RUN"). Other kinds and chats: no buttons.
+ */
+char *notice_render_buttons(enum chat_kind kind, const struct notice *n, int buttons);
+
 /* Cuts s in place to at most max bytes, at a UTF-8 character boundary. */
 void utf8_truncate(char *s, size_t max);
 

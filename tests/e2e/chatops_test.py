@@ -46,6 +46,18 @@ stages:
   - { name: ship, kind: script, needs: [ok], with: { command: ["echo", "shipped"] } }
 """
 
+NOTIFIED = """
+name: notified
+notify:
+  - { notifier: team-slack, events: [waiting, failed] }
+stages:
+  - name: ok
+    kind: approval
+    timeout: 120s
+    with: { message: "ship it?" }
+  - { name: boom, kind: script, needs: [ok], with: { command: ["false"] } }
+"""
+
 SLEEPER = """
 name: sleeper
 stages:
@@ -134,6 +146,8 @@ class Suite:
             f.write("""
 kubernetes:
   test: { kubeconfig: %s }
+notifiers:
+  team-slack: { kind: slack, url: "http://127.0.0.1:%d/notify", buttons: true }
 chatops:
   slack:
     signing_secret: "${{ secrets.SLACK_SIGNING_SECRET }}"
@@ -146,7 +160,7 @@ chatops:
     app_secret: "${{ secrets.DING_APP_SECRET }}"
     users:
       staff1: { identity: bob, scope: submit }
-""" % (kc, self.slack_emu.port))
+""" % (kc, self.slack_emu.port, self.slack_emu.port))
         self.daemon = Daemon(binary, os.path.join(tmp, "data"),
                              ["--config", cfg, "--http-listen", "127.0.0.1:0"])
         self.c = self.daemon.start()
@@ -216,6 +230,19 @@ chatops:
         except ValueError:
             pass
         return status, data, path
+
+    def posts_to(self, path, n):
+        """The first n posts to path, awaited."""
+        deadline = time.monotonic() + 60
+        with self.slack_emu.cond:
+            while True:
+                got = [p for p in self.slack_emu.posts if p[0] == path]
+                if len(got) >= n:
+                    return got[:n]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError("%d posts to %s, want %d" % (len(got), path, n))
+                self.slack_emu.cond.wait(left)
 
     def button(self, action, value, user="U1"):
         self.n += 1
@@ -460,6 +487,32 @@ chatops:
                 open(self.daemon.log).read():
             raise AssertionError("no warning in kpld's log")
         assert_eq([p for p in self.slack_emu.posts if p[0] == "/elsewhere"], [], "no post")
+
+    def test_buttons_on_kpl_messages(self):
+        """The Slack message kpl posts for a waiting stage carries Approve and
+        Reject; pressing Approve (its action_id and value sent back as Slack
+        would) approves. The failed run's message carries Retry."""
+        run = Client.to_dict(submit(self.c, NOTIFIED))
+        rid = run["id"]
+        _, _, msg = self.posts_to("/notify", 1)[0]
+        actions = [b for b in msg["blocks"] if b["type"] == "actions"]
+        assert_eq(len(actions), 1, "one actions block")
+        els = actions[0]["elements"]
+        assert_eq([(e["action_id"], e["value"], e["text"]["text"]) for e in els],
+                  [("kpl_approve", "%s ok" % rid, "Approve"),
+                   ("kpl_reject", "%s ok" % rid, "Reject")], "buttons")
+        assert_eq(els[0]["style"], "primary", "approve style")
+        if "confirm" not in els[0]:
+            raise AssertionError("approve has no confirm dialog")
+        status, path = self.button(els[0]["action_id"], els[0]["value"])
+        assert_eq(status, 200, "status")
+        assert_eq(self.slack_emu.wait(path)[2]["text"], "alice approved stage ok of run %s" % rid,
+                  "outcome")
+        assert_eq(self.end(rid)["state"], "RUN_STATE_FAILED", "boom failed after approval")
+        _, _, failed = self.posts_to("/notify", 2)[1]
+        els = [b for b in failed["blocks"] if b["type"] == "actions"][0]["elements"]
+        assert_eq([(e["action_id"], e["value"]) for e in els], [("kpl_retry", rid)],
+                  "retry button")
 
     # -- DingTalk --------------------------------------------------------
 
