@@ -56,7 +56,7 @@ struct tokens {
 	 * that fails must not lock everyone out of a kpld that has no token).
 	 * Never goes back to false. */
 	bool configured;
-	struct api_method methods[4];
+	struct api_method methods[5];
 };
 
 static const char *const scope_names[] = {
@@ -235,6 +235,8 @@ static int pipeline_check(struct tokens *t, const struct api_method *m,
 	switch (m->bind) {
 	case API_BIND_NONE:
 		break; /* refused above */
+	case API_BIND_SELF:
+		return ST_OK;
 	case API_BIND_RUN:
 		for (size_t i = 0; i < KPL_ARRAY_SIZE(run_fields); i++) {
 			Kpl__Store__V1__RunRecord *run = NULL;
@@ -681,6 +683,45 @@ static void h_audit(struct api_call *call, const ProtobufCMessage *m, void *data
 	free(c.evs);
 }
 
+/* The authorize hook let the call through: read its token again (the
+ * hook keeps nothing on the call but its who). */
+static void h_whoami(struct api_call *call, const ProtobufCMessage *m, void *data)
+{
+	struct tokens *t = data;
+	const char *auth = api_call_metadata(call, "authorization"), *tok;
+	Kpl__V1__WhoAmIResponse resp = KPL__V1__WHO_AM_IRESPONSE__INIT;
+	Kpl__Store__V1__TokenRecord *rec = NULL;
+	char hash[HASH_HEX_LEN + 1];
+	int rc;
+
+	(void)m;
+	resp.who = (char *)api_call_who(call);
+	if (!t->configured) {
+		resp.scope = KPL__V1__TOKEN_SCOPE__TOKEN_SCOPE_ADMIN;
+		api_call_reply(call, &resp.base);
+		return;
+	}
+	if (!auth || strncasecmp(auth, "Bearer ", 7) != 0) {
+		api_call_fail(call, ST_UNAUTHENTICATED, "no token");
+		return;
+	}
+	for (tok = auth + 7; *tok == ' '; tok++)
+		;
+	token_hash(tok, hash);
+	if ((rc = store_get_token(t->store, hash, &rec)) != 0) {
+		char msg[200];
+		snprintf(msg, sizeof msg, "cannot read the token: %s", kpl_strerror(rc));
+		api_call_fail(call, rc == KPL_ENOTFOUND ? ST_UNAUTHENTICATED : ST_UNAVAILABLE,
+			      msg);
+		return;
+	}
+	resp.token_id = rec->id;
+	resp.scope = (Kpl__V1__TokenScope)rec->scope;
+	resp.pipeline = rec->pipeline;
+	api_call_reply(call, &resp.base);
+	kpl__store__v1__token_record__free_unpacked(rec, NULL);
+}
+
 /* ---------------------------------------------------------------------- */
 
 struct tokens *tokens_new(struct engine *e)
@@ -695,11 +736,15 @@ struct tokens *tokens_new(struct engine *e)
 		  &kpl__v1__revoke_token_request__descriptor, h_revoke, t, API_SCOPE_ADMIN },
 		{ "/kpl.v1.Security/ListAudit", API_UNARY,
 		  &kpl__v1__list_audit_request__descriptor, h_audit, t, API_SCOPE_ADMIN },
+		{ "/kpl.v1.Security/WhoAmI", API_UNARY,
+		  &kpl__v1__who_am_irequest__descriptor, h_whoami, t, API_SCOPE_READ,
+		  API_BIND_SELF },
 	};
 
 	t->eng = e;
 	t->store = engine_store(e);
 	t->configured = tokens_exist(t->store);
+	_Static_assert(sizeof methods == sizeof t->methods, "tokens: methods[] size");
 	memcpy(t->methods, methods, sizeof methods);
 	return t;
 }

@@ -148,6 +148,15 @@ struct api_call {
 
 	void (*on_cancel)(struct api_call *, void *);
 	void *cancel_data;
+
+	/* Another transport (api_call_start): gc is NULL, and every end,
+	 * push and flush goes to ops. ops_t is NULL once the transport
+	 * detached (its client is gone): then nothing goes to it. */
+	const struct api_call_ops *ops;
+	void *ops_t;
+	struct api_call **ops_out;  /* cleared when the call is freed */
+	const ProtobufCMessage *ops_reply; /* api_call_reply, during call_end */
+	bool ops_flushing;          /* ops->flush called, api_call_sent not yet */
 };
 
 enum server_state { SRV_RUNNING, SRV_STOPPING };
@@ -330,7 +339,12 @@ static void call_free(struct api_call *c)
 	}
 	grpc_metadata_array_destroy(&c->md);
 	grpc_call_details_destroy(&c->details);
-	grpc_call_unref(c->gc);
+	if (c->gc)
+		grpc_call_unref(c->gc);
+	if (c->ops_out)
+		*c->ops_out = NULL;
+	if (c->ops_t && c->ops->released)
+		c->ops->released(c->ops_t); /* last: it may free what ops_out is in */
 	if (c->req)
 		protobuf_c_message_free_unpacked(c->req, NULL);
 	if (c->recv_buf)
@@ -444,6 +458,12 @@ static void call_send_status(struct api_call *c, grpc_byte_buffer *reply,
 	grpc_op ops[3];
 	size_t n = 0;
 
+	if (c->ops) {
+		/* The transport encodes the reply now (it is borrowed). */
+		if (c->ops_t)
+			c->ops->end(c->ops_t, c->ops_reply, code, msg);
+		return;
+	}
 	memset(ops, 0, sizeof ops);
 	if (!c->md_sent) {
 		ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
@@ -679,11 +699,14 @@ static const struct api_method *method_find(struct api_server *s,
 static bool stream_admit(struct api_call *c)
 {
 	struct api_server *s = c->s;
-	char *peer = grpc_call_get_peer(c->gc), msg[256];
+	char msg[256];
 	size_t on_conn = 0;
 
-	c->peer = kpl_strdup(peer ? peer : "");
-	gpr_free(peer);
+	if (!c->peer) {
+		char *peer = grpc_call_get_peer(c->gc);
+		c->peer = kpl_strdup(peer ? peer : "");
+		gpr_free(peer);
+	}
 	for (const struct api_call *o = s->calls; o; o = o->next)
 		if (o != c && o->counted && strcmp(o->peer, c->peer) == 0)
 			on_conn++;
@@ -1183,6 +1206,11 @@ bool api_server_serving(struct api_server *s)
 
 void api_call_reply(struct api_call *call, const ProtobufCMessage *resp)
 {
+	if (call->ops) {
+		call->ops_reply = resp;
+		call_end(call, NULL, GRPC_STATUS_OK, NULL);
+		return;
+	}
 	call_end(call, pack_message(resp), GRPC_STATUS_OK, NULL);
 }
 
@@ -1212,6 +1240,8 @@ size_t api_call_push(struct api_call *call, const ProtobufCMessage *msg)
 		BUG("%s: api_call_push after the call ended", call->method);
 	if (call->send_busy)
 		BUG("%s: api_call_push with a send in flight", call->method);
+	if (call->ops)
+		return call->ops_t ? call->ops->push(call->ops_t, msg) : 0;
 	if (call->send_n == call->send_cap) {
 		call->send_cap = call->send_cap ? call->send_cap * 2 : 4;
 		call->send_q = kpl_realloc(call->send_q, call->send_cap * sizeof *call->send_q);
@@ -1235,15 +1265,21 @@ void api_call_flush(struct api_call *call,
 		BUG("%s: api_call_flush after the call ended", call->method);
 	if (call->send_busy)
 		BUG("%s: api_call_flush with a send in flight", call->method);
-	if (call->send_n == 0)
+	if (call->send_n == 0 && !call->ops)
 		BUG("%s: api_call_flush with nothing queued", call->method);
 	call->send_busy = true;
 	call->sent = sent;
 	call->sent_data = data;
 	call->send_i = 0;
 	call->send_failed = false;
-	if (call->cancelled) {
+	if (call->cancelled || (call->ops && !call->ops_t)) {
 		call_defer(call, &call->send_tag, 0);
+		return;
+	}
+	if (call->ops) {
+		call->refs++; /* the send's, until api_call_sent */
+		call->ops_flushing = true;
+		call->ops->flush(call->ops_t);
 		return;
 	}
 	with_md = !call->md_sent;
@@ -1287,6 +1323,8 @@ const char *api_call_metadata(struct api_call *call, const char *key)
 {
 	size_t klen = strlen(key);
 
+	if (call->ops)
+		return call->ops_t ? call->ops->metadata(call->ops_t, key) : NULL;
 	for (size_t i = 0; i < call->md.count; i++) {
 		const grpc_metadata *md = &call->md.metadata[i];
 		if (GRPC_SLICE_LENGTH(md->key) != klen ||
@@ -1326,7 +1364,7 @@ const char *api_call_peer_subject(struct api_call *call)
 	grpc_auth_property_iterator it;
 	const grpc_auth_property *p;
 
-	if (call->peer_read || !call->s->mtls)
+	if (call->peer_read || !call->s->mtls || !call->gc)
 		return call->peer_subject;
 	call->peer_read = true;
 	if (!(ctx = grpc_call_auth_context(call->gc)))
@@ -1364,4 +1402,75 @@ void api_call_recv(struct api_call *call,
 	op.data.recv_message.recv_message = &call->recv_buf;
 	if (!call_batch(call, &call->recv_tag, &op, 1))
 		call_defer(call, &call->recv_tag, 0);
+}
+
+/* --- Other transports. --- */
+
+const struct api_method *api_server_method(struct api_server *s, const char *path)
+{
+	for (size_t i = 0; i < s->n_methods; i++)
+		if (strcmp(s->methods[i].path, path) == 0)
+			return &s->methods[i];
+	return NULL;
+}
+
+/*
+ * The same steps as a grpc call's (call_new, on_request_msg): refused while
+ * shutting down, counted against the stream caps, authorized from the
+ * metadata alone and then with the request, then handed to the handler.
+ */
+void api_call_start(struct api_server *s, const struct api_method *m,
+		    ProtobufCMessage *req, const char *peer,
+		    const struct api_call_ops *ops, void *t, struct api_call **out)
+{
+	struct api_call *c = kpl_calloc(1, sizeof *c);
+
+	c->s = s;
+	c->ops = ops;
+	c->ops_t = t;
+	c->ops_out = out;
+	*out = c;
+	grpc_call_details_init(&c->details);
+	grpc_metadata_array_init(&c->md);
+	c->refs = 2; /* the handler's, and ours until the end of this function */
+	c->method = kpl_strdup(m->path);
+	c->m = m;
+	c->req = req;
+	c->peer = kpl_strdup(peer ? peer : "");
+	c->send_tag = (struct call_tag){ { on_sent, NULL, NULL, 0 }, c };
+	c->cancel_tag = (struct call_tag){ { on_cancel_tag, NULL, NULL, 0 }, c };
+	c->next = s->calls;
+	if (s->calls)
+		s->calls->prev = c;
+	s->calls = c;
+	s->n_calls++;
+	kpl_debug(SUB, "%s: new call from %s", c->method, c->peer);
+	if (m->type == API_BIDI_STREAM_)
+		call_end(c, NULL, GRPC_STATUS_UNIMPLEMENTED, "not served over this transport");
+	else if (s->state != SRV_RUNNING)
+		call_end(c, NULL, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
+	else if ((m->type == API_UNARY || stream_admit(c)) && call_authorize(c, NULL) &&
+		 call_authorize(c, c->req))
+		m->handler(c, c->req, m->data);
+	call_unref(c);
+}
+
+void api_call_sent(struct api_call *call, bool ok)
+{
+	if (!call->ops_flushing)
+		BUG("%s: api_call_sent without a flush", call->method);
+	call->ops_flushing = false;
+	on_sent(&call->send_tag.tag, ok ? 1 : 0);
+}
+
+void api_call_detach(struct api_call *call)
+{
+	call->ops_t = NULL;
+	call->ops_out = NULL;
+	if (call->ops_flushing) {
+		/* The transport will not say: the send failed. */
+		call->ops_flushing = false;
+		ready_push(call->s, &call->send_tag.tag, 0);
+	}
+	call_set_cancelled(call);
 }

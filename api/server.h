@@ -67,6 +67,7 @@ enum api_bind {
 	API_BIND_TEXT = 2,   /* "pipeline": a pipeline file whose name is that one */
 	API_BIND_FILTER = 3, /* "pipeline_name": a filter, set to that pipeline */
 	API_BIND_NAME = 4,   /* "name": the registered pipeline of that name */
+	API_BIND_SELF = 5,   /* about the caller itself (WhoAmI): every token */
 };
 
 struct api_method {
@@ -227,5 +228,56 @@ void api_call_set_who(struct api_call *call, const char *who);
  * Borrowed, valid until the call ends.
  */
 const char *api_call_peer_subject(struct api_call *call);
+
+/* --- Other transports. ---
+ *
+ * The HTTP/JSON face (api/httpapi.c) drives the very methods of the table:
+ * the same authorize hook (scopes, pipeline binding, who), the same stream
+ * caps, the same handlers and so the same audit entries. Only the bytes
+ * differ: a call started with api_call_start ends, pushes and flushes
+ * through ops instead of grpc.
+ */
+struct api_call_ops {
+	/* The call ended (once): resp is the unary reply or NULL (borrowed,
+	 * valid during the call only), code a grpc status, msg NULL or why. */
+	void (*end)(void *t, const ProtobufCMessage *resp, int code, const char *msg);
+	/* Server streaming: queue msg (borrowed, valid during the call only);
+	 * returns the bytes queued since the last flush. */
+	size_t (*push)(void *t, const ProtobufCMessage *msg);
+	/* Write what push queued, then call api_call_sent from a later
+	 * callback (never from inside flush). */
+	void (*flush)(void *t);
+	/* The request's metadata for a lowercase key ("authorization"), or
+	 * NULL. Borrowed, valid while the transport holds the call. */
+	const char *(*metadata)(void *t, const char *key);
+	/* The call is freed (optional; *out is cleared anyway). */
+	void (*released)(void *t);
+};
+
+/* The method of that full path ("/kpl.v1.Pipelines/GetRun"), or NULL. */
+const struct api_method *api_server_method(struct api_server *s, const char *path);
+
+/*
+ * Starts a call of m (one of s's methods; not a bidi one) over ops with
+ * transport data t. Takes req (freed with protobuf_c_message_free_unpacked,
+ * allocator NULL). peer names the client connection for the per-connection
+ * stream cap ("http:127.0.0.1:50000"). *out is set to the call at once and
+ * back to NULL when the call is freed, which may happen before this
+ * returns (refused, or answered at once). The transport holds the call
+ * until then or until api_call_detach.
+ */
+void api_call_start(struct api_server *s, const struct api_method *m,
+		    ProtobufCMessage *req, const char *peer,
+		    const struct api_call_ops *ops, void *t, struct api_call **out);
+
+/* The transport wrote what ops->flush asked (ok) or could not. */
+void api_call_sent(struct api_call *call, bool ok);
+
+/*
+ * The transport's client is gone: the call is cancelled (its handler's
+ * on_cancel runs), nothing more goes to ops, and the transport forgets the
+ * call (it ends and is freed without it).
+ */
+void api_call_detach(struct api_call *call);
 
 #endif

@@ -35,12 +35,16 @@ struct httpd_req {
 	char *method;
 	char *url;
 	char *path;
+	char *query; /* NULL: none */
 	char **hname, **hvalue;
 	size_t nh;
 	char *body;
 	size_t body_len, body_cap;
 	bool keep_alive;
 	char peer[64];
+	/* httpd_stream_begin: the client went away (called once). */
+	void (*on_gone)(struct httpd_req *req, void *data);
+	void *gone_data;
 };
 
 struct conn {
@@ -62,6 +66,10 @@ struct conn {
 	char *pending;   /* bytes after the message a handler holds */
 	size_t pending_len;
 	char peer[64];
+	bool streaming;  /* httpd_stream_begin: the response has no length */
+	bool stream_ended; /* httpd_stream_end: close once the writes are out */
+	size_t writes_out; /* stream writes not yet completed */
+	struct write_req *failed; /* stream writes uv_write refused */
 };
 
 struct httpd {
@@ -81,6 +89,10 @@ struct write_req {
 	uv_write_t w;
 	struct conn *conn;
 	char *buf;
+	bool stream; /* a stream write: done (if any) is told, nothing else */
+	struct write_req *next_failed; /* conn.failed */
+	void (*done)(void *data, int status);
+	void *data;
 };
 
 static const http_parser_settings parser_settings;
@@ -100,6 +112,7 @@ static void req_free(struct httpd_req *r)
 	free(r->method);
 	free(r->url);
 	free(r->path);
+	free(r->query);
 	for (size_t i = 0; i < r->nh; i++) {
 		free(r->hname[i]);
 		free(r->hvalue[i]);
@@ -237,6 +250,9 @@ static int on_headers_complete(http_parser *p)
 				      u.field_data[UF_PATH].len);
 	else
 		r->path = kpl_strdup("/");
+	if (u.field_set & (1 << UF_QUERY))
+		r->query = kpl_strndup(r->url + u.field_data[UF_QUERY].off,
+				       u.field_data[UF_QUERY].len);
 	return 0;
 }
 
@@ -293,11 +309,23 @@ static void conn_freed(struct conn *c)
 	if (c->next)
 		c->next->prev = c->prev;
 	h->n_conns--;
+	while (c->failed) {
+		struct write_req *wr = c->failed;
+		c->failed = wr->next_failed;
+		c->writes_out--;
+		if (wr->done)
+			wr->done(wr->data, UV_ECANCELED);
+		free(wr);
+	}
 	if (c->req) {
-		if (c->busy)
-			c->req->conn = NULL; /* the handler still holds it */
-		else
+		if (c->busy) {
+			struct httpd_req *r = c->req;
+			r->conn = NULL; /* the handler still holds it */
+			if (r->on_gone)
+				r->on_gone(r, r->gone_data);
+		} else {
 			req_free(c->req);
+		}
 	}
 	free(c->pending);
 	free(c);
@@ -395,6 +423,18 @@ static void on_written(uv_write_t *w, int status)
 	size_t n;
 
 	free(wr->buf);
+	if (wr->stream) {
+		void (*done)(void *, int) = wr->done;
+		void *data = wr->data;
+
+		free(wr);
+		c->writes_out--;
+		if (!c->closing && (status < 0 || (c->stream_ended && !c->writes_out)))
+			conn_close(c);
+		if (done)
+			done(data, status);
+		return;
+	}
 	free(wr);
 	if (c->closing)
 		return;
@@ -431,7 +471,10 @@ static void on_written(uv_write_t *w, int status)
 		uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
 }
 
-static void conn_write(struct conn *c, char *buf, size_t len)
+/* Takes buf. A stream write's done is called exactly once (status < 0:
+ * not written), from a libuv callback, never from here. */
+static void conn_write_ex(struct conn *c, char *buf, size_t len, bool stream,
+			  void (*done)(void *data, int status), void *data)
 {
 	struct write_req *wr = kpl_calloc(1, sizeof *wr);
 	uv_buf_t b = uv_buf_init(buf, (unsigned)len);
@@ -440,12 +483,36 @@ static void conn_write(struct conn *c, char *buf, size_t len)
 	wr->conn = c;
 	wr->buf = buf;
 	wr->w.data = wr;
+	wr->stream = stream;
+	wr->done = done;
+	wr->data = data;
+	if (stream)
+		c->writes_out++;
 	if ((rc = uv_write(&wr->w, (uv_stream_t *)&c->tcp, &b, 1, on_written)) < 0) {
 		kpl_debug(LOG, "%s: write: %s", c->peer, uv_strerror(rc));
+		if (stream) {
+			/* Told when the connection is freed (conn_freed),
+			 * as libuv tells the writes it cancels: never from
+			 * inside the caller's write. */
+			free(buf);
+			wr->w.data = NULL;
+			wr->buf = NULL;
+			wr->done = done;
+			wr->data = data;
+			wr->next_failed = c->failed;
+			c->failed = wr;
+			conn_close(c);
+			return;
+		}
 		free(buf);
 		free(wr);
 		conn_close(c);
 	}
+}
+
+static void conn_write(struct conn *c, char *buf, size_t len)
+{
+	conn_write_ex(c, buf, len, false, NULL, NULL);
 }
 
 static char *format_response(int status, const char *content_type, const char *body,
@@ -512,7 +579,8 @@ static void dispatch(struct conn *c)
 		if (pl && rt->path[pl - 1] == '*' ? strncmp(rt->path, r->path, pl - 1)
 						   : strcmp(rt->path, r->path))
 			continue;
-		if (strcmp(rt->method, r->method) == 0) {
+		/* Method "*": a route that answers every method itself. */
+		if (strcmp(rt->method, r->method) == 0 || strcmp(rt->method, "*") == 0) {
 			rt->handler(r, rt->data);
 			return;
 		}
@@ -571,8 +639,9 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
 	struct conn *c = s->data;
 
-	if (nread > 0 && c->draining) {
-		/* Dropped: see on_written. */
+	if (nread > 0 && (c->draining || c->streaming)) {
+		/* Dropped: see on_written; a stream's client has nothing
+		 * more to say (we read only to see it go). */
 	} else if (nread > 0 && !c->closing && !c->busy) {
 		arm_timer(c);
 		conn_feed(c, buf->base, (size_t)nread);
@@ -601,7 +670,7 @@ void httpd_respond_headers(struct httpd_req *req, int status, const char *conten
 		req_free(req);
 		return;
 	}
-	if (c->req != req || !c->busy)
+	if (c->req != req || !c->busy || c->streaming)
 		BUG("httpd_respond: the request is not the connection's");
 	c->close_after_write = !req->keep_alive;
 	buf = format_response(status, content_type, body, len, req->keep_alive, extra, &n);
@@ -626,6 +695,73 @@ void httpd_respondf(struct httpd_req *req, int status, const char *fmt, ...)
 		n = sizeof body - 2;
 	body[n++] = '\n';
 	httpd_respond(req, status, "text/plain; charset=utf-8", body, (size_t)n);
+}
+
+const char *httpd_req_query(struct httpd_req *req)
+{
+	return req->query ? req->query : "";
+}
+
+int httpd_stream_begin(struct httpd_req *req, int status, const char *content_type,
+		       const char *headers,
+		       void (*on_gone)(struct httpd_req *req, void *data), void *data)
+{
+	struct conn *c = req->conn;
+	char head[2048];
+	int n;
+
+	if (!c || c->closing)
+		return -1;
+	if (c->req != req || !c->busy || c->streaming)
+		BUG("httpd_stream_begin: the request is not the connection's");
+	n = snprintf(head, sizeof head,
+		     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%sConnection: close\r\n\r\n",
+		     status, status_text(status), content_type, headers ? headers : "");
+	if (n < 0 || (size_t)n >= sizeof head)
+		BUG("httpd: response head too long");
+	c->streaming = true;
+	req->on_gone = on_gone;
+	req->gone_data = data;
+	conn_write_ex(c, kpl_strndup(head, (size_t)n), (size_t)n, true, NULL, NULL);
+	if (!c->closing)
+		uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+	return c->closing ? -1 : 0;
+}
+
+int httpd_stream_write(struct httpd_req *req, const char *buf, size_t len,
+		       void (*done)(void *data, int status), void *data)
+{
+	struct conn *c = req->conn;
+
+	if (!c || c->closing)
+		return -1;
+	if (!c->streaming || c->stream_ended)
+		BUG("httpd_stream_write: not an open stream");
+	conn_write_ex(c, kpl_strndup(buf, len), len, true, done, data);
+	return 0;
+}
+
+size_t httpd_stream_pending(struct httpd_req *req)
+{
+	struct conn *c = req->conn;
+
+	return c && !c->closing ? c->writes_out : 0;
+}
+
+void httpd_stream_end(struct httpd_req *req)
+{
+	struct conn *c = req->conn;
+
+	if (c) {
+		if (c->req != req || !c->streaming)
+			BUG("httpd_stream_end: not the connection's stream");
+		c->req = NULL;
+		c->busy = false;
+		c->stream_ended = true;
+		if (!c->closing && !c->writes_out)
+			conn_close(c);
+	}
+	req_free(req);
 }
 
 /* ---------------------------------------------------------------------- */

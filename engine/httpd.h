@@ -14,8 +14,14 @@
  * Content-Length (none for 204).
  *
  * Routes are data: a table of method + exact path, or a prefix ending in
- * '*' (the query string is not part of the match). A path with no route
- * for the method gets 405 with Allow, an unknown path 404.
+ * '*' (the query string is not part of the match); method "*" takes every
+ * method (its handler answers the ones it does not serve). A path with no
+ * route for the method gets 405 with Allow, an unknown path 404.
+ *
+ * Streams (Server-Sent Events): a handler may answer with
+ * httpd_stream_begin instead, then write pieces as it likes, and end with
+ * httpd_stream_end; the response has no length and the connection closes
+ * at its end.
  *
  * Threads: loop thread only, all of it.
  */
@@ -41,7 +47,7 @@ struct httpd_req; /* one request a handler holds; opaque */
 typedef void (*httpd_handler_fn)(struct httpd_req *req, void *data);
 
 struct httpd_route {
-	const char *method; /* "GET", "POST" */
+	const char *method; /* "GET", "POST"; "*": any */
 	const char *path;   /* "/hooks/github"; a last character * makes it a prefix */
 	httpd_handler_fn handler;
 	void *data;
@@ -83,6 +89,8 @@ void httpd_stop(struct httpd *h, void (*done)(void *data), void *data);
 const char *httpd_req_method(struct httpd_req *req);
 /* The path without the query string. */
 const char *httpd_req_path(struct httpd_req *req);
+/* The raw query string without '?' (still percent-encoded), or "". */
+const char *httpd_req_query(struct httpd_req *req);
 /* The first header of that name (case-insensitive), or NULL. */
 const char *httpd_req_header(struct httpd_req *req, const char *name);
 /* The raw body bytes (NUL-terminated for convenience; may hold NULs). */
@@ -100,6 +108,28 @@ void httpd_respond(struct httpd_req *req, int status, const char *content_type,
  * most 2 KiB), borrowed for the call. */
 void httpd_respond_headers(struct httpd_req *req, int status, const char *content_type,
 			   const char *extra, const char *body, size_t len);
+/*
+ * Starts a response without a length (headers as httpd_respond_headers). From
+ * now on the connection reads only to see the client go: on_gone(req,
+ * data) is called once if it goes (or the server stops) before
+ * httpd_stream_end; req stays valid and must still be ended. Returns -1
+ * (nothing called) if the client is already gone.
+ */
+int httpd_stream_begin(struct httpd_req *req, int status, const char *content_type,
+		       const char *headers,
+		       void (*on_gone)(struct httpd_req *req, void *data), void *data);
+/*
+ * Writes len bytes (copied) of the stream. done(data, status) is called
+ * once, on the loop, never from inside this call: status 0 when the bytes
+ * went to the kernel, < 0 (a libuv error) when they never will, also after
+ * httpd_stream_end. Returns -1 (done not called) if the client is gone.
+ */
+int httpd_stream_write(struct httpd_req *req, const char *buf, size_t len,
+		       void (*done)(void *data, int status), void *data);
+/* Stream writes not yet completed (a slow reader's backlog). */
+size_t httpd_stream_pending(struct httpd_req *req);
+/* Ends the stream (after what was written goes out) and frees req. */
+void httpd_stream_end(struct httpd_req *req);
 /* httpd_respond with a text/plain body, printf style; a newline is added. */
 void httpd_respondf(struct httpd_req *req, int status, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));

@@ -17,6 +17,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "api/httpapi.h"
 #include "api/rpc_pipelines.h"
 #include "api/rpc_hooks.h"
 #include "api/rpc_tokens.h"
@@ -50,6 +51,7 @@ struct kpld {
 	struct rpc_hooks *rpc_hooks;
 	struct hooks *hooks; /* --http-listen */
 	struct chatops *chatops; /* its routes are on the hooks' listener */
+	struct httpapi *httpapi; /* the HTTP API on that listener */
 	uv_signal_t sigint, sigterm;
 	uv_idle_t closer; /* closes the store once no commit is in flight */
 	bool stopping;
@@ -65,6 +67,7 @@ static void usage(FILE *f)
 		"            [--bootstrap-token-file PATH] [--http-listen HOST:PORT]\n"
 		"            [--standby] [--max-streams N] [--max-streams-per-conn N]\n"
 		"            [--http-request-timeout SECONDS] [--http-max-per-address N]\n"
+		"            [--sse-heartbeat SECONDS] [--print-http-routes]\n"
 		"            [--map-size SIZE] [--run-budget SIZE] [--log-cap SIZE]\n"
 		"            [--sandbox bwrap|none] [--sandbox-bwrap PATH]\n"
 		"            [--sandbox-bind PATH]... [--sandbox-hide PATH]...\n"
@@ -106,6 +109,10 @@ static void usage(FILE *f)
 		"                       its first byte, else 408 (default 30)\n"
 		"  --http-max-per-address N\n"
 		"                       open HTTP connections from one address (default 16)\n"
+		"  --sse-heartbeat SECONDS\n"
+		"                       a comment line on idle HTTP API event streams this\n"
+		"                       often (default 15; docs/http.md)\n"
+		"  --print-http-routes  print the HTTP API's routes and exit\n"
 		"  --sandbox bwrap|none how stage commands are isolated (default bwrap:\n"
 		"                       bubblewrap, the data directory out of reach; none:\n"
 		"                       as kpld's user, unconfined; docs/security.md)\n"
@@ -218,6 +225,8 @@ static void on_signal(uv_signal_t *h, int signum)
 	d->stopping = true;
 	kpl_info(LOG, "%s: stopping", strsignal(signum));
 	api_server_set_serving(d->server, false);
+	if (d->httpapi)
+		httpapi_stop(d->httpapi);
 	retention_stop(d->retention, retention_stopped, d);
 	rpc_close_streams(d->rpc);
 	if (d->hooks)
@@ -318,6 +327,8 @@ enum {
 	OPT_SANDBOX_BWRAP,
 	OPT_SANDBOX_BIND,
 	OPT_SANDBOX_HIDE,
+	OPT_SSE_HEARTBEAT,
+	OPT_PRINT_HTTP_ROUTES,
 };
 
 /* Appends an absolute form of path to a NULL-terminated list (NULL paths
@@ -442,6 +453,8 @@ int main(int argc, char **argv)
 		{ "sandbox-bwrap", required_argument, NULL, OPT_SANDBOX_BWRAP },
 		{ "sandbox-bind", required_argument, NULL, OPT_SANDBOX_BIND },
 		{ "sandbox-hide", required_argument, NULL, OPT_SANDBOX_HIDE },
+		{ "sse-heartbeat", required_argument, NULL, OPT_SSE_HEARTBEAT },
+		{ "print-http-routes", no_argument, NULL, OPT_PRINT_HTTP_ROUTES },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -466,6 +479,8 @@ int main(int argc, char **argv)
 	struct engine_options eo = { 0 };
 	struct store_options sto = { 0 };
 	struct api_server_options so = { 0 };
+	struct httpapi_options hao = { 0 };
+	struct httpd_route extra_routes[HOOKS_MAX_EXTRA_ROUTES]; /* outlive the hooks */
 	char host[256];
 	const char *colon;
 	int c, rc;
@@ -554,6 +569,17 @@ int main(int argc, char **argv)
 		case OPT_SANDBOX_BWRAP: sandbox_bwrap = optarg; break;
 		case OPT_SANDBOX_BIND: sandbox_bind[n_bind++] = optarg; break;
 		case OPT_SANDBOX_HIDE: sandbox_hide[n_hide++] = optarg; break;
+		case OPT_SSE_HEARTBEAT: {
+			unsigned long v = strtoul(optarg, &end, 10);
+			if (*end || !*optarg || v < 1 || v > 3600) {
+				fprintf(stderr, "kpld: --sse-heartbeat: want seconds from 1 to "
+					"3600, got %s\n", optarg);
+				return 2;
+			}
+			hao.heartbeat_ms = (uint64_t)v * 1000;
+			break;
+		}
+		case OPT_PRINT_HTTP_ROUTES: httpapi_print_routes(stdout); return 0;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
@@ -699,8 +725,19 @@ int main(int argc, char **argv)
 					    .request_timeout_ms = http_request_timeout_ms,
 					    .max_per_address = http_max_per_address };
 
+		const struct httpd_route *chat_routes;
+		size_t n_chat;
+
 		chatops_set_engine(d.chatops, d.eng);
-		ho.extra_routes = chatops_routes(d.chatops, &ho.n_extra_routes);
+		chat_routes = chatops_routes(d.chatops, &n_chat);
+		if (n_chat + 1 > HOOKS_MAX_EXTRA_ROUTES)
+			BUG("%zu chatops routes", n_chat);
+		memcpy(extra_routes, chat_routes, n_chat * sizeof *chat_routes);
+		/* The HTTP API (docs/http.md). */
+		d.httpapi = httpapi_new(d.loop, d.server, &hao);
+		extra_routes[n_chat] = httpapi_route(d.httpapi);
+		ho.extra_routes = extra_routes;
+		ho.n_extra_routes = n_chat + 1;
 
 		if ((rc = hooks_start(&ho, &d.hooks, &err)) != 0) {
 			fprintf(stderr, "kpld: --http-listen: %s\n", err.msg);
@@ -708,7 +745,7 @@ int main(int argc, char **argv)
 			return 1;
 		}
 		rpc_set_hooks(d.rpc, d.hooks);
-		if (ho.n_extra_routes && !http_listen)
+		if (n_chat && !http_listen)
 			kpl_warn(LOG, "the config has chatops: but kpld has no --http-listen, so "
 				 "no chat command can reach it");
 	}
@@ -735,6 +772,7 @@ int main(int argc, char **argv)
 		kpl_error(LOG, "cannot write --ready-file %s", ready);
 
 	uv_run(d.loop, UV_RUN_DEFAULT);
+	httpapi_free(d.httpapi);
 	rc = uv_loop_close(d.loop);
 	if (rc) {
 		kpl_error(LOG, "loop did not close clean: %s", uv_strerror(rc));

@@ -47,6 +47,8 @@ EXPECTED = {
     P + "RunPipeline": ("submit", "name"), P + "GetRunPipeline": ("read", "run"),
     S + "CreateToken": ("admin", None), S + "ListTokens": ("admin", None),
     S + "RevokeToken": ("admin", None), S + "ListAudit": ("admin", None),
+    # About the caller itself: any token, a limited one too.
+    S + "WhoAmI": ("read", "self"),
 }
 
 APPROVAL = """
