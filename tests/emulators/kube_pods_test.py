@@ -356,7 +356,8 @@ data: {bin: aGVsbG8=}
         ex["terminationGracePeriodSeconds"] = 30
         self.create_pod("g1", "trap 'echo term > /ws/g1-term; exit 0' TERM; echo $$ > /ws/g1-pid; "
                         "while :; do sleep 0.05; done", extra=ex)
-        self.emu.await_pod("g1", lambda p: phase(p) == "Running", "Running")
+        self.emu.await_pod("g1", lambda p: phase(p) == "Running" and os.path.exists(os.path.join(d, "g1-pid")),
+                           "Running with its trap set")
         code, out = self.emu.call("DELETE", "/api/v1/namespaces/default/pods/g1",
                                   {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 10,
                                    "propagationPolicy": "Background"})
@@ -367,12 +368,16 @@ data: {bin: aGVsbG8=}
         eq(open(os.path.join(d, "g1-term")).read(), "term\n", "the process got SIGTERM")
         # TERM ignored: SIGKILL after the grace period; Terminating meanwhile
         self.create_pod("g2", "trap '' TERM; echo started > /ws/g2; while :; do sleep 0.05; done", extra=ex)
-        self.emu.await_pod("g2", lambda p: phase(p) == "Running", "Running")
-        code, out = self.emu.call("DELETE", "/api/v1/namespaces/default/pods/g2?gracePeriodSeconds=1")
+        self.emu.await_pod("g2", lambda p: phase(p) == "Running" and os.path.exists(os.path.join(d, "g2")),
+                           "Running with its trap set")
+        code, out = self.emu.call("DELETE", "/api/v1/namespaces/default/pods/g2?gracePeriodSeconds=300")
         eq(code, 200, "delete with the grace period in the query")
         p = self.emu.pod("g2")
         eq(bool(p and p["metadata"].get("deletionTimestamp")), True, "still there, terminating")
         contains(self.k("get", "pod", "g2"), "Terminating", "kubectl shows Terminating")
+        eq(phase(self.emu.pod("g2")), "Running", "TERM ignored: still running")
+        code, out = self.emu.call("DELETE", "/api/v1/namespaces/default/pods/g2?gracePeriodSeconds=1")
+        eq((code, out["metadata"]["deletionGracePeriodSeconds"]), (200, 1), "a second delete shortens the grace")
         self.emu.await_pod("g2", lambda p: p is None, "gone after SIGKILL")
         # force: gone at once, the process killed
         self.create_pod("g3", "echo $$ > /ws/g3-pid; exec sleep 1000", extra=ex)
@@ -463,6 +468,131 @@ data: {bin: aGVsbG8=}
         eq(evs[-1]["type"], "DELETED", "then deleted")
         for n in ("pe", "un"):
             self.k("delete", "pod", n)
+
+    def test_rbac(self):
+        self.apply("""
+apiVersion: v1
+kind: Namespace
+metadata: {name: ci}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: runner, namespace: ci}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: pods-rw, namespace: ci}
+rules:
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch, create, delete]
+- apiGroups: [""]
+  resources: [pods/log]
+  verbs: [get]
+- apiGroups: [""]
+  resources: [secrets]
+  resourceNames: [only-this]
+  verbs: [get]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: runner-pods, namespace: ci}
+subjects:
+- {kind: ServiceAccount, name: runner, namespace: ci}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: pods-rw}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: ns-reader}
+rules:
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [get, list]
+- apiGroups: [apps]
+  resources: ["*"]
+  verbs: [list]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: runner-ns}
+subjects:
+- {kind: Group, name: "system:serviceaccounts:ci", apiGroup: rbac.authorization.k8s.io}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: ns-reader}
+""")
+        out = self.k("get", "sa,role,rolebinding", "-n", "ci", "-o", "wide")
+        for want in ("serviceaccount/runner", "role.rbac.authorization.k8s.io/pods-rw",
+                     "rolebinding.rbac.authorization.k8s.io/runner-pods"):
+            contains(out, want, "kubectl get sa,role,rolebinding")
+        eq(bool(re.search(r"runner-pods\s+Role/pods-rw\s+\S+\s+ci/runner", out)), True, "binding row: " + out)
+        contains(self.k("get", "clusterrole,clusterrolebinding"), "clusterrolebinding.rbac.authorization.k8s.io/"
+                 "runner-ns", "cluster-scoped RBAC objects listed")
+        sa = "--as=system:serviceaccount:ci:runner"
+        for args, want in [(("create", "pods"), "yes"), (("delete", "pods"), "yes"), (("patch", "pods"), "no"),
+                           (("get", "pods", "--subresource=log"), "yes"),
+                           (("get", "pods", "--subresource=exec"), "no"),
+                           (("create", "pods", "-n", "default"), "no"), (("list", "secrets"), "no"),
+                           (("get", "secrets/only-this"), "yes"), (("get", "secrets/other"), "no"),
+                           (("list", "namespaces"), "yes"), (("list", "deployments.apps"), "yes"),
+                           (("create", "deployments.apps"), "no")]:
+            out = self.k("auth", "can-i", sa, "-n", "ci", *args, ok=False).strip()
+            eq(out.splitlines()[0] if out else "", want, "kubectl auth can-i %s" % " ".join(args))
+        eq(self.k("auth", "can-i", "patch", "pods", "-n", "ci").strip(), "yes", "the admin may do anything")
+        # a service account's bearer token: RBAC on every request
+        code, out = self.emu.call("POST", "/emulator/token", {"namespace": "ci", "serviceAccount": "runner"})
+        tok = out["token"]
+        code, out = self.emu.call("GET", "/api/v1/namespaces/ci/pods", token=tok)
+        eq(code, 200, "allowed list")
+        code, out = self.emu.call("GET", "/api/v1/namespaces/ci/secrets", token=tok)
+        eq((code, out["reason"], out["message"]), (403, "Forbidden", 'secrets is forbidden: User '
+           '"system:serviceaccount:ci:runner" cannot list resource "secrets" in API group "" in the namespace '
+           '"ci"'), "forbidden list")
+        code, out = self.emu.call("DELETE", "/apis/apps/v1/namespaces/ci/deployments/web", token=tok)
+        eq((code, out["message"]), (403, 'deployments.apps "web" is forbidden: User "system:serviceaccount:ci:'
+                                         'runner" cannot delete resource "deployments" in API group "apps" in the '
+                                         'namespace "ci"'), "forbidden delete")
+        code, out = self.emu.call("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", {
+            "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": {"namespace": "ci", "verb": "get", "resource": "pods",
+                                            "subresource": "log"}}}, token=tok)
+        eq((code, out["status"]["allowed"]), (201, True), "SelfSubjectAccessReview with the token")
+        contains(out["status"]["reason"], 'RoleBinding "runner-pods/ci" of Role "pods-rw"', "review reason")
+        code, out = self.emu.call("GET", "/version", token=tok)
+        eq(code, 200, "discovery is open")
+
+    def test_statefulset(self):
+        self.apply("""
+apiVersion: v1
+kind: Service
+metadata: {name: db}
+spec:
+  clusterIP: None
+  selector: {app: db}
+  ports: [{port: 5432, name: pg}]
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db}
+spec:
+  serviceName: db
+  replicas: 2
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec:
+      containers:
+      - {name: db, image: registry.example/db:1, volumeMounts: [{name: data, mountPath: /data}]}
+  volumeClaimTemplates:
+  - metadata: {name: data}
+    spec:
+      accessModes: [ReadWriteOnce]
+      resources: {requests: {storage: 2Gi}}
+""")
+        out = self.k("rollout", "status", "statefulset/db", "--timeout=%ds" % DEADLINE)
+        contains(out, "partitioned roll out complete: 2 new pods have been updated", "rollout status sts")
+        out = self.k("get", "pvc")
+        eq(bool(re.search(r"data-db-0\s+Bound\s+pvc-\S+\s+2Gi\s+RWO", out)), True, "claim per pod: " + out)
+        contains(self.k("get", "pods", "-l", "app=db", "-o", "name"), "pod/db-0\npod/db-1", "pods db-0, db-1")
+        contains(self.k("get", "sts", "db"), "2/2", "kubectl get sts")
 
     def test_request_log(self):
         self.emu.call("DELETE", "/emulator/requests")

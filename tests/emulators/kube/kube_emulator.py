@@ -2291,6 +2291,172 @@ class Runtime:
 RUNTIME = None
 
 
+# ---------------------------------------------------------------------------
+# identities and RBAC (rbac.authorization.k8s.io/v1, evaluated as the RBAC authorizer does)
+
+Identity = collections.namedtuple("Identity", "user groups enforced")
+ADMIN = Identity("system:admin", ("system:masters", "system:authenticated"), False)
+AUTHZ_LOCK = threading.Lock()
+SA_TOKENS = {}    # bearer token -> (namespace, service account)
+
+
+def sa_identity(ns, name):
+    return Identity("system:serviceaccount:%s:%s" % (ns, name),
+                    ("system:serviceaccounts", "system:serviceaccounts:%s" % ns, "system:authenticated"), True)
+
+
+def user_identity(user, groups):
+    m = re.match(r"^system:serviceaccount:([^:]+):([^:]+)$", user)
+    if m and not groups:
+        return sa_identity(m.group(1), m.group(2))
+    groups = tuple(groups) + ("system:authenticated",)
+    return Identity(user, groups, "system:masters" not in groups)
+
+
+def subject_matches(ident, s, binding_ns):
+    kind = s.get("kind")
+    if kind == "ServiceAccount":
+        return ident.user == "system:serviceaccount:%s:%s" % (s.get("namespace") or binding_ns, s.get("name"))
+    if kind == "User":
+        return ident.user == s.get("name")
+    if kind == "Group":
+        return s.get("name") in ident.groups
+    return False
+
+
+def rule_allows(rule, verb, group, resource, sub, name):
+    if not any(v in ("*", verb) for v in rule.get("verbs") or []):
+        return False
+    if not any(g in ("*", group) for g in rule.get("apiGroups") or []):
+        return False
+    want = resource + ("/" + sub if sub else "")
+    if not any(r in ("*", want) or (sub and r == "*/" + sub) or (not sub and r == resource)
+               for r in rule.get("resources") or []):
+        return False
+    names = rule.get("resourceNames") or []
+    return not names or (name and name in names)
+
+
+def authorize(ident, verb, group, resource, sub, ns, name):
+    """(allowed, reason) for a resource request, as the RBAC authorizer: RoleBindings of ns (to a Role
+    of ns or a ClusterRole) and ClusterRoleBindings; self-reviews are open to everyone (system:basic-user)."""
+    if not ident.enforced:
+        return True, ""
+    if group == AUTHZ and resource in ("selfsubjectaccessreviews", "selfsubjectrulesreviews") and verb == "create":
+        return True, 'RBAC: allowed by ClusterRoleBinding "system:basic-user" of ClusterRole "system:basic-user"'
+    with STORE.lock:
+        bindings = []
+        if ns:
+            bindings += [("RoleBinding", b) for b in STORE.list(RES["rolebindings"], ns)]
+        bindings += [("ClusterRoleBinding", b) for b in STORE.list(RES["clusterrolebindings"])]
+        for bkind, b in bindings:
+            bns = b["metadata"].get("namespace", "")
+            if not any(subject_matches(ident, s, bns) for s in b.get("subjects") or []):
+                continue
+            rr = b.get("roleRef") or {}
+            if rr.get("kind") == "Role" and bkind == "RoleBinding":
+                role = STORE.get(RES["roles"], bns, rr.get("name") or "")
+            elif rr.get("kind") == "ClusterRole":
+                role = STORE.get(RES["clusterroles"], "", rr.get("name") or "")
+            else:
+                role = None
+            for rule in (role or {}).get("rules") or []:
+                if rule_allows(rule, verb, group, resource, sub, name):
+                    subj = next(s for s in b.get("subjects") or [] if subject_matches(ident, s, bns))
+                    who = "%s \"%s%s\"" % (subj.get("kind"), subj.get("name"),
+                                            "/" + (subj.get("namespace") or bns) if subj.get("kind") ==
+                                            "ServiceAccount" else "")
+                    where = '"%s/%s"' % (b["metadata"]["name"], bns) if bkind == "RoleBinding" else \
+                        '"%s"' % b["metadata"]["name"]
+                    return True, 'RBAC: allowed by %s %s of %s "%s" to %s' % (bkind, where, rr.get("kind"),
+                                                                          rr.get("name"), who)
+    return False, ""
+
+
+def forbidden(ident, verb, res, sub, ns, name):
+    what = res.qualified() + (' "%s"' % name if name else "")
+    scope = 'in the namespace "%s"' % ns if ns else "at the cluster scope"
+    return ApiError(403, "Forbidden", '%s is forbidden: User "%s" cannot %s resource "%s" in API group "%s" %s'
+                    % (what, ident.user, verb, res.plural + ("/" + sub if sub else ""), res.group, scope),
+                    {"name": name or "", "group": res.group, "kind": res.plural})
+
+
+def pb_fields(buf):
+    """A protobuf message's fields: {number: [value...]} (varints as int, length-delimited as bytes)."""
+    out, i = {}, 0
+    while i < len(buf):
+        key, i = pb_varint(buf, i)
+        num, wt = key >> 3, key & 7
+        if wt == 0:
+            v, i = pb_varint(buf, i)
+        elif wt == 2:
+            n, i = pb_varint(buf, i)
+            v, i = buf[i:i + n], i + n
+        elif wt == 1:
+            v, i = buf[i:i + 8], i + 8
+        elif wt == 5:
+            v, i = buf[i:i + 4], i + 4
+        else:
+            raise ApiError(400, "BadRequest", "unsupported protobuf wire type %d" % wt)
+        out.setdefault(num, []).append(v)
+    return out
+
+
+def pb_varint(buf, i):
+    shift = v = 0
+    while True:
+        if i >= len(buf):
+            raise ApiError(400, "BadRequest", "truncated protobuf")
+        b = buf[i]
+        i += 1
+        v |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return v, i
+
+
+def ssar_from_protobuf(raw):
+    """The JSON form of a protobuf SelfSubjectAccessReview (runtime.Unknown envelope after 'k8s\\0';
+    generated.proto field numbers of authorization/v1)."""
+    if not raw.startswith(b"k8s\x00"):
+        raise ApiError(400, "BadRequest", "protobuf body without the k8s envelope")
+    unknown = pb_fields(raw[4:])
+    review = pb_fields((unknown.get(2) or [b""])[0])
+    spec = pb_fields((review.get(2) or [b""])[0])
+    s = lambda f, n: (f.get(n) or [b""])[0].decode()
+    out = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview", "spec": {}}
+    if 1 in spec:
+        ra = pb_fields(spec[1][0])
+        out["spec"]["resourceAttributes"] = {k: s(ra, n) for k, n in (
+            ("namespace", 1), ("verb", 2), ("group", 3), ("version", 4), ("resource", 5),
+            ("subresource", 6), ("name", 7))}
+    if 2 in spec:
+        na = pb_fields(spec[2][0])
+        out["spec"]["nonResourceAttributes"] = {"path": s(na, 1), "verb": s(na, 2)}
+    return out
+
+
+def self_subject_access_review(ident, body):
+    spec = body.get("spec") or {}
+    ra = spec.get("resourceAttributes")
+    if ra:
+        allowed, reason = authorize(ident, ra.get("verb", ""), ra.get("group", ""), ra.get("resource", ""),
+                                    ra.get("subresource", ""), ra.get("namespace", ""), ra.get("name", ""))
+    elif spec.get("nonResourceAttributes"):
+        allowed, reason = True, "non-resource URLs are open (system:discovery, system:public-info-viewer)"
+    else:
+        raise ApiError(422, "Invalid", 'SelfSubjectAccessReview.authorization.k8s.io "" is invalid: '
+                       "spec.resourceAttributes: Invalid value: \"null\": exactly one of nonResourceAttributes "
+                       "or resourceAttributes must be specified")
+    if not ident.enforced:
+        reason = ""
+    st = {"allowed": allowed}
+    if reason:
+        st["reason"] = reason
+    return {"kind": "SelfSubjectAccessReview", "apiVersion": "authorization.k8s.io/v1",
+            "metadata": {"creationTimestamp": None}, "spec": spec, "status": st}
+
+
 def delete_options(raw, q):
     """DeleteOptions from the body when there is one, else from the query (never both)."""
     opts = {}
@@ -3029,15 +3195,29 @@ class Handler(BaseHTTPRequestHandler):
                 pass
 
     def authenticate(self, path):
-        self.user = "system:admin"
-        if path in PUBLIC_PATHS or (not OPTS.token and not OPTS.client_ca):
-            return
+        """Sets self.ident.  A service account token (--sa-token, POST /emulator/token) is that
+        service account, under RBAC; the --token, a client certificate or no credentials at all (when
+        neither --token nor --client-ca is given) are the unrestricted admin.  The admin may
+        impersonate (Impersonate-User/-Group, kubectl --as/--as-group): the identity is then under RBAC."""
+        self.ident = ADMIN
         auth = self.headers.get("Authorization", "")
-        if OPTS.token and auth == "Bearer " + OPTS.token:
-            return
-        if OPTS.client_ca and isinstance(self.connection, ssl.SSLSocket) and self.connection.getpeercert():
-            return
-        raise ApiError(401, "Unauthorized", "Unauthorized")
+        tok = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+        with AUTHZ_LOCK:
+            sa = SA_TOKENS.get(tok) if tok else None
+        if sa:
+            self.ident = sa_identity(*sa)
+        elif not (path in PUBLIC_PATHS or (not OPTS.token and not OPTS.client_ca) or
+                  (OPTS.token and tok == OPTS.token) or
+                  (OPTS.client_ca and isinstance(self.connection, ssl.SSLSocket) and
+                   self.connection.getpeercert())):
+            raise ApiError(401, "Unauthorized", "Unauthorized")
+        imp = self.headers.get("Impersonate-User")
+        if imp:
+            if self.ident is not ADMIN:
+                raise ApiError(403, "Forbidden", 'users "%s" is forbidden: User "%s" cannot impersonate resource '
+                               '"users" in API group "" at the cluster scope' % (imp, self.ident.user))
+            self.ident = user_identity(imp, self.headers.get_all("Impersonate-Group") or [])
+        self.user = self.ident.user
 
     def route(self, method, path, q, raw):
         parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/")] if path != "/" else []
@@ -3119,6 +3299,15 @@ class Handler(BaseHTTPRequestHandler):
         REQUESTS.record({"verb": verb, "group": group, "version": version, "resource": res.plural,
                          "subresource": sub or "", "namespace": ns or "", "name": name or "",
                          "user": getattr(self, "user", "")})
+        ident = getattr(self, "ident", ADMIN)
+        if res.plural == "selfsubjectaccessreviews":
+            if method != "POST":
+                raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the "
+                               "requested resource")
+            return self.send_json(201, self_subject_access_review(ident, self.ssar_body(raw)))
+        allowed, _ = authorize(ident, verb, group, res.plural, sub or "", ns or "", name or "")
+        if not allowed:
+            raise forbidden(ident, verb, res, sub, ns, name)
         if name is None:
             if method in ("GET", "HEAD"):
                 if truthy(q.get("watch")):
@@ -3294,6 +3483,15 @@ class Handler(BaseHTTPRequestHandler):
         new = merge_patch(cur, intent) if res.crd else strategic_merge(cur, intent)
         out = STORE.update(res, ns, name, new, dry_run=dry, require_rv=False)
         return self.send_json(200, self.out(res, version, out))
+
+    def ssar_body(self, raw):
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+        if ctype == "application/vnd.kubernetes.protobuf":   # kubectl auth can-i's typed client
+            return ssar_from_protobuf(raw)
+        body = self.json_body(raw)
+        if not isinstance(body, dict):
+            raise ApiError(400, "BadRequest", "the body of the request was in an unknown format")
+        return body
 
     # -- pod logs (the kubelet's, through the apiserver): text/plain, chunked; follow streams lines as
     # they arrive and ends when the container's run ends
@@ -3509,6 +3707,14 @@ class Handler(BaseHTTPRequestHandler):
                     REQUESTS.items.clear()
                 return self.send_json(200, {})
             return self.send_json(200, {"items": REQUESTS.snapshot()})
+        if path == "/emulator/token" and method == "POST":
+            ns, sa = (body or {}).get("namespace"), (body or {}).get("serviceAccount")
+            if not ns or not sa:
+                raise ApiError(400, "BadRequest", "give namespace and serviceAccount")
+            tok = (body or {}).get("token") or "sa-" + uuid.uuid4().hex
+            with AUTHZ_LOCK:
+                SA_TOKENS[tok] = (ns, sa)
+            return self.send_json(200, {"token": tok, "user": sa_identity(ns, sa).user})
         if path in ("/emulator/evict", "/emulator/node-lost") and method == "POST":
             return self.send_json(200, {"pods": pod_fault(path.rsplit("/", 1)[1], body or {})})
         if path == "/emulator/compact" and method == "POST":
@@ -3562,9 +3768,17 @@ def main(argv=None):
     ap.add_argument("--webhook-denials", action="store_true",
                     help="answer invalid Istio objects as the real validating webhook does (400) instead of 422")
     ap.add_argument("--verbose", action="store_true", help="log requests to stderr")
+    ap.add_argument("--sa-token", action="append", default=[], metavar="TOKEN=NS/NAME",
+                    help="bearer TOKEN authenticates as service account NS/NAME, under RBAC (repeatable)")
     ap.add_argument("--pod-root", help="directory for real pods' files and claims' directories (default: a "
                     "new temporary directory, removed at exit)")
     OPTS = ap.parse_args(argv)
+    for t in OPTS.sa_token:
+        tok, _, who = t.partition("=")
+        ns, _, sa = who.partition("/")
+        if not tok or not ns or not sa:
+            ap.error("--sa-token wants TOKEN=NAMESPACE/NAME, not %r" % t)
+        SA_TOKENS[tok] = (ns, sa)
     own_root = not OPTS.pod_root
     POD_ROOT = OPTS.pod_root or tempfile.mkdtemp(prefix="kube-emulator-")
     os.makedirs(POD_ROOT, exist_ok=True)
