@@ -7,6 +7,8 @@
  *   POST /hooks/gitlab  X-Gitlab-Token: the secret, verbatim
  *   GET  /metrics       Prometheus text format 0.0.4 (engine/metrics.h)
  *   GET  /healthz       200 "ok" while serving
+ *   and the routes of hooks_options.extra_routes (chat commands,
+ *   engine/chatops.h)
  *
  * A delivery is checked against the webhook secret of every registered
  * pipeline (store db pipelines_registered; the secret is named there and

@@ -16,6 +16,7 @@ import http.client
 import http.server
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -513,6 +514,31 @@ chatops:
         els = [b for b in failed["blocks"] if b["type"] == "actions"][0]["elements"]
         assert_eq([(e["action_id"], e["value"]) for e in els], [("kpl_retry", rid)],
                   "retry button")
+
+    def test_config_errors_stop_kpld(self):
+        """A mistake in chatops: stops kpld at start, naming file, line,
+        column and key, and never the secret."""
+        cases = [
+            ("chatops:\n  slack:\n    signing_secret: s3cr3t-value-x\n"
+             "    users:\n      U1: { identity: alice, scope: boss }\n",
+             "bad.yaml:5:37: chatops.slack.users.U1.scope: one of read, submit, approve, admin"),
+            ("chatops:\n  slack:\n    users: {}\n",
+             "bad.yaml:3:5: chatops.slack: needs `signing_secret`"),
+            ("chatops:\n  teams: {}\n",
+             "bad.yaml:2:3: chatops.teams: unknown chat (allowed: slack, dingtalk)"),
+            ("chatops:\n  dingtalk:\n    app_secret: s3cr3t-value-x\n    user: {}\n",
+             "bad.yaml:4:5: chatops.dingtalk.user: unknown key (allowed: app_secret, users)"),
+        ]
+        for i, (text, want) in enumerate(cases):
+            path = os.path.join(self.tmp, "bad.yaml")
+            with open(path, "w") as f:
+                f.write(text)
+            p = subprocess.run([self.daemon.binary, "--listen", "127.0.0.1:0", "--data-dir",
+                                os.path.join(self.tmp, "bad%d" % i), "--config", path],
+                               capture_output=True, text=True, timeout=60)
+            assert_eq(p.returncode, 1, "exit code (%s)" % p.stderr)
+            if want not in p.stderr or "s3cr3t" in p.stderr:
+                raise AssertionError("stderr %r, want %r" % (p.stderr, want))
 
     # -- DingTalk --------------------------------------------------------
 
