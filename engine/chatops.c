@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/metrics.h"
 #include "engine/ops.h"
 #include "engine/secrets.h"
 #include "pipelines/expr.h"
@@ -746,6 +747,7 @@ static void run_command(struct chatops *c, enum svc svc, struct httpd_req *req,
 	Kpl__Store__V1__RunRecord *rec = NULL;
 	struct kpl_err err = { 0 };
 	struct job *j = NULL;
+	const char *result;
 	char who[400];
 	int rc;
 
@@ -755,6 +757,7 @@ static void run_command(struct chatops *c, enum svc svc, struct httpd_req *req,
 		reply(req, svc, false, "you (%s user %.100s) are not mapped to a kpl identity, so "
 		      "kpl does nothing: ask kpld's admin to add chatops.%s.users.%.100s to its "
 		      "config", svc_names[svc], uid ? uid : "?", svc_names[svc], uid ? uid : "?");
+		metrics_webhook(svc_names[svc], "unmapped");
 		return;
 	}
 	j = kpl_calloc(1, sizeof *j);
@@ -762,11 +765,14 @@ static void run_command(struct chatops *c, enum svc svc, struct httpd_req *req,
 	j->svc = svc;
 	j->button = button;
 	snprintf(j->identity, sizeof j->identity, "%s", u->identity);
+	result = "bad_request";
 	if (chatops_parse(text, &j->cmd, &err)) {
 		reply(req, svc, false, "%s", err.msg);
 		goto out;
 	}
+	result = "forbidden";
 	if (j->cmd.verb == CHATOPS_HELP) {
+		result = "accepted";
 		reply(req, svc, false, "%s", usage);
 		goto out;
 	}
@@ -780,11 +786,13 @@ static void run_command(struct chatops *c, enum svc svc, struct httpd_req *req,
 	}
 	if (j->cmd.run) {
 		if (ops_check_run_id("RUN", j->cmd.run, &err)) {
+			result = "bad_request";
 			reply(req, svc, false, "%s", err.msg);
 			goto out;
 		}
 		rc = store_get_run(engine_store(c->eng), j->cmd.run, &rec);
 		if (rc || !rec->run) {
+			result = "bad_request";
 			reply(req, svc, false, "run %s: %s", j->cmd.run,
 			      rc == KPL_ENOTFOUND ? "not found" : kpl_strerror(rc ? rc : KPL_ECORRUPT));
 			goto out;
@@ -802,6 +810,7 @@ static void run_command(struct chatops *c, enum svc svc, struct httpd_req *req,
 		      "pipelines, and a rollback is about a deployment", u->identity);
 		goto out;
 	}
+	result = "accepted";
 	if (j->cmd.verb == CHATOPS_STATUS) {
 		char st[MAX_TEXT];
 		status_text(engine_store(c->eng), rec, st, sizeof st);
@@ -827,6 +836,7 @@ static void run_command(struct chatops *c, enum svc svc, struct httpd_req *req,
 		break;
 	}
 	if (rc) {
+		result = "bad_request";
 		kpl_info(LOG, "%s %s: %s", who, verb_names[j->cmd.verb], err.msg);
 		reply(req, svc, false, "%s: %s", verb_names[j->cmd.verb], err.msg);
 		goto out;
@@ -856,6 +866,7 @@ static void run_command(struct chatops *c, enum svc svc, struct httpd_req *req,
 	}
 	j = NULL; /* the engine's now */
 out:
+	metrics_webhook(svc_names[svc], result);
 	if (rec)
 		kpl__store__v1__run_record__free_unpacked(rec, NULL);
 	free(j);
@@ -928,6 +939,7 @@ static bool admit(struct chatops *c, enum svc svc, struct httpd_req *req)
 			  svc == SVC_SLACK ? "signing_secret" : "app_secret", err.msg);
 		httpd_respondf(req, 503, "chatops.%s is not ready: its secret is not set",
 			       svc_names[svc]);
+		metrics_webhook(svc_names[svc], "error");
 		return false;
 	}
 	if (svc == SVC_SLACK) {
@@ -950,6 +962,7 @@ static bool admit(struct chatops *c, enum svc svc, struct httpd_req *req)
 			 v == CHATOPS_STALE ? "timestamp outside the window" : "bad signature");
 		httpd_respondf(req, 401, "unauthorized: %s",
 			       v == CHATOPS_STALE ? "timestamp outside the window" : "bad signature");
+		metrics_webhook(svc_names[svc], "unauthorized");
 		return false;
 	}
 	/* DingTalk's sign covers the timestamp only, not the body: a (timestamp,
@@ -962,6 +975,7 @@ static bool admit(struct chatops *c, enum svc svc, struct httpd_req *req)
 			httpd_respondf(req, 401, "unauthorized: replayed request");
 		else
 			httpd_respondf(req, 429, "too many chat requests; try again in a minute");
+		metrics_webhook(svc_names[svc], rc == KPL_EEXISTS ? "replayed" : "busy");
 		return false;
 	}
 	return true;
@@ -990,6 +1004,7 @@ static void on_slack(struct httpd_req *req, void *data)
 		if (!type || strcmp(type, "block_actions") || !aid || strncmp(aid, "kpl_", 4) ||
 		    !val) {
 			httpd_respondf(req, 400, "want a block_actions payload with a kpl_ action");
+			metrics_webhook("slack", "bad_request");
 		} else {
 			text = kpl_asprintf("%.40s %.1900s", aid + 4, val);
 			run_command(c, SVC_SLACK, req,
@@ -1000,6 +1015,12 @@ static void on_slack(struct httpd_req *req, void *data)
 		}
 		json_decref(root);
 		free(payload);
+		free(text);
+		return;
+	}
+	if ((text = form_get(body, len, "ssl_check")) != NULL) {
+		/* Slack checking the certificate of a slash command's URL. */
+		httpd_respond(req, 200, "text/plain", "", 0);
 		free(text);
 		return;
 	}

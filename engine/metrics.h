@@ -18,7 +18,8 @@
  *   kpl_queue_depth                 gauge: runs QUEUED
  *   kpl_stage_duration_seconds{kind} histogram of finished stage attempts
  *   kpl_grpc_calls_total{method,code} counter
- *   kpl_webhook_deliveries_total{source,result} counter
+ *   kpl_webhook_deliveries_total{source,result} counter (source also
+ *                                   "slack", "dingtalk": chat commands)
  *   kpl_api_events_read_total{method} counter: events read RPCs decoded
  *                                   from the store (GetRun and ListRuns
  *                                   seek instead, so theirs stay 0)

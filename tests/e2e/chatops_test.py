@@ -515,6 +515,11 @@ chatops:
         assert_eq([(e["action_id"], e["value"]) for e in els], [("kpl_retry", rid)],
                   "retry button")
 
+    def test_slack_ssl_check(self):
+        """Slack's certificate check of a slash command URL gets an empty 200."""
+        body, headers = self.slack_raw({"ssl_check": "1", "token": "deprecated"})
+        assert_eq(self.post("/chatops/slack", body, headers), (200, b""), "ssl_check")
+
     def test_config_errors_stop_kpld(self):
         """A mistake in chatops: stops kpld at start, naming file, line,
         column and key, and never the secret."""
@@ -575,6 +580,34 @@ chatops:
         assert_eq(self.stage(self.get(rid), "ok")["state"], "STAGE_STATE_WAITING", "still waiting")
         assert_eq(self.audit(), before, "nothing audited")
         self.c.call(P + "CancelRun", {"id": rid})
+
+
+    def test_metrics_count_requests(self):
+        """Every chat request is counted by chat and result on /metrics
+        (kpl_webhook_deliveries_total, as push deliveries are)."""
+        conn = http.client.HTTPConnection(*self.http, timeout=30)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        got = {}
+        for line in text.splitlines():
+            if line.startswith('kpl_webhook_deliveries_total{source="slack"') or \
+                    line.startswith('kpl_webhook_deliveries_total{source="dingtalk"'):
+                k, v = line.rsplit(" ", 1)
+                got[k] = int(float(v))
+        for want in ['{source="slack",result="accepted"}', '{source="slack",result="unauthorized"}',
+                     '{source="slack",result="replayed"}', '{source="slack",result="unmapped"}',
+                     '{source="slack",result="forbidden"}', '{source="slack",result="bad_request"}',
+                     '{source="dingtalk",result="accepted"}',
+                     '{source="dingtalk",result="unauthorized"}',
+                     '{source="dingtalk",result="replayed"}',
+                     '{source="dingtalk",result="forbidden"}',
+                     '{source="dingtalk",result="unmapped"}']:
+            if got.get("kpl_webhook_deliveries_total" + want, 0) < 1:
+                raise AssertionError("%s not counted: %r" % (want, got))
+        # Exactly one replay was sent to each.
+        assert_eq(got['kpl_webhook_deliveries_total{source="slack",result="replayed"}'], 1,
+                  "slack replays")
 
 
 def main():
