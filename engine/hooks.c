@@ -1660,6 +1660,8 @@ int hooks_start(const struct hooks_options *opt, struct hooks **out, struct kpl_
 	ho.listen = opt->listen;
 	ho.request_timeout_ms = opt->request_timeout_ms;
 	ho.max_per_address = opt->max_per_address;
+	ho.tls_cert_file = opt->tls_cert_file;
+	ho.tls_key_file = opt->tls_key_file;
 	if (opt->n_extra_routes > HOOKS_MAX_EXTRA_ROUTES)
 		BUG("%zu extra routes", opt->n_extra_routes);
 	for (size_t i = 0; i < opt->n_extra_routes; i++)

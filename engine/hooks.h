@@ -60,6 +60,9 @@ struct hooks_options {
 	/* httpd_options limits; 0 picks httpd's default. */
 	uint64_t request_timeout_ms;
 	size_t max_per_address;
+	/* PEM files: the listener serves TLS only (httpd_options). */
+	const char *tls_cert_file;
+	const char *tls_key_file;
 	/* More routes to serve on the listener (engine/chatops.h); borrowed,
 	 * outlive the hooks; at most HOOKS_MAX_EXTRA_ROUTES. */
 	const struct httpd_route *extra_routes;

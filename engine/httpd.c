@@ -17,6 +17,8 @@
 #include <string.h>
 #include <strings.h>
 
+#include "engine/tlsio.h"
+
 #define LOG "httpd"
 
 #define DEFAULT_MAX_HEADER (16 * 1024)
@@ -70,6 +72,7 @@ struct conn {
 	bool stream_ended; /* httpd_stream_end: close once the writes are out */
 	size_t writes_out; /* stream writes not yet completed */
 	struct write_req *failed; /* stream writes uv_write refused */
+	struct tlsio *tls; /* NULL: plaintext */
 };
 
 struct httpd {
@@ -80,6 +83,7 @@ struct httpd {
 	struct conn *conns;
 	size_t n_conns;
 	int port;
+	struct tlsio_ctx *tls; /* NULL: plaintext */
 	bool stopping;
 	void (*done)(void *);
 	void *done_data;
@@ -90,6 +94,7 @@ struct write_req {
 	struct conn *conn;
 	char *buf;
 	bool stream; /* a stream write: done (if any) is told, nothing else */
+	bool raw;    /* TLS handshake bytes: nothing to tell */
 	struct write_req *next_failed; /* conn.failed */
 	void (*done)(void *data, int status);
 	void *data;
@@ -328,10 +333,12 @@ static void conn_freed(struct conn *c)
 		}
 	}
 	free(c->pending);
+	tlsio_free(c->tls);
 	free(c);
 	if (h->stopping && !h->conns && !h->server_open) {
 		void (*done)(void *) = h->done;
 		void *data = h->done_data;
+		tlsio_ctx_free(h->tls);
 		free(h);
 		if (done)
 			done(data);
@@ -423,6 +430,12 @@ static void on_written(uv_write_t *w, int status)
 	size_t n;
 
 	free(wr->buf);
+	if (wr->raw) {
+		free(wr);
+		if (status < 0 && !c->closing)
+			conn_close(c);
+		return;
+	}
 	if (wr->stream) {
 		void (*done)(void *, int) = wr->done;
 		void *data = wr->data;
@@ -480,6 +493,19 @@ static void conn_write_ex(struct conn *c, char *buf, size_t len, bool stream,
 	uv_buf_t b = uv_buf_init(buf, (unsigned)len);
 	int rc;
 
+	if (c->tls) {
+		/* Encrypted in write order: the uv_write queue keeps it. */
+		rc = tlsio_write(c->tls, buf, len);
+		free(buf);
+		buf = tlsio_take_out(c->tls, &len);
+		if (rc < 0 || !buf) {
+			free(buf);
+			buf = kpl_strdup("");
+			len = 0;
+			kpl_debug(LOG, "%s: TLS write failed", c->peer);
+		}
+		b = uv_buf_init(buf, (unsigned)len);
+	}
 	wr->conn = c;
 	wr->buf = buf;
 	wr->w.data = wr;
@@ -635,10 +661,62 @@ static void on_alloc(uv_handle_t *hd, size_t suggested, uv_buf_t *buf)
 	buf->len = 16 * 1024;
 }
 
+/* Sends what TLS has for the peer (handshake, alerts, tickets). */
+static void tls_send_out(struct conn *c)
+{
+	struct write_req *wr;
+	uv_buf_t b;
+	size_t len;
+	char *buf = tlsio_take_out(c->tls, &len);
+
+	if (!buf)
+		return;
+	wr = kpl_calloc(1, sizeof *wr);
+	wr->conn = c;
+	wr->buf = buf;
+	wr->raw = true;
+	wr->w.data = wr;
+	b = uv_buf_init(buf, (unsigned)len);
+	if (uv_write(&wr->w, (uv_stream_t *)&c->tcp, &b, 1, on_written) < 0) {
+		free(buf);
+		free(wr);
+		conn_close(c);
+	}
+}
+
+static void on_read_plain(struct conn *c, ssize_t nread, const uv_buf_t *buf);
+
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
 	struct conn *c = s->data;
+	uv_buf_t plain;
+	size_t n;
+	int rc;
 
+	if (!c->tls || nread <= 0 || c->closing) {
+		on_read_plain(c, nread, buf);
+		return;
+	}
+	rc = tlsio_feed(c->tls, buf->base, (size_t)nread, &plain.base, &n);
+	free(buf->base);
+	tls_send_out(c);
+	if (rc < 0) {
+		kpl_debug(LOG, "%s: TLS error: closed", c->peer);
+		free(plain.base);
+		conn_close(c);
+		return;
+	}
+	plain.len = n;
+	if (n)
+		on_read_plain(c, (ssize_t)n, &plain);
+	else
+		free(plain.base);
+	if (rc == 1 && !c->closing)
+		on_read_plain(c, UV_EOF, &(uv_buf_t){ NULL, 0 });
+}
+
+static void on_read_plain(struct conn *c, ssize_t nread, const uv_buf_t *buf)
+{
 	if (nread > 0 && (c->draining || c->streaming)) {
 		/* Dropped: see on_written; a stream's client has nothing
 		 * more to say (we read only to see it go). */
@@ -823,6 +901,8 @@ static void on_connection(uv_stream_t *server, int status)
 		conn_close(c);
 		return;
 	}
+	if (h->tls)
+		c->tls = tlsio_new(h->tls);
 	http_parser_init(&c->parser, HTTP_REQUEST);
 	c->parser.data = c;
 	arm_timer(c);
@@ -865,6 +945,7 @@ static void server_closed(uv_handle_t *hd)
 	if (!h->conns) {
 		void (*done)(void *) = h->done;
 		void *data = h->done_data;
+		tlsio_ctx_free(h->tls);
 		free(h);
 		if (done)
 			done(data);
@@ -882,9 +963,16 @@ int httpd_start(uv_loop_t *loop, const struct httpd_options *opt, struct httpd *
 	memset(&ss, 0, sizeof ss);
 	if ((rc = parse_listen(opt->listen, &ss, err)) != 0)
 		return rc;
+	if (!opt->tls_cert_file != !opt->tls_key_file)
+		return kpl_errf(err, KPL_EINVAL, "http TLS needs both a certificate and a key");
 	h = kpl_calloc(1, sizeof *h);
 	h->loop = loop;
 	h->opt = *opt;
+	if (opt->tls_cert_file &&
+	    (rc = tlsio_ctx_new(opt->tls_cert_file, opt->tls_key_file, &h->tls, err)) != 0) {
+		free(h);
+		return rc;
+	}
 	if (!h->opt.max_header_bytes)
 		h->opt.max_header_bytes = DEFAULT_MAX_HEADER;
 	if (!h->opt.max_body_bytes)

@@ -11,7 +11,8 @@
  * from its first byte (so a client sending a byte now and then cannot keep
  * a connection forever); a request over a limit is answered 431/413/408 (or
  * the connection is cut) and the connection closed. Every response carries
- * Content-Length (none for 204).
+ * Content-Length (none for 204). With a certificate and key the listener
+ * speaks TLS only, through engine/tlsio.h on the same loop.
  *
  * Routes are data: a table of method + exact path, or a prefix ending in
  * '*' (the query string is not part of the match); method "*" takes every
@@ -64,6 +65,9 @@ struct httpd_options {
 	size_t max_per_address;  /* 16: open connections from one peer address */
 	uint64_t read_timeout_ms; /* 10 s: idle keep-alive or a slow request */
 	uint64_t request_timeout_ms; /* 30 s: first byte to whole request */
+	/* PEM files: with both, the listener serves TLS only (engine/tlsio.h). */
+	const char *tls_cert_file;
+	const char *tls_key_file;
 };
 
 /*

@@ -68,6 +68,7 @@ static void usage(FILE *f)
 		"            [--standby] [--max-streams N] [--max-streams-per-conn N]\n"
 		"            [--http-request-timeout SECONDS] [--http-max-per-address N]\n"
 		"            [--sse-heartbeat SECONDS] [--print-http-routes]\n"
+		"            [--http-tls-cert FILE --http-tls-key FILE]\n"
 		"            [--map-size SIZE] [--run-budget SIZE] [--log-cap SIZE]\n"
 		"            [--sandbox bwrap|none] [--sandbox-bwrap PATH]\n"
 		"            [--sandbox-bind PATH]... [--sandbox-hide PATH]...\n"
@@ -113,6 +114,10 @@ static void usage(FILE *f)
 		"                       a comment line on idle HTTP API event streams this\n"
 		"                       often (default 15; docs/http.md)\n"
 		"  --print-http-routes  print the HTTP API's routes and exit\n"
+		"  --http-tls-cert FILE serve the HTTP listener over TLS with this PEM\n"
+		"                       certificate (chain) ...\n"
+		"  --http-tls-key FILE  ... and this PEM key (default: --tls-cert and\n"
+		"                       --tls-key, when those are given)\n"
 		"  --sandbox bwrap|none how stage commands are isolated (default bwrap:\n"
 		"                       bubblewrap, the data directory out of reach; none:\n"
 		"                       as kpld's user, unconfined; docs/security.md)\n"
@@ -328,6 +333,8 @@ enum {
 	OPT_SANDBOX_BIND,
 	OPT_SANDBOX_HIDE,
 	OPT_SSE_HEARTBEAT,
+	OPT_HTTP_TLS_CERT,
+	OPT_HTTP_TLS_KEY,
 	OPT_PRINT_HTTP_ROUTES,
 };
 
@@ -454,6 +461,8 @@ int main(int argc, char **argv)
 		{ "sandbox-bind", required_argument, NULL, OPT_SANDBOX_BIND },
 		{ "sandbox-hide", required_argument, NULL, OPT_SANDBOX_HIDE },
 		{ "sse-heartbeat", required_argument, NULL, OPT_SSE_HEARTBEAT },
+		{ "http-tls-cert", required_argument, NULL, OPT_HTTP_TLS_CERT },
+		{ "http-tls-key", required_argument, NULL, OPT_HTTP_TLS_KEY },
 		{ "print-http-routes", no_argument, NULL, OPT_PRINT_HTTP_ROUTES },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
@@ -480,6 +489,7 @@ int main(int argc, char **argv)
 	struct store_options sto = { 0 };
 	struct api_server_options so = { 0 };
 	struct httpapi_options hao = { 0 };
+	const char *http_tls_cert = NULL, *http_tls_key = NULL;
 	struct httpd_route extra_routes[HOOKS_MAX_EXTRA_ROUTES]; /* outlive the hooks */
 	char host[256];
 	const char *colon;
@@ -580,6 +590,8 @@ int main(int argc, char **argv)
 			break;
 		}
 		case OPT_PRINT_HTTP_ROUTES: httpapi_print_routes(stdout); return 0;
+		case OPT_HTTP_TLS_CERT: http_tls_cert = optarg; break;
+		case OPT_HTTP_TLS_KEY: http_tls_key = optarg; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
@@ -595,6 +607,19 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	snprintf(host, sizeof host, "%.*s", (int)(colon - listen), listen);
+	if (!http_tls_cert != !http_tls_key) {
+		fprintf(stderr, "kpld: --http-tls-cert and --http-tls-key go together\n");
+		return 2;
+	}
+	/* A browser session carries a token: the HTTP listener is TLS as
+	 * soon as kpld has a certificate. */
+	if (!http_tls_cert && so.tls_cert_file && so.tls_key_file) {
+		http_tls_cert = so.tls_cert_file;
+		http_tls_key = so.tls_key_file;
+	}
+	/* Stages never see the key (the gRPC one is hidden by setup_sandbox). */
+	if (http_tls_key && http_tls_key != so.tls_key_file)
+		sandbox_hide[n_hide++] = (char *)http_tls_key;
 	if (!so.tls_cert_file != !so.tls_key_file ||
 	    (so.client_ca_file && !so.tls_cert_file)) {
 		fprintf(stderr, "kpld: --tls-cert and --tls-key go together; "
@@ -723,7 +748,9 @@ int main(int argc, char **argv)
 		struct hooks_options ho = { .loop = d.loop, .eng = d.eng,
 					    .data_dir = data_dir, .listen = http_listen,
 					    .request_timeout_ms = http_request_timeout_ms,
-					    .max_per_address = http_max_per_address };
+					    .max_per_address = http_max_per_address,
+					    .tls_cert_file = http_tls_cert,
+					    .tls_key_file = http_tls_key };
 
 		const struct httpd_route *chat_routes;
 		size_t n_chat;

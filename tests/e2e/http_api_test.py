@@ -25,6 +25,7 @@ from google.protobuf import json_format
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 from e2e_test import LONG, TWO_STAGES, assert_eq, run_suite  # noqa: E402
+from security_test import APPROVAL  # noqa: E402
 from kplgrpc import Client  # noqa: E402
 
 P = "kpl.v1.Pipelines/"
@@ -381,6 +382,118 @@ class Suite:
         status, _, js = self.h.req("POST", "/v1/runs", deep.encode())
         assert_eq((status, js["code"]), (400, 3), "nested too deep")
 
+    def twin(self, method, path, body, rpc, req, token="root"):
+        """The route and its gRPC method answer alike: the same message, or
+        the same error code (and HTTP status of it)."""
+        status, _, js = self.h.req(method, path, body, token=self.tokens[token])
+        try:
+            want = proto_json(self.c.call(rpc, req, metadata=self.md(token)))
+            code = 0
+        except grpc.RpcError as e:
+            want, code = None, e.code().value[0]
+        if code == 0:
+            assert_eq((status, js), (200, want), "%s %s against %s" % (method, path, rpc))
+        else:
+            assert_eq(js.get("code") if js else None, code,
+                      "%s %s: code against %s's" % (method, path, rpc))
+            statuses = {3: 400, 5: 404, 7: 403, 9: 400, 14: 503, 6: 409, 16: 401, 8: 429}
+            if code in statuses:
+                assert_eq(status, statuses[code], "%s %s: HTTP status of code %d"
+                          % (method, path, code))
+        return status, js
+
+    def test_more_routes_answer_like_grpc(self):
+        self.twin("GET", "/v1/pipelines", None, P + "ListPipelines", {})
+        self.twin("POST", "/v1/pipelines:validate", {"pipeline": TWO_STAGES},
+                  P + "ValidatePipeline", {"pipeline": TWO_STAGES})
+        st, js = self.twin("POST", "/v1/pipelines:validate", {"pipeline": "name: x\nstages: 7"},
+                           P + "ValidatePipeline", {"pipeline": "name: x\nstages: 7"})
+        if js.get("valid") or not js.get("diagnostics"):
+            raise AssertionError("a bad file has diagnostics: %r" % js)
+        self.twin("GET", "/v1/releases?deployment=kind/default/web", None, P + "ListReleases",
+                  {"deployment": "kind/default/web"})
+        self.twin("POST", "/v1/releases:rollback", {"deployment": "nocluster/default/web"},
+                  P + "RollbackRelease", {"deployment": "nocluster/default/web"})
+        self.twin("POST", "/v1/pipelines/nosuch:run", {"ref": "main"}, P + "RunPipeline",
+                  {"name": "nosuch", "ref": "main"})
+        self.twin("PUT", "/v1/pipelines/web", {"repo": "/nonexistent.git", "secret": "NOPE"},
+                  P + "RegisterPipeline", {"name": "web", "repo": "/nonexistent.git",
+                                           "secret": "NOPE"})
+        self.twin("DELETE", "/v1/pipelines/nosuch", None, P + "DeletePipeline",
+                  {"name": "nosuch"})
+        self.twin("GET", "/v1/tokens", None, S + "ListTokens", {})
+        for who in ("root", "read", "ci"):
+            self.twin("GET", "/v1/whoami", None, S + "WhoAmI", {}, token=who)
+        me = self.h.ok("GET", "/v1/whoami", token=self.tokens["ci"])
+        assert_eq((me["scope"], me["pipeline"], me["tokenId"]),
+                  ("TOKEN_SCOPE_SUBMIT", "two-stage", self.ids["ci"]), "whoami of a limited token")
+        if self.ids["ci"] not in me["who"]:
+            raise AssertionError("whoami's who: %r" % me)
+
+    def test_secrets_names_only(self):
+        value = "sup3r-secret-value-42"
+        got = self.h.ok("PUT", "/v1/secrets/HTTP_SECRET", {"value": value,
+                                                           "pipelines": ["two-stage"]})
+        assert_eq(got, {"name": "HTTP_SECRET", "pipelines": ["two-stage"]}, "PUT's answer")
+        status, _, js = self.h.req("GET", "/v1/secrets", token=self.tokens["approve"])
+        assert_eq(status, 403, "listing secrets with an approve token")
+        st, js = self.twin("GET", "/v1/secrets", None, P + "ListSecrets", {})
+        if value in json.dumps(js):
+            raise AssertionError("a secret's value came out")
+        got = self.h.ok("DELETE", "/v1/secrets/HTTP_SECRET")
+        assert_eq(got["name"], "HTTP_SECRET", "DELETE's answer")
+        status, _, js = self.h.req("DELETE", "/v1/secrets/HTTP_SECRET")
+        assert_eq((status, js["code"]), (404, 5), "deleting it again")
+
+    def test_tokens_over_http(self):
+        got = self.h.ok("POST", "/v1/tokens", {"scope": "TOKEN_SCOPE_READ",
+                                               "description": "via-http"})
+        tok, tid = got["token"], got["info"]["id"]
+        me = self.h.ok("GET", "/v1/whoami", token=tok)
+        assert_eq((me["scope"], me["tokenId"]), ("TOKEN_SCOPE_READ", tid), "the new token")
+        status, _, js = self.h.req("POST", "/v1/tokens", {"scope": "TOKEN_SCOPE_READ"},
+                                   token=tok)
+        assert_eq((status, js["code"]), (403, 7), "a read token making tokens")
+        got = self.h.ok("POST", "/v1/tokens/%s:revoke" % tid, {})
+        if not got.get("revokedAt"):
+            raise AssertionError("revoke's answer: %r" % got)
+        status, _, js = self.h.req("GET", "/v1/whoami", token=tok)
+        assert_eq((status, js["code"]), (401, 16), "a revoked token")
+        audit = self.h.ok("GET", "/v1/audit?from_seq=1&limit=1000")
+        msgs = [e.get("message", "") for e in audit.get("events", [])]
+        for want in ("created token %s" % tid, "revoked token %s" % tid):
+            if not any(want in m and self.ids["root"] in m for m in msgs):
+                raise AssertionError("no audit entry %r by root in %r" % (want, msgs[-5:]))
+
+    def test_approve_and_retry(self):
+        run = self.submit_http(APPROVAL)
+        s = Sse(self.d.http, "/v1/runs/%s/events" % run["id"], token=self.tokens["read"])
+        while True:
+            evs, end = s.events(limit=1)
+            if end is not None or not evs:
+                raise AssertionError("the run ended before its approval waited")
+            if evs[0].get("stage") == "ok" and evs[0].get("stageState") == "STAGE_STATE_WAITING":
+                break
+        path = "/v1/runs/%s/stages/ok:approve" % run["id"]
+        status, _, js = self.h.req("POST", path, {"approve": True}, token=self.tokens["submit"])
+        assert_eq((status, js["code"]), (403, 7), "approving with a submit token")
+        got = self.h.ok("POST", path, {"approve": True, "comment": "ship"},
+                        token=self.tokens["approve"])
+        if got["id"] != run["id"]:
+            raise AssertionError("approve's answer: %r" % got)
+        rest, end = s.events()
+        s.close()
+        assert_eq(rest[-1].get("runState"), "RUN_STATE_SUCCEEDED", "the approved run")
+        audits = [e for e in rest if e.get("kind") == "EVENT_KIND_AUDIT"]
+        if not any(self.ids["approve"] in e.get("message", "") for e in audits):
+            raise AssertionError("no audit event by the approve token: %r" % audits)
+        # Retry: a cancelled run runs again as attempt 2.
+        run = self.submit_http(LONG)
+        self.h.ok("POST", "/v1/runs/%s:cancel" % run["id"], {})
+        got = self.h.ok("POST", "/v1/runs/%s:retry" % run["id"], {}, token=self.tokens["submit"])
+        assert_eq(got["attempt"], 2, "retry's attempt")
+        self.h.ok("POST", "/v1/runs/%s:cancel" % run["id"], {})
+
     # --- streams --------------------------------------------------------
 
     def test_sse_matches_watchrun_and_resumes(self):
@@ -497,6 +610,50 @@ class Suite:
             b.close()
         finally:
             assert_eq(d.stop(), 0, "capped kpld's exit code")
+
+    def test_tls(self):
+        pki = os.path.join(self.tmp, "pki")
+        os.makedirs(pki, exist_ok=True)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "key.pem",
+                        "-out", "cert.pem", "-days", "2", "-subj", "/CN=kpl test",
+                        "-addext", "subjectAltName=IP:127.0.0.1"],
+                       cwd=pki, check=True, capture_output=True)
+        cert, key = os.path.join(pki, "cert.pem"), os.path.join(pki, "key.pem")
+        for name, flags in (("tls", ["--http-tls-cert", cert, "--http-tls-key", key]),
+                            ("tls-grpc", ["--tls-cert", cert, "--tls-key", key])):
+            d = Kpld(self.kpld_bin, self.tmp, name, *flags).start()
+            try:
+                base = "https://127.0.0.1:%d" % d.http[1]
+                r = subprocess.run(["curl", "-sS", "--cacert", cert, base + "/v1/whoami"],
+                                   capture_output=True, text=True, timeout=60)
+                assert_eq((r.returncode, json.loads(r.stdout or "null")),
+                          (0, {"who": "local", "scope": "TOKEN_SCOPE_ADMIN"}),
+                          "%s: curl --cacert GET /v1/whoami (%s)" % (name, r.stderr))
+                r = subprocess.run(["curl", "-sS", base + "/v1/whoami"], capture_output=True,
+                                   text=True, timeout=60)
+                if r.returncode == 0:
+                    raise AssertionError("%s: curl trusted an unknown certificate" % name)
+                run = Http(d.http, tls_ca=cert).ok("POST", "/v1/runs", {"pipeline": TWO_STAGES})
+                # SSE over TLS, read by curl to the stream's end.
+                r = subprocess.run(["curl", "-sS", "-N", "--cacert", cert,
+                                    base + "/v1/runs/%s/events" % run["id"]],
+                                   capture_output=True, text=True, timeout=120)
+                ids = [int(x) for x in re.findall(r"^id: (\d+)$", r.stdout, re.M)]
+                if not ids or ids != list(range(1, len(ids) + 1)) or "event: end" not in r.stdout:
+                    raise AssertionError("%s: SSE over TLS: %r" % (name, r.stdout[-500:]))
+                # Plain HTTP to the TLS port gets no answer.
+                c = http.client.HTTPConnection("127.0.0.1", d.http[1], timeout=30)
+                try:
+                    c.request("GET", "/v1/whoami")
+                    c.getresponse()
+                    raise AssertionError("%s: plain HTTP answered on the TLS port" % name)
+                except (http.client.HTTPException, OSError):
+                    pass
+                finally:
+                    c.close()
+            finally:
+                assert_eq(d.stop(), 0, "%s kpld's exit code" % name)
 
     def close(self):
         self.c.close()
