@@ -650,6 +650,9 @@ static void run_set_state(struct run *r, Kpl__V1__RunState to, const char *msg)
 		r->final_commit_no = r->commits_issued;
 	if (run_state_final(to) && r->group)
 		group_kick(r->eng, r);
+	for (size_t i = 0; run_state_final(to) && i < r->n_stages; i++)
+		if (r->stages[i].kind && r->stages[i].kind->run_ended)
+			r->stages[i].kind->run_ended(&r->stages[i]);
 }
 
 /* The stage's `timeout`; a kind with with_timeout also takes `with.timeout`

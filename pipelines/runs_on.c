@@ -9,7 +9,7 @@
 
 const char *const pl_runs_on_keys[] = {
 	"cluster", "namespace", "image", "resources", "service_account", "node_selector",
-	"tolerations", "image_pull_timeout", "schedule_timeout", NULL,
+	"tolerations", "image_pull_timeout", "schedule_timeout", "workspace", NULL,
 };
 
 static int at(struct kpl_err *err, const char *file, const struct pl_node *n,
@@ -215,7 +215,7 @@ int pl_runs_on_check(const struct pl_node *n, const char *file, const char *path
 		if (!*a)
 			return at(err, file, n->keys[i], path, k, "unknown key (allowed: cluster, "
 				  "namespace, image, resources, service_account, node_selector, "
-				  "tolerations, image_pull_timeout, schedule_timeout)%s", NULL);
+				  "tolerations, image_pull_timeout, schedule_timeout, workspace)%s", NULL);
 	}
 	if ((v = pl_map_get(n, "cluster")) && (rc = want_string(v, file, path, "cluster", err)))
 		return rc;
@@ -238,6 +238,13 @@ int pl_runs_on_check(const struct pl_node *n, const char *file, const char *path
 			return at(err, file, v, path, "service_account", "\"%s\" is not a service "
 				  "account name (lower-case letters, digits, '-' and '.')",
 				  v->scalar);
+	}
+	if ((v = pl_map_get(n, "workspace"))) {
+		if ((rc = want_string(v, file, path, "workspace", err)))
+			return rc;
+		if (!templated(v) && !quantity(v->scalar))
+			return at(err, file, v, path, "workspace", "\"%s\" is not a size (the run's "
+				  "PersistentVolumeClaim's: 1Gi, 500Mi)", v->scalar);
 	}
 	if ((v = pl_map_get(n, "resources")) && (rc = check_resources(v, file, path, err)))
 		return rc;

@@ -12,6 +12,8 @@
  *     tolerations: [ { key: ci, operator: Equal, value: "true", effect: NoSchedule } ]
  *     image_pull_timeout: 1m    # how long an image may fail to pull (default 1m)
  *     schedule_timeout: 5m      # how long the pod may stay unschedulable (default 5m)
+ *     workspace: 1Gi            # /workspace is the run's PersistentVolumeClaim of this
+ *                               # size, shared by its pod stages (default: an empty dir)
  *   runs_on: local              # kpld's host, even with defaults.runs_on
  *
  * A stage's keys win over the defaults' one by one (a stage may name only its

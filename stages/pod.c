@@ -49,6 +49,7 @@
 
 enum pod_step {
 	STEP_CLAIMING,      /* the CLAIMED record is being made durable */
+	STEP_CLAIM,         /* POST PersistentVolumeClaim (the run's workspace) */
 	STEP_SECRET,        /* POST Secret */
 	STEP_CREATE,        /* POST Pod */
 	STEP_ATTACH,        /* GET Pod (after a restart) */
@@ -62,7 +63,7 @@ enum pod_step {
 };
 
 static const char *const step_names[] = {
-	"CLAIMING", "SECRET", "CREATE", "ATTACH", "FOLLOW", "DELETE", "WAIT_GONE", "FORCE",
+	"CLAIMING", "CLAIM", "SECRET", "CREATE", "ATTACH", "FOLLOW", "DELETE", "WAIT_GONE", "FORCE",
 	"DELETE_SECRET", "END",
 };
 _Static_assert(KPL_ARRAY_SIZE(step_names) == STEP_LAST, "a name per step");
@@ -80,6 +81,7 @@ struct pod {
 	struct podspec_record rec;   /* the stored state, as last recorded */
 	enum pod_step step;
 	json_t *pod_obj, *secret_obj; /* to create; secret_obj NULL: no secret */
+	json_t *claim_obj;           /* the run's workspace claim, or NULL */
 	char *image;
 	char *where;                 /* "pod P (namespace N, cluster C)" */
 	int64_t pull_ms, schedule_ms;
@@ -145,10 +147,21 @@ static void pod_maybe_free(struct pod *p)
 	kube_config_release(&p->cfg);
 	json_decref(p->pod_obj);
 	json_decref(p->secret_obj);
+	json_decref(p->claim_obj);
 	free(p->image);
 	free(p->where);
 	free(p->end_msg);
 	free(p);
+}
+
+/* What comes after step `after` on the way to the create. */
+static enum pod_step next_create_step(const struct pod *p, enum pod_step after)
+{
+	if (after < STEP_CLAIM && p->claim_obj)
+		return STEP_CLAIM;
+	if (after < STEP_SECRET && p->secret_obj)
+		return STEP_SECRET;
+	return STEP_CREATE;
 }
 
 static void on_timer_closed(uv_handle_t *h)
@@ -242,7 +255,7 @@ static void on_claimed(struct stage *st, int status, void *data)
 		pod_conclude(p, KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED, NULL);
 		return;
 	}
-	set_step(p, p->secret_obj ? STEP_SECRET : STEP_CREATE);
+	set_step(p, next_create_step(p, STEP_CLAIMING));
 	pod_exec(p);
 }
 
@@ -299,6 +312,9 @@ static void pod_exec(struct pod *p)
 	if (!p->st || p->req)
 		return;
 	switch (p->step) {
+	case STEP_CLAIM:
+		send_req(p, "POST", pod_path(p, "persistentvolumeclaims", NULL), p->claim_obj);
+		break;
 	case STEP_SECRET:
 		send_req(p, "POST", pod_path(p, "secrets", NULL), p->secret_obj);
 		break;
@@ -357,6 +373,18 @@ static void on_reply(int status, json_t *obj, const struct kube_status *ks, void
 		return;
 	}
 	switch (p->step) {
+	case STEP_CLAIM:
+		/* 409: the run's claim, made by an earlier pod stage. */
+		if (code == 409 || (code >= 200 && code < 300)) {
+			set_step(p, next_create_step(p, STEP_CLAIM));
+			if (p->cancel_wanted)
+				begin_cancel(p);
+			else
+				pod_exec(p);
+		} else {
+			api_fail(p, "create the run's workspace claim", status, ks);
+		}
+		return;
 	case STEP_SECRET:
 		if (code == 409 || (code >= 200 && code < 300)) {
 			set_step(p, STEP_CREATE);
@@ -875,6 +903,7 @@ static int pod_begin(struct stage *st, const char *resume, struct kpl_err *err)
 	struct podspec_env *penv = NULL;
 	char **argv = NULL, **env = NULL, *cluster = NULL, *ns = NULL, *sa = NULL, *wd = NULL;
 	json_t *resources = NULL, *nodesel = NULL, *tols = NULL;
+	char *ws = NULL, *claim = NULL;
 	const struct pl_node *n;
 	size_t argc = 0, nenv = 0;
 	bool any_secret = false;
@@ -960,6 +989,11 @@ static int pod_begin(struct stage *st, const char *resume, struct kpl_err *err)
 	in.tolerations = tols;
 	in.service_account = sa && *sa ? sa : NULL;
 	in.grace_seconds = POD_GRACE_S;
+	if ((ws = stage_expand(st, runs_on(st, "workspace"))) && *ws) {
+		claim = podspec_claim_name(stage_run_id(st));
+		in.claim = claim;
+		p->claim_obj = podspec_claim(&in, ws);
+	}
 	p->pod_obj = podspec_pod(&in);
 	p->secret_obj = any_secret ? podspec_secret(&in) : NULL;
 
@@ -984,7 +1018,7 @@ static int pod_begin(struct stage *st, const char *resume, struct kpl_err *err)
 	} else {
 		switch (p->rec.state) {
 		case PODSPEC_S_CLAIMED:
-			set_step(p, p->secret_obj ? STEP_SECRET : STEP_CREATE);
+			set_step(p, next_create_step(p, STEP_CLAIMING));
 			break;
 		case PODSPEC_S_CREATED:
 			set_step(p, STEP_ATTACH);
@@ -1026,6 +1060,8 @@ out:
 	free(ns);
 	free(sa);
 	free(wd);
+	free(ws);
+	free(claim);
 	json_decref(resources);
 	json_decref(nodesel);
 	json_decref(tols);
@@ -1059,6 +1095,7 @@ void pod_cancel(struct stage *st)
 		return;
 	switch (p->step) {
 	case STEP_CLAIMING:
+	case STEP_CLAIM:
 	case STEP_SECRET:
 	case STEP_CREATE:
 	case STEP_ATTACH:
@@ -1084,4 +1121,68 @@ void pod_abandon(struct stage *st)
 	pending_clear(p); /* not committed: the next kpld reads them again */
 	pod_close(p);
 	pod_maybe_free(p);
+}
+
+/* ---------------------------------------------------------------------- */
+/* The run's end */
+
+struct claim_delete {
+	struct kube_config cfg;
+	char *what;
+};
+
+static void on_claim_deleted(int status, json_t *obj, const struct kube_status *ks, void *data)
+{
+	struct claim_delete *d = data;
+	char buf[700];
+
+	(void)obj;
+	if (status || (ks && ks->code != 404))
+		kpl_warn(LOG, "%s: not deleted (kubectl delete pvc -l %s=RUN deletes it): %s",
+			 d->what, PODSPEC_LABEL_RUN,
+			 ks ? kube_status_text(ks, buf, sizeof buf) : kpl_strerror(status));
+	else
+		kpl_debug(LOG, "%s: deleted", d->what);
+	kube_config_release(&d->cfg);
+	free(d->what);
+	free(d);
+}
+
+void pod_run_ended(struct stage *st)
+{
+	struct podspec_record rec;
+	struct stage_endpoint ep = { 0 };
+	struct kpl_err err = { 0 };
+	struct claim_delete *d;
+	int64_t pid;
+	uint64_t pid_start;
+	const char *resume;
+	char *ns, *name, *path;
+
+	if (!pod_wanted(st) || !runs_on(st, "workspace") || stage_attempt(st) == 0)
+		return;
+	stage_resume_info(st, &pid, &pid_start, &resume);
+	if (!resume || !*resume || podspec_record_decode(resume, &rec))
+		return;
+	d = kpl_calloc(1, sizeof *d);
+	kube_config_init(&d->cfg);
+	name = podspec_claim_name(stage_run_id(st));
+	d->what = kpl_asprintf("workspace claim %s (namespace %s, cluster %s) of run %s", name,
+			       rec.namespace, rec.cluster, stage_run_id(st));
+	ns = kube_escape(rec.namespace);
+	path = kpl_asprintf("/api/v1/namespaces/%s/persistentvolumeclaims/%s", ns, name);
+	if (stage_endpoint_named(st, CFG_KUBERNETES, rec.cluster, "runs_on.cluster", &ep, &err) ||
+	    kube_config_from_endpoint(ep.ep, ep.token, &d->cfg, &err) ||
+	    kube_request(stage_http(st), &d->cfg, "DELETE", path, NULL, NULL, on_claim_deleted, d,
+			 NULL, &err)) {
+		kpl_warn(LOG, "%s: not deleted: %s", d->what, err.msg);
+		kube_config_release(&d->cfg);
+		free(d->what);
+		free(d);
+	}
+	stage_endpoint_release(&ep);
+	podspec_record_release(&rec);
+	free(ns);
+	free(name);
+	free(path);
 }

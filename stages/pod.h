@@ -20,5 +20,8 @@ int pod_start(struct stage *st, struct kpl_err *err);
 int pod_resume(struct stage *st, struct kpl_err *err);
 void pod_cancel(struct stage *st);
 void pod_abandon(struct stage *st);
+/* The run has ended: a stage with runs_on.workspace deletes the run's
+ * claim (each such stage asks; a 404 is fine). */
+void pod_run_ended(struct stage *st);
 
 #endif

@@ -193,8 +193,11 @@ json_t *podspec_pod(const struct podspec_input *in)
 	free(wd);
 	if (in->resources)
 		json_object_set(c, "resources", (json_t *)in->resources);
-	spec = json_pack("{s:s, s:[o], s:[{s:s, s:{}}], s:b, s:I}", "restartPolicy", "Never",
-			 "containers", c, "volumes", "name", "workspace", "emptyDir",
+	spec = json_pack("{s:s, s:[o], s:[o], s:b, s:I}", "restartPolicy", "Never",
+			 "containers", c, "volumes",
+			 in->claim ? json_pack("{s:s, s:{s:s}}", "name", "workspace",
+					       "persistentVolumeClaim", "claimName", in->claim)
+				   : json_pack("{s:s, s:{}}", "name", "workspace", "emptyDir"),
 			 "automountServiceAccountToken", in->service_account != NULL,
 			 "terminationGracePeriodSeconds", (json_int_t)in->grace_seconds);
 	if (in->service_account)
@@ -222,6 +225,30 @@ json_t *podspec_secret(const struct podspec_input *in)
 	return json_pack("{s:s, s:s, s:s, s:o, s:o}", "apiVersion", "v1", "kind", "Secret",
 			 "type", "Opaque", "metadata", metadata(in, in->secret_name), "data",
 			 data);
+}
+
+char *podspec_claim_name(const char *run_id)
+{
+	char *name = podspec_name(run_id, "ws", 0);
+	size_t n = strlen(name);
+
+	/* "...-ws-0" -> "...-ws": the claim is the run's, not an attempt's. */
+	if (n > 2 && !strcmp(name + n - 2, "-0"))
+		name[n - 2] = '\0';
+	return name;
+}
+
+json_t *podspec_claim(const struct podspec_input *in, const char *size)
+{
+	json_t *md = metadata(in, in->claim);
+
+	/* The run's, not one stage's. */
+	json_object_del(json_object_get(md, "labels"), PODSPEC_LABEL_STAGE);
+	json_object_del(json_object_get(md, "labels"), PODSPEC_LABEL_ATTEMPT);
+	json_object_del(json_object_get(md, "annotations"), PODSPEC_LABEL_STAGE);
+	return json_pack("{s:s, s:s, s:o, s:{s:[s], s:{s:{s:s}}}}", "apiVersion", "v1", "kind",
+			 "PersistentVolumeClaim", "metadata", md, "spec", "accessModes",
+			 "ReadWriteOnce", "resources", "requests", "storage", size);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -306,6 +333,18 @@ void podspec_status_of(const json_t *pod, struct podspec_status *out)
 		out->terminal = true;
 		return;
 	}
+	/* The pod is being killed for a reason of the cluster's (its node lost
+	 * or unreachable, a preemption): it will not finish its work. */
+	json_array_foreach(conds, i, cond)
+		if (!strcmp(str_at(cond, "type"), "DisruptionTarget") &&
+		    !strcmp(str_at(cond, "status"), "True") && strcmp(phase, "Failed")) {
+			out->phase = PODSPEC_FAILED;
+			out->terminal = true;
+			snprintf(out->why, sizeof out->why, "it is being deleted by the cluster "
+				 "(DisruptionTarget %s: %s): its node was lost or is unreachable, or it "
+				 "was preempted", str_at(cond, "reason"), str_at(cond, "message"));
+			return;
+		}
 	if (!strcmp(phase, "Failed")) {
 		const char *r = term ? str_at(term, "reason") : "";
 		out->phase = PODSPEC_FAILED;

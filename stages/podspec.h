@@ -78,6 +78,8 @@ struct podspec_input {
 	const struct podspec_env *env;
 	size_t n_env;
 	const char *secret_name; /* the attempt's Secret (podspec_secret) */
+	const char *claim;       /* the run's PersistentVolumeClaim at
+				    PODSPEC_WORKSPACE, or NULL: an emptyDir */
 	const json_t *resources; /* {requests, limits} or NULL (borrowed) */
 	const json_t *node_selector;
 	const json_t *tolerations;
@@ -97,6 +99,13 @@ json_t *podspec_pod(const struct podspec_input *in);
 /* The attempt's Secret: type Opaque, the same labels, data = the secret
  * env values, base64. New reference. */
 json_t *podspec_secret(const struct podspec_input *in);
+
+/* The run's workspace claim: "kpl-RUN-ws", made fit as podspec_name.
+ * malloc'd. */
+char *podspec_claim_name(const char *run_id);
+/* The claim in->claim (ReadWriteOnce, size bytes of storage, the run's
+ * label; the cluster's default storage class). New reference. */
+json_t *podspec_claim(const struct podspec_input *in, const char *size);
 
 /* --- What a Pod's status means --- */
 

@@ -363,4 +363,5 @@ const struct stage_kind script_kind = {
 	.abandon = script_abandon,
 	.with_timeout = true,
 	.runs_on = true,
+	.run_ended = pod_run_ended,
 };

@@ -73,6 +73,11 @@ struct stage_kind {
 	 * the engine answers itself, waits for approvals.
 	 */
 	void (*approve)(struct stage *st, bool approve, const char *msg);
+	/* Optional: the run reached its final state (durable soon after);
+	 * called once for each of its stages of this kind, whatever their
+	 * state, to release what the run holds outside kpld (a pod stage's
+	 * workspace claim). Must not report through stage_*. */
+	void (*run_ended)(struct stage *st);
 };
 
 /* Looks a kind up by name; NULL if unknown. */

@@ -334,7 +334,7 @@ static const struct bad_case bad_cases[] = {
 	{ "runs_on_toleration.yaml", INVAL,
 	  "runs_on_toleration.yaml:9:41: stages[0].runs_on.tolerations[0]: effect \"Sometimes\": use NoSchedule, PreferNoSchedule or NoExecute" },
 	{ "runs_on_unknown_key.yaml", INVAL,
-	  "runs_on_unknown_key.yaml:6:46: stages[0].runs_on.cpu: unknown key (allowed: cluster, namespace, image, resources, service_account, node_selector, tolerations, image_pull_timeout, schedule_timeout)" },
+	  "runs_on_unknown_key.yaml:6:46: stages[0].runs_on.cpu: unknown key (allowed: cluster, namespace, image, resources, service_account, node_selector, tolerations, image_pull_timeout, schedule_timeout, workspace)" },
 	{ "yaml_unterminated_quote.yaml", INVAL,
 	  "yaml_unterminated_quote.yaml:3:1: syntax error: found unexpected end of stream (while scanning a quoted scalar at 1:7)" },
 };

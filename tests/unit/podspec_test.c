@@ -177,6 +177,33 @@ static void test_pod_object(void **state)
 	json_decref(res);
 }
 
+static void test_claim(void **state)
+{
+	char *argv[] = { "true", NULL, NULL, NULL };
+	struct podspec_input in;
+	char *name = podspec_claim_name("r1");
+	json_t *pvc, *pod;
+
+	(void)state;
+	assert_string_equal(name, "kpl-r1-ws");
+	input(&in, argv);
+	in.n_argv = 1;
+	in.claim = name;
+	pvc = podspec_claim(&in, "64Mi");
+	pod = podspec_pod(&in);
+	assert_string_equal(json_string_value(json_object_get(json_object_get(
+		json_object_get(json_object_get(pvc, "spec"), "resources"), "requests"), "storage")),
+		"64Mi");
+	assert_null(json_object_get(json_object_get(json_object_get(pvc, "metadata"), "labels"),
+				    PODSPEC_LABEL_STAGE));
+	assert_string_equal(json_string_value(json_object_get(json_object_get(
+		json_array_get(json_object_get(json_object_get(pod, "spec"), "volumes"), 0),
+		"persistentVolumeClaim"), "claimName")), "kpl-r1-ws");
+	json_decref(pvc);
+	json_decref(pod);
+	free(name);
+}
+
 static void test_secret_object(void **state)
 {
 	char *argv[] = { "true", NULL, NULL, NULL };
@@ -276,6 +303,19 @@ static void test_status_running_and_done(void **state)
 	assert_false(s.started);
 	assert_true(s.deleting);
 	assert_string_equal(s.why, "Evicted: The node was low on resource: memory.");
+	{
+		json_t *lost = pod_json("{\"status\":{\"phase\":\"Running\",\"conditions\":[{\"type\":"
+					"\"DisruptionTarget\",\"status\":\"True\",\"reason\":"
+					"\"DeletionByTaintManager\",\"message\":\"Taint manager: deleting "
+					"due to NoExecute taint\"}],\"containerStatuses\":[{\"name\":"
+					"\"step\",\"state\":{\"running\":{}}}]}}");
+		podspec_status_of(lost, &s);
+		assert_int_equal(s.phase, PODSPEC_FAILED);
+		assert_true(s.terminal && s.started);
+		assert_non_null(strstr(s.why, "node was lost"));
+		assert_non_null(strstr(s.why, "DeletionByTaintManager"));
+		json_decref(lost);
+	}
 	json_decref(run);
 	json_decref(ok);
 	json_decref(bad);
@@ -438,6 +478,7 @@ int main(void)
 		cmocka_unit_test(test_escape_expansion),
 		cmocka_unit_test(test_pod_object),
 		cmocka_unit_test(test_secret_object),
+		cmocka_unit_test(test_claim),
 		cmocka_unit_test(test_status_pending_pull),
 		cmocka_unit_test(test_status_unschedulable),
 		cmocka_unit_test(test_status_running_and_done),
