@@ -17,6 +17,7 @@
 #include <locale.h>
 #include <pwd.h>
 #include <signal.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,6 +77,9 @@ enum opt_bit {
 	O_SECRET = 1 << 28,
 	O_REF = 1 << 29,
 	O_SHA = 1 << 30,
+	/* The last bit (1u << 31), shared by pipeline register's pull request
+	 * options: opt_set tells them apart by name. */
+	O_PR = INT_MIN,
 };
 #define O_GLOBAL (O_SERVER | O_HELP | O_CA | O_CERT | O_KEY | O_TOKEN)
 
@@ -143,6 +147,13 @@ static const struct opt_def opt_defs[] = {
 	  "pipeline run: the branch or tag to read the file at (default: the first "
 	  "registered branch)" },
 	{ "sha", 0, "SHA", O_SHA, "pipeline run: the commit to read the file at" },
+	{ "pull-requests", 0, NULL, O_PR,
+	  "pipeline register: pull/merge requests into a watched branch start runs" },
+	{ "fork-secrets", 0, NULL, O_PR,
+	  "pipeline register: give secrets to runs of pull requests from forks too" },
+	{ "status-token", 0, "NAME", O_PR,
+	  "pipeline register: the secret holding a forge API token; pull requests' runs "
+	  "then send commit statuses" },
 	{ "help", 'h', NULL, O_HELP, "show this help" },
 };
 
@@ -179,6 +190,8 @@ struct ctl {
 	const char *to;
 	int plain;
 	const char *repo, *path, *secret, *ref, *sha;
+	int pull_requests, fork_secrets;
+	const char *status_token;
 	const char *branches[MAX_BRANCHES];
 	size_t n_branches;
 	Kpl__V1__EventKind kinds[MAX_KINDS]; /* no repeats */
@@ -255,7 +268,7 @@ static const struct command commands[] = {
 	  cmd_rollback, "start a run that rolls cluster/namespace/deployment back" },
 	{ "pipeline", "register|list|show|delete|run [NAME]", 1, 2,
 	  O_OUTPUT | O_REPO | O_BRANCH | O_PATH | O_SECRET | O_REF | O_SHA | O_PARAM |
-		  O_IDEM | O_WATCH | O_PLAIN,
+		  O_IDEM | O_WATCH | O_PLAIN | O_PR,
 	  cmd_pipeline,
 	  "registered pipelines: register (admin), list, show, delete (admin), or run one "
 	  "at a ref or sha" },
@@ -448,6 +461,14 @@ static int opt_set(struct ctl *ctl, const struct opt_def *o, const char *v)
 	case O_SECRET: ctl->secret = v; break;
 	case O_REF: ctl->ref = v; break;
 	case O_SHA: ctl->sha = v; break;
+	case O_PR:
+		if (!strcmp(o->long_name, "pull-requests"))
+			ctl->pull_requests = 1;
+		else if (!strcmp(o->long_name, "fork-secrets"))
+			ctl->fork_secrets = 1;
+		else
+			ctl->status_token = v;
+		break;
 	case O_BRANCH:
 		if (ctl->n_branches == MAX_BRANCHES)
 			return usage_error("--branch: more than %d", MAX_BRANCHES);
@@ -2166,6 +2187,10 @@ static void print_registered(const Kpl__V1__RegisteredPipeline *p)
 		printf("%s%s", i ? ", " : "", p->branches[i]);
 	printf("\npath:      %s\n", p->path);
 	printf("secret:    %s\n", p->secret);
+	if (p->pull_requests)
+		printf("pull requests: yes%s\n", p->fork_secrets ? ", forks get secrets" : "");
+	if (p->status_token && *p->status_token)
+		printf("statuses:  token in secret %s\n", p->status_token);
 	printf("created:   %s\n", ts_local(p->created_at, "%Y-%m-%d %H:%M:%S", b, sizeof b));
 	if (*p->created_by)
 		printf("by:        %s\n", p->created_by);
@@ -2244,6 +2269,9 @@ static int pipeline_register(struct ctl *ctl, const char *name)
 	req.secret = (char *)ctl->secret;
 	req.branches = (char **)ctl->branches;
 	req.n_branches = ctl->n_branches;
+	req.pull_requests = ctl->pull_requests;
+	req.fork_secrets = ctl->fork_secrets;
+	req.status_token = (char *)(ctl->status_token ? ctl->status_token : "");
 	if (kplc_call_unary(ctl->c, "/kpl.v1.Pipelines/RegisterPipeline", &req.base,
 			    &kpl__v1__registered_pipeline__descriptor, (ProtobufCMessage **)&p,
 			    &st) < 0)
@@ -2259,7 +2287,7 @@ static int pipeline_register(struct ctl *ctl, const char *name)
 static int cmd_pipeline(struct ctl *ctl)
 {
 	const char *sub = ctl->pos[0], *name = ctl->n_pos > 1 ? ctl->pos[1] : NULL;
-	unsigned reg = O_REPO | O_BRANCH | O_PATH | O_SECRET;
+	unsigned reg = O_REPO | O_BRANCH | O_PATH | O_SECRET | O_PR;
 	unsigned run = O_REF | O_SHA | O_PARAM | O_IDEM | O_WATCH | O_PLAIN;
 	Kpl__V1__ListPipelinesRequest lreq = KPL__V1__LIST_PIPELINES_REQUEST__INIT;
 	Kpl__V1__ListPipelinesResponse *l = NULL;
@@ -2271,7 +2299,8 @@ static int cmd_pipeline(struct ctl *ctl)
 		return usage_error("pipeline: unknown subcommand \"%s\" (register, list, show, "
 				   "delete or run)", sub);
 	if ((ctl->seen & reg) && strcmp(sub, "register"))
-		return usage_error("pipeline %s: --repo, --branch, --path and --secret are for "
+		return usage_error("pipeline %s: --repo, --branch, --path, --secret, "
+				   "--pull-requests, --fork-secrets and --status-token are for "
 				   "register", sub);
 	if ((ctl->seen & run) && strcmp(sub, "run"))
 		return usage_error("pipeline %s: --ref, --sha, -p, --idempotency-key, --watch "

@@ -108,6 +108,8 @@ struct run {
 	/* Owned; where the text came from (kpl.v1.PipelineSource), NULL
 	 * members unknown (runs stored before kpl kept it). */
 	char *src_repo, *src_commit, *src_path, *src_ref, *src_sha256;
+	/* A fork's pull request (engine_source): no ${{ secrets.X }}. */
+	bool secrets_withheld;
 	bool stored;                     /* first commit done */
 	bool final_durable;
 	struct stage *stages;            /* owned, n_stages */
@@ -284,6 +286,7 @@ static void run_stage_record(struct run *r)
 		src.path = r->src_path ? r->src_path : "";
 		src.ref = r->src_ref ? r->src_ref : "";
 		src.sha256 = r->src_sha256;
+		src.secrets_withheld = r->secrets_withheld;
 		run.source = &src;
 	}
 	if (r->n_params) {
@@ -1176,6 +1179,8 @@ static int engine_lookup(void *data, const struct expr *ref, const char **value)
 			return KPL_ETOOBIG;
 		*value = c->as_written;
 		return 0;
+	} else if (strcmp(root, "secrets") == 0 && r->secrets_withheld) {
+		return KPL_ESTATE; /* expr.h: withheld from this run */
 	} else if (strcmp(root, "secrets") == 0 && ref->n_part == 2 && r->eng->secrets &&
 		   /* Limited after the submit: still not this pipeline's. */
 		   secrets_allowed(r->eng->secrets, ref->part[1], r->pl->name)) {
@@ -2009,6 +2014,7 @@ int engine_submit_from(struct engine *e, const char *text, size_t len,
 		r->src_commit = dup_or_null(src->commit);
 		r->src_path = dup_or_null(src->path);
 		r->src_ref = dup_or_null(src->ref);
+		r->secrets_withheld = src->secrets_withheld;
 	}
 	r->submit_cb = cb;
 	r->submit_data = data;
@@ -2233,6 +2239,15 @@ int stage_endpoint_named(struct stage *st, enum cfg_kind kind, const char *name,
 			      cfg_names(e->cfg, kind, names, sizeof names));
 		goto out;
 	}
+	if (st->run->secrets_withheld) {
+		/* The config's endpoints carry kpld's credentials (tokens,
+		 * kubeconfigs, keys): withheld like secrets. */
+		rc = kpl_errf(err, KPL_EINVAL, "stages.%s.with.%s: withheld from this run: a pull "
+			      "request from a fork may not use the daemon config's endpoints "
+			      "(unless its pipeline's registration says fork_secrets: true)",
+			      st->spec->name, with_key);
+		goto out;
+	}
 	out->ep = ep;
 	snprintf(what, sizeof what, "config %s.%s", cfg_kind_key(kind), name);
 	if ((rc = resolve_cred(e, what, ep->url, &out->url, err)) ||
@@ -2342,6 +2357,7 @@ static int run_load(struct engine *e, const char *id, struct run **out, struct k
 		r->src_path = kpl_strdup(so->path ? so->path : "");
 		r->src_ref = kpl_strdup(so->ref ? so->ref : "");
 		r->src_sha256 = kpl_strdup(so->sha256 ? so->sha256 : "");
+		r->secrets_withheld = so->secrets_withheld;
 	}
 	r->cancel_requested = rec->cancel_requested;
 	r->store_bytes = rec->store_bytes;

@@ -97,6 +97,9 @@ struct engine_source {
 	const char *commit;
 	const char *path;
 	const char *ref;
+	/* A pull request from a fork: the run's ${{ secrets.X }} all fail
+	 * (kept in the run's PipelineSource, so a restart keeps it too). */
+	bool secrets_withheld;
 };
 
 /* engine_submit with the text's source (NULL: a text given as is). */

@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "api/web.h"
+#include "engine/forge.h"
 #include "engine/httpd.h"
 #include "engine/metrics.h"
 #include "pipelines/pipeline.h"
@@ -421,9 +422,9 @@ int hooks_check_registration(const Kpl__V1__RegisterPipelineRequest *req,
 			     char **branches_buf, struct kpl_err *err)
 {
 	static char default_branch[] = "main", default_path[] = ".kpl.yaml";
-	static char secret_buf[80];
+	static char secret_buf[80], token_buf[80];
 	char key[HOOKS_MAX_URL + 1];
-	const char *secret, *why;
+	const char *secret, *token, *why;
 	int rc;
 
 	if (!name_ok(req->name))
@@ -463,6 +464,18 @@ int hooks_check_registration(const Kpl__V1__RegisterPipelineRequest *req,
 	if (!secrets_get(sec, secret))
 		return kpl_errf(err, KPL_EINVAL, "secret: no secret %s (SetSecret makes it)",
 				secret);
+	token = secret_name_of(req->status_token ? req->status_token : "", token_buf,
+			       sizeof token_buf);
+	if (*token && (rc = secrets_check_name(token, NULL)) != 0)
+		return kpl_errf(err, rc, "status_token: want a secret's name");
+	if (*token && !secrets_get(sec, token))
+		return kpl_errf(err, KPL_EINVAL, "status_token: no secret %s (SetSecret makes "
+				"it: the forge API token commit statuses are sent with)", token);
+	if (req->fork_secrets && !req->pull_requests)
+		return kpl_errf(err, KPL_EINVAL, "fork_secrets: only with pull_requests");
+	if (*token && !req->pull_requests)
+		return kpl_errf(err, KPL_EINVAL, "status_token: only with pull_requests (statuses "
+				"are sent for pull requests' runs)");
 	kpl__v1__registered_pipeline__init(rec);
 	rec->name = req->name;
 	rec->repo = req->repo;
@@ -476,6 +489,9 @@ int hooks_check_registration(const Kpl__V1__RegisterPipelineRequest *req,
 	}
 	rec->path = req->path && *req->path ? req->path : default_path;
 	rec->secret = (char *)secret;
+	rec->pull_requests = req->pull_requests;
+	rec->fork_secrets = req->fork_secrets;
+	rec->status_token = (char *)token;
 	return 0;
 }
 
@@ -499,6 +515,10 @@ struct target {
 	char *msg;        /* the error, for the answer and the log */
 	char *text;       /* the pipeline file */
 	size_t text_len;
+	/* Pull requests: a fork's run gets no secrets (engine_source); the
+	 * secret of the statuses' token, or NULL for none. */
+	bool withhold;
+	char *status_token;
 };
 
 /* STEP_RESOLVE (RunPipeline with a ref) comes before the others: git
@@ -524,6 +544,9 @@ struct delivery {
 	char *idem;            /* the caller's idempotency key, or NULL */
 	char **pnames, **pvalues; /* the caller's params, np of them */
 	size_t np;
+	/* A pull request (push then holds its ref, head sha and URLs). */
+	enum forge_kind pr_kind;
+	struct forge_pr *pr;
 };
 
 struct gitjob {
@@ -550,6 +573,7 @@ struct hooks {
 	struct engine *eng;
 	char *git_dir;      /* DATA_DIR/hooks/git */
 	unsigned git_timeout_s;
+	struct forge *forge;  /* commit statuses of pull requests' runs */
 	struct httpd *httpd;
 	/* + the console (api/web.h) + chat commands (engine/chatops.h) */
 	struct httpd_route routes[4 + WEB_N_ROUTES + HOOKS_MAX_EXTRA_ROUTES];
@@ -591,6 +615,11 @@ static void delivery_free(struct delivery *d)
 		free(d->t[i].cache);
 		free(d->t[i].msg);
 		free(d->t[i].text);
+		free(d->t[i].status_token);
+	}
+	if (d->pr) {
+		forge_pr_free(d->pr);
+		free(d->pr);
 	}
 	free(d->t);
 	free(d->id);
@@ -969,6 +998,11 @@ static void target_submitted(void *data, int status, const char *run_id)
 		snprintf(t->run_id, sizeof t->run_id, "%s", run_id);
 		kpl_info(LOG, "%s delivery %s: pipeline %s: run %s (%s at %s)",
 			 source_name(d->src), d->id, t->name, run_id, d->push.ref, d->push.sha);
+		if (d->pr && t->status_token && d->h->forge) {
+			struct forge_watch w = { d->pr_kind, d->pr->status_repo, d->pr->head_sha,
+						 d->pr->head_branch, t->status_token, t->name };
+			forge_watch(d->h->forge, run_id, &w);
+		}
 	}
 	d->cur++;
 	delivery_step(d);
@@ -982,12 +1016,24 @@ static void target_submit(struct delivery *d)
 	const struct pl_kind *kinds;
 	size_t n_kinds, np = 0;
 	const char **names, **values;
-	const char *have[4][2] = {
+	char pr_no[24];
+	const char *push_have[][2] = {
 		{ "ref", d->push.ref },
 		{ "sha", d->push.sha },
 		{ "branch", d->push.branch ? d->push.branch : "" },
 		{ "repo", t->repo },
 	};
+	const char *pr_have[][2] = {
+		{ "pr", pr_no },
+		{ "head_sha", d->push.sha },
+		{ "base_branch", d->pr ? d->pr->base_branch : "" },
+		{ "head_branch", d->pr ? d->pr->head_branch : "" },
+		{ "ref", d->push.ref },
+		{ "sha", d->push.sha },
+		{ "repo", t->repo },
+	};
+	const char *(*have)[2] = d->pr ? pr_have : push_have;
+	size_t n_have = d->pr ? KPL_ARRAY_SIZE(pr_have) : KPL_ARRAY_SIZE(push_have);
 	char shown[HOOKS_MAX_URL + 8];
 	struct engine_source src;
 	int rc;
@@ -1006,15 +1052,16 @@ static void target_submit(struct delivery *d)
 		pipeline_free(pl);
 		return;
 	}
-	names = kpl_calloc(d->np + KPL_ARRAY_SIZE(have), sizeof *names);
-	values = kpl_calloc(d->np + KPL_ARRAY_SIZE(have), sizeof *values);
+	snprintf(pr_no, sizeof pr_no, "%llu", d->pr ? (unsigned long long)d->pr->number : 0ULL);
+	names = kpl_calloc(d->np + n_have, sizeof *names);
+	values = kpl_calloc(d->np + n_have, sizeof *values);
 	for (size_t i = 0; i < d->np; i++) {
 		names[np] = d->pnames[i];
 		values[np++] = d->pvalues[i];
 	}
 	/* Only params the pipeline declares (an undeclared one fails it), and
 	 * not those the caller gave. */
-	for (size_t i = 0; i < KPL_ARRAY_SIZE(have); i++) {
+	for (size_t i = 0; i < n_have; i++) {
 		bool given = false;
 		for (size_t k = 0; k < d->np; k++)
 			given |= strcmp(d->pnames[k], have[i][0]) == 0;
@@ -1030,6 +1077,7 @@ static void target_submit(struct delivery *d)
 	src.commit = d->push.sha;
 	src.path = t->path;
 	src.ref = d->push.ref;
+	src.secrets_withheld = t->withhold;
 	d->in_engine = true;
 	rc = engine_submit_from(d->h->eng, t->text, t->text_len, names, values, np,
 				d->cb ? d->idem : t->idem, &src, target_submitted, d, &err);
@@ -1347,6 +1395,77 @@ static bool repo_matches(const char *registered, const struct hooks_push *p)
 	return false;
 }
 
+/*
+ * A verified pull (merge) request delivery: a run for each registration
+ * verified[i] with pull_requests of its repository that watches its base
+ * branch, at its head commit, fetched from the base repository (the
+ * request's ref there has a fork's commits too).
+ */
+static void on_pull_request(struct delivery *d, const char *body, size_t len,
+			    const struct reg *reg, const bool *verified)
+{
+	struct forge_pr *pr = kpl_calloc(1, sizeof *pr);
+	struct kpl_err err = { 0 };
+	char ignored[200];
+	int rc;
+
+	d->pr_kind = d->src == HOOKS_GITHUB ? FORGE_GITHUB : FORGE_GITLAB;
+	rc = forge_parse_pr(d->pr_kind, body, len, pr, ignored, sizeof ignored, &err);
+	if (rc) {
+		free(pr);
+		if (rc > 0)
+			answer(d, 200, "ignored", "%s", ignored);
+		else
+			answer(d, 400, "bad_request", "%s", err.msg);
+		return;
+	}
+	d->pr = pr;
+	d->push.ref = kpl_strdup(pr->ref);
+	d->push.sha = kpl_strdup(pr->head_sha);
+	d->push.before = kpl_strdup("");
+	for (size_t i = 0; i < pr->n_urls; i++)
+		d->push.urls[d->push.n_urls++] = kpl_strdup(pr->urls[i]);
+	/* A remote that refuses a sha: the request's ref holds it. */
+	d->fetch_spec = kpl_strdup(pr->ref);
+	if (!d->id)
+		d->id = kpl_asprintf("%s@%s", pr->head_sha, pr->ref);
+	for (size_t i = 0; i < reg->n; i++) {
+		Kpl__V1__RegisteredPipeline *r = reg->v[i];
+		bool branch = false;
+		struct target *t;
+
+		if (!verified[i] || !r->pull_requests || !repo_matches(r->repo, &d->push))
+			continue;
+		for (size_t b = 0; b < r->n_branches && !branch; b++)
+			branch = hooks_branch_match(r->branches[b], pr->base_branch);
+		if (!branch)
+			continue;
+		d->t = kpl_realloc(d->t, (d->n + 1) * sizeof *d->t);
+		t = &d->t[d->n++];
+		memset(t, 0, sizeof *t);
+		t->name = kpl_strdup(r->name);
+		t->repo = kpl_strdup(r->repo);
+		t->path = kpl_strdup(r->path && *r->path ? r->path : ".kpl.yaml");
+		t->withhold = pr->fork && !r->fork_secrets;
+		if (r->status_token && *r->status_token)
+			t->status_token = kpl_strdup(r->status_token);
+		snprintf(t->idem_delivery, sizeof t->idem_delivery, "hook:%s:%s:%s",
+			 source_name(d->src), d->id, r->name);
+		if (forge_pr_key(d->pr_kind, r->repo, pr, r->name, t->idem, sizeof t->idem))
+			BUG("forge_pr_key: registered repo %s is not a URL", r->name);
+	}
+	if (d->n == 0) {
+		answer(d, 200, "ignored", "no registered pipeline takes pull requests into %s of "
+		       "this repository (pull_requests: true, a branch matching it)",
+		       pr->base_branch);
+		return;
+	}
+	kpl_info(LOG, "%s delivery %s: pull request %llu (%s, %s into %s%s) at %.12s",
+		 source_name(d->src), d->id, (unsigned long long)pr->number, pr->action,
+		 pr->head_branch, pr->base_branch, pr->fork ? ", from a fork" : "", pr->head_sha);
+	delivery_step(d);
+}
+
 static void on_hook(struct httpd_req *req, enum hooks_source src, struct hooks *h)
 {
 	struct delivery *d = kpl_calloc(1, sizeof *d);
@@ -1419,6 +1538,11 @@ static void on_hook(struct httpd_req *req, enum hooks_source src, struct hooks *
 	}
 	if (src == HOOKS_GITHUB && event && strcmp(event, "ping") == 0) {
 		answer(d, 200, "ping", "pong");
+		goto out;
+	}
+	if (event &&
+	    strcmp(event, src == HOOKS_GITHUB ? "pull_request" : "Merge Request Hook") == 0) {
+		on_pull_request(d, body, len, &reg, verified);
 		goto out;
 	}
 	if (!event || strcmp(event, src == HOOKS_GITHUB ? "push" : "Push Hook") != 0) {
@@ -1643,6 +1767,7 @@ int hooks_start(const struct hooks_options *opt, struct hooks **out, struct kpl_
 	*out = NULL;
 	h->loop = opt->loop;
 	h->eng = opt->eng;
+	h->forge = opt->forge;
 	h->git_timeout_s = opt->git_timeout_s ? opt->git_timeout_s : DEFAULT_GIT_TIMEOUT_S;
 	h->git_dir = kpl_asprintf("%s/hooks/git", opt->data_dir);
 	if ((rc = mkdir_p(h->git_dir, err)) != 0)

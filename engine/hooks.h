@@ -21,6 +21,8 @@
  * params it declares among ref, sha, branch and repo, under the
  * idempotency key "hook:SOURCE:DELIVERY:NAME", so a delivery seen twice
  * starts one run. The answer is 202 with a line "NAME RUN_ID" per run.
+ * Pull (merge) request deliveries go the same way for the registrations
+ * with pull_requests (engine/forge.h reads them and sends the statuses).
  *
  * Threads: loop thread only, all of it.
  */
@@ -35,6 +37,7 @@
 #include "api/kpl.pb-c.h"
 #include "engine/engine.h"
 #include "engine/httpd.h"
+#include "engine/forge.h"
 #include "engine/kpl.h"
 #include "engine/secrets.h"
 #include "store/store.h"
@@ -53,6 +56,9 @@ struct hooks; /* opaque */
 struct hooks_options {
 	uv_loop_t *loop;
 	struct engine *eng;   /* borrowed; outlives the hooks */
+	/* Borrowed, outlives the hooks; NULL: pull requests' runs report no
+	 * commit status. */
+	struct forge *forge;
 	const char *data_dir; /* the git cache goes in DATA_DIR/hooks/git */
 	const char *listen;   /* HOST:PORT for the HTTP listener */
 	/* Seconds a git command may take; 0 = 120. */

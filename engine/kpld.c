@@ -27,6 +27,7 @@
 #include "engine/chatops.h"
 #include "engine/config.h"
 #include "engine/engine.h"
+#include "engine/forge.h"
 #include "engine/hooks.h"
 #include "engine/kpl.h"
 #include "engine/retention.h"
@@ -52,6 +53,7 @@ struct kpld {
 	struct hooks *hooks; /* --http-listen */
 	struct chatops *chatops; /* its routes are on the hooks' listener */
 	struct httpapi *httpapi; /* the HTTP API on that listener */
+	struct forge *forge; /* commit statuses of pull requests' runs */
 	uv_signal_t sigint, sigterm;
 	uv_idle_t closer; /* closes the store once no commit is in flight */
 	bool stopping;
@@ -108,6 +110,12 @@ static void usage(FILE *f)
 		"  --http-request-timeout SECONDS\n"
 		"                       an HTTP request must arrive whole this long after\n"
 		"                       its first byte, else 408 (default 30)\n"
+		"  --console-url URL    the console's address: commit statuses link to\n"
+		"                       URL/#/runs/RUN_ID (docs/hooks.md)\n"
+		"  --github-api-url URL GitHub's REST API for commit statuses (default\n"
+		"                       https://api.github.com; GitHub Enterprise:\n"
+		"                       https://HOST/api/v3)\n"
+		"  --gitlab-api-url URL GitLab's REST API (default https://gitlab.com/api/v4)\n"
 		"  --http-max-per-address N\n"
 		"                       open HTTP connections from one address (default 16)\n"
 		"  --sse-heartbeat SECONDS\n"
@@ -179,7 +187,7 @@ static void engine_stopped(void *data)
  * HTTP endpoints have both stopped. */
 static void maybe_stop_engine(struct kpld *d)
 {
-	if (!d->server && !d->hooks && !d->chatops)
+	if (!d->server && !d->hooks && !d->chatops && !d->forge)
 		engine_stop(d->eng, engine_stopped, d);
 }
 
@@ -191,6 +199,14 @@ static void server_stopped(void *data)
 	maybe_stop_engine(d);
 }
 
+static void forge_stopped(void *data)
+{
+	struct kpld *d = data;
+
+	d->forge = NULL;
+	maybe_stop_engine(d);
+}
+
 static void hooks_stopped(void *data)
 {
 	struct kpld *d = data;
@@ -198,7 +214,10 @@ static void hooks_stopped(void *data)
 	d->hooks = NULL;
 	if (d->rpc)
 		rpc_set_hooks(d->rpc, NULL);
-	if (!d->server)
+	/* After the hooks: a delivery finishing may still ask for statuses. */
+	if (d->forge)
+		forge_close(d->forge, forge_stopped, d);
+	else
 		maybe_stop_engine(d);
 }
 
@@ -336,6 +355,9 @@ enum {
 	OPT_HTTP_TLS_CERT,
 	OPT_HTTP_TLS_KEY,
 	OPT_PRINT_HTTP_ROUTES,
+	OPT_CONSOLE_URL,
+	OPT_GITHUB_API_URL,
+	OPT_GITLAB_API_URL,
 };
 
 /* Appends an absolute form of path to a NULL-terminated list (NULL paths
@@ -464,6 +486,9 @@ int main(int argc, char **argv)
 		{ "http-tls-cert", required_argument, NULL, OPT_HTTP_TLS_CERT },
 		{ "http-tls-key", required_argument, NULL, OPT_HTTP_TLS_KEY },
 		{ "print-http-routes", no_argument, NULL, OPT_PRINT_HTTP_ROUTES },
+		{ "console-url", required_argument, NULL, OPT_CONSOLE_URL },
+		{ "github-api-url", required_argument, NULL, OPT_GITHUB_API_URL },
+		{ "gitlab-api-url", required_argument, NULL, OPT_GITLAB_API_URL },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -486,6 +511,7 @@ int main(int argc, char **argv)
 	struct kpld d = { 0 };
 	struct kpl_err err = { 0 };
 	struct engine_options eo = { 0 };
+	struct forge_options fo = { 0 };
 	struct store_options sto = { 0 };
 	struct api_server_options so = { 0 };
 	struct httpapi_options hao = { 0 };
@@ -592,6 +618,9 @@ int main(int argc, char **argv)
 		case OPT_PRINT_HTTP_ROUTES: httpapi_print_routes(stdout); return 0;
 		case OPT_HTTP_TLS_CERT: http_tls_cert = optarg; break;
 		case OPT_HTTP_TLS_KEY: http_tls_key = optarg; break;
+		case OPT_CONSOLE_URL: fo.console_url = optarg; break;
+		case OPT_GITHUB_API_URL: fo.api_url[FORGE_GITHUB] = optarg; break;
+		case OPT_GITLAB_API_URL: fo.api_url[FORGE_GITLAB] = optarg; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
@@ -742,10 +771,17 @@ int main(int argc, char **argv)
 		/* NEEDSWORK: stop the engine cleanly here too. */
 		return 1;
 	}
+	fo.loop = d.loop;
+	fo.eng = d.eng;
+	if ((rc = forge_new(&fo, &d.forge, &err)) != 0) {
+		fprintf(stderr, "kpld: %s\n", err.msg);
+		/* NEEDSWORK: stop the engine cleanly here too. */
+		return 1;
+	}
 	{
 		/* Always: RunPipeline fetches with the hooks' git queue; the
 		 * HTTP listener only with --http-listen. */
-		struct hooks_options ho = { .loop = d.loop, .eng = d.eng,
+		struct hooks_options ho = { .loop = d.loop, .eng = d.eng, .forge = d.forge,
 					    .data_dir = data_dir, .listen = http_listen,
 					    .request_timeout_ms = http_request_timeout_ms,
 					    .max_per_address = http_max_per_address,

@@ -616,6 +616,10 @@ int expr_eval(const struct expr *e, expr_lookup_fn lookup, void *data,
 		return 0;
 	case EXPR_REF:
 		rc = lookup ? lookup(data, e, &text) : KPL_ENOTFOUND;
+		if (rc == KPL_ESTATE)
+			return kpl_errf(err, rc, "%s: withheld from this run: a pull request "
+					"from a fork gets no secrets (unless its pipeline's "
+					"registration says fork_secrets: true)", e->str);
 		if (rc < 0 || !text)
 			return kpl_errf(err, rc < 0 ? rc : KPL_ENOTFOUND,
 					"%s: no such value", e->str);

@@ -105,7 +105,8 @@ int expr_walk_refs(const struct expr *e,
  * Looks up a reference (ref->str is its text, ref->part its parts). Sets
  * *value to text that must stay valid until the evaluation returns, and
  * returns 0; or returns a negative KPL_E* code (KPL_ENOTFOUND for "no such
- * value"), and evaluation fails naming the reference.
+ * value", KPL_ESTATE for a secret withheld from a fork's pull request), and
+ * evaluation fails naming the reference.
  */
 typedef int (*expr_lookup_fn)(void *data, const struct expr *ref,
 			      const char **value);

@@ -42,6 +42,7 @@ enum store_db {
 	DB_NOTIFY,
 	DB_AUDIT,
 	DB_PIPELINES_REGISTERED,
+	DB_FORGE_STATUS,
 	DB__LAST
 };
 
@@ -60,6 +61,7 @@ static const char *const db_names[DB__LAST] = {
 	[DB_NOTIFY] = "notify",
 	[DB_AUDIT] = "audit",
 	[DB_PIPELINES_REGISTERED] = "pipelines_registered",
+	[DB_FORGE_STATUS] = "forge_status",
 };
 
 /* Room for future databases without a change of maxdbs (which would need
@@ -1205,6 +1207,7 @@ struct walk_cb {
 		store_notify_fn notify;
 		store_audit_fn audit;
 		store_registered_fn registered;
+		store_forge_fn forge;
 	} fn;
 	void *data;
 	size_t max, count;
@@ -2031,6 +2034,56 @@ int store_list_registered(struct store *s, store_registered_fn fn, void *data)
 	struct walk_cb c = { .fn.registered = fn, .data = data };
 	struct walk w = { .db = DB_PIPELINES_REGISTERED, .from = FROM_FIRST,
 			  .each = registered_each, .data = &c };
+
+	return walk(s, &w);
+}
+
+/* --- Forge commit status outbox. --- */
+
+void store_stage_forge(struct store *s, const char *run_id,
+		       const Kpl__Store__V1__ForgeStatusRecord *rec)
+{
+	struct store_op *op;
+	size_t vlen, klen = run_id ? strlen(run_id) : 0;
+
+	if (klen == 0 || klen > STORE_MAX_RUN_ID_LEN)
+		BUG("store_stage_forge: bad run id");
+	if (!rec) {
+		stage_op(s, DB_FORGE_STATUS, run_id, klen, 0, OP_DEL);
+		return;
+	}
+	vlen = kpl__store__v1__forge_status_record__get_packed_size(rec);
+	op = stage_op(s, DB_FORGE_STATUS, run_id, klen, vlen, OP_PUT);
+	kpl__store__v1__forge_status_record__pack(rec, (uint8_t *)op->val);
+}
+
+static int forge_each(struct walk *w, const MDB_val *k, const MDB_val *v)
+{
+	struct walk_cb *c = w->data;
+	Kpl__Store__V1__ForgeStatusRecord *rec;
+	char id[STORE_MAX_RUN_ID_LEN + 1];
+	int stop;
+
+	if (k->mv_size == 0 || k->mv_size > STORE_MAX_RUN_ID_LEN)
+		return 0;
+	memcpy(id, k->mv_data, k->mv_size);
+	id[k->mv_size] = '\0';
+	rec = kpl__store__v1__forge_status_record__unpack(NULL, v->mv_size, v->mv_data);
+	if (!rec) {
+		kpl_error(SUB, "%s: record forge_status/%s does not decode as a "
+			  "ForgeStatusRecord (%zu bytes); skipped", w->s->dir, id, v->mv_size);
+		return 0;
+	}
+	stop = c->fn.forge(c->data, id, rec);
+	kpl__store__v1__forge_status_record__free_unpacked(rec, NULL);
+	return stop;
+}
+
+int store_list_forge(struct store *s, store_forge_fn fn, void *data)
+{
+	struct walk_cb c = { .fn.forge = fn, .data = data };
+	struct walk w = { .db = DB_FORGE_STATUS, .from = FROM_FIRST, .each = forge_each,
+			  .data = &c };
 
 	return walk(s, &w);
 }

@@ -368,4 +368,17 @@ int store_get_registered(struct store *s, const char *name,
 typedef int (*store_registered_fn)(void *data, const Kpl__V1__RegisteredPipeline *rec);
 int store_list_registered(struct store *s, store_registered_fn fn, void *data);
 
+/*
+ * forge_status db: run id -> ForgeStatusRecord, the commit statuses still
+ * owed to a forge for a run a pull request started (engine/forge.c). rec
+ * NULL stages a delete; a run id that is empty or over STORE_MAX_RUN_ID_LEN
+ * is a BUG(). store_list_forge calls fn in run id order; rec is borrowed for
+ * the call; non-zero from fn stops the walk and is returned.
+ */
+void store_stage_forge(struct store *s, const char *run_id,
+		       const Kpl__Store__V1__ForgeStatusRecord *rec);
+typedef int (*store_forge_fn)(void *data, const char *run_id,
+			      const Kpl__Store__V1__ForgeStatusRecord *rec);
+int store_list_forge(struct store *s, store_forge_fn fn, void *data);
+
 #endif
