@@ -2242,10 +2242,10 @@ int stage_endpoint_named(struct stage *st, enum cfg_kind kind, const char *name,
 	if (st->run->secrets_withheld) {
 		/* The config's endpoints carry kpld's credentials (tokens,
 		 * kubeconfigs, keys): withheld like secrets. */
-		rc = kpl_errf(err, KPL_EINVAL, "stages.%s.with.%s: withheld from this run: a pull "
+		rc = kpl_errf(err, KPL_EINVAL, "stages.%s.%s: withheld from this run: a pull "
 			      "request from a fork may not use the daemon config's endpoints "
 			      "(unless its pipeline's registration says fork_secrets: true)",
-			      st->spec->name, with_key);
+			      st->spec->name, key);
 		goto out;
 	}
 	out->ep = ep;

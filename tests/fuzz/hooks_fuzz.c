@@ -5,11 +5,13 @@
  * names (hooks_repo_key, which decides which registered pipelines match)
  * and the branch against glob patterns. Input: a request in fuzz.h's text
  * form (the status line is ignored; X-Hub-Signature-256, X-Gitlab-Token
- * and X-Pattern, a branch glob, are read from the headers).
+ * and X-Pattern, a branch glob, are read from the headers). The body is
+ * also read as a pull request of each forge (engine/forge.c).
  */
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/forge.h"
 #include "engine/hooks.h"
 #include "engine/kpl.h"
 #include "tests/fuzz/fuzz.h"
@@ -50,6 +52,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 					hooks_branch_match(pattern, p.branch);
 			}
 			hooks_push_free(&p);
+		}
+		/* The same body as a pull (merge) request (engine/forge.h). */
+		for (int k = FORGE_GITHUB; k < FORGE__LAST; k++) {
+			struct forge_pr pr;
+			struct kpl_err err = { 0 };
+			char why[200], pkey[FORGE_PR_KEY_LEN + 1];
+
+			if (forge_parse_pr(k, r.body, r.body_len, &pr, why, sizeof why, &err) != 0)
+				continue;
+			for (size_t i = 0; i < pr.n_urls; i++)
+				forge_pr_key(k, pr.urls[i], &pr, "app", pkey, sizeof pkey);
+			hooks_branch_match("main", pr.base_branch);
+			forge_pr_free(&pr);
 		}
 		/* The body as a registration's repo URL. */
 		if (r.body_len < sizeof key && !memchr(r.body, '\0', r.body_len))
