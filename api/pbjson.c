@@ -190,7 +190,11 @@ static void ts_format(int64_t sec, int32_t nanos, char *buf, size_t size)
 		snprintf(buf, size, "1970-01-01T00:00:00Z");
 		return;
 	}
-	n = strftime(buf, size, "%Y-%m-%dT%H:%M:%S", &tm);
+	/* %04d: strftime's %Y does not pad years before 1000. */
+	n = (size_t)snprintf(buf, size, "%04d-%02d-%02dT%02d:%02d:%02d", tm.tm_year + 1900,
+			     tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+	if (n >= size)
+		return;
 	if (nanos <= 0 || nanos > 999999999)
 		snprintf(buf + n, size - n, "Z");
 	else if (nanos % 1000000 == 0)
@@ -220,7 +224,7 @@ static int ts_parse(const char *s, int64_t *sec, int32_t *nanos)
 	int y, mo, d, h, mi, se, off = 0;
 	int32_t ns = 0;
 
-	if ((y = digits(&s, 4)) < 0 || *s++ != '-' || (mo = digits(&s, 2)) < 1 || mo > 12 ||
+	if ((y = digits(&s, 4)) < 1 || *s++ != '-' || (mo = digits(&s, 2)) < 1 || mo > 12 ||
 	    *s++ != '-' || (d = digits(&s, 2)) < 1 || d > 31 || (*s != 'T' && *s != 't') ||
 	    !*s++ || (h = digits(&s, 2)) < 0 || h > 23 || *s++ != ':' ||
 	    (mi = digits(&s, 2)) < 0 || mi > 59 || *s++ != ':' || (se = digits(&s, 2)) < 0 ||

@@ -615,7 +615,11 @@ int main(int argc, char **argv)
 			hao.heartbeat_ms = (uint64_t)v * 1000;
 			break;
 		}
-		case OPT_PRINT_HTTP_ROUTES: httpapi_print_routes(stdout); return 0;
+		case OPT_PRINT_HTTP_ROUTES:
+			httpapi_print_routes(stdout);
+			free(sandbox_hide);
+			free(sandbox_bind);
+			return 0;
 		case OPT_HTTP_TLS_CERT: http_tls_cert = optarg; break;
 		case OPT_HTTP_TLS_KEY: http_tls_key = optarg; break;
 		case OPT_CONSOLE_URL: fo.console_url = optarg; break;

@@ -583,6 +583,71 @@ class Suite:
         assert_eq([e["_id"] for e in again], [e["_id"] for e in got[1:]],
                   "global resume by Last-Event-ID")
 
+    def metric(self, name, label):
+        c = http.client.HTTPConnection(*self.d.http, timeout=60)
+        try:
+            c.request("GET", "/metrics")
+            text = c.getresponse().read().decode()
+        finally:
+            c.close()
+        m = re.search(r"^%s\{%s\} (\d+)$" % (re.escape(name), re.escape(label)), text, re.M)
+        return int(m.group(1)) if m else 0
+
+    def test_slow_reader_holds_kpld_back(self):
+        # A run of many log lines, stored whole before anyone reads it.
+        n_lines = 80000
+        text = ("name: chatty\nstages:\n  - name: talk\n    kind: script\n"
+                "    with: { shell: \"seq -f 'line %%g of a chatty stage, padded to be long "
+                "enough' 1 %d\" }\n" % n_lines)
+        run = self.submit_http(text)
+        for ev in self.c.stream(P + "WatchRuns", {"from_global_seq": 1, "pipeline_name": "chatty",
+                                                  "kinds": ["EVENT_KIND_RUN_STATE"]},
+                                timeout=300, metadata=self.md()):
+            if ev.run_id == run["id"] and ev.run_state >= 3:
+                break
+        total = int(self.h.ok("GET", "/v1/runs/" + run["id"])["lastSeq"])
+        if total < n_lines:
+            raise AssertionError("the run stored %d events" % total)
+        label = 'method="WatchRun"'
+        before = self.metric("kpl_api_events_read_total", label)
+        # A reader that reads the response head and then nothing.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(60)
+        sock.connect(self.d.http)
+        sock.sendall(("GET /v1/runs/%s/events HTTP/1.1\r\nHost: kpl\r\nAuthorization: "
+                      "Bearer %s\r\n\r\n" % (run["id"], self.tokens["read"])).encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        # kpld reads on only as the socket drains: the count stops well
+        # short of the run's events. Wait until it is the same over 20
+        # requests in a row (each a turn of kpld's loop, at least).
+        last, same = -1, 0
+        while same < 20:
+            now = self.metric("kpl_api_events_read_total", label) - before
+            same = same + 1 if now == last else 0
+            last = now
+        if last >= total // 2:
+            raise AssertionError("a stalled reader made kpld read %d of %d events"
+                                 % (last, total))
+        # Read it all now: every event, in order, once.
+        buf, ids = b"", []
+        while True:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            buf += chunk
+            *frames, buf = buf.split(b"\n\n")
+            for f in frames:
+                m = re.match(rb"id: (\d+)\n", f)
+                if m:
+                    ids.append(int(m.group(1)))
+        sock.close()
+        assert_eq(len(ids), total, "events read after the stall")
+        assert_eq(ids == list(range(1, total + 1)), True, "ids 1..%d in order" % total)
+        print("slow reader: kpld had read %d of %d events while it stalled" % (last, total))
+
     def test_stream_cap(self):
         d = Kpld(self.kpld_bin, self.tmp, "cap", "--max-streams", "2").start()
         try:
