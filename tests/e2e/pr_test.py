@@ -1,7 +1,7 @@
 """Pull and merge requests, end to end: webhooks that start runs and the
 commit statuses kpld sends back, against the forge emulator.
 
-    /usr/bin/python3 tests/e2e/pr_test.py PATH/TO/kpld FORGE_EMULATOR.py FIXTURES_DIR
+    /usr/bin/python3 tests/e2e/pr_test.py PATH/TO/kpld PATH/TO/kplctl FORGE_EMULATOR.py FIXTURES_DIR
 
 A git repository made here plays the base repository: pull requests' head
 commits are on a branch and under refs/pull/N/head (GitHub's layout), a
@@ -27,7 +27,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from e2e_test import Daemon, assert_eq, run_suite, watch  # noqa: E402
+import grpc  # noqa: E402
+from e2e_test import Daemon, assert_eq, expect_rpc_error, run_suite, watch  # noqa: E402
 from kplgrpc import Client  # noqa: E402
 
 P = "kpl.v1.Pipelines/"
@@ -92,8 +93,9 @@ def load_emulator(path):
 
 
 class Suite:
-    def __init__(self, binary, emulator_py, fixtures, tmp):
+    def __init__(self, binary, kplctl, emulator_py, fixtures, tmp):
         self.tmp = tmp
+        self.kplctl = kplctl
         self.fixtures = fixtures
         self.repo = os.path.join(tmp, "app")
         self.make_repo()
@@ -266,6 +268,40 @@ class Suite:
 
     # -- tests ----------------------------------------------------------
 
+    def ctl(self, *args):
+        r = subprocess.run([self.kplctl, "--server", self.daemon.addr] + list(args),
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise AssertionError("kplctl %s: exit %d: %s" % (" ".join(args), r.returncode,
+                                                            r.stderr))
+        return r.stdout
+
+    def test_registration(self):
+        expect_rpc_error(lambda: self.register(name="x", repo=self.repo, secret="GH_HOOK",
+                                               pull_requests=True, status_token="NOPE"),
+                         grpc.StatusCode.INVALID_ARGUMENT, "status_token: no secret NOPE")
+        expect_rpc_error(lambda: self.register(name="x", repo=self.repo, secret="GH_HOOK",
+                                               fork_secrets=True),
+                         grpc.StatusCode.INVALID_ARGUMENT, "fork_secrets: only with pull_requests")
+        expect_rpc_error(lambda: self.register(name="x", repo=self.repo, secret="GH_HOOK",
+                                               status_token="GH_TOKEN"),
+                         grpc.StatusCode.INVALID_ARGUMENT, "status_token: only with pull_requests")
+        # kplctl: every field, and show prints them; the token's name only.
+        out = self.ctl("pipeline", "register", "viactl", "--repo", "https://github.com/a/b.git",
+                       "--secret", "GH_HOOK", "--pull-requests", "--fork-secrets",
+                       "--status-token", "${{ secrets.GH_TOKEN }}")
+        assert_eq(out, "pipeline viactl registered\n", "kplctl pipeline register")
+        shown = self.ctl("pipeline", "show", "viactl")
+        for want in ("pull requests: yes, forks get secrets", "statuses:  token in secret GH_TOKEN"):
+            if want not in shown:
+                raise AssertionError("pipeline show lacks %r:\n%s" % (want, shown))
+        if GH_TOKEN in shown:
+            raise AssertionError("pipeline show prints the token")
+        got = json.loads(self.ctl("pipeline", "show", "viactl", "-o", "json"))
+        assert_eq((got.get("pull_requests"), got.get("fork_secrets"), got.get("status_token")),
+                  (True, True, "GH_TOKEN"), "pipeline show -o json")
+        self.ctl("pipeline", "delete", "viactl")
+
     def test_opened_runs_at_head_with_params_and_reports(self):
         sha = self.head_commit(7, PR_PIPELINE % ("v1", 0))
         status, body = self.github(self.github_pr("opened", 7, sha), "gh-open-7")
@@ -406,6 +442,20 @@ class Suite:
                   [(500, "pending"), (500, "pending"), (201, "pending"), (201, "success")],
                   "calls for %s" % sha[:12])
 
+    def test_cancelled_run_reports_error(self):
+        sha = self.head_commit(12, GATED_PIPELINE)
+        status, text = self.github(self.github_pr("opened", 12, sha), "gh-open-12")
+        assert_eq(status, 202, "status (%s)" % text)
+        run_id = self.run_ids(text)["prcheck"]
+        self.wait_waiting(run_id, "gate")
+        self.c.call(P + "CancelRun", {"id": run_id})
+        watch(self.c, run_id)
+        assert_eq(self.get_run(run_id)["state"], "RUN_STATE_CANCELLED", "run state")
+        # GitHub has no cancelled state: error ("did not finish").
+        calls = self.statuses(sha, ["pending", "error"])
+        if "cancelled" not in calls[1]["body"]["description"]:
+            raise AssertionError("description %r" % calls[1]["body"]["description"])
+
     def test_kill9_before_the_final_status_then_restart_sends_it(self):
         sha = self.head_commit(11, GATED_PIPELINE)
         status, text = self.github(self.github_pr("opened", 11, sha), "gh-open-11")
@@ -430,9 +480,9 @@ class Suite:
 
 
 def main():
-    binary, emulator_py, fixtures = (os.path.abspath(a) for a in sys.argv[1:4])
+    binary, kplctl, emulator_py, fixtures = (os.path.abspath(a) for a in sys.argv[1:5])
     tmp = tempfile.mkdtemp(prefix="kpl-pr-")
-    suite = Suite(binary, emulator_py, fixtures, tmp)
+    suite = Suite(binary, kplctl, emulator_py, fixtures, tmp)
     rc = 1
     try:
         rc = run_suite(Suite, suite)
