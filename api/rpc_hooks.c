@@ -11,6 +11,7 @@
 
 #include "api/kpl.pb-c.h"
 #include "engine/hooks.h"
+#include "engine/sched.h"
 #include "google/protobuf/timestamp.pb-c.h"
 
 #define LOG "rpc"
@@ -86,11 +87,13 @@ static void h_register(struct api_call *call, const ProtobufCMessage *m, void *d
 	Kpl__V1__RegisteredPipeline rec;
 	Google__Protobuf__Timestamp ts = GOOGLE__PROTOBUF__TIMESTAMP__INIT;
 	char *branches[HOOKS_MAX_BRANCHES];
+	Kpl__V1__Schedule sched_buf[SCHED_MAX], *sched_ptrs[SCHED_MAX];
 	struct kpl_err err = { 0 };
 	int64_t now = kpl_now_ms();
 	char what[400];
 
 	if (hooks_check_registration(req, engine_secrets(rh->eng), &rec, branches, &err) ||
+	    sched_check_registration(req, &rec, sched_buf, sched_ptrs, NULL, &err) ||
 	    store_room_err(engine_store(rh->eng), 16 * 1024, &err)) {
 		api_call_fail_err(call, &err);
 		return;
@@ -100,8 +103,8 @@ static void h_register(struct api_call *call, const ProtobufCMessage *m, void *d
 	rec.created_at = &ts;
 	rec.created_by = (char *)api_call_who(call);
 	store_stage_registered(engine_store(rh->eng), rec.name, &rec);
-	kpl_info(LOG, "pipeline %s registered (%s, %zu branch patterns, %s)", rec.name,
-		 rec.path, rec.n_branches, rec.secret);
+	kpl_info(LOG, "pipeline %s registered (%s, %zu branch patterns, %zu schedules, %s)",
+		 rec.name, rec.path, rec.n_branches, rec.n_schedules, rec.secret);
 	/* The repo URL may hold a user:password: the audit names it not. */
 	snprintf(what, sizeof what, "registered pipeline %s (file %s, secret %s)", rec.name,
 		 rec.path, rec.secret);
@@ -183,6 +186,7 @@ static void h_list(struct api_call *call, const ProtobufCMessage *m, void *data)
 		for (size_t i = 0; i < l.n; i++) {
 			char shown[HOOKS_MAX_URL + 8];
 
+			sched_annotate(engine_store(rh->eng), l.v[i], NULL);
 			if (!l.v[i]->repo || !hooks_repo_url_problem(l.v[i]->repo))
 				continue;
 			hooks_url_for_display(l.v[i]->repo, shown, sizeof shown);

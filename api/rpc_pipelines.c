@@ -208,6 +208,12 @@ static void h_submit(struct api_call *call, const ProtobufCMessage *m, void *dat
 			      "(webhook deliveries)");
 		return;
 	}
+	if (req->idempotency_key && strncmp(req->idempotency_key, "sched:", 6) == 0) {
+		api_call_fail(call, ST_INVALID_ARGUMENT,
+			      "idempotency_key: keys starting with \"sched:\" are kpld's own "
+			      "(schedules)");
+		return;
+	}
 	names = kpl_calloc(req->n_params, sizeof *names);
 	values = kpl_calloc(req->n_params, sizeof *values);
 	for (size_t i = 0; i < req->n_params; i++) {
@@ -255,6 +261,14 @@ static void h_run_pipeline(struct api_call *call, const ProtobufCMessage *m, voi
 
 	if (!rpc->hooks) {
 		api_call_fail(call, ST_UNAVAILABLE, "kpld is stopping");
+		return;
+	}
+	/* The schedules' keys (engine/sched.h): a client holding one could
+	 * keep a fire from starting its run. */
+	if (req->idempotency_key && strncmp(req->idempotency_key, "sched:", 6) == 0) {
+		api_call_fail(call, ST_INVALID_ARGUMENT,
+			      "idempotency_key: keys starting with \"sched:\" are kpld's own "
+			      "(schedules)");
 		return;
 	}
 	if (req->n_params > KPL_MAX_PARAMS) {

@@ -28,7 +28,7 @@ _kplctl_opts() {
 	secret) echo "-o --output --pipeline" ;;
 	releases) echo "-o --output --limit" ;;
 	rollback) echo "-o --output --to --watch --plain" ;;
-	pipeline) echo "-o --output --repo --branch --path --secret --pull-requests --fork-secrets --status-token --ref --sha -p --param --idempotency-key --watch --plain" ;;
+	pipeline) echo "-o --output --repo --branch --path --secret --pull-requests --fork-secrets --status-token --schedule --ref --sha -p --param --idempotency-key --watch --plain" ;;
 	diff) echo "-o --output" ;;
 	esac
 }
@@ -64,7 +64,7 @@ _kplctl() {
 		--server | --token | --ca | --cert | --key | -o | --output | -p | --param | --idempotency-key | \
 			--state | --pipeline | --limit | --from-seq | -m | --comment | --by | --from | \
 			--kind | --scope | --description | --stage | --to | --repo | --branch | --path | \
-			--secret | --status-token | --ref | --sha)
+			--secret | --status-token | --schedule | --ref | --sha)
 			((i++)) ;;
 		-*) ;;
 		*)
@@ -104,7 +104,7 @@ _kplctl() {
 		return ;;
 	--server | --token | -p | --param | --idempotency-key | --pipeline | --limit | \
 		--from-seq | -m | --comment | --by | --from | --description | --to | --repo | \
-		--branch | --path | --secret | --status-token | --ref | --sha)
+		--branch | --path | --secret | --status-token | --schedule | --ref | --sha)
 		return ;;
 	esac
 

@@ -33,6 +33,7 @@
 #include "clients/textdiff.h"
 #include "engine/kpl.h"
 #include "google/protobuf/timestamp.pb-c.h"
+#include "engine/tzfile.h"
 #include "pipelines/pipeline.h"
 #include "stages/stage.h"
 
@@ -154,6 +155,10 @@ static const struct opt_def opt_defs[] = {
 	{ "status-token", 0, "NAME", O_PR,
 	  "pipeline register: the secret holding a forge API token; pull requests' runs "
 	  "then send commit statuses" },
+	/* Shares --repo's bit (register only); opt_set tells them apart. */
+	{ "schedule", 0, "SPEC", O_REPO,
+	  "pipeline register: start runs by the clock: 'CRON[; timezone=ZONE][; branch=B]"
+	  "[; starting_deadline=DURATION][; param.NAME=VALUE]...' (repeatable)" },
 	{ "help", 'h', NULL, O_HELP, "show this help" },
 };
 
@@ -161,6 +166,7 @@ static const struct opt_def opt_defs[] = {
 #define MAX_KINDS 4
 #define MAX_PIPELINES 64 /* SECRETS_MAX_PIPELINES */
 #define MAX_BRANCHES 32  /* HOOKS_MAX_BRANCHES */
+#define MAX_SCHEDULES 16 /* SCHED_MAX */
 
 struct ctl {
 	const char *server;
@@ -194,6 +200,8 @@ struct ctl {
 	const char *status_token;
 	const char *branches[MAX_BRANCHES];
 	size_t n_branches;
+	const char *schedules[MAX_SCHEDULES];
+	size_t n_schedules;
 	Kpl__V1__EventKind kinds[MAX_KINDS]; /* no repeats */
 	size_t n_kinds;
 	const char **pos; /* argc entries */
@@ -456,7 +464,15 @@ static int opt_set(struct ctl *ctl, const struct opt_def *o, const char *v)
 		ctl->params[ctl->n_params++] = v;
 		break;
 	case O_IDEM: ctl->idem = v; break;
-	case O_REPO: ctl->repo = v; break;
+	case O_REPO:
+		if (strcmp(o->long_name, "schedule") != 0) {
+			ctl->repo = v;
+		} else if (ctl->n_schedules == MAX_SCHEDULES) {
+			return usage_error("--schedule: more than %d", MAX_SCHEDULES);
+		} else {
+			ctl->schedules[ctl->n_schedules++] = v;
+		}
+		break;
 	case O_PATH: ctl->path = v; break;
 	case O_SECRET: ctl->secret = v; break;
 	case O_REF: ctl->ref = v; break;
@@ -2176,6 +2192,53 @@ static int cmd_rollback(struct ctl *ctl)
 
 /* --- Registered pipelines. --- */
 
+/* t in zone (the schedule's; "" is UTC): "2026-12-07 02:00:00 +0800". */
+static const char *ts_zone(const Google__Protobuf__Timestamp *t, const char *zone, char *buf,
+			   size_t size)
+{
+	struct tz *tz = NULL;
+	struct kpl_err err;
+	int64_t wall, days, secs, y;
+	int32_t off;
+	unsigned m, d;
+
+	if (!ts_set(t))
+		return "-";
+	if (!*zone || tz_load(NULL, zone, &tz, &err) != 0)
+		tz = tz_utc();
+	off = tz_offset_at(tz, t->seconds);
+	tz_free(tz);
+	wall = t->seconds + off;
+	days = wall >= 0 ? wall / 86400 : -((-wall + 86399) / 86400);
+	secs = wall - days * 86400;
+	tz_civil_from_days(days, &y, &m, &d);
+	snprintf(buf, size, "%04lld-%02u-%02u %02d:%02d:%02d %c%02d%02d", (long long)y, m, d,
+		 (int)(secs / 3600), (int)(secs % 3600 / 60), (int)(secs % 60),
+		 off < 0 ? '-' : '+', (off < 0 ? -off : off) / 3600,
+		 (off < 0 ? -off : off) % 3600 / 60);
+	return buf;
+}
+
+static void print_schedule(const Kpl__V1__Schedule *sc)
+{
+	char b[64];
+
+	printf("schedule:  %s (%s)", sc->cron, *sc->timezone ? sc->timezone : "UTC");
+	if (*sc->branch)
+		printf(", branch %s", sc->branch);
+	if (sc->starting_deadline_seconds)
+		printf(", starting deadline %us", sc->starting_deadline_seconds);
+	for (size_t k = 0; k < sc->n_params; k++)
+		printf("%s%s=%s", k ? " " : ", params ", sc->params[k]->key,
+		       sc->params[k]->value);
+	printf("\n  next:    %s\n", ts_zone(sc->next_fire, sc->timezone, b, sizeof b));
+	if (ts_set(sc->last_fire))
+		printf("  last:    %s%s%s\n", ts_zone(sc->last_fire, sc->timezone, b, sizeof b),
+		       *sc->last_run_id ? ", run " : "", sc->last_run_id);
+	if (*sc->last_message)
+		printf("  note:    %s\n", sc->last_message);
+}
+
 static void print_registered(const Kpl__V1__RegisteredPipeline *p)
 {
 	char b[64];
@@ -2194,6 +2257,8 @@ static void print_registered(const Kpl__V1__RegisteredPipeline *p)
 	printf("created:   %s\n", ts_local(p->created_at, "%Y-%m-%d %H:%M:%S", b, sizeof b));
 	if (*p->created_by)
 		printf("by:        %s\n", p->created_by);
+	for (size_t i = 0; i < p->n_schedules; i++)
+		print_schedule(p->schedules[i]);
 }
 
 /* params as map entries of any request (same layout for every map<string,
@@ -2252,11 +2317,83 @@ static int pipeline_run(struct ctl *ctl, const char *name)
 	return rc;
 }
 
+static char *trim(char *p);
+
+/*
+ * --schedule 'CRON; timezone=ZONE; branch=B; starting_deadline=5m;
+ * param.NAME=VALUE' into sc. text is a writable copy the message borrows
+ * from; entries are allocated here (freed by the caller, with sc).
+ */
+static int schedule_spec(char *text, const char *spec, Kpl__V1__Schedule *sc)
+{
+	char *part, *save = NULL;
+	int first = 1;
+
+	kpl__v1__schedule__init(sc);
+	for (part = strtok_r(text, ";", &save); part; part = strtok_r(NULL, ";", &save)) {
+		char *p = trim(part), *eq;
+
+		if (first) {
+			sc->cron = p;
+			first = 0;
+			continue;
+		}
+		if (!*p)
+			continue;
+		eq = strchr(p, '=');
+		if (!eq)
+			return usage_error("--schedule %s: \"%s\": want KEY=VALUE (timezone, "
+					   "branch, starting_deadline, param.NAME)", spec, p);
+		*eq = '\0';
+		if (!strcmp(p, "timezone") || !strcmp(p, "tz")) {
+			sc->timezone = eq + 1;
+		} else if (!strcmp(p, "branch")) {
+			sc->branch = eq + 1;
+		} else if (!strcmp(p, "starting_deadline")) {
+			const char *why = NULL;
+			int64_t ms;
+
+			if (pl_duration_parse(eq + 1, &ms, &why) != 0 || ms < 1000 ||
+			    ms / 1000 > UINT32_MAX)
+				return usage_error("--schedule %s: starting_deadline: want a "
+						   "duration like 90s, 5m or 1h%s%s", spec,
+						   why ? ": " : "", why ? why : "");
+			sc->starting_deadline_seconds = (uint32_t)(ms / 1000);
+		} else if (!strncmp(p, "param.", 6) && p[6]) {
+			Kpl__V1__Schedule__ParamsEntry *e = kpl_calloc(1, sizeof *e);
+
+			kpl__v1__schedule__params_entry__init(e);
+			e->key = p + 6;
+			e->value = eq + 1;
+			sc->params = kpl_realloc(sc->params, (sc->n_params + 1) * sizeof *sc->params);
+			sc->params[sc->n_params++] = e;
+		} else {
+			return usage_error("--schedule %s: unknown key \"%s\" (timezone, branch, "
+					   "starting_deadline, param.NAME)", spec, p);
+		}
+	}
+	if (first || !*sc->cron)
+		return usage_error("--schedule %s: the cron expression comes first", spec);
+	return 0;
+}
+
+static void schedules_free(Kpl__V1__Schedule *v, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		for (size_t k = 0; k < v[i].n_params; k++)
+			free(v[i].params[k]);
+		free(v[i].params);
+	}
+}
+
 static int pipeline_register(struct ctl *ctl, const char *name)
 {
 	Kpl__V1__RegisterPipelineRequest req = KPL__V1__REGISTER_PIPELINE_REQUEST__INIT;
 	Kpl__V1__RegisteredPipeline *p = NULL;
+	Kpl__V1__Schedule sch[MAX_SCHEDULES], *schp[MAX_SCHEDULES];
+	char *texts[MAX_SCHEDULES];
 	struct kplc_status st;
+	int rc;
 
 	if (!ctl->repo)
 		return usage_error("pipeline register: --repo URL is required");
@@ -2272,9 +2409,25 @@ static int pipeline_register(struct ctl *ctl, const char *name)
 	req.pull_requests = ctl->pull_requests;
 	req.fork_secrets = ctl->fork_secrets;
 	req.status_token = (char *)(ctl->status_token ? ctl->status_token : "");
-	if (kplc_call_unary(ctl->c, "/kpl.v1.Pipelines/RegisterPipeline", &req.base,
-			    &kpl__v1__registered_pipeline__descriptor, (ProtobufCMessage **)&p,
-			    &st) < 0)
+	for (size_t i = 0; i < ctl->n_schedules; i++) {
+		texts[i] = kpl_strdup(ctl->schedules[i]);
+		if ((rc = schedule_spec(texts[i], ctl->schedules[i], &sch[i])) != 0) {
+			schedules_free(sch, i + 1);
+			for (size_t k = 0; k <= i; k++)
+				free(texts[k]);
+			return rc;
+		}
+		schp[i] = &sch[i];
+	}
+	req.schedules = schp;
+	req.n_schedules = ctl->n_schedules;
+	rc = kplc_call_unary(ctl->c, "/kpl.v1.Pipelines/RegisterPipeline", &req.base,
+			     &kpl__v1__registered_pipeline__descriptor, (ProtobufCMessage **)&p,
+			     &st);
+	schedules_free(sch, ctl->n_schedules);
+	for (size_t i = 0; i < ctl->n_schedules; i++)
+		free(texts[i]);
+	if (rc < 0)
 		return rpc_error(ctl, &st);
 	if (ctl->json)
 		print_json(msg_to_json(&p->base));
@@ -2300,8 +2453,8 @@ static int cmd_pipeline(struct ctl *ctl)
 				   "delete or run)", sub);
 	if ((ctl->seen & reg) && strcmp(sub, "register"))
 		return usage_error("pipeline %s: --repo, --branch, --path, --secret, "
-				   "--pull-requests, --fork-secrets and --status-token are for "
-				   "register", sub);
+				   "--pull-requests, --fork-secrets, --status-token and --schedule "
+				   "are for register", sub);
 	if ((ctl->seen & run) && strcmp(sub, "run"))
 		return usage_error("pipeline %s: --ref, --sha, -p, --idempotency-key, --watch "
 				   "and --plain are for run", sub);

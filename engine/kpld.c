@@ -31,6 +31,7 @@
 #include "engine/hooks.h"
 #include "engine/kpl.h"
 #include "engine/retention.h"
+#include "engine/sched.h"
 #include "engine/secrets.h"
 #include "store/dirlock.h"
 #include "store/store.h"
@@ -54,6 +55,7 @@ struct kpld {
 	struct chatops *chatops; /* its routes are on the hooks' listener */
 	struct httpapi *httpapi; /* the HTTP API on that listener */
 	struct forge *forge; /* commit statuses of pull requests' runs */
+	struct sched *sched; /* registered pipelines' schedules */
 	uv_signal_t sigint, sigterm;
 	uv_idle_t closer; /* closes the store once no commit is in flight */
 	bool stopping;
@@ -150,7 +152,7 @@ static void close_store(uv_idle_t *h)
 {
 	struct kpld *d = h->data;
 
-	if (store_pending_commits(d->store) || d->retention)
+	if (store_pending_commits(d->store) || d->retention || d->sched)
 		return;
 	uv_idle_stop(h);
 	uv_close((uv_handle_t *)h, signal_closed);
@@ -230,6 +232,14 @@ static void chatops_stopped(void *data)
 		maybe_stop_engine(d);
 }
 
+static void sched_stopped(void *data)
+{
+	struct kpld *d = data;
+
+	sched_free(d->sched);
+	d->sched = NULL;
+}
+
 static void retention_stopped(void *data)
 {
 	struct kpld *d = data;
@@ -252,6 +262,9 @@ static void on_signal(uv_signal_t *h, int signum)
 	if (d->httpapi)
 		httpapi_stop(d->httpapi);
 	retention_stop(d->retention, retention_stopped, d);
+	/* Before the hooks: they answer its submissions still waiting. */
+	if (d->sched)
+		sched_stop(d->sched, sched_stopped, d);
 	rpc_close_streams(d->rpc);
 	if (d->hooks)
 		hooks_stop(d->hooks, hooks_stopped, d);
@@ -815,6 +828,13 @@ int main(int argc, char **argv)
 		if (n_chat && !http_listen)
 			kpl_warn(LOG, "the config has chatops: but kpld has no --http-listen, so "
 				 "no chat command can reach it");
+	}
+	{
+		/* Tests only (README, "Schedules"). */
+		struct sched_options sco = { .loop = d.loop, .eng = d.eng, .hooks = d.hooks,
+					     .clock_file = getenv("KPL_TEST_SCHEDULE_CLOCK") };
+
+		sched_start(&sco, &d.sched);
 	}
 	if (http_listen) {
 		const char *hc = strrchr(http_listen, ':');

@@ -43,6 +43,7 @@ enum store_db {
 	DB_AUDIT,
 	DB_PIPELINES_REGISTERED,
 	DB_FORGE_STATUS,
+	DB_SCHEDULES,
 	DB__LAST
 };
 
@@ -62,6 +63,7 @@ static const char *const db_names[DB__LAST] = {
 	[DB_AUDIT] = "audit",
 	[DB_PIPELINES_REGISTERED] = "pipelines_registered",
 	[DB_FORGE_STATUS] = "forge_status",
+	[DB_SCHEDULES] = "schedules",
 };
 
 /* Room for future databases without a change of maxdbs (which would need
@@ -2086,6 +2088,62 @@ int store_list_forge(struct store *s, store_forge_fn fn, void *data)
 			  .data = &c };
 
 	return walk(s, &w);
+}
+
+/* --- Schedules --- */
+
+static size_t schedule_key(const char *name, uint32_t index, char *key)
+{
+	size_t n = strlen(name);
+
+	memcpy(key, name, n);
+	key[n] = '\0';
+	key[n + 1] = (char)(index >> 24);
+	key[n + 2] = (char)(index >> 16);
+	key[n + 3] = (char)(index >> 8);
+	key[n + 4] = (char)index;
+	return n + 5;
+}
+
+void store_stage_schedule(struct store *s, const char *name, uint32_t index,
+			  const Kpl__Store__V1__ScheduleState *st)
+{
+	char key[KPL_MAX_NAME_LEN + 5];
+	struct store_op *op;
+	size_t klen, vlen;
+
+	if (!registered_name_ok(name))
+		BUG("store_stage_schedule: bad name");
+	klen = schedule_key(name, index, key);
+	if (!st) {
+		stage_op(s, DB_SCHEDULES, key, klen, 0, OP_DEL);
+		return;
+	}
+	vlen = kpl__store__v1__schedule_state__get_packed_size(st);
+	op = stage_op(s, DB_SCHEDULES, key, klen, vlen, OP_PUT);
+	kpl__store__v1__schedule_state__pack(st, (uint8_t *)op->val);
+}
+
+static int take_schedule(struct store *s, const MDB_val *k, const MDB_val *v, void *out)
+{
+	Kpl__Store__V1__ScheduleState **st = out;
+
+	(void)s;
+	(void)k;
+	*st = kpl__store__v1__schedule_state__unpack(NULL, v->mv_size, v->mv_data);
+	return *st ? 0 : KPL_ECORRUPT;
+}
+
+int store_get_schedule(struct store *s, const char *name, uint32_t index,
+		       Kpl__Store__V1__ScheduleState **out)
+{
+	char key[KPL_MAX_NAME_LEN + 5];
+
+	*out = NULL;
+	if (!registered_name_ok(name))
+		return KPL_EINVAL;
+	return read_one(s, DB_SCHEDULES, key, schedule_key(name, index, key), take_schedule,
+			out);
 }
 
 /* --- Space --- */

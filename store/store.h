@@ -19,6 +19,8 @@
  *              outbox of pipeline notifications (engine/notify.c)
  *   audit      be64 audit seq -> kpl.v1.RunEvent of kind AUDIT
  *   pipelines_registered  name -> kpl.v1.RegisteredPipeline (webhooks)
+ *   schedules  registered pipeline name, 0x00, be32 schedule index ->
+ *              ScheduleState (engine/sched.c)
  *
  * Writes are staged, then committed in groups: many state changes share one
  * LMDB write transaction, run on libuv's thread pool so the loop never waits
@@ -380,5 +382,16 @@ void store_stage_forge(struct store *s, const char *run_id,
 typedef int (*store_forge_fn)(void *data, const char *run_id,
 			      const Kpl__Store__V1__ForgeStatusRecord *rec);
 int store_list_forge(struct store *s, store_forge_fn fn, void *data);
+
+/*
+ * schedules db: the state of schedule index of registered pipeline name
+ * (engine/sched.c). st NULL stages a delete; a bad name is a BUG().
+ * store_get_schedule: *out new (free with
+ * kpl__store__v1__schedule_state__free_unpacked), KPL_ENOTFOUND if none.
+ */
+void store_stage_schedule(struct store *s, const char *name, uint32_t index,
+			  const Kpl__Store__V1__ScheduleState *st);
+int store_get_schedule(struct store *s, const char *name, uint32_t index,
+		       Kpl__Store__V1__ScheduleState **out);
 
 #endif
