@@ -1,7 +1,8 @@
 """pipelines/examples/release.kpl.yaml end to end, as `./dev demo` runs it,
 with the outcome checked against the systems themselves.
 
-    /usr/bin/python3 tests/e2e/release_test.py KPLD KPLCTL EMULATOR RELEASE_YAML SEED_YAML
+    /usr/bin/python3 tests/e2e/release_test.py KPLD KPLCTL EMULATOR RELEASE_YAML SEED_YAML \
+        RELEASE_PODS_YAML
 
 The stack is tests/e2e/release/stack.py: the demo app's git repository,
 docker-registry (htpasswd), the Kubernetes+Istio emulator, the real
@@ -18,7 +19,13 @@ pushed by SEED_YAML (build-and-push.kpl.yaml) and installed in production
   - 1.2.0-bad is released (the emulator fails 30% of the requests of an
     image whose tag says `bad`): the run FAILS, the canary aborts on the
     success rate it measured, production never ran the image, the finally
-    rollback puts staging back on 1.1.0, and `latest` stays on 1.1.0.
+    rollback puts staging back on 1.1.0, and `latest` stays on 1.1.0;
+  - 1.3.0 is released by RELEASE_PODS_YAML (release-pods.kpl.yaml, what
+    `./dev demo --pods` runs): `compile` and `image` run as pods the
+    emulator's kubelet runs, sharing the run's claim; the registry holds the
+    digest the image pod reported under 1.3.0, the short sha and latest; the
+    cluster runs it; the pods, their Secrets and the claim are gone; no
+    credential is in the events or in any Pod the emulator was sent.
 
 Waiting is on WatchRun streams and on the emulator's own state; no sleep
 stands for a condition.
@@ -35,14 +42,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "release"))
 from e2e_test import assert_eq, run_suite  # noqa: E402
-from stack import NAMESPACE, STAGING, Stack  # noqa: E402
+from stack import NAMESPACE, PODS, STAGING, Stack  # noqa: E402
 
 SUCCEEDED, FAILED, SKIPPED = "STAGE_STATE_SUCCEEDED", "STAGE_STATE_FAILED", "STAGE_STATE_SKIPPED"
 
 
 class Suite:
-    def __init__(self, kpld, kplctl, emulator, release, seed, tmp):
+    def __init__(self, kpld, kplctl, emulator, release, seed, release_pods, tmp):
         self.release = release
+        self.release_pods = release_pods
         self.stack = Stack(tmp, kpld, emulator=emulator, kplctl=kplctl)
         self.daemon = types.SimpleNamespace(log=self.stack.path("kpld.log"))
         self.stack.start()
@@ -50,9 +58,9 @@ class Suite:
 
     # -- helpers -------------------------------------------------------------
 
-    def run(self, version):
+    def run(self, version, pipeline=None, params=None):
         _, sha = self.stack.commit(version)
-        run_id = self.stack.submit(self.release, {"repo": self.stack.repo})
+        run_id = self.stack.submit(pipeline or self.release, dict(params or {}, repo=self.stack.repo))
         events = self.stack.watch(run_id)
         return self.stack.get_run(run_id), events, sha
 
@@ -199,15 +207,47 @@ class Suite:
                    for l in lines):
             raise AssertionError("no abort line in the canary's log: %r" % lines[-10:])
 
+    def test_3_release_in_pods(self):
+        run, events, sha = self.run("1.3.0", self.release_pods,
+                                    {"registry": self.stack.registry_host})
+        if run["state"] != "RUN_STATE_SUCCEEDED":
+            raise AssertionError(self.explain(run, events))
+        want = {n: SUCCEEDED for n in ("checkout", "compile", "image", "ref", "deploy", "mesh",
+                                       "canary", "promote")}
+        want["rollback"] = SKIPPED
+        assert_eq(self.states(run), want, "stage states")
+        out = {s["name"]: s.get("outputs", {}) for s in run["stages"]}
+        for stage in ("compile", "image"):
+            created = [l for l in self.logs(events, stage) if l.startswith("created pod kpl-")]
+            assert_eq(len(created), 1, "%s ran as one pod: %r" % (stage, created))
+            assert "(namespace %s, cluster local)" % PODS in created[0], created[0]
+        assert_eq(out["compile"]["version"], "1.3.0", "version from the compile pod")
+        digest = out["image"]["digest"]
+        host = self.stack.registry_host
+        assert_eq(out["image"]["image"], "%s/app@%s" % (host, digest), "image pod's output")
+        for tag in ("1.3.0", sha[:12], "latest"):
+            assert_eq(self.stack.manifest("app", tag)[0], digest, "manifest digest of app:%s" % tag)
+        released = "%s/app:1.3.0@%s" % (host, digest)
+        assert_eq(out["ref"]["image"], released, "the released reference")
+        self.stack.wait_rollout("web", released, ns=NAMESPACE)
+        self.stack.wait_rollout("web", released, ns=STAGING)
+        self.assert_mesh_settled()
+        sel = "labelSelector=kpl.dev%%2Frun%%3D%s" % run["id"]
+        for kind in ("pods", "secrets"):
+            left = self.stack.kube_api("GET", "/api/v1/namespaces/%s/%s?%s" % (PODS, kind, sel))
+            assert_eq(left["items"], [], "%s left in %s" % (kind, PODS))
+        if self.stack.reg_pass in json.dumps(events) or self.stack.kube_token in json.dumps(events):
+            raise AssertionError("a credential appears in the run's events")
+
     def close(self):
         rc = self.stack.stop()
         assert_eq(rc, 0, "kpld's exit status on SIGTERM")
 
 
 def main():
-    kpld, kplctl, emulator, release, seed = (os.path.abspath(a) for a in sys.argv[1:6])
+    kpld, kplctl, emulator, release, seed, pods = (os.path.abspath(a) for a in sys.argv[1:7])
     tmp = tempfile.mkdtemp(prefix="kpl-release-", dir=os.environ.get("TEST_TMPDIR"))
-    return run_suite(Suite, Suite(kpld, kplctl, emulator, release, seed, tmp))
+    return run_suite(Suite, Suite(kpld, kplctl, emulator, release, seed, pods, tmp))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """What `./dev demo` runs: pipelines/examples/release.kpl.yaml end to end on
 this machine, then a plain summary.
 
-    /usr/bin/python3 tests/e2e/release/demo.py BAZEL_BIN [--bad] [--keep]
+    /usr/bin/python3 tests/e2e/release/demo.py BAZEL_BIN [--bad] [--pods] [--keep]
 
 It makes a git repository of the demo app (tests/e2e/release/app, VERSION
 1.1.0; with --bad, 1.2.0-bad: an image tag the cluster emulator answers 30%
@@ -15,6 +15,13 @@ the cluster runs, the canary's weights and the verify values. Everything is
 stopped at the end (kpld with SIGTERM, which must exit 0). Exit status 0
 only if the release did what it should: with --bad, that it failed and was
 rolled back. --keep leaves the work directory (logs, data) in place.
+
+With --pods it runs pipelines/examples/release-pods.kpl.yaml instead: the
+same release with `compile` (gcc) and `image` (buildah, pushing to the
+registry itself) as Kubernetes pods in namespace ci, which the emulator's
+kubelet runs as local processes, sharing the run's PersistentVolumeClaim.
+The work directory is then under /var/tmp: a pod has a /tmp of its own and
+clones the app's repository by its path.
 
 kpld also serves the web console (--http-listen); its URL is printed. With
 --console the stack stays up after the summary, the console's URL and an
@@ -38,6 +45,7 @@ sys.path.insert(0, HERE)
 from stack import NAMESPACE, STAGING, Stack  # noqa: E402
 
 PIPELINE = os.path.join(TOP, "pipelines", "examples", "release.kpl.yaml")
+PODS_PIPELINE = os.path.join(TOP, "pipelines", "examples", "release-pods.kpl.yaml")
 SEED = os.path.join(TOP, "pipelines", "examples", "build-and-push.kpl.yaml")
 EMULATOR = os.path.join(TOP, "tests", "emulators", "kube", "kube_emulator.py")
 
@@ -104,6 +112,8 @@ def main():
     ap.add_argument("bazel_bin")
     ap.add_argument("--bad", action="store_true", help="release a version the canary rejects")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--pods", action="store_true",
+                    help="compile and build the image in Kubernetes pods (release-pods.kpl.yaml)")
     ap.add_argument("--console", action="store_true",
                     help="leave the stack up, browsable in the web console, until Ctrl-C")
     opt = ap.parse_args()
@@ -111,7 +121,10 @@ def main():
     kplctl = os.path.join(opt.bazel_bin, "clients", "kplctl")
     version = "1.2.0-bad" if opt.bad else "1.1.0"
 
-    work = tempfile.mkdtemp(prefix="kpl-demo-")
+    # A pod's /tmp is its own: with --pods the app's repository must be
+    # where the pods can clone it.
+    work = tempfile.mkdtemp(prefix="kpl-demo-", dir="/var/tmp" if opt.pods else None)
+    pipeline = PODS_PIPELINE if opt.pods else PIPELINE
     t0 = time.monotonic()
     stack = Stack(work, kpld, emulator=EMULATOR, kplctl=kplctl, console=True,
                   lifetime=24 * 3600 if opt.console else 900)
@@ -136,9 +149,13 @@ def main():
             % (NAMESPACE, STAGING, v1))
         _, sha = stack.commit(version)
         say("app repository %s: commit %s sets VERSION %s" % (stack.repo, sha[:12], version))
-        say("kplctl submit pipelines/examples/release.kpl.yaml -p repo=%s --watch" % stack.repo)
+        params = ["repo=" + stack.repo]
+        if opt.pods:
+            params.append("registry=" + stack.registry_host)
+        say("kplctl submit pipelines/examples/%s %s --watch" % (
+            os.path.basename(pipeline), " ".join("-p " + p for p in params)))
         print(flush=True)
-        run_id, _ = submit_watch(stack, stack.repo)
+        run_id, _ = submit_watch(stack, pipeline, params)
         print(flush=True)
         ok = summary(stack, run_id, version, v1, opt.bad)
         if opt.console:
@@ -161,11 +178,11 @@ def main():
     return 0 if ok else 1
 
 
-def submit_watch(stack, repo):
+def submit_watch(stack, pipeline, params):
     """kplctl submit --watch, its output passed through; the run id is the
     first line it prints."""
-    p = subprocess.Popen([stack.kplctl_bin, "--server", stack.addr, "submit", PIPELINE,
-                          "-p", "repo=" + repo, "--watch"],
+    p = subprocess.Popen([stack.kplctl_bin, "--server", stack.addr, "submit", pipeline] +
+                         [a for kv in params for a in ("-p", kv)] + ["--watch"],
                          stdout=subprocess.PIPE, text=True, bufsize=1, env=stack.env())
     run_id = None
     for line in p.stdout:
@@ -208,7 +225,8 @@ def summary(stack, run_id, version, previous, bad):
                                           short(s.get("message", ""))))
     problems = []
 
-    push = stages.get("push", {}).get("outputs", {})
+    # release-pods.kpl.yaml's image stage pushes, with push's outputs.
+    push = stages.get("push", stages.get("image", {})).get("outputs", {})
     image = push.get("image")
     released = stages.get("ref", {}).get("outputs", {}).get("image")
     if image:

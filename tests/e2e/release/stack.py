@@ -46,6 +46,7 @@ APP_DIR = os.path.join(HERE, "app")
 K8S_DIR = os.path.join(HERE, "k8s")
 NAMESPACE = "shop"
 STAGING = "staging"
+PODS = "ci"  # where release-pods.kpl.yaml's pod stages run
 REG_USER = "kpl"
 ACCEPT = ", ".join(["application/vnd.oci.image.manifest.v1+json",
                     "application/vnd.oci.image.index.v1+json",
@@ -192,7 +193,7 @@ class Stack:
                                  "--traffic-interval", str(self.traffic_interval),
                                  "--rps", str(self.rps),
                                  "--token", self.kube_token, "--namespace", NAMESPACE,
-                                 "--namespace", STAGING], log)
+                                 "--namespace", STAGING, "--namespace", PODS], log)
         wait_until("kube emulator", lambda: open(port_file).read().strip(), 30, p, log)
         self.kube = "http://127.0.0.1:%s" % open(port_file).read().strip()
         self.kubeconfig = self.path("kubeconfig")
