@@ -652,7 +652,18 @@ static void job_outcome(const struct job *j, int status, const char *run_id, cha
 	}
 }
 
-static void job_free(struct job *j)
+static void job_link(struct job *j)
+{
+	struct chatops *c = j->c;
+
+	j->prev = NULL;
+	j->next = c->jobs;
+	if (c->jobs)
+		c->jobs->prev = j;
+	c->jobs = j;
+}
+
+static void job_unlink(struct job *j)
 {
 	struct chatops *c = j->c;
 
@@ -662,6 +673,14 @@ static void job_free(struct job *j)
 		c->jobs = j->next;
 	if (j->next)
 		j->next->prev = j->prev;
+	j->prev = j->next = NULL;
+}
+
+static void job_free(struct job *j)
+{
+	struct chatops *c = j->c;
+
+	job_unlink(j);
 	free(j->response_url);
 	free(j);
 	maybe_done(c);
@@ -748,7 +767,8 @@ static void run_command(struct chatops *c, enum svc svc, struct httpd_req *req,
 	struct kpl_err err = { 0 };
 	struct job *j = NULL;
 	const char *result;
-	char who[400];
+	enum chatops_verb verb;
+	char who[400], ack[MAX_TEXT];
 	int rc;
 
 	if (!u) {
@@ -818,7 +838,27 @@ static void run_command(struct chatops *c, enum svc svc, struct httpd_req *req,
 		goto out;
 	}
 	snprintf(who, sizeof who, "%s:%s (%s)", svc_names[svc], u->id, u->identity);
-	switch (j->cmd.verb) {
+	/* The job is whole and listed before the ops call: its callback is
+	 * the engine's from then on, whenever it runs. */
+	if (svc == SVC_DINGTALK) {
+		j->req = req; /* answered with the outcome */
+	} else if (response_url &&
+		   strncmp(response_url, s->url_prefix, strlen(s->url_prefix)) == 0) {
+		j->response_url = kpl_strdup(response_url);
+	} else if (response_url) {
+		kpl_warn(LOG, "slack response_url does not start with "
+			 "chatops.slack.response_url_prefix: no outcome posted");
+	}
+	if (j->cmd.stage)
+		snprintf(ack, sizeof ack, "%s asked to %s stage %s of run %s; the outcome follows",
+			 u->identity, verb_names[j->cmd.verb], j->cmd.stage, j->cmd.run);
+	else
+		snprintf(ack, sizeof ack, "%s asked to %s %s%s; the outcome follows", u->identity,
+			 verb_names[j->cmd.verb], j->cmd.run ? "run " : "",
+			 j->cmd.run ? j->cmd.run : j->cmd.target);
+	job_link(j);
+	verb = j->cmd.verb;
+	switch (verb) {
 	case CHATOPS_APPROVE:
 	case CHATOPS_REJECT:
 		rc = ops_approve(c->eng, who, j->cmd.run, j->cmd.stage,
@@ -836,34 +876,18 @@ static void run_command(struct chatops *c, enum svc svc, struct httpd_req *req,
 		break;
 	}
 	if (rc) {
+		job_unlink(j);
+		free(j->response_url);
 		result = "bad_request";
 		kpl_info(LOG, "%s %s: %s", who, verb_names[j->cmd.verb], err.msg);
 		reply(req, svc, false, "%s: %s", verb_names[j->cmd.verb], err.msg);
 		goto out;
 	}
-	kpl_info(LOG, "%s asked: %s", who, verb_names[j->cmd.verb]);
-	j->next = c->jobs;
-	if (c->jobs)
-		c->jobs->prev = j;
-	c->jobs = j;
-	if (svc == SVC_DINGTALK) {
-		j->req = req; /* answered with the outcome */
-	} else {
-		if (response_url && strncmp(response_url, s->url_prefix, strlen(s->url_prefix)) == 0)
-			j->response_url = kpl_strdup(response_url);
-		else if (response_url)
-			kpl_warn(LOG, "slack response_url does not start with "
-				 "chatops.slack.response_url_prefix: no outcome posted");
-		if (button)
-			httpd_respond(req, 200, "text/plain", "", 0);
-		else if (j->cmd.stage)
-			reply(req, svc, true, "%s asked to %s stage %s of run %s; the outcome follows",
-			      u->identity, verb_names[j->cmd.verb], j->cmd.stage, j->cmd.run);
-		else
-			reply(req, svc, true, "%s asked to %s %s%s; the outcome follows",
-			      u->identity, verb_names[j->cmd.verb], j->cmd.run ? "run " : "",
-			      j->cmd.run ? j->cmd.run : j->cmd.target);
-	}
+	kpl_info(LOG, "%s asked: %s", who, verb_names[verb]);
+	if (svc == SVC_SLACK && button)
+		httpd_respond(req, 200, "text/plain", "", 0);
+	else if (svc == SVC_SLACK)
+		reply(req, svc, true, "%s", ack);
 	j = NULL; /* the engine's now */
 out:
 	metrics_webhook(svc_names[svc], result);

@@ -268,6 +268,8 @@ static void on_signal(uv_signal_t *h, int signum)
 	rpc_close_streams(d->rpc);
 	if (d->hooks)
 		hooks_stop(d->hooks, hooks_stopped, d);
+	/* After hooks_stop, which closed every connection: no chat request
+	 * reaches chatops once it may be freed. */
 	if (d->chatops)
 		chatops_stop(d->chatops, chatops_stopped, d);
 	api_server_shutdown(d->server, server_stopped, d);
