@@ -85,7 +85,33 @@ struct opts {
 	int noop_stages;
 	double idle_timeout;
 	bool do_submit, do_submit_noop, do_watch, do_noop;
+	long kpld_pid;         /* --kpld-pid: its CPU time per run is reported */
 };
+
+/* CPU seconds (user + system) of a process; *children gets what its
+ * waited-for children used (the shims, and through them the commands). */
+static double cpu_s(long pid, double *children)
+{
+	char path[64], buf[1024], *p;
+	unsigned long ut = 0, st = 0;
+	long cut = 0, cst = 0;
+	FILE *f;
+	size_t n;
+
+	snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+	if (pid <= 0 || !(f = fopen(path, "r")))
+		return -1;
+	n = fread(buf, 1, sizeof buf - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	/* Fields after the command's ")": state is 3, utime 14, stime 15. */
+	if (!(p = strrchr(buf, ')')) ||
+	    sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu %ld %ld",
+		   &ut, &st, &cut, &cst) != 4)
+		return -1;
+	*children = (double)(cut + cst) / (double)sysconf(_SC_CLK_TCK);
+	return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+}
 
 static double now_s(void)
 {
@@ -392,7 +418,7 @@ static void bench_submit(const struct opts *o, const char *name, const char *pip
 	Kpl__V1__SubmitRunRequest req = KPL__V1__SUBMIT_RUN_REQUEST__INIT;
 	struct submit_worker *ws = calloc((size_t)o->callers, sizeof *ws);
 	long ok = 0, errs[N_CODES + 1] = { 0 };
-	double *lat, t0, drain;
+	double *lat, t0, drain, cpu0, cpu1, kids0 = 0, kids1 = 0;
 	size_t n_lat = 0;
 	char errbuf[1024] = "";
 	size_t errlen = 0;
@@ -421,6 +447,7 @@ static void bench_submit(const struct opts *o, const char *name, const char *pip
 	}
 	/* Twice: once all callers are connected, then to publish t_end. */
 	pthread_barrier_wait(&sh.start);
+	cpu0 = cpu_s(o->kpld_pid, &kids0);
 	t0 = now_s();
 	sh.t_end = t0 + o->duration;
 	pthread_barrier_wait(&sh.start);
@@ -459,6 +486,7 @@ static void bench_submit(const struct opts *o, const char *name, const char *pip
 	/* The runs themselves execute after their submit: how long the
 	 * backlog takes is a figure too (script runs/s end to end). */
 	drain = wait_idle(ctl, o->idle_timeout);
+	cpu1 = cpu_s(o->kpld_pid, &kids1);
 	printf("%s=%.0f (%ld OK in %.1f s, %d callers, %d %schannel(s), "
 	       "%d tcp conn(s); latency p50 %.1f ms p99 %.1f ms max %.1f ms; "
 	       "errors: %s; backlog drained %.1f s after the end, so %.0f "
@@ -468,6 +496,13 @@ static void bench_submit(const struct opts *o, const char *name, const char *pip
 	       n_lat ? lat[n_lat / 2] * 1e3 : 0, n_lat ? lat[n_lat * 99 / 100] * 1e3 : 0,
 	       n_lat ? lat[n_lat - 1] * 1e3 : 0, errlen ? errbuf : "none", drain,
 	       (double)(ok + o->callers) / (o->duration + drain));
+	/* kpld's own CPU (its threads, not the shims or commands) per run,
+	 * over the phase and its backlog. */
+	if (cpu0 >= 0 && cpu1 >= 0 && ok > 0)
+		printf("%s_kpld_cpu_ms_per_run=%.2f (%.2f s of kpld CPU for %ld runs; "
+		       "its children, shims and commands: %.2f ms per run)\n",
+		       name, (cpu1 - cpu0) * 1e3 / (double)ok, cpu1 - cpu0, ok,
+		       (kids1 - kids0) * 1e3 / (double)ok);
 	fflush(stdout);
 
 	for (int i = 0; i < o->callers; i++)
@@ -966,7 +1001,9 @@ static void usage(FILE *f)
 		"  --idle-timeout S    longest wait for kpld to finish a backlog (default 600)\n"
 		"  --only LIST         phases to run (default submit,submit_noop,watch,noop;\n"
 		"                      submit: a script stage running true, once per\n"
-		"                      --conns entry; submit_noop: a noop stage instead)\n");
+		"                      --conns entry; submit_noop: a noop stage instead)\n"
+		"  --kpld-pid PID      also report kpld's own CPU time per run in the\n"
+		"                      submit phases (bench/run.sh passes it)\n");
 }
 
 static void read_ready(const char *path, char *buf, size_t size)
@@ -993,6 +1030,7 @@ int main(int argc, char **argv)
 		{ "noop-stages", required_argument, NULL, 'k' },
 		{ "idle-timeout", required_argument, NULL, 'i' },
 		{ "only", required_argument, NULL, 'o' },
+		{ "kpld-pid", required_argument, NULL, 'P' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -1028,6 +1066,7 @@ int main(int argc, char **argv)
 		case 'm': o.noop_runs = atoi(optarg); break;
 		case 'k': o.noop_stages = atoi(optarg); break;
 		case 'i': o.idle_timeout = atof(optarg); break;
+		case 'P': o.kpld_pid = atol(optarg); break;
 		case 'o': {
 			/* Comma-separated names; ",LIST," makes matching exact. */
 			char buf[256];

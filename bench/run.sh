@@ -1,16 +1,24 @@
 #!/bin/sh
-# run.sh - start a fresh kpld, measure it with api_bench (and LMDB alone with
-# store_bench, if built), print the figures and one line about the machine,
-# stop kpld with SIGTERM and check that it exits 0. Builds nothing:
+# run.sh - measure kpld against the machine's own limits and print every
+# figure as "name=value (details)", with "ratio=" lines for the goals.
+# Builds nothing:
 #
-#   bazel build //:kpld //bench:all && bench/run.sh [-- api_bench options]
+#   bazel build //:kpld //bench:all && bench/run.sh [--quick] [-- api_bench options]
 #
-# Usage: bench/run.sh [--kpld PATH] [--api-bench PATH] [--store-bench PATH]
+# Steps: a line about the machine; store_bench (LMDB alone); spawn_limit
+# (programs spawned and waited per second: /bin/true, and in bwrap set up
+# like a script stage); a kpld with --sandbox none for script stages against
+# the plain limit; a kpld as it ships for every api_bench phase; the ratios.
+# Each kpld gets a fresh data dir and must exit 0 on SIGTERM.
+#
+# Usage: bench/run.sh [--quick] [--kpld PATH] [--api-bench PATH]
+#                     [--store-bench PATH] [--spawn-limit PATH]
 #                     [--tmp DIR] [--keep] [-- API_BENCH_OPTIONS...]
-# Paths default to bazel-bin/{engine/kpld,bench/api_bench,bench/store_bench}
-# under the repository. --tmp is where the data dir goes (default $TMPDIR or
-# /tmp): pick the file system you mean to measure. --keep leaves the data dir
-# and kpld's log behind. Exit status: 0 if every step succeeded.
+# --quick finishes in under a minute (short phases, small replay). Paths
+# default to bazel-bin/{engine/kpld,bench/...} under the repository. --tmp is
+# where the data dirs go (default $TMPDIR or /tmp): pick the file system you
+# mean to measure. --keep leaves the data dirs and kpld's logs behind. Exit
+# status: 0 if every step succeeded.
 set -u
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,6 +26,10 @@ bin="$root/bazel-bin"
 kpld="$bin/engine/kpld"
 api_bench="$bin/bench/api_bench"
 store_bench="$bin/bench/store_bench"
+spawn_limit="$bin/bench/spawn_limit"
+limit_s=5
+submit_s=10
+quick_opts=
 tmp="${TMPDIR:-/tmp}"
 keep=
 while [ $# -gt 0 ]; do
@@ -27,8 +39,15 @@ while [ $# -gt 0 ]; do
 	--store-bench) store_bench=$2; shift 2 ;;
 	--tmp) tmp=$2; shift 2 ;;
 	--keep) keep=1; shift ;;
+	--spawn-limit) spawn_limit=$2; shift 2 ;;
+	--quick)
+		# Under a minute: short phases, one submit phase, a small replay.
+		limit_s=2
+		submit_s=3
+		quick_opts="--duration 3 --conns 64 --lines 10000 --repeat 1 --noop-runs 200"
+		shift ;;
 	--) shift; break ;;
-	-h|--help) sed -n '2,14s/^# \{0,1\}//p' "$0"; exit 0 ;;
+	-h|--help) sed -n '2,21s/^# \{0,1\}//p' "$0"; exit 0 ;;
 	*) echo "run.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
 	esac
 done
@@ -68,31 +87,91 @@ else
 	echo "run.sh: $store_bench not built; skipping the LMDB figures" >&2
 fi
 
-"$kpld" --listen 127.0.0.1:0 --data-dir "$dir/data" --ready-file "$dir/ready" \
-	--log-level warn >"$dir/kpld.log" 2>&1 &
-pid=$!
-i=0
-while [ ! -s "$dir/ready" ]; do
-	if ! kill -0 "$pid" 2>/dev/null || [ $i -ge 100 ]; then
-		echo "run.sh: kpld did not become ready; its log:" >&2
-		cat "$dir/kpld.log" >&2
-		exit 1
+# kpld with a fresh data dir; $pid and $ready say which. Args: its extra flags.
+start_kpld() {
+	ready="$dir/ready.$1"
+	name=$1
+	shift
+	"$kpld" --listen 127.0.0.1:0 --data-dir "$dir/data.$name" --ready-file "$ready" \
+		--log-level warn "$@" >"$dir/kpld.$name.log" 2>&1 &
+	pid=$!
+	i=0
+	while [ ! -s "$ready" ]; do
+		if ! kill -0 "$pid" 2>/dev/null || [ $i -ge 100 ]; then
+			echo "run.sh: kpld did not become ready; its log:" >&2
+			cat "$dir/kpld.$name.log" >&2
+			exit 1
+		fi
+		sleep 0.1
+		i=$((i + 1))
+	done
+}
+
+stop_kpld() {
+	kill -TERM "$pid"
+	wait "$pid"
+	rc=$?
+	pid=
+	if [ $rc -ne 0 ]; then
+		echo "run.sh: kpld ($1) exited $rc after SIGTERM; its log:" >&2
+		tail -n 30 "$dir/kpld.$1.log" >&2
+		status=1
+	else
+		echo "kpld_exit=0 ($1: SIGTERM, clean stop)"
 	fi
-	sleep 0.1
-	i=$((i + 1))
-done
+}
 
-"$api_bench" --ready-file "$dir/ready" "$@" || status=1
+# The value of figure $1 in file $2 ("name=value (...)" lines).
+figure() { sed -n "s/^$1=\([0-9.]*\).*/\1/p" "$2" | tail -n 1; }
 
-kill -TERM "$pid"
-wait "$pid"
-rc=$?
-pid=
-if [ $rc -ne 0 ]; then
-	echo "run.sh: kpld exited $rc after SIGTERM; its log:" >&2
-	tail -n 30 "$dir/kpld.log" >&2
-	status=1
+# Limits: programs spawned and waited per second with nothing of kpl in the
+# way, plain and in a bubblewrap sandbox set up like a script stage's.
+out="$dir/figures"
+: >"$out"
+if [ -x "$spawn_limit" ]; then
+	"$spawn_limit" --seconds "$limit_s" -- /bin/true | tee -a "$out"
+	if command -v bwrap >/dev/null 2>&1; then
+		mkdir -p "$dir/ws"
+		# bwrap waits on the kernel (namespaces) more than it computes:
+		# 16 loops reach its limit where one per core does not.
+		"$spawn_limit" --name spawn_bwrap_limit_per_sec --loops 16 --seconds "$limit_s" -- \
+			bwrap --die-with-parent --new-session --unshare-pid --unshare-ipc \
+			--unshare-uts --unshare-cgroup-try --ro-bind / / --dev /dev --proc /proc \
+			--tmpfs /tmp --tmpfs /run --tmpfs /var/tmp --bind "$dir/ws" "$dir/ws" \
+			--chdir "$dir/ws" -- /bin/true | tee -a "$out"
+	fi
 else
-	echo "kpld_exit=0 (SIGTERM, clean stop)"
+	echo "run.sh: $spawn_limit not built; no limits, no ratios" >&2
 fi
+
+# Script stages without the sandbox, against the plain limit.
+start_kpld none --sandbox none
+"$api_bench" --ready-file "$ready" --kpld-pid "$pid" --only submit --conns 64 \
+	--duration "$submit_s" | sed 's/^submit_per_sec/submit_unsandboxed_per_sec/' |
+	tee -a "$out" || status=1
+stop_kpld none
+
+# Everything else on kpld as it ships (the sandbox on), but for the cap on
+# streams per connection: the noop phase's 64 followers share one TCP
+# connection (grpc pools subchannels of equal channels).
+start_kpld default --max-streams-per-conn 256
+"$api_bench" --ready-file "$ready" --kpld-pid "$pid" $quick_opts "$@" | tee -a "$out" || status=1
+stop_kpld default
+
+# Ratios against the limits (issue 12's goals: script runs end to end at
+# >= 50% of the spawn loop; kpld's CPU per script run <= 1 ms).
+e2e() { sed -n "s/^$1=.* so \([0-9.]*\) runs\/s end to end.*/\1/p" "$out" | sort -n | tail -n 1; }
+ratio() { # name value limit_name
+	lim=$(figure "$3" "$out")
+	if [ -n "$2" ] && [ -n "$lim" ]; then
+		awk -v n="$1" -v v="$2" -v l="$lim" -v ln="$3" \
+			'BEGIN { printf "%s=%.0f ratio=%.2f of %s=%.0f\n", n, v, v / l, ln, l }'
+	fi
+}
+ratio script_runs_unsandboxed_per_sec "$(e2e submit_unsandboxed_per_sec)" spawn_limit_per_sec
+ratio script_runs_per_sec "$(e2e submit_per_sec)" spawn_bwrap_limit_per_sec
+for f in submit_unsandboxed_per_sec_kpld_cpu_ms_per_run submit_per_sec_kpld_cpu_ms_per_run; do
+	v=$(figure "$f" "$out")
+	[ -n "$v" ] && awk -v n="$f" -v v="$v" 'BEGIN { printf "%s=%s ratio=%.2f of the 1 ms goal\n", n, v, v / 1 }'
+done
 exit $status
