@@ -676,6 +676,29 @@ class Suite:
         finally:
             assert_eq(d.stop(), 0, "capped kpld's exit code")
 
+    def test_stop_with_streams_open(self):
+        d = Kpld(self.kpld_bin, self.tmp, "stop").start()
+        try:
+            run = Http(d.http).ok("POST", "/v1/runs", {"pipeline": LONG})
+            one = Sse(d.http, "/v1/runs/%s/events" % run["id"])
+            first, _ = one.events(limit=1)
+            every = Sse(d.http, "/v1/events?from_global_seq=1")
+            first_g, _ = every.events(limit=1)
+            unary = http.client.HTTPConnection(*d.http, timeout=60)
+            unary.request("GET", "/v1/runs")
+            unary.getresponse().read()
+        finally:
+            rc = d.stop()
+        assert_eq(rc, 0, "kpld's exit code, stopped with streams open")
+        # Each stream ends saying where to resume (the end event is written
+        # before the listener closes, into a socket with room for it).
+        for s, field in ((one, "from_seq"), (every, "from_global_seq")):
+            rest, end = s.events()
+            s.close()
+            if end is None or end["code"] != 14 or field not in end["message"]:
+                raise AssertionError("the end of a stream cut by a stop: %r" % end)
+        unary.close()
+
     def test_tls(self):
         pki = os.path.join(self.tmp, "pki")
         os.makedirs(pki, exist_ok=True)
