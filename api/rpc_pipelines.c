@@ -18,6 +18,7 @@
 #include "engine/ops.h"
 #include "google/protobuf/timestamp.pb-c.h"
 #include "pipelines/pipeline.h"
+#include "pipelines/reuse.h"
 #include "stages/stage.h"
 
 #define LOG "rpc"
@@ -179,6 +180,31 @@ static void op_answer(void *data, int status, const char *run_id)
 	free(op);
 }
 
+/* A request's `files` map (SubmitRun, ValidatePipeline) as struct
+ * pl_file, borrowing its strings; NULL when empty (free the array). */
+static struct pl_file *req_files(const ProtobufCMessage *m, size_t *n)
+{
+	struct pl_file *f = NULL;
+
+	*n = 0;
+	if (m->descriptor == &kpl__v1__submit_run_request__descriptor) {
+		const Kpl__V1__SubmitRunRequest *r = (const void *)m;
+		f = kpl_calloc(r->n_files + 1, sizeof *f);
+		for (size_t i = 0; i < r->n_files; i++)
+			f[i] = (struct pl_file){ r->files[i]->key, r->files[i]->value,
+						 strlen(r->files[i]->value) };
+		*n = r->n_files;
+	} else if (m->descriptor == &kpl__v1__validate_pipeline_request__descriptor) {
+		const Kpl__V1__ValidatePipelineRequest *r = (const void *)m;
+		f = kpl_calloc(r->n_files + 1, sizeof *f);
+		for (size_t i = 0; i < r->n_files; i++)
+			f[i] = (struct pl_file){ r->files[i]->key, r->files[i]->value,
+						 strlen(r->files[i]->value) };
+		*n = r->n_files;
+	}
+	return f;
+}
+
 static void h_submit(struct api_call *call, const ProtobufCMessage *m, void *data)
 {
 	const Kpl__V1__SubmitRunRequest *req = (const void *)m;
@@ -220,11 +246,16 @@ static void h_submit(struct api_call *call, const ProtobufCMessage *m, void *dat
 		names[i] = req->params[i]->key;
 		values[i] = req->params[i]->value;
 	}
+	size_t n_files;
+	struct pl_file *fv = req_files(m, &n_files);
+	struct pl_files files = { fv, n_files };
+	struct engine_source src = { .files = &files };
 	op = op_new(rpc, call);
-	rc = engine_submit(rpc->eng, req->pipeline, strlen(req->pipeline), names, values,
-			   req->n_params, req->idempotency_key, op_answer, op, &err);
+	rc = engine_submit_from(rpc->eng, req->pipeline, strlen(req->pipeline), names, values,
+				req->n_params, req->idempotency_key, &src, op_answer, op, &err);
 	free(names);
 	free(values);
+	free(fv);
 	if (rc) {
 		if (op->call)
 			api_call_fail_err(call, &err);
@@ -338,6 +369,8 @@ static void h_run_text(struct api_call *call, const ProtobufCMessage *m, void *d
 		resp.run_id = req->id;
 		resp.pipeline = text;
 		resp.source = rec->run ? rec->run->source : NULL;
+		resp.n_templates = rec->n_templates;
+		resp.templates = rec->templates;
 		api_call_reply(call, &resp.base);
 	}
 	free(text);
@@ -766,6 +799,7 @@ static void h_watch_all(struct api_call *call, const ProtobufCMessage *m, void *
 struct config_diags {
 	struct pl_diag *d;
 	size_t n;
+	const struct pl_files *files; /* what pos.file indexes */
 };
 
 static void add_config_diag(void *data, struct pl_pos pos, const char *path, const char *msg)
@@ -780,6 +814,47 @@ static void add_config_diag(void *data, struct pl_pos pos, const char *path, con
 	d->path = kpl_strdup(path);
 	d->message = kpl_strdup(msg);
 	d->code = KPL_EINVAL;
+	d->file = NULL;
+	d->use_line = d->use_col = 0;
+	/* A name written in a stage template is the template's line. */
+	if (pos.file > 0 && cd->files && (size_t)pos.file <= cd->files->n) {
+		d->file = kpl_strdup(cd->files->v[pos.file - 1].path);
+		d->use_line = pos.use_line;
+		d->use_col = pos.use_col;
+	}
+}
+
+/* ValidatePipelineResponse.stages: pl's stages when a matrix or a
+ * template made any (0 otherwise). Borrows pl's strings; free *ps and
+ * *psp. */
+static size_t pl_planned_stages(const struct pipeline *pl, Kpl__V1__PlannedStage **ps,
+				Kpl__V1__PlannedStage ***psp)
+{
+	bool any = false;
+
+	*ps = NULL;
+	*psp = NULL;
+	for (size_t i = 0; i < pl->n_stages; i++)
+		any |= pl->stages[i].matrix || pl->stages[i].uses;
+	if (!any)
+		return 0;
+	*ps = kpl_calloc(pl->n_stages, sizeof **ps);
+	*psp = kpl_calloc(pl->n_stages, sizeof **psp);
+	for (size_t i = 0; i < pl->n_stages; i++) {
+		const struct pl_stage *st = &pl->stages[i];
+		Kpl__V1__PlannedStage *p = &(*ps)[i];
+		kpl__v1__planned_stage__init(p);
+		p->name = st->name;
+		p->kind = st->kind;
+		p->needs = st->needs;
+		p->n_needs = st->n_needs;
+		p->matrix = st->matrix ? st->matrix : "";
+		p->max_parallel = st->max_parallel;
+		p->uses = st->uses ? st->uses : "";
+		p->finally = st->is_finally;
+		(*psp)[i] = p;
+	}
+	return pl->n_stages;
 }
 
 static void h_validate(struct api_call *call, const ProtobufCMessage *m, void *data)
@@ -792,17 +867,25 @@ static void h_validate(struct api_call *call, const ProtobufCMessage *m, void *d
 	struct pipeline *pl = NULL;
 	struct kpl_err err = { 0 };
 	const struct pl_kind *kinds;
-	size_t n = 0, n_kinds;
+	size_t n = 0, n_kinds, n_files;
 	size_t len = req->pipeline ? strlen(req->pipeline) : 0;
+	struct pl_file *fv = req_files(m, &n_files);
+	struct pl_files files = { fv, n_files };
+	Kpl__V1__PlannedStage *ps = NULL, **psp = NULL;
 
+	if (reuse_check_files(&files, &err)) {
+		free(fv);
+		api_call_fail_err(call, &err);
+		return;
+	}
 	kinds = stage_kinds_for_parser(&n_kinds);
-	pipeline_validate_all(req->pipeline ? req->pipeline : "", len, "pipeline", kinds,
-			      n_kinds, &pd, &n);
+	pipeline_validate_files(req->pipeline ? req->pipeline : "", len, "pipeline", &files, kinds,
+				n_kinds, &pd, &n);
 	/* What the parser cannot know: the names only this daemon's config
 	 * resolves (kplctl lint offline says it did not check them). */
-	if (!n && pipeline_parse(req->pipeline, len, "pipeline", kinds, n_kinds, &pl, &err) == 0 &&
-	    rpc->eng) {
-		struct config_diags cd = { NULL, 0 };
+	if (!n && pipeline_parse_files(req->pipeline, len, "pipeline", &files, kinds, n_kinds, &pl,
+				       &err) == 0 && rpc->eng) {
+		struct config_diags cd = { NULL, 0, &files };
 		engine_check_config_names(rpc->eng, pl, add_config_diag, &cd);
 		pd = cd.d;
 		n = cd.n;
@@ -817,10 +900,15 @@ static void h_validate(struct api_call *call, const ProtobufCMessage *m, void *d
 			diags[i].path = pd[i].path ? pd[i].path : "";
 			diags[i].message = pd[i].message ? pd[i].message : "";
 			diags[i].severity = KPL__V1__SEVERITY__SEVERITY_ERROR;
+			diags[i].file = pd[i].file ? pd[i].file : "";
+			diags[i].used_line = pd[i].use_line;
+			diags[i].used_column = pd[i].use_col;
 			dptrs[i] = &diags[i];
 		}
 	} else if (pl) {
 		resp.pipeline_name = pl->name;
+		resp.n_stages = pl_planned_stages(pl, &ps, &psp);
+		resp.stages = psp;
 	}
 	resp.valid = n == 0;
 	resp.n_diagnostics = n;
@@ -831,6 +919,9 @@ static void h_validate(struct api_call *call, const ProtobufCMessage *m, void *d
 	pl_diags_free(pd, n);
 	free(diags);
 	free(dptrs);
+	free(ps);
+	free(psp);
+	free(fv);
 }
 
 static void h_approve(struct api_call *call, const ProtobufCMessage *m, void *data)

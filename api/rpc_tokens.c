@@ -289,10 +289,32 @@ static int pipeline_check(struct tokens *t, const struct api_method *m,
 			size_t n_kinds;
 			int code = ST_OK;
 
+			/* With the request's template files, as the handler
+			 * parses it: else a text that parses only with them
+			 * would pass here unchecked. */
+			struct pl_file *fv = NULL;
+			struct pl_files files = { NULL, 0 };
+			if (req->descriptor == &kpl__v1__submit_run_request__descriptor) {
+				const Kpl__V1__SubmitRunRequest *r = (const void *)req;
+				fv = kpl_calloc(r->n_files + 1, sizeof *fv);
+				for (size_t i = 0; i < r->n_files; i++)
+					fv[i] = (struct pl_file){ r->files[i]->key, r->files[i]->value,
+								  strlen(r->files[i]->value) };
+				files.n = r->n_files;
+			} else if (req->descriptor == &kpl__v1__validate_pipeline_request__descriptor) {
+				const Kpl__V1__ValidatePipelineRequest *r = (const void *)req;
+				fv = kpl_calloc(r->n_files + 1, sizeof *fv);
+				for (size_t i = 0; i < r->n_files; i++)
+					fv[i] = (struct pl_file){ r->files[i]->key, r->files[i]->value,
+								  strlen(r->files[i]->value) };
+				files.n = r->n_files;
+			}
+			files.v = fv;
 			kinds = stage_kinds_for_parser(&n_kinds);
-			if (pipeline_parse(v, strlen(v), "pipeline", kinds, n_kinds, &pl, &err) ==
-				    0 &&
-			    strcmp(pl->name, want)) {
+			int prc = pipeline_parse_files(v, strlen(v), "pipeline", &files, kinds, n_kinds,
+						       &pl, &err);
+			free(fv);
+			if (prc == 0 && strcmp(pl->name, want)) {
 				snprintf(msg, msg_size,
 					 "token %s is limited to pipeline %s; this is pipeline %.128s",
 					 rec->id, want, pl->name);

@@ -35,6 +35,7 @@
 #include "google/protobuf/timestamp.pb-c.h"
 #include "engine/tzfile.h"
 #include "pipelines/pipeline.h"
+#include "pipelines/reuse.h"
 #include "stages/stage.h"
 
 enum exit_code {
@@ -1047,6 +1048,62 @@ static char *read_file(const char *path)
 	return buf;
 }
 
+/*
+ * The stage templates a pipeline file's `uses:` name, read from beside it
+ * (relative to its directory; "-" is read from the current one): what
+ * submit and lint send as `files`. A template that cannot be read is left
+ * out, for the parser to say "no such file" with the line that names it.
+ */
+struct tfiles {
+	struct pl_file *v; /* path and text owned */
+	size_t n;
+	char *dir;         /* the pipeline file's directory, "" for "." */
+};
+
+static void tfiles_load(struct tfiles *tf, const char *pipeline_path, const char *text)
+{
+	char **paths = NULL;
+	size_t n = 0;
+	const char *slash = strcmp(pipeline_path, "-") ? strrchr(pipeline_path, '/') : NULL;
+
+	memset(tf, 0, sizeof *tf);
+	tf->dir = slash ? kpl_strndup(pipeline_path, (size_t)(slash - pipeline_path) + 1)
+			: kpl_strdup("");
+	reuse_list_paths(text, strlen(text), &paths, &n);
+	tf->v = kpl_calloc(n + 1, sizeof *tf->v);
+	for (size_t i = 0; i < n; i++) {
+		char *full = kpl_asprintf("%s%s", tf->dir, paths[i]);
+		FILE *f = fopen(full, "rb");
+		char *buf = kpl_malloc(REUSE_MAX_FILE_BYTES + 2);
+		size_t len = f ? fread(buf, 1, REUSE_MAX_FILE_BYTES + 1, f) : 0;
+
+		if (f && !ferror(f) && !memchr(buf, '\0', len)) {
+			buf[len] = '\0';
+			tf->v[tf->n].path = paths[i];
+			tf->v[tf->n].text = buf;
+			tf->v[tf->n++].len = len;
+			paths[i] = NULL;
+			buf = NULL;
+		}
+		if (f)
+			fclose(f);
+		free(buf);
+		free(full);
+		free(paths[i]);
+	}
+	free(paths);
+}
+
+static void tfiles_release(struct tfiles *tf)
+{
+	for (size_t i = 0; i < tf->n; i++) {
+		free((char *)tf->v[i].path);
+		free((char *)tf->v[i].text);
+	}
+	free(tf->v);
+	free(tf->dir);
+}
+
 /* Set by the handlers of the signals that end a watch (SIGINT; and on a
  * terminal SIGTERM and SIGHUP, so the cursor comes back) and SIGWINCH. */
 static volatile sig_atomic_t interrupted;
@@ -1343,11 +1400,25 @@ static int cmd_submit(struct ctl *ctl)
 	char *text, *kv = NULL;
 	int rc;
 
+	struct tfiles tf;
+	Kpl__V1__SubmitRunRequest__FilesEntry *fe = NULL, **fp = NULL;
+
 	text = read_file(ctl->pos[0]);
 	if (!text)
 		return EXIT_USAGE;
 	req.pipeline = text;
 	req.idempotency_key = ctl->idem ? (char *)ctl->idem : "";
+	tfiles_load(&tf, ctl->pos[0], text);
+	fe = kpl_calloc(tf.n + 1, sizeof *fe);
+	fp = kpl_calloc(tf.n + 1, sizeof *fp);
+	for (size_t i = 0; i < tf.n; i++) {
+		kpl__v1__submit_run_request__files_entry__init(&fe[i]);
+		fe[i].key = (char *)tf.v[i].path;
+		fe[i].value = (char *)tf.v[i].text;
+		fp[i] = &fe[i];
+	}
+	req.n_files = tf.n;
+	req.files = fp;
 	if (ctl->n_params) {
 		size_t total = 0, off = 0;
 		for (size_t i = 0; i < ctl->n_params; i++)
@@ -1383,6 +1454,9 @@ out:
 	free(kv);
 	free(entries);
 	free(ptrs);
+	free(fe);
+	free(fp);
+	tfiles_release(&tf);
 	return rc;
 }
 
@@ -1579,8 +1653,10 @@ void *const kplctl_engine_ref = (void *)stage_http;
  * same diagnostics, but none of the names only the daemon config declares
  * (the caller says so). *out is new (lint_offline_free it).
  */
-static void lint_offline(const char *text, Kpl__V1__ValidatePipelineResponse **out)
+static void lint_offline(const char *text, const struct tfiles *tf,
+			 Kpl__V1__ValidatePipelineResponse **out)
 {
+	struct pl_files files = { tf->v, tf->n };
 	Kpl__V1__ValidatePipelineResponse *resp = kpl_calloc(1, sizeof *resp);
 	struct pl_diag *pd = NULL;
 	struct pipeline *pl = NULL;
@@ -1590,7 +1666,7 @@ static void lint_offline(const char *text, Kpl__V1__ValidatePipelineResponse **o
 
 	kpl__v1__validate_pipeline_response__init(resp);
 	kinds = stage_kinds_for_parser(&n_kinds);
-	pipeline_validate_all(text, strlen(text), "pipeline", kinds, n_kinds, &pd, &n);
+	pipeline_validate_files(text, strlen(text), "pipeline", &files, kinds, n_kinds, &pd, &n);
 	resp->diagnostics = kpl_calloc(n ? n : 1, sizeof *resp->diagnostics);
 	for (size_t i = 0; i < n; i++) {
 		Kpl__V1__Diagnostic *d = kpl_calloc(1, sizeof *d);
@@ -1600,10 +1676,34 @@ static void lint_offline(const char *text, Kpl__V1__ValidatePipelineResponse **o
 		d->path = kpl_strdup(pd[i].path ? pd[i].path : "");
 		d->message = kpl_strdup(pd[i].message ? pd[i].message : "");
 		d->severity = KPL__V1__SEVERITY__SEVERITY_ERROR;
+		d->file = kpl_strdup(pd[i].file ? pd[i].file : "");
+		d->used_line = pd[i].use_line;
+		d->used_column = pd[i].use_col;
 		resp->diagnostics[resp->n_diagnostics++] = d;
 	}
-	if (!n && pipeline_parse(text, strlen(text), "pipeline", kinds, n_kinds, &pl, &err) == 0) {
+	if (!n && pipeline_parse_files(text, strlen(text), "pipeline", &files, kinds, n_kinds, &pl,
+				       &err) == 0) {
+		bool any = false;
 		resp->pipeline_name = kpl_strdup(pl->name);
+		for (size_t i = 0; i < pl->n_stages; i++)
+			any |= pl->stages[i].matrix || pl->stages[i].uses;
+		resp->stages = kpl_calloc(pl->n_stages + 1, sizeof *resp->stages);
+		for (size_t i = 0; any && i < pl->n_stages; i++) {
+			const struct pl_stage *st = &pl->stages[i];
+			Kpl__V1__PlannedStage *p = kpl_calloc(1, sizeof *p);
+			kpl__v1__planned_stage__init(p);
+			p->name = kpl_strdup(st->name);
+			p->kind = kpl_strdup(st->kind);
+			p->needs = kpl_calloc(st->n_needs + 1, sizeof *p->needs);
+			for (size_t j = 0; j < st->n_needs; j++)
+				p->needs[j] = kpl_strdup(st->needs[j]);
+			p->n_needs = st->n_needs;
+			p->matrix = kpl_strdup(st->matrix ? st->matrix : "");
+			p->max_parallel = st->max_parallel;
+			p->uses = kpl_strdup(st->uses ? st->uses : "");
+			p->finally = st->is_finally;
+			resp->stages[resp->n_stages++] = p;
+		}
 		pipeline_free(pl);
 	}
 	resp->valid = n == 0;
@@ -1616,9 +1716,22 @@ static void lint_offline_free(Kpl__V1__ValidatePipelineResponse *resp)
 	for (size_t i = 0; i < resp->n_diagnostics; i++) {
 		free(resp->diagnostics[i]->path);
 		free(resp->diagnostics[i]->message);
+		free(resp->diagnostics[i]->file);
 		free(resp->diagnostics[i]);
 	}
 	free(resp->diagnostics);
+	for (size_t i = 0; i < resp->n_stages; i++) {
+		Kpl__V1__PlannedStage *p = resp->stages[i];
+		free(p->name);
+		free(p->kind);
+		for (size_t j = 0; j < p->n_needs; j++)
+			free(p->needs[j]);
+		free(p->needs);
+		free(p->matrix);
+		free(p->uses);
+		free(p);
+	}
+	free(resp->stages);
 	if (resp->pipeline_name != protobuf_c_empty_string)
 		free(resp->pipeline_name);
 	free(resp);
@@ -1647,11 +1760,33 @@ static int lint_one(struct ctl *ctl, const char *path, json_t *files, int *offli
 	struct kplc_status st;
 	const char *name = strcmp(path, "-") ? path : "<stdin>";
 	char *text = read_file(path);
+	struct tfiles tf;
 	int rc;
 
 	if (!text)
 		return EXIT_USAGE;
-	rc = *offline ? -1 : kplc_validate_pipeline(ctl->c, text, &resp, &st);
+	tfiles_load(&tf, path, text);
+	if (*offline) {
+		rc = -1;
+	} else {
+		Kpl__V1__ValidatePipelineRequest req = KPL__V1__VALIDATE_PIPELINE_REQUEST__INIT;
+		Kpl__V1__ValidatePipelineRequest__FilesEntry *fe = kpl_calloc(tf.n + 1, sizeof *fe);
+		Kpl__V1__ValidatePipelineRequest__FilesEntry **fp = kpl_calloc(tf.n + 1, sizeof *fp);
+		for (size_t i = 0; i < tf.n; i++) {
+			kpl__v1__validate_pipeline_request__files_entry__init(&fe[i]);
+			fe[i].key = (char *)tf.v[i].path;
+			fe[i].value = (char *)tf.v[i].text;
+			fp[i] = &fe[i];
+		}
+		req.pipeline = text;
+		req.n_files = tf.n;
+		req.files = fp;
+		rc = kplc_call_unary(ctl->c, "/kpl.v1.Pipelines/ValidatePipeline", &req.base,
+				     &kpl__v1__validate_pipeline_response__descriptor,
+				     (ProtobufCMessage **)&resp, &st);
+		free(fe);
+		free(fp);
+	}
 	if (rc < 0 && !*offline && nobody_listening(&st)) {
 		fprintf(stderr, "%s: lint: no kpld at %s: checked offline with the same parser; "
 			"names the daemon config declares (notifiers, registries, kubernetes, "
@@ -1660,10 +1795,12 @@ static int lint_one(struct ctl *ctl, const char *path, json_t *files, int *offli
 		*offline = 1;
 	}
 	if (*offline)
-		lint_offline(text, &resp);
+		lint_offline(text, &tf, &resp);
 	free(text);
-	if (!resp)
+	if (!resp) {
+		tfiles_release(&tf);
 		return rpc_error(ctl, &st);
+	}
 	if (files) {
 		json_t *j = msg_to_json(&resp->base);
 		json_object_set_new(j, "file", json_string(name));
@@ -1674,20 +1811,50 @@ static int lint_one(struct ctl *ctl, const char *path, json_t *files, int *offli
 	for (size_t i = 0; !files && i < resp->n_diagnostics; i++) {
 		const Kpl__V1__Diagnostic *d = resp->diagnostics[i];
 
-		printf("%s:%d:%d: %s%s%s%s\n", name, d->line, d->column,
-		       d->severity == KPL__V1__SEVERITY__SEVERITY_WARNING
-			       ? "warning: " : "",
-		       d->path, *d->path ? ": " : "", d->message);
+		/* A template's problem: its file (beside the pipeline's), then
+		 * where the pipeline uses it. */
+		if (d->file && *d->file)
+			printf("%s%s:%d:%d: %s%s%s%s (used at %s:%d:%d)\n", tf.dir, d->file, d->line,
+			       d->column,
+			       d->severity == KPL__V1__SEVERITY__SEVERITY_WARNING ? "warning: " : "",
+			       d->path, *d->path ? ": " : "", d->message, name, d->used_line,
+			       d->used_column);
+		else
+			printf("%s:%d:%d: %s%s%s%s\n", name, d->line, d->column,
+			       d->severity == KPL__V1__SEVERITY__SEVERITY_WARNING
+				       ? "warning: " : "",
+			       d->path, *d->path ? ": " : "", d->message);
 	}
 	if (!files && resp->valid)
 		printf("%s: ok\n", name);
 	else if (!files && !resp->n_diagnostics)
 		printf("%s: invalid\n", name);
+	/* What a matrix or a template made: the stages as they will run. */
+	if (!files && resp->valid && resp->n_stages) {
+		printf("%s: %zu stages once matrix and templates are expanded:\n", name,
+		       resp->n_stages);
+		for (size_t i = 0; i < resp->n_stages; i++) {
+			const Kpl__V1__PlannedStage *p = resp->stages[i];
+			printf("  %s (%s)", p->name, p->kind);
+			for (size_t j = 0; j < p->n_needs; j++)
+				printf("%s%s", j ? ", " : " needs: ", p->needs[j]);
+			if (*p->matrix && p->max_parallel)
+				printf(" [matrix %s, max_parallel %u]", p->matrix, p->max_parallel);
+			else if (*p->matrix)
+				printf(" [matrix %s]", p->matrix);
+			if (*p->uses)
+				printf(" [uses ./%s]", p->uses);
+			if (p->finally)
+				printf(" [finally]");
+			printf("\n");
+		}
+	}
 	rc = resp->valid ? EXIT_OK : EXIT_RUN_FAILED;
 	if (*offline)
 		lint_offline_free(resp);
 	else
 		kplc_msg_free(resp);
+	tfiles_release(&tf);
 	return rc;
 }
 

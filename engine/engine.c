@@ -26,6 +26,7 @@
 #include "engine/notify.h"
 #include "pipelines/expr.h"
 #include "pipelines/pipeline.h"
+#include "pipelines/reuse.h"
 #include "pipelines/template.h"
 #include "stages/http.h"
 #include "stages/proc.h"
@@ -110,6 +111,12 @@ struct run {
 	char *src_repo, *src_commit, *src_path, *src_ref, *src_sha256;
 	/* A fork's pull request (engine_source): no ${{ secrets.X }}. */
 	bool secrets_withheld;
+	/* Owned; the stage templates the pipeline uses (reuse.h), n_tpl. */
+	struct run_file {
+		char *path, *sha256, *text;
+		size_t len;
+	} *tpl;
+	size_t n_tpl;
 	bool stored;                     /* first commit done */
 	bool final_durable;
 	struct stage *stages;            /* owned, n_stages */
@@ -289,6 +296,26 @@ static void run_stage_record(struct run *r)
 		src.secrets_withheld = r->secrets_withheld;
 		run.source = &src;
 	}
+	Kpl__V1__PipelineFile *pf = NULL, **pub = NULL, **full = NULL;
+	if (r->n_tpl) {
+		/* The record keeps the texts; the public view only names them. */
+		pf = kpl_calloc(2 * r->n_tpl, sizeof *pf);
+		pub = kpl_calloc(r->n_tpl, sizeof *pub);
+		full = kpl_calloc(r->n_tpl, sizeof *full);
+		for (size_t i = 0; i < r->n_tpl; i++) {
+			kpl__v1__pipeline_file__init(&pf[2 * i]);
+			kpl__v1__pipeline_file__init(&pf[2 * i + 1]);
+			pf[2 * i].path = pf[2 * i + 1].path = r->tpl[i].path;
+			pf[2 * i].sha256 = pf[2 * i + 1].sha256 = r->tpl[i].sha256;
+			pf[2 * i + 1].text = r->tpl[i].text;
+			pub[i] = &pf[2 * i];
+			full[i] = &pf[2 * i + 1];
+		}
+		src.n_templates = r->n_tpl;
+		src.templates = pub;
+		rec.n_templates = r->n_tpl;
+		rec.templates = full;
+	}
 	if (r->n_params) {
 		entries = kpl_calloc(r->n_params, sizeof *entries);
 		eptrs = kpl_calloc(r->n_params, sizeof *eptrs);
@@ -310,6 +337,9 @@ static void run_stage_record(struct run *r)
 	store_stage_run(r->eng->store, &rec);
 	free(entries);
 	free(eptrs);
+	free(pf);
+	free(pub);
+	free(full);
 }
 
 static void stage_stage_record(struct stage *st)
@@ -1514,6 +1544,25 @@ static int stage_when(struct stage *st, struct kpl_err *err)
 	return b;
 }
 
+/* A matrix instance (pl_stage.matrix) waits while max_parallel of its
+ * siblings run: RUNNING or WAITING, as the scheduler counts them. */
+static bool matrix_full(const struct run *r, const struct stage *st)
+{
+	size_t busy = 0;
+
+	if (!st->spec->matrix || !st->spec->max_parallel)
+		return false;
+	for (size_t i = 0; i < r->n_stages; i++) {
+		const struct stage *o = &r->stages[i];
+		if (o->spec->matrix && !strcmp(o->spec->matrix, st->spec->matrix) &&
+		    o->spec->is_finally == st->spec->is_finally &&
+		    (o->state == KPL__V1__STAGE_STATE__STAGE_STATE_RUNNING ||
+		     o->state == KPL__V1__STAGE_STATE__STAGE_STATE_WAITING))
+			busy++;
+	}
+	return busy >= st->spec->max_parallel;
+}
+
 /*
  * Moves the run forward: starts every stage whose needs are met (and whose
  * `when` holds), skips what can no longer run, starts `finally` when the
@@ -1646,6 +1695,10 @@ again:
 			}
 			continue;
 		}
+		if (matrix_full(r, st)) {
+			open++; /* an instance ending frees a slot and advances */
+			continue;
+		}
 		stage_begin(st);
 		running++;
 	}
@@ -1737,6 +1790,12 @@ static void run_free(struct run *r)
 	free(r->src_path);
 	free(r->src_ref);
 	free(r->src_sha256);
+	for (size_t i = 0; i < r->n_tpl; i++) {
+		free(r->tpl[i].path);
+		free(r->tpl[i].sha256);
+		free(r->tpl[i].text);
+	}
+	free(r->tpl);
 	pipeline_free(r->pl);
 	free(r);
 }
@@ -1921,6 +1980,31 @@ static char *dup_or_null(const char *s)
 	return s && *s ? kpl_strdup(s) : NULL;
 }
 
+/* Copies into r the files of files its pipeline's stages use (uses:),
+ * each once, in stage order. */
+static void run_keep_templates(struct run *r, const struct pl_files *files)
+{
+	for (size_t i = 0; files && i < r->pl->n_stages; i++) {
+		const char *u = r->pl->stages[i].uses;
+		bool have = false;
+		if (!u)
+			continue;
+		for (size_t k = 0; k < r->n_tpl; k++)
+			have |= !strcmp(r->tpl[k].path, u);
+		for (size_t k = 0; k < files->n && !have; k++) {
+			if (strcmp(files->v[k].path, u))
+				continue;
+			r->tpl = kpl_realloc(r->tpl, (r->n_tpl + 1) * sizeof *r->tpl);
+			struct run_file *f = &r->tpl[r->n_tpl++];
+			f->path = kpl_strdup(u);
+			f->text = kpl_strndup(files->v[k].text, files->v[k].len);
+			f->len = files->v[k].len;
+			f->sha256 = sha256_hex(files->v[k].text, files->v[k].len);
+			have = true;
+		}
+	}
+}
+
 int engine_submit_from(struct engine *e, const char *text, size_t len,
 		       const char *const *param_names, const char *const *param_values,
 		       size_t n_params, const char *idem_key,
@@ -1944,7 +2028,10 @@ int engine_submit_from(struct engine *e, const char *text, size_t len,
 		return kpl_errf(err, KPL_ETOOBIG, "pipeline: %zu bytes, over the limit of %d",
 				len, KPL_MAX_PIPELINE_BYTES);
 	kinds = stage_kinds_for_parser(&n_kinds);
-	rc = pipeline_parse(text, len, "pipeline", kinds, n_kinds, &pl, err);
+	if (src && (rc = reuse_check_files(src->files, err)) != 0)
+		return rc;
+	rc = pipeline_parse_files(text, len, "pipeline", src ? src->files : NULL, kinds, n_kinds,
+				  &pl, err);
 	if (rc)
 		return rc;
 	/* The key is the pipeline's: parsed first, to know whose. */
@@ -2015,6 +2102,7 @@ int engine_submit_from(struct engine *e, const char *text, size_t len,
 		r->src_path = dup_or_null(src->path);
 		r->src_ref = dup_or_null(src->ref);
 		r->secrets_withheld = src->secrets_withheld;
+		run_keep_templates(r, src->files);
 	}
 	r->submit_cb = cb;
 	r->submit_data = data;
@@ -2325,7 +2413,16 @@ static int run_load(struct engine *e, const char *id, struct run **out, struct k
 		goto out;
 	}
 	kinds = stage_kinds_for_parser(&n_kinds);
-	if (pipeline_parse(text, text_len, "pipeline", kinds, n_kinds, &pl, &perr)) {
+	struct pl_file *tf = kpl_calloc(rec->n_templates + 1, sizeof *tf);
+	for (size_t i = 0; i < rec->n_templates; i++) {
+		tf[i].path = rec->templates[i]->path;
+		tf[i].text = rec->templates[i]->text;
+		tf[i].len = strlen(rec->templates[i]->text);
+	}
+	struct pl_files files = { tf, rec->n_templates };
+	rc = pipeline_parse_files(text, text_len, "pipeline", &files, kinds, n_kinds, &pl, &perr);
+	free(tf);
+	if (rc) {
 		/* recover_run ends such a run FAILED (run_fail_unloadable). */
 		rc = kpl_errf(err, KPL_ECORRUPT, "run %s: its pipeline no longer parses: %s",
 			      id, perr.msg);
@@ -2359,6 +2456,15 @@ static int run_load(struct engine *e, const char *id, struct run **out, struct k
 		r->src_sha256 = kpl_strdup(so->sha256 ? so->sha256 : "");
 		r->secrets_withheld = so->secrets_withheld;
 	}
+	/* Kept, so the record's next write still holds them. */
+	r->tpl = kpl_calloc(rec->n_templates + 1, sizeof *r->tpl);
+	for (size_t i = 0; i < rec->n_templates; i++) {
+		r->tpl[i].path = kpl_strdup(rec->templates[i]->path);
+		r->tpl[i].sha256 = kpl_strdup(rec->templates[i]->sha256);
+		r->tpl[i].text = kpl_strdup(rec->templates[i]->text);
+		r->tpl[i].len = strlen(rec->templates[i]->text);
+	}
+	r->n_tpl = rec->n_templates;
 	r->cancel_requested = rec->cancel_requested;
 	r->store_bytes = rec->store_bytes;
 	if (rec->stop_message && *rec->stop_message)

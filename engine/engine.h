@@ -100,6 +100,10 @@ struct engine_source {
 	/* A pull request from a fork: the run's ${{ secrets.X }} all fail
 	 * (kept in the run's PipelineSource, so a restart keeps it too). */
 	bool secrets_withheld;
+	/* The stage templates the text's `uses:` may name (NULL: none). The
+	 * run keeps those it uses (their text, for a restart; path and
+	 * SHA-256 in its source). */
+	const struct pl_files *files;
 };
 
 /* engine_submit with the text's source (NULL: a text given as is). */

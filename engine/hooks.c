@@ -35,6 +35,7 @@
 #include "engine/httpd.h"
 #include "engine/metrics.h"
 #include "pipelines/pipeline.h"
+#include "pipelines/reuse.h"
 #include "stages/stage.h"
 
 #define LOG "hooks"
@@ -519,11 +520,18 @@ struct target {
 	 * secret of the statuses' token, or NULL for none. */
 	bool withhold;
 	char *status_token;
+	/* The stage templates its `uses:` name (reuse.h), read at the same
+	 * commit one by one (STEP_READ_TPL reads tpl[n_read]); path and text
+	 * owned. One that is not there is left out: the parser then says
+	 * which line names it. */
+	struct pl_file *tpl;
+	size_t n_tpl, n_read;
 };
 
 /* STEP_RESOLVE (RunPipeline with a ref) comes before the others: git
  * ls-remote, then INIT or FETCH as for a push. */
-enum step { STEP_INIT, STEP_FETCH, STEP_FETCH_BRANCH, STEP_READ, STEP_RESOLVE, STEP__LAST };
+enum step { STEP_INIT, STEP_FETCH, STEP_FETCH_BRANCH, STEP_READ, STEP_RESOLVE, STEP_READ_TPL,
+	    STEP__LAST };
 
 struct delivery {
 	struct hooks *h;
@@ -616,6 +624,11 @@ static void delivery_free(struct delivery *d)
 		free(d->t[i].msg);
 		free(d->t[i].text);
 		free(d->t[i].status_token);
+		for (size_t k = 0; k < d->t[i].n_tpl; k++) {
+			free((char *)d->t[i].tpl[k].path);
+			free((char *)d->t[i].tpl[k].text);
+		}
+		free(d->t[i].tpl);
 	}
 	if (d->pr) {
 		forge_pr_free(d->pr);
@@ -1038,8 +1051,16 @@ static void target_submit(struct delivery *d)
 	struct engine_source src;
 	int rc;
 
+	/* The templates that were there (a missing one is left out). */
+	struct pl_file *tpls = kpl_calloc(t->n_tpl + 1, sizeof *tpls);
+	struct pl_files files = { tpls, 0 };
+	for (size_t i = 0; i < t->n_tpl; i++)
+		if (t->tpl[i].text)
+			tpls[files.n++] = t->tpl[i];
 	kinds = stage_kinds_for_parser(&n_kinds);
-	if (pipeline_parse(t->text, t->text_len, t->path, kinds, n_kinds, &pl, &err)) {
+	if (pipeline_parse_files(t->text, t->text_len, t->path, &files, kinds, n_kinds, &pl,
+				 &err)) {
+		free(tpls);
 		target_fail(d, 422, "%s", err.msg);
 		return;
 	}
@@ -1050,6 +1071,7 @@ static void target_submit(struct delivery *d)
 			    "runs only a file of the registered name", t->path, d->push.sha,
 			    pl->name, t->name);
 		pipeline_free(pl);
+		free(tpls);
 		return;
 	}
 	snprintf(pr_no, sizeof pr_no, "%llu", d->pr ? (unsigned long long)d->pr->number : 0ULL);
@@ -1078,11 +1100,13 @@ static void target_submit(struct delivery *d)
 	src.path = t->path;
 	src.ref = d->push.ref;
 	src.secrets_withheld = t->withhold;
+	src.files = &files;
 	d->in_engine = true;
 	rc = engine_submit_from(d->h->eng, t->text, t->text_len, names, values, np,
 				d->cb ? d->idem : t->idem, &src, target_submitted, d, &err);
 	free(names);
 	free(values);
+	free(tpls);
 	if (rc) {
 		d->in_engine = false;
 		target_fail(d, err.code == KPL_EINVAL || err.code == KPL_ETOOBIG ? 422 : 500,
@@ -1227,8 +1251,36 @@ static void target_job_done(struct delivery *d, struct gitjob *j)
 		t->text = j->obuf ? j->obuf : kpl_strdup("");
 		t->text_len = j->olen;
 		j->obuf = NULL;
-		target_submit(d);
-		return;
+		{
+			char **paths = NULL;
+			reuse_list_paths(t->text, t->text_len, &paths, &t->n_tpl);
+			t->tpl = kpl_calloc(t->n_tpl + 1, sizeof *t->tpl);
+			for (size_t i = 0; i < t->n_tpl; i++)
+				t->tpl[i].path = paths[i];
+			free(paths);
+		}
+		if (!t->n_tpl) {
+			target_submit(d);
+			return;
+		}
+		t->step = STEP_READ_TPL;
+		break;
+	case STEP_READ_TPL:
+		if (j->over || (ok && j->olen > REUSE_MAX_FILE_BYTES)) {
+			target_fail(d, 422, "template %s at %.12s is over %d bytes",
+				    t->tpl[t->n_read].path, d->push.sha, REUSE_MAX_FILE_BYTES);
+			return;
+		}
+		if (ok) {
+			t->tpl[t->n_read].text = j->obuf ? j->obuf : kpl_strdup("");
+			t->tpl[t->n_read].len = j->olen;
+			j->obuf = NULL;
+		}
+		if (++t->n_read == t->n_tpl) {
+			target_submit(d);
+			return;
+		}
+		break;
 	}
 	target_step(d);
 }
@@ -1279,6 +1331,17 @@ static void target_step(struct delivery *d)
 		free(spec);
 		job_queue(d->h, d, argv);
 		return;
+	case STEP_READ_TPL: {
+		/* Beside the pipeline file: its directory, then the path. */
+		const char *slash = strrchr(t->path, '/');
+		spec = kpl_asprintf("%s:%.*s%s", d->push.sha,
+				    slash ? (int)(slash - t->path) + 1 : 0, t->path,
+				    t->tpl[t->n_read].path);
+		argv = git_argv("-C", t->cache, "cat-file", "blob", spec, NULL);
+		free(spec);
+		job_queue(d->h, d, argv);
+		return;
+	}
 	}
 	BUG("target_step: step %d", t->step);
 }

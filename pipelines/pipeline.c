@@ -19,6 +19,8 @@
 #include <yaml.h>
 
 #include "pipelines/runs_on.h"
+#include "pipelines/pl_internal.h"
+#include "pipelines/reuse.h"
 #include "pipelines/template.h"
 
 /* Key paths longer than this are cut short in messages, on purpose: a
@@ -31,27 +33,6 @@
 #define DEFAULT_MAX_BACKOFF_MS (5 * 60 * 1000)
 #define MAX_RETRIES 10
 
-struct vctx {
-	const char *file;
-	const char *text;
-	size_t len;
-	const struct pl_kind *kinds;
-	size_t n_kinds;
-	struct pipeline *p;
-	struct pl_diag *diags;
-	size_t n_diags;
-	size_t n_dropped;
-	/* Per stage (index into p->stages): needs resolved to indexes (-1 if
-	 * unresolved), and reach[i * n + k] = k is in i's transitive needs. */
-	int **need_idx;
-	bool *reach;
-	/* Extra roots for the `with` being checked (its kind's with_roots). */
-	unsigned with_roots;
-	/* check_no_secrets is looking at runs_on (a Pod spec). */
-	bool in_pod_spec;
-	/* defaults.runs_on, once checked (NULL if absent or bad). */
-	const struct pl_node *defaults_runs_on;
-};
 
 /* ---- diagnostics ---- */
 
@@ -65,6 +46,20 @@ static void diag_v(struct vctx *c, int code, struct pl_pos pos,
 		return;
 	}
 	vsnprintf(msg, sizeof msg, fmt, ap);
+	if (!pos.file && c->origin.file) {
+		pos.file = c->origin.file;
+		pos.use_line = c->origin.use_line;
+		pos.use_col = c->origin.use_col;
+	}
+	/* The instances of a matrix stage share their nodes' positions: one
+	 * mistake is said once, not once per instance. */
+	for (size_t i = 0; i < c->n_diags; i++) {
+		const struct pl_diag *o = &c->diags[i];
+		if (o->line == pos.line && o->col == pos.col && !o->file == !pos.file &&
+		    o->use_line == pos.use_line &&
+		    o->use_col == pos.use_col && !strcmp(o->message, msg))
+			return;
+	}
 	c->diags = kpl_realloc(c->diags, (c->n_diags + 1) * sizeof *c->diags);
 	struct pl_diag *d = &c->diags[c->n_diags++];
 	d->line = pos.line;
@@ -72,6 +67,22 @@ static void diag_v(struct vctx *c, int code, struct pl_pos pos,
 	d->path = kpl_strdup(path ? path : "");
 	d->message = kpl_strdup(msg);
 	d->code = code;
+	d->file = NULL;
+	d->use_line = d->use_col = 0;
+	if (pos.file > 0 && c->files && (size_t)pos.file <= c->files->n) {
+		d->file = kpl_strdup(c->files->v[pos.file - 1].path);
+		d->use_line = pos.use_line;
+		d->use_col = pos.use_col;
+	}
+}
+
+void pl_diagf(struct vctx *c, int code, struct pl_pos pos, const char *path,
+	      const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	diag_v(c, code, pos, path, fmt, ap);
+	va_end(ap);
 }
 
 static void diag(struct vctx *c, struct pl_pos pos, const char *path,
@@ -101,6 +112,7 @@ void pl_diags_free(struct pl_diag *diags, size_t n)
 	for (size_t i = 0; i < n; i++) {
 		free(diags[i].path);
 		free(diags[i].message);
+		free(diags[i].file);
 	}
 	free(diags);
 }
@@ -108,6 +120,17 @@ void pl_diags_free(struct pl_diag *diags, size_t n)
 void pl_diag_format(const struct pl_diag *d, const char *file, char *buf,
 		    size_t size)
 {
+	if (d->file) {
+		if (d->path[0])
+			snprintf(buf, size, "%s:%d:%d: %s: %s (used at %s:%d:%d)", d->file,
+				 d->line, d->col, d->path, d->message,
+				 file ? file : "pipeline", d->use_line, d->use_col);
+		else
+			snprintf(buf, size, "%s:%d:%d: %s (used at %s:%d:%d)", d->file, d->line,
+				 d->col, d->message, file ? file : "pipeline", d->use_line,
+				 d->use_col);
+		return;
+	}
 	if (d->path[0])
 		snprintf(buf, size, "%s:%d:%d: %s: %s", file ? file : "pipeline",
 			 d->line, d->col, d->path, d->message);
@@ -143,14 +166,14 @@ const struct pl_node *pl_map_get(const struct pl_node *map, const char *key)
 	return NULL;
 }
 
-static void node_free(struct pl_node *n)
+void pl_node_free(struct pl_node *n)
 {
 	if (!n)
 		return;
 	for (size_t i = 0; i < n->n; i++) {
 		if (n->keys)
-			node_free(n->keys[i]);
-		node_free(n->items[i]);
+			pl_node_free(n->keys[i]);
+		pl_node_free(n->items[i]);
 	}
 	free(n->keys);
 	free(n->items);
@@ -216,7 +239,7 @@ static void build_fail(struct builder *b, int code, struct pl_pos pos,
 	b->failed = true;
 }
 
-static bool scalar_is_null(const struct pl_node *n)
+bool pl_scalar_is_null(const struct pl_node *n)
 {
 	return n->type == PL_SCALAR && n->plain &&
 	       (!n->scalar[0] || !strcmp(n->scalar, "~") ||
@@ -303,13 +326,13 @@ static int attach(struct builder *b, struct pl_node *n, char *path_out)
 	}
 	if (!f->key) {
 		/* n is a key. */
-		if (n->type != PL_SCALAR || scalar_is_null(n)) {
+		if (n->type != PL_SCALAR || pl_scalar_is_null(n)) {
 			build_fail(b, KPL_EINVAL, n->pos, f->path,
 				   "keys must be strings, found %s",
 				   n->type == PL_MAP   ? "a mapping as a key" :
 				   n->type == PL_SEQ   ? "a list as a key" :
 							 "an empty (null) key");
-			node_free(n);
+			pl_node_free(n);
 			return -1;
 		}
 		f->key = n;
@@ -335,6 +358,9 @@ static struct pl_node *node_new(struct builder *b, enum pl_node_type type,
 	struct pl_node *n = kpl_calloc(1, sizeof *n);
 	n->type = type;
 	n->pos = mark_pos(mark);
+	n->pos.file = b->c->origin.file;
+	n->pos.use_line = b->c->origin.use_line;
+	n->pos.use_col = b->c->origin.use_col;
 	return n;
 }
 
@@ -513,15 +539,33 @@ static struct pl_node *build_tree(struct vctx *c, const char *text, size_t len)
 	}
 	while (b.depth > 0) {
 		struct frame *f = &b.stack[--b.depth];
-		node_free(f->key);
+		pl_node_free(f->key);
 		free(f->path);
 	}
 	yaml_parser_delete(&b.parser);
 	if (b.failed) {
-		node_free(b.root);
+		pl_node_free(b.root);
 		return NULL;
 	}
 	return b.root;
+}
+
+struct pl_node *pl_build_tree(struct vctx *c, const char *text, size_t len,
+			      struct pl_pos origin)
+{
+	struct pl_pos saved = c->origin;
+	const char *saved_text = c->text;
+	size_t saved_len = c->len;
+	struct pl_node *root;
+
+	c->origin = origin;
+	c->text = text;
+	c->len = len;
+	root = build_tree(c, text, len);
+	c->origin = saved;
+	c->text = saved_text;
+	c->len = saved_len;
+	return root;
 }
 
 /* ---- scalar checks ---- */
@@ -532,7 +576,7 @@ static const char *node_what(const struct pl_node *n, char *buf, size_t size)
 		return "a mapping";
 	if (n->type == PL_SEQ)
 		return "a list";
-	if (scalar_is_null(n))
+	if (pl_scalar_is_null(n))
 		return "nothing (null)";
 	snprintf(buf, size, "%s \"%.60s%s\"",
 		 n->plain ? "the value" : "the quoted string", n->scalar,
@@ -545,7 +589,7 @@ static const char *want_str(struct vctx *c, const struct pl_node *n,
 {
 	char what[128];
 
-	if (n->type == PL_SCALAR && !scalar_is_null(n))
+	if (n->type == PL_SCALAR && !pl_scalar_is_null(n))
 		return n->scalar;
 	diag(c, n->pos, path, "expected a string, found %s",
 	     node_what(n, what, sizeof what));
@@ -862,7 +906,7 @@ static void parse_param(struct vctx *c, struct pl_param *pp,
 	const struct pl_node *n;
 	char kpath[PATH_LEN], ipath[PATH_LEN];
 
-	if (scalar_is_null(v))
+	if (pl_scalar_is_null(v))
 		return; /* `name:` alone: an optional string */
 	if (!want_map(c, v, path))
 		return;
@@ -1358,10 +1402,10 @@ static void parse_stage(struct vctx *c, struct pl_stage *st,
 	if ((v = require(c, n, path, "name"))) {
 		path_key(kpath, path, "name");
 		const char *s = want_str(c, v, kpath);
-		if (s && check_name(c, v, kpath, s, NAME_STAGE, "stage name") == 0)
+		if (s && (v->expanded || check_name(c, v, kpath, s, NAME_STAGE, "stage name") == 0))
 			st->name = kpl_strdup(s);
 	}
-	if ((v = pl_map_get(n, "with")) && !scalar_is_null(v)) {
+	if ((v = pl_map_get(n, "with")) && !pl_scalar_is_null(v)) {
 		path_key(kpath, path, "with");
 		if (want_map(c, v, kpath))
 			st->with = v;
@@ -1384,7 +1428,7 @@ static void parse_stage(struct vctx *c, struct pl_stage *st,
 		if (k) {
 			st->kind = kpl_strdup(s);
 			const struct pl_node *w = pl_map_get(n, "with");
-			bool with_ok = !w || scalar_is_null(w) || w->type == PL_MAP;
+			bool with_ok = !w || pl_scalar_is_null(w) || w->type == PL_MAP;
 			if (with_ok && st->with && k->with_keys) {
 				size_t before = c->n_diags;
 				path_key(kpath, path, "with");
@@ -1437,17 +1481,21 @@ static void parse_stage(struct vctx *c, struct pl_stage *st,
 	}
 }
 
-static const struct pl_node *stage_node(const struct pl_node *root, size_t i,
-					const struct pipeline *p, char *path)
+/* Stage i's node, and its path as written (a matrix instance or a stage
+ * using a template is named by the stage the file has). */
+static const struct pl_node *stage_node(const struct vctx *c, const struct pl_node *root,
+					size_t i, char *path)
 {
+	const struct pipeline *p = c->p;
 	const struct pl_node *stages = pl_map_get(root, "stages");
 	size_t n_main = p->n_stages - p->n_finally;
+	size_t shown = i < c->n_reuse ? c->reuse[i].orig : i < n_main ? i : i - n_main;
 
 	if (i < n_main) {
-		path_idx(path, "stages", i);
+		path_idx(path, "stages", shown);
 		return stages->items[i];
 	}
-	path_idx(path, "finally", i - n_main);
+	path_idx(path, "finally", shown);
 	return pl_map_get(root, "finally")->items[i - n_main];
 }
 
@@ -1461,7 +1509,7 @@ static void resolve_needs(struct vctx *c, const struct pl_node *root)
 	c->need_idx = kpl_calloc(p->n_stages ? p->n_stages : 1, sizeof *c->need_idx);
 	for (size_t i = 0; i < p->n_stages; i++) {
 		struct pl_stage *st = &p->stages[i];
-		const struct pl_node *sn = stage_node(root, i, p, path);
+		const struct pl_node *sn = stage_node(c, root, i, path);
 		const struct pl_node *nn = pl_map_get(sn, "needs");
 		c->need_idx[i] = kpl_malloc((st->n_needs ? st->n_needs : 1) * sizeof(int));
 		path_key(npath, path, "needs");
@@ -1535,7 +1583,7 @@ static void find_cycles(struct vctx *c, const struct pl_node *root, size_t i,
 		}
 		size_t used = strlen(cycle);
 		snprintf(cycle + used, sizeof cycle - used, "%s", p->stages[k].name);
-		const struct pl_node *sn = stage_node(root, i, p, path);
+		const struct pl_node *sn = stage_node(c, root, i, path);
 		const struct pl_node *nn = pl_map_get(sn, "needs");
 		path_key(ipath, path, "needs");
 		if (nn->type == PL_SEQ) {
@@ -1576,7 +1624,7 @@ static void check_graph(struct vctx *c, const struct pl_node *root)
 		for (size_t j = 0; j < i; j++) {
 			if (!p->stages[j].name || strcmp(p->stages[i].name, p->stages[j].name))
 				continue;
-			const struct pl_node *sn = stage_node(root, i, p, path);
+			const struct pl_node *sn = stage_node(c, root, i, path);
 			const struct pl_node *nm = pl_map_get(sn, "name");
 			path_key(kpath, path, "name");
 			diag(c, nm->pos, kpath, "duplicate stage name \"%s\" (first at %d:%d)",
@@ -1605,7 +1653,7 @@ static void check_stage_refs(struct vctx *c, const struct pl_node *root)
 
 	for (size_t i = 0; i < p->n_stages; i++) {
 		struct pl_stage *st = &p->stages[i];
-		const struct pl_node *sn = stage_node(root, i, p, path);
+		const struct pl_node *sn = stage_node(c, root, i, path);
 		const struct pl_node *v;
 		if (sn->type != PL_MAP)
 			continue;
@@ -1673,7 +1721,7 @@ static void parse_stages(struct vctx *c, const struct pl_node *root)
 		diag(c, stages->pos, "stages", "no stages: a pipeline needs at least one");
 		ok = false;
 	}
-	if (fin && !scalar_is_null(fin) && !want_seq(c, fin, "finally"))
+	if (fin && !pl_scalar_is_null(fin) && !want_seq(c, fin, "finally"))
 		ok = false;
 	if (!stages || !ok)
 		return;
@@ -1688,9 +1736,15 @@ static void parse_stages(struct vctx *c, const struct pl_node *root)
 	p->n_finally = n_fin;
 	p->stages = kpl_calloc(p->n_stages, sizeof *p->stages);
 	for (size_t i = 0; i < p->n_stages; i++) {
-		const struct pl_node *sn = stage_node(root, i, p, path);
+		const struct pl_node *sn = stage_node(c, root, i, path);
 		p->stages[i].is_finally = i >= stages->n;
 		parse_stage(c, &p->stages[i], sn, path);
+		if (i < c->n_reuse && c->reuse[i].matrix) {
+			p->stages[i].matrix = kpl_strdup(c->reuse[i].matrix);
+			p->stages[i].max_parallel = c->reuse[i].max_parallel;
+		}
+		if (i < c->n_reuse && c->reuse[i].uses)
+			p->stages[i].uses = kpl_strdup(c->reuse[i].uses);
 	}
 	check_graph(c, root);
 	check_stage_refs(c, root);
@@ -1751,7 +1805,7 @@ static void parse_notify(struct vctx *c, const struct pl_node *n)
 	struct pipeline *p = c->p;
 	char path[PATH_LEN], kpath[PATH_LEN], ipath[PATH_LEN];
 
-	if (scalar_is_null(n) || !want_seq(c, n, "notify"))
+	if (pl_scalar_is_null(n) || !want_seq(c, n, "notify"))
 		return;
 	if (n->n > PL_MAX_NOTIFY) {
 		diag_big(c, n->pos, "notify", "%zu entries; the limit is %d", n->n,
@@ -1839,7 +1893,7 @@ static void validate(struct vctx *c, const struct pl_node *root)
 	const struct pl_node *v;
 	char what[128];
 
-	if (!root || scalar_is_null(root)) {
+	if (!root || pl_scalar_is_null(root)) {
 		diag(c, (struct pl_pos){ 1, 1 }, "",
 		     "the pipeline is empty: it needs at least name and stages");
 		return;
@@ -1893,13 +1947,27 @@ static bool looks_like_json(const char *text, size_t len)
 
 /* File order, stable (equal positions keep the order found); insertion
  * sort, as there are at most PL_MAX_DIAGS. */
+static bool diag_after(const struct pl_diag *a, const struct pl_diag *b)
+{
+	/* A template's diagnostic sorts where the pipeline file uses it. */
+	int al = a->file ? a->use_line : a->line, ac = a->file ? a->use_col : a->col;
+	int bl = b->file ? b->use_line : b->line, bc = b->file ? b->use_col : b->col;
+
+	if (al != bl)
+		return al > bl;
+	if (ac != bc)
+		return ac > bc;
+	if (!a->file != !b->file)
+		return !b->file; /* the pipeline file's own first */
+	return a->line > b->line || (a->line == b->line && a->col > b->col);
+}
+
 static void sort_diags(struct pl_diag *d, size_t n)
 {
 	for (size_t i = 1; i < n; i++) {
 		struct pl_diag x = d[i];
 		size_t j = i;
-		while (j > 0 && (d[j - 1].line > x.line ||
-				 (d[j - 1].line == x.line && d[j - 1].col > x.col))) {
+		while (j > 0 && diag_after(&d[j - 1], &x)) {
 			d[j] = d[j - 1];
 			j--;
 		}
@@ -1947,6 +2015,13 @@ static void run(struct vctx *c, const char *text, size_t len, struct pipeline **
 	free(copy);
 	if (c->n_diags)
 		return;
+	/* matrix: and uses: make plain stages; their own mistakes end the
+	 * check (the rest would be read from a half-made tree). */
+	reuse_expand(c, p->root);
+	if (c->n_diags) {
+		sort_diags(c->diags, c->n_diags);
+		return;
+	}
 	validate(c, p->root);
 	sort_diags(c->diags, c->n_diags);
 }
@@ -1959,14 +2034,22 @@ static void vctx_release(struct vctx *c)
 		free(c->need_idx);
 	}
 	free(c->reach);
+	reuse_release(c);
 }
 
 int pipeline_validate_all(const char *text, size_t len, const char *file,
 			  const struct pl_kind *kinds, size_t n_kinds,
 			  struct pl_diag **diags, size_t *n_diags)
 {
+	return pipeline_validate_files(text, len, file, NULL, kinds, n_kinds, diags, n_diags);
+}
+
+int pipeline_validate_files(const char *text, size_t len, const char *file,
+			    const struct pl_files *files, const struct pl_kind *kinds,
+			    size_t n_kinds, struct pl_diag **diags, size_t *n_diags)
+{
 	struct vctx c = { .file = file ? file : "pipeline", .kinds = kinds,
-			  .n_kinds = n_kinds };
+			  .n_kinds = n_kinds, .files = files };
 	struct pipeline *p;
 
 	run(&c, text, len, &p);
@@ -1981,8 +2064,15 @@ int pipeline_parse(const char *text, size_t len, const char *file,
 		   const struct pl_kind *kinds, size_t n_kinds,
 		   struct pipeline **out, struct kpl_err *err)
 {
+	return pipeline_parse_files(text, len, file, NULL, kinds, n_kinds, out, err);
+}
+
+int pipeline_parse_files(const char *text, size_t len, const char *file,
+			 const struct pl_files *files, const struct pl_kind *kinds,
+			 size_t n_kinds, struct pipeline **out, struct kpl_err *err)
+{
 	struct vctx c = { .file = file ? file : "pipeline", .kinds = kinds,
-			  .n_kinds = n_kinds };
+			  .n_kinds = n_kinds, .files = files };
 	struct pipeline *p;
 	int rc = 0;
 
@@ -2016,7 +2106,7 @@ int pl_doc_parse(const char *text, size_t len, const char *file, struct pl_node 
 		char msg[sizeof err->msg];
 		pl_diag_format(&c.diags[0], c.file, msg, sizeof msg);
 		rc = kpl_errf(err, c.diags[0].code, "%s", msg);
-		node_free(*root);
+		pl_node_free(*root);
 		*root = NULL;
 	} else if (!*root) {
 		rc = kpl_errf(err, KPL_EINVAL, "%s: empty document", c.file);
@@ -2027,7 +2117,7 @@ int pl_doc_parse(const char *text, size_t len, const char *file, struct pl_node 
 
 void pl_doc_free(struct pl_node *root)
 {
-	node_free(root);
+	pl_node_free(root);
 }
 
 void pipeline_free(struct pipeline *p)
@@ -2058,6 +2148,8 @@ void pipeline_free(struct pipeline *p)
 		struct pl_stage *st = &p->stages[i];
 		free(st->name);
 		free(st->kind);
+		free(st->matrix);
+		free(st->uses);
 		for (size_t j = 0; j < st->n_needs; j++)
 			free(st->needs[j]);
 		free(st->needs);
@@ -2070,7 +2162,7 @@ void pipeline_free(struct pipeline *p)
 		free(st->env);
 	}
 	free(p->stages);
-	node_free(p->root);
+	pl_node_free(p->root);
 	free(p);
 }
 

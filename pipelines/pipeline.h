@@ -19,10 +19,15 @@
  * make a huge tree. */
 #define PL_MAX_NODES 100000
 
-/* Where a node starts in the source text, 1-based. */
+/* Where a node starts in the source text, 1-based. file is 0 for the
+ * pipeline file itself, k for the k-th of its template files (struct
+ * pl_files, pipelines/reuse.h); then use_line:use_col is where the pipeline
+ * file's `uses:` brought it in. */
 struct pl_pos {
 	int line;
 	int col;
+	int file;
+	int use_line, use_col;
 };
 
 /*
@@ -43,6 +48,9 @@ struct pl_node {
 	/* PL_SCALAR: scalar holds the source characters exactly, on one line
 	 * (no escapes, no folding), so an offset in it maps to a column. */
 	bool verbatim;
+	/* Made by matrix expansion (pipelines/reuse.c): a stage name such as
+	 * "build[os=linux]" that the name rules would refuse as written. */
+	bool expanded;
 	/* PL_SEQ: items[0..n). PL_MAP: keys[i] (scalars) map to items[i]. */
 	struct pl_node **items;
 	struct pl_node **keys;
@@ -100,6 +108,13 @@ struct pl_stage {
 	 * tree, NULL if absent; both NULL for kinds without runs_on. */
 	const struct pl_node *runs_on;
 	const struct pl_node *runs_on_defaults;
+	/* An instance of a `matrix:` stage: the stage's name as written
+	 * ("build" for "build[os=linux]"), else NULL; and its max_parallel
+	 * (0: no bound), which the engine holds across the instances. */
+	char *matrix;
+	uint32_t max_parallel;
+	/* Made from a stage template: its path (a pl_files key), else NULL. */
+	char *uses;
 };
 
 struct pl_concurrency {
@@ -204,6 +219,28 @@ int pipeline_parse(const char *text, size_t len, const char *file,
 void pipeline_free(struct pipeline *p);
 
 /*
+ * The files a pipeline's `uses:` may read (stage templates,
+ * pipelines/reuse.h): path as `uses:` names it without the leading "./"
+ * (relative to the pipeline file's directory), and its text. Borrowed for
+ * the call.
+ */
+struct pl_file {
+	const char *path;
+	const char *text;
+	size_t len;
+};
+struct pl_files {
+	const struct pl_file *v;
+	size_t n;
+};
+
+/* pipeline_parse and pipeline_validate_all with the template files a
+ * `uses:` may name (files NULL: none, and any `uses:` is an error). */
+int pipeline_parse_files(const char *text, size_t len, const char *file,
+			 const struct pl_files *files, const struct pl_kind *kinds,
+			 size_t n_kinds, struct pipeline **out, struct kpl_err *err);
+
+/*
  * Calls fn for each ${{ secrets.NAME }} in any string value of the file
  * (keys are never expanded), in file order, with where it is; stops at the
  * first non-zero return, which it returns. For the submit-time check of
@@ -257,6 +294,10 @@ struct pl_diag {
 	char *path;
 	char *message;
 	int code;
+	/* In a template file (pos.file != 0): its path as `uses:` names it
+	 * (without "./"), and where the pipeline file uses it; else NULL. */
+	char *file;
+	int use_line, use_col;
 };
 
 /* At most this many diagnostics come back from one validation. */
@@ -276,8 +317,14 @@ int pipeline_validate_all(const char *text, size_t len, const char *file,
 
 void pl_diags_free(struct pl_diag *diags, size_t n);
 
+int pipeline_validate_files(const char *text, size_t len, const char *file,
+			    const struct pl_files *files, const struct pl_kind *kinds,
+			    size_t n_kinds, struct pl_diag **diags, size_t *n_diags);
+
 /* Formats d as "file:line:col: path: message" (no "path: " if path is
- * empty) into buf, like the messages of pipeline_parse. */
+ * empty) into buf, like the messages of pipeline_parse; a diagnostic in a
+ * template file reads "TEMPLATE:line:col: path: message (used at
+ * file:line:col)". */
 void pl_diag_format(const struct pl_diag *d, const char *file, char *buf,
 		    size_t size);
 
