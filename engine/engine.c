@@ -2165,6 +2165,8 @@ int engine_submit_from(struct engine *e, const char *text, size_t len,
 	r->submit_cb = cb;
 	r->submit_data = data;
 
+	if (src && src->stage_with)
+		src->stage_with(src->stage_with_data, r->id);
 	store_stage_pipeline(e->store, r->id, text, len);
 	if (r->idem_key)
 		store_stage_idem_scoped(e->store, pl->name, r->idem_key, r->id);
