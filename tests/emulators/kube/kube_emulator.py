@@ -570,12 +570,6 @@ def apply_defaults(res, obj):
             tmpl.setdefault("metadata", {}).setdefault("creationTimestamp", None)
             if isinstance(tmpl.get("spec"), dict):
                 default_pod_spec(tmpl["spec"])
-        for t in spec.get("volumeClaimTemplates") or []:
-            if isinstance(t, dict):
-                t.setdefault("apiVersion", "v1")
-                t.setdefault("kind", "PersistentVolumeClaim")
-                if isinstance(t.get("spec"), dict):
-                    t["spec"].setdefault("volumeMode", "Filesystem")
     elif res.plural == "pods" and isinstance(spec, dict):
         default_pod_spec(spec)
     elif res.plural == "secrets":
