@@ -1120,9 +1120,11 @@ static void stage_attempt_failed(struct stage *st, const char *msg)
 	format_duration(d, sizeof d, delay);
 	snprintf(buf, sizeof buf, "attempt %u failed: %s; retrying in %s (%u of %u retries)",
 		 st->attempt, msg ? msg : "", d, st->tries, st->spec->retries.count);
-	stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_PENDING, buf);
+	/* Before the state change, so its commit holds the time: set after,
+	 * it waited for the run's next commit, and a restart before that ran
+	 * the retry at once. */
 	st->retry_at_ms = kpl_now_ms() + delay;
-	stage_stage_record(st);
+	stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_PENDING, buf);
 	stage_arm_retry(st);
 }
 

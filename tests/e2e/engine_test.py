@@ -319,6 +319,35 @@ stages:
         assert_eq(watch(self.c, run["id"])[-1]["run_state"], "RUN_STATE_SUCCEEDED",
                   "run state")
 
+    def test_retry_backoff_survives_restart(self):
+        # The retry's time is stored with the PENDING state in one commit:
+        # a kill -9 after the failure must not bring the retry forward.
+        text = ("name: later\nstages:\n  - name: s\n    kind: script\n"
+                "    retries: { count: 1, backoff: 1h, max_backoff: 1h }\n"
+                "    with: { command: [\"false\"] }\n")
+        run = Client.to_dict(submit(self.c, text))
+        stream = self.c.stream(P + "WatchRun", {"id": run["id"]}, timeout=30)
+        for ev in stream:
+            ev = Client.to_dict(ev)
+            if "retrying in" in ev.get("message", ""):
+                stream.cancel()
+                break
+        else:
+            raise AssertionError("the first attempt never failed into a retry")
+        self.c.close()
+        import signal
+        self.daemon.stop(signal.SIGKILL)
+        self.c = self.daemon.start()
+        # kpld recovers every run before it serves; a run that ends after
+        # the restart shows the loop has gone round since.
+        _, events = self.run_to_end("name: after\nstages:\n  - {name: n, kind: noop}\n")
+        got = stage(get(self.c, run["id"]), "s")
+        assert_eq((got["state"], got.get("attempt")), ("STAGE_STATE_PENDING", 1),
+                  "retry still an hour away after kill -9")
+        if "retrying in" not in got.get("message", ""):
+            raise AssertionError("stage message %r" % got.get("message"))
+        self.c.call(P + "CancelRun", {"id": run["id"]})
+
     def test_concurrency_group_in_order(self):
         text = """
 name: deploy
