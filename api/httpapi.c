@@ -136,20 +136,9 @@ static void respond_json(struct httpd_req *req, int status, const char *body, si
 /* {"code":..,"message":".."} as JSON text (malloc'd). */
 static char *error_body(int code, const char *msg, size_t *len)
 {
-	Kpl__V1__RunEvent dummy; /* for pbjson's string escaping, see below */
-	char *m, *out;
-	size_t n;
+	char *m = pbjson_string(msg), *out;
 
-	/* The message as a JSON string: encode a message whose only field is
-	 * a string, and take its value. */
-	kpl__v1__run_event__init(&dummy);
-	dummy.message = (char *)(msg ? msg : "");
-	m = pbjson_encode(&dummy.base, &n);
-	/* m is {"message":"..."} or {} when msg is empty. */
-	if (n > 2)
-		out = kpl_asprintf("{\"code\":%d,%s", code, m + 1);
-	else
-		out = kpl_asprintf("{\"code\":%d,\"message\":\"\"}", code);
+	out = kpl_asprintf("{\"code\":%d,\"message\":%s}", code, m);
 	free(m);
 	*len = strlen(out);
 	return out;

@@ -890,6 +890,17 @@ static json_t *encode_message(const ProtobufCMessage *m)
 	return obj;
 }
 
+char *pbjson_string(const char *s)
+{
+	json_t *v = jstr(s ? s : "");
+	char *out = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
+
+	json_decref(v);
+	if (!out)
+		BUG("pbjson: json_dumps failed (out of memory?)");
+	return out;
+}
+
 char *pbjson_encode(const ProtobufCMessage *m, size_t *len)
 {
 	json_t *obj = encode_message(m);

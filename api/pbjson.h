@@ -53,6 +53,10 @@ int pbjson_set_field(ProtobufCMessage *m, const char *name, const char *value,
  */
 char *pbjson_encode(const ProtobufCMessage *m, size_t *len);
 
+/* s as a JSON string literal, quotes included (bad UTF-8 repaired as in
+ * pbjson_encode); malloc'd, the caller's. */
+char *pbjson_string(const char *s);
+
 /* The JSON name of a proto field name ("page_size" -> "pageSize"), into
  * buf (NUL-terminated, cut to size). */
 void pbjson_json_name(const char *proto_name, char *buf, size_t size);

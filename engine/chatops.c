@@ -60,6 +60,7 @@ struct service {
 	bool on;
 	char *secret;     /* config text: a value or ${{ secrets.NAME }} */
 	char *url_prefix; /* Slack: response_url must start with it */
+	char *team_id;    /* Slack: the one workspace taken; NULL: any */
 	struct chat_user *users;
 	size_t n_users;
 	struct replay_slot *replay; /* CHATOPS_REPLAY_SLOTS, made on first use */
@@ -384,10 +385,14 @@ static int parse_service(struct chatops *c, enum svc which, const char *file,
 
 		snprintf(kp, sizeof kp, "%s.%s", path, key);
 		if (strcmp(key, secret_key) == 0 ||
-		    (which == SVC_SLACK && strcmp(key, "response_url_prefix") == 0)) {
+		    (which == SVC_SLACK && strcmp(key, "response_url_prefix") == 0) ||
+		    (which == SVC_SLACK && strcmp(key, "team_id") == 0)) {
 			if (val->type != PL_SCALAR || !val->scalar[0])
 				return cfg_err(err, file, val, kp, "must be a single value");
-			if (strcmp(key, secret_key) == 0) {
+			if (strcmp(key, "team_id") == 0) {
+				free(s->team_id);
+				s->team_id = kpl_strdup(val->scalar);
+			} else if (strcmp(key, secret_key) == 0) {
 				free(s->secret);
 				s->secret = kpl_strdup(val->scalar);
 			} else {
@@ -410,7 +415,7 @@ static int parse_service(struct chatops *c, enum svc which, const char *file,
 		} else {
 			char msg[200];
 			snprintf(msg, sizeof msg, "unknown key (allowed: %s, users%s)", secret_key,
-				 which == SVC_SLACK ? ", response_url_prefix" : "");
+				 which == SVC_SLACK ? ", response_url_prefix, team_id" : "");
 			return cfg_err(err, file, v->keys[i], kp, msg);
 		}
 	}
@@ -483,6 +488,7 @@ static void service_release(struct service *s)
 		OPENSSL_cleanse(s->secret, strlen(s->secret));
 	free(s->secret);
 	free(s->url_prefix);
+	free(s->team_id);
 	free(s->replay);
 }
 
@@ -759,7 +765,8 @@ static void status_text(struct store *st, const Kpl__Store__V1__RunRecord *rec, 
 }
 
 static void run_command(struct chatops *c, enum svc svc, struct httpd_req *req,
-			const char *uid, const char *text, const char *response_url, bool button)
+			const char *team, const char *uid, const char *text,
+			const char *response_url, bool button)
 {
 	struct service *s = &c->svc[svc];
 	const struct chat_user *u = find_user(s, uid);
@@ -771,6 +778,15 @@ static void run_command(struct chatops *c, enum svc svc, struct httpd_req *req,
 	char who[400], ack[MAX_TEXT];
 	int rc;
 
+	if (s->team_id && (!team || strcmp(team, s->team_id))) {
+		/* Another workspace of an app installed in several. */
+		kpl_info(LOG, "slack workspace %.100s is not chatops.slack.team_id: refused",
+			 team ? team : "(none)");
+		reply(req, svc, false, "kpl takes commands from one Slack workspace only "
+		      "(chatops.slack.team_id), and this is not it, so kpl does nothing");
+		metrics_webhook(svc_names[svc], "forbidden");
+		return;
+	}
 	if (!u) {
 		kpl_info(LOG, "%s user %.100s is not mapped to a kpl identity: refused",
 			 svc_names[svc], uid ? uid : "(none)");
@@ -1010,7 +1026,7 @@ static void on_slack(struct httpd_req *req, void *data)
 	struct chatops *c = data;
 	size_t len;
 	const char *body;
-	char *payload, *text = NULL, *uid = NULL, *url = NULL;
+	char *payload, *text = NULL, *uid = NULL, *url = NULL, *team;
 
 	if (!admit(c, SVC_SLACK, req))
 		return;
@@ -1032,6 +1048,8 @@ static void on_slack(struct httpd_req *req, void *data)
 		} else {
 			text = kpl_asprintf("%.40s %.1900s", aid + 4, val);
 			run_command(c, SVC_SLACK, req,
+				    json_string_value(json_object_get(json_object_get(root, "team"),
+								      "id")),
 				    json_string_value(json_object_get(json_object_get(root, "user"),
 								      "id")),
 				    text, json_string_value(json_object_get(root, "response_url")),
@@ -1051,7 +1069,9 @@ static void on_slack(struct httpd_req *req, void *data)
 	text = form_get(body, len, "text");
 	uid = form_get(body, len, "user_id");
 	url = form_get(body, len, "response_url");
-	run_command(c, SVC_SLACK, req, uid, text ? text : "", url, false);
+	team = form_get(body, len, "team_id");
+	run_command(c, SVC_SLACK, req, team, uid, text ? text : "", url, false);
+	free(team);
 	free(text);
 	free(uid);
 	free(url);
@@ -1075,7 +1095,7 @@ static void on_dingtalk(struct httpd_req *req, void *data)
 		reply(req, SVC_DINGTALK, false, "kpl reads text messages only; %s", usage);
 	} else {
 		char *text = kpl_strdup(content);
-		run_command(c, SVC_DINGTALK, req, uid, text, NULL, false);
+		run_command(c, SVC_DINGTALK, req, NULL, uid, text, NULL, false);
 		free(text);
 	}
 	json_decref(root);

@@ -106,6 +106,10 @@ struct run {
 	bool advancing, advance_again;   /* see run_advance */
 	uint64_t commits_issued, commits_done, final_commit_no; /* run_commit calls */
 	char *group;                     /* concurrency group key, or NULL */
+	/* The pipeline's `timeout:`, armed while RUNNING to started_ms plus
+	 * it (started_at is stored, so a restart arms it again to the same
+	 * deadline); freed in its close callback. */
+	uv_timer_t *timer;
 	/* Owned; where the text came from (kpl.v1.PipelineSource), NULL
 	 * members unknown (runs stored before kpl kept it). */
 	char *src_repo, *src_commit, *src_path, *src_ref, *src_sha256;
@@ -652,6 +656,55 @@ static void run_commit_failed(struct run *r, int status)
 	}
 }
 
+static void run_timer_closed(uv_handle_t *h)
+{
+	free(h);
+}
+
+static void run_stop_timeout(struct run *r)
+{
+	if (r->timer) {
+		uv_close((uv_handle_t *)r->timer, run_timer_closed);
+		r->timer = NULL;
+	}
+}
+
+static void run_timeout_fired(uv_timer_t *t)
+{
+	struct run *r = t->data;
+	char d[40], msg[120];
+
+	run_stop_timeout(r);
+	/* A cancel already under way ends CANCELLED, as asked. */
+	if (run_state_final(r->state) || r->cancel_requested || r->eng->stopping)
+		return;
+	if (r->pl->timeout_ms % 3600000 == 0)
+		snprintf(d, sizeof d, "%lldh", (long long)(r->pl->timeout_ms / 3600000));
+	else if (r->pl->timeout_ms % 1000)
+		snprintf(d, sizeof d, "%lldms", (long long)r->pl->timeout_ms);
+	else if (r->pl->timeout_ms % 60000)
+		snprintf(d, sizeof d, "%llds", (long long)(r->pl->timeout_ms / 1000));
+	else
+		snprintf(d, sizeof d, "%lldm", (long long)(r->pl->timeout_ms / 60000));
+	snprintf(msg, sizeof msg, "the run exceeded its timeout of %s (the pipeline's "
+		 "timeout:)", d);
+	run_stop(r, msg);
+}
+
+/* Arms the run's timeout if it has one and is RUNNING. */
+static void run_arm_timeout(struct run *r)
+{
+	int64_t left;
+
+	if (!r->pl->timeout_ms || r->timer || r->state != KPL__V1__RUN_STATE__RUN_STATE_RUNNING)
+		return;
+	left = r->started_ms + r->pl->timeout_ms - kpl_now_ms();
+	r->timer = kpl_malloc(sizeof *r->timer);
+	uv_timer_init(r->eng->loop, r->timer);
+	r->timer->data = r;
+	uv_timer_start(r->timer, run_timeout_fired, left > 0 ? (uint64_t)left : 0, 0);
+}
+
 /* The one way a run changes state. */
 static void run_set_state(struct run *r, Kpl__V1__RunState to, const char *msg)
 {
@@ -681,6 +734,10 @@ static void run_set_state(struct run *r, Kpl__V1__RunState to, const char *msg)
 	 * once this many of them have. */
 	if (run_state_final(to))
 		r->final_commit_no = r->commits_issued;
+	if (to == KPL__V1__RUN_STATE__RUN_STATE_RUNNING)
+		run_arm_timeout(r);
+	else
+		run_stop_timeout(r);
 	if (run_state_final(to) && r->group)
 		group_kick(r->eng, r);
 	for (size_t i = 0; run_state_final(to) && i < r->n_stages; i++)
@@ -1762,6 +1819,7 @@ static void run_advance(struct run *r)
 
 static void run_free(struct run *r)
 {
+	run_stop_timeout(r);
 	for (size_t i = 0; i < r->n_stages; i++) {
 		struct stage *st = &r->stages[i];
 		stage_stop_retry(st);
@@ -2109,6 +2167,8 @@ int engine_submit_from(struct engine *e, const char *text, size_t len,
 	r->submit_cb = cb;
 	r->submit_data = data;
 
+	if (src && src->stage_with)
+		src->stage_with(src->stage_with_data, r->id);
 	store_stage_pipeline(e->store, r->id, text, len);
 	if (r->idem_key)
 		store_stage_idem_scoped(e->store, pl->name, r->idem_key, r->id);
@@ -2611,6 +2671,7 @@ static void recover_run(struct engine *e, const char *id)
 		r->final_commit_no = r->commits_issued;
 		return;
 	}
+	run_arm_timeout(r);
 	for (size_t i = 0; i < r->n_stages; i++) {
 		struct stage *st = &r->stages[i];
 		struct kpl_err perr = { 0 };
@@ -2885,6 +2946,7 @@ void engine_stop(struct engine *e, void (*done)(void *data), void *data)
 	e->stop_done = done;
 	e->stop_data = data;
 	for (struct run *r = e->runs; r; r = r->next) {
+		run_stop_timeout(r);
 		for (size_t i = 0; i < r->n_stages; i++) {
 			struct stage *st = &r->stages[i];
 			stage_stop_timer(st);

@@ -104,6 +104,11 @@ struct engine_source {
 	 * run keeps those it uses (their text, for a restart; path and
 	 * SHA-256 in its source). */
 	const struct pl_files *files;
+	/* NULL, or called once the run has its id and before any of it is
+	 * committed: what it stages in the store is made durable with the
+	 * run's first commit (forge.c: the run's commit status record). */
+	void (*stage_with)(void *data, const char *run_id);
+	void *stage_with_data;
 };
 
 /* engine_submit with the text's source (NULL: a text given as is). */

@@ -907,41 +907,66 @@ fail:
 	return rc;
 }
 
+/* The record of a new watch; release with watch_rec_release. */
+static void watch_rec(struct forge *f, const char *run_id, const struct forge_watch *w,
+		      Kpl__Store__V1__ForgeStatusRecord *rec)
+{
+	kpl__store__v1__forge_status_record__init(rec);
+	rec->forge = (char *)forge_kind_name(w->kind);
+	rec->api_url = f->api_url[w->kind];
+	rec->repo = (char *)w->status_repo;
+	rec->sha = (char *)w->sha;
+	rec->token_secret = (char *)w->token_secret;
+	rec->context = kpl_asprintf("kpl/%s", w->pipeline);
+	rec->target_url = f->console_url ? kpl_asprintf("%s/#/runs/%s", f->console_url, run_id)
+					 : kpl_strdup("");
+	rec->sent_state = "";
+	rec->ref = (char *)(w->ref ? w->ref : "");
+}
+
+static void watch_rec_release(Kpl__Store__V1__ForgeStatusRecord *rec)
+{
+	free(rec->context);
+	free(rec->target_url);
+}
+
+void forge_stage_watch(struct forge *f, const char *run_id, const struct forge_watch *w)
+{
+	Kpl__Store__V1__ForgeStatusRecord rec;
+
+	watch_rec(f, run_id, w, &rec);
+	store_stage_forge(f->store, run_id, &rec);
+	watch_rec_release(&rec);
+}
+
 void forge_watch(struct forge *f, const char *run_id, const struct forge_watch *w)
 {
-	Kpl__Store__V1__ForgeStatusRecord rec = KPL__STORE__V1__FORGE_STATUS_RECORD__INIT;
-	char *context, *target = NULL;
+	Kpl__Store__V1__ForgeStatusRecord rec, *have = NULL;
 	struct entry *e;
 
 	for (e = f->entries; e; e = e->next)
 		if (strcmp(e->run_id, run_id) == 0)
 			return;
-	context = kpl_asprintf("kpl/%s", w->pipeline);
-	if (f->console_url)
-		target = kpl_asprintf("%s/#/runs/%s", f->console_url, run_id);
-	rec.forge = (char *)forge_kind_name(w->kind);
-	rec.api_url = f->api_url[w->kind];
-	rec.repo = (char *)w->status_repo;
-	rec.sha = (char *)w->sha;
-	rec.token_secret = (char *)w->token_secret;
-	rec.context = context;
-	rec.target_url = target ? target : "";
-	rec.sent_state = "";
-	rec.ref = (char *)(w->ref ? w->ref : "");
-	store_stage_forge(f->store, run_id, &rec);
+	watch_rec(f, run_id, w, &rec);
 	if (f->closing) {
 		/* Committed by whoever commits next: the next kpld sends it. */
-		free(context);
-		free(target);
+		store_stage_forge(f->store, run_id, &rec);
+		watch_rec_release(&rec);
 		return;
 	}
-	f->busy++;
-	store_commit(f->store, committed, f);
-	e = entry_add(f, run_id, &rec);
-	free(context);
-	free(target);
+	/* forge_stage_watch made it durable with the run; a run found by its
+	 * idempotency key instead has none yet. */
+	if (store_get_forge(f->store, run_id, &have) != 0) {
+		store_stage_forge(f->store, run_id, &rec);
+		f->busy++;
+		store_commit(f->store, committed, f);
+	}
+	e = entry_add(f, run_id, have ? have : &rec);
+	if (have)
+		kpl__store__v1__forge_status_record__free_unpacked(have, NULL);
 	kpl_info(LOG, "run %s: reporting statuses to %s %s@%.12s", run_id, rec.forge, rec.repo,
 		 rec.sha);
+	watch_rec_release(&rec);
 	pump(e);
 }
 

@@ -11,8 +11,8 @@
  * fork's commit is found too).
  *
  * Commit statuses (a registration with status_token):
- *   - durable: forge_watch stores a record for the run (store db
- *     forge_status) once the run is stored; the record says what was sent
+ *   - durable: forge_stage_watch stages a record for the run (store db
+ *     forge_status) in the run's first commit; the record says what was sent
  *     last. What to send is read from the run's durable state: pending
  *     first, then success, failure or error/canceled once the run is final.
  *     A restart sends what the records still owe, so a status is sent at
@@ -180,9 +180,16 @@ struct forge_watch {
 };
 
 /*
- * Starts reporting the stored run run_id's statuses: stages its record and
- * commits it, then sends pending, and the final state once the run has one.
- * A run already watched is left as it is.
+ * Stages run_id's status record (nothing is sent yet): call it from the
+ * run's engine_source.stage_with, so the record is durable exactly when the
+ * run is, and a kpld that dies before forge_watch still owes the statuses.
+ */
+void forge_stage_watch(struct forge *f, const char *run_id, const struct forge_watch *w);
+
+/*
+ * Starts reporting the stored run run_id's statuses (its record staged by
+ * forge_stage_watch, or staged here if it was not): pending, and the final
+ * state once the run has one. A run already watched is left as it is.
  */
 void forge_watch(struct forge *f, const char *run_id, const struct forge_watch *w);
 

@@ -995,6 +995,28 @@ static void job_finished(struct gitjob *j)
 
 static void target_step(struct delivery *d);
 
+/* What the forge needs to report target t's run of pull request d. */
+static void watch_of(const struct delivery *d, const struct target *t, struct forge_watch *w)
+{
+	w->kind = d->pr_kind;
+	w->status_repo = d->pr->status_repo;
+	w->sha = d->pr->head_sha;
+	w->ref = d->pr->head_branch;
+	w->token_secret = t->status_token;
+	w->pipeline = t->name;
+}
+
+/* engine_source.stage_with: the status record goes into the run's first
+ * commit, so no crash leaves a stored run without it. */
+static void stage_watch(void *data, const char *run_id)
+{
+	struct delivery *d = data;
+	struct forge_watch w;
+
+	watch_of(d, &d->t[d->cur], &w);
+	forge_stage_watch(d->h->forge, run_id, &w);
+}
+
 static void target_submitted(void *data, int status, const char *run_id)
 {
 	struct delivery *d = data;
@@ -1012,8 +1034,8 @@ static void target_submitted(void *data, int status, const char *run_id)
 		kpl_info(LOG, "%s delivery %s: pipeline %s: run %s (%s at %s)",
 			 source_name(d->src), d->id, t->name, run_id, d->push.ref, d->push.sha);
 		if (d->pr && t->status_token && d->h->forge) {
-			struct forge_watch w = { d->pr_kind, d->pr->status_repo, d->pr->head_sha,
-						 d->pr->head_branch, t->status_token, t->name };
+			struct forge_watch w;
+			watch_of(d, t, &w);
 			forge_watch(d->h->forge, run_id, &w);
 		}
 	}
@@ -1048,7 +1070,7 @@ static void target_submit(struct delivery *d)
 	const char *(*have)[2] = d->pr ? pr_have : push_have;
 	size_t n_have = d->pr ? KPL_ARRAY_SIZE(pr_have) : KPL_ARRAY_SIZE(push_have);
 	char shown[HOOKS_MAX_URL + 8];
-	struct engine_source src;
+	struct engine_source src = { 0 };
 	int rc;
 
 	/* The templates that were there (a missing one is left out). */
@@ -1101,6 +1123,10 @@ static void target_submit(struct delivery *d)
 	src.ref = d->push.ref;
 	src.secrets_withheld = t->withhold;
 	src.files = &files;
+	if (d->pr && t->status_token && d->h->forge) {
+		src.stage_with = stage_watch;
+		src.stage_with_data = d;
+	}
 	d->in_engine = true;
 	rc = engine_submit_from(d->h->eng, t->text, t->text_len, names, values, np,
 				d->cb ? d->idem : t->idem, &src, target_submitted, d, &err);

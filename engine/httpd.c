@@ -819,13 +819,6 @@ int httpd_stream_write(struct httpd_req *req, const char *buf, size_t len,
 	return 0;
 }
 
-size_t httpd_stream_pending(struct httpd_req *req)
-{
-	struct conn *c = req->conn;
-
-	return c && !c->closing ? c->writes_out : 0;
-}
-
 void httpd_stream_end(struct httpd_req *req)
 {
 	struct conn *c = req->conn;

@@ -130,8 +130,6 @@ int httpd_stream_begin(struct httpd_req *req, int status, const char *content_ty
  */
 int httpd_stream_write(struct httpd_req *req, const char *buf, size_t len,
 		       void (*done)(void *data, int status), void *data);
-/* Stream writes not yet completed (a slow reader's backlog). */
-size_t httpd_stream_pending(struct httpd_req *req);
 /* Ends the stream (after what was written goes out) and frees req. */
 void httpd_stream_end(struct httpd_req *req);
 /* httpd_respond with a text/plain body, printf style; a newline is added. */

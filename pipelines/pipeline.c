@@ -1888,7 +1888,7 @@ static void validate(struct vctx *c, const struct pl_node *root)
 {
 	static const char *const keys[] = { "name", "description", "params", "env",
 					     "concurrency", "notify", "stages", "finally",
-					     "defaults", NULL };
+					     "defaults", "timeout", NULL };
 	struct pipeline *p = c->p;
 	const struct pl_node *v;
 	char what[128];
@@ -1927,6 +1927,10 @@ static void validate(struct vctx *c, const struct pl_node *root)
 	}
 	if ((v = pl_map_get(root, "concurrency")))
 		parse_concurrency(c, v);
+	if ((v = pl_map_get(root, "timeout")) &&
+	    want_duration(c, v, "timeout", &p->timeout_ms) == 0 && p->timeout_ms == 0)
+		diag(c, v->pos, "timeout",
+		     "a timeout of 0 would fail the run at once: leave timeout out for none");
 	if ((v = pl_map_get(root, "notify")))
 		parse_notify(c, v);
 	if ((v = pl_map_get(root, "defaults")))

@@ -168,6 +168,9 @@ struct pipeline {
 	struct pl_env *env;
 	size_t n_env;
 	struct pl_concurrency concurrency;
+	/* The run's `timeout:` (0 = none): counted from the run's start;
+	 * past it the run is stopped like a cancel (finally runs) and fails. */
+	int64_t timeout_ms;
 	struct pl_notify *notify; /* n_notify of them, file order */
 	size_t n_notify;
 	/* stages, then the finally stages (is_finally), in file order.

@@ -2059,6 +2059,27 @@ void store_stage_forge(struct store *s, const char *run_id,
 	kpl__store__v1__forge_status_record__pack(rec, (uint8_t *)op->val);
 }
 
+static int take_forge(struct store *s, const MDB_val *k, const MDB_val *v, void *out)
+{
+	Kpl__Store__V1__ForgeStatusRecord **rec = out;
+
+	(void)s;
+	(void)k;
+	*rec = kpl__store__v1__forge_status_record__unpack(NULL, v->mv_size, v->mv_data);
+	return *rec ? 0 : KPL_ECORRUPT;
+}
+
+int store_get_forge(struct store *s, const char *run_id,
+		    Kpl__Store__V1__ForgeStatusRecord **out)
+{
+	size_t n = run_id ? strlen(run_id) : 0;
+
+	*out = NULL;
+	if (n == 0 || n > STORE_MAX_RUN_ID_LEN)
+		return KPL_EINVAL;
+	return read_one(s, DB_FORGE_STATUS, run_id, n, take_forge, out);
+}
+
 static int forge_each(struct walk *w, const MDB_val *k, const MDB_val *v)
 {
 	struct walk_cb *c = w->data;

@@ -379,6 +379,10 @@ int store_list_registered(struct store *s, store_registered_fn fn, void *data);
  */
 void store_stage_forge(struct store *s, const char *run_id,
 		       const Kpl__Store__V1__ForgeStatusRecord *rec);
+/* *out new (kpl__store__v1__forge_status_record__free_unpacked), or
+ * KPL_ENOTFOUND, KPL_ECORRUPT, KPL_EINVAL for a bad run id. */
+int store_get_forge(struct store *s, const char *run_id,
+		    Kpl__Store__V1__ForgeStatusRecord **out);
 typedef int (*store_forge_fn)(void *data, const char *run_id,
 			      const Kpl__Store__V1__ForgeStatusRecord *rec);
 int store_list_forge(struct store *s, store_forge_fn fn, void *data);

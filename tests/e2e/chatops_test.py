@@ -153,6 +153,7 @@ chatops:
   slack:
     signing_secret: "${{ secrets.SLACK_SIGNING_SECRET }}"
     response_url_prefix: "http://127.0.0.1:%d/"
+    team_id: T1
     users:
       U1: { identity: alice, scope: approve }
       U2: { identity: rita, scope: read }
@@ -214,12 +215,12 @@ chatops:
                    "X-Slack-Signature": sig or slack_sign(body, ts, secret)}
         return body, headers
 
-    def slack(self, text, user="U1", url=None, **kw):
+    def slack(self, text, user="U1", url=None, team="T1", **kw):
         """A slash command; returns (status, parsed JSON or raw bytes, path of its
         response_url)."""
         self.n += 1
         path = "/commands/%d" % self.n
-        fields = {"token": "deprecated", "team_id": "T1", "team_domain": "acme",
+        fields = {"token": "deprecated", "team_id": team, "team_domain": "acme",
                   "channel_id": "C1", "channel_name": "releases", "user_id": user,
                   "user_name": "someone", "command": "/kpl", "text": text,
                   "response_url": url or "http://127.0.0.1:%d%s" % (self.slack_emu.port, path),
@@ -430,7 +431,7 @@ chatops:
 
     def test_slack_replay_refused(self):
         rid = self.running_sleeper()
-        fields = {"user_id": "U1", "command": "/kpl", "text": "cancel " + rid,
+        fields = {"team_id": "T1", "user_id": "U1", "command": "/kpl", "text": "cancel " + rid,
                   "response_url": "http://127.0.0.1:%d/replayed" % self.slack_emu.port}
         body, headers = self.slack_raw(fields)
         status, _ = self.post("/chatops/slack", body, headers)
@@ -452,6 +453,17 @@ chatops:
             raise AssertionError("text: %r" % data)
         status, path = self.button("kpl_approve", "%s ok" % rid, user="U998")
         assert_eq(status, 200, "button status")
+        assert_eq(self.stage(self.get(rid), "ok")["state"], "STAGE_STATE_WAITING", "still waiting")
+        assert_eq(self.audit(), before, "nothing audited")
+        self.c.call(P + "CancelRun", {"id": rid})
+
+    def test_slack_other_workspace_refused(self):
+        rid = self.waiting_run()
+        before = self.audit()
+        status, data, _ = self.slack("approve %s ok" % rid, team="T2")
+        assert_eq(status, 200, "status")
+        if "one Slack workspace only" not in data["text"]:
+            raise AssertionError("text: %r" % data)
         assert_eq(self.stage(self.get(rid), "ok")["state"], "STAGE_STATE_WAITING", "still waiting")
         assert_eq(self.audit(), before, "nothing audited")
         self.c.call(P + "CancelRun", {"id": rid})

@@ -296,6 +296,39 @@ class Suite:
             covered.add(hits[0])
         assert_eq(sorted(set(routes) - covered), [], "routes without a curl example")
 
+    def test_docs_curl_lines_run(self):
+        """Every curl line of docs/http.md (but those needing jq or another
+        host) run by the shell against kpld: each reaches its route (no 404
+        for the path, no 405) and none is a server error."""
+        doc = open(os.path.join(self.root, "docs", "http.md"), encoding="utf-8").read()
+        run = self.submit_http(TWO_STAGES)
+        self.wait_done(run["id"])
+        env = dict(os.environ, KPL="http://%s:%d" % self.d.http, TOKEN=self.tokens["root"])
+        ran = 0
+        for ln in doc.splitlines():
+            if not ln.startswith("curl ") or "jq " in ln or "https://" in ln:
+                continue
+            cmd = ln.replace("01m91ms6279qs5ek", run["id"])
+            # Streams that never end by themselves get a time bound.
+            cmd = cmd.replace("curl -s -N", "curl -s -N -m 3", 1)
+            cmd += " -o /dev/null -w '%{http_code}'"
+            r = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True,
+                               timeout=60)
+            code = int(r.stdout[-3:] or 0)
+            if r.returncode not in (0, 28) or code in (0, 405) or code >= 500:
+                raise AssertionError("docs/http.md: %s -> exit %d, HTTP %s"
+                                     % (ln, r.returncode, r.stdout))
+            # A 404 must be the method's (an unknown run, secret, ...), not
+            # the router's.
+            if code == 404:
+                body = subprocess.run(["bash", "-c", cmd.rsplit(" -o ", 1)[0]], env=env,
+                                      capture_output=True, text=True, timeout=60).stdout
+                if "no such API route" in body:
+                    raise AssertionError("docs/http.md: %s is no route" % ln)
+            ran += 1
+        if ran < 20:
+            raise AssertionError("ran only %d curl lines of docs/http.md" % ran)
+
     # --- unary twins ----------------------------------------------------
 
     def test_runs_answer_like_grpc(self):

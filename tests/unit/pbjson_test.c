@@ -75,6 +75,11 @@ static void test_encode_bad_utf8(void **state)
 	(void)state;
 	ev.message = "ok \xff\xfe end \xc3\xa9";
 	assert_json(&ev.base, "{\"message\":\"ok \xef\xbf\xbd\xef\xbf\xbd end \xc3\xa9\"}");
+	{
+		char *q = pbjson_string("a\"b\n<\xff");
+		assert_string_equal(q, "\"a\\\"b\\n<\xef\xbf\xbd\"");
+		free(q);
+	}
 }
 
 static ProtobufCMessage *decode_ok(const ProtobufCMessageDescriptor *d, const char *json)

@@ -181,6 +181,10 @@ static const struct bad_case bad_cases[] = {
 	  "duration_unit.yaml:5:14: stages[0].timeout: bad duration \"5x\": unknown unit: use ms, s, m or h" },
 	{ "duration_zero.yaml", INVAL,
 	  "duration_zero.yaml:5:14: stages[0].timeout: a timeout of 0 would fail at once: leave timeout out for none" },
+	{ "run_timeout_zero.yaml", INVAL,
+	  "run_timeout_zero.yaml:2:10: timeout: a timeout of 0 would fail the run at once: leave timeout out for none" },
+	{ "run_timeout_bad.yaml", INVAL,
+	  "run_timeout_bad.yaml:2:10: timeout: bad duration \"2 hours\": unknown unit: use ms, s, m or h" },
 	{ "empty.yaml", INVAL,
 	  "empty.yaml:1:1: the pipeline is empty: it needs at least name and stages" },
 	{ "empty_stages.yaml", INVAL,
@@ -768,6 +772,25 @@ static void test_durations(void **state)
 	assert_int_equal(ms, -1);
 }
 
+/* The run-level timeout: a duration like a stage's, none when left out. */
+static void test_run_timeout(void **state)
+{
+	static const char with[] = "name: p\ntimeout: 1h30m\nstages:\n  - { name: a, kind: noop }\n";
+	static const char without[] = "name: p\nstages:\n  - { name: a, kind: noop }\n";
+	struct pipeline *p = NULL;
+	struct kpl_err err = { 0 };
+
+	(void)state;
+	assert_int_equal(pipeline_parse(with, sizeof with - 1, "pipeline", kinds,
+					KPL_ARRAY_SIZE(kinds), &p, &err), 0);
+	assert_int_equal(p->timeout_ms, 5400000);
+	pipeline_free(p);
+	assert_int_equal(pipeline_parse(without, sizeof without - 1, "pipeline", kinds,
+					KPL_ARRAY_SIZE(kinds), &p, &err), 0);
+	assert_int_equal(p->timeout_ms, 0);
+	pipeline_free(p);
+}
+
 /* ---- params at run time ---- */
 
 static void test_resolve_params(void **state)
@@ -1249,6 +1272,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_bad_fixtures),
 		cmocka_unit_test(test_good_fixtures_parse),
+		cmocka_unit_test(test_run_timeout),
 		cmocka_unit_test(test_runs_on),
 		cmocka_unit_test(test_when_wrapped),
 		cmocka_unit_test(test_notify_model),
