@@ -687,6 +687,7 @@ int main(int argc, char **argv)
 	}
 	if (chatops_new(d.loop, config, &d.chatops, &err)) {
 		fprintf(stderr, "kpld: %s\n", err.msg);
+		cfg_free(d.cfg);
 		return 1;
 	}
 
