@@ -1182,6 +1182,10 @@ static void stage_attempt_failed(struct stage *st, const char *msg)
 	 * the retry at once. */
 	st->retry_at_ms = kpl_now_ms() + delay;
 	stage_set_state(st, KPL__V1__STAGE_STATE__STAGE_STATE_PENDING, buf);
+	/* The PENDING event's time may be later than the line above (a busy
+	 * host deschedules us): the timer counts from now, so the retry never
+	 * starts sooner after the event than it says. */
+	st->retry_at_ms = kpl_now_ms() + delay;
 	stage_arm_retry(st);
 }
 
