@@ -10,7 +10,8 @@
  *                     kinds) and its params (pipeline_resolve_params)
  *   ValidatePipeline  pipeline_validate_all, every diagnostic formatted
  *   RegisterPipeline  hooks_check_registration against a secret store
- *                     holding one secret, "hook"
+ *                     holding one secret, "hook", and
+ *                     sched_check_registration (cron texts, zone names)
  *   Set/DeleteSecret  the secret's name
  * The other handlers' field checks (run ids, deployment targets, token
  * scopes) are static in api/rpc_*.c and reached here only by decoding.
@@ -24,6 +25,7 @@
 
 #include "api/kpl.pb-c.h"
 #include "engine/hooks.h"
+#include "engine/sched.h"
 #include "engine/kpl.h"
 #include "engine/secrets.h"
 #include "pipelines/pipeline.h"
@@ -142,7 +144,12 @@ static void check(const ProtobufCMessage *m)
 		const Kpl__V1__RegisterPipelineRequest *r = (const void *)m;
 		Kpl__V1__RegisteredPipeline rec;
 		char *branches[HOOKS_MAX_BRANCHES];
-		hooks_check_registration(r, secrets, &rec, branches, &err);
+		Kpl__V1__Schedule sched_buf[SCHED_MAX], *sched_ptrs[SCHED_MAX];
+
+		if (hooks_check_registration(r, secrets, &rec, branches, &err) != 0)
+			kpl__v1__registered_pipeline__init(&rec);
+		/* Cron texts and zone names (files looked up under zoneinfo). */
+		sched_check_registration(r, &rec, sched_buf, sched_ptrs, NULL, &err);
 	} else if (d == &kpl__v1__set_secret_request__descriptor) {
 		const char *name = ((const Kpl__V1__SetSecretRequest *)m)->name;
 		secrets_check_name(name ? name : "", &err);

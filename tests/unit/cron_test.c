@@ -259,7 +259,7 @@ static void test_offsets_match_libc(void **state)
 		setenv("TZ", zones[z], 1);
 		tzset();
 		for (int64_t t = utc("1901-12-20T00:00"); t < utc("2100-01-01T00:00");
-		     t += 86400 * 3 + 3637) {
+		     t += 86400 * 5 + 3637) {
 			time_t tt = (time_t)t;
 			struct tm tm;
 
@@ -316,15 +316,16 @@ static void test_next_against_scan(void **state)
 
 			if (cron_parse(exprs[e], &c, &err) != 0)
 				continue; /* "L" is not cron syntax here */
-			for (int i = 0; i < 20; i++) {
+			for (int i = 0; i < 8; i++) {
 				int64_t after = utc("2026-01-01T00:00") +
 						(int64_t)(rand() % (3 * 365)) * 86400 +
 						rand() % 86400, got, u;
 
 				assert_int_equal(cron_next(&c, tz, after, &got), 0);
-				for (u = after + 1;; u++)
-					if (u % 60 == 0 &&
-					    cron_match_wall(&c, u + tz_offset_at(tz, u)))
+				/* Every whole minute after `after` (these zones'
+				 * offsets are whole minutes). */
+				for (u = (after / 60 + 1) * 60;; u += 60)
+					if (cron_match_wall(&c, u + tz_offset_at(tz, u)))
 						break;
 				assert_int_equal(got, u);
 			}
