@@ -44,28 +44,34 @@ export function releasesView(main, query) {
     try { res = await api.get(api.R.releases(), { deployment: dep, limit: 100 }); } catch (e) { failed(box, "list releases", e); return; }
     const rel = res.releases || [];
     if (!rel.length) { box.append(h("p", { class: "muted" }, "No releases of " + dep + ".")); return; }
-    const mayRollback = can("approve");
-    box.append(table("releases-table", ["#", "Time", "Kind", "Revision", "Image", "Before", "Run", ""],
-      rel.map((r, i) => h("tr", { dataset: { revision: r.revision || "" } },
+    box.append(table("releases-table", ["#", "Time", "Kind", "Revision", "Image", "Before", "Run"],
+      rel.map((r) => h("tr", { dataset: { revision: r.revision || "" } },
         h("td", {}, String(r.seq || "")), h("td", {}, fmtTime(r.time)), h("td", {}, r.kind || ""),
         h("td", { class: "mono" }, r.revision || ""), h("td", { class: "mono" }, r.image || ""),
         h("td", { class: "mono" }, (r.previousRevision || "") + (r.previousImage ? " " + r.previousImage : "")),
-        h("td", {}, runLink(r.runId), r.stage ? " " + r.stage : ""),
-        h("td", {}, mayRollback && i > 0 && r.revision ? h("button", { type: "button", class: "rollback",
-          dataset: { revision: r.revision }, onclick: () => act({
-            title: `Roll ${dep} back to revision ${r.revision}`,
-            detail: `A run restores revision ${r.revision} (${r.image || "its image"}) and sets the mesh weights back to stable.`,
-            okText: "Roll back", danger: true, answerEl: answer,
-            run: () => api.post(api.R.rollback(), { deployment: dep, toRevision: r.revision }),
-            describe: (run) => { if (run.id) answer.dataset.run = run.id; return "run " + (run.id || "?") + " started (" + stateWord(run.state) + ")"; },
-          }) }, "Roll back to this") : null)))));
-    if (mayRollback) {
-      box.append(h("p", {}, h("button", { type: "button", id: "rollback-prev", onclick: () => act({
-        title: `Roll ${dep} back`, detail: "A run restores the revision before the last deploy.",
-        okText: "Roll back", danger: true, answerEl: answer,
-        run: () => api.post(api.R.rollback(), { deployment: dep }),
-        describe: (run) => "run " + (run.id || "?") + " started" }) }, "Roll back to the revision before the last deploy")));
+        h("td", {}, runLink(r.runId), r.stage ? " " + r.stage : "")))));
+    if (!can("approve")) return;
+    // Every revision the history names, but the one running now.
+    const current = rel[0].revision, choices = new Map();
+    for (const r of rel) {
+      if (r.revision && r.revision !== current && !choices.has(r.revision)) choices.set(r.revision, r.image || "");
+      if (r.previousRevision && r.previousRevision !== current && !choices.has(r.previousRevision)) choices.set(r.previousRevision, r.previousImage || "");
     }
+    if (!choices.size) return;
+    const sel = h("select", { id: "rollback-to" }, [...choices].map(([rev, img]) =>
+      h("option", { value: rev }, `revision ${rev}${img ? " — " + img : ""}`)));
+    box.append(h("form", { class: "card row", id: "rollback-form", onsubmit: (e) => {
+      e.preventDefault();
+      const rev = sel.value;
+      act({
+        title: `Roll ${dep} back to revision ${rev}`,
+        detail: `A run restores revision ${rev} (${choices.get(rev) || "its pod template"}) and sets the mesh weights back to stable.`,
+        okText: "Roll back", danger: true, answerEl: answer,
+        run: () => api.post(api.R.rollback(), { deployment: dep, toRevision: rev }),
+        describe: (run) => { if (run.id) answer.dataset.run = run.id; return "run " + (run.id || "?") + " started (" + stateWord(run.state) + ")"; },
+      });
+    } }, h("label", { for: "rollback-to" }, "Roll back to"), sel,
+      h("button", { type: "submit", class: "danger", id: "rollback-btn" }, "Roll back")));
   })();
   return null;
 }

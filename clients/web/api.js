@@ -78,7 +78,7 @@ export const seg = (v) => encodeURIComponent(String(v));
 // the stream, with Last-Event-ID so the server resumes after the last
 // event seen (no gap, no repeat). Returns {close()}.
 //   onEvent({id, event, data})   data parsed as JSON when it is JSON
-//   onState("open"|"retrying"|"closed", detail)
+//   onState("open"|"ended"|"retrying"|"closed", detail)
 export function stream(path, { onEvent, onState, lastEventId }) {
   const ctl = { closed: false, abort: null, lastId: lastEventId || "" };
   let delay = 500;
@@ -112,10 +112,15 @@ export function stream(path, { onEvent, onState, lastEventId }) {
     }
   }
 
+  let poked = null;
   (async () => {
     while (!ctl.closed) {
+      let wait;
       try {
         await once();
+        // The server ended the stream (a run's stream ends after its final
+        // event): look again now and then, in case the run is retried.
+        wait = 5000;
       } catch (e) {
         if (ctl.closed) break;
         if (e.fatal) {
@@ -124,11 +129,13 @@ export function stream(path, { onEvent, onState, lastEventId }) {
           break;
         }
         onState && onState("retrying", e);
+        wait = delay;
+        delay = Math.min(delay * 2, 10000);
       }
       if (ctl.closed) break;
-      onState && onState("retrying");
-      await new Promise((res) => setTimeout(res, delay));
-      delay = Math.min(delay * 2, 10000);
+      onState && onState(wait === 5000 ? "ended" : "retrying");
+      await new Promise((res) => { poked = res; setTimeout(res, wait); });
+      poked = null;
     }
   })();
 
@@ -136,7 +143,10 @@ export function stream(path, { onEvent, onState, lastEventId }) {
     close() {
       ctl.closed = true;
       if (ctl.abort) ctl.abort.abort();
+      if (poked) poked();
     },
+    // Reconnect now if the stream has ended (after a retry, say).
+    poke() { if (poked) poked(); },
     get lastId() { return ctl.lastId; },
   };
 }

@@ -15,6 +15,7 @@ const main = document.getElementById("main");
 const nav = document.getElementById("nav");
 const who = document.getElementById("who");
 let current = null; // {name, cleanup, update}
+let ready = false;   // the token's scope is known
 
 const SECTIONS = [
   { name: "runs", label: "Runs", scope: "read", view: runsView },
@@ -62,7 +63,7 @@ function header(section) {
     nav.append(h("a", { href: "#/" + sec.name, "aria-current": sec.name === section ? "page" : null }, sec.label));
   }
   clear(who).append(me.known ? `${me.scope} token${me.pipeline ? " for " + me.pipeline : ""} ` : "signed in ",
-    h("button", { type: "button", id: "signout", onclick: () => { api.setToken(""); signIn(); } }, "Sign out"));
+    h("button", { type: "button", id: "signout", onclick: () => { api.setToken(""); ready = false; signIn(); } }, "Sign out"));
 }
 
 function parse() {
@@ -90,8 +91,10 @@ function route() {
 }
 
 async function start() {
+  ready = false;
   try {
     await loadMe();
+    ready = true;
   } catch (e) {
     api.setToken("");
     signIn("kpld refused the token: " + errorText(e));
@@ -100,6 +103,6 @@ async function start() {
   route();
 }
 
-window.addEventListener("hashchange", () => { if (api.token()) route(); });
+window.addEventListener("hashchange", () => { if (api.token() && ready) route(); });
 if (api.token()) start();
 else signIn();

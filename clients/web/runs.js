@@ -130,6 +130,8 @@ export function runsView(main, query) {
       const names = new Set(runs.map((r) => r.pipelineName));
       names.forEach((n) => datalist.append(h("option", { value: n })));
       info.textContent = runs.length ? `${runs.length} runs on this page` : "No runs.";
+      // For bench/console_bench.py: the first useful paint.
+      performance.mark("kpl:runs-listed");
       if (res.nextPageToken) {
         document.getElementById("page-next-slot").append(h("a", { class: "btn", id: "page-next",
           href: hashFor({ pipeline: q.pipeline, state: q.state, page: res.nextPageToken, prev: q.page || "-" }) }, "Older ›"));

@@ -1,12 +1,24 @@
 """The web console (clients/web, served by kpld at /) in Debian's headless
 chromium, end to end.
 
-    /usr/bin/python3 tests/e2e/console_test.py PATH/TO/kpld
+    /usr/bin/python3 tests/e2e/console_test.py PATH/TO/kpld [PATH/TO/kplctl
+        PATH/TO/kube_emulator.py release.kpl.yaml build-and-push.kpl.yaml]
 
 The assets are served with a strict Content-Security-Policy and the other
 security headers, by ETag; the page loads with no script error and no CSP
-violation, and a token signs in. Waiting is done with WebDriverWait
-conditions on the page's state, never with sleeps.
+violation. Signed in with a token, the console lists runs live, approves
+and rejects a waiting stage, cancels a run and retries a failed one from
+the page (each confirmed, the server's answer shown, the result checked
+through gRPC), renders hostile log text as text, draws 100,000 log lines
+with a few hundred rows in the page, and hides what a read token may not
+do. With the release stack (tests/e2e/release/stack.py) it watches the
+release example live (nodes turn green in the order of needs, log lines
+arrive, the canary's charts fill) and rolls a release back from the page.
+
+KPL_CONSOLE_SCREENSHOTS=DIR writes the run page's and the canary charts'
+screenshots there (docs/img/ in the repository; CI leaves it unset).
+Waiting is done with WebDriverWait conditions on the page's state, never
+with sleeps.
 """
 
 import http.client
@@ -18,13 +30,72 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 import browser  # noqa: E402
 from e2e_test import Daemon, assert_eq, run_suite  # noqa: E402
+from kplgrpc import Client  # noqa: E402
+from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 WAIT = 60  # a bound on failure, not a synchronization
+P = "kpl.v1.Pipelines/"
+S = "kpl.v1.Security/"
+
+GATED = """
+name: gated
+stages:
+  - { name: build, kind: script, with: { command: ["echo", "built"] } }
+  - name: ok
+    kind: approval
+    needs: [build]
+    timeout: 10m
+    with: { message: "ship it?" }
+  - { name: ship, kind: script, needs: [ok], with: { command: ["echo", "shipped"] } }
+"""
+
+SLOW = """
+name: slow
+stages:
+  - name: wait
+    kind: script
+    with: { shell: "echo waiting; sleep 600" }
+  - { name: after, kind: script, needs: [wait], with: { command: ["true"] } }
+"""
+
+# Fails until the file FLAG exists (the test makes it), then succeeds.
+FLAKY = """
+name: flaky
+stages:
+  - { name: first, kind: script, with: { command: ["echo", "first"] } }
+  - name: second
+    kind: script
+    needs: [first]
+    with: { shell: "test -e %s && echo fixed || { echo 'not yet' >&2; exit 3; }" }
+"""
+
+HOSTILE = r"""
+name: hostile
+stages:
+  - name: say
+    kind: script
+    with:
+      shell: |
+        echo '<img src=x onerror=alert(1)>'
+        echo '<script>alert(2)</script>'
+        printf '[31mred[0m plain [1;32mbold green[0m
+'
+        echo 'to stderr' >&2
+"""
+
+MANY = """
+name: many
+stages:
+  - name: lines
+    kind: script
+    with: { shell: "seq 1 100000 | sed 's/^/line /'" }
+"""
 
 
 def fetch(addr, method, path, headers=None):
@@ -39,19 +110,104 @@ def fetch(addr, method, path, headers=None):
 
 
 class Suite:
-    def __init__(self, binary, tmp):
+    def __init__(self, binary, tmp, release=None):
         self.tmp = tmp
+        self.shared = os.path.join(tmp, "shared")
+        os.mkdir(self.shared)
+        token_file = os.path.join(tmp, "admin.token")
         self.daemon = Daemon(binary, os.path.join(tmp, "data"),
-                             ["--http-listen", "127.0.0.1:0"])
-        self.c = self.daemon.start()
+                             ["--http-listen", "127.0.0.1:0", "--bootstrap-token-file", token_file,
+                              "--sandbox-bind", self.shared])
+        self.daemon.start().close()
+        self.admin = open(token_file).read().strip()
+        self.c = Client.connect(self.daemon.addr, token=self.admin)
         self.http = self.daemon.http
         self.base = "http://%s" % self.http
+        self.release = release  # (kplctl, emulator, release.yaml, seed.yaml) or None
+        self.shots = os.environ.get("KPL_CONSOLE_SCREENSHOTS")
         self.drv = browser.start(tmp)
+
+    # -- helpers --------------------------------------------------------
 
     def assert_security_headers(self, hd, what):
         assert_eq(hd.get("content-security-policy"), CSP, what + ": Content-Security-Policy")
         assert_eq(hd.get("x-content-type-options"), "nosniff", what + ": X-Content-Type-Options")
         assert_eq(hd.get("referrer-policy"), "no-referrer", what + ": Referrer-Policy")
+
+    def wait(self, cond, timeout=WAIT):
+        return WebDriverWait(self.drv, timeout).until(cond)
+
+    def css(self, sel, timeout=WAIT):
+        """The element sel names, once it is visible."""
+        return self.wait(EC.visibility_of_element_located((By.CSS_SELECTOR, sel)), timeout)
+
+    def js(self, script, *args):
+        return self.drv.execute_script(script, *args)
+
+    def sign_in(self, token, base=None):
+        drv = self.drv
+        drv.get((base or self.base) + "/")
+        self.js("sessionStorage.clear()")
+        drv.get((base or self.base) + "/#/runs")
+        drv.refresh()
+        field = self.css("#token")
+        field.send_keys(token)
+        field.send_keys(Keys.ENTER)
+        self.css("#signout")
+
+    def open(self, frag, base=None):
+        """A page of the console, by its fragment, without signing in again
+        (the token is in the tab's sessionStorage); the same URL again is
+        reloaded."""
+        url = (base or self.base) + "/#" + frag
+        same = self.drv.current_url == url
+        self.drv.get(url)
+        if same:
+            self.drv.refresh()
+
+    def confirm(self, comment=None):
+        """Answers the confirmation dialog an action opened."""
+        self.css("dialog#confirm")
+        if comment is not None:
+            self.css("#confirm-comment").send_keys(comment)
+        self.css("#confirm-ok").click()
+        self.wait(lambda d: not d.find_elements(By.CSS_SELECTOR, "dialog#confirm"))
+
+    def node_state(self, stage):
+        return self.js("const n = document.querySelector('#dag .node[data-stage=\"' + arguments[0] + '\"]');"
+                       "return n ? n.dataset.state : null;", stage)
+
+    def wait_node(self, stage, state, timeout=WAIT):
+        self.wait(lambda d: self.node_state(stage) == state, timeout)
+
+    def run_state(self):
+        return self.js("const e = document.getElementById('run-state'); return e ? e.dataset.state : null;")
+
+    def submit(self, text, client=None):
+        run = (client or self.c).call(P + "SubmitRun", {"pipeline": text, "params": {},
+                                                        "idempotency_key": ""})
+        return Client.to_dict(run)["id"]
+
+    def get_run(self, run_id, client=None):
+        return Client.to_dict((client or self.c).call(P + "GetRun", {"id": run_id}))
+
+    def no_alert(self):
+        try:
+            text = self.drv.switch_to.alert.text
+        except NoAlertPresentException:
+            return
+        raise AssertionError("an alert opened: %r" % text)
+
+    def screenshot(self, name, el=None):
+        if not self.shots:
+            return
+        os.makedirs(self.shots, exist_ok=True)
+        path = os.path.join(self.shots, name)
+        if el is not None:
+            el.screenshot(path)
+        else:
+            self.drv.save_screenshot(path)
+        print("screenshot %s" % path, flush=True)
 
     # -- tests ----------------------------------------------------------
 
@@ -78,6 +234,9 @@ class Suite:
             assert_eq((st, hd.get("content-type")), (200, ctype), path)
             self.assert_security_headers(hd, path)
             assert body, path
+            # Nothing written into the page as HTML anywhere in the code.
+            assert b"innerHTML" not in body and b"outerHTML" not in body, path
+            assert b"insertAdjacentHTML" not in body and b"document.write" not in body, path
         st, hd, _ = fetch(self.http, "GET", "/assets/nope.js")
         assert_eq(st, 404, "an asset that is not there")
         self.assert_security_headers(hd, "404")
@@ -89,24 +248,286 @@ class Suite:
     def test_page_loads_in_chromium(self):
         drv = self.drv
         drv.get(self.base + "/")
-        form = WebDriverWait(drv, WAIT).until(
-            EC.visibility_of_element_located((By.ID, "signin")))
+        form = self.css("#signin")
         assert "Sign in" in form.text, form.text
         # The module scripts ran (they drew the form) with no error and no
         # CSP violation in the browser's console.
         errs = browser.console_errors(drv)
         assert not errs, errs
 
+    def test_wrong_token_is_refused(self):
+        self.drv.get(self.base + "/")
+        self.js("sessionStorage.clear()")
+        self.drv.refresh()
+        field = self.css("#token")
+        field.send_keys("kpl_not-a-token")
+        field.send_keys(Keys.ENTER)
+        self.wait(lambda d: "refused" in d.find_element(By.ID, "signin-error").text)
+        assert_eq(self.js("return sessionStorage.getItem('kpl.token')"), None, "token kept")
+        # No cookie, ever.
+        assert_eq(self.drv.get_cookies(), [], "cookies")
+
+    def test_runs_list_is_live(self):
+        self.sign_in(self.admin)
+        self.css("#runs-live")
+        self.wait(lambda d: "live" in d.find_element(By.ID, "runs-live").text
+                  and "not" not in d.find_element(By.ID, "runs-live").text)
+        run_id = self.submit(GATED)
+        # The new run appears without a reload, and goes on to wait.
+        row = "#runs-body tr[data-run='%s']" % run_id
+        self.css(row)
+        self.wait(lambda d: d.find_element(By.CSS_SELECTOR, row).get_attribute("data-state")
+                  == "running")
+        badge = self.drv.find_element(By.CSS_SELECTOR, row + " .badge")
+        assert "running" in badge.text, badge.text  # in words, not only colour
+        assert badge.find_elements(By.CSS_SELECTOR, "svg .glyph-ring"), "no state glyph"
+        self.gated = run_id
+        # Filter by state and pipeline; search by id.
+        self.open("/runs?state=succeeded")
+        self.css("#runs-info")
+        self.wait(lambda d: "loading" not in d.find_element(By.ID, "runs-info").text)
+        assert not self.drv.find_elements(By.CSS_SELECTOR, row), "a running run under succeeded"
+        self.open("/runs?pipeline=gated")
+        self.css(row)
+        self.open("/runs")
+        f = self.css("#f-id")
+        f.send_keys(run_id)
+        f.send_keys(Keys.ENTER)
+        self.wait(lambda d: d.current_url.endswith("#/runs/" + run_id))
+
+    def test_approve_from_the_page(self):
+        run_id = self.gated
+        self.open("/runs/" + run_id)
+        self.css("#dag .node[data-stage='ok']")
+        self.wait_node("ok", "waiting")
+        # The waiting node says so in words and by shape.
+        label = self.js("return document.querySelector('#dag .node[data-stage=\"ok\"]')"
+                        ".getAttribute('aria-label')")
+        assert "waiting" in label, label
+        self.css("#approve-ok").click()
+        self.confirm("looks good from the console")
+        answer = self.css("#answer.ok")
+        assert "ok is succeeded" in answer.text, answer.text
+        self.wait_node("ship", "succeeded")
+        self.wait(lambda d: self.run_state() == "succeeded")
+        run = self.get_run(run_id)
+        assert_eq(run["state"], "RUN_STATE_SUCCEEDED", "run after approval")
+        # Who did it is on the page, as the audit entry says.
+        self.wait(lambda d: "looks good from the console" in d.find_element(By.ID, "run-audit").text)
+
+    def test_reject_from_the_page(self):
+        run_id = self.submit(GATED)
+        self.open("/runs/" + run_id)
+        self.wait_node("ok", "waiting")
+        self.css("#reject-ok").click()
+        # Cancelling the dialog does nothing.
+        self.css("#confirm-cancel").click()
+        self.wait(lambda d: not d.find_elements(By.CSS_SELECTOR, "dialog#confirm"))
+        assert_eq(self.get_run(run_id)["state"], "RUN_STATE_RUNNING", "after a cancelled dialog")
+        self.css("#reject-ok").click()
+        self.confirm("not today")
+        self.wait_node("ok", "failed")
+        self.wait(lambda d: self.run_state() == "failed")
+        assert_eq(self.node_state("ship"), "skipped", "ship after a rejection")
+
+    def test_cancel_from_the_page(self):
+        run_id = self.submit(SLOW)
+        self.open("/runs/" + run_id)
+        self.wait_node("wait", "running")
+        self.css("#btn-cancel").click()
+        self.confirm()
+        answer = self.css("#answer.ok")
+        assert "Cancel" in answer.text, answer.text
+        self.wait(lambda d: self.run_state() == "cancelled")
+        assert_eq(self.get_run(run_id)["state"], "RUN_STATE_CANCELLED", "run after cancel")
+        self.wait_node("wait", "cancelled")
+
+    def test_retry_a_failed_run(self):
+        flag = os.path.join(self.shared, "fixed")
+        run_id = self.submit(FLAKY % flag)
+        self.open("/runs/" + run_id)
+        self.wait(lambda d: self.run_state() == "failed")
+        assert_eq(self.node_state("second"), "failed", "second")
+        self.css("#btn-retry")
+        open(flag, "w").close()
+        self.css("#btn-retry").click()
+        self.confirm()
+        self.css("#answer.ok")
+        self.wait(lambda d: self.run_state() == "succeeded")
+        self.wait_node("second", "succeeded")
+        run = self.get_run(run_id)
+        assert_eq(run["state"], "RUN_STATE_SUCCEEDED", "run after retry")
+        assert_eq(self.node_state("first"), "succeeded", "first kept")
+
+    def test_log_text_is_text(self):
+        run_id = self.submit(HOSTILE)
+        self.open("/runs/%s/say" % run_id)
+        self.wait(lambda d: self.run_state() == "succeeded")
+        self.wait(lambda d: "<script>alert(2)</script>" in d.find_element(By.ID, "log").text)
+        text = self.css("#log").text
+        assert "<img src=x onerror=alert(1)>" in text, text
+        # Rendered as text: no element was made of it, no script ran.
+        assert_eq(self.js("return document.querySelectorAll('#log img, #log script').length"), 0,
+                  "elements made from log text")
+        assert_eq(self.js("return document.images.length"), 0, "images in the page")
+        self.no_alert()
+        # ANSI colours become classes, the escape bytes are gone.
+        red = self.css("#log .ansi-fg-1")
+        assert_eq(red.text, "red", "the red span")
+        bold = self.css("#log .ansi-fg-2.ansi-b")
+        assert_eq(bold.text, "bold green", "the bold green span")
+        assert "\x1b" not in text and "[31m" not in text, text
+        # stderr is told apart (class and marker).
+        err = self.css("#log .line.s-err")
+        assert "to stderr" in err.text and err.get_attribute("data-stream") == "err", err.text
+        # A line link names the line, and opening it marks that line.
+        link = self.css("#log .line[data-n='2'] a.ln")
+        href = link.get_attribute("href")
+        assert href.endswith("#/runs/%s/say/L2" % run_id), href
+        self.open("/runs/%s/say/L3" % run_id)
+        marked = self.css("#log .line.marked")
+        assert_eq(marked.get_attribute("data-n"), "3", "the marked line")
+        errs = browser.console_errors(self.drv)
+        assert not errs, errs
+
+    def test_100000_lines(self):
+        run_id = self.submit(MANY)
+        self.open("/runs/%s/lines" % run_id)
+        self.wait(lambda d: d.find_element(By.ID, "log-count").text == "100000 lines", 300)
+        # Only the rows in view exist in the page, whatever the log's size.
+        rows = self.js("return document.querySelectorAll('#log .line').length")
+        assert 0 < rows < 300, rows
+        # Following: the last line is in view.
+        self.wait(lambda d: d.find_elements(By.CSS_SELECTOR, "#log .line[data-n='100000']"))
+        # Search jumps to a match far up.
+        q = self.css("#log-search")
+        q.send_keys("line 1234")
+        q.send_keys(Keys.ENTER)
+        self.wait(lambda d: d.find_elements(By.CSS_SELECTOR, "#log .line.hit"))
+        hit = self.drv.find_element(By.CSS_SELECTOR, "#log .line.hit")
+        assert "line 1234" in hit.text, hit.text
+        assert "of 11" in self.css("#log-hits").text  # 1234, 12340-12349
+        assert_eq(self.css("#log-follow").text, "Follow", "search pauses following")
+
+    def test_read_token_sees_no_buttons(self):
+        tok = Client.to_dict(self.c.call(S + "CreateToken", {
+            "scope": "TOKEN_SCOPE_READ", "description": "console read"}))["token"]
+        run_id = self.submit(SLOW)
+        self.sign_in(tok)
+        nav = self.css("#nav").text
+        assert "Runs" in nav and "Tokens" not in nav and "Secrets" not in nav, nav
+        self.open("/runs/" + run_id)
+        self.wait_node("wait", "running")
+        assert not self.drv.find_elements(By.ID, "btn-cancel"), "a read token sees Cancel"
+        self.c.call(P + "CancelRun", {"id": run_id})
+        self.wait(lambda d: self.run_state() == "cancelled")
+        assert not self.drv.find_elements(By.ID, "btn-retry"), "a read token sees Retry"
+        self.sign_in(self.admin)
+        nav = self.css("#nav").text
+        assert "Tokens" in nav and "Audit" in nav, nav
+
+    def test_release_live_and_rollback(self):
+        if not self.release:
+            print("no release stack given: skipped", flush=True)
+            return
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "release"))
+        from stack import STAGING, Stack
+        kplctl, emulator, release_yaml, seed_yaml = self.release
+        stack = Stack(os.path.join(self.tmp, "release"), self.daemon.binary, emulator=emulator,
+                      kplctl=kplctl, console=True)
+        os.makedirs(stack.tmp)
+        self.stack = stack
+        stack.start()
+        base = "http://%s" % stack.http
+        _, v1 = stack.seed(seed_yaml, "1.0.0")
+        stack.commit("1.1.0")
+        self.sign_in(stack.token, base)
+        with open(release_yaml) as f:
+            text = f.read()
+        run = Client.to_dict(stack.client.call(P + "SubmitRun", {
+            "pipeline": text, "params": {"repo": stack.repo}, "idempotency_key": ""}))
+        run_id = run["id"]
+        self.open("/runs/" + run_id, base)
+        self.css("#dag .node[data-stage='canary']")
+        # Record every node's state changes in the page as they happen.
+        self.js("""
+            window.__greens = [];
+            const seen = new Set();
+            const note = () => document.querySelectorAll('#dag .node').forEach((n) => {
+              if (n.dataset.state === 'succeeded' && !seen.has(n.dataset.stage)) {
+                seen.add(n.dataset.stage); window.__greens.push(n.dataset.stage);
+              }
+            });
+            note();
+            new MutationObserver(note).observe(document.getElementById('dag'),
+              {subtree: true, attributes: true, attributeFilter: ['data-state']});
+        """)
+        # Log lines arrive while it runs.
+        self.wait(lambda d: int(d.find_element(By.ID, "log-count").text.split()[0]) > 0, 120)
+        self.wait_node("canary", "running", 300)
+        self.wait(lambda d: d.find_elements(By.CSS_SELECTOR, "#canary .chart.weights .wpt"), 300)
+        self.wait(lambda d: self.run_state() in ("succeeded", "failed"), 600)
+        assert_eq(self.run_state(), "succeeded", "the release run on the page")
+        greens = self.js("return window.__greens")
+        stages = {st["name"]: st for st in self.get_run(run_id, stack.client)["stages"]}
+        done = [n for n, st in stages.items() if st["state"] == "STAGE_STATE_SUCCEEDED"]
+        assert_eq(sorted(greens), sorted(done), "stages that turned green")
+        for i, name in enumerate(greens):
+            for need in stages[name].get("needs", []):
+                if need in done:
+                    assert greens.index(need) < i, "%s green before its need %s: %s" % (
+                        name, need, greens)
+        # The canary's charts: weights 10, 50, 100 then 0; every verify
+        # round's value with its verdict.
+        self.open("/runs/%s/canary" % run_id, base)
+        self.wait(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#canary .chart.weights .wpt")) >= 4)
+        verdicts = self.js("return [...document.querySelectorAll('#canary .chart.rounds .mark')]"
+                           ".map((m) => m.dataset.verdict)")
+        assert verdicts and set(verdicts) <= {"pass", "inconclusive"}, verdicts
+        assert "pass" in verdicts, verdicts
+        rows = self.js("return document.querySelectorAll('#canary .verify-table tbody tr').length")
+        assert_eq(rows, len(verdicts), "verify rounds in the table")
+        self.open("/runs/%s/canary" % run_id, base)
+        self.css("#dag")
+        self.js("window.scrollTo(0, 0)")
+        self.screenshot("console-run.png")
+        self.screenshot("console-canary.png", self.css("#canary"))
+        # Roll staging back to 1.0.0's revision from the releases page: the
+        # release's deploy is the one entry, 1.0.0's revision the one before.
+        dep = "local/%s/web" % STAGING
+        self.open("/releases?deployment=" + dep, base)
+        self.css("#releases-table")
+        before = self.js("return [...document.querySelectorAll('#rollback-to option')]"
+                         ".map((o) => o.value)")
+        assert before, "no revision to roll back to"
+        self.css("#rollback-btn").click()
+        self.confirm()
+        answer = self.css("#answer.ok")
+        rb = self.js("return document.getElementById('answer').dataset.run")
+        assert rb, answer.text
+        for _ in stack.client.stream(P + "WatchRun", {"id": rb}, timeout=300):
+            pass
+        rb_run = self.get_run(rb, stack.client)
+        assert_eq(rb_run["state"], "RUN_STATE_SUCCEEDED", "rollback run: %s" % rb_run.get("message"))
+        stack.wait_rollout("web", v1, ns=STAGING)
+        self.open("/releases?deployment=" + dep, base)
+        self.wait(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#releases-table tbody tr")) == 2)
+        print("rolled %s back to revision %s (%s)" % (dep, before[0], v1), flush=True)
+
     def close(self):
         self.drv.quit()
+        if getattr(self, "stack", None):
+            rc = self.stack.stop()
+            assert_eq(rc, 0, "the release stack's kpld exit status")
         self.c.close()
         assert_eq(self.daemon.stop(), 0, "kpld's exit status")
 
 
 def main():
     binary = os.path.abspath(sys.argv[1])
+    release = tuple(os.path.abspath(a) for a in sys.argv[2:6]) if len(sys.argv) >= 6 else None
     tmp = tempfile.mkdtemp(prefix="kpl-console-", dir=os.environ.get("TEST_TMPDIR"))
-    return run_suite(Suite, Suite(binary, tmp))
+    return run_suite(Suite, Suite(binary, tmp, release))
 
 
 if __name__ == "__main__":
