@@ -52,7 +52,9 @@ export function releasesView(main, query) {
         h("td", {}, runLink(r.runId), r.stage ? " " + r.stage : "")))));
     if (!can("approve")) return;
     // Every revision the history names, but the one running now.
-    const current = rel[0].revision, choices = new Map();
+    // (An entry without a revision is an action's intent, recorded before
+    // its result.)
+    const current = (rel.find((r) => r.revision) || {}).revision, choices = new Map();
     for (const r of rel) {
       if (r.revision && r.revision !== current && !choices.has(r.revision)) choices.set(r.revision, r.image || "");
       if (r.previousRevision && r.previousRevision !== current && !choices.has(r.previousRevision)) choices.set(r.previousRevision, r.previousImage || "");

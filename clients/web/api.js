@@ -94,6 +94,8 @@ export function stream(path, { onEvent, onState, lastEventId }) {
       e.fatal = r.status === 400 || r.status === 401 || r.status === 403 || r.status === 404;
       throw e;
     }
+    // 204: a finished run's stream past its last event; nothing to read.
+    if (r.status === 204 || !r.body) return;
     onState && onState("open");
     delay = 500;
     const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();

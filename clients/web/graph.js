@@ -7,7 +7,7 @@
 import { s, fmtDuration, stateWord } from "./dom.js";
 import { glyph } from "./ui.js";
 
-const W = 184, H = 58, GX = 56, GY = 16, PAD = 8;
+const W = 164, H = 58, GX = 36, GY = 14, PAD = 8;
 
 export function layout(stages) {
   const byName = new Map(stages.map((st) => [st.name, st]));
@@ -72,7 +72,9 @@ function trim(text, n) {
 // Space). Returns {svg, update(stages), select(name)}.
 export function drawGraph(stages, onSelect) {
   const lay = layout(stages);
-  const svg = s("svg", { class: "dag", id: "dag", role: "group", "aria-label": "Stage graph",
+  // Up to about 10 layers the graph shrinks to fit the page; wider, it
+  // keeps its size and scrolls.
+  const svg = s("svg", { class: lay.width <= 2100 ? "dag fit" : "dag", id: "dag", role: "group", "aria-label": "Stage graph",
                          viewBox: `0 0 ${lay.width} ${lay.height}`, width: lay.width, height: lay.height });
   const edges = s("g", { class: "edges" });
   const nodes = s("g", { class: "nodes" });
@@ -116,9 +118,9 @@ export function drawGraph(stages, onSelect) {
       s("rect", { class: "box", width: W, height: H, rx: 6 }),
       s("rect", { class: "bar", width: 6, height: H, rx: 2 }),
       glyph(w, 14, 8),
-      s("text", { class: "name", x: 36, y: 20 }, trim(st.name, 19)),
+      s("text", { class: "name", x: 36, y: 20 }, trim(st.name, 16)),
       s("text", { class: "sub", x: 14, y: 44 },
-        trim(w + (st.attempt > 1 ? ` · try ${st.attempt}` : "") + (d ? ` · ${d}` : "") + (st.kind ? ` · ${st.kind}` : ""), 28)));
+        trim(w + (st.attempt > 1 ? ` · try ${st.attempt}` : "") + (d ? ` · ${d}` : "") + (st.kind ? ` · ${st.kind}` : ""), 25)));
   }
   stages.forEach(paint);
   return {

@@ -65,13 +65,19 @@ export class LogView {
     return this.stage === "*" ? this.all : (this.byStage.get(this.stage) || []);
   }
 
+  // The stage's option in the select, made once.
+  option(stage) {
+    if (stage === "*" || [...this.stageSel.options].some((o) => o.value === stage)) return;
+    this.stageSel.append(h("option", { value: stage }, stage || "(run)"));
+  }
+
   add(ev) {
     const stage = ev.stage || "";
     let arr = this.byStage.get(stage);
     if (!arr) {
       arr = [];
       this.byStage.set(stage, arr);
-      this.stageSel.append(h("option", { value: stage }, stage || "(run)"));
+      this.option(stage);
     }
     const line = { st: stage, s: STREAM[ev.stream] || "sys", t: ev.message || "", a: ev.attempt || 0, n: arr.length + 1 };
     arr.push(line);
@@ -81,6 +87,7 @@ export class LogView {
 
   show(stage, lineNo) {
     this.stage = stage;
+    this.option(stage);
     this.stageSel.value = stage;
     this.hits = [];
     this.hit = -1;

@@ -74,8 +74,15 @@ export function runView(main, parts) {
         h("dd", { class: "mono" }, `${run.source.repo} ${run.source.path || ""} @ ${(run.source.commit || "").slice(0, 12)}`)] : null));
   }
 
+  let actionsKey = null;
   function renderActions() {
     const w = stateWord(run.state), p = run.pipelineName;
+    const ws = run.stages.filter((st) => stateWord(st.state) === "waiting");
+    // Redrawn only when the choices change, so a button keeps its focus
+    // (and a click in flight its target) while events stream in.
+    const key = JSON.stringify([w, p, ws.map((st) => [st.name, st.message])]);
+    if (key === actionsKey) return;
+    actionsKey = key;
     clear(actions);
     if (ACTIVE.has(w) && can("submit", p)) {
       actions.append(h("button", { type: "button", id: "btn-cancel", class: "danger", onclick: () => act({
@@ -92,7 +99,6 @@ export function runView(main, parts) {
         describe: (r) => "the run is " + stateWord(r.state) + (r.attempt ? ", attempt " + r.attempt : "") }) }, "Retry from the failed stage"));
     }
     clear(waiting);
-    const ws = run.stages.filter((st) => stateWord(st.state) === "waiting");
     if (ws.length) {
       waiting.append(h("section", { class: "card waiting", "aria-labelledby": "waiting-h" },
         h("h2", { id: "waiting-h" }, "Waiting for approval"),
@@ -170,7 +176,7 @@ export function runView(main, parts) {
     if (d.has("stage")) renderStage();
     for (const x of d) if (x.startsWith("canary:")) renderCanary(x.slice(7));
     if (d.has("audit")) {
-      clear(auditBody).append(audit.map((e) => h("tr", {},
+      clear(auditBody).append(...audit.map((e) => h("tr", {},
         h("td", {}, fmtTime(e.time)), h("td", {}, e.stage || ""), h("td", {}, e.message || ""))));
     }
   }

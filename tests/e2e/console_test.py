@@ -84,8 +84,7 @@ stages:
       shell: |
         echo '<img src=x onerror=alert(1)>'
         echo '<script>alert(2)</script>'
-        printf '[31mred[0m plain [1;32mbold green[0m
-'
+        printf '\033[31mred\033[0m plain \033[1;32mbold green\033[0m\n'
         echo 'to stderr' >&2
 """
 
@@ -312,8 +311,12 @@ class Suite:
         self.wait(lambda d: self.run_state() == "succeeded")
         run = self.get_run(run_id)
         assert_eq(run["state"], "RUN_STATE_SUCCEEDED", "run after approval")
-        # Who did it is on the page, as the audit entry says.
-        self.wait(lambda d: "looks good from the console" in d.find_element(By.ID, "run-audit").text)
+        # Who did it is on the page, as the audit entry says, and the
+        # comment is the stage's message.
+        self.wait(lambda d: "approved stage ok" in d.find_element(By.ID, "run-audit").text)
+        self.drv.find_element(By.CSS_SELECTOR, "#dag .node[data-stage='ok']").click()
+        self.wait(lambda d: "looks good from the console" in
+                  d.find_element(By.ID, "stage-message").text)
 
     def test_reject_from_the_page(self):
         run_id = self.submit(GATED)
@@ -360,6 +363,7 @@ class Suite:
         assert_eq(self.node_state("first"), "succeeded", "first kept")
 
     def test_log_text_is_text(self):
+        browser.console_errors(self.drv)  # what earlier tests left (a 401 on purpose)
         run_id = self.submit(HOSTILE)
         self.open("/runs/%s/say" % run_id)
         self.wait(lambda d: self.run_state() == "succeeded")
@@ -490,13 +494,17 @@ class Suite:
         self.open("/runs/%s/canary" % run_id, base)
         self.css("#dag")
         self.js("window.scrollTo(0, 0)")
+        self.drv.set_window_size(1280, 1600)
+        self.wait(lambda d: d.execute_script("return window.innerHeight") > 1000)
         self.screenshot("console-run.png")
+        self.drv.set_window_size(1280, 900)
         self.screenshot("console-canary.png", self.css("#canary"))
         # Roll staging back to 1.0.0's revision from the releases page: the
         # release's deploy is the one entry, 1.0.0's revision the one before.
         dep = "local/%s/web" % STAGING
         self.open("/releases?deployment=" + dep, base)
         self.css("#releases-table")
+        n_before = len(self.drv.find_elements(By.CSS_SELECTOR, "#releases-table tbody tr"))
         before = self.js("return [...document.querySelectorAll('#rollback-to option')]"
                          ".map((o) => o.value)")
         assert before, "no revision to roll back to"
@@ -511,7 +519,12 @@ class Suite:
         assert_eq(rb_run["state"], "RUN_STATE_SUCCEEDED", "rollback run: %s" % rb_run.get("message"))
         stack.wait_rollout("web", v1, ns=STAGING)
         self.open("/releases?deployment=" + dep, base)
-        self.wait(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#releases-table tbody tr")) == 2)
+        # The rollback is the newest entry now (kpld records an action's
+        # intent, then its result: two entries).
+        self.wait(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#releases-table tbody tr"))
+                  > n_before)
+        top = self.css("#releases-table tbody tr").text
+        assert "rollback" in top and rb in top and v1 in top, top
         print("rolled %s back to revision %s (%s)" % (dep, before[0], v1), flush=True)
 
     def close(self):
