@@ -966,6 +966,8 @@ static void print_run(const Kpl__V1__Run *r)
 			printf("path:      %s\n", so->path);
 		if (*so->sha256)
 			printf("sha256:    %s\n", so->sha256);
+		for (size_t i = 0; i < so->n_templates; i++)
+			printf("template:  %s %s\n", so->templates[i]->path, so->templates[i]->sha256);
 	}
 	if (*r->message)
 		printf("message:   %s\n", r->message);
@@ -2712,6 +2714,40 @@ static char *diff_label(const Kpl__V1__GetRunPipelineResponse *r)
 	return kpl_strdup(r->run_id);
 }
 
+/* The text of template path in r, or "" (a run that did not use it). */
+static const char *template_text(const Kpl__V1__GetRunPipelineResponse *r, const char *path)
+{
+	for (size_t i = 0; i < r->n_templates; i++)
+		if (!strcmp(r->templates[i]->path, path))
+			return r->templates[i]->text;
+	return "";
+}
+
+/* After the pipeline files' diff, each stage template either run used
+ * (docs/pipelines.md): a's in its order, then those only b used. Labels
+ * are "RUN:PATH". Returns whether any differs. */
+static int diff_templates(const Kpl__V1__GetRunPipelineResponse *a,
+			  const Kpl__V1__GetRunPipelineResponse *b, FILE *out)
+{
+	int differ = 0;
+
+	for (int side = 0; side < 2; side++) {
+		const Kpl__V1__GetRunPipelineResponse *r = side ? b : a;
+		for (size_t i = 0; i < r->n_templates; i++) {
+			const char *path = r->templates[i]->path;
+			if (side && template_text(a, path)[0])
+				continue; /* diffed with a's */
+			char *la = kpl_asprintf("%s:%s", a->run_id, path);
+			char *lb = kpl_asprintf("%s:%s", b->run_id, path);
+			differ |= textdiff_unified(template_text(a, path), template_text(b, path), la,
+						   lb, out);
+			free(la);
+			free(lb);
+		}
+	}
+	return differ;
+}
+
 static int cmd_diff(struct ctl *ctl)
 {
 	Kpl__V1__GetRunPipelineResponse *a = NULL, *b = NULL;
@@ -2728,6 +2764,8 @@ static int cmd_diff(struct ctl *ctl)
 		json_t *j = json_object();
 		int differ = textdiff_unified(a->pipeline, b->pipeline, ctl->pos[0], ctl->pos[1], f);
 
+		differ |= diff_templates(a, b, f);
+
 		fclose(f);
 		json_object_set_new(j, "a", msg_to_json(&a->base));
 		json_object_set_new(j, "b", msg_to_json(&b->base));
@@ -2739,8 +2777,8 @@ static int cmd_diff(struct ctl *ctl)
 	}
 	la = diff_label(a);
 	lb = diff_label(b);
-	rc = textdiff_unified(a->pipeline, b->pipeline, la, lb, stdout) ? EXIT_RUN_FAILED
-									 : EXIT_OK;
+	rc = textdiff_unified(a->pipeline, b->pipeline, la, lb, stdout) | diff_templates(a, b, stdout)
+		     ? EXIT_RUN_FAILED : EXIT_OK;
 out:
 	free(la);
 	free(lb);

@@ -264,8 +264,10 @@ class Suite:
         self.c.call(P + "RegisterPipeline", {"name": "release", "repo": repo,
                                              "path": "ci/release.kpl.yaml",
                                              "secret": "HOOK_KEY"})
+        ids = []
         for ref, want in (({"ref": "main"}, "v2"), ({"sha": sha1}, "v1")):
             run = Client.to_dict(self.c.call(P + "RunPipeline", dict(name="release", **ref)))
+            ids.append(run["id"])
             events = watch(self.c, run["id"])
             got, _ = self.stages(run["id"])
             assert_eq(got["state"], "RUN_STATE_SUCCEEDED", "registered run at %r" % ref)
@@ -278,6 +280,25 @@ class Suite:
             assert_eq(got["source"]["templates"][0]["sha256"],
                       hashlib.sha256((TEMPLATE % want).encode()).hexdigest(),
                       "template sha256 at %r" % ref)
+        # kplctl get names the template; kplctl diff shows what changed in
+        # it (the pipeline files are the same).
+        sha_v2 = hashlib.sha256((TEMPLATE % "v2").encode()).hexdigest()
+        got = self.ctl("get", ids[0]).stdout
+        if "template:  templates/deploy.kpl.yaml %s\n" % sha_v2 not in got:
+            raise AssertionError("kplctl get lacks the template: %s" % got)
+        d = self.ctl("diff", ids[0], ids[1], ok=False)
+        assert_eq(d.returncode, 1, "kplctl diff exit status of differing templates")
+        lines = d.stdout.splitlines()
+        for want in ("--- %s:templates/deploy.kpl.yaml" % ids[0],
+                     "+++ %s:templates/deploy.kpl.yaml" % ids[1],
+                     "-    shell: echo \"deploying env=${{ inputs.env }} replicas=${{ "
+                     "inputs.replicas }} tpl=v2\"",
+                     "+    shell: echo \"deploying env=${{ inputs.env }} replicas=${{ "
+                     "inputs.replicas }} tpl=v1\""):
+            if want not in lines:
+                raise AssertionError("kplctl diff lacks %r:\n%s" % (want, d.stdout))
+        if any(line.startswith("--- %s (" % ids[0]) for line in lines):
+            raise AssertionError("the pipeline files are equal, yet diffed:\n%s" % d.stdout)
         # A template missing at that commit: the run is refused, naming the line.
         git(repo, "rm", "-q", "ci/templates/deploy.kpl.yaml")
         git(repo, "commit", "-q", "-m", "gone")
