@@ -2,6 +2,7 @@
 and to have every unfinished run resumed, with N runs in flight.
 
     /usr/bin/python3 bench/restart_bench.py PATH/TO/kpld [--runs 1000,10000] [--tmp DIR]
+                                            [--perf FILE]
 
 For each N: a fresh kpld (--sandbox none: N/3 sandboxes would measure
 bubblewrap) gets N runs, a third of each kind:
@@ -69,13 +70,13 @@ class Kpld:
         self.log = os.path.join(tmp, "kpld.log")
         self.proc = None
 
-    def start(self, timeout=600):
+    def start(self, timeout=600, wrapper=()):
         if os.path.exists(self.ready):
             os.unlink(self.ready)
         logf = open(self.log, "a")
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
-            [self.binary, "--listen", "127.0.0.1:0", "--data-dir", self.data,
+            list(wrapper) + [self.binary, "--listen", "127.0.0.1:0", "--data-dir", self.data,
              "--ready-file", self.ready, "--sandbox", "none", "--log-level", "info",
              "--max-streams-per-conn", "1024"],
             stdout=logf, stderr=subprocess.STDOUT)
@@ -112,6 +113,9 @@ def count_flocks(lock):
         if cmd[:3] == [b"flock", b"-s", lock.encode()]:
             n += 1
     return n
+
+
+PERF = None
 
 
 def one(binary, n, tmp_root):
@@ -177,7 +181,9 @@ def one(binary, n, tmp_root):
     k.proc.send_signal(signal.SIGKILL)
     k.proc.wait()
     mark = os.path.getsize(k.log)
-    c, serving = k.start()
+    # --perf: the restart under perf record (software clock, call graphs).
+    c, serving = k.start(wrapper=["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-g",
+                                  "-o", PERF] if PERF else ())
     resumed = last_recovered(k.log, mark)
     print("restart_serving_s=%.3f (%d runs in flight: %d scripts under their shims, "
           "%d approvals waiting, %d retries scheduled; kpld from exec to its ready file)"
@@ -235,7 +241,8 @@ def one(binary, n, tmp_root):
                                          "every script run SUCCEEDED with its command run once, "
                                          "approvals WAITING, retries PENDING, kpld exit 0"),
           flush=True)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not os.environ.get("RB_KEEP"):
+        shutil.rmtree(tmp, ignore_errors=True)
     return not problems
 
 
@@ -275,7 +282,10 @@ def main():
     ap.add_argument("kpld")
     ap.add_argument("--runs", default="1000,10000")
     ap.add_argument("--tmp", default=os.environ.get("TMPDIR", "/tmp"))
+    ap.add_argument("--perf", help="record the restart with perf into this file")
     a = ap.parse_args()
+    global PERF
+    PERF = os.path.abspath(a.perf) if a.perf else None
     if not shutil.which("flock"):
         raise SystemExit("restart_bench needs flock(1) (util-linux)")
     ok = True

@@ -85,7 +85,9 @@ struct stage {
 
 struct run {
 	struct engine *eng;
-	struct run *next;                /* engine->runs */
+	struct run *next, *prev;         /* engine->runs */
+	struct run *hnext;               /* engine->by_id chain */
+	bool linked;                     /* in engine->runs and by_id */
 	char id[KPL_RUN_ID_LEN + 1];
 	struct pipeline *pl;             /* owned */
 	char **param_names, **param_values; /* owned, n_params */
@@ -142,6 +144,12 @@ struct engine {
 	struct notify *notify;            /* pipelines' notify: (notify.h) */
 	char *work_dir;
 	struct run *runs;
+	/* The runs in memory by id, chained (run_link/run_unlink): every RPC,
+	 * commit callback and recovery finds its run here. A walk of the list
+	 * made a restart with 10,000 runs in flight take 8 s. Owned, by_id_cap
+	 * buckets (a power of two). */
+	struct run **by_id;
+	size_t by_id_cap, n_runs;
 	struct engine_sub *subs;
 	uint64_t next_gseq;              /* global event sequence */
 	uint64_t log_cap;
@@ -1864,15 +1872,70 @@ static void run_free(struct run *r)
 	free(r);
 }
 
+static size_t run_hash(const char *id, size_t cap)
+{
+	uint64_t h = 14695981039346656037ULL; /* FNV-1a */
+
+	for (; *id; id++)
+		h = (h ^ (unsigned char)*id) * 1099511628211ULL;
+	return (size_t)h & (cap - 1);
+}
+
+static void run_index_grow(struct engine *e)
+{
+	size_t cap = e->by_id_cap ? e->by_id_cap * 2 : 256;
+	struct run **b = kpl_calloc(cap, sizeof *b);
+
+	for (struct run *r = e->runs; r; r = r->next) {
+		size_t i = run_hash(r->id, cap);
+		r->hnext = b[i];
+		b[i] = r;
+	}
+	free(e->by_id);
+	e->by_id = b;
+	e->by_id_cap = cap;
+}
+
+/* Puts a new run (its id set) in the list and the index. */
+static void run_link(struct engine *e, struct run *r)
+{
+	size_t i;
+
+	r->prev = NULL;
+	r->next = e->runs;
+	if (e->runs)
+		e->runs->prev = r;
+	e->runs = r;
+	r->linked = true;
+	if (++e->n_runs > e->by_id_cap)
+		run_index_grow(e); /* rehashes r too */
+	else {
+		i = run_hash(r->id, e->by_id_cap);
+		r->hnext = e->by_id[i];
+		e->by_id[i] = r;
+	}
+}
+
 static void run_unlink(struct run *r)
 {
-	struct run **pp = &r->eng->runs;
+	struct engine *e = r->eng;
+	struct run **pp;
 
-	for (; *pp; pp = &(*pp)->next)
+	if (!r->linked)
+		return;
+	r->linked = false;
+	if (r->prev)
+		r->prev->next = r->next;
+	else
+		e->runs = r->next;
+	if (r->next)
+		r->next->prev = r->prev;
+	for (pp = &e->by_id[run_hash(r->id, e->by_id_cap)]; *pp; pp = &(*pp)->hnext)
 		if (*pp == r) {
-			*pp = r->next;
-			return;
+			*pp = r->hnext;
+			break;
 		}
+	e->n_runs--;
 }
 
 /* Frees a run once it is final and durable and nothing refers to it. */
@@ -1889,7 +1952,9 @@ static void run_maybe_free(struct run *r)
 
 static struct run *engine_find(struct engine *e, const char *id)
 {
-	for (struct run *r = e->runs; r; r = r->next)
+	if (!e->by_id_cap)
+		return NULL;
+	for (struct run *r = e->by_id[run_hash(id, e->by_id_cap)]; r; r = r->hnext)
 		if (strcmp(r->id, id) == 0)
 			return r;
 	return NULL;
@@ -1973,8 +2038,7 @@ static struct run *run_new(struct engine *e, struct pipeline *pl, const char *id
 		st->state = KPL__V1__STAGE_STATE__STAGE_STATE_PENDING;
 	}
 	r->workspace = kpl_asprintf("%s/%s", e->work_dir, r->id);
-	r->next = e->runs;
-	e->runs = r;
+	run_link(e, r);
 	return r;
 }
 
@@ -2264,10 +2328,7 @@ bool engine_run_active(struct engine *e, const char *run_id)
 
 size_t engine_active_runs(struct engine *e)
 {
-	size_t n = 0;
-	for (struct run *r = e->runs; r; r = r->next)
-		n++;
-	return n;
+	return e->n_runs;
 }
 
 uv_loop_t *engine_loop(struct engine *e)
@@ -2940,6 +3001,9 @@ static void stop_committed(void *data, int status)
 		run_free(r);
 	}
 	e->runs = NULL;
+	free(e->by_id);
+	e->by_id = NULL;
+	e->by_id_cap = e->n_runs = 0;
 	/* Notifications in flight use the HTTP client: stop them first. */
 	notify_close(e->notify, notify_closed, e);
 }
