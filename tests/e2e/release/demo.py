@@ -202,7 +202,10 @@ def browse(stack, run_id):
     say("everything keeps running until Ctrl-C")
     def on_term(*_):
         raise KeyboardInterrupt
+    # Also SIGINT: a shell that started the demo in the background set it
+    # to be ignored, which Python keeps.
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
     try:
         while True:
             signal.pause()
