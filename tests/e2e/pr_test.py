@@ -80,6 +80,18 @@ stages:
 """
 
 
+# One run per pull request at a time: a new head cancels the run of the old.
+GROUPED_PIPELINE = """
+name: prcheck
+params:
+  pr: {}
+concurrency: { group: "pr-${{ params.pr }}", cancel_in_progress: true }
+stages:
+  - name: gate
+    kind: approval
+"""
+
+
 def git(repo, *args):
     return subprocess.run(["git", "-C", repo] + list(args), check=True,
                           capture_output=True, text=True).stdout.strip()
@@ -420,6 +432,39 @@ class Suite:
             assert_eq(self.logs(events), ["key=***"], "the secret reached the run, redacted")
         finally:
             self.c.call(P + "DeletePipeline", {"name": "trusted"})
+
+    def test_gitlab_fork_gets_no_secrets(self):
+        sha = self.head_commit(13, FORK_PIPELINE, branch=None)
+        status, text = self.gitlab(self.gitlab_mr("open", 13, sha, fork=True), "gl-fork-13")
+        assert_eq(status, 202, "status (%s)" % text)
+        run_id = self.run_ids(text)["mrcheck"]
+        events = watch(self.c, run_id)
+        run = self.get_run(run_id)
+        assert_eq((run["state"], run["source"].get("secrets_withheld")),
+                  ("RUN_STATE_FAILED", True), "a fork MR's run")
+        if any(DEPLOY_KEY in json.dumps(e) for e in events):
+            raise AssertionError("the fork MR's run saw the secret")
+        self.statuses(sha, ["pending", "failed"], forge="gitlab")
+
+    def test_new_head_cancels_the_old_run_with_a_concurrency_group(self):
+        sha1 = self.head_commit(14, GROUPED_PIPELINE)
+        status, text = self.github(self.github_pr("opened", 14, sha1), "gh-open-14")
+        assert_eq(status, 202, "status (%s)" % text)
+        old = self.run_ids(text)["prcheck"]
+        self.wait_waiting(old, "gate")
+        sha2 = self.head_commit(14, GROUPED_PIPELINE + "# v2\n")
+        status, text = self.github(self.github_pr("synchronize", 14, sha2, before=sha1),
+                                   "gh-sync-14")
+        assert_eq(status, 202, "status (%s)" % text)
+        new = self.run_ids(text)["prcheck"]
+        watch(self.c, old)
+        assert_eq(self.get_run(old)["state"], "RUN_STATE_CANCELLED", "the old head's run")
+        self.statuses(sha1, ["pending", "error"])
+        self.wait_waiting(new, "gate")
+        self.c.call(P + "ApproveStage", {"run_id": new, "stage": "gate", "approve": True,
+                                         "by": "pr_test"})
+        watch(self.c, new)
+        self.statuses(sha2, ["pending", "success"])
 
     def test_failed_run_reports_failure(self):
         sha = self.head_commit(10, PR_PIPELINE % ("broken", 3))
