@@ -217,10 +217,17 @@ static int stream_begin(struct hcall *h)
 {
 	if (h->begun)
 		return 0;
-	if (!h->req || httpd_stream_begin(h->req, 200, "text/event-stream; charset=utf-8",
-					  COMMON_HEADERS "X-Accel-Buffering: no\r\n",
-					  stream_gone, h) < 0)
+	if (!h->req)
 		return -1;
+	if (httpd_stream_begin(h->req, 200, "text/event-stream; charset=utf-8",
+			       COMMON_HEADERS "X-Accel-Buffering: no\r\n", stream_gone, h) < 0) {
+		/* The client is already gone: an answer into the void frees
+		 * the request, which no stream_gone would. */
+		struct httpd_req *req = h->req;
+		h->req = NULL;
+		respond_error(req, 1, "the client went away");
+		return -1;
+	}
 	h->begun = true;
 	uv_timer_init(h->loop, &h->hb);
 	h->hb.data = h;
