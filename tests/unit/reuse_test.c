@@ -388,6 +388,51 @@ static void test_uses_diags(void **state)
 	pl_diags_free(d, n);
 }
 
+/* One template used twice: its mistake is said for each use. A matrix
+ * stage's mistake is said once, not per instance. */
+static void test_diags_per_use(void **state)
+{
+	(void)state;
+	struct pl_file f[] = { { "t.kpl.yaml", "stage:\n  kind: scrip\n", 0 } };
+	f[0].len = strlen(f[0].text);
+	struct pl_files files = { f, 1 };
+	const char *text = "name: m\nstages:\n  - name: a\n    uses: ./t.kpl.yaml\n"
+			   "  - name: b\n    uses: ./t.kpl.yaml\n"
+			   "  - name: c\n    matrix: { x: [1, 2, 3] }\n    kind: noop\n    needs: [zz]\n";
+	struct pl_diag *d = NULL;
+	size_t n = 0;
+
+	assert_int_not_equal(pipeline_validate_files(text, strlen(text), "p.yaml", &files, kinds,
+						     KPL_ARRAY_SIZE(kinds), &d, &n), 0);
+	assert_int_equal(n, 3);
+	assert_int_equal(d[0].use_line, 4);
+	assert_int_equal(d[1].use_line, 6);
+	assert_string_equal(d[1].path, "stages[1].kind");
+	assert_null(d[2].file);
+	assert_string_equal(d[2].path, "stages[2].needs[0]");
+	pl_diags_free(d, n);
+}
+
+/* An instance can be needed by its own name; finally stages expand too. */
+static void test_matrix_instance_needs_and_finally(void **state)
+{
+	(void)state;
+	const char *text = "name: m\nstages:\n  - name: a\n    matrix: { x: [1, 2] }\n    kind: noop\n"
+			   "  - name: b\n    needs: \"a[x=2]\"\n    kind: noop\n"
+			   "finally:\n  - name: f\n    matrix: { y: [p, q] }\n    max_parallel: 1\n"
+			   "    kind: noop\n  - name: g\n    needs: f\n    kind: noop\n";
+	struct pipeline *p = parse_ok(text, NULL);
+
+	assert_int_equal(p->n_stages, 6);
+	assert_int_equal(p->n_finally, 3);
+	assert_string_equal(stage(p, "b")->needs[0], "a[x=2]");
+	assert_int_equal(stage(p, "b")->n_needs, 1);
+	assert_true(stage(p, "f[y=q]")->is_finally);
+	assert_int_equal(stage(p, "f[y=q]")->max_parallel, 1);
+	assert_int_equal(stage(p, "g")->n_needs, 2);
+	pipeline_free(p);
+}
+
 static void test_paths(void **state)
 {
 	(void)state;
@@ -452,6 +497,8 @@ int main(void)
 		cmocka_unit_test(test_uses_with_matrix),
 		cmocka_unit_test(test_uses_errors),
 		cmocka_unit_test(test_uses_diags),
+		cmocka_unit_test(test_diags_per_use),
+		cmocka_unit_test(test_matrix_instance_needs_and_finally),
 		cmocka_unit_test(test_paths),
 		cmocka_unit_test(test_plain_unchanged),
 	};
