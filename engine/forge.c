@@ -473,6 +473,22 @@ enum forge_verdict forge_judge(enum forge_kind kind, int http_status, const char
 	return FORGE_REJECTED;
 }
 
+int64_t forge_retry_after_ms(const char *retry_after, const char *remaining,
+			     const char *reset, int64_t now_ms)
+{
+	int64_t ms = retry_after ? http_parse_retry_after(retry_after, now_ms) : -1;
+	char *end;
+
+	if (ms < 0 && remaining && strcmp(remaining, "0") == 0 && reset) {
+		long long at = strtoll(reset, &end, 10);
+		if (end != reset && !*end && at > 0)
+			ms = at * 1000 > now_ms ? at * 1000 - now_ms : 0;
+	}
+	if (ms > FORGE_MAX_RATE_LIMIT_WAIT_MS)
+		ms = FORGE_MAX_RATE_LIMIT_WAIT_MS;
+	return ms;
+}
+
 /* ---------------------------------------------------------------------- */
 /* The daemon side */
 
@@ -647,7 +663,9 @@ static void give_up(struct entry *e, const char *state, const char *why)
 	entry_drop(e);
 }
 
-static void retry_later(struct entry *e, const char *state, const char *why)
+/* retry_after_ms: what the forge asked for (forge_retry_after_ms), or -1. */
+static void retry_later(struct entry *e, const char *state, const char *why,
+			int64_t retry_after_ms)
 {
 	int64_t delay = e->f->backoff_ms;
 
@@ -662,6 +680,9 @@ static void retry_later(struct entry *e, const char *state, const char *why)
 		delay *= 2;
 	if (delay > FORGE_MAX_BACKOFF_MS)
 		delay = FORGE_MAX_BACKOFF_MS;
+	/* A rate limit says when: sooner is refused again. */
+	if (retry_after_ms > delay)
+		delay = retry_after_ms;
 	kpl_warn(LOG, "run %s: %s status %s: try %d of %d failed: %s; again in %lld ms",
 		 e->run_id, e->rec->forge, state, e->tries, FORGE_MAX_TRIES, why,
 		 (long long)delay);
@@ -689,7 +710,7 @@ static void on_sent(struct http_response *resp, int status, void *data)
 	if (status) {
 		snprintf(why, sizeof why, "%s after %d attempt%s", kpl_strerror(status),
 			 resp->attempts, resp->attempts == 1 ? "" : "s");
-		retry_later(e, state, why);
+		retry_later(e, state, why, -1);
 		free(state);
 		return;
 	}
@@ -708,7 +729,11 @@ static void on_sent(struct http_response *resp, int status, void *data)
 		free(state);
 		return;
 	case FORGE_RETRY:
-		retry_later(e, state, why);
+		retry_later(e, state, why,
+			    forge_retry_after_ms(http_response_header(resp, "Retry-After"),
+						 http_response_header(resp, "x-ratelimit-remaining"),
+						 http_response_header(resp, "x-ratelimit-reset"),
+						 kpl_now_ms()));
 		free(state);
 		return;
 	}

@@ -148,6 +148,17 @@ enum forge_verdict { FORGE_DELIVERED, FORGE_RETRY, FORGE_REJECTED };
 enum forge_verdict forge_judge(enum forge_kind kind, int http_status, const char *body,
 			       char *why, size_t size);
 
+/*
+ * How long to wait before trying again after a reply judged FORGE_RETRY, in
+ * ms, from its headers (NULL when absent): Retry-After (seconds or an HTTP
+ * date), else, when x-ratelimit-remaining is 0, until x-ratelimit-reset
+ * (unix seconds: GitHub's primary rate limit), at most
+ * FORGE_MAX_RATE_LIMIT_WAIT_MS; -1 for neither (the backoff decides).
+ */
+#define FORGE_MAX_RATE_LIMIT_WAIT_MS (3600 * 1000)
+int64_t forge_retry_after_ms(const char *retry_after, const char *remaining,
+			     const char *reset, int64_t now_ms);
+
 /* --- The daemon side --- */
 
 struct forge; /* opaque */

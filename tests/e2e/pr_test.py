@@ -19,6 +19,7 @@ import http.client
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -486,6 +487,22 @@ class Suite:
         assert_eq([(c["status"], c["body"]["state"]) for c in mine],
                   [(500, "pending"), (500, "pending"), (201, "pending"), (201, "success")],
                   "calls for %s" % sha[:12])
+
+    def test_rate_limit_waits_for_the_reset(self):
+        self.forge.fault(403, 1)
+        sha = self.head_commit(15, PR_PIPELINE % ("limited", 0))
+        status, text = self.github(self.github_pr("opened", 15, sha), "gh-open-15")
+        assert_eq(status, 202, "status (%s)" % text)
+        run_id = self.run_ids(text)["prcheck"]
+        self.statuses(sha, ["pending", "success"])
+        # The wait kpld planned: until x-ratelimit-reset (5 s after the
+        # answer), not its first backoff (1000 ms).
+        with open(self.daemon.log) as f:
+            waits = re.findall(r"run %s: github status pending: try 1 of 6 failed: HTTP 403"
+                               r"[^\n]*again in (\d+) ms" % run_id, f.read())
+        assert_eq(len(waits), 1, "log lines of the rate-limited try")
+        if not 1000 < int(waits[0]) <= 5000:
+            raise AssertionError("planned wait %s ms, want the reset's (1000, 5000]" % waits[0])
 
     def test_cancelled_run_reports_error(self):
         sha = self.head_commit(12, GATED_PIPELINE)

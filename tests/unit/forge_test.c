@@ -321,6 +321,22 @@ static void test_states_and_judge(void **state)
 				     sizeof why), FORGE_REJECTED);
 }
 
+static void test_retry_after(void **state)
+{
+	int64_t now = 1700000000000;
+
+	(void)state;
+	assert_int_equal(forge_retry_after_ms("7", NULL, NULL, now), 7000);
+	/* GitHub's primary limit: wait for the reset, not the backoff. */
+	assert_int_equal(forge_retry_after_ms(NULL, "0", "1700000042", now), 42000);
+	assert_int_equal(forge_retry_after_ms(NULL, "0", "1699999999", now), 0);
+	assert_int_equal(forge_retry_after_ms(NULL, "12", "1700000042", now), -1);
+	assert_int_equal(forge_retry_after_ms(NULL, "0", "soon", now), -1);
+	assert_int_equal(forge_retry_after_ms(NULL, NULL, NULL, now), -1);
+	assert_int_equal(forge_retry_after_ms(NULL, "0", "1800000000", now),
+			 FORGE_MAX_RATE_LIMIT_WAIT_MS);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -331,6 +347,7 @@ int main(void)
 		cmocka_unit_test(test_key),
 		cmocka_unit_test(test_requests),
 		cmocka_unit_test(test_states_and_judge),
+		cmocka_unit_test(test_retry_after),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -10,7 +10,9 @@ seconds or on SIGTERM. Usable in-process too: ForgeEmulator(...).start().
     GitLab  POST /api/v4/projects/ID/statuses/SHA    (kpld --gitlab-api-url http://H:P/api/v4)
     GET  /_emulator/calls   every status call so far, as JSON (oldest first)
     POST /_emulator/fault   {"status": 500, "count": N}: the next N status
-                            calls are answered that status (recorded too)
+                            calls are answered that status (recorded too);
+                            403 is GitHub's primary rate limit (x-ratelimit-
+                            remaining 0, x-ratelimit-reset 5 s ahead)
 
 Checks, as the real APIs answer them (/work/shared/reference/external-apis-2.md
 sections 4.3 and 5.2):
@@ -217,9 +219,11 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         pass
 
-    def answer(self, status, doc):
+    def answer(self, status, doc, extra=None):
         data = json.dumps(doc).encode()
         self.send_response(status)
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -249,7 +253,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.answer(404, {"message": "Not Found"})
             return
         fault = emu.take_fault()
-        if fault:
+        extra = {}
+        if fault == 403:
+            # GitHub's primary rate limit, as it answers it.
+            status, doc = 403, {"message": "API rate limit exceeded for user ID 1.",
+                                "documentation_url": "https://docs.github.com/rest"}
+            extra = {"x-ratelimit-limit": "5000", "x-ratelimit-remaining": "0",
+                     "x-ratelimit-used": "5000",
+                     "x-ratelimit-reset": str(int(time.time()) + 5),
+                     "x-ratelimit-resource": "core"}
+        elif fault:
             status, doc = fault, {"message": "Server Error (injected)"}
         elif gh:
             status, doc = emu.github(self, gh.group(1), gh.group(2), gh.group(3), body)
@@ -264,7 +277,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "headers": {k.lower(): v for k, v in self.headers.items()},
                     "body": parsed, "status": status, "fault": bool(fault),
                     "time": time.time()})
-        self.answer(status, doc)
+        self.answer(status, doc, extra)
 
 
 def main(argv=None):
