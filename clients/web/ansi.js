@@ -56,10 +56,11 @@ function sgr(prev, params) {
     else if ((n === 38 || n === 48) && p[k + 1] === 5) {
       // 256 colours: the first 16 have classes; the rest are left plain.
       const c = p[k + 2];
-      if (c < 16) st[n === 38 ? "fg" : "bg"] = c;
+      st[n === 38 ? "fg" : "bg"] = c < 16 ? c : -1;
       k += 2;
     } else if ((n === 38 || n === 48) && p[k + 1] === 2) {
-      k += 4; // true colour: left plain
+      st[n === 38 ? "fg" : "bg"] = -1; // true colour: left plain
+      k += 4;
     }
   }
   return st;

@@ -2,8 +2,8 @@
 //
 // Everything that reaches the page from the server (log text, stage names,
 // params, messages) is attacker-controlled: it goes in with textContent,
-// createElement(NS) and setAttribute only, never innerHTML. h() and s() are
-// the only ways the console makes elements.
+// createElement(NS) and setAttribute only, never parsed as HTML markup.
+// h() and s() are the only ways the console makes elements.
 
 export const SVG_NS = "http://www.w3.org/2000/svg";
 

@@ -23,6 +23,7 @@ with sleeps.
 
 import http.client
 import os
+import re
 import sys
 import tempfile
 
@@ -226,16 +227,26 @@ class Suite:
         assert_eq(hd2.get("etag"), etag, "ETag of the 304")
         st, _, _ = fetch(self.http, "GET", "/", {"If-None-Match": '"0000"'})
         assert_eq(st, 200, "GET / with another ETag")
-        for path, ctype in (("/assets/app.js", "text/javascript; charset=utf-8"),
-                            ("/assets/api.js", "text/javascript; charset=utf-8"),
-                            ("/assets/style.css", "text/css; charset=utf-8")):
+        st, hd, body = fetch(self.http, "GET", "/assets/style.css")
+        assert_eq((st, hd.get("content-type")), (200, "text/css; charset=utf-8"), "style.css")
+        self.assert_security_headers(hd, "style.css")
+        # Every module app.js imports, and theirs: served as JavaScript, and
+        # none writes into the page as HTML.
+        todo, seen = ["app.js"], set()
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            path = "/assets/" + name
             st, hd, body = fetch(self.http, "GET", path)
-            assert_eq((st, hd.get("content-type")), (200, ctype), path)
+            assert_eq((st, hd.get("content-type")), (200, "text/javascript; charset=utf-8"), path)
             self.assert_security_headers(hd, path)
-            assert body, path
-            # Nothing written into the page as HTML anywhere in the code.
-            assert b"innerHTML" not in body and b"outerHTML" not in body, path
-            assert b"insertAdjacentHTML" not in body and b"document.write" not in body, path
+            for bad in (b"innerHTML", b"outerHTML", b"insertAdjacentHTML", b"document.write",
+                        b"eval(", b"new Function"):
+                assert bad not in body, "%s uses %s" % (path, bad.decode())
+            todo += re.findall(r'from "\./([a-z]+\.js)"', body.decode())
+        assert len(seen) >= 10, seen
         st, hd, _ = fetch(self.http, "GET", "/assets/nope.js")
         assert_eq(st, 404, "an asset that is not there")
         self.assert_security_headers(hd, "404")
@@ -429,6 +440,79 @@ class Suite:
         self.sign_in(self.admin)
         nav = self.css("#nav").text
         assert "Tokens" in nav and "Audit" in nav, nav
+
+    def test_paging_keyboard_and_phone_width(self):
+        self.sign_in(self.admin)
+        noop = "name: paged\nstages:\n  - { name: a, kind: noop }\n"
+        ids = [self.submit(noop) for _ in range(60)]
+        self.open("/runs?pipeline=paged")
+        self.wait(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#runs-body tr")) == 50)
+        first = [tr.get_attribute("data-run")
+                 for tr in self.drv.find_elements(By.CSS_SELECTOR, "#runs-body tr")]
+        assert_eq(first, ids[::-1][:50], "the first page, newest first")
+        self.css("#page-next").click()
+        self.wait(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#runs-body tr")) == 10)
+        second = [tr.get_attribute("data-run")
+                  for tr in self.drv.find_elements(By.CSS_SELECTOR, "#runs-body tr")]
+        assert_eq(second, ids[::-1][50:], "the second page")
+        assert not self.drv.find_elements(By.ID, "page-next"), "a third page"
+        self.css("#page-prev").click()
+        self.wait(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#runs-body tr")) == 50)
+        # By keyboard: a graph node takes focus and Enter chooses it.
+        self.open("/runs/" + ids[0])
+        node = self.css("#dag .node[data-stage='a']")
+        assert_eq(node.get_attribute("tabindex"), "0", "a node's tabindex")
+        self.js("arguments[0].focus()", node)
+        assert_eq(self.js("return document.activeElement.dataset.stage"), "a", "focus")
+        node.send_keys(Keys.ENTER)
+        self.wait(lambda d: d.current_url.endswith("/runs/%s/a" % ids[0]))
+        self.css("#stage-card")
+        # At a phone's width nothing runs off the side of the page (wide
+        # tables and the graph scroll inside their own boxes).
+        self.drv.set_window_size(390, 844)
+        try:
+            for frag in ("/runs", "/runs/" + ids[0] + "/a", "/tokens"):
+                self.open(frag)
+                self.css("#main h1")
+                self.wait(lambda d: d.execute_script(
+                    "return document.documentElement.scrollWidth <= window.innerWidth + 1"))
+        finally:
+            self.drv.set_window_size(1280, 900)
+
+    def test_secrets_tokens_audit_pages(self):
+        self.sign_in(self.admin)
+        self.open("/secrets")
+        self.css("#s-name").send_keys("CONSOLE_SECRET")
+        self.css("#s-value").send_keys("v3ry-s3cret-value")
+        self.css("#s-pipelines").send_keys("gated, flaky")
+        self.css("#secret-form button[type=submit]").click()
+        self.confirm()
+        row = self.css("#secrets-table tr[data-name='CONSOLE_SECRET']")
+        assert "gated, flaky" in row.text, row.text
+        listed = Client.to_dict(self.c.call(P + "ListSecrets", {}))["secrets"]
+        assert any(x["name"] == "CONSOLE_SECRET" for x in listed), listed
+        assert "v3ry-s3cret-value" not in self.drv.page_source, "a secret value in the page"
+        row.find_element(By.TAG_NAME, "button").click()
+        self.confirm()
+        self.wait(lambda d: not d.find_elements(By.CSS_SELECTOR,
+                                                "#secrets-table tr[data-name='CONSOLE_SECRET']"))
+        # A token made on the page is shown once and works.
+        self.open("/tokens")
+        self.css("#t-desc").send_keys("made in the console")
+        self.css("#token-form button[type=submit]").click()
+        self.confirm()
+        made = self.css("#t-secret").text
+        assert made.startswith("kpl_"), made
+        who = Client.connect(self.daemon.addr, token=made)
+        try:
+            who.call(P + "ListRuns", {"page_size": 1})
+        finally:
+            who.close()
+        self.wait(lambda d: "made in the console" in d.find_element(By.ID, "tokens-table").text)
+        # The audit log names those changes and who made them.
+        self.open("/audit")
+        text = self.css("#audit-log").text
+        assert "CONSOLE_SECRET" in text and "created token" in text, text
 
     def test_release_live_and_rollback(self):
         if not self.release:
