@@ -13,6 +13,7 @@ import argparse
 import collections
 import copy
 import hashlib
+import io
 import json
 import math
 import os
@@ -2794,6 +2795,7 @@ class Faults:
         f = {"path_prefix": f.get("path_prefix", f.get("path", "/")), "method": (f.get("method") or "").upper(),
              "count": int(f.get("count", 1)), "status": int(f.get("status", 500)),
              "reset": bool(f.get("reset", False)), "delay_ms": int(f.get("delay_ms", 0)),
+             "after": bool(f.get("after", False)),
              "retry_after": f.get("retry_after"), "message": f.get("message")}
         with self.lock:
             self.items.append(f)
@@ -3159,7 +3161,19 @@ class Handler(BaseHTTPRequestHandler):
             if fault:
                 if fault["delay_ms"]:
                     time.sleep(fault["delay_ms"] / 1000.0)
-                if fault["reset"]:
+                if fault["after"]:
+                    # The request is carried out, its reply lost: what a
+                    # client sees when the connection breaks after the
+                    # server acted (a POST it cannot know the fate of).
+                    real, self.wfile = self.wfile, io.BytesIO()
+                    try:
+                        self.authenticate(path)
+                        self.route(method, path, q, raw)
+                    except ApiError:
+                        pass
+                    finally:
+                        self.wfile = real
+                if fault["reset"] or fault["after"]:
                     self.close_connection = True
                     try:
                         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
