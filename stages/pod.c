@@ -44,6 +44,9 @@
 #define POD_TICK_MS 1000
 #define POD_DEFAULT_PULL_MS (60 * 1000)
 #define POD_DEFAULT_SCHEDULE_MS (5 * 60 * 1000)
+/* A create whose reply did not come (a broken connection, 5xx, 429) is
+ * sent again this many times, a tick apart: 409 then says it was done. */
+#define POD_CREATE_TRIES 10
 /* Lines kept in memory before they are committed with their position. */
 #define POD_MAX_PENDING 512
 
@@ -105,6 +108,8 @@ struct pod {
 	char said[600];              /* the last waiting reason logged */
 
 	bool cancel_wanted;          /* cancel arrived while claiming/creating */
+	int tries;                   /* of the step's request (creates) */
+	int64_t resend_at;           /* 0, or when to send the step's request again */
 	int64_t gone_deadline;       /* STEP_WAIT_GONE */
 	Kpl__V1__StageState end_state;
 	char *end_msg;
@@ -361,6 +366,27 @@ static void handle_pod(struct pod *p, const json_t *obj);
 static void pod_gone(struct pod *p);
 static void begin_cancel(struct pod *p);
 
+/* A create's outcome is unknown (no reply, or the server could not say):
+ * send it again later; a 409 will tell it was done. */
+static bool resend_create(struct pod *p, int status, long code, const struct kube_status *ks)
+{
+	char buf[700];
+
+	if (p->step != STEP_CLAIM && p->step != STEP_SECRET && p->step != STEP_CREATE)
+		return false;
+	if (!(status < 0 || code == 429 || code == 500 || code == 502 || code == 503 ||
+	      code == 504) || ++p->tries >= POD_CREATE_TRIES || p->cancel_wanted)
+		return false;
+	stage_logf(p->st, "%s: POST %s: %s; sending it again (try %d of %d; 409 AlreadyExists "
+		   "would mean the first one was done)", p->where,
+		   p->step == STEP_CREATE ? "pods" : p->step == STEP_SECRET ? "secrets"
+					 : "persistentvolumeclaims",
+		   ks ? kube_status_text(ks, buf, sizeof buf) : kpl_strerror(status), p->tries + 1,
+		   POD_CREATE_TRIES);
+	p->resend_at = kpl_now_ms() + POD_TICK_MS;
+	return true;
+}
+
 static void on_reply(int status, json_t *obj, const struct kube_status *ks, void *data)
 {
 	struct pod *p = data;
@@ -372,6 +398,9 @@ static void on_reply(int status, json_t *obj, const struct kube_status *ks, void
 		pod_maybe_free(p);
 		return;
 	}
+	if (resend_create(p, status, code, ks))
+		return;
+	p->tries = 0;
 	switch (p->step) {
 	case STEP_CLAIM:
 		/* 409: the run's claim, made by an earlier pod stage. */
@@ -400,8 +429,12 @@ static void on_reply(int status, json_t *obj, const struct kube_status *ks, void
 		if (code == 409 || (code >= 200 && code < 300)) {
 			/* 409 AlreadyExists: this attempt's pod, created by an
 			 * earlier kpld whose CREATED record never landed. */
-			stage_logf(p->st, "%s %s (image %s)", code == 409
-				   ? "attached to the existing" : "created", p->where, p->image);
+			char line[800];
+			int n = snprintf(line, sizeof line, "%s %s (image %s)", code == 409
+					 ? "attached to the existing" : "created", p->where, p->image);
+			/* The line and the CREATED record in one commit. */
+			stage_log_staged(p->st, KPL__V1__LOG_STREAM__LOG_STREAM_SYSTEM, line,
+					 n < (int)sizeof line ? (size_t)n : sizeof line - 1);
 			p->rec.state = PODSPEC_S_CREATED;
 			pod_save(p);
 			if (p->cancel_wanted) {
@@ -776,6 +809,14 @@ static void on_tick(uv_timer_t *t)
 	if (!p->st)
 		return;
 	switch (p->step) {
+	case STEP_CLAIM:
+	case STEP_SECRET:
+	case STEP_CREATE:
+		if (p->resend_at && now >= p->resend_at && !p->req) {
+			p->resend_at = 0;
+			pod_exec(p);
+		}
+		break;
 	case STEP_FOLLOW:
 		if (!p->watch && p->watch_retry_at && now >= p->watch_retry_at)
 			start_watch(p);
@@ -1094,10 +1135,17 @@ void pod_cancel(struct stage *st)
 	if (!p || !p->st)
 		return;
 	switch (p->step) {
-	case STEP_CLAIMING:
 	case STEP_CLAIM:
 	case STEP_SECRET:
 	case STEP_CREATE:
+		if (p->resend_at && !p->req) {
+			/* Waiting to send a create again: it may have been done. */
+			p->resend_at = 0;
+			begin_cancel(p);
+			break;
+		}
+		/* fall through */
+	case STEP_CLAIMING:
 	case STEP_ATTACH:
 		p->cancel_wanted = true; /* once the request in flight answers */
 		break;

@@ -9,7 +9,8 @@ termination message) reach a later stage; a secret reaches the command
 through the attempt's Kubernetes Secret and never appears in the Pod; kill
 -9 of kpld mid-stage, its data directory moved, a new kpld re-attaches: the
 pod was created once (the emulator's request log), the command ran once (a
-file it appends to), no log line is lost or repeated; cancel and the stage
+file it appends to), no log line is lost or repeated; a create whose reply
+is lost is sent again and its 409 means attach; cancel and the stage
 timeout delete the pod; each failure names the pod and what Kubernetes said
 (a non-zero exit, ErrImagePull, Unschedulable, OOMKilled, Evicted, the node
 lost), and the retry policy applies.
@@ -31,7 +32,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e_test  # noqa: E402
-from e2e_test import Daemon, P, assert_eq, run_suite, submit, wait_for_log, watch  # noqa: E402
+from e2e_test import Daemon, P, assert_eq, run_suite, submit, watch  # noqa: E402
 from kplgrpc import Client  # noqa: E402
 from kube_stack import start_emulator  # noqa: E402
 
@@ -125,6 +126,17 @@ class Suite:
                 out.append(r)
         return out
 
+    def wait_stdout(self, run_id):
+        """Follows the run's events until the command's first line (the pod
+        was created, and kpld recorded so, before it)."""
+        stream = self.c.stream(P + "WatchRun", {"id": run_id}, timeout=60)
+        for ev in stream:
+            ev = Client.to_dict(ev)
+            if ev.get("kind") == "EVENT_KIND_LOG" and ev.get("stream") == "LOG_STREAM_STDOUT":
+                stream.cancel()
+                return ev
+        raise AssertionError("run %s ended without a line of its command" % run_id)
+
     def run_to_end(self, text, params=None):
         run = Client.to_dict(submit(self.c, text, params))
         events = watch(self.c, run["id"])
@@ -197,7 +209,7 @@ echo "token: $TOKEN (${#TOKEN} bytes)"
 while [ ! -e "$KPL_PARAM_DIR/go-secret" ]; do sleep 0.05; done
 """, env="env:\n  TOKEN: \"${{ secrets.TOKEN }}\"\n")
         run = Client.to_dict(submit(self.c, text, {"dir": self.shared}))
-        wait_for_log(self.c, run["id"])
+        self.wait_stdout(run["id"])
         pod = self.wait_pod(run["id"], "running", lambda p: True)
         spec = json.dumps(pod)
         assert SECRET not in spec, "the secret's value is in the Pod object"
@@ -233,7 +245,7 @@ echo "line end"
 """)
         before = len(self.creates())
         run = Client.to_dict(submit(self.c, text, {"dir": self.shared}))
-        wait_for_log(self.c, run["id"])
+        self.wait_stdout(run["id"])
         self.c.close()
         self.daemon.stop(signal.SIGKILL)
         # The pod goes on printing while no kpld listens.
@@ -264,12 +276,35 @@ echo "line end"
         assert any(m.startswith("re-attached to pod kpl-") for m in system), system
         self.assert_gone(run)
 
+    def test_lost_create_reply_attaches(self):
+        # The API server creates the pod but its reply is lost (RST): kpld
+        # sends the create again, gets 409 AlreadyExists and attaches to
+        # that pod; the command runs once.
+        ledger = os.path.join(self.shared, "ledger-lost")
+        text = pipeline("pod-lost-reply", 'echo ran >> "$KPL_PARAM_DIR/ledger-lost"\necho done\n')
+        before = len(self.creates())
+        code, _ = self.api("POST", "/emulator/fault", {
+            "path_prefix": "/api/v1/namespaces/%s/pods" % NS, "method": "POST", "after": True})
+        assert_eq(code, 200, "fault")
+        run, events = self.run_to_end(text, {"dir": self.shared})
+        assert_eq(run["state"], "RUN_STATE_SUCCEEDED", "run state (%s)" % run.get("message"))
+        system = [e["message"] for e in events if e.get("stream") == "LOG_STREAM_SYSTEM"]
+        assert any("POST pods:" in m and "sending it again" in m for m in system), system
+        assert any(m.startswith("attached to the existing pod kpl-") for m in system), system
+        assert_eq(logs(events, "work"), ["done"], "the pod's log")
+        assert_eq(open(ledger).read(), "ran\n", "the command ran once")
+        assert_eq(len(self.creates()) - before, 2, "creates sent (the lost one, then 409)")
+        self.assert_gone(run)
+
     def test_cancel_deletes_the_pod(self):
-        text = pipeline("pod-cancel", "echo started\nsleep 300\n")
+        # exec: SIGTERM reaches the sleep itself (a shell killed between
+        # its fork and the sleep's start would leave the sleep to the
+        # SIGKILL after the grace period, as in a real cluster).
+        text = pipeline("pod-cancel", "echo started\nexec sleep 300\n")
         run = Client.to_dict(submit(self.c, text))
-        wait_for_log(self.c, run["id"])
+        self.wait_stdout(run["id"])
         pod = self.wait_pod(run["id"], "running", lambda p: True)
-        self.c.call(P + "CancelRun", {"id": run["id"]})
+        self.c.call(P + "CancelRun", {"id": run["id"]}, timeout=90)
         watch(self.c, run["id"])
         got = Client.to_dict(self.c.call(P + "GetRun", {"id": run["id"]}))
         assert_eq((got["state"], got["stages"][0]["state"]),
@@ -278,7 +313,7 @@ echo "line end"
         self.assert_gone(run)
 
     def test_timeout_deletes_the_pod(self):
-        text = pipeline("pod-timeout", "echo started\nsleep 300\n", stage_extra="    timeout: 3s\n")
+        text = pipeline("pod-timeout", "echo started\nexec sleep 300\n", stage_extra="    timeout: 3s\n")
         run, _ = self.run_to_end(text)
         assert_eq((run["state"], run["stages"][0]["message"]),
                   ("RUN_STATE_FAILED", "timed out after 3s"), "timeout")
