@@ -386,7 +386,8 @@ class Suite:
         self.c.call(P + "SetSecret", {"name": "POD_TOKEN", "value": "s3cr3t-for-the-pod"})
         self.control("DELETE", "requests")
         run = Client.to_dict(submit(self.c, pipeline_text()))
-        # kill -9 while the pod stage runs: the next kpld re-attaches to its pod by name
+        # kill -9 while the pod stage runs, the data directory moved (kpld-0 rescheduled with its
+        # volume): the next kpld re-attaches to the pod by name, nothing runs twice
         pod = self.await_api(lambda: [p for p in self.api("GET", "/api/v1/namespaces/kpl/pods?labelSelector="
                                                           "app.kubernetes.io%2Fmanaged-by%3Dkpl")["items"]
                                       if (p.get("status") or {}).get("phase") == "Running"], "a running pod stage")[0]
@@ -394,6 +395,10 @@ class Suite:
                                                 "labelSelector=kpl.dev%2Frun")["items"], "the run's claim")[0]
         self.daemon.proc.kill()
         self.daemon.proc.wait()
+        # rescheduled: the same volume, attached elsewhere (another path)
+        moved = os.path.join(self.tmp, "data-moved")
+        shutil.move(self.daemon.data_dir, moved)
+        self.daemon.data_dir = moved
         self.daemon.start().close()
         self.c.close()
         self.c = Client.connect(self.daemon.addr, token=token)

@@ -559,6 +559,68 @@ roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: ns-reade
         code, out = self.emu.call("GET", "/version", token=tok)
         eq(code, 200, "discovery is open")
 
+    def test_service_account_token_in_pods(self):
+        self.apply("""
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: reader}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: pod-reader}
+rules:
+- {apiGroups: [""], resources: [pods], verbs: [get]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: reader}
+subjects: [{kind: ServiceAccount, name: reader, namespace: default}]
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: pod-reader}
+""")
+        d = "/var/run/secrets/kubernetes.io/serviceaccount"
+        script = ('cat %s/namespace; echo; T=$(cat %s/token); for p in pods/sa1 secrets; do '
+                  'curl -s -o /dev/null -w "%%{http_code}\\n" -H "Authorization: Bearer $T" '
+                  '"http://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT/api/v1/namespaces/default/$p"; done; '
+                  'cp %s/token /ws/sa1-token' % (d, d, d))
+        self.ws("saws")
+        ex = self.ws_extra("saws")
+        ex["serviceAccountName"] = "reader"
+        self.create_pod("sa1", script, extra=ex)
+        self.emu.await_pod("sa1", lambda p: phase(p) in ("Succeeded", "Failed"), "finished")
+        eq(self.k("logs", "sa1"), "default\n200\n403\n", "the pod's token is its service account's, under RBAC")
+        tok = open(os.path.join(self.emu.root, "pvcs", "default", "saws", "sa1-token")).read()
+        code, _ = self.emu.call("GET", "/api/v1/namespaces/default/pods/sa1", token=tok)
+        eq(code, 200, "the token works while the pod exists")
+        # without --token an unknown token is the admin, like no token: the list is allowed again
+        sec = "/api/v1/namespaces/default/secrets"
+        eq(self.emu.call("GET", sec, token=tok)[0], 403, "the pod's token may not list secrets")
+        self.k("delete", "pod", "sa1")
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline and self.emu.call("GET", sec, token=tok)[0] != 200:
+            time.sleep(0.05)   # the kubelet forgets the pod's token shortly after the pod is gone
+        eq(self.emu.call("GET", sec, token=tok)[0], 200, "the token is no longer the service account's")
+        self.create_pod("sa2", "ls %s 2>&1 || true" % d, extra={"automountServiceAccountToken": False})
+        self.emu.await_pod("sa2", lambda p: phase(p) == "Succeeded", "Succeeded")
+        contains(self.k("logs", "sa2"), "No such file or directory", "automountServiceAccountToken: false")
+
+    def test_claim_protection(self):
+        d = self.ws("protws")
+        self.create_pod("pp", "exec sleep 1000", extra=self.ws_extra("protws"))
+        self.emu.await_pod("pp", lambda p: phase(p) == "Running", "Running")
+        code, out = self.emu.call("DELETE", "/api/v1/namespaces/default/persistentvolumeclaims/protws")
+        eq((code, bool(out["metadata"].get("deletionTimestamp"))), (200, True), "a claim in use: Terminating")
+        code, out = self.emu.call("GET", "/api/v1/namespaces/default/persistentvolumeclaims/protws")
+        eq((code, os.path.isdir(d)), (200, True), "still there while the pod uses it")
+        contains(self.k("get", "pvc", "protws"), "protws", "kubectl get pvc")
+        self.k("delete", "pod", "pp", "--grace-period=0", "--force")
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline and self.emu.call(
+                "GET", "/api/v1/namespaces/default/persistentvolumeclaims/protws")[0] != 404:
+            time.sleep(0.05)   # the protection controller removes it once the pod is gone
+        eq(self.emu.call("GET", "/api/v1/namespaces/default/persistentvolumeclaims/protws")[0], 404,
+           "gone with the pod")
+        eq(os.path.exists(d), False, "its directory too")
+
     def test_statefulset(self):
         self.apply("""
 apiVersion: v1

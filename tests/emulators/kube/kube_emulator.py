@@ -1091,6 +1091,9 @@ class Controller(threading.Thread):
                 self.kubelet(pod, now)
         for sts in self.store.list(RES["statefulsets"]):
             self.sync_statefulset(sts)
+        for (ns, name), c in list(self.store.objs["persistentvolumeclaims"].items()):
+            if c["metadata"].get("deletionTimestamp") and not claim_in_use(ns, name):
+                self.store.delete(RES["persistentvolumeclaims"], ns, name)
         for dep in self.store.list(RES["deployments"]):
             self.sync_deployment(dep, now)
         for rs in self.store.list(RES["replicasets"]):
@@ -1484,6 +1487,7 @@ class Controller(threading.Thread):
 # PodRun.plock -> STORE.lock; never PodRun.cond -> STORE.lock.
 
 NODE_NAME = "emulated-node"
+SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 POD_ROOT = None        # per-emulator directory (pods/, pvcs/), set in main()
 CONTROLLER_KINDS = ("ReplicaSet", "StatefulSet", "DaemonSet")
 UNSCHEDULABLE_MSG = ("0/1 nodes are available: 1 Insufficient cpu. preemption: 0/1 nodes are available: "
@@ -1608,6 +1612,7 @@ class PodRun:
         self.node_lost = False
         self.ltt = {}                  # condition type -> (status, lastTransitionTime)
         self.finished = threading.Event()
+        self.token = None              # the mounted service account token, valid while the pod exists
         self.thread = threading.Thread(target=self.run, name="pod-%s" % self.name, daemon=True)
 
     # -- status
@@ -1824,7 +1829,41 @@ class PodRun:
             if m.get("subPath"):
                 os.makedirs(src, exist_ok=True)
             out.append((src, m.get("mountPath") or "/", ro))
+        sa = self.service_account_dir()
+        if sa and not any(p == SA_MOUNT for _, p, _ in out):
+            out.append((sa, SA_MOUNT, True))
         return out
+
+    def service_account_dir(self):
+        """The token, ca.crt and namespace the kubelet mounts at SA_MOUNT (automountServiceAccountToken,
+        the pod's else its service account's, default true); the token authenticates as the pod's
+        service account, under RBAC, while the pod exists."""
+        name = self.spec.get("serviceAccountName") or self.spec.get("serviceAccount") or "default"
+        auto = self.spec.get("automountServiceAccountToken")
+        if auto is None:
+            sa = STORE.get(RES["serviceaccounts"], self.ns, name)
+            auto = (sa or {}).get("automountServiceAccountToken", True)
+        if auto is False:
+            return None
+        d = os.path.join(self.dir, "serviceaccount")
+        with self.cond:      # once per pod, whichever container comes first
+            if self.token is not None:
+                return d
+            os.makedirs(d, exist_ok=True)
+            tok = "sa-%s-%s" % (self.uid[:8], uuid.uuid4().hex)
+            with AUTHZ_LOCK:
+                SA_TOKENS[tok] = (self.ns, name)
+            self.token = tok
+            ca = b""
+            for f in (OPTS.ca_cert, OPTS.tls_cert):
+                if f:
+                    with open(f, "rb") as fh:
+                        ca = fh.read()
+                    break
+            for fname, data in (("token", tok.encode()), ("namespace", self.ns.encode()), ("ca.crt", ca)):
+                with open(os.path.join(d, fname), "wb") as fh:
+                    fh.write(data)
+        return d
 
     def container_env(self, c):
         """The container's environment (env wins over envFrom; later envFrom wins), or raises
@@ -1899,17 +1938,19 @@ class PodRun:
         bw = [shutil.which("bwrap") or "bwrap", "--die-with-parent"]
         for d in sorted(os.listdir("/")):
             p = "/" + d
-            if d in ("proc", "dev", "tmp", "sys"):
+            if d in ("proc", "dev", "tmp", "sys", "run"):
                 continue
             if os.path.islink(p):
                 bw += ["--symlink", os.readlink(p), p]
             elif os.path.isdir(p):
                 bw += ["--bind", p, p]
-        ctmp = os.path.join(self.dir, "tmp")
+        ctmp, crun = os.path.join(self.dir, "tmp"), os.path.join(self.dir, "run")
         os.makedirs(ctmp, exist_ok=True)
-        bw += ["--dev-bind", "/sys", "/sys", "--proc", "/proc", "--dev", "/dev", "--bind", ctmp, "/tmp"]
+        os.makedirs(crun, exist_ok=True)
+        bw += ["--dev-bind", "/sys", "/sys", "--proc", "/proc", "--dev", "/dev", "--bind", ctmp, "/tmp",
+               "--bind", crun, "/run"]
         for host, path, ro in binds:
-            bw += ["--ro-bind" if ro else "--bind", host, path]
+            bw += ["--ro-bind" if ro else "--bind", host, sandbox_path(path)]
         bw += ["--bind", term_file, c.spec.get("terminationMessagePath") or "/dev/termination-log"]
         wd = c.spec.get("workingDir")
         if wd:
@@ -1922,6 +1963,17 @@ class PodRun:
         return self.stop.wait(seconds)
 
     def run_container(self, c):
+        try:
+            self.run_container_runs(c)
+        except Exception as e:   # an emulator bug: the container ends, the pod does not hang
+            import traceback
+            traceback.print_exc()
+            now = now_iso()
+            self.end_run(c, {"terminated": {"exitCode": 128, "reason": "StartError", "message":
+                                            "kube emulator bug: %r" % (e,), "startedAt": now,
+                                            "finishedAt": now}}, 128)
+
+    def run_container_runs(self, c):
         backoff = max(OPTS.pace, 0.1)
         while not self.stop.is_set():
             if "pullerror" in c.image:
@@ -2228,6 +2280,15 @@ def process_group(pgid):
     return out
 
 
+def sandbox_path(path):
+    """A mount path as bubblewrap must name it: through the host's symlinks (/var/run -> /run), since
+    it cannot make a mount point behind a symlink; /tmp, /run, /dev and /proc are the pod's own."""
+    norm = os.path.normpath("/" + path)
+    if norm.split("/")[1] in ("tmp", "run", "dev", "proc"):
+        return norm
+    return os.path.realpath(norm)
+
+
 def pvc_dir(ns, claim):
     return os.path.join(POD_ROOT, "pvcs", ns, claim)
 
@@ -2261,6 +2322,9 @@ class Runtime:
             if r.finished.is_set():
                 with self.lock:
                     self.runs.pop(r.uid, None)
+                if r.token:
+                    with AUTHZ_LOCK:
+                        SA_TOKENS.pop(r.token, None)
                 shutil.rmtree(r.dir, ignore_errors=True)
 
     def get(self, uid):
@@ -2492,6 +2556,41 @@ def check_preconditions(res, cur, opts):
                        "ResourceVersion in precondition: %s, ResourceVersion in object meta: %s"
                        % (res.qualified(), md["name"], pre["resourceVersion"], md["resourceVersion"]),
                        {"name": md["name"], "group": res.group, "kind": res.plural})
+
+
+def claim_in_use(ns, name):
+    """A pod not yet Succeeded/Failed mounts the claim (the pvc-protection controller's test)."""
+    for (pns, _), p in STORE.objs["pods"].items():
+        if pns != ns or (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        for v in (p.get("spec") or {}).get("volumes") or []:
+            if (v.get("persistentVolumeClaim") or {}).get("claimName") == name:
+                return True
+    return False
+
+
+def delete_claim(ns, name, dry=False, opts=None):
+    """DELETE of a claim: with a pod still using it, it stays Terminating (deletionTimestamp, finalizer
+    kubernetes.io/pvc-protection) until that pod is gone; then it goes, with its directory."""
+    res = RES["persistentvolumeclaims"]
+    with STORE.lock:
+        cur = STORE.objs[res.plural].get((ns, name))
+        if cur is None:
+            raise STORE.not_found(res, name)
+        check_preconditions(res, cur, opts or {})
+        if dry:
+            return jcopy(cur)
+        if not claim_in_use(ns, name):
+            return STORE.delete(res, ns, name)
+        if not cur["metadata"].get("deletionTimestamp"):
+            new = jcopy(cur)
+            new["metadata"]["deletionTimestamp"] = now_iso()
+            new["metadata"]["deletionGracePeriodSeconds"] = 0
+            new["metadata"]["resourceVersion"] = str(STORE.next_rv())
+            STORE.objs[res.plural][(ns, name)] = new
+            STORE._emit(res, "MODIFIED", jcopy(new), jcopy(cur))
+            cur = new
+        return jcopy(cur)
 
 
 def delete_pod(ns, name, grace, dry=False, opts=None):
@@ -3363,6 +3462,8 @@ class Handler(BaseHTTPRequestHandler):
             opts = delete_options(raw, q)
             if res.plural == "pods":
                 out = delete_pod(ns, name, opts.get("gracePeriodSeconds"), dry, opts)
+            elif res.plural == "persistentvolumeclaims":
+                out = delete_claim(ns, name, dry, opts)
             else:
                 with STORE.lock:
                     cur = STORE.get(res, ns or "", name)
@@ -3776,6 +3877,7 @@ def main(argv=None):
     ap.add_argument("--webhook-denials", action="store_true",
                     help="answer invalid Istio objects as the real validating webhook does (400) instead of 422")
     ap.add_argument("--verbose", action="store_true", help="log requests to stderr")
+    ap.add_argument("--ca-cert", help="the CA pods find in their service account's ca.crt (default: --tls-cert)")
     ap.add_argument("--sa-token", action="append", default=[], metavar="TOKEN=NS/NAME",
                     help="bearer TOKEN authenticates as service account NS/NAME, under RBAC (repeatable)")
     ap.add_argument("--pod-root", help="directory for real pods' files and claims' directories (default: a "
