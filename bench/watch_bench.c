@@ -303,9 +303,9 @@ int main(int argc, char **argv)
 		ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
 		ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
 		ops[3].data.recv_initial_metadata.recv_initial_metadata = &w->imd;
-		/* kpld sends nothing until the client asks for the
-		 * initial metadata. Its completion is not looked at
-		 * (SEND_TAG). */
+		/* Without a RECV_INITIAL_METADATA op no RECV_MESSAGE ever
+		 * completed here. This batch's completion is not looked
+		 * at (SEND_TAG). */
 		if (grpc_call_start_batch(w->call, ops, 4, SEND_TAG, NULL) != GRPC_CALL_OK)
 			die("grpc_call_start_batch (send)", NULL);
 		grpc_byte_buffer_destroy(out);
