@@ -462,7 +462,10 @@ const char *podspec_time_format(const struct podspec_time *t, bool nano, char *b
 	char base[32];
 
 	gmtime_r(&s, &tm);
-	strftime(base, sizeof base, "%Y-%m-%dT%H:%M:%S", &tm);
+	/* Four digits always (strftime's %Y has none for year 941): what
+	 * this writes, podspec_time_parse reads. */
+	snprintf(base, sizeof base, "%04d-%02d-%02dT%02d:%02d:%02d", tm.tm_year + 1900,
+		 tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
 	if (nano)
 		snprintf(buf, n, "%s.%09dZ", base, (int)t->nsec);
 	else
