@@ -102,8 +102,9 @@ static void usage(FILE *f)
 		"                       if no admin token exists, make one and write it to\n"
 		"                       PATH (mode 0600)\n"
 		"  --http-listen HOST:PORT\n"
-		"                       serve webhooks, /metrics and /healthz over HTTP\n"
-		"                       there (off by default; docs/hooks.md)\n"
+		"                       serve the JSON API, the web console (/), webhooks,\n"
+		"                       /metrics and /healthz over HTTP there (off by\n"
+		"                       default; docs/http.md, docs/console.md)\n"
 		"  --max-streams N      open streaming calls (WatchRun, WatchRuns, health\n"
 		"                       Watch, reflection) in all (default 1024); more are\n"
 		"                       answered RESOURCE_EXHAUSTED\n"
@@ -844,7 +845,8 @@ int main(int argc, char **argv)
 
 		snprintf(http_host, sizeof http_host, "%.*s", (int)(hc - http_listen),
 			 http_listen);
-		kpl_info(LOG, "serving webhooks, /metrics and /healthz on http://%s:%d",
+		kpl_info(LOG, "serving the API, the console, webhooks, /metrics and /healthz on "
+			 "http://%s:%d",
 			 http_host, hooks_port(d.hooks));
 	}
 	api_server_set_serving(d.server, true);

@@ -63,12 +63,30 @@ static void h_text(struct httpd_req *req, void *data)
 	httpd_respond(req, 200, "text/plain; version=0.0.4", "kpl_up 1\n", 9);
 }
 
+/* The console's answer (api/web.c): a prefix route, long extra headers,
+ * 304 without a body. */
+static void h_assets(struct httpd_req *req, void *data)
+{
+	static const char extra[] =
+		"Content-Security-Policy: default-src 'none'; script-src 'self'; style-src 'self'; "
+		"img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+		"form-action 'none'\r\nX-Content-Type-Options: nosniff\r\nETag: \"0123\"\r\n";
+
+	(void)data;
+	if (httpd_req_header(req, "If-None-Match"))
+		httpd_respond_headers(req, 304, "text/css", extra, NULL, 0);
+	else
+		httpd_respond_headers(req, 200, "text/css", extra, httpd_req_path(req),
+				      strlen(httpd_req_path(req)));
+}
+
 static const struct httpd_route routes[] = {
 	{ "POST", "/hooks/github", h_now, NULL },
 	{ "POST", "/hooks/gitlab", h_later, NULL },
 	{ "GET", "/metrics", h_text, NULL },
 	{ "GET", "/healthz", h_later, NULL },
 	{ "PUT", "/healthz", h_now, NULL },
+	{ "GET", "/assets/*", h_assets, NULL },
 };
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
