@@ -26,6 +26,7 @@
 #include "engine/notify.h"
 #include "pipelines/expr.h"
 #include "pipelines/pipeline.h"
+#include "pipelines/runs_on.h"
 #include "pipelines/reuse.h"
 #include "pipelines/template.h"
 #include "stages/http.h"
@@ -3151,6 +3152,26 @@ size_t engine_check_config_names(const struct engine *e, const struct pipeline *
 			fn(data, v->pos, path, msg);
 			n++;
 		}
+	}
+	/* runs_on.cluster, the stage's or the defaults' (reported once). */
+	for (size_t i = 0, defaults_said = 0; i < pl->n_stages; i++) {
+		const struct pl_stage *st = &pl->stages[i];
+		const struct pl_node *v = pl_runs_on_get(st->runs_on, st->runs_on_defaults, "cluster");
+		bool own = st->runs_on && st->runs_on->type == PL_MAP &&
+			   pl_map_get(st->runs_on, "cluster");
+		if (!pl_runs_on_pod(st->runs_on, st->runs_on_defaults) || !v ||
+		    v->type != PL_SCALAR || strstr(v->scalar, "${{") ||
+		    cfg_find(e->cfg, CFG_KUBERNETES, v->scalar) || (!own && defaults_said++))
+			continue;
+		if (own)
+			snprintf(path, sizeof path, "%s[%zu].runs_on.cluster",
+				 i < n_main ? "stages" : "finally", i < n_main ? i : i - n_main);
+		else
+			snprintf(path, sizeof path, "defaults.runs_on.cluster");
+		snprintf(msg, sizeof msg, "no kubernetes.%.128s in the daemon config %s (declared: %s)",
+			 v->scalar, cfg_path, cfg_names(e->cfg, CFG_KUBERNETES, names, sizeof names));
+		fn(data, v->pos, path, msg);
+		n++;
 	}
 	return n;
 }

@@ -175,6 +175,23 @@ echo "digest=sha256:abc" >> "$KPL_OUTPUTS"
                    for m in system), system
         self.assert_gone(run)
 
+    def test_lint_names_an_unknown_cluster(self):
+        # ValidatePipeline (kplctl lint through kpld) checks runs_on.cluster
+        # against the daemon config, as it does deploy's with.cluster.
+        def diags(text):
+            r = Client.to_dict(self.c.call(P + "ValidatePipeline", {"pipeline": text}))
+            return r.get("valid", False), [(d.get("path"), d.get("message"), d.get("line"))
+                                           for d in r.get("diagnostics", [])]
+        valid, got = diags(pipeline("pod-nope", "true", runs_on="cluster: nope"))
+        assert not valid, got
+        assert_eq([(p, m) for p, m, _ in got],
+                  [("stages[0].runs_on.cluster", "no kubernetes.nope in the daemon config %s "
+                    "(declared: emu)" % self.cfg)], "diagnostics")
+        valid, got = diags(pipeline("pod-nope", "true").replace("cluster: emu", "cluster: nope"))
+        assert_eq(([p for p, _, _ in got], got[0][2]), (["defaults.runs_on.cluster"], 5),
+                  "defaults' diagnostic, once, at its line")
+        assert_eq(diags(pipeline("pod-ok", "true"))[0], True, "a known cluster")
+
     def test_workspace_empty_or_the_runs_claim(self):
         # Without runs_on.workspace a pod stage starts in an empty
         # /workspace; with it, the run's pod stages share one claim, deleted
