@@ -65,12 +65,16 @@ def main():
     kpld, kplctl, table_src, fixtures = [os.path.abspath(a) for a in sys.argv[1:5]]
     table = bad_table(table_src)
     tmp = tempfile.mkdtemp(prefix="kpl-lint-", dir=os.environ.get("TEST_TMPDIR"))
-    # The notifiers good/notify.yaml names: kpld checks the config's names.
+    # The notifiers good/notify.yaml names and the cluster good/runs_on.yaml
+    # runs its pods on: kpld checks the config's names (the kubeconfig is
+    # read only when a stage runs).
     config = os.path.join(tmp, "kpld.yaml")
     with open(config, "w") as f:
         f.write("notifiers:\n"
                 "  team-chat: { kind: wecom, url: \"http://127.0.0.1:9/a\" }\n"
-                "  ops: { kind: wecom, url: \"http://127.0.0.1:9/b\" }\n")
+                "  ops: { kind: wecom, url: \"http://127.0.0.1:9/b\" }\n"
+                "kubernetes:\n"
+                "  kind: { kubeconfig: %s }\n" % os.path.join(tmp, "kubeconfig"))
     daemon = Daemon(kpld, os.path.join(tmp, "data"), ["--config", config])
     daemon.start().close()
     env = dict(os.environ, KPL_SERVER=daemon.addr)
