@@ -537,6 +537,12 @@ roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: ns-reade
             out = self.k("auth", "can-i", sa, "-n", "ci", *args, ok=False).strip()
             eq(out.splitlines()[0] if out else "", want, "kubectl auth can-i %s" % " ".join(args))
         eq(self.k("auth", "can-i", "patch", "pods", "-n", "ci").strip(), "yes", "the admin may do anything")
+        out = self.k("auth", "can-i", "--list", sa, "-n", "ci")
+        for row in (r"^pods\s+\[\]\s+\[\]\s+\[get list watch create delete\]$",
+                    r"^pods/log\s+\[\]\s+\[\]\s+\[get\]$",
+                    r"^secrets\s+\[\]\s+\[only-this\]\s+\[get\]$",
+                    r"^namespaces\s+\[\]\s+\[\]\s+\[get list\]$"):
+            eq(bool(re.search(row, out, re.M)), True, "can-i --list has /%s/:\n%s" % (row, out))
         # a service account's bearer token: RBAC on every request
         code, out = self.emu.call("POST", "/emulator/token", {"namespace": "ci", "serviceAccount": "runner"})
         tok = out["token"]

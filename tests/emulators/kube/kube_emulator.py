@@ -23,7 +23,6 @@ import shutil
 import signal
 import socket
 import ssl
-import string
 import struct
 import subprocess
 import sys
@@ -175,6 +174,7 @@ RESOURCES = [
     Res(RBAC, ["v1"], "clusterroles", "clusterrole", "ClusterRole", False),
     Res(RBAC, ["v1"], "clusterrolebindings", "clusterrolebinding", "ClusterRoleBinding", False),
     Res(AUTHZ, ["v1"], "selfsubjectaccessreviews", "selfsubjectaccessreview", "SelfSubjectAccessReview", False),
+    Res(AUTHZ, ["v1"], "selfsubjectrulesreviews", "selfsubjectrulesreview", "SelfSubjectRulesReview", False),
     Res(ISTIO, ISTIO_VERSIONS, "virtualservices", "virtualservice", "VirtualService", True, ["vs"],
         crd=True, subresources=("status",), categories=["istio-io", "networking-istio-io"]),
     Res(ISTIO, ISTIO_VERSIONS, "destinationrules", "destinationrule", "DestinationRule", True, ["dr"],
@@ -2495,6 +2495,54 @@ def ssar_from_protobuf(raw):
     return out
 
 
+def ssrr_from_protobuf(raw):
+    """A protobuf SelfSubjectRulesReview (kubectl auth can-i --list): spec.namespace is field 1 of field 2."""
+    if not raw.startswith(b"k8s\x00"):
+        raise ApiError(400, "BadRequest", "protobuf body without the k8s envelope")
+    review = pb_fields((pb_fields(raw[4:]).get(2) or [b""])[0])
+    spec = pb_fields((review.get(2) or [b""])[0])
+    return {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectRulesReview",
+            "spec": {"namespace": (spec.get(1) or [b""])[0].decode()}}
+
+
+def self_subject_rules_review(ident, body):
+    """The rules the caller has in spec.namespace: its RoleBindings' and ClusterRoleBindings' roles, plus
+    the self reviews and discovery everyone has."""
+    ns = (body.get("spec") or {}).get("namespace") or ""
+    if not ident.enforced:
+        rules = [{"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"]}]
+        non = [{"verbs": ["*"], "nonResourceURLs": ["*"]}]
+    else:
+        rules = [{"verbs": ["create"], "apiGroups": [AUTHZ],
+                  "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"]}]
+        non = [{"verbs": ["get"], "nonResourceURLs": ["/api", "/api/*", "/apis", "/apis/*", "/healthz",
+                                                      "/livez", "/openapi", "/openapi/*", "/readyz",
+                                                      "/version", "/version/"]}]
+        with STORE.lock:
+            bindings = [("RoleBinding", b) for b in (STORE.list(RES["rolebindings"], ns) if ns else [])]
+            bindings += [("ClusterRoleBinding", b) for b in STORE.list(RES["clusterrolebindings"])]
+            for bkind, b in bindings:
+                bns = b["metadata"].get("namespace", "")
+                if not any(subject_matches(ident, sj, bns) for sj in b.get("subjects") or []):
+                    continue
+                rr = b.get("roleRef") or {}
+                role = (STORE.get(RES["roles"], bns, rr.get("name") or "")
+                        if rr.get("kind") == "Role" and bkind == "RoleBinding" else
+                        STORE.get(RES["clusterroles"], "", rr.get("name") or "")
+                        if rr.get("kind") == "ClusterRole" else None)
+                for rule in (role or {}).get("rules") or []:
+                    if rule.get("nonResourceURLs"):
+                        non.append({"verbs": rule.get("verbs") or [], "nonResourceURLs": rule["nonResourceURLs"]})
+                    else:
+                        r = {k: rule.get(k) or [] for k in ("verbs", "apiGroups", "resources")}
+                        if rule.get("resourceNames"):
+                            r["resourceNames"] = rule["resourceNames"]
+                        rules.append(r)
+    return {"kind": "SelfSubjectRulesReview", "apiVersion": "authorization.k8s.io/v1",
+            "metadata": {"creationTimestamp": None}, "spec": {"namespace": ns},
+            "status": {"resourceRules": rules, "nonResourceRules": non, "incomplete": False}}
+
+
 def self_subject_access_review(ident, body):
     spec = body.get("spec") or {}
     ra = spec.get("resourceAttributes")
@@ -3048,6 +3096,7 @@ TABLES = {
     "clusterrolebindings": ([col("Role"), col("Age"), col("Users", prio=1), col("Groups", prio=1),
                              col("ServiceAccounts", prio=1)], lambda o: binding_row(o)),
     "selfsubjectaccessreviews": ([col("Age")], lambda o: [age(o)]),
+    "selfsubjectrulesreviews": ([col("Age")], lambda o: [age(o)]),
     # the CRDs' additionalPrinterColumns
     "virtualservices": ([col("Gateways"), col("Hosts"), col("Age", "date")],
                         lambda o: [(o.get("spec") or {}).get("gateways"), (o.get("spec") or {}).get("hosts"), age(o)]),
@@ -3407,10 +3456,12 @@ class Handler(BaseHTTPRequestHandler):
                          "subresource": sub or "", "namespace": ns or "", "name": name or "",
                          "user": getattr(self, "user", "")})
         ident = getattr(self, "ident", ADMIN)
-        if res.plural == "selfsubjectaccessreviews":
+        if res.plural in ("selfsubjectaccessreviews", "selfsubjectrulesreviews"):
             if method != "POST":
                 raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the "
                                "requested resource")
+            if res.plural == "selfsubjectrulesreviews":
+                return self.send_json(201, self_subject_rules_review(ident, self.ssar_body(raw, rules=True)))
             return self.send_json(201, self_subject_access_review(ident, self.ssar_body(raw)))
         allowed, _ = authorize(ident, verb, group, res.plural, sub or "", ns or "", name or "")
         if not allowed:
@@ -3593,10 +3644,10 @@ class Handler(BaseHTTPRequestHandler):
         out = STORE.update(res, ns, name, new, dry_run=dry, require_rv=False)
         return self.send_json(200, self.out(res, version, out))
 
-    def ssar_body(self, raw):
+    def ssar_body(self, raw, rules=False):
         ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
         if ctype == "application/vnd.kubernetes.protobuf":   # kubectl auth can-i's typed client
-            return ssar_from_protobuf(raw)
+            return ssrr_from_protobuf(raw) if rules else ssar_from_protobuf(raw)
         body = self.json_body(raw)
         if not isinstance(body, dict):
             raise ApiError(400, "BadRequest", "the body of the request was in an unknown format")
