@@ -402,6 +402,34 @@ data: {bin: aGVsbG8=}
         eq(code, 200, "delete with the right uid")
         eq(self.emu.pod("g5"), None, "a finished pod is removed at once")
 
+    def test_init_containers(self):
+        d = self.ws("initws")
+        ex = self.ws_extra("initws")
+        ex["initContainers"] = [{"name": "prep", "image": "registry.example/prep:1", "command": [
+            "sh", "-c", "echo init-log; while [ ! -f /ws/go ]; do sleep 0.05; done; echo prepared > /ws/p"],
+            "volumeMounts": [{"name": "ws", "mountPath": "/ws"}]}]
+        self.create_pod("in1", "cat /ws/p", extra=ex)
+        p = self.emu.await_pod("in1", lambda p: "running" in (((p["status"].get("initContainerStatuses") or [{}])[0])
+                                                             .get("state") or {}), "the init container running")
+        eq(cstate(p)["waiting"]["reason"], "PodInitializing", "the main container waits")
+        conds = {c["type"]: c for c in p["status"]["conditions"]}
+        eq((conds["Initialized"]["status"], conds["Initialized"]["reason"], phase(p)),
+           ("False", "ContainersNotInitialized", "Pending"), "initializing")
+        eq(bool(re.search(r"in1\s+0/1\s+Init:0/1", self.k("get", "pod", "in1"))), True, "kubectl: Init:0/1")
+        open(os.path.join(d, "go"), "w").close()
+        p = self.emu.await_pod("in1", lambda p: phase(p) in ("Succeeded", "Failed"), "finished")
+        eq(phase(p), "Succeeded", "the pod after its init container")
+        eq(self.k("logs", "in1"), "prepared\n", "the main container saw the init container's file")
+        eq(self.k("logs", "in1", "-c", "prep"), "init-log\n", "the init container's log")
+        eq(p["status"]["initContainerStatuses"][0]["state"]["terminated"]["reason"], "Completed", "init status")
+        # a failing init container with restartPolicy Never fails the pod; the main one never starts
+        ex2 = {"initContainers": [{"name": "prep", "image": "x", "command": ["sh", "-c", "exit 2"]}]}
+        self.create_pod("in2", "echo never", extra=ex2)
+        p = self.emu.await_pod("in2", lambda p: phase(p) == "Failed", "Failed")
+        eq(p["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"], 2, "init exit code")
+        eq(cstate(p)["waiting"]["reason"], "PodInitializing", "the main container never started")
+        eq(bool(re.search(r"in2\s+0/1\s+Init:Error", self.k("get", "pod", "in2"))), True, "kubectl: Init:Error")
+
     def test_restart_policy(self):
         self.create_pod("rp", "echo run; exit 1", extra={"restartPolicy": "OnFailure"})
         p = self.emu.await_pod("rp", lambda p: (p["status"].get("containerStatuses") or [{}])[0]

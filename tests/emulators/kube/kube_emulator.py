@@ -1576,11 +1576,12 @@ def secret_bytes(sec):
 class ContainerRun:
     """One container of a real pod: its state as the kubelet reports it and the log of each run."""
 
-    def __init__(self, spec):
+    def __init__(self, spec, init=False, wait_reason="ContainerCreating"):
         self.spec = spec
+        self.init = init              # an init container: runs to completion before the others
         self.name = spec.get("name") or ""
         self.image = spec.get("image") or ""
-        self.state = {"waiting": {"reason": "ContainerCreating"}}
+        self.state = {"waiting": {"reason": wait_reason}}
         self.last_state = {}
         self.restarts = 0
         self.ever_started = False     # a process was started once (containerID, imageID known)
@@ -1601,7 +1602,10 @@ class PodRun:
         self.dir = os.path.join(POD_ROOT, "pods", "%s_%s_%s" % (self.ns, self.name, self.uid))
         self.cond = threading.Condition()
         self.plock = threading.Lock()
-        self.containers = [ContainerRun(c) for c in self.spec.get("containers") or []]
+        self.inits = [ContainerRun(c, init=True) for c in self.spec.get("initContainers") or []]
+        self.containers = [ContainerRun(c, wait_reason="PodInitializing" if self.inits else "ContainerCreating")
+                           for c in self.spec.get("containers") or []]
+        self.init_failed = False       # an init container failed with restartPolicy Never
         self.scheduled = None         # None: not yet; True; or the Unschedulable message
         self.start_time = None
         self.stop = threading.Event()  # termination requested (delete, eviction, node lost)
@@ -1629,9 +1633,14 @@ class PodRun:
             c["message"] = message
         return c
 
+    def all_containers(self):
+        return self.inits + self.containers
+
     def phase(self):
         cs = self.containers
-        if self.pod_reason == "Evicted" and all(c.done for c in cs):
+        if self.pod_reason == "Evicted" and all(c.done for c in self.all_containers()):
+            return "Failed"
+        if self.init_failed:
             return "Failed"
         if not cs or any(not c.ever_started and not c.done for c in cs):
             return "Pending"
@@ -1650,9 +1659,11 @@ class PodRun:
         n = int(hashlib.md5(self.uid.encode()).hexdigest()[:4], 16)
         ip = "10.244.%d.%d" % (n // 250 % 250, n % 250 + 1)
         st.update({"hostIP": "10.0.0.1", "hostIPs": [{"ip": "10.0.0.1"}]})
-        cstats = []
-        for c in self.containers:
-            cs = {"name": c.name, "image": c.image, "imageID": "", "ready": c.running and not self.node_lost,
+        cstats, istats = [], []
+        for c in self.all_containers():
+            ready = (c.running if not c.init else
+                     (c.state.get("terminated") or {}).get("exitCode") == 0) and not self.node_lost
+            cs = {"name": c.name, "image": c.image, "imageID": "", "ready": ready,
                   "restartCount": c.restarts, "started": c.running, "state": jcopy(c.state),
                   "lastState": jcopy(c.last_state)}
             if c.ever_started:
@@ -1661,7 +1672,8 @@ class PodRun:
                                                   if ":" in c.image.rsplit("/", 1)[-1] else c.image, digest)
                 cs["containerID"] = "containerd://%s" % hashlib.sha256(
                     ("%s/%s/%d" % (self.uid, c.name, c.restarts)).encode()).hexdigest()
-            cstats.append(cs)
+            (istats if c.init else cstats).append(cs)
+        pending_inits = [c["name"] for c in istats if not c["ready"]]
         ready = bool(self.containers) and all(c["ready"] for c in cstats)
         terminal = st["phase"] in ("Succeeded", "Failed")
         not_ready_reason = "PodCompleted" if terminal else ("ContainersNotReady" if not self.node_lost else None)
@@ -1674,13 +1686,18 @@ class PodRun:
             st["podIP"], st["podIPs"] = ip, [{"ip": ip}]
         conds = [self.cond_entry("PodReadyToStartContainers", self.start_time is not None and not terminal
                                  and not self.node_lost),
-                 self.cond_entry("Initialized", True),
+                 self.cond_entry("Initialized", not pending_inits,
+                                 "ContainersNotInitialized" if pending_inits else None,
+                                 "containers with incomplete status: [%s]" % " ".join(pending_inits)
+                                 if pending_inits else None),
                  self.cond_entry("Ready", ready, None if ready else not_ready_reason, not_ready_msg),
                  self.cond_entry("ContainersReady", ready, None if ready else not_ready_reason, not_ready_msg),
                  self.cond_entry("PodScheduled", True)]
         if self.disruption:
             conds.insert(0, self.cond_entry("DisruptionTarget", True, self.disruption[0], self.disruption[1]))
         st["conditions"] = conds
+        if istats:
+            st["initContainerStatuses"] = istats
         st["containerStatuses"] = cstats
         if self.pod_reason:
             st["reason"], st["message"] = self.pod_reason, self.pod_message
@@ -1720,7 +1737,7 @@ class PodRun:
             import traceback
             traceback.print_exc()
         finally:
-            for c in self.containers:
+            for c in self.all_containers():
                 with self.cond:
                     c.run_ended = True
                     self.cond.notify_all()
@@ -1730,7 +1747,7 @@ class PodRun:
 
     def run_pod(self):
         os.makedirs(self.dir, exist_ok=True)
-        images = [c.image for c in self.containers]
+        images = [c.image for c in self.all_containers()]
         if any("unschedulable" in i for i in images):
             self.scheduled = UNSCHEDULABLE_MSG
             self.publish()
@@ -1760,6 +1777,16 @@ class PodRun:
         self.scheduled = True
         self.start_time = now_iso()
         self.publish()
+        for c in self.inits:   # one after the other, each to a successful end
+            self.run_container(c)
+            ok = (c.state.get("terminated") or {}).get("exitCode") == 0
+            if not ok or self.stop.is_set():
+                with self.cond:
+                    self.init_failed = not ok and not self.stop.is_set()
+                    for m in self.containers:
+                        m.done = True      # never started: they keep waiting PodInitializing
+                self.publish()
+                return
         threads = [threading.Thread(target=self.run_container, args=(c,), daemon=True,
                                     name="ctr-%s-%s" % (self.name, c.name)) for c in self.containers]
         for t in threads:
@@ -2057,6 +2084,8 @@ class PodRun:
         policy = self.spec.get("restartPolicy", "Always")
         restart = (not self.stop.is_set() and self.pod_reason is None and
                    (policy == "Always" or (policy == "OnFailure" and code != 0)))
+        if c.init:    # must succeed once: restarted on failure unless the pod's policy is Never
+            restart = not self.stop.is_set() and self.pod_reason is None and code != 0 and policy != "Never"
         with self.cond:
             c.proc = None
             c.running = False
@@ -2163,14 +2192,14 @@ class PodRun:
             self.kill_at = deadline
             self.deleting = True
         self.stop.set()
-        for c in self.containers:
+        for c in self.all_containers():
             self.signal(c, signal.SIGTERM)
         threading.Thread(target=self.killer, daemon=True).start()
 
     def killer(self):
         while not self.finished.is_set():
             if time.monotonic() >= self.kill_at:
-                for c in self.containers:
+                for c in self.all_containers():
                     self.signal(c, signal.SIGKILL)
             self.finished.wait(0.05)
 
@@ -2179,7 +2208,7 @@ class PodRun:
         with self.cond:
             self.kill_at = time.monotonic()
         self.stop.set()
-        for c in self.containers:
+        for c in self.all_containers():
             self.signal(c, signal.SIGKILL)
 
     def lose_node(self, delete_after, gc_after):
@@ -2199,7 +2228,7 @@ class PodRun:
                 STORE.update(RES["pods"], self.ns, self.name, {"metadata": {}, "status": status},
                              sub="status", check_rv=False)
         self.stop.set()
-        for c in self.containers:
+        for c in self.all_containers():
             self.signal(c, signal.SIGKILL)
 
         def later():
@@ -2234,7 +2263,7 @@ class PodRun:
             self.pod_reason, self.pod_message = "Evicted", message
             self.disruption = ("TerminationByKubelet", message)
         self.stop.set()
-        for c in self.containers:
+        for c in self.all_containers():
             self.signal(c, signal.SIGKILL)
 
 
@@ -2688,13 +2717,15 @@ def pod_log(pod, run, q):
     """Validates PodLogOptions; returns (container run, instance log, lines-so-far filter state) or raises."""
     name = pod["metadata"]["name"]
     cs = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
+    ics = [c.get("name") for c in (pod.get("spec") or {}).get("initContainers") or []]
     cname = q.get("container")
     if not cname:
         if len(cs) != 1:
             raise ApiError(400, "BadRequest", "a container name must be specified for pod %s, choose one of: "
-                           "[%s]" % (name, " ".join(cs)))
+                           "[%s]%s" % (name, " ".join(cs), " or one of the init containers: [%s]" % " ".join(ics)
+                                       if ics else ""))
         cname = cs[0]
-    if cname not in cs:
+    if cname not in cs + ics:
         raise ApiError(400, "BadRequest", "container %s is not valid for pod %s" % (cname, name))
     causes = []
     for k, lo in (("tailLines", 0), ("limitBytes", 1), ("sinceSeconds", 1)):
@@ -2719,7 +2750,7 @@ def pod_log(pod, run, q):
                                                                  for c in causes]})
     if run is None:
         return None, None
-    c = next(x for x in run.containers if x.name == cname)
+    c = next(x for x in run.all_containers() if x.name == cname)
     with run.cond:
         previous = truthy(q.get("previous"))
         if previous:
@@ -3011,7 +3042,22 @@ def pod_row(p):
     total = len((p.get("spec") or {}).get("containers") or [])
     reason = st.get("reason") or st.get("phase", "Pending")
     has_running = False
-    for c in reversed(cs):
+    initializing = False
+    inits = st.get("initContainerStatuses") or []
+    for i, c in enumerate(inits):
+        state = c.get("state") or {}
+        t, w = state.get("terminated"), state.get("waiting")
+        if t and t.get("exitCode") == 0:
+            continue
+        if t:
+            reason = "Init:" + t["reason"] if t.get("reason") else "Init:ExitCode:%d" % t.get("exitCode", 0)
+        elif w and w.get("reason") and w["reason"] != "PodInitializing":
+            reason = "Init:" + w["reason"]
+        else:
+            reason = "Init:%d/%d" % (i, len((p.get("spec") or {}).get("initContainers") or []))
+        initializing = True
+        break
+    for c in reversed(cs if not initializing else []):
         state = c.get("state") or {}
         w, t = state.get("waiting"), state.get("terminated")
         if w and w.get("reason"):
@@ -3026,7 +3072,7 @@ def pod_row(p):
         reason = "Running"
     if p["metadata"].get("deletionTimestamp"):
         reason = "Terminating"
-    restarts = sum(c.get("restartCount", 0) for c in cs)
+    restarts = sum(c.get("restartCount", 0) for c in cs + inits)
     return ["%d/%d" % (ready, total), reason, str(restarts), age(p), st.get("podIP", "<none>"),
             (p.get("spec") or {}).get("nodeName", "<none>"), "<none>", "<none>"]
 
