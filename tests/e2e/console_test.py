@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import browser  # noqa: E402
 from e2e_test import Daemon, assert_eq, run_suite  # noqa: E402
 from kplgrpc import Client  # noqa: E402
-from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.common.exceptions import (NoAlertPresentException,  # noqa: E402
+                                        StaleElementReferenceException)
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
@@ -135,7 +136,10 @@ class Suite:
         assert_eq(hd.get("referrer-policy"), "no-referrer", what + ": Referrer-Policy")
 
     def wait(self, cond, timeout=WAIT):
-        return WebDriverWait(self.drv, timeout).until(cond)
+        # The page redraws parts of itself as events come: an element found
+        # a moment ago may be gone; the condition is then asked again.
+        return WebDriverWait(self.drv, timeout, ignored_exceptions=(
+            StaleElementReferenceException,)).until(cond)
 
     def css(self, sel, timeout=WAIT):
         """The element sel names, once it is visible."""
@@ -343,6 +347,23 @@ class Suite:
         self.wait_node("ok", "failed")
         self.wait(lambda d: self.run_state() == "failed")
         assert_eq(self.node_state("ship"), "skipped", "ship after a rejection")
+
+    def test_a_refusal_is_shown(self):
+        run_id = self.submit(GATED)
+        self.open("/runs/" + run_id)
+        self.wait_node("ok", "waiting")
+        self.css("#approve-ok").click()
+        self.css("dialog#confirm")
+        # Someone else answers first, while the dialog is open.
+        self.c.call(P + "ApproveStage", {"run_id": run_id, "stage": "ok", "approve": True,
+                                         "comment": "elsewhere"})
+        self.css("#confirm-ok").click()
+        answer = self.css("#answer.error")
+        # ("stage ok is SUCCEEDED, not waiting for approval", or once the
+        # run is over "run ... has ended; nothing waits for approval")
+        assert "refused" in answer.text and "for approval" in answer.text, answer.text
+        assert "400" in answer.text, answer.text  # FAILED_PRECONDITION's HTTP status
+        self.wait(lambda d: self.run_state() == "succeeded")
 
     def test_cancel_from_the_page(self):
         run_id = self.submit(SLOW)
