@@ -475,6 +475,12 @@ data: {bin: aGVsbG8=}
         eq((p["status"]["reason"], p["status"]["message"].startswith("The node was low on resource: memory.")),
            ("Evicted", True), "evicted")
         eq(cstate(p)["terminated"]["exitCode"], 137, "evicted container killed")
+        # activeDeadlineSeconds: stopped (SIGTERM) and failed by the kubelet
+        self.create_pod("dl", "exec sleep 1000", extra={"activeDeadlineSeconds": 1})
+        p = self.emu.await_pod("dl", lambda p: phase(p) == "Failed", "Failed")
+        eq((p["status"]["reason"], p["status"]["message"], cstate(p)["terminated"]["exitCode"]),
+           ("DeadlineExceeded", "Pod was active on the node longer than the specified deadline", 143),
+           "active deadline")
         # node lost: Ready=False, then Terminating (taint manager), then gone (pod GC)
         self.create_pod("nl", "exec sleep 1000")
         self.emu.await_pod("nl", lambda p: phase(p) == "Running", "Running")

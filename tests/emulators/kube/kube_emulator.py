@@ -1638,8 +1638,8 @@ class PodRun:
 
     def phase(self):
         cs = self.containers
-        if self.pod_reason == "Evicted" and all(c.done for c in self.all_containers()):
-            return "Failed"
+        if self.pod_reason and all(c.done for c in self.all_containers()):
+            return "Failed"       # Evicted, DeadlineExceeded
         if self.init_failed:
             return "Failed"
         if not cs or any(not c.ever_started and not c.done for c in cs):
@@ -1777,6 +1777,9 @@ class PodRun:
         self.scheduled = True
         self.start_time = now_iso()
         self.publish()
+        ads = self.spec.get("activeDeadlineSeconds")
+        if isinstance(ads, int) and ads > 0:
+            threading.Thread(target=self.deadline_watch, args=(ads,), daemon=True).start()
         for c in self.inits:   # one after the other, each to a successful end
             self.run_container(c)
             ok = (c.state.get("terminated") or {}).get("exitCode") == 0
@@ -2257,6 +2260,22 @@ class PodRun:
                 if cur is not None and cur["metadata"]["uid"] == self.uid:
                     STORE.delete(RES["pods"], self.ns, self.name)
         threading.Thread(target=later, daemon=True).start()
+
+    def deadline_watch(self, seconds):
+        """activeDeadlineSeconds, counted from startTime: the kubelet stops the pod (SIGTERM, SIGKILL after
+        its grace period) and fails it, reason DeadlineExceeded."""
+        if self.finished.wait(seconds) or self.stop.is_set():
+            return
+        with self.cond:
+            if all(c.done for c in self.all_containers()):
+                return
+            self.pod_reason = "DeadlineExceeded"
+            self.pod_message = "Pod was active on the node longer than the specified deadline"
+            self.kill_at = time.monotonic() + self.spec.get("terminationGracePeriodSeconds", 30)
+        self.stop.set()
+        for c in self.all_containers():
+            self.signal(c, signal.SIGTERM)
+        threading.Thread(target=self.killer, daemon=True).start()
 
     def evict(self, message):
         with self.cond:
