@@ -26,12 +26,15 @@ enum {
 
 struct rpc_hooks {
 	struct engine *eng;
+	void (*on_change)(void *data); /* rpc_hooks_on_change */
+	void *on_change_data;
 	struct api_method methods[3];
 };
 
 /* A change waiting for its commit; resp is packed at once (the request it
  * points into ends with the call). */
 struct change {
+	struct rpc_hooks *rh;
 	struct api_call *call;
 	uint8_t *resp;
 	size_t resp_len;
@@ -50,6 +53,8 @@ static void change_committed(void *data, int status)
 	struct change *c = data;
 	Kpl__V1__RegisteredPipeline *resp;
 
+	if (!status && c->rh->on_change)
+		c->rh->on_change(c->rh->on_change_data);
 	if (c->call) {
 		resp = kpl__v1__registered_pipeline__unpack(NULL, c->resp_len, c->resp);
 		if (status || !resp)
@@ -70,6 +75,7 @@ static void change_commit(struct rpc_hooks *rh, struct api_call *call,
 	struct kpl_err err = { 0 };
 	char msg[600];
 
+	c->rh = rh;
 	c->call = call;
 	c->resp_len = kpl__v1__registered_pipeline__get_packed_size(rec);
 	c->resp = kpl_malloc(c->resp_len ? c->resp_len : 1);
@@ -230,4 +236,10 @@ const struct api_method *rpc_hooks_methods(struct rpc_hooks *rh, size_t *n)
 void rpc_hooks_free(struct rpc_hooks *rh)
 {
 	free(rh);
+}
+
+void rpc_hooks_on_change(struct rpc_hooks *rh, void (*fn)(void *data), void *data)
+{
+	rh->on_change = fn;
+	rh->on_change_data = data;
 }

@@ -19,6 +19,10 @@ struct rpc_hooks *rpc_hooks_new(struct engine *e);
 /* Their method table (valid while rh lives), to add to api_server_start's. */
 const struct api_method *rpc_hooks_methods(struct rpc_hooks *rh, size_t *n);
 
+/* fn(data) runs on the loop after each registration change is stored
+ * (the schedules look again at once). fn NULL: none. */
+void rpc_hooks_on_change(struct rpc_hooks *rh, void (*fn)(void *data), void *data);
+
 /* Frees them; every call must have ended. */
 void rpc_hooks_free(struct rpc_hooks *rh);
 

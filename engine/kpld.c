@@ -237,6 +237,8 @@ static void sched_stopped(void *data)
 {
 	struct kpld *d = data;
 
+	if (d->rpc_hooks)
+		rpc_hooks_on_change(d->rpc_hooks, NULL, NULL);
 	sched_free(d->sched);
 	d->sched = NULL;
 }
@@ -839,6 +841,7 @@ int main(int argc, char **argv)
 					     .clock_file = getenv("KPL_TEST_SCHEDULE_CLOCK") };
 
 		sched_start(&sco, &d.sched);
+		rpc_hooks_on_change(d.rpc_hooks, sched_kick, d.sched);
 	}
 	if (http_listen) {
 		const char *hc = strrchr(http_listen, ':');

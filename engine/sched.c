@@ -69,6 +69,7 @@ struct step {
 };
 
 static void arm(struct sched *s, int64_t earliest);
+static void on_timer(uv_timer_t *t);
 static void crash_point(struct sched *s, const char *where);
 
 /* ---------------------------------------------------------------------- */
@@ -188,6 +189,10 @@ static void step_end(struct step *st)
 	s->inflight--;
 	free(st->name);
 	free(st);
+	/* A look while it was busy skipped it: look again now that its state
+	 * is stored (the clock file is polled anyway). */
+	if (!s->stopping && !s->clock_file)
+		uv_timer_start(&s->timer, on_timer, 0, 0);
 	maybe_done(s);
 }
 
@@ -417,7 +422,7 @@ static void consider(struct sched *s, const Kpl__V1__RegisteredPipeline *r, uint
 		int64_t base = now, created = r->created_at ? r->created_at->seconds : now;
 
 		if (created <= now && now - created <= FIRST_LOOK_GRACE_S)
-			base = created - 1;
+			base = created;
 		if (cron_next(&c, tz, base, &next) != 0)
 			next = 0;
 		fresh.fingerprint = fp;
@@ -440,9 +445,9 @@ static void consider(struct sched *s, const Kpl__V1__RegisteredPipeline *r, uint
 			next = 0;
 		fmt_time(tz, t, when, sizeof when);
 		if (missed != 1)
-			kpl_warn(LOG, "schedule %s[%u]: %s fire times passed while kpld was away; "
-				 "only the latest (%s) is considered", r->name, index,
-				 missed ? "several" : "many", when);
+			kpl_warn(LOG, "schedule %s[%u]: %s fire times passed unseen (kpld was "
+				 "down or late); only the latest (%s) is considered", r->name,
+				 index, missed ? "several" : "many", when);
 		state->next_fire = next;
 		if (next && next < *earliest)
 			*earliest = next;
@@ -564,6 +569,14 @@ int sched_start(const struct sched_options *opt, struct sched **out)
 	uv_timer_start(&s->timer, on_timer, 0, 0);
 	*out = s;
 	return 0;
+}
+
+void sched_kick(void *data)
+{
+	struct sched *s = data;
+
+	if (!s->stopping && !s->clock_file)
+		uv_timer_start(&s->timer, on_timer, 0, 0);
 }
 
 static void timer_closed(uv_handle_t *h)

@@ -57,6 +57,10 @@ struct sched_options {
  * caller's; it ends with sched_stop then sched_free. */
 int sched_start(const struct sched_options *opt, struct sched **out);
 
+/* Looks at every schedule again soon (a registration changed). void *
+ * for rpc_hooks_on_change. */
+void sched_kick(void *s);
+
 /* Stops firing; done(data) runs once the timer is closed and no commit or
  * submission of the scheduler is in flight (call hooks_stop after this:
  * it answers submissions still waiting for git). */

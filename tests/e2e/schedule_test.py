@@ -330,6 +330,37 @@ class Suite:
         self.c.call(P + "CancelRun", {"id": second["id"]})
         watch(self.c, second["id"])
 
+    def test_real_clock_fires_the_first_minute_after_registering(self):
+        # A kpld on the real clock: a registration is looked at at once, so
+        # the first minute after it fires (its run's fire time is that
+        # minute, not a later one found "missed"). Waits up to a minute.
+        saved = os.environ.pop("KPL_TEST_SCHEDULE_CLOCK")
+        try:
+            d = Daemon(self.daemon.binary, os.path.join(self.tmp, "data-real"))
+            c = d.start()
+        finally:
+            os.environ["KPL_TEST_SCHEDULE_CLOCK"] = saved
+        try:
+            c.call(P + "SetSecret", {"name": "HOOK_KEY", "value": "hook-key-1234"})
+            c.call(P + "RegisterPipeline", {
+                "name": "hourly", "repo": self.repo, "path": "hourly.yaml",
+                "secret": "HOOK_KEY", "schedules": [{"cron": "* * * * *"}]})
+            reg = next(p for p in Client.to_dict(c.call(P + "ListPipelines", {}))
+                       ["pipelines"] if p["name"] == "hourly")
+            created = calendar.timegm(time.strptime(reg["created_at"][:19],
+                                                    "%Y-%m-%dT%H:%M:%S"))
+            want = time.strftime("%Y-%m-%dT%H:%M:00Z", time.gmtime(created // 60 * 60 + 60))
+
+            def fired():
+                l = Client.to_dict(c.call(P + "ListPipelines", {}))["pipelines"]
+                sc = next(p for p in l if p["name"] == "hourly")["schedules"][0]
+                return sc.get("last_run_id") and sc
+            sc = await_true(fired, "the first fire on the real clock", timeout=150)
+            assert_eq(sc["last_fire"], want, "the first fire after registering")
+            watch(c, sc["last_run_id"])
+        finally:
+            assert_eq(d.stop(), 0, "the real-clock kpld's exit status")
+
     def close(self):
         rc = self.daemon.stop()
         assert_eq(rc, 0, "kpld exit status")
