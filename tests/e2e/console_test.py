@@ -90,6 +90,27 @@ stages:
         echo 'to stderr' >&2
 """
 
+# Two verify stages against kpld's own listener: /healthz passes, a missing
+# asset fails (404, expect 200).
+VERIFY = """
+name: checked
+stages:
+  - name: good
+    kind: verify
+    with:
+      interval: 250ms
+      count: 2
+      failure_limit: 0
+      http: { url: "http://%(http)s/healthz" }
+  - name: bad
+    kind: verify
+    with:
+      interval: 250ms
+      count: 2
+      failure_limit: 0
+      http: { url: "http://%(http)s/assets/missing.js" }
+"""
+
 MANY = """
 name: many
 stages:
@@ -425,6 +446,22 @@ class Suite:
         assert_eq(marked.get_attribute("data-n"), "3", "the marked line")
         errs = browser.console_errors(self.drv)
         assert not errs, errs
+
+    def test_verify_rounds_marked(self):
+        run_id = self.submit(VERIFY % {"http": self.http})
+        self.open("/runs/" + run_id)
+        self.wait(lambda d: self.run_state() == "failed")
+        marks = lambda stage: self.js(  # noqa: E731
+            "return [...document.querySelectorAll('#canary section.canary[data-stage=\"' +"
+            " arguments[0] + '\"] .chart.rounds .mark')].map((m) => m.dataset.verdict)", stage)
+        self.wait(lambda d: marks("good") == ["pass", "pass"] and marks("bad") == ["fail"])
+        # Told by shape too: a filled circle for a pass, a cross for a fail.
+        assert self.drv.find_elements(By.CSS_SELECTOR,
+                                      "section.canary[data-stage='good'] .mark.v-pass circle")
+        assert self.drv.find_elements(By.CSS_SELECTOR,
+                                      "section.canary[data-stage='bad'] .mark.v-fail path")
+        bad = self.css("section.canary[data-stage='bad'] .verify-table").text
+        assert "404" in bad and "expect 200" in bad and "fail" in bad, bad
 
     def test_100000_lines(self):
         run_id = self.submit(MANY)
