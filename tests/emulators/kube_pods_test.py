@@ -114,7 +114,7 @@ def cstate(p, i=0):
 class Suite:
     def __init__(self, emulator, work):
         self.work = work
-        self.emu = Emulator(emulator, work, "--pace", "0.2")
+        self.emu = Emulator(emulator, work, "--pace", "0.2", "--container-log-max-bytes", "100000")
         self.env = dict(os.environ, KUBECONFIG=self.emu.kubeconfig, HOME=work)
 
     def k(self, *args, ok=True, inp=None):
@@ -292,6 +292,16 @@ class Suite:
         self.emu.await_pod("pl", lambda p: "waiting" in cstate(p), "waiting")
         out = self.k("logs", "pl", ok=False)
         contains(out, 'container "step" in pod "pl" is waiting to start', "log of a waiting container")
+
+    def test_log_cap(self):
+        self.create_pod("big", "seq -f 'line %06g of the big log, padded to about fifty bytes' 1 5000")
+        self.emu.await_pod("big", lambda p: phase(p) == "Succeeded", "Succeeded")
+        code, body = self.emu.call("GET", "/api/v1/namespaces/default/pods/big/log", raw=True)
+        lines = body.decode().splitlines()
+        eq((len(body) <= 100000, lines[-1]), (True, "line 005000 of the big log, padded to about fifty bytes"),
+           "the log keeps its newest 100000 bytes (--container-log-max-bytes)")
+        eq(lines[0].startswith("line 00"), True, "whole lines are dropped: %r" % lines[0])
+        eq(int(lines[0].split()[1]) > 1, True, "the oldest lines went")
 
     def test_env_secrets_volumes(self):
         d = self.ws("envws")

@@ -1573,6 +1573,35 @@ def secret_bytes(sec):
     return out
 
 
+class RunLog:
+    """One container run's log records [(time_ns, bytes)], at most --container-log-max-bytes: the oldest
+    lines go first, as the kubelet's rotation (containerLogMaxSize) drops old files. Positions are
+    absolute (dropped lines keep counting), so a follower never skips or repeats. Guarded by the pod's cond."""
+
+    def __init__(self):
+        self.lines = []
+        self.dropped = 0
+        self.size = 0
+
+    def add(self, recs):
+        self.lines.extend(recs)
+        self.size += sum(len(r[1]) for r in recs)
+        cap = OPTS.container_log_max_bytes if OPTS else 0
+        if cap and self.size > cap:
+            n = 0
+            while self.size > cap and n < len(self.lines) - 1:
+                self.size -= len(self.lines[n][1])
+                n += 1
+            del self.lines[:n]
+            self.dropped += n
+
+    def end(self):
+        return self.dropped + len(self.lines)
+
+    def since(self, pos):
+        return self.lines[max(0, pos - self.dropped):]
+
+
 class ContainerRun:
     """One container of a real pod: its state as the kubelet reports it and the log of each run."""
 
@@ -1588,7 +1617,7 @@ class ContainerRun:
         self.running = False
         self.done = False             # terminated and not restarting
         self.proc = None
-        self.logs = [[]]              # per run: [(time_ns, bytes)], the last one is current
+        self.logs = [RunLog()]        # per run, the last one is current
         self.run_ended = False        # the current run's process has exited and its log is complete
         self.oom = False
 
@@ -2036,7 +2065,7 @@ class PodRun:
                 continue
             with self.cond:
                 if c.ever_started:
-                    c.logs.append([])   # a new run: the old log is `previous`
+                    c.logs.append(RunLog())   # a new run: the old log is `previous`
             try:
                 proc = subprocess.Popen(self.sandbox_argv(c, argv, binds, term_file), env=env,
                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -2065,7 +2094,7 @@ class PodRun:
             if (not msg and code != 0 and
                     c.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError"):
                 with self.cond:
-                    tail = b"".join(l for _, l in c.logs[-1][-80:])[-2048:]
+                    tail = b"".join(l for _, l in c.logs[-1].lines[-80:])[-2048:]
                 msg = tail.decode("utf-8", "replace")
             if c.oom:
                 code, reason = 137, "OOMKilled"
@@ -2147,11 +2176,11 @@ class PodRun:
             if lines:
                 t = time.time_ns()
                 with self.cond:
-                    c.logs[-1].extend((t, l + b"\n") for l in lines)
+                    c.logs[-1].add([(t, l + b"\n") for l in lines])
                     self.cond.notify_all()
         if buf:
             with self.cond:
-                c.logs[-1].append((time.time_ns(), buf))
+                c.logs[-1].add([(time.time_ns(), buf)])
                 self.cond.notify_all()
         proc.stdout.close()
 
@@ -3753,19 +3782,19 @@ class Handler(BaseHTTPRequestHandler):
             if c is None:
                 return
             with run.cond:
-                lines = [x for x in inst if since is None or x[0] >= since]
+                lines = [x for x in inst.lines if since is None or x[0] >= since]
                 if tail is not None:
                     lines = lines[len(lines) - tail:] if tail else []
-                idx = len(inst)
+                idx = inst.end()
             if not emit(lines):
                 return
             while follow and not STOPPING.is_set():
                 with run.cond:
-                    while (idx == len(inst) and not c.run_ended and inst is c.logs[-1]
+                    while (idx == inst.end() and not c.run_ended and inst is c.logs[-1]
                            and not STOPPING.is_set()):
                         run.cond.wait(0.5)
-                    new = inst[idx:]
-                    idx = len(inst)
+                    new = inst.since(idx)
+                    idx = inst.end()
                     ended = c.run_ended or inst is not c.logs[-1]
                 if not emit(new) or ended:
                     return
@@ -3993,6 +4022,8 @@ def main(argv=None):
     ap.add_argument("--webhook-denials", action="store_true",
                     help="answer invalid Istio objects as the real validating webhook does (400) instead of 422")
     ap.add_argument("--verbose", action="store_true", help="log requests to stderr")
+    ap.add_argument("--container-log-max-bytes", type=int, default=10 * 1024 * 1024,
+                    help="a container run's log kept (oldest lines dropped past it; 0 = no limit), default 10Mi")
     ap.add_argument("--ca-cert", help="the CA pods find in their service account's ca.crt (default: --tls-cert)")
     ap.add_argument("--sa-token", action="append", default=[], metavar="TOKEN=NS/NAME",
                     help="bearer TOKEN authenticates as service account NS/NAME, under RBAC (repeatable)")
