@@ -19,12 +19,17 @@ let ready = false;   // the token's scope is known
 
 const SECTIONS = [
   { name: "runs", label: "Runs", scope: "read", view: runsView },
-  { name: "releases", label: "Releases", scope: "read", view: releasesView },
-  { name: "pipelines", label: "Pipelines", scope: "read", view: pipelinesView },
+  // Not about one pipeline: a token limited to one may not see them.
+  { name: "releases", label: "Releases", scope: "read", view: releasesView, unbound: true },
+  { name: "pipelines", label: "Pipelines", scope: "read", view: pipelinesView, unbound: true },
   { name: "secrets", label: "Secrets", scope: "admin", view: secretsView },
   { name: "tokens", label: "Tokens", scope: "admin", view: tokensView },
   { name: "audit", label: "Audit", scope: "admin", view: auditView },
 ];
+
+function allowed(sec) {
+  return can(sec.scope) && !(sec.unbound && me.pipeline);
+}
 
 function signIn(message) {
   stop();
@@ -59,7 +64,7 @@ function stop() {
 function header(section) {
   clear(nav);
   for (const sec of SECTIONS) {
-    if (!can(sec.scope)) continue;
+    if (!allowed(sec)) continue;
     nav.append(h("a", { href: "#/" + sec.name, "aria-current": sec.name === section ? "page" : null }, sec.label));
   }
   clear(who).append(me.known ? `${me.scope} token${me.pipeline ? " for " + me.pipeline : ""} ` : "signed in ",
@@ -83,7 +88,7 @@ function route() {
   const sec = SECTIONS.find((x) => x.name === section);
   let ret;
   if (section === "runs" && rest.length) ret = runView(main, rest);
-  else if (sec && can(sec.scope)) ret = sec.view(main, query);
+  else if (sec && allowed(sec)) ret = sec.view(main, query);
   else main.append(h("h1", {}, "Not here"), h("p", {}, "No such page, or your token may not see it. ", h("a", { href: "#/runs" }, "Runs")));
   current = { name: section + "/" + (rest[0] || ""), cleanup: typeof ret === "function" ? ret : ret && ret.cleanup,
               update: ret && ret.update };

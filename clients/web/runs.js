@@ -6,7 +6,7 @@
 // appears at the top of the first page.
 import { h, clear, fmtTime, fmtDuration, stateWord } from "./dom.js";
 import * as api from "./api.js";
-import { badge, notify, errorText } from "./ui.js";
+import { badge, notify, errorText, me } from "./ui.js";
 
 const PAGE = 50;
 const STATES = ["", "queued", "running", "succeeded", "failed", "cancelled"];
@@ -25,7 +25,8 @@ function duration(run) {
 }
 
 export function runsView(main, query) {
-  const q = { pipeline: query.get("pipeline") || "", state: query.get("state") || "",
+  // A token limited to one pipeline may list only that one's runs.
+  const q = { pipeline: me.pipeline || query.get("pipeline") || "", state: query.get("state") || "",
               page: query.get("page") || "", prev: query.get("prev") || "" };
   const rows = new Map(); // run id -> {tr, run}
   const tbody = h("tbody", { id: "runs-body" });
@@ -33,7 +34,7 @@ export function runsView(main, query) {
   const live = h("span", { class: "live muted", id: "runs-live" }, "");
 
   const pipeline = h("input", { id: "f-pipeline", name: "pipeline", value: q.pipeline, placeholder: "any",
-                                list: "pipelines-list", autocomplete: "off", size: 16 });
+                                list: "pipelines-list", autocomplete: "off", size: 16, readonly: !!me.pipeline });
   const state = h("select", { id: "f-state", name: "state" },
     STATES.map((st) => h("option", { value: st, selected: st === q.state }, st || "any")));
   const search = h("input", { id: "f-id", name: "id", placeholder: "run id", autocomplete: "off",

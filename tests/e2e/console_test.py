@@ -499,6 +499,29 @@ class Suite:
         nav = self.css("#nav").text
         assert "Tokens" in nav and "Audit" in nav, nav
 
+    def test_token_limited_to_one_pipeline(self):
+        tok = Client.to_dict(self.c.call(S + "CreateToken", {
+            "scope": "TOKEN_SCOPE_SUBMIT", "pipeline": "slow",
+            "description": "console slow only"}))["token"]
+        mine, other = self.submit(SLOW), self.submit(GATED)
+        self.sign_in(tok)
+        nav = self.css("#nav").text
+        assert "Runs" in nav and "Releases" not in nav and "Pipelines" not in nav, nav
+        # Its runs list is its pipeline's (kpld refuses a limited token's
+        # unfiltered list), live.
+        self.css("#runs-body tr[data-run='%s']" % mine)
+        assert not self.drv.find_elements(By.CSS_SELECTOR, "#runs-body tr[data-run='%s']" % other)
+        assert_eq(self.css("#f-pipeline").get_attribute("value"), "slow", "the filter")
+        self.wait(lambda d: "● live" in d.find_element(By.ID, "runs-live").text)
+        # It may cancel its pipeline's run.
+        self.open("/runs/" + mine)
+        self.wait_node("wait", "running")
+        self.css("#btn-cancel").click()
+        self.confirm()
+        self.wait(lambda d: self.run_state() == "cancelled")
+        self.c.call(P + "CancelRun", {"id": other})
+        self.sign_in(self.admin)
+
     def test_paging_keyboard_and_phone_width(self):
         self.sign_in(self.admin)
         noop = "name: paged\nstages:\n  - { name: a, kind: noop }\n"
