@@ -251,26 +251,29 @@ while [ ! -e "$KPL_PARAM_DIR/go-secret" ]; do sleep 0.05; done
                   "the secret reached the command")
         self.assert_gone(run)
 
-    def test_kill9_moved_data_dir_reattaches_once(self):
-        go = os.path.join(self.shared, "go-kill")
-        ledger = os.path.join(self.shared, "ledger")
+    def _restart_mid_stage(self, sig, move):
+        go = os.path.join(self.shared, "go-%d" % sig)
+        ledger = os.path.join(self.shared, "ledger-%d" % sig)
         text = pipeline("pod-survive", """
-echo ran >> "$KPL_PARAM_DIR/ledger"
+echo ran >> "$KPL_PARAM_DIR/ledger-%d"
 i=0
-while [ ! -e "$KPL_PARAM_DIR/go-kill" ]; do i=$((i+1)); echo "line $i"; sleep 0.02; done
+while [ ! -e "$KPL_PARAM_DIR/go-%d" ]; do i=$((i+1)); echo "line $i"; sleep 0.02; done
 echo "line end"
-""")
+""" % (sig, sig))
         before = len(self.creates())
         run = Client.to_dict(submit(self.c, text, {"dir": self.shared}))
         self.wait_stdout(run["id"])
         self.c.close()
-        self.daemon.stop(signal.SIGKILL)
+        rc = self.daemon.stop(sig)
+        if sig == signal.SIGTERM:
+            assert_eq(rc, 0, "kpld's exit status on SIGTERM (the pod left running)")
         # The pod goes on printing while no kpld listens.
         self.wait_pod(run["id"], "running", lambda p: p["status"].get("phase") == "Running")
-        moved = self.data + "-moved"
-        os.rename(self.data, moved)
-        self.data = moved
-        self.daemon = Daemon(self.daemon.binary, moved, ["--config", self.cfg])
+        if move:
+            moved = self.data + "-moved"
+            os.rename(self.data, moved)
+            self.data = moved
+        self.daemon = Daemon(self.daemon.binary, self.data, ["--config", self.cfg])
         self.c = self.daemon.start()
         got = Client.to_dict(self.c.call(P + "GetRun", {"id": run["id"]}))
         assert_eq((got["state"], got["stages"][0]["state"], got["stages"][0]["attempt"]),
@@ -292,6 +295,12 @@ echo "line end"
         system = [e["message"] for e in events if e.get("stream") == "LOG_STREAM_SYSTEM"]
         assert any(m.startswith("re-attached to pod kpl-") for m in system), system
         self.assert_gone(run)
+
+    def test_kill9_moved_data_dir_reattaches_once(self):
+        self._restart_mid_stage(signal.SIGKILL, True)
+
+    def test_sigterm_reattaches_once(self):
+        self._restart_mid_stage(signal.SIGTERM, False)
 
     def test_lost_create_reply_attaches(self):
         # The API server creates the pod but its reply is lost (RST): kpld
