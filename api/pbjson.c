@@ -296,10 +296,21 @@ static int get_int(json_t *v, bool is_signed, int64_t *si, uint64_t *ui)
 	}
 	if (json_is_real(v)) {
 		double x = json_real_value(v);
-		if (x != floor(x) || x < (is_signed ? -9.2e18 : 0) || x > 1.8e19)
+		/* Exact powers of two as bounds, and only the cast that fits:
+		 * 1.48e19 into int64_t was undefined (pbjson_fuzz, UBSan). */
+		if (x != floor(x))
 			return -1;
-		*si = (int64_t)x;
-		*ui = (uint64_t)x;
+		if (is_signed) {
+			if (x < -9223372036854775808.0 || x >= 9223372036854775808.0)
+				return -1;
+			*si = (int64_t)x;
+			*ui = (uint64_t)*si;
+		} else {
+			if (x < 0 || x >= 18446744073709551616.0)
+				return -1;
+			*ui = (uint64_t)x;
+			*si = (int64_t)*ui;
+		}
 		return 0;
 	}
 	if (json_is_string(v)) {
