@@ -870,6 +870,7 @@ int kube_stream_lines(struct http_client *h, struct kube_config *cfg, const char
 	o.n_headers = 1;
 	o.timeout_ms = HTTP_TIMEOUT_NONE;
 	o.on_line = on_line;
+	o.max_line = KUBE_STREAM_MAX_LINE;
 	o.on_done = on_done;
 	o.data = data;
 	set_auth_tls(cfg, &o);

@@ -212,10 +212,14 @@ int kube_request(struct http_client *h, struct kube_config *cfg, const char *met
 /*
  * GET server+path as a stream of text lines (a pod's log with follow=true):
  * on_line for each line of a 2xx body, then on_done with the raw response
- * (a non-2xx body there, for kube_status_parse). No deadline; no retry once
- * a line was delivered (the caller resumes: sinceTime). Returns 0 or
- * KPL_EINVAL (err says why; on_done never runs then).
+ * (a non-2xx body there, for kube_status_parse). Lines up to
+ * KUBE_STREAM_MAX_LINE (a stage's whole log cap: a container's line has no
+ * bound of its own, and one the stream refused would stop it at the same
+ * place every time it resumes). No deadline; no retry once a line was
+ * delivered (the caller resumes: sinceTime). Returns 0 or KPL_EINVAL (err
+ * says why; on_done never runs then).
  */
+#define KUBE_STREAM_MAX_LINE (16u * 1024 * 1024)
 int kube_stream_lines(struct http_client *h, struct kube_config *cfg, const char *path,
 		      http_line_cb on_line, http_done_cb on_done, void *data,
 		      struct http_request **out, struct kpl_err *err);

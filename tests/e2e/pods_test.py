@@ -192,6 +192,17 @@ echo "digest=sha256:abc" >> "$KPL_OUTPUTS"
                   "defaults' diagnostic, once, at its line")
         assert_eq(diags(pipeline("pod-ok", "true"))[0], True, "a known cluster")
 
+    def test_a_long_line_is_cut_into_events(self):
+        # 2 MB on one line (past the HTTP layer's usual 1 MiB line bound):
+        # events of at most 8 KiB, and the stream goes on after it.
+        text = pipeline("pod-long", "head -c 2000000 /dev/zero | tr '\\0' x; echo\necho after\n")
+        run, events = self.run_to_end(text)
+        assert_eq(run["state"], "RUN_STATE_SUCCEEDED", "run state (%s)" % run.get("message"))
+        got = logs(events, "work")
+        assert_eq(got[-1], "after", "the line after the long one")
+        assert_eq(sum(len(m) for m in got[:-1]), 2000000, "the long line's bytes")
+        assert max(len(m.encode()) for m in got) <= 8192, max(len(m) for m in got)
+
     def test_workspace_empty_or_the_runs_claim(self):
         # Without runs_on.workspace a pod stage starts in an empty
         # /workspace; with it, the run's pod stages share one claim, deleted
