@@ -132,6 +132,29 @@ static void set_step_at(struct pod *p, enum pod_step s, int line)
 	p->step = s;
 }
 
+/*
+ * The one way the stored state changes (it is recorded by the caller, with
+ * stage_record_resume or pod_save): forward only, cancel from anything not
+ * yet ended.
+ */
+static void rec_set_state(struct pod *p, enum podspec_state to)
+{
+	static const unsigned ok[PODSPEC_S_LAST] = {
+		[PODSPEC_S_NONE] = 1u << PODSPEC_S_CLAIMED,
+		[PODSPEC_S_CLAIMED] = 1u << PODSPEC_S_CREATED | 1u << PODSPEC_S_DONE |
+				      1u << PODSPEC_S_CANCELLING,
+		[PODSPEC_S_CREATED] = 1u << PODSPEC_S_DONE | 1u << PODSPEC_S_CANCELLING,
+	};
+	enum podspec_state from = p->rec.state;
+
+	if (from >= PODSPEC_S_LAST || to >= PODSPEC_S_LAST || !(ok[from] & (1u << to)))
+		BUG("%s: stored state %s -> %s", p->rec.pod, podspec_state_name(from),
+		    podspec_state_name(to));
+	kpl_debug(LOG, "%s: stored state %s -> %s", p->rec.pod, podspec_state_name(from),
+		  podspec_state_name(to));
+	p->rec.state = to;
+}
+
 /* ---------------------------------------------------------------------- */
 /* Lifetime */
 
@@ -435,7 +458,7 @@ static void on_reply(int status, json_t *obj, const struct kube_status *ks, void
 			/* The line and the CREATED record in one commit. */
 			stage_log_staged(p->st, KPL__V1__LOG_STREAM__LOG_STREAM_SYSTEM, line,
 					 n < (int)sizeof line ? (size_t)n : sizeof line - 1);
-			p->rec.state = PODSPEC_S_CREATED;
+			rec_set_state(p, PODSPEC_S_CREATED);
 			pod_save(p);
 			if (p->cancel_wanted) {
 				begin_cancel(p);
@@ -775,7 +798,7 @@ static void pod_conclude(struct pod *p, Kpl__V1__StageState state, const char *m
 	p->end_state = state;
 	free(p->end_msg);
 	p->end_msg = msg ? kpl_strdup(msg) : NULL;
-	p->rec.state = PODSPEC_S_DONE;
+	rec_set_state(p, PODSPEC_S_DONE);
 	p->rec.result = (int)state;
 	free(p->rec.msg);
 	p->rec.msg = msg ? kpl_strdup(msg) : NULL;
@@ -790,7 +813,7 @@ static void begin_cancel(struct pod *p)
 	char msg[400];
 
 	stop_follow(p);
-	p->rec.state = PODSPEC_S_CANCELLING;
+	rec_set_state(p, PODSPEC_S_CANCELLING);
 	pod_save(p);
 	snprintf(msg, sizeof msg, "cancelled: deleted %s", p->where);
 	p->end_state = KPL__V1__STAGE_STATE__STAGE_STATE_CANCELLED;
@@ -1048,7 +1071,7 @@ static int pod_begin(struct stage *st, const char *resume, struct kpl_err *err)
 	kpl_debug(LOG, "run %s stage %s: %s %s", stage_run_id(st), stage_name(st),
 		  resume ? "re-attaching to" : "starting", p->where);
 	if (!resume) {
-		p->rec.state = PODSPEC_S_CLAIMED;
+		rec_set_state(p, PODSPEC_S_CLAIMED);
 		p->step = STEP_CLAIMING;
 		p->recording = true;
 		{
