@@ -360,6 +360,12 @@ static void pod_exec(struct pod *p)
 		json_decref(opts);
 		break;
 	case STEP_DELETE_SECRET:
+		if (!p->rec.secret) {
+			/* No secret env when the attempt was claimed: no Secret. */
+			set_step(p, STEP_END);
+			pod_exec(p);
+			break;
+		}
 		opts = delete_options(0);
 		send_req(p, "DELETE", pod_path(p, "secrets", p->rec.secret), opts);
 		json_decref(opts);
@@ -967,7 +973,7 @@ static int pod_begin(struct stage *st, const char *resume, struct kpl_err *err)
 	struct podspec_env *penv = NULL;
 	char **argv = NULL, **env = NULL, *cluster = NULL, *ns = NULL, *sa = NULL, *wd = NULL;
 	json_t *resources = NULL, *nodesel = NULL, *tols = NULL;
-	char *ws = NULL, *claim = NULL;
+	char *ws = NULL, *claim = NULL, *secret_name = NULL;
 	const struct pl_node *n;
 	size_t argc = 0, nenv = 0;
 	bool any_secret = false;
@@ -1001,7 +1007,6 @@ static int pod_begin(struct stage *st, const char *resume, struct kpl_err *err)
 		p->rec.cluster = kpl_strdup(cluster);
 		p->rec.namespace = kpl_strdup(ns);
 		p->rec.pod = podspec_name(stage_run_id(st), stage_name(st), stage_attempt(st));
-		p->rec.secret = kpl_asprintf("%s-env", p->rec.pod);
 	}
 	p->image = stage_expand(st, runs_on(st, "image"));
 	p->pull_ms = duration_or(st, "image_pull_timeout", POD_DEFAULT_PULL_MS);
@@ -1047,7 +1052,12 @@ static int pod_begin(struct stage *st, const char *resume, struct kpl_err *err)
 	in.workdir = wd;
 	in.env = penv;
 	in.n_env = nenv;
-	in.secret_name = p->rec.secret;
+	secret_name = kpl_asprintf("%s-env", p->rec.pod);
+	in.secret_name = secret_name;
+	/* The record says whether a Secret may exist (what is deleted at the
+	 * end): one is made when the env holds a secret. */
+	if (any_secret && !p->rec.secret)
+		p->rec.secret = kpl_strdup(secret_name);
 	in.resources = resources;
 	in.node_selector = nodesel;
 	in.tolerations = tols;
@@ -1126,6 +1136,7 @@ out:
 	free(wd);
 	free(ws);
 	free(claim);
+	free(secret_name);
 	json_decref(resources);
 	json_decref(nodesel);
 	json_decref(tols);
