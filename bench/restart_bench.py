@@ -18,8 +18,8 @@ read, it is killed with SIGKILL and started again on the same data dir:
   restart_serving_s      from exec to the ready file (kpld serves after its
                          recovery has re-attached every run: engine_start
                          recovers before the API starts)
-  restart_resumed_s      from exec to the last "recovered in state" log line
-                         (the engine's per-run recovery, info level)
+  restart_resumed_s      from kpld's first log line to its "recovered N
+                         unfinished runs in X ms" line (the engine's recovery)
   rss_per_run_kib        kpld's VmRSS before the kill / N
 
 Then it checks what "resumed" promises: the lock is released and every
@@ -33,6 +33,7 @@ Prints "name=value (details)" lines. Needs python3-grpcio, flock(1).
 import argparse
 import collections
 import concurrent.futures
+import datetime
 import fcntl
 import os
 import re
@@ -189,8 +190,8 @@ def one(binary, n, tmp_root):
           "%d approvals waiting, %d retries scheduled; kpld from exec to its ready file)"
           % (serving, n, want[0], want[1], want[2]), flush=True)
     if resumed is not None:
-        print("restart_resumed_s=%.3f (from kpld's first log line after exec to its last "
-              "'recovered in state' line, %d runs)" % (resumed[0], resumed[1]), flush=True)
+        print("restart_resumed_s=%.3f (from kpld's first log line after exec to its line "
+              "'recovered %d unfinished runs')" % (resumed[0], resumed[1]), flush=True)
     print("rss_per_run_kib=%.2f (kpld VmRSS %d KiB with %d runs in flight, before the kill; "
           "setup took %.0f s)" % (rss / n, rss, n, setup), flush=True)
 
@@ -257,24 +258,23 @@ def all_retries_pending(c, rids):
 
 
 def last_recovered(log, mark):
-    """(seconds from the first log line after mark to the last 'recovered in
-    state' line, count), from kpld's own timestamps."""
+    """(seconds from kpld's first log line after mark to its line "recovered N
+    unfinished runs in X ms", N), from kpld's own timestamps."""
     with open(log, errors="replace") as f:
         f.seek(mark)
         text = f.read()
     stamps = re.findall(r"^(\S+) .*$", text, re.M)
-    rec = [ln for ln in text.splitlines() if "recovered in state" in ln]
-    if not stamps or not rec:
+    done = re.search(r"^(\S+) .*recovered (\d+) unfinished runs? in \d+ ms", text, re.M)
+    if not stamps or not done:
         return None
 
     def t(s):
-        m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:)(\d\d(?:\.\d+)?)", s)
-        return None if not m else (m.group(1), float(m.group(2)))
+        return datetime.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
 
-    first, last = t(stamps[0]), t(rec[-1].split()[0])
-    if not first or not last or first[0] != last[0]:
-        return None  # crossed a minute boundary: not worth parsing dates for
-    return last[1] - first[1], len(rec)
+    try:
+        return t(done.group(1)) - t(stamps[0]), int(done.group(2))
+    except ValueError:
+        return None
 
 
 def main():

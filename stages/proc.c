@@ -1200,9 +1200,9 @@ int proc_resume(struct stage *st, const char *dir, const char *resume_prefix,
 	}
 	if ((rc = attach(p, err)) != 0)
 		goto fail;
-	kpl_info(LOG, "run %s stage %s: re-attached to %s at output offset %llu%s",
-		 stage_run_id(st), stage_name(st), p->dir, (unsigned long long)p->offset,
-		 p->shim_gone ? " (it has finished)" : "");
+	kpl_debug(LOG, "run %s stage %s: re-attached to %s at output offset %llu%s",
+		  stage_run_id(st), stage_name(st), p->dir, (unsigned long long)p->offset,
+		  p->shim_gone ? " (it has finished)" : "");
 	*out = p;
 	kick(p);
 	return 0;

@@ -519,13 +519,15 @@ stages:
                        capture_output=True, text=True)
         c = d.start()
         try:
+            # kpld may serve before the commit of the FAILED state lands
+            # (a loaded host): the run's events say when it has.
+            events = watch(c, run["id"])
+            assert_eq(events[-1]["run_state"], "RUN_STATE_FAILED", "final event")
             got = get(c, run["id"])
             assert_eq((got["state"], stage(got, "s")["state"]),
                       ("RUN_STATE_FAILED", "STAGE_STATE_FAILED"), "states")
             if "no longer parses" not in got["message"]:
                 raise AssertionError("message %r" % got["message"])
-            events = watch(c, run["id"])
-            assert_eq(events[-1]["run_state"], "RUN_STATE_FAILED", "final event")
             assert_eq([int(e["seq"]) for e in events], list(range(1, len(events) + 1)),
                       "seqs without a gap")
             deadline = time.monotonic() + 10
