@@ -86,6 +86,7 @@ struct opts {
 	double idle_timeout;
 	bool do_submit, do_submit_noop, do_watch, do_noop;
 	long kpld_pid;         /* --kpld-pid: its CPU time per run is reported */
+	const char *echo_target; /* --echo-target: tests/api/echo_server, the limit */
 };
 
 /* CPU seconds (user + system) of a process; *children gets what its
@@ -239,6 +240,7 @@ static double wait_idle(struct kplc *c, double timeout)
 
 struct submit_shared {
 	const char *pipeline;
+	bool echo;              /* GetRun on --echo-target instead of SubmitRun */
 	bool private_conns;
 	grpc_channel **raw;     /* if private_conns */
 	uint8_t *req;           /* the packed request, for raw */
@@ -369,6 +371,13 @@ static int worker_submit(struct submit_worker *w, struct kplc_status *st)
 {
 	struct submit_shared *sh = w->sh;
 
+	if (sh->echo) {
+		Kpl__V1__Run *run = NULL;
+		int rc = kplc_get_run(sh->conns[w->i % sh->n_conns], "bench", &run, st);
+
+		kplc_msg_free(run);
+		return rc;
+	}
 	if (sh->private_conns)
 		return raw_submit(sh->raw[w->i % sh->n_conns], sh->req, sh->req_len, st);
 	return submit_one(sh->conns[w->i % sh->n_conns], sh->pipeline, st);
@@ -410,11 +419,15 @@ static void *submit_thread(void *arg)
 	return NULL;
 }
 
-static void bench_submit(const struct opts *o, const char *name, const char *pipeline,
-			 int n_conns, bool private_conns, struct kplc *ctl)
+/* Returns the calls answered OK per second. pipeline NULL: the echo phase
+ * (GetRun on --echo-target, nothing to drain). */
+static double bench_submit(const struct opts *o, const char *name, const char *pipeline,
+			   int n_conns, bool private_conns, struct kplc *ctl)
 {
 	struct submit_shared sh = { .pipeline = pipeline, .n_conns = n_conns,
-				    .private_conns = private_conns };
+				    .private_conns = private_conns, .echo = !pipeline };
+	const char *target = pipeline ? o->target : o->echo_target;
+	double rate;
 	Kpl__V1__SubmitRunRequest req = KPL__V1__SUBMIT_RUN_REQUEST__INIT;
 	struct submit_worker *ws = calloc((size_t)o->callers, sizeof *ws);
 	long ok = 0, errs[N_CODES + 1] = { 0 };
@@ -434,9 +447,9 @@ static void bench_submit(const struct opts *o, const char *name, const char *pip
 	protobuf_c_message_pack(&req.base, sh.req);
 	for (int i = 0; i < n_conns; i++) {
 		if (private_conns)
-			sh.raw[i] = raw_channel(o->target);
+			sh.raw[i] = raw_channel(target);
 		else
-			sh.conns[i] = connect_or_die(o->target);
+			sh.conns[i] = connect_or_die(target);
 	}
 	pthread_barrier_init(&sh.start, NULL, (unsigned)o->callers + 1);
 	for (int i = 0; i < o->callers; i++) {
@@ -447,12 +460,12 @@ static void bench_submit(const struct opts *o, const char *name, const char *pip
 	}
 	/* Twice: once all callers are connected, then to publish t_end. */
 	pthread_barrier_wait(&sh.start);
-	cpu0 = cpu_s(o->kpld_pid, &kids0);
+	cpu0 = sh.echo ? -1 : cpu_s(o->kpld_pid, &kids0);
 	t0 = now_s();
 	sh.t_end = t0 + o->duration;
 	pthread_barrier_wait(&sh.start);
 	usleep((useconds_t)(o->duration * 1e6 / 2));
-	tcp = count_conns(target_port(o->target));
+	tcp = count_conns(target_port(target));
 	for (int i = 0; i < o->callers; i++)
 		pthread_join(ws[i].th, NULL);
 
@@ -485,8 +498,9 @@ static void bench_submit(const struct opts *o, const char *name, const char *pip
 	}
 	/* The runs themselves execute after their submit: how long the
 	 * backlog takes is a figure too (script runs/s end to end). */
-	drain = wait_idle(ctl, o->idle_timeout);
-	cpu1 = cpu_s(o->kpld_pid, &kids1);
+	drain = sh.echo ? 0 : wait_idle(ctl, o->idle_timeout);
+	cpu1 = sh.echo ? -1 : cpu_s(o->kpld_pid, &kids1);
+	rate = (double)ok / o->duration;
 	printf("%s=%.0f (%ld OK in %.1f s, %d callers, %d %schannel(s), "
 	       "%d tcp conn(s); latency p50 %.1f ms p99 %.1f ms max %.1f ms; "
 	       "errors: %s; backlog drained %.1f s after the end, so %.0f "
@@ -518,6 +532,7 @@ static void bench_submit(const struct opts *o, const char *name, const char *pip
 	free(sh.raw);
 	free(sh.req);
 	pthread_barrier_destroy(&sh.start);
+	return rate;
 }
 
 /* ---------------------------------------------------------------------- */
@@ -1002,6 +1017,9 @@ static void usage(FILE *f)
 		"  --only LIST         phases to run (default submit,submit_noop,watch,noop;\n"
 		"                      submit: a script stage running true, once per\n"
 		"                      --conns entry; submit_noop: a noop stage instead)\n"
+		"  --echo-target HOST:PORT  tests/api/echo_server: after submit_noop, the\n"
+		"                      same callers' GetRun there (the API alone), and\n"
+		"                      submit_noop's ratio to it\n"
 		"  --kpld-pid PID      also report kpld's own CPU time per run in the\n"
 		"                      submit phases (bench/run.sh passes it)\n");
 }
@@ -1031,6 +1049,7 @@ int main(int argc, char **argv)
 		{ "idle-timeout", required_argument, NULL, 'i' },
 		{ "only", required_argument, NULL, 'o' },
 		{ "kpld-pid", required_argument, NULL, 'P' },
+		{ "echo-target", required_argument, NULL, 'E' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -1067,6 +1086,7 @@ int main(int argc, char **argv)
 		case 'k': o.noop_stages = atoi(optarg); break;
 		case 'i': o.idle_timeout = atof(optarg); break;
 		case 'P': o.kpld_pid = atol(optarg); break;
+		case 'E': o.echo_target = optarg; break;
 		case 'o': {
 			/* Comma-separated names; ",LIST," makes matching exact. */
 			char buf[256];
@@ -1112,10 +1132,22 @@ int main(int argc, char **argv)
 		for (int i = 0; i < o.n_conns; i++)
 			bench_submit(&o, "submit_per_sec", submit_pipeline, o.conns[i],
 				     o.private_conns[i], ctl);
-	if (o.do_submit_noop)
+	if (o.do_submit_noop) {
+		double noop = 0, echo;
+
 		for (int i = 0; i < o.n_conns; i++)
-			bench_submit(&o, "submit_noop_per_sec", submit_noop_pipeline,
-				     o.conns[i], o.private_conns[i], ctl);
+			noop = bench_submit(&o, "submit_noop_per_sec", submit_noop_pipeline,
+					    o.conns[i], o.private_conns[i], ctl);
+		/* The limit: the same callers' unary calls on the last --conns
+		 * entry's channels to a server that is api/server.c alone. */
+		if (o.echo_target) {
+			echo = bench_submit(&o, "echo_unary_per_sec", NULL,
+					    o.conns[o.n_conns - 1], false, ctl);
+			if (echo > 0)
+				printf("submit_noop_per_sec=%.0f ratio=%.2f of echo_unary_per_sec=%.0f "
+				       "(goal 0.60)\n", noop, noop / echo, echo);
+		}
+	}
 	if (o.do_watch) {
 		bench_watch(&o, ctl);
 		wait_idle(ctl, o.idle_timeout);
