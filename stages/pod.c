@@ -739,6 +739,15 @@ static void on_watch_error(struct kube_watch *w, int status, const struct kube_s
 		p->watch = NULL;
 	if (!p->st)
 		return;
+	if (ks && (ks->code == 401 || ks->code == 403)) {
+		/* Refused, not unavailable: asking again will not help. */
+		char msg[1200];
+		snprintf(msg, sizeof msg, "%s: cannot watch it (kpld's credentials need get, list "
+			 "and watch on pods there): %s", p->where,
+			 kube_status_text(ks, buf, sizeof buf));
+		pod_conclude(p, KPL__V1__STAGE_STATE__STAGE_STATE_FAILED, msg);
+		return;
+	}
 	kpl_warn(LOG, "%s: watch: %s; watching again", p->where,
 		 ks ? kube_status_text(ks, buf, sizeof buf) : kpl_strerror(status));
 	p->watch_retry_at = kpl_now_ms() + 2 * POD_TICK_MS;

@@ -375,6 +375,57 @@ echo "line end"
         self.assert_gone(got)
         return got
 
+    def test_rbac_the_documented_verbs_suffice(self):
+        # kpld as a service account bound to a Role with exactly the verbs
+        # docs/security.md lists: a pod stage with a secret and the
+        # workspace claim runs; without `watch` it fails, naming it.
+        rules = [{"apiGroups": [""], "resources": ["pods"],
+                  "verbs": ["create", "get", "list", "watch", "delete"]},
+                 {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+                 {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "delete"]},
+                 {"apiGroups": [""], "resources": ["persistentvolumeclaims"],
+                  "verbs": ["create", "delete"]}]
+        rbac = "/apis/rbac.authorization.k8s.io/v1/namespaces/%s/" % NS
+        code, _ = self.api("POST", rbac + "roles", {"metadata": {"name": "kpld"}, "rules": rules})
+        assert_eq(code, 201, "Role")
+        code, _ = self.api("POST", rbac + "rolebindings", {
+            "metadata": {"name": "kpld"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kpld"},
+            "subjects": [{"kind": "ServiceAccount", "name": "kpld", "namespace": NS}]})
+        assert_eq(code, 201, "RoleBinding")
+        code, tok = self.api("POST", "/emulator/token", {"namespace": NS, "serviceAccount": "kpld"})
+        assert_eq(code, 200, "token")
+        kc = os.path.join(self.tmp, "kubeconfig-sa")
+        with open(kc, "w") as f:
+            json.dump({"apiVersion": "v1", "kind": "Config", "current-context": "sa",
+                       "clusters": [{"name": "c", "cluster": {"server": self.base}}],
+                       "users": [{"name": "sa", "user": {"token": tok["token"]}}],
+                       "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa",
+                                                               "namespace": NS}}]}, f)
+        with open(self.cfg, "a") as f:
+            f.write("  sa: { kubeconfig: %s }\n" % kc)
+        self.c.close()
+        assert_eq(self.daemon.stop(signal.SIGTERM), 0, "kpld's exit status on SIGTERM")
+        self.daemon = Daemon(self.daemon.binary, self.data, ["--config", self.cfg])
+        self.c = self.daemon.start()
+        text = pipeline("pod-rbac", 'echo "token ${#TOKEN} bytes" > note\ncat note\n',
+                        runs_on="cluster: sa, workspace: 16Mi",
+                        env="env:\n  TOKEN: \"${{ secrets.TOKEN }}\"\n")
+        run, events = self.run_to_end(text)
+        assert_eq(run["state"], "RUN_STATE_SUCCEEDED", "run state (%s)" % run.get("message"))
+        assert_eq(logs(events, "work"), ["token %d bytes" % len(SECRET)], "the pod's log")
+        self.assert_gone(run)
+        rules[0]["verbs"].remove("watch")
+        code, _ = self.api("PUT", rbac + "roles/kpld", {"metadata": {"name": "kpld"},
+                                                         "rules": rules})
+        assert_eq(code, 200, "Role without watch")
+        run, _ = self.run_to_end(pipeline("pod-rbac", "true", runs_on="cluster: sa",
+                                          stage_extra="    timeout: 60s\n"))
+        msg = run["stages"][0]["message"]
+        assert_eq(run["state"], "RUN_STATE_FAILED", "run state (%s)" % msg)
+        assert "cannot watch it" in msg and "Forbidden" in msg, msg
+        self.assert_gone(run)
+
     def test_exit_status(self):
         self._fails("pod-exit", "echo failing\nexit 3\n", "", ["the command exited with status 3"])
 
