@@ -492,7 +492,9 @@ const char *kube_status_text(const struct kube_status *st, char *buf, size_t n)
 static void status_of_error(struct kube_status *st, const char *msg)
 {
 	memset(st, 0, sizeof *st);
-	snprintf(st->message, sizeof st->message, "kubernetes: %s", msg);
+	/* Cut to fit, said so to the compiler (-Wformat-truncation). */
+	snprintf(st->message, sizeof st->message, "kubernetes: %.*s",
+		 (int)(sizeof st->message - sizeof "kubernetes: "), msg);
 }
 
 int kube_status_is_gone(const struct kube_status *st)
