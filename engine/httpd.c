@@ -43,6 +43,7 @@ struct httpd_req {
 	char *body;
 	size_t body_len, body_cap;
 	bool keep_alive;
+	bool head;   /* HEAD on a GET route: answered as GET, without the body */
 	char peer[64];
 	/* httpd_stream_begin: the client went away (called once). */
 	void (*on_gone)(struct httpd_req *req, void *data);
@@ -610,6 +611,15 @@ static void dispatch(struct conn *c)
 			rt->handler(r, rt->data);
 			return;
 		}
+		/* HEAD is GET without the body (RFC 9110 9.3.2: every server
+		 * supports both); the handler sees GET. */
+		if (strcmp(r->method, "HEAD") == 0 && strcmp(rt->method, "GET") == 0) {
+			free(r->method);
+			r->method = kpl_strdup("GET");
+			r->head = true;
+			rt->handler(r, rt->data);
+			return;
+		}
 		snprintf(allow + strlen(allow), sizeof allow - strlen(allow), "%s%s",
 			 allow[0] ? ", " : "", rt->method);
 	}
@@ -752,6 +762,8 @@ void httpd_respond_headers(struct httpd_req *req, int status, const char *conten
 		BUG("httpd_respond: the request is not the connection's");
 	c->close_after_write = !req->keep_alive;
 	buf = format_response(status, content_type, body, len, req->keep_alive, extra, &n);
+	if (req->head && status != 204 && status != 304)
+		n -= len; /* Content-Length stays that of the GET */
 	c->busy = false;
 	c->req = NULL;
 	req_free(req);

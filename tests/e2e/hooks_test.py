@@ -189,6 +189,13 @@ class Suite:
         conn = http.client.HTTPConnection(self.host, int(self.port), timeout=10)
         for _ in range(3):
             assert_eq(self.http("GET", "/healthz", conn=conn)[0], 200, "keep-alive request")
+        # HEAD is GET without the body: GET's length, and the next request
+        # on the connection is read right (no stray body bytes before it).
+        conn.request("HEAD", "/healthz")
+        r = conn.getresponse()
+        assert_eq((r.status, r.getheader("Content-Length"), r.read()), (200, "3", b""),
+                  "HEAD /healthz")
+        assert_eq(self.http("GET", "/healthz", conn=conn)[:2], (200, "ok\n"), "GET after HEAD")
         conn.close()
 
     def test_limits(self):
