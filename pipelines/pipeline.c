@@ -1340,17 +1340,27 @@ static void parse_runs_on(struct vctx *c, struct pl_stage *st, const struct pl_n
 	path_key(kpath, path, "runs_on");
 	if (v && !k->runs_on) {
 		diag(c, v->pos, kpath, "a %s stage runs in kpld and cannot run as a pod "
-		     "(runs_on is for script stages)", k->kind);
+		     "(runs_on is for script stages and local builds)", k->kind);
 		return;
 	}
 	if (!k->runs_on)
 		return;
+	if (k->pod_capable && !k->pod_capable(st->with)) {
+		/* defaults.runs_on applies where it can: not here. */
+		if (v && !pl_runs_on_is_local(v))
+			diag(c, v->pos, kpath, "this %s stage runs in kpld and cannot run as a "
+			     "pod (runs_on is for script stages and local builds)", k->kind);
+		return;
+	}
 	if (v && pl_runs_on_check(v, c->file, kpath, &err) < 0) {
 		diag_from_kind(c, v, kpath, &err);
 		return;
 	}
 	st->runs_on = v;
 	st->runs_on_defaults = c->defaults_runs_on;
+	if (k->check_pod && st->with && k->check_pod(st->with, v, c->defaults_runs_on, v ? v : n,
+						     c->file, path, &err) < 0)
+		diag_from_kind(c, v ? v : n, path, &err);
 	if (!pl_runs_on_pod(v, c->defaults_runs_on))
 		return;
 	for (const char *const *key = (const char *const[]){ "cluster", "image", NULL }; *key;

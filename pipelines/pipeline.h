@@ -206,6 +206,17 @@ struct pl_kind {
 	const char *const *with_keys;
 	/* The kind may run as a pod (`runs_on`, pipelines/runs_on.h). */
 	bool runs_on;
+	/* Optional, with runs_on: whether a stage with this `with` may run as
+	 * a pod (NULL: every one). One that may not stays on kpld's host under
+	 * defaults.runs_on; its own runs_on is an error. */
+	bool (*pod_capable)(const struct pl_node *with);
+	/* Optional, with runs_on: what a stage that runs as a pod needs beyond
+	 * runs_on's own keys (runs_on and defaults as pl_runs_on_get takes
+	 * them; at: where to report a missing key). 0 or KPL_EINVAL with err
+	 * "file:line:col: path: message" (path: the stage's). */
+	int (*check_pod)(const struct pl_node *with, const struct pl_node *runs_on,
+			 const struct pl_node *defaults, const struct pl_node *at,
+			 const char *file, const char *path, struct kpl_err *err);
 };
 
 /*

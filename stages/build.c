@@ -15,6 +15,7 @@
 
 #include "stages/build.h"
 #include "stages/kinds.h"
+#include "stages/pod.h"
 
 /*
  * The drivers, listed once: dispatch and check_with's "known:" list read
@@ -113,12 +114,27 @@ static void build_abandon(struct stage *st)
 		drv->cancel(st);
 }
 
+/* Only the local driver may run as a pod (runs_on). */
+static bool build_pod_capable(const struct pl_node *with)
+{
+	const struct pl_node *d = with && with->type == PL_MAP ? pl_map_get(with, "driver") : NULL;
+
+	return d && d->type == PL_SCALAR && !strcmp(d->scalar, build_local_driver.name);
+}
+
+static int build_check_pod(const struct pl_node *with, const struct pl_node *runs_on,
+			   const struct pl_node *defaults, const struct pl_node *at,
+			   const char *file, const char *path, struct kpl_err *err)
+{
+	return build_local_check_pod(with, runs_on, defaults, at, file, path, err);
+}
+
 static const char *const build_argv_keys[] = { "args", NULL };
 
 /* Every key `with` may hold (the parser checks them, docs_test reads them). */
 static const char *const build_with_keys[] = {
 	"driver", "jenkins", "job", "params", "unstable", "context", "dockerfile", "target",
-	"args", "output", NULL
+	"args", "output", "registry", "repository", "tags", NULL
 };
 
 const struct stage_kind build_kind = {
@@ -132,4 +148,9 @@ const struct stage_kind build_kind = {
 	.cancel = build_cancel,
 	.resume = build_resume,
 	.abandon = build_abandon,
+	.runs_on = true,
+	.pod_capable = build_pod_capable,
+	.check_pod = build_check_pod,
+	/* A local build in a pod with runs_on.workspace: the run's claim. */
+	.run_ended = pod_run_ended,
 };

@@ -21,6 +21,15 @@
  *
  * Outputs: image_dir (the layout's absolute path), digest (its manifest's,
  * from OUTPUT/index.json).
+ *
+ * With runs_on (a pod, stages/pod.c): one pod per attempt runs the same
+ * buildah bud on the context in the run's workspace claim (runs_on.
+ * workspace is required), then pushes to
+ *   with: { registry: a `registries:` endpoint, repository: team/app,
+ *           tags: [v1, latest] (default: the run id) }
+ * itself (buildah login --password-stdin, the password in the attempt's
+ * Secret); outputs image (host/repo@digest), digest, tags, as push's, by
+ * the termination message. No layout: kpld cannot read the pod's files.
  */
 #include <ctype.h>
 #include <fcntl.h>
@@ -29,7 +38,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "pipelines/runs_on.h"
 #include "stages/build.h"
+#include "stages/pod.h"
+#include "stages/podspec.h"
 #include "stages/proc.h"
 
 #define LOG "build"
@@ -82,7 +94,7 @@ static int build_local_check_with(const struct pl_node *with, const char *file,
 				  const char *path, struct kpl_err *err)
 {
 	static const char *const keys[] = { "driver", "context", "dockerfile", "target",
-					    "args", "output" };
+					    "args", "output", "registry", "repository", "tags" };
 	const struct pl_node *n;
 	const char *why;
 
@@ -96,11 +108,24 @@ static int build_local_check_with(const struct pl_node *with, const char *file,
 		if (j == KPL_ARRAY_SIZE(keys))
 			return with_err(err, file, with->keys[i], path, k, "unknown key for "
 					"driver local (allowed: driver, context, dockerfile, "
-					"target, args, output)");
-		if (strcmp(k, "args") && v->type != PL_SCALAR)
+					"target, args, output, registry, repository, tags)");
+		if (strcmp(k, "args") && strcmp(k, "tags") && v->type != PL_SCALAR)
 			return with_err(err, file, v, path, k, "must be a string");
-		if (v->type == PL_SCALAR && strcmp(k, "target") && strcmp(k, "driver") &&
-		    !strstr(v->scalar, "${{") && (why = path_problem(v->scalar)))
+		if (!strcmp(k, "tags") && v->type == PL_MAP)
+			return with_err(err, file, v, path, k, "must be a list of tags or one "
+					"string \"v1, latest\"");
+		for (size_t j2 = 0; !strcmp(k, "tags") && v->type == PL_SEQ && j2 < v->n; j2++)
+			if (v->items[j2]->type != PL_SCALAR)
+				return with_err(err, file, v->items[j2], path, k,
+						"each tag must be a string");
+		if (v->type == PL_SCALAR && !strcmp(k, "repository") && !v->scalar[0])
+			return with_err(err, file, v, path, k, "must not be empty");
+		if (v->type == PL_SCALAR && (!strcmp(k, "target") || !strcmp(k, "driver") ||
+					     !strcmp(k, "registry") || !strcmp(k, "repository") ||
+					     !strcmp(k, "tags")))
+			continue;
+		if (v->type == PL_SCALAR && !strstr(v->scalar, "${{") &&
+		    (why = path_problem(v->scalar)))
 			return with_err(err, file, v, path, k, why);
 	}
 	if ((n = pl_map_get(with, "target")) && (!n->scalar[0] || n->scalar[0] == '-'))
@@ -382,21 +407,250 @@ static const struct proc_steps_ops bl_steps = {
 	.profile = PROC_PROFILE_BUILDAH,
 };
 
+/* ---------------------------------------------------------------------- */
+/* In a pod (runs_on) */
+
+int build_local_check_pod(const struct pl_node *with, const struct pl_node *runs_on,
+			  const struct pl_node *defaults, const struct pl_node *at,
+			  const char *file, const char *path, struct kpl_err *err)
+{
+	static const char *const pod_only[] = { "registry", "repository", "tags" };
+	const struct pl_node *n;
+
+	if (!pl_runs_on_pod(runs_on, defaults)) {
+		/* On kpld's host the layout is the result; a push stage sends it. */
+		for (size_t i = 0; i < KPL_ARRAY_SIZE(pod_only); i++)
+			if ((n = pl_map_get(with, pod_only[i])))
+				return kpl_errf(err, KPL_EINVAL, "%s:%d:%d: %s.with.%s: only for a "
+						"build in a pod (runs_on); on kpld's host the "
+						"image is a layout in the workspace (output), "
+						"pushed by a push stage", file, n->pos.line,
+						n->pos.col, path, pod_only[i]);
+		return 0;
+	}
+	if ((n = pl_map_get(with, "output")))
+		return kpl_errf(err, KPL_EINVAL, "%s:%d:%d: %s.with.output: not in a pod: the "
+				"pod pushes the image to with.registry (kpld cannot read the "
+				"pod's files)", file, n->pos.line, n->pos.col, path);
+	if (!pl_runs_on_get(runs_on, defaults, "workspace"))
+		return kpl_errf(err, KPL_EINVAL, "%s:%d:%d: %s.runs_on.workspace: required for a "
+				"build in a pod (here or in defaults.runs_on): the context is "
+				"read from the run's workspace claim, which an earlier pod "
+				"stage fills (kpld's own workspace is not in the pod)", file,
+				at->pos.line, at->pos.col, path);
+	for (size_t i = 0; i < 2; i++)
+		if (!pl_map_get(with, pod_only[i]))
+			return kpl_errf(err, KPL_EINVAL, "%s:%d:%d: %s.with.%s: required for a "
+					"build in a pod: the pod pushes what it built %s",
+					file, with->pos.line, with->pos.col, path, pod_only[i],
+					i == 0 ? "(a `registries:` endpoint of the daemon config)"
+					       : "(the image's repository in the registry)");
+	return 0;
+}
+
+/* with.tags (a list, or "a, b"), expanded, space-separated, each checked
+ * as a tag; default the run id. NULL with err if one is not a tag. */
+static char *pod_tags(struct stage *st, struct kpl_err *err)
+{
+	const struct pl_node *n = stage_with_get(st, "tags");
+	char *all = NULL, *out = kpl_strdup("");
+
+	if (!n) {
+		all = kpl_strdup(stage_run_id(st));
+	} else if (n->type == PL_SEQ) {
+		all = kpl_strdup("");
+		for (size_t i = 0; i < n->n; i++) {
+			char *v = stage_expand(st, n->items[i]), *t = kpl_asprintf("%s %s", all, v);
+			free(v);
+			free(all);
+			all = t;
+		}
+	} else {
+		all = stage_expand(st, n);
+	}
+	for (char *save = NULL, *t = strtok_r(all, " ,\t\n", &save); t;
+	     t = strtok_r(NULL, " ,\t\n", &save)) {
+		size_t len = strlen(t);
+		char *u;
+		bool ok = len <= 128 && (isalnum((unsigned char)t[0]) || t[0] == '_');
+		for (size_t i = 0; ok && i < len; i++)
+			ok = isalnum((unsigned char)t[i]) || strchr("_.-", t[i]);
+		if (!ok) {
+			kpl_errf(err, KPL_EINVAL, "with.tags: \"%.60s\" is not a tag "
+				 "([A-Za-z0-9_][A-Za-z0-9_.-]{0,127})", t);
+			free(all);
+			free(out);
+			return NULL;
+		}
+		u = kpl_asprintf("%s%s%s", out, out[0] ? " " : "", t);
+		free(out);
+		out = u;
+	}
+	free(all);
+	if (!out[0]) {
+		free(out);
+		kpl_errf(err, KPL_EINVAL, "with.tags: no tag");
+		return NULL;
+	}
+	return out;
+}
+
+/*
+ * The pod's command: buildah with its storage in the pod's private /tmp
+ * (gone with the pod), values only through the environment and "$@" (never
+ * in the script's text). The password reaches buildah login on stdin.
+ */
+static const char bl_pod_script[] =
+	"set -eu\n"
+	"b() { buildah --storage-driver vfs --root /tmp/kpl-buildah/root "
+	"--runroot /tmp/kpl-buildah/run \"$@\"; }\n"
+	"name=localhost/kpl-build\n"
+	"b bud --isolation chroot \"$@\" -f \"$KPL_BUILD_DOCKERFILE\" -t \"$name\" "
+	"\"$KPL_BUILD_CONTEXT\"\n"
+	"set -- --tls-verify=\"$KPL_BUILD_TLS_VERIFY\"\n"
+	"if [ -n \"${KPL_BUILD_USERNAME:-}\" ]; then\n"
+	"  printf '%s' \"$KPL_BUILD_PASSWORD\" | b login --authfile /tmp/kpl-auth.json "
+	"--tls-verify=\"$KPL_BUILD_TLS_VERIFY\" --username \"$KPL_BUILD_USERNAME\" "
+	"--password-stdin \"$KPL_BUILD_REGISTRY\" >/dev/null\n"
+	"  set -- \"$@\" --authfile /tmp/kpl-auth.json\n"
+	"fi\n"
+	"unset KPL_BUILD_PASSWORD\n"
+	"repo=\"$KPL_BUILD_REGISTRY/$KPL_BUILD_REPOSITORY\"\n"
+	"for tag in $KPL_BUILD_TAGS; do\n"
+	"  b push --quiet \"$@\" --digestfile /tmp/kpl-digest \"$name\" \"docker://$repo:$tag\"\n"
+	"  echo \"pushed $repo:$tag ($(cat /tmp/kpl-digest))\"\n"
+	"done\n"
+	"d=$(cat /tmp/kpl-digest)\n"
+	"{ echo \"image=$repo@$d\"; echo \"digest=$d\"; "
+	"echo \"tags=$(echo $KPL_BUILD_TAGS | tr ' ' ,)\"; } >> \"$KPL_OUTPUTS\"\n";
+
+static int bl_pod_command(struct stage *st, struct pod_command *out, struct kpl_err *err)
+{
+	const struct pl_node *args = stage_with_get(st, "args");
+	struct stage_endpoint ep = { 0 };
+	char *context = with_text(st, "context", "."), *dockerfile = with_text(st, "dockerfile",
+									      "Dockerfile");
+	char *target = with_text(st, "target", NULL), *repo = with_text(st, "repository", NULL);
+	char *tags = NULL, *host = NULL, *v;
+	const char *why = NULL, *key = NULL, *url;
+	size_t argc = 0;
+	bool tls = true;
+	int rc;
+
+	if ((why = path_problem(context)))
+		key = "context";
+	else if ((why = path_problem(dockerfile)))
+		key = "dockerfile";
+	if (why) {
+		rc = kpl_errf(err, KPL_EINVAL, "with.%s: %s", key, why);
+		goto out;
+	}
+	if (!repo || !repo[0]) {
+		rc = kpl_errf(err, KPL_EINVAL, "with.repository: required for a build in a pod");
+		goto out;
+	}
+	if (!(tags = pod_tags(st, err))) {
+		rc = KPL_EINVAL;
+		goto out;
+	}
+	if ((rc = stage_endpoint(st, CFG_REGISTRY, "registry", &ep, err)) != 0)
+		goto out;
+	if (ep.token && ep.token[0] && !(ep.username && ep.username[0])) {
+		rc = kpl_errf(err, KPL_EINVAL, "with.registry: a build in a pod logs in with the "
+			      "endpoint's username and password (it has a token only)");
+		goto out;
+	}
+	/* The registry as buildah names it: host[:port], TLS unless http://. */
+	url = ep.url ? ep.url : "";
+	if (!strncmp(url, "http://", 7)) {
+		tls = false;
+		url += 7;
+	} else if (!strncmp(url, "https://", 8)) {
+		url += 8;
+	}
+	host = kpl_strdup(url);
+	host[strcspn(host, "/")] = '\0';
+
+	out->argv = kpl_calloc(6 + 2 * ((args ? args->n : 0) + 1), sizeof *out->argv);
+	out->argv[argc++] = kpl_strdup("/bin/sh");
+	out->argv[argc++] = kpl_strdup("-c");
+	out->argv[argc++] = kpl_strdup(bl_pod_script);
+	out->argv[argc++] = kpl_strdup("kpl-build"); /* $0 */
+	if (target) {
+		out->argv[argc++] = kpl_strdup("--target");
+		out->argv[argc++] = kpl_strdup(target);
+	}
+	for (size_t i = 0; args && i < args->n; i++) {
+		/* Refused from secrets by the parser (argv_keys), as on the host. */
+		v = stage_expand(st, args->items[i]);
+		out->argv[argc++] = kpl_strdup("--build-arg");
+		out->argv[argc++] = kpl_asprintf("%s=%s", args->keys[i]->scalar, v);
+		free(v);
+	}
+	out->env = pod_stage_env(st);
+	v = kpl_asprintf("%s/%s", PODSPEC_WORKSPACE, context);
+	proc_env_set(&out->env, "KPL_BUILD_CONTEXT", v);
+	free(v);
+	v = kpl_asprintf("%s/%s/%s", PODSPEC_WORKSPACE, context, dockerfile);
+	proc_env_set(&out->env, "KPL_BUILD_DOCKERFILE", v);
+	free(v);
+	proc_env_set(&out->env, "KPL_BUILD_REGISTRY", host);
+	proc_env_set(&out->env, "KPL_BUILD_REPOSITORY", repo);
+	proc_env_set(&out->env, "KPL_BUILD_TAGS", tags);
+	proc_env_set(&out->env, "KPL_BUILD_TLS_VERIFY", tls ? "true" : "false");
+	if (ep.username && ep.username[0]) {
+		proc_env_set(&out->env, "KPL_BUILD_USERNAME", ep.username);
+		out->secret_env = kpl_calloc(2, sizeof *out->secret_env);
+		out->secret_env[0] = kpl_asprintf("KPL_BUILD_PASSWORD=%s",
+						  ep.password ? ep.password : "");
+	}
+	rc = 0;
+out:
+	stage_endpoint_release(&ep);
+	free(context);
+	free(dockerfile);
+	free(target);
+	free(repo);
+	free(tags);
+	free(host);
+	return rc;
+}
+
 static int build_local_start(struct stage *st, struct kpl_err *err)
 {
+	if (pod_wanted(st))
+		return pod_start(st, bl_pod_command, err);
 	return proc_steps_start(st, &bl_steps, err);
 }
 
 static int build_local_resume(struct stage *st, struct kpl_err *err)
 {
+	if (pod_wanted(st))
+		return pod_resume(st, bl_pod_command, err);
 	return proc_steps_resume(st, &bl_steps, err);
+}
+
+static void build_local_cancel(struct stage *st)
+{
+	if (pod_wanted(st))
+		pod_cancel(st);
+	else
+		proc_steps_cancel(st);
+}
+
+static void build_local_abandon(struct stage *st)
+{
+	if (pod_wanted(st))
+		pod_abandon(st);
+	else
+		proc_steps_abandon(st);
 }
 
 const struct stage_kind build_local_driver = {
 	.name = "local",
 	.check_with = build_local_check_with,
 	.start = build_local_start,
-	.cancel = proc_steps_cancel,
+	.cancel = build_local_cancel,
 	.resume = build_local_resume,
-	.abandon = proc_steps_abandon,
+	.abandon = build_local_abandon,
 };

@@ -40,6 +40,8 @@ const struct pl_kind *stage_kinds_for_parser(size_t *n)
 			table[i].argv_keys = kinds[i]->argv_keys;
 			table[i].with_keys = kinds[i]->with_keys;
 			table[i].runs_on = kinds[i]->runs_on;
+			table[i].pod_capable = kinds[i]->pod_capable;
+			table[i].check_pod = kinds[i]->check_pod;
 		}
 	*n = KPL_ARRAY_SIZE(kinds);
 	return table;

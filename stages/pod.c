@@ -1,5 +1,5 @@
 /*
- * pod.c - a script stage run as a Kubernetes Pod: the glue between the
+ * pod.c - a stage run as a Kubernetes Pod: the glue between the
  * engine (stages/stage.h), the API server (stages/kube.h) and the decisions
  * of stages/podspec.h.
  *
@@ -933,58 +933,76 @@ static int64_t duration_or(struct stage *st, const char *key, int64_t def)
 	return ms > 0 ? ms : def;
 }
 
+char **pod_stage_env(struct stage *st)
+{
+	return proc_stage_env_at(st, PODSPEC_OUTPUTS_PATH, PODSPEC_WORKSPACE, false);
+}
+
+static void command_release(struct pod_command *c)
+{
+	proc_strv_free(c->argv);
+	proc_strv_free(c->env);
+	if (c->secret_env)
+		for (char **e = c->secret_env; *e; e++)
+			memset(*e, 0, strlen(*e));
+	proc_strv_free(c->secret_env);
+	free(c->workdir);
+	memset(c, 0, sizeof *c);
+}
+
 /* The command as script.c runs it: with.command, or /bin/sh -c with.shell
  * (values as KPL_T_N variables). */
-static int build_argv(struct stage *st, char ***argv, size_t *argc, char ***env,
-		      struct kpl_err *err)
+int pod_script_command(struct stage *st, struct pod_command *out, struct kpl_err *err)
 {
 	const struct pl_node *cmd = stage_with_get(st, "command");
 	const struct pl_node *wenv = stage_with_get(st, "env");
 	char **tvals = NULL;
-	size_t ntvals = 0;
+	size_t ntvals = 0, argc = 0;
 	int rc;
 
-	*argc = 0;
-	*argv = kpl_calloc((cmd ? cmd->n : 3) + 1, sizeof **argv);
+	out->argv = kpl_calloc((cmd ? cmd->n : 3) + 1, sizeof *out->argv);
 	if (cmd) {
 		for (size_t i = 0; i < cmd->n; i++)
-			(*argv)[(*argc)++] = stage_expand(st, cmd->items[i]);
+			out->argv[argc++] = stage_expand(st, cmd->items[i]);
 	} else {
 		char *text;
 		if ((rc = stage_expand_shell(st, stage_with_get(st, "shell"), &text, &tvals,
 					     &ntvals, err)) != 0)
 			return rc;
-		(*argv)[(*argc)++] = kpl_strdup("/bin/sh");
-		(*argv)[(*argc)++] = kpl_strdup("-c");
-		(*argv)[(*argc)++] = text;
+		out->argv[argc++] = kpl_strdup("/bin/sh");
+		out->argv[argc++] = kpl_strdup("-c");
+		out->argv[argc++] = text;
 	}
-	*env = proc_stage_env_at(st, PODSPEC_OUTPUTS_PATH, PODSPEC_WORKSPACE, false);
+	out->env = pod_stage_env(st);
 	for (size_t i = 0; wenv && wenv->type == PL_MAP && i < wenv->n; i++) {
 		char *v = stage_expand(st, wenv->items[i]);
-		proc_env_set(env, wenv->keys[i]->scalar, v);
+		proc_env_set(&out->env, wenv->keys[i]->scalar, v);
 		free(v);
 	}
 	for (size_t i = 0; i < ntvals; i++) {
 		char name[32];
 		snprintf(name, sizeof name, "KPL_T_%zu", i + 1);
-		proc_env_set(env, name, tvals[i]);
+		proc_env_set(&out->env, name, tvals[i]);
 		free(tvals[i]);
 	}
 	free(tvals);
+	out->workdir = stage_expand(st, stage_with_get(st, "workdir"));
 	return 0;
 }
 
-static int pod_begin(struct stage *st, const char *resume, struct kpl_err *err)
+static int pod_begin(struct stage *st, pod_command_fn cmd, const char *resume,
+		     struct kpl_err *err)
 {
 	struct pod *p = kpl_calloc(1, sizeof *p);
 	struct stage_endpoint ep = { 0 };
 	struct podspec_input in = { 0 };
 	struct podspec_env *penv = NULL;
-	char **argv = NULL, **env = NULL, *cluster = NULL, *ns = NULL, *sa = NULL, *wd = NULL;
+	struct pod_command pc = { 0 };
+	char *cluster = NULL, *ns = NULL, *sa = NULL;
 	json_t *resources = NULL, *nodesel = NULL, *tols = NULL;
 	char *ws = NULL, *claim = NULL, *secret_name = NULL;
 	const struct pl_node *n;
-	size_t argc = 0, nenv = 0;
+	size_t argc = 0, nenv = 0, nplain = 0;
 	bool any_secret = false;
 	int rc;
 
@@ -1024,25 +1042,30 @@ static int pod_begin(struct stage *st, const char *resume, struct kpl_err *err)
 				p->rec.namespace, p->rec.cluster);
 	p->pos = p->rec.log;
 
-	if ((rc = build_argv(st, &argv, &argc, &env, err)) != 0)
+	if ((rc = cmd(st, &pc, err)) != 0)
 		goto fail;
-	for (char **e = env; *e; e++)
+	while (pc.argv[argc])
+		argc++;
+	for (char **e = pc.env; *e; e++)
+		nplain++;
+	nenv = nplain;
+	for (char **e = pc.secret_env; e && *e; e++)
 		nenv++;
 	penv = kpl_calloc(nenv + 1, sizeof *penv);
 	for (size_t i = 0; i < nenv; i++) {
-		char *eq = strchr(env[i], '=');
+		char *var = i < nplain ? pc.env[i] : pc.secret_env[i - nplain];
+		char *eq = strchr(var, '=');
 		char *red;
 		*eq = '\0';
-		penv[i].name = env[i];
+		penv[i].name = var;
 		penv[i].value = eq + 1;
 		/* A value the redaction would change holds a secret: it goes
 		 * to the Secret, never into the Pod spec. */
 		red = stage_redact(st, eq + 1);
-		penv[i].secret = strcmp(red, eq + 1) != 0;
+		penv[i].secret = i >= nplain || strcmp(red, eq + 1) != 0;
 		any_secret |= penv[i].secret;
 		free(red);
 	}
-	wd = stage_expand(st, stage_with_get(st, "workdir"));
 	sa = stage_expand(st, runs_on(st, "service_account"));
 	if ((n = runs_on(st, "resources")))
 		resources = expand_json(st, n, NULL);
@@ -1056,9 +1079,9 @@ static int pod_begin(struct stage *st, const char *resume, struct kpl_err *err)
 	in.run_id = stage_run_id(st);
 	in.stage = stage_name(st);
 	in.attempt = stage_attempt(st);
-	in.argv = argv;
+	in.argv = pc.argv;
 	in.n_argv = argc;
-	in.workdir = wd;
+	in.workdir = pc.workdir;
 	in.env = penv;
 	in.n_env = nenv;
 	secret_name = kpl_asprintf("%s-env", p->rec.pod);
@@ -1136,13 +1159,11 @@ out:
 	stage_endpoint_release(&ep);
 	for (size_t i = 0; penv && i < nenv; i++)
 		memset((char *)penv[i].value, 0, strlen(penv[i].value));
-	proc_strv_free(argv);
-	proc_strv_free(env);
+	command_release(&pc);
 	free(penv);
 	free(cluster);
 	free(ns);
 	free(sa);
-	free(wd);
 	free(ws);
 	free(claim);
 	free(secret_name);
@@ -1152,12 +1173,12 @@ out:
 	return rc;
 }
 
-int pod_start(struct stage *st, struct kpl_err *err)
+int pod_start(struct stage *st, pod_command_fn cmd, struct kpl_err *err)
 {
-	return pod_begin(st, NULL, err);
+	return pod_begin(st, cmd, NULL, err);
 }
 
-int pod_resume(struct stage *st, struct kpl_err *err)
+int pod_resume(struct stage *st, pod_command_fn cmd, struct kpl_err *err)
 {
 	int64_t pid;
 	uint64_t pid_start;
@@ -1168,7 +1189,7 @@ int pod_resume(struct stage *st, struct kpl_err *err)
 	 * reached the cluster. */
 	if (!resume || !*resume)
 		return kpl_errf(err, KPL_ENOTFOUND, "nothing was sent to the cluster");
-	return pod_begin(st, resume, err);
+	return pod_begin(st, cmd, resume, err);
 }
 
 void pod_cancel(struct stage *st)

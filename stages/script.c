@@ -214,7 +214,7 @@ static int script_start(struct stage *st, struct kpl_err *err)
 		/* runs_on: a pod in a cluster (stages/pod.c). */
 		free(wd);
 		free(s);
-		return pod_start(st, err);
+		return pod_start(st, pod_script_command, err);
 	}
 	dir = proc_attempt_dir(st);
 	s->st = st;
@@ -326,7 +326,7 @@ static int script_resume(struct stage *st, struct kpl_err *err)
 	int rc;
 
 	if (pod_wanted(st))
-		return pod_resume(st, err);
+		return pod_resume(st, pod_script_command, err);
 	s = kpl_calloc(1, sizeof *s);
 	dir = proc_attempt_dir(st);
 	s->st = st;

@@ -63,6 +63,11 @@ struct stage_kind {
 	const char *const *with_keys;
 	/* The kind may run as a pod (pl_kind's; `runs_on`). */
 	bool runs_on;
+	/* pl_kind's pod_capable and check_pod (optional). */
+	bool (*pod_capable)(const struct pl_node *with);
+	int (*check_pod)(const struct pl_node *with, const struct pl_node *runs_on,
+			 const struct pl_node *defaults, const struct pl_node *at,
+			 const char *file, const char *path, struct kpl_err *err);
 	/*
 	 * Optional: the kind's WAITING attempt answers ApproveStage (a canary
 	 * frozen on failure: approve promotes, reject aborts). The engine has

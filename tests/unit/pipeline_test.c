@@ -328,7 +328,7 @@ static const struct bad_case bad_cases[] = {
 	{ "runs_on_no_image.yaml", INVAL,
 	  "runs_on_no_image.yaml:5:5: stages[0].runs_on: image: required (the container image to run the command in), here or in defaults.runs_on" },
 	{ "runs_on_noop.yaml", INVAL,
-	  "runs_on_noop.yaml:5:14: stages[0].runs_on: a noop stage runs in kpld and cannot run as a pod (runs_on is for script stages)" },
+	  "runs_on_noop.yaml:5:14: stages[0].runs_on: a noop stage runs in kpld and cannot run as a pod (runs_on is for script stages and local builds)" },
 	{ "runs_on_quantity.yaml", INVAL,
 	  "runs_on_quantity.yaml:9:38: stages[0].runs_on.resources.limits.memory: \"lots\" is not a quantity (500m, 2, 512Mi, 1Gi)" },
 	{ "runs_on_scalar.yaml", INVAL,
