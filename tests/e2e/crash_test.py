@@ -391,7 +391,7 @@ class CrashTest:
                 seen = self.daemon.since_start
             gen = self.daemon.gen
             self.daemon.kill9()
-            self.shim_programs.update(self.shims())
+            self.shim_programs.update(name for _, name in self.shims())
             seen_total += seen
             kills += 1
             pending = sum(1 for t in submitters if t.is_alive())
@@ -410,7 +410,7 @@ class CrashTest:
         return kills, startup_kills
 
     def shims(self):
-        """Program names (argv[0]) of the shims of this data dir now running."""
+        """(pid, program name) of each shim of this data dir now running."""
         names = []
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
@@ -422,7 +422,7 @@ class CrashTest:
                 continue
             if len(cmd) > 2 and cmd[1] == b"__shim" and \
                     self.daemon.data_dir.encode() in cmd[2]:
-                names.append(os.path.basename(cmd[0]).decode())
+                names.append((pid, os.path.basename(cmd[0]).decode()))
         return names
 
     # -- the final state ----------------------------------------------------
@@ -669,18 +669,8 @@ class CrashTest:
         rc = self.daemon.stop()
         ck.check("SIGTERM stops kpld with exit status 0",
                  [] if rc == 0 else ["exit status %s" % rc])
-        problems = []
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open("/proc/%s/cmdline" % pid, "rb") as f:
-                    cmd = f.read().split(b"\0")
-            except OSError:
-                continue
-            if b"__shim" in cmd and any(self.daemon.data_dir.encode() in a for a in cmd):
-                problems.append("shim pid %s still runs: %r" % (pid, cmd[:4]))
-        ck.check("no shim process left", problems)
+        ck.check("no shim process left",
+                 ["shim pid %s still runs: %s" % (pid, name) for pid, name in self.shims()])
         print("total %.1fs" % (time.monotonic() - t_start), flush=True)
 
     def check_attempts(self, run_ids, runs, events):
