@@ -23,7 +23,7 @@
 #include <protobuf-c/protobuf-c.h>
 #include <stddef.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 #define PBJSON_MAX_DEPTH 32
 #define PBJSON_MAX_ITEMS 10000

@@ -19,7 +19,7 @@
 #include <stdbool.h>
 #include <uv.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 struct api_server; /* opaque */
 struct api_call;   /* one RPC in flight; owned by the server */

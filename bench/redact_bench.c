@@ -15,8 +15,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "engine/kpl.h"
-#include "engine/logline.h"
+#include "base/kpl.h"
+#include "base/logline.h"
 #include "engine/secrets.h"
 #include "store/store.h"
 

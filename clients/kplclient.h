@@ -6,7 +6,7 @@
  * grpc_completion_queue_pluck, so the caller's thread blocks until the call
  * ends or its deadline passes. There is no event loop to drive.
  *
- * Errors: functions return 0 or a negative KPL_E* code (engine/kpl.h). RPCs
+ * Errors: functions return 0 or a negative KPL_E* code (base/kpl.h). RPCs
  * also fill a caller-owned struct kplc_status with the gRPC status the server
  * (or grpc itself) reported; that is what a person should read.
  *
@@ -26,7 +26,7 @@
 #include <stdint.h>
 
 #include "api/kpl.pb-c.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 #define KPLC_DEFAULT_TARGET "127.0.0.1:7070"
 #define KPLC_DEFAULT_DEADLINE_MS 30000

@@ -31,7 +31,7 @@
 #include "clients/kplclient.h"
 #include "clients/kplctl_live.h"
 #include "clients/textdiff.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "google/protobuf/timestamp.pb-c.h"
 #include "engine/tzfile.h"
 #include "pipelines/pipeline.h"

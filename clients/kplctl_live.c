@@ -9,7 +9,7 @@
 #include <string.h>
 #include <wchar.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "google/protobuf/timestamp.pb-c.h"
 
 struct live_stage {

@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 #define CONTEXT 3
 

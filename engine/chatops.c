@@ -28,7 +28,7 @@
 #include "pipelines/expr.h"
 #include "pipelines/pipeline.h"
 #include "pipelines/template.h"
-#include "stages/http.h"
+#include "base/http.h"
 #include "store/store.h"
 
 #define LOG "chatops"

@@ -51,7 +51,7 @@
 
 #include "engine/engine.h"
 #include "engine/httpd.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 #define CHATOPS_REPLAY_SLOTS 4096
 #define CHATOPS_SLACK_WINDOW_S 300

@@ -37,7 +37,7 @@
 #include <stdbool.h>
 
 #include "clients/chatbot/notice.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 #define CFG_KIND_MAP(X)                 \
 	X(JENKINS, "jenkins")           \

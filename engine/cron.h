@@ -33,7 +33,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "engine/tzfile.h"
 
 #define CRON_MAX_TEXT 256

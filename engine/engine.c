@@ -21,7 +21,7 @@
 #include <unistd.h>
 
 #include "google/protobuf/timestamp.pb-c.h"
-#include "engine/logline.h"
+#include "base/logline.h"
 #include "engine/metrics.h"
 #include "engine/notify.h"
 #include "pipelines/expr.h"
@@ -29,8 +29,7 @@
 #include "pipelines/runs_on.h"
 #include "pipelines/reuse.h"
 #include "pipelines/template.h"
-#include "stages/http.h"
-#include "stages/proc.h"
+#include "base/http.h"
 #include "stages/stage.h"
 
 #define LOG "engine"
@@ -2687,7 +2686,7 @@ static void run_fail_unloadable(struct engine *e, const char *id, const struct k
 			/* Stop the attempt's shim (it passes SIGTERM to the command's
 			 * group), if it is the same process that was recorded. */
 			if (srecs[i]->pid > 0 && srecs[i]->pid_start_time &&
-			    proc_pid_start_time(srecs[i]->pid) == srecs[i]->pid_start_time)
+			    kpl_pid_start_time(srecs[i]->pid) == srecs[i]->pid_start_time)
 				kill((pid_t)srecs[i]->pid, SIGTERM);
 			ss->message = msg;
 			store_stage_stage(e->store, id, srecs[i]);

@@ -23,7 +23,7 @@
 #include <uv.h>
 
 #include "engine/config.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "engine/secrets.h"
 #include "pipelines/pipeline.h"
 #include "store/store.h"

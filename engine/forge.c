@@ -24,7 +24,7 @@
 
 #include "engine/hooks.h"
 #include "engine/secrets.h"
-#include "stages/http.h"
+#include "base/http.h"
 
 #define LOG "forge"
 

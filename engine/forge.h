@@ -39,7 +39,7 @@
 
 #include "api/kpl.pb-c.h"
 #include "engine/engine.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "store/store.h"
 
 #define FORGE_MAX_URLS 12

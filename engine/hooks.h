@@ -38,7 +38,7 @@
 #include "engine/engine.h"
 #include "engine/httpd.h"
 #include "engine/forge.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "engine/secrets.h"
 #include "store/store.h"
 

@@ -34,7 +34,7 @@
 #include <stdint.h>
 #include <uv.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 struct httpd;     /* opaque */
 struct httpd_req; /* one request a handler holds; opaque */

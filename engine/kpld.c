@@ -29,7 +29,7 @@
 #include "engine/engine.h"
 #include "engine/forge.h"
 #include "engine/hooks.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "engine/retention.h"
 #include "engine/sched.h"
 #include "engine/secrets.h"

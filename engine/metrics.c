@@ -10,7 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 /* kpl.v1.RunState values 1..5, in this order. */
 #define RUN_STATES 6

@@ -37,10 +37,10 @@
 
 #include "api/kpl.pb-c.h"
 #include "engine/config.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "engine/secrets.h"
 #include "pipelines/pipeline.h"
-#include "stages/http.h"
+#include "base/http.h"
 #include "store/store.h"
 
 #define NOTIFY_MAX_TRIES 6

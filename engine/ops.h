@@ -21,7 +21,7 @@
 #include <stdbool.h>
 
 #include "engine/engine.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 /* Run ids are what engine_new_run_id makes; anything else cannot exist.
  * field names the argument in the message ("id: required"). */

@@ -10,7 +10,7 @@
 #include <stdint.h>
 #include <uv.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "store/store.h"
 
 struct retention_options {

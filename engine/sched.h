@@ -33,7 +33,7 @@
 #include "api/kpl.pb-c.h"
 #include "engine/engine.h"
 #include "engine/hooks.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 /* At most this many schedules per registered pipeline. */
 #define SCHED_MAX 16

@@ -16,7 +16,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "store/store.h"
 
 #define SECRETS_MAX_VALUE (64 * 1024)

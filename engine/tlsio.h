@@ -12,7 +12,7 @@
 
 #include <stddef.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 struct tlsio_ctx; /* certificate and key; opaque */
 struct tlsio;     /* one connection; opaque */

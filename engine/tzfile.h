@@ -19,7 +19,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 #define TZ_MAX_NAME 255
 #define TZ_MAX_FILE (256 * 1024)

@@ -31,7 +31,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 /* Roots a context allows, or'ed together for expr_parse. */
 #define EXPR_ROOT_PARAMS (1u << 0)

@@ -12,7 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "pipelines/expr.h"
 
 /* Cap on the nodes of one document, so a small file of tiny items cannot

@@ -16,7 +16,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "pipelines/expr.h"
 
 /* One piece of a template: literal text, or an expression. */

@@ -23,7 +23,7 @@
 #include <string.h>
 
 #include "stages/build.h"
-#include "stages/http.h"
+#include "base/http.h"
 #include "stages/jenkins.h"
 #include "stages/kinds.h"
 

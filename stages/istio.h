@@ -37,8 +37,8 @@
 #include <jansson.h>
 #include <stdbool.h>
 
-#include "engine/kpl.h"
-#include "stages/http.h"
+#include "base/kpl.h"
+#include "base/http.h"
 #include "stages/kube.h"
 
 #define ISTIO_GROUP_PATH "/apis/networking.istio.io/v1"

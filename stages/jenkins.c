@@ -11,7 +11,7 @@
 
 #include <jansson.h>
 
-#include "engine/logline.h"
+#include "base/logline.h"
 #include "stages/jenkins.h"
 
 struct jenkins {

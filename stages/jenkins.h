@@ -2,7 +2,7 @@
  * jenkins.h - the Jenkins client's protocol logic, without I/O (style.md
  * practice 2): it turns Jenkins' replies (status, headers, JSON, log bytes)
  * into decisions and next requests. stages/build_jenkins.c moves the bytes
- * (stages/http.h) and persists what a step says; tests/unit/jenkins_test.c
+ * (base/http.h) and persists what a step says; tests/unit/jenkins_test.c
  * feeds it fixture replies.
  *
  * One struct jenkins follows one build of one job, from the trigger to the
@@ -46,7 +46,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 /* The parameter every trigger adds (jobs should declare it; see
  * docs/stages.md). */

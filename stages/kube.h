@@ -7,7 +7,7 @@
  *     kube_rollout_status, kube_watch_event_parse, the URL and patch
  *     builders. They take text or JSON and return decisions; the unit tests
  *     (tests/unit/kube_test.c) feed them fixture replies;
- *   - thin glue over stages/http.h: kube_request (one JSON request) and
+ *   - thin glue over base/http.h: kube_request (one JSON request) and
  *     struct kube_watch (list + streamed watch that survives stream ends and
  *     410 Gone).
  *
@@ -25,9 +25,9 @@
 #include <stddef.h>
 
 #include "engine/config.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "pipelines/pipeline.h"
-#include "stages/http.h"
+#include "base/http.h"
 
 /* --- Configuration --- */
 

@@ -32,7 +32,7 @@
 #include <string.h>
 
 #include "pipelines/runs_on.h"
-#include "stages/http.h"
+#include "base/http.h"
 #include "stages/kinds.h"
 #include "stages/kube.h"
 #include "stages/pod.h"

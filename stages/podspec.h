@@ -20,7 +20,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 /* The container's name in every pod stage. */
 #define PODSPEC_CONTAINER "step"

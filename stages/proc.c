@@ -75,31 +75,6 @@ const char *proc_dir(struct proc *p) { return p->dir; }
 /* ---------------------------------------------------------------------- */
 /* Files */
 
-uint64_t proc_pid_start_time(int64_t pid)
-{
-	char path[64], buf[1024];
-	FILE *f;
-	size_t n;
-	char *p;
-	unsigned long long start = 0;
-
-	snprintf(path, sizeof path, "/proc/%lld/stat", (long long)pid);
-	if (!(f = fopen(path, "r")))
-		return 0;
-	n = fread(buf, 1, sizeof buf - 1, f);
-	fclose(f);
-	buf[n] = '\0';
-	/* comm may hold spaces and parentheses: fields restart after the last ')'. */
-	if (!(p = strrchr(buf, ')')))
-		return 0;
-	p++;
-	for (int field = 3; field < 22 && p; field++)
-		p = strchr(p + 1, ' ');
-	if (p)
-		sscanf(p + 1, "%llu", &start);
-	return start;
-}
-
 int proc_mkdir_p(const char *path)
 {
 	char *p = kpl_strdup(path);
@@ -1160,7 +1135,7 @@ int proc_start(struct stage *st, const struct proc_spec *spec,
 	}
 	*out = p;
 	resume = kpl_asprintf("%s0", p->prefix);
-	stage_record_resume(st, p->shim_pid, proc_pid_start_time(p->shim_pid), resume,
+	stage_record_resume(st, p->shim_pid, kpl_pid_start_time(p->shim_pid), resume,
 			    pid_recorded, NULL);
 	free(resume);
 	kpl_debug(LOG, "run %s stage %s: shim pid %lld runs %s", stage_run_id(st),

@@ -274,7 +274,4 @@ void proc_steps_abandon(struct stage *st);
 /* mkdir -p with mode 0700; 0 or a negative errno. */
 int proc_mkdir_p(const char *path);
 
-/* Start time of pid in clock ticks since boot, 0 if it is not running. */
-uint64_t proc_pid_start_time(int64_t pid);
-
 #endif

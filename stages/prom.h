@@ -3,7 +3,7 @@
  * (`GET /api/v1/query`), their URL, and what a reply means.
  *
  * No I/O here (style.md practice 2): the caller sends the request through
- * stages/http.h and feeds the status and body to prom_parse_reply, which
+ * base/http.h and feeds the status and body to prom_parse_reply, which
  * turns them into one number, "no data", or an error that says whether
  * asking again could help. tests/unit/prom_test.c runs it over fixture
  * replies.
@@ -27,7 +27,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 /* Largest query text kpl sends in a GET (it is URL-encoded into the URL;
  * servers and proxies commonly cap a request line at 8 KiB or more). */

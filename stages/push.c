@@ -22,7 +22,7 @@
  *
  * The protocol decisions are stages/registry.c's; this file moves bytes: one
  * request in flight at a time, through the daemon's HTTP client
- * (stages/http.h); blob files are read in chunks with uv_fs_read, so at most
+ * (base/http.h); blob files are read in chunks with uv_fs_read, so at most
  * one chunk (or one blob under chunk_size) is in memory; the OCI layout's
  * small JSON files are read on libuv's thread pool. Each blob is hashed while
  * it is read and checked before the closing PUT; the registry's
@@ -59,7 +59,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "stages/http.h"
+#include "base/http.h"
 #include "stages/kinds.h"
 #include "stages/registry.h"
 

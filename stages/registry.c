@@ -15,7 +15,7 @@
 #include <jansson.h>
 #include <openssl/evp.h>
 
-#include "stages/http.h"
+#include "base/http.h"
 #include "stages/registry.h"
 
 /* ---------------------------------------------------------------------- */

@@ -4,7 +4,7 @@
  *
  * Everything here turns replies (status, a few headers, a body) into
  * decisions and next requests, so the push stage (stages/push.c) only moves
- * bytes with stages/http.h, and the rules are unit-tested over fixture
+ * bytes with base/http.h, and the rules are unit-tested over fixture
  * replies (tests/unit/registry_test.c). The one exception is
  * reg_layout_load, which reads an OCI image layout from disk with blocking
  * calls: run it on libuv's thread pool, never on the loop.
@@ -35,7 +35,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 /* "sha256:" + 64 hex + NUL. */
 #define REG_DIGEST_MAX 72

@@ -49,8 +49,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "engine/kpl.h"
-#include "engine/logline.h"
+#include "base/kpl.h"
+#include "base/logline.h"
 #include "stages/shim.h"
 
 /* The output file stops growing here (the pipes are still drained); kpld

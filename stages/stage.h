@@ -23,11 +23,11 @@
 #include "api/kpl.pb-c.h"
 #include "api/store/store.pb-c.h"
 #include "engine/config.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "pipelines/pipeline.h"
 
 struct stage; /* engine-owned; see engine/engine.h */
-struct http_client; /* stages/http.h */
+struct http_client; /* base/http.h */
 
 struct stage_kind {
 	const char *name;
@@ -170,7 +170,7 @@ void stage_record_release(struct stage *st, Kpl__Store__V1__ReleaseRecord *rec);
 int stage_releases(struct stage *st, const char *target,
 		   Kpl__Store__V1__ReleaseRecord ***out, size_t *n);
 
-/* The daemon's HTTP client (stages/http.h), shared by every kind. */
+/* The daemon's HTTP client (base/http.h), shared by every kind. */
 struct http_client *stage_http(struct stage *st);
 
 /* Removes every secret value from text: a malloc'd copy with "***" in

@@ -1,7 +1,7 @@
 /*
  * verify.c - metric analysis (struct verify_run) and the `verify` stage
  * kind around it. What it does is described in verify.h; the Prometheus
- * protocol logic is stages/prom.c, the transport stages/http.c.
+ * protocol logic is stages/prom.c, the transport base/http.c.
  */
 #include <errno.h>
 #include <jansson.h>
@@ -12,7 +12,7 @@
 #include <string.h>
 
 #include "pipelines/template.h"
-#include "stages/http.h"
+#include "base/http.h"
 #include "stages/kinds.h"
 #include "stages/prom.h"
 #include "stages/verify.h"

@@ -16,7 +16,7 @@
 #include <stdbool.h>
 #include <sys/types.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 struct dirlock; /* opaque */
 

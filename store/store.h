@@ -42,7 +42,7 @@
 
 #include "api/kpl.pb-c.h"
 #include "api/store/store.pb-c.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 #define STORE_SCHEMA_VERSION 1
 

@@ -3,7 +3,7 @@
  * chats want which notice, the last log lines of stages and the state file.
  * The notices themselves (webhook bodies, DingTalk's signature, reply
  * verdicts) are clients/chatbot/notice.h, shared with kpld's own `notify:`. clients/chatbot/main.c is the thin glue (the WatchRuns
- * thread, the libuv loop, stages/http.h); docs/chatbot.md is the user's
+ * thread, the libuv loop, base/http.h); docs/chatbot.md is the user's
  * side.
  *
  * Threads: nothing here keeps global state; any thread may call any function
@@ -20,7 +20,7 @@
 
 #include "api/kpl.pb-c.h"
 #include "clients/chatbot/notice.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 /* --- The config file (docs/chatbot.md) --- */
 

@@ -11,7 +11,7 @@
  * drains the whole list).
  *
  * The loop thread owns everything else: one queue per chat, each sending one
- * message at a time, in order, through stages/http.h, so a slow or failing
+ * message at a time, in order, through base/http.h, so a slow or failing
  * chat delays only itself; a failed message is tried again after a doubling
  * backoff, and given up after max_tries. Every chat's progress is the last
  * global seq all of whose messages it took (or gave up on); the state file
@@ -30,7 +30,7 @@
 
 #include "clients/chatbot/chatbot.h"
 #include "clients/kplclient.h"
-#include "stages/http.h"
+#include "base/http.h"
 
 #define LOG "chatbot"
 /* State writes that only move progress past events without messages (log

@@ -18,7 +18,7 @@
 #include <stdint.h>
 
 #include "api/kpl.pb-c.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 /* --- Chat kinds and notice kinds, listed once --- */
 

@@ -19,7 +19,7 @@
 #include <cmocka.h>
 
 #include "clients/kplclient.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 static const char *server(void)
 {

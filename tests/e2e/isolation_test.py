@@ -80,7 +80,7 @@ stages:
 """
 
 # kpld reads what the command leaves in the workspace (its outputs file, its
-# log, an image layout; engine/kpl.c kpl_open_ws): a symlink there must not
+# log, an image layout; base/kpl.c kpl_open_ws): a symlink there must not
 # make kpld read, for the command, a file the sandbox hides from it.
 SYMLINK = r"""
 name: symlink

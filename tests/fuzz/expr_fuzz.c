@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "pipelines/expr.h"
 #include "tests/fuzz/fuzz.h"
 

@@ -13,7 +13,7 @@
 
 #include "engine/forge.h"
 #include "engine/hooks.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "tests/fuzz/fuzz.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)

@@ -17,7 +17,7 @@
 #include <uv.h>
 
 #include "engine/httpd.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "tests/fuzz/fuzz.h"
 
 static uv_loop_t loop;

@@ -9,7 +9,7 @@
 #include <jansson.h>
 #include <stdlib.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "stages/istio.h"
 #include "tests/fuzz/fuzz.h"
 

@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "stages/kube.h"
 #include "tests/fuzz/fuzz.h"
 

@@ -13,7 +13,7 @@
 
 #include "api/kpl.pb-c.h"
 #include "api/pbjson.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "tests/fuzz/fuzz.h"
 
 static const ProtobufCServiceDescriptor *const services[] = {

@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "pipelines/expr.h"
 #include "pipelines/pipeline.h"
 #include "stages/stage.h"

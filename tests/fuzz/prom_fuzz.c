@@ -6,7 +6,7 @@
  */
 #include <stdlib.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "stages/prom.h"
 #include "tests/fuzz/fuzz.h"
 

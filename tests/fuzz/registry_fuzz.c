@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "stages/registry.h"
 #include "tests/fuzz/fuzz.h"
 

@@ -10,7 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "pipelines/pipeline.h"
 #include "pipelines/reuse.h"
 #include "stages/stage.h"

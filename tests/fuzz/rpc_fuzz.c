@@ -26,7 +26,7 @@
 #include "api/kpl.pb-c.h"
 #include "engine/hooks.h"
 #include "engine/sched.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "engine/secrets.h"
 #include "pipelines/pipeline.h"
 #include "stages/stage.h"

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Test server for tests/unit/http_test.c (stages/http.c).
+"""Test server for tests/unit/http_test.c (base/http.c).
 
 Makes a throwaway CA with the openssl command (a server certificate for
 127.0.0.1/localhost and a client certificate, both signed by it) in --certdir,

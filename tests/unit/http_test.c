@@ -1,5 +1,5 @@
 /*
- * http_test.c - unit tests of stages/http.c: the pure helpers on their own,
+ * http_test.c - unit tests of base/http.c: the pure helpers on their own,
  * and the client on a real libuv loop against tests/unit/http_server.py
  * (plain HTTP, HTTPS and mTLS on 127.0.0.1, with a CA the server makes with
  * the openssl command at start-up).
@@ -33,7 +33,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "stages/http.h"
+#include "base/http.h"
 
 /* ------------------------------------------------------------------ */
 /* The server, shared by every test                                    */

@@ -18,7 +18,7 @@
 
 #include <cmocka.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 static char root[256];   /* the workspaces' directory */
 static char outside[300]; /* a file outside it */

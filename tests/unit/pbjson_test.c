@@ -18,7 +18,7 @@
 
 #include "api/kpl.pb-c.h"
 #include "api/pbjson.h"
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "engine/tlsio.h"
 
 /* Encodes m and checks the text. */

@@ -16,7 +16,7 @@
 
 #include <cmocka.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "pipelines/expr.h"
 #include "pipelines/pipeline.h"
 #include "pipelines/runs_on.h"

@@ -1,7 +1,7 @@
 /*
  * redact_test.c - engine/secrets.c's redaction (multi-line values line by
  * line, a secret inside another, pieces of a line cut at 8 KiB, the size
- * bounds secrets_set keeps) and engine/logline.c (UTF-8 repair and cuts),
+ * bounds secrets_set keeps) and base/logline.c (UTF-8 repair and cuts),
  * on a real store in a temporary directory; no loop, no sockets.
  */
 #define _GNU_SOURCE
@@ -17,8 +17,8 @@
 
 #include <cmocka.h>
 
-#include "engine/kpl.h"
-#include "engine/logline.h"
+#include "base/kpl.h"
+#include "base/logline.h"
 #include "engine/secrets.h"
 #include "store/store.h"
 

@@ -12,7 +12,7 @@
 
 #include <cmocka.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "pipelines/pipeline.h"
 #include "pipelines/reuse.h"
 

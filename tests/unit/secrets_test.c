@@ -17,7 +17,7 @@
 
 #include <cmocka.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 #include "engine/secrets.h"
 #include "store/store.h"
 

@@ -130,4 +130,8 @@ char *kpl_asprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 #define KPL_MAX_DEPTH 32
 #define KPL_MAX_LOG_LINE 8192
 
+/* Start time of pid in clock ticks since boot (/proc/PID/stat), 0 if it
+ * is not running: with the pid, it names one process across pid reuse. */
+uint64_t kpl_pid_start_time(int64_t pid);
+
 #endif

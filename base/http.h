@@ -51,7 +51,7 @@
 #include <stdint.h>
 #include <uv.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 struct http_client;   /* opaque; one per loop */
 struct http_request;  /* opaque; one per request, across its retries */

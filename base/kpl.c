@@ -1,6 +1,6 @@
 #define _GNU_SOURCE /* O_PATH */
 /* kpl.c - errors, logging, time and allocation shared by every subsystem. */
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -280,4 +280,29 @@ int kpl_open_ws(const char *path, int flags)
 	close(dirfd);
 	errno = e;
 	return fd;
+}
+
+uint64_t kpl_pid_start_time(int64_t pid)
+{
+	char path[64], buf[1024];
+	FILE *f;
+	size_t n;
+	char *p;
+	unsigned long long start = 0;
+
+	snprintf(path, sizeof path, "/proc/%lld/stat", (long long)pid);
+	if (!(f = fopen(path, "r")))
+		return 0;
+	n = fread(buf, 1, sizeof buf - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	/* comm may hold spaces and parentheses: fields restart after the last ')'. */
+	if (!(p = strrchr(buf, ')')))
+		return 0;
+	p++;
+	for (int field = 3; field < 22 && p; field++)
+		p = strchr(p + 1, ' ');
+	if (p)
+		sscanf(p + 1, "%llu", &start);
+	return start;
 }

@@ -1,10 +1,10 @@
 /* logline.c - UTF-8 repair and splitting of log text (logline.h). */
-#include "engine/logline.h"
+#include "base/logline.h"
 
 #include <stdint.h>
 #include <string.h>
 
-#include "engine/kpl.h"
+#include "base/kpl.h"
 
 /* The length a lead byte announces, or 0 for a byte no sequence starts
  * with (a continuation byte, 0xC0, 0xC1, 0xF5..0xFF). */

@@ -14,7 +14,7 @@
  * callback (on_data/on_line) or from a uv callback (on_done), and every
  * http_* call they make is deferred the same way.
  */
-#include "stages/http.h"
+#include "base/http.h"
 
 #include <ctype.h>
 #include <curl/curl.h>
