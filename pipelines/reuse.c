@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "pipelines/pl_internal.h"
+#include "pipelines/template.h"
 
 #define PATH_LEN 512
 #pragma GCC diagnostic ignored "-Wformat-truncation"
@@ -171,25 +172,6 @@ static bool plain_text(const char *s)
 static bool ident_char(char ch)
 {
 	return isalnum((unsigned char)ch) || ch == '_' || ch == '-';
-}
-
-/* The "}}" closing an expression that starts at s + i (quotes skipped, as
- * template.c does), or -1. */
-static long find_close(const char *s, size_t i)
-{
-	char quote = 0;
-
-	for (; s[i]; i++) {
-		if (quote) {
-			if (s[i] == quote)
-				quote = 0;
-		} else if (s[i] == '\'' || s[i] == '"') {
-			quote = s[i];
-		} else if (s[i] == '}' && s[i + 1] == '}') {
-			return (long)i;
-		}
-	}
-	return -1;
 }
 
 static const char *list_names(const struct subst *sb, char *buf, size_t size)
@@ -354,7 +336,7 @@ static struct pl_node *subst_scalar(struct rx *x, const struct pl_node *n, const
 			buf_add(&out, s + i++, 1);
 			continue;
 		}
-		long close = find_close(s, i + 3);
+		long close = tpl_find_close(s, i + 3);
 		if (close < 0) {
 			buf_str(&out, s + i); /* the validator says what is wrong */
 			break;

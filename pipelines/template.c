@@ -46,9 +46,7 @@ bool tpl_has_template(const char *s)
 	return strstr(s, "${{") != NULL;
 }
 
-/* Finds the "}}" that ends an expression starting at s + i, skipping quoted
- * strings; returns its offset or -1. */
-static long find_close(const char *s, size_t i)
+long tpl_find_close(const char *s, size_t i)
 {
 	char quote = 0;
 
@@ -90,7 +88,7 @@ int tpl_parse(const char *s, unsigned roots, struct tpl **out,
 			i++;
 			continue;
 		}
-		long close = find_close(s, i + 3);
+		long close = tpl_find_close(s, i + 3);
 		if (close < 0) {
 			off = i;
 			kpl_errf(err, KPL_EINVAL, "unterminated \"${{\": add the closing \"}}\"");

@@ -32,6 +32,10 @@ struct tpl {
 	size_t n_parts;
 };
 
+/* The offset of the "}}" that ends an expression starting at s + i
+ * (quoted strings skipped), or -1. */
+long tpl_find_close(const char *s, size_t i);
+
 /*
  * Parses the NUL-terminated s; roots as for expr_parse. On success *out owns
  * a new template (tpl_free it). On error returns KPL_EINVAL, *err_off is the
