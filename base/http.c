@@ -49,35 +49,14 @@ static int is_secret_param(const char *name, size_t n)
 	return 0;
 }
 
-struct sbuf {
-	char *p;
-	size_t len, cap;
-};
-
-static void sb_add(struct sbuf *b, const char *s, size_t n)
-{
-	if (b->len + n + 1 > b->cap) {
-		b->cap = (b->len + n + 1) * 2;
-		b->p = kpl_realloc(b->p, b->cap);
-	}
-	memcpy(b->p + b->len, s, n);
-	b->len += n;
-	b->p[b->len] = '\0';
-}
-
-static void sb_adds(struct sbuf *b, const char *s)
-{
-	sb_add(b, s, strlen(s));
-}
-
 char *http_redact_url(const char *url)
 {
-	struct sbuf b = { 0 };
+	struct kpl_buf b = { 0 };
 	const char *p, *auth, *auth_end, *at = NULL, *q, *frag;
 
 	if (!url)
 		return kpl_strdup("");
-	sb_add(&b, "", 0);
+	kpl_buf_add(&b, "", 0);
 	/* The authority starts after "scheme://" and ends at / ? or #. */
 	p = strstr(url, "://");
 	auth = p ? p + 3 : url;
@@ -86,8 +65,8 @@ char *http_redact_url(const char *url)
 		if (*s == '@')
 			at = s; /* the last '@': a password may hold one */
 	if (at) {
-		sb_add(&b, url, (size_t)(auth - url));
-		sb_adds(&b, "***");
+		kpl_buf_add(&b, url, (size_t)(auth - url));
+		kpl_buf_str(&b, "***");
 		p = at;
 	} else {
 		p = url;
@@ -95,10 +74,10 @@ char *http_redact_url(const char *url)
 	q = strchr(auth_end, '?');
 	frag = strchr(auth_end, '#');
 	if (!q || (frag && frag < q)) {
-		sb_adds(&b, p);
-		return b.p;
+		kpl_buf_str(&b, p);
+		return b.s;
 	}
-	sb_add(&b, p, (size_t)(q + 1 - p));
+	kpl_buf_add(&b, p, (size_t)(q + 1 - p));
 	p = q + 1;
 	for (;;) {
 		/* One parameter: name[=value], ended by & ; # or the end. */
@@ -106,19 +85,19 @@ char *http_redact_url(const char *url)
 		const char *eq = memchr(p, '=', n);
 
 		if (eq && is_secret_param(p, (size_t)(eq - p))) {
-			sb_add(&b, p, (size_t)(eq + 1 - p));
-			sb_adds(&b, "***");
+			kpl_buf_add(&b, p, (size_t)(eq + 1 - p));
+			kpl_buf_str(&b, "***");
 		} else {
-			sb_add(&b, p, n);
+			kpl_buf_add(&b, p, n);
 		}
 		p += n;
 		if (*p == '&' || *p == ';') {
-			sb_add(&b, p, 1);
+			kpl_buf_add(&b, p, 1);
 			p++;
 			continue;
 		}
-		sb_adds(&b, p); /* "#fragment" or "" */
-		return b.p;
+		kpl_buf_str(&b, p); /* "#fragment" or "" */
+		return b.s;
 	}
 }
 

@@ -306,3 +306,19 @@ uint64_t kpl_pid_start_time(int64_t pid)
 		sscanf(p + 1, "%llu", &start);
 	return start;
 }
+
+void kpl_buf_add(struct kpl_buf *b, const char *s, size_t n)
+{
+	if (b->len + n + 1 > b->cap) {
+		b->cap = (b->len + n + 1) * 2;
+		b->s = kpl_realloc(b->s, b->cap);
+	}
+	memcpy(b->s + b->len, s, n);
+	b->len += n;
+	b->s[b->len] = '\0';
+}
+
+void kpl_buf_str(struct kpl_buf *b, const char *s)
+{
+	kpl_buf_add(b, s, strlen(s));
+}

@@ -134,4 +134,14 @@ char *kpl_asprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
  * is not running: with the pid, it names one process across pid reuse. */
 uint64_t kpl_pid_start_time(int64_t pid);
 
+/* A string built piece by piece, always NUL-terminated once anything is
+ * added. Zero-initialise it; s is the caller's to free. */
+struct kpl_buf {
+	char *s;
+	size_t len, cap;
+};
+
+void kpl_buf_add(struct kpl_buf *b, const char *s, size_t n);
+void kpl_buf_str(struct kpl_buf *b, const char *s);
+
 #endif

@@ -48,18 +48,6 @@ static int kind_parse(const char *s)
 /* ---------------------------------------------------------------------- */
 /* Payloads */
 
-static bool sha_ok(const char *s)
-{
-	size_t n = s ? strlen(s) : 0;
-
-	if (n != 40 && n != 64)
-		return false;
-	for (; *s; s++)
-		if (!isxdigit((unsigned char)*s))
-			return false;
-	return true;
-}
-
 static void lower(char *s)
 {
 	for (; *s; s++)
@@ -146,7 +134,7 @@ static int parse_github(json_t *root, struct forge_pr *pr, char *ignored, size_t
 	sha = json_string_value(json_object_get(head, "sha"));
 	href = json_string_value(json_object_get(head, "ref"));
 	bref = json_string_value(json_object_get(base, "ref"));
-	if (!sha_ok(sha))
+	if (!hooks_sha_ok(sha))
 		return kpl_errf(err, KPL_EINVAL, "pull_request.head.sha: want a commit sha");
 	if (!branch_ok(href))
 		return kpl_errf(err, KPL_EINVAL, "pull_request.head.ref: want a branch name");
@@ -178,7 +166,7 @@ static int parse_github(json_t *root, struct forge_pr *pr, char *ignored, size_t
 	pr->head_branch = kpl_strdup(href);
 	pr->base_branch = kpl_strdup(bref);
 	before = json_string_value(json_object_get(root, "before"));
-	pr->before = kpl_strdup(sha_ok(before) ? before : "");
+	pr->before = kpl_strdup(hooks_sha_ok(before) ? before : "");
 	lower(pr->before);
 	pr->updated_at = kpl_strdup(str_or_empty(p, "updated_at"));
 	pr->status_repo = kpl_strdup(full);
@@ -222,7 +210,7 @@ static int parse_gitlab(json_t *root, struct forge_pr *pr, char *ignored, size_t
 	if (!positive(json_object_get(oa, "iid"), &pr->number))
 		return kpl_errf(err, KPL_EINVAL, "object_attributes.iid: want a positive integer");
 	sha = json_string_value(json_object_get(json_object_get(oa, "last_commit"), "id"));
-	if (!sha_ok(sha))
+	if (!hooks_sha_ok(sha))
 		return kpl_errf(err, KPL_EINVAL, "object_attributes.last_commit.id: want a commit "
 				"sha");
 	src = json_string_value(json_object_get(oa, "source_branch"));
@@ -246,7 +234,7 @@ static int parse_gitlab(json_t *root, struct forge_pr *pr, char *ignored, size_t
 	lower(pr->head_sha);
 	pr->head_branch = kpl_strdup(src);
 	pr->base_branch = kpl_strdup(dst);
-	pr->before = kpl_strdup(sha_ok(oldrev) ? oldrev : "");
+	pr->before = kpl_strdup(hooks_sha_ok(oldrev) ? oldrev : "");
 	lower(pr->before);
 	pr->updated_at = kpl_strdup(str_or_empty(oa, "updated_at"));
 	pr->status_repo = kpl_asprintf("%" PRIu64, pid);
@@ -391,7 +379,7 @@ int forge_status_request(const Kpl__Store__V1__ForgeStatusRecord *rec, const cha
 	if (kind == FORGE_GITHUB ? !github_repo_ok(rec->repo) : !digits(rec->repo))
 		return kpl_errf(err, KPL_EINVAL, "repo: want %s",
 				kind == FORGE_GITHUB ? "OWNER/REPO" : "a project id");
-	if (!sha_ok(rec->sha))
+	if (!hooks_sha_ok(rec->sha))
 		return kpl_errf(err, KPL_EINVAL, "sha: want a commit sha");
 	if (!token || !*token || strpbrk(token, "\r\n"))
 		return kpl_errf(err, KPL_EINVAL, "the token is empty or holds a line break");

@@ -197,9 +197,9 @@ void hooks_push_free(struct hooks_push *p)
 	memset(p, 0, sizeof *p);
 }
 
-static bool sha_ok(const char *s)
+bool hooks_sha_ok(const char *s)
 {
-	size_t n = strlen(s);
+	size_t n = s ? strlen(s) : 0;
 
 	if (n != 40 && n != 64)
 		return false;
@@ -237,7 +237,7 @@ int hooks_parse_push(enum hooks_source src, const char *body, size_t len,
 		rc = kpl_errf(err, KPL_EINVAL, "ref: missing or not a string");
 		goto out;
 	}
-	if (!after || !sha_ok(after)) {
+	if (!after || !hooks_sha_ok(after)) {
 		rc = kpl_errf(err, KPL_EINVAL, "after: want a commit sha");
 		goto out;
 	}
@@ -246,7 +246,7 @@ int hooks_parse_push(enum hooks_source src, const char *body, size_t len,
 	lower(out->sha);
 	{
 		const char *before = json_string_value(json_object_get(root, "before"));
-		out->before = kpl_strdup(before && sha_ok(before) ? before : "");
+		out->before = kpl_strdup(before && hooks_sha_ok(before) ? before : "");
 		lower(out->before);
 	}
 	if (strncmp(ref, "refs/heads/", 11) == 0 && ref[11])
@@ -1178,7 +1178,7 @@ static int resolve_ref(struct delivery *d, const char *out)
 		}
 		p += n + (p[n] ? 1 : 0);
 	}
-	if (best == 99 || !sha_ok(best_sha))
+	if (best == 99 || !hooks_sha_ok(best_sha))
 		return KPL_ENOTFOUND;
 	/* The peeled line names the tag, not "^{}". */
 	if (strlen(best_ref) > 3 && strcmp(best_ref + strlen(best_ref) - 3, "^{}") == 0)
@@ -1742,7 +1742,7 @@ int hooks_run_pipeline(struct hooks *h, const struct hooks_run *rq, hooks_run_cb
 				KPL_MAX_NAME_LEN);
 	if (ref && sha)
 		return kpl_errf(err, KPL_EINVAL, "ref and sha: give one of them, not both");
-	if (sha && !sha_ok(sha))
+	if (sha && !hooks_sha_ok(sha))
 		return kpl_errf(err, KPL_EINVAL, "sha: want a commit's 40 (or 64) hex digits");
 	if (ref && (strlen(ref) > 255 || !printable_no_space(ref) || ref[0] == '-' ||
 		    strstr(ref, "..") || strpbrk(ref, "*?[\\^~:")))

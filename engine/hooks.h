@@ -159,6 +159,10 @@ const char *hooks_repo_url_problem(const char *url);
  * refuses shows as "***@" (registrations stored before it did). */
 void hooks_url_for_display(const char *url, char *out, size_t size);
 
+/* True if s is a commit id as forges send it: 40 (SHA-1) or 64 (SHA-256)
+ * hex digits; false for NULL. */
+bool hooks_sha_ok(const char *s);
+
 /* True if branch (without refs/heads/) matches pattern: an exact name, or a
  * glob where * and ? also match '/' (fnmatch without flags). */
 bool hooks_branch_match(const char *pattern, const char *branch);

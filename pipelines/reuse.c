@@ -135,27 +135,6 @@ static struct pl_node *clone(struct rx *x, const struct pl_node *n, const struct
 
 /* ---- text ---- */
 
-struct buf {
-	char *s;
-	size_t len, cap;
-};
-
-static void buf_add(struct buf *b, const char *s, size_t n)
-{
-	if (b->len + n + 1 > b->cap) {
-		b->cap = (b->len + n + 1) * 2;
-		b->s = kpl_realloc(b->s, b->cap);
-	}
-	memcpy(b->s + b->len, s, n);
-	b->len += n;
-	b->s[b->len] = '\0';
-}
-
-static void buf_str(struct buf *b, const char *s)
-{
-	buf_add(b, s, strlen(s));
-}
-
 static bool plain_char(char ch)
 {
 	return isalnum((unsigned char)ch) || ch == '.' || ch == '_' || ch == '-' || ch == '+';
@@ -204,7 +183,7 @@ static int lookup(struct rx *x, const struct subst *sb, const char *name, size_t
 /* Replaces ROOT.NAME references inside an expression (outside quotes) by
  * literals. Returns false after a diagnostic. */
 static bool subst_expr(struct rx *x, const char *s, size_t len, const struct subst *sb,
-		       const struct pl_node *n, const char *path, struct buf *out)
+		       const struct pl_node *n, const char *path, struct kpl_buf *out)
 {
 	size_t rl = strlen(sb->root);
 	char quote = 0;
@@ -214,17 +193,17 @@ static bool subst_expr(struct rx *x, const char *s, size_t len, const struct sub
 		if (quote) {
 			if (ch == quote)
 				quote = 0;
-			buf_add(out, s + i++, 1);
+			kpl_buf_add(out, s + i++, 1);
 			continue;
 		}
 		if (ch == '\'' || ch == '"') {
 			quote = ch;
-			buf_add(out, s + i++, 1);
+			kpl_buf_add(out, s + i++, 1);
 			continue;
 		}
 		bool start = i == 0 || !(ident_char(s[i - 1]) || s[i - 1] == '.');
 		if (!start || i + rl + 1 > len || strncmp(s + i, sb->root, rl) || s[i + rl] != '.') {
-			buf_add(out, s + i++, 1);
+			kpl_buf_add(out, s + i++, 1);
 			continue;
 		}
 		size_t b = i + rl + 1, e = b;
@@ -235,20 +214,20 @@ static bool subst_expr(struct rx *x, const char *s, size_t len, const struct sub
 			return false;
 		const char *v = sb->values[k]->scalar;
 		if (sb->literal[k]) {
-			buf_str(out, v);
+			kpl_buf_str(out, v);
 		} else if (strstr(v, "${{")) {
 			pl_diagf(x->c, KPL_EINVAL, n->pos, path,
 				 "%s.%s holds a ${{ }} template, which cannot go inside an expression: "
 				 "use it as a whole value", sb->root, sb->names[k]);
 			return false;
 		} else if (!strchr(v, '\'')) {
-			buf_str(out, "'");
-			buf_str(out, v);
-			buf_str(out, "'");
+			kpl_buf_str(out, "'");
+			kpl_buf_str(out, v);
+			kpl_buf_str(out, "'");
 		} else if (!strchr(v, '"')) {
-			buf_str(out, "\"");
-			buf_str(out, v);
-			buf_str(out, "\"");
+			kpl_buf_str(out, "\"");
+			kpl_buf_str(out, v);
+			kpl_buf_str(out, "\"");
 		} else {
 			pl_diagf(x->c, KPL_EINVAL, n->pos, path,
 				 "%s.%s holds both ' and \", which an expression cannot quote",
@@ -304,14 +283,14 @@ static struct pl_node *subst_scalar(struct rx *x, const struct pl_node *n, const
 				    bool is_when, const char *path, bool *bad)
 {
 	const char *s = n->scalar;
-	struct buf out = { 0 };
+	struct kpl_buf out = { 0 };
 	size_t rl = strlen(sb->root);
 	int k;
 
 	if (!strstr(s, sb->root))
 		return NULL;
 	if (is_when) {
-		buf_add(&out, "", 0);
+		kpl_buf_add(&out, "", 0);
 		if (!subst_expr(x, s, strlen(s), sb, n, path, &out))
 			goto fail;
 		goto done;
@@ -325,20 +304,20 @@ static struct pl_node *subst_scalar(struct rx *x, const struct pl_node *n, const
 	}
 	if (*bad)
 		return NULL;
-	buf_add(&out, "", 0);
+	kpl_buf_add(&out, "", 0);
 	for (size_t i = 0; s[i];) {
 		if (s[i] == '$' && !strncmp(s + i + 1, "${{", 3)) {
-			buf_add(&out, s + i, 4);
+			kpl_buf_add(&out, s + i, 4);
 			i += 4;
 			continue;
 		}
 		if (strncmp(s + i, "${{", 3)) {
-			buf_add(&out, s + i++, 1);
+			kpl_buf_add(&out, s + i++, 1);
 			continue;
 		}
 		long close = tpl_find_close(s, i + 3);
 		if (close < 0) {
-			buf_str(&out, s + i); /* the validator says what is wrong */
+			kpl_buf_str(&out, s + i); /* the validator says what is wrong */
 			break;
 		}
 		size_t b = i + 3, e = (size_t)close;
@@ -356,18 +335,18 @@ static struct pl_node *subst_scalar(struct rx *x, const struct pl_node *n, const
 				goto fail;
 			const char *v = sb->values[k]->scalar;
 			if (plain_text(v) || strstr(v, "${{")) {
-				buf_str(&out, v);
+				kpl_buf_str(&out, v);
 			} else {
-				buf_str(&out, "${{ ");
+				kpl_buf_str(&out, "${{ ");
 				if (!subst_expr(x, s + b, te - b, sb, n, path, &out))
 					goto fail;
-				buf_str(&out, " }}");
+				kpl_buf_str(&out, " }}");
 			}
 		} else {
-			buf_str(&out, "${{");
+			kpl_buf_str(&out, "${{");
 			if (!subst_expr(x, s + i + 3, e - i - 3, sb, n, path, &out))
 				goto fail;
-			buf_str(&out, "}}");
+			kpl_buf_str(&out, "}}");
 		}
 		i = e + 2;
 	}
@@ -1170,19 +1149,19 @@ static bool expand_matrix(struct rx *x, const struct pl_node *sn, const char *pa
 	for (size_t c = 0; c < n && x->c->n_diags == before && !x->too_big; c++) {
 		const char *names[REUSE_MAX_KEYS];
 		bool literal[REUSE_MAX_KEYS], bad = false;
-		struct buf name = { 0 };
-		buf_str(&name, nm->scalar);
+		struct kpl_buf name = { 0 };
+		kpl_buf_str(&name, nm->scalar);
 		for (size_t k = 0; k < nd; k++) {
-			buf_str(&name, k ? "," : "[");
-			buf_str(&name, d[k].name);
-			buf_str(&name, "=");
-			buf_str(&name, combos[c][k]->scalar);
+			kpl_buf_str(&name, k ? "," : "[");
+			kpl_buf_str(&name, d[k].name);
+			kpl_buf_str(&name, "=");
+			kpl_buf_str(&name, combos[c][k]->scalar);
 			names[k] = d[k].name;
 			literal[k] = combos[c][k]->plain && (is_number(combos[c][k]->scalar) ||
 							      !strcmp(combos[c][k]->scalar, "true") ||
 							      !strcmp(combos[c][k]->scalar, "false"));
 		}
-		buf_str(&name, "]");
+		kpl_buf_str(&name, "]");
 		if (name.len > KPL_MAX_NAME_LEN) {
 			path_key(kpath, path, "name");
 			pl_diagf(x->c, KPL_EINVAL, nm->pos, kpath, "instance name \"%.60s...\" is %zu "

@@ -5,23 +5,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* A growing byte buffer for literal text and expansions. */
-struct buf {
-	char *s;
-	size_t len, cap;
-};
-
-static void buf_add(struct buf *b, const char *s, size_t n)
-{
-	if (b->len + n + 1 > b->cap) {
-		b->cap = (b->len + n + 1) * 2;
-		b->s = kpl_realloc(b->s, b->cap);
-	}
-	memcpy(b->s + b->len, s, n);
-	b->len += n;
-	b->s[b->len] = '\0';
-}
-
 static struct tpl_part *add_part(struct tpl *t, size_t off)
 {
 	t->parts = kpl_realloc(t->parts, (t->n_parts + 1) * sizeof *t->parts);
@@ -31,7 +14,7 @@ static struct tpl_part *add_part(struct tpl *t, size_t off)
 	return p;
 }
 
-static void flush_literal(struct tpl *t, struct buf *lit, size_t off)
+static void flush_literal(struct tpl *t, struct kpl_buf *lit, size_t off)
 {
 	if (lit->len == 0)
 		return;
@@ -67,7 +50,7 @@ int tpl_parse(const char *s, unsigned roots, struct tpl **out,
 	      size_t *err_off, struct kpl_err *err)
 {
 	struct tpl *t = kpl_calloc(1, sizeof *t);
-	struct buf lit = { 0 };
+	struct kpl_buf lit = { 0 };
 	size_t lit_off = 0;
 	size_t i = 0;
 	size_t off = 0;
@@ -77,14 +60,14 @@ int tpl_parse(const char *s, unsigned roots, struct tpl **out,
 		if (s[i] == '$' && strncmp(s + i + 1, "${{", 3) == 0) {
 			if (lit.len == 0)
 				lit_off = i;
-			buf_add(&lit, "${{", 3);
+			kpl_buf_add(&lit, "${{", 3);
 			i += 4;
 			continue;
 		}
 		if (strncmp(s + i, "${{", 3) != 0) {
 			if (lit.len == 0)
 				lit_off = i;
-			buf_add(&lit, s + i, 1);
+			kpl_buf_add(&lit, s + i, 1);
 			i++;
 			continue;
 		}
@@ -141,15 +124,15 @@ void tpl_free(struct tpl *t)
 int tpl_expand(const struct tpl *t, expr_lookup_fn lookup, void *data,
 	       char **out, struct kpl_err *err)
 {
-	struct buf b = { 0 };
+	struct kpl_buf b = { 0 };
 	int rc;
 
 	*out = NULL;
-	buf_add(&b, "", 0);
+	kpl_buf_add(&b, "", 0);
 	for (size_t i = 0; i < t->n_parts; i++) {
 		const struct tpl_part *p = &t->parts[i];
 		if (p->text) {
-			buf_add(&b, p->text, strlen(p->text));
+			kpl_buf_add(&b, p->text, strlen(p->text));
 			continue;
 		}
 		struct expr_value v;
@@ -157,7 +140,7 @@ int tpl_expand(const struct tpl *t, expr_lookup_fn lookup, void *data,
 			goto fail;
 		char *text = expr_value_text(&v);
 		expr_value_release(&v);
-		buf_add(&b, text, strlen(text));
+		kpl_buf_add(&b, text, strlen(text));
 		free(text);
 		/* Expansions can multiply sizes; keep them bounded like any
 		 * other value from outside. */
@@ -218,7 +201,7 @@ struct sh_lex {
 	/* Here-documents named on the current line, opened at its end. */
 	struct { char delim[128]; bool quoted, strip_tabs; } pending[SH_MAX_HEREDOCS];
 	size_t n_pending, cur;  /* cur: the one whose body this is */
-	struct buf line;        /* the body line so far */
+	struct kpl_buf line;        /* the body line so far */
 	bool line_dirty;        /* a template stood in it: never the delimiter */
 };
 
@@ -298,9 +281,9 @@ static void sh_body_line(struct sh_lex *lx)
 }
 
 /* Follows the literal text s (appended to out as it is). */
-static void sh_scan(struct sh_lex *lx, const char *s, struct buf *out)
+static void sh_scan(struct sh_lex *lx, const char *s, struct kpl_buf *out)
 {
-	buf_add(out, s, strlen(s));
+	kpl_buf_add(out, s, strlen(s));
 	for (size_t i = 0; s[i]; i++) {
 		char ch = s[i];
 
@@ -310,7 +293,7 @@ static void sh_scan(struct sh_lex *lx, const char *s, struct buf *out)
 			if (ch == '\n')
 				sh_body_line(lx);
 			else
-				buf_add(&lx->line, &ch, 1);
+				kpl_buf_add(&lx->line, &ch, 1);
 			continue;
 		case SH_SQ:
 			if (ch == '\'')
@@ -365,7 +348,7 @@ static void sh_scan(struct sh_lex *lx, const char *s, struct buf *out)
 int tpl_expand_shell(const struct tpl *t, expr_lookup_fn lookup, void *data,
 		     char **out, char ***values, size_t *n, struct kpl_err *err)
 {
-	struct buf b = { 0 };
+	struct kpl_buf b = { 0 };
 	struct sh_lex lx = { .state = SH_PLAIN, .word_start = true };
 	char **vals = NULL;
 	size_t nv = 0;
@@ -374,7 +357,7 @@ int tpl_expand_shell(const struct tpl *t, expr_lookup_fn lookup, void *data,
 	*out = NULL;
 	*values = NULL;
 	*n = 0;
-	buf_add(&b, "", 0);
+	kpl_buf_add(&b, "", 0);
 	for (size_t i = 0; i < t->n_parts; i++) {
 		const struct tpl_part *p = &t->parts[i];
 		struct expr_value v;
@@ -411,7 +394,7 @@ int tpl_expand_shell(const struct tpl *t, expr_lookup_fn lookup, void *data,
 			break;
 		}
 		lx.escaped = false;
-		buf_add(&b, ref, strlen(ref));
+		kpl_buf_add(&b, ref, strlen(ref));
 	}
 	free(lx.line.s);
 	*out = b.s;

@@ -169,37 +169,15 @@ static char *clip_line(const char *line)
 	return c;
 }
 
-/* A string built piece by piece. */
-struct sb {
-	char *p;
-	size_t len, cap;
-};
-
-static void sb_add(struct sb *b, const char *s, size_t n)
-{
-	if (b->len + n + 1 > b->cap) {
-		b->cap = (b->len + n + 1) * 2;
-		b->p = kpl_realloc(b->p, b->cap);
-	}
-	memcpy(b->p + b->len, s, n);
-	b->len += n;
-	b->p[b->len] = '\0';
-}
-
-static void sb_puts(struct sb *b, const char *s)
-{
-	sb_add(b, s, strlen(s));
-}
-
 /* Slack mrkdwn: &, < and > are control characters. */
-static void sb_slack(struct sb *b, const char *s)
+static void sb_slack(struct kpl_buf *b, const char *s)
 {
 	for (; *s; s++)
 		switch (*s) {
-		case '&': sb_puts(b, "&amp;"); break;
-		case '<': sb_puts(b, "&lt;"); break;
-		case '>': sb_puts(b, "&gt;"); break;
-		default: sb_add(b, s, 1);
+		case '&': kpl_buf_str(b, "&amp;"); break;
+		case '<': kpl_buf_str(b, "&lt;"); break;
+		case '>': kpl_buf_str(b, "&gt;"); break;
+		default: kpl_buf_add(b, s, 1);
 		}
 }
 
@@ -232,7 +210,7 @@ static const char *wecom_color(enum notice_kind k)
 static char *render_markdown(enum chat_kind kind, const struct notice *n, char **lines,
 			     size_t max)
 {
-	struct sb b = { 0 };
+	struct kpl_buf b = { 0 };
 	char *title = notice_title(n), *head;
 	size_t first;
 
@@ -241,16 +219,16 @@ static char *render_markdown(enum chat_kind kind, const struct notice *n, char *
 				    title);
 	else
 		head = kpl_asprintf("#### %s", title);
-	sb_puts(&b, head);
+	kpl_buf_str(&b, head);
 	if (shows_message(n)) {
 		char *m = clip_line(n->message);
 
-		sb_puts(&b, "\n\n");
-		sb_puts(&b, m);
+		kpl_buf_str(&b, "\n\n");
+		kpl_buf_str(&b, m);
 		free(m);
 	}
-	utf8_truncate(b.p, max);
-	b.len = strlen(b.p);
+	utf8_truncate(b.s, max);
+	b.len = strlen(b.s);
 	if (n->n_log) {
 		static const char intro[] = "\n\nlast log lines:";
 
@@ -259,56 +237,56 @@ static char *render_markdown(enum chat_kind kind, const struct notice *n, char *
 						     max - b.len - (sizeof intro - 1), 3)
 				: n->n_log;
 		if (first < n->n_log) {
-			sb_puts(&b, intro);
+			kpl_buf_str(&b, intro);
 			for (size_t i = first; i < n->n_log; i++) {
-				sb_puts(&b, "\n> ");
-				sb_puts(&b, lines[i]);
+				kpl_buf_str(&b, "\n> ");
+				kpl_buf_str(&b, lines[i]);
 			}
 		}
 	}
 	free(head);
 	free(title);
-	return b.p;
+	return b.s;
 }
 
 static char *render_slack(const struct notice *n, char **lines)
 {
-	struct sb b = { 0 };
+	struct kpl_buf b = { 0 };
 	char *title = notice_title(n);
 	size_t first;
 
-	sb_puts(&b, "*");
+	kpl_buf_str(&b, "*");
 	sb_slack(&b, title);
-	sb_puts(&b, "*");
+	kpl_buf_str(&b, "*");
 	if (shows_message(n)) {
 		char *m = clip_line(n->message);
 
-		sb_puts(&b, "\n");
+		kpl_buf_str(&b, "\n");
 		sb_slack(&b, m);
 		free(m);
 	}
 	/* Characters, not bytes, are Slack's limit; bytes are at least as
 	 * many, so a byte bound is safe. Escaping may grow a line 5 times. */
-	utf8_truncate(b.p, SLACK_MAX_SECTION);
-	b.len = strlen(b.p);
+	utf8_truncate(b.s, SLACK_MAX_SECTION);
+	b.len = strlen(b.s);
 	if (n->n_log && b.len + 8 < SLACK_MAX_SECTION) {
-		struct sb logs = { 0 };
+		struct kpl_buf logs = { 0 };
 
 		first = first_fitting_line(lines, n->n_log, (SLACK_MAX_SECTION - b.len - 8) / 5,
 					   1);
 		for (size_t i = first; i < n->n_log; i++) {
-			sb_puts(&logs, "\n");
+			kpl_buf_str(&logs, "\n");
 			sb_slack(&logs, lines[i]);
 		}
-		if (logs.p) {
-			sb_puts(&b, "\n```");
-			sb_puts(&b, logs.p);
-			sb_puts(&b, "\n```");
+		if (logs.s) {
+			kpl_buf_str(&b, "\n```");
+			kpl_buf_str(&b, logs.s);
+			kpl_buf_str(&b, "\n```");
 		}
-		free(logs.p);
+		free(logs.s);
 	}
 	free(title);
-	return b.p;
+	return b.s;
 }
 
 static json_t *pack(enum chat_kind kind, const char *title, const char *text)
@@ -444,7 +422,7 @@ char *dingtalk_sign(const char *secret, int64_t ts_ms)
 	unsigned char mac[EVP_MAX_MD_SIZE], b64[4 * ((EVP_MAX_MD_SIZE + 2) / 3) + 1];
 	unsigned int mac_len = 0;
 	char *msg = kpl_asprintf("%lld\n%s", (long long)ts_ms, secret);
-	struct sb out = { 0 };
+	struct kpl_buf out = { 0 };
 	int n;
 
 	if (!HMAC(EVP_sha256(), secret, (int)strlen(secret), (const unsigned char *)msg,
@@ -458,15 +436,15 @@ char *dingtalk_sign(const char *secret, int64_t ts_ms)
 		char c = (char)b64[i];
 
 		if (c == '+')
-			sb_puts(&out, "%2B");
+			kpl_buf_str(&out, "%2B");
 		else if (c == '/')
-			sb_puts(&out, "%2F");
+			kpl_buf_str(&out, "%2F");
 		else if (c == '=')
-			sb_puts(&out, "%3D");
+			kpl_buf_str(&out, "%3D");
 		else
-			sb_add(&out, &c, 1);
+			kpl_buf_add(&out, &c, 1);
 	}
-	return out.p;
+	return out.s;
 }
 
 char *dingtalk_signed_url(const char *url, const char *secret, int64_t ts_ms)
