@@ -2,7 +2,7 @@
  * server.c - kpld's gRPC server core: grpc core's completion queue drained on
  * its own thread and handed to the libuv loop.
  *
- * The pattern (style.md, "grpc core from a libuv loop"): one thread loops on
+ * The pattern (style.md, "grpc core from a libuv loop"): a thread loops on
  * grpc_completion_queue_next and appends each completed tag to a
  * mutex-protected list, calling uv_async_send only when the list goes from
  * empty to non-empty; the async callback drains the whole list on the loop,
@@ -12,6 +12,15 @@
  * several queued messages (api_call_flush) is chained on the queue thread,
  * which starts each next message as the one before completes (send_chain),
  * so the loop is woken once per batch, not once per message.
+ *
+ * There are API_CQS such queues, each with its own thread, and the calls
+ * are spread over them (each call stays on one, so its tags still come back
+ * in order on one thread). One would do, but Debian's libgrpc is built
+ * without NDEBUG: every completion then looks its tag up in a flat array of
+ * the queue's outstanding tags (cq_check_tag, under the queue's mutex), and
+ * each open stream keeps one there (RECV_CLOSE_ON_SERVER). With one queue a
+ * send to each of 10,000 streams cost 10,000 x 10,000 compares: most of
+ * kpld's CPU with many watchers (bench/README.md, "Many watchers").
  *
  * A call is reference counted: one reference for the handler (dropped when it
  * ends the call) plus one per batch in flight (dropped when its tag comes
@@ -50,7 +59,10 @@
 
 /* request_call tags kept outstanding: how many new calls grpc can hand us
  * between two turns of the loop. */
-#define API_REQUESTS 16
+#define API_REQUESTS 32
+
+/* Completion queues, each drained by its own thread (see the top). */
+#define API_CQS 16
 
 /* Streaming calls open at once (api_server_options). */
 #define API_DEFAULT_MAX_STREAMS 1024
@@ -89,6 +101,7 @@ struct call_tag {
 struct request {
 	struct tag tag;
 	struct api_server *s;
+	grpc_completion_queue *cq; /* the call's, once it arrives */
 	grpc_call *gc;
 	grpc_call_details details;
 	grpc_metadata_array md;
@@ -161,11 +174,19 @@ struct api_call {
 
 enum server_state { SRV_RUNNING, SRV_STOPPING };
 
+/* A completion queue and the thread that drains it. */
+struct cq_worker {
+	struct api_server *s;
+	grpc_completion_queue *cq;
+	uv_thread_t thread;
+	struct tag exit_tag; /* queued by the thread as it exits */
+};
+
 struct api_server {
 	uv_loop_t *loop;
 	grpc_server *server;
-	grpc_completion_queue *cq;
-	uv_thread_t thread;
+	struct cq_worker workers[API_CQS];
+	int workers_exited; /* exit tags seen on the loop */
 	uv_async_t async;
 	uv_mutex_t mu;
 	struct tag *ready_head, *ready_tail; /* guarded by mu */
@@ -188,7 +209,6 @@ struct api_server {
 	struct tag shutdown_tag; /* grpc_server_shutdown_and_notify */
 	bool shutdown_notified;
 	bool cq_shut;
-	struct tag exit_tag; /* queued by the thread as it exits */
 	void (*done)(void *);
 	void *done_data;
 
@@ -239,11 +259,12 @@ static void on_async(uv_async_t *h)
 
 static void cq_thread(void *arg)
 {
-	struct api_server *s = arg;
+	struct cq_worker *wk = arg;
+	struct api_server *s = wk->s;
 
 	for (;;) {
 		grpc_event ev = grpc_completion_queue_next(
-			s->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+			wk->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
 		if (ev.type == GRPC_QUEUE_SHUTDOWN)
 			break;
 		if (ev.type != GRPC_OP_COMPLETE)
@@ -255,7 +276,7 @@ static void cq_thread(void *arg)
 			ready_push(s, t, ev.success);
 		}
 	}
-	ready_push(s, &s->exit_tag, 1);
+	ready_push(s, &wk->exit_tag, 1);
 }
 
 /* --- Calls. --- */
@@ -820,7 +841,7 @@ static void request_arm(struct request *r)
 	grpc_metadata_array_init(&r->md);
 	s->requests_out++;
 	e = grpc_server_request_call(s->server, &r->gc, &r->details, &r->md,
-				     s->cq, s->cq, &r->tag);
+				     r->cq, r->cq, &r->tag);
 	if (e != GRPC_CALL_OK) {
 		s->requests_out--;
 		kpl_error(SUB, "grpc_server_request_call: error %d", (int)e);
@@ -862,15 +883,17 @@ static void on_async_closed(uv_handle_t *h)
 
 static void on_exit_tag(struct tag *t, int success)
 {
-	struct api_server *s =
-		(struct api_server *)((char *)t - offsetof(struct api_server, exit_tag));
+	struct cq_worker *wk =
+		(struct cq_worker *)((char *)t - offsetof(struct cq_worker, exit_tag));
+	struct api_server *s = wk->s;
 
 	/* The thread queued this as its last act: joining waits only for it to
 	 * return. */
-	uv_thread_join(&s->thread);
-	grpc_completion_queue_destroy(s->cq);
-	s->cq = NULL;
-	uv_close((uv_handle_t *)&s->async, on_async_closed);
+	uv_thread_join(&wk->thread);
+	grpc_completion_queue_destroy(wk->cq);
+	wk->cq = NULL;
+	if (++s->workers_exited == API_CQS)
+		uv_close((uv_handle_t *)&s->async, on_async_closed);
 }
 
 static void maybe_finish_shutdown(struct api_server *s)
@@ -881,7 +904,8 @@ static void maybe_finish_shutdown(struct api_server *s)
 	s->cq_shut = true;
 	grpc_server_destroy(s->server);
 	s->server = NULL;
-	grpc_completion_queue_shutdown(s->cq);
+	for (size_t i = 0; i < API_CQS; i++)
+		grpc_completion_queue_shutdown(s->workers[i].cq);
 }
 
 static void on_shutdown_notified(struct tag *t, int success)
@@ -902,7 +926,7 @@ void api_server_shutdown(struct api_server *s, void (*done)(void *data),
 	s->state = SRV_STOPPING;
 	s->done = done;
 	s->done_data = data;
-	grpc_server_shutdown_and_notify(s->server, s->cq, &s->shutdown_tag);
+	grpc_server_shutdown_and_notify(s->server, s->workers[0].cq, &s->shutdown_tag);
 	grpc_server_cancel_all_calls(s->server);
 	/* grpc cancels too, but not necessarily before a handler that is
 	 * between batches would notice: tell them all now. */
@@ -1051,7 +1075,10 @@ int api_server_start(uv_loop_t *loop, const struct api_server_options *opt,
 	s = kpl_calloc(1, sizeof *s);
 	s->loop = loop;
 	s->shutdown_tag.run = on_shutdown_notified;
-	s->exit_tag.run = on_exit_tag;
+	for (size_t i = 0; i < API_CQS; i++) {
+		s->workers[i].s = s;
+		s->workers[i].exit_tag.run = on_exit_tag;
+	}
 	for (size_t i = 0; i < API_REQUESTS; i++) {
 		s->requests[i].tag.run = on_request;
 		s->requests[i].s = s;
@@ -1117,9 +1144,13 @@ int api_server_start(uv_loop_t *loop, const struct api_server_options *opt,
 	args[7].value.integer = (int)(opt->max_streams_per_conn + 16 > API_MIN_H2_STREAMS
 				      ? opt->max_streams_per_conn + 16 : API_MIN_H2_STREAMS);
 
-	s->cq = grpc_completion_queue_create_for_next(NULL);
 	s->server = grpc_server_create(&chargs, NULL);
-	grpc_server_register_completion_queue(s->server, s->cq, NULL);
+	for (size_t i = 0; i < API_CQS; i++) {
+		s->workers[i].cq = grpc_completion_queue_create_for_next(NULL);
+		grpc_server_register_completion_queue(s->server, s->workers[i].cq, NULL);
+	}
+	for (size_t i = 0; i < API_REQUESTS; i++)
+		s->requests[i].cq = s->workers[i % API_CQS].cq;
 	s->authorize = opt->authorize;
 	s->authorize_data = opt->authorize_data;
 	s->max_streams = opt->max_streams ? opt->max_streams : API_DEFAULT_MAX_STREAMS;
@@ -1144,8 +1175,9 @@ int api_server_start(uv_loop_t *loop, const struct api_server_options *opt,
 	s->async.data = s;
 	for (size_t i = 0; i < API_REQUESTS; i++)
 		request_arm(&s->requests[i]);
-	if ((rc = uv_thread_create(&s->thread, cq_thread, s)) < 0)
-		BUG("uv_thread_create: %s", uv_strerror(rc));
+	for (size_t i = 0; i < API_CQS; i++)
+		if ((rc = uv_thread_create(&s->workers[i].thread, cq_thread, &s->workers[i])) < 0)
+			BUG("uv_thread_create: %s", uv_strerror(rc));
 	kpl_info(SUB, "listening on %s (port %d, %s)", opt->listen, s->port,
 		 s->mtls ? "TLS, client certificates required"
 			 : opt->tls_cert_file ? "TLS" : "plaintext");
@@ -1156,14 +1188,17 @@ fail:
 	if (s->server) {
 		/* Never started and no call: shutdown completes at once, and
 		 * nothing else is on the queue (no loop runs yet). */
-		grpc_server_shutdown_and_notify(s->server, s->cq, &s->shutdown_tag);
-		grpc_completion_queue_shutdown(s->cq);
-		while (grpc_completion_queue_next(s->cq,
-						  gpr_inf_future(GPR_CLOCK_REALTIME),
-						  NULL).type != GRPC_QUEUE_SHUTDOWN)
-			;
+		grpc_server_shutdown_and_notify(s->server, s->workers[0].cq, &s->shutdown_tag);
+		for (size_t i = 0; i < API_CQS; i++) {
+			grpc_completion_queue_shutdown(s->workers[i].cq);
+			while (grpc_completion_queue_next(s->workers[i].cq,
+							  gpr_inf_future(GPR_CLOCK_REALTIME),
+							  NULL).type != GRPC_QUEUE_SHUTDOWN)
+				;
+		}
 		grpc_server_destroy(s->server);
-		grpc_completion_queue_destroy(s->cq);
+		for (size_t i = 0; i < API_CQS; i++)
+			grpc_completion_queue_destroy(s->workers[i].cq);
 	}
 	server_free(s);
 	grpc_shutdown();

@@ -4,12 +4,15 @@
  * each of N concurrent WatchRun streams, and kpld's memory per open stream.
  *
  *   watch_bench --ready-file PATH [--watchers N] [--conns C] [--lines L]
- *               [--interval-ms I] [--kpld-pid PID]
+ *               [--interval-ms I] [--kpld-pid PID] [--cqs Q]
  *
  * It submits a run whose first stage waits for approval and whose second
  * prints L lines I ms apart; opens N WatchRun streams on it over C raw grpc
  * channels (each its own TCP connection: GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL),
- * all driven by one completion queue and two threads; once every stream has
+ * spread over Q completion queues, each drained by its own thread (Debian's
+ * libgrpc, built without NDEBUG, looks each completed tag up in a flat array
+ * of the queue's outstanding tags: with 10,000 streams on one queue the
+ * client, not kpld, was the limit); once every stream has
  * its first event, reads kpld's VmRSS, approves, and measures each log
  * line's delay at each stream until every stream has seen the run end.
  * kpld needs --max-streams > N and --max-streams-per-conn >= N/C.
@@ -31,6 +34,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -52,7 +56,8 @@ struct watcher {
 static struct {
 	struct watcher *w;
 	int n;
-	grpc_completion_queue *cq;
+	grpc_completion_queue **cqs;
+	int n_cqs;
 	atomic_long hist[MAX_DELAY_MS + 1];
 	atomic_int firsts, ended, failed, closed;
 } g;
@@ -124,11 +129,12 @@ static void on_message(struct watcher *w, intptr_t i)
 	recv_next(w, i);
 }
 
-static void *drive(void *unused)
+static void *drive(void *arg)
 {
-	(void)unused;
+	grpc_completion_queue *cq = arg;
+
 	for (;;) {
-		grpc_event e = grpc_completion_queue_next(g.cq, gpr_inf_future(GPR_CLOCK_REALTIME),
+		grpc_event e = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME),
 							  NULL);
 		intptr_t tag, i;
 
@@ -170,6 +176,30 @@ static long rss_kib(long pid)
 	return kib;
 }
 
+/* CPU seconds (user + system) of process pid (0: this one) so far. */
+static double cpu_s(long pid)
+{
+	char path[64];
+	unsigned long ut, st;
+	FILE *f;
+	int ok;
+
+	if (pid == 0) {
+		struct rusage ru;
+		getrusage(RUSAGE_SELF, &ru);
+		return (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 +
+		       (double)ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
+	}
+	snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+	if (pid < 0 || !(f = fopen(path, "r")))
+		return -1;
+	/* Fields 14 and 15 (utime, stime), after "(comm)", which has no ')' here. */
+	ok = fscanf(f, "%*d (%*[^)]) %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut,
+		    &st) == 2;
+	fclose(f);
+	return ok ? (double)(ut + st) / (double)sysconf(_SC_CLK_TCK) : -1;
+}
+
 static void wait_for(atomic_int *v, int want, double timeout_s, const char *what)
 {
 	struct timespec ts = { 0, 5000000 };
@@ -207,11 +237,13 @@ int main(int argc, char **argv)
 		{ "lines", required_argument, NULL, 'l' },
 		{ "interval-ms", required_argument, NULL, 'i' },
 		{ "kpld-pid", required_argument, NULL, 'P' },
+		{ "cqs", required_argument, NULL, 'q' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *ready = NULL;
-	int n = 1000, conns = 32, lines = 100, interval = 50, ch;
+	int n = 1000, conns = 32, lines = 100, interval = 50, n_cqs = 16, ch;
 	long pid = 0, rss0, rss1, total = 0, short_streams = 0;
+	double me0, me1, kp0, kp1, wall0, wall1;
 	char target[256] = "", pipeline[512];
 	struct kplc *ctl;
 	struct kplc_status st;
@@ -227,7 +259,7 @@ int main(int argc, char **argv)
 	grpc_channel_args args = { 1, &arg };
 	uint8_t *wbuf;
 	size_t wlen;
-	pthread_t th[2];
+	pthread_t *th;
 	FILE *f;
 
 	while ((ch = getopt_long(argc, argv, "", lopts, NULL)) != -1) {
@@ -238,12 +270,13 @@ int main(int argc, char **argv)
 		case 'l': lines = atoi(optarg); break;
 		case 'i': interval = atoi(optarg); break;
 		case 'P': pid = atol(optarg); break;
+		case 'q': n_cqs = atoi(optarg); break;
 		default: return 2;
 		}
 	}
-	if (!ready || n < 1 || conns < 1 || lines < 1 || interval < 0) {
+	if (!ready || n < 1 || conns < 1 || lines < 1 || interval < 0 || n_cqs < 1) {
 		fprintf(stderr, "usage: watch_bench --ready-file PATH [--watchers N] [--conns C] "
-				"[--lines L] [--interval-ms I] [--kpld-pid PID]\n");
+				"[--lines L] [--interval-ms I] [--kpld-pid PID] [--cqs Q]\n");
 		return 2;
 	}
 	if (!(f = fopen(ready, "r")) || !fgets(target, sizeof target, f))
@@ -269,7 +302,11 @@ int main(int argc, char **argv)
 	rss0 = rss_kib(pid);
 	g.n = n;
 	g.w = calloc((size_t)n, sizeof *g.w);
-	g.cq = grpc_completion_queue_create_for_next(NULL);
+	g.n_cqs = n_cqs;
+	g.cqs = calloc((size_t)n_cqs, sizeof *g.cqs);
+	th = calloc((size_t)n_cqs, sizeof *th);
+	for (int q = 0; q < n_cqs; q++)
+		g.cqs[q] = grpc_completion_queue_create_for_next(NULL);
 	chans = calloc((size_t)conns, sizeof *chans);
 	creds = grpc_insecure_credentials_create();
 	for (int i = 0; i < conns; i++)
@@ -279,8 +316,8 @@ int main(int argc, char **argv)
 	wlen = protobuf_c_message_get_packed_size(&wreq.base);
 	wbuf = malloc(wlen + 1);
 	protobuf_c_message_pack(&wreq.base, wbuf);
-	for (int t = 0; t < 2; t++)
-		pthread_create(&th[t], NULL, drive, NULL);
+	for (int t = 0; t < n_cqs; t++)
+		pthread_create(&th[t], NULL, drive, g.cqs[t]);
 	for (intptr_t i = 0; i < n; i++) {
 		struct watcher *w = &g.w[i];
 		grpc_slice body = grpc_slice_from_copied_buffer((const char *)wbuf, wlen);
@@ -292,7 +329,7 @@ int main(int argc, char **argv)
 		grpc_metadata_array_init(&w->tmd);
 		w->details = grpc_empty_slice();
 		w->call = grpc_channel_create_call(chans[i % conns], NULL, GRPC_PROPAGATE_DEFAULTS,
-						   g.cq,
+						   g.cqs[i % n_cqs],
 						   grpc_slice_from_static_string(
 							   "/kpl.v1.Pipelines/WatchRun"),
 						   NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
@@ -331,6 +368,9 @@ int main(int argc, char **argv)
 			atomic_load(&g.failed));
 	rss1 = rss_kib(pid);
 	fprintf(stderr, "watch_bench: %d streams open; approving\n", n - atomic_load(&g.failed));
+	me0 = cpu_s(0);
+	kp0 = cpu_s(pid);
+	wall0 = (double)now_ms() / 1000;
 	areq.run_id = run->id;
 	areq.stage = "go";
 	areq.approve = true;
@@ -339,6 +379,9 @@ int main(int argc, char **argv)
 	kplc_msg_free(after);
 	wait_for(&g.ended, n - atomic_load(&g.failed), 60 + (double)lines * interval / 1000 * 4,
 		 "streams that saw the run end");
+	me1 = cpu_s(0);
+	kp1 = cpu_s(pid);
+	wall1 = (double)now_ms() / 1000;
 
 	for (int d = 0; d <= MAX_DELAY_MS; d++)
 		total += atomic_load(&g.hist[d]);
@@ -355,6 +398,12 @@ int main(int argc, char **argv)
 	if (rss0 > 0 && rss1 > 0)
 		printf("watchers_rss_per_stream_kib=%.1f (kpld VmRSS %ld KiB before, %ld KiB with "
 		       "%d streams open)\n", (double)(rss1 - rss0) / n, rss0, rss1, n);
+	if (pid > 0 && kp0 >= 0 && kp1 >= 0)
+		printf("watchers_kpld_cpu_s=%.2f (kpld's user+system CPU from the approval to the "
+		       "last stream's end, %.2f s wall)\n", kp1 - kp0, wall1 - wall0);
+	printf("watchers_client_cpu_s=%.2f (this bench's own user+system CPU in the same "
+	       "time, %d completion queues: it shares the machine with kpld)\n", me1 - me0,
+	       n_cqs);
 	fflush(stdout);
 
 	for (int i = 0; i < n; i++)
@@ -366,10 +415,14 @@ int main(int argc, char **argv)
 		grpc_metadata_array_destroy(&g.w[i].tmd);
 		grpc_slice_unref(g.w[i].details);
 	}
-	grpc_completion_queue_shutdown(g.cq);
-	for (int t = 0; t < 2; t++)
+	for (int t = 0; t < n_cqs; t++)
+		grpc_completion_queue_shutdown(g.cqs[t]);
+	for (int t = 0; t < n_cqs; t++) {
 		pthread_join(th[t], NULL);
-	grpc_completion_queue_destroy(g.cq);
+		grpc_completion_queue_destroy(g.cqs[t]);
+	}
+	free(g.cqs);
+	free(th);
 	for (int i = 0; i < conns; i++)
 		grpc_channel_destroy(chans[i]);
 	kplc_msg_free(run);
