@@ -340,10 +340,9 @@ int tokens_authorize(struct api_call *call, const struct api_method *m,
 	char hash[HASH_HEX_LEN + 1], who[512];
 	int rc, code;
 
-	/* Open mode ends with the first token's commit: read the store, since
-	 * the commit lands a moment before its callback sets configured. */
-	if (!t->configured && tokens_exist(t->store))
-		t->configured = true;
+	/* Open mode ends when the first token is staged (tok_op_commit), a
+	 * moment before it is durable: nothing passes unauthenticated once a
+	 * token may exist. */
 	if (!t->configured) {
 		snprintf(who, sizeof who, "local%s%.300s%s", peer ? " (cert " : "",
 			 peer ? peer : "", peer ? ")" : "");
@@ -429,8 +428,8 @@ static void tok_op_committed(void *data, int status)
 	Kpl__V1__TokenInfo info;
 	Google__Protobuf__Timestamp created, revoked;
 
-	if (status == 0)
-		op->t->configured = true;
+	if (status)
+		op->t->configured = tokens_exist(op->t->store); /* back, if none */
 	if (op->call) {
 		if (status) {
 			api_call_fail(op->call, ST_INTERNAL, "the change could not be stored");
@@ -463,6 +462,7 @@ static void tok_op_commit(struct tokens *t, struct api_call *call, const char *h
 	if (token)
 		snprintf(op->token, sizeof op->token, "%s", token);
 	store_stage_token(t->store, hash, rec);
+	t->configured = true; /* fail closed from now on: see tokens_authorize */
 	snprintf(msg, sizeof msg, "%s %s", api_call_who(call), what);
 	engine_audit(t->eng, NULL, NULL, msg, &err);
 	api_call_on_cancel(call, tok_op_cancelled, op);

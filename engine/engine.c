@@ -33,6 +33,7 @@
 #include "stages/stage.h"
 
 #define LOG "engine"
+#define ENGINE_PL_CACHE 32 /* parsed pipelines kept (struct engine) */
 #define ENGINE_DEFAULT_LOG_CAP ((uint64_t)16 * 1024 * 1024)
 #define ENGINE_DEFAULT_RUN_BUDGET ((uint64_t)256 * 1024 * 1024)
 /* What a submit needs beyond its pipeline text before it is refused. */
@@ -128,6 +129,9 @@ struct run {
 	struct stage *stages;            /* owned, n_stages */
 	size_t n_stages;
 	char *workspace;                 /* owned */
+	/* A stage asked for the workspace (so it may exist), or the run was
+	 * recovered: only then is there raw output to forget. */
+	bool workspace_used;
 	int refs;                        /* pending commit callbacks */
 	struct waiter *waiters;          /* owned list */
 	struct waiter *submit_waiters;   /* same idempotency key, before stored */
@@ -151,6 +155,16 @@ struct engine {
 	struct run **by_id;
 	size_t by_id_cap, n_runs;
 	struct engine_sub *subs;
+	/* Pipelines parsed lately, by the SHA-256 of their text (those without
+	 * template files only): the parse was a sixth of the loop's time per
+	 * noop run, and a team submits the same file again and again. Each
+	 * entry owns one reference (pipeline_ref). */
+	struct pl_cached {
+		char sha256[2 * SHA256_DIGEST_LENGTH + 1];
+		struct pipeline *pl;
+		uint64_t used;
+	} pl_cache[ENGINE_PL_CACHE];
+	uint64_t pl_cache_tick;
 	uint64_t next_gseq;              /* global event sequence */
 	uint64_t log_cap;
 	uint64_t run_budget;
@@ -553,7 +567,10 @@ static void run_committed(void *data, int status)
 	if (r->final_commit_no && r->commits_done >= r->final_commit_no && !r->final_durable) {
 		struct waiter *w = r->waiters, *next;
 		r->final_durable = true;
-		forget_raw_output(r);
+		/* A path walk per run that never had a workspace was a tenth of
+		 * the loop's time for noop runs. */
+		if (r->workspace_used)
+			forget_raw_output(r);
 		r->waiters = NULL;
 		for (; w; w = next) {
 			next = w->next;
@@ -816,7 +833,11 @@ const char *stage_name(struct stage *st) { return st->spec->name; }
 const char *stage_run_id(struct stage *st) { return st->run->id; }
 uint32_t stage_attempt(struct stage *st) { return st->attempt; }
 const struct pl_stage *stage_spec(struct stage *st) { return st->spec; }
-const char *stage_workspace(struct stage *st) { return st->run->workspace; }
+const char *stage_workspace(struct stage *st)
+{
+	st->run->workspace_used = true;
+	return st->run->workspace;
+}
 int64_t stage_deadline_ms(struct stage *st) { return st->deadline_ms; }
 void *stage_impl(struct stage *st) { return st->impl; }
 void stage_set_impl(struct stage *st, void *impl) { st->impl = impl; }
@@ -2092,15 +2113,62 @@ int engine_submit(struct engine *e, const char *text, size_t len,
 				  NULL, cb, data, err);
 }
 
-static char *sha256_hex(const char *text, size_t len)
+/* out: 64 hex digits and a NUL. */
+static void sha256_hex_to(const char *text, size_t len, char *out)
 {
+	static const char digits[] = "0123456789abcdef";
 	unsigned char md[SHA256_DIGEST_LENGTH];
-	char *hex = kpl_malloc(2 * SHA256_DIGEST_LENGTH + 1);
 
 	SHA256((const unsigned char *)text, len, md);
-	for (int i = 0; i < SHA256_DIGEST_LENGTH; i++)
-		snprintf(hex + 2 * i, 3, "%02x", md[i]);
+	for (int i = 0; i < SHA256_DIGEST_LENGTH; i++) {
+		out[2 * i] = digits[md[i] >> 4];
+		out[2 * i + 1] = digits[md[i] & 15];
+	}
+	out[2 * SHA256_DIGEST_LENGTH] = '\0';
+}
+
+static char *sha256_hex(const char *text, size_t len)
+{
+	char *hex = kpl_malloc(2 * SHA256_DIGEST_LENGTH + 1);
+
+	sha256_hex_to(text, len, hex);
 	return hex;
+}
+
+/* The cached parse of the pipeline whose text hashes to sha, with a new
+ * reference for the caller; NULL if none. */
+static struct pipeline *pl_cache_get(struct engine *e, const char *sha)
+{
+	for (size_t i = 0; i < ENGINE_PL_CACHE; i++) {
+		struct pl_cached *c = &e->pl_cache[i];
+		if (c->pl && strcmp(c->sha256, sha) == 0) {
+			c->used = ++e->pl_cache_tick;
+			return pipeline_ref(c->pl);
+		}
+	}
+	return NULL;
+}
+
+/* Keeps pl (a reference of its own) in place of the least recently used. */
+static void pl_cache_put(struct engine *e, const char *sha, struct pipeline *pl)
+{
+	struct pl_cached *victim = &e->pl_cache[0];
+
+	for (size_t i = 0; i < ENGINE_PL_CACHE && victim->pl; i++)
+		if (!e->pl_cache[i].pl || e->pl_cache[i].used < victim->used)
+			victim = &e->pl_cache[i];
+	pipeline_free(victim->pl);
+	snprintf(victim->sha256, sizeof victim->sha256, "%s", sha);
+	victim->pl = pipeline_ref(pl);
+	victim->used = ++e->pl_cache_tick;
+}
+
+static void pl_cache_clear(struct engine *e)
+{
+	for (size_t i = 0; i < ENGINE_PL_CACHE; i++) {
+		pipeline_free(e->pl_cache[i].pl);
+		e->pl_cache[i].pl = NULL;
+	}
 }
 
 static char *dup_or_null(const char *s)
@@ -2144,7 +2212,8 @@ int engine_submit_from(struct engine *e, const char *text, size_t len,
 	struct pipeline *pl = NULL;
 	struct run *r;
 	char id[KPL_RUN_ID_LEN + 1];
-	char *found = NULL;
+	char *found = NULL, sha[2 * SHA256_DIGEST_LENGTH + 1];
+	bool has_files;
 	int rc;
 
 	if (e->stopping)
@@ -2158,10 +2227,16 @@ int engine_submit_from(struct engine *e, const char *text, size_t len,
 	kinds = stage_kinds_for_parser(&n_kinds);
 	if (src && (rc = reuse_check_files(src->files, err)) != 0)
 		return rc;
-	rc = pipeline_parse_files(text, len, "pipeline", src ? src->files : NULL, kinds, n_kinds,
-				  &pl, err);
-	if (rc)
-		return rc;
+	sha256_hex_to(text, len, sha);
+	has_files = src && src->files && src->files->n;
+	if (has_files || !(pl = pl_cache_get(e, sha))) {
+		rc = pipeline_parse_files(text, len, "pipeline", src ? src->files : NULL, kinds,
+					  n_kinds, &pl, err);
+		if (rc)
+			return rc;
+		if (!has_files)
+			pl_cache_put(e, sha, pl);
+	}
 	/* The key is the pipeline's: parsed first, to know whose. */
 	if (idem_key && *idem_key) {
 		r = engine_find_idem(e, pl->name, idem_key);
@@ -2223,7 +2298,7 @@ int engine_submit_from(struct engine *e, const char *text, size_t len,
 		}
 	}
 	r->created_ms = kpl_now_ms();
-	r->src_sha256 = sha256_hex(text, len);
+	r->src_sha256 = kpl_strdup(sha);
 	if (src) {
 		r->src_repo = dup_or_null(src->repo);
 		r->src_commit = dup_or_null(src->commit);
@@ -2727,6 +2802,7 @@ static void recover_run(struct engine *e, const char *id)
 		run_fail_unloadable(e, id, &err);
 		return;
 	}
+	r->workspace_used = true; /* a previous kpld's stages may have made it */
 	kpl_debug(LOG, "run %s (%s): recovered in state %s", r->id, r->pl->name,
 		  run_state_name(r->state));
 	if (run_state_final(r->state)) {
@@ -3009,6 +3085,7 @@ static void stop_committed(void *data, int status)
 		run_free(r);
 	}
 	e->runs = NULL;
+	pl_cache_clear(e);
 	free(e->by_id);
 	e->by_id = NULL;
 	e->by_id_cap = e->n_runs = 0;

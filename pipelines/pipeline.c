@@ -2134,10 +2134,20 @@ void pl_doc_free(struct pl_node *root)
 	pl_node_free(root);
 }
 
+struct pipeline *pipeline_ref(struct pipeline *p)
+{
+	p->refs++;
+	return p;
+}
+
 void pipeline_free(struct pipeline *p)
 {
 	if (!p)
 		return;
+	if (p->refs > 0) {
+		p->refs--;
+		return;
+	}
 	free(p->name);
 	free(p->description);
 	for (size_t i = 0; i < p->n_params; i++) {

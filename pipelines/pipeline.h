@@ -180,6 +180,10 @@ struct pipeline {
 	size_t n_stages;
 	size_t n_finally;
 	struct pl_node *root; /* owns every node */
+	/* Owners beyond the first (pipeline_ref); pipeline_free drops one. A
+	 * parsed pipeline is never changed, so runs of the same text may share
+	 * it (engine.c's parse cache). Loop thread only. */
+	int refs;
 };
 
 /*
@@ -230,7 +234,11 @@ int pipeline_parse(const char *text, size_t len, const char *file,
 		   const struct pl_kind *kinds, size_t n_kinds,
 		   struct pipeline **out, struct kpl_err *err);
 
+/* Drops one owner of p; frees it with the last. */
 void pipeline_free(struct pipeline *p);
+
+/* Adds an owner to p; returns p. */
+struct pipeline *pipeline_ref(struct pipeline *p);
 
 /*
  * The files a pipeline's `uses:` may read (stage templates,

@@ -488,6 +488,23 @@ stages:
         assert_eq(logs(events), ["stage with"], "with.env after the stage env")
         assert_eq(stage(run, "s")["message"], "timed out after 300ms", "with.timeout")
 
+    def test_same_text_runs_apart(self):
+        # kpld parses a pipeline text once and its runs share the parse:
+        # each run still gets its own params, and a run that ends (and
+        # drops its share) leaves the others whole.
+        text = ("name: shared\nparams:\n  who: { default: nobody }\n"
+                "stages:\n  - name: s\n    kind: script\n"
+                "    env: { WHO: '${{ params.who }}' }\n"
+                "    with: { shell: 'echo hello $WHO' }\n")
+        for who in ["one", "two", None, "three"]:
+            run, events = self.run_to_end(text, {"who": who} if who else None)
+            assert_eq(run["state"], "RUN_STATE_SUCCEEDED", "run for %s" % who)
+            assert_eq(logs(events), ["hello %s" % (who or "nobody")], "its own params")
+        bad = text.replace("echo hello", "echo ${{ secrets.nope }}")
+        for _ in range(2):
+            expect_rpc_error(lambda: submit(self.c, bad), grpc.StatusCode.INVALID_ARGUMENT,
+                             "nope")
+
     def test_unrecoverable_run_ends_failed(self):
         """A run whose stored pipeline no longer parses (as after an upgrade
         with stricter rules) is not left RUNNING: it ends FAILED with the
