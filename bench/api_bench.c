@@ -90,7 +90,8 @@ struct opts {
 };
 
 /* CPU seconds (user + system) of a process; *children gets what its
- * waited-for children used (the shims, and through them the commands). */
+ * children used, running or waited for (the shims, and through them the
+ * commands; or kpld's spawner and through it the shims). */
 static double cpu_s(long pid, double *children)
 {
 	char path[64], buf[1024], *p;
@@ -111,6 +112,20 @@ static double cpu_s(long pid, double *children)
 		   &ut, &st, &cut, &cst) != 4)
 		return -1;
 	*children = (double)(cut + cst) / (double)sysconf(_SC_CLK_TCK);
+	/* The children still running count too: kpld's spawner
+	 * (stages/spawner.h) waits for the shims it forks, not kpld. */
+	snprintf(path, sizeof path, "/proc/%ld/task/%ld/children", pid, pid);
+	if ((f = fopen(path, "r")) != NULL) {
+		long kid;
+		double kk;
+
+		while (fscanf(f, "%ld", &kid) == 1) {
+			double c = cpu_s(kid, &kk);
+			if (c >= 0)
+				*children += c + kk;
+		}
+		fclose(f);
+	}
 	return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
 }
 

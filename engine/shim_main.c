@@ -11,11 +11,14 @@
 #include <string.h>
 
 #include "stages/shim.h"
+#include "stages/spawner.h"
 
 int main(int argc, char **argv)
 {
 	if (argc > 1 && strcmp(argv[1], SHIM_ARGV1) == 0)
 		return shim_main(argc, argv);
+	if (argc > 1 && strcmp(argv[1], SPAWNER_ARGV1) == 0)
+		return spawner_main(argc, argv);
 	fprintf(stderr, "kpl-shim is started by kpld for script stages; it takes no "
 			"other command\n");
 	return 2;

@@ -22,6 +22,7 @@
 
 #include "stages/proc.h"
 #include "stages/shim.h"
+#include "stages/spawner.h"
 
 #define LOG "proc"
 #define PROC_KILL_GRACE_MS 5000
@@ -946,6 +947,100 @@ static void on_reappoll(uv_timer_t *t)
 	}
 }
 
+/* KPL_UV_SPAWN: the old path (uv_spawn, a fork of kpld), for bench/ to
+ * compare. Read once. */
+static bool uv_spawn_path(void)
+{
+	static int uv_path = -1;
+
+	if (uv_path < 0)
+		uv_path = getenv("KPL_UV_SPAWN") != NULL;
+	return uv_path;
+}
+
+/* Follows the shim pid the spawner forked, through pidfd (its own, or
+ * one opened here). */
+static void follow_spawned(struct proc *p, pid_t pid, int pidfd)
+{
+	p->shim_pid = pid;
+	if (pidfd < 0)
+		pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+	if (pidfd < 0) {
+		/* Gone (and reaped) already: read what it left, from the loop. */
+		p->shim_gone = true;
+		kick(p);
+		return;
+	}
+	p->pidfd = pidfd;
+	uv_poll_init(p->loop, &p->pidpoll, p->pidfd);
+	p->have_pidpoll = true;
+	p->open_handles++;
+	uv_poll_start(&p->pidpoll, UV_READABLE, on_pidfd);
+}
+
+/*
+ * The spawner (stages/spawner.h) died or hung while starting p's shim: it
+ * may have forked it. The attempt's lock tells, as after a restart: a shim
+ * that took it is followed; otherwise kpld takes it, so a shim forked late
+ * never runs the command, and the attempt fails without having run it.
+ */
+static int spawn_unknown(struct proc *p, struct kpl_err *err)
+{
+	char why[sizeof err->msg];
+	int rc;
+
+	snprintf(why, sizeof why, "%s", err->msg);
+	uv_fs_event_stop(&p->watch); /* attach watches again */
+	rc = claim(p->dir);
+	if (rc == 0) {
+		if ((rc = attach(p, err)) != 0)
+			return rc;
+		kpl_info(LOG, "%s; its shim had started and is followed", why);
+		kick(p);
+		return 0;
+	}
+	if (rc == 1)
+		return kpl_errf(err, KPL_EIO, "%s; the command did not run", why);
+	return kpl_errf(err, KPL_EIO, "%s; cannot create %s/lock: %s", why, p->dir,
+			strerror(-rc));
+}
+
+/* Starts the shim through the spawner when kpl-shim is the shim's program;
+ * false when another way must (nothing started), true with *rc otherwise. */
+static bool spawn_spawner(struct proc *p, const char *exe, char *const *cmd, bool sandboxed,
+			  const struct proc_spec *spec, struct kpl_err *err, int *rc)
+{
+	struct spawner_spawn s = { 0 };
+	const char *slash = strrchr(exe, '/');
+	pid_t pid;
+	int pidfd;
+
+	if (uv_spawn_path() || !slash || strcmp(slash + 1, "kpl-shim") != 0)
+		return false;
+	s.exe = exe;
+	s.dir = p->dir;
+	s.cwd = spec->cwd;
+	s.grace_ms = p->grace_ms;
+	s.sandboxed = sandboxed;
+	s.argv = cmd;
+	s.env = spec->env ? spec->env : environ;
+	switch (spawner_spawn(&s, &pid, &pidfd, err)) {
+	case SPAWNER_STARTED:
+		follow_spawned(p, pid, pidfd);
+		*rc = 0;
+		return true;
+	case SPAWNER_FAILED:
+		*rc = err->code;
+		return true;
+	case SPAWNER_UNKNOWN:
+		*rc = spawn_unknown(p, err);
+		return true;
+	case SPAWNER_FALLBACK:
+		break;
+	}
+	return false;
+}
+
 /*
  * Starts the shim with posix_spawn, which glibc does with
  * clone(CLONE_VM|CLONE_VFORK): kpld's page tables are not copied (a fork
@@ -964,11 +1059,8 @@ static bool spawn_direct(struct proc *p, const char *exe, char **argv,
 	sigset_t all, none;
 	pid_t pid;
 	int e;
-	static int uv_path = -1; /* KPL_UV_SPAWN: the old path, for bench/ to compare */
 
-	if (uv_path < 0)
-		uv_path = getenv("KPL_UV_SPAWN") != NULL;
-	if (uv_path)
+	if (uv_spawn_path())
 		return false;
 	posix_spawn_file_actions_init(&fa);
 	posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
@@ -1048,7 +1140,8 @@ static int spawn(struct proc *p, const struct proc_spec *spec, struct kpl_err *e
 	argv[argc++] = (char *)"--";
 	for (size_t i = 0; i < n; i++)
 		argv[argc++] = cmd[i];
-	if (spawn_direct(p, exe, argv, spec, err, &rc)) {
+	if (spawn_spawner(p, exe, cmd, boxed != NULL, spec, err, &rc) ||
+	    spawn_direct(p, exe, argv, spec, err, &rc)) {
 		free(argv);
 		proc_strv_free(boxed);
 		return rc;
