@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "api/fanout.h"
 #include "api/kpl.pb-c.h"
 #include "engine/config.h"
 #include "engine/hooks.h"
@@ -39,11 +40,13 @@ enum {
 };
 
 struct watch;
+struct watch_group;
 
 struct rpc {
 	struct engine *eng;
 	struct store *store;
 	struct watch *watches; /* open WatchRun streams */
+	struct watch_group *groups; /* the WatchRun streams by run */
 	/* Runs watch_pump again for WatchRuns streams with more of the global
 	 * log to read (watch->more), one batch each per loop turn. Started
 	 * on demand; freed in its close callback (rpc_free). */
@@ -530,7 +533,13 @@ out:
  * store a batch at a time (at most WATCH_BATCH_EVENTS events or about
  * WATCH_BATCH_BYTES bytes, in one read transaction) and sent as one flush:
  * a slow client costs one batch of memory, and the loop is woken once per
- * batch, not per event. */
+ * batch, not per event.
+ *
+ * The streams of one run form a group with one engine subscription and one
+ * fan tail (api/fanout.h): the newest events are read and encoded once and
+ * the same bytes go to every stream that is caught up; a stream behind the
+ * tail's window (a replay, a slow client) reads the store itself until it
+ * reaches it. */
 
 /* A batch: enough to fill a few TCP segments per wake-up, and bounded so a
  * slow client holds little and one loop turn does bounded work. */
@@ -540,7 +549,11 @@ out:
 struct watch {
 	struct rpc *rpc;
 	struct api_call *call;      /* NULL once ended */
+	/* The run's id (WatchRun); a WatchRuns stream's own subscription
+	 * (a WatchRun stream hears of commits through its group). */
 	struct engine_sub sub;
+	struct watch_group *group;  /* WatchRun; NULL once ended */
+	struct watch *gprev, *gnext; /* group->members */
 	uint64_t next_seq;
 	bool global;                /* WatchRuns: next_seq is a global seq */
 	const Kpl__V1__WatchRunsRequest *filter; /* WatchRuns: owned by the call */
@@ -550,6 +563,98 @@ struct watch {
 	bool more;                  /* WatchRuns: read on at the next turn */
 	struct watch *prev, *next;  /* rpc->watches */
 };
+
+/* The WatchRun streams of one run. Freed when its last stream leaves (not
+ * while group_notified walks it: busy). */
+struct watch_group {
+	struct rpc *rpc;
+	struct engine_sub sub;
+	struct fan_tail *tail;
+	struct watch *members;
+	int busy;
+	struct watch_group *prev, *next; /* rpc->groups */
+};
+
+static void watch_pump(struct watch *w);
+
+static void group_free(struct watch_group *g)
+{
+	struct rpc *rpc = g->rpc;
+
+	engine_unsubscribe(rpc->eng, &g->sub);
+	if (g->prev)
+		g->prev->next = g->next;
+	else
+		rpc->groups = g->next;
+	if (g->next)
+		g->next->prev = g->prev;
+	fan_tail_free(g->tail);
+	free(g);
+}
+
+/* A commit added events to the run: every stream of it reads on. */
+static void group_notified(struct engine_sub *sub)
+{
+	struct watch_group *g = sub->data;
+	struct watch *w, *next;
+
+	fan_tail_committed(g->tail);
+	g->busy++;
+	for (w = g->members; w; w = next) {
+		next = w->gnext; /* watch_pump may end (and free) w only */
+		watch_pump(w);
+	}
+	if (--g->busy == 0 && !g->members)
+		group_free(g);
+}
+
+static void group_join(struct watch *w)
+{
+	struct rpc *rpc = w->rpc;
+	struct watch_group *g;
+
+	for (g = rpc->groups; g; g = g->next)
+		if (strcmp(g->sub.run_id, w->sub.run_id) == 0)
+			break;
+	if (!g) {
+		g = kpl_calloc(1, sizeof *g);
+		g->rpc = rpc;
+		snprintf(g->sub.run_id, sizeof g->sub.run_id, "%s", w->sub.run_id);
+		g->sub.notify = group_notified;
+		g->sub.data = g;
+		g->tail = fan_tail_new(rpc->store, w->sub.run_id, WATCH_BATCH_EVENTS,
+				       WATCH_BATCH_BYTES);
+		engine_subscribe(rpc->eng, &g->sub);
+		g->next = rpc->groups;
+		if (rpc->groups)
+			rpc->groups->prev = g;
+		rpc->groups = g;
+	}
+	w->group = g;
+	w->gprev = NULL;
+	w->gnext = g->members;
+	if (g->members)
+		g->members->gprev = w;
+	g->members = w;
+}
+
+static void group_leave(struct watch *w)
+{
+	struct watch_group *g = w->group;
+
+	if (!g)
+		return;
+	if (w->gprev)
+		w->gprev->gnext = w->gnext;
+	else
+		g->members = w->gnext;
+	if (w->gnext)
+		w->gnext->gprev = w->gprev;
+	w->gprev = w->gnext = NULL;
+	w->group = NULL;
+	if (!g->members && !g->busy)
+		group_free(g);
+}
 
 static void watch_unlink(struct watch *w)
 {
@@ -567,7 +672,10 @@ static void watch_end(struct watch *w, int code, const char *msg)
 {
 	if (!w->ended) {
 		w->ended = true;
-		engine_unsubscribe(w->rpc->eng, &w->sub);
+		if (w->global)
+			engine_unsubscribe(w->rpc->eng, &w->sub);
+		else
+			group_leave(w);
 		watch_unlink(w);
 		if (w->call)
 			api_call_finish(w->call, code, msg);
@@ -576,8 +684,6 @@ static void watch_end(struct watch *w, int code, const char *msg)
 	if (!w->sending)
 		free(w);
 }
-
-static void watch_pump(struct watch *w);
 
 static void watch_sent(struct api_call *call, bool ok, void *data)
 {
@@ -672,9 +778,31 @@ static void rpc_idle(uv_idle_t *h)
 		uv_idle_stop(h);
 }
 
+/* Queues the chunk's events from index i on, up to a batch; -1 if one does
+ * not decode (a transport that needs the message). */
+static int watch_push_chunk(struct watch *w, struct fan_chunk *c, size_t i)
+{
+	bool grpc = api_call_is_grpc(w->call);
+
+	for (; i < c->n; i++) {
+		const Kpl__V1__RunEvent *ev = NULL;
+
+		if (!grpc && !(ev = fan_chunk_event(c, i)))
+			return -1;
+		w->next_seq = c->first_seq + i + 1;
+		w->queued++;
+		if (api_call_push_encoded(w->call, c->wire[i], ev ? &ev->base : NULL) >=
+		    WATCH_BATCH_BYTES)
+			break;
+	}
+	return 0;
+}
+
 static void watch_pump(struct watch *w)
 {
 	uint64_t before = store_events_decoded(w->rpc->store), read;
+	struct fan_chunk *chunk;
+	size_t i;
 	int rc;
 
 	if (w->sending || w->ended)
@@ -702,8 +830,19 @@ static void watch_pump(struct watch *w)
 			watch_more(w);
 		return; /* WatchRuns never ends by itself */
 	}
-	rc = store_read_events(w->rpc->store, w->sub.run_id, w->next_seq, WATCH_BATCH_EVENTS,
-			       watch_got, w);
+	rc = fan_tail_at(w->group->tail, w->next_seq, &chunk, &i);
+	if (rc == FAN_HIT) {
+		metrics_events_read("WatchRun", store_events_decoded(w->rpc->store) - before);
+		if (watch_push_chunk(w, chunk, i) < 0) {
+			watch_end(w, ST_INTERNAL, "cannot decode a stored event");
+			return;
+		}
+		watch_flush(w);
+		return; /* sent: read on when it is back */
+	}
+	if (rc == FAN_MISS) /* behind the tail: from the store, as it is */
+		rc = store_read_events(w->rpc->store, w->sub.run_id, w->next_seq,
+				       WATCH_BATCH_EVENTS, watch_got, w);
 	metrics_events_read("WatchRun", store_events_decoded(w->rpc->store) - before);
 	if (rc < 0) {
 		char msg[200];
@@ -764,11 +903,15 @@ static struct watch *watch_new(struct rpc *rpc, struct api_call *call, const cha
 	struct watch *w = kpl_calloc(1, sizeof *w);
 
 	w->rpc = rpc;
+	w->global = !*run_id;
 	w->call = call;
 	snprintf(w->sub.run_id, sizeof w->sub.run_id, "%s", run_id);
 	w->sub.notify = watch_notified;
 	w->sub.data = w;
-	engine_subscribe(rpc->eng, &w->sub);
+	if (*run_id)
+		group_join(w);
+	else
+		engine_subscribe(rpc->eng, &w->sub);
 	w->next = rpc->watches;
 	if (rpc->watches)
 		rpc->watches->prev = w;
@@ -788,7 +931,6 @@ static void h_watch_all(struct api_call *call, const ProtobufCMessage *m, void *
 		return;
 	}
 	w = watch_new(rpc, call, "");
-	w->global = true;
 	w->filter = req;
 	w->next_seq = req->from_global_seq ? req->from_global_seq
 					   : store_last_global_seq(rpc->store) + 1;
@@ -1268,7 +1410,7 @@ static void idle_closed(uv_handle_t *h)
 
 void rpc_free(struct rpc *rpc)
 {
-	if (rpc->watches)
+	if (rpc->watches || rpc->groups)
 		BUG("rpc_free with open watches");
 	if (rpc->idle)
 		uv_close((uv_handle_t *)rpc->idle, idle_closed);

@@ -1290,6 +1290,30 @@ size_t api_call_push(struct api_call *call, const ProtobufCMessage *msg)
 	return call->send_bytes;
 }
 
+size_t api_call_push_encoded(struct api_call *call, grpc_slice wire,
+			     const ProtobufCMessage *msg)
+{
+	if (call->ended)
+		BUG("%s: api_call_push_encoded after the call ended", call->method);
+	if (call->send_busy)
+		BUG("%s: api_call_push_encoded with a send in flight", call->method);
+	if (call->ops)
+		return call->ops_t && msg ? call->ops->push(call->ops_t, msg) : 0;
+	if (call->send_n == call->send_cap) {
+		call->send_cap = call->send_cap ? call->send_cap * 2 : 4;
+		call->send_q = kpl_realloc(call->send_q, call->send_cap * sizeof *call->send_q);
+	}
+	/* The buffer takes its own reference to the shared bytes. */
+	call->send_q[call->send_n++] = grpc_raw_byte_buffer_create(&wire, 1);
+	call->send_bytes += GRPC_SLICE_LENGTH(wire) + 5;
+	return call->send_bytes;
+}
+
+bool api_call_is_grpc(struct api_call *call)
+{
+	return call->ops == NULL;
+}
+
 void api_call_flush(struct api_call *call,
 		    void (*sent)(struct api_call *call, bool ok, void *data),
 		    void *data)

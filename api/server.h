@@ -15,6 +15,7 @@
 #ifndef KPL_API_SERVER_H
 #define KPL_API_SERVER_H
 
+#include <grpc/slice.h>
 #include <protobuf-c/protobuf-c.h>
 #include <stdbool.h>
 #include <uv.h>
@@ -185,6 +186,18 @@ void api_call_send(struct api_call *call, const ProtobufCMessage *msg,
  * queue of memory per call, so keep flushes bounded (tens of KiB).
  */
 size_t api_call_push(struct api_call *call, const ProtobufCMessage *msg);
+/*
+ * api_call_push of a message already encoded: wire is its serialized bytes,
+ * shared (the call takes its own reference, so one encoding can go to many
+ * calls: api/fanout.h); msg is the same message decoded, for a transport
+ * that needs it (the HTTP API's SSE, api_call_start), or NULL if wire is
+ * enough (a grpc call). Borrowed for the call only.
+ */
+size_t api_call_push_encoded(struct api_call *call, grpc_slice wire,
+			     const ProtobufCMessage *msg);
+/* True if the call is grpc's (wire bytes are enough for
+ * api_call_push_encoded); false for another transport. */
+bool api_call_is_grpc(struct api_call *call);
 void api_call_flush(struct api_call *call,
 		    void (*sent)(struct api_call *call, bool ok, void *data),
 		    void *data);

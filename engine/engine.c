@@ -32,6 +32,8 @@
 #include "base/http.h"
 #include "stages/stage.h"
 
+/* Buckets of run subscribers (a power of two). */
+#define ENGINE_SUB_BUCKETS 256
 #define LOG "engine"
 #define ENGINE_PL_CACHE 32 /* parsed pipelines kept (struct engine) */
 #define ENGINE_DEFAULT_LOG_CAP ((uint64_t)16 * 1024 * 1024)
@@ -154,7 +156,10 @@ struct engine {
 	 * buckets (a power of two). */
 	struct run **by_id;
 	size_t by_id_cap, n_runs;
-	struct engine_sub *subs;
+	/* Subscribers: subs[0] hear of every run, subs[1 + hash of the run
+	 * id] of one run each, so a commit walks its own run's (and the
+	 * every-run ones), not every subscriber of every run. */
+	struct engine_sub *subs[1 + ENGINE_SUB_BUCKETS];
 	/* Pipelines parsed lately, by the SHA-256 of their text (those without
 	 * template files only): the parse was a sixth of the loop's time per
 	 * noop run, and a team submits the same file again and again. Each
@@ -490,13 +495,24 @@ static size_t run_event_as_is(struct run *r, Kpl__V1__EventKind kind, struct sta
 	return cost;
 }
 
+static size_t run_hash(const char *id, size_t cap);
+
+static struct engine_sub **sub_bucket(struct engine *e, const char *run_id)
+{
+	return &e->subs[run_id[0] ? 1 + run_hash(run_id, ENGINE_SUB_BUCKETS) : 0];
+}
+
 static void notify_subs(struct engine *e, const char *run_id)
 {
-	struct engine_sub *s = e->subs, *next;
+	struct engine_sub *s, *next;
 
-	for (; s; s = next) {
+	for (s = e->subs[0]; s; s = next) {
 		next = s->next; /* notify may unsubscribe itself */
-		if (!s->run_id[0] || strcmp(s->run_id, run_id) == 0)
+		s->notify(s);
+	}
+	for (s = *sub_bucket(e, run_id); s; s = next) {
+		next = s->next;
+		if (strcmp(s->run_id, run_id) == 0)
 			s->notify(s);
 	}
 }
@@ -2377,19 +2393,23 @@ int engine_cancel(struct engine *e, const char *run_id, engine_submit_cb cb,
 
 void engine_subscribe(struct engine *e, struct engine_sub *sub)
 {
+	struct engine_sub **head = sub_bucket(e, sub->run_id);
+
 	sub->prev = NULL;
-	sub->next = e->subs;
-	if (e->subs)
-		e->subs->prev = sub;
-	e->subs = sub;
+	sub->next = *head;
+	if (*head)
+		(*head)->prev = sub;
+	*head = sub;
 }
 
 void engine_unsubscribe(struct engine *e, struct engine_sub *sub)
 {
+	struct engine_sub **head = sub_bucket(e, sub->run_id);
+
 	if (sub->prev)
 		sub->prev->next = sub->next;
-	else if (e->subs == sub)
-		e->subs = sub->next;
+	else if (*head == sub)
+		*head = sub->next;
 	if (sub->next)
 		sub->next->prev = sub->prev;
 	sub->prev = sub->next = NULL;

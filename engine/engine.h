@@ -158,7 +158,8 @@ int engine_retry(struct engine *e, const char *run_id, engine_submit_cb cb,
  * freeing it; notify may unsubscribe (only) itself.
  */
 struct engine_sub {
-	/* The run to hear about; "" for every run. */
+	/* The run to hear about; "" for every run. Not changed while
+	 * subscribed (it says which of the engine's lists holds sub). */
 	char run_id[KPL_RUN_ID_LEN + 1];
 	void (*notify)(struct engine_sub *sub);
 	void *data;
