@@ -11,10 +11,12 @@
 # the plain limit; a kpld as it ships for every api_bench phase; the ratios.
 # Each kpld gets a fresh data dir and must exit 0 on SIGTERM.
 #
-# Usage: bench/run.sh [--quick] [--kpld PATH] [--api-bench PATH]
+# Usage: bench/run.sh [--quick] [--script-only] [--kpld PATH] [--api-bench PATH]
 #                     [--store-bench PATH] [--spawn-limit PATH]
 #                     [--tmp DIR] [--keep] [-- API_BENCH_OPTIONS...]
-# --quick finishes in under a minute (short phases, small replay). Paths
+# --quick finishes in under a minute (short phases, small replay).
+# --script-only: the plain spawn limit and the unsandboxed script phases
+# only (with kpld's spawner and without, KPL_NO_SPAWNER=1, back to back). Paths
 # default to bazel-bin/{engine/kpld,bench/...} under the repository. --tmp is
 # where the data dirs go (default $TMPDIR or /tmp): pick the file system you
 # mean to measure. --keep leaves the data dirs and kpld's logs behind. Exit
@@ -33,6 +35,7 @@ submit_s=10
 quick_opts=
 tmp="${TMPDIR:-/tmp}"
 keep=
+script_only=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--kpld) kpld=$2; shift 2 ;;
@@ -40,6 +43,7 @@ while [ $# -gt 0 ]; do
 	--store-bench) store_bench=$2; shift 2 ;;
 	--tmp) tmp=$2; shift 2 ;;
 	--keep) keep=1; shift ;;
+	--script-only) script_only=1; shift ;;
 	--spawn-limit) spawn_limit=$2; shift 2 ;;
 	--quick)
 		# Under a minute: short phases, one submit phase, a small replay.
@@ -48,7 +52,7 @@ while [ $# -gt 0 ]; do
 		quick_opts="--duration 3 --conns 64 --lines 10000 --repeat 1 --noop-runs 200"
 		shift ;;
 	--) shift; break ;;
-	-h|--help) sed -n '2,21s/^# \{0,1\}//p' "$0"; exit 0 ;;
+	-h|--help) sed -n '2,23s/^# \{0,1\}//p' "$0"; exit 0 ;;
 	*) echo "run.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
 	esac
 done
@@ -81,19 +85,24 @@ echo "machine: nproc=$(nproc), cpu=${cpu:-unknown}, kernel=$(uname -sr)," \
 	"fs of $dir=${fs:-unknown}, loadavg=$(cut -d' ' -f1-3 /proc/loadavg)," \
 	"date=$(date -u +%Y-%m-%dT%H:%MZ)"
 
-if [ -x "$store_bench" ]; then
+if [ -n "$script_only" ]; then
+	:
+elif [ -x "$store_bench" ]; then
 	"$store_bench" "$dir/lmdb" || status=1
 	rm -rf "$dir/lmdb"
 else
 	echo "run.sh: $store_bench not built; skipping the LMDB figures" >&2
 fi
 
-# kpld with a fresh data dir; $pid and $ready say which. Args: its extra flags.
+# kpld with a fresh data dir; $pid and $ready say which. Args: its extra
+# flags; $kpld_env: NAME=VALUE words for its environment.
+kpld_env=
 start_kpld() {
 	ready="$dir/ready.$1"
 	name=$1
 	shift
-	"$kpld" --listen 127.0.0.1:0 --data-dir "$dir/data.$name" --ready-file "$ready" \
+	env $kpld_env "$kpld" --listen 127.0.0.1:0 --data-dir "$dir/data.$name" \
+		--ready-file "$ready" \
 		--log-level warn "$@" >"$dir/kpld.$name.log" 2>&1 &
 	pid=$!
 	i=0
@@ -131,7 +140,7 @@ out="$dir/figures"
 : >"$out"
 if [ -x "$spawn_limit" ]; then
 	"$spawn_limit" --seconds "$limit_s" -- /bin/true | tee -a "$out"
-	if command -v bwrap >/dev/null 2>&1; then
+	if [ -z "$script_only" ] && command -v bwrap >/dev/null 2>&1; then
 		mkdir -p "$dir/ws"
 		# bwrap waits on the kernel (namespaces) more than it computes:
 		# 16 loops reach its limit where one per core does not.
@@ -145,41 +154,52 @@ else
 	echo "run.sh: $spawn_limit not built; no limits, no ratios" >&2
 fi
 
-# Script stages without the sandbox, against the plain limit.
+# Script stages without the sandbox, against the plain limit: first with
+# each shim started by kpld itself (KPL_NO_SPAWNER=1, posix_spawn), then
+# through kpld's spawner (stages/spawner.h), back to back.
+kpld_env=KPL_NO_SPAWNER=1
+start_kpld nospawner --sandbox none
+kpld_env=
+"$api_bench" --ready-file "$ready" --kpld-pid "$pid" --only submit --conns 64 \
+	--duration "$submit_s" | sed 's/^submit_per_sec/submit_unsandboxed_nospawner_per_sec/' |
+	tee -a "$out" || status=1
+stop_kpld nospawner
 start_kpld none --sandbox none
 "$api_bench" --ready-file "$ready" --kpld-pid "$pid" --only submit --conns 64 \
 	--duration "$submit_s" | sed 's/^submit_per_sec/submit_unsandboxed_per_sec/' |
 	tee -a "$out" || status=1
 stop_kpld none
 
-# The API alone (api/server.c with canned answers), the limit submit_noop
-# is measured against.
-echo_opts=
-echo_pid=
-if [ -x "$echo_server" ]; then
-	"$echo_server" >"$dir/echo.out" 2>"$dir/echo.log" &
-	echo_pid=$!
-	i=0
-	while ! grep -q '^PORT=' "$dir/echo.out" 2>/dev/null && [ $i -lt 100 ]; do
-		sleep 0.1
-		i=$((i + 1))
-	done
-	port=$(sed -n 's/^PORT=//p' "$dir/echo.out")
-	[ -n "$port" ] && echo_opts="--echo-target 127.0.0.1:$port"
-else
-	echo "run.sh: $echo_server not built; no echo limit for submit_noop" >&2
-fi
+if [ -z "$script_only" ]; then
+	# The API alone (api/server.c with canned answers), the limit submit_noop
+	# is measured against.
+	echo_opts=
+	echo_pid=
+	if [ -x "$echo_server" ]; then
+		"$echo_server" >"$dir/echo.out" 2>"$dir/echo.log" &
+		echo_pid=$!
+		i=0
+		while ! grep -q '^PORT=' "$dir/echo.out" 2>/dev/null && [ $i -lt 100 ]; do
+			sleep 0.1
+			i=$((i + 1))
+		done
+		port=$(sed -n 's/^PORT=//p' "$dir/echo.out")
+		[ -n "$port" ] && echo_opts="--echo-target 127.0.0.1:$port"
+	else
+		echo "run.sh: $echo_server not built; no echo limit for submit_noop" >&2
+	fi
 
-# Everything else on kpld as it ships (the sandbox on), but for the cap on
-# streams per connection: the noop phase's 64 followers share one TCP
-# connection (grpc pools subchannels of equal channels).
-start_kpld default --max-streams-per-conn 256
-"$api_bench" --ready-file "$ready" --kpld-pid "$pid" $echo_opts $quick_opts "$@" |
-	tee -a "$out" || status=1
-stop_kpld default
-if [ -n "$echo_pid" ]; then
-	kill -TERM "$echo_pid"
-	wait "$echo_pid"
+	# Everything else on kpld as it ships (the sandbox on), but for the cap on
+	# streams per connection: the noop phase's 64 followers share one TCP
+	# connection (grpc pools subchannels of equal channels).
+	start_kpld default --max-streams-per-conn 256
+	"$api_bench" --ready-file "$ready" --kpld-pid "$pid" $echo_opts $quick_opts "$@" |
+		tee -a "$out" || status=1
+	stop_kpld default
+	if [ -n "$echo_pid" ]; then
+		kill -TERM "$echo_pid"
+		wait "$echo_pid"
+	fi
 fi
 
 # Ratios against the limits (issue 12's goals: script runs end to end at
@@ -192,9 +212,12 @@ ratio() { # name value limit_name
 			'BEGIN { printf "%s=%.0f ratio=%.2f of %s=%.0f\n", n, v, v / l, ln, l }'
 	fi
 }
+ratio script_runs_unsandboxed_nospawner_per_sec "$(e2e submit_unsandboxed_nospawner_per_sec)" \
+	spawn_limit_per_sec
 ratio script_runs_unsandboxed_per_sec "$(e2e submit_unsandboxed_per_sec)" spawn_limit_per_sec
 ratio script_runs_per_sec "$(e2e submit_per_sec)" spawn_bwrap_limit_per_sec
-for f in submit_unsandboxed_per_sec_kpld_cpu_ms_per_run submit_per_sec_kpld_cpu_ms_per_run; do
+for f in submit_unsandboxed_nospawner_per_sec_kpld_cpu_ms_per_run \
+	submit_unsandboxed_per_sec_kpld_cpu_ms_per_run submit_per_sec_kpld_cpu_ms_per_run; do
 	v=$(figure "$f" "$out")
 	[ -n "$v" ] && awk -v n="$f" -v v="$v" 'BEGIN { printf "%s=%s ratio=%.2f of the 1 ms goal\n", n, v, v / 1 }'
 done
