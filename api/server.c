@@ -13,14 +13,18 @@
  * which starts each next message as the one before completes (send_chain),
  * so the loop is woken once per batch, not once per message.
  *
- * There are API_CQS such queues, each with its own thread, and the calls
- * are spread over them (each call stays on one, so its tags still come back
- * in order on one thread). One would do, but Debian's libgrpc is built
- * without NDEBUG: every completion then looks its tag up in a flat array of
- * the queue's outstanding tags (cq_check_tag, under the queue's mutex), and
- * each open stream keeps one there (RECV_CLOSE_ON_SERVER). With one queue a
- * send to each of 10,000 streams cost 10,000 x 10,000 compares: most of
- * kpld's CPU with many watchers (bench/README.md, "Many watchers").
+ * There are API_CQS such queues, each with its own thread (each call stays
+ * on one, so its tags still come back in order on one thread). One would
+ * do, but Debian's libgrpc is built without NDEBUG: every completion then
+ * looks its tag up in a flat array of the queue's outstanding tags
+ * (cq_check_tag, under the queue's mutex), and each open call keeps one
+ * there (RECV_CLOSE_ON_SERVER). With one queue a send to each of 10,000
+ * streams cost 10,000 x 10,000 compares: most of kpld's CPU with many
+ * watchers (bench/README.md, "Many watchers"). New calls fill the first
+ * queue up to API_CQ_FILL calls before the next one gets any (request_arm):
+ * each busy queue's thread costs wake-ups, so with few calls one thread
+ * does it all, as before. Each thread takes what its queue has ready (up to
+ * API_CQ_DRAIN tags) before it hands them to the loop in one go.
  *
  * A call is reference counted: one reference for the handler (dropped when it
  * ends the call) plus one per batch in flight (dropped when its tag comes
@@ -61,8 +65,12 @@
  * between two turns of the loop. */
 #define API_REQUESTS 32
 
-/* Completion queues, each drained by its own thread (see the top). */
+/* Completion queues, each drained by its own thread (see the top); calls a
+ * queue gets before the next one is used; tags a thread hands over at once
+ * at most. */
 #define API_CQS 16
+#define API_CQ_FILL 512
+#define API_CQ_DRAIN 64
 
 /* Streaming calls open at once (api_server_options). */
 #define API_DEFAULT_MAX_STREAMS 1024
@@ -101,7 +109,7 @@ struct call_tag {
 struct request {
 	struct tag tag;
 	struct api_server *s;
-	grpc_completion_queue *cq; /* the call's, once it arrives */
+	struct cq_worker *wk; /* the call's queue, once it arrives */
 	grpc_call *gc;
 	grpc_call_details details;
 	grpc_metadata_array md;
@@ -109,6 +117,7 @@ struct request {
 
 struct api_call {
 	struct api_server *s;
+	struct cq_worker *wk; /* its queue; NULL for another transport */
 	struct api_call *prev, *next; /* s->calls */
 	grpc_call *gc;
 	grpc_call_details details;
@@ -178,6 +187,7 @@ enum server_state { SRV_RUNNING, SRV_STOPPING };
 struct cq_worker {
 	struct api_server *s;
 	grpc_completion_queue *cq;
+	size_t n_calls; /* calls on this queue, not yet freed (loop thread) */
 	uv_thread_t thread;
 	struct tag exit_tag; /* queued by the thread as it exits */
 };
@@ -222,23 +232,30 @@ struct api_server {
 
 /* --- The ready list: completion-queue thread (and loop) to loop. --- */
 
-/* Any thread. Appends t and wakes the loop if the list was empty. */
-static void ready_push(struct api_server *s, struct tag *t, int success)
+/* Any thread. Appends the list head..tail (linked by next, tail's NULL)
+ * and wakes the loop if the ready list was empty. */
+static void ready_push_list(struct api_server *s, struct tag *head, struct tag *tail)
 {
 	bool was_empty;
 
-	t->success = success;
-	t->next = NULL;
 	uv_mutex_lock(&s->mu);
 	was_empty = s->ready_head == NULL;
 	if (s->ready_tail)
-		s->ready_tail->next = t;
+		s->ready_tail->next = head;
 	else
-		s->ready_head = t;
-	s->ready_tail = t;
+		s->ready_head = head;
+	s->ready_tail = tail;
 	uv_mutex_unlock(&s->mu);
 	if (was_empty)
 		uv_async_send(&s->async);
+}
+
+/* Any thread. Appends t and wakes the loop if the list was empty. */
+static void ready_push(struct api_server *s, struct tag *t, int success)
+{
+	t->success = success;
+	t->next = NULL;
+	ready_push_list(s, t, t);
 }
 
 static void on_async(uv_async_t *h)
@@ -262,19 +279,40 @@ static void cq_thread(void *arg)
 	struct cq_worker *wk = arg;
 	struct api_server *s = wk->s;
 
-	for (;;) {
+	bool shut = false;
+
+	while (!shut) {
 		grpc_event ev = grpc_completion_queue_next(
 			wk->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-		if (ev.type == GRPC_QUEUE_SHUTDOWN)
-			break;
-		if (ev.type != GRPC_OP_COMPLETE)
-			continue;
-		{
-			struct tag *t = ev.tag;
-			if (t->chain && t->chain(t, ev.success))
-				continue;
-			ready_push(s, t, ev.success);
+		struct tag *head = NULL, *tail = NULL;
+
+		/* This one, and what else is ready now, in one hand-over. */
+		for (int n = 0;; n++) {
+			if (ev.type == GRPC_QUEUE_SHUTDOWN) {
+				shut = true;
+				break;
+			}
+			if (ev.type == GRPC_OP_COMPLETE) {
+				struct tag *t = ev.tag;
+				if (!t->chain || !t->chain(t, ev.success)) {
+					t->success = ev.success;
+					t->next = NULL;
+					if (tail)
+						tail->next = t;
+					else
+						head = t;
+					tail = t;
+				}
+			}
+			if (n + 1 >= API_CQ_DRAIN)
+				break;
+			ev = grpc_completion_queue_next(wk->cq, gpr_inf_past(GPR_CLOCK_REALTIME),
+							NULL);
+			if (ev.type == GRPC_QUEUE_TIMEOUT)
+				break;
 		}
+		if (head)
+			ready_push_list(s, head, tail);
 	}
 	ready_push(s, &wk->exit_tag, 1);
 }
@@ -391,6 +429,8 @@ static void call_free(struct api_call *c)
 	if (c->next)
 		c->next->prev = c->prev;
 	s->n_calls--;
+	if (c->wk)
+		c->wk->n_calls--;
 	free(c);
 	maybe_finish_shutdown(s);
 }
@@ -756,6 +796,8 @@ static void call_new(struct request *r)
 	char msg[API_MAX_STATUS_MSG];
 
 	c->s = s;
+	c->wk = r->wk;
+	c->wk->n_calls++;
 	c->gc = r->gc;
 	c->details = r->details;
 	c->md = r->md;
@@ -829,6 +871,21 @@ static void on_request(struct tag *t, int success)
 		maybe_finish_shutdown(s);
 }
 
+/* The queue for the next call: the first with room (API_CQ_FILL), or, all
+ * full, the one with the fewest calls. */
+static struct cq_worker *cq_pick(struct api_server *s)
+{
+	struct cq_worker *best = &s->workers[0];
+
+	for (size_t i = 0; i < API_CQS; i++) {
+		if (s->workers[i].n_calls < API_CQ_FILL)
+			return &s->workers[i];
+		if (s->workers[i].n_calls < best->n_calls)
+			best = &s->workers[i];
+	}
+	return best;
+}
+
 static void request_arm(struct request *r)
 {
 	struct api_server *s = r->s;
@@ -839,9 +896,10 @@ static void request_arm(struct request *r)
 	grpc_metadata_array_destroy(&r->md);
 	grpc_call_details_init(&r->details);
 	grpc_metadata_array_init(&r->md);
+	r->wk = cq_pick(s);
 	s->requests_out++;
 	e = grpc_server_request_call(s->server, &r->gc, &r->details, &r->md,
-				     r->cq, r->cq, &r->tag);
+				     r->wk->cq, r->wk->cq, &r->tag);
 	if (e != GRPC_CALL_OK) {
 		s->requests_out--;
 		kpl_error(SUB, "grpc_server_request_call: error %d", (int)e);
@@ -1149,8 +1207,7 @@ int api_server_start(uv_loop_t *loop, const struct api_server_options *opt,
 		s->workers[i].cq = grpc_completion_queue_create_for_next(NULL);
 		grpc_server_register_completion_queue(s->server, s->workers[i].cq, NULL);
 	}
-	for (size_t i = 0; i < API_REQUESTS; i++)
-		s->requests[i].cq = s->workers[i % API_CQS].cq;
+
 	s->authorize = opt->authorize;
 	s->authorize_data = opt->authorize_data;
 	s->max_streams = opt->max_streams ? opt->max_streams : API_DEFAULT_MAX_STREAMS;
