@@ -8,7 +8,8 @@
 # Steps: a line about the machine; store_bench (LMDB alone); spawn_limit
 # (programs spawned and waited per second: /bin/true, and in bwrap set up
 # like a script stage); a kpld with --sandbox none for script stages against
-# the plain limit; a kpld as it ships for every api_bench phase; the ratios.
+# the plain limit; a kpld as it ships for every api_bench phase; watch_bench
+# (1,000 and 10,000 WatchRun streams on one run; --quick: 1,000); the ratios.
 # Each kpld gets a fresh data dir and must exit 0 on SIGTERM.
 #
 # Usage: bench/run.sh [--quick] [--script-only] [--kpld PATH] [--api-bench PATH]
@@ -29,6 +30,9 @@ kpld="$bin/engine/kpld"
 api_bench="$bin/bench/api_bench"
 store_bench="$bin/bench/store_bench"
 spawn_limit="$bin/bench/spawn_limit"
+watch_bench="$bin/bench/watch_bench"
+watchers="1000 10000"
+watch_lines=100
 echo_server="$bin/tests/api/echo_server"
 limit_s=5
 submit_s=10
@@ -50,6 +54,8 @@ while [ $# -gt 0 ]; do
 		limit_s=2
 		submit_s=3
 		quick_opts="--duration 3 --conns 64 --lines 10000 --repeat 1 --noop-runs 200"
+		watchers=1000
+		watch_lines=20
 		shift ;;
 	--) shift; break ;;
 	-h|--help) sed -n '2,23s/^# \{0,1\}//p' "$0"; exit 0 ;;
@@ -200,6 +206,22 @@ if [ -z "$script_only" ]; then
 		kill -TERM "$echo_pid"
 		wait "$echo_pid"
 	fi
+
+	# Many followers of one run (bench/watch_bench): the delay from an
+	# event's commit to its arrival at each of N WatchRun streams, against
+	# the 20 ms goal; --quick: 1,000 streams only, 20 lines.
+	if [ -x "$watch_bench" ]; then
+		for n in $watchers; do
+			start_kpld "watch$n" --sandbox none --max-streams $((n + 64)) \
+				--max-streams-per-conn $((n / 32 + 64))
+			"$watch_bench" --ready-file "$ready" --kpld-pid "$pid" --watchers "$n" \
+				--conns 32 --lines "$watch_lines" --interval-ms 50 |
+				sed "s/^watchers_/watchers${n}_/" | tee -a "$out" || status=1
+			stop_kpld "watch$n"
+		done
+	else
+		echo "run.sh: $watch_bench not built; no watchers figures" >&2
+	fi
 fi
 
 # Ratios against the limits (issue 12's goals: script runs end to end at
@@ -220,5 +242,10 @@ for f in submit_unsandboxed_nospawner_per_sec_kpld_cpu_ms_per_run \
 	submit_unsandboxed_per_sec_kpld_cpu_ms_per_run submit_per_sec_kpld_cpu_ms_per_run; do
 	v=$(figure "$f" "$out")
 	[ -n "$v" ] && awk -v n="$f" -v v="$v" 'BEGIN { printf "%s=%s ratio=%.2f of the 1 ms goal\n", n, v, v / 1 }'
+done
+for n in $watchers; do
+	v=$(figure "watchers${n}_delay_ms" "$out")
+	[ -n "$v" ] && awk -v n="watchers${n}_delay_ms" -v v="$v" \
+		'BEGIN { printf "%s=%s ratio=%.2f of the 20 ms goal (p99; under 1 meets it)\n", n, v, v / 20 }'
 done
 exit $status
