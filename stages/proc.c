@@ -78,21 +78,8 @@ const char *proc_dir(struct proc *p) { return p->dir; }
 
 int proc_mkdir_p(const char *path)
 {
-	char *p = kpl_strdup(path);
-	int rc = 0;
-
-	for (char *c = p + 1; *c && !rc; c++) {
-		if (*c != '/')
-			continue;
-		*c = '\0';
-		if (mkdir(p, 0700) && errno != EEXIST)
-			rc = -errno;
-		*c = '/';
-	}
-	if (!rc && mkdir(p, 0700) && errno != EEXIST)
-		rc = -errno;
-	free(p);
-	return rc;
+	/* The shim's: one mkdir when only the last directory is missing. */
+	return shim_mkdir_p(path) == 0 ? 0 : -errno;
 }
 
 static char *dir_file(const struct proc *p, const char *name)
@@ -458,7 +445,9 @@ static void on_kick(uv_timer_t *t)
 {
 	struct proc *p = t->data;
 
-	if (!p->finished)
+	if (p->finished)
+		uv_timer_stop(t); /* repeating when there is no watch (watch_late) */
+	else
 		proc_read(p);
 }
 
@@ -978,11 +967,45 @@ static void follow_spawned(struct proc *p, pid_t pid, int pidfd)
 	uv_poll_start(&p->pidpoll, UV_READABLE, on_pidfd);
 }
 
+/* Makes a fresh attempt's directory (on the loop thread). */
+static int make_dir(struct proc *p, struct kpl_err *err)
+{
+	int rc;
+
+	if ((rc = proc_mkdir_p(p->dir)) != 0)
+		return kpl_errf(err, KPL_EIO, "cannot create %s: %s", p->dir, strerror(-rc));
+	/* A symlink put in its way meanwhile sent mkdir elsewhere. */
+	if ((rc = dir_state(p->dir, err)) != 1) {
+		if (rc == 0)
+			rc = kpl_errf(err, KPL_EIO, "%s went away", p->dir);
+		return rc;
+	}
+	return 0;
+}
+
+/* Starts following DIR once the spawner made it and forked its shim:
+ * whatever the shim wrote before the watch is read at once. A watch that
+ * cannot be had (the shim runs already) is made up for by reading every
+ * PROC_LOCKPOLL_MS. */
+static void watch_late(struct proc *p)
+{
+	struct kpl_err err = { 0 };
+
+	if (start_watching(p, &err) != 0) {
+		kpl_warn(LOG, "%s; following it by polling", err.msg);
+		uv_timer_start(&p->kick, on_kick, 0, PROC_LOCKPOLL_MS);
+		return;
+	}
+	kick(p);
+}
+
 /*
  * The spawner (stages/spawner.h) died or hung while starting p's shim: it
  * may have forked it. The attempt's lock tells, as after a restart: a shim
  * that took it is followed; otherwise kpld takes it, so a shim forked late
  * never runs the command, and the attempt fails without having run it.
+ * 1 when DIR was never made (nothing can have been forked): start the
+ * shim another way.
  */
 static int spawn_unknown(struct proc *p, struct kpl_err *err)
 {
@@ -990,6 +1013,8 @@ static int spawn_unknown(struct proc *p, struct kpl_err *err)
 	int rc;
 
 	snprintf(why, sizeof why, "%s", err->msg);
+	if (dir_state(p->dir, err) == 0)
+		return 1;
 	uv_fs_event_stop(&p->watch); /* attach watches again */
 	rc = claim(p->dir);
 	if (rc == 0) {
@@ -1005,28 +1030,39 @@ static int spawn_unknown(struct proc *p, struct kpl_err *err)
 			strerror(-rc));
 }
 
-/* Starts the shim through the spawner when kpl-shim is the shim's program;
- * false when another way must (nothing started), true with *rc otherwise. */
+/* True when the spawner may start this shim: kpl-shim is its program and
+ * KPL_UV_SPAWN does not ask for the old path. */
+static bool spawner_may(const char *exe)
+{
+	const char *slash = strrchr(exe, '/');
+
+	return !uv_spawn_path() && slash && strcmp(slash + 1, "kpl-shim") == 0;
+}
+
+/* Starts the shim through the spawner (which makes DIR first when
+ * make_dir); false when another way must (nothing started, DIR may exist
+ * now), true with *rc otherwise. */
 static bool spawn_spawner(struct proc *p, const char *exe, char *const *cmd, bool sandboxed,
-			  const struct proc_spec *spec, struct kpl_err *err, int *rc)
+			  bool make_dir, const struct proc_spec *spec, struct kpl_err *err,
+			  int *rc)
 {
 	struct spawner_spawn s = { 0 };
-	const char *slash = strrchr(exe, '/');
 	pid_t pid;
 	int pidfd;
 
-	if (uv_spawn_path() || !slash || strcmp(slash + 1, "kpl-shim") != 0)
-		return false;
 	s.exe = exe;
 	s.dir = p->dir;
 	s.cwd = spec->cwd;
 	s.grace_ms = p->grace_ms;
 	s.sandboxed = sandboxed;
+	s.mkdir = make_dir;
 	s.argv = cmd;
 	s.env = spec->env ? spec->env : environ;
 	switch (spawner_spawn(&s, &pid, &pidfd, err)) {
 	case SPAWNER_STARTED:
 		follow_spawned(p, pid, pidfd);
+		if (make_dir)
+			watch_late(p);
 		*rc = 0;
 		return true;
 	case SPAWNER_FAILED:
@@ -1034,7 +1070,7 @@ static bool spawn_spawner(struct proc *p, const char *exe, char *const *cmd, boo
 		return true;
 	case SPAWNER_UNKNOWN:
 		*rc = spawn_unknown(p, err);
-		return true;
+		return *rc != 1;
 	case SPAWNER_FALLBACK:
 		break;
 	}
@@ -1102,7 +1138,9 @@ static bool spawn_direct(struct proc *p, const char *exe, char **argv,
 	return true;
 }
 
-static int spawn(struct proc *p, const struct proc_spec *spec, struct kpl_err *err)
+/* Starts p's shim; fresh: DIR does not exist yet. */
+static int spawn(struct proc *p, const struct proc_spec *spec, bool fresh,
+		 struct kpl_err *err)
 {
 	uv_process_options_t o = { 0 };
 	uv_stdio_container_t stdio[3];
@@ -1113,16 +1151,41 @@ static int spawn(struct proc *p, const struct proc_spec *spec, struct kpl_err *e
 	/* Rootless buildah makes user namespaces of its own: not in bwrap's. */
 	bool sandboxed = sandbox.mode == PROC_SANDBOX_BWRAP &&
 			 (spec->profile != PROC_PROFILE_BUILDAH || geteuid() == 0);
+	bool via_spawner, watching = false;
 	int rc;
 
 	if ((rc = shim_exe(&exe, err)) != 0)
+		return rc;
+	via_spawner = spawner_may(exe);
+	/* Unsandboxed, the spawner makes a fresh DIR, off the loop thread
+	 * (three mkdirs: a third of kpld's CPU per script run on ext4);
+	 * bwrap's argv needs the workspace made first. */
+	if (fresh && (sandboxed || !via_spawner) && (rc = make_dir(p, err)) != 0)
 		return rc;
 	/* Never unconfined for want of the sandbox: the stage fails instead. */
 	if (sandboxed && !(boxed = sandbox_argv(p, spec, err)))
 		return err->code;
 	if (boxed)
 		cmd = boxed;
-	if ((rc = start_watching(p, err)) != 0) {
+	if (via_spawner) {
+		bool spawner_mkdir = fresh && !sandboxed;
+
+		if (!spawner_mkdir && (rc = start_watching(p, err)) != 0) {
+			proc_strv_free(boxed);
+			return rc;
+		}
+		watching = !spawner_mkdir;
+		if (spawn_spawner(p, exe, cmd, boxed != NULL, spawner_mkdir, spec, err, &rc)) {
+			proc_strv_free(boxed);
+			return rc;
+		}
+		/* Nothing started: the old ways, DIR made if it is not yet. */
+		if (spawner_mkdir && (rc = make_dir(p, err)) != 0) {
+			proc_strv_free(boxed);
+			return rc;
+		}
+	}
+	if (!watching && (rc = start_watching(p, err)) != 0) {
 		proc_strv_free(boxed);
 		return rc;
 	}
@@ -1140,8 +1203,7 @@ static int spawn(struct proc *p, const struct proc_spec *spec, struct kpl_err *e
 	argv[argc++] = (char *)"--";
 	for (size_t i = 0; i < n; i++)
 		argv[argc++] = cmd[i];
-	if (spawn_spawner(p, exe, cmd, boxed != NULL, spec, err, &rc) ||
-	    spawn_direct(p, exe, argv, spec, err, &rc)) {
+	if (spawn_direct(p, exe, argv, spec, err, &rc)) {
 		free(argv);
 		proc_strv_free(boxed);
 		return rc;
@@ -1190,18 +1252,7 @@ int proc_start(struct stage *st, const struct proc_spec *spec,
 		goto fail;
 	if (rc == 0) {
 		/* A fresh directory: no shim can be there yet. */
-		if ((rc = proc_mkdir_p(p->dir)) != 0) {
-			kpl_errf(err, KPL_EIO, "cannot create %s: %s", p->dir, strerror(-rc));
-			rc = KPL_EIO;
-			goto fail;
-		}
-		/* A symlink put in its way meanwhile sent mkdir elsewhere. */
-		if ((rc = dir_state(p->dir, err)) != 1) {
-			if (rc == 0)
-				rc = kpl_errf(err, KPL_EIO, "%s went away", p->dir);
-			goto fail;
-		}
-		if ((rc = spawn(p, spec, err)) != 0)
+		if ((rc = spawn(p, spec, true, err)) != 0)
 			goto fail;
 	} else {
 		/* A previous kpld made it, then stopped before recording so. */

@@ -155,7 +155,7 @@ static void feed(char tag, struct shim_line *l, const char *p, size_t n)
 	}
 }
 
-/* The attempt's directory, opened once (open_dir): every file of the shim
+/* The attempt's directory, opened once (shim_open_dir): every file of the shim
  * is made there with *at() and O_NOFOLLOW. */
 static int dir_fd = -1;
 
@@ -166,7 +166,7 @@ static int dir_fd = -1;
  * write its files elsewhere. So below the workspace no symlink is
  * followed (openat2), and the directory is held by its descriptor.
  */
-static int open_dir(const char *dir)
+int shim_open_dir(const char *dir)
 {
 	const char *k = NULL;
 	char ws[4096];
@@ -183,6 +183,27 @@ static int open_dir(const char *dir)
 	fd = kpl_openat_beneath(wsfd, k + 1, O_PATH | O_DIRECTORY);
 	close(wsfd);
 	return fd;
+}
+
+int shim_mkdir_p(const char *dir)
+{
+	char path[4096], *slash;
+	size_t len = strlen(dir);
+
+	/* Mostly only the last one is missing: one mkdir, no walk up. */
+	if (mkdir(dir, 0700) == 0 || errno == EEXIST)
+		return 0;
+	if (errno != ENOENT || len >= sizeof path)
+		return -1;
+	memcpy(path, dir, len + 1);
+	while (len > 1 && path[len - 1] == '/')
+		path[--len] = '\0';
+	if (!(slash = strrchr(path, '/')) || slash == path)
+		return -1;
+	*slash = '\0';
+	if (shim_mkdir_p(path) != 0)
+		return -1;
+	return mkdir(dir, 0700) == 0 || errno == EEXIST ? 0 : -1;
 }
 
 static void write_exit(const char *dir, const char *text)
@@ -271,7 +292,7 @@ int shim_main(int argc, char **argv)
 	/* The lock appears already flocked with the pid inside (made aside,
 	 * then linked in, which fails like O_EXCL if it exists): a kpld never
 	 * sees a lock that is neither held nor finished while the shim lives. */
-	if ((dir_fd = open_dir(dir)) < 0) {
+	if ((dir_fd = shim_open_dir(dir)) < 0) {
 		fprintf(stderr, "kpld shim: %s: %s\n", dir, strerror(errno));
 		return SHIM_EXIT_CLAIMED;
 	}

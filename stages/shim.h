@@ -19,6 +19,14 @@
 /* The argv[1] that makes kpld a shim. */
 #define SHIM_ARGV1 "__shim"
 
+/* Opens DIR (O_PATH) the way the shim does: below the workspace (DIR's
+ * part before its last "/.kpl/") no symlink is followed. -1 with errno. */
+int shim_open_dir(const char *dir);
+
+/* mkdir -p DIR with mode 0700, from the deepest missing directory up: 0,
+ * or -1 with errno. */
+int shim_mkdir_p(const char *dir);
+
 /* Runs the shim; returns the process exit status. */
 int shim_main(int argc, char **argv);
 

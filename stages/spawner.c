@@ -48,9 +48,9 @@ static int read_full(int fd, void *buf, size_t n)
 }
 
 /* The reply, with fd (if >= 0) as SCM_RIGHTS; -1 when kpld is gone. */
-static int reply(int sock, uint32_t seq, pid_t pid, int err, int fd)
+static int reply(int sock, uint32_t seq, pid_t pid, int err, int step, int fd)
 {
-	struct spawner_reply r = { SPAWNER_MAGIC, seq, pid, err };
+	struct spawner_reply r = { SPAWNER_MAGIC, seq, pid, err, step };
 	struct iovec iov = { &r, sizeof r };
 	union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } u;
 	struct msghdr m = { 0 };
@@ -180,13 +180,27 @@ static int serve(int sock)
 	/* Room for `kpl-shim __shim DIR GRACE` in the cmdline, else kpld
 	 * starts this one another way. */
 	if (strlen(v[0]) + 40 > cmd_area_len) {
-		rc = reply(sock, q.seq, 0, E2BIG, -1);
+		rc = reply(sock, q.seq, 0, E2BIG, SPAWNER_STEP_ROOM, -1);
 		goto out;
+	}
+	if (q.flags & SPAWNER_MKDIR) {
+		int dfd;
+
+		if (shim_mkdir_p(v[0]) != 0) {
+			rc = reply(sock, q.seq, 0, errno, SPAWNER_STEP_MKDIR, -1);
+			goto out;
+		}
+		/* A symlink put in its way meanwhile sent mkdir elsewhere. */
+		if ((dfd = shim_open_dir(v[0])) < 0) {
+			rc = reply(sock, q.seq, 0, errno, SPAWNER_STEP_DIR, -1);
+			goto out;
+		}
+		close(dfd);
 	}
 	/* Checked here, so kpld hears "no such directory" from the reply. */
 	cwd_fd = open(v[1], O_PATH | O_DIRECTORY | O_CLOEXEC);
 	if (cwd_fd < 0) {
-		rc = reply(sock, q.seq, 0, errno, -1);
+		rc = reply(sock, q.seq, 0, errno, SPAWNER_STEP_CWD, -1);
 		goto out;
 	}
 	pid = fork();
@@ -194,13 +208,13 @@ static int serve(int sock)
 		child(sock, cwd_fd, v[0], q.grace_ms, q.flags & SPAWNER_SANDBOXED, v + 2,
 		      v + 3 + q.nargv);
 	if (pid < 0) {
-		rc = reply(sock, q.seq, 0, errno, -1);
+		rc = reply(sock, q.seq, 0, errno, SPAWNER_STEP_FORK, -1);
 		goto out;
 	}
 	/* Not reaped before this (only serve's caller reaps), so the pidfd is
 	 * of this child, never of a pid used again. */
 	pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
-	rc = reply(sock, q.seq, pid, 0, pidfd);
+	rc = reply(sock, q.seq, pid, 0, SPAWNER_STEP_FORK, pidfd);
 out:
 	if (pidfd >= 0)
 		close(pidfd);
@@ -259,7 +273,7 @@ int spawner_main(int argc, char **argv)
 	sigaction(SIGCHLD, &sa, NULL);
 	sigemptyset(&none);
 
-	if (reply(SPAWNER_FD, 0, getpid(), err, -1) != 0 || err)
+	if (reply(SPAWNER_FD, 0, getpid(), err, SPAWNER_STEP_FORK, -1) != 0 || err)
 		return 1;
 	for (;;) {
 		struct pollfd pf = { SPAWNER_FD, POLLIN, 0 };

@@ -24,7 +24,7 @@
  *          (nenv), each NUL-terminated.
  *   reply  spawner -> kpld: a spawner_reply with the request's seq; pid > 0
  *          and a pidfd (when pidfd_open gave one) if a shim was forked, else
- *          err: an errno, nothing forked.
+ *          err (an errno) and step (where), nothing forked.
  * The environment carries secrets: neither side ever logs a request.
  */
 #ifndef KPL_SPAWNER_H
@@ -45,7 +45,21 @@
 #define SPAWNER_MAX_REQ (4u << 20)
 #define SPAWNER_MAX_STRINGS 65536u
 
-enum { SPAWNER_SANDBOXED = 1 };
+enum {
+	SPAWNER_SANDBOXED = 1,
+	/* DIR does not exist yet: the spawner makes it (with its parents,
+	 * off kpld's loop thread) and checks it as the shim would open it. */
+	SPAWNER_MKDIR = 2,
+};
+
+/* What a refused request failed at (spawner_reply.step). */
+enum spawner_step {
+	SPAWNER_STEP_FORK,      /* the fork itself, or nothing (pid > 0) */
+	SPAWNER_STEP_MKDIR,     /* making DIR */
+	SPAWNER_STEP_DIR,       /* DIR is not a directory below the workspace */
+	SPAWNER_STEP_CWD,       /* CWD */
+	SPAWNER_STEP_ROOM,      /* DIR does not fit in the shim's cmdline */
+};
 
 struct spawner_req {
 	uint32_t magic;
@@ -62,6 +76,7 @@ struct spawner_reply {
 	uint32_t seq;
 	int32_t pid;            /* > 0: forked */
 	int32_t err;            /* errno when nothing was forked */
+	int32_t step;           /* enum spawner_step: where it failed */
 };
 
 /* The spawner's process (kpl-shim __spawner PAD, fd 3 the socket); returns
@@ -85,6 +100,7 @@ struct spawner_spawn {
 	const char *cwd;
 	int grace_ms;
 	bool sandboxed;
+	bool mkdir;             /* SPAWNER_MKDIR */
 	char *const *argv;      /* the command (bwrap's when sandboxed) */
 	char *const *env;
 };

@@ -267,7 +267,7 @@ enum spawner_result spawner_spawn(const struct spawner_spawn *s, pid_t *pid, int
 		return SPAWNER_FALLBACK;
 	q.seq = ++sp.seq ? sp.seq : ++sp.seq; /* never 0, the hello's */
 	q.grace_ms = s->grace_ms;
-	q.flags = s->sandboxed ? SPAWNER_SANDBOXED : 0;
+	q.flags = (s->sandboxed ? SPAWNER_SANDBOXED : 0) | (s->mkdir ? SPAWNER_MKDIR : 0);
 	q.len = (uint32_t)len;
 	buf = kpl_malloc(sizeof q + len);
 	memcpy(buf, &q, sizeof q);
@@ -311,9 +311,24 @@ enum spawner_result spawner_spawn(const struct spawner_spawn *s, pid_t *pid, int
 	if (r.pid <= 0) {
 		if (fd >= 0)
 			close(fd);
-		if (r.err == ENOENT || r.err == ENOTDIR) {
-			kpl_errf(err, KPL_EINVAL, "cannot run in %s: no such directory", s->cwd);
+		switch (r.step) {
+		case SPAWNER_STEP_MKDIR:
+			kpl_errf(err, KPL_EIO, "cannot create %s: %s", s->dir, strerror(r.err));
 			return SPAWNER_FAILED;
+		case SPAWNER_STEP_DIR:
+			/* As proc.c's dir_state says it. */
+			kpl_errf(err, KPL_ESTATE, "its directory %s is not a directory of the "
+				 "workspace (%s): a symlink put there is never followed", s->dir,
+				 r.err == ELOOP || r.err == EXDEV ? "a symlink on the way" :
+				 strerror(r.err));
+			return SPAWNER_FAILED;
+		case SPAWNER_STEP_CWD:
+			if (r.err == ENOENT || r.err == ENOTDIR) {
+				kpl_errf(err, KPL_EINVAL, "cannot run in %s: no such directory",
+					 s->cwd);
+				return SPAWNER_FAILED;
+			}
+			break;
 		}
 		return SPAWNER_FALLBACK; /* nothing forked: posix_spawn tells */
 	}

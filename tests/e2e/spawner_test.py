@@ -12,6 +12,9 @@ script attempt's shim for kpld, without an exec.
   spawner exits (it saw EOF) while the shims live on;
 - KPL_NO_SPAWNER=1: kpld starts each shim itself (posix_spawn), as before.
 
+All of it twice: in bubblewrap, and with --sandbox none (where the spawner
+makes each attempt's directory).
+
 Waiting is on events, files and processes, with generous deadlines.
 """
 
@@ -113,13 +116,13 @@ def final(c, rid):
 
 
 class Suite:
-    def __init__(self, binary, tmp):
+    def __init__(self, binary, tmp, extra=()):
         self.binary = binary
         self.tmp = tmp
         self.shared = os.path.join(tmp, "shared")
         os.mkdir(self.shared)
         self.daemon = Daemon(binary, os.path.join(tmp, "data"),
-                             ["--sandbox-bind", self.shared])
+                             ["--sandbox-bind", self.shared] + list(extra))
         self.c = self.daemon.start()
         self.n = 0
 
@@ -239,8 +242,14 @@ class Suite:
 
 def main():
     binary = os.path.abspath(sys.argv[1])
-    tmp = tempfile.mkdtemp(prefix="kpl-spawner-", dir=os.environ.get("TEST_TMPDIR"))
-    return run_suite(Suite, Suite(binary, tmp))
+    rc = 0
+    # In bubblewrap kpld makes each attempt's directory; unconfined the
+    # spawner does (SPAWNER_MKDIR).
+    for extra in ([], ["--sandbox", "none"]):
+        print("-- kpld %s" % " ".join(extra or ["(sandboxed)"]), flush=True)
+        tmp = tempfile.mkdtemp(prefix="kpl-spawner-", dir=os.environ.get("TEST_TMPDIR"))
+        rc |= run_suite(Suite, Suite(binary, tmp, extra))
+    return rc
 
 
 if __name__ == "__main__":

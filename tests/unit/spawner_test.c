@@ -3,7 +3,8 @@
  * its hello; a request forks a shim that runs the command in CWD with ENV,
  * shows `kpl-shim __shim DIR GRACE` as its cmdline, writes DIR/output and
  * DIR/exit, and comes with a pidfd; a missing CWD and a DIR too long for
- * the cmdline are refused without a fork; a malformed request (bad magic,
+ * the cmdline are refused without a fork; SPAWNER_MKDIR makes DIR first,
+ * and refuses one reached through a symlink; a malformed request (bad magic,
  * fewer strings than it says, a length over the bound) and EOF end the
  * spawner.
  */
@@ -82,10 +83,10 @@ static struct spawner_reply sp_reply(struct sp *s, int *fd)
 }
 
 /* Sends a request with the strings given (DIR, CWD, ARGV..., ENV...). */
-static void sp_send(struct sp *s, uint32_t seq, uint32_t nargv, uint32_t nenv,
-		    const char *const *strs, size_t nstrs)
+static void sp_send_flags(struct sp *s, uint32_t seq, uint32_t flags, uint32_t nargv,
+			  uint32_t nenv, const char *const *strs, size_t nstrs)
 {
-	struct spawner_req q = { SPAWNER_MAGIC, seq, 1000, 0, nargv, nenv, 0 };
+	struct spawner_req q = { SPAWNER_MAGIC, seq, 1000, flags, nargv, nenv, 0 };
 	char buf[16384];
 	size_t len = 0;
 
@@ -98,6 +99,12 @@ static void sp_send(struct sp *s, uint32_t seq, uint32_t nargv, uint32_t nenv,
 	q.len = (uint32_t)len;
 	assert_int_equal(write(s->fd, &q, sizeof q), sizeof q);
 	assert_int_equal(write(s->fd, buf, len), (ssize_t)len);
+}
+
+static void sp_send(struct sp *s, uint32_t seq, uint32_t nargv, uint32_t nenv,
+		    const char *const *strs, size_t nstrs)
+{
+	sp_send_flags(s, seq, 0, nargv, nenv, strs, nstrs);
 }
 
 /* The spawner has ended (the socket at EOF) with status 0. */
@@ -240,6 +247,7 @@ static void test_refused_without_a_fork(void **state)
 	assert_int_equal(r.seq, 1);
 	assert_int_equal(r.pid, 0);
 	assert_int_equal(r.err, ENOENT);
+	assert_int_equal(r.step, SPAWNER_STEP_CWD);
 	assert_int_equal(fd, -1);
 
 	longdir = malloc(SPAWNER_PAD + 2);
@@ -253,12 +261,66 @@ static void test_refused_without_a_fork(void **state)
 	assert_int_equal(r.seq, 2);
 	assert_int_equal(r.pid, 0);
 	assert_int_equal(r.err, E2BIG);
+	assert_int_equal(r.step, SPAWNER_STEP_ROOM);
 	/* Nothing ran there. */
 	{
 		char p[500];
 		snprintf(p, sizeof p, "%s/lock", dir);
 		assert_int_equal(access(p, F_OK), -1);
 	}
+	shutdown(s.fd, SHUT_WR);
+	sp_ended(&s);
+}
+
+/* SPAWNER_MKDIR: the spawner makes DIR and its parents (the workspace,
+ * .kpl) before the fork; a symlink on the way below the workspace is
+ * refused without one. */
+static void test_mkdir(void **state)
+{
+	struct sp s = sp_start();
+	struct spawner_reply r;
+	char ws[400], dir[500], path[600], target[400];
+	const char *strs[4];
+	struct pollfd pf;
+	int fd;
+
+	(void)state;
+	sp_reply(&s, &fd);
+	snprintf(ws, sizeof ws, "%s/ws-new", root);
+	snprintf(dir, sizeof dir, "%s/.kpl/t.1", ws);
+	strs[0] = dir;
+	strs[1] = ws;
+	strs[2] = "true";
+	sp_send_flags(&s, 1, SPAWNER_MKDIR, 1, 0, strs, 3);
+	r = sp_reply(&s, &fd);
+	assert_int_equal(r.seq, 1);
+	assert_true(r.pid > 0);
+	assert_true(fd >= 0);
+	pf.fd = fd;
+	pf.events = POLLIN;
+	assert_int_equal(poll(&pf, 1, 60000), 1);
+	close(fd);
+	snprintf(path, sizeof path, "%s/exit", dir);
+	assert_string_equal(slurp(path), "exit 0\n");
+
+	/* .kpl made a symlink to elsewhere: no fork, no lock there. */
+	snprintf(ws, sizeof ws, "%s/ws-planted", root);
+	assert_int_equal(mkdir(ws, 0700), 0);
+	snprintf(target, sizeof target, "%s/elsewhere", root);
+	assert_int_equal(mkdir(target, 0700), 0);
+	snprintf(path, sizeof path, "%s/.kpl", ws);
+	assert_int_equal(symlink(target, path), 0);
+	snprintf(dir, sizeof dir, "%s/.kpl/t.1", ws);
+	strs[0] = dir;
+	strs[1] = ws;
+	sp_send_flags(&s, 2, SPAWNER_MKDIR, 1, 0, strs, 3);
+	r = sp_reply(&s, &fd);
+	assert_int_equal(r.seq, 2);
+	assert_int_equal(r.pid, 0);
+	assert_int_equal(r.step, SPAWNER_STEP_DIR);
+	assert_int_equal(fd, -1);
+	snprintf(path, sizeof path, "%s/t.1/lock", target);
+	assert_int_equal(access(path, F_OK), -1);
 	shutdown(s.fd, SHUT_WR);
 	sp_ended(&s);
 }
@@ -313,6 +375,7 @@ int main(int argc, char **argv)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_hello_and_a_shim),
 		cmocka_unit_test(test_refused_without_a_fork),
+		cmocka_unit_test(test_mkdir),
 		cmocka_unit_test(test_malformed_requests_end_it),
 	};
 
