@@ -69,7 +69,7 @@
  * queue gets before the next one is used; tags a thread hands over at once
  * at most. */
 #define API_CQS 16
-#define API_CQ_FILL 512
+#define API_CQ_FILL 2048
 #define API_CQ_DRAIN 64
 
 /* Streaming calls open at once (api_server_options). */
