@@ -7,9 +7,9 @@
 #
 # For each kpld: bench/run.sh (the machine's limits, script runs, submit_noop
 # against the echo server, stored replay and live following against a bare
-# grpc core server, durable transitions), bench/watch_bench with 1,000 and
-# 10,000 WatchRun streams on one run, bench/restart_bench.py with 1,000 and
-# 10,000 runs in flight, bench/idle_rss.py. Every figure is printed as the
+# grpc core server, durable transitions, 1,000 and 10,000 WatchRun streams on
+# one run), bench/restart_bench.py with 1,000 and 10,000 runs in flight,
+# bench/idle_rss.py. Every figure is printed as the
 # tools print it ("name=value (details)"), then one line per goal:
 #
 #   goal NAME: TARGET | before B | after A | met yes|no
@@ -38,7 +38,7 @@ while [ $# -gt 0 ]; do
 	*) echo "goals.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
 	esac
 done
-for f in "$kpld" "$bin/bench/watch_bench" ${before:+"$before"}; do
+for f in "$kpld" ${before:+"$before"}; do
 	if [ ! -x "$f" ]; then
 		echo "goals.sh: $f: not built" >&2
 		exit 2
@@ -49,26 +49,6 @@ trap 'rm -rf "$dir"' EXIT
 trap 'exit 130' INT TERM
 status=0
 
-# watchers N OUT KPLD: watch_bench with N streams on a kpld of its own.
-watchers() {
-	d="$dir/w$1"
-	mkdir -p "$d"
-	conns=$(( $1 / 100 ))
-	[ $conns -lt 1 ] && conns=1
-	"$3" --listen 127.0.0.1:0 --data-dir "$d/data" --ready-file "$d/ready" \
-		--log-level warn --max-streams $(( $1 + 100 )) \
-		--max-streams-per-conn $(( $1 / conns + 10 )) >"$d/kpld.log" 2>&1 &
-	wpid=$!
-	i=0
-	while [ ! -s "$d/ready" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-	"$bin/bench/watch_bench" --ready-file "$d/ready" --watchers "$1" --conns "$conns" \
-		--lines 200 --interval-ms 10 --kpld-pid "$wpid" |
-		sed "s/^watchers_/watchers$1_/" | tee -a "$2" || status=1
-	kill -TERM "$wpid"
-	wait "$wpid" || status=1
-	rm -rf "$d"
-}
-
 # measure KPLD OUT: every tool, figures appended to OUT.
 measure() {
 	k=$1
@@ -76,13 +56,10 @@ measure() {
 	echo "== $k"
 	if [ -n "$quick" ]; then
 		"$root/bench/run.sh" --quick --kpld "$k" --tmp "$dir" | tee -a "$out" || status=1
-		watchers 1000 "$out" "$k"
 		runs=1000
 		idle=2000
 	else
 		"$root/bench/run.sh" --kpld "$k" --tmp "$dir" | tee -a "$out" || status=1
-		watchers 1000 "$out" "$k"
-		watchers 10000 "$out" "$k"
 		runs=1000,10000
 		idle=5000
 	fi
