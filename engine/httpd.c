@@ -542,6 +542,10 @@ static void conn_write(struct conn *c, char *buf, size_t len)
 	conn_write_ex(c, buf, len, false, NULL, NULL);
 }
 
+/* On the answers the listener gives itself (refusals, 405), as every
+ * route's answer has them: nothing of kpld's is sniffed or cached. */
+#define HTTPD_OWN_HEADERS "X-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n"
+
 static char *format_response(int status, const char *content_type, const char *body,
 			     size_t len, bool keep_alive, const char *extra, size_t *out_len)
 {
@@ -579,7 +583,7 @@ static void conn_refuse(struct conn *c, int status, const char *why)
 	char body[128];
 	int n = snprintf(body, sizeof body, "%s\n", why);
 	char *buf = format_response(status, "text/plain; charset=utf-8", body, (size_t)n,
-				    false, NULL, &len);
+				    false, HTTPD_OWN_HEADERS, &len);
 
 	kpl_debug(LOG, "%s: refused with %d: %s", c->peer, status, why);
 	c->close_after_write = true;
@@ -624,9 +628,9 @@ static void dispatch(struct conn *c)
 			 allow[0] ? ", " : "", rt->method);
 	}
 	if (allow[0]) {
-		char extra[160];
+		char extra[256];
 		char *buf;
-		snprintf(extra, sizeof extra, "Allow: %s\r\n", allow);
+		snprintf(extra, sizeof extra, "Allow: %s\r\n" HTTPD_OWN_HEADERS, allow);
 		buf = format_response(405, "text/plain; charset=utf-8",
 				      "method not allowed\n", 19, r->keep_alive, extra, &len);
 		c->busy = false;
@@ -744,7 +748,7 @@ static void on_read_plain(struct conn *c, ssize_t nread, const uv_buf_t *buf)
 void httpd_respond(struct httpd_req *req, int status, const char *content_type,
 		   const char *body, size_t len)
 {
-	httpd_respond_headers(req, status, content_type, NULL, body, len);
+	httpd_respond_headers(req, status, content_type, HTTPD_OWN_HEADERS, body, len);
 }
 
 void httpd_respond_headers(struct httpd_req *req, int status, const char *content_type,

@@ -200,11 +200,23 @@ class Suite:
 
     def test_limits(self):
         big = b"x" * (1024 * 1024 + 1)
-        status, _, _ = self.http("POST", "/hooks/github", big,
+        status, _, r = self.http("POST", "/hooks/github", big,
                                  {"X-Hub-Signature-256": "sha256=" + "0" * 64})
         assert_eq(status, 413, "a body over 1 MiB")
-        status, _, _ = self.http("GET", "/healthz", headers={"X-Big": "y" * 17000})
+        refusals = [r]
+        status, _, r = self.http("GET", "/healthz", headers={"X-Big": "y" * 17000})
         assert_eq(status, 431, "headers over 16 KiB")
+        refusals.append(r)
+        status, _, r = self.http("DELETE", "/healthz")
+        assert_eq(status, 405, "a method no route has")
+        refusals.append(r)
+        status, _, r = self.http("GET", "/nowhere")
+        assert_eq(status, 404, "a path no route has")
+        refusals.append(r)
+        # The listener's own answers carry what every route's answer does.
+        for r in refusals:
+            assert_eq((r.getheader("X-Content-Type-Options"), r.getheader("Cache-Control")),
+                      ("nosniff", "no-store"), "headers of the %d" % r.status)
 
     def test_register_list_delete(self):
         expect_rpc_error(lambda: self.register(name="x", repo=self.repo),
