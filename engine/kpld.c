@@ -21,6 +21,7 @@
 #include "api/rpc_pipelines.h"
 #include "api/rpc_hooks.h"
 #include "api/rpc_tokens.h"
+#include "stages/spawner.h"
 #include "stages/proc.h"
 #include "stages/shim.h"
 #include "api/server.h"
@@ -173,6 +174,8 @@ static void engine_stopped(void *data)
 	struct kpld *d = data;
 
 	d->eng = NULL;
+	/* Every stage is abandoned: the spawner's socket and handles go. */
+	spawner_shutdown();
 	rpc_free(d->rpc);
 	d->rpc = NULL;
 	tokens_free(d->tokens);

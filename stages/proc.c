@@ -49,6 +49,8 @@ struct proc {
 	uv_process_t proc;      /* the shim, when this kpld started it */
 	bool have_proc;
 	bool direct;            /* this kpld posix_spawned the shim, not yet reaped */
+	bool spawning;          /* asked the spawner; its answer (on_spawned) pending */
+	bool spawner_made_dir;  /* ... which makes DIR, so nothing watches it yet */
 	uv_poll_t pidpoll;      /* the shim, when attached to (pidfd) */
 	int pidfd;
 	bool have_pidpoll;
@@ -172,10 +174,9 @@ char *proc_first_line_with(struct proc *p, Kpl__V1__LogStream stream, const char
 /* ---------------------------------------------------------------------- */
 /* Lifetime */
 
-static void proc_closed(uv_handle_t *h)
+/* One reference fewer: a handle closed, or the spawner's answer came. */
+static void proc_unref(struct proc *p)
 {
-	struct proc *p = h->data;
-
 	if (--p->open_handles == 0) {
 		if (p->out_fd >= 0)
 			close(p->out_fd);
@@ -185,6 +186,11 @@ static void proc_closed(uv_handle_t *h)
 		free(p->prefix);
 		free(p);
 	}
+}
+
+static void proc_closed(uv_handle_t *h)
+{
+	proc_unref(h->data);
 }
 
 static void proc_close_all(struct proc *p)
@@ -355,6 +361,10 @@ static void proc_read(struct proc *p)
 		p->reread = true;
 		return;
 	}
+	/* Nothing recorded yet: a read would save an offset that the record
+	 * of the start then sets back to 0. on_spawned reads. */
+	if (p->spawning)
+		return;
 	if (p->out_fd < 0) {
 		char *path = dir_file(p, "output");
 		p->out_fd = kpl_open_ws(path, O_RDONLY | O_CLOEXEC);
@@ -1030,25 +1040,96 @@ static int spawn_unknown(struct proc *p, struct kpl_err *err)
 			strerror(-rc));
 }
 
-/* True when the spawner may start this shim: kpl-shim is its program and
- * KPL_UV_SPAWN does not ask for the old path. */
-static bool spawner_may(const char *exe)
+/* True when the spawner may start this shim: kpl-shim is its program,
+ * KPL_UV_SPAWN does not ask for the old path, DIR fits its cmdline. */
+static bool spawner_may(const char *exe, const char *dir)
 {
 	const char *slash = strrchr(exe, '/');
 
-	return !uv_spawn_path() && slash && strcmp(slash + 1, "kpl-shim") == 0;
+	/* The shim's cmdline must fit where the spawner rewrites it. */
+	return !uv_spawn_path() && slash && strcmp(slash + 1, "kpl-shim") == 0 &&
+	       strlen(dir) + 64 < SPAWNER_PAD;
 }
 
-/* Starts the shim through the spawner (which makes DIR first when
- * make_dir); false when another way must (nothing started, DIR may exist
- * now), true with *rc otherwise. */
+static void pid_recorded(struct stage *st, int status, void *data);
+
+/* The shim runs (started or attached to): records its pid and PREFIX "0"
+ * as the stage's resume data. */
+static void record_start(struct proc *p)
+{
+	char *resume = kpl_asprintf("%s0", p->prefix);
+
+	stage_record_resume(p->st, p->shim_pid, kpl_pid_start_time(p->shim_pid), resume,
+			    pid_recorded, NULL);
+	free(resume);
+	kpl_debug(LOG, "run %s stage %s: shim pid %lld runs in %s", stage_run_id(p->st),
+		  stage_name(p->st), (long long)p->shim_pid, p->dir);
+}
+
+/* The shim could not be started after proc_start returned: the kind hears
+ * it as the shim's error (PROC_ERROR). */
+static void proc_fail(struct proc *p, const char *msg)
+{
+	struct proc_exit e = { .how = PROC_ERROR, .error = msg, .cancelled = p->cancelled };
+
+	p->finished = true;
+	p->ops->exit(p, &e);
+	p->st = NULL;
+	proc_close_all(p);
+}
+
+/* The spawner's answer to spawn_spawner's request. */
+static void on_spawned(void *data, enum spawner_result res, pid_t pid, int pidfd,
+		       const struct kpl_err *e)
+{
+	struct proc *p = data;
+	struct kpl_err err = *e;
+	int rc = 0;
+
+	p->spawning = false;
+	if (!p->st) {
+		/* Abandoned meanwhile (kpld stopping): the shim, if any, runs on
+		 * for the next kpld, which attaches to it. */
+		if (pidfd >= 0)
+			close(pidfd);
+		proc_unref(p);
+		return;
+	}
+	switch (res) {
+	case SPAWNER_STARTED:
+		follow_spawned(p, pid, pidfd);
+		if (p->spawner_made_dir)
+			watch_late(p);
+		else
+			kick(p); /* what it wrote while nothing read */
+		break;
+	case SPAWNER_UNKNOWN:
+		rc = spawn_unknown(p, &err);
+		if (rc == 1)
+			rc = kpl_errf(&err, KPL_EIO, "%s; the command did not run", e->msg);
+		break;
+	default:
+		rc = err.code ? err.code : KPL_EIO;
+		break;
+	}
+	if (rc == 0) {
+		record_start(p);
+		/* proc_cancel came first: the shim passes it on. */
+		if (p->cancelled && p->shim_pid > 0 && !p->shim_gone)
+			kill((pid_t)p->shim_pid, SIGTERM);
+	} else {
+		proc_fail(p, err.msg);
+	}
+	proc_unref(p);
+}
+
+/* Asks the spawner for the shim (which makes DIR first when make_dir);
+ * false when another way must (nothing asked), true with *rc otherwise:
+ * 0 and on_spawned follows. */
 static bool spawn_spawner(struct proc *p, const char *exe, char *const *cmd, bool sandboxed,
-			  bool make_dir, const struct proc_spec *spec, struct kpl_err *err,
-			  int *rc)
+			  bool make_dir, const struct proc_spec *spec, int *rc)
 {
 	struct spawner_spawn s = { 0 };
-	pid_t pid;
-	int pidfd;
 
 	s.exe = exe;
 	s.dir = p->dir;
@@ -1058,23 +1139,13 @@ static bool spawn_spawner(struct proc *p, const char *exe, char *const *cmd, boo
 	s.mkdir = make_dir;
 	s.argv = cmd;
 	s.env = spec->env ? spec->env : environ;
-	switch (spawner_spawn(&s, &pid, &pidfd, err)) {
-	case SPAWNER_STARTED:
-		follow_spawned(p, pid, pidfd);
-		if (make_dir)
-			watch_late(p);
-		*rc = 0;
-		return true;
-	case SPAWNER_FAILED:
-		*rc = err->code;
-		return true;
-	case SPAWNER_UNKNOWN:
-		*rc = spawn_unknown(p, err);
-		return *rc != 1;
-	case SPAWNER_FALLBACK:
-		break;
-	}
-	return false;
+	if (spawner_request(p->loop, &s, on_spawned, p) != SPAWNER_SENT)
+		return false;
+	p->spawning = true;
+	p->spawner_made_dir = make_dir;
+	p->open_handles++; /* until on_spawned */
+	*rc = 0;
+	return true;
 }
 
 /*
@@ -1156,7 +1227,7 @@ static int spawn(struct proc *p, const struct proc_spec *spec, bool fresh,
 
 	if ((rc = shim_exe(&exe, err)) != 0)
 		return rc;
-	via_spawner = spawner_may(exe);
+	via_spawner = spawner_may(exe, p->dir);
 	/* Unsandboxed, the spawner makes a fresh DIR, off the loop thread
 	 * (three mkdirs: a third of kpld's CPU per script run on ext4);
 	 * bwrap's argv needs the workspace made first. */
@@ -1175,7 +1246,7 @@ static int spawn(struct proc *p, const struct proc_spec *spec, bool fresh,
 			return rc;
 		}
 		watching = !spawner_mkdir;
-		if (spawn_spawner(p, exe, cmd, boxed != NULL, spawner_mkdir, spec, err, &rc)) {
+		if (spawn_spawner(p, exe, cmd, boxed != NULL, spawner_mkdir, spec, &rc)) {
 			proc_strv_free(boxed);
 			return rc;
 		}
@@ -1242,7 +1313,7 @@ int proc_start(struct stage *st, const struct proc_spec *spec,
 	       struct kpl_err *err)
 {
 	struct proc *p = proc_new(st, spec->dir, spec->resume_prefix, ops, data);
-	char *resume, *lock = dir_file(p, "lock");
+	char *lock = dir_file(p, "lock");
 	const char *what = spec->what ? spec->what : spec->argv[0];
 	int rc;
 
@@ -1281,12 +1352,9 @@ int proc_start(struct stage *st, const struct proc_spec *spec,
 		kick(p);
 	}
 	*out = p;
-	resume = kpl_asprintf("%s0", p->prefix);
-	stage_record_resume(st, p->shim_pid, kpl_pid_start_time(p->shim_pid), resume,
-			    pid_recorded, NULL);
-	free(resume);
-	kpl_debug(LOG, "run %s stage %s: shim pid %lld runs %s", stage_run_id(st),
-		  stage_name(st), (long long)p->shim_pid, what);
+	/* Through the spawner, on_spawned records it once the pid is known. */
+	if (!p->spawning)
+		record_start(p);
 	free(lock);
 	return 0;
 fail:

@@ -84,10 +84,14 @@ struct spawner_reply {
 int spawner_main(int argc, char **argv);
 
 /*
- * kpld's side (spawner_client.c). Loop thread only.
+ * kpld's side (spawner_client.c): asynchronous, one reply per request in
+ * order. Loop thread only.
  */
+struct uv_loop_s;
+
 enum spawner_result {
-	SPAWNER_STARTED,        /* *pid (and *pidfd, or -1) is the shim */
+	SPAWNER_STARTED,        /* pid (and pidfd, or -1) is the shim */
+	SPAWNER_SENT,           /* spawner_request: the callback follows */
 	SPAWNER_FALLBACK,       /* nothing forked: start the shim another way */
 	SPAWNER_FAILED,         /* nothing forked, and it cannot be: err says why */
 	SPAWNER_UNKNOWN,        /* the spawner died or hung mid-request: a shim
@@ -105,14 +109,25 @@ struct spawner_spawn {
 	char *const *env;
 };
 
-/* Starts the shim through the spawner, starting the spawner first when it
- * is not running (again when it died). KPL_NO_SPAWNER in kpld's
- * environment (read once), or a spawner that cannot serve, gives
- * SPAWNER_FALLBACK. */
-enum spawner_result spawner_spawn(const struct spawner_spawn *s, pid_t *pid, int *pidfd,
-				  struct kpl_err *err);
+/* The outcome of a request sent: STARTED (the shim's pid, and its pidfd
+ * or -1, now the callee's), FAILED, FALLBACK (nothing forked) or UNKNOWN;
+ * err says why for the last three. Called once, from the loop. */
+typedef void (*spawner_cb)(void *data, enum spawner_result res, pid_t pid, int pidfd,
+			   const struct kpl_err *err);
 
-/* The spawner's pid, 0 when none runs (for tests through kpld's log). */
+/* Sends the request to the spawner, starting the spawner first when none
+ * runs (again when it died): SPAWNER_SENT, and cb follows; or, with no
+ * callback, SPAWNER_FALLBACK when nothing was sent (KPL_NO_SPAWNER in
+ * kpld's environment, read once; a spawner that cannot serve; kpld
+ * stopping). */
+enum spawner_result spawner_request(struct uv_loop_s *loop, const struct spawner_spawn *s,
+				    spawner_cb cb, void *data);
+
+/* kpld is stopping: requests still outstanding get SPAWNER_UNKNOWN, the
+ * spawner sees EOF and exits, its handles close; no request after. */
+void spawner_shutdown(void);
+
+/* The spawner's pid, 0 when none runs. */
 pid_t spawner_pid(void);
 
 #endif
