@@ -444,6 +444,7 @@ enum spawner_result spawner_request(uv_loop_t *loop, const struct spawner_spawn 
 	struct pending *pq;
 	size_t len = strlen(s->dir) + strlen(s->cwd) + 2;
 	char *buf, *at;
+	bool first;
 
 	if (!sp.checked_env) {
 		sp.checked_env = true;
@@ -495,9 +496,13 @@ enum spawner_result spawner_request(uv_loop_t *loop, const struct spawner_spawn 
 	pq->data = data;
 	pq->dir = kpl_strdup(s->dir);
 	pq->cwd = kpl_strdup(s->cwd);
+	/* The clock runs from the oldest reply owed: more requests behind a
+	 * hung spawner do not push it on. */
+	first = !sp.head;
 	*sp.tail = pq;
 	sp.tail = &pq->next;
-	arm();
+	if (first)
+		arm();
 	return SPAWNER_SENT;
 }
 

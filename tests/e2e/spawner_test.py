@@ -7,6 +7,8 @@ script attempt's shim for kpld, without an exec.
   as its cmdline (what a restarted kpld and the crash test recognise);
 - the spawner killed (-9) is survived: a stage it started goes on and ends
   once, the next attempt starts another spawner;
+- a spawner that hangs (SIGSTOP) is killed after kpld's bound: the attempt
+  it owed fails without running, the next one gets a new spawner;
 - kpld killed (-9) while the spawner has attempts in flight: every command
   ran exactly once, every run succeeds after the restart, and the old
   spawner exits (it saw EOF) while the shims live on;
@@ -176,6 +178,28 @@ class Suite:
         if len(new) != 1 or old in new:
             raise AssertionError("spawners after the kill: %r (the killed one: %d)"
                                  % (new, old))
+
+    def test_hung_spawner_is_replaced(self):
+        kpld = self.daemon.proc.pid
+        final(self.c, Client.to_dict(submit(self.c, QUICK))["id"])
+        hung, = spawners_of(kpld)
+        os.kill(hung, signal.SIGSTOP)
+        # No answer within kpld's bound (10 s): the spawner is killed and
+        # the attempt fails without its command having run.
+        rid, go, ledger = self.held(self.c)
+        events = final(self.c, rid)
+        assert_eq(events[-1]["run_state"], "RUN_STATE_FAILED", "the run's end")
+        said = [e.get("message", "") for e in events]
+        if not any("did not answer in time" in m and "did not run" in m for m in said):
+            raise AssertionError("no event says why: %r" % said)
+        assert_eq(os.path.exists(ledger), False, "the command ran")
+        await_("the hung spawner killed", lambda: not alive(hung))
+        run = Client.to_dict(submit(self.c, QUICK))
+        assert_eq(final(self.c, run["id"])[-1]["run_state"], "RUN_STATE_SUCCEEDED",
+                  "a run after it")
+        new = spawners_of(kpld)
+        if len(new) != 1 or hung in new:
+            raise AssertionError("spawners: %r (the hung one: %d)" % (new, hung))
 
     def test_kpld_kill9_with_attempts_in_flight(self):
         kpld = self.daemon.proc.pid
