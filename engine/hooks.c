@@ -1874,6 +1874,7 @@ int hooks_start(const struct hooks_options *opt, struct hooks **out, struct kpl_
 	ho.listen = opt->listen;
 	ho.request_timeout_ms = opt->request_timeout_ms;
 	ho.max_per_address = opt->max_per_address;
+	ho.max_connections = opt->max_connections;
 	ho.tls_cert_file = opt->tls_cert_file;
 	ho.tls_key_file = opt->tls_key_file;
 	if (opt->n_extra_routes > HOOKS_MAX_EXTRA_ROUTES)

@@ -66,6 +66,7 @@ struct hooks_options {
 	/* httpd_options limits; 0 picks httpd's default. */
 	uint64_t request_timeout_ms;
 	size_t max_per_address;
+	size_t max_connections; /* HTTP connections in all; 0: httpd's default (256) */
 	/* PEM files: the listener serves TLS only (httpd_options). */
 	const char *tls_cert_file;
 	const char *tls_key_file;

@@ -72,6 +72,7 @@ static void usage(FILE *f)
 		"            [--bootstrap-token-file PATH] [--http-listen HOST:PORT]\n"
 		"            [--standby] [--max-streams N] [--max-streams-per-conn N]\n"
 		"            [--http-request-timeout SECONDS] [--http-max-per-address N]\n"
+		"            [--http-max-connections N]\n"
 		"            [--sse-heartbeat SECONDS] [--print-http-routes]\n"
 		"            [--http-tls-cert FILE --http-tls-key FILE]\n"
 		"            [--map-size SIZE] [--run-budget SIZE] [--log-cap SIZE]\n"
@@ -122,6 +123,8 @@ static void usage(FILE *f)
 		"  --gitlab-api-url URL GitLab's REST API (default https://gitlab.com/api/v4)\n"
 		"  --http-max-per-address N\n"
 		"                       open HTTP connections from one address (default 16)\n"
+		"  --http-max-connections N\n"
+		"                       open HTTP connections in all (default 256)\n"
 		"  --sse-heartbeat SECONDS\n"
 		"                       a comment line on idle HTTP API event streams this\n"
 		"                       often (default 15; docs/http.md)\n"
@@ -370,6 +373,7 @@ static bool listen_is_loopback(const char *listen, const char *host)
 enum {
 	OPT_SANDBOX = 1000,
 	OPT_SANDBOX_BWRAP,
+	OPT_HTTP_MAX_CONNS,
 	OPT_SANDBOX_BIND,
 	OPT_SANDBOX_HIDE,
 	OPT_SSE_HEARTBEAT,
@@ -496,6 +500,7 @@ int main(int argc, char **argv)
 		{ "max-streams-per-conn", required_argument, NULL, 'P' },
 		{ "http-request-timeout", required_argument, NULL, 'W' },
 		{ "http-max-per-address", required_argument, NULL, 'A' },
+		{ "http-max-connections", required_argument, NULL, OPT_HTTP_MAX_CONNS },
 		{ "map-size", required_argument, NULL, 'Z' },
 		{ "run-budget", required_argument, NULL, 'U' },
 		{ "log-cap", required_argument, NULL, 'L' },
@@ -516,7 +521,7 @@ int main(int argc, char **argv)
 	const char *listen = "127.0.0.1:7070", *data_dir = "./var/kpl", *ready = NULL;
 	const char *config = NULL, *bootstrap = NULL, *http_listen = NULL;
 	uint64_t http_request_timeout_ms = 0; /* 0: httpd's defaults */
-	size_t http_max_per_address = 0;
+	size_t http_max_per_address = 0, http_max_connections = 0;
 	const char *sandbox = "bwrap", *sandbox_bwrap = NULL;
 	char **sandbox_hide = kpl_calloc((size_t)argc + 1, sizeof *sandbox_hide);
 	char **sandbox_bind = kpl_calloc((size_t)argc + 1, sizeof *sandbox_bind);
@@ -582,11 +587,14 @@ int main(int argc, char **argv)
 		case 'M':
 		case 'P':
 		case 'W':
+		case OPT_HTTP_MAX_CONNS:
 		case 'A': {
 			/* Limits (docs/security.md, "Limits"): 1 to a million. */
 			unsigned long v = strtoul(optarg, &end, 10);
 			const char *name = c == 'M' ? "max-streams" : c == 'P' ? "max-streams-per-conn"
-					 : c == 'W' ? "http-request-timeout" : "http-max-per-address";
+					 : c == 'W' ? "http-request-timeout"
+					 : c == OPT_HTTP_MAX_CONNS ? "http-max-connections"
+					 : "http-max-per-address";
 			if (*end || !*optarg || v < 1 || v > 1000000) {
 				fprintf(stderr, "kpld: --%s: want a whole number from 1 to 1000000, "
 					"got %s\n", name, optarg);
@@ -598,6 +606,8 @@ int main(int argc, char **argv)
 				so.max_streams_per_conn = v;
 			else if (c == 'W')
 				http_request_timeout_ms = (uint64_t)v * 1000;
+			else if (c == OPT_HTTP_MAX_CONNS)
+				http_max_connections = v;
 			else
 				http_max_per_address = v;
 			break;
@@ -811,6 +821,7 @@ int main(int argc, char **argv)
 					    .data_dir = data_dir, .listen = http_listen,
 					    .request_timeout_ms = http_request_timeout_ms,
 					    .max_per_address = http_max_per_address,
+					    .max_connections = http_max_connections,
 					    .tls_cert_file = http_tls_cert,
 					    .tls_key_file = http_tls_key };
 

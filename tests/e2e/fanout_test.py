@@ -4,7 +4,8 @@ once and in order, a stream that stops reading while the run goes on (it
 falls behind the shared window and reads the store itself) catches up
 without gap or repeat, streams cancelled mid-run leave the others alone,
 every stream ends with OK after the run's end, and kpld reads the events
-from the store about once, not once per stream.
+from the store about once, not once per stream. And --http-max-connections
+(SSE followers each hold an HTTP connection) caps the listener.
 
     /usr/bin/python3 tests/e2e/fanout_test.py PATH/TO/kpld
 """
@@ -13,6 +14,7 @@ import http.client
 import os
 import re
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -105,6 +107,7 @@ class Follower:
 
 class Suite:
     def __init__(self, binary, tmp):
+        self.tmp = tmp
         self.daemon = Daemon(binary, os.path.join(tmp, "data"),
                              extra=["--http-listen", "127.0.0.1:0"])
         self.c = self.daemon.start()
@@ -172,6 +175,33 @@ class Suite:
                                                   {"id": self.run_id, "from_seq": from_seq},
                                                   timeout=60)]
             assert_eq(got, list(range(from_seq, len(self.full) + 1)), "from %d" % from_seq)
+
+    def test_http_max_connections(self):
+        # --http-max-connections raises (here: lowers) the HTTP listener's
+        # cap on connections in all (256 by default, too few for 1,000 SSE
+        # followers): with 3, a fourth open connection is closed at once.
+        d = Daemon(self.daemon.binary, os.path.join(self.tmp, "capped"),
+                   extra=["--http-listen", "127.0.0.1:0", "--http-max-connections", "3",
+                          "--http-max-per-address", "16"])
+        c = d.start()
+        try:
+            host, port = d.http.rsplit(":", 1)
+            held = [socket.create_connection((host, int(port)), timeout=30) for _ in range(3)]
+            for s in held:  # each is served (the cap counts it)
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: kpl\r\n\r\n")
+                assert s.recv(65536).startswith(b"HTTP/1.1 200"), "a connection under the cap"
+            extra = socket.create_connection((host, int(port)), timeout=30)
+            extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: kpl\r\n\r\n")
+            try:
+                got = extra.recv(65536)
+            except ConnectionResetError:
+                got = b""
+            assert_eq(got, b"", "the connection over the cap: closed without an answer")
+            for s in held + [extra]:
+                s.close()
+        finally:
+            c.close()
+            assert_eq(d.stop(signal.SIGTERM), 0, "capped kpld's exit status")
 
     def close(self):
         self.slow.close()
