@@ -117,6 +117,7 @@ PIPELINE_STAGES = [
     with:
       shell: |
         echo "$GREETING from a pod" > /workspace/greeting
+        echo "pod started"
         while [ ! -f /workspace/go ]; do sleep 0.1; done
         cat /workspace/greeting"""),
 ]
@@ -393,6 +394,15 @@ class Suite:
                                       if (p.get("status") or {}).get("phase") == "Running"], "a running pod stage")[0]
         claim = self.await_api(lambda: self.api("GET", "/api/v1/namespaces/kpl/persistentvolumeclaims?"
                                                 "labelSelector=kpl.dev%2Frun")["items"], "the run's claim")[0]
+        # A line of the pod's as an event: kpld has stored the pod as created (it follows the
+        # log only then), so the restart must find it by name, not create it again. A pod
+        # Running at the emulator alone could still be a create whose reply kpld had not stored.
+        for ev in self.c.stream(P + "WatchRun", {"id": run["id"]}, timeout=DEADLINE):
+            ev = Client.to_dict(ev)
+            if ev.get("stage") == "pod" and "pod started" in ev.get("message", ""):
+                break
+        else:
+            raise AssertionError("the run ended before its pod stage printed")
         self.daemon.proc.kill()
         self.daemon.proc.wait()
         # rescheduled: the same volume, attached elsewhere (another path)
