@@ -5,11 +5,11 @@
 #   bazel build -c opt //:kpld //engine:kpl-shim //bench:all //tests/api:echo_server
 #   bench/goals.sh [--quick] [--before OLD_KPLD] [--kpld KPLD] [--tmp DIR]
 #
-# For each kpld: bench/run.sh (the machine's limits, script runs, submit_noop
-# against the echo server, stored replay and live following against a bare
-# grpc core server, durable transitions, 1,000 and 10,000 WatchRun streams on
-# one run), bench/restart_bench.py with 1,000 and 10,000 runs in flight,
-# bench/idle_rss.py. Every figure is printed as the
+# For each kpld: bench/restart_bench.py with 1,000 and 10,000 runs in
+# flight, bench/idle_rss.py, then bench/run.sh (the machine's limits, script
+# runs, submit_noop against the echo server, stored replay and live following
+# against a bare grpc core server, durable transitions, 1,000 and 10,000
+# WatchRun streams on one run). Every figure is printed as the
 # tools print it ("name=value (details)"), then one line per goal:
 #
 #   goal NAME: TARGET | before B | after A | met yes|no
@@ -55,20 +55,23 @@ measure() {
 	out=$2
 	echo "== $k"
 	if [ -n "$quick" ]; then
-		"$root/bench/run.sh" --quick --kpld "$k" --tmp "$dir" | tee -a "$out" || status=1
 		runs=1000
 		idle=2000
+		quick_opt=--quick
 	else
-		"$root/bench/run.sh" --kpld "$k" --tmp "$dir" | tee -a "$out" || status=1
 		runs=1000,10000
 		idle=5000
+		quick_opt=
 	fi
+	# Restarts and idle memory first: run.sh ends with thousands of
+	# sandboxes, which the figures after it would pay for.
 	for n in $(echo "$runs" | tr , ' '); do
 		"$py" "$root/bench/restart_bench.py" "$k" --runs "$n" --tmp "$dir" |
 			sed "s/^\(restart_[a-z_]*\|rss_per_run_kib\)=/\1_$n=/" |
 			tee -a "$out" || status=1
 	done
 	"$py" "$root/bench/idle_rss.py" "$k" "$idle" | tee -a "$out" || status=1
+	"$root/bench/run.sh" $quick_opt --kpld "$k" --tmp "$dir" | tee -a "$out" || status=1
 }
 
 # val NAME FILE [FIELD]: the value of "NAME=value", or of "FIELD=value" on

@@ -6,10 +6,12 @@
 #   bazel build //:kpld //bench:all && bench/run.sh [--quick] [-- api_bench options]
 #
 # Steps: a line about the machine; store_bench (LMDB alone); spawn_limit
-# (programs spawned and waited per second: /bin/true, and in bwrap set up
-# like a script stage); a kpld with --sandbox none for script stages against
-# the plain limit; a kpld as it ships for every api_bench phase; watch_bench
-# (1,000 and 10,000 WatchRun streams on one run; --quick: 1,000); the ratios.
+# (programs spawned and waited per second: /bin/true); a kpld with --sandbox
+# none for script stages against that limit; a kpld as it ships for
+# submit_noop (against tests/api/echo_server), the stored and live stream and
+# the noop transitions; watch_bench (1,000 and 10,000 WatchRun streams on one
+# run; --quick: 1,000); last, bwrap's own spawn limit and script stages in
+# the sandbox against it; the ratios.
 # Each kpld gets a fresh data dir and must exit 0 on SIGTERM.
 #
 # Usage: bench/run.sh [--quick] [--script-only] [--kpld PATH] [--api-bench PATH]
@@ -140,22 +142,12 @@ stop_kpld() {
 # The value of figure $1 in file $2 ("name=value (...)" lines).
 figure() { sed -n "s/^$1=\([0-9.]*\).*/\1/p" "$2" | tail -n 1; }
 
-# Limits: programs spawned and waited per second with nothing of kpl in the
-# way, plain and in a bubblewrap sandbox set up like a script stage's.
+# The limit: programs spawned and waited per second with nothing of kpl in
+# the way (bubblewrap's comes last, see below).
 out="$dir/figures"
 : >"$out"
 if [ -x "$spawn_limit" ]; then
 	"$spawn_limit" --seconds "$limit_s" -- /bin/true | tee -a "$out"
-	if [ -z "$script_only" ] && command -v bwrap >/dev/null 2>&1; then
-		mkdir -p "$dir/ws"
-		# bwrap waits on the kernel (namespaces) more than it computes:
-		# 16 loops reach its limit where one per core does not.
-		"$spawn_limit" --name spawn_bwrap_limit_per_sec --loops 16 --seconds "$limit_s" -- \
-			bwrap --die-with-parent --new-session --unshare-pid --unshare-ipc \
-			--unshare-uts --unshare-cgroup-try --ro-bind / / --dev /dev --proc /proc \
-			--tmpfs /tmp --tmpfs /run --tmpfs /var/tmp --bind "$dir/ws" "$dir/ws" \
-			--chdir "$dir/ws" -- /bin/true | tee -a "$out"
-	fi
 else
 	echo "run.sh: $spawn_limit not built; no limits, no ratios" >&2
 fi
@@ -199,8 +191,8 @@ if [ -z "$script_only" ]; then
 	# streams per connection: the noop phase's 64 followers share one TCP
 	# connection (grpc pools subchannels of equal channels).
 	start_kpld default --max-streams-per-conn 256
-	"$api_bench" --ready-file "$ready" --kpld-pid "$pid" $echo_opts $quick_opts "$@" |
-		tee -a "$out" || status=1
+	"$api_bench" --ready-file "$ready" --kpld-pid "$pid" $echo_opts $quick_opts \
+		--only submit_noop,watch,noop "$@" | tee -a "$out" || status=1
 	stop_kpld default
 	if [ -n "$echo_pid" ]; then
 		kill -TERM "$echo_pid"
@@ -222,6 +214,26 @@ if [ -z "$script_only" ]; then
 	else
 		echo "run.sh: $watch_bench not built; no watchers figures" >&2
 	fi
+
+	# Last, the sandbox: bubblewrap's own limit (set up like a script
+	# stage's), then script stages on kpld as it ships. Thousands of
+	# sandboxes leave the kernel tearing down their namespaces for a while
+	# (load averages in the hundreds here), which slowed every figure
+	# measured after them by up to a third.
+	if [ -x "$spawn_limit" ] && command -v bwrap >/dev/null 2>&1; then
+		mkdir -p "$dir/ws"
+		# bwrap waits on the kernel (namespaces) more than it computes:
+		# 16 loops reach its limit where one per core does not.
+		"$spawn_limit" --name spawn_bwrap_limit_per_sec --loops 16 --seconds "$limit_s" -- \
+			bwrap --die-with-parent --new-session --unshare-pid --unshare-ipc \
+			--unshare-uts --unshare-cgroup-try --ro-bind / / --dev /dev --proc /proc \
+			--tmpfs /tmp --tmpfs /run --tmpfs /var/tmp --bind "$dir/ws" "$dir/ws" \
+			--chdir "$dir/ws" -- /bin/true | tee -a "$out"
+	fi
+	start_kpld sandboxed
+	"$api_bench" --ready-file "$ready" --kpld-pid "$pid" $quick_opts --only submit \
+		--conns 64 "$@" | tee -a "$out" || status=1
+	stop_kpld sandboxed
 fi
 
 # Ratios against the limits (issue 12's goals: script runs end to end at
