@@ -207,6 +207,18 @@ class Suite:
                    for l in lines):
             raise AssertionError("no abort line in the canary's log: %r" % lines[-10:])
 
+    def test_servers_in_a_session_of_their_own(self):
+        # `./dev demo --console` stops on Ctrl-C, which the terminal sends to
+        # its whole foreground process group: a kpld in that group got
+        # SIGINT from it and SIGTERM from the demo, and took the second as
+        # "exit at once" (exit 1). The stack's servers run in a session of
+        # their own, and only the demo stops them.
+        ours = os.getpgid(0)
+        for name, p in self.stack.procs.items():
+            if p.poll() is None:
+                assert_eq(os.getpgid(p.pid) != ours, True,
+                          "%s outside this process group" % name)
+
     def test_3_release_in_pods(self):
         run, events, sha = self.run("1.3.0", self.release_pods,
                                     {"registry": self.stack.registry_host})

@@ -129,8 +129,11 @@ class Stack:
 
     def _spawn(self, name, argv, log):
         logf = open(log, "w")
+        # Their own session: a Ctrl-C at the terminal reaches the demo only,
+        # which stops them in order (kpld, given SIGINT by the terminal and
+        # SIGTERM by the demo, took the second as "exit at once").
         p = subprocess.Popen(argv, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
-                             preexec_fn=_die_with_parent)
+                             preexec_fn=_die_with_parent, start_new_session=True)
         logf.close()
         self.procs[name] = p
         return p
