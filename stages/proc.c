@@ -1148,6 +1148,21 @@ static bool spawn_spawner(struct proc *p, const char *exe, char *const *cmd, boo
 	return true;
 }
 
+void proc_spawn_detached(posix_spawn_file_actions_t *fa, posix_spawnattr_t *at)
+{
+	sigset_t all, none;
+
+	posix_spawn_file_actions_addopen(fa, 0, "/dev/null", O_RDONLY, 0);
+	posix_spawn_file_actions_addopen(fa, 1, "/dev/null", O_RDWR, 0);
+	posix_spawnattr_init(at);
+	sigfillset(&all);
+	sigemptyset(&none);
+	posix_spawnattr_setsigdefault(at, &all);
+	posix_spawnattr_setsigmask(at, &none);
+	posix_spawnattr_setflags(at, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGDEF |
+				     POSIX_SPAWN_SETSIGMASK);
+}
+
 /*
  * Starts the shim with posix_spawn, which glibc does with
  * clone(CLONE_VM|CLONE_VFORK): kpld's page tables are not copied (a fork
@@ -1163,23 +1178,14 @@ static bool spawn_direct(struct proc *p, const char *exe, char **argv,
 {
 	posix_spawn_file_actions_t fa;
 	posix_spawnattr_t at;
-	sigset_t all, none;
 	pid_t pid;
 	int e;
 
 	if (uv_spawn_path())
 		return false;
 	posix_spawn_file_actions_init(&fa);
-	posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-	posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_RDWR, 0);
+	proc_spawn_detached(&fa, &at);
 	posix_spawn_file_actions_addchdir_np(&fa, spec->cwd);
-	posix_spawnattr_init(&at);
-	sigfillset(&all);
-	sigemptyset(&none);
-	posix_spawnattr_setsigdefault(&at, &all);
-	posix_spawnattr_setsigmask(&at, &none);
-	posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGDEF |
-				      POSIX_SPAWN_SETSIGMASK);
 	e = posix_spawn(&pid, exe, &fa, &at, argv, (char *const *)spec->env);
 	posix_spawn_file_actions_destroy(&fa);
 	posix_spawnattr_destroy(&at);

@@ -28,6 +28,7 @@
 #ifndef KPL_STAGES_PROC_H
 #define KPL_STAGES_PROC_H
 
+#include <spawn.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -273,5 +274,13 @@ void proc_steps_abandon(struct stage *st);
 
 /* mkdir -p with mode 0700; 0 or a negative errno. */
 int proc_mkdir_p(const char *path);
+
+/*
+ * What every process kpld starts to outlive it gets (a shim, the spawner):
+ * appends stdin and stdout on /dev/null to fa (stderr stays kpld's) and
+ * initialises at with its own session, default signal dispositions and an
+ * empty mask. fa is the caller's, initialised; the caller destroys both.
+ */
+void proc_spawn_detached(posix_spawn_file_actions_t *fa, posix_spawnattr_t *at);
 
 #endif

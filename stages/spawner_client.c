@@ -27,6 +27,7 @@
 
 #include <uv.h>
 
+#include "stages/proc.h"
 #include "stages/spawner.h"
 
 #define LOG "spawner"
@@ -326,7 +327,6 @@ static bool start(const char *exe)
 {
 	posix_spawn_file_actions_t fa;
 	posix_spawnattr_t at;
-	sigset_t all, none;
 	struct spawner_reply hello;
 	char *pad = kpl_malloc(SPAWNER_PAD + 1), *argv[4], *env[] = { NULL };
 	const char *why = NULL;
@@ -345,30 +345,17 @@ static bool start(const char *exe)
 	argv[1] = (char *)SPAWNER_ARGV1;
 	argv[2] = pad; /* room for each shim's cmdline (spawner.h) */
 	argv[3] = NULL;
-	posix_spawn_file_actions_init(&fa);
-	posix_spawn_file_actions_adddup2(&fa, sv[1], 3);
-	posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-	posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_RDWR, 0);
-	posix_spawnattr_init(&at);
-	sigfillset(&all);
-	sigemptyset(&none);
-	posix_spawnattr_setsigdefault(&at, &all);
-	posix_spawnattr_setsigmask(&at, &none);
-	/* Its own session, like the shims: kpld's terminal's signals stay
-	 * kpld's; it exits when kpld's end of the socket closes. */
-	posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGDEF |
-				      POSIX_SPAWN_SETSIGMASK);
 	/* sv[1] == 3 would keep its close-on-exec through adddup2. */
 	if (sv[1] == 3) {
 		int d = fcntl(sv[1], F_DUPFD_CLOEXEC, 4);
 		close(sv[1]);
 		sv[1] = d;
-		posix_spawn_file_actions_destroy(&fa);
-		posix_spawn_file_actions_init(&fa);
-		posix_spawn_file_actions_adddup2(&fa, sv[1], 3);
-		posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-		posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_RDWR, 0);
 	}
+	posix_spawn_file_actions_init(&fa);
+	posix_spawn_file_actions_adddup2(&fa, sv[1], 3);
+	/* Its own session, like the shims: kpld's terminal's signals stay
+	 * kpld's; it exits when kpld's end of the socket closes. */
+	proc_spawn_detached(&fa, &at);
 	e = posix_spawn(&pid, exe, &fa, &at, argv, env);
 	posix_spawn_file_actions_destroy(&fa);
 	posix_spawnattr_destroy(&at);
